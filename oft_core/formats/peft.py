@@ -1,0 +1,187 @@
+"""PEFT OFT: the current packed format (≥ 0.16) and the two legacy formats.
+
+Current (`<prefix><module path>.oft_R.weight`, (blocks, b(b−1)/2)): the strictly upper triangle of each block in
+`torch.triu_indices(b, b, 1)` order, Q = U − Uᵀ; input features rotated, W' = W·blockdiag(R)ᵀ. `adapter_config.json`
+says which parameterization was trained — exact Cayley R = (I − Q)(I + Q)⁻¹, or Cayley–Neumann
+R = I + 2Q + 2Q² + … — and the two give inverse rotations for the same numbers, so the config is required. The series'
+last coefficient changed in PEFT 0.18 (the first version to write `peft_version`): without `peft_version` the 0.16–0.17
+series is used. COFT (`coft`, `eps`) projects each block to ‖Q_i‖_F ≤ eps/√blocks; `block_share` stores one block.
+
+Legacy ≤ 0.13 (`.oft_r` (r, b, b) only): output features rotated, W' = Rᵀ·W with R = (I − S)(I + S)⁻¹,
+S = ½(A − Aᵀ). Legacy 0.14–0.15 (`.oft_r` + `.oft_s` (out, 1)): input features rotated, W' = (W·Rᵀ) ⊙ s. Current PEFT
+refuses the first and silently loads the second as identity; both are read here as those versions computed them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+
+from ..errors import OFTError
+from ..safetensors_io import Header
+from ..spec import Constraint, OFTAdapter, make_layer, neumann_coefficients
+
+CONFIG_NAME = "adapter_config.json"
+MODEL_NAME = "adapter_model.safetensors"
+_KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_r|oft_s)$")
+# Outer prefixes PEFT / diffusers put before the module path, and the model part they name.
+_PREFIXES = (
+    ("base_model.model.text_encoder_2.", "te2"),
+    ("base_model.model.text_encoder.", "te"),
+    ("base_model.model.unet.", "unet"),
+    ("base_model.model.transformer.", "unet"),
+    ("base_model.model.", "unet"),
+    ("text_encoder_2.", "te2"),
+    ("text_encoder.", "te"),
+    ("unet.", "unet"),
+    ("transformer.", "unet"),
+)
+
+
+def claims(header: Header, config) -> bool:
+    return any(k.endswith((".oft_R.weight", ".oft_r")) for k in header.tensors)
+
+
+def find_config(path: str) -> tuple[str, dict | None]:
+    """(adapter file, parsed adapter_config.json or None) for a PEFT directory or a file beside its config."""
+    if os.path.isdir(path):
+        model = os.path.join(path, MODEL_NAME)
+        if not os.path.exists(model):
+            for name in ("adapter_model.bin", "adapter_model.pt"):
+                if os.path.exists(os.path.join(path, name)):
+                    from ..safetensors_io import refuse_pickle
+
+                    refuse_pickle(os.path.join(path, name))
+            raise OFTError(f"a directory without {MODEL_NAME}: expected a PEFT adapter directory", path=path)
+    else:
+        model = path
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(model)), CONFIG_NAME)
+    if not os.path.exists(cfg_path):
+        return model, None
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise OFTError(f"{CONFIG_NAME} is not valid JSON ({e})", path=cfg_path) from None
+    if not isinstance(config, dict):
+        raise OFTError(f"{CONFIG_NAME} must hold a JSON object", path=cfg_path)
+    return model, config
+
+
+def _split_name(key: str) -> tuple[str, str]:
+    for prefix, component in _PREFIXES:
+        if key.startswith(prefix):
+            return component, key[len(prefix):]
+    return "unet", key
+
+
+def _block_size(n_elements: int) -> int | None:
+    b = (1 + math.isqrt(1 + 8 * n_elements)) // 2
+    return b if b * (b - 1) // 2 == n_elements and b >= 2 else None
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    nums = re.findall(r"\d+", v.partition("@")[0])[:3]
+    return tuple(int(x) for x in nums)
+
+
+def _project_legacy(a: torch.Tensor, eps: float) -> torch.Tensor:
+    """PEFT ≤ 0.15 COFT: projects the raw stored blocks A (not Q) per block, radius eps/√blocks."""
+    bound = eps / math.sqrt(a.shape[0])
+    norms = torch.linalg.matrix_norm(a, keepdim=True)
+    return torch.where(norms <= bound, a, a * (bound / norms))
+
+
+def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
+    path = header.path
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    ignored = []
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m:
+            modules.setdefault(m.group(1), {})[m.group(2)] = t
+        else:
+            ignored.append(key)
+    packed = any("oft_R.weight" in parts for parts in modules.values())
+    legacy = any("oft_r" in parts for parts in modules.values())
+    if packed and legacy:
+        raise OFTError("mixes current (.oft_R.weight) and legacy (.oft_r) PEFT OFT keys", path=path)
+    cfg = config or {}
+    if config is not None and str(cfg.get("peft_type", "OFT")).upper() not in ("OFT",):
+        raise OFTError(f"{CONFIG_NAME} says peft_type {cfg.get('peft_type')!r}, expected 'OFT'", path=path)
+    block_share = bool(cfg.get("block_share", False))
+    coft = bool(cfg.get("coft", False))
+    eps = float(cfg.get("eps", 6e-5))
+
+    if packed:
+        if config is None:
+            raise OFTError(
+                f"a PEFT OFT file needs its {CONFIG_NAME} beside it: exact Cayley and Cayley–Neumann give inverse "
+                "rotations for the same numbers, and only the config says which was trained",
+                path=path,
+            )
+        neumann = bool(cfg.get("use_cayley_neumann", True))  # PEFT ≥ 0.16 default
+        terms = int(cfg.get("num_cayley_neumann_terms", 5))
+        version = cfg.get("peft_version")
+        new_series = version is not None and _version_tuple(str(version)) >= (0, 18)
+        coeffs = neumann_coefficients(terms, last_term_halved=new_series) if neumann else ()
+        fmt = "peft"
+    else:
+        neumann, coeffs, version = False, (), cfg.get("peft_version")
+        fmt = "peft_legacy_0.15" if any("oft_s" in p for p in modules.values()) else "peft_legacy_0.13"
+
+    layers = {}
+    for key, parts in sorted(modules.items()):
+        component, name = _split_name(key)
+        if packed:
+            vec = parts.get("oft_R.weight")
+            if vec is None:
+                raise OFTError(f"has {sorted(parts)} but no .oft_R.weight", path=path, layer=key)
+            if vec.ndim != 2:
+                raise OFTError(f".oft_R.weight: expected (blocks, b(b−1)/2), found {tuple(vec.shape)}", path=path,
+                               layer=key)
+            b = _block_size(int(vec.shape[1]))
+            if b is None:
+                raise OFTError(f".oft_R.weight: {vec.shape[1]} values per block is not b(b−1)/2 for any block "
+                               "size b ≥ 2", path=path, layer=key)
+            rows, cols = torch.triu_indices(b, b, 1)
+            u = torch.zeros(vec.shape[0], b, b, dtype=torch.float32)
+            u[:, rows, cols] = vec.to(torch.float32)
+            q = u - u.transpose(1, 2)
+            layer = make_layer(
+                path=path, name=name, component=component, side="in", generators=[q],
+                transpose=neumann,  # the series approximates Cayley(Q), the transpose of PEFT's exact branch
+                parameterization="neumann" if neumann else "cayley", neumann_coeffs=coeffs,
+                constraint=Constraint("block_projection", eps) if coft else Constraint(),
+                source=fmt, key=key, block_share=block_share and vec.shape[0] == 1,
+            )
+        else:
+            a = parts.get("oft_r")
+            if a is None:
+                raise OFTError(f"has {sorted(parts)} but no .oft_r", path=path, layer=key)
+            if a.ndim != 3 or a.shape[1] != a.shape[2]:
+                raise OFTError(f".oft_r: expected (r, b, b), found {tuple(a.shape)}", path=path, layer=key)
+            a = a.to(torch.float32)
+            if coft:
+                a = _project_legacy(a, eps)
+            q = 0.5 * (a - a.transpose(1, 2))
+            s = parts.get("oft_s")
+            if fmt == "peft_legacy_0.15" and s is None:
+                raise OFTError("has .oft_r but no .oft_s while other layers have both", path=path, layer=key)
+            layer = make_layer(
+                path=path, name=name, component=component,
+                side="in" if fmt == "peft_legacy_0.15" else "out",
+                generators=[q], transpose=False, row_scale=s, source=fmt, key=key,
+                block_share=block_share and a.shape[0] == 1,
+            )
+        layers[(component, name)] = layer
+    info = {"peft_config": {k: cfg.get(k) for k in ("r", "oft_block_size", "use_cayley_neumann",
+                                                     "num_cayley_neumann_terms", "coft", "eps", "block_share",
+                                                     "peft_version") if k in cfg}}
+    if ignored:
+        info["ignored_keys"] = ignored
+    return OFTAdapter(layers, fmt, path, dict(header.metadata), info)

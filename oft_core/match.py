@@ -1,0 +1,80 @@
+"""Matching an adapter's layers to the weights of a base model, with a report a user can read.
+
+The same function serves the baker (base = a safetensors header) and the ComfyUI nodes (base = the loaded model's
+state-dict keys): `names.build_key_map` maps names, then every matched layer is checked against its weight's shape
+(`spec.resolve_for_weight`), so a file for another model fails here with the numbers, before anything is written or
+patched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from .errors import OFTError
+from .names import KeyMap, Target, build_key_map
+from .spec import OFTAdapter, OFTLayer, resolve_for_weight
+
+
+@dataclass(frozen=True)
+class Match:
+    layer: OFTLayer  # resolved for its weight (block_share counts filled in)
+    target: Target
+
+
+@dataclass
+class MatchReport:
+    adapter: str
+    total: int
+    matched: list[Match] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)  # "component:name"
+
+    def summary(self) -> str:
+        line = f"{len(self.matched)} of {self.total} adapter layers applied"
+        if self.unmatched:
+            shown = ", ".join(self.unmatched[:8]) + (" …" if len(self.unmatched) > 8 else "")
+            line += f"; not found in the model: {len(self.unmatched)} ({shown})"
+        return line
+
+
+def target_shape(target: Target, shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
+    shape = list(shapes[target.key])
+    if target.offset is not None:
+        dim, start, length = target.offset
+        if start + length > shape[dim]:
+            raise OFTError(f"slice {target.offset} is outside weight {target.key} of shape {tuple(shape)}")
+        shape[dim] = length
+    return tuple(shape)
+
+
+def match_adapter(
+    adapter: OFTAdapter,
+    shapes: Mapping[str, Sequence[int]],
+    keymap: KeyMap | None = None,
+    *,
+    components: Sequence[str] | None = None,
+    base_name: str = "the base model",
+) -> MatchReport:
+    """Match every layer of `adapter` (optionally only those of `components`) onto `shapes`' weights.
+
+    Raises `OFTError` when a matched layer does not fit its weight, or two layers land on the same weight slice.
+    """
+    keymap = keymap or build_key_map(shapes)
+    layers = [layer for layer in adapter if components is None or layer.component in components]
+    report = MatchReport(adapter.path or adapter.format, len(layers))
+    seen: dict[tuple, str] = {}
+    for layer in layers:
+        target = keymap.lookup(layer.name, layer.component)
+        if target is None:
+            report.unmatched.append(f"{layer.component}:{layer.key}")
+            continue
+        where = (target.key, target.offset)
+        if where in seen:
+            raise OFTError(f"two adapter layers ({seen[where]!r} and {layer.key!r}) map onto the same weight "
+                           f"{target.key}{'' if target.offset is None else f' slice {target.offset}'}",
+                           path=adapter.path)
+        seen[where] = layer.key
+        shape = target_shape(target, shapes)
+        resolved = resolve_for_weight(layer, shape, path=adapter.path, weight_name=f"{base_name}'s {target.key}")
+        report.matched.append(Match(resolved, target))
+    return report

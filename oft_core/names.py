@@ -1,0 +1,298 @@
+"""Adapter layer names -> weights of a base model state dict.
+
+Adapter readers strip their own prefix (`oft_unet_`, `lycoris_`, `lora_te1_`, `base_model.model.`, ...) and hand us a
+module path, either dotted (PEFT) or with every "." replaced by "_" (kohya, LyCORIS). The "_" form cannot be turned
+back into dots by string rules (`transformer_blocks_0` vs `transformer.blocks.0`), so the map is built the other way
+round: every base weight gets all the names an adapter may use for it, in both spellings, and a lookup is one dict
+access.
+
+| base keys (`architecture`)               | adapter names accepted                 | example                          |
+|------------------------------------------|----------------------------------------|----------------------------------|
+| SD UNet, LDM (`sd_unet_ldm`), under      | LDM (kohya SDXL), identity             | `input_blocks.4.1.proj_in`       |
+| `model.diffusion_model.` (checkpoint),   | diffusers (kohya/LyCORIS SD1/2, PEFT), | `down_blocks.1.attentions.0.X`   |
+| `diffusion_model.` (ComfyUI) or nothing  | converted with L (table below)         | -> `input_blocks.4.1.X`          |
+| SD UNet, diffusers (`sd_unet_diffusers`) | diffusers, identity (no LDM names)     | `down_blocks.0.attentions.0.X`   |
+| FLUX.1, BFL (`flux`), same prefixes      | BFL (kohya), identity                  | `double_blocks.0.img_attn.qkv`   |
+|                                          | diffusers (LyCORIS/PEFT): a row slice  | `transformer_blocks.0.attn.to_k` |
+|                                          | `(0, start, length)` of a fused weight | -> `img_attn.qkv`, (0, h, h)     |
+| FLUX.1, diffusers (`flux_diffusers`)     | diffusers, identity                    |                                  |
+| CLIP-L/H (`text_encoder` if no model):   | HF CLIP names, component te or te1     | `text_model.encoder.layers.0.X`  |
+| `cond_stage_model.transformer.` (SD1),   |                                        |                                  |
+| `conditioner.embedders.0.transformer.`   |                                        |                                  |
+| (SDXL), `clip_l.transformer.`,           |                                        |                                  |
+| `clip_h.transformer.` (ComfyUI), or bare |                                        |                                  |
+| `text_model.X` (a lone CLIP file)        |                                        |                                  |
+| CLIP-G: `clip_g.transformer.`,           | HF CLIP names, component te2 (SDXL     | same                             |
+| `conditioner.embedders.1.model.`         | checkpoints use open_clip names there: |                                  |
+|                                          | those stay unmatched, never guessed)   |                                  |
+
+Diffusers -> LDM UNet names (L = layers_per_block: a down level has L resnets, an up level L+1; LDM numbers the
+blocks consecutively, the down-sampler being one extra block after every down level but the last):
+
+| diffusers                                        | LDM                                                          |
+|--------------------------------------------------|--------------------------------------------------------------|
+| `conv_in`, `conv_norm_out`, `conv_out`           | `input_blocks.0.0`, `out.0`, `out.2`                         |
+| `time_embedding.linear_1/2`                      | `time_embed.0/2`                                             |
+| `add_embedding.linear_1/2` (SDXL)                | `label_emb.0.0/2`                                            |
+| `down_blocks.x.resnets.j` / `.attentions.j`      | `input_blocks.{x(L+1)+j+1}.0` / `.1`                         |
+| `down_blocks.x.downsamplers.0.conv`              | `input_blocks.{x(L+1)+L+1}.0.op`                             |
+| `mid_block.resnets.0` / `.attentions.0` / `.resnets.1` | `middle_block.0` / `.1` / `.2`                         |
+| `up_blocks.x.resnets.i` / `.attentions.i`        | `output_blocks.{x(L+1)+i}.0` / `.1`                          |
+| `up_blocks.x.upsamplers.0.conv`                  | `output_blocks.{x(L+1)+L}.1.conv` (`.2.conv` after attention)|
+| resnet `norm1`, `conv1`, `time_emb_proj`,        | `in_layers.0`, `in_layers.2`, `emb_layers.1`,                |
+| `norm2`, `conv2`, `conv_shortcut`                | `out_layers.0`, `out_layers.3`, `skip_connection`            |
+| attention `norm`, `proj_in`, `proj_out`, `transformer_blocks.*` | unchanged                                     |
+
+Only `.weight` tensors are targets. A name that two different weights share (in either spelling) resolves to
+nothing and is listed by `KeyMap.ambiguous()`: a silent guess would rotate the wrong weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+# Base-key prefix -> the adapter components whose (HF CLIP) names live below it. First match wins.
+TE_PREFIXES = (
+    ("cond_stage_model.transformer.", ("te", "te1")),  # SD1.x checkpoint
+    ("conditioner.embedders.0.transformer.", ("te", "te1")),  # SDXL checkpoint, CLIP-L
+    ("conditioner.embedders.1.model.", ("te2",)),  # SDXL checkpoint, CLIP-G in open_clip names (rarely HF names)
+    ("clip_l.transformer.", ("te", "te1")),  # ComfyUI CLIP state dicts
+    ("clip_h.transformer.", ("te", "te1")),
+    ("clip_g.transformer.", ("te2",)),
+)
+COMPONENTS = ("unet", "te", "te1", "te2")
+
+_RESNET = {  # LDM ResBlock child -> diffusers ResnetBlock2D child
+    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+}
+_UNET_TOP = {  # LDM -> diffusers names outside the numbered blocks
+    "input_blocks.0.0": ("conv_in",), "out.0": ("conv_norm_out",), "out.2": ("conv_out",),
+    "time_embed.0": ("time_embedding.linear_1",), "time_embed.2": ("time_embedding.linear_2",),
+    # SDXL's label_emb is `add_embedding` in diffusers SDXL and `class_embedding` in class-conditioned UNets.
+    "label_emb.0.0": ("add_embedding.linear_1", "class_embedding.linear_1"),
+    "label_emb.0.2": ("add_embedding.linear_2", "class_embedding.linear_2"),
+}
+_FLUX_DOUBLE = {  # BFL double-block child -> diffusers `transformer_blocks.N` child (whole tensors)
+    "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+    "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+    "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
+    "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+}
+_FLUX_SINGLE = {"linear2": "proj_out", "modulation.lin": "norm.linear"}
+_FLUX_TOP = {
+    "img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    # Not `final_layer.adaLN_modulation.1` <- `norm_out.linear`: diffusers stores its two halves swapped (a row
+    # permutation, not a slice), so an output-side rotation trained on one cannot be applied to the other.
+}
+
+_INPUT = re.compile(r"input_blocks\.(\d+)\.([01])\.(.+)")
+_MIDDLE = re.compile(r"middle_block\.([012])\.(.+)")
+_OUTPUT = re.compile(r"output_blocks\.(\d+)\.([012])\.(.+)")
+_FLUX_BLOCK = re.compile(r"(double|single)_blocks\.(\d+)\.(.+)")
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str  # full base key of the WEIGHT tensor
+    offset: tuple[int, int, int] | None = None  # (dim, start, length) slice of a fused weight; None = whole tensor
+
+
+_SHARED = object()  # marks a name claimed by two different targets
+
+
+class KeyMap:
+    """Name -> `Target` tables per component, in both spellings. Build with `build_key_map`."""
+
+    def __init__(self, architecture: str, layers_per_block: int | None, names: dict[str, dict[str, object]]):
+        self.architecture = architecture
+        self.layers_per_block = layers_per_block  # LDM UNet only: the L used for diffusers names (None: not known)
+        self._dotted: dict[str, dict[str, object]] = {}
+        self._underscored: dict[str, dict[str, object]] = {}
+        self._ambiguous: set[str] = set()
+        for component, table in names.items():
+            under: dict[str, object] = {}
+            for name, target in table.items():
+                flat = name.replace(".", "_")
+                if target is _SHARED or under.get(flat, target) != target:
+                    under[flat] = _SHARED
+                    self._ambiguous.add(flat)
+                else:
+                    under[flat] = target
+            self._dotted[component], self._underscored[component] = table, under
+
+    def lookup(self, path: str, component: str = "unet") -> Target | None:
+        # A path with a dot is dotted and must match exactly; one without is (or may be) underscored, and
+        # underscoring every base name covers both readings.
+        table = (self._dotted if "." in path else self._underscored).get(component, {})
+        target = table.get(path)
+        if target is _SHARED:
+            log.warning("%s name %r fits more than one weight of the base model; not applied", component, path)
+            return None
+        return target
+
+    def ambiguous(self) -> set[str]:
+        """Underscored names that two different base weights share (never resolved)."""
+        return set(self._ambiguous)
+
+    def __repr__(self) -> str:
+        sizes = {c: len(t) for c, t in self._dotted.items() if t}
+        return f"KeyMap({self.architecture}, layers_per_block={self.layers_per_block}, names={sizes})"
+
+
+def build_key_map(shapes: Mapping[str, Sequence[int]]) -> KeyMap:
+    """Every name an adapter may use for each `.weight` of `shapes` (base key -> shape; no tensors needed)."""
+    weights = {k[: -len(".weight")]: (k, tuple(s)) for k, s in shapes.items() if k.endswith(".weight")}
+    prefixed = any(k.startswith(UNET_PREFIXES) for k in shapes)
+    unet: list[tuple[str, str, tuple]] = []  # (module path below the UNet/DiT prefix, key, shape)
+    names: dict[str, dict[str, object]] = {c: {} for c in COMPONENTS}
+
+    def add(component: str, name: str, target: Target) -> None:
+        table = names[component]
+        table[name] = target if table.get(name, target) == target else _SHARED
+
+    for module, (key, shape) in weights.items():
+        te = next(((module[len(p):], cs) for p, cs in TE_PREFIXES if module.startswith(p)), None)
+        if te is None and module.startswith("text_model."):  # a bare HF CLIPTextModel file (SD1 te / SDXL te1)
+            te = (module, ("te", "te1"))
+        if te is not None:
+            for component in te[1]:
+                add(component, te[0], Target(key))
+            continue
+        rel = next((module[len(p):] for p in UNET_PREFIXES if module.startswith(p)), None)
+        if rel is None and not prefixed:  # a bare UNet / DiT file: everything else is the model
+            rel = module
+        if rel is not None:
+            unet.append((rel, key, shape))
+
+    rels = [rel for rel, _, _ in unet]
+    architecture = _architecture(rels, any(names[c] for c in ("te", "te1", "te2")))
+    layers = _ldm_layers_per_block(rels) if architecture == "sd_unet_ldm" else None
+    if architecture == "sd_unet_ldm" and layers is None:
+        log.warning("cannot tell the UNet's layers_per_block from its keys; diffusers-named adapter layers will "
+                    "not match this LDM base")
+    for rel, key, shape in unet:
+        add("unet", rel, Target(key))
+        if architecture == "sd_unet_ldm" and layers is not None:
+            for alias in _ldm_to_diffusers(rel, layers):
+                add("unet", alias, Target(key))
+        elif architecture == "flux":
+            for alias, offset in _flux_to_diffusers(rel, shape):
+                add("unet", alias, Target(key, offset))
+
+    keymap = KeyMap(architecture, layers, names)
+    log.debug("%r from %d base weights; %d ambiguous names", keymap, len(weights), len(keymap.ambiguous()))
+    return keymap
+
+
+def _architecture(rels: list[str], has_te: bool) -> str:
+    heads = {rel.split(".", 1)[0] for rel in rels}
+    if heads & {"double_blocks", "single_blocks"}:
+        return "flux"
+    if heads & {"input_blocks", "middle_block", "output_blocks"}:
+        return "sd_unet_ldm"
+    if heads & {"down_blocks", "mid_block", "up_blocks"}:
+        return "sd_unet_diffusers"
+    if "single_transformer_blocks" in heads:
+        return "flux_diffusers"
+    return "text_encoder" if has_te else "unknown"
+
+
+def _ldm_layers_per_block(rels: list[str]) -> int | None:
+    """L from the LDM block numbering, or None when the keys do not tell it.
+
+    Where L+1 divides the numbers: a down-sampler sits at input n with n % (L+1) == 0, an up-sampler at output n
+    with (n+1) % (L+1) == 0, and no input resnet/attention sits on a down-sampler's number. The SD1/SD2/SDXL value 2
+    is taken whenever the keys allow it (only L = 2 allows it in a full state dict, and a partial one, e.g. attention
+    weights only, usually shows nothing else); any other L needs the whole first level in sight: blocks 1..L, then
+    the down-sampler at L+1. Anything less would be a guess, and a wrong L silently maps layers onto wrong weights.
+    """
+    down, up, blocks = set(), set(), set()
+    for rel in rels:
+        if m := _INPUT.fullmatch(rel):
+            n = int(m[1])
+            if m[2] == "0" and m[3] == "op":
+                down.add(n)
+            elif n:
+                blocks.add(n)
+        elif (m := _OUTPUT.fullmatch(rel)) and m[2] != "0" and m[3] == "conv":
+            up.add(int(m[1]))
+
+    def fits(L: int) -> bool:
+        return (all(n % (L + 1) == 0 for n in down) and all((n + 1) % (L + 1) == 0 for n in up)
+                and all(n % (L + 1) for n in blocks))
+
+    if fits(2):
+        return 2
+    L = min(down, default=0) - 1
+    return L if L >= 1 and blocks.issuperset(range(1, L + 1)) and fits(L) else None
+
+
+def _ldm_to_diffusers(rel: str, L: int) -> tuple[str, ...]:
+    """Diffusers names of the LDM module `rel` (no `.weight`), for layers_per_block L; () if it has none."""
+    if rel in _UNET_TOP:
+        return _UNET_TOP[rel]
+    if m := _INPUT.fullmatch(rel):
+        n, part, rest = int(m[1]), m[2], m[3]
+        if n == 0:
+            return ()
+        x, j = divmod(n - 1, L + 1)
+        if j == L:  # the down-sampler slot
+            return (f"down_blocks.{x}.downsamplers.0.conv",) if (part, rest) == ("0", "op") else ()
+        return _block_child(f"down_blocks.{x}", j, part, rest)
+    if m := _MIDDLE.fullmatch(rel):
+        k, rest = int(m[1]), m[2]
+        return _block_child("mid_block", k // 2, "0", rest) if k != 1 else _block_child("mid_block", 0, "1", rest)
+    if m := _OUTPUT.fullmatch(rel):
+        n, part, rest = int(m[1]), m[2], m[3]
+        x, i = divmod(n, L + 1)
+        if part != "0" and rest == "conv":  # the up-sampler: `.1.conv`, or `.2.conv` after an attention
+            return (f"up_blocks.{x}.upsamplers.0.conv",) if i == L else ()
+        return _block_child(f"up_blocks.{x}", i, part, rest) if part != "2" else ()
+    return ()
+
+
+def _block_child(block: str, index: int, part: str, rest: str) -> tuple[str, ...]:
+    if part == "0":
+        return (f"{block}.resnets.{index}.{_RESNET[rest]}",) if rest in _RESNET else ()
+    return (f"{block}.attentions.{index}.{rest}",)
+
+
+def _flux_to_diffusers(rel: str, shape: tuple) -> list[tuple[str, tuple[int, int, int] | None]]:
+    """Diffusers names (with their row slice) of the BFL FLUX weight `rel`, sizes taken from its shape."""
+    if rel in _FLUX_TOP:
+        return [(_FLUX_TOP[rel], None)]
+    m = _FLUX_BLOCK.fullmatch(rel)
+    if not m:
+        return []
+    kind, n, child = m[1], m[2], m[3]
+    # Fused projections are Linear(h, ...): the input width is the hidden size h.
+    h = shape[1] if len(shape) == 2 else 0
+    if kind == "double":
+        block = f"transformer_blocks.{n}"
+        if child in ("img_attn.qkv", "txt_attn.qkv"):
+            if not h or shape[0] != 3 * h:
+                return []
+            parts = ("to_q", "to_k", "to_v") if child[0] == "i" else ("add_q_proj", "add_k_proj", "add_v_proj")
+            return [(f"{block}.attn.{p}", (0, i * h, h)) for i, p in enumerate(parts)]
+        return [(f"{block}.{_FLUX_DOUBLE[child]}", None)] if child in _FLUX_DOUBLE else []
+    block = f"single_transformer_blocks.{n}"
+    if child == "linear1":  # rows: q | k | v | mlp-in
+        if not h or shape[0] <= 3 * h:
+            return []
+        qkv = [(f"{block}.attn.{p}", (0, i * h, h)) for i, p in enumerate(("to_q", "to_k", "to_v"))]
+        return qkv + [(f"{block}.proj_mlp", (0, 3 * h, shape[0] - 3 * h))]
+    return [(f"{block}.{_FLUX_SINGLE[child]}", None)] if child in _FLUX_SINGLE else []

@@ -1,0 +1,302 @@
+"""OFT rotation math: constraint, Cayley / Cayley–Neumann, strength, and the two application paths.
+
+One definition of each thing, used by every format, the ComfyUI patch, the baker and the trainer:
+
+- constraint (`constrain`): kohya/LyCORIS clamp ‖Q‖_F of a split at alpha·split_size,
+  Q ← Q·(min(‖Q‖, c) + 1e-8)/(‖Q‖ + 1e-8) (sd-scripts `networks/oft.py`); PEFT COFT projects every block to
+  ‖Q_i‖_F ≤ eps/√(stored blocks) (PEFT `_project_batch`); or none.
+- rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ computed with a linear solve, or the Cayley–Neumann series
+  Σ c_k Q^k; always in fp32, whatever the stored dtype.
+- strength (`rotation_blocks`): mode "kohya" R_s = I + s(R − I), linear in the weight and what sd-scripts and
+  LyCORIS do with their multiplier (the default: results match the trainer); mode "orthogonal" R_s = R(s·Q), a
+  rotation for every s with R_0 = I, R_1 = R, R_−1 = Rᵀ. Strength 0 returns the input untouched in both modes.
+- merge path (`rotate_weight`): W' = M·W (side "out") or W·M (side "in"), M = blockdiag(B).
+- bypass path (`rotate_features`, `bypass_forward`): the same M applied to activations, never materialising W'.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import OFTError, mismatch
+from .spec import OFTLayer
+
+StrengthMode = Literal["kohya", "orthogonal"]
+STRENGTH_MODES = ("kohya", "orthogonal")
+
+# sd-scripts and LyCORIS add 1e-8 to the norm before dividing; kept so clamped layers match them.
+_NORM_EPS = 1e-8
+
+
+def skew(a: torch.Tensor) -> torch.Tensor:
+    """A − Aᵀ over the last two axes."""
+    return a - a.transpose(-1, -2)
+
+
+def _eye_like(q: torch.Tensor) -> torch.Tensor:
+    return torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+
+
+def constrain(layer: OFTLayer, q: torch.Tensor, split: int) -> torch.Tensor:
+    """Apply the layer's constraint to the generator `q` of split `split` (any leading batch axes)."""
+    c = layer.constraint
+    if c.kind == "none":
+        return q
+    if c.kind == "norm_clamp":
+        bound = c.value * layer.split_sizes[split]
+        norm = torch.norm(q.flatten())
+        return q * ((torch.clamp(norm, max=bound) + _NORM_EPS) / (norm + _NORM_EPS))
+    # PEFT COFT: per-block projection onto the Frobenius ball of radius eps/√(stored blocks).
+    bound = c.value / math.sqrt(q.shape[-3])
+    norms = torch.linalg.matrix_norm(q, keepdim=True)
+    return torch.where(norms <= bound, q, q * (bound / norms))
+
+
+def cayley(q: torch.Tensor) -> torch.Tensor:
+    """R = (I + Q)(I − Q)⁻¹, by solving X(I − Q) = I + Q (no explicit inverse)."""
+    eye = _eye_like(q)
+    return torch.linalg.solve(eye - q, eye + q, left=False)
+
+
+def neumann(q: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
+    """Σ_k c_k Q^k: the truncated Cayley–Neumann series of OFTv2 / PEFT (coefficients as the file's PEFT used)."""
+    r = coeffs[0] * _eye_like(q)
+    power = None
+    for c in coeffs[1:]:
+        power = q if power is None else power @ q
+        r = r + c * power
+    return r
+
+
+def _param(layer: OFTLayer, q: torch.Tensor) -> torch.Tensor:
+    if layer.parameterization == "cayley":
+        return cayley(q)
+    if layer.parameterization == "neumann":
+        return neumann(q, layer.neumann_coeffs)
+    return q  # "matrix": the file stores R itself
+
+
+def generator_of(layer: OFTLayer, r: torch.Tensor) -> torch.Tensor:
+    """Q with Cayley(Q) = R for a stored rotation R (inverse Cayley: Q = (R − I)(R + I)⁻¹)."""
+    eye = _eye_like(r)
+    return torch.linalg.solve(r + eye, r - eye, left=False)
+
+
+def rotation_blocks(
+    layer: OFTLayer,
+    strength: float = 1.0,
+    mode: StrengthMode = "kohya",
+    *,
+    generators: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """The blocks B of M = blockdiag(B) per split, fp32, shape (num_blocks, b, b) (butterfly: (stages, n, b, b)).
+
+    `generators` overrides the layer's stored generators (the trainer passes its live parameters; gradients flow).
+    """
+    if mode not in STRENGTH_MODES:
+        raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
+    gens = layer.generators if generators is None else generators
+    out = []
+    for i, q in enumerate(gens):
+        q = constrain(layer, q.to(torch.float32), i)
+        if mode == "orthogonal" and layer.parameterization == "matrix":
+            r = cayley(generator_of(layer, q) * strength) if strength != 1 else q
+        elif mode == "orthogonal":
+            r = _param(layer, q * strength if strength != 1 else q)
+        else:
+            r = _param(layer, q)
+            if strength != 1:
+                eye = _eye_like(r)
+                r = eye + strength * (r - eye)
+        if layer.transpose:
+            r = r.transpose(-1, -2)
+        if layer.kind == "diag" and r.shape[0] != layer.num_blocks[i]:  # PEFT block_share
+            r = r.expand(layer.num_blocks[i], -1, -1)
+        out.append(r)
+    return out
+
+
+def _butterfly_index(dim: int, stage: int, block: int, device) -> torch.Tensor:
+    """Gather index of LyCORIS BOFT stage `stage`: (c g k) -> (c k g) with g = 2, k = 2^stage · block/2."""
+    k = (2**stage) * (block // 2)
+    return torch.arange(dim, device=device).view(-1, 2, k).transpose(1, 2).reshape(-1)
+
+
+def _apply_rows(layer: OFTLayer, blocks: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """M·w for a 2-D fp32 `w` whose rows are the rotated axis."""
+    if layer.kind == "butterfly":
+        r = blocks[0]
+        n, b = layer.num_blocks[0], layer.block_sizes[0]
+        for stage in range(r.shape[0]):
+            idx = _butterfly_index(w.shape[0], stage, b, w.device)
+            rotated = torch.bmm(r[stage], w[idx].view(n, b, -1)).reshape(w.shape)
+            w = torch.empty_like(rotated).index_copy_(0, idx, rotated)
+        return w
+    parts = []
+    start = 0
+    for r, n, b in zip(blocks, layer.num_blocks, layer.block_sizes):
+        rows = w[start : start + n * b]
+        parts.append(torch.bmm(r, rows.reshape(n, b, -1)).reshape(n * b, -1))
+        start += n * b
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+
+def _apply_last(layer: OFTLayer, blocks: list[torch.Tensor], t: torch.Tensor, *, right: bool = False) -> torch.Tensor:
+    """M applied to the last axis of `t`: each row vector v -> M v, or v -> v·M with `right` (the weight W·M)."""
+    lead = t.shape[:-1]
+    flat = t.reshape(-1, t.shape[-1])
+    if layer.kind == "butterfly":
+        return _apply_rows(layer, blocks, flat.t()).t().reshape(*lead, -1)
+    parts = []
+    start = 0
+    for r, n, b in zip(blocks, layer.num_blocks, layer.block_sizes):
+        cols = flat[:, start : start + n * b].reshape(-1, n, b).transpose(0, 1)  # (n, N, b)
+        parts.append(torch.bmm(cols, r if right else r.transpose(-1, -2)).transpose(0, 1).reshape(-1, n * b))
+        start += n * b
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    return out.reshape(*lead, -1)
+
+
+def _row_scale(layer: OFTLayer) -> torch.Tensor | None:
+    """LyCORIS `rescale` / PEFT `oft_s`, applied in full at every non-zero strength.
+
+    LyCORIS scales only the rotation by its multiplier and applies `rescale` whole (its merge_to(0.5) does exactly
+    that; checked against its own merged weights), so we do the same to give the trainer's result. Strength 0 still
+    means "adapter off" and returns W untouched, so for rescaled layers strength is not continuous at 0.
+    """
+    return layer.row_scale
+
+
+def rotate_weight(
+    layer: OFTLayer,
+    weight: torch.Tensor,
+    strength: float = 1.0,
+    mode: StrengthMode = "kohya",
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The merge path: the adapted weight (same shape; dtype `out_dtype` or the weight's), computed in fp32.
+
+    `layer` must fit the weight (see `spec.resolve_for_weight`). Strength 0 returns `weight` itself.
+    """
+    if strength == 0:
+        return weight if out_dtype in (None, weight.dtype) else weight.to(out_dtype)
+    shape = weight.shape
+    w = weight.to(torch.float32).reshape(shape[0], -1)
+    blocks = [b.to(w.device) for b in rotation_blocks(layer, strength, mode)]
+    w = _apply_rows(layer, blocks, w) if layer.side == "out" else _apply_last(layer, blocks, w, right=True)
+    scale = _row_scale(layer)
+    if scale is not None:
+        w = w * scale.to(w.device)[:, None]
+    return w.reshape(shape).to(out_dtype or weight.dtype)
+
+
+def rotate_features(
+    layer: OFTLayer,
+    t: torch.Tensor,
+    strength: float = 1.0,
+    mode: StrengthMode = "kohya",
+    *,
+    dim: int = -1,
+    blocks: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The bypass path: v ↦ M v on axis `dim` of an activation `t` (fp32 math, `t`'s dtype out).
+
+    Side "out": apply to the layer's output before the bias; side "in": to its input.
+    `blocks` may be passed precomputed (e.g. once per training step, with gradients).
+    """
+    if blocks is None:
+        if strength == 0:
+            return t
+        blocks = rotation_blocks(layer, strength, mode)
+    moved = t.movedim(dim, -1)
+    out = _apply_last(layer, [b.to(t.device) for b in blocks], moved.to(torch.float32))
+    return out.to(t.dtype).movedim(-1, dim)
+
+
+def bypass_forward(
+    layer: OFTLayer,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    strength: float = 1.0,
+    mode: StrengthMode = "kohya",
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    blocks: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A Linear (2-D weight) or Conv2d (4-D weight) forward with the adapter applied to activations.
+
+    Equals the plain layer forward with `rotate_weight(layer, weight, ...)` as its weight.
+    """
+    if blocks is None:
+        blocks = rotation_blocks(layer, strength, mode) if strength != 0 else None
+    if blocks is None:  # strength 0
+        if weight.ndim == 2:
+            return F.linear(x, weight, bias)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    scale = _row_scale(layer)
+    conv = weight.ndim == 4
+    if layer.side == "out":
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups) if conv else F.linear(x, weight)
+        y = rotate_features(layer, y, dim=1 if conv else -1, blocks=blocks)
+    elif not conv:
+        y = F.linear(rotate_features(layer, x, blocks=blocks), weight)
+    else:
+        # Input-side rotation acts on the flattened (in, kh, kw) patch axis (PEFT conv), so rotate unfolded patches.
+        if groups != 1:
+            raise OFTError(mismatch("grouped convolution with input-side OFT", "groups = 1", groups), layer=layer.key)
+        kh, kw = weight.shape[-2:]
+        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C·kh·kw, L)
+        cols = rotate_features(layer, cols, dim=1, blocks=blocks)
+        y = weight.reshape(weight.shape[0], -1).to(cols.dtype) @ cols
+        h_out, w_out = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
+        y = y.reshape(x.shape[0], weight.shape[0], h_out, w_out)
+    if scale is not None:
+        shape = (-1, 1, 1) if conv else (-1,)
+        y = y * scale.to(device=y.device, dtype=y.dtype).reshape(shape)
+    if bias is not None:
+        y = y + (bias.reshape(-1, 1, 1) if conv else bias)
+    return y
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _conv_out_hw(hw, k, stride, padding, dilation) -> tuple[int, int]:
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
+
+
+def orthogonality_error(layer: OFTLayer, strength: float = 1.0, mode: StrengthMode = "kohya") -> float:
+    """max |BᵀB − I| over the layer's blocks (fp32): 0 up to rounding for Cayley, small for Neumann."""
+    worst = 0.0
+    for b in rotation_blocks(layer, strength, mode):
+        eye = _eye_like(b)
+        worst = max(worst, float((b.transpose(-1, -2) @ b - eye).abs().max()))
+    return worst
+
+
+def generator_norms(layer: OFTLayer) -> list[tuple[float, float | None]]:
+    """Per split: (‖Q‖_F before the constraint, the bound it is held to or None)."""
+    out = []
+    for i, q in enumerate(layer.generators):
+        norm = float(torch.norm(q.flatten()))
+        c = layer.constraint
+        if c.kind == "norm_clamp":
+            bound = c.value * layer.split_sizes[i]
+        elif c.kind == "block_projection":
+            bound = c.value / math.sqrt(q.shape[-3])
+            norm = float(torch.linalg.matrix_norm(q).max())  # per-block bound: report the largest block
+        else:
+            bound = None
+        out.append((norm, bound))
+    return out

@@ -1,0 +1,300 @@
+"""One validated description of an OFT adapter, whatever file format it came from.
+
+Every reader turns its file into `OFTLayer` objects built by `make_layer`, which checks every field once, here, and
+raises `OFTError` naming the file, the layer, what was expected and what was found. Everything downstream (rotation,
+merge, bypass, bake, ComfyUI patches, writers) trusts these objects.
+
+The convention, for every format (see `rotation.py` for the math):
+
+    M = blockdiag(B_1, ..., B_n)          per split of the rotated axis (fused q|k|v layers have several splits)
+    B = R or Rᵀ  (field `transpose`)      R = Cayley(Q) = (I + Q)(I − Q)⁻¹  or a Cayley–Neumann series in Q
+    side "out":  W' = row_scale ⊙ (M · W)      rows (output features) rotated: kohya, LyCORIS, PEFT ≤ 0.13
+    side "in":   W' = row_scale ⊙ (W · M)      columns (input features) rotated: PEFT ≥ 0.14
+
+Conv kernels are flattened first: (out, in·kh·kw). Q is the skew-symmetric generator in fp32, already
+skew-symmetrised the way the source tool does it (kohya/LyCORIS Q = A − Aᵀ, PEFT Q = U − Uᵀ from the packed upper
+triangle, PEFT ≤ 0.15 Q = ½(A − Aᵀ)). Biases are never changed.
+
+| source format       | side | transpose | parameterization        | constraint                      | extra      |
+|---------------------|------|-----------|-------------------------|---------------------------------|------------|
+| kohya `networks.oft`| out  | yes       | Cayley                  | ‖Q‖_F ≤ alpha·out_dim per layer | -          |
+| kohya `oft_flux`    | out  | yes       | Cayley                  | ‖Q‖_F ≤ alpha·split per split   | splits     |
+| LyCORIS diag-oft    | out  | yes       | Cayley                  | as kohya; alpha 0 = none        | rescale    |
+| LyCORIS BOFT        | out  | no        | Cayley, butterfly stages| as kohya over all stages        | rescale    |
+| PEFT ≥ 0.16         | in   | no / yes  | Cayley / Neumann        | COFT: ‖Q_i‖_F ≤ eps/√blocks     | block_share|
+| PEFT ≤ 0.13         | out  | no        | Cayley of ½(A − Aᵀ)     | COFT                            | block_share|
+| PEFT 0.14 – 0.15    | in   | no        | Cayley of ½(A − Aᵀ)     | COFT                            | oft_s rows |
+
+(PEFT's exact branch is R = (I − Q)(I + Q)⁻¹ = Cayley(Q)ᵀ applied as W·Rᵀ, hence transpose "no"; its Neumann branch
+approximates Cayley(Q), the transpose, applied the same way, hence "yes": the two give inverse rotations for the same
+numbers, which is why `use_cayley_neumann` must come from adapter_config.json.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal, Mapping, Sequence
+
+import torch
+
+from .errors import OFTError, mismatch
+
+Side = Literal["out", "in"]
+Kind = Literal["diag", "butterfly"]
+Parameterization = Literal["cayley", "neumann", "matrix"]  # "matrix": R itself is stored (old LyCORIS oft_diag)
+ConstraintKind = Literal["none", "norm_clamp", "block_projection"]
+COMPONENTS = ("unet", "te", "te1", "te2")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """How Q is bounded before the rotation is built.
+
+    - ``none``.
+    - ``norm_clamp`` (kohya, LyCORIS): ‖Q‖_F over all blocks of a split is clamped at ``value × split_size``
+      (``value`` is the file's alpha, ``split_size`` the split's width, i.e. out_dim for an unfused layer).
+    - ``block_projection`` (PEFT COFT): each block's ‖Q_i‖_F is projected to at most ``value / √stored_blocks``
+      (``value`` is PEFT's eps).
+    """
+
+    kind: ConstraintKind = "none"
+    value: float = 0.0
+
+    def describe(self) -> str:
+        if self.kind == "none":
+            return "none"
+        if self.kind == "norm_clamp":
+            return f"‖Q‖ ≤ {self.value:g}·dim"
+        return f"COFT eps {self.value:g}"
+
+
+@dataclass(frozen=True, eq=False)
+class OFTLayer:
+    """One adapted layer. Build it with `make_layer`, which validates it."""
+
+    name: str  # the layer path as the file spells it, format prefix stripped (dotted or underscored)
+    component: str  # "unet" | "te" | "te1" | "te2"
+    side: Side
+    kind: Kind
+    generators: tuple[torch.Tensor, ...]  # per split: skew Q, fp32, (stored_blocks, b, b); butterfly: (stages, n, b, b)
+    num_blocks: tuple[int, ...]  # per split: blocks along the rotated axis (> stored blocks when block_share)
+    transpose: bool
+    parameterization: Parameterization = "cayley"
+    neumann_coeffs: tuple[float, ...] = ()  # coefficient of Q^k, k = 0, 1, ...
+    constraint: Constraint = field(default_factory=Constraint)
+    row_scale: torch.Tensor | None = None  # (out,) fp32: LyCORIS `rescale`, PEFT 0.14–0.15 `oft_s`
+    source: str = ""  # format id, e.g. "kohya", "kohya_flux", "lycoris_diag_oft", "lycoris_boft", "peft"
+    key: str = ""  # the file key prefix of this layer (for messages and writers)
+    block_share: bool = False  # PEFT block_share: one stored block repeated along the axis (count set per weight)
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return tuple(int(g.shape[-1]) for g in self.generators)
+
+    @property
+    def split_sizes(self) -> tuple[int, ...]:
+        return tuple(n * b for n, b in zip(self.num_blocks, self.block_sizes))
+
+    @property
+    def dim(self) -> int:
+        """Width of the rotated axis (out_features for side "out", in_features·kh·kw for side "in")."""
+        return sum(self.split_sizes)
+
+    @property
+    def shared(self) -> bool:
+        """PEFT block_share: one stored block repeated along the axis."""
+        return self.block_share
+
+    def num_params(self) -> int:
+        n = sum(int(g[..., 0, 0].numel()) * b * (b - 1) // 2 for g, b in zip(self.generators, self.block_sizes))
+        return n + (0 if self.row_scale is None else int(self.row_scale.numel()))
+
+    def with_(self, **changes) -> "OFTLayer":
+        return replace(self, **changes)
+
+
+@dataclass(eq=False)
+class OFTAdapter:
+    """A whole adapter file: its layers (keyed by (component, name)), where it came from, and its metadata."""
+
+    layers: dict[tuple[str, str], OFTLayer]
+    format: str  # reader id
+    path: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # reader facts worth showing (alpha, peft config, ...)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers.values())
+
+    def num_params(self) -> int:
+        return sum(layer.num_params() for layer in self)
+
+
+def neumann_coefficients(terms: int, *, last_term_halved: bool) -> tuple[float, ...]:
+    """Coefficients of I, Q, Q², ... of PEFT's Cayley–Neumann series, as each PEFT version computes it.
+
+    PEFT ≥ 0.18: I + 2Q + 2Q² + … + 2Q^(n−2) + Q^(n−1) (for n = 3 and 4 PEFT's loop gives I + 2Q + 2Q² + Q³).
+    PEFT 0.16–0.17: I + 2Q + 2Q² + … + 2Q^(n−1).
+    """
+    if terms < 1:
+        raise OFTError(mismatch("num_cayley_neumann_terms", "≥ 1", terms))
+    coeffs = [1.0]
+    if terms > 1:
+        coeffs.append(2.0)
+    if terms > 2:
+        coeffs.append(2.0)
+        if last_term_halved:
+            coeffs += [2.0] * len(range(3, terms - 1))
+            coeffs.append(1.0)
+        else:
+            coeffs += [2.0] * len(range(3, terms))
+    return tuple(coeffs)
+
+
+def make_layer(
+    *,
+    path: str,
+    name: str,
+    component: str = "unet",
+    side: Side,
+    generators: Sequence[torch.Tensor],
+    transpose: bool,
+    kind: Kind = "diag",
+    num_blocks: Sequence[int] | None = None,
+    parameterization: Parameterization = "cayley",
+    neumann_coeffs: Sequence[float] = (),
+    constraint: Constraint | None = None,
+    row_scale: torch.Tensor | None = None,
+    source: str = "",
+    key: str = "",
+    block_share: bool = False,
+) -> OFTLayer:
+    """Validate once and build an `OFTLayer`. `generators` must already be skew-symmetric."""
+
+    def fail(msg: str):
+        raise OFTError(msg, path=path, layer=key or name)
+
+    if component not in COMPONENTS:
+        fail(mismatch("component", " | ".join(COMPONENTS), repr(component)))
+    if side not in ("out", "in"):
+        fail(mismatch("rotated side", "'out' or 'in'", repr(side)))
+    if kind not in ("diag", "butterfly"):
+        fail(mismatch("kind", "'diag' or 'butterfly'", repr(kind)))
+    if not generators:
+        fail("no rotation blocks")
+    gens = []
+    for i, g in enumerate(generators):
+        want_ndim = 4 if kind == "butterfly" else 3
+        if not isinstance(g, torch.Tensor) or g.ndim != want_ndim or g.shape[-1] != g.shape[-2] or g.shape[-1] < 1:
+            shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            fail(mismatch(f"split {i} blocks", f"{want_ndim}-D tensor of square blocks", shape))
+        if g.numel() == 0:
+            fail(mismatch(f"split {i} blocks", "at least one block", tuple(g.shape)))
+        g = g.detach().to(torch.float32)
+        if not torch.isfinite(g).all():
+            fail(f"split {i} blocks contain NaN or Inf values: the file is damaged or the training diverged")
+        gens.append(g)
+    if kind == "butterfly" and len(gens) != 1:
+        fail(mismatch("butterfly splits", 1, len(gens)))
+    if num_blocks is None:
+        num_blocks = [int(g.shape[-3]) for g in gens]
+    num_blocks = tuple(int(n) for n in num_blocks)
+    if len(num_blocks) != len(gens):
+        fail(mismatch("block counts", f"one per split ({len(gens)})", len(num_blocks)))
+    for i, (g, n) in enumerate(zip(gens, num_blocks)):
+        stored = int(g.shape[-3])
+        if block_share and (stored != 1 or len(gens) != 1):
+            fail(mismatch("shared blocks (block_share)", "one stored block", f"{stored} in split {i}"))
+        if n < 1 or (stored != n and not block_share):
+            fail(mismatch(f"split {i} block count", stored, n))
+    if kind == "butterfly" and side != "out":
+        fail(mismatch("butterfly (BOFT) rotated side", "'out'", repr(side)))
+    if parameterization == "matrix" and constraint is not None and constraint.kind != "none":
+        fail("a stored rotation matrix (LyCORIS oft_diag) cannot carry a constraint")
+    if kind == "butterfly":
+        b = int(gens[0].shape[-1])
+        n = num_blocks[0]
+        if b % 2 or (n & (n - 1)):
+            fail(mismatch("butterfly layout", "even block size and a power-of-two block count", f"b={b}, n={n}"))
+        if int(gens[0].shape[0]) > max(1, int(math.log2(n)) + 1):
+            fail(mismatch("butterfly stages", f"at most {int(math.log2(n)) + 1} for {n} blocks", gens[0].shape[0]))
+    if parameterization not in ("cayley", "neumann", "matrix"):
+        fail(mismatch("parameterization", "'cayley', 'neumann' or 'matrix'", repr(parameterization)))
+    coeffs = tuple(float(c) for c in neumann_coeffs)
+    if parameterization == "neumann" and not coeffs:
+        fail("Cayley–Neumann parameterization without series coefficients")
+    constraint = constraint or Constraint()
+    if constraint.kind not in ("none", "norm_clamp", "block_projection"):
+        fail(mismatch("constraint", "none | norm_clamp | block_projection", repr(constraint.kind)))
+    if not math.isfinite(constraint.value) or constraint.value < 0:
+        fail(mismatch("constraint value", "a finite number ≥ 0", constraint.value))
+    dim = sum(n * int(g.shape[-1]) for g, n in zip(gens, num_blocks))
+    if row_scale is not None:
+        row_scale = row_scale.detach().to(torch.float32).reshape(-1)
+        if not torch.isfinite(row_scale).all():
+            fail("row scale (rescale / oft_s) contains NaN or Inf values")
+        if side == "out" and row_scale.numel() != dim:
+            fail(mismatch("row scale length", f"{dim} (the rotated output width)", row_scale.numel()))
+    return OFTLayer(
+        name=name,
+        component=component,
+        side=side,
+        kind=kind,
+        generators=tuple(gens),
+        num_blocks=num_blocks,
+        transpose=bool(transpose),
+        parameterization=parameterization,
+        neumann_coeffs=coeffs,
+        constraint=constraint,
+        row_scale=row_scale,
+        source=source,
+        key=key or name,
+        block_share=bool(block_share),
+    )
+
+
+def flatten_weight_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(out, in·kh·kw) of a Linear or Conv weight shape."""
+    out = int(shape[0])
+    rest = 1
+    for s in shape[1:]:
+        rest *= int(s)
+    return out, rest
+
+
+def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "", weight_name: str = "weight") -> OFTLayer:
+    """Check that `layer` fits a base weight of `shape` and resolve shared block counts (PEFT block_share).
+
+    Raises `OFTError` naming the layer with the expected and found sizes.
+    """
+    if len(shape) < 2:
+        raise OFTError(mismatch("base weight", "a Linear or Conv weight (2-D or more)", tuple(shape)), path=path,
+                       layer=layer.key)
+    out, inner = flatten_weight_shape(shape)
+    axis = out if layer.side == "out" else inner
+    what = "output features" if layer.side == "out" else "input features (× kernel)"
+    if layer.shared:
+        b = layer.block_sizes[0]
+        if axis % b:
+            raise OFTError(mismatch(f"{what} divisible by the shared block size {b}", f"a multiple of {b}", axis),
+                           path=path, layer=layer.key)
+        layer = layer.with_(num_blocks=(axis // b,))
+    if layer.dim != axis:
+        blocks = " + ".join(f"{n}×{b}" for n, b in zip(layer.num_blocks, layer.block_sizes))
+        raise OFTError(
+            mismatch(f"base {what}", f"{layer.dim} (= {blocks} blocks of the adapter)", f"{axis} in {weight_name} {tuple(shape)}")
+            + ": the adapter was made for another model or architecture",
+            path=path,
+            layer=layer.key,
+        )
+    if layer.row_scale is not None and layer.row_scale.numel() != out:
+        raise OFTError(mismatch("row scale length", out, layer.row_scale.numel()), path=path, layer=layer.key)
+    return layer
+
+
+def layers_by_name(layers: Mapping[tuple[str, str], OFTLayer]) -> dict[str, OFTLayer]:
+    return {f"{c}:{n}": layer for (c, n), layer in layers.items()}

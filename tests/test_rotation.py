@@ -1,0 +1,216 @@
+"""The math pinned: orthogonality, the two application paths agree, one definition of strength and of the constraint."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oracle import case_ids, get_case
+from oft_core import Constraint, load_adapter, make_layer, resolve_for_weight, rotate_weight
+from oft_core.rotation import (
+    bypass_forward,
+    cayley,
+    constrain,
+    neumann,
+    orthogonality_error,
+    rotation_blocks,
+    skew,
+)
+from oft_core.spec import neumann_coefficients
+
+DTYPE_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _layers(case_id, limit=None):
+    adapter = load_adapter(get_case(case_id).adapter)
+    return list(adapter)[:limit]
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("case_id", case_ids())
+def test_rotation_is_orthogonal_to_fp32_precision(case_id):
+    for layer in _layers(case_id, 8):
+        if layer.parameterization == "neumann":
+            continue  # a truncated series is only approximately orthogonal: see the test below
+        err = orthogonality_error(layer)
+        assert err < 2e-6, (layer.key, err)
+
+
+def test_neumann_series_is_orthogonal_only_up_to_truncation():
+    small = make_layer(path="t", name="x", side="in", generators=[_gen(4, 8, 0.001)], transpose=True,
+                       parameterization="neumann", neumann_coeffs=(1, 2, 2, 2, 1))
+    large = small.with_(generators=(_gen(4, 8, 0.1),))
+    assert orthogonality_error(small) < 1e-6  # truncation error ~ ‖Q‖⁴
+    assert orthogonality_error(large) > 1e-3
+
+
+def test_cayley_solve_equals_explicit_inverse():
+    torch.manual_seed(0)
+    q = skew(torch.randn(6, 16, 16) * 0.1)
+    eye = torch.eye(16).expand_as(q)
+    ref = (eye + q) @ torch.linalg.inv(eye - q)
+    assert torch.allclose(cayley(q), ref, atol=1e-6, rtol=0)
+    assert torch.allclose(cayley(-q), ref.transpose(-1, -2), atol=1e-6, rtol=0)  # Cayley(Q)ᵀ = Cayley(−Q)
+
+
+def test_neumann_coefficients_follow_peft_versions():
+    assert neumann_coefficients(5, last_term_halved=True) == (1, 2, 2, 2, 1)  # PEFT ≥ 0.18
+    assert neumann_coefficients(5, last_term_halved=False) == (1, 2, 2, 2, 2)  # PEFT 0.16–0.17
+    assert neumann_coefficients(3, last_term_halved=True) == (1, 2, 2, 1)  # PEFT's loop for n = 3
+    assert neumann_coefficients(2, last_term_halved=True) == (1, 2)
+    q = skew(torch.randn(2, 4, 4) * 0.02)
+    eye = torch.eye(4).expand_as(q)
+    assert torch.allclose(neumann(q, (1, 2, 2, 2, 1)), eye + 2 * q + 2 * q @ q + 2 * q @ q @ q + q @ q @ q @ q,
+                          atol=1e-7)
+    # the series approximates Cayley(Q), not PEFT's exact branch Cayley(Q)ᵀ
+    assert _rel(neumann(q, (1, 2, 2, 2, 1)), cayley(q)) < 1e-4
+
+
+def _gen(n, b, scale, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return skew(torch.randn(n, b, b, generator=g) * scale)
+
+
+def test_kohya_constraint_clamps_the_whole_layer_norm():
+    q = _gen(4, 8, 0.3)
+    norm = float(torch.norm(q))
+    layer = make_layer(path="t", name="x", side="out", generators=[q], transpose=True,
+                       constraint=Constraint("norm_clamp", norm / 2 / 32))  # bound = alpha × 32 = norm / 2
+    clamped = constrain(layer, q, 0)
+    assert math.isclose(float(torch.norm(clamped)), norm / 2, rel_tol=1e-6)
+    loose = layer.with_(constraint=Constraint("norm_clamp", 2 * norm / 32))
+    assert torch.equal(constrain(loose, q, 0), q)  # under the bound: untouched, bit for bit
+
+
+def test_fused_split_constraint_uses_split_width():
+    q0, q1 = _gen(4, 8, 0.3, 1), _gen(4, 4, 0.3, 2)
+    layer = make_layer(path="t", name="x", side="out", generators=[q0, q1], transpose=True,
+                       constraint=Constraint("norm_clamp", 0.01))
+    assert layer.split_sizes == (32, 16)
+    assert math.isclose(float(torch.norm(constrain(layer, q0, 0))), 0.32, rel_tol=1e-6)
+    assert math.isclose(float(torch.norm(constrain(layer, q1, 1))), 0.16, rel_tol=1e-6)
+
+
+def test_coft_projects_each_block():
+    q = _gen(4, 6, 0.5)
+    layer = make_layer(path="t", name="x", side="in", generators=[q], transpose=False,
+                       constraint=Constraint("block_projection", 0.2))
+    out = constrain(layer, q, 0)
+    norms = torch.linalg.matrix_norm(out)
+    assert torch.allclose(norms, torch.full((4,), 0.2 / 2), rtol=1e-6)  # eps / √4
+
+
+@pytest.mark.parametrize("case_id", case_ids())
+def test_strength_zero_returns_base_bit_exact(case_id):
+    case = get_case(case_id)
+    layers = {layer.name.replace(".", "_"): layer for layer in load_adapter(case.adapter)}
+    for key, w in list(case.originals.items())[:6]:
+        w = w.clone()
+        w.view(-1)[0] = -0.0  # signed zero survives too
+        layer = resolve_for_weight(layers[case.module_key[key]], w.shape)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            wd = w.to(dtype)
+            for mode in ("kohya", "orthogonal"):
+                out = rotate_weight(layer, wd, 0.0, mode)
+                assert out.dtype == dtype and torch.equal(out.view(torch.int16 if dtype != torch.float32 else
+                                                                   torch.int32),
+                                                          wd.view(torch.int16 if dtype != torch.float32 else
+                                                                  torch.int32))
+
+
+@pytest.mark.parametrize("case_id", ["sd15_oft_attn_dim8_bf16", "flux_tiny_oft_attn_dim4", "lycoris_boft_dim8",
+                                     "lycoris_diag_oft_dim8", "lycoris_diag_oft_constrained"])
+def test_kohya_strength_is_linear_and_signed(case_id):
+    case = get_case(case_id)
+    layers = {layer.name.replace(".", "_"): layer for layer in load_adapter(case.adapter)}
+    for key, w in list(case.originals.items())[:4]:
+        layer = resolve_for_weight(layers[case.module_key[key]], w.shape)
+        if layer.kind == "butterfly":
+            continue  # BOFT scales each stage (LyCORIS): a product of stages, not linear in s
+        d = {s: rotate_weight(layer, w.double(), s).double() - w.double() for s in (0.3, 0.6, -0.3)}
+        if float(d[0.6].abs().max()) == 0:
+            continue  # the all-zero (identity) module
+        # R is built in fp32: R_s − I is linear in s to one fp32 ulp of 1, and ΔW to that times |W| summed over a
+        # block's rows; the effect itself is 100× larger than this tolerance.
+        eye = torch.eye(layer.block_sizes[0])
+        b3, b6 = rotation_blocks(layer, 0.3)[0], rotation_blocks(layer, 0.6)[0]
+        assert float(((b6 - eye) - 2 * (b3 - eye)).abs().max()) <= 2.5e-7
+        tol = 1e-5 * float(w.abs().max())
+        assert float(d[0.6].abs().max()) > 100 * tol
+        assert float((d[0.6] - 2 * d[0.3]).abs().max()) <= tol
+        assert float((d[-0.3] + d[0.3]).abs().max()) <= tol
+
+
+def test_orthogonal_mode_is_a_rotation_for_every_strength():
+    layer = make_layer(path="t", name="x", side="out", generators=[_gen(4, 8, 0.4)], transpose=True)
+    r1 = rotation_blocks(layer, 1.0)[0]
+    for s in (0.3, 0.5, 2.0, -1.0):
+        b = rotation_blocks(layer, s, "orthogonal")[0]
+        assert float((b.transpose(-1, -2) @ b - torch.eye(8)).abs().max()) < 2e-6
+    assert torch.allclose(rotation_blocks(layer, -1.0, "orthogonal")[0], r1.transpose(-1, -2), atol=2e-6)
+    assert torch.equal(rotation_blocks(layer, 1.0, "orthogonal")[0], r1)
+
+
+def _linear_cases():
+    for case_id in case_ids():
+        for layer in _layers(case_id, 2):
+            yield pytest.param(case_id, layer.key, id=f"{case_id}-{layer.key[-24:]}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case_id", case_ids())
+def test_bypass_equals_merge_linear(case_id, dtype):
+    case = get_case(case_id)
+    layers = {layer.name.replace(".", "_"): layer for layer in load_adapter(case.adapter)}
+    torch.manual_seed(1)
+    for key, w in list(case.originals.items())[:3]:
+        layer = resolve_for_weight(layers[case.module_key[key]], w.shape)
+        bias = torch.randn(w.shape[0])
+        x = torch.randn(5, w.shape[1])
+        for strength in (1.0, 0.5):
+            exact = F.linear(x.double(), rotate_weight(layer, w, strength).double(), bias.double())
+            merged = F.linear(x.to(dtype), rotate_weight(layer, w.to(dtype), strength), bias.to(dtype))
+            bypass = bypass_forward(layer, x.to(dtype), w.to(dtype), bias.to(dtype), strength)
+            assert bypass.dtype == dtype
+            assert _rel(bypass, exact) <= DTYPE_TOL[dtype], (key, strength)
+            assert _rel(merged, exact) <= DTYPE_TOL[dtype], (key, strength)
+
+
+def _conv_layer(kind):
+    """A layer of each format family on a Conv2d weight (out 16, in 4, 3×3): rows for out-side, patches for in-side."""
+    if kind == "kohya":
+        return make_layer(path="t", name="c", side="out", generators=[_gen(4, 4, 0.3)], transpose=True,
+                          constraint=Constraint("norm_clamp", 0.02))
+    if kind == "lycoris_rescaled":
+        return make_layer(path="t", name="c", side="out", generators=[_gen(2, 8, 0.3)], transpose=True,
+                          row_scale=1 + 0.1 * torch.randn(16))
+    if kind == "boft":
+        return make_layer(path="t", name="c", side="out", kind="butterfly", generators=[skew(
+            torch.randn(3, 4, 4, 4) * 0.2)], num_blocks=[4], transpose=False)
+    if kind == "peft":
+        return make_layer(path="t", name="c", side="in", generators=[_gen(4, 9, 0.2)], transpose=False)  # 36 = 4·3·3
+    if kind == "peft_neumann":
+        return make_layer(path="t", name="c", side="in", generators=[_gen(4, 9, 0.05)], transpose=True,
+                          parameterization="neumann", neumann_coeffs=(1, 2, 2, 2, 1))
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["kohya", "lycoris_rescaled", "boft", "peft", "peft_neumann"])
+def test_bypass_equals_merge_conv2d(kind, dtype):
+    torch.manual_seed(2)
+    layer = _conv_layer(kind)
+    w, bias = torch.randn(16, 4, 3, 3), torch.randn(16)
+    layer = resolve_for_weight(layer, w.shape)
+    x = torch.randn(2, 4, 7, 6)
+    for strength in (1.0, 0.5):
+        for stride, padding in ((1, 1), (2, 0)):
+            exact = F.conv2d(x.double(), rotate_weight(layer, w, strength).double(), bias.double(), stride, padding)
+            bypass = bypass_forward(layer, x.to(dtype), w.to(dtype), bias.to(dtype), strength, stride=stride,
+                                    padding=padding)
+            assert bypass.shape == exact.shape and bypass.dtype == dtype
+            assert _rel(bypass, exact) <= DTYPE_TOL[dtype], (kind, strength, stride)
