@@ -1,0 +1,288 @@
+"""Operations on whole adapters: blend two, average several, compose several into one.
+
+Strength of a single adapter (or per layer) is not an operation here: pass it to `rotate_weight` / `bake`.
+
+Decisions (each pinned by tests/test_ops.py):
+
+- Constraints are applied first. Every operation works on the generators the rotation actually uses (each file's
+  own constraint applied), and its result has constraint "none": mixing two files' clamps would have no meaning.
+- `blend(a, b, t)` interpolates generators, Q = lerp(Q_a, Q_b, t): the result is still a rotation for every t, and
+  `torch.lerp` is exact at t = 0, t = 1 and when Q_a = Q_b, so blend(a, a, t) is a bit for bit.
+- `merge(..., mode="average")`: Q = Σ wᵢ Qᵢ / Σ wᵢ (weights normalised first, so the average of one is itself).
+- `merge(..., mode="compose")`: the rotations applied one after another, first listed first:
+  side "out" M = M_k ⋯ M_1 (W' = M·W), side "in" M = M_1 ⋯ M_k (W' = W·M). Weight w means R^w in the orthogonal
+  sense, R(w·Q) (`rotation_blocks(..., mode="orthogonal")`). The product is turned back into a generator by the
+  inverse Cayley transform Q = (B − I)(B + I)⁻¹; a block with an eigenvalue −1 (a half turn) has none and is refused.
+  Different block sizes compose into block-diagonal blocks of their least common multiple (the product of
+  blockdiag_4 and blockdiag_6 is blockdiag_12, not block-diagonal at 4 or 6): both sizes divide the split width, so
+  their lcm does too; at worst it is the whole width, one dense rotation. Layers in only one adapter pass through.
+  Cayley–Neumann and stored-matrix layers are only approximately orthogonal: their products are refused.
+- Layers are keyed by (component, name), names compared with "." read as "_" (kohya and PEFT spell paths
+  differently); the first adapter's spelling is kept.
+- Row scales (LyCORIS `rescale`): blended and averaged like generators; in a composition, output-side scales only
+  survive when the scaled layer is the last one applied (diag(s)·M_b·diag(s_a)·M_a is not diag(s)·M otherwise);
+  input-side (PEFT 0.14–0.15) scales multiply, since row scaling commutes with rotating columns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .errors import OFTError
+from .rotation import constrain, generator_of, rotation_blocks
+from .spec import Constraint, OFTAdapter, OFTLayer, make_layer
+
+MERGE_MODES = ("compose", "average")
+_HALF_TURN_TOL = 1e-4  # max |Cayley(Q) − B| accepted from the inverse Cayley (fp32); larger means B + I is singular
+
+
+def _key(component: str, name: str) -> tuple[str, str]:
+    return component, name.replace(".", "_")
+
+
+def _rebuild(layer: OFTLayer, **changes) -> OFTLayer:
+    fields = dict(path="", name=layer.name, component=layer.component, side=layer.side, generators=layer.generators,
+                  transpose=layer.transpose, kind=layer.kind, num_blocks=layer.num_blocks,
+                  parameterization=layer.parameterization, neumann_coeffs=layer.neumann_coeffs,
+                  constraint=Constraint(), row_scale=layer.row_scale, source=layer.source, key=layer.key,
+                  block_share=layer.block_share)
+    fields.update(changes)
+    return make_layer(**fields)
+
+
+def _constrained(layer: OFTLayer, transpose: bool) -> list[torch.Tensor]:
+    """Constrained generators expressed for `transpose` (Cayley(Q)ᵀ = Cayley(−Q), Neumann(Q)ᵀ = Neumann(−Q))."""
+    gens = [constrain(layer, q, i) for i, q in enumerate(layer.generators)]
+    return gens if layer.transpose == transpose else [-q for q in gens]
+
+
+def _same_structure(a: OFTLayer, b: OFTLayer, what: str) -> None:
+    checks = [
+        ("rotated side", a.side, b.side),
+        ("kind", a.kind, b.kind),
+        ("block sizes", a.block_sizes, b.block_sizes),
+        ("block counts", a.num_blocks, b.num_blocks),
+        ("stored blocks", tuple(g.shape for g in a.generators), tuple(g.shape for g in b.generators)),
+        ("parameterization", (a.parameterization, a.neumann_coeffs), (b.parameterization, b.neumann_coeffs)),
+        ("block_share", a.block_share, b.block_share),
+    ]
+    for name, x, y in checks:
+        if x != y:
+            raise OFTError(f"cannot {what} layers of different structure: {name} {x} vs {y}", layer=a.key)
+    if a.parameterization == "matrix":
+        raise OFTError(f"cannot {what} stored rotation matrices (LyCORIS oft_diag): interpolating matrices is not a "
+                       "rotation", layer=a.key)
+
+
+def _keyed(adapter: OFTAdapter) -> dict[tuple[str, str], OFTLayer]:
+    out = {}
+    for layer in adapter:
+        k = _key(layer.component, layer.name)
+        if k in out:
+            raise OFTError(f"two layers are both {k[0]}:{k[1]} once '.' is read as '_'", path=adapter.path or None)
+        out[k] = layer
+    return out
+
+
+def _same_layers(adapters: Sequence[OFTAdapter], what: str) -> list[dict[tuple[str, str], OFTLayer]]:
+    keyed = [_keyed(a) for a in adapters]
+    first = set(keyed[0])
+    for a, k in zip(adapters[1:], keyed[1:]):
+        if set(k) != first:
+            missing = sorted(first - set(k))[:3]
+            extra = sorted(set(k) - first)[:3]
+            raise OFTError(f"cannot {what}: the adapters have different layers (only in the first: {missing}, only "
+                           f"in this one: {extra}); use merge(mode='compose') for different layer sets",
+                           path=a.path or None)
+    return keyed
+
+
+def _weighted_layer(layers: Sequence[OFTLayer], weights: Sequence[float], what: str) -> OFTLayer:
+    """Σ wᵢ Qᵢ (weights already normalised), in the first layer's transpose convention, constraint none."""
+    ref = layers[0]
+    for other in layers[1:]:
+        _same_structure(ref, other, what)
+    gens = None
+    scale = None
+    any_scale = any(layer.row_scale is not None for layer in layers)
+    for layer, w in zip(layers, weights):
+        g = _constrained(layer, ref.transpose)
+        gens = [w * q for q in g] if gens is None else [acc + w * q for acc, q in zip(gens, g)]
+        if any_scale:
+            s = layer.row_scale if layer.row_scale is not None else torch.ones(ref.dim)
+            scale = w * s if scale is None else scale + w * s
+    return _rebuild(ref, generators=gens, row_scale=scale, source=what)
+
+
+def blend(a: OFTAdapter, b: OFTAdapter, t: float) -> OFTAdapter:
+    """Interpolate two adapters of the same structure: Q = (1 − t)·Q_a + t·Q_b per layer (constraints applied first).
+
+    t = 0 gives a's rotations, t = 1 b's; any t gives a rotation. The result has constraint none.
+    """
+    t = float(t)
+    if not math.isfinite(t):
+        raise OFTError(f"blend factor: expected a finite number, found {t}")
+    ka, kb = _same_layers([a, b], "blend")
+    layers = {}
+    for k, la in ka.items():
+        lb = kb[k]
+        _same_structure(la, lb, "blend")
+        ga, gb = _constrained(la, la.transpose), _constrained(lb, la.transpose)
+        # torch.lerp: exact at t = 0, 1 and for equal inputs, so blend(a, a, t) is a bit for bit
+        gens = [torch.lerp(qa, qb, t) for qa, qb in zip(ga, gb)]
+        scale = None
+        if la.row_scale is not None or lb.row_scale is not None:
+            sa = la.row_scale if la.row_scale is not None else torch.ones(la.dim)
+            sb = lb.row_scale if lb.row_scale is not None else torch.ones(la.dim)
+            scale = torch.lerp(sa, sb, t)
+        layers[(la.component, la.name)] = _rebuild(la, generators=gens, row_scale=scale, source="blend")
+    info = {"blend": {"a": a.path or a.format, "b": b.path or b.format, "t": t}}
+    return OFTAdapter(layers, a.format, "", dict(a.metadata), info)
+
+
+def _normalised(weights: Sequence[float]) -> list[float]:
+    total = math.fsum(weights)
+    if not all(math.isfinite(w) for w in weights) or total == 0:
+        raise OFTError(f"average weights: expected finite numbers with a non-zero sum, found {list(weights)}")
+    return [w / total for w in weights]
+
+
+def merge(adapters_with_weights: Sequence[tuple[OFTAdapter, float]], mode: str = "compose") -> OFTAdapter:
+    """One adapter from several: `mode` "average" (weighted mean of generators, same layers required) or
+    "compose" (the rotations applied in order, weight w = R^w in the orthogonal sense). See the module docstring."""
+    items = [(a, float(w)) for a, w in adapters_with_weights]
+    if not items:
+        raise OFTError("merge: no adapters given")
+    if mode not in MERGE_MODES:
+        raise OFTError(f"merge mode: expected one of {', '.join(MERGE_MODES)}, found {mode!r}")
+    adapters = [a for a, _ in items]
+    info = {"merge": {"mode": mode, "adapters": [[a.path or a.format, w] for a, w in items]}}
+    if mode == "average":
+        weights = _normalised([w for _, w in items])
+        keyed = _same_layers(adapters, "average")
+        layers = {}
+        for k, first in keyed[0].items():
+            layer = _weighted_layer([kd[k] for kd in keyed], weights, "average")
+            layers[(first.component, first.name)] = layer
+        return OFTAdapter(layers, adapters[0].format, "", dict(adapters[0].metadata), info)
+
+    for a, w in items:
+        if not math.isfinite(w):
+            raise OFTError(f"compose weight: expected a finite number, found {w}", path=a.path or None)
+    order: list[tuple[str, str]] = []
+    groups: dict[tuple[str, str], list[tuple[OFTLayer, float, str]]] = {}
+    for a, w in items:
+        for k, layer in _keyed(a).items():
+            if k not in groups:
+                order.append(k)
+            groups.setdefault(k, []).append((layer, w, a.path or a.format))
+    layers = {}
+    for k in order:
+        layer = _compose_layer(groups[k])
+        if layer is not None:
+            layers[(layer.component, layer.name)] = layer
+    return OFTAdapter(layers, adapters[0].format, "", dict(adapters[0].metadata), info)
+
+
+def _is_identity(layer: OFTLayer, w: float) -> bool:
+    if w == 0:
+        return True  # R^0 = I, and strength 0 means "adapter off" (its rescale too)
+    if layer.row_scale is not None or layer.parameterization == "matrix":
+        return False
+    return all(not bool(torch.any(constrain(layer, q, i) != 0)) for i, q in enumerate(layer.generators))
+
+
+def _scaled(layer: OFTLayer, w: float) -> OFTLayer:
+    """The layer at weight w, orthogonal sense: R(w·Q) with the constraint applied first (w = 1: unchanged)."""
+    if w == 1:
+        return layer
+    if layer.parameterization == "matrix":
+        gens = [w * generator_of(layer, r) for r in layer.generators]  # as rotation_blocks' orthogonal mode
+        return _rebuild(layer, generators=[0.5 * (q - q.transpose(-1, -2)) for q in gens], parameterization="cayley")
+    return _rebuild(layer, generators=[w * q for q in _constrained(layer, layer.transpose)])
+
+
+def _lcm_blocks(r: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, b, b) blocks regrouped as (n·b/size, size, size) block-diagonal blocks (size a multiple of b)."""
+    n, b, _ = r.shape
+    per = size // b
+    out = torch.zeros(n // per, size, size, dtype=r.dtype)
+    for j in range(per):
+        out[:, j * b:(j + 1) * b, j * b:(j + 1) * b] = r[j::per]
+    return out
+
+
+def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | None:
+    active = [(layer, w, src) for layer, w, src in entries if not _is_identity(layer, w)]
+    if not active:
+        first = entries[0][0]
+        return _rebuild(first, generators=[torch.zeros_like(q) for q in first.generators], row_scale=None,
+                        parameterization="cayley", neumann_coeffs=(), source="compose")
+    if len(active) == 1:
+        layer, w, _ = active[0]
+        return _scaled(layer, w)
+    ref = active[0][0]
+    for layer, _, src in active:
+        if layer.side != ref.side:
+            raise OFTError("one adapter rotates this layer's input features and another its output features: "
+                           "W ↦ M_b·W·M_a is not an OFT layer", path=src, layer=layer.key)
+        if layer.kind != "diag":
+            raise OFTError("BOFT (butterfly) layers cannot be composed into one OFT layer", path=src, layer=layer.key)
+        if layer.parameterization != "cayley":
+            raise OFTError(f"{layer.parameterization} layers are not exactly orthogonal: their product has no exact "
+                           "Cayley generator", path=src, layer=layer.key)
+        if layer.block_share:
+            raise OFTError("block_share layers have a block count that depends on the base weight; resolve them "
+                           "first (spec.resolve_for_weight)", path=src, layer=layer.key)
+        if layer.split_sizes != ref.split_sizes:
+            raise OFTError(f"split sizes differ ({ref.split_sizes} vs {layer.split_sizes}): the layers rotate "
+                           "different widths", path=src, layer=layer.key)
+    # row scales (see module docstring)
+    scale = None
+    if ref.side == "in":
+        for layer, _, _ in active:
+            if layer.row_scale is not None:
+                scale = layer.row_scale if scale is None else scale * layer.row_scale
+    else:
+        for i, (layer, _, src) in enumerate(active):
+            if layer.row_scale is not None and i != len(active) - 1:
+                raise OFTError("a rescaled layer followed by another rotation: diag(s)·M_b ≠ M_b·diag(s), the "
+                               "product is not an OFT layer", path=src, layer=layer.key)
+        scale = active[-1][0].row_scale
+    gens = []
+    for split, width in enumerate(ref.split_sizes):
+        sizes = [layer.block_sizes[split] for layer, _, _ in active]
+        size = math.lcm(*sizes)
+        if width % size:
+            raise OFTError(f"block sizes {sorted(set(sizes))} compose into blocks of {size}, which do not tile the "
+                           f"split of width {width}: the product is not a block-diagonal OFT layer",
+                           path=active[0][2], layer=ref.key)
+        total = None
+        for layer, w, _ in active:
+            blocks = rotation_blocks(layer, w, "orthogonal")[split]
+            blocks = _lcm_blocks(blocks, size) if blocks.shape[-1] != size else blocks
+            if total is None:
+                total = blocks
+            elif ref.side == "out":
+                total = blocks @ total  # applied later = multiplied on the left
+            else:
+                total = total @ blocks
+        target = total.transpose(-1, -2) if ref.transpose else total
+        try:
+            q = generator_of(ref, target)  # Q = (B − I)(B + I)⁻¹
+        except RuntimeError:  # torch.linalg.solve on a singular B + I
+            raise OFTError("the composed rotation turns some block by half a turn (eigenvalue −1): it has no Cayley "
+                           "generator", layer=ref.key) from None
+        q = 0.5 * (q - q.transpose(-1, -2))  # exactly skew (it is skew up to rounding)
+        back = rotation_blocks(make_layer(path="", name=ref.name, side=ref.side, generators=[q], transpose=False),
+                               1.0)[0]
+        err = float((back - target).abs().max())
+        if not err <= _HALF_TURN_TOL:
+            raise OFTError(f"the composed rotation is too close to a half turn for the inverse Cayley transform "
+                           f"(round-trip error {err:.2g})", layer=ref.key)
+        gens.append(q)
+    return _rebuild(ref, generators=gens, num_blocks=[w // q.shape[-1] for w, q in zip(ref.split_sizes, gens)],
+                    parameterization="cayley", neumann_coeffs=(), row_scale=scale, source="compose")
