@@ -1,0 +1,333 @@
+"""Small models that the REAL ComfyUI runtime loads, for the integration tests (plain helper module).
+
+Everything here goes through ComfyUI's own classes, the code its loader runs after model detection
+(`comfy.sd.load_diffusion_model_state_dict`): `comfy.supported_models.<Family>(unet_config)` →
+`set_inference_dtype` → `get_model` → `diffusion_model.load_state_dict` (as `BaseModel.load_model_weights` does, but
+checking the missing/unexpected lists instead of only logging them) → `comfy.model_patcher.ModelPatcher` on the CPU.
+Detection itself cannot be used: it hard-codes FLUX's hidden size 3072 and only recognises SD1.5 at 320 channels with
+context 768 (see ../shared/fixtures/README.md, last section).
+
+Nothing here imports ComfyUI at import time. `import_comfy()` finds it (COMFYUI_PATH, else
+~/.cache/comfyui-oft/ComfyUI), puts it first on sys.path, forces the CPU (`comfy.cli_args.args.cpu = True` must be set
+before `comfy.model_management` is imported) and imports the modules tests use. The `comfy` fixture in conftest.py
+calls it and turns `ComfyUINotFound` into a skip.
+
+The loaders are cached per session (one model object per config and dtype). Callers share that object, so:
+patch only clones (`patcher.clone()` + `add_patches`), and call `unpatch_model()` after `patch_model()`; both restore
+the shared weights exactly. Never assign to the shared weights directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("OFT_FIXTURES") or REPO_ROOT.parent / "shared" / "fixtures").resolve()
+DEFAULT_COMFYUI = Path.home() / ".cache" / "comfyui-oft" / "ComfyUI"
+
+# ------------------------------------------------------------------------------------------------ configs
+# ComfyUI `comfy.ldm.flux.model.Flux` parameters of kohya/flux_tiny_base.safetensors. ComfyUI counts latent channels
+# before the 2×2 packing (in_channels 4, patch_size 2); sd-scripts' config file counts after it (16).
+FLUX_TINY_CONFIG = {
+    "image_model": "flux",
+    "in_channels": 4,
+    "out_channels": 4,
+    "patch_size": 2,
+    "hidden_size": 128,
+    "num_heads": 2,
+    "axes_dim": [16, 24, 24],
+    "mlp_ratio": 4.0,
+    "context_in_dim": 64,
+    "vec_in_dim": 32,
+    "depth": 2,
+    "depth_single_blocks": 2,
+    "theta": 10000,
+    "qkv_bias": True,
+    "guidance_embed": True,
+}
+
+# The real SD1.5 UNet, exactly the config `comfy.model_detection` produces for an SD1.5 checkpoint (without `dtype`,
+# which `set_inference_dtype` adds). `supported_models.SD15` adds num_heads 8, num_head_channels -1.
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+# A tiny UNet of the same family (1.07 M parameters, forward in milliseconds). `transformer_depth` has one entry per
+# input res block (sum of num_res_blocks), `transformer_depth_output` one per output block (levels × (blocks + 1)).
+# Its module names follow the same scheme (input_blocks.1.1.transformer_blocks.0.attn1.to_q, ...).
+SD15_TINY_UNET_CONFIG = dict(
+    SD15_UNET_CONFIG,
+    model_channels=32,
+    channel_mult=[1, 2],
+    num_res_blocks=[1, 1],
+    transformer_depth=[1, 1],
+    transformer_depth_middle=1,
+    transformer_depth_output=[1, 1, 1, 1],
+    context_dim=48,
+)
+
+FLUX_TINY_BASE = "kohya/flux_tiny_base.safetensors"
+SD15_EXPECTED = "kohya/sd15_oft_attn_dim8_bf16_expected.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ ComfyUI discovery
+class ComfyUINotFound(RuntimeError):
+    """No ComfyUI source tree: the integration tests are skipped (the message says why)."""
+
+
+def find_comfyui() -> Path:
+    """The ComfyUI source tree to test against: COMFYUI_PATH, else ~/.cache/comfyui-oft/ComfyUI."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not (path / "comfy" / "model_patcher.py").is_file():
+            raise ComfyUINotFound(f"COMFYUI_PATH={env} is not a ComfyUI source tree (no comfy/model_patcher.py)")
+        return path
+    if (DEFAULT_COMFYUI / "comfy" / "model_patcher.py").is_file():
+        return DEFAULT_COMFYUI.resolve()
+    raise ComfyUINotFound(f"COMFYUI_PATH unset and nothing at {DEFAULT_COMFYUI}")
+
+
+_COMFY = None
+COMFYUI_ROOT = None  # where the imported ComfyUI lives, once import_comfy() succeeded
+
+
+def import_comfy():
+    """Import ComfyUI as a library on the CPU and return the `comfy` package (idempotent).
+
+    Raises ComfyUINotFound when there is no ComfyUI; any other exception means ComfyUI is there but broken.
+    """
+    global _COMFY
+    if _COMFY is not None:
+        return _COMFY
+    root = find_comfyui()
+    # ComfyUI's own top-level modules (`nodes`, `folder_paths`, `server`, ...) must win over same-named folders of
+    # this repo (our `nodes/` package!), so ComfyUI goes first on sys.path.
+    if str(root) in sys.path:
+        sys.path.remove(str(root))
+    sys.path.insert(0, str(root))
+    clash = sys.modules.get("nodes")
+    if clash is not None and not str(getattr(clash, "__file__", "") or "").startswith(str(root)):
+        raise RuntimeError(
+            f"a module named 'nodes' was imported from {getattr(clash, '__file__', clash)!r} before ComfyUI: "
+            "import the pack's nodes as comfyui_oft.nodes (the comfyui_oft fixture), never as top-level 'nodes'"
+        )
+
+    import comfy.cli_args
+
+    if "comfy.model_management" not in sys.modules:
+        # Must happen before comfy.model_management is imported: it picks the device at import time.
+        comfy.cli_args.args.cpu = True
+    import comfy.model_management
+
+    if comfy.model_management.cpu_state != comfy.model_management.CPUState.CPU:
+        raise RuntimeError(
+            "comfy.model_management was imported before comfy.cli_args.args.cpu was set: it is not in CPU mode; "
+            "import ComfyUI only through the `comfy` fixture / comfy_models.import_comfy()"
+        )
+    import comfy.lora
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    global COMFYUI_ROOT
+    COMFYUI_ROOT = root
+    _COMFY = comfy
+    return comfy
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+_CACHE: dict = {}
+
+
+def _patcher(model):
+    comfy = import_comfy()
+    mm = comfy.model_management
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def _build(model_config_cls, unet_config, dtype, state_dict=None):
+    """Build a ComfyUI BaseModel like comfy.sd.load_diffusion_model_state_dict does; load `state_dict` strictly."""
+    import torch
+
+    import_comfy()
+    model_config = model_config_cls(unet_config)
+    model_config.set_inference_dtype(dtype, None)  # CPU + float32/bf16: no manual cast
+    model = model_config.get_model(state_dict or {}, "", device=torch.device("cpu"))
+    if state_dict is not None:
+        sd = model_config.process_unet_state_dict(dict(state_dict))
+        missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{model_config_cls.__name__} with {unet_config}: {len(missing)} missing keys {missing[:5]}, "
+                f"{len(unexpected)} unexpected keys {unexpected[:5]}"
+            )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _fill_deterministic(module, seed: int, std: float = 0.02):
+    """Fill every parameter with fixed pseudo-random values, fast.
+
+    ComfyUI's ops skip weight init (`torch.empty`), so a model built without a state dict holds garbage. Drawing 860 M
+    normals for the real SD1.5 takes ~17 s on 2 cores; cycling through one seeded buffer of a prime length is
+    memory-bound (~1 s) and still gives every weight a distinct, reproducible, non-degenerate value pattern.
+    """
+    import torch
+
+    period = 1_048_573  # prime, so the cycle never lines up with a weight's rows
+    buf = torch.randn(period, generator=torch.Generator().manual_seed(seed)) * std
+    cursor = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            flat = p.data.view(-1)
+            pos, n = 0, flat.numel()
+            while pos < n:
+                take = min(period - cursor, n - pos)
+                flat[pos : pos + take].copy_(buf[cursor : cursor + take])
+                pos += take
+                cursor = (cursor + take) % period
+
+
+def flux_tiny(dtype=None):
+    """The tiny FLUX of kohya/flux_tiny_base.safetensors as a ComfyUI ModelPatcher (CPU; float32 unless `dtype`).
+
+    Loaded through `comfy.supported_models.Flux(FLUX_TINY_CONFIG)` with no missing or unexpected key (checked).
+    """
+    import safetensors.torch
+    import torch
+
+    dtype = dtype or torch.float32
+    key = ("flux_tiny", dtype)
+    if key not in _CACHE:
+        comfy = import_comfy()
+        path = FIXTURES / FLUX_TINY_BASE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (fixtures at {FIXTURES}; set OFT_FIXTURES to move them)")
+        sd = safetensors.torch.load_file(str(path))
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+        _CACHE[key] = _patcher(_build(comfy.supported_models.Flux, FLUX_TINY_CONFIG, dtype, sd))
+    return _CACHE[key]
+
+
+def sd15(dtype=None, seed: int = 0, expected_originals: bool = True):
+    """The real SD1.5 UNet architecture (859.5 M parameters) with deterministic pseudo-random weights, as a
+    ComfyUI ModelPatcher (CPU; float32 unless `dtype`). Builds in ~2 s; a forward takes ~20 s: do not sample with it.
+
+    With `expected_originals` the 9 modules of kohya/sd15_oft_attn_dim8_bf16_expected.safetensors get their
+    `original/<path>.weight` (the base the kohya fixture was merged on), so a merge done in ComfyUI can be compared
+    with `merged_m1.0/…` and `merged_m0.5/…` directly.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    key = ("sd15", dtype, seed, expected_originals)
+    if key not in _CACHE:
+        comfy = import_comfy()
+        model = _build(comfy.supported_models.SD15, SD15_UNET_CONFIG, dtype)
+        _fill_deterministic(model.diffusion_model, seed)
+        if expected_originals:
+            _load_sd15_expected_originals(model)
+        _CACHE[key] = _patcher(model)
+    return _CACHE[key]
+
+
+def _load_sd15_expected_originals(model):
+    from safetensors import safe_open
+
+    path = FIXTURES / SD15_EXPECTED
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (fixtures at {FIXTURES}; set OFT_FIXTURES to move them)")
+    params = dict(model.diffusion_model.named_parameters())
+    with safe_open(str(path), "pt") as f:
+        modules = json.loads(f.metadata()["modules"])
+        for info in modules.values():
+            target = params.get(info["ldm_key"])
+            if target is None:
+                raise KeyError(f"{info['ldm_key']} (from {path.name}) is not a parameter of ComfyUI's SD1.5 UNet")
+            original = f.get_tensor(f"original/{info['module_path']}.weight")
+            if tuple(original.shape) != tuple(target.shape):
+                raise ValueError(f"{info['ldm_key']}: fixture shape {tuple(original.shape)} != model {tuple(target.shape)}")
+            target.data.copy_(original.to(target.dtype))
+
+
+def sd15_tiny(dtype=None, seed: int = 0):
+    """A tiny SD1.5-family UNet (SD15_TINY_UNET_CONFIG, 1.07 M parameters) with deterministic pseudo-random weights,
+    as a ComfyUI ModelPatcher (CPU; float32 unless `dtype`). A 16×16 latent forward takes milliseconds."""
+    import torch
+
+    dtype = dtype or torch.float32
+    key = ("sd15_tiny", dtype, seed)
+    if key not in _CACHE:
+        comfy = import_comfy()
+        model = _build(comfy.supported_models.SD15, SD15_TINY_UNET_CONFIG, dtype)
+        _fill_deterministic(model.diffusion_model, seed)
+        _CACHE[key] = _patcher(model)
+    return _CACHE[key]
+
+
+# ------------------------------------------------------------------------------------------------ forwards
+def flux_inputs(batch: int = 1, size: int = 16, tokens: int = 7, seed: int = 0, dtype=None):
+    """Deterministic apply_model kwargs for flux_tiny: latent (B, 4, size, size), sigma, T5-like context (B, tokens,
+    64), pooled vector y (B, 32), guidance."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float32
+    return {
+        "x": torch.randn(batch, 4, size, size, generator=g).to(dtype),
+        "t": torch.full((batch,), 0.5),
+        "c_crossattn": torch.randn(batch, tokens, FLUX_TINY_CONFIG["context_in_dim"], generator=g).to(dtype),
+        "y": torch.randn(batch, FLUX_TINY_CONFIG["vec_in_dim"], generator=g).to(dtype),
+        "guidance": torch.full((batch,), 3.5),
+    }
+
+
+def sd15_tiny_inputs(batch: int = 1, size: int = 16, tokens: int = 5, seed: int = 0, dtype=None):
+    """Deterministic apply_model kwargs for sd15_tiny: latent (B, 4, size, size), sigma, context (B, tokens, 48)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float32
+    return {
+        "x": torch.randn(batch, 4, size, size, generator=g).to(dtype),
+        "t": torch.full((batch,), 1.0),
+        "c_crossattn": torch.randn(batch, tokens, SD15_TINY_UNET_CONFIG["context_dim"], generator=g).to(dtype),
+    }
+
+
+def apply_model(patcher, inputs: dict):
+    """`BaseModel.apply_model(x, t, **conds)` under no_grad on the patcher's model, as the sampler calls it.
+
+    Weights are whatever is in the module now: call `patcher.patch_model()` first to see patches (and
+    `unpatch_model()` after).
+    """
+    import torch
+
+    kwargs = dict(inputs)
+    x, t = kwargs.pop("x"), kwargs.pop("t")
+    with torch.no_grad():
+        return patcher.model.apply_model(x, t, **kwargs)
