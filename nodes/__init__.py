@@ -1,0 +1,23 @@
+"""ComfyUI V3 entry point of the pack: `comfy_entrypoint()` -> a ComfyExtension listing the nodes.
+
+No NODE_CLASS_MAPPINGS here on purpose: ComfyUI would then load the pack as V1 and ignore the entrypoint.
+Importing this package does no I/O and queries no device; the `oft` model folder is registered when ComfyUI asks
+for the node list.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import files
+from .oft_nodes import NODES
+
+
+class OFTExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        files.register_folder()
+        return list(NODES)
+
+
+def comfy_entrypoint() -> OFTExtension:
+    return OFTExtension()

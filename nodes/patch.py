@@ -1,0 +1,200 @@
+"""The one seam into ComfyUI: OFT layers become weight patches of a cloned ModelPatcher / CLIP.
+
+Everything the pack does to a model goes through `apply_oft`: clone, match the adapter's layers onto the model's own
+state-dict keys (`oft_core.match_adapter`), then `add_patches` with one `OFTWeightAdapter` per matched weight.
+ComfyUI's `comfy.lora.calculate_weight` hands any `WeightAdapterBase` instance its (already narrowed) weight, in
+both of its paths:
+
+- full load (`ModelPatcher.patch_weight_to_device`): a float32 copy of the weight, rounded back afterwards;
+- low VRAM (`LowVramPatch`, run by `comfy.ops.cast_bias_weight` on every forward of an offloaded layer): the weight
+  cast to the layer's compute dtype (fp16 / bf16 stay fp16 / bf16).
+
+The rotation itself is `oft_core.rotate_weight` (fp32 math whatever the weight's dtype); this file holds no OFT math.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+
+import comfy.weight_adapter
+import torch
+
+from ..oft_core import OFTAdapter, OFTError, build_key_map, match_adapter, rotate_weight
+from ..oft_core.match import MatchReport
+
+log = logging.getLogger(__name__)
+
+UNET_PREFIX = "diffusion_model."
+TE_COMPONENTS = ("te", "te1", "te2")
+
+
+class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
+    """One OFT layer as a ComfyUI weight patch (the value of an `add_patches` entry).
+
+    `strength` is ComfyUI's `strength_patch` (the strength given to `add_patches`) and is used exactly once, with the
+    strength `mode` of oft_core ("kohya": R_s = I + s(R − I); "orthogonal"). Vanilla ComfyUI's OFT multiplies by it
+    twice (its effect is s²); sd-scripts and LyCORIS apply their multiplier once, as here.
+    """
+
+    name = "oft"
+
+    def __init__(self, layer, mode: str = "kohya", source: str = ""):
+        self.layer = layer  # an OFTLayer already resolved for its weight (match_adapter did it)
+        self.mode = mode
+        self.source = source
+        self.loaded_keys = {layer.key}
+        self.weights = list(layer.generators)
+
+    def calculate_weight(
+        self,
+        weight,
+        key,
+        strength,
+        strength_model,
+        offset,
+        function,
+        intermediate_dtype=torch.float32,
+        original_weight=None,
+    ):
+        # `weight` is already narrowed to `offset` by comfy.lora.calculate_weight (a view of the fused weight) and
+        # already multiplied by strength_model. Exceptions propagate: returning the unpatched weight would make a
+        # failure look like a weak adapter (what core's weight_adapter/oft.py does).
+        if strength == 0:
+            return weight
+        w32 = weight.to(torch.float32)
+        rotated = rotate_weight(self.layer, w32, float(strength), self.mode, out_dtype=torch.float32)
+        if function is not None:
+            # ComfyUI's convention: `function` maps the change a patch makes (LoRA: function(diff)). It is the
+            # identity unless a caller passed (key, offset, function); keep the exact rotated weight in that case.
+            delta = rotated - w32
+            mapped = function(delta)
+            if mapped is not delta:
+                rotated = w32 + mapped
+        # In place, so that a narrowed slice of a fused q/k/v weight updates its parent; the copy rounds to the
+        # weight's dtype (fp16/bf16 in the low-VRAM path) once, from the fp32 result.
+        weight.copy_(rotated)
+        return weight
+
+
+# ------------------------------------------------------------------------------------------------ key mapping
+def model_shapes(patcher, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Shapes of a ModelPatcher's state dict (no copies: state_dict() returns references)."""
+    return {k: tuple(v.shape) for k, v in patcher.model.state_dict().items() if k.startswith(prefix)}
+
+
+def model_kind(model) -> str:
+    """A short name of the loaded model's family, for messages ("SD15", "Flux", ...)."""
+    inner = getattr(model, "model", None)
+    config = getattr(inner, "model_config", None)
+    return type(config).__name__ if config is not None else type(inner).__name__
+
+
+def guess_target(adapter: OFTAdapter) -> str:
+    """What model an adapter looks made for, from its layer names (for the "nothing matched" message)."""
+    names = [layer.name.replace("_", ".") for layer in adapter]
+    comps = Counter(layer.component for layer in adapter)
+
+    def share(*needles):
+        return sum(any(n in name for n in needles) for name in names)
+
+    guesses = [
+        (share("double.blocks", "single.blocks"), "FLUX (BFL layer names: double_blocks / single_blocks)"),
+        (share("single.transformer.blocks", "transformer.blocks.") and share("single.transformer.blocks"),
+         "FLUX (diffusers layer names: transformer_blocks / single_transformer_blocks)"),
+        (share("down.blocks", "up.blocks", "mid.block"), "a UNet with diffusers names (SD1.x / SD2.x)"),
+        (share("input.blocks", "output.blocks", "middle.block"), "a UNet with LDM names (SDXL or SD1.x/2.x)"),
+        (share("joint.blocks"), "SD3 (joint_blocks)"),
+    ]
+    best = max(guesses, key=lambda g: g[0])
+    what = best[1] if best[0] else "an unknown model"
+    if comps and set(comps) <= set(TE_COMPONENTS):
+        what = "a text encoder only"
+    return what
+
+
+def match_model(adapter: OFTAdapter, model, clip=None) -> tuple[MatchReport | None, MatchReport | None]:
+    """Match the adapter's UNet / transformer layers onto `model` and its text-encoder layers onto `clip`.
+
+    Returns (unet report or None when the adapter has no such layer, text-encoder report or None).
+    Raises OFTError when a matched layer does not fit its weight (another model of the same family).
+    """
+    unet_layers = [layer for layer in adapter if layer.component not in TE_COMPONENTS]
+    te_layers = [layer for layer in adapter if layer.component in TE_COMPONENTS]
+    unet_report = te_report = None
+    if unet_layers:
+        shapes = model_shapes(model, UNET_PREFIX)
+        unet_report = match_adapter(adapter, shapes, build_key_map(shapes), components=("unet",),
+                                    base_name=f"the loaded {model_kind(model)} model")
+    if te_layers and clip is not None:
+        shapes = model_shapes(clip.patcher)
+        te_report = match_adapter(adapter, shapes, build_key_map(shapes), components=TE_COMPONENTS,
+                                  base_name="the loaded CLIP")
+    return unet_report, te_report
+
+
+def _patches(report: MatchReport, mode: str, source: str) -> dict:
+    patches = {}
+    for m in report.matched:
+        key = m.target.key if m.target.offset is None else (m.target.key, tuple(m.target.offset))
+        patches[key] = OFTWeightAdapter(m.layer, mode, source)
+    return patches
+
+
+def report_text(adapter: OFTAdapter, unet_report, te_report, clip_given: bool, strength: float, mode: str) -> str:
+    total = len(adapter)
+    applied = sum(len(r.matched) for r in (unet_report, te_report) if r is not None)
+    unmatched = [u for r in (unet_report, te_report) if r is not None for u in r.unmatched]
+    te_count = sum(1 for layer in adapter if layer.component in TE_COMPONENTS)
+    name = os.path.basename(adapter.path) or adapter.format
+    line = f"OFT {name}: {applied} of {total} adapter layers applied (strength {strength:g}, mode {mode})"
+    if unmatched:
+        shown = ", ".join(unmatched[:8]) + (" …" if len(unmatched) > 8 else "")
+        line += f"; not found in the model: {len(unmatched)} ({shown})"
+    if te_count and not clip_given:
+        line += f"; {te_count} text-encoder layers skipped: no CLIP connected"
+    return line
+
+
+def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "kohya"):
+    """Patch clones of `model` (and `clip` when the adapter has text-encoder layers) with `adapter`.
+
+    Returns (model, clip, report text). `clip` is returned as given (same object) when the adapter has no
+    text-encoder layer or no CLIP was given. The inputs are never modified; on any error nothing is patched.
+    Raises OFTError when no layer of the adapter matches the model, or one does not fit its weight.
+    """
+    if mode not in ("kohya", "orthogonal"):
+        raise OFTError(f"strength mode: expected kohya or orthogonal, found {mode!r}", path=adapter.path)
+    unet_report, te_report = match_model(adapter, model, clip)
+    applied = sum(len(r.matched) for r in (unet_report, te_report) if r is not None)
+    if applied == 0:
+        te_only = all(layer.component in TE_COMPONENTS for layer in adapter)
+        if te_only and clip is None:
+            raise OFTError("this adapter only has text-encoder layers and no CLIP is connected: connect the CLIP",
+                           path=adapter.path)
+        raise OFTError(
+            f"none of its {len(adapter)} layers matches the loaded {model_kind(model)} model"
+            f"{'' if clip is None else ' or its CLIP'}: it looks made for {guess_target(adapter)}"
+            f" (first layers: {', '.join(layer.key for layer in list(adapter)[:3])})",
+            path=adapter.path,
+        )
+    text = report_text(adapter, unet_report, te_report, clip is not None, strength, mode)
+    new_model = model.clone()
+    if unet_report is not None and unet_report.matched:
+        accepted = new_model.add_patches(_patches(unet_report, mode, adapter.format), strength)
+        _check_accepted(accepted, unet_report, adapter)
+    new_clip = clip
+    if te_report is not None and te_report.matched:
+        new_clip = clip.clone()
+        accepted = new_clip.add_patches(_patches(te_report, mode, adapter.format), strength)
+        _check_accepted(accepted, te_report, adapter)
+    log.info("%s", text)
+    return new_model, new_clip, text
+
+
+def _check_accepted(accepted, report: MatchReport, adapter: OFTAdapter) -> None:
+    # add_patches silently skips keys absent from the model; the map was built from the same keys, so a difference
+    # is a bug here, not a user error. Fail loudly rather than report layers as applied that are not.
+    if len(accepted) != len(report.matched):
+        raise OFTError(f"ComfyUI accepted {len(accepted)} of {len(report.matched)} matched weights", path=adapter.path)

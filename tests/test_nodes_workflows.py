@@ -1,0 +1,224 @@
+"""The example workflows in workflows/: they parse, use only core nodes and ours, fit each node's schema (ComfyUI's
+own `execution.validate_prompt` checks types, ranges, combos and links), and one runs end to end through ComfyUI's
+own executor on the tiny FLUX.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import comfy_models
+import pytest
+import torch
+from oracle import REL_TOL, rel_err
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.comfyui
+
+WORKFLOWS = sorted((comfy_models.REPO_ROOT / "workflows").glob("*.json"))
+OUR_NODES = {"OFTLoader", "OFTLoadAdapter", "OFTApply", "OFTInspect"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# file dropdowns: their options depend on the user's folders, so the test gives them files of these names
+FILE_INPUTS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name1": "text_encoders",
+               "clip_name2": "text_encoders", "vae_name": "vae", "adapter_name": "oft"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """These tests do many small solves and matmuls: with 2 OpenMP threads on a busy 2-core machine each one can take
+    50 ms instead of 50 µs (thread oversubscription, measured). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def comfy_nodes(comfyui_oft):
+    """ComfyUI's node table with core + comfy_extras nodes and ours, loaded by ComfyUI's own loaders."""
+    import nodes
+    from comfyui_oft.nodes import comfy_entrypoint
+
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    core = set(nodes.NODE_CLASS_MAPPINGS) - OUR_NODES
+    for cls in asyncio.run(comfy_entrypoint().get_node_list()):
+        nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
+    return nodes, core
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory, comfyui_oft):
+    """Temporary model folders holding files with the names the workflows use (empty, except the adapters)."""
+    import folder_paths
+    from comfyui_oft.nodes import files
+
+    files.register_folder()
+    root = tmp_path_factory.mktemp("models")
+    for wf in WORKFLOWS:
+        for node in json.loads(wf.read_text())["nodes"]:
+            for name, folder in FILE_INPUTS.items():
+                for value in _widget_map(node, None).get(name, []):
+                    (root / folder).mkdir(exist_ok=True)
+                    path = root / folder / value
+                    if folder == "oft":
+                        shutil.copy(comfy_models.FIXTURES / "kohya/flux_tiny_oft_attn_dim4.safetensors", path)
+                    elif folder == "diffusion_models":
+                        shutil.copy(comfy_models.FIXTURES / comfy_models.FLUX_TINY_BASE, path)
+                    else:
+                        path.touch()
+    for folder in set(FILE_INPUTS.values()):
+        (root / folder).mkdir(exist_ok=True)
+        folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
+    folder_paths.filename_list_cache.clear()
+    return root
+
+
+def _widget_map(node, nodes_table):
+    """Best-effort {input name: [value]} of a UI node for the file inputs (names from the properties)."""
+    known = {"CheckpointLoaderSimple": ["ckpt_name"], "UNETLoader": ["unet_name"],
+             "DualCLIPLoader": ["clip_name1", "clip_name2"], "VAELoader": ["vae_name"],
+             "OFTLoader": ["adapter_name"], "OFTLoadAdapter": ["adapter_name"]}
+    names = known.get(node["type"], [])
+    return {n: [v] for n, v in zip(names, node.get("widgets_values", []))}
+
+
+def _widget_inputs(cls):
+    """(name, type, options) of a node class's widget inputs, in the order the UI stores widgets_values."""
+    spec = cls.INPUT_TYPES()
+    out = []
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            t, opts = entry[0], (entry[1] if len(entry) > 1 else {})
+            if isinstance(t, list):
+                out.append((name, "COMBO", {"options": t, **opts}))
+            elif t in WIDGET_TYPES and not opts.get("forceInput"):
+                out.append((name, t, opts))
+    return out
+
+
+def to_api_prompt(workflow: dict, nodes_table) -> dict:
+    """Convert a UI (litegraph) workflow into the API prompt ComfyUI executes (what the frontend sends)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        cls = nodes_table[node["type"]]
+        values = list(node.get("widgets_values", []))
+        inputs = {}
+        linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
+        for name, t, opts in _widget_inputs(cls):
+            if not values:
+                break
+            value = values.pop(0)
+            if opts.get("control_after_generate"):
+                values.pop(0)  # the "fixed" / "randomize" widget the frontend adds after a seed
+            if name not in linked:
+                inputs[name] = value
+        assert not values, f"{node['type']}: {len(values)} widget values left over"
+        for name, lid in linked.items():
+            _, src, src_slot, _, _, _ = links[lid]
+            inputs[name] = [str(src), src_slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_workflow_is_valid_for_comfyui(path, comfy_nodes, model_folders):
+    import execution
+
+    nodes, core = comfy_nodes
+    wf = json.loads(path.read_text())
+    types = {n["type"] for n in wf["nodes"]}
+    assert types <= core | OUR_NODES, f"not core and not ours: {types - core - OUR_NODES}"
+    assert types & OUR_NODES
+    # links: ids unique, endpoints exist, types agree on both ends
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    assert len(by_id) == len(wf["nodes"]) and wf["last_node_id"] >= max(by_id)
+    for lid, src, src_slot, dst, dst_slot, t in wf["links"]:
+        assert by_id[src]["outputs"][src_slot]["type"] == t and lid in by_id[src]["outputs"][src_slot]["links"]
+        assert by_id[dst]["inputs"][dst_slot]["type"] == t and by_id[dst]["inputs"][dst_slot]["link"] == lid
+    # widget values: count and type against each node's own schema
+    for node in wf["nodes"]:
+        widgets = _widget_inputs(nodes.NODE_CLASS_MAPPINGS[node["type"]])
+        extra = sum(1 for _, _, o in widgets if o.get("control_after_generate"))
+        assert len(node.get("widgets_values", [])) == len(widgets) + extra, node["type"]
+    prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
+    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    assert ok, (error, node_errors)
+    assert outputs
+
+
+class _Server:
+    """What PromptExecutor needs of ComfyUI's PromptServer: it records the messages instead of sending them."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.sockets_metadata = {}
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+def test_flux_inspect_and_bake_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
+    """flux_oft_inspect_and_bake.json through execution.PromptExecutor on the tiny FLUX: OFTInspect's text comes back
+    in the history and the file written by core's ModelSave holds sd-scripts' merged weights."""
+    import comfy.model_management
+    import comfy.sd
+    import execution
+    import folder_paths
+
+    nodes, _ = comfy_nodes
+    base = comfy_models.flux_tiny()
+    snap = {k: v.clone() for k, v in base.model.state_dict().items()}
+    unet_file = model_folders / "diffusion_models" / "flux1-dev.safetensors"
+    loaded = []
+
+    def load_diffusion_model(path, model_options={}):
+        # ComfyUI's detection hard-codes FLUX's width 3072; the tiny FLUX in that file is built by comfy_models
+        # through the same ComfyUI classes the loader uses after detection.
+        assert path == str(unet_file)
+        loaded.append(path)
+        return base.clone()
+
+    monkeypatch.setattr(comfy.sd, "load_diffusion_model", load_diffusion_model)
+    out_dir = tmp_path / "output"
+    out_dir.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
+
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "flux_oft_inspect_and_bake.json").read_text())
+    prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
+    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("bake", prompt, None))
+    assert ok, (error, node_errors)
+    server = _Server()
+    executor = execution.PromptExecutor(server, cache_type=False)
+    try:
+        executor.execute(prompt, "bake", {}, outputs)
+        errors = [m for m in server.messages if m[0] == "execution_error"]
+        assert executor.success, errors
+        assert loaded == [str(unet_file)]
+        inspect_id = next(str(n["id"]) for n in wf["nodes"] if n["type"] == "OFTInspect")
+        text = executor.history_result["outputs"][inspect_id]["text"][0]
+        assert "on this Flux model: 8 of 8 diffusion-model layers match" in text
+        saved = list((out_dir / "diffusion_models").glob("flux_oft_baked_*.safetensors"))
+        assert len(saved) == 1
+        sd = load_file(saved[0])
+    finally:
+        comfy.model_management.unload_all_models()
+    expected = load_file(comfy_models.FIXTURES / "kohya/flux_tiny_oft_attn_dim4_expected.safetensors")
+    checked = 0
+    for k, want in expected.items():
+        if k.startswith("merged_m1.0/"):
+            got = sd["model.diffusion_model." + k[len("merged_m1.0/"):]]
+            assert rel_err(got, want) <= REL_TOL, k
+            checked += 1
+    assert checked == 8
+    untouched = "model.diffusion_model.double_blocks.0.img_mlp.0.weight"
+    assert torch.equal(sd[untouched], snap["diffusion_model.double_blocks.0.img_mlp.0.weight"])
+    now = base.model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in snap.items())  # the shared model is back to its base weights
