@@ -178,16 +178,21 @@ def rotate_weight(
     mode: StrengthMode = "kohya",
     *,
     out_dtype: torch.dtype | None = None,
+    blocks: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The merge path: the adapted weight (same shape; dtype `out_dtype` or the weight's), computed in fp32.
 
     `layer` must fit the weight (see `spec.resolve_for_weight`). Strength 0 returns `weight` itself.
+    `blocks` may be passed precomputed (`rotation_blocks(layer, strength, mode)`), e.g. cached across the forwards
+    of ComfyUI's low-VRAM path.
     """
     if strength == 0:
         return weight if out_dtype in (None, weight.dtype) else weight.to(out_dtype)
     shape = weight.shape
     w = weight.to(torch.float32).reshape(shape[0], -1)
-    blocks = [b.to(w.device) for b in rotation_blocks(layer, strength, mode)]
+    if blocks is None:
+        blocks = rotation_blocks(layer, strength, mode)
+    blocks = [b.to(w.device) for b in blocks]
     w = _apply_rows(layer, blocks, w) if layer.side == "out" else _apply_last(layer, blocks, w, right=True)
     scale = _row_scale(layer)
     if scale is not None:
