@@ -66,7 +66,9 @@ def match_adapter(
     for layer in layers:
         target = keymap.lookup(layer.name, layer.component)
         if target is None:
-            report.unmatched.append(f"{layer.component}:{layer.key}")
+            ambiguous = layer.name.replace(".", "_") in keymap.ambiguous()
+            report.unmatched.append(f"{layer.component}:{layer.key}" + (" (name fits several weights)" if ambiguous
+                                                                        else ""))
             continue
         where = (target.key, target.offset)
         if where in seen:

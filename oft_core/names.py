@@ -140,7 +140,8 @@ class KeyMap:
         table = (self._dotted if "." in path else self._underscored).get(component, {})
         target = table.get(path)
         if target is _SHARED:
-            log.warning("%s name %r fits more than one weight of the base model; not applied", component, path)
+            # reported once, in the match report (match.py), not per lookup
+            log.debug("%s name %r fits more than one weight of the base model; not applied", component, path)
             return None
         return target
 
