@@ -56,10 +56,27 @@ def constrain(layer: OFTLayer, q: torch.Tensor, split: int) -> torch.Tensor:
     return torch.where(norms <= bound, q, q * (bound / norms))
 
 
+# Batched LU on CPU is not safe for large blocks: with torch 2.14.1 (MKL 2024.2) and more than one thread,
+# torch.linalg.solve / inv on a batch of ≥ ~160×160 matrices fails ("Pivots given to lu_solve must all be ≥ 1")
+# or, worse, returns wrong numbers (errors of 0.1 seen here); one matrix at a time is right. Large blocks cost
+# O(b³) each, so the per-block loop costs nothing measurable there.
+_CPU_BATCHED_SOLVE_MAX = 96
+
+
+def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a⁻¹·b over the last two axes, batched where that is safe."""
+    n = a.shape[-1]
+    if a.device.type != "cpu" or n <= _CPU_BATCHED_SOLVE_MAX or a.ndim == 2:
+        return torch.linalg.solve(a, b)
+    lead = a.shape[:-2]
+    a2, b2 = a.reshape(-1, n, n), b.expand(*lead, *b.shape[-2:]).reshape(-1, n, b.shape[-1])
+    return torch.stack([torch.linalg.solve(x, y) for x, y in zip(a2, b2)]).reshape(*lead, n, b.shape[-1])
+
+
 def cayley(q: torch.Tensor) -> torch.Tensor:
-    """R = (I + Q)(I − Q)⁻¹, by solving X(I − Q) = I + Q (no explicit inverse)."""
+    """R = (I + Q)(I − Q)⁻¹, computed as (I − Q)⁻¹(I + Q) by a linear solve (the factors commute; no inverse)."""
     eye = _eye_like(q)
-    return torch.linalg.solve(eye - q, eye + q, left=False)
+    return solve(eye - q, eye + q)
 
 
 def neumann(q: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
@@ -83,7 +100,7 @@ def _param(layer: OFTLayer, q: torch.Tensor) -> torch.Tensor:
 def generator_of(layer: OFTLayer, r: torch.Tensor) -> torch.Tensor:
     """Q with Cayley(Q) = R for a stored rotation R (inverse Cayley: Q = (R − I)(R + I)⁻¹)."""
     eye = _eye_like(r)
-    return torch.linalg.solve(r + eye, r - eye, left=False)
+    return solve(r + eye, r - eye)  # (R + I)⁻¹(R − I): the factors commute
 
 
 def rotation_blocks(

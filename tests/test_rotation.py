@@ -214,3 +214,18 @@ def test_bypass_equals_merge_conv2d(kind, dtype):
                                     padding=padding)
             assert bypass.shape == exact.shape and bypass.dtype == dtype
             assert _rel(bypass, exact) <= DTYPE_TOL[dtype], (kind, strength, stride)
+
+
+def test_cayley_is_right_for_large_blocks_with_threads():
+    """Guards the CPU batched-LU defect (torch 2.14.1 / MKL 2024.2, > 1 thread, blocks ≥ ~160): see rotation.solve."""
+    threads = torch.get_num_threads()
+    try:
+        torch.manual_seed(4)
+        q = skew(torch.randn(8, 192, 192) * 0.05)
+        eye = torch.eye(192, dtype=torch.float64)
+        torch.set_num_threads(1)
+        ref = torch.stack([torch.linalg.solve(eye - x, eye + x) for x in q.double()])
+        torch.set_num_threads(max(2, threads))
+        assert float((cayley(q).double() - ref).abs().max()) < 1e-5
+    finally:
+        torch.set_num_threads(threads)
