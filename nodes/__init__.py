@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import files
-from .oft_nodes import NODES
+from . import files, oft_nodes, op_nodes
+
+NODES = [*oft_nodes.NODES, *op_nodes.NODES]
 
 
 class OFTExtension(ComfyExtension):

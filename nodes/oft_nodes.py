@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 from ..oft_core import OFTError, match_adapter
 from ..oft_core.summary import describe, format_text
 from . import files
-from .patch import TE_COMPONENTS, UNET_PREFIX, apply_oft, model_kind, model_shapes
+from .patch import TE_COMPONENTS, UNET_PREFIX, apply_oft, block_strength_text, model_kind, model_shapes
 
 CATEGORY = "loaders/oft"
 OFTAdapterType = io.Custom("OFT_ADAPTER")
@@ -125,6 +125,9 @@ class OFTApply(io.ComfyNode):
 def inspect_text(adapter, model=None) -> str:
     """The adapter summary (oft_core.summary), plus how it matches `model` when one is given."""
     text = format_text(describe(adapter))
+    extra = block_strength_text(adapter)
+    if extra:
+        text += "\n" + extra[2:]
     if model is None:
         return text
     kind = model_kind(model)

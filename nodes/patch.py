@@ -10,6 +10,10 @@ both of its paths:
   cast to the layer's compute dtype (fp16 / bf16 stay fp16 / bf16).
 
 The rotation itself is `oft_core.rotate_weight` (fp32 math whatever the weight's dtype); this file holds no OFT math.
+
+Per-layer strengths (OFT Block Strength) travel with the adapter as `adapter.info[LAYER_STRENGTHS]`, a map
+{(component, name): multiplier}; `apply_oft` multiplies each layer's strength by it, so every matched weight still
+gets exactly one strength, applied once (layers at multiplier 0 were already dropped from the adapter).
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ from collections import Counter
 import comfy.weight_adapter
 import torch
 
-from ..oft_core import OFTAdapter, OFTError, build_key_map, match_adapter, rotate_weight
+from ..oft_core import OFTAdapter, OFTError, build_key_map, match_adapter, rotate_weight, rotation_blocks
 from ..oft_core.match import MatchReport
 
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "diffusion_model."
 TE_COMPONENTS = ("te", "te1", "te2")
+# adapter.info keys written by OFT Block Strength (nodes/op_nodes.py) and read here
+LAYER_STRENGTHS = "layer_strengths"  # {(component, name): multiplier} of the layers kept
+BLOCK_STRENGTH_TEXT = "block_strength"  # the spec(s) applied, for reports
+BLOCK_STRENGTH_OFF = "block_strength_off"  # how many layers the spec(s) switched off (dropped)
+_MAX_CACHED_ROTATIONS = 4  # per layer: a few strengths (e.g. a strength sweep) without growing without bound
 
 
 class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
@@ -46,6 +55,21 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
         self.source = source
         self.loaded_keys = {layer.key}
         self.weights = list(layer.generators)
+        # (strength, mode, device) -> rotation blocks. ComfyUI's low-VRAM path calls calculate_weight on every
+        # forward of an offloaded layer; the blocks (a batched linear solve) depend only on this key, so they are
+        # built once and the forward only does the block matmul.
+        self._rotations: dict[tuple, list[torch.Tensor]] = {}
+
+    def rotation(self, strength: float, device) -> list[torch.Tensor]:
+        """`rotation_blocks(layer, strength, mode)` on `device`, cached per (strength, mode, device)."""
+        key = (float(strength), self.mode, str(torch.device(device)))
+        blocks = self._rotations.get(key)
+        if blocks is None:
+            blocks = [b.to(device) for b in rotation_blocks(self.layer, float(strength), self.mode)]
+            while len(self._rotations) >= _MAX_CACHED_ROTATIONS:
+                self._rotations.pop(next(iter(self._rotations)), None)
+            self._rotations[key] = blocks
+        return blocks
 
     def calculate_weight(
         self,
@@ -64,7 +88,8 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
         if strength == 0:
             return weight
         w32 = weight.to(torch.float32)
-        rotated = rotate_weight(self.layer, w32, float(strength), self.mode, out_dtype=torch.float32)
+        rotated = rotate_weight(self.layer, w32, float(strength), self.mode, out_dtype=torch.float32,
+                                blocks=self.rotation(strength, w32.device))
         if function is not None:
             # ComfyUI's convention: `function` maps the change a patch makes (LoRA: function(diff)). It is the
             # identity unless a caller passed (key, offset, function); keep the exact rotated weight in that case.
@@ -134,12 +159,24 @@ def match_model(adapter: OFTAdapter, model, clip=None) -> tuple[MatchReport | No
     return unet_report, te_report
 
 
-def _patches(report: MatchReport, mode: str, source: str) -> dict:
-    patches = {}
+def layer_multiplier(adapter: OFTAdapter, layer) -> float:
+    """The per-layer strength multiplier an OFT Block Strength node attached to `adapter` (1 when none)."""
+    strengths = adapter.info.get(LAYER_STRENGTHS) or {}
+    return float(strengths.get((layer.component, layer.name), 1.0))
+
+
+def _add_patches(patcher, report: MatchReport, adapter: OFTAdapter, strength: float, mode: str) -> list:
+    """`add_patches` once per distinct effective strength (strength × the layer's multiplier): ComfyUI stores the
+    strength per patch entry, so each weight gets exactly its own strength, applied once by calculate_weight."""
+    groups: dict[float, dict] = {}
     for m in report.matched:
         key = m.target.key if m.target.offset is None else (m.target.key, tuple(m.target.offset))
-        patches[key] = OFTWeightAdapter(m.layer, mode, source)
-    return patches
+        effective = float(strength) * layer_multiplier(adapter, m.layer)
+        groups.setdefault(effective, {})[key] = OFTWeightAdapter(m.layer, mode, adapter.format)
+    accepted = []
+    for effective, patches in groups.items():
+        accepted += patcher.add_patches(patches, effective)
+    return accepted
 
 
 def report_text(adapter: OFTAdapter, unet_report, te_report, clip_given: bool, strength: float, mode: str) -> str:
@@ -154,7 +191,17 @@ def report_text(adapter: OFTAdapter, unet_report, te_report, clip_given: bool, s
         line += f"; not found in the model: {len(unmatched)} ({shown})"
     if te_count and not clip_given:
         line += f"; {te_count} text-encoder layers skipped: no CLIP connected"
-    return line
+    return line + block_strength_text(adapter)
+
+
+def block_strength_text(adapter: OFTAdapter) -> str:
+    """"; block strength SPEC (N layers off, M scaled)" when an OFT Block Strength node set per-layer strengths."""
+    spec = adapter.info.get(BLOCK_STRENGTH_TEXT)
+    if spec is None:
+        return ""
+    off = int(adapter.info.get(BLOCK_STRENGTH_OFF, 0))
+    scaled = sum(1 for v in (adapter.info.get(LAYER_STRENGTHS) or {}).values() if v != 1)
+    return f"; block strength {spec or '(empty)'}: {off} layers off, {scaled} scaled"
 
 
 def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "kohya"):
@@ -166,6 +213,12 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
     """
     if mode not in ("kohya", "orthogonal"):
         raise OFTError(f"strength mode: expected kohya or orthogonal, found {mode!r}", path=adapter.path)
+    if len(adapter) == 0 and adapter.info.get(BLOCK_STRENGTH_TEXT) is not None:
+        # every layer switched off by a block-strength spec: a valid request whose answer is the unchanged model
+        name = os.path.basename(adapter.path) or adapter.format
+        text = f"OFT {name}: no layer applied" + block_strength_text(adapter)
+        log.info("%s", text)
+        return model.clone(), clip, text
     unet_report, te_report = match_model(adapter, model, clip)
     applied = sum(len(r.matched) for r in (unet_report, te_report) if r is not None)
     if applied == 0:
@@ -182,12 +235,12 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
     text = report_text(adapter, unet_report, te_report, clip is not None, strength, mode)
     new_model = model.clone()
     if unet_report is not None and unet_report.matched:
-        accepted = new_model.add_patches(_patches(unet_report, mode, adapter.format), strength)
+        accepted = _add_patches(new_model, unet_report, adapter, strength, mode)
         _check_accepted(accepted, unet_report, adapter)
     new_clip = clip
     if te_report is not None and te_report.matched:
         new_clip = clip.clone()
-        accepted = new_clip.add_patches(_patches(te_report, mode, adapter.format), strength)
+        accepted = _add_patches(new_clip, te_report, adapter, strength, mode)
         _check_accepted(accepted, te_report, adapter)
     log.info("%s", text)
     return new_model, new_clip, text

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 
 import comfy_models
@@ -18,7 +19,8 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = sorted((comfy_models.REPO_ROOT / "workflows").glob("*.json"))
-OUR_NODES = {"OFTLoader", "OFTLoadAdapter", "OFTApply", "OFTInspect"}
+OUR_NODES = {"OFTLoader", "OFTLoadAdapter", "OFTApply", "OFTInspect", "OFTBlockStrength", "OFTBlend", "OFTMerge",
+             "OFTSave"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # file dropdowns: their options depend on the user's folders, so the test gives them files of these names
 FILE_INPUTS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name1": "text_encoders",
@@ -222,3 +224,133 @@ def test_flux_inspect_and_bake_runs_in_comfyui_executor(comfy_nodes, model_folde
     assert torch.equal(sd[untouched], snap["diffusion_model.double_blocks.0.img_mlp.0.weight"])
     now = base.model.state_dict()
     assert all(torch.equal(now[k], v) for k, v in snap.items())  # the shared model is back to its base weights
+
+
+def _execute(nodes, prompt, prompt_id):
+    """Validate with ComfyUI's validate_prompt, then run in a fresh PromptExecutor (no cache carried over)."""
+    import execution
+
+    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    assert ok, (error, node_errors)
+    server = _Server()
+    executor = execution.PromptExecutor(server, cache_type=False)
+    executor.execute(prompt, prompt_id, {}, outputs)
+    return executor, server
+
+
+def _node_id(wf, node_type):
+    return next(str(n["id"]) for n in wf["nodes"] if n["type"] == node_type)
+
+
+def test_merge_and_save_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
+    """oft_merge_and_save.json (both adapters are the fixture's FLUX adapter A here): the file OFT Save writes holds
+    A then A^0.7; run twice, it writes two files."""
+    import folder_paths
+    from comfyui_oft.oft_core import load_adapter, rotate_weight
+
+    nodes, _ = comfy_nodes
+    out_dir = tmp_path / "output"
+    out_dir.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "oft_merge_and_save.json").read_text())
+    prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
+    for run in range(2):
+        executor, _ = _execute(nodes, prompt, f"merge{run}")
+        assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+        text = executor.history_result["outputs"][_node_id(wf, "OFTSave")]["text"][0]
+        assert f"merged_oft_0000{run + 1}_.safetensors" in text and str(out_dir) in text
+        assert "layers:     8" in executor.history_result["outputs"][_node_id(wf, "OFTInspect")]["text"][0]
+    saved = sorted((out_dir / "oft").glob("merged_oft_*.safetensors"))
+    assert [p.name for p in saved] == ["merged_oft_00001_.safetensors", "merged_oft_00002_.safetensors"]
+    merged = load_adapter(saved[0])
+    a = load_adapter(comfy_models.FIXTURES / "kohya/flux_tiny_oft_attn_dim4.safetensors")
+    base = load_file(comfy_models.FIXTURES / comfy_models.FLUX_TINY_BASE)
+    for layer in merged:
+        w = base[re.sub(r"^double_blocks_(\d+)_(img|txt)_attn_(qkv|proj)$", r"double_blocks.\1.\2_attn.\3", layer.name)
+                 + ".weight"]
+        src = a.layers[("unet", layer.name)]
+        want = rotate_weight(src, rotate_weight(src, w, 1.0, "orthogonal"), 0.7, "orthogonal")
+        assert rel_err(rotate_weight(layer, w), want) <= 1e-5, layer.name
+
+
+def test_bake_into_checkpoint_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
+    """oft_bake_into_checkpoint.json on the tiny FLUX: core CheckpointSave writes sd-scripts' merged weights."""
+    import comfy.model_management
+    import comfy.sd
+    import folder_paths
+
+    nodes, _ = comfy_nodes
+    base = comfy_models.flux_tiny()
+    snap = {k: v.clone() for k, v in base.model.state_dict().items()}
+    ckpt = model_folders / "checkpoints" / "v1-5-pruned-emaonly.safetensors"
+
+    def load_checkpoint_guess_config(path, *args, **kwargs):
+        # ComfyUI's detection cannot recognise the tiny FLUX (see comfy_models); same classes, built by comfy_models
+        assert path == str(ckpt)
+        return base.clone(), None, None, None
+
+    monkeypatch.setattr(comfy.sd, "load_checkpoint_guess_config", load_checkpoint_guess_config)
+    out_dir = tmp_path / "output"
+    out_dir.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "oft_bake_into_checkpoint.json").read_text())
+    prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
+    try:
+        executor, _ = _execute(nodes, prompt, "bake_ckpt")
+        assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+        assert "8 of 8 adapter layers applied" in executor.history_result["outputs"][_node_id(wf, "OFTLoader")][
+            "text"][0]
+        (saved,) = (out_dir / "checkpoints").glob("sd15_oft_baked_*.safetensors")
+        sd = load_file(saved)
+    finally:
+        comfy.model_management.unload_all_models()
+    expected = load_file(comfy_models.FIXTURES / "kohya/flux_tiny_oft_attn_dim4_expected.safetensors")
+    merged = {k[len("merged_m1.0/"):]: v for k, v in expected.items() if k.startswith("merged_m1.0/")}
+    assert len(merged) == 8
+    for k, want in merged.items():
+        assert rel_err(sd["model.diffusion_model." + k], want) <= REL_TOL, k
+    untouched = "double_blocks.0.img_mlp.0.weight"
+    assert torch.equal(sd["model.diffusion_model." + untouched], snap["diffusion_model." + untouched])
+    now = base.model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in snap.items())
+
+
+def test_bad_block_spec_is_rejected_before_the_run(comfy_nodes, model_folders):
+    import execution
+
+    prompt = {
+        "1": {"class_type": "OFTLoadAdapter", "inputs": {"adapter_name": "my_oft_subject.safetensors"}},
+        "2": {"class_type": "OFTBlockStrength", "inputs": {"oft_adapter": ["1", 0], "block_spec": "double:3-1=0"}},
+        "3": {"class_type": "OFTSave", "inputs": {"oft_adapter": ["2", 0], "format": "kohya",
+                                                  "filename_prefix": "oft/x", "fractional_block_strength": "refuse"}},
+    }
+    ok, _error, _outputs, node_errors = asyncio.run(execution.validate_prompt("bad_spec", prompt, None))
+    assert not ok
+    details = [e["details"] for e in node_errors["2"]["errors"]]
+    assert any("block_spec" in d and "range 3-1 runs backwards" in d for d in details), details
+    prompt["2"]["inputs"]["block_spec"] = "double:1-3=0, single=0.5"
+    ok, error, _outputs, node_errors = asyncio.run(execution.validate_prompt("good_spec", prompt, None))
+    assert ok, (error, node_errors)
+
+
+def test_blend_refusal_surfaces_as_a_node_error(comfy_nodes, model_folders, monkeypatch, tmp_path):
+    import folder_paths
+
+    nodes, _ = comfy_nodes
+    shutil.copy(comfy_models.FIXTURES / "kohya/sd15_oft_attn_dim8_bf16.safetensors",
+                model_folders / "oft" / "sd15_for_blend.safetensors")
+    folder_paths.filename_list_cache.clear()
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    prompt = {
+        "1": {"class_type": "OFTLoadAdapter", "inputs": {"adapter_name": "my_oft_subject.safetensors"}},
+        "2": {"class_type": "OFTLoadAdapter", "inputs": {"adapter_name": "sd15_for_blend.safetensors"}},
+        "3": {"class_type": "OFTBlend", "inputs": {"adapter_a": ["1", 0], "adapter_b": ["2", 0], "ratio": 0.5}},
+        "4": {"class_type": "OFTSave", "inputs": {"oft_adapter": ["3", 0], "format": "kohya",
+                                                  "filename_prefix": "oft/x", "fractional_block_strength": "refuse"}},
+    }
+    executor, _ = _execute(nodes, prompt, "blend_error")
+    assert not executor.success
+    (err,) = [m[1] for m in executor.status_messages if m[0] == "execution_error"]  # what /history records
+    assert err["node_id"] == "3" and err["node_type"] == "OFTBlend"
+    assert "cannot blend: the adapters have different layers" in err["exception_message"]
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,291 @@
+"""Nodes that make a new adapter from others: OFTBlockStrength, OFTBlend, OFTMerge, and OFTSave (writes one).
+
+Schema and glue only: the operations are `oft_core.ops` / `oft_core.blocks` / `oft_core.writers`, the seam into a
+model is `patch.apply_oft`. Their refusals are `OFTError`s and reach the UI as node errors with their reason.
+Node IDs are permanent: workflows store them. Never rename one.
+
+Per-block strength is carried, not materialized: OFT Block Strength drops the layers it switches off (their weights
+stay bit for bit wherever the adapter goes) and attaches a per-layer multiplier map that `apply_oft` multiplies into
+each layer's strength. A multiplier cannot in general be folded into a file's generators: kohya strength
+R_s = I + s(R − I) is not the rotation of any generator. OFT Save therefore writes multipliers 0 and 1 exactly and,
+for other values, either refuses or (when asked) scales generators in the orthogonal sense, R(m·Q), which is exactly
+what `strength_mode` orthogonal gives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..oft_core import OFTAdapter, OFTError
+from ..oft_core.blocks import apply_block_strength, parse_block_spec
+from ..oft_core.ops import MERGE_MODES, blend, merge
+from ..oft_core.writers import FORMATS, format_family, write_adapter
+from .oft_nodes import OFTAdapterType
+from .patch import BLOCK_STRENGTH_OFF, BLOCK_STRENGTH_TEXT, LAYER_STRENGTHS, block_strength_text
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "loaders/oft/operations"
+MADE_FROM = "made_from"  # adapter.info key: a JSON-able tree of what an adapter was made from (for saved metadata)
+MERGE_SLOTS = 4
+FRACTIONAL_POLICIES = ["refuse", "orthogonal"]
+
+_ADAPTER_TOOLTIP = "An adapter from Load OFT Adapter (or another OFT operation node)."
+_SPEC_TOOLTIP = (
+    "Per-block multipliers, comma separated, the LAST matching item wins: 'default=1, input=0.5, middle=0, "
+    "output:3-5=0' (SD UNet blocks IN00–IN11, M00, OUT00–OUT11), 'double:0-9=0.8, single=0' (FLUX), 'te=0' "
+    "(text encoders), 'unet=…' (the whole UNet / transformer). A layer's strength becomes strength × multiplier; 0 "
+    "switches its layers off (their weights stay exactly as they are)."
+)
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+def made_from(adapter: OFTAdapter) -> dict:
+    """What `adapter` was made from: its file, or the operation tree recorded by these nodes (JSON-able)."""
+    tree = adapter.info.get(MADE_FROM)
+    if tree is not None:
+        return tree
+    return {"file": os.path.basename(adapter.path) if adapter.path else None, "format": adapter.format}
+
+
+def _with_info(adapter: OFTAdapter, **info) -> OFTAdapter:
+    """The same layers with extra `info` (adapters from the file cache are shared: never modify one in place)."""
+    merged = dict(adapter.info)
+    merged.update(info)
+    return OFTAdapter(dict(adapter.layers), adapter.format, adapter.path, dict(adapter.metadata), merged)
+
+
+def _refuse_block_strength(adapter: OFTAdapter, what: str) -> None:
+    """Blend and merge work on generators and would silently drop a per-layer strength map: refuse instead."""
+    strengths = adapter.info.get(LAYER_STRENGTHS) or {}
+    if adapter.info.get(BLOCK_STRENGTH_OFF) or any(v != 1 for v in strengths.values()):
+        raise OFTError(f"cannot {what} an adapter that carries per-block strengths "
+                       f"({adapter.info.get(BLOCK_STRENGTH_TEXT)!r}): {what} first, then connect OFT Block Strength",
+                       path=adapter.path or None)
+
+
+# ------------------------------------------------------------------------------------------------ block strength
+def with_block_strength(adapter: OFTAdapter, spec: str) -> OFTAdapter:
+    """`adapter` without the layers `spec` switches off and with its per-layer multipliers attached (multiplied into
+    any an earlier OFT Block Strength attached)."""
+    parsed = parse_block_spec(spec)
+    before = adapter.info.get(LAYER_STRENGTHS) or {}
+    kept, strengths = apply_block_strength(adapter, parsed, 1.0)
+    strengths = {k: float(before.get(k, 1.0)) * v for k, v in strengths.items()}
+    earlier = adapter.info.get(BLOCK_STRENGTH_TEXT)
+    text = parsed.text if earlier is None else f"{earlier} then {parsed.text}"
+    off = int(adapter.info.get(BLOCK_STRENGTH_OFF, 0)) + len(adapter) - len(kept)
+    tree = {"block_strength": parsed.text, "of": made_from(adapter)}
+    return _with_info(kept, **{LAYER_STRENGTHS: strengths, BLOCK_STRENGTH_TEXT: text, BLOCK_STRENGTH_OFF: off,
+                               MADE_FROM: tree})
+
+
+class OFTBlockStrength(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OFTBlockStrength",
+            display_name="OFT Block Strength",
+            category=CATEGORY,
+            description="Set a strength multiplier per block of the model (like LoRA block weights). The result "
+            "goes to Apply OFT (each layer gets strength × its multiplier) or to OFT Save.",
+            inputs=[
+                OFTAdapterType.Input("oft_adapter", tooltip=_ADAPTER_TOOLTIP),
+                io.String.Input("block_spec", default="default=1", multiline=False, tooltip=_SPEC_TOOLTIP),
+            ],
+            outputs=[OFTAdapterType.Output(display_name="oft_adapter",
+                                           tooltip="The adapter with its per-block strengths attached.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, block_spec) -> bool | str:
+        if block_spec is None:  # linked from another node: checked when the node runs
+            return True
+        try:
+            parse_block_spec(block_spec)
+        except OFTError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, oft_adapter, block_spec) -> io.NodeOutput:
+        out = with_block_strength(oft_adapter, block_spec)
+        text = f"{len(out)} of {len(oft_adapter)} layers kept" + block_strength_text(out)
+        return io.NodeOutput(out, ui=ui.PreviewText(text))
+
+
+# ------------------------------------------------------------------------------------------------ blend / merge
+class OFTBlend(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OFTBlend",
+            display_name="OFT Blend",
+            category=CATEGORY,
+            description="Interpolate two OFT adapters with the same layers and block layout: each layer's generator "
+            "is (1 − ratio)·A + ratio·B (constraints applied first), so every ratio gives a true rotation.",
+            inputs=[
+                OFTAdapterType.Input("adapter_a", tooltip="The adapter at ratio 0."),
+                OFTAdapterType.Input("adapter_b", tooltip="The adapter at ratio 1 (same layers and block sizes as A)."),
+                io.Float.Input("ratio", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="0 = adapter A exactly, 1 = adapter B exactly, in between: interpolated."),
+            ],
+            outputs=[OFTAdapterType.Output(display_name="oft_adapter", tooltip="The blended adapter.")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_a, adapter_b, ratio) -> io.NodeOutput:
+        for a in (adapter_a, adapter_b):
+            _refuse_block_strength(a, "blend")
+        out = blend(adapter_a, adapter_b, ratio)
+        out = _with_info(out, **{MADE_FROM: {"blend": {"ratio": float(ratio), "a": made_from(adapter_a),
+                                                        "b": made_from(adapter_b)}}})
+        return io.NodeOutput(out, ui=ui.PreviewText(f"blend of {len(out)} layers at ratio {ratio:g}"))
+
+
+def _merge_inputs():
+    inputs = [io.Combo.Input("mode", options=list(MERGE_MODES), default="compose",
+                             tooltip="compose: the rotations applied one after another (adapter 1 first); weight w "
+                             "means the rotation to the power w. Layers in only one adapter pass through. "
+                             "average: the weighted mean of the generators (every adapter must have the same "
+                             "layers and block layout).")]
+    for i in range(1, MERGE_SLOTS + 1):
+        inputs.append(OFTAdapterType.Input(f"adapter_{i}", optional=i > 1,
+                                           tooltip=_ADAPTER_TOOLTIP + (" Optional." if i > 1 else "")))
+        inputs.append(io.Float.Input(f"weight_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
+                                     tooltip=f"Weight of adapter {i} (ignored when it is not connected). compose: the "
+                                     "power of its rotation (0 = left out, −1 = its inverse); average: its share."))
+    return inputs
+
+
+class OFTMerge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OFTMerge",
+            display_name="OFT Merge",
+            category=CATEGORY,
+            description="Merge up to four OFT adapters into one, by composing their rotations or averaging them.",
+            inputs=_merge_inputs(),
+            outputs=[OFTAdapterType.Output(display_name="oft_adapter", tooltip="The merged adapter.")],
+        )
+
+    @classmethod
+    def execute(cls, mode, adapter_1, weight_1, weight_2=1.0, weight_3=1.0, weight_4=1.0, adapter_2=None,
+                adapter_3=None, adapter_4=None) -> io.NodeOutput:
+        slots = [(adapter_1, weight_1), (adapter_2, weight_2), (adapter_3, weight_3), (adapter_4, weight_4)]
+        items = [(a, float(w)) for a, w in slots if a is not None]
+        for a, _ in items:
+            _refuse_block_strength(a, "merge")
+        out = merge(items, mode)
+        out = _with_info(out, **{MADE_FROM: {"merge": {"mode": mode, "adapters": [
+            {"weight": w, "adapter": made_from(a)} for a, w in items]}}})
+        text = f"{mode} of {len(items)} adapters (weights {', '.join(f'{w:g}' for _, w in items)}): {len(out)} layers"
+        return io.NodeOutput(out, ui=ui.PreviewText(text))
+
+
+# ------------------------------------------------------------------------------------------------ save
+def materialize_block_strength(adapter: OFTAdapter, fractional: str) -> OFTAdapter:
+    """The adapter with its per-layer multipliers written into its layers, for a file (which has no such map).
+
+    Multiplier 1: the layer as it is. Other values (0 was already dropped): refused with `fractional` "refuse";
+    with "orthogonal", generators scaled R(m·Q) (constraint applied first), exact for strength_mode orthogonal.
+    """
+    strengths = adapter.info.get(LAYER_STRENGTHS) or {}
+    partial = {k: float(v) for k, v in strengths.items() if v != 1 and k in adapter.layers}
+    if not partial:
+        return adapter
+    if fractional != "orthogonal":
+        shown = ", ".join(f"{k[1]}={v:g}" for k, v in list(partial.items())[:4])
+        raise OFTError(
+            f"{len(partial)} layers have a block-strength multiplier other than 0 or 1 ({shown}"
+            f"{' …' if len(partial) > 4 else ''}); an OFT file has no per-layer strength, and kohya strength "
+            "I + s(R − I) is not a rotation, so no file holds it exactly. Set fractional_block_strength to "
+            "'orthogonal' to store R(m·Q) (exact for strength_mode orthogonal), use only 0 and 1, or bake the model "
+            "instead (Apply OFT → CheckpointSave)", path=adapter.path or None)
+    # Each layer in exactly one group: merge(compose) of disjoint layer sets scales every layer by its own weight
+    # in the orthogonal sense (ops._scaled) and touches nothing else.
+    groups: dict[float, dict] = {}
+    for k, layer in adapter.layers.items():
+        groups.setdefault(partial.get(k, 1.0), {})[k] = layer
+    parts = [(OFTAdapter(layers, adapter.format, adapter.path, dict(adapter.metadata), {}), m)
+             for m, layers in groups.items()]
+    scaled = merge(parts, "compose")
+    by_name = {(layer.component, layer.name): layer for layer in scaled}
+    layers = {k: by_name[(layer.component, layer.name)] for k, layer in adapter.layers.items()}
+    info = {k: v for k, v in adapter.info.items() if k != LAYER_STRENGTHS}
+    return OFTAdapter(layers, adapter.format, adapter.path, dict(adapter.metadata), info)
+
+
+def next_free_path(filename_prefix: str, suffix: str) -> str:
+    """`<output>/<subfolder>/<name>_<counter:05>_<suffix>` with ComfyUI's counter (one past the highest taken), then
+    moved on past any name that exists: never an existing file or directory."""
+    out_dir = folder_paths.get_output_directory()
+    folder, name, counter, _subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        path = os.path.join(folder, f"{name}_{counter:05}_{suffix}")
+        if not os.path.lexists(path):
+            return path
+        counter += 1
+
+
+class OFTSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="OFTSave",
+            display_name="OFT Save",
+            category=CATEGORY,
+            description="Write an OFT adapter under ComfyUI's output folder as a kohya, LyCORIS or PEFT file (PEFT: a "
+            "folder with adapter_model.safetensors and adapter_config.json). Never overwrites: a counter is added. "
+            "Refuses, with the reason, a layer the chosen format cannot hold exactly.",
+            inputs=[
+                OFTAdapterType.Input("oft_adapter", tooltip="The adapter to write (e.g. from OFT Merge or OFT Blend)."),
+                io.Combo.Input("format", options=list(FORMATS), default="kohya",
+                               tooltip="kohya: sd-scripts networks.oft / oft_flux (UNet only). lycoris: LyCORIS "
+                               "diag-oft / BOFT. peft: a PEFT adapter folder (needs dotted module names)."),
+                io.String.Input("filename_prefix", default="oft/ComfyUI_oft",
+                                tooltip="Path under the output folder; _00001_ etc. is appended, never overwriting."),
+                io.Combo.Input("fractional_block_strength", options=FRACTIONAL_POLICIES, default="refuse",
+                               tooltip="Only for adapters from OFT Block Strength with multipliers other than 0 and "
+                               "1. refuse: stop with an error (a file has no per-layer strength). orthogonal: write "
+                               "each such layer's rotation to the power m, R(m·Q); this equals the adapter with "
+                               "strength_mode orthogonal, not kohya."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, oft_adapter, format, filename_prefix, fractional_block_strength) -> io.NodeOutput:
+        adapter = materialize_block_strength(oft_adapter, fractional_block_strength)
+        if len(adapter) == 0:
+            raise OFTError(f"nothing to save: the adapter has no layer left (block strength "
+                           f"{oft_adapter.info.get(BLOCK_STRENGTH_TEXT)!r} switched every layer off)",
+                           path=oft_adapter.path or None)
+        try:
+            source_family = format_family(oft_adapter.format)
+        except OFTError:
+            source_family = oft_adapter.format
+        metadata = {
+            "comfyui_oft.saved_by": "OFTSave",
+            "comfyui_oft.made_from": json.dumps({"source_format": oft_adapter.format, "source_family": source_family,
+                                                 "saved_as": format, "made_from": made_from(oft_adapter),
+                                                 "block_strength": oft_adapter.info.get(BLOCK_STRENGTH_TEXT),
+                                                 "fractional_block_strength": fractional_block_strength
+                                                 if adapter is not oft_adapter else None}),
+        }
+        path = next_free_path(filename_prefix, "" if format == "peft" else ".safetensors")
+        written = write_adapter(adapter, path, format, overwrite=False, metadata=metadata)
+        text = f"saved {format} adapter ({len(adapter)} layers): {written}"
+        log.info("OFT: %s", text)
+        return io.NodeOutput(ui=ui.PreviewText(text))
+
+
+NODES = [OFTBlockStrength, OFTBlend, OFTMerge, OFTSave]
