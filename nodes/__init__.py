@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import files, oft_nodes, op_nodes
+from . import files, oft_nodes, op_nodes, train_node
 
-NODES = [*oft_nodes.NODES, *op_nodes.NODES]
+NODES = [*oft_nodes.NODES, *op_nodes.NODES, *train_node.NODES]
 
 
 class OFTExtension(ComfyExtension):

@@ -1,0 +1,605 @@
+"""Input-centric (activation-side) OFT training, pure torch (never imports ComfyUI).
+
+Following OFTv2 (Qiu et al. 2025, "Orthogonal Finetuning Made Scalable"): the rotation is applied to the layer's
+activations, never to a materialised copy of its weight, so a training step costs one extra block-diagonal product
+per adapted layer instead of a rotated weight (O(d²·b) → O(tokens·d·b)) and no weight-sized tensor is kept for backward.
+
+The math is not re-defined here. Each adapted layer is an `OFTLayer` built by `spec.make_layer` in kohya
+`networks.oft` convention (side "out", R = Cayley(Q) or a Cayley–Neumann series, Rᵀ applied per block, constraint
+‖Q‖_F ≤ alpha·split), and every forward calls `rotation.rotation_blocks(layer, generators=<live Q>)` once and
+`rotation.bypass_forward(..., blocks=...)`. The trained adapter is therefore exactly what `rotate_weight` merges.
+
+Parameters: one fp32 tensor per split holding the strict upper triangle of each block (packed, as PEFT stores it);
+Q = U − Uᵀ. Zero at step 0, so the adapted model starts as the base model bit for bit (`bypass_forward` with
+identity blocks is a product with I: exact in fp32 — and the forward is not patched at all before `attach`).
+
+Base weights are never written: the patched forward reads them (through `weight_fn`, so a host such as ComfyUI can
+cast / offload them), the context manager `OFTTrainer.attach()` restores every patched `forward` on exit, exceptions
+included.
+
+Public API:
+
+- `select_targets(root, preset, family=None)` -> [(path, module)]: presets per model family (`PRESETS`).
+- `OFTTrainer(targets, num_blocks=… | block_size=…, alpha=…, neumann_terms=0)`; `.parameters()`, `.attach()`,
+  `.to_adapter(metadata)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits).
+- `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.
+- `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback.
+- `python -m oft_core.train`: a toy demo (no ComfyUI) that trains a tiny attention model and writes a kohya file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import OFTError, mismatch
+from .rotation import bypass_forward, cayley, generator_of, rotate_features, rotation_blocks, skew
+from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coefficients
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("sd", "flux", "generic")
+PRESETS = {
+    "sd": ("attention", "all-linear", "all-linear+conv"),
+    "flux": ("attention", "all-linear"),
+    "generic": ("attention", "all-linear", "all-linear+conv"),
+}
+OPTIMIZERS = ("AdamW", "Adam", "SGD")
+KOHYA_PREFIX = "oft_unet_"
+
+# Module classes that hold a UNet's transformer layers (kohya "Transformer2DModel"), its attention (kohya
+# "CrossAttention") and its convolution blocks (kohya ResnetBlock2D / Downsample2D / Upsample2D), in ComfyUI LDM,
+# diffusers and sd-scripts spelling.
+_TRANSFORMER_CLASSES = ("SpatialTransformer", "SpatialVideoTransformer", "Transformer2DModel")
+_ATTENTION_CLASSES = ("CrossAttention", "Attention", "MemoryEfficientCrossAttention", "SelfAttention")
+_CONV_BLOCK_CLASSES = ("ResBlock", "Downsample", "Upsample", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+_FLUX_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.\d+\.")
+_FLUX_ATTENTION = re.compile(r"^(double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\.linear[12])$")
+_FLUX_QKV = re.compile(r"^double_blocks\.\d+\.(img|txt)_attn\.qkv$")
+_FLUX_LINEAR1 = re.compile(r"^single_blocks\.\d+\.linear1$")
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def detect_family(root: nn.Module) -> str:
+    """"flux" (BFL double/single blocks), "sd" (a UNet: LDM or diffusers names) or "generic"."""
+    names = [n for n, _ in root.named_modules()]
+    if any(_FLUX_BLOCK.match(n + ".") for n in names):
+        return "flux"
+    if any(n.startswith(("input_blocks", "down_blocks", "middle_block", "mid_block")) for n in names):
+        return "sd"
+    return "generic"
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear)
+
+
+def _is_conv(m: nn.Module, kernel_1x1: bool | None = None) -> bool:
+    if not isinstance(m, nn.Conv2d):
+        return False
+    if kernel_1x1 is None:
+        return True
+    return (tuple(m.kernel_size) == (1, 1)) == kernel_1x1
+
+
+def select_targets(root: nn.Module, preset: str, family: str | None = None) -> list[tuple[str, nn.Module]]:
+    """The (path, module) pairs a preset adapts, in module order; paths are relative to `root`.
+
+    - sd: attention = Linear layers of attention modules (to_q/k/v/out; kohya "CrossAttention");
+      all-linear = Linear and 1×1 Conv2d of transformer modules (kohya "Transformer2DModel");
+      all-linear+conv = also every Conv2d of ResBlock / Downsample / Upsample.
+    - flux: attention = double-block img/txt_attn.qkv and .proj, single-block linear1 (q|k|v|mlp) and linear2;
+      all-linear = every Linear of double/single blocks except the modulation (adaLN) layers.
+    - generic: attention = Linear under a module whose class name contains "Attention"; all-linear = every Linear;
+      all-linear+conv = also every Conv2d.
+    """
+    family = family or detect_family(root)
+    if family not in PRESETS:
+        raise OFTError(mismatch("model family", " | ".join(PRESETS), repr(family)))
+    if preset not in PRESETS[family]:
+        raise OFTError(mismatch(f"target preset for a {family} model", " | ".join(PRESETS[family]), repr(preset)))
+    out: list[tuple[str, nn.Module]] = []
+
+    def walk(module: nn.Module, path: str, ancestors: tuple[str, ...]):
+        for child_name, child in module.named_children():
+            child_path = f"{path}.{child_name}" if path else child_name
+            if _selected(family, preset, child_path, child, ancestors):
+                out.append((child_path, child))
+            walk(child, child_path, ancestors + (type(child).__name__,))
+
+    walk(root, "", ())
+    if not out:
+        raise OFTError(f"target preset {preset!r} selects no Linear/Conv2d layer in this {family} model "
+                       f"({type(root).__name__})")
+    return out
+
+
+def _selected(family: str, preset: str, path: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
+    if family == "flux":
+        if not _is_linear(m) or not _FLUX_BLOCK.match(path):
+            return False
+        if preset == "attention":
+            return bool(_FLUX_ATTENTION.match(path))
+        return ".mod." not in path and "_mod." not in path and ".modulation." not in path
+    if family == "sd":
+        in_attn = any(a in _ATTENTION_CLASSES for a in ancestors)
+        in_tf = any(a in _TRANSFORMER_CLASSES for a in ancestors)
+        in_conv_block = any(a in _CONV_BLOCK_CLASSES for a in ancestors)
+        if preset == "attention":
+            return in_attn and _is_linear(m)
+        if in_tf and (_is_linear(m) or _is_conv(m, kernel_1x1=True)):
+            return True
+        return preset == "all-linear+conv" and in_conv_block and _is_conv(m)
+    # generic
+    if preset == "attention":
+        return _is_linear(m) and any("Attention" in a for a in ancestors)
+    return _is_linear(m) or (preset == "all-linear+conv" and _is_conv(m))
+
+
+def split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
+    """Output splits of a layer: FLUX fused q|k|v (3 equal) and single-block linear1 (q|k|v|mlp), else one split.
+
+    sd-scripts `networks/oft_flux.py` rotates each split separately (a rotation must not mix q with k).
+    """
+    out = int(module.weight.shape[0])
+    if _FLUX_QKV.match(path) and out % 3 == 0:
+        return (out // 3,) * 3
+    if _FLUX_LINEAR1.match(path):
+        hidden = int(module.weight.shape[1])
+        if out > 3 * hidden:
+            return (hidden, hidden, hidden, out - 3 * hidden)
+    return (out,)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+@dataclass(eq=False)
+class TrainedLayer:
+    path: str  # module path relative to the trainer's root (kohya name = prefix + path with "_")
+    module: nn.Module
+    layer: OFTLayer  # the validated description (zero generators; the live ones are `params`)
+    params: list[nn.Parameter]  # per split: (num_blocks, b(b−1)/2) packed strict upper triangles, fp32
+
+    def generators(self) -> list[torch.Tensor]:
+        """The live skew generators Q = U − Uᵀ per split (with gradients)."""
+        out = []
+        for p, b in zip(self.params, self.layer.block_sizes):
+            rows, cols = torch.triu_indices(b, b, 1, device=p.device)
+            u = p.new_zeros(p.shape[0], b, b)
+            u = u.index_put((torch.arange(p.shape[0], device=p.device)[:, None], rows, cols), p)
+            out.append(skew(u))
+        return out
+
+
+def _default_weight_fn(module: nn.Module, x: torch.Tensor):
+    w, b = module.weight, module.bias
+    if torch.is_autocast_enabled(x.device.type) or w.dtype == x.dtype:
+        return w, b
+    return w.to(x.dtype), None if b is None else b.to(x.dtype)
+
+
+class OFTTrainer:
+    """Trainable kohya-convention OFT generators for `targets` [(path, Linear | Conv2d)], applied on activations.
+
+    Exactly one of `num_blocks` (blocks per split, kohya's "dim") or `block_size` is given; every split of every
+    layer must be divisible, else `OFTError` naming the layer. `alpha` is kohya's constraint ‖Q‖_F ≤ alpha·split
+    (0 = unconstrained). `neumann_terms` > 0 trains with the Cayley–Neumann series of that many terms (OFTv2; no
+    linear solve) instead of the exact Cayley transform.
+    `weight_fn(module, x) -> (weight, bias)` returns the base weight to use (default: the module's own, cast to x's
+    dtype outside autocast); a host may cast / un-offload there. It must not write the weight.
+    """
+
+    def __init__(self, targets: Sequence[tuple[str, nn.Module]], *, num_blocks: int | None = None,
+                 block_size: int | None = None, alpha: float = 1e-3, neumann_terms: int = 0,
+                 weight_fn: Callable | None = None, device: torch.device | str | None = None):
+        if (num_blocks is None) == (block_size is None):
+            raise OFTError("give exactly one of num_blocks or block_size")
+        if num_blocks is not None and num_blocks < 1:
+            raise OFTError(mismatch("num_blocks", "≥ 1", num_blocks))
+        if block_size is not None and block_size < 2:
+            raise OFTError(mismatch("block_size", "≥ 2 (a 1×1 skew block is always zero)", block_size))
+        if not math.isfinite(alpha) or alpha < 0:
+            raise OFTError(mismatch("constraint alpha", "a finite number ≥ 0 (0 = no constraint)", alpha))
+        if neumann_terms < 0:
+            raise OFTError(mismatch("Cayley–Neumann terms", "0 (exact Cayley) or ≥ 2", neumann_terms))
+        if not targets:
+            raise OFTError("no target layers to train")
+        # kohya files store alpha in fp32: train with exactly the value that will be saved
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.alpha = float(torch.tensor(float(alpha), dtype=torch.float32))
+        self.neumann_terms = int(neumann_terms)
+        self.weight_fn = weight_fn or _default_weight_fn
+        self.layers: list[TrainedLayer] = []
+        problems = []
+        for path, module in targets:
+            try:
+                self.layers.append(self._make(path, module, device))
+            except OFTError as e:
+                problems.append(str(e))
+        if problems:
+            more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
+            raise OFTError("; ".join(problems[:3]) + more)
+        self._attached = False
+
+    def _make(self, path: str, module: nn.Module, device) -> TrainedLayer:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise OFTError(f"{type(module).__name__} is not a Linear or Conv2d", layer=path)
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise OFTError(mismatch("Conv2d groups", 1, module.groups), layer=path)
+        splits = split_sizes(path, module)
+        counts = []
+        for s in splits:
+            if self.num_blocks is not None:
+                if s % self.num_blocks:
+                    what = "output features" if len(splits) == 1 else f"split widths {splits}"
+                    raise OFTError(mismatch(f"num_blocks dividing the {what}", f"a divisor of {s}",
+                                            self.num_blocks), layer=path)
+                counts.append(self.num_blocks)
+            else:
+                if s % self.block_size:
+                    raise OFTError(mismatch(f"block_size dividing the output width {s}", f"a divisor of {s}",
+                                            self.block_size), layer=path)
+                counts.append(s // self.block_size)
+        if len(set(counts)) > 1:
+            raise OFTError(f"block_size {self.block_size} gives split block counts {counts} for splits {splits}; "
+                           "kohya oft_flux stores one block count for every split of a fused layer: use num_blocks",
+                           layer=path)
+        sizes = [s // n for s, n in zip(splits, counts)]
+        if min(sizes) < 2:
+            raise OFTError(mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
+        param = "neumann" if self.neumann_terms else "cayley"
+        coeffs = neumann_coefficients(self.neumann_terms, last_term_halved=True) if self.neumann_terms else ()
+        constraint = Constraint("norm_clamp", self.alpha) if self.alpha > 0 else Constraint()
+        layer = make_layer(path="", name=path, side="out", generators=[torch.zeros(n, b, b) for n, b in
+                                                                       zip(counts, sizes)],
+                           transpose=True, parameterization=param, neumann_coeffs=coeffs, constraint=constraint,
+                           source="kohya_flux" if len(splits) > 1 else "kohya",
+                           key=KOHYA_PREFIX + path.replace(".", "_"))
+        dev = device if device is not None else module.weight.device
+        with torch.inference_mode(False):  # hosts (ComfyUI) run nodes under inference mode: params must be normal
+            params = [nn.Parameter(torch.zeros(n, b * (b - 1) // 2, dtype=torch.float32, device=dev))
+                      for n, b in zip(counts, sizes)]
+        return TrainedLayer(path, module, layer, params)
+
+    # -------------------------------------------------------------------------------------------- parameters
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for tl in self.layers for p in tl.params]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{tl.layer.key}.{i}": p.detach().clone() for tl in self.layers for i, p in enumerate(tl.params)}
+
+    # -------------------------------------------------------------------------------------------- forward patch
+    def blocks(self, tl: TrainedLayer) -> list[torch.Tensor]:
+        """M's blocks for layer `tl` from the live parameters (fp32, with gradients), through the one definition."""
+        dev = tl.params[0].device.type
+        with torch.autocast(dev, enabled=False):  # the Cayley solve / series stays fp32 under mixed precision
+            return rotation_blocks(tl.layer, generators=tl.generators())
+
+    def _forward_of(self, tl: TrainedLayer):
+        module, weight_fn = tl.module, self.weight_fn
+        conv = isinstance(module, nn.Conv2d)
+
+        def forward(x, *args, **kwargs):
+            if args or kwargs:
+                raise TypeError(f"{tl.path}: OFT training forward takes one input, got extra arguments")
+            weight, bias = weight_fn(module, x)
+            blocks = self.blocks(tl)  # built once per forward of this layer
+            if conv and module.padding_mode != "zeros":
+                x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+                padding = 0
+            elif conv:
+                padding = module.padding
+            if bias is None:
+                if not conv:
+                    return bypass_forward(tl.layer, x, weight, None, blocks=blocks)
+                return bypass_forward(tl.layer, x, weight, None, stride=module.stride, padding=padding,
+                                      dilation=module.dilation, groups=module.groups, blocks=blocks)
+            # With a bias, the base layer adds it inside the GEMM / conv kernel (addmm, conv bias), so the bypass
+            # M·(Wx) + b differs from the base output in the last bit even at M = I (measured: Linear 256→64,
+            # every biased Conv2d). The delta form y + (M − I)(y − b) = M·Wx + b, with y the base layer's own
+            # output, keeps step 0 bit-exact at the same cost (one GEMM / conv) and the same rotation code.
+            if conv:
+                y = F.conv2d(x, weight, bias, module.stride, padding, module.dilation, module.groups)
+                z = y - bias.reshape(-1, 1, 1).to(y.dtype)
+                return y + (rotate_features(tl.layer, z, dim=1, blocks=blocks) - z)
+            y = F.linear(x, weight, bias)
+            z = y - bias.to(y.dtype)
+            return y + (rotate_features(tl.layer, z, blocks=blocks) - z)
+
+        return forward
+
+    @contextlib.contextmanager
+    def attach(self):
+        """Patch every target module's forward for the duration of the block; restored exactly on exit."""
+        if self._attached:
+            raise OFTError("this OFT trainer is already attached")
+        saved = []
+        try:
+            for tl in self.layers:
+                had = "forward" in tl.module.__dict__
+                saved.append((tl.module, had, tl.module.__dict__.get("forward")))
+                tl.module.forward = self._forward_of(tl)
+            self._attached = True
+            yield self
+        finally:
+            for module, had, old in reversed(saved):
+                if had:
+                    module.forward = old
+                else:
+                    del module.forward
+            self._attached = False
+
+    # -------------------------------------------------------------------------------------------- export
+    def effective_generators(self, tl: TrainedLayer) -> list[torch.Tensor]:
+        """Detached Q per split as the adapter stores it (before the constraint, which the layer keeps)."""
+        with torch.no_grad():
+            return [q.detach().float().cpu().clone() for q in tl.generators()]
+
+    def to_adapter(self, metadata: dict | None = None) -> OFTAdapter:
+        """The trained adapter as an `OFTAdapter` in kohya convention (writable with `writers.write_adapter(...,
+        "kohya")`: `networks.oft_flux` when any layer has splits, else `networks.oft`).
+
+        Cayley–Neumann training: kohya stores Cayley generators only, so each block's trained matrix N is exported as
+        Cayley(Q') with Q' the skew part of the inverse Cayley of N (exact when N is orthogonal; the truncation error
+        of the series is the difference, reported in `info["neumann_export_error"]`).
+        """
+        layers = {}
+        worst = 0.0
+        for tl in self.layers:
+            gens = self.effective_generators(tl)
+            layer = tl.layer
+            if layer.parameterization == "neumann":
+                with torch.no_grad():
+                    trained = [b.cpu() for b in rotation_blocks(layer, generators=gens)]  # (Rᵀ per block)
+                    new = []
+                    for i, r in enumerate(trained):
+                        q = skew(generator_of(layer, r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
+                        new.append(q)
+                        worst = max(worst, float((cayley(q).transpose(-1, -2) - r).abs().max()))
+                    gens = new
+                layer = layer.with_(parameterization="cayley", neumann_coeffs=(), constraint=Constraint())
+            layers[("unet", tl.path)] = make_layer(
+                path="", name=tl.path, side="out", generators=gens, transpose=True,
+                constraint=layer.constraint, source=layer.source, key=layer.key)
+        flux = any(len(layer.generators) > 1 for layer in layers.values())
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        info = {"alpha": [self.alpha], "trained": True}
+        if self.neumann_terms:
+            info["neumann_export_error"] = worst
+        return OFTAdapter(layers, "kohya_flux" if flux else "kohya", "", meta, info)
+
+
+# ------------------------------------------------------------------------------------------------ checkpointing
+def checkpoint_blocks(root: nn.Module) -> list[nn.Module]:
+    """The modules worth checkpointing: every element of every ModuleList directly under `root` (UNet
+    input/output blocks, FLUX double/single blocks), falling back to `root`'s children."""
+    blocks = [m for child in root.children() if isinstance(child, nn.ModuleList) for m in child]
+    return blocks or [m for m in root.children() if any(True for _ in m.parameters())]
+
+
+def _cloning(fn):
+    """`fn` on copies of its floating-point tensor arguments.
+
+    The checkpoint keeps a block's inputs for the recomputation; blocks that update an input in place (ComfyUI's
+    FLUX: `txt += …` in double blocks, `x += …` in single blocks) would then invalidate it ("modified by an inplace
+    operation"). Copying inside the checkpointed function leaves the saved inputs untouched, at the cost of one copy
+    of each block input — the tensors checkpointing keeps anyway.
+    """
+
+    def copy(v):
+        return v.clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    def run(*args, **kwargs):
+        return fn(*[copy(a) for a in args], **{k: copy(v) for k, v in kwargs.items()})
+
+    return run
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(modules: Iterable[nn.Module]):
+    """Run each module's forward under `torch.utils.checkpoint` (non-reentrant, kwargs allowed); restored on exit."""
+    saved = []
+    try:
+        for m in modules:
+            had = "forward" in m.__dict__
+            orig = m.forward
+            saved.append((m, had, m.__dict__.get("forward")))
+
+            def fwd(*args, __orig=orig, **kwargs):
+                return torch.utils.checkpoint.checkpoint(_cloning(__orig), *args, use_reentrant=False, **kwargs)
+
+            m.forward = fwd
+        yield
+    finally:
+        for m, had, old in reversed(saved):
+            if had:
+                m.forward = old
+            else:
+                del m.forward
+
+
+@contextlib.contextmanager
+def inplace_safe(modules: Iterable[nn.Module]):
+    """Make blocks that update their inputs in place trainable without checkpointing; restored on exit.
+
+    ComfyUI's FLUX blocks normalise their input and then add to it in place (`x += …` after `pre_norm(x)`,
+    `txt += …` after `txt_norm2(txt)`), so autograd finds a saved tensor modified ("modified by an inplace
+    operation") as soon as gradients flow through a block input — core's trainer fails there without checkpointing.
+    Each block here runs on copies of its floating-point inputs, and a saved-tensor hook copies only the tensors
+    that live in those inputs' storage when autograd saves them: a few block-input-sized copies per block.
+    """
+    saved = []
+    try:
+        for m in modules:
+            had = "forward" in m.__dict__
+            orig = m.forward
+            saved.append((m, had, m.__dict__.get("forward")))
+
+            def fwd(*args, __orig=orig, **kwargs):
+                def copy(v):
+                    return v.clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+                args = [copy(a) for a in args]
+                kwargs = {k: copy(v) for k, v in kwargs.items()}
+                owned = {v.untyped_storage().data_ptr() for v in list(args) + list(kwargs.values())
+                         if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+                def pack(t):
+                    return t.clone() if t.untyped_storage().data_ptr() in owned else t
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    return __orig(*args, **kwargs)
+
+            m.forward = fwd
+        yield
+    finally:
+        for m, had, old in reversed(saved):
+            if had:
+                m.forward = old
+            else:
+                del m.forward
+
+
+# ------------------------------------------------------------------------------------------------ loop
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW (default weight decay 0: decaying Q pulls the rotation to identity), Adam or SGD."""
+    if not (lr > 0 and math.isfinite(lr)):
+        raise OFTError(mismatch("learning rate", "a finite number > 0", lr))
+    params = list(params)
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr)
+    raise OFTError(mismatch("optimizer", " | ".join(OPTIMIZERS), repr(name)))
+
+
+def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, int], torch.Tensor], *, steps: int,
+                 lr: float, grad_accum: int = 1, optimizer: str = "AdamW",
+                 on_step: Callable[[int, float], None] | None = None,
+                 before_step: Callable[[int], None] | None = None) -> list[float]:
+    """`steps` optimizer steps; each accumulates `grad_accum` micro-batches `compute_loss(step, micro)` (a scalar).
+
+    Returns the mean loss of every step. `before_step(step)` runs first in each step (cancel checks: raise there),
+    `on_step(step, loss)` after the update (progress). Deterministic given deterministic `compute_loss`.
+    """
+    if steps < 1:
+        raise OFTError(mismatch("steps", "≥ 1", steps))
+    if grad_accum < 1:
+        raise OFTError(mismatch("gradient accumulation", "≥ 1", grad_accum))
+    params = list(params)
+    opt = make_optimizer(optimizer, params, lr)
+    losses = []
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(grad_accum):
+            loss = compute_loss(step, micro)
+            if not torch.isfinite(loss):
+                raise OFTError(f"the loss became {float(loss)} at step {step + 1}: lower the learning rate or use "
+                               "fp32 / bf16 training")
+            (loss / grad_accum).backward()
+            total += float(loss.detach())
+        opt.step()
+        losses.append(total / grad_accum)
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
+
+
+def training_metadata(*, steps: int, lr: float, optimizer: str, seed: int, batch_size: int, grad_accum: int,
+                      num_images: int | None = None, dtype: str = "fp32", extra: dict | None = None) -> dict[str, str]:
+    """kohya-style `ss_*` metadata of a training run (the writer adds ss_network_module / dim / alpha)."""
+    meta = {
+        "ss_steps": str(steps), "ss_max_train_steps": str(steps), "ss_learning_rate": repr(float(lr)),
+        "ss_unet_lr": repr(float(lr)), "ss_optimizer": optimizer, "ss_seed": str(seed),
+        "ss_batch_size_per_device": str(batch_size), "ss_gradient_accumulation_steps": str(grad_accum),
+        "ss_mixed_precision": dtype, "ss_training_comment": "comfyui-oft OFTTrainer (input-centric OFT, OFTv2)",
+    }
+    if num_images is not None:
+        meta["ss_num_train_images"] = str(num_images)
+    meta.update({str(k): str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------ toy demo
+class ToyAttention(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        a = F.scaled_dot_product_attention(self.to_q(x), self.to_k(x), self.to_v(x))
+        return x + self.to_out(a)
+
+
+class ToyModel(nn.Module):
+    """A tiny attention + conv model for tests and the demo (generic family)."""
+
+    def __init__(self, dim: int = 16, channels: int = 8, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
+        self.proj = nn.Linear(channels, dim)
+        self.attn = ToyAttention(dim)
+        self.head = nn.Linear(dim, 8)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, img):
+        h = self.conv_in(img)  # (B, C, H, W)
+        t = self.proj(h.flatten(2).transpose(1, 2))
+        return self.head(self.attn(t))
+
+
+def _demo(argv=None) -> int:
+    import argparse
+
+    from .writers import write_adapter
+
+    ap = argparse.ArgumentParser(prog="python -m oft_core.train", description="Train OFT on a toy model (demo).")
+    ap.add_argument("out", help="output .safetensors (kohya networks.oft)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--num-blocks", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(args.seed)
+    model = ToyModel(seed=args.seed).requires_grad_(False)
+    teacher = ToyModel(seed=args.seed + 1)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(8, 3, 4, 4, generator=g)
+    with torch.no_grad():
+        target = teacher(x)
+    trainer = OFTTrainer(select_targets(model, "all-linear+conv", "generic"), num_blocks=args.num_blocks,
+                         alpha=args.alpha)
+    with trainer.attach():
+        losses = run_training(trainer.parameters(), lambda s, m: F.mse_loss(model(x), target), steps=args.steps,
+                              lr=args.lr, on_step=lambda s, v: log.info("step %d loss %.5f", s + 1, v))
+    meta = training_metadata(steps=args.steps, lr=args.lr, optimizer="AdamW", seed=args.seed, batch_size=8,
+                             grad_accum=1)
+    out = write_adapter(trainer.to_adapter(meta), args.out, "kohya", overwrite=args.overwrite)
+    log.info("loss %.5f -> %.5f; wrote %s", losses[0], losses[-1], out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_demo())
