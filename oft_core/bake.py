@@ -3,8 +3,14 @@
 Everything is checked before the first byte is written: every adapter is read and matched, and a layer that does not
 fit its weight, or (unless allowed) a layer with no weight in the base, stops the bake with the match report. The
 output is written to a temporary file beside the target and renamed into place, so a failed or interrupted bake
-leaves nothing behind and never touches an existing file (unless `overwrite`). Every tensor keeps its dtype and shape;
-untouched tensors are copied byte for byte; the base's metadata is kept (plus a record of what was baked).
+leaves nothing behind and never touches an existing file (unless `overwrite`). Every tensor keeps its dtype and shape
+(fp32 / fp16 / bf16 / fp8: computed in fp32, written back in the tensor's own dtype); untouched tensors are copied
+byte for byte; the base's metadata is kept (plus a record of what was baked).
+
+Memory: the base is read with plain file reads (no memory map), one tensor at a time, so at any moment the process
+holds one base tensor, its fp32 working copy (the same tensor for fp32 bases) and one layer's rotation output,
+whatever the model size; tests/test_bake_ops.py measures the peak. A layer whose effective strength is 0 (strength 0,
+or a per-block spec `--blocks` that switches its block off) is not touched: its weight stays bit for bit.
 """
 
 from __future__ import annotations
@@ -12,22 +18,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from .blocks import BlockSpec, effective_strengths, parse_block_spec
 from .errors import OFTError
 from .formats import load_adapter
 from .match import MatchReport, match_adapter
 from .names import build_key_map
-from .rotation import StrengthMode, rotate_weight
-from .safetensors_io import DTYPES, read_header
+from .rotation import STRENGTH_MODES, StrengthMode, rotate_weight
+from .safetensors_io import DTYPES, TensorInfo, read_header
 from .spec import OFTAdapter
 
 log = logging.getLogger(__name__)
 _COPY_CHUNK = 16 * 1024 * 1024
+# A bake is "long" (a progress display on a non-terminal stderr) after this many seconds.
+LONG_BAKE_SECONDS = 10.0
 
 
 @dataclass
@@ -35,23 +46,94 @@ class BakeResult:
     out: str
     reports: list[MatchReport]
     tensors_changed: int
+    layers_skipped: int = 0  # matched adapter layers left untouched because their effective strength is 0
+    seconds: float = 0.0
 
 
 def _narrow(w: torch.Tensor, offset):
     return w if offset is None else w.narrow(*offset)
 
 
+class _Progress:
+    """A progress display on stderr: a live bar on a terminal, else a line every 10 % once the bake is long.
+
+    Not logging: a bar redraws one line with carriage returns, which a log handler cannot do; nothing is shown for
+    short bakes into a pipe or a file (tests, ComfyUI's console), so library users are not spammed.
+    """
+
+    def __init__(self, total: int, stream=None, *, always: bool = False):
+        self.total, self.stream = max(total, 1), stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.always = always  # show_progress=True: lines even for a short bake into a pipe
+        self.start = time.monotonic()
+        self.last_decile = -1
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.monotonic() - self.start
+        frac = done / self.total
+        if self.tty:
+            bar = "#" * int(30 * frac)
+            self.stream.write(f"\rbaking [{bar:<30}] {100 * frac:5.1f}% {elapsed:6.1f}s")
+            self.shown = True
+        elif (self.always or elapsed >= LONG_BAKE_SECONDS) and int(10 * frac) > self.last_decile:
+            self.last_decile = int(10 * frac)
+            self.stream.write(f"baking: {100 * frac:.0f}% after {elapsed:.0f}s\n")
+            self.shown = True
+        if done >= total and self.tty and self.shown:
+            self.stream.write("\n")
+        if self.shown:
+            self.stream.flush()
+
+
+def _read_tensor(src, header, ti: TensorInfo, key: str) -> torch.Tensor:
+    """One tensor read with a plain file read into fresh memory (no memory map: mapped pages would stay resident)."""
+    n = ti.end - ti.start
+    dtype = DTYPES[ti.dtype]
+    if n == 0:
+        return torch.empty(ti.shape, dtype=dtype)
+    buf = bytearray(n)
+    src.seek(header.data_offset + ti.start)
+    if src.readinto(buf) != n:
+        raise OFTError(f"base file ended while reading {key}", path=header.path)
+    return torch.frombuffer(buf, dtype=dtype).reshape(ti.shape)
+
+
+def _adapter_items(adapters) -> list[tuple[object, float, BlockSpec | str | None]]:
+    items = []
+    for entry in adapters:
+        if len(entry) == 2:
+            items.append((entry[0], entry[1], None))
+        elif len(entry) == 3:
+            items.append(tuple(entry))
+        else:
+            raise OFTError(f"bake: each adapter is (file or adapter, strength[, block spec]), found {entry!r}")
+    return items
+
+
 def bake(
     base: str | os.PathLike,
-    adapters: Sequence[tuple[str | os.PathLike | OFTAdapter, float]],
+    adapters: Sequence[tuple],
     out: str | os.PathLike,
     *,
     mode: StrengthMode = "kohya",
+    block_spec: BlockSpec | str | None = None,
     overwrite: bool = False,
     allow_unmatched: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    show_progress: bool | None = None,
 ) -> BakeResult:
-    """Write `base` with `adapters` ([(file or adapter, strength)], applied in order) to `out`."""
+    """Write `base` with `adapters` applied in order to `out`.
+
+    `adapters`: [(file or `OFTAdapter`, strength)] or [(…, strength, block spec)]; `block_spec` (the text of
+    `oft_core.blocks`, e.g. "double=1, single:0-9=0.5, single=0") applies to every adapter without its own. Each
+    layer is baked at strength × its block multiplier (`blocks.effective_strengths`) in strength `mode` ("kohya" or
+    "orthogonal", see `rotation.py`); layers at 0 are left bit for bit. `progress(done_bytes, total_bytes)` is
+    called after every tensor; `show_progress` (None: automatic) shows a bar on stderr (`_Progress`).
+    """
+    started = time.monotonic()
+    if mode not in STRENGTH_MODES:
+        raise OFTError(f"strength mode: expected one of {', '.join(STRENGTH_MODES)}, found {mode!r}")
     base, out = os.fspath(base), os.fspath(out)
     header = read_header(base)
     if os.path.exists(out):
@@ -59,12 +141,17 @@ def bake(
             raise OFTError("refusing to write the output over the base file it reads from", path=out)
         if not overwrite:
             raise OFTError("output file exists; choose another name or pass --overwrite", path=out)
+    items = _adapter_items(adapters)
+    default_spec = parse_block_spec(block_spec) if isinstance(block_spec, str) else block_spec
     shapes = header.shapes
     keymap = build_key_map(shapes)
     patches: dict[str, list] = {}
     reports = []
-    for item, strength in adapters:
+    record = []
+    skipped = 0
+    for item, strength, spec in items:
         adapter = item if isinstance(item, OFTAdapter) else load_adapter(item)
+        spec = parse_block_spec(spec) if isinstance(spec, str) else (spec if spec is not None else default_spec)
         report = match_adapter(adapter, shapes, keymap, base_name=os.path.basename(base))
         reports.append(report)
         if not report.matched:
@@ -73,44 +160,56 @@ def bake(
         if report.unmatched and not allow_unmatched:
             raise OFTError(f"{report.summary()}. Nothing was written: pass --allow-unmatched to bake the matched "
                            "layers anyway", path=adapter.path)
+        if spec is None:
+            per_layer = {k: float(strength) for k in adapter.layers}
+        else:
+            per_layer = effective_strengths(adapter, spec, float(strength))
         for m in report.matched:
-            patches.setdefault(m.target.key, []).append((m, float(strength)))
+            s = per_layer[(m.layer.component, m.layer.name)]
+            if s == 0:
+                skipped += 1
+                continue
+            patches.setdefault(m.target.key, []).append((m, s))
+        record.append({"adapter": os.path.basename(report.adapter), "strength": float(strength), "mode": mode,
+                       "layers": len(report.matched), **({"blocks": spec.text} if spec is not None else {})})
     for key in patches:
-        if header.tensors[key].dtype not in DTYPES or not DTYPES[header.tensors[key].dtype].is_floating_point:
+        dtype = DTYPES.get(header.tensors[key].dtype)
+        if dtype is None or not dtype.is_floating_point:
             raise OFTError(f"weight {key} has dtype {header.tensors[key].dtype}, expected a floating point type",
                            path=base)
 
     metadata = dict(header.metadata)
-    metadata["comfyui_oft.baked"] = json.dumps(
-        [{"adapter": os.path.basename(r.adapter), "strength": s, "mode": mode, "layers": len(r.matched)}
-         for r, (_, s) in zip(reports, adapters)]
-    )
+    metadata["comfyui_oft.baked"] = json.dumps(record)
     entries = {"__metadata__": metadata}
     for key, ti in header.tensors.items():
         entries[key] = {"dtype": ti.dtype, "shape": list(ti.shape), "data_offsets": [ti.start, ti.end]}
     blob = json.dumps(entries, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
 
+    order = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
+    total = sum(ti.end - ti.start for _, ti in order)
+    show = _Progress(total, always=bool(show_progress)) if show_progress is not False else None
     out_dir = os.path.dirname(os.path.abspath(out))
     fd, tmp = tempfile.mkstemp(prefix=".oft-bake-", suffix=".tmp", dir=out_dir)
-    order = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
+    done = 0
     try:
-        from safetensors import safe_open
-
-        with os.fdopen(fd, "wb") as dst, open(base, "rb") as src, safe_open(base, "pt") as st:
+        with os.fdopen(fd, "wb") as dst, open(base, "rb") as src:
             dst.write(len(blob).to_bytes(8, "little") + blob)
-            for i, (key, ti) in enumerate(order):
+            for key, ti in order:
                 if key in patches:
-                    w = st.get_tensor(key)
+                    w = _read_tensor(src, header, ti, key)
                     dtype = w.dtype
-                    work = w.to(torch.float32)
+                    work = w.to(torch.float32)  # fp32 bases: `work` is `w` itself, no copy
+                    del w
                     for m, strength in patches[key]:
                         part = _narrow(work, m.target.offset)
                         part.copy_(rotate_weight(m.layer, part, strength, mode, out_dtype=torch.float32))
-                    data = work.to(dtype).contiguous().view(torch.uint8).numpy().tobytes()
-                    if len(data) != ti.end - ti.start:
+                    data = work.to(dtype).contiguous().view(torch.uint8).reshape(-1)
+                    del work
+                    if data.numel() != ti.end - ti.start:
                         raise OFTError(f"internal size mismatch writing {key}", path=out)
-                    dst.write(data)
+                    dst.write(memoryview(data.numpy()))
+                    del data
                 else:
                     src.seek(header.data_offset + ti.start)
                     left = ti.end - ti.start
@@ -120,8 +219,11 @@ def bake(
                             raise OFTError(f"base file ended while copying {key}", path=base)
                         dst.write(chunk)
                         left -= len(chunk)
+                done += ti.end - ti.start
                 if progress is not None:
-                    progress(i + 1, len(order))
+                    progress(done, total)
+                if show is not None:
+                    show(done, total)
             dst.flush()
             os.fsync(dst.fileno())
         os.replace(tmp, out)
@@ -130,5 +232,7 @@ def bake(
             os.unlink(tmp)
         raise
     changed = len(patches)
-    log.info("baked %d tensors into %s", changed, out)
-    return BakeResult(out, reports, changed)
+    seconds = time.monotonic() - started
+    log.info("baked %d tensors into %s in %.1fs (%d layers at strength 0 left untouched)", changed, out, seconds,
+             skipped)
+    return BakeResult(out, reports, changed, skipped, seconds)
