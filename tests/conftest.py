@@ -40,6 +40,11 @@ SKIP_REASON = (
 
 # ------------------------------------------------------------------------------------------------ markers
 def pytest_configure(config):
+    # Many small solves and matmuls: with 2 OpenMP threads on a busy 2-core machine each can take 50 ms instead of
+    # 50 µs (oversubscription, measured), so the suite runs single-threaded. Tests about threading set it themselves.
+    import torch
+
+    torch.set_num_threads(1)
     config.addinivalue_line(
         "markers",
         "comfyui: integration test against the real ComfyUI (needs COMFYUI_PATH or ~/.cache/comfyui-oft/ComfyUI; "

@@ -34,15 +34,6 @@ NODE_IDS = ["OFTLoader", "OFTLoadAdapter", "OFTApply", "OFTInspect", "OFTBlockSt
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """These tests do many small solves and matmuls: with 2 OpenMP threads on a busy 2-core machine each one can take
-    50 ms instead of 50 µs (thread oversubscription, measured). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="session")
 def pack(comfyui_oft):

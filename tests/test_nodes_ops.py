@@ -23,14 +23,6 @@ BLOCK0 = ["diffusion_model.double_blocks.0.img_attn.proj.weight", "diffusion_mod
 BLOCK1 = [k.replace("blocks.0.", "blocks.1.") for k in BLOCK0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Many small solves and matmuls: one thread avoids oversubscription on a busy 2-core machine (as test_nodes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def n(comfyui_oft):

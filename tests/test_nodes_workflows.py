@@ -27,15 +27,6 @@ FILE_INPUTS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "cli
                "clip_name2": "text_encoders", "vae_name": "vae", "adapter_name": "oft"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """These tests do many small solves and matmuls: with 2 OpenMP threads on a busy 2-core machine each one can take
-    50 ms instead of 50 µs (thread oversubscription, measured). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def comfy_nodes(comfyui_oft):

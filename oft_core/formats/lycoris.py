@@ -18,6 +18,7 @@ import torch
 from ..errors import OFTError
 from ..rotation import skew
 from ..safetensors_io import Header
+from ._keys import group_by_layer
 from ..spec import Constraint, OFTAdapter, make_layer
 
 PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te"}
@@ -39,14 +40,7 @@ def _component(key: str) -> tuple[str, str]:
 
 def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
     path = header.path
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    ignored = []
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        if m:
-            modules.setdefault(m.group(1), {})[m.group(2)] = t
-        else:
-            ignored.append(key)
+    modules, ignored = group_by_layer(tensors, _KEY)
     layers = {}
     kinds = set()
     for key, parts in sorted(modules.items()):

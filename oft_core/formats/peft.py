@@ -23,6 +23,7 @@ import torch
 
 from ..errors import OFTError
 from ..safetensors_io import Header
+from ._keys import group_by_layer
 from ..spec import Constraint, OFTAdapter, make_layer, neumann_coefficients
 
 CONFIG_NAME = "adapter_config.json"
@@ -98,14 +99,7 @@ def _project_legacy(a: torch.Tensor, eps: float) -> torch.Tensor:
 
 def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
     path = header.path
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    ignored = []
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        if m:
-            modules.setdefault(m.group(1), {})[m.group(2)] = t
-        else:
-            ignored.append(key)
+    modules, ignored = group_by_layer(tensors, _KEY)
     packed = any("oft_R.weight" in parts for parts in modules.values())
     legacy = any("oft_r" in parts for parts in modules.values())
     if packed and legacy:
