@@ -86,17 +86,20 @@ class _Progress:
             self.stream.flush()
 
 
-def _read_tensor(src, header, ti: TensorInfo, key: str) -> torch.Tensor:
-    """One tensor read with a plain file read into fresh memory (no memory map: mapped pages would stay resident)."""
+def _read_tensor(src, header, ti: TensorInfo, key: str, buf: bytearray) -> torch.Tensor:
+    """One tensor read with a plain file read into `buf` (no memory map: mapped pages would stay resident).
+
+    `buf` is one buffer, sized for the largest patched tensor and reused for every tensor: a fresh allocation per
+    tensor lets the C allocator fragment its heap, and the process would creep to several tensors' worth."""
     n = ti.end - ti.start
     dtype = DTYPES[ti.dtype]
     if n == 0:
         return torch.empty(ti.shape, dtype=dtype)
-    buf = bytearray(n)
+    view = memoryview(buf)[:n]
     src.seek(header.data_offset + ti.start)
-    if src.readinto(buf) != n:
+    if src.readinto(view) != n:
         raise OFTError(f"base file ended while reading {key}", path=header.path)
-    return torch.frombuffer(buf, dtype=dtype).reshape(ti.shape)
+    return torch.frombuffer(view, dtype=dtype).reshape(ti.shape)
 
 
 def _adapter_items(adapters) -> list[tuple[object, float, BlockSpec | str | None]]:
@@ -192,14 +195,18 @@ def bake(
     out_dir = os.path.dirname(os.path.abspath(out))
     fd, tmp = tempfile.mkstemp(prefix=".oft-bake-", suffix=".tmp", dir=out_dir)
     done = 0
+    # One buffer for everything read: a patched tensor (whole) or a chunk of an untouched one (copied through it).
+    largest_patched = max((header.tensors[k].end - header.tensors[k].start for k in patches), default=0)
+    readbuf = bytearray(max(largest_patched, min(_COPY_CHUNK, max((ti.end - ti.start for _, ti in order), default=0))))
+    copybuf = memoryview(readbuf)
     try:
         with os.fdopen(fd, "wb") as dst, open(base, "rb") as src:
             dst.write(len(blob).to_bytes(8, "little") + blob)
             for key, ti in order:
                 if key in patches:
-                    w = _read_tensor(src, header, ti, key)
+                    w = _read_tensor(src, header, ti, key, readbuf)
                     dtype = w.dtype
-                    work = w.to(torch.float32)  # fp32 bases: `work` is `w` itself, no copy
+                    work = w.to(torch.float32)  # fp32 bases: `work` is `w` itself (the read buffer), no copy
                     del w
                     for m, strength in patches[key]:
                         part = _narrow(work, m.target.offset)
@@ -214,11 +221,11 @@ def bake(
                     src.seek(header.data_offset + ti.start)
                     left = ti.end - ti.start
                     while left:
-                        chunk = src.read(min(left, _COPY_CHUNK))
-                        if not chunk:
+                        got = src.readinto(copybuf[:min(left, _COPY_CHUNK)])
+                        if not got:
                             raise OFTError(f"base file ended while copying {key}", path=base)
-                        dst.write(chunk)
-                        left -= len(chunk)
+                        dst.write(copybuf[:got])
+                        left -= got
                 done += ti.end - ti.start
                 if progress is not None:
                     progress(done, total)

@@ -55,7 +55,9 @@ def he_rows(n: int, limit: int = HE_ROWS) -> torch.Tensor | None:
 
 def energy_changes(adapter: OFTAdapter, base: str | os.PathLike, *, strength: float = 1.0,
                    mode: StrengthMode = "kohya", max_rows: int = HE_ROWS) -> tuple[dict[tuple[str, str], dict], dict]:
-    """Per matched layer {he_before, he_after, he_rel_change, rows}; and the match summary. Reads one weight at a time."""
+    """Per matched layer {he_before, he_after, he_rel_change, rows, base_key}, and the match summary.
+
+    Reads one base weight at a time."""
     from safetensors import safe_open
 
     from .match import match_adapter

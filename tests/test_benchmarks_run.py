@@ -1,0 +1,52 @@
+"""The benchmark scripts run (tiny `--quick` mode), print their same-run ratios and write their results file.
+
+No timing is asserted: a loaded CI machine would make that flaky, and the scripts' figures are relative anyway.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script, tmp_path):
+    results = tmp_path / f"{script}.json"
+    run = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--quick", "--results", str(results)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout, json.loads(results.read_text())
+
+
+def test_bench_patch_quick(tmp_path):
+    out, data = _run("bench_patch", tmp_path)
+    assert "ratios: ours_over_floor_median" in out and "machine: load" in out
+    assert data["quick"] is True and data["machine"]["nproc"] >= 1 and len(data["machine"]["loadavg_1_5_15"]) == 3
+    rows = data["results"]
+    assert {(r["out"], r["dtype"]) for r in rows} == {(320, "float32"), (320, "bfloat16"), (640, "float32"),
+                                                       (640, "bfloat16")}
+    for r in rows:
+        assert r["ours_s"] > 0 and r["floor_s"] > 0
+        assert r["ours_over_floor"] == pytest.approx(r["ours_s"] / r["floor_s"])
+        assert r["block_size"] * r["blocks"] == r["out"]
+        if "comfy_s" in r:  # ComfyUI present: at strength 1 its patch computes the same weight as ours
+            assert r["comfy_vs_ours_rel_diff"] < (1e-5 if r["dtype"] == "float32" else 1e-2)
+            assert "comfy/ours" in out
+
+
+def test_bench_bake_quick(tmp_path):
+    out, data = _run("bench_bake", tmp_path)
+    assert "ratios: extrapolated" in out and "per double block" in out and "machine: load" in out
+    s = data["summary"]
+    assert s["width"] == 256 and s["double_blocks"] == 1 and s["single_blocks"] == 1
+    assert s["per_double_block_s"] > 0 and s["per_single_block_s"] > 0 and s["bake_s"] > 0
+    assert s["goal_10_min_met"] is None  # not FLUX.1 width: no claim
+    # the dim-4 adapter's block products: double = 2 × (qkv 3 splits + proj + mlp.0 + mlp.2), single = linear1 + linear2
+    h, b = 256, 64
+    double = 2 * (3 * 2 * h * h * b + 2 * h * h * b + 2 * 4 * h * h * (4 * b) + 2 * h * 4 * h * b)
+    single = 3 * 2 * h * h * b + 2 * 4 * h * h * (4 * b) + 2 * h * 5 * h * b
+    assert data["flops"] == {"double": pytest.approx(double), "single": pytest.approx(single)}
+    assert 0 < s["peak_rss_growth_MiB"] < 200
