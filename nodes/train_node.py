@@ -12,6 +12,8 @@ What it does differently from core's `TrainLoraNode(algorithm="OFT")` (comfy_ext
   logit-normal t for flow models (SD3 / FLUX rectified-flow training, Esser et al. 2024) mapped through the model's
   own shifted schedule (`percent_to_sigma`), EDM log-normal σ for continuous-σ models;
 - kohya constraint alpha (‖Q‖_F ≤ alpha·out_dim), packed fp32 generators, no bias / norm deltas;
+- the kohya file names layers as sd-scripts does for the family (`kohya_naming`): diffusers module names for
+  SD1.x/SD2.x (sd-scripts cannot load LDM names there), LDM names for SDXL, BFL names for FLUX;
 - the UI progress bar, a loss text on the node, and Cancel honoured at every step with the base model untouched;
 - bad inputs (empty latents, conditioning count, block counts) rejected before any work.
 """
@@ -24,6 +26,7 @@ import math
 import comfy.model_management
 import comfy.model_sampling
 import comfy.ops
+import comfy.supported_models
 import comfy.utils
 import torch
 from comfy_api.latest import io
@@ -32,14 +35,17 @@ from ..oft_core import OFTError
 from ..oft_core.train import (
     OPTIMIZERS,
     PRESETS,
-    OFTTrainer as CoreTrainer,
     checkpoint_blocks,
     detect_family,
+    export_names,
     gradient_checkpointing,
     inplace_safe,
     run_training,
     select_targets,
     training_metadata,
+)
+from ..oft_core.train import (
+    OFTTrainer as CoreTrainer,
 )
 from .patch import apply_oft, model_kind
 
@@ -228,6 +234,20 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
     return trainer, losses, meta
 
 
+def kohya_naming(model) -> str:
+    """How sd-scripts names this model's layers in a kohya file: "diffusers" for SD1.x/SD2.x (`networks.oft` keys
+    such as oft_unet_down_blocks_0_attentions_0_…, from its diffusers-style original_unet), "native" otherwise
+    (SDXL: LDM names as ComfyUI has them; FLUX: BFL names). Decided from ComfyUI's model config class."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    sd12 = (comfy.supported_models.SD15, comfy.supported_models.SD20)  # incl. their subclasses (unCLIP, ip2p, …)
+    return "diffusers" if isinstance(config, sd12) else "native"
+
+
+def export_adapter(model, trainer: CoreTrainer, meta: dict):
+    """The trained adapter named the way sd-scripts names this model's layers (see `kohya_naming`)."""
+    return trainer.to_adapter(meta, names=export_names(model.model.diffusion_model, kohya_naming(model)))
+
+
 def _base_version(model) -> str:
     kind = model_kind(model).lower()
     return {"sd15": "sd_v1", "sd20": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}.get(kind, kind)
@@ -328,7 +348,7 @@ class OFTTrainerNode(io.ComfyNode):
             grad_accumulation=grad_accumulation, optimizer=optimizer, seed=seed, num_blocks=num_blocks,
             alpha=constraint, neumann_terms=neumann_terms if cayley_neumann else 0, targets=targets,
             training_dtype=training_dtype, gradient_checkpointing_on=gradient_checkpointing, node_id=node_id)
-        adapter = trainer.to_adapter(meta)
+        adapter = export_adapter(model, trainer, meta)
         new_model, _, text = apply_oft(model, None, adapter, 1.0)
         log.info("OFTTrainer: %d layers, %d parameters, loss %.5f -> %.5f; %s", len(adapter), trainer.num_params(),
                  losses[0], losses[-1], text)

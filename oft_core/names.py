@@ -297,3 +297,45 @@ def _flux_to_diffusers(rel: str, shape: tuple) -> list[tuple[str, tuple[int, int
         qkv = [(f"{block}.attn.{p}", (0, i * h, h)) for i, p in enumerate(("to_q", "to_k", "to_v"))]
         return qkv + [(f"{block}.proj_mlp", (0, 3 * h, shape[0] - 3 * h))]
     return [(f"{block}.{_FLUX_SINGLE[child]}", None)] if child in _FLUX_SINGLE else []
+
+
+# ------------------------------------------------------------------------------------------------ reverse map
+def ldm_to_diffusers(shapes: Mapping[str, Sequence[int]] | Sequence[str]) -> dict[str, str]:
+    """LDM UNet module path -> its diffusers module path, for every module of `shapes` that has one.
+
+    `shapes` is what `build_key_map` takes (base key -> shape, or just the keys; prefixes `model.diffusion_model.` /
+    `diffusion_model.` or none; `.weight` / `.bias` keys). The result is keyed and valued by module paths without
+    prefix or tensor suffix (`input_blocks.1.1.proj_in` -> `down_blocks.0.attentions.0.proj_in`).
+
+    Built from the same tables and the same layers_per_block rule as the forward map (`_ldm_to_diffusers`), so
+    `build_key_map(shapes).lookup(ldm_to_diffusers(shapes)[m])` is always module m's weight. Where the forward map
+    accepts two diffusers spellings (`label_emb` = `add_embedding` / `class_embedding`) the first (SDXL's) is taken.
+    Used to write kohya SD1.x/SD2.x files, which sd-scripts `networks.oft` names after diffusers modules.
+
+    Raises ValueError when `shapes` is not an LDM UNet, or its layers_per_block cannot be told from its keys (a
+    wrong guess would name layers after the wrong modules).
+    """
+    keys = list(shapes)
+    prefixed = any(k.startswith(UNET_PREFIXES) for k in keys)
+    rels = []
+    for k in keys:
+        rel = next((k[len(p):] for p in UNET_PREFIXES if k.startswith(p)), None if prefixed else k)
+        if rel is not None:
+            rels.append(rel.rsplit(".", 1)[0] if rel.endswith((".weight", ".bias")) else rel)
+    rels = list(dict.fromkeys(rels))
+    if _architecture(rels, False) != "sd_unet_ldm":
+        raise ValueError(f"not an LDM UNet (input_blocks / middle_block / output_blocks): first keys {keys[:3]}")
+    L = _ldm_layers_per_block(rels)
+    if L is None:
+        raise ValueError("cannot tell the UNet's layers_per_block from its keys; give the whole UNet state dict")
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for rel in rels:
+        aliases = _ldm_to_diffusers(rel, L)
+        if not aliases:
+            continue
+        name = aliases[0]
+        if seen.setdefault(name, rel) != rel:  # cannot happen with the tables above; a table edit could cause it
+            raise ValueError(f"diffusers name {name!r} would name both {seen[name]!r} and {rel!r}")
+        out[rel] = name
+    return out

@@ -21,7 +21,8 @@ Public API:
 
 - `select_targets(root, preset, family=None)` -> [(path, module)]: presets per model family (`PRESETS`).
 - `OFTTrainer(targets, num_blocks=… | block_size=…, alpha=…, neumann_terms=0)`; `.parameters()`, `.attach()`,
-  `.to_adapter(metadata)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits).
+  `.to_adapter(metadata, names=None)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits);
+  `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
 - `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback.
 - `python -m oft_core.train`: a toy demo (no ComfyUI) that trains a tiny attention model and writes a kohya file.
@@ -34,13 +35,14 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import OFTError, mismatch
+from .names import ldm_to_diffusers
 from .rotation import bypass_forward, cayley, generator_of, rotate_features, rotation_blocks, skew
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coefficients
 
@@ -345,17 +347,30 @@ class OFTTrainer:
         with torch.no_grad():
             return [q.detach().float().cpu().clone() for q in tl.generators()]
 
-    def to_adapter(self, metadata: dict | None = None) -> OFTAdapter:
+    def to_adapter(self, metadata: dict | None = None, names: Mapping[str, str] | None = None) -> OFTAdapter:
         """The trained adapter as an `OFTAdapter` in kohya convention (writable with `writers.write_adapter(...,
         "kohya")`: `networks.oft_flux` when any layer has splits, else `networks.oft`).
+
+        `names` renames layers on export: trained module path -> module path in the file (`oft_unet_` + it with
+        "_"). None keeps the trained paths, which is what sd-scripts expects for SDXL (LDM names) and FLUX (BFL
+        names); SD1.x/SD2.x need diffusers names (`export_names(root, "diffusers")`). A layer missing from `names`
+        raises OFTError naming it (a file with mixed naming conventions loads nowhere completely).
 
         Cayley–Neumann training: kohya stores Cayley generators only, so each block's trained matrix N is exported as
         Cayley(Q') with Q' the skew part of the inverse Cayley of N (exact when N is orthogonal; the truncation error
         of the series is the difference, reported in `info["neumann_export_error"]`).
         """
+        if names is not None:
+            missing = [tl.path for tl in self.layers if tl.path not in names]
+            if missing:
+                raise OFTError(f"no export name for {len(missing)} trained layers (first: {missing[0]!r})")
+            exported = [names[tl.path] for tl in self.layers]
+            if len(set(exported)) != len(exported):
+                raise OFTError("export names are not unique: two trained layers would get the same name")
         layers = {}
         worst = 0.0
         for tl in self.layers:
+            name = tl.path if names is None else names[tl.path]
             gens = self.effective_generators(tl)
             layer = tl.layer
             if layer.parameterization == "neumann":
@@ -368,15 +383,32 @@ class OFTTrainer:
                         worst = max(worst, float((cayley(q).transpose(-1, -2) - r).abs().max()))
                     gens = new
                 layer = layer.with_(parameterization="cayley", neumann_coeffs=(), constraint=Constraint())
-            layers[("unet", tl.path)] = make_layer(
-                path="", name=tl.path, side="out", generators=gens, transpose=True,
-                constraint=layer.constraint, source=layer.source, key=layer.key)
+            layers[("unet", name)] = make_layer(
+                path="", name=name, side="out", generators=gens, transpose=True,
+                constraint=layer.constraint, source=layer.source, key=KOHYA_PREFIX + name.replace(".", "_"))
         flux = any(len(layer.generators) > 1 for layer in layers.values())
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         info = {"alpha": [self.alpha], "trained": True}
         if self.neumann_terms:
             info["neumann_export_error"] = worst
         return OFTAdapter(layers, "kohya_flux" if flux else "kohya", "", meta, info)
+
+
+def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
+    """The `names` argument of `OFTTrainer.to_adapter` for targets selected under `root` (a UNet / DiT module).
+
+    naming "native": None, the module paths as they are (LDM for ComfyUI's SD UNets, BFL for FLUX).
+    naming "diffusers": LDM UNet path -> diffusers path (`names.ldm_to_diffusers`, built from the whole UNet's keys
+    so that layers_per_block is known), as sd-scripts `networks.oft` names SD1.x/SD2.x layers.
+    """
+    if naming == "native":
+        return None
+    if naming != "diffusers":
+        raise OFTError(mismatch("export naming", "native | diffusers", repr(naming)))
+    try:
+        return ldm_to_diffusers({k: tuple(v.shape) for k, v in root.state_dict().items()})
+    except ValueError as e:
+        raise OFTError(f"cannot name the layers after diffusers modules: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ checkpointing

@@ -65,7 +65,12 @@ def model_folders(tmp_path_factory, comfyui_oft):
         (root / folder).mkdir(exist_ok=True)
         folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
     folder_paths.filename_list_cache.clear()
-    return root
+    # LoadImageSetFromFolderNode's dropdown lists the input folder's subfolders: give it the one the workflows use
+    (root / "input" / "oft_train_images").mkdir(parents=True)
+    saved_input = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(root / "input"))
+    yield root
+    folder_paths.set_input_directory(saved_input)
 
 
 def _widget_map(node, nodes_table):

@@ -8,11 +8,17 @@ identity at step 0; same seed -> same adapter; bad inputs rejected before any wo
 
 from __future__ import annotations
 
+import json
+
 import comfy_models
 import pytest
+import test_nodes_workflows as workflows
 import torch
 
 pytestmark = pytest.mark.comfyui
+
+comfy_nodes = workflows.comfy_nodes  # fixtures of the workflow tests: ComfyUI's node table, model folders
+model_folders = workflows.model_folders
 
 REL = 1e-5
 
@@ -139,9 +145,14 @@ def test_schema_has_a_tooltip_on_every_input(tn):
     assert [o.io_type for o in schema.outputs] == ["MODEL", "OFT_ADAPTER", "LOSS_MAP"]
 
 
-def test_sd_training_lowers_the_loss_keeps_base_weights_and_reloads_from_kohya(comfy, tn, patch_mod, tmp_path):
+def test_sd_training_lowers_the_loss_keeps_base_weights_and_reloads_from_kohya(comfy, tn, patch_mod, tmp_path,
+                                                                              monkeypatch):
+    import folder_paths
+    from comfyui_oft.nodes import files
+    from comfyui_oft.nodes.oft_nodes import OFTLoader
     from comfyui_oft.oft_core import load_adapter
     from comfyui_oft.oft_core.writers import write_adapter
+    from safetensors import safe_open
 
     mp = comfy_models.sd15_tiny()
     latents, positive = sd_data()
@@ -157,13 +168,32 @@ def test_sd_training_lowers_the_loss_keeps_base_weights_and_reloads_from_kohya(c
     assert end < start * 0.997, (start, end)
     assert_weights_equal(mp, before)  # patch_model / unpatch_model of the output restored them
 
-    # saved kohya file -> the pack's loader -> same forward as the output model, and as the trained bypass
-    path = write_adapter(adapter, tmp_path / "sd_trained.safetensors", "kohya")
+    # SD1.x: sd-scripts networks.oft names layers after diffusers modules (its original_unet), not LDM ones
+    assert tn.kohya_naming(mp) == "diffusers"
+    names = sorted(layer.name for layer in adapter)
+    assert all(n.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for n in names), names[:5]
+    for n in ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.downsamplers.0.conv",
+              "up_blocks.0.upsamplers.0.conv", "mid_block.resnets.1.conv2", "up_blocks.1.attentions.1.proj_out"):
+        assert n in names, n
+
+    # saved kohya file -> the pack's OFTLoader (from its `oft` folder) -> same forward as the output model
+    oft_dir = tmp_path / "oft"
+    oft_dir.mkdir()
+    path = write_adapter(adapter, oft_dir / "sd_trained.safetensors", "kohya")
+    with safe_open(str(path), "pt") as f:
+        stored = {k.split(".", 1)[0] for k in f.keys()}
+    assert "oft_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q" in stored
+    assert not any("input_blocks" in k or "output_blocks" in k or "middle_block" in k for k in stored)
     loaded = load_adapter(path)
     assert loaded.metadata["ss_network_module"] == "networks.oft" and loaded.metadata["ss_steps"] == "12"
     assert float(loaded.metadata["ss_learning_rate"]) == 5e-2
-    reloaded, _, text = patch_mod.apply_oft(mp, None, loaded, 1.0)
-    assert f"{len(adapter)} of {len(adapter)} adapter layers applied" in text
+    files.register_folder()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, files.FOLDER, ([str(oft_dir)], set(files.EXTENSIONS)))
+    folder_paths.filename_list_cache.clear()
+    out = OFTLoader.execute(model=mp, adapter_name="sd_trained.safetensors", strength=1.0, strength_mode="kohya")
+    folder_paths.filename_list_cache.clear()
+    reloaded, text = out.result[0], out.ui.as_dict()["text"][0]
+    assert f"{len(adapter)} of {len(adapter)} adapter layers applied" in text, text
     inputs = comfy_models.sd15_tiny_inputs(batch=2)
     out_file = forward(reloaded, inputs, patched=True)
     out_node = forward(model, inputs, patched=True)
@@ -280,3 +310,153 @@ def test_bad_inputs_fail_clearly_before_any_work(comfy, tn, monkeypatch, case, m
     with pytest.raises(OFTError, match=match):
         run_node(tn, mp, latents, positive, steps=steps, **over)
     assert tn.OFTTrainerNode.validate_inputs(steps=0) == "steps: expected ≥ 1, found 0"
+
+
+@pytest.mark.parametrize("model_dtype", ["fp32", "bf16"])
+def test_bf16_training_lowers_the_loss_with_fp32_generators_and_untouched_weights(comfy, tn, model_dtype,
+                                                                                   monkeypatch):
+    """training_dtype bf16: the forward/backward runs under CPU autocast in bf16 (on an fp32 model, and on a model
+    stored in bf16), the generators and their optimizer state stay fp32, the loss drops, the base weights do not
+    change by a single bit."""
+    mp = comfy_models.flux_tiny(torch.bfloat16 if model_dtype == "bf16" else None)
+    latents, positive = flux_data()
+    before = weights(mp)
+    start = eval_loss(tn, mp, latents, positive)
+    seen, out_dtypes = [], []
+    orig = tn.family_loss
+
+    def spy(*args):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return orig(*args)
+
+    monkeypatch.setattr(tn, "family_loss", spy)
+    qkv = mp.model.diffusion_model.double_blocks[0].img_attn.qkv  # an adapted layer: its (rotated) output dtype
+    hook = qkv.register_forward_hook(lambda m, i, o: out_dtypes.append(o.dtype))
+    try:
+        with torch.inference_mode():
+            trainer, losses, meta = tn.train(mp, latents, positive, steps=8, learning_rate=2e-2, batch_size=2,
+                                             alpha=0.0, targets="attention", training_dtype="bf16",
+                                             gradient_checkpointing_on=False)
+    finally:
+        hook.remove()
+        comfy.model_management.unload_all_models()
+    assert set(seen) == {(True, torch.bfloat16)} and len(seen) == 8
+    assert set(out_dtypes) == {torch.bfloat16}
+    assert meta["ss_mixed_precision"] == "bf16"
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in trainer.parameters())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert_weights_equal(mp, before)
+    end = eval_loss(tn, mp, latents, positive, trainer=trainer)  # the trained rotation, evaluated without autocast
+    assert end < start * 0.95, (start, end, losses)
+
+
+# ------------------------------------------------------------------------------------------------ workflow
+class _TinyClip:
+    """Stands in for the checkpoint's CLIP (no tiny SD1.5 text encoder exists): CLIPTextEncode calls exactly these
+    two methods. The conditioning is the tiny UNet's context width, seeded by the text."""
+
+    def tokenize(self, text):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens):
+        g = torch.Generator().manual_seed(sum(map(ord, tokens)))
+        return [[torch.randn(1, 5, comfy_models.SD15_TINY_UNET_CONFIG["context_dim"], generator=g), {}]]
+
+
+class _TinyVae:
+    """Stands in for the checkpoint's VAE: VAEEncode calls `encode(pixels)` (B, H, W, 3) -> latents (B, 4, H/8, W/8);
+    here an 8×8 average pool and a fixed 3 -> 4 channel mix (a deterministic function of the images)."""
+
+    def encode(self, pixels):
+        x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1).float(), 8)
+        mix = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, -0.5, 0.25]])
+        return torch.einsum("oc,bchw->bohw", mix, x * 2 - 1)
+
+
+def test_train_workflow_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
+    """workflows/oft_train_tiny.json as the UI sends it (3 steps instead of 200) through ComfyUI's PromptExecutor:
+    core LoadImageSetFromFolderNode -> VAEEncode, CLIPTextEncode -> OFTTrainer -> OFTSave + core LossGraphNode.
+    The checkpoint loader is monkeypatched to give the tiny SD1.5 UNet (ComfyUI cannot detect it) with stand-ins
+    for its CLIP and VAE. The saved file has sd-scripts' diffusers names and reloads onto the model, every layer
+    matched; the loss graph PNG is written."""
+    import comfy.model_management
+    import comfy.sd
+    import folder_paths
+    import numpy as np
+    from comfyui_oft.oft_core import load_adapter
+    from PIL import Image
+
+    nodes, _ = comfy_nodes
+    base = comfy_models.sd15_tiny()
+    before = weights(base)
+    ckpt = model_folders / "checkpoints" / "v1-5-pruned-emaonly.safetensors"
+
+    def load_checkpoint_guess_config(path, *args, **kwargs):
+        assert path == str(ckpt)
+        return base.clone(), _TinyClip(), _TinyVae(), None
+
+    monkeypatch.setattr(comfy.sd, "load_checkpoint_guess_config", load_checkpoint_guess_config)
+    for name in ("input", "output", "temp"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
+    images = tmp_path / "input" / "oft_train_images"
+    images.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "oft_train_tiny.json").read_text())
+    prompt = workflows.to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
+    trainer_id = workflows._node_id(wf, "OFTTrainer")
+    assert prompt[trainer_id]["inputs"]["steps"] == 200
+    prompt[trainer_id]["inputs"].update(steps=3, learning_rate=2e-2)
+    try:
+        executor, _server = workflows._execute(nodes, prompt, "train")
+        assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+        outputs = executor.history_result["outputs"]
+        text = outputs[workflows._node_id(wf, "OFTSave")]["text"][0]
+        assert "saved kohya adapter (56 layers)" in text, text
+        graph = outputs[workflows._node_id(wf, "LossGraphNode")]["images"][0]
+        assert (tmp_path / "temp" / graph["filename"]).is_file()
+    finally:
+        comfy.model_management.unload_all_models()
+    assert_weights_equal(base, before)
+    (saved,) = (tmp_path / "output" / "oft").glob("oft_trained_*.safetensors")
+    adapter = load_adapter(saved)
+    assert adapter.metadata["ss_steps"] == "3" and adapter.metadata["ss_num_train_images"] == "2"
+    assert adapter.metadata["ss_mixed_precision"] == "bf16"
+    names = [layer.name for layer in adapter]  # as stored: kohya names with "_"
+    assert "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in names
+    assert all(n.startswith(("down_blocks_", "mid_block_", "up_blocks_")) for n in names), names[:3]
+    from comfyui_oft.nodes.patch import apply_oft
+
+    _model, _, report = apply_oft(base, None, adapter, 1.0)
+    assert "56 of 56 adapter layers applied" in report, report
+
+
+def test_bench_train_quick_runs(tmp_path):
+    """benchmarks/bench_train.py --quick: both trainers run in their own subprocess on the tiny UNet and the script
+    prints its same-run ratios and the machine load, and appends them to its results file (no timing asserted)."""
+    import re
+    import subprocess
+    import sys
+
+    results = tmp_path / "bench_train.results.txt"
+    run = subprocess.run([sys.executable, str(comfy_models.REPO_ROOT / "benchmarks" / "bench_train.py"), "--quick",
+                          "--threads", "1", "--results", str(results)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = run.stdout
+    m = re.search(r"ratios ours/core: step time (\d+\.\d+) \(goal ≤ 1\), peak memory (\d+\.\d+) \(goal ≤ 0\.5\)", out)
+    assert m and float(m[1]) > 0 and float(m[2]) > 0, out
+    # same layers and the same block structure on both sides: core stores full b×b blocks, we the b(b−1)/2 upper
+    # triangle, so its OFT parameter count is larger by a factor between 2 (large b) and 4 (b = 2)
+    ours = re.search(r"ours \(OFTTrainer\): (\d+) layers \(0 with block size 1 left out\), (\d+) params", out)
+    core = re.search(r"core \(TrainLoraNode OFT\): (\d+) layers, (\d+) OFT params", out)
+    assert ours and core and ours[1] == core[1], out
+    assert 2 < int(core[2]) / int(ours[2]) < 4
+    assert "ratios input/weight-centric: time" in out and "machine: load" in out
+    assert results.read_text().strip().splitlines()[-1].startswith("  machine: load")
