@@ -43,6 +43,22 @@ def _file_input():
     )
 
 
+def _model_clip_inputs():
+    return [
+        io.Model.Input("model", tooltip="The diffusion model to adapt (it is cloned, never changed)."),
+        io.Clip.Input("clip", optional=True,
+                      tooltip="The CLIP to adapt when the adapter has text-encoder layers (optional)."),
+    ]
+
+
+def _model_clip_outputs():
+    return [
+        io.Model.Output(tooltip="The model with the OFT adapter applied."),
+        io.Clip.Output(tooltip="The CLIP with the adapter's text-encoder layers applied (the input CLIP unchanged "
+                       "when it has none)."),
+    ]
+
+
 class OFTLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -53,18 +69,12 @@ class OFTLoader(io.ComfyNode):
             description="Apply an OFT (Orthogonal Fine-Tuning) adapter to a model and, when the file has "
             "text-encoder layers, to its CLIP. Reports how many adapter layers were applied.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to adapt (it is cloned, never changed)."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="The CLIP to adapt when the adapter has text-encoder layers (optional)."),
+                *_model_clip_inputs(),
                 _file_input(),
                 _strength_input(),
                 _mode_input(),
             ],
-            outputs=[
-                io.Model.Output(tooltip="The model with the OFT adapter applied."),
-                io.Clip.Output(tooltip="The CLIP with the adapter's text-encoder layers applied (the input CLIP "
-                               "unchanged when it has none)."),
-            ],
+            outputs=_model_clip_outputs(),
         )
 
     @classmethod
@@ -102,18 +112,12 @@ class OFTApply(io.ComfyNode):
             category=CATEGORY,
             description="Apply a loaded OFT adapter to a model and, for text-encoder layers, to its CLIP.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to adapt (it is cloned, never changed)."),
-                io.Clip.Input("clip", optional=True,
-                              tooltip="The CLIP to adapt when the adapter has text-encoder layers (optional)."),
+                *_model_clip_inputs(),
                 OFTAdapterType.Input("oft_adapter", tooltip="An adapter from Load OFT Adapter."),
                 _strength_input(),
                 _mode_input(),
             ],
-            outputs=[
-                io.Model.Output(tooltip="The model with the OFT adapter applied."),
-                io.Clip.Output(tooltip="The CLIP with the adapter's text-encoder layers applied (the input CLIP "
-                               "unchanged when it has none)."),
-            ],
+            outputs=_model_clip_outputs(),
         )
 
     @classmethod
