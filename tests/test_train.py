@@ -8,6 +8,7 @@ plain layers, convolutions and FLUX fused q|k|v / linear1 splits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -309,6 +310,61 @@ def test_gradient_checkpointing_and_inplace_safe_give_the_same_gradients():
         net(x).square().sum().backward()  # the failure both wrappers avoid
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointing_reaches_layers_of_sequential_blocks_the_host_iterates():
+    """ComfyUI's UNet never calls its TimestepEmbedSequential blocks: `forward_timestep_embed` iterates them and calls
+    their layers. Checkpointing must still happen there (fewer tensors kept for backward), with bit-identical
+    gradients, and a layer that writes into its input must be refused rather than give wrong gradients."""
+
+    class Layer(nn.Module):
+        def __init__(self, inplace=False):
+            super().__init__()
+            self.lin, self.inplace = nn.Linear(8, 8), inplace
+
+        def forward(self, x):
+            if self.inplace:
+                x.mul_(1.0)
+            return x + F.gelu(self.lin(x))
+
+    class Net(nn.Module):
+        def __init__(self, inplace=False):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(Layer(), Layer(inplace)), nn.Sequential(Layer())])
+            self.middle = nn.Sequential(Layer())
+
+        def forward(self, x):
+            for block in list(self.blocks) + [self.middle]:
+                for layer in block:  # as forward_timestep_embed does: the Sequential's own forward never runs
+                    x = layer(x)
+            return x
+
+    torch.manual_seed(0)
+    net = Net().requires_grad_(False)
+    x = torch.randn(4, 8)
+    trainer = OFTTrainer(select_targets(net, "all-linear", "generic"), num_blocks=2, alpha=0)
+    with torch.no_grad():
+        trainer.parameters()[0].add_(0.1)
+    grads, kept = [], []
+    for wrap in (contextlib.nullcontext, lambda: gradient_checkpointing(checkpoint_blocks(net))):
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += 1
+            return t
+
+        with trainer.attach(), wrap(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for p in trainer.parameters():
+                p.grad = None
+            net(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in trainer.parameters()])
+        kept.append(count[0])
+        assert all("forward" not in m.__dict__ for m in net.modules())
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert kept[1] < kept[0] / 2  # the layers' internals are recomputed, not kept
+    bad = Net(inplace=True).requires_grad_(False)
+    with gradient_checkpointing(checkpoint_blocks(bad)), pytest.raises(OFTError, match="in place"):
+        bad(x.requires_grad_())
 
 
 def test_bad_block_counts_raise_naming_the_layer():
