@@ -325,20 +325,13 @@ class OFTTrainer:
         """Patch every target module's forward for the duration of the block; restored exactly on exit."""
         if self._attached:
             raise OFTError("this OFT trainer is already attached")
-        saved = []
         try:
-            for tl in self.layers:
-                had = "forward" in tl.module.__dict__
-                saved.append((tl.module, had, tl.module.__dict__.get("forward")))
-                tl.module.forward = self._forward_of(tl)
-            self._attached = True
-            yield self
+            with _forward_patches() as replace:
+                for tl in self.layers:
+                    replace(tl.module, self._forward_of(tl))
+                self._attached = True
+                yield self
         finally:
-            for module, had, old in reversed(saved):
-                if had:
-                    module.forward = old
-                else:
-                    del module.forward
             self._attached = False
 
     # -------------------------------------------------------------------------------------------- export
@@ -464,6 +457,26 @@ def _checked(fn, name: str):
 
 
 @contextlib.contextmanager
+def _forward_patches():
+    """Yield `replace(module, fn)`, which swaps a module's forward; every module is restored on exit, errors
+    included (an instance attribute removed again, a previous one put back)."""
+    saved = []
+
+    def replace(m: nn.Module, fn) -> None:
+        saved.append((m, "forward" in m.__dict__, m.__dict__.get("forward")))
+        m.forward = fn
+
+    try:
+        yield replace
+    finally:
+        for m, had, old in reversed(saved):
+            if had:
+                m.forward = old
+            else:
+                del m.forward
+
+
+@contextlib.contextmanager
 def gradient_checkpointing(modules: Iterable[nn.Module]):
     """Run each module's forward under `torch.utils.checkpoint` (non-reentrant, kwargs allowed); restored on exit.
 
@@ -475,27 +488,17 @@ def gradient_checkpointing(modules: Iterable[nn.Module]):
     SpatialTransformer, Down/Upsample) are checkpointed without copies — the copy changes the backward graph and with
     it the rounding of the gradients — and checked not to write into their inputs (`_checked`, OFTError if they do).
     """
-    saved = []
-    try:
+    with _forward_patches() as replace:
         for block in modules:
             layers = _called_layers(block) if isinstance(block, nn.Sequential) else [block]
             for m in layers:
-                had = "forward" in m.__dict__
-                orig = m.forward
-                saved.append((m, had, m.__dict__.get("forward")))
-                run = _cloning(orig) if m is block else _checked(orig, type(m).__name__)
+                run = _cloning(m.forward) if m is block else _checked(m.forward, type(m).__name__)
 
                 def fwd(*args, __run=run, **kwargs):
                     return torch.utils.checkpoint.checkpoint(__run, *args, use_reentrant=False, **kwargs)
 
-                m.forward = fwd
+                replace(m, fwd)
         yield
-    finally:
-        for m, had, old in reversed(saved):
-            if had:
-                m.forward = old
-            else:
-                del m.forward
 
 
 @contextlib.contextmanager
@@ -510,16 +513,12 @@ def inplace_safe(modules: Iterable[nn.Module]):
     `nn.Sequential` blocks are left as they are (their forward may never run, see `gradient_checkpointing`; the
     layers of ComfyUI's UNet blocks do not write into their inputs).
     """
-    saved = []
-    try:
+    with _forward_patches() as replace:
         for m in modules:
             if isinstance(m, nn.Sequential):
                 continue
-            had = "forward" in m.__dict__
-            orig = m.forward
-            saved.append((m, had, m.__dict__.get("forward")))
 
-            def fwd(*args, __orig=orig, **kwargs):
+            def fwd(*args, __orig=m.forward, **kwargs):
                 def copy(v):
                     return v.clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
@@ -534,14 +533,8 @@ def inplace_safe(modules: Iterable[nn.Module]):
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     return __orig(*args, **kwargs)
 
-            m.forward = fwd
+            replace(m, fwd)
         yield
-    finally:
-        for m, had, old in reversed(saved):
-            if had:
-                m.forward = old
-            else:
-                del m.forward
 
 
 # ------------------------------------------------------------------------------------------------ loop
