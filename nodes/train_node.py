@@ -78,6 +78,14 @@ def output_scale(ms, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return ms.calculate_denoised(sigma, ones, zeros)
 
 
+def _fused_attention(func, *args, **kwargs):
+    """ComfyUI's `optimized_attention_override` hook: run any attention call through `attention_pytorch`
+    (torch.nn.functional.scaled_dot_product_attention), whose backward does not keep the score matrix."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
 def family_loss(base_model, x0, noise, sigma, conds, transformer_options) -> torch.Tensor:
     """The family's training loss for clean latents `x0` (already `process_latent_in`)."""
     ms = base_model.model_sampling
@@ -207,6 +215,9 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
         x0_all = base.process_latent_in(samples.detach().clone().to(device=device, dtype=torch.float32))
         per_image = prepare_conds(base, positive, x0_all, device)
         transformer_options = dict(model.model_options.get("transformer_options", {}))
+        # Training keeps every attention's activations for backward: use torch's fused attention (flash on CPU,
+        # memory-efficient on GPU; O(tokens) saved instead of the full score matrix) unless the user set their own.
+        transformer_options.setdefault("optimized_attention_override", _fused_attention)
         gen = torch.Generator().manual_seed(int(seed))
 
         def compute_loss(step, micro):
