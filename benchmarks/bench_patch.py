@@ -3,14 +3,18 @@
     python benchmarks/bench_patch.py            # FLUX.1 and SD shapes, 8 and 32 blocks, fp32 and bf16
     python benchmarks/bench_patch.py --quick    # a few small shapes (what tests/test_benchmarks_run.py runs)
 
-Per shape (out × in), block count n (block size b = out / n) and weight dtype, best-of-N wall time of:
+Per shape (out × in), block count n (block size b = out / n) and weight dtype, best-of-N wall time of what ComfyUI's
+patcher (`ModelPatcher.patch_weight_to_device`) does per weight with either adapter: a float32 copy of W, the
+adapter's `calculate_weight` on it, the rounding back to W's dtype.
 
-- ours: `oft_core.rotation.rotate_weight(layer, W, 1.0)` (Cayley solve of the n blocks in fp32, blockwise bmm, back to
-  W's dtype): the weight ComfyUI gets from our patch.
-- comfy: what ComfyUI 0.3.64 does for a built-in OFT patch (`ModelPatcher.patch_weight_to_device`): W.to(fp32, copy)
-  then `comfy.weight_adapter.oft.OFTAdapter.calculate_weight(..., strength=1)` (its strength is applied twice, s², so
-  it is timed at 1, where s² = s), then back to W's dtype. Only when ComfyUI is found (COMFYUI_PATH, else
-  ~/.cache/comfyui-oft/ComfyUI).
+- ours ("patch"): `oft_core.rotate_weight_(layer, temp, 1.0)` on the fp32 copy, which is what our
+  `OFTWeightAdapter.calculate_weight` runs (the Cayley blocks built, no cache: a first patch; then the block product
+  in place, chunk by chunk).
+- comfy ("patch"): `comfy.weight_adapter.oft.OFTAdapter.calculate_weight(temp, ..., strength=1)` of ComfyUI 0.3.64
+  (its strength is applied twice, s², so it is timed at 1, where s² = s). Only when ComfyUI is found (COMFYUI_PATH,
+  else ~/.cache/comfyui-oft/ComfyUI).
+- "e2e": the copy + patch + rounding, both sides (the copy and rounding are the same work for both).
+- ours (new tensor): `rotate_weight(layer, W, 1.0)`, the library / bake path (W in, a new W' in W's dtype out).
 - einsum: the plain reference, R = (I + Q)(I − Q)⁻¹ by an explicit inverse, then einsum("k n m, k n i -> k m i").
 - floor: torch.bmm of the same (n, b, b) × (n, b, in) fp32 shapes, i.e. 2·out·in·b FLOPs at the matmul rate measured
   in this run; "ours/floor" is how far the whole patch is from the bare block product.
@@ -25,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from _common import HERE, best_time, kohya_layer, machine, write_results
 
 import torch  # noqa: E402
 
-from oft_core.rotation import rotate_weight  # noqa: E402
+from oft_core.rotation import rotate_weight, rotate_weight_  # noqa: E402
 
 FULL_SHAPES = [
     ("flux attn proj", 3072, 3072), ("flux qkv", 9216, 3072), ("flux single linear1", 21504, 3072),
@@ -79,25 +84,49 @@ def bench_one(label, out_dim, in_dim, n, dtype, repeats, comfy_cls):
     rot = torch.randn(n, b, b, generator=g)
     wb = torch.randn(n, b, in_dim, generator=g)
     t_floor = best_time(lambda: torch.bmm(rot, wb), repeats)
-    t_ours = best_time(lambda: rotate_weight(layer, w, 1.0), repeats)
+    # What ComfyUI's patcher does per weight (ModelPatcher.patch_weight_to_device), for either adapter: a float32
+    # copy of the weight (untimed here: the same for both), the adapter's calculate_weight on it, and the rounding
+    # back to the weight's dtype. "patch" times calculate_weight alone; "e2e" times copy + patch + rounding.
+    fresh = lambda: w.to(torch.float32, copy=True)  # noqa: E731
+
+    def ours_patch(temp):  # our OFTWeightAdapter.calculate_weight: in place, blocks built (first patch: no cache)
+        return rotate_weight_(layer, temp, 1.0)
+
+    t_ours = best_time_on(fresh, ours_patch, repeats)
+    t_ours_e2e = best_time(lambda: ours_patch(fresh()).to(dtype), repeats)
+    t_ours_new = best_time(lambda: rotate_weight(layer, w, 1.0), repeats)  # library/bake path: new tensor, W's dtype
     t_einsum = best_time(lambda: einsum_reference(raw[0], w), repeats)
     ours = rotate_weight(layer, w, 1.0)
-    rows.update(floor_s=t_floor, matmul_gflops=flops / t_floor / 1e9, ours_s=t_ours, einsum_s=t_einsum,
-                ours_over_floor=t_ours / t_floor, einsum_over_ours=t_einsum / t_ours)
+    rows.update(floor_s=t_floor, matmul_gflops=flops / t_floor / 1e9, ours_s=t_ours, ours_e2e_s=t_ours_e2e,
+                ours_new_tensor_s=t_ours_new, einsum_s=t_einsum, ours_over_floor=t_ours / t_floor,
+                ours_new_tensor_over_floor=t_ours_new / t_floor, einsum_over_ours=t_einsum / t_ours_new)
     if comfy_cls is not None:
         # alpha 0: no clamp in ComfyUI (it would clamp ‖Q‖ at alpha, not alpha·dim); our Q is under our bound, so both
         # compute the same rotation and the results can be compared.
         adapter = comfy_cls(set(), (raw[0], None, 0.0, None))
 
-        def comfy_patch():
-            temp = w.to(torch.float32, copy=True)
-            out = adapter.calculate_weight(temp, "k", 1.0, 1.0, None, lambda a: a, torch.float32)
-            return out.to(dtype)
+        def comfy_patch(temp):
+            return adapter.calculate_weight(temp, "k", 1.0, 1.0, None, lambda a: a, torch.float32)
 
-        t_comfy = best_time(comfy_patch, repeats)
-        diff = float((comfy_patch().float() - ours.float()).abs().max() / ours.float().abs().max())
-        rows.update(comfy_s=t_comfy, comfy_over_ours=t_comfy / t_ours, comfy_vs_ours_rel_diff=diff)
+        t_comfy = best_time_on(fresh, comfy_patch, repeats)
+        t_comfy_e2e = best_time(lambda: comfy_patch(fresh()).to(dtype), repeats)
+        diff = float((comfy_patch(fresh()).to(dtype).float() - ours.float()).abs().max() / ours.float().abs().max())
+        rows.update(comfy_s=t_comfy, comfy_e2e_s=t_comfy_e2e, comfy_over_ours=t_comfy / t_ours,
+                    comfy_over_ours_e2e=t_comfy_e2e / t_ours_e2e, comfy_vs_ours_rel_diff=diff)
     return rows
+
+
+def best_time_on(setup, fn, repeats: int, warmup: int = 1) -> float:
+    """Best wall time of fn(setup()) with setup() untimed (a fresh weight copy for a patch that works in place)."""
+    for _ in range(warmup):
+        fn(setup())
+    best = float("inf")
+    for _ in range(repeats):
+        arg = setup()
+        t = time.perf_counter()
+        fn(arg)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def main(argv=None) -> int:
@@ -112,8 +141,8 @@ def main(argv=None) -> int:
     dtypes = (torch.float32, torch.bfloat16)
     comfy_cls, comfy_where = load_comfy_oft()
     results = []
-    print(f"{'shape':<20} {'out×in':>12} {'n×b':>9} {'dtype':>8} {'ours ms':>9} {'comfy/ours':>10} "
-          f"{'einsum/ours':>11} {'ours/floor':>10} {'GF/s':>6}")
+    print(f"{'shape':<20} {'out×in':>12} {'n×b':>9} {'dtype':>8} {'ours ms':>8} {'comfy/ours':>10} {'(e2e)':>6} "
+          f"{'ours/floor':>10} {'new/floor':>9} {'einsum/new':>10} {'GF/s':>5}")
     for label, o, i in shapes:
         for n in counts:
             if o % n:
@@ -122,17 +151,25 @@ def main(argv=None) -> int:
                 r = bench_one(label, o, i, n, dtype, repeats, comfy_cls)
                 results.append(r)
                 comfy = f"{r['comfy_over_ours']:.2f}×" if "comfy_s" in r else "n/a"
+                e2e = f"{r['comfy_over_ours_e2e']:.2f}×" if "comfy_s" in r else "n/a"
                 print(f"{label:<20} {f'{o}×{i}':>12} {str(n) + '×' + str(r['block_size']):>9} {r['dtype']:>8} "
-                      f"{1e3 * r['ours_s']:9.1f} {comfy:>10} {r['einsum_over_ours']:10.2f}× "
-                      f"{r['ours_over_floor']:9.2f}× {r['matmul_gflops']:6.0f}", flush=True)
+                      f"{1e3 * r['ours_s']:8.1f} {comfy:>10} {e2e:>6} {r['ours_over_floor']:9.2f}× "
+                      f"{r['ours_new_tensor_over_floor']:8.2f}× {r['einsum_over_ours']:9.2f}× "
+                      f"{r['matmul_gflops']:5.0f}", flush=True)
+    def median(key):
+        v = sorted(r[key] for r in results)
+        return v[len(v) // 2]
+
     summary = {
-        "ours_over_floor_median": sorted(r["ours_over_floor"] for r in results)[len(results) // 2],
+        "ours_over_floor_median": median("ours_over_floor"),
         "ours_over_floor_max": max(r["ours_over_floor"] for r in results),
-        "einsum_over_ours_median": sorted(r["einsum_over_ours"] for r in results)[len(results) // 2],
+        "ours_new_tensor_over_floor_median": median("ours_new_tensor_over_floor"),
+        "einsum_over_ours_median": median("einsum_over_ours"),
     }
     if comfy_cls is not None:
-        ratios = sorted(r["comfy_over_ours"] for r in results)
-        summary.update(comfy_over_ours_median=ratios[len(ratios) // 2], comfy_over_ours_min=ratios[0],
+        summary.update(comfy_over_ours_median=median("comfy_over_ours"),
+                       comfy_over_ours_min=min(r["comfy_over_ours"] for r in results),
+                       comfy_over_ours_e2e_median=median("comfy_over_ours_e2e"),
                        comfy_vs_ours_rel_diff_max=max(r["comfy_vs_ours_rel_diff"] for r in results))
     print("ratios: " + ", ".join(f"{k} {v:.3g}" for k, v in summary.items()))
     print(f"ComfyUI: {comfy_where}")

@@ -9,7 +9,8 @@ both of its paths:
 - low VRAM (`LowVramPatch`, run by `comfy.ops.cast_bias_weight` on every forward of an offloaded layer): the weight
   cast to the layer's compute dtype (fp16 / bf16 stay fp16 / bf16).
 
-The rotation itself is `oft_core.rotate_weight` (fp32 math whatever the weight's dtype); this file holds no OFT math.
+The rotation itself is `oft_core.rotate_weight_` (in place, fp32 math whatever the weight's dtype); this file holds
+no OFT math.
 
 Per-layer strengths (OFT Block Strength) travel with the adapter as `adapter.info[LAYER_STRENGTHS]`, a map
 {(component, name): multiplier}; `apply_oft` multiplies each layer's strength by it, so every matched weight still
@@ -25,7 +26,15 @@ from collections import Counter
 import comfy.weight_adapter
 import torch
 
-from ..oft_core import OFTAdapter, OFTError, build_key_map, match_adapter, rotate_weight, rotation_blocks
+from ..oft_core import (
+    OFTAdapter,
+    OFTError,
+    build_key_map,
+    match_adapter,
+    rotate_weight,
+    rotate_weight_,
+    rotation_blocks,
+)
 from ..oft_core.match import MatchReport
 
 log = logging.getLogger(__name__)
@@ -87,20 +96,28 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
         # failure look like a weak adapter (what core's weight_adapter/oft.py does).
         if strength == 0:
             return weight
+        blocks = self.rotation(strength, weight.device)
+        if _is_identity(function, weight):
+            # The usual case (ComfyUI passes an identity lambda): rotate in place, chunk by chunk in fp32, rounded
+            # once to the weight's dtype (fp16/bf16 in the low-VRAM path). A narrowed slice of a fused q/k/v weight
+            # updates its parent.
+            return rotate_weight_(self.layer, weight, float(strength), self.mode, blocks=blocks)
+        # ComfyUI's convention: `function` maps the change a patch makes (LoRA: function(diff)).
         w32 = weight.to(torch.float32)
-        rotated = rotate_weight(self.layer, w32, float(strength), self.mode, out_dtype=torch.float32,
-                                blocks=self.rotation(strength, w32.device))
-        if function is not None:
-            # ComfyUI's convention: `function` maps the change a patch makes (LoRA: function(diff)). It is the
-            # identity unless a caller passed (key, offset, function); keep the exact rotated weight in that case.
-            delta = rotated - w32
-            mapped = function(delta)
-            if mapped is not delta:
-                rotated = w32 + mapped
-        # In place, so that a narrowed slice of a fused q/k/v weight updates its parent; the copy rounds to the
-        # weight's dtype (fp16/bf16 in the low-VRAM path) once, from the fp32 result.
-        weight.copy_(rotated)
+        rotated = rotate_weight(self.layer, w32, float(strength), self.mode, out_dtype=torch.float32, blocks=blocks)
+        weight.copy_(w32 + function(rotated - w32))
         return weight
+
+
+def _is_identity(function, weight) -> bool:
+    """Whether a patch's `function` returns its input unchanged (tried on an empty slice of the weight's dtype)."""
+    if function is None:
+        return True
+    probe = weight.new_empty(0)
+    try:
+        return function(probe) is probe
+    except Exception:  # a transform that cannot take an empty tensor is not the identity: use the exact path
+        return False
 
 
 # ------------------------------------------------------------------------------------------------ key mapping

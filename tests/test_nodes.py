@@ -342,6 +342,27 @@ def test_strength_is_applied_once(nodes_mod, fixtures_dir):
     assert rel_err(dh, 0.25 * d1) > 0.5
 
 
+def test_patch_function_maps_the_change_and_identity_patches_in_place(nodes_mod, fixtures_dir):
+    """ComfyUI's (key, offset, function) patches: `function` maps the change (as for LoRA); the identity lambda
+    ComfyUI passes by default takes the in-place path, with the same result as the exact one."""
+    from oft_core import resolve_for_weight, rotate_weight
+
+    adapter = nodes_mod.files.load(fixtures_dir / FLUX_ADAPTER)
+    layer = next(iter(adapter))
+    torch.manual_seed(0)
+    w = torch.randn(layer.dim, 16)
+    layer = resolve_for_weight(layer, w.shape)
+    patch = nodes_mod.patch.OFTWeightAdapter(layer)
+    exact = rotate_weight(layer, w, 0.7)
+    for function in (None, lambda a: a):
+        t = w.clone()
+        out = patch.calculate_weight(t, "k", 0.7, 1.0, None, function)
+        assert out is t and torch.equal(out, exact)
+    half = patch.calculate_weight(w.clone(), "k", 0.7, 1.0, None, lambda a: 0.5 * a)
+    assert rel_err(half, w + 0.5 * (exact - w)) <= 1e-6  # the weight, to fp32 rounding of |W|
+    assert rel_err(half - w, exact - w) > 0.4
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_vram_path_matches_full_load(nodes_mod, fixtures_dir, dtype):
     """LowVramPatch (run by comfy.ops.cast_bias_weight every forward, in the layer's dtype) == full-load patching."""

@@ -229,3 +229,102 @@ def test_cayley_is_right_for_large_blocks_with_threads():
         assert float((cayley(q).double() - ref).abs().max()) < 1e-5
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("size", [24, 40, 96, 97, 160, 301, 768])
+@pytest.mark.parametrize("scale", [0.002, 0.05, 0.3, 1.0])
+def test_cayley_paths_are_exact(size, scale):
+    """Every route of `cayley` against fp64: blocks > 96 by block elimination (`_inverse_positive_real`), odd sizes;
+    blocks of 17–96 by the series while ‖Q‖ is small (scales 0.002–0.05 here) and by the solve beyond (0.3, 1)."""
+    torch.manual_seed(size)
+    q = skew(torch.randn(2, size, size) * scale / math.sqrt(size))
+    eye = torch.eye(size, dtype=torch.float64)
+    ref = torch.stack([torch.linalg.solve(eye - x, eye + x) for x in q.double()])
+    r = cayley(q)
+    assert r.dtype == torch.float32
+    e32 = torch.eye(size).expand_as(q)
+    lapack = torch.stack([torch.linalg.solve(x, y) for x, y in zip(e32 - q, e32 + q)])  # the fp32 solve, unbatched
+    assert float((r.double() - ref).norm() / ref.norm()) < 1e-6
+    assert _rel(r, ref) <= 2 * _rel(lapack, ref) + 1e-7, (_rel(r, ref), _rel(lapack, ref))
+    assert float((r.double().transpose(-1, -2) @ r.double() - eye).abs().max()) < 4e-6
+
+
+def test_series_doublings_follow_the_norm():
+    from oft_core.rotation import _neumann_doublings
+
+    eye = torch.eye(40)
+    for rho, expected in ((0.0, 0), (0.01, 1), (0.05, 2), (0.1, 2), (0.3, 3), (0.35, None), (0.6, None)):
+        q = skew(torch.triu(torch.ones(40, 40), 1))[None]
+        q = q * (rho / float(torch.linalg.matrix_norm(q))) if rho else q * 0
+        assert _neumann_doublings(q) == expected, rho
+        if expected is not None:  # N = 2^(d+1) terms leave a tail ρ^N/(1 − ρ) under 2⁻²⁵
+            assert rho ** (2 ** (expected + 1)) / (1 - rho) <= 2.0**-25
+    assert float((cayley(torch.zeros(1, 40, 40)) - eye).abs().max()) == 0
+
+
+@pytest.mark.parametrize("size", [40, 130])
+def test_cayley_gradient_matches_the_solve(size):
+    """The trainer differentiates through the same paths (series at 40, block elimination at 130): its gradient
+    equals the solve's."""
+    torch.manual_seed(3)
+    a = (torch.randn(2, size, size) * 0.01).requires_grad_()
+    g = torch.randn(2, size, size)
+    (cayley(skew(a)) * g).sum().backward()
+    grad_new, a_ref = a.grad.clone(), a.detach().double().requires_grad_()
+    q = skew(a_ref)
+    eye = torch.eye(size, dtype=torch.float64)
+    (torch.linalg.solve(eye - q, eye + q) * g.double()).sum().backward()
+    assert _rel(grad_new, a_ref.grad) < 1e-5
+
+
+def _dense_reference(layer, w, strength=1.0):
+    """W' from the dense block-diagonal M, in fp64: M·W (side out) or W·M (side in), then the row scale."""
+    from oft_core.rotation import _apply_rows
+
+    blocks = [b.double() for b in rotation_blocks(layer, strength)]
+    flat = w.double().reshape(w.shape[0], -1)
+    if layer.kind == "butterfly":
+        out = _apply_rows(layer, blocks, flat)
+    else:
+        m = torch.block_diag(*[blk for r in blocks for blk in r])
+        out = m @ flat if layer.side == "out" else flat @ m
+    if layer.row_scale is not None:
+        out = out * layer.row_scale.double()[:, None]
+    return out.reshape(w.shape)
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 40])  # 40 elements: every block is its own chunk
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["kohya", "lycoris_rescaled", "boft", "peft", "peft_neumann"])
+def test_merge_path_in_place_and_chunked_equals_the_dense_product(kind, dtype, chunk, monkeypatch):
+    """`rotate_weight` (new tensor) and `rotate_weight_` (in place) give the same bits, chunked or not, and equal the
+    dense block-diagonal product rounded once to the weight's dtype."""
+    import oft_core.rotation as rot
+
+    monkeypatch.setattr(rot, "_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(5)
+    w = torch.randn(16, 4, 3, 3).to(dtype)
+    layer = resolve_for_weight(_conv_layer(kind), w.shape)
+    for strength in (1.0, 0.5, -1.0):
+        ref = _dense_reference(layer, w, strength)
+        out = rotate_weight(layer, w, strength)
+        in_place = w.clone()
+        assert rot.rotate_weight_(layer, in_place, strength) is in_place
+        assert out.dtype == dtype and torch.equal(out, in_place)
+        assert _rel(out, ref) <= {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
+        assert torch.equal(rotate_weight(layer, w, strength, out_dtype=torch.float32),
+                           rotate_weight(layer, w.float(), strength))
+
+
+def test_in_place_merge_updates_a_narrowed_slice_of_a_fused_weight():
+    """ComfyUI hands a patch a narrowed view (q, k or v of a fused qkv): only that slice changes, in its parent."""
+    from oft_core.rotation import rotate_weight_
+
+    torch.manual_seed(6)
+    fused = torch.randn(3 * 24, 10)
+    layer = make_layer(path="t", name="k", side="out", generators=[_gen(3, 8, 0.2)], transpose=True)
+    before = fused.clone()
+    rotate_weight_(layer, fused.narrow(0, 24, 24))
+    assert torch.equal(fused[:24], before[:24]) and torch.equal(fused[48:], before[48:])
+    assert torch.equal(fused[24:48], rotate_weight(layer, before[24:48]))
+    assert not torch.equal(fused[24:48], before[24:48])
