@@ -67,11 +67,17 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
         # (strength, mode, device) -> rotation blocks. ComfyUI's low-VRAM path calls calculate_weight on every
         # forward of an offloaded layer; the blocks (a batched linear solve) depend only on this key, so they are
         # built once and the forward only does the block matmul.
+        # They are kept from the second patch at a key on: a weight patched once (a full load) neither pays for R
+        # when solving against W is cheaper (large blocks) nor keeps R's memory.
         self._rotations: dict[tuple, list[torch.Tensor]] = {}
+        self._patched: set[tuple] = set()
+
+    def _key(self, strength: float, device) -> tuple:
+        return float(strength), self.mode, str(torch.device(device))
 
     def rotation(self, strength: float, device) -> list[torch.Tensor]:
         """`rotation_blocks(layer, strength, mode)` on `device`, cached per (strength, mode, device)."""
-        key = (float(strength), self.mode, str(torch.device(device)))
+        key = self._key(strength, device)
         blocks = self._rotations.get(key)
         if blocks is None:
             blocks = [b.to(device) for b in rotation_blocks(self.layer, float(strength), self.mode)]
@@ -96,7 +102,9 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
         # failure look like a weak adapter (what core's weight_adapter/oft.py does).
         if strength == 0:
             return weight
-        blocks = self.rotation(strength, weight.device)
+        key = self._key(strength, weight.device)
+        blocks = self.rotation(strength, weight.device) if key in self._patched else None
+        self._patched.add(key)
         if _is_identity(function, weight):
             # The usual case (ComfyUI passes an identity lambda): rotate in place, chunk by chunk in fp32, rounded
             # once to the weight's dtype (fp16/bf16 in the low-VRAM path). A narrowed slice of a fused q/k/v weight

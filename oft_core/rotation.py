@@ -108,6 +108,36 @@ def _inverse_positive_real(a: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, bottom], -2)
 
 
+# Panel width of `_solve_positive_real_`: its updates are matmuls with this inner dimension (≥ 128 runs near the
+# matmul rate); each panel's diagonal block is inverted by `_inverse_positive_real`.
+_SOLVE_PANEL = 192
+
+
+def _solve_positive_real_(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w ← a⁻¹·w in place (batched (n, b, b) and (n, b, m)); `a` is overwritten. Same class of `a` as above.
+
+    Blocked Gaussian elimination without pivoting (safe for the same reason as `_inverse_positive_real`): for each
+    panel of rows, its diagonal block inverted, the panel scaled, the rows below updated (one matmul each for `a`
+    and `w`); then back substitution, one matmul per panel. 2/3·b³ + 2·b²·m FLOPs, against 2·b³ + 2·b²·m for
+    "build R, then multiply": a third less when b ≈ m (e.g. kohya dim 4–8 on FLUX / SD MLP layers).
+    """
+    b = a.shape[-1]
+    starts = range(0, b, _SOLVE_PANEL)
+    for k0 in starts:
+        k1 = min(k0 + _SOLVE_PANEL, b)
+        d_inv = _inverse_positive_real(a[:, k0:k1, k0:k1])
+        w[:, k0:k1] = torch.bmm(d_inv, w[:, k0:k1])
+        if k1 < b:
+            a[:, k0:k1, k1:] = torch.bmm(d_inv, a[:, k0:k1, k1:])
+            lower = a[:, k1:, k0:k1]
+            a[:, k1:, k1:].baddbmm_(lower, a[:, k0:k1, k1:], alpha=-1)
+            w[:, k1:].baddbmm_(lower, w[:, k0:k1], alpha=-1)
+    for k0 in reversed(starts):
+        if k0:
+            w[:, :k0].baddbmm_(a[:, :k0, k0 : min(k0 + _SOLVE_PANEL, b)], w[:, k0 : k0 + _SOLVE_PANEL], alpha=-1)
+    return w
+
+
 def cayley(q: torch.Tensor) -> torch.Tensor:
     """R = (I + Q)(I − Q)⁻¹ for skew-symmetric Q.
 
@@ -304,6 +334,49 @@ def _rotate_into(layer: OFTLayer, blocks: list[torch.Tensor], src: torch.Tensor,
         start += n * b
 
 
+def _solves_directly(layer: OFTLayer, rows: int, cols: int) -> bool:
+    """Whether the merge path should solve against W instead of building R (see `_solve_positive_real_`).
+
+    Only for the plain case (Cayley blocks on the output rows) and blocks large against the weight's other side,
+    where building R costs as much as the product itself: measured faster from b ≥ cols/4 with b ≥ 512
+    (benchmarks/bench_patch.py)."""
+    return (layer.kind == "diag" and layer.side == "out" and layer.parameterization == "cayley"
+            and not layer.block_share and min(layer.block_sizes) >= _SOLVE_MIN_BLOCK
+            and 4 * min(layer.block_sizes) >= cols)
+
+
+_SOLVE_MIN_BLOCK = 512
+
+
+def _rotate_by_solving(layer: OFTLayer, strength: float, mode: StrengthMode, src: torch.Tensor,
+                       dst: torch.Tensor) -> None:
+    """dst ← M·src with M = blockdiag(B), B = R or Rᵀ, without forming R: with A = I − Q (R) or I + Q (Rᵀ = Cayley(−Q)),
+    R·W = 2A⁻¹W − W, so W' = W + 2s(A⁻¹W − W) (kohya strength s) or 2A⁻¹W − W with Q scaled by s (orthogonal)."""
+    scale = _row_scale(layer)
+    scale = None if scale is None else scale.to(device=src.device, dtype=torch.float32)
+    cols = src.shape[1]
+    start = 0
+    for i, (q, n, b) in enumerate(zip(layer.generators, layer.num_blocks, layer.block_sizes)):
+        q = constrain(layer, q.to(device=src.device, dtype=torch.float32), i)
+        if mode == "orthogonal":
+            q = q * strength
+        sign = -1.0 if layer.transpose else 1.0
+        eye = _eye_like(q)
+        step = max(1, min(n, _CHUNK_ELEMENTS // max(1, b * cols)))
+        for k in range(0, n, step):
+            m = min(step, n - k)
+            span = slice(start + k * b, start + (k + m) * b)
+            x = src[span].reshape(m, b, cols)
+            y = x.to(torch.float32, copy=True)
+            _solve_positive_real_((eye[k : k + m] - sign * q[k : k + m]).contiguous(), y)
+            # y ← W + 2s(y − W), s = 1 in orthogonal mode (its s is inside Q); fp32 throughout
+            y.sub_(x).mul_(2.0 * (strength if mode == "kohya" else 1.0)).add_(x)
+            if scale is not None:
+                y.mul_(scale[span].view(m, b, 1))
+            dst[span].copy_(y.view(m * b, cols))
+        start += n * b
+
+
 def rotate_weight(
     layer: OFTLayer,
     weight: torch.Tensor,
@@ -317,15 +390,14 @@ def rotate_weight(
 
     `layer` must fit the weight (see `spec.resolve_for_weight`). Strength 0 returns `weight` itself.
     `blocks` may be passed precomputed (`rotation_blocks(layer, strength, mode)`), e.g. cached across the forwards
-    of ComfyUI's low-VRAM path.
+    of ComfyUI's low-VRAM path; without them, large Cayley blocks are solved against W directly (`_solves_directly`).
     """
     if strength == 0:
         return weight if out_dtype in (None, weight.dtype) else weight.to(out_dtype)
-    if blocks is None:
-        blocks = rotation_blocks(layer, strength, mode)
+    if mode not in STRENGTH_MODES:
+        raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
     out = torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=weight.device)
-    _rotate_into(layer, [b.to(weight.device) for b in blocks], weight.reshape(weight.shape[0], -1),
-                 out.view(weight.shape[0], -1))
+    _rotate(layer, strength, mode, blocks, weight.reshape(weight.shape[0], -1), out.view(weight.shape[0], -1))
     return out
 
 
@@ -344,16 +416,24 @@ def rotate_weight_(
     """
     if strength == 0:
         return weight
-    if blocks is None:
-        blocks = rotation_blocks(layer, strength, mode)
-    blocks = [b.to(weight.device) for b in blocks]
+    if mode not in STRENGTH_MODES:
+        raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
     try:
         flat = weight.view(weight.shape[0], -1)
     except RuntimeError:  # not viewable as 2-D (a non-contiguous slice): compute aside, then write back
         weight.copy_(rotate_weight(layer, weight, strength, mode, blocks=blocks))
         return weight
-    _rotate_into(layer, blocks, flat, flat)
+    _rotate(layer, strength, mode, blocks, flat, flat)
     return weight
+
+
+def _rotate(layer, strength, mode, blocks, src: torch.Tensor, dst: torch.Tensor) -> None:
+    if blocks is None and _solves_directly(layer, *src.shape):
+        _rotate_by_solving(layer, float(strength), mode, src, dst)
+        return
+    if blocks is None:
+        blocks = rotation_blocks(layer, strength, mode)
+    _rotate_into(layer, [b.to(src.device) for b in blocks], src, dst)
 
 
 def rotate_features(

@@ -358,6 +358,10 @@ def test_patch_function_maps_the_change_and_identity_patches_in_place(nodes_mod,
         t = w.clone()
         out = patch.calculate_weight(t, "k", 0.7, 1.0, None, function)
         assert out is t and torch.equal(out, exact)
+    # R is kept from the second patch at a strength on (the low-VRAM path patches on every forward), not before
+    assert list(patch._rotations) == [(0.7, "kohya", "cpu")]
+    assert patch.calculate_weight(w.clone(), "k", 0.3, 1.0, None, None) is not None
+    assert (0.3, "kohya", "cpu") not in patch._rotations
     half = patch.calculate_weight(w.clone(), "k", 0.7, 1.0, None, lambda a: 0.5 * a)
     assert rel_err(half, w + 0.5 * (exact - w)) <= 1e-6  # the weight, to fp32 rounding of |W|
     assert rel_err(half - w, exact - w) > 0.4

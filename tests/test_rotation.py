@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from oracle import case_ids, get_case
+
 from oft_core import Constraint, load_adapter, make_layer, resolve_for_weight, rotate_weight
 from oft_core.rotation import (
     bypass_forward,
@@ -328,3 +328,42 @@ def test_in_place_merge_updates_a_narrowed_slice_of_a_fused_weight():
     assert torch.equal(fused[:24], before[:24]) and torch.equal(fused[48:], before[48:])
     assert torch.equal(fused[24:48], rotate_weight(layer, before[24:48]))
     assert not torch.equal(fused[24:48], before[24:48])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("transpose", [True, False])
+def test_solving_against_w_equals_building_r(transpose, dtype, monkeypatch):
+    """The route for large blocks (`_solve_positive_real_`, no R formed) gives the product route's weights: several
+    panels per block (odd sizes), fused splits, row scale, both strength modes, negative strength, in place too."""
+    import oft_core.rotation as rot
+
+    monkeypatch.setattr(rot, "_SOLVE_MIN_BLOCK", 1)
+    monkeypatch.setattr(rot, "_SOLVE_PANEL", 7)
+    torch.manual_seed(8)
+    layer = make_layer(path="t", name="qkv", side="out", generators=[_gen(2, 30, 0.1), _gen(3, 23, 0.3, seed=1)],
+                       transpose=transpose, constraint=Constraint("norm_clamp", 0.02),
+                       row_scale=1 + 0.1 * torch.randn(129))
+    w = torch.randn(129, 40).to(dtype)  # cols 40 ≤ 4·23: the solve route is taken
+    assert rot._solves_directly(layer, *w.shape)
+    for mode in ("kohya", "orthogonal"):
+        for strength in (1.0, 0.5, -1.0):
+            product = rotate_weight(layer, w, strength, mode, blocks=rotation_blocks(layer, strength, mode))
+            solved = rotate_weight(layer, w, strength, mode)
+            assert _rel(solved, _dense_reference(layer, w, strength) if mode == "kohya" else product) <= \
+                {torch.float32: 2e-6, torch.bfloat16: 8e-3}[dtype]
+            assert _rel(solved, product) <= {torch.float32: 2e-6, torch.bfloat16: 8e-3}[dtype]
+            in_place = w.clone()
+            rot.rotate_weight_(layer, in_place, strength, mode)
+            assert torch.equal(in_place, solved)
+
+
+def test_blocked_solve_is_exact_on_large_blocks():
+    from oft_core.rotation import _solve_positive_real_
+
+    torch.manual_seed(9)
+    q = skew(torch.randn(2, 700, 700) * 0.3 / math.sqrt(700))
+    w = torch.randn(2, 700, 50)
+    eye = torch.eye(700).expand_as(q)
+    ref = torch.stack([torch.linalg.solve((e - x).double(), y.double()) for e, x, y in zip(eye, q, w)])
+    y = _solve_positive_real_((eye - q).contiguous(), w.clone())
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-6
