@@ -7,10 +7,13 @@ leaves nothing behind and never touches an existing file (unless `overwrite`). E
 (fp32 / fp16 / bf16 / fp8: computed in fp32, written back in the tensor's own dtype); untouched tensors are copied
 byte for byte; the base's metadata is kept (plus a record of what was baked).
 
-Memory: the base is read with plain file reads (no memory map), one tensor at a time, so at any moment the process
-holds one base tensor, its fp32 working copy (the same tensor for fp32 bases) and one layer's rotation output,
-whatever the model size; tests/test_bake_ops.py measures the peak. A layer whose effective strength is 0 (strength 0,
-or a per-block spec `--blocks` that switches its block off) is not touched: its weight stays bit for bit.
+Memory: the base is read with plain file reads (no memory map), one tensor at a time, and an adapter given as a file
+is streamed too (`formats.open_streamed`): a skeleton first (every layer's structure and every check of its reader,
+large tensors on the meta device), then each layer read alone, once to check its values before writing and once when
+its weight comes up. So at any moment the process holds one base tensor (rotated in place, or its fp32 working copy
+when several patches or fp8 need one) and one adapter layer's working set, whatever the model and adapter sizes;
+tests/test_bake_ops.py and tests/test_bake_stream.py measure the peak. A layer whose effective strength is 0
+(strength 0, or a per-block spec `--blocks` that switches its block off) is not touched: its weight stays bit for bit.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ import torch
 
 from .blocks import BlockSpec, effective_strengths, parse_block_spec
 from .errors import OFTError
-from .formats import load_adapter
-from .match import MatchReport, match_adapter
+from .formats import StreamedAdapter, open_streamed
+from .match import Match, MatchReport, match_adapter, target_shape
 from .names import build_key_map
-from .rotation import STRENGTH_MODES, StrengthMode, rotate_weight
+from .rotation import STRENGTH_MODES, StrengthMode, rotate_weight_
 from .safetensors_io import DTYPES, TensorInfo, read_header
-from .spec import OFTAdapter
+from .spec import OFTAdapter, OFTLayer, resolve_for_weight
 
 log = logging.getLogger(__name__)
 _COPY_CHUNK = 16 * 1024 * 1024
@@ -102,6 +105,17 @@ def _read_tensor(src, header, ti: TensorInfo, key: str, buf: bytearray) -> torch
     return torch.frombuffer(view, dtype=dtype).reshape(ti.shape)
 
 
+def _real_layer(streamed: StreamedAdapter, m: Match, shapes) -> OFTLayer:
+    """The matched layer `m` (a skeleton's) read for real and resolved for its weight like the skeleton was."""
+    layer = resolve_for_weight(streamed.layer(m.layer.key), target_shape(m.target, shapes), path=streamed.header.path)
+    structure = ("side", "kind", "num_blocks", "block_sizes", "transpose", "parameterization", "neumann_coeffs",
+                 "constraint", "component", "name")
+    if any(getattr(layer, f) != getattr(m.layer, f) for f in structure):
+        raise OFTError("read on its own, this layer differs from the same layer read with the whole file",
+                       path=streamed.header.path, layer=m.layer.key)
+    return layer
+
+
 def _adapter_items(adapters) -> list[tuple[object, float, BlockSpec | str | None]]:
     items = []
     for entry in adapters:
@@ -153,7 +167,10 @@ def bake(
     record = []
     skipped = 0
     for item, strength, spec in items:
-        adapter = item if isinstance(item, OFTAdapter) else load_adapter(item)
+        # A file is streamed: its skeleton now (structure, every reader check), each layer read alone when its
+        # weight comes up. An OFTAdapter given as an object is already in memory and used as it is.
+        streamed = None if isinstance(item, OFTAdapter) else open_streamed(item)
+        adapter = item if streamed is None else streamed.skeleton
         spec = parse_block_spec(spec) if isinstance(spec, str) else (spec if spec is not None else default_spec)
         report = match_adapter(adapter, shapes, keymap, base_name=os.path.basename(base))
         reports.append(report)
@@ -172,9 +189,15 @@ def bake(
             if s == 0:
                 skipped += 1
                 continue
-            patches.setdefault(m.target.key, []).append((m, s))
+            patches.setdefault(m.target.key, []).append((m, s, streamed))
         record.append({"adapter": os.path.basename(report.adapter), "strength": float(strength), "mode": mode,
                        "layers": len(report.matched), **({"blocks": spec.text} if spec is not None else {})})
+    # Every streamed layer that will be baked is read once for real now (values checked: NaN/Inf, structure), one at
+    # a time, so that a damaged layer stops the bake before the first byte is written.
+    for entries_ in patches.values():
+        for m, _, streamed in entries_:
+            if streamed is not None:
+                _real_layer(streamed, m, shapes)
     for key in patches:
         dtype = DTYPES.get(header.tensors[key].dtype)
         if dtype is None or not dtype.is_floating_point:
@@ -206,11 +229,16 @@ def bake(
                 if key in patches:
                     w = _read_tensor(src, header, ti, key, readbuf)
                     dtype = w.dtype
-                    work = w.to(torch.float32)  # fp32 bases: `work` is `w` itself (the read buffer), no copy
+                    # One patch on an fp32/fp16/bf16 weight: rotated in place in the read buffer (fp32 math chunk by
+                    # chunk, rounded once). Several patches (fused slices, several adapters) or fp8: one fp32 copy,
+                    # rounded once at the end.
+                    direct = len(patches[key]) == 1 and dtype in (torch.float32, torch.float16, torch.bfloat16)
+                    work = w if direct else w.to(torch.float32)
                     del w
-                    for m, strength in patches[key]:
-                        part = _narrow(work, m.target.offset)
-                        part.copy_(rotate_weight(m.layer, part, strength, mode, out_dtype=torch.float32))
+                    for m, strength, streamed in patches[key]:
+                        layer = m.layer if streamed is None else _real_layer(streamed, m, shapes)
+                        rotate_weight_(layer, _narrow(work, m.target.offset), strength, mode)
+                        del layer
                     data = work.to(dtype).contiguous().view(torch.uint8).reshape(-1)
                     del work
                     if data.numel() != ti.end - ti.start:

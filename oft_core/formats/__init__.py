@@ -17,10 +17,13 @@ base model's own keys); `<path>` keeps its dots. Only safetensors is read; pickl
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, NamedTuple
 
+import torch
+
 from ..errors import OFTError
-from ..safetensors_io import Header, load_tensors, read_header
+from ..safetensors_io import DTYPES, Header, load_tensors, read_header
 from ..spec import OFTAdapter
 from . import kohya, lycoris, peft
 
@@ -38,8 +41,8 @@ READERS: list[Reader] = [
 ]
 
 
-def load_adapter(path: str | os.PathLike) -> OFTAdapter:
-    """Read any supported OFT adapter: a .safetensors file, or a PEFT adapter directory."""
+def _open(path: str | os.PathLike) -> tuple[Reader, Header, dict | None]:
+    """The reader that claims the file, its checked header and the PEFT config (if any)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise OFTError("file not found", path=path)
@@ -47,12 +50,67 @@ def load_adapter(path: str | os.PathLike) -> OFTAdapter:
     header = read_header(model_path)
     for reader in READERS:
         if reader.claims(header, config):
-            tensors, _ = load_tensors(model_path)
-            adapter = reader.read(header, tensors, config)
-            if not adapter.layers:
-                raise OFTError(f"no OFT layer found by the {reader.name} reader", path=model_path)
-            return adapter
+            return reader, header, config
     raise OFTError(_not_oft_message(header), path=model_path)
+
+
+def _read(reader: Reader, header: Header, tensors: dict, config) -> OFTAdapter:
+    adapter = reader.read(header, tensors, config)
+    if not adapter.layers:
+        raise OFTError(f"no OFT layer found by the {reader.name} reader", path=header.path)
+    return adapter
+
+
+def load_adapter(path: str | os.PathLike) -> OFTAdapter:
+    """Read any supported OFT adapter: a .safetensors file, or a PEFT adapter directory."""
+    reader, header, config = _open(path)
+    tensors, _ = load_tensors(header.path)
+    return _read(reader, header, tensors, config)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+# What `bake` uses to hold one layer at a time: a skeleton of the whole adapter (every check the reader makes across
+# layers, every layer's structure) with its large tensors on the meta device, then each layer read for real, alone,
+# through the same reader (so a streamed layer is the layer `load_adapter` gives).
+
+_LAYER_KEY = re.compile(r"^(.+?)\.(oft_blocks(?:\.\d+)?|oft_diag|alpha|rescale|oft_R\.weight|oft_r|oft_s)$")
+_SKELETON_REAL_BYTES = 1 << 16  # tensors up to this size are read for real in a skeleton (alpha: its value counts)
+
+
+class StreamedAdapter(NamedTuple):
+    skeleton: OFTAdapter  # every layer's structure; generators (and large row scales) on the meta device
+    reader: Reader
+    header: Header
+    config: dict | None
+    keys: dict[str, list[str]]  # layer key (OFTLayer.key) -> the file's keys of that layer
+
+    def layer(self, key: str):
+        """One layer with its tensors, read alone (only its keys) by the same reader as the skeleton."""
+        tensors, _ = load_tensors(self.header.path, keys=self.keys.get(key, []))
+        layers = [layer for layer in _read(self.reader, self.header, tensors, self.config) if layer.key == key]
+        if len(layers) != 1:
+            raise OFTError(f"layer {key!r} could not be read on its own ({len(layers)} layers found)",
+                           path=self.header.path)
+        return layers[0]
+
+
+def open_streamed(path: str | os.PathLike) -> StreamedAdapter:
+    """The adapter at `path` for layer-by-layer use: its skeleton now (small tensors only), each layer on demand."""
+    reader, header, config = _open(path)
+    small = [k for k, ti in header.tensors.items() if ti.end - ti.start <= _SKELETON_REAL_BYTES]
+    tensors, _ = load_tensors(header.path, keys=small)
+    for k, ti in header.tensors.items():
+        if k not in tensors:
+            if ti.dtype not in DTYPES:
+                raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which this reader does not know", path=header.path)
+            tensors[k] = torch.empty(ti.shape, dtype=DTYPES[ti.dtype], device="meta")
+    skeleton = _read(reader, header, tensors, config)
+    keys: dict[str, list[str]] = {}
+    for k in header.tensors:
+        m = _LAYER_KEY.match(k)
+        if m:
+            keys.setdefault(m.group(1), []).append(k)
+    return StreamedAdapter(skeleton, reader, header, config, keys)
 
 
 def _not_oft_message(header: Header) -> str:

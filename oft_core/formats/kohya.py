@@ -3,8 +3,8 @@
 Keys: `oft_unet_<module path, "." -> "_">.oft_blocks` (num_blocks, b, b) and `.alpha` (scalar constraint);
 FLUX fused layers store one tensor per split, `.oft_blocks.<i>` (a single-split FLUX layer has `.oft_blocks.0`).
 Module paths are diffusers names for SD1/2, LDM names for SDXL, BFL names for FLUX. sd-scripts' `dim` is the number
-of blocks. Split sizes are read from the tensors (split_i = blocks_i.shape[0] × blocks_i.shape[1]): sd-scripts hard-codes
-FLUX.1 widths, which would be wrong for any other width.
+of blocks. Split sizes are read from the tensors (split_i = blocks_i.shape[0] × blocks_i.shape[1]): sd-scripts
+hard-codes FLUX.1 widths, which would be wrong for any other width.
 """
 
 from __future__ import annotations

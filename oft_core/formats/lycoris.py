@@ -18,8 +18,8 @@ import torch
 from ..errors import OFTError
 from ..rotation import skew
 from ..safetensors_io import Header
-from ._keys import group_by_layer
 from ..spec import Constraint, OFTAdapter, make_layer
+from ._keys import group_by_layer
 
 PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te"}
 _KEY = re.compile(r"^((?:lycoris_|lora_unet_|lora_te1_|lora_te2_|lora_te_).+?)\.(oft_blocks|oft_diag|alpha|rescale)$")

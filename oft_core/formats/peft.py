@@ -23,8 +23,8 @@ import torch
 
 from ..errors import OFTError
 from ..safetensors_io import Header
-from ._keys import group_by_layer
 from ..spec import Constraint, OFTAdapter, make_layer, neumann_coefficients
+from ._keys import group_by_layer
 
 CONFIG_NAME = "adapter_config.json"
 MODEL_NAME = "adapter_model.safetensors"
@@ -143,7 +143,7 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
                 raise OFTError(f".oft_R.weight: {vec.shape[1]} values per block is not b(b−1)/2 for any block "
                                "size b ≥ 2", path=path, layer=key)
             rows, cols = torch.triu_indices(b, b, 1)
-            u = torch.zeros(vec.shape[0], b, b, dtype=torch.float32)
+            u = torch.zeros(vec.shape[0], b, b, dtype=torch.float32, device=vec.device)
             u[:, rows, cols] = vec.to(torch.float32)
             q = u - u.transpose(1, 2)
             layer = make_layer(
