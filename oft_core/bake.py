@@ -9,11 +9,12 @@ byte for byte; the base's metadata is kept (plus a record of what was baked).
 
 Memory: the base is read with plain file reads (no memory map), one tensor at a time, and an adapter given as a file
 is streamed too (`formats.open_streamed`): a skeleton first (every layer's structure and every check of its reader,
-large tensors on the meta device), then each layer read alone, once to check its values before writing and once when
-its weight comes up. So at any moment the process holds one base tensor (rotated in place, or its fp32 working copy
-when several patches or fp8 need one) and one adapter layer's working set, whatever the model and adapter sizes;
-tests/test_bake_ops.py and tests/test_bake_stream.py measure the peak. A layer whose effective strength is 0
-(strength 0, or a per-block spec `--blocks` that switches its block off) is not touched: its weight stays bit for bit.
+every tensor but the scalar alphas on the meta device), then each layer read alone, once to check its values before
+writing and once when its weight comes up. So at any moment the process holds the skeleton, one base tensor (rotated
+in place, or its fp32 working copy when several patches or fp8 need one) and one adapter layer's working set, whatever
+the model and adapter sizes; tests/test_bake_ops.py and tests/test_bake_stream.py measure the peak. A layer whose
+effective strength is 0 (strength 0, or a per-block spec `--blocks` that switches its block off) is not touched: its
+weight stays bit for bit.
 """
 
 from __future__ import annotations

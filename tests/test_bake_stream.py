@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from oracle import REL_TOL, case_ids, get_case, rel_err
+from oracle import FIXTURES, REL_TOL, case_ids, get_case, rel_err
 from safetensors.torch import load_file, save_file
 
 from oft_core import OFTError, load_adapter
@@ -36,6 +36,9 @@ def test_streamed_bake_equals_the_loaded_adapter_bit_for_bit(case_id, tmp_path):
     loaded = load_adapter(case.adapter)
     streamed = open_streamed(case.adapter)
     assert [layer.key for layer in streamed.skeleton] == [layer.key for layer in loaded]
+    # The skeleton holds no values (every reader ran on meta tensors: the bakes below test that path for each format).
+    assert all(g.device.type == "meta" for layer in streamed.skeleton for g in layer.generators)
+    assert all(layer.row_scale is None or layer.row_scale.device.type == "meta" for layer in streamed.skeleton)
     for layer in streamed.skeleton:  # every layer read alone is the layer of the whole file
         alone, whole = streamed.layer(layer.key), loaded.layers[(layer.component, layer.name)]
         assert all(torch.equal(a, b) for a, b in zip(alone.generators, whole.generators))
@@ -80,7 +83,8 @@ def test_streamed_bake_peak_memory_does_not_grow_with_the_adapter(tmp_path):
     /proc/self/clear_refs, glibc's mmap threshold pinned so RSS is what is alive). Streamed: one layer's working set,
     under 6× its 4 MiB of blocks (as read, made skew, constrained, I − Q for the solve; the 2 MiB base tensor and its
     chunk copies), measured 21 MiB, and under a quarter of the file. Control: the same bake with the adapter loaded
-    whole first (what bake did before it streamed the adapter) grows by more than the 96 MiB file.
+    whole first (what bake did before it streamed the adapter) grows by more than the 96 MiB file: measured 199 MiB
+    (the file's fp32 blocks and their skew Q side by side while the reader runs).
     """
     layer_bytes = 4 * 512 * 512 * 4
     g = torch.Generator().manual_seed(0)
@@ -126,3 +130,68 @@ def test_a_damaged_layer_in_the_middle_stops_the_bake_before_writing(tmp_path):
         bake(b, [(a, 1.0)], out, show_progress=False)
     assert "a.safetensors" in str(e.value) and "oft_unet_layers_2_proj" in str(e.value) and "NaN" in str(e.value)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["a.safetensors", "b.safetensors"]
+
+
+def test_several_adapters_fused_slices_and_block_specs_stream_like_loaded(tmp_path):
+    """Three adapters, orthogonal mode, per-adapter and default block specs, and fused slices: a diffusers-named
+    LyCORIS file whose to_q / to_k / to_v layers patch row slices of the BFL fused qkv weight (three layers of one
+    adapter on one base tensor, each read alone). Streamed from the files: bit for bit the bake of the loaded ones."""
+    flux = FIXTURES / "kohya" / "flux_tiny_oft_attn_dim4.safetensors"
+    base_file = FIXTURES / "kohya" / "flux_tiny_base.safetensors"
+    g = torch.Generator().manual_seed(3)
+    qkv = {f"lycoris_transformer_blocks_1_attn_to_{p}.oft_blocks": torch.randn(4, 32, 32, generator=g) * 0.05
+           for p in "qkv"}
+    qkv.update({f"lycoris_transformer_blocks_1_attn_to_{p}.alpha": torch.tensor(0.0) for p in "qkv"})
+    fused = tmp_path / "qkv.safetensors"
+    save_file(qkv, str(fused))
+    items = [(flux, 0.7, "double:0=0.5"), (fused, 0.9), (flux, -0.4)]
+    loaded = [(load_adapter(item[0]), *item[1:]) for item in items]
+    a, b = tmp_path / "streamed.safetensors", tmp_path / "loaded.safetensors"
+    ra = bake(base_file, items, a, mode="orthogonal", block_spec="double:1=0.25", show_progress=False)
+    rb = bake(base_file, loaded, b, mode="orthogonal", block_spec="double:1=0.25", show_progress=False)
+    assert ra.tensors_changed == rb.tensors_changed == 8 and [len(r.matched) for r in ra.reports] == [8, 3, 8]
+    sa, sb, base = load_file(str(a)), load_file(str(b)), load_file(str(base_file))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    key = "double_blocks.1.img_attn.qkv.weight"  # 384 = q|k|v rows of 128
+    assert sorted((m.target.key, m.target.offset) for m in ra.reports[1].matched) == [
+        (key, (0, 0, 128)), (key, (0, 128, 128)), (key, (0, 256, 128))]
+    assert all(not torch.equal(sa[key][i:i + 128], base[key][i:i + 128]) for i in (0, 128, 256))
+
+
+def _five_layers(tmp_path, adapter_edit=None, base_rows=None):
+    """A 5-layer kohya file and its base; `adapter_edit` / `base_rows` spoil layer 2 (the middle of the file)."""
+    g = torch.Generator().manual_seed(2)
+    adapter = {f"oft_unet_layers_{i}_proj.oft_blocks": torch.randn(2, 8, 8, generator=g) * 1e-2 for i in range(5)}
+    base = {f"layers.{i}.proj.weight": torch.randn(16, 4, generator=g) for i in range(5)}
+    if adapter_edit:
+        adapter_edit(adapter)
+    if base_rows:
+        base["layers.2.proj.weight"] = torch.randn(base_rows, 4, generator=g)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(adapter, str(a), metadata={"ss_network_alpha": "0.001"})
+    save_file(base, str(b))
+    return a, b
+
+
+def _renamed(adapter):
+    adapter["oft_unet_layers_2_proj.oft_blockz"] = adapter.pop("oft_unet_layers_2_proj.oft_blocks")
+
+
+@pytest.mark.parametrize("spoil, expect", [
+    ({"base_rows": 24}, "expected 16 (= 2×8 blocks of the adapter), found 24"),
+    ({"adapter_edit": _renamed}, "unexpected key 'oft_unet_layers_2_proj.oft_blockz'"),
+    ({"adapter_edit": lambda a: a.update({"oft_unet_layers_2_proj.oft_blocks": torch.zeros(2, 8, 4)})},
+     "expected (num_blocks, b, b), found (2, 8, 4)"),
+], ids=["wrong-shape-for-its-weight", "malformed-key", "non-square-blocks"])
+def test_bad_layer_in_the_middle_writes_nothing_and_names_it(tmp_path, spoil, expect):
+    a, b = _five_layers(tmp_path, **spoil)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(OFTError) as e:
+        bake(b, [(a, 1.0)], out, show_progress=False)
+    msg = str(e.value)
+    assert msg.startswith(str(a)) and "oft_unet_layers_2_proj" in msg and expect in msg, msg
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+    good = tmp_path / "good"
+    good.mkdir()
+    good_a, good_b = _five_layers(good)
+    assert bake(good_b, [(good_a, 1.0)], good / "out.safetensors", show_progress=False).tensors_changed == 5

@@ -74,11 +74,14 @@ def load_adapter(path: str | os.PathLike) -> OFTAdapter:
 # through the same reader (so a streamed layer is the layer `load_adapter` gives).
 
 _LAYER_KEY = re.compile(r"^(.+?)\.(oft_blocks(?:\.\d+)?|oft_diag|alpha|rescale|oft_R\.weight|oft_r|oft_s)$")
-_SKELETON_REAL_BYTES = 1 << 16  # tensors up to this size are read for real in a skeleton (alpha: its value counts)
+# What a skeleton reads for real: `.alpha` (the one value a reader uses: kohya / LyCORIS constraints) and tensors up to
+# this size. Everything else is on the meta device, so the skeleton, alive for the whole bake, holds no blocks: with a
+# larger bound an adapter of many small layers (SD1.5 widths, small PEFT blocks) stayed in memory almost whole.
+_SKELETON_REAL_BYTES = 64
 
 
 class StreamedAdapter(NamedTuple):
-    skeleton: OFTAdapter  # every layer's structure; generators (and large row scales) on the meta device
+    skeleton: OFTAdapter  # every layer's structure; generators and row scales on the meta device (bar tiny ones)
     reader: Reader
     header: Header
     config: dict | None
@@ -95,9 +98,10 @@ class StreamedAdapter(NamedTuple):
 
 
 def open_streamed(path: str | os.PathLike) -> StreamedAdapter:
-    """The adapter at `path` for layer-by-layer use: its skeleton now (small tensors only), each layer on demand."""
+    """The adapter at `path` for layer-by-layer use: its skeleton now (scalars only read), each layer on demand."""
     reader, header, config = _open(path)
-    small = [k for k, ti in header.tensors.items() if ti.end - ti.start <= _SKELETON_REAL_BYTES]
+    small = [k for k, ti in header.tensors.items()
+             if ti.end - ti.start <= _SKELETON_REAL_BYTES or k.endswith(".alpha")]
     tensors, _ = load_tensors(header.path, keys=small)
     for k, ti in header.tensors.items():
         if k not in tensors:
