@@ -22,13 +22,13 @@ Examples::
 Groups and how layer names map to block indices (dotted or underscored names, as any reader gives them):
 
 | group    | LDM names (SD1/2/SDXL kohya SDXL)  | diffusers names (kohya SD1/2, LyCORIS, PEFT), L = 2 layers per block |
-|----------|-------------------------------------|----------------------------------------------------------------------|
-| input N  | `input_blocks.N`                    | `conv_in` → 0; `down_blocks.x.{resnets,attentions}.j` → 3x + j + 1;   |
-|          |                                     | `down_blocks.x.downsamplers.0` → 3x + 3                               |
-| middle   | `middle_block`                      | `mid_block`                                                          |
-| output N | `output_blocks.N`                   | `up_blocks.x.{resnets,attentions}.i` → 3x + i; `up_blocks.x.upsamplers.0` → 3x + 2 |
-| double N | BFL `double_blocks.N`               | `transformer_blocks.N` (at the start of the name)                    |
-| single N | BFL `single_blocks.N`               | `single_transformer_blocks.N`                                        |
+|---|---|---|
+| input N | `input_blocks.N` | `conv_in` → 0; `down_blocks.x.{resnets,attentions}.j` → 3x + j + 1; |
+| | | `down_blocks.x.downsamplers.0` → 3x + 3 |
+| middle | `middle_block` | `mid_block` |
+| output N | `output_blocks.N` | `up_blocks.x.{resnets,attentions}.i` → 3x + i; `up_blocks.x.upsamplers.0` → 3x + 2 |
+| double N | BFL `double_blocks.N` | `transformer_blocks.N` (at the start of the name) |
+| single N | BFL `single_blocks.N` | `single_transformer_blocks.N` |
 | te, te1, te2 | text-encoder layers (`te` covers all three components)                                     |
 | unet     | every layer of the UNet / transformer (also those in no numbered block, e.g. `time_embed`)   |
 

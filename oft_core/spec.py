@@ -266,7 +266,8 @@ def flatten_weight_shape(shape: Sequence[int]) -> tuple[int, int]:
     return out, rest
 
 
-def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "", weight_name: str = "weight") -> OFTLayer:
+def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "",
+                       weight_name: str = "weight") -> OFTLayer:
     """Check that `layer` fits a base weight of `shape` and resolve shared block counts (PEFT block_share).
 
     Raises `OFTError` naming the layer with the expected and found sizes.
@@ -286,7 +287,8 @@ def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "",
     if layer.dim != axis:
         blocks = " + ".join(f"{n}×{b}" for n, b in zip(layer.num_blocks, layer.block_sizes))
         raise OFTError(
-            mismatch(f"base {what}", f"{layer.dim} (= {blocks} blocks of the adapter)", f"{axis} in {weight_name} {tuple(shape)}")
+            mismatch(f"base {what}", f"{layer.dim} (= {blocks} blocks of the adapter)",
+                     f"{axis} in {weight_name} {tuple(shape)}")
             + ": the adapter was made for another model or architecture",
             path=path,
             layer=layer.key,

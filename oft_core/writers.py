@@ -3,10 +3,10 @@
 Every writer first checks that each layer is *exactly* representable in the target format and refuses with an
 `OFTError` that says which layer and why otherwise; nothing is approximated. What each format can hold:
 
-| target  | rotated side | blocks              | parameterization   | constraint kept as               | extra            |
-|---------|--------------|---------------------|--------------------|----------------------------------|------------------|
-| kohya   | out          | diag, splits (FLUX) | Cayley             | one `.alpha` for the whole file  | -                |
-| lycoris | out          | diag (one split), BOFT, stored R (`oft_diag`) | Cayley | per-layer `.alpha` (0 = none) | `.rescale`  |
+| target | rotated side | blocks | parameterization | constraint kept as | extra |
+|---|---|---|---|---|---|
+| kohya | out | diag, splits (FLUX) | Cayley | one `.alpha` for the whole file | - |
+| lycoris | out | diag (one split), BOFT, stored R (`oft_diag`) | Cayley | per-layer `.alpha` (0 = none) | `.rescale` |
 | peft    | in           | diag (one split), block_share | Cayley or Cayley–Neumann | COFT eps (global) | -          |
 
 Exact rewrites used (each gives the same rotation blocks bit for bit, or up to fp32 rounding of one Cayley solve):

@@ -164,7 +164,8 @@ _CACHE: dict = {}
 def _patcher(model):
     comfy = import_comfy()
     mm = comfy.model_management
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 def _build(model_config_cls, unet_config, dtype, state_dict=None):
@@ -270,7 +271,8 @@ def _load_sd15_expected_originals(model):
                 raise KeyError(f"{info['ldm_key']} (from {path.name}) is not a parameter of ComfyUI's SD1.5 UNet")
             original = f.get_tensor(f"original/{info['module_path']}.weight")
             if tuple(original.shape) != tuple(target.shape):
-                raise ValueError(f"{info['ldm_key']}: fixture shape {tuple(original.shape)} != model {tuple(target.shape)}")
+                raise ValueError(f"{info['ldm_key']}: fixture shape {tuple(original.shape)} "
+                                 f"!= model {tuple(target.shape)}")
             target.data.copy_(original.to(target.dtype))
 
 

@@ -34,7 +34,8 @@ PACK_NAME = "comfyui_oft"
 
 SKIP_PREFIX = "ComfyUI not found"
 SKIP_REASON = (
-    f"{SKIP_PREFIX} (set COMFYUI_PATH or put it at ~/.cache/comfyui-oft/ComfyUI): real-ComfyUI integration tests skipped"
+    f"{SKIP_PREFIX} (set COMFYUI_PATH or put it at ~/.cache/comfyui-oft/ComfyUI): "
+    "real-ComfyUI integration tests skipped"
 )
 
 

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 import torch
+from oracle import FIXTURES, get_case
 from safetensors.torch import save_file
 
-from oracle import FIXTURES, get_case
 from oft_core import OFTError, load_adapter
 from oft_core.bake import bake
 from oft_core.cli import main as cli

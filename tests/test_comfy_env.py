@@ -1,10 +1,9 @@
 """The real-ComfyUI harness itself: the small models load through ComfyUI's own classes, ComfyUI's key maps know
 them, and ModelPatcher's clone/patch/unpatch cycle behaves as the pack relies on (COMFYUI_NOTES.md)."""
 
+import comfy_models
 import pytest
 import torch
-
-import comfy_models
 
 pytestmark = pytest.mark.comfyui
 

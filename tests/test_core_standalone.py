@@ -5,9 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from oracle import FIXTURES, get_case
 from safetensors import safe_open
 
-from oracle import FIXTURES, get_case
 from oft_core.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,8 @@ from oft_core import load_adapter, rotate_weight, resolve_for_weight
 a = load_adapter({str(get_case('lycoris_diag_oft_dim8').adapter)!r})
 layer = resolve_for_weight(next(iter(a)), (32, 32))
 print(float(rotate_weight(layer, torch.eye(32)).sum()))
-assert not [m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths')]
+comfy_names = ('comfy', 'comfy_api', 'folder_paths')
+assert not [m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in comfy_names]
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from oracle import REL_TOL, case_ids, get_case, rel_err
 from safetensors.torch import load_file, save_file
 
-from oracle import REL_TOL, case_ids, get_case, rel_err
 from oft_core import load_adapter, resolve_for_weight, rotate_weight
 from oft_core.cli import main as cli
 

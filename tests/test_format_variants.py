@@ -9,9 +9,9 @@ import json
 import shutil
 
 import torch
+from oracle import REL_TOL, get_case, rel_err
 from safetensors.torch import load_file, save_file
 
-from oracle import REL_TOL, get_case, rel_err
 from oft_core import load_adapter, resolve_for_weight, rotate_weight
 
 

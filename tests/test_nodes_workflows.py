@@ -31,8 +31,9 @@ FILE_INPUTS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "cli
 @pytest.fixture(scope="module")
 def comfy_nodes(comfyui_oft):
     """ComfyUI's node table with core + comfy_extras nodes and ours, loaded by ComfyUI's own loaders."""
-    import nodes
     from comfyui_oft.nodes import comfy_entrypoint
+
+    import nodes
 
     asyncio.run(nodes.init_builtin_extra_nodes())
     core = set(nodes.NODE_CLASS_MAPPINGS) - OUR_NODES

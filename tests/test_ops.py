@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-
 from oracle import REL_TOL, get_case, rel_err
+
 from oft_core import OFTAdapter, OFTError, load_adapter, make_layer, resolve_for_weight, rotate_weight
-from oft_core.blocks import (apply_block_strength, effective_strengths, layer_block, layer_strengths,
-                             parse_block_spec)
+from oft_core.blocks import apply_block_strength, effective_strengths, layer_block, layer_strengths, parse_block_spec
 from oft_core.cli import main as cli
 from oft_core.ops import blend, merge
 from oft_core.rotation import orthogonality_error, skew
@@ -34,7 +33,8 @@ def _same(a, b, tol=0.0):
 
 
 def _zero(adapter):
-    layers = {k: l.with_(generators=tuple(torch.zeros_like(q) for q in l.generators)) for k, l in adapter.layers.items()}
+    layers = {k: layer.with_(generators=tuple(torch.zeros_like(q) for q in layer.generators))
+              for k, layer in adapter.layers.items()}
     return OFTAdapter(layers, adapter.format)
 
 
@@ -60,7 +60,8 @@ def test_blend_endpoints_and_orthogonality():
     # midpoint generator is the mean of the constrained generators
     k = next(iter(a.layers))
     from oft_core.rotation import constrain
-    want = 0.5 * (constrain(a.layers[k], a.layers[k].generators[0], 0) + constrain(c.layers[k], c.layers[k].generators[0], 0))
+    want = 0.5 * (constrain(a.layers[k], a.layers[k].generators[0], 0)
+                  + constrain(c.layers[k], c.layers[k].generators[0], 0))
     assert torch.allclose(mid.layers[k].generators[0], want, atol=1e-7, rtol=0)
     merged_mid = _merged(mid, case)
     assert any(rel_err(merged_mid[k], _merged(a, case)[k]) > 1e-4 for k in merged_mid)

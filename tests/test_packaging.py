@@ -1,8 +1,9 @@
 """pyproject.toml is valid for pip and the Comfy registry; torch stays ComfyUI's to provide."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from oracle import REL_TOL, case_ids, get_case, rel_err
 from safetensors import safe_open
 
-from oracle import REL_TOL, case_ids, get_case, rel_err
 from oft_core import Constraint, OFTAdapter, OFTError, load_adapter, make_layer, resolve_for_weight, rotate_weight
 from oft_core.cli import main as cli
 from oft_core.rotation import skew
