@@ -195,3 +195,24 @@ def test_bad_layer_in_the_middle_writes_nothing_and_names_it(tmp_path, spoil, ex
     good.mkdir()
     good_a, good_b = _five_layers(good)
     assert bake(good_b, [(good_a, 1.0)], good / "out.safetensors", show_progress=False).tensors_changed == 5
+
+
+def test_a_reader_that_needs_values_for_the_skeleton_fails_clearly(tmp_path, monkeypatch):
+    """A reader that reads a value the skeleton left on the meta device gets an OFTError naming the file, not a raw
+    torch error from deep inside the reader."""
+    from oracle import FIXTURES
+
+    import oft_core.formats as formats
+
+    path = FIXTURES / "kohya" / "flux_tiny_oft_attn_dim4.safetensors"
+    real = formats.READERS[0]
+
+    def needs_values(header, tensors, config):
+        float(next(t for k, t in tensors.items() if k.endswith(".oft_blocks.0")).sum())  # .item() of a meta tensor
+        return real.read(header, tensors, config)
+
+    monkeypatch.setattr(formats, "READERS", [real._replace(read=needs_values), *formats.READERS[1:]])
+    with pytest.raises(OFTError) as e:
+        open_streamed(path)
+    assert str(path) in str(e.value) and "cannot be streamed" in str(e.value)
+    assert len(load_adapter(path)) > 0  # the whole-file path still reads it

@@ -108,7 +108,12 @@ def open_streamed(path: str | os.PathLike) -> StreamedAdapter:
             if ti.dtype not in DTYPES:
                 raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which this reader does not know", path=header.path)
             tensors[k] = torch.empty(ti.shape, dtype=DTYPES[ti.dtype], device="meta")
-    skeleton = _read(reader, header, tensors, config)
+    try:
+        skeleton = _read(reader, header, tensors, config)
+    except (RuntimeError, NotImplementedError) as e:  # a reader that needs a value the skeleton left on meta
+        raise OFTError(f"the {reader.name} reader needs tensor values to read this file's structure, so it cannot be "
+                       f"streamed ({type(e).__name__}: {e}); load it whole with load_adapter instead",
+                       path=header.path) from e
     keys: dict[str, list[str]] = {}
     for k in header.tensors:
         m = _LAYER_KEY.match(k)
