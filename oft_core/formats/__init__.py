@@ -32,12 +32,13 @@ class Reader(NamedTuple):
     name: str
     claims: Callable  # (header, config) -> bool
     read: Callable  # (header, tensors, config) -> OFTAdapter
+    key: re.Pattern  # the reader's key grammar; group 1 is the layer's key (OFTLayer.key)
 
 
 READERS: list[Reader] = [
-    Reader("kohya", kohya.claims, kohya.read),
-    Reader("lycoris", lycoris.claims, lycoris.read),
-    Reader("peft", peft.claims, peft.read),
+    Reader("kohya", kohya.claims, kohya.read, kohya.KEY),
+    Reader("lycoris", lycoris.claims, lycoris.read, lycoris.KEY),
+    Reader("peft", peft.claims, peft.read, peft.KEY),
 ]
 
 
@@ -73,7 +74,6 @@ def load_adapter(path: str | os.PathLike) -> OFTAdapter:
 # layers, every layer's structure) with its large tensors on the meta device, then each layer read for real, alone,
 # through the same reader (so a streamed layer is the layer `load_adapter` gives).
 
-_LAYER_KEY = re.compile(r"^(.+?)\.(oft_blocks(?:\.\d+)?|oft_diag|alpha|rescale|oft_R\.weight|oft_r|oft_s)$")
 # What a skeleton reads for real: `.alpha` (the one value a reader uses: kohya / LyCORIS constraints) and tensors up to
 # this size. Everything else is on the meta device, so the skeleton, alive for the whole bake, holds no blocks: with a
 # larger bound an adapter of many small layers (SD1.5 widths, small PEFT blocks) stayed in memory almost whole.
@@ -116,7 +116,7 @@ def open_streamed(path: str | os.PathLike) -> StreamedAdapter:
                        path=header.path) from e
     keys: dict[str, list[str]] = {}
     for k in header.tensors:
-        m = _LAYER_KEY.match(k)
+        m = reader.key.match(k)
         if m:
             keys.setdefault(m.group(1), []).append(k)
     return StreamedAdapter(skeleton, reader, header, config, keys)

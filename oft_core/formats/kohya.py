@@ -19,7 +19,7 @@ from ..safetensors_io import Header
 from ..spec import Constraint, OFTAdapter, make_layer
 
 PREFIX = "oft_unet_"
-_KEY = re.compile(r"^(oft_unet_.+?)\.(oft_blocks(?:\.(\d+))?|alpha)$")
+KEY = re.compile(r"^(oft_unet_.+?)\.(oft_blocks(?:\.(\d+))?|alpha)$")
 
 
 def claims(header: Header, config) -> bool:
@@ -31,7 +31,7 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
     modules: dict[str, dict] = {}
     ignored = []
     for key, t in tensors.items():
-        m = _KEY.match(key)
+        m = KEY.match(key)
         if not m:
             if key.startswith(PREFIX):
                 raise OFTError(f"unexpected key {key!r} in a kohya OFT file (expected <name>.oft_blocks[.<i>] "

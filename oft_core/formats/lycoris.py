@@ -22,7 +22,7 @@ from ..spec import Constraint, OFTAdapter, make_layer
 from ._keys import group_by_layer
 
 PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te"}
-_KEY = re.compile(r"^((?:lycoris_|lora_unet_|lora_te1_|lora_te2_|lora_te_).+?)\.(oft_blocks|oft_diag|alpha|rescale)$")
+KEY = re.compile(r"^((?:lycoris_|lora_unet_|lora_te1_|lora_te2_|lora_te_).+?)\.(oft_blocks|oft_diag|alpha|rescale)$")
 
 
 def claims(header: Header, config) -> bool:
@@ -35,12 +35,12 @@ def _component(key: str) -> tuple[str, str]:
     for prefix, component in PREFIXES.items():
         if key.startswith(prefix):
             return component, key[len(prefix):]
-    raise AssertionError(key)  # unreachable: _KEY only matches these prefixes
+    raise AssertionError(key)  # unreachable: KEY only matches these prefixes
 
 
 def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
     path = header.path
-    modules, ignored = group_by_layer(tensors, _KEY)
+    modules, ignored = group_by_layer(tensors, KEY)
     layers = {}
     kinds = set()
     for key, parts in sorted(modules.items()):

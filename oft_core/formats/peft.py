@@ -28,7 +28,7 @@ from ._keys import group_by_layer
 
 CONFIG_NAME = "adapter_config.json"
 MODEL_NAME = "adapter_model.safetensors"
-_KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_r|oft_s)$")
+KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_r|oft_s)$")
 # Outer prefixes PEFT / diffusers put before the module path, and the model part they name.
 _PREFIXES = (
     ("base_model.model.text_encoder_2.", "te2"),
@@ -99,7 +99,7 @@ def _project_legacy(a: torch.Tensor, eps: float) -> torch.Tensor:
 
 def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
     path = header.path
-    modules, ignored = group_by_layer(tensors, _KEY)
+    modules, ignored = group_by_layer(tensors, KEY)
     packed = any("oft_R.weight" in parts for parts in modules.values())
     legacy = any("oft_r" in parts for parts in modules.values())
     if packed and legacy:
