@@ -144,9 +144,9 @@ def _tier_logreport(report) -> None:
         if tier not in report.keywords:
             continue
         st = _TIER_STATS.setdefault(tier, {"ran": set(), "skipped": {}, "errors": set()})
-        if report.when == "call":
-            st["ran"].add(report.nodeid)
-        elif report.skipped:
+        if report.when == "call" and not (report.skipped and not hasattr(report, "wasxfail")):
+            st["ran"].add(report.nodeid)  # passed, failed or xfailed
+        elif report.skipped:  # at setup, or pytest.skip() inside the test
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             st["skipped"][report.nodeid] = reason.removeprefix("Skipped: ")
         elif report.failed and report.when == "setup":
@@ -175,8 +175,8 @@ def pytest_runtest_logreport(report):
     _tier_logreport(report)
     if "comfyui" not in report.keywords:
         return
-    if report.when == "call":  # passed, failed or xfailed: it ran
-        _STATS["ran"].add(report.nodeid)
+    if report.when == "call" and not (report.skipped and not hasattr(report, "wasxfail")):
+        _STATS["ran"].add(report.nodeid)  # passed, failed or xfailed: it ran
     elif report.skipped:
         _STATS["skipped"].add(report.nodeid)
     elif report.failed and report.when == "setup":
