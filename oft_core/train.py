@@ -285,7 +285,7 @@ class OFTTrainer:
         """M's blocks for layer `tl` from the live parameters (fp32, with gradients), through the one definition."""
         dev = tl.params[0].device.type
         with torch.autocast(dev, enabled=False):  # the Cayley solve / series stays fp32 under mixed precision
-            return rotation_blocks(tl.layer, generators=tl.generators())
+            return rotation_blocks(tl.layer, generators=tl.generators(), sync_free=True)
 
     def _forward_of(self, tl: TrainedLayer):
         module, weight_fn = tl.module, self.weight_fn
@@ -543,13 +543,19 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
     if not (lr > 0 and math.isfinite(lr)):
         raise OFTError(mismatch("learning rate", "a finite number > 0", lr))
     params = list(params)
+    # The fused kernels keep the step counters on the parameters' device: the default (for-loop / foreach) ones read
+    # each parameter's step back to the host every step (`.item()`, a device wait per parameter on a GPU).
+    fused = {"fused": True} if params and all(p.device.type in _FUSED_DEVICES for p in params) else {}
     if name == "AdamW":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
     if name == "Adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, **fused)
     if name == "SGD":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, **fused)
     raise OFTError(mismatch("optimizer", " | ".join(OPTIMIZERS), repr(name)))
+
+
+_FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where torch 2.14's fused Adam(W) / SGD kernels exist
 
 
 def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, int], torch.Tensor], *, steps: int,
@@ -572,16 +578,19 @@ def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, in
         if before_step is not None:
             before_step(step)
         opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = None
         for micro in range(grad_accum):
             loss = compute_loss(step, micro)
-            if not torch.isfinite(loss):
-                raise OFTError(f"the loss became {float(loss)} at step {step + 1}: lower the learning rate or use "
-                               "fp32 / bf16 training")
             (loss / grad_accum).backward()
-            total += float(loss.detach())
+            total = loss.detach() if total is None else total + loss.detach()
+        # The step's one read from the device: the loss, checked before the update so a NaN never reaches the
+        # generators (a non-finite micro-batch loss makes the sum non-finite too).
+        mean = float(total) / grad_accum
+        if not math.isfinite(mean):
+            raise OFTError(f"the loss became {mean} at step {step + 1}: lower the learning rate or use "
+                           "fp32 / bf16 training")
         opt.step()
-        losses.append(total / grad_accum)
+        losses.append(mean)
         if on_step is not None:
             on_step(step, losses[-1])
     return losses
