@@ -49,22 +49,43 @@ from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coeffici
 
 log = logging.getLogger(__name__)
 
+# Each sd / flux preset adapts exactly the layers of the sd-scripts option it is named after (networks/oft.py,
+# networks/oft_flux.py at 48d368fa; README "Training presets" has the table), so a trained file means the same
+# thing in sd-scripts and here. A preset that adapts more than any sd-scripts option is listed in EXTRA_PRESETS with
+# the layers sd-scripts ignores when it loads such a file.
 PRESETS = {
-    "sd": ("attention", "all-linear", "all-linear+conv"),
-    "flux": ("attention", "all-linear"),
+    "sd": ("attention", "all-linear", "attention+conv", "all-linear+conv"),
+    "flux": ("attention", "all-linear", "attention+single"),
     "generic": ("attention", "all-linear", "all-linear+conv"),
+}
+SD_SCRIPTS_OPTIONS = {  # preset -> the sd-scripts network_args that adapt the same layers
+    ("sd", "attention"): "networks.oft (default)",
+    ("sd", "all-linear"): "networks.oft enable_all_linear=True",
+    ("sd", "attention+conv"): "networks.oft enable_conv=True",
+    ("sd", "all-linear+conv"): "networks.oft enable_all_linear=True enable_conv=True",
+    ("flux", "attention"): "networks.oft_flux (default)",
+    ("flux", "all-linear"): "networks.oft_flux enable_all_linear=True",
+}
+EXTRA_PRESETS = {  # (family, preset) -> what sd-scripts does with the layers beyond its options
+    ("flux", "attention+single"): "single_blocks.N.linear1 / linear2 are beyond sd-scripts' attention option: "
+                                  "networks.oft_flux loads them only in all-linear mode (a key containing '_mlp') and "
+                                  "otherwise ignores them without a word; ComfyUI and this pack apply them",
 }
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 KOHYA_PREFIX = "oft_unet_"
 
 # Module classes that hold a UNet's transformer layers (kohya "Transformer2DModel"), its attention (kohya
 # "CrossAttention") and its convolution blocks (kohya ResnetBlock2D / Downsample2D / Upsample2D), in ComfyUI LDM,
-# diffusers and sd-scripts spelling.
+# diffusers and sd-scripts spelling. sd-scripts adapts every Linear and 1×1 Conv2d under a target module, and with
+# enable_conv also every Conv2d and Linear (the ResBlock's time_emb_proj / emb_layers.1) of the conv blocks.
 _TRANSFORMER_CLASSES = ("SpatialTransformer", "SpatialVideoTransformer", "Transformer2DModel")
 _ATTENTION_CLASSES = ("CrossAttention", "Attention", "MemoryEfficientCrossAttention", "SelfAttention")
 _CONV_BLOCK_CLASSES = ("ResBlock", "Downsample", "Upsample", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 _FLUX_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.\d+\.")
-_FLUX_ATTENTION = re.compile(r"^(double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\.linear[12])$")
+# sd-scripts oft_flux: attention = Linear layers of SelfAttention modules (double blocks only; single blocks have no
+# SelfAttention module), all-linear = every Linear of DoubleStreamBlock / SingleStreamBlock, modulation included.
+_FLUX_ATTENTION = re.compile(r"^double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$")
+_FLUX_SINGLE_LINEAR = re.compile(r"^single_blocks\.\d+\.linear[12]$")
 _FLUX_QKV = re.compile(r"^double_blocks\.\d+\.(img|txt)_attn\.qkv$")
 _FLUX_LINEAR1 = re.compile(r"^single_blocks\.\d+\.linear1$")
 
@@ -95,11 +116,14 @@ def _is_conv(m: nn.Module, kernel_1x1: bool | None = None) -> bool:
 def select_targets(root: nn.Module, preset: str, family: str | None = None) -> list[tuple[str, nn.Module]]:
     """The (path, module) pairs a preset adapts, in module order; paths are relative to `root`.
 
-    - sd: attention = Linear layers of attention modules (to_q/k/v/out; kohya "CrossAttention");
-      all-linear = Linear and 1×1 Conv2d of transformer modules (kohya "Transformer2DModel");
-      all-linear+conv = also every Conv2d of ResBlock / Downsample / Upsample.
-    - flux: attention = double-block img/txt_attn.qkv and .proj, single-block linear1 (q|k|v|mlp) and linear2;
-      all-linear = every Linear of double/single blocks except the modulation (adaLN) layers.
+    - sd (sd-scripts networks.oft): attention = Linear layers of attention modules (to_q/k/v/out; kohya
+      "CrossAttention"); all-linear (enable_all_linear) = Linear and 1×1 Conv2d of transformer modules (kohya
+      "Transformer2DModel"); attention+conv / all-linear+conv (enable_conv) = also every Conv2d and Linear of
+      ResBlock / Downsample / Upsample (kohya ResnetBlock2D / Downsample2D / Upsample2D, time_emb_proj included).
+    - flux (sd-scripts networks.oft_flux): attention = double-block img/txt_attn.qkv and .proj (kohya
+      "SelfAttention"); all-linear (enable_all_linear) = every Linear of double / single blocks, modulation included;
+      attention+single = attention plus single-block linear1 (q|k|v|mlp) and linear2, beyond sd-scripts
+      (`EXTRA_PRESETS` says what it ignores).
     - generic: attention = Linear under a module whose class name contains "Attention"; all-linear = every Linear;
       all-linear+conv = also every Conv2d.
     """
@@ -130,16 +154,18 @@ def _selected(family: str, preset: str, path: str, m: nn.Module, ancestors: tupl
             return False
         if preset == "attention":
             return bool(_FLUX_ATTENTION.match(path))
-        return ".mod." not in path and "_mod." not in path and ".modulation." not in path
+        if preset == "attention+single":
+            return bool(_FLUX_ATTENTION.match(path) or _FLUX_SINGLE_LINEAR.match(path))
+        return True  # all-linear: every Linear of a double / single block, as sd-scripts' enable_all_linear
     if family == "sd":
         in_attn = any(a in _ATTENTION_CLASSES for a in ancestors)
         in_tf = any(a in _TRANSFORMER_CLASSES for a in ancestors)
         in_conv_block = any(a in _CONV_BLOCK_CLASSES for a in ancestors)
-        if preset == "attention":
-            return in_attn and _is_linear(m)
-        if in_tf and (_is_linear(m) or _is_conv(m, kernel_1x1=True)):
+        if preset.endswith("+conv") and in_conv_block and (_is_linear(m) or _is_conv(m)):
             return True
-        return preset == "all-linear+conv" and in_conv_block and _is_conv(m)
+        if preset.startswith("attention"):
+            return in_attn and _is_linear(m)
+        return in_tf and (_is_linear(m) or _is_conv(m, kernel_1x1=True))
     # generic
     if preset == "attention":
         return _is_linear(m) and any("Attention" in a for a in ancestors)

@@ -6,7 +6,7 @@ Every writer first checks that each layer is *exactly* representable in the targ
 | target | rotated side | blocks | parameterization | constraint kept as | extra |
 |---|---|---|---|---|---|
 | kohya | out | diag, splits (FLUX) | Cayley | one `.alpha` for the whole file | - |
-| lycoris | out | diag (one split), BOFT, stored R (`oft_diag`) | Cayley | per-layer `.alpha` (0 = none) | `.rescale` |
+| lycoris | out | diag (one split, block size ≤ block count), BOFT, stored R (`oft_diag`) | Cayley | per-layer `.alpha` (0 = none) | `.rescale` |
 | peft    | in           | diag (one split), block_share | Cayley or Cayley–Neumann | COFT eps (global) | -          |
 
 Exact rewrites used (each gives the same rotation blocks bit for bit, or up to fp32 rounding of one Cayley solve):
@@ -24,7 +24,8 @@ Exact rewrites used (each gives the same rotation blocks bit for bit, or up to f
 
 Not representable, hence refused: input-side rotation (PEFT ≥ 0.14) in kohya/LyCORIS and output-side rotation in PEFT
 (W·M ≠ M·W); Cayley–Neumann layers anywhere but PEFT (the series is not an exact Cayley rotation); `rescale` / `oft_s`
-in kohya and PEFT; BOFT anywhere but LyCORIS; text-encoder layers in kohya OFT (sd-scripts adapts the UNet only);
+in kohya and PEFT; BOFT anywhere but LyCORIS; diag-oft layouts with more rows per block than blocks in LyCORIS
+(it rebuilds the layout from the block size with `factorization(out_dim, b)`, see `_lycoris_layout`); text-encoder layers in kohya OFT (sd-scripts adapts the UNet only);
 underscored names as PEFT's dotted module paths unless the model's module names are given (the "." → "_" substitution
 cannot be reversed by string rules).
 
@@ -319,6 +320,35 @@ def write_kohya(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: 
 # LyCORIS
 
 
+def _lycoris_layout(out_dim: int, block_size: int) -> tuple[int, int]:
+    """(block size, block count) that LyCORIS 4.1.3 diag-oft builds for a layer whose file stores blocks of
+    `block_size`: `DiagOFTModule.make_module_from_state_dict` passes the stored size as `lora_dim`, and
+    `factorization(out_dim, lora_dim)` returns the smaller of (lora_dim, out_dim / lora_dim) as the block size."""
+    if out_dim % block_size:
+        raise ValueError(f"block size {block_size} does not divide {out_dim}")
+    return min(block_size, out_dim // block_size), max(block_size, out_dim // block_size)
+
+
+def _lycoris_layout_problem(layer: OFTLayer) -> str | None:
+    """Why LyCORIS diag-oft cannot load this layer's block layout (all splits as one block-diagonal), or None.
+
+    LyCORIS rebuilds the layout from the stored block size b alone, and always gets a block size ≤ the block count:
+    a layer of n blocks of b with b > n (kohya's 8 blocks of 40 on 320, 4 of 32 on 128) comes back as b blocks of n,
+    and loading it fails (`size of tensor a (n) must match ... b (b)`). No exact rewrite exists: a rotation with
+    blocks of b is not block-diagonal at any smaller size.
+    """
+    b, out = layer.block_sizes[0], sum(layer.split_sizes)
+    n = out // b
+    size, count = _lycoris_layout(out, b)
+    if size == b:
+        return None
+    fits = [k for k in range(1, out + 1) if out % k == 0 and out // k <= k]  # block counts LyCORIS can hold
+    return (f"has {n} blocks of {b} on {out} outputs; LyCORIS diag-oft derives a layer's layout from the stored "
+            f"block size alone, factorization({out}, {b}) = {count} blocks of {size}, so it only holds a block size "
+            f"≤ the block count and would fail to load this layer. Keep this adapter as kohya or PEFT, or train "
+            f"with ≥ {fits[0]} blocks (block size ≤ {out // fits[0]}) for LyCORIS")
+
+
 def write_lycoris(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
                   unet_prefix: str | None = None) -> str:
     """Write LyCORIS diag-oft (or BOFT / oft_diag layers as they are), as `lycoris.kohya` saves them.
@@ -342,6 +372,8 @@ def write_lycoris(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata
             why = f"has splits with different block sizes {layer.block_sizes}; LyCORIS stores one block size"
         if why is None and layer.parameterization == "matrix" and len(layer.generators) > 1:
             why = "stores several rotation matrices per split"
+        if why is None and layer.kind != "butterfly" and layer.parameterization != "matrix":
+            why = _lycoris_layout_problem(layer)
         if why:
             refusals.add(layer, why)
         kinds.add("boft" if layer.kind == "butterfly" else "diag-oft")
