@@ -134,6 +134,21 @@ def model_shapes(patcher, prefix: str = "") -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in patcher.model.state_dict().items() if k.startswith(prefix)}
 
 
+def comfy_key_map(model_or_clip) -> dict:
+    """ComfyUI's own LoRA key map of a MODEL (`model_lora_keys_unet`) or a CLIP (`model_lora_keys_clip`).
+
+    It names the layers of every family ComfyUI loads (SD3's diffusers names as row slices of its fused qkv,
+    Qwen-Image, HiDream, HunyuanVideo, ...); `oft_core.build_key_map` adds its names beside the pack's own tables.
+    A fresh dict is passed: the functions' default `key_map={}` is shared between calls.
+    """
+    import comfy.lora
+
+    clip_model = getattr(model_or_clip, "cond_stage_model", None)
+    if clip_model is not None:
+        return comfy.lora.model_lora_keys_clip(clip_model, {})
+    return comfy.lora.model_lora_keys_unet(model_or_clip.model, {})
+
+
 def model_kind(model) -> str:
     """A short name of the loaded model's family, for messages ("SD15", "Flux", ...)."""
     inner = getattr(model, "model", None)
@@ -156,6 +171,13 @@ def guess_target(adapter: OFTAdapter) -> str:
         (share("down.blocks", "up.blocks", "mid.block"), "a UNet with diffusers names (SD1.x / SD2.x)"),
         (share("input.blocks", "output.blocks", "middle.block"), "a UNet with LDM names (SDXL or SD1.x/2.x)"),
         (share("joint.blocks"), "SD3 (joint_blocks)"),
+        (share("attn.add.q.proj") and share("context.pre.only", "norm1.context") and not share("img.mlp"),
+         "SD3 (diffusers layer names: transformer_blocks.N.attn.add_q_proj)"),
+        (share("img.mlp", "txt.mlp") and share("transformer.blocks"), "Qwen-Image (transformer_blocks.N.img_mlp)"),
+        (share("self.attn.q", "attn1.to.q", "ffn.net"), "Wan 2.x (blocks.N.self_attn / attn1)"),
+        (share("double.stream.blocks", "single.stream.blocks"), "HiDream (double_stream_blocks)"),
+        (share("img.attn.qkv", "img.attn.proj") and share("txt.attn.qkv"), "HunyuanVideo (img_attn_qkv)"),
+        (share("layers.") and share("attention.qkv", "feed.forward"), "Lumina 2 (layers.N.attention)"),
     ]
     best = max(guesses, key=lambda g: g[0])
     what = best[1] if best[0] else "an unknown model"
@@ -175,11 +197,13 @@ def match_model(adapter: OFTAdapter, model, clip=None) -> tuple[MatchReport | No
     unet_report = te_report = None
     if unet_layers:
         shapes = model_shapes(model, UNET_PREFIX)
-        unet_report = match_adapter(adapter, shapes, build_key_map(shapes), components=("unet",),
+        keymap = build_key_map(shapes, comfy_key_map(model))
+        unet_report = match_adapter(adapter, shapes, keymap, components=("unet",),
                                     base_name=f"the loaded {model_kind(model)} model")
     if te_layers and clip is not None:
         shapes = model_shapes(clip.patcher)
-        te_report = match_adapter(adapter, shapes, build_key_map(shapes), components=TE_COMPONENTS,
+        keymap = build_key_map(shapes, comfy_key_map(clip))
+        te_report = match_adapter(adapter, shapes, keymap, components=TE_COMPONENTS,
                                   base_name="the loaded CLIP")
     return unet_report, te_report
 

@@ -5,7 +5,8 @@ All key conventions in one table (details and quirks in each reader's docstring)
 | reader  | keys                                                          | name prefix -> model part            |
 |---------|---------------------------------------------------------------|--------------------------------------|
 | kohya   | `oft_unet_<path_>.oft_blocks`, `.oft_blocks.<i>`, `.alpha`     | `oft_unet_` -> unet                  |
-| lycoris | `<prefix><path_>.oft_blocks` (3-D diag, 4-D BOFT), `.oft_diag`,| `lycoris_`, `lora_unet_` -> unet;    |
+| lycoris | `<prefix><path_>.oft_blocks` (3-D diag, 4-D BOFT), `.oft_diag`,| `lycoris_`, `lora_unet_`,            |
+|         |                                                               | `lora_transformer_` -> unet;         |
 |         | `.alpha`, `.rescale`                                          | `lora_te_`/`lora_te1_`/`lora_te2_`   |
 | peft    | `base_model.model.<path>.oft_R.weight`; legacy `.oft_r`,      | `base_model.model.` -> unet          |
 |         | `.oft_s`; plus `adapter_config.json` beside the file          | (`text_encoder.` -> te, ...)         |

@@ -3,7 +3,8 @@
 Keys: `<prefix><module path, "." -> "_">.oft_blocks` — 3-D (num_blocks, b, b) for diag-oft, 4-D
 (stages, num_blocks, b, b) for BOFT —, `.alpha` (the constraint; 0 = none; the bound is alpha × out_dim over all
 blocks, and all stages for BOFT), `.rescale` (per output row; when trained with `rescaled`).
-Prefixes: `lycoris_` (LyCORIS' own wrapper), `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_` (kohya-style names).
+Prefixes: `lycoris_` (LyCORIS' own wrapper), `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_` (kohya-style names),
+`lora_transformer_` (OneTrainer's name for a diffusion transformer).
 LyCORIS 2.0 saved `.oft_diag`: the rotation R itself (already through Cayley), applied the same way as diag-oft.
 Diag-oft applies Rᵀ per block (einsum "k n m, k n ... -> k m ..."); BOFT applies R (einsum "b i j, b j ... -> b i ...")
 between butterfly permutations.
@@ -21,8 +22,10 @@ from ..safetensors_io import Header
 from ..spec import Constraint, OFTAdapter, make_layer
 from ._keys import group_by_layer
 
-PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te"}
-KEY = re.compile(r"^((?:lycoris_|lora_unet_|lora_te1_|lora_te2_|lora_te_).+?)\.(oft_blocks|oft_diag|alpha|rescale)$")
+PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_transformer_": "unet", "lora_te1_": "te1",
+            "lora_te2_": "te2", "lora_te_": "te"}
+KEY = re.compile(r"^((?:lycoris_|lora_unet_|lora_transformer_|lora_te1_|lora_te2_|lora_te_).+?)"
+                 r"\.(oft_blocks|oft_diag|alpha|rescale)$")
 
 
 def claims(header: Header, config) -> bool:
