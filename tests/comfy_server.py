@@ -648,7 +648,7 @@ def validate_prompt(server: ComfyServer, prompt: dict) -> None:
                 if not (0 <= v[1] < len(outs)):
                     problems.append(f"{nid}: input {name!r} links to output {v[1]} of {src['class_type']} "
                                     f"which has {len(outs)}")
-                elif typ != "*" and outs[v[1]] != "*" and not set(str(typ).split(",")) & set(str(outs[v[1]]).split(",")):
+                elif "*" not in (typ, outs[v[1]]) and not set(str(typ).split(",")) & set(str(outs[v[1]]).split(",")):
                     problems.append(f"{nid}: input {name!r} ({typ}) linked to a {outs[v[1]]} output")
                 continue
             if isinstance(typ, list) or typ == "COMBO":

@@ -7,10 +7,9 @@ with the reason; a server that fails to start is an error (its log tail is in th
 
 from __future__ import annotations
 
-import pytest
-
 import comfy_models
 import comfy_server as harness
+import pytest
 
 
 def pytest_configure(config):
