@@ -48,6 +48,7 @@ from ..oft_core.train import (
 from ..oft_core.train import (
     OFTTrainer as CoreTrainer,
 )
+from . import families
 from .patch import apply_oft, model_kind
 
 log = logging.getLogger(__name__)
@@ -179,9 +180,16 @@ def build_trainer(model, targets: str, num_blocks: int, alpha: float, neumann_te
         raise OFTError(f"target preset {targets!r} is not available for this {model_kind(model)} model "
                        f"({family}): choose one of {', '.join(PRESETS[family])}")
     try:
-        return CoreTrainer(select_targets(dm, targets, family), num_blocks=num_blocks, alpha=alpha,
+        selected, splits = select_targets(dm, targets, family), None
+        if family == "generic":  # SD3, Wan, Qwen-Image, ...: names and fused splits from ComfyUI's key map
+            lay = families.layout(model, selected)
+            selected, splits = lay.keep(selected), lay.splits
+            if not selected:
+                raise OFTError(f"none of the {len(lay.left_out)} selected layers has a name in the family's "
+                               "LyCORIS convention")
+        return CoreTrainer(selected, num_blocks=num_blocks, alpha=alpha,
                            neumann_terms=neumann_terms, weight_fn=_weight_fn,
-                           device=comfy.model_management.get_torch_device())
+                           device=comfy.model_management.get_torch_device(), splits=splits)
     except OFTError as e:
         raise OFTError(f"{model_kind(model)} model, targets {targets!r}: {e}") from None
 
@@ -263,7 +271,10 @@ def kohya_naming(model) -> str:
 
 
 def export_adapter(model, trainer: CoreTrainer, meta: dict):
-    """The trained adapter named the way sd-scripts names this model's layers (see `kohya_naming`)."""
+    """The trained adapter named the way sd-scripts names this model's layers (see `kohya_naming`); for families
+    sd-scripts has no OFT network for, as LyCORIS with the family's names (`families.export`)."""
+    if detect_family(model.model.diffusion_model) == "generic":
+        return families.export(model, trainer, meta)
     return trainer.to_adapter(meta, names=export_names(model.model.diffusion_model, kohya_naming(model)))
 
 

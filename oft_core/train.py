@@ -125,8 +125,11 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> l
       "SelfAttention"); all-linear (enable_all_linear) = every Linear of double / single blocks, modulation included;
       attention+single = attention plus single-block linear1 (q|k|v|mlp) and linear2, beyond sd-scripts
       (`EXTRA_PRESETS` says what it ignores).
-    - generic: attention = Linear under a module whose class name contains "Attention"; all-linear = every Linear;
-      all-linear+conv = also every Conv2d.
+    - generic (any other diffusion model: SD3, Wan, Qwen-Image, HiDream, Lumina, ...; chosen by module type and
+      place, never by family-specific names): attention = Linear under a module whose class name contains
+      "Attention"; all-linear = every Linear inside the model's transformer blocks (the elements of the
+      nn.ModuleLists directly under `root`, `block_lists`), or every Linear when it has none; all-linear+conv =
+      every Linear and Conv2d.
     """
     family = family or detect_family(root)
     if family not in PRESETS:
@@ -134,11 +137,15 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> l
     if preset not in PRESETS[family]:
         raise OFTError(mismatch(f"target preset for a {family} model", " | ".join(PRESETS[family]), repr(preset)))
     out: list[tuple[str, nn.Module]] = []
+    lists = tuple(f"{name}." for name in block_lists(root)) if family == "generic" else ()
 
     def walk(module: nn.Module, path: str, ancestors: tuple[str, ...]):
         for child_name, child in module.named_children():
             child_path = f"{path}.{child_name}" if path else child_name
-            if _selected(family, preset, child_path, child, ancestors):
+            if family == "generic" and preset == "all-linear" and lists:
+                if _is_linear(child) and child_path.startswith(lists):
+                    out.append((child_path, child))
+            elif _selected(family, preset, child_path, child, ancestors):
                 out.append((child_path, child))
             walk(child, child_path, ancestors + (type(child).__name__,))
 
@@ -147,6 +154,13 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> l
         raise OFTError(f"target preset {preset!r} selects no Linear/Conv2d layer in this {family} model "
                        f"({type(root).__name__})")
     return out
+
+
+def block_lists(root: nn.Module) -> list[str]:
+    """Names of the nn.ModuleLists directly under `root` that hold its repeated blocks (SD3 `joint_blocks`, Wan
+    `blocks`, Qwen-Image `transformer_blocks`, HiDream `double_stream_blocks`, Lumina `layers` / refiners, ...)."""
+    return [name for name, child in root.named_children()
+            if isinstance(child, nn.ModuleList) and len(child) and any(True for _ in child.parameters())]
 
 
 def _selected(family: str, preset: str, path: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
@@ -223,11 +237,14 @@ class OFTTrainer:
     linear solve) instead of the exact Cayley transform.
     `weight_fn(module, x) -> (weight, bias)` returns the base weight to use (default: the module's own, cast to x's
     dtype outside autocast); a host may cast / un-offload there. It must not write the weight.
+    `splits`: path -> output split widths of a fused layer (each split its own rotation, as FLUX's q|k|v), for
+    layers `split_sizes` does not know (a host's key map gives them, e.g. SD3's fused qkv).
     """
 
     def __init__(self, targets: Sequence[tuple[str, nn.Module]], *, num_blocks: int | None = None,
                  block_size: int | None = None, alpha: float = 1e-3, neumann_terms: int = 0,
-                 weight_fn: Callable | None = None, device: torch.device | str | None = None):
+                 weight_fn: Callable | None = None, device: torch.device | str | None = None,
+                 splits: Mapping[str, Sequence[int]] | None = None):
         if (num_blocks is None) == (block_size is None):
             raise OFTError("give exactly one of num_blocks or block_size")
         if num_blocks is not None and num_blocks < 1:
@@ -245,6 +262,7 @@ class OFTTrainer:
         self.alpha = float(torch.tensor(float(alpha), dtype=torch.float32))
         self.neumann_terms = int(neumann_terms)
         self.weight_fn = weight_fn or _default_weight_fn
+        self.splits = {k: tuple(int(x) for x in v) for k, v in (splits or {}).items()}
         self.layers: list[TrainedLayer] = []
         problems = []
         for path, module in targets:
@@ -262,7 +280,10 @@ class OFTTrainer:
             raise OFTError(f"{type(module).__name__} is not a Linear or Conv2d", layer=path)
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise OFTError(mismatch("Conv2d groups", 1, module.groups), layer=path)
-        splits = split_sizes(path, module)
+        splits = self.splits.get(path) or split_sizes(path, module)
+        if sum(splits) != module.weight.shape[0] or min(splits) < 1:
+            raise OFTError(mismatch("output splits adding up to the output features", module.weight.shape[0],
+                                    splits), layer=path)
         counts = []
         for s in splits:
             if self.num_blocks is not None:
@@ -367,7 +388,8 @@ class OFTTrainer:
         with torch.no_grad():
             return [q.detach().float().cpu().clone() for q in tl.generators()]
 
-    def to_adapter(self, metadata: dict | None = None, names: Mapping[str, str] | None = None) -> OFTAdapter:
+    def to_adapter(self, metadata: dict | None = None, names: Mapping[str, str | tuple[str, ...]] | None = None, *,
+                   prefix: str = KOHYA_PREFIX, fmt: str | None = None) -> OFTAdapter:
         """The trained adapter as an `OFTAdapter` in kohya convention (writable with `writers.write_adapter(...,
         "kohya")`: `networks.oft_flux` when any layer has splits, else `networks.oft`).
 
@@ -379,12 +401,26 @@ class OFTTrainer:
         Cayley–Neumann training: kohya stores Cayley generators only, so each block's trained matrix N is exported as
         Cayley(Q') with Q' the skew part of the inverse Cayley of N (exact when N is orthogonal; the truncation error
         of the series is the difference, reported in `info["neumann_export_error"]`).
+
+        A name may be a tuple with one name per split: the fused layer is exported as that many one-split layers
+        (SD3's fused qkv as diffusers' to_q / to_k / to_v; each split is its own rotation, so this is exact).
+        `prefix` starts every file key (kohya's `oft_unet_`; `lycoris_` / `lora_unet_` for a LyCORIS export) and
+        `fmt` is the adapter's format id (default: kohya / kohya_flux).
         """
         if names is not None:
             missing = [tl.path for tl in self.layers if tl.path not in names]
             if missing:
                 raise OFTError(f"no export name for {len(missing)} trained layers (first: {missing[0]!r})")
-            exported = [names[tl.path] for tl in self.layers]
+            exported = []
+            for tl in self.layers:
+                n = names[tl.path]
+                if isinstance(n, tuple):
+                    if len(n) != len(tl.params):
+                        raise OFTError(f"{len(n)} export names for a layer with {len(tl.params)} splits",
+                                       layer=tl.path)
+                    exported += list(n)
+                else:
+                    exported.append(n)
             if len(set(exported)) != len(exported):
                 raise OFTError("export names are not unique: two trained layers would get the same name")
         layers = {}
@@ -403,15 +439,17 @@ class OFTTrainer:
                         worst = max(worst, float((cayley(q).transpose(-1, -2) - r).abs().max()))
                     gens = new
                 layer = layer.with_(parameterization="cayley", neumann_coeffs=(), constraint=Constraint())
-            layers[("unet", name)] = make_layer(
-                path="", name=name, side="out", generators=gens, transpose=True,
-                constraint=layer.constraint, source=layer.source, key=KOHYA_PREFIX + name.replace(".", "_"))
+            parts = list(zip(name, ([g] for g in gens))) if isinstance(name, tuple) else [(name, gens)]
+            for part_name, part_gens in parts:
+                layers[("unet", part_name)] = make_layer(
+                    path="", name=part_name, side="out", generators=part_gens, transpose=True,
+                    constraint=layer.constraint, source=layer.source, key=prefix + part_name.replace(".", "_"))
         flux = any(len(layer.generators) > 1 for layer in layers.values())
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         info = {"alpha": [self.alpha], "trained": True}
         if self.neumann_terms:
             info["neumann_export_error"] = worst
-        return OFTAdapter(layers, "kohya_flux" if flux else "kohya", "", meta, info)
+        return OFTAdapter(layers, fmt or ("kohya_flux" if flux else "kohya"), "", meta, info)
 
 
 def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:

@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("kohya", "lycoris", "peft")
 PEFT_VERSION = "0.21.2"  # the PEFT whose file layout we write (packed oft_R, Neumann series with halved last term)
 LYCORIS_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
+# adapter.info key: why no kohya file can hold this adapter (set by the trainer for families sd-scripts has no OFT
+# network for); write_kohya refuses with it.
+KOHYA_REFUSED = "kohya_refused"
 # Metadata that describes the file's bytes or its network structure: never carried over from the source, because
 # the written file has other bytes and we recompute the structure keys.
 _DROP_METADATA_PREFIXES = ("sshs_", "ss_network_", "modelspec.hash")
@@ -261,6 +264,9 @@ def _looks_flux(adapter: OFTAdapter) -> bool:
 def write_kohya(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
                 flux: bool | None = None) -> str:
     """Write sd-scripts `networks.oft` (or `networks.oft_flux` when `flux`; default: guessed from the adapter)."""
+    refused = adapter.info.get(KOHYA_REFUSED)
+    if refused:  # e.g. trained on a family sd-scripts has no OFT network for (SD3, Wan, Qwen-Image, ...)
+        raise OFTError(f"cannot be written as kohya: {refused}", path=adapter.path or None)
     flux = _looks_flux(adapter) if flux is None else flux
     refusals = _Refusals(adapter, "kohya")
     for layer in adapter:
