@@ -58,10 +58,13 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
 
     name = "oft"
 
-    def __init__(self, layer, mode: str = "kohya", source: str = ""):
+    def __init__(self, layer, mode: str = "kohya", source: str = "", perm=None):
         self.layer = layer  # an OFTLayer already resolved for its weight (match_adapter did it)
         self.mode = mode
         self.source = source
+        # Target.perm: base row i is the adapter's row perm[i] (diffusers' swapped scale/shift halves); the rotation
+        # is applied in the adapter's row order
+        self.perm = None if perm is None else torch.tensor(perm, dtype=torch.long)
         self.loaded_keys = {layer.key}
         self.weights = list(layer.generators)
         # (strength, mode, device) -> rotation blocks. ComfyUI's low-VRAM path calls calculate_weight on every
@@ -101,6 +104,13 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
         # already multiplied by strength_model. Exceptions propagate: returning the unpatched weight would make a
         # failure look like a weak adapter (what core's weight_adapter/oft.py does).
         if strength == 0:
+            return weight
+        if self.perm is not None:
+            perm = self.perm.to(weight.device)
+            w32 = weight.to(torch.float32)[torch.argsort(perm)]  # the adapter's row order
+            rotated = rotate_weight(self.layer, w32, float(strength), self.mode, out_dtype=torch.float32)
+            fn = function if function is not None else (lambda d: d)
+            weight.copy_((w32 + fn(rotated - w32))[perm])
             return weight
         key = self._key(strength, weight.device)
         blocks = self.rotation(strength, weight.device) if key in self._patched else None
@@ -221,7 +231,7 @@ def _add_patches(patcher, report: MatchReport, adapter: OFTAdapter, strength: fl
     for m in report.matched:
         key = m.target.key if m.target.offset is None else (m.target.key, tuple(m.target.offset))
         effective = float(strength) * layer_multiplier(adapter, m.layer)
-        groups.setdefault(effective, {})[key] = OFTWeightAdapter(m.layer, mode, adapter.format)
+        groups.setdefault(effective, {})[key] = OFTWeightAdapter(m.layer, mode, adapter.format, m.target.perm)
     accepted = []
     for effective, patches in groups.items():
         accepted += patcher.add_patches(patches, effective)

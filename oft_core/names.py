@@ -55,8 +55,9 @@ or (base key, offset) or (base key, offset, function)}, which the ComfyUI nodes 
 prefix says its component (`EXTERNAL_PREFIXES`); the rest is a name in the dotted or underscored spelling as above,
 with the map's fused-weight offsets (SD3's `transformer_blocks.N.attn.to_q` is a row slice of ComfyUI's
 `joint_blocks.N.x_block.attn.qkv`). The pack's own tables win where both name a layer (they are exact for kohya's
-names); an external entry with a `function` (a permutation of the weight, e.g. FLUX's `norm_out.linear` halves
-swapped) is left out: a rotation trained on one row order cannot be narrowed onto the other.
+names). An external entry with a `function` is kept only when the function is a pure row permutation (FLUX's and
+SD3's `norm_out.linear`, whose scale/shift halves diffusers stores swapped): its `Target.perm` says how the adapter's
+rows sit in the base weight, and the patch rotates in the adapter's row order (exact for either rotated side).
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ _FLUX_BLOCK = re.compile(r"(double|single)_blocks\.(\d+)\.(.+)")
 class Target:
     key: str  # full base key of the WEIGHT tensor
     offset: tuple[int, int, int] | None = None  # (dim, start, length) slice of a fused weight; None = whole tensor
+    # rows of the adapter's module in the base weight's order: base row i = adapter row perm[i] (e.g. FLUX / SD3
+    # `norm_out.linear`, whose scale and shift halves diffusers stores swapped); None = same order
+    perm: tuple[int, ...] | None = None
 
 
 _SHARED = object()  # marks a name claimed by two different targets
@@ -226,7 +230,14 @@ def external_names(external: Mapping[str, object],
         elif isinstance(value, (tuple, list)) and value and isinstance(value[0], str):
             key = value[0]
             if len(value) > 2 and value[2] is not None:
-                continue  # a permutation or other transform of the weight: not a slice a rotation can act on
+                shape = shapes.get(key)
+                perm = None if shape is None or (len(value) > 1 and value[1] is not None) else \
+                    _row_permutation(value[2], tuple(shape))
+                if perm is None:
+                    continue  # a transform that is not a pure row permutation: nothing a rotation can act through
+                if perm != tuple(range(len(perm))) and key.endswith(".weight"):
+                    out.append((component, name, Target(key, None, perm)))
+                    continue
             if len(value) > 1 and value[1] is not None:
                 off = value[1]
                 if not (isinstance(off, (tuple, list)) and len(off) == 3 and all(isinstance(x, int) for x in off)):
@@ -245,6 +256,27 @@ def external_names(external: Mapping[str, object],
                 offset = None  # the whole weight: the same target as the unsliced name
         out.append((component, name, Target(key, offset)))
     return out
+
+
+def _row_permutation(function, shape: tuple) -> tuple[int, ...] | None:
+    """The row permutation `function` applies to a weight of `shape` (probed on row indices), or None when it is
+    anything else (or fails). ComfyUI's map uses such functions for weights whose halves diffusers stores swapped."""
+    import torch
+
+    if not shape:
+        return None
+    rows = shape[0]
+    probe = torch.arange(rows, dtype=torch.float64).reshape((rows,) + (1,) * (len(shape) - 1))
+    try:
+        out = function(probe.clone())
+    except Exception:  # not a function of the rows alone: not a permutation we can use
+        return None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(probe.shape):
+        return None
+    perm = out.reshape(rows)
+    if not torch.equal(perm, perm.round()) or sorted(perm.long().tolist()) != list(range(rows)):
+        return None
+    return tuple(int(i) for i in perm.long().tolist())
 
 
 def build_key_map(shapes: Mapping[str, Sequence[int]], external: Mapping[str, object] | None = None) -> KeyMap:

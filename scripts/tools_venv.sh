@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build (once) and report the reference tools' venvs of the REAL TOOLS test tier (pytest marker `tools`).
 #
-#   bash scripts/tools_venv.sh setup [sdscripts|lycoris|peft ...]   build / check them (default: all three)
+#   bash scripts/tools_venv.sh setup [sdscripts|lycoris|peft|dit ...] build / check them (default: all four)
 #   bash scripts/tools_venv.sh python NAME                          print NAME's interpreter (after building it)
 #
 # Each tool lives in a venv of its own beside the main one (sd-scripts pins diffusers 0.32.1 and transformers 4.x,
@@ -11,6 +11,10 @@
 #                                         original_unet.py and flux_models.py import, pinned as sd-scripts pins them
 #   ~/.cache/comfyui-oft/venv-lycoris     lycoris-lora==4.1.3 (what the fixtures were made with)
 #   ~/.cache/comfyui-oft/venv-peft        peft, newest from PyPI at build time (its version is in the stamp)
+#   ~/.cache/comfyui-oft/venv-dit         diffusers + lycoris-lora + peft, all pinned: tiny diffusion transformers
+#                                         (SD3, Wan, Qwen-Image) adapted by LyCORIS' own wrapper and get_peft_model
+#                                         (tests/test_tools_families.py); a venv of its own so that the two above
+#                                         stay exactly what the fixtures were made with
 #
 # Torch is SHARED with the main venv, not installed again (OFT_TOOLS_TORCH=share, the default): a folder of
 # symlinks, ~/.cache/comfyui-oft/torch-share, holds only torch, torchvision and their compiled dependencies
@@ -38,6 +42,9 @@ SDSCRIPTS_PACKAGES=(diffusers==0.32.1 transformers==4.54.1 huggingface-hub==0.34
                     opencv-python==4.10.0.84 "numpy<2.3" pillow)
 LYCORIS_PACKAGES=(lycoris-lora==4.1.3)
 PEFT_PACKAGES=("peft>=0.21.2")
+# diffusers 0.42.1 has SD3Transformer2DModel, WanTransformer3DModel and QwenImageTransformer2DModel; it imports no
+# transformers for these model classes.
+DIT_PACKAGES=(diffusers==0.42.1 lycoris-lora==4.1.3 peft==0.21.2 safetensors)
 SCRIPT_VERSION=1  # bump to rebuild every tool venv
 
 log() { printf '[tools_venv] %s\n' "$*" >&2; }
@@ -148,7 +155,8 @@ packages_of() {
         sdscripts) printf '%s\n' "${SDSCRIPTS_PACKAGES[@]}" ;;
         lycoris) printf '%s\n' "${LYCORIS_PACKAGES[@]}" ;;
         peft) printf '%s\n' "${PEFT_PACKAGES[@]}" ;;
-        *) die "unknown tool $1 (sdscripts | lycoris | peft)" ;;
+        dit) printf '%s\n' "${DIT_PACKAGES[@]}" ;;
+        *) die "unknown tool $1 (sdscripts | lycoris | peft | dit)" ;;
     esac
 }
 
@@ -178,6 +186,11 @@ if name == "sdscripts":
 elif name == "lycoris":
     import lycoris  # noqa: F401
     print(f"lycoris-lora {md.version('lycoris-lora')}, torch {torch.__version__}")
+elif name == "dit":
+    import lycoris, peft  # noqa: F401, E401
+    from diffusers import QwenImageTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel  # noqa: F401
+    print(f"diffusers {md.version('diffusers')}, lycoris-lora {md.version('lycoris-lora')}, "
+          f"peft {md.version('peft')}, torch {torch.__version__}")
 else:
     import peft  # noqa: F401
     print(f"peft {md.version('peft')}, torch {torch.__version__}")
@@ -235,7 +248,7 @@ shift || true
 case "$cmd" in
     setup)
         tools=("$@")
-        [[ ${#tools[@]} -eq 0 ]] && tools=(sdscripts lycoris peft)
+        [[ ${#tools[@]} -eq 0 ]] && tools=(sdscripts lycoris peft dit)
         for t in "${tools[@]}"; do
             ensure_tool "$t"
             log "$t: $TOOLS_DIR/venv-$t ($(cat "$TOOLS_DIR/venv-$t"/.oft-tools-*))"

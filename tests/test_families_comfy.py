@@ -92,7 +92,10 @@ def test_sd3_diffusers_names_are_row_slices_of_comfyuis_fused_qkv(mods):
         assert km.lookup(f"transformer_blocks_1_attn_{name}") == Target(qkv, (0, 128 * i, 128))  # lycoris_
         assert km.lookup(f"transformer_blocks.1.attn.{name}") == Target(qkv, (0, 128 * i, 128))  # transformer.
     assert km.lookup("joint_blocks_1_x_block_attn_qkv") == Target(qkv)  # lora_unet_ / ComfyUI's own name
-    assert km.lookup("norm_out.linear") is None  # halves swapped in ComfyUI: not a slice, never mapped
+    # ComfyUI stores diffusers' norm_out.linear with its scale / shift halves swapped: a row permutation
+    out = km.lookup("norm_out.linear")
+    assert out.key == "diffusion_model.final_layer.adaLN_modulation.1.weight" and out.offset is None
+    assert out.perm == tuple(range(128, 256)) + tuple(range(128))
 
 
 # ------------------------------------------------------------------------------------------------ training

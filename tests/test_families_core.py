@@ -17,8 +17,13 @@ PROJ = "diffusion_model.joint_blocks.0.x_block.attn.proj.weight"
 SHAPES = {QKV: (24, 8), QKV[:-6] + "bias": (24,), PROJ: (8, 8), "diffusion_model.final.weight": (8, 8)}
 
 
-def _swap(t):
-    return t
+def _swap(t):  # ComfyUI's swap_scale_shift
+    shift, scale = t.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def _not_a_permutation(t):
+    return t * 2
 
 
 HOST = {  # what comfy.lora.model_lora_keys_unet gives for an SD3 model (shape of its entries)
@@ -28,7 +33,8 @@ HOST = {  # what comfy.lora.model_lora_keys_unet gives for an SD3 model (shape o
     "transformer.transformer_blocks.0.attn.to_out.0": PROJ,
     "lora_unet_joint_blocks_0_x_block_attn_proj": PROJ,
     "diffusion_model.joint_blocks.0.x_block.attn.qkv.bias": QKV[:-6] + "bias",  # not a weight
-    "transformer.norm_out.linear": ("diffusion_model.final.weight", None, _swap),  # permuted: left out
+    "transformer.norm_out.linear": ("diffusion_model.final.weight", None, _swap),  # rows permuted
+    "transformer.scaled": ("diffusion_model.final.weight", None, _not_a_permutation),  # left out
     "transformer.outside": (QKV, (0, 20, 8)),  # slice beyond the weight: left out
     "text_encoders.clip_l.x": "clip_l.x.weight",  # not an adapter name
     "lora_te1_text_model_x": "clip_l.transformer.text_model.x.weight",  # not in these shapes
@@ -44,10 +50,11 @@ def test_host_key_map_names_fused_slices_in_both_spellings():
     assert km.lookup("transformer_blocks_0_attn_to_v") == Target(QKV, (0, 16, 8))
     assert km.lookup("transformer_blocks.0.attn.to_out.0") == Target(PROJ)
     assert km.lookup("joint_blocks_0_x_block_attn_proj") == Target(PROJ)
-    assert km.lookup("norm_out.linear") is None and km.lookup("outside") is None
-    assert km.external == 5
+    assert km.lookup("norm_out.linear") == Target("diffusion_model.final.weight", None, (4, 5, 6, 7, 0, 1, 2, 3))
+    assert km.lookup("outside") is None and km.lookup("scaled") is None
+    assert km.external == 6
     names = {(c, n) for c, n, _ in external_names(HOST, SHAPES)}
-    assert ("unet", "norm_out.linear") not in names and ("te1", "text_model_x") not in names
+    assert ("te1", "text_model_x") not in names
 
 
 def test_pack_tables_win_over_a_disagreeing_host_map():
