@@ -69,27 +69,28 @@ def dit_python() -> str:
     return str(venv / "bin" / "python")
 
 
-_REFERENCES: dict = {}
+def run_tool(dit_python: str, *args: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DIFFUSERS_VERBOSITY="error")
+    proc = subprocess.run([dit_python, str(REFERENCE_SCRIPT), *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{REFERENCE_SCRIPT.name} {' '.join(args)} failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-4000:]}")
 
 
 @pytest.fixture(scope="session")
-def reference(dit_python, tmp_path_factory):
-    """reference(family, tool) -> the folder tools_dit_reference.py wrote (run once per pair per session)."""
+def references(dit_python, tmp_path_factory) -> Path:
+    """Every (family, tool) reference, made in ONE tool process (importing diffusers costs ~15 s a time)."""
+    root = tmp_path_factory.mktemp("dit_references")
+    run_tool(dit_python, "make", str(root), *(f"{f}:{t}" for f in FAMILIES for t in TOOLS))
+    return root
 
-    def get(family: str, tool: str) -> Path:
-        if (family, tool) not in _REFERENCES:
-            out = tmp_path_factory.mktemp(f"ref_{family}_{tool}")
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-            env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DIFFUSERS_VERBOSITY="error")
-            proc = subprocess.run([dit_python, str(REFERENCE_SCRIPT), str(out), family, tool], env=env,
-                                  capture_output=True, text=True, timeout=600)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{REFERENCE_SCRIPT.name} {family} {tool} failed ({proc.returncode}):\n"
-                                   f"{proc.stderr[-4000:]}")
-            _REFERENCES[(family, tool)] = out
-        return _REFERENCES[(family, tool)]
 
-    return get
+@pytest.fixture(scope="session")
+def reference(references):
+    """reference(family, tool) -> the folder tools_dit_reference.py wrote for that pair."""
+    return lambda family, tool: references / f"{family}_{tool}"
 
 
 # ------------------------------------------------------------------------------------------------ the ComfyUI side
