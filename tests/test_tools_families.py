@@ -207,5 +207,56 @@ def test_family_file_on_another_family_is_reported(reference, oft_folder):
     assert "wan_lycoris.safetensors" in str(e.value)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trained_family_adapter_loads_in_lycoris_and_merges_the_same(comfyui_oft, reference, dit_python, tmp_path,
+                                                                   family):
+    """all-linear trained on ComfyUI's model of the family through the OFTTrainer node, saved as LyCORIS with the
+    family's names: LyCORIS itself loads every layer (onto the diffusers model for `lycoris_` names, onto modules
+    named as ComfyUI's for `lora_unet_` names) and its merge equals the node's output model."""
+    import comfy.model_management
+    from test_families_comfy import training_data
+
+    from comfyui_oft.nodes import train_node
+    from comfyui_oft.oft_core.writers import write_adapter
+
+    base = load_file(reference(family, "lycoris") / "base.safetensors")
+    model = comfy_model(family, base)
+    latents, positive = training_data(family)
+    try:
+        with torch.inference_mode():
+            new_model, adapter, _ = train_node.OFTTrainerNode.execute(
+                model=model, latents=latents, positive=positive, steps=2, learning_rate=2e-2, batch_size=2,
+                grad_accumulation=1, optimizer="AdamW", seed=0, num_blocks=32, constraint=0.0,
+                cayley_neumann=False, neumann_terms=5, targets="all-linear", training_dtype="fp32",
+                gradient_checkpointing=False).result
+    finally:
+        comfy.model_management.unload_all_models()
+    path = write_adapter(adapter, str(tmp_path / f"{family}_trained.safetensors"), "lycoris")
+    native = all(layer.key.startswith("lora_unet_") for layer in adapter)
+    assert native == (family == "wan")
+    if native:
+        from safetensors.torch import save_file
+
+        tool_base = tmp_path / "base_comfy.safetensors"
+        save_file({k: v.contiguous() for k, v in to_comfy(family, base).items()}, str(tool_base))
+    else:
+        tool_base = reference(family, "lycoris") / "base.safetensors"
+    out = tmp_path / "tool_merged.safetensors"
+    run_tool(dit_python, "merge", path, str(tool_base), str(out), family)
+    loaded = json.loads(Path(str(out) + ".json").read_text())
+    assert len(loaded["loaded"]) == len(adapter) and loaded["algos"] == ["DiagOFTModule"]
+    tool = load_file(out)
+    want = {"diffusion_model." + k: v for k, v in (tool if native else to_comfy(family, tool)).items()}
+    orig = {"diffusion_model." + k: v for k, v in to_comfy(family, base).items()}
+    got = patched_state(new_model)
+    changed = [k for k in want if not torch.equal(want[k], orig[k])]
+    assert len(changed) >= 16
+    for k in want:
+        if k in changed:
+            assert rel_err(got[k], want[k]) <= REL_TOL, (k, rel_err(got[k], want[k]))
+        else:
+            assert torch.equal(got[k], want[k]), k
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
