@@ -144,7 +144,6 @@ def adapter_path(family: str, tool: str, ref: Path, folder: Path) -> str:
 @pytest.fixture(scope="module")
 def oft_folder(comfyui_oft, tmp_path_factory):
     import folder_paths
-
     from comfyui_oft.nodes import files
 
     root = tmp_path_factory.mktemp("oft_families")
@@ -214,10 +213,9 @@ def test_trained_family_adapter_loads_in_lycoris_and_merges_the_same(comfyui_oft
     family's names: LyCORIS itself loads every layer (onto the diffusers model for `lycoris_` names, onto modules
     named as ComfyUI's for `lora_unet_` names) and its merge equals the node's output model."""
     import comfy.model_management
-    from test_families_comfy import training_data
-
     from comfyui_oft.nodes import train_node
     from comfyui_oft.oft_core.writers import write_adapter
+    from test_families_comfy import training_data
 
     base = load_file(reference(family, "lycoris") / "base.safetensors")
     model = comfy_model(family, base)
