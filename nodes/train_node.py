@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 CATEGORY = "training/oft"
 OFTAdapterType = io.Custom("OFT_ADAPTER")
-TARGETS = ["attention", "all-linear", "all-linear+conv"]
+TARGETS = ["attention", "all-linear", "attention+conv", "all-linear+conv", "attention+single"]  # see PRESETS
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -322,9 +322,13 @@ class OFTTrainerNode(io.ComfyNode):
                 io.Int.Input("neumann_terms", default=5, min=2, max=20,
                              tooltip="Terms of the Cayley–Neumann series (when it is on)."),
                 io.Combo.Input("targets", options=TARGETS, default="attention",
-                               tooltip="Which layers to adapt. attention: attention projections (FLUX: qkv / proj "
-                               "and single-block linear1/linear2). all-linear: every linear of the transformer "
-                               "blocks. all-linear+conv: also the UNet's ResBlock / down / up convolutions (SD only)."),
+                               tooltip="Which layers to adapt; each is the sd-scripts option of the same name, so "
+                               "the saved file means the same there. attention: attention projections (FLUX: double-"
+                               "block qkv / proj). all-linear: every linear of the transformer blocks (FLUX: of "
+                               "every block, modulation included). attention+conv / all-linear+conv (SD only): also "
+                               "the ResBlock / down / up convolutions and time embedding projections. "
+                               "attention+single (FLUX only, beyond sd-scripts, which ignores the extra layers): "
+                               "also single-block linear1 / linear2."),
                 io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Compute precision of the forward/backward (autocast); the generators are "
                                "always fp32."),
