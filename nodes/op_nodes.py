@@ -23,7 +23,9 @@ from comfy_api.latest import io, ui
 
 from ..oft_core import OFTAdapter, OFTError
 from ..oft_core.blocks import apply_block_strength, parse_block_spec
+from ..oft_core.formats import load_adapter
 from ..oft_core.ops import MERGE_MODES, blend, merge
+from ..oft_core.summary import tool_notes
 from ..oft_core.writers import FORMATS, format_family, write_adapter
 from .oft_nodes import OFTAdapterType
 from .patch import BLOCK_STRENGTH_OFF, BLOCK_STRENGTH_TEXT, LAYER_STRENGTHS, block_strength_text
@@ -284,6 +286,9 @@ class OFTSave(io.ComfyNode):
         path = next_free_path(filename_prefix, "" if format == "peft" else ".safetensors")
         written = write_adapter(adapter, path, format, overwrite=False, metadata=metadata)
         text = f"saved {format} adapter ({len(adapter)} layers): {written}"
+        notes = tool_notes(load_adapter(written))  # what the format's own tool will do differently with the file
+        if notes:
+            text += "\n" + "\n".join(f"note: {n}" for n in notes)
         log.info("OFT: %s", text)
         return io.NodeOutput(ui=ui.PreviewText(text))
 

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 CATEGORY = "training/oft"
 OFTAdapterType = io.Custom("OFT_ADAPTER")
-TARGETS = ["attention", "all-linear", "all-linear+conv"]
+TARGETS = ["attention", "all-linear", "attention+conv", "all-linear+conv", "attention+single"]  # see PRESETS
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -189,7 +189,7 @@ def build_trainer(model, targets: str, num_blocks: int, alpha: float, neumann_te
                                "LyCORIS convention")
         return CoreTrainer(selected, num_blocks=num_blocks, alpha=alpha,
                            neumann_terms=neumann_terms, weight_fn=_weight_fn,
-                           device=comfy.model_management.get_torch_device(), splits=splits)
+                           device=comfy.model_management.get_torch_device(), root=dm, splits=splits)
     except OFTError as e:
         raise OFTError(f"{model_kind(model)} model, targets {targets!r}: {e}") from None
 
@@ -355,10 +355,15 @@ class OFTTrainerNode(io.ComfyNode):
                 io.Int.Input("neumann_terms", default=5, min=2, max=20,
                              tooltip="Terms of the Cayley–Neumann series (when it is on)."),
                 queue_checked(io.Combo.Input("targets", options=TARGETS, default="attention",
-                               tooltip="Which layers to adapt. attention: attention projections (FLUX: qkv / proj "
-                               "and single-block linear1/linear2). all-linear: every linear of the transformer "
-                               "blocks. all-linear+conv: also the UNet's ResBlock / down / up convolutions "
-                               "(SD only).")),
+                               tooltip="Which layers to adapt; each is the sd-scripts option of the same name, so "
+                               "the saved file means the same there. attention: attention projections (FLUX: double-"
+                               "block qkv / proj). all-linear: every linear of the transformer blocks (FLUX: of "
+                               "every block, modulation included). attention+conv / all-linear+conv (SD only): also "
+                               "the ResBlock / down / up convolutions and time embedding projections. "
+                               "attention+single (FLUX only, beyond sd-scripts, which ignores the extra layers): "
+                               "also single-block linear1 / linear2. Other families (SD3, Wan, Qwen-Image, ...): "
+                               "attention = linears of attention modules, all-linear = every linear of the "
+                               "transformer blocks; saved as LyCORIS with the family's names.")),
                 queue_checked(io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Compute precision of the forward/backward (autocast); the generators are "
                                "always fp32.")),

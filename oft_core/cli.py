@@ -63,7 +63,17 @@ def _cmd_merge(args) -> int:
     to = args.format or format_family(items[0][0].format)
     out = write_adapter(merged, args.out, to, overwrite=args.overwrite)
     print(f"wrote {out} ({to}, {len(merged)} layers, {args.mode} of {len(items)} adapters)")
+    _print_tool_notes(out)
     return 0
+
+
+def _print_tool_notes(out) -> None:
+    """What the tool that defines the written format will do differently with it (read back from the file)."""
+    from .formats import load_adapter
+    from .summary import tool_notes
+
+    for note in tool_notes(load_adapter(out)):
+        print(f"  note: {note}")
 
 
 def _cmd_convert(args) -> int:
@@ -73,6 +83,7 @@ def _cmd_convert(args) -> int:
     adapter = load_adapter(args.file)
     out = write_adapter(adapter, args.out, args.to, overwrite=args.overwrite)
     print(f"wrote {out} ({args.to}, {len(adapter)} layers, from {adapter.format})")
+    _print_tool_notes(out)
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections import Counter
 
 import torch
@@ -85,6 +86,78 @@ def energy_changes(adapter: OFTAdapter, base: str | os.PathLike, *, strength: fl
     return out, {"base": header.path, "summary": report.summary(), "unmatched": list(report.unmatched)}
 
 
+# ------------------------------------------------------------------------------------------------ tool limits
+# What the reference tools themselves do with a file (sd-scripts 48d368fa networks/oft.py + oft_flux.py,
+# lycoris-lora 4.1.3), emulated from the file's key names exactly as their loaders decide (checked against the tools
+# in tests/test_tools.py). Each note names the tool, what it does, and the layers concerned.
+_FLUX1_SPLITS = {"qkv": (3072, 3072, 3072), "linear1": (3072, 3072, 3072, 12288)}
+_KOHYA_ATTN = re.compile(r"_attn[12]_(to_q|to_k|to_v|to_out_0)$")
+_KOHYA_TF = re.compile(r"_(proj_in|proj_out|ff_net_0_proj|ff_net_2)$")
+_KOHYA_FLUX_ATTN = re.compile(r"^double_blocks_\d+_(img|txt)_attn_(qkv|proj)$")
+
+
+def _examples(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" … ({len(names)} in all)" if len(names) > n else "")
+
+
+def tool_notes(adapter: OFTAdapter) -> list[str]:
+    """Where the tool that defines `adapter`'s format will not do what this pack does with it (one line each)."""
+    fmt = adapter.format
+    names = [layer.key.split(".")[0] for layer in adapter]
+    notes = []
+    if fmt == "kohya_flux":
+        bare = [k.removeprefix("oft_unet_") for k in names]
+        if not any("_mlp" in k for k in names):  # sd-scripts' all-linear switch (create_network_from_weights)
+            dropped = [k for k, b in zip(names, bare) if not _KOHYA_FLUX_ATTN.match(b)]
+            if dropped:
+                notes.append(f"sd-scripts networks.oft_flux will ignore {len(dropped)} of {len(names)} layers "
+                             f"({_examples(dropped)}): without a key containing '_mlp' it adapts only the double "
+                             "blocks' attention qkv / proj, and its load is not strict (no warning)")
+        odd = [layer.key for layer in adapter for part, sizes in _FLUX1_SPLITS.items()
+               if layer.name.endswith(part) and len(layer.split_sizes) > 1 and layer.split_sizes != sizes]
+        if odd:
+            notes.append(f"sd-scripts networks.oft_flux hard-codes FLUX.1's split widths (q|k|v 3×3072, linear1 "
+                         f"3×3072 + 12288): it cannot load {len(odd)} layers of this file ({_examples(odd)})")
+        notes.append("sd-scripts networks.oft_flux cannot merge this file into a model (its merge_to crashes); it "
+                     "applies it only as a forward patch at inference")
+    elif fmt == "kohya":
+        diffusers = any(k.startswith("oft_unet_" + p) for k in names for p in ("down_blocks", "up_blocks", "mid_block"))
+        conv_on = any("in_layers_2" in k for k in names)  # sd-scripts' enable_conv switch
+        linear_on = any("_ff_" in k for k in names)  # and its enable_all_linear switch
+        kinds = {"attn": [], "tf": [], "conv": []}
+        for k in names:
+            kinds["attn" if _KOHYA_ATTN.search(k) else "tf" if _KOHYA_TF.search(k) else "conv"].append(k)
+        if kinds["conv"] and not conv_on:
+            why = ("(SD1.x/SD2.x files name layers after diffusers modules, so they never have one)" if diffusers
+                   else "")
+            notes.append(f"sd-scripts networks.oft will ignore {len(kinds['conv'])} ResBlock / down / up-sample "
+                         f"layers ({_examples(kinds['conv'])}): it enables conv layers only when a key contains "
+                         f"'in_layers_2' {why}".rstrip() + "; ComfyUI and this pack apply them")
+        if kinds["tf"] and not linear_on:
+            notes.append(f"sd-scripts networks.oft will ignore {len(kinds['tf'])} transformer layers "
+                         f"({_examples(kinds['tf'])}): it enables them only when a key contains '_ff_'")
+        if len({n for layer in adapter for n in layer.num_blocks}) > 1:
+            notes.append("sd-scripts networks.oft builds every layer with the block count of the file's first key: "
+                         "it cannot load this file, whose layers have different block counts")
+        notes.append("sd-scripts: OFTInfModule.merge_to(multiplier) ignores its argument; merge at a strength "
+                     "through the network multiplier (create_network_from_weights(multiplier, …))")
+    elif fmt.startswith("lycoris"):
+        from .writers import _lycoris_layout_problem
+
+        bad = [layer.key for layer in adapter if layer.kind == "diag" and layer.parameterization != "matrix"
+               and _lycoris_layout_problem(layer)]
+        if bad:
+            notes.append(f"LyCORIS diag-oft cannot load {len(bad)} layers ({_examples(bad)}): it rebuilds a layer's "
+                         "layout from the block size alone and only holds a block size ≤ the block count")
+        if any(k.startswith("lora_unet_") for k in names):
+            notes.append("LyCORIS 4.1.3: its kohya-style loader (lycoris.kohya.create_network_from_weights) stops "
+                         "with an assertion on SD UNets (duplicated lora name: lora_unet_time_embedding_linear_1); "
+                         "lycoris.wrapper.create_lycoris_from_weights with LORA_PREFIX 'lora_unet' loads this file")
+        notes.append("LyCORIS: the kohya-style network's merge_to always merges at strength 1 (its multiplier is "
+                     "ignored); LycorisNetwork.merge_to(weight) honours the weight")
+    return notes
+
+
 def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_max_rows: int = HE_ROWS) -> dict:
     """A JSON-ready summary of `adapter` (the CLI's `inspect --json` and the nodes' OFTInspect use it).
 
@@ -132,6 +205,7 @@ def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_m
         "ignored_keys": len(adapter.info.get("ignored_keys", [])),
         "per_layer": layers,
         "orthogonality_error_max": max((x["orthogonality_error"] for x in layers), default=0.0),
+        "tool_notes": tool_notes(adapter),
     }
     if base_info is not None:
         changes = [x["he_rel_change"] for x in layers if "he_rel_change" in x]
@@ -174,4 +248,6 @@ def format_text(d: dict, *, max_layers: int = 12) -> str:
             lines.append(f"  … and {len(measured) - max_layers} more (--json lists all)")
     if d["ignored_keys"]:
         lines.append(f"ignored:    {d['ignored_keys']} non-OFT keys in the file")
+    for note in d.get("tool_notes", ()):
+        lines.append(f"tools:      {note}")
     return "\n".join(lines)

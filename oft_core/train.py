@@ -114,7 +114,16 @@ def _is_conv(m: nn.Module, kernel_1x1: bool | None = None) -> bool:
     return (tuple(m.kernel_size) == (1, 1)) == kernel_1x1
 
 
-def select_targets(root: nn.Module, preset: str, family: str | None = None) -> list[tuple[str, nn.Module]]:
+class Targets(list):
+    """`select_targets`' result: a list of (path, module) that also remembers the model `root` and its `family`, so
+    that `OFTTrainer.attach()` can guard the blocks of that model that write their inputs in place (FLUX)."""
+
+    def __init__(self, items, root: nn.Module | None = None, family: str | None = None):
+        super().__init__(items)
+        self.root, self.family = root, family
+
+
+def select_targets(root: nn.Module, preset: str, family: str | None = None) -> Targets:
     """The (path, module) pairs a preset adapts, in module order; paths are relative to `root`.
 
     - sd (sd-scripts networks.oft): attention = Linear layers of attention modules (to_q/k/v/out; kohya
@@ -153,7 +162,7 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> l
     if not out:
         raise OFTError(f"target preset {preset!r} selects no Linear/Conv2d layer in this {family} model "
                        f"({type(root).__name__})")
-    return out
+    return Targets(out, root, family)
 
 
 def block_lists(root: nn.Module) -> list[str]:
@@ -244,7 +253,7 @@ class OFTTrainer:
     def __init__(self, targets: Sequence[tuple[str, nn.Module]], *, num_blocks: int | None = None,
                  block_size: int | None = None, alpha: float = 1e-3, neumann_terms: int = 0,
                  weight_fn: Callable | None = None, device: torch.device | str | None = None,
-                 splits: Mapping[str, Sequence[int]] | None = None):
+                 root: nn.Module | None = None, splits: Mapping[str, Sequence[int]] | None = None):
         if (num_blocks is None) == (block_size is None):
             raise OFTError("give exactly one of num_blocks or block_size")
         if num_blocks is not None and num_blocks < 1:
@@ -274,6 +283,9 @@ class OFTTrainer:
             more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
             raise OFTError("; ".join(problems[:3]) + more)
         self._attached = False
+        # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
+        self.root = root if root is not None else getattr(targets, "root", None)
+        self.family = detect_family(self.root) if self.root is not None else None
 
     def _make(self, path: str, module: nn.Module, device) -> TrainedLayer:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -370,11 +382,26 @@ class OFTTrainer:
 
     @contextlib.contextmanager
     def attach(self):
-        """Patch every target module's forward for the duration of the block; restored exactly on exit."""
+        """Patch every target module's forward for the duration of the block; restored exactly on exit.
+
+        Safe on its own for FLUX: ComfyUI's FLUX blocks add to their inputs in place after normalising them, which
+        breaks autograd as soon as a gradient flows through a block input ("modified by an inplace operation"), so
+        the blocks of a FLUX root are run through `inplace_safe` while attached (`gradient_checkpointing` /
+        `inplace_safe` entered afterwards see that and do not wrap twice). FLUX targets whose model is unknown
+        (built by hand, no `root`) are refused rather than left to fail in backward.
+        """
         if self._attached:
             raise OFTError("this OFT trainer is already attached")
+        guard = contextlib.nullcontext()
+        if self.family == "flux":
+            guard = inplace_safe(checkpoint_blocks(self.root))
+        elif self.root is None and any(_FLUX_BLOCK.match(tl.path) for tl in self.layers):
+            raise OFTError("these targets are FLUX double/single-block layers but the trainer does not know their "
+                           "model: FLUX blocks write their inputs in place, which breaks training unless attach() "
+                           "guards them. Build the targets with select_targets(model, preset) or pass "
+                           "OFTTrainer(..., root=model)")
         try:
-            with _forward_patches() as replace:
+            with _forward_patches() as replace, guard:
                 for tl in self.layers:
                     replace(tl.module, self._forward_of(tl))
                 self._attached = True
@@ -609,7 +636,8 @@ def gradient_checkpointing(modules: Iterable[nn.Module]):
         for block in modules:
             layers = _called_layers(block) if isinstance(block, nn.Sequential) else [block]
             for m in layers:
-                run = _cloning(m.forward) if m is block else _checked(m.forward, type(m).__name__)
+                fn = _unguarded(m.forward)
+                run = _cloning(fn) if m is block else _checked(fn, type(m).__name__)
 
                 def fwd(*args, __run=run, **kwargs):
                     return torch.utils.checkpoint.checkpoint(__run, *args, use_reentrant=False, **kwargs)
@@ -632,8 +660,8 @@ def inplace_safe(modules: Iterable[nn.Module]):
     """
     with _forward_patches() as replace:
         for m in modules:
-            if isinstance(m, nn.Sequential):
-                continue
+            if isinstance(m, nn.Sequential) or hasattr(m.forward, "_oft_unguarded"):
+                continue  # a Sequential's forward may never run; a guarded block is guarded once
 
             def fwd(*args, __orig=m.forward, **kwargs):
                 def copy(v):
@@ -650,8 +678,15 @@ def inplace_safe(modules: Iterable[nn.Module]):
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     return __orig(*args, **kwargs)
 
+            fwd._oft_unguarded = m.forward
             replace(m, fwd)
         yield
+
+
+def _unguarded(fn):
+    """The forward under an `inplace_safe` wrapper (checkpointing runs that one: its copies make it safe anyway, and
+    a saved-tensor hook inside a checkpoint would bypass the checkpoint's own)."""
+    return getattr(fn, "_oft_unguarded", fn)
 
 
 # ------------------------------------------------------------------------------------------------ loop

@@ -231,7 +231,8 @@ def test_flux_training_lowers_the_loss_with_and_without_checkpointing(comfy, tn,
     trainer = tn.build_trainer(mp, "attention", 4, 0.0, 0)
     assert torch.equal(forward(mp, inputs, trainer=trainer), base_out)  # step 0
     start = eval_loss(tn, mp, latents, positive)
-    model, adapter, loss = run_node(tn, mp, latents, positive, steps=8, gradient_checkpointing=checkpointing)
+    model, adapter, loss = run_node(tn, mp, latents, positive, steps=8, gradient_checkpointing=checkpointing,
+                                    targets="attention+single")
     assert_weights_equal(mp, before)
     end = eval_loss(tn, model, latents, positive, patched=True)
     assert end < start * 0.95, (start, end, loss)
