@@ -25,12 +25,13 @@ import comfy_models
 import pytest
 import torch
 from oracle import REL_TOL, rel_err
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from test_tools import ok, tool_python
+from test_tools import run_tool as run_runner
 
 pytestmark = [pytest.mark.tools, pytest.mark.comfyui]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TOOLS_DIR = Path(os.environ.get("OFT_TOOLS_DIR") or Path.home() / ".cache" / "comfyui-oft")
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "tools_dit_reference.py"
 FAMILIES = ("sd3", "wan", "qwen")
 TOOLS = ("lycoris", "boft", "peft")
@@ -62,15 +63,12 @@ WAN_RENAMES = (
 # ------------------------------------------------------------------------------------------------ the tool side
 @pytest.fixture(scope="session")
 def dit_python() -> str:
-    """The `dit` tool venv's interpreter; skips when it was not built (CI builds it before the tests)."""
-    venv = TOOLS_DIR / "venv-dit"
-    if not list(venv.glob(".oft-tools-*")):
-        pytest.skip(f"tools tier: {venv} not built (bash scripts/tools_venv.sh setup dit)")
-    return str(venv / "bin" / "python")
+    """The `dit` tool venv's interpreter (test_tools.tool_python skips when it was not built)."""
+    return tool_python("dit")
 
 
-def run_tool(dit_python: str, *args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+def run_dit(dit_python: str, *args: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DIFFUSERS_VERBOSITY="error")
     proc = subprocess.run([dit_python, str(REFERENCE_SCRIPT), *args], env=env, capture_output=True, text=True,
                           timeout=900)
@@ -83,7 +81,7 @@ def run_tool(dit_python: str, *args: str) -> None:
 def references(dit_python, tmp_path_factory) -> Path:
     """Every (family, tool) reference, made in ONE tool process (importing diffusers costs ~15 s a time)."""
     root = tmp_path_factory.mktemp("dit_references")
-    run_tool(dit_python, "make", str(root), *(f"{f}:{t}" for f in FAMILIES for t in TOOLS))
+    run_dit(dit_python, "make", str(root), *(f"{f}:{t}" for f in FAMILIES for t in TOOLS))
     return root
 
 
@@ -207,13 +205,13 @@ def test_family_file_on_another_family_is_reported(reference, oft_folder):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_trained_family_adapter_loads_in_lycoris_and_merges_the_same(comfyui_oft, reference, dit_python, tmp_path,
-                                                                   family):
+def test_trained_family_adapter_loads_in_lycoris_and_merges_the_same(comfyui_oft, reference, tmp_path, family):
     """all-linear trained on ComfyUI's model of the family through the OFTTrainer node, saved as LyCORIS with the
-    family's names: LyCORIS itself loads every layer (onto the diffusers model for `lycoris_` names, onto modules
-    named as ComfyUI's for `lora_unet_` names) and its merge equals the node's output model."""
+    family's names, loaded by LyCORIS itself (tool_runner.py in the lycoris venv: `create_lycoris_from_weights` on
+    modules named as the file's base, diffusers names for `lycoris_` files, ComfyUI's for `lora_unet_` ones) and
+    merged at multipliers 1.0 and 0.5: equal to the pack's patch at strengths 1.0 and 0.5."""
     import comfy.model_management
-    from comfyui_oft.nodes import train_node
+    from comfyui_oft.nodes import patch, train_node
     from comfyui_oft.oft_core.writers import write_adapter
     from test_families_comfy import training_data
 
@@ -232,28 +230,29 @@ def test_trained_family_adapter_loads_in_lycoris_and_merges_the_same(comfyui_oft
     path = write_adapter(adapter, str(tmp_path / f"{family}_trained.safetensors"), "lycoris")
     native = all(layer.key.startswith("lora_unet_") for layer in adapter)
     assert native == (family == "wan")
-    if native:
-        from safetensors.torch import save_file
-
+    if native:  # a file named after ComfyUI's (the original) modules: LyCORIS gets a base named so
         tool_base = tmp_path / "base_comfy.safetensors"
         save_file({k: v.contiguous() for k, v in to_comfy(family, base).items()}, str(tool_base))
     else:
         tool_base = reference(family, "lycoris") / "base.safetensors"
-    out = tmp_path / "tool_merged.safetensors"
-    run_tool(dit_python, "merge", path, str(tool_base), str(out), family)
-    loaded = json.loads(Path(str(out) + ".json").read_text())
-    assert len(loaded["loaded"]) == len(adapter) and loaded["algos"] == ["DiagOFTModule"]
-    tool = load_file(out)
-    want = {"diffusion_model." + k: v for k, v in (tool if native else to_comfy(family, tool)).items()}
+    result, tool = run_runner("lycoris", {"adapter": path, "base": str(tool_base), "multipliers": [1.0, 0.5],
+                                          "prefix": "lora_unet" if native else "lycoris"}, tmp_path, family)
+    ok(result)
+    assert len(result["loaded"]) == len(adapter) and not result["ignored"]
     orig = {"diffusion_model." + k: v for k, v in to_comfy(family, base).items()}
-    got = patched_state(new_model)
-    changed = [k for k in want if not torch.equal(want[k], orig[k])]
-    assert len(changed) >= 16
-    for k in want:
-        if k in changed:
-            assert rel_err(got[k], want[k]) <= REL_TOL, (k, rel_err(got[k], want[k]))
-        else:
-            assert torch.equal(got[k], want[k]), k
+    for strength in (1.0, 0.5):
+        merged = dict(base if not native else to_comfy(family, base))
+        merged.update({k[len(f"m{strength}/"):]: v for k, v in tool.items() if k.startswith(f"m{strength}/")})
+        want = {"diffusion_model." + k: v for k, v in (merged if native else to_comfy(family, merged)).items()}
+        patched = new_model if strength == 1.0 else patch.apply_oft(model, None, adapter, strength)[0]
+        got = patched_state(patched)
+        changed = [k for k in want if not torch.equal(want[k], orig[k])]
+        assert len(changed) >= 16
+        for k in want:
+            if k in changed:
+                assert rel_err(got[k], want[k]) <= REL_TOL, (k, strength, rel_err(got[k], want[k]))
+            else:
+                assert torch.equal(got[k], want[k]), k
 
 
 if __name__ == "__main__":  # pragma: no cover

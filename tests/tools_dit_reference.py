@@ -2,7 +2,6 @@
 (scripts/tools_venv.sh: diffusers, lycoris-lora, peft), never in the main venv, never imports the pack.
 
     python tools_dit_reference.py make OUT_ROOT FAMILY:TOOL [FAMILY:TOOL ...]
-    python tools_dit_reference.py merge ADAPTER BASE OUT [FAMILY]
 
 make — FAMILY: sd3 | wan | qwen (a tiny diffusers transformer of that family, from the small config below); TOOL:
 lycoris (diag-oft through LyCORIS' own wrapper, the modules SimpleTuner's LyCORIS presets target: attention and
@@ -13,11 +12,8 @@ merged.safetensors (the state dict after the TOOL's OWN merge: LyCORIS `merge_to
 and info.json (versions, the adapted modules). The adapter's parameters are drawn at random (seeded): a freshly
 initialised OFT is the identity and would prove nothing. One process for all pairs (importing diffusers is slow).
 
-merge — a LyCORIS file written by the pack, loaded by LyCORIS itself (`create_lycoris_from_weights`) and merged
-(`merge_to(1.0)`): onto the diffusers FAMILY model holding BASE (diffusers names) when its keys are `lycoris_`, or onto
-a module tree named after BASE's keys (ComfyUI / original names, nn.Linear leaves) with LyCORIS' prefix set to
-`lora_unet` when they are `lora_unet_` (what `lycoris.kohya` trainers such as musubi-tuner write). OUT: the merged
-state dict, and OUT.json with how many modules LyCORIS loaded.
+Files the pack writes are loaded by the tools through tests/tool_runner.py (the lycoris / peft venvs); this script
+only makes what needs diffusers' model classes.
 """
 
 from __future__ import annotations
@@ -132,49 +128,6 @@ def make(out_dir: str, family: str, tool: str) -> None:
         json.dump(info, f, indent=1)
 
 
-def name_tree(state: dict) -> torch.nn.Module:
-    """Modules named after a state dict's keys: nn.Linear where a 2-D `.weight` is, plain containers above."""
-    root = torch.nn.Module()
-    for key, w in state.items():
-        if not key.endswith(".weight") or w.ndim != 2:
-            continue
-        *parents, leaf = key[: -len(".weight")].split(".")
-        node = root
-        for p in parents:
-            if not hasattr(node, p):
-                node.add_module(p, torch.nn.Module())
-            node = getattr(node, p)
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-        node.add_module(leaf, lin)
-    return root
-
-
-def merge(adapter: str, base_path: str, out: str, family: str | None) -> None:
-    from lycoris import LycorisNetwork, create_lycoris_from_weights
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(adapter)
-    base = load_file(base_path)
-    if all(k.startswith("lycoris_") for k in weights):
-        model = tiny_model(family).to(torch.float32)
-        model.load_state_dict(base, strict=True)
-        LycorisNetwork.apply_preset({"lora_prefix": "lycoris"})
-    elif all(k.startswith("lora_unet_") for k in weights):
-        model = name_tree(base)
-        LycorisNetwork.apply_preset({"lora_prefix": "lora_unet"})
-    else:
-        raise SystemExit(f"{adapter}: keys neither all lycoris_ nor all lora_unet_")
-    net, _ = create_lycoris_from_weights(1.0, adapter, model, weights_sd=weights)
-    net.merge_to(1.0)
-    merged = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(merged, out)
-    with open(out + ".json", "w") as f:
-        json.dump({"loaded": sorted(lora.lora_name for lora in net.loras),
-                   "algos": sorted({type(lora).__name__ for lora in net.loras})}, f, indent=1)
-
-
 def main() -> None:
     cmd = sys.argv[1]
     if cmd == "make":
@@ -183,8 +136,6 @@ def main() -> None:
             family, tool = pair.split(":")
             torch.manual_seed(0)
             make(os.path.join(root, f"{family}_{tool}"), family, tool)
-    elif cmd == "merge":
-        merge(*sys.argv[2:5], sys.argv[5] if len(sys.argv) > 5 else None)
     else:
         raise SystemExit(__doc__)
 
