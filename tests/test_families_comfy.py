@@ -204,3 +204,56 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
     assert len(changed) >= 16
     for k in want:
         assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6 * float(want[k].abs().max())), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_permuted_and_sliced_layers_full_load_and_low_vram(mods, tmp_path, dtype):
+    """A LyCORIS file with diffusers names on ComfyUI's SD3: `norm_out.linear` (scale/shift halves swapped in ComfyUI:
+    rotated in the file's row order, Target.perm) and `attn.to_k` (a row slice of the fused qkv). Full load equals
+    the rotation computed by hand on the diffusers-ordered weight; the low-VRAM path (every forward, in the layer's
+    dtype) equals the full load up to that dtype's rounding."""
+    import comfy.ops
+    import comfy.utils
+    from safetensors.torch import save_file
+
+    from comfyui_oft.oft_core import load_adapter, rotate_weight
+
+    g = torch.Generator().manual_seed(3)
+    save_file({"lycoris_norm_out_linear.oft_blocks": torch.randn(16, 16, 16, generator=g) * 0.1,
+               "lycoris_norm_out_linear.alpha": torch.tensor(0.0),
+               "lycoris_transformer_blocks_1_attn_to_k.oft_blocks": torch.randn(16, 8, 8, generator=g) * 0.1,
+               "lycoris_transformer_blocks_1_attn_to_k.alpha": torch.tensor(0.0)}, str(tmp_path / "a.safetensors"))
+    adapter = load_adapter(str(tmp_path / "a.safetensors"))
+    base = comfy_models.dit_tiny("sd3", dtype=dtype)
+    model, _, text = mods.patch.apply_oft(base, None, adapter, 1.0)
+    assert "2 of 2 adapter layers applied" in text
+    final = "diffusion_model.final_layer.adaLN_modulation.1.weight"
+    qkv = "diffusion_model.joint_blocks.1.x_block.attn.qkv.weight"
+    sd = base.model.state_dict()
+    w = sd[final].float()
+    swap = torch.cat([w[128:], w[:128]])  # diffusers' order = ComfyUI's with the halves swapped back
+    r = rotate_weight(adapter.layers[("unet", "norm_out_linear")], swap, 1.0)
+    want_final = torch.cat([r[128:], r[:128]])
+    want_qkv = sd[qkv].float().clone()
+    want_qkv[128:256] = rotate_weight(adapter.layers[("unet", "transformer_blocks_1_attn_to_k")],
+                                      want_qkv[128:256], 1.0)
+    model.patch_model()
+    try:
+        full = {k: comfy.utils.get_attr(model.model, k).detach().clone() for k in (final, qkv)}
+    finally:
+        model.unpatch_model()
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7}[dtype]
+    for k, want in ((final, want_final), (qkv, want_qkv)):
+        assert float((full[k].float() - want).abs().max() / want.abs().max()) <= tol, k
+    assert not torch.equal(full[final], sd[final])
+    model.patch_model(lowvram_model_memory=1)  # every module offloaded: the patches run in cast_bias_weight
+    try:
+        for k in (final, qkv):
+            module = comfy.utils.get_attr(model.model, k.rsplit(".", 1)[0])
+            assert any(type(f).__name__ == "LowVramPatch" for f in module.weight_function), k
+            w_low, _ = comfy.ops.cast_bias_weight(module, torch.zeros(1, 1, dtype=dtype))
+            assert w_low.dtype == dtype
+            assert float((w_low.float() - full[k].float()).abs().max() / full[k].float().abs().max()) <= tol, k
+    finally:
+        model.unpatch_model()
+    assert all(torch.equal(v, sd[k]) for k, v in base.model.state_dict().items())
