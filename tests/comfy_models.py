@@ -104,6 +104,12 @@ QWEN_TINY_CONFIG = {
     "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
     "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 48, "axes_dims_rope": (8, 12, 12),
 }
+HIDREAM_TINY_CONFIG = {
+    "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+    "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2, "caption_channels": [32, 48],
+    "text_emb_dim": 24, "num_routed_experts": 2, "num_activated_experts": 1, "axes_dims_rope": (8, 12, 12),
+    "max_resolution": (16, 16), "llama_layers": [0, 0],
+}
 
 FLUX_TINY_BASE = "kohya/flux_tiny_base.safetensors"
 SD15_EXPECTED = "kohya/sd15_oft_attn_dim8_bf16_expected.safetensors"
@@ -311,16 +317,18 @@ def sd15_tiny(dtype=None, seed: int = 0):
 
 
 def dit_tiny(family: str, state_dict: dict | None = None, dtype=None, seed: int = 0):
-    """A tiny SD3 / Wan 2.1 / Qwen-Image as a ComfyUI ModelPatcher (CPU; float32 unless `dtype`), through
-    `comfy.supported_models.SD3 / WAN21_T2V / QwenImage` with the configs above. `state_dict` (ComfyUI names) is
-    loaded strictly; without one the weights are deterministic pseudo-random (cached per family, dtype, seed)."""
+    """A tiny SD3 / Wan 2.1 / Qwen-Image / HiDream as a ComfyUI ModelPatcher (CPU; float32 unless `dtype`),
+    through `comfy.supported_models.SD3 / WAN21_T2V / QwenImage / HiDream` with the configs above. `state_dict`
+    (ComfyUI names) is loaded strictly; without one the weights are deterministic pseudo-random (cached per family,
+    dtype, seed)."""
     import torch
 
     dtype = dtype or torch.float32
     comfy = import_comfy()
     cls, config = {"sd3": (comfy.supported_models.SD3, SD3_TINY_CONFIG),
                    "wan": (comfy.supported_models.WAN21_T2V, WAN_TINY_CONFIG),
-                   "qwen": (comfy.supported_models.QwenImage, QWEN_TINY_CONFIG)}[family]
+                   "qwen": (comfy.supported_models.QwenImage, QWEN_TINY_CONFIG),
+                   "hidream": (comfy.supported_models.HiDream, HIDREAM_TINY_CONFIG)}[family]
     if state_dict is not None:
         return _patcher(_build(cls, config, dtype, state_dict))
     key = ("dit_tiny", family, dtype, seed)

@@ -214,9 +214,8 @@ def test_permuted_and_sliced_layers_full_load_and_low_vram(mods, tmp_path, dtype
     dtype) equals the full load up to that dtype's rounding."""
     import comfy.ops
     import comfy.utils
-    from safetensors.torch import save_file
-
     from comfyui_oft.oft_core import load_adapter, rotate_weight
+    from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(3)
     save_file({"lycoris_norm_out_linear.oft_blocks": torch.randn(16, 16, 16, generator=g) * 0.1,

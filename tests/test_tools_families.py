@@ -1,14 +1,14 @@
 """Families beyond SD and FLUX against the reference tools themselves (tier `tools`, and `comfyui`).
 
-For SD3 (SD3.5-style MMDiT), Wan 2.1 and Qwen-Image: a tiny diffusers transformer (small config), adapted by
+For SD3 (SD3.5-style MMDiT), Wan 2.1, Qwen-Image and HiDream: a tiny diffusers transformer (small config), adapted by
 LyCORIS diag-oft / BOFT through LyCORIS' own wrapper and by PEFT OFT through `get_peft_model`, with random adapter
 parameters, and merged by the tool itself (tests/tools_dit_reference.py, run in the `dit` tool venv built by
 `scripts/tools_venv.sh setup dit`). The same base weights go into ComfyUI's own model class of the family, converted
-from diffusers names as ComfyUI's loader does it (SD3: `comfy.sd.load_diffusion_model_state_dict`, which fuses q/k/v;
-Qwen-Image: ComfyUI uses the diffusers names; Wan: ComfyUI has no diffusers converter, so the test renames with
-diffusers' own conversion table, scripts/convert_wan_to_diffusers.py, reversed). The adapter file goes through the
-OFTLoader node onto that model; every weight ComfyUI then computes equals the tool's merge (fp32, <= 1e-6 relative,
-oracle.REL_TOL) and every other weight is unchanged.
+from diffusers names as ComfyUI's loader does it (SD3: `comfy.sd.load_diffusion_model_state_dict`, which fuses
+q/k/v; Qwen-Image and HiDream: ComfyUI uses the diffusers names; Wan: ComfyUI has no diffusers converter, so the test
+renames with diffusers' own conversion table, scripts/convert_wan_to_diffusers.py, reversed). The adapter file goes
+through the OFTLoader node onto that model; every weight ComfyUI then computes equals the tool's merge (fp32,
+<= 1e-6 relative, oracle.REL_TOL) and every other weight is unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.tools, pytest.mark.comfyui]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "tools_dit_reference.py"
-FAMILIES = ("sd3", "wan", "qwen")
+FAMILIES = ("sd3", "wan", "qwen", "hidream")
+TRAINED = ("sd3", "wan", "qwen")  # families whose conditioning the training test builds
 TOOLS = ("lycoris", "boft", "peft")
 
 # diffusers WanTransformer3DModel -> original Wan / ComfyUI names: diffusers' TRANSFORMER_KEYS_RENAME_DICT
@@ -101,7 +102,7 @@ def to_comfy(family: str, sd: dict) -> dict:
         out = comfy.model_detection.convert_diffusers_mmdit({k: v.clone() for k, v in sd.items()}, "")
         assert out is not None, "ComfyUI does not recognise the tiny SD3 as a diffusers MMDiT"
         return out
-    if family == "qwen":
+    if family in ("qwen", "hidream"):  # ComfyUI's module names are diffusers'
         return dict(sd)
     out = {}
     for k, v in sd.items():
@@ -204,7 +205,7 @@ def test_family_file_on_another_family_is_reported(reference, oft_folder):
     assert "wan_lycoris.safetensors" in str(e.value)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", TRAINED)
 def test_trained_family_adapter_loads_in_lycoris_and_merges_the_same(comfyui_oft, reference, tmp_path, family):
     """all-linear trained on ComfyUI's model of the family through the OFTTrainer node, saved as LyCORIS with the
     family's names, loaded by LyCORIS itself (tool_runner.py in the lycoris venv: `create_lycoris_from_weights` on

@@ -3,9 +3,9 @@
 
     python tools_dit_reference.py make OUT_ROOT FAMILY:TOOL [FAMILY:TOOL ...]
 
-make — FAMILY: sd3 | wan | qwen (a tiny diffusers transformer of that family, from the small config below); TOOL:
-lycoris (diag-oft through LyCORIS' own wrapper, the modules SimpleTuner's LyCORIS presets target: attention and
-feed-forward blocks) | boft (LyCORIS BOFT, same modules) | peft (OFT through `get_peft_model`, every Linear inside
+make — FAMILY: sd3 | wan | qwen | hidream (a tiny diffusers transformer of that family, from the small config below);
+TOOL: lycoris (diag-oft through LyCORIS' own wrapper, the modules SimpleTuner's LyCORIS presets target: attention and
+feed-forward modules) | boft (LyCORIS BOFT, same modules) | peft (OFT through `get_peft_model`, every Linear inside
 the transformer blocks). Writes into OUT_ROOT/FAMILY_TOOL: base.safetensors (the model's state dict, diffusers names),
 the adapter as the tool saves it (adapter.safetensors via LyCORIS' `save_weights`; peft/ via `save_pretrained`),
 merged.safetensors (the state dict after the TOOL's OWN merge: LyCORIS `merge_to(1.0)`, PEFT `merge_and_unload()`),
@@ -47,7 +47,14 @@ def tiny_model(family: str):
             patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=2,
             joint_attention_dim=48, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
         )
-    raise SystemExit(f"unknown family {family!r} (sd3 | wan | qwen)")
+    if family == "hidream":
+        # HiDream-I1 (double / single stream blocks, MoE feed-forward): ComfyUI's module names are diffusers' own
+        return diffusers.HiDreamImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
+            num_attention_heads=2, caption_channels=[32, 48], text_emb_dim=24, num_routed_experts=2,
+            num_activated_experts=1, axes_dims_rope=(8, 12, 12), max_resolution=(16, 16), llama_layers=[0, 0],
+        )
+    raise SystemExit(f"unknown family {family!r} (sd3 | wan | qwen | hidream)")
 
 
 def fill(module, seed: int, std: float = 0.05) -> None:
@@ -60,11 +67,12 @@ def fill(module, seed: int, std: float = 0.05) -> None:
 
 
 def block_linears(model) -> list[str]:
-    """Every nn.Linear inside the transformer blocks (`transformer_blocks.N.` / `blocks.N.`)."""
+    """Every nn.Linear inside the transformer blocks (the elements of the ModuleLists directly under the model)."""
+    lists = {n for n, m in model.named_children() if isinstance(m, torch.nn.ModuleList)}
     out = []
     for name, m in model.named_modules():
         head = name.split(".", 2)
-        if isinstance(m, torch.nn.Linear) and len(head) == 3 and head[0] in ("transformer_blocks", "blocks"):
+        if isinstance(m, torch.nn.Linear) and len(head) == 3 and head[0] in lists:
             out.append(name)
     return out
 
@@ -76,7 +84,7 @@ def make(out_dir: str, family: str, tool: str) -> None:
     from safetensors.torch import save_file
 
     model = tiny_model(family).to(torch.float32).eval()
-    fill(model, seed={"sd3": 3, "wan": 21, "qwen": 7}[family])
+    fill(model, seed={"sd3": 3, "wan": 21, "qwen": 7, "hidream": 11}[family])
     base = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(base, os.path.join(out_dir, "base.safetensors"))
     info = {"family": family, "tool": tool, "model_class": type(model).__name__,
@@ -89,7 +97,7 @@ def make(out_dir: str, family: str, tool: str) -> None:
         # SimpleTuner's LyCORIS presets target the attention and feed-forward modules by class; Wan's attention class
         # is WanAttention, the others' Attention.
         targets = sorted({type(m).__name__ for m in model.modules()
-                          if type(m).__name__.endswith("Attention") or type(m).__name__ == "FeedForward"})
+                          if type(m).__name__.endswith("Attention") or "FeedForward" in type(m).__name__})
         LycorisNetwork.apply_preset({"target_module": targets, "lora_prefix": "lycoris"})
         algo = "diag-oft" if tool == "lycoris" else "boft"
         net = create_lycoris(model, 1.0, linear_dim=16 if tool == "lycoris" else 8, linear_alpha=1.0, algo=algo)
