@@ -193,16 +193,24 @@ def test_family_adapter_through_oftloader_equals_the_tools_merge(reference, oft_
         assert any(k.endswith(".attn.qkv.weight") for k in changed)
 
 
-def test_family_file_on_another_family_is_reported(reference, oft_folder):
-    """A Wan LyCORIS file on the Qwen-Image model: nothing maps, the message names the file and the likely family."""
+@pytest.mark.parametrize("made_for, loaded_on, says", [
+    ("wan", "qwen", r"none of its \d+ layers matches the loaded QwenImage model.*made for Wan"),
+    ("sd3", "wan", r"none of its \d+ layers matches the loaded WAN21_T2V model.*made for SD3"),
+    ("hidream", "qwen", r"none of its \d+ layers matches the loaded QwenImage model.*made for HiDream"),
+    # both use diffusers' `transformer_blocks.N.attn.*` names: they match, the widths do not
+    ("qwen", "sd3", r"expected 64 .* found 128 in the loaded SD3 model's .*made for another model"),
+])
+def test_family_file_on_another_family_is_reported(reference, oft_folder, made_for, loaded_on, says):
+    """A file of one family on another family's model: refused before anything is patched, the message names the
+    file, the loaded model and what the file looks made for."""
     from comfyui_oft.nodes import oft_nodes
     from comfyui_oft.oft_core import OFTError
 
-    qwen = comfy_model("qwen", load_file(reference("qwen", "lycoris") / "base.safetensors"))
-    name = adapter_path("wan", "lycoris", reference("wan", "lycoris"), oft_folder)
-    with pytest.raises(OFTError, match=r"none of its \d+ layers matches the loaded QwenImage model.*Wan") as e:
-        oft_nodes.OFTLoader.execute(model=qwen, adapter_name=name, strength=1.0, strength_mode="kohya")
-    assert "wan_lycoris.safetensors" in str(e.value)
+    model = comfy_model(loaded_on, load_file(reference(loaded_on, "lycoris") / "base.safetensors"))
+    name = adapter_path(made_for, "lycoris", reference(made_for, "lycoris"), oft_folder)
+    with pytest.raises(OFTError, match=says) as e:
+        oft_nodes.OFTLoader.execute(model=model, adapter_name=name, strength=1.0, strength_mode="kohya")
+    assert f"{made_for}_lycoris.safetensors" in str(e.value)
 
 
 @pytest.mark.parametrize("family", TRAINED)
