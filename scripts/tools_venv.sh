@@ -38,7 +38,7 @@ SDSCRIPTS_PACKAGES=(diffusers==0.32.1 transformers==4.54.1 huggingface-hub==0.34
                     opencv-python==4.10.0.84 "numpy<2.3" pillow)
 LYCORIS_PACKAGES=(lycoris-lora==4.1.3)
 PEFT_PACKAGES=("peft>=0.21.2")
-SCRIPT_VERSION=1  # bump to rebuild every tool venv
+SCRIPT_VERSION=2  # bump to rebuild every tool venv
 
 log() { printf '[tools_venv] %s\n' "$*" >&2; }
 die() { printf '[tools_venv] ERROR: %s\n' "$*" >&2; exit 2; }
@@ -62,9 +62,9 @@ with_lock() {  # one builder at a time per venv (several checkouts share them)
     return 0
 }
 
-main_python() {
-    [[ -x "$MAIN_VENV/bin/python" ]] || bash "$REPO_ROOT/scripts/run.sh" setup >&2
-    [[ -x "$MAIN_VENV/bin/python" ]] || die "main venv $MAIN_VENV has no python after scripts/run.sh setup"
+main_python() {  # the main venv, created or checked by scripts/run.sh (a metadata check when it is ready)
+    OFT_VENV="$MAIN_VENV" bash "$REPO_ROOT/scripts/run.sh" setup >/dev/null 2>&1 \
+        || OFT_VENV="$MAIN_VENV" bash "$REPO_ROOT/scripts/run.sh" setup >&2 || die "scripts/run.sh setup failed"
     echo "$MAIN_VENV/bin/python"
 }
 
