@@ -230,6 +230,22 @@ def run_lycoris(req, result):
         for lora in net.loras:
             path = names[lora.lora_name]
             tensors[f"m{m}/{path}.weight"] = dict(model.named_modules())[path].weight.detach().float().clone()
+    if req.get("kohya_loader"):  # LyCORIS' kohya-style path (what sd-scripts runs for a lycoris.kohya network)
+        from lycoris import kohya
+
+        m = req["kohya_loader"]
+        model = skeleton(base)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            net, _ = kohya.create_network_from_weights(m, req["adapter"], None, None, model, weights_sd=sd,
+                                                       for_inference=True)
+            net.merge_to(None, model, sd, torch.float32, "cpu")
+            result["kohya_loader"] = "merged"
+            for k, v in model.state_dict().items():
+                if not torch.equal(v, before[k]):
+                    tensors[f"kohya{m}/{k}"] = v.float().contiguous()
+        except Exception as e:
+            result["kohya_loader"] = f"{type(e).__name__}: {e}"
     return tensors
 
 
