@@ -45,7 +45,8 @@ def test_sd_presets_are_sd_scripts_options(comfy):
 def test_flux_presets_are_sd_scripts_options(comfy):
     dm = comfy_models.flux_tiny().model.diffusion_model
     attn = _paths(dm, "attention")
-    assert attn == [f"double_blocks.{i}.{s}_attn.{n}" for i in range(2) for s in ("img", "txt") for n in ("qkv", "proj")]
+    assert attn == [f"double_blocks.{i}.{s}_attn.{n}" for i in range(2) for s in ("img", "txt")
+                    for n in ("qkv", "proj")]
     lin = _paths(dm, "all-linear")
     assert {p for p in lin if "_mod." in p or ".modulation." in p} == {
         *(f"double_blocks.{i}.{s}_mod.lin" for i in range(2) for s in ("img", "txt")),

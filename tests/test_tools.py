@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from oracle import REL_TOL, rel_err
 from safetensors.torch import load_file, save_file
 
-from oft_core import OFTError, load_adapter
+from oft_core import load_adapter
 from oft_core.bake import bake
 from oft_core.cli import main as cli
 from oft_core.names import ldm_to_diffusers

@@ -95,7 +95,8 @@ def oft_flux_module(hidden: int, mlp: int):
     old_qkv, old_l1 = "split_dims = [3072] * 3\n", "split_dims = [3072] * 3 + [12288]\n"
     if src.count(old_qkv) != 1 or src.count(old_l1) != 1:
         raise RuntimeError("oft_flux.py no longer hard-codes the split widths as expected")
-    src = src.replace(old_qkv, f"split_dims = [{hidden}] * 3\n").replace(old_l1, f"split_dims = [{hidden}] * 3 + [{mlp}]\n")
+    src = src.replace(old_qkv, f"split_dims = [{hidden}] * 3\n")
+    src = src.replace(old_l1, f"split_dims = [{hidden}] * 3 + [{mlp}]\n")
     spec = importlib.util.spec_from_loader("networks.oft_flux", loader=None, origin=src_path)
     mod = importlib.util.module_from_spec(spec)
     mod.__file__ = src_path
