@@ -6,7 +6,7 @@ Every writer first checks that each layer is *exactly* representable in the targ
 | target | rotated side | blocks | parameterization | constraint kept as | extra |
 |---|---|---|---|---|---|
 | kohya | out | diag, splits (FLUX) | Cayley | one `.alpha` for the whole file | - |
-| lycoris | out | diag (one split, b ≤ blocks), BOFT, R (`oft_diag`) | Cayley | per-layer `.alpha` (0: none) | `.rescale` |
+| lycoris | out | diag (one split, b ≤ blocks), BOFT, R (`oft_diag`) | Cayley | per-layer `.alpha` (0: off) | rescale |
 | peft    | in           | diag (one split), block_share | Cayley or Cayley–Neumann | COFT eps (global) | -          |
 
 Exact rewrites used (each gives the same rotation blocks bit for bit, or up to fp32 rounding of one Cayley solve):
