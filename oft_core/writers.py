@@ -6,7 +6,7 @@ Every writer first checks that each layer is *exactly* representable in the targ
 | target | rotated side | blocks | parameterization | constraint kept as | extra |
 |---|---|---|---|---|---|
 | kohya | out | diag, splits (FLUX) | Cayley | one `.alpha` for the whole file | - |
-| lycoris | out | diag (one split, block size ≤ block count), BOFT, stored R (`oft_diag`) | Cayley | per-layer `.alpha` (0 = none) | `.rescale` |
+| lycoris | out | diag (one split, b ≤ blocks), BOFT, R (`oft_diag`) | Cayley | per-layer `.alpha` (0: off) | rescale |
 | peft    | in           | diag (one split), block_share | Cayley or Cayley–Neumann | COFT eps (global) | -          |
 
 Exact rewrites used (each gives the same rotation blocks bit for bit, or up to fp32 rounding of one Cayley solve):
@@ -25,7 +25,8 @@ Exact rewrites used (each gives the same rotation blocks bit for bit, or up to f
 Not representable, hence refused: input-side rotation (PEFT ≥ 0.14) in kohya/LyCORIS and output-side rotation in PEFT
 (W·M ≠ M·W); Cayley–Neumann layers anywhere but PEFT (the series is not an exact Cayley rotation); `rescale` / `oft_s`
 in kohya and PEFT; BOFT anywhere but LyCORIS; diag-oft layouts with more rows per block than blocks in LyCORIS
-(it rebuilds the layout from the block size with `factorization(out_dim, b)`, see `_lycoris_layout`); text-encoder layers in kohya OFT (sd-scripts adapts the UNet only);
+(it rebuilds the layout from the block size with `factorization(out_dim, b)`, see `_lycoris_layout`); text-encoder
+layers in kohya OFT (sd-scripts adapts the UNet only);
 underscored names as PEFT's dotted module paths unless the model's module names are given (the "." → "_" substitution
 cannot be reversed by string rules).
 

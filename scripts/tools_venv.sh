@@ -45,7 +45,7 @@ PEFT_PACKAGES=("peft>=0.21.2")
 # diffusers 0.42.1 has SD3Transformer2DModel, WanTransformer3DModel and QwenImageTransformer2DModel; it imports no
 # transformers for these model classes.
 DIT_PACKAGES=(diffusers==0.42.1 lycoris-lora==4.1.3 peft==0.21.2 safetensors)
-SCRIPT_VERSION=1  # bump to rebuild every tool venv
+SCRIPT_VERSION=2  # bump to rebuild every tool venv
 
 log() { printf '[tools_venv] %s\n' "$*" >&2; }
 die() { printf '[tools_venv] ERROR: %s\n' "$*" >&2; exit 2; }
@@ -69,9 +69,9 @@ with_lock() {  # one builder at a time per venv (several checkouts share them)
     return 0
 }
 
-main_python() {
-    [[ -x "$MAIN_VENV/bin/python" ]] || bash "$REPO_ROOT/scripts/run.sh" setup >&2
-    [[ -x "$MAIN_VENV/bin/python" ]] || die "main venv $MAIN_VENV has no python after scripts/run.sh setup"
+main_python() {  # the main venv, created or checked by scripts/run.sh (a metadata check when it is ready)
+    OFT_VENV="$MAIN_VENV" bash "$REPO_ROOT/scripts/run.sh" setup >/dev/null 2>&1 \
+        || OFT_VENV="$MAIN_VENV" bash "$REPO_ROOT/scripts/run.sh" setup >&2 || die "scripts/run.sh setup failed"
     echo "$MAIN_VENV/bin/python"
 }
 

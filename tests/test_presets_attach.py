@@ -45,7 +45,8 @@ def test_sd_presets_are_sd_scripts_options(comfy):
 def test_flux_presets_are_sd_scripts_options(comfy):
     dm = comfy_models.flux_tiny().model.diffusion_model
     attn = _paths(dm, "attention")
-    assert attn == [f"double_blocks.{i}.{s}_attn.{n}" for i in range(2) for s in ("img", "txt") for n in ("qkv", "proj")]
+    assert attn == [f"double_blocks.{i}.{s}_attn.{n}" for i in range(2) for s in ("img", "txt")
+                    for n in ("qkv", "proj")]
     lin = _paths(dm, "all-linear")
     assert {p for p in lin if "_mod." in p or ".modulation." in p} == {
         *(f"double_blocks.{i}.{s}_mod.lin" for i in range(2) for s in ("img", "txt")),
@@ -100,3 +101,35 @@ def test_attach_refuses_flux_targets_without_their_model(comfy):
     assert all("forward" not in m.__dict__ for _, m in by_hand)  # nothing left patched
     with OFTTrainer(by_hand, num_blocks=4, alpha=0, root=dm).attach():
         assert all("forward" in b.__dict__ for b in checkpoint_blocks(dm))
+
+
+def test_exported_presets_say_which_tool_layers_it_ignores(comfy, tmp_path, capsys):
+    """Exporting a preset beyond what sd-scripts loads says which layers it will ignore (inspect and save report);
+    the tools tier shows sd-scripts doing exactly that."""
+    from oft_core import load_adapter
+    from oft_core.cli import main as cli
+    from oft_core.summary import tool_notes
+    from oft_core.train import export_names
+    from oft_core.writers import write_adapter
+
+    flux = comfy_models.flux_tiny().model.diffusion_model
+    path = write_adapter(OFTTrainer(select_targets(flux, "attention+single"), num_blocks=4).to_adapter(),
+                         tmp_path / "f.safetensors", "kohya")
+    notes = tool_notes(load_adapter(path))
+    assert any("networks.oft_flux will ignore 4 of 12 layers (oft_unet_single_blocks_0_linear1" in n for n in notes)
+    assert any("cannot merge this file" in n for n in notes)
+    path = write_adapter(OFTTrainer(select_targets(flux, "attention"), num_blocks=4).to_adapter(),
+                         tmp_path / "a.safetensors", "kohya")
+    assert not any("will ignore" in n for n in tool_notes(load_adapter(path)))
+
+    dm = comfy_models.sd15_tiny().model.diffusion_model
+    trainer = OFTTrainer(select_targets(dm, "attention+conv"), num_blocks=4)
+    path = write_adapter(trainer.to_adapter(names=export_names(dm, "diffusers")), tmp_path / "s.safetensors", "kohya")
+    conv = [layer for layer in trainer.layers if "attn" not in layer.path]
+    assert cli(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert f"tools:      sd-scripts networks.oft will ignore {len(conv)} ResBlock / down / up-sample layers" in text
+    assert "'in_layers_2' (SD1.x/SD2.x files name layers after diffusers modules" in text
+    out = tmp_path / "s2.safetensors"
+    assert cli(["convert", str(path), "--to", "kohya", "--out", str(out)]) == 0
+    assert f"note: sd-scripts networks.oft will ignore {len(conv)} ResBlock" in capsys.readouterr().out

@@ -95,7 +95,8 @@ def oft_flux_module(hidden: int, mlp: int):
     old_qkv, old_l1 = "split_dims = [3072] * 3\n", "split_dims = [3072] * 3 + [12288]\n"
     if src.count(old_qkv) != 1 or src.count(old_l1) != 1:
         raise RuntimeError("oft_flux.py no longer hard-codes the split widths as expected")
-    src = src.replace(old_qkv, f"split_dims = [{hidden}] * 3\n").replace(old_l1, f"split_dims = [{hidden}] * 3 + [{mlp}]\n")
+    src = src.replace(old_qkv, f"split_dims = [{hidden}] * 3\n")
+    src = src.replace(old_l1, f"split_dims = [{hidden}] * 3 + [{mlp}]\n")
     spec = importlib.util.spec_from_loader("networks.oft_flux", loader=None, origin=src_path)
     mod = importlib.util.module_from_spec(spec)
     mod.__file__ = src_path
@@ -230,6 +231,22 @@ def run_lycoris(req, result):
         for lora in net.loras:
             path = names[lora.lora_name]
             tensors[f"m{m}/{path}.weight"] = dict(model.named_modules())[path].weight.detach().float().clone()
+    if req.get("kohya_loader"):  # LyCORIS' kohya-style path (what sd-scripts runs for a lycoris.kohya network)
+        from lycoris import kohya
+
+        m = req["kohya_loader"]
+        model = skeleton(base)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            net, _ = kohya.create_network_from_weights(m, req["adapter"], None, None, model, weights_sd=sd,
+                                                       for_inference=True)
+            net.merge_to(None, model, sd, torch.float32, "cpu")
+            result["kohya_loader"] = "merged"
+            for k, v in model.state_dict().items():
+                if not torch.equal(v, before[k]):
+                    tensors[f"kohya{m}/{k}"] = v.float().contiguous()
+        except Exception as e:
+            result["kohya_loader"] = f"{type(e).__name__}: {e}"
     return tensors
 
 
