@@ -256,3 +256,17 @@ def test_permuted_and_sliced_layers_full_load_and_low_vram(mods, tmp_path, dtype
     finally:
         model.unpatch_model()
     assert all(torch.equal(v, sd[k]) for k, v in base.model.state_dict().items())
+
+
+def test_inspect_on_sd3_counts_the_layers_the_loader_applies(mods, tmp_path):
+    """OFT Inspect with a model matches through the same key map as the loader (ComfyUI's, fused slices)."""
+    from comfyui_oft.nodes import oft_nodes
+    from comfyui_oft.oft_core import load_adapter
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    save_file({f"lycoris_transformer_blocks_0_attn_to_{x}.oft_blocks": torch.randn(16, 8, 8, generator=g) * 0.1
+               for x in "qkv"}, str(tmp_path / "s.safetensors"))
+    adapter = load_adapter(str(tmp_path / "s.safetensors"))
+    text = oft_nodes.inspect_text(adapter, comfy_models.dit_tiny("sd3"))
+    assert "on this SD3 model: 3 of 3 diffusion-model layers match; 3 land on slices of fused weights" in text
