@@ -1,7 +1,8 @@
 """Runs ONE reference tool on files the pack wrote; executed by the tool venv's own python (scripts/tools_venv.sh),
 never by pytest, so that sd-scripts (diffusers 0.32.1, transformers 4.x), lycoris-lora and peft never meet the main
-venv. Protocol: `python tool_runner.py REQUEST.json`; the request names an output .safetensors (the weights the tool
-computed) and an output .json (what it loaded, ignored, raised). Only the tools' own public code paths are used:
+venv. Protocol: `python tool_runner.py REQUEST.json`; the request (or each of its "jobs") names an output
+.safetensors (the weights the tool computed) and an output .json (what it loaded, ignored, raised). Only the tools' own
+public code paths are used:
 
 - sdscripts: sd-scripts' own UNet (`library.original_unet`, its size constants set to the tiny test model) or FLUX
   (`library.flux_models.Flux`), `networks.oft.create_network_from_weights(..., for_inference=True)` + `merge_to`
@@ -271,8 +272,7 @@ def run_peft(req, result):
     return tensors
 
 
-def main() -> int:
-    req = json.load(open(sys.argv[1], encoding="utf-8"))
+def run_one(req: dict) -> None:
     result: dict = {"ok": True}
     try:
         tensors = {"sdscripts": run_sdscripts, "lycoris": run_lycoris, "peft": run_peft}[req["tool"]](req, result)
@@ -282,6 +282,12 @@ def main() -> int:
         result.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     with open(req["result"], "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
+
+
+def main() -> int:
+    req = json.load(open(sys.argv[1], encoding="utf-8"))
+    for job in req.get("jobs", [req]):  # several jobs share one start-up (importing a tool takes seconds)
+        run_one(job)
     return 0
 
 
