@@ -9,7 +9,8 @@
 #   ~/.cache/comfyui-oft/venv-sdscripts   kohya sd-scripts 48d368fa (source from ../shared/vendor, extracted into the
 #                                         venv; never into the repo) + only what networks/oft*.py, library/utils.py,
 #                                         original_unet.py and flux_models.py import, pinned as sd-scripts pins them
-#   ~/.cache/comfyui-oft/venv-lycoris     lycoris-lora==4.1.3 (what the fixtures were made with)
+#   ~/.cache/comfyui-oft/venv-lycoris     lycoris-lora==4.1.3 (what the fixtures were made with) + diffusers 0.32.1
+#                                         (a real SD UNet for LyCORIS' kohya-style loader)
 #   ~/.cache/comfyui-oft/venv-peft        peft, newest from PyPI at build time (its version is in the stamp)
 #
 # Torch is SHARED with the main venv, not installed again (OFT_TOOLS_TORCH=share, the default): a folder of
@@ -21,7 +22,7 @@
 # Measured on this machine (2 shared cores, torch wheels on local disk): a torch 2.14.1 + torchvision install into a
 # fresh venv took 81 s and 5.5 GB — per tool venv, three times over (on a fresh CI machine that is also a multi-GB
 # download each). Sharing takes < 1 s and no space; the three tool venvs then hold 590 MB (sd-scripts' diffusers,
-# transformers, opencv), 234 MB (LyCORIS) and 440 MB (PEFT, transformers, accelerate). Safe because the shared
+# transformers, opencv), 301 MB (LyCORIS + diffusers) and 440 MB (PEFT, transformers, accelerate). Safe because the shared
 # folder holds nothing but torch's own distributions, every tool resolves and pins the rest itself, each install is
 # constrained to the same torch, and the import check below fails the build if a tool venv sees another torch.
 # OFT_TOOLS_TORCH=copy installs torch into each venv instead (for a main venv that may change under the tools).
@@ -40,7 +41,8 @@ SDSCRIPTS_COMMIT="48d368fa"
 # Pillow and torchvision (library/utils.py), einops, safetensors, huggingface-hub (diffusers/transformers).
 SDSCRIPTS_PACKAGES=(diffusers==0.32.1 transformers==4.54.1 huggingface-hub==0.34.3 safetensors==0.4.5 einops==0.7.0
                     opencv-python==4.10.0.84 "numpy<2.3" pillow)
-LYCORIS_PACKAGES=(lycoris-lora==4.1.3)
+# diffusers only to build a real SD UNet for LyCORIS' kohya-style loader (the version sd-scripts pins)
+LYCORIS_PACKAGES=(lycoris-lora==4.1.3 diffusers==0.32.1)
 PEFT_PACKAGES=("peft>=0.21.2")
 SCRIPT_VERSION=2  # bump to rebuild every tool venv
 

@@ -29,7 +29,7 @@ from oft_core.cli import main as cli
 from oft_core.names import ldm_to_diffusers
 from oft_core.summary import tool_notes
 from oft_core.train import PRESETS, OFTTrainer, export_names, run_training, select_targets
-from oft_core.writers import write_adapter
+from oft_core.writers import write_adapter, write_lycoris
 
 pytestmark = [pytest.mark.tools, pytest.mark.comfyui]
 
@@ -360,6 +360,18 @@ def test_lycoris_fixture_round_trip_in_lycoris(work, capsys):
     ok(res)
     assert res["ignored"] == [] and len(res["loaded"]) == len(load_adapter(out))
     compare(got, {s: baked(d / "base.safetensors", out, s, work) for s in STRENGTHS})
+
+    # the same layers under kohya-style names (what lycoris.kohya writes and ComfyUI maps): LyCORIS' own wrapper
+    # loads them; its 4.1.3 kohya-style loader stops on the SD UNet they belong to (known limit, stated by inspect)
+    kohya_named = work / "lyco_lora_unet.safetensors"
+    write_lycoris(load_adapter(out), kohya_named, unet_prefix="lora_unet_")
+    res, got = _lycoris(kohya_named, d / "base.safetensors", work, "lycoris_kohya_named",
+                        kohya_sd_unet=str(PEFT_DIR / "unet_config.json"))
+    ok(res)
+    assert res["ignored"] == [] and len(res["loaded"]) == len(load_adapter(out))
+    compare(got, {s: baked(d / "base.safetensors", out, s, work) for s in STRENGTHS})
+    assert res["kohya_sd_unet"] == "AssertionError: duplicated lora name: lora_unet_time_embedding_linear_1"
+    assert any("duplicated lora name" in note for note in tool_notes(load_adapter(kohya_named)))
 
 
 def test_convert_to_kohya_loads_in_sd_scripts(sd, work, capsys):

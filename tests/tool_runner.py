@@ -232,6 +232,21 @@ def run_lycoris(req, result):
         for lora in net.loras:
             path = names[lora.lora_name]
             tensors[f"m{m}/{path}.weight"] = dict(model.named_modules())[path].weight.detach().float().clone()
+    if req.get("kohya_sd_unet"):  # LyCORIS' kohya-style loader on a real (diffusers) SD UNet of this config
+        import inspect
+
+        from diffusers import UNet2DConditionModel
+        from lycoris import kohya
+
+        cfg = json.load(open(req["kohya_sd_unet"], encoding="utf-8"))
+        allowed = inspect.signature(UNet2DConditionModel.__init__).parameters
+        unet = UNet2DConditionModel(**{k: v for k, v in cfg.items() if k in allowed})
+        try:
+            net, _ = kohya.create_network_from_weights(1.0, req["adapter"], None, None, unet, weights_sd=sd,
+                                                       for_inference=True)
+            result["kohya_sd_unet"] = f"loaded {len(net.loras)} modules"
+        except BaseException as e:  # noqa: BLE001  (an AssertionError is what 4.1.3 raises here)
+            result["kohya_sd_unet"] = f"{type(e).__name__}: {e}"
     if req.get("kohya_loader"):  # LyCORIS' kohya-style path (what sd-scripts runs for a lycoris.kohya network)
         from lycoris import kohya
 
