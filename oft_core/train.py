@@ -19,8 +19,10 @@ included.
 
 Public API:
 
-- `select_targets(root, preset, family=None)` -> [(path, module)]: presets per model family (`PRESETS`).
-- `OFTTrainer(targets, num_blocks=… | block_size=…, alpha=…, neumann_terms=0)`; `.parameters()`, `.attach()`,
+- `select_targets(root, preset, family=None)` -> `Targets` [(path, module)] (+ `.root`): presets per model family
+  (`PRESETS`), each the sd-scripts option of the same name (`SD_SCRIPTS_OPTIONS`; beyond it: `EXTRA_PRESETS`).
+- `OFTTrainer(targets, num_blocks=… | block_size=…, alpha=…, neumann_terms=0, root=None)`; `.parameters()`,
+  `.attach()` (safe on its own on FLUX: guards the root's in-place blocks),
   `.to_adapter(metadata, names=None)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits);
   `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
 - `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.

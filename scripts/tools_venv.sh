@@ -9,7 +9,8 @@
 #   ~/.cache/comfyui-oft/venv-sdscripts   kohya sd-scripts 48d368fa (source from ../shared/vendor, extracted into the
 #                                         venv; never into the repo) + only what networks/oft*.py, library/utils.py,
 #                                         original_unet.py and flux_models.py import, pinned as sd-scripts pins them
-#   ~/.cache/comfyui-oft/venv-lycoris     lycoris-lora==4.1.3 (what the fixtures were made with)
+#   ~/.cache/comfyui-oft/venv-lycoris     lycoris-lora==4.1.3 (what the fixtures were made with) + diffusers 0.32.1
+#                                         (a real SD UNet for LyCORIS' kohya-style loader)
 #   ~/.cache/comfyui-oft/venv-peft        peft, newest from PyPI at build time (its version is in the stamp)
 #   ~/.cache/comfyui-oft/venv-dit         diffusers + lycoris-lora + peft, all pinned: tiny diffusion transformers
 #                                         (SD3, Wan, Qwen-Image) adapted by LyCORIS' own wrapper and get_peft_model
@@ -22,8 +23,12 @@
 # else of the main venv: the tools resolve every other package (numpy, transformers, ...) in their own venv, and a
 # .pth path comes after the venv's own site-packages. pip, constrained to torch==2.14.1 torchvision==0.29.1, sees
 # torch as installed and leaves it alone; pip never deletes files outside the venv it installs into.
-# Measured on this machine (2 shared cores): a torch+torchvision install per venv took ~4.5 min and 6.0 GB, three
-# times over; sharing takes < 1 s and ~0 bytes, and a whole tools build is then a couple of minutes of small wheels.
+# Measured on this machine (2 shared cores, torch wheels on local disk): a torch 2.14.1 + torchvision install into a
+# fresh venv took 81 s and 5.5 GB — per tool venv, three times over (on a fresh CI machine that is also a multi-GB
+# download each). Sharing takes < 1 s and no space; the three tool venvs then hold 590 MB (sd-scripts' diffusers,
+# transformers, opencv), 301 MB (LyCORIS + diffusers) and 440 MB (PEFT, transformers, accelerate). Safe because the shared
+# folder holds nothing but torch's own distributions, every tool resolves and pins the rest itself, each install is
+# constrained to the same torch, and the import check below fails the build if a tool venv sees another torch.
 # OFT_TOOLS_TORCH=copy installs torch into each venv instead (for a main venv that may change under the tools).
 #
 # Built once and reused: a stamp file per venv records a hash of what was asked for (this script's pins, the
@@ -40,7 +45,8 @@ SDSCRIPTS_COMMIT="48d368fa"
 # Pillow and torchvision (library/utils.py), einops, safetensors, huggingface-hub (diffusers/transformers).
 SDSCRIPTS_PACKAGES=(diffusers==0.32.1 transformers==4.54.1 huggingface-hub==0.34.3 safetensors==0.4.5 einops==0.7.0
                     opencv-python==4.10.0.84 "numpy<2.3" pillow)
-LYCORIS_PACKAGES=(lycoris-lora==4.1.3)
+# diffusers only to build a real SD UNet for LyCORIS' kohya-style loader (the version sd-scripts pins)
+LYCORIS_PACKAGES=(lycoris-lora==4.1.3 diffusers==0.32.1)
 PEFT_PACKAGES=("peft>=0.21.2")
 # diffusers 0.42.1 has SD3Transformer2DModel, WanTransformer3DModel and QwenImageTransformer2DModel; it imports no
 # transformers for these model classes.
@@ -249,8 +255,20 @@ case "$cmd" in
     setup)
         tools=("$@")
         [[ ${#tools[@]} -eq 0 ]] && tools=(sdscripts lycoris peft dit)
+        [[ "$TORCH_MODE" == share ]] && ensure_share
+        # the venvs are independent: built side by side (downloads and unpacking overlap; measured 7.9 min one after
+        # another from scratch on a loaded 2-core machine)
+        pids=()
         for t in "${tools[@]}"; do
-            ensure_tool "$t"
+            ensure_tool "$t" &
+            pids+=($!)
+        done
+        failed=0
+        for i in "${!pids[@]}"; do
+            wait "${pids[$i]}" || { log "${tools[$i]}: build failed"; failed=1; }
+        done
+        [[ $failed -eq 0 ]] || die "some tool venvs could not be built"
+        for t in "${tools[@]}"; do
             log "$t: $TOOLS_DIR/venv-$t ($(cat "$TOOLS_DIR/venv-$t"/.oft-tools-*))"
         done
         ;;

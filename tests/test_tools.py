@@ -29,7 +29,7 @@ from oft_core.cli import main as cli
 from oft_core.names import ldm_to_diffusers
 from oft_core.summary import tool_notes
 from oft_core.train import PRESETS, OFTTrainer, export_names, run_training, select_targets
-from oft_core.writers import write_adapter
+from oft_core.writers import write_adapter, write_lycoris
 
 pytestmark = [pytest.mark.tools, pytest.mark.comfyui]
 
@@ -52,18 +52,28 @@ def tool_python(name: str) -> str:
     return str(py)
 
 
-def run_tool(tool: str, req: dict, work: Path, tag: str) -> tuple[dict, dict]:
-    """Run tool_runner.py in `tool`'s venv; returns (result JSON, tensors it wrote)."""
-    req = dict(req, tool=tool, out=str(work / f"{tag}.out.safetensors"), result=str(work / f"{tag}.json"))
-    (work / f"{tag}.req.json").write_text(json.dumps(req))
+def _job(tool: str, req: dict, work: Path, tag: str) -> dict:
+    return dict(req, tool=tool, out=str(work / f"{tag}.out.safetensors"), result=str(work / f"{tag}.json"))
+
+
+def _spawn(tool: str, jobs: list[dict], work: Path, tag: str) -> str:
+    (work / f"{tag}.req.json").write_text(json.dumps({"jobs": jobs}))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([tool_python(tool), str(RUNNER), str(work / f"{tag}.req.json")], env=env,
-                          capture_output=True, text=True, timeout=900)
-    if not (work / f"{tag}.json").is_file():
-        raise AssertionError(f"{tool} runner died (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads((work / f"{tag}.json").read_text())
-    tensors = load_file(req["out"]) if Path(req["out"]).is_file() else {}
+                          capture_output=True, text=True, timeout=1800)
+    return f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+
+
+def run_tool(tool: str, req: dict, work: Path, tag: str) -> tuple[dict, dict]:
+    """Run tool_runner.py in `tool`'s venv (unless a batch already ran this job); returns (result, tensors)."""
+    job = _job(tool, req, work, tag)
+    if not Path(job["result"]).is_file():
+        why = _spawn(tool, [job], work, tag)
+        if not Path(job["result"]).is_file():
+            raise AssertionError(f"{tool} runner died ({why})")
+    result = json.loads(Path(job["result"]).read_text())
+    tensors = load_file(job["out"]) if Path(job["out"]).is_file() else {}
     return result, tensors
 
 
@@ -175,12 +185,43 @@ def _sd_req(adapter=None, **kw):
                 **({"adapter": str(adapter)} if adapter else {}))
 
 
+SD_OPTIONS = {"attention": {}, "all-linear": {"enable_all_linear": True}, "attention+conv": {"enable_conv": True},
+              "all-linear+conv": {"enable_all_linear": True, "enable_conv": True}}
+FLUX_OPTIONS = {"attention": {}, "all-linear": {"enable_all_linear": True}}
+
+
+def _sdscripts_jobs(sd, flux) -> dict[str, dict]:
+    """tag -> request of every sd-scripts run on the trained adapters (one process runs them all: `sdscripts`)."""
+    jobs = {"sd_targets": dict(_sd_req(base=str(sd["base"])), targets_for=SD_OPTIONS, dim=4),
+            "flux_targets": dict(kind="flux", model=flux["config"], base=str(flux["base"]), targets_for=FLUX_OPTIONS,
+                                 dim=4)}
+    for preset in PRESETS["sd"]:
+        path = sd["files"][(preset, 16)]
+        jobs[f"sd_{preset}"] = _sd_req(path, base=str(sd["base"]), merge_to_argument=0.5)
+        if preset.endswith("+conv"):
+            args = {"enable_conv": True, "enable_all_linear": preset.startswith("all-linear")}
+            jobs[f"sd_{preset}_option"] = _sd_req(path, base=str(sd["base"]), network_args=args, dim=16)
+    for preset in PRESETS["flux"]:
+        jobs[f"flux_{preset}"] = dict(kind="flux", model=flux["config"], base=str(flux["base"]),
+                                      adapter=str(flux["files"][(preset, 4)]), multipliers=list(STRENGTHS))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def sdscripts(sd, flux, work):
+    """Runs every sd-scripts job of the trained adapters in one tool process; returns tag -> request."""
+    jobs = _sdscripts_jobs(sd, flux)
+    why = _spawn("sdscripts", [_job("sdscripts", req, work, tag) for tag, req in jobs.items()], work, "sdscripts")
+    missing = [tag for tag in jobs if not (work / f"{tag}.json").is_file()]
+    assert not missing, f"sd-scripts runner stopped before {missing[:3]} ({why})"
+    return jobs
+
+
 # ------------------------------------------------------------------------------------------------ presets
-def test_presets_adapt_exactly_the_layers_of_the_sd_scripts_options(sd, flux, work):
+def test_presets_adapt_exactly_the_layers_of_the_sd_scripts_options(sd, flux, work, sdscripts):
     """Issue 11 item 1: each preset = the sd-scripts option it is named after, on the same model."""
-    options = {"attention": {}, "all-linear": {"enable_all_linear": True}, "attention+conv": {"enable_conv": True},
-               "all-linear+conv": {"enable_all_linear": True, "enable_conv": True}}
-    res, _ = run_tool("sdscripts", dict(_sd_req(base=str(sd["base"])), targets_for=options, dim=4), work, "sd_targets")
+    options = SD_OPTIONS
+    res, _ = run_tool("sdscripts", sdscripts["sd_targets"], work, "sd_targets")
     ok(res)
     assert res["unexpected_base_keys"] == []
     dm = sd["mp"].model.diffusion_model
@@ -190,9 +231,8 @@ def test_presets_adapt_exactly_the_layers_of_the_sd_scripts_options(sd, flux, wo
         assert ours == theirs, (preset, sorted(ours ^ theirs)[:6])
     assert any(k.endswith("time_emb_proj") for k in res["targets"]["all-linear+conv"])
 
-    options = {"attention": {}, "all-linear": {"enable_all_linear": True}}
-    req = dict(kind="flux", model=flux["config"], base=str(flux["base"]), targets_for=options, dim=4)
-    res, _ = run_tool("sdscripts", req, work, "flux_targets")
+    options = FLUX_OPTIONS
+    res, _ = run_tool("sdscripts", sdscripts["flux_targets"], work, "flux_targets")
     ok(res)
     fdm = flux["mp"].model.diffusion_model
     for preset in options:
@@ -205,9 +245,9 @@ def test_presets_adapt_exactly_the_layers_of_the_sd_scripts_options(sd, flux, wo
 
 # ------------------------------------------------------------------------------------------------ trained, kohya
 @pytest.mark.parametrize("preset", PRESETS["sd"])
-def test_trained_sd_adapter_in_sd_scripts(sd, work, preset):
+def test_trained_sd_adapter_in_sd_scripts(sd, work, sdscripts, preset):
     path = sd["files"][(preset, 16)]
-    res, got = run_tool("sdscripts", _sd_req(path, base=str(sd["base"]), merge_to_argument=0.5), work, f"sd_{preset}")
+    res, got = run_tool("sdscripts", sdscripts[f"sd_{preset}"], work, f"sd_{preset}")
     ok(res)
     ours = {s: baked(sd["base"], path, s, work) for s in STRENGTHS}
     n = compare(got, ours)
@@ -220,9 +260,7 @@ def test_trained_sd_adapter_in_sd_scripts(sd, work, preset):
         assert conv and res["ignored"] == conv
         assert any(f"will ignore {len(conv)} ResBlock" in note for note in notes)
         # what the training option itself builds (create_network with enable_conv) holds every layer of the file
-        args = {"enable_conv": True, "enable_all_linear": preset.startswith("all-linear")}
-        res2, got2 = run_tool("sdscripts", _sd_req(path, base=str(sd["base"]), network_args=args, dim=16), work,
-                              f"sd_{preset}_option")
+        res2, got2 = run_tool("sdscripts", sdscripts[f"sd_{preset}_option"], work, f"sd_{preset}_option")
         ok(res2)
         assert res2["ignored"] == [] and len(res2["loaded"]) == len(adapter)
         assert compare(got2, ours) == 2 * len(adapter)
@@ -236,11 +274,9 @@ def test_trained_sd_adapter_in_sd_scripts(sd, work, preset):
 
 
 @pytest.mark.parametrize("preset", PRESETS["flux"])
-def test_trained_flux_adapter_in_sd_scripts(flux, work, preset):
+def test_trained_flux_adapter_in_sd_scripts(flux, work, sdscripts, preset):
     path = flux["files"][(preset, 4)]
-    req = dict(kind="flux", model=flux["config"], base=str(flux["base"]), adapter=str(path),
-               multipliers=list(STRENGTHS))
-    res, got = run_tool("sdscripts", req, work, f"flux_{preset}")
+    res, got = run_tool("sdscripts", sdscripts[f"flux_{preset}"], work, f"flux_{preset}")
     ok(res)
     ours = {s: baked(flux["base"], path, s, work) for s in STRENGTHS}
     n = compare(got, ours)
@@ -324,6 +360,18 @@ def test_lycoris_fixture_round_trip_in_lycoris(work, capsys):
     ok(res)
     assert res["ignored"] == [] and len(res["loaded"]) == len(load_adapter(out))
     compare(got, {s: baked(d / "base.safetensors", out, s, work) for s in STRENGTHS})
+
+    # the same layers under kohya-style names (what lycoris.kohya writes and ComfyUI maps): LyCORIS' own wrapper
+    # loads them; its 4.1.3 kohya-style loader stops on the SD UNet they belong to (known limit, stated by inspect)
+    kohya_named = work / "lyco_lora_unet.safetensors"
+    write_lycoris(load_adapter(out), kohya_named, unet_prefix="lora_unet_")
+    res, got = _lycoris(kohya_named, d / "base.safetensors", work, "lycoris_kohya_named",
+                        kohya_sd_unet=str(PEFT_DIR / "unet_config.json"))
+    ok(res)
+    assert res["ignored"] == [] and len(res["loaded"]) == len(load_adapter(out))
+    compare(got, {s: baked(d / "base.safetensors", out, s, work) for s in STRENGTHS})
+    assert res["kohya_sd_unet"] == "AssertionError: duplicated lora name: lora_unet_time_embedding_linear_1"
+    assert any("duplicated lora name" in note for note in tool_notes(load_adapter(kohya_named)))
 
 
 def test_convert_to_kohya_loads_in_sd_scripts(sd, work, capsys):

@@ -1,7 +1,8 @@
 """Runs ONE reference tool on files the pack wrote; executed by the tool venv's own python (scripts/tools_venv.sh),
 never by pytest, so that sd-scripts (diffusers 0.32.1, transformers 4.x), lycoris-lora and peft never meet the main
-venv. Protocol: `python tool_runner.py REQUEST.json`; the request names an output .safetensors (the weights the tool
-computed) and an output .json (what it loaded, ignored, raised). Only the tools' own public code paths are used:
+venv. Protocol: `python tool_runner.py REQUEST.json`; the request (or each of its "jobs") names an output
+.safetensors (the weights the tool computed) and an output .json (what it loaded, ignored, raised). Only the tools' own
+public code paths are used:
 
 - sdscripts: sd-scripts' own UNet (`library.original_unet`, its size constants set to the tiny test model) or FLUX
   (`library.flux_models.Flux`), `networks.oft.create_network_from_weights(..., for_inference=True)` + `merge_to`
@@ -231,6 +232,21 @@ def run_lycoris(req, result):
         for lora in net.loras:
             path = names[lora.lora_name]
             tensors[f"m{m}/{path}.weight"] = dict(model.named_modules())[path].weight.detach().float().clone()
+    if req.get("kohya_sd_unet"):  # LyCORIS' kohya-style loader on a real (diffusers) SD UNet of this config
+        import inspect
+
+        from diffusers import UNet2DConditionModel
+        from lycoris import kohya
+
+        cfg = json.load(open(req["kohya_sd_unet"], encoding="utf-8"))
+        allowed = inspect.signature(UNet2DConditionModel.__init__).parameters
+        unet = UNet2DConditionModel(**{k: v for k, v in cfg.items() if k in allowed})
+        try:
+            net, _ = kohya.create_network_from_weights(1.0, req["adapter"], None, None, unet, weights_sd=sd,
+                                                       for_inference=True)
+            result["kohya_sd_unet"] = f"loaded {len(net.loras)} modules"
+        except BaseException as e:  # noqa: BLE001  (an AssertionError is what 4.1.3 raises here)
+            result["kohya_sd_unet"] = f"{type(e).__name__}: {e}"
     if req.get("kohya_loader"):  # LyCORIS' kohya-style path (what sd-scripts runs for a lycoris.kohya network)
         from lycoris import kohya
 
@@ -271,8 +287,7 @@ def run_peft(req, result):
     return tensors
 
 
-def main() -> int:
-    req = json.load(open(sys.argv[1], encoding="utf-8"))
+def run_one(req: dict) -> None:
     result: dict = {"ok": True}
     try:
         tensors = {"sdscripts": run_sdscripts, "lycoris": run_lycoris, "peft": run_peft}[req["tool"]](req, result)
@@ -282,6 +297,12 @@ def main() -> int:
         result.update(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
     with open(req["result"], "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
+
+
+def main() -> int:
+    req = json.load(open(sys.argv[1], encoding="utf-8"))
+    for job in req.get("jobs", [req]):  # several jobs share one start-up (importing a tool takes seconds)
+        run_one(job)
     return 0
 
 
