@@ -13,7 +13,7 @@
 #                                         (a real SD UNet for LyCORIS' kohya-style loader)
 #   ~/.cache/comfyui-oft/venv-peft        peft, newest from PyPI at build time (its version is in the stamp)
 #   ~/.cache/comfyui-oft/venv-dit         diffusers + lycoris-lora + peft, all pinned: tiny diffusion transformers
-#                                         (SD3, Wan, Qwen-Image) adapted by LyCORIS' own wrapper and get_peft_model
+#                                         (SD3, Wan, Qwen-Image, HiDream) adapted by LyCORIS' own wrapper and get_peft_model
 #                                         (tests/test_tools_families.py); a venv of its own so that the two above
 #                                         stay exactly what the fixtures were made with
 #
