@@ -23,7 +23,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import OFTError, mismatch
+from .errors import OFTError, check_strength, mismatch
 from .spec import OFTLayer
 
 StrengthMode = Literal["kohya", "orthogonal"]
@@ -226,6 +226,7 @@ def rotation_blocks(
 
     `generators` overrides the layer's stored generators (the trainer passes its live parameters; gradients flow).
     """
+    strength = check_strength(strength)
     if mode not in STRENGTH_MODES:
         raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
     gens = layer.generators if generators is None else generators
@@ -410,12 +411,15 @@ def rotate_weight(
     `blocks` may be passed precomputed (`rotation_blocks(layer, strength, mode)`), e.g. cached across the forwards
     of ComfyUI's low-VRAM path; without them, large Cayley blocks are solved against W directly (`_solves_directly`).
     """
+    strength = check_strength(strength)
     if strength == 0:
         return weight if out_dtype in (None, weight.dtype) else weight.to(out_dtype)
     if mode not in STRENGTH_MODES:
         raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
+    was_finite = all_finite(weight)
     out = torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=weight.device)
     _rotate(layer, strength, mode, blocks, weight.reshape(weight.shape[0], -1), out.view(weight.shape[0], -1))
+    _check_result(layer, out, was_finite, strength)
     return out
 
 
@@ -432,6 +436,7 @@ def rotate_weight_(
     Same numbers as `rotate_weight` (fp32 math, one rounding to the weight's dtype), without a second weight-sized
     buffer. `weight` may be a view (a narrowed slice of a fused q/k/v weight: its parent is updated).
     """
+    strength = check_strength(strength)
     if strength == 0:
         return weight
     if mode not in STRENGTH_MODES:
@@ -441,8 +446,29 @@ def rotate_weight_(
     except RuntimeError:  # not viewable as 2-D (a non-contiguous slice): compute aside, then write back
         weight.copy_(rotate_weight(layer, weight, strength, mode, blocks=blocks))
         return weight
+    was_finite = all_finite(flat)
     _rotate(layer, strength, mode, blocks, flat, flat)
+    _check_result(layer, flat, was_finite, strength)
     return weight
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`, without a tensor-sized mask: a float64 sum is non-finite exactly when an element is (the
+    sum of finite fp32 / fp16 / bf16 values cannot overflow float64 for any tensor that fits in memory)."""
+    if t.numel() == 0:
+        return True
+    if t.element_size() == 1:  # fp8: no sum kernel; no inf either (an overflow is NaN)
+        t = t.to(torch.float32)
+    return math.isfinite(float(t.sum(dtype=torch.float64)))
+
+
+def _check_result(layer: OFTLayer, result: torch.Tensor, was_finite: bool, strength: float) -> None:
+    """Never hand back NaN/Inf the weight did not already have (an overflow in the weight's dtype, e.g. fp16 at a
+    large strength): the caller stops and writes nothing."""
+    if was_finite and not all_finite(result):
+        raise OFTError(f"the adapted weight {tuple(result.shape)} ({str(result.dtype).replace('torch.', '')}) would "
+                       f"hold NaN or Inf values at strength {strength:g}, while the weight had none: it overflows "
+                       "its dtype; use a smaller strength", layer=layer.key)
 
 
 def _rotate(layer, strength, mode, blocks, src: torch.Tensor, dst: torch.Tensor) -> None:

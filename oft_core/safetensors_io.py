@@ -8,6 +8,7 @@ that says which, instead of a stack trace from deep inside a loader.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -70,55 +71,143 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
+# Bits per element of every dtype safetensors itself knows (a base file may hold dtypes torch has no name for here,
+# e.g. U32 or F8_E8M0: they are copied byte for byte, never computed on). A dtype outside this table is refused, as
+# safetensors refuses it.
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+# JSON numbers in a header are offsets and dims: 20 digits hold any 64-bit value. Longer digit strings are refused
+# before Python converts them (which would take quadratic time, or fail past 4300 digits).
+_MAX_INT_DIGITS = 20
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"a number of {len(text)} digits")
+    return int(text)
+
+
+def parse_json(raw: bytes | str, what: str, path: str):
+    """JSON text (a safetensors header, adapter_config.json) parsed with the limits a hostile file needs: NaN and
+    Infinity refused (they are not JSON), integers of more than 20 digits refused, and nesting too deep for the parser
+    reported as such instead of a `RecursionError`. Raises `OFTError` naming the file."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_int=_parse_int)
+    except RecursionError:
+        raise OFTError(f"{what} is not usable: its JSON is nested too deeply to be read (thousands of levels; no "
+                       "real file nests more than a few)", path=path) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise OFTError(f"{what} is not valid JSON ({e})", path=path) from None
+
+
+def _int_list(value, length: int | None) -> list[int] | None:
+    """`value` when it is a JSON list of non-negative integers (of `length` items when given), else None."""
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        return None
+    for v in value:
+        if type(v) is not int or v < 0:  # bool is an int subclass; a float dim (1.0) is refused, as safetensors does
+            return None
+    return value
+
+
+def _check_entries(header: dict, data_size: int, path: str) -> dict[str, TensorInfo]:
+    """Every tensor entry checked by safetensors' own rules (its `Metadata::validate`): a known dtype, integer dims
+    and offsets ≥ 0, byte length = dtype size × element count, and the tensors tiling the data section exactly (in
+    offset order, no gap, no overlap, ending at the end of the file)."""
+    tensors: dict[str, TensorInfo] = {}
+    for key, info in header.items():
+        def bad(what: str, found) -> OFTError:
+            return OFTError(f"not a valid safetensors file: tensor {key!r}: {what}, found {found}", path=path)
+
+        if not isinstance(info, dict):
+            raise bad("expected an object with dtype, shape and data_offsets", type(info).__name__)
+        dtype = info.get("dtype")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise bad(f"expected a dtype safetensors knows ({', '.join(DTYPE_BITS)})", repr(dtype))
+        shape = _int_list(info.get("shape"), None)
+        if shape is None:
+            raise bad("expected a shape of integers ≥ 0", repr(info.get("shape"))[:80])
+        offsets = _int_list(info.get("data_offsets"), 2)
+        if offsets is None or offsets[0] > offsets[1]:
+            raise bad("expected data_offsets [begin, end] with integers 0 ≤ begin ≤ end",
+                      repr(info.get("data_offsets"))[:80])
+        count = math.prod(shape)
+        bits = count * DTYPE_BITS[dtype]
+        if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+            raise bad(f"a {dtype} tensor of shape {tuple(shape)} takes {bits / 8:g} bytes", f"data_offsets "
+                      f"{offsets} ({offsets[1] - offsets[0]} bytes)")
+        tensors[key] = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+    end = 0
+    for key, ti in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if ti.start != end:
+            what = "overlaps the tensor before it" if ti.start < end else "leaves a gap after the tensor before it"
+            raise OFTError(f"not a valid safetensors file: tensor {key!r} {what} (data_offsets begin at {ti.start}, "
+                           f"expected {end})", path=path)
+        end = ti.end
+    if end != data_size:
+        if end > data_size:
+            raise OFTError(f"truncated file: the header promises {end} bytes of tensor data, the file has "
+                           f"{data_size} (an interrupted download or copy? fetch it again)", path=path)
+        raise OFTError(f"not a valid safetensors file: {data_size - end} bytes after the last tensor's data "
+                       f"(tensor data ends at {end} of {data_size})", path=path)
+    return tensors
+
+
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse and check a safetensors header without loading tensors."""
+    """Parse and check a safetensors header without loading tensors, as strictly as safetensors itself: a file that
+    passes opens with safetensors, and everything derived from it (a baked copy) does too."""
     path = os.fspath(path)
+    if "\0" in path:
+        raise OFTError("expected a file path, found one with a NUL character", path=repr(path))
     if not os.path.exists(path):
         raise OFTError("file not found", path=path)
     if os.path.isdir(path):
         raise OFTError("expected a .safetensors file, found a directory", path=path)
     if path.lower().endswith(PICKLE_SUFFIXES):
         refuse_pickle(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise OFTError(f"not a safetensors file: only {size} bytes (empty or truncated)", path=path)
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            if _looks_like_pickle(head):
-                refuse_pickle(path)
-            raise OFTError(
-                f"not a safetensors file, or truncated: header length field says {n} bytes, file has {size} bytes",
-                path=path,
-            )
-        raw = f.read(n)
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise OFTError(f"not a safetensors file: only {size} bytes (empty or truncated)", path=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                if _looks_like_pickle(head):
+                    refuse_pickle(path)
+                raise OFTError(
+                    f"not a safetensors file, or truncated: header length field says {n} bytes, file has {size} bytes",
+                    path=path,
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise OFTError(f"cannot read the file ({e.strerror or e})", path=path) from None
+    try:
+        header = parse_json(raw, "the safetensors header", path)
+    except OFTError as e:
         if _looks_like_pickle(head):
             refuse_pickle(path)
-        raise OFTError(f"not a safetensors file: header is not valid JSON ({e})", path=path) from None
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, TensorInfo] = {}
-    end_max = 0
-    for key, info in header.items():
-        try:
-            start, end = (int(v) for v in info["data_offsets"])
-            ti = TensorInfo(str(info["dtype"]), tuple(int(s) for s in info["shape"]), start, end)
-        except (KeyError, TypeError, ValueError):
-            raise OFTError(f"not a safetensors file: malformed header entry for tensor {key!r}", path=path) from None
-        tensors[key] = ti
-        end_max = max(end_max, end)
-    if 8 + n + end_max > size:
-        raise OFTError(
-            f"truncated file: the header promises {8 + n + end_max} bytes, the file has {size} "
-            "(an interrupted download or copy? fetch it again)",
-            path=path,
-        )
-    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()}, 8 + n)
+        raise OFTError(f"not a safetensors file: {e.detail}", path=path) from None
+    if not isinstance(header, dict):
+        raise OFTError(f"not a safetensors file: the header is JSON {type(header).__name__}, expected an object",
+                       path=path)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        found = type(metadata).__name__ if not isinstance(metadata, dict) else next(
+            f"{k!r}: {type(v).__name__}" for k, v in metadata.items() if not isinstance(v, str))
+        raise OFTError(f"not a valid safetensors file: __metadata__: expected an object of text values, found {found}",
+                       path=path)
+    tensors = _check_entries(header, size - 8 - n, path)
+    return Header(path, tensors, metadata, 8 + n)
 
 
 def load_tensors(path: str | os.PathLike, keys=None, device: str = "cpu") -> tuple[dict[str, torch.Tensor], Header]:
@@ -134,3 +223,41 @@ def load_tensors(path: str | os.PathLike, keys=None, device: str = "cpu") -> tup
     except Exception as e:  # safetensors raises its own error types; re-raise with the file named
         raise OFTError(f"could not read tensors ({type(e).__name__}: {e})", path=header.path) from e
     return out, header
+
+
+class TensorFile:
+    """Tensors of one checked file read a few at a time with plain file reads: the header is parsed once (`Header`),
+    the file stays open, nothing is memory-mapped (mapped pages would stay resident for the whole bake). What a
+    streamed adapter reads each layer with: opening the file per layer parsed its header again every time, which
+    made a bake of N layers cost O(N²)."""
+
+    def __init__(self, header: Header):
+        self.header = header
+        self._file = None
+
+    def get(self, keys) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        try:
+            if self._file is None:
+                self._file = open(self.header.path, "rb")
+            for k in keys:
+                ti = self.header.tensors[k]
+                dtype = DTYPES.get(ti.dtype)
+                if dtype is None:
+                    raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which no OFT trainer writes", path=self.header.path)
+                n = ti.end - ti.start
+                buf = bytearray(n)
+                self._file.seek(self.header.data_offset + ti.start)
+                if n and self._file.readinto(buf) != n:
+                    raise OFTError(f"the file ended while reading tensor {k!r}: was it changed while in use?",
+                                   path=self.header.path)
+                out[k] = torch.frombuffer(buf, dtype=dtype).reshape(ti.shape) if n else torch.empty(ti.shape,
+                                                                                                     dtype=dtype)
+        except OSError as e:
+            raise OFTError(f"cannot read the file ({e.strerror or e})", path=self.header.path) from None
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
