@@ -46,7 +46,7 @@ from typing import Iterable, Mapping
 import torch
 
 from .errors import OFTError
-from .publish import publish_dir, publish_file
+from .publish import check_output, publish_dir, publish_file
 from .rotation import constrain
 from .spec import Constraint, OFTAdapter, OFTLayer, neumann_coefficients
 
@@ -547,4 +547,8 @@ def write_adapter(adapter: OFTAdapter, out, to: str, *, overwrite: bool = False,
     must never replace, besides the adapter's own file). Returns the output path."""
     if to not in WRITERS:
         raise OFTError(f"output format: expected one of {', '.join(FORMATS)}, found {to!r}")
+    # the output rules first (never over an input, never over an existing output without overwrite): a refusal
+    # about the path comes before any work on the layers
+    check_output(out, _inputs(adapter, options.get("inputs", ())), overwrite=overwrite,
+                 kind="dir" if to == "peft" else "file")
     return WRITERS[to](adapter, out, overwrite=overwrite, metadata=metadata, **options)
