@@ -613,18 +613,28 @@ print("DONE", flush=True)
 """
 
 
-@pytest.fixture(scope="module")
-def big_base(tmp_path_factory) -> Path:
-    """The tiny FLUX base padded to ~300 MB with untouched tensors (written fast: zeros)."""
+def _padded_base(d: Path, mib: int) -> Path:
+    """The tiny FLUX base padded to `mib` MiB with untouched tensors (written fast: zeros)."""
     from oracle import FIXTURES
 
-    d = tmp_path_factory.mktemp("big")
     sd = load_file(str(FIXTURES / "kohya" / "flux_tiny_base.safetensors"))
-    for i in range(300):
+    for i in range(mib):
         sd[f"zz_padding.{i:03}"] = torch.zeros(256 * 1024, dtype=torch.float32)  # 1 MiB each
-    path = d / "big_base.safetensors"
+    path = d / f"base_{mib}mib.safetensors"
     save_file(sd, str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def big_base(tmp_path_factory) -> Path:
+    """~300 MB: the kill test's base."""
+    return _padded_base(tmp_path_factory.mktemp("big"), 300)
+
+
+@pytest.fixture(scope="module")
+def mid_base(tmp_path_factory) -> Path:
+    """~40 MB: the concurrency test's base (the race at the publish step itself is forced in the next test)."""
+    return _padded_base(tmp_path_factory.mktemp("mid"), 40)
 
 
 def _tmpfile_of(pid: int, folder: Path) -> int:
@@ -679,7 +689,7 @@ def test_sigkill_mid_write_leaves_nothing(tmp_path, big_base, named):
         assert os.listdir(folder) == []
 
 
-def test_two_bakes_to_one_output(tmp_path, big_base):
+def test_two_bakes_to_one_output(tmp_path, mid_base):
     """Started together: exactly one succeeds, the other refuses clearly, and the output is one valid file."""
     from oracle import FIXTURES
 
@@ -687,7 +697,7 @@ def test_two_bakes_to_one_output(tmp_path, big_base):
     folder = tmp_path / "out"
     folder.mkdir()
     out = folder / "baked.safetensors"
-    cmd = [sys.executable, "-m", "oft_core", "bake", "--base", str(big_base), "--adapter", str(adapter), "--out",
+    cmd = [sys.executable, "-m", "oft_core", "bake", "--base", str(mid_base), "--adapter", str(adapter), "--out",
            str(out), "--no-progress"]
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -699,7 +709,7 @@ def test_two_bakes_to_one_output(tmp_path, big_base):
     assert "output exists" in err or "output appeared while this run was writing it" in err, err
     assert os.listdir(folder) == ["baked.safetensors"]
     baked = load_file(str(out))
-    assert set(baked) == set(load_file(str(big_base)))
+    assert set(baked) == set(load_file(str(mid_base)))
 
 
 def test_two_writers_racing_at_the_publish_step(tmp_path, monkeypatch):
