@@ -78,7 +78,7 @@ def _read(reader: Reader, header: Header, tensors: dict, config) -> OFTAdapter:
 def load_adapter(path: str | os.PathLike) -> OFTAdapter:
     """Read any supported OFT adapter: a .safetensors file, or a PEFT adapter directory."""
     reader, header, config = _open(path)
-    tensors, _ = load_tensors(header.path)
+    tensors, _ = load_tensors(header)  # the header already checked: not parsed again
     return _read(reader, header, tensors, config)
 
 
@@ -116,7 +116,7 @@ def open_streamed(path: str | os.PathLike) -> StreamedAdapter:
     reader, header, config = _open(path)
     small = [k for k, ti in header.tensors.items()
              if ti.end - ti.start <= _SKELETON_REAL_BYTES or k.endswith(".alpha")]
-    tensors, _ = load_tensors(header.path, keys=small)
+    tensors, _ = load_tensors(header, keys=small)
     for k, ti in header.tensors.items():
         if k not in tensors:
             if ti.dtype not in DTYPES:
