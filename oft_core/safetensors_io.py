@@ -268,7 +268,8 @@ class TensorFile:
                 ti = self.header.tensors[k]
                 dtype = DTYPES.get(ti.dtype)
                 if dtype is None:
-                    raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which no OFT trainer writes", path=self.header.path)
+                    raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which no OFT trainer writes",
+                                   path=self.header.path)
                 n = ti.end - ti.start
                 buf = bytearray(n)
                 self._file.seek(self.header.data_offset + ti.start)
