@@ -238,7 +238,13 @@ def rename_noreplace(src: str, dst: str) -> None:
     elif os.path.isdir(src):
         os.rename(src, dst)  # replaces at most an empty folder created in the instant since the check
     else:
-        os.link(src, dst)  # fails when dst exists
+        try:
+            os.link(src, dst)  # fails when dst exists
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                raise
+            os.rename(src, dst)  # a file system without hard links (FAT, some network shares): checked just above
+            return
         os.unlink(src)
 
 
