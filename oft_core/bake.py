@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from .blocks import BlockSpec, effective_strengths, parse_block_spec
-from .errors import OFTError, check_strength
+from .errors import OFTError, bulk, check_strength
 from .formats import StreamedAdapter, open_streamed
 from .match import Match, MatchReport, match_adapter, target_shape
 from .names import build_key_map
@@ -217,8 +217,9 @@ def bake(
     default_spec = parse_block_spec(block_spec) if isinstance(block_spec, str) else block_spec
     streams = []
     try:
-        return _bake(header, items, out, inputs, mode, default_spec, overwrite, allow_unmatched, progress,
-                     show_progress, started, streams)
+        with bulk():
+            return _bake(header, items, out, inputs, mode, default_spec, overwrite, allow_unmatched, progress,
+                         show_progress, started, streams)
     finally:
         for streamed in streams:
             streamed.file.close()

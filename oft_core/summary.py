@@ -19,6 +19,7 @@ from collections import Counter
 
 import torch
 
+from .errors import bulk
 from .rotation import _NORM_EPS, StrengthMode, cayley, generator_norms, orthogonality_error, rotate_weight
 from .spec import OFTAdapter
 
@@ -129,6 +130,11 @@ def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_m
 
     With `base` (a .safetensors model), every matched layer also gets its hyperspherical-energy change on that base.
     """
+    with bulk():
+        return _describe(adapter, base, he_max_rows)
+
+
+def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
     energies, base_info = energy_changes(adapter, base, max_rows=he_max_rows) if base is not None else ({}, None)
     batched = _batched_checks(adapter)
     layers = []

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..errors import OFTError
+from ..errors import OFTError, bulk
 from ..safetensors_io import DTYPES, Header, TensorFile, load_tensors, read_header
 from ..spec import OFTAdapter
 from . import kohya, lycoris, peft
@@ -61,9 +61,12 @@ def _open(path: str | os.PathLike) -> tuple[Reader, Header, dict | None]:
 _GENERATOR = re.compile(r"\.(oft_blocks(\.\d+)?|oft_diag|oft_R\.weight|oft_r)$")
 
 
+_FLOAT_DTYPES = frozenset(("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
+
+
 def _check_generator_dtypes(header: Header) -> None:
     for k, ti in header.tensors.items():
-        if _GENERATOR.search(k) and ti.dtype not in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"):
+        if ti.dtype not in _FLOAT_DTYPES and _GENERATOR.search(k):
             raise OFTError(f"tensor {k!r} holds the layer's rotation in dtype {ti.dtype}: expected a floating point "
                            "dtype (F32, F16, BF16, F64), as every OFT trainer writes", path=header.path)
 
@@ -77,9 +80,10 @@ def _read(reader: Reader, header: Header, tensors: dict, config) -> OFTAdapter:
 
 def load_adapter(path: str | os.PathLike) -> OFTAdapter:
     """Read any supported OFT adapter: a .safetensors file, or a PEFT adapter directory."""
-    reader, header, config = _open(path)
-    tensors, _ = load_tensors(header)  # the header already checked: not parsed again
-    return _read(reader, header, tensors, config)
+    with bulk():
+        reader, header, config = _open(path)
+        tensors, _ = load_tensors(header)  # the header already checked: not parsed again
+        return _read(reader, header, tensors, config)
 
 
 # ---------------------------------------------------------------------------------------------- streaming
