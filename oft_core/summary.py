@@ -147,7 +147,7 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
                 "component": layer.component,
                 "side": layer.side,
                 "kind": layer.kind,
-                "num_blocks": list(layer.num_blocks) if not layer.shared else "shared",
+                "num_blocks": list(layer.num_blocks) if not layer.block_share else "shared",
                 "block_size": list(layer.block_sizes),
                 "stages": int(layer.generators[0].shape[0]) if layer.kind == "butterfly" else None,
                 "parameterization": layer.parameterization,
