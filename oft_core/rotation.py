@@ -484,14 +484,20 @@ def rotate_weight_(
     return weight
 
 
+_FINITE_CHUNK = 1 << 20  # elements checked at a time on the CPU: a 1 MiB mask, whatever the weight's size
+
+
 def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in `t`, without a tensor-sized mask: a float64 sum is non-finite exactly when an element is (the
-    sum of finite fp32 / fp16 / bf16 values cannot overflow float64 for any tensor that fits in memory)."""
+    """No NaN or Inf in `t`. On the CPU a row chunk at a time, so the bool mask stays small (a bake's peak memory
+    is a few layers' worth, tests/test_bake_ops.py; a float64 sum would copy the tensor); elsewhere in one call (one
+    read from the device)."""
     if t.numel() == 0:
         return True
-    if t.element_size() == 1:  # fp8: no sum kernel; no inf either (an overflow is NaN)
-        t = t.to(torch.float32)
-    return math.isfinite(float(t.sum(dtype=torch.float64)))
+    if t.device.type != "cpu" or t.ndim == 0:
+        return bool(torch.isfinite(t).all())
+    rows = max(1, _FINITE_CHUNK // max(1, t[0].numel()))
+    widen = t.is_floating_point() and t.element_size() == 1  # fp8: no isfinite kernel (an overflow there is NaN)
+    return all(bool(torch.isfinite(chunk.float() if widen else chunk).all()) for chunk in t.split(rows, dim=0))
 
 
 def _check_result(layer: OFTLayer, result: torch.Tensor, was_finite: bool, strength: float) -> None:
