@@ -709,11 +709,13 @@ def test_two_bakes_to_one_output(tmp_path, mid_base):
     assert os.listdir(folder) == ["baked.safetensors"]
     baked = load_file(str(out))
     ref = tmp_path / "reference.safetensors"  # the same bake alone: the survivor is exactly it, not a mix of two
-    assert cli(["bake", "--base", str(mid_base), "--adapter", str(adapter), "--out", str(ref), "--no-progress"]) == 0
+    from oft_core.bake import bake
+
+    changed = bake(mid_base, [(adapter, 1.0)], ref, show_progress=False).tensors_changed
     expected = load_file(str(ref))
     assert baked.keys() == expected.keys() and all(torch.equal(baked[k], expected[k]) for k in baked)
     base_sd = load_file(str(mid_base))
-    assert sum(not torch.equal(baked[k], base_sd[k]) for k in base_sd) == 8  # the adapter's 8 layers, baked
+    assert changed > 0 and sum(not torch.equal(baked[k], base_sd[k]) for k in base_sd) == changed
 
 
 def test_two_writers_racing_at_the_publish_step(tmp_path, monkeypatch):
