@@ -25,6 +25,7 @@ from ..oft_core import OFTAdapter, OFTError
 from ..oft_core.blocks import apply_block_strength, parse_block_spec
 from ..oft_core.formats import load_adapter
 from ..oft_core.ops import MERGE_MODES, blend, merge
+from ..oft_core.publish import check_output_name
 from ..oft_core.summary import tool_notes
 from ..oft_core.writers import FORMATS, format_family, write_adapter
 from .oft_nodes import OFTAdapterType
@@ -227,9 +228,13 @@ def materialize_block_strength(adapter: OFTAdapter, fractional: str) -> OFTAdapt
 def next_free_path(filename_prefix: str, suffix: str) -> str:
     """`<output>/<subfolder>/<name>_<counter:05>_<suffix>` with ComfyUI's counter (one past the highest taken), then
     moved on past any name that exists: never an existing file or directory."""
+    check_output_name(filename_prefix, "filename_prefix")
     out_dir = folder_paths.get_output_directory()
     folder, name, counter, _subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise OFTError(f"cannot create the output folder ({e.strerror or e})", path=folder) from None
     while True:
         path = os.path.join(folder, f"{name}_{counter:05}_{suffix}")
         if not os.path.lexists(path):
