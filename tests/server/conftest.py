@@ -15,10 +15,6 @@ import comfy_server as harness
 import pytest
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "server: test against a real ComfyUI main.py process (tests/comfy_server.py)")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "comfy_server" in getattr(item, "fixturenames", ()) and item.get_closest_marker("server") is None:
