@@ -247,6 +247,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the process that started it dies, so that a test run killed
+    hard (SIGKILL, no atexit) leaves no server behind. Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ComfyError(RuntimeError):
     """A prompt was rejected or failed, or the server misbehaved; the message includes what ComfyUI said."""
 
@@ -277,6 +289,7 @@ class ComfyServer:
         self._ws_loop: asyncio.AbstractEventLoop | None = None
         self._ws_stop: asyncio.Event | None = None
         self.startup_seconds: float | None = None
+        self.final_cpu_seconds: float | None = None
 
     # -------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -300,10 +313,15 @@ class ComfyServer:
         env.pop("COMFYUI_PATH", None)
         logf = open(self.log_path, "ab")
         nice = self.nice
+
+        def child_setup():
+            if nice:
+                os.nice(nice)
+            _die_with_parent()
+
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=self.base, stdout=logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env,
-                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=child_setup)
         logf.close()
         deadline = t0 + self.startup_timeout
         while True:
@@ -327,9 +345,22 @@ class ComfyServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the server process has used so far, from /proc (Linux), else None."""
+        if not self.alive():
+            return self.final_cpu_seconds
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self, timeout: float = 20.0) -> None:
-        """End the server by its PID: SIGTERM, then SIGKILL after `timeout` s. Idempotent."""
+        """End the server by its PID: SIGTERM, then SIGKILL after `timeout` s. Idempotent. Keeps the CPU time it
+        used in `final_cpu_seconds`."""
         self._stop_ws()
+        if self.alive():
+            self.final_cpu_seconds = self.cpu_seconds()
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return

@@ -22,13 +22,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def comfy_server():
+def comfy_server(request):
+    """The shared server; at the end of the session one line says its startup time and the CPU time it used (the
+    tier's own cost, apart from the machine's load)."""
     try:
         server = harness.shared_server()
     except comfy_models.ComfyUINotFound as e:
         pytest.skip(f"ComfyUI not found ({e}): real-server tests skipped")
     yield server
+    cpu = server.cpu_seconds()
+    startup = server.startup_seconds
     harness.stop_shared_server()
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"ComfyUI server: started in {startup:.1f}s, used {cpu or 0:.1f}s of CPU")
 
 
 @pytest.fixture(scope="session")
