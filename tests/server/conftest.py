@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def comfy_server(request):
+def comfy_server():
     """The shared server; at the end of the session one line says its startup time and the CPU time it used (the
     tier's own cost, apart from the machine's load)."""
     try:
@@ -31,11 +31,18 @@ def comfy_server(request):
         pytest.skip(f"ComfyUI not found ({e}): real-server tests skipped")
     yield server
     cpu = server.cpu_seconds()
-    startup = server.startup_seconds
+    _SERVER_LINES.append(f"ComfyUI server (server tier): started in {server.startup_seconds:.1f}s, used "
+                         f"{cpu or 0:.1f}s of CPU")
     harness.stop_shared_server()
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"ComfyUI server: started in {startup:.1f}s, used {cpu or 0:.1f}s of CPU")
+
+
+_SERVER_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # (written here, not in the fixture's teardown: output during a test's teardown is captured and dropped)
+    for line in _SERVER_LINES:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
