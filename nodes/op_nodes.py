@@ -24,6 +24,7 @@ from comfy_api.latest import io, ui
 from ..oft_core import OFTAdapter, OFTError
 from ..oft_core.blocks import apply_block_strength, parse_block_spec
 from ..oft_core.ops import MERGE_MODES, blend, merge
+from ..oft_core.publish import check_output_name
 from ..oft_core.writers import FORMATS, format_family, write_adapter
 from .oft_nodes import OFTAdapterType
 from .patch import BLOCK_STRENGTH_OFF, BLOCK_STRENGTH_TEXT, LAYER_STRENGTHS, block_strength_text
@@ -225,9 +226,13 @@ def materialize_block_strength(adapter: OFTAdapter, fractional: str) -> OFTAdapt
 def next_free_path(filename_prefix: str, suffix: str) -> str:
     """`<output>/<subfolder>/<name>_<counter:05>_<suffix>` with ComfyUI's counter (one past the highest taken), then
     moved on past any name that exists: never an existing file or directory."""
+    check_output_name(filename_prefix, "filename_prefix")
     out_dir = folder_paths.get_output_directory()
     folder, name, counter, _subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise OFTError(f"cannot create the output folder ({e.strerror or e})", path=folder) from None
     while True:
         path = os.path.join(folder, f"{name}_{counter:05}_{suffix}")
         if not os.path.lexists(path):

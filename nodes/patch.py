@@ -35,6 +35,7 @@ from ..oft_core import (
     rotate_weight_,
     rotation_blocks,
 )
+from ..oft_core.errors import check_strength
 from ..oft_core.match import MatchReport
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,11 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
     """
     if mode not in ("kohya", "orthogonal"):
         raise OFTError(f"strength mode: expected kohya or orthogonal, found {mode!r}", path=adapter.path)
+    # NaN passes ComfyUI's min/max check (every comparison with NaN is false): the one strength check of oft_core
+    strength = check_strength(strength, path=adapter.path or None)
+    for (_component, name), m in (adapter.info.get(LAYER_STRENGTHS) or {}).items():
+        check_strength(strength * m, f"strength {strength:g} × block multiplier {m:g} of layer {name!r}",
+                       path=adapter.path or None)
     if len(adapter) == 0 and adapter.info.get(BLOCK_STRENGTH_TEXT) is not None:
         # every layer switched off by a block-strength spec: a valid request whose answer is the unchanged model
         name = os.path.basename(adapter.path) or adapter.format

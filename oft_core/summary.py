@@ -19,7 +19,8 @@ from collections import Counter
 
 import torch
 
-from .rotation import StrengthMode, generator_norms, orthogonality_error, rotate_weight
+from .errors import bulk
+from .rotation import _NORM_EPS, StrengthMode, cayley, generator_norms, orthogonality_error, rotate_weight
 from .spec import OFTAdapter
 
 log = logging.getLogger(__name__)
@@ -85,15 +86,60 @@ def energy_changes(adapter: OFTAdapter, base: str | os.PathLike, *, strength: fl
     return out, {"base": header.path, "summary": report.summary(), "unmatched": list(report.unmatched)}
 
 
+# Layers checked together (stacked) at most this many generator elements at a time: an adapter of 100,000 small
+# layers is summarised in a few batched solves instead of 100,000 small ones, without stacking a large adapter whole.
+_BATCH_ELEMENTS = 1 << 22
+
+
+def _batched_checks(adapter: OFTAdapter) -> dict[tuple[str, str], tuple[list[tuple[float, float | None]], float]]:
+    """(generator norms with their bounds, orthogonality error) of every plain layer (diag, one split, exact Cayley,
+    no constraint or kohya's clamp), computed for all layers of one block layout at once: the numbers
+    `generator_norms` and `orthogonality_error` give, up to the rounding of a batched reduction. Other layers are
+    left to those two functions."""
+    groups: dict[tuple, list] = {}
+    for key, layer in adapter.layers.items():
+        if (layer.kind == "diag" and len(layer.generators) == 1 and layer.parameterization == "cayley"
+                and layer.constraint.kind in ("none", "norm_clamp") and not layer.block_share
+                and layer.generators[0].device.type != "meta"):
+            groups.setdefault((tuple(layer.generators[0].shape), layer.transpose), []).append((key, layer))
+    out = {}
+    for (shape, transpose), items in groups.items():
+        step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))
+        for start in range(0, len(items), step):
+            chunk = items[start:start + step]
+            q = torch.stack([layer.generators[0] for _, layer in chunk]).to(torch.float32)
+            norms = torch.linalg.vector_norm(q.flatten(1), dim=1)
+            bounds = [layer.constraint.value * layer.split_sizes[0] if layer.constraint.kind == "norm_clamp"
+                      else math.inf for _, layer in chunk]
+            bound_t = torch.tensor(bounds, dtype=torch.float32)
+            # rotation.constrain's clamp, per layer: Q·(min(‖Q‖, c) + ε)/(‖Q‖ + ε); unconstrained layers untouched
+            scale = torch.where(torch.isinf(bound_t), torch.ones_like(norms),
+                                (torch.minimum(norms, bound_t) + _NORM_EPS) / (norms + _NORM_EPS))
+            r = cayley((q * scale.view(-1, 1, 1, 1)).flatten(0, 1)).view(q.shape)
+            if transpose:
+                r = r.transpose(-1, -2)
+            eye = torch.eye(shape[-1], dtype=r.dtype)
+            errors = (r.transpose(-1, -2) @ r - eye).abs().flatten(1).amax(dim=1).tolist()
+            for (key, _), norm, bound, err in zip(chunk, norms.tolist(), bounds, errors):
+                out[key] = ([(norm, None if math.isinf(bound) else bound)], err)
+    return out
+
+
 def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_max_rows: int = HE_ROWS) -> dict:
     """A JSON-ready summary of `adapter` (the CLI's `inspect --json` and the nodes' OFTInspect use it).
 
     With `base` (a .safetensors model), every matched layer also gets its hyperspherical-energy change on that base.
     """
+    with bulk():
+        return _describe(adapter, base, he_max_rows)
+
+
+def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
     energies, base_info = energy_changes(adapter, base, max_rows=he_max_rows) if base is not None else ({}, None)
+    batched = _batched_checks(adapter)
     layers = []
-    for layer in adapter:
-        norms = generator_norms(layer)
+    for key, layer in adapter.layers.items():
+        norms, ortho = batched.get(key) or (generator_norms(layer), None)
         clamped = [bound is not None and norm > bound for norm, bound in norms]
         layers.append(
             {
@@ -111,7 +157,7 @@ def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_m
                 "clamped": any(clamped),
                 "rescaled": layer.row_scale is not None,
                 "params": layer.num_params(),
-                "orthogonality_error": orthogonality_error(layer),
+                "orthogonality_error": orthogonality_error(layer) if ortho is None else ortho,
                 **energies.get((layer.component, layer.name), {}),
             }
         )

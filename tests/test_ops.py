@@ -181,7 +181,7 @@ def test_parse_block_spec_and_errors():
     assert parse_block_spec("input=0, input:4=1").multiplier("unet", "input_blocks.4.1.x") == 1.0  # last wins
     for bad, token in [("input=abc", "input=abc"), ("inptu=1", "inptu"), ("middle:2=1", "middle:2=1"),
                        ("output:5-3=1", "runs backwards"), ("input=1,,single=0", "empty item"),
-                       ("double=inf", "not a finite number"), ("input 0.5", "input0.5")]:
+                       ("double=inf", "expected a finite number"), ("input 0.5", "input0.5")]:
         with pytest.raises(OFTError, match=token):
             parse_block_spec(bad)
 

@@ -11,6 +11,7 @@ between butterfly permutations.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -51,6 +52,8 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
             raise OFTError(f"has {sorted(parts)} but no .oft_blocks", path=path, layer=key)
         component, name = _component(key)
         alpha = parts.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise OFTError(f".alpha must be a scalar, found shape {tuple(alpha.shape)}", path=path, layer=key)
         alpha_v = 0.0 if alpha is None else float(alpha.float().reshape(-1)[0].item())
         rescale = parts.get("rescale")
         if "oft_diag" in parts:
@@ -67,7 +70,9 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
                 raise OFTError(f".oft_blocks: expected (num_blocks, b, b) or (stages, num_blocks, b, b), "
                                f"found {tuple(a.shape)}", path=path, layer=key)
             butterfly = a.ndim == 4
-            constraint = Constraint("norm_clamp", alpha_v) if alpha_v > 0 else Constraint()
+            # alpha ≤ 0 means no constraint (LyCORIS); NaN / Inf are refused by make_layer, as for kohya
+            constraint = Constraint("norm_clamp", alpha_v) if alpha_v > 0 or not math.isfinite(alpha_v) \
+                else Constraint()
             layer = make_layer(
                 path=path,
                 name=name,
