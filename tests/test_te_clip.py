@@ -114,3 +114,35 @@ def test_oftloader_on_sd1_clip_matches_lycoris_merge(te_folder, clip_l, strength
     for k in base:
         if k.endswith(".bias"):
             assert torch.equal(after[runtime_key(k)], base[k].to(dtype))
+
+
+def test_bypass_on_sd1_clip_equals_the_lycoris_forward(te_folder, clip_l):
+    """Apply mode bypass on the CLIP: each adapted layer's forward == LyCORIS's own wrapped-layer output
+    (forward_io.safetensors, strength 1); no weight written; the input CLIP untouched."""
+    import comfy.model_management
+    import comfy.utils
+    from comfyui_oft.nodes import oft_nodes
+
+    io = load_file(TE_DIR / "forward_io.safetensors")
+    before = {k: v.clone() for k, v in clip_l.patcher.model.state_dict().items()}
+    out = oft_nodes.OFTLoader.execute(model=comfy_models.sd15_tiny(), clip=clip_l, adapter_name=TE_FILE,
+                                      strength=1.0, strength_mode="kohya", apply_mode="bypass")
+    new_clip = out.result[1]
+    assert "4 of 4 adapter layers applied" in out.ui.value and not new_clip.patcher.patches
+    comfy.model_management.load_models_gpu([new_clip.patcher], force_full_load=True)
+    try:
+        dtype = None
+        for key in io:
+            if key.endswith(".out"):
+                continue
+            module = comfy.utils.get_attr(new_clip.patcher.model, runtime_key(key))
+            dtype = module.weight.dtype
+            y = module(io[key].to(dtype))
+            # fp32: the trainer's forward to fp32 rounding; fp16: the layer's own fp16 rounding (inputs, weights and
+            # output in fp16), well under the adapter's effect (3e-2 relative)
+            tol = 2e-6 if dtype == torch.float32 else 2e-3
+            assert rel_err(y, io[key + ".out"]) <= tol, (key, dtype)
+        assert all(torch.equal(v, before[k]) for k, v in new_clip.patcher.model.state_dict().items())
+    finally:
+        comfy.model_management.unload_all_models()
+    assert not any(m._forward_hooks for m in clip_l.patcher.model.modules())

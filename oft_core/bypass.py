@@ -1,0 +1,249 @@
+"""The bypass apply mode: OFT applied to activations in the forward, no weight ever rewritten.
+
+For an adapted Linear / Conv layer y = W·x + b (side "out": kohya, LyCORIS, PEFT ≤ 0.13; side "in": PEFT ≥ 0.14):
+
+    side "out":  y' = s ⊙ M·(y − b) + b        = (s ⊙ M·W)·x + b   (the merge path's weight, `rotate_weight`)
+    side "in":   y' = s ⊙ (W·(M·x)) + b          = (s ⊙ W·M)·x + b     (the input rotated before the layer)
+
+with M = blockdiag(B) from `rotation.rotation_blocks` (one definition of strength and of the constraint) and s the
+row scale (LyCORIS `rescale`, PEFT 0.14–0.15 `oft_s`) when the layer has one. The layer's own forward runs untouched
+(whatever casts, dequantises or patches its weight: fp8, GGUF, ComfyUI's low-VRAM path), so the result is the exact
+rotated forward of the weight the layer really uses, with no rounding of a rotated weight to the storage dtype.
+Rounding: the output side rounds y once more (to its own dtype) after the fp32 rotation; the input side rounds the
+rotated input to the input's dtype.
+
+Realised as torch forward hooks (`ModuleBypass.attach`): a pre-hook for the input side, a post-hook for the output
+side and row scales; removing them (`handle.remove()`) restores the module exactly, in any order. Stacking: hooks of
+adapters attached later run after (output side: M₂·M₁·W) or before (input side, prepended: W·M₁·M₂) those attached
+earlier, the order the merge path gives when adapters are patched in that order. A weight patch (LoRA merged into W)
+is inside the layer's forward, so bypass always realises "LoRA first, then OFT": M·(W + ΔW).
+
+Cost: no work at attach time; the rotation blocks are built on a layer's first forward on a device and cached
+(per strength, mode, device); each forward then costs one block product over the output (or input) features,
+about b/in of the layer's own matmul (b = block size), plus a few elementwise passes.
+
+`attach(model, adapter, ...)` is the Python API for a plain torch model (state-dict names matched like the baker's);
+ComfyUI's seam (nodes/bypass.py) builds `ModuleBypass` objects from its own key map and attaches them through
+ModelPatcher injections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .errors import OFTError
+from .match import match_adapter
+from .names import build_key_map
+from .rotation import STRENGTH_MODES, _apply_last, rotation_blocks
+from .spec import OFTAdapter, OFTLayer
+
+BiasGetter = Callable[[torch.nn.Module, torch.dtype, torch.device], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class BypassTarget:
+    """One adapter layer on one module: the layer (resolved for its weight), its effective strength, and the span
+    (start, length) of output features it covers when it adapts a slice of a fused weight (None: all of them)."""
+
+    layer: OFTLayer
+    strength: float
+    mode: str = "kohya"
+    span: tuple[int, int] | None = None
+
+
+def plain_bias(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The bias a plain torch Linear / Conv adds, as the forward used it (in the output's dtype), in fp32."""
+    b = getattr(module, "bias", None)
+    return None if b is None else b.to(device=device, dtype=dtype).to(torch.float32)
+
+
+def _is_identity(layer: OFTLayer) -> bool:
+    """All generators zero and no row scale: R = I exactly (Cayley, Neumann and both strength modes)."""
+    return (layer.parameterization != "matrix" and layer.row_scale is None
+            and all(g.device.type != "meta" and not bool(g.any()) for g in layer.generators))
+
+
+class ModuleBypass:
+    """The OFT rotations one adapter applies to one Linear / Conv module, as forward hooks.
+
+    `conv`: the module is a convolution (features on axis 1) rather than a Linear (features on the last axis).
+    `bias_of(module, dtype, device)`: the bias the module's forward adds, cast as the forward cast it, in fp32.
+    """
+
+    def __init__(self, targets: Sequence[BypassTarget], *, conv: bool, kernel_numel: int = 1,
+                 bias_of: BiasGetter = plain_bias, name: str = ""):
+        self.name = name
+        self.conv = conv
+        self.bias_of = bias_of
+        self.out_targets: list[BypassTarget] = []
+        self.in_targets: list[BypassTarget] = []
+        for t in targets:
+            if t.mode not in STRENGTH_MODES:
+                raise OFTError(f"strength mode: expected {' | '.join(STRENGTH_MODES)}, found {t.mode!r}",
+                               layer=t.layer.key)
+            if t.strength == 0 or _is_identity(t.layer):
+                continue  # strength 0 is "off" in both modes; an all-zero generator is I at every strength
+            if t.layer.side == "out":
+                self.out_targets.append(t)
+                continue
+            if t.span is not None:
+                raise OFTError("bypass cannot rotate the input features of a slice of a fused weight (the other "
+                               "slices share that input): use apply mode merge for this adapter", layer=t.layer.key)
+            if conv and kernel_numel != 1:
+                raise OFTError("bypass cannot rotate the input side of a convolution with a kernel larger than 1×1 "
+                               "(the rotation mixes kernel positions): use apply mode merge for this adapter",
+                               layer=t.layer.key)
+            self.in_targets.append(t)
+        self._blocks: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.out_targets or self.in_targets)
+
+    # -------------------------------------------------------------------------------------------------- math
+    def blocks(self, target: BypassTarget, device: torch.device) -> list[torch.Tensor]:
+        """`rotation_blocks(layer, strength, mode)` on `device`, built on first use and cached."""
+        key = (id(target), str(device))
+        blocks = self._blocks.get(key)
+        if blocks is None:
+            blocks = [b.to(device) for b in rotation_blocks(target.layer, target.strength, target.mode)]
+            self._blocks[key] = blocks
+        return blocks
+
+    def _rotate(self, target: BypassTarget, t: torch.Tensor) -> torch.Tensor:
+        """M·v on the feature axis of fp32 `t` (last axis for Linear, axis 1 for Conv)."""
+        blocks = self.blocks(target, t.device)
+        if not self.conv:
+            return _apply_last(target.layer, blocks, t)
+        if target.layer.kind == "diag" and len(blocks) == 1:
+            n, b = target.layer.num_blocks[0], target.layer.block_sizes[0]
+            lead = t.shape[0]
+            out = torch.matmul(blocks[0], t.reshape(lead, n, b, -1))  # (lead, n, b, spatial)
+            return out.reshape(t.shape)
+        return _apply_last(target.layer, blocks, t.movedim(1, -1)).movedim(-1, 1)
+
+    def _features(self, t: torch.Tensor, span) -> torch.Tensor:
+        if span is None:
+            return t
+        if self.conv and t.ndim > 1:
+            return t[:, span[0]: span[0] + span[1]]
+        return t[..., span[0]: span[0] + span[1]]
+
+    def _bias_view(self, bias: torch.Tensor, ndim: int) -> torch.Tensor:
+        return bias if not self.conv else bias.reshape(-1, *([1] * (ndim - 2)))
+
+    def pre_hook(self, module, args):
+        """Input side: x ← M·x (fp32 math, rounded back to x's dtype), last attached applied first."""
+        x = args[0]
+        x32 = x.to(torch.float32)
+        for target in reversed(self.in_targets):
+            x32 = self._rotate(target, x32)
+        return (x32.to(x.dtype), *args[1:])
+
+    def post_hook(self, module, args, y):
+        """Output side: y ← s ⊙ M·(y − b) + b per target, in attach order; input-side row scales: s ⊙ (y − b) + b."""
+        scales = [t for t in self.in_targets if t.layer.row_scale is not None]
+        if not self.out_targets and not scales:
+            return None
+        bias = self.bias_of(module, y.dtype, y.device)
+        y32 = y.to(torch.float32, copy=True)
+        for target in self.out_targets:
+            part = self._features(y32, target.span)
+            b = None if bias is None else self._bias_view(self._features(bias, target.span), part.ndim)
+            rotated = self._rotate(target, part if b is None else part - b)
+            if target.layer.row_scale is not None:
+                rotated.mul_(self._bias_view(target.layer.row_scale.to(y.device), rotated.ndim))
+            part.copy_(rotated if b is None else rotated.add_(b))
+        for target in scales:
+            s = self._bias_view(target.layer.row_scale.to(y.device), y32.ndim)
+            y32 = y32.mul_(s) if bias is None else y32.sub_(self._bias_view(bias, y32.ndim)).mul_(s).add_(
+                self._bias_view(bias, y32.ndim))
+        return y32.to(y.dtype)
+
+    def attach(self, module: torch.nn.Module) -> list:
+        """Register the hooks on `module`; returns the handles (`.remove()` each to detach)."""
+        handles = []
+        if self.in_targets:
+            handles.append(module.register_forward_pre_hook(self.pre_hook, prepend=True))
+        if self.out_targets or any(t.layer.row_scale is not None for t in self.in_targets):
+            handles.append(module.register_forward_hook(self.post_hook))
+        return handles
+
+
+def module_bypasses(matches: Iterable, strength_of: Callable[[OFTLayer], float], mode: str,
+                    module_info: Callable[[str], tuple[bool, int]], bias_of: BiasGetter = plain_bias,
+                    ) -> dict[str, ModuleBypass]:
+    """Group matched layers (`match.Match`) by module and build one `ModuleBypass` per module.
+
+    `module_info(module_path)` -> (is_conv, kernel numel). Weight keys must end in ".weight"; a fused-slice offset
+    must be on axis 0 (output features).
+    """
+    grouped: dict[str, list[BypassTarget]] = {}
+    for m in matches:
+        key = m.target.key
+        if not key.endswith(".weight"):
+            raise OFTError(f"bypass needs a module weight, found key {key!r}", layer=m.layer.key)
+        span = None
+        if m.target.offset is not None:
+            dim, start, length = m.target.offset
+            if dim != 0:
+                raise OFTError(f"bypass cannot adapt a slice on axis {dim} of {key}: use apply mode merge",
+                               layer=m.layer.key)
+            span = (int(start), int(length))
+        grouped.setdefault(key[: -len(".weight")], []).append(
+            BypassTarget(m.layer, float(strength_of(m.layer)), mode, span))
+    out = {}
+    for path, targets in grouped.items():
+        conv, kernel = module_info(path)
+        mb = ModuleBypass(targets, conv=conv, kernel_numel=kernel, bias_of=bias_of, name=path)
+        if mb:
+            out[path] = mb
+    return out
+
+
+class BypassHandle:
+    """What `attach` returns: the hooks it registered; `remove()` takes them all off again."""
+
+    def __init__(self, handles: list, modules: dict[str, ModuleBypass], report):
+        self.handles = handles
+        self.modules = modules
+        self.report = report
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def attach(model: torch.nn.Module, adapter: OFTAdapter, strength: float = 1.0, mode: str = "kohya", *,
+           components: Sequence[str] | None = None) -> BypassHandle:
+    """Apply `adapter` to a plain torch `model` in bypass mode (forward hooks); returns a handle to `remove()`.
+
+    The model's state-dict names are matched the way the baker matches a base file's keys. Nothing is written to
+    any weight; on any error nothing is attached.
+    """
+    if mode not in STRENGTH_MODES:
+        raise OFTError(f"strength mode: expected {' | '.join(STRENGTH_MODES)}, found {mode!r}", path=adapter.path)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    report = match_adapter(adapter, shapes, build_key_map(shapes), components=components)
+    if not report.matched:
+        raise OFTError(f"none of its {report.total} layers matches the model's weights", path=adapter.path)
+    modules = dict(model.named_modules())
+
+    def info(path):
+        w = modules[path].weight
+        return w.ndim > 2, int(w[0, 0].numel()) if w.ndim > 2 else 1
+
+    bypasses = module_bypasses(report.matched, lambda layer: strength, mode, info)
+    handles = []
+    for path, mb in bypasses.items():
+        handles += mb.attach(modules[path])
+    return BypassHandle(handles, bypasses, report)
