@@ -50,3 +50,15 @@ def test_bench_bake_quick(tmp_path):
     single = 3 * 2 * h * h * b + 2 * 4 * h * h * (4 * b) + 2 * h * 5 * h * b
     assert data["flops"] == {"double": pytest.approx(double), "single": pytest.approx(single)}
     assert 0 < s["peak_rss_growth_MiB"] < 200
+
+
+def test_bench_bypass_quick(tmp_path):
+    out, data = _run("bench_bypass", tmp_path)
+    assert "ratios: ready_over_merge_max" in out and "machine: load" in out
+    rows = data["layers"]
+    assert {(r["out"], r["dtype"]) for r in rows} == {(320, "float32"), (640, "float32")}
+    for r in rows:
+        assert r["step_ratio"] == pytest.approx(r["step_bypass_s"] / r["step_merged_s"])
+        assert r["ready_over_merge"] == pytest.approx(r["bypass_ready_s"] / r["merge_first_patch_s"])
+        assert r["step_target"] == pytest.approx(1 + 1.5 * r["block_size"] / r["in"])
+        assert r["bypass_err_vs_fp32"] < 1e-5  # fp32: the hooked layer computes the rotated forward

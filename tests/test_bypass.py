@@ -153,6 +153,12 @@ def test_conv_output_side_and_1x1_input_side_match_merge():
     for h in with_hooks:
         h.remove()
     assert rel_err(y, _forward_with(m, rotate_weight(layer, w, 0.8), x)) <= FWD_TOL
+    plain = resolve_for_weight(_random_layer("out", 16, 72, 8, 9), w.shape)  # no row scale: the (M − I)·y path
+    with_hooks = ModuleBypass([BypassTarget(plain, -0.6, "orthogonal")], conv=True, kernel_numel=9).attach(m)
+    y = m(x)
+    for h in with_hooks:
+        h.remove()
+    assert rel_err(y, _forward_with(m, rotate_weight(plain, w, -0.6, "orthogonal"), x)) <= FWD_TOL
 
     w1 = torch.randn(16, 8, 1, 1, generator=torch.Generator().manual_seed(6))
     conv1 = torch.nn.Conv2d(8, 16, 1).requires_grad_(False)
@@ -189,12 +195,13 @@ def test_fused_slices_are_rotated_in_place_of_their_rows():
         ModuleBypass([BypassTarget(_random_layer("in", 16, 16, 4, 5), 1.0, span=(0, 16))], conv=False)
 
 
+@pytest.mark.parametrize("side", ["out", "in"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_input_is_rounded_once_more_at_most(dtype):
+def test_low_precision_input_is_rounded_once_more_at_most(dtype, side):
     """A bf16 / fp16 layer: bypass == the fp32 reference forward of the rotated weight, to the output's rounding
-    (the layer's own rounding of y, plus one of the rotated y)."""
+    (the layer's own rounding of y, plus one of the rotated y; input side: of the rotated x)."""
     w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 0.1
-    layer = _random_layer("out", 64, 32, 8, 1)
+    layer = _random_layer(side, 64, 32, 8, 1)
     m = _layer_module(w, bias=True, seed=2).to(dtype)
     x = _input_for(w, 3).to(dtype)
     hs = ModuleBypass([BypassTarget(layer, 1.0)], conv=False).attach(m)
