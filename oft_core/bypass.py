@@ -84,8 +84,8 @@ class ModuleBypass:
             if t.mode not in STRENGTH_MODES:
                 raise OFTError(f"strength mode: expected {' | '.join(STRENGTH_MODES)}, found {t.mode!r}",
                                layer=t.layer.key)
-            if t.strength == 0 or _is_identity(t.layer):
-                continue  # strength 0 is "off" in both modes; an all-zero generator is I at every strength
+            if t.strength == 0:
+                continue  # strength 0 is "off" in both modes: the module stays exactly as it is
             if t.layer.side == "out":
                 self.out_targets.append(t)
                 continue
@@ -99,9 +99,22 @@ class ModuleBypass:
             self.in_targets.append(t)
         self._blocks: dict[tuple[int, str], list[torch.Tensor]] = {}
         self._delta_cache: dict[tuple, list[torch.Tensor]] = {}
+        self._identity: dict[int, bool] = {}
 
     def __bool__(self) -> bool:
         return bool(self.out_targets or self.in_targets)
+
+    def _active(self, targets: list[BypassTarget]) -> list[BypassTarget]:
+        """`targets` without identity layers (all-zero generators), found on first use: reading the generators is
+        adapter-sized work, kept out of attach time."""
+        out = []
+        for t in targets:
+            identity = self._identity.get(id(t))
+            if identity is None:
+                identity = self._identity[id(t)] = _is_identity(t.layer)
+            if not identity:
+                out.append(t)
+        return out
 
     # -------------------------------------------------------------------------------------------------- math
     def blocks(self, target: BypassTarget, device: torch.device) -> list[torch.Tensor]:
@@ -138,15 +151,18 @@ class ModuleBypass:
     def pre_hook(self, module, args):
         """Input side: x ← M·x (fp32 math, rounded back to x's dtype), last attached applied first."""
         x = args[0]
-        if all(t.layer.kind == "diag" for t in self.in_targets):  # x + (M − I)·x, 16-bit kept (see _post_delta)
+        targets = self._active(self.in_targets)
+        if not targets:
+            return None
+        if all(t.layer.kind == "diag" for t in targets):  # x + (M − I)·x, 16-bit kept (see _post_delta)
             work = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
-            for target in reversed(self.in_targets):
+            for target in reversed(targets):
                 src = x.to(work)
                 x = x.to(work, copy=True)
                 self._add_delta(target, src, x, work)
             return (x.to(args[0].dtype), *args[1:])
         x32 = x.to(torch.float32)
-        for target in reversed(self.in_targets):
+        for target in reversed(targets):
             x32 = self._rotate(target, x32)
         return (x32.to(x.dtype), *args[1:])
 
@@ -159,22 +175,41 @@ class ModuleBypass:
             self._delta_cache[key] = d
         return d
 
-    def _post_delta(self, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _post_delta(self, y: torch.Tensor, bias: torch.Tensor | None, targets: list[BypassTarget]) -> torch.Tensor:
         """y + (B − I)·(y − b) per split of every output target: the plain case (diagonal blocks, no row scale).
 
         16-bit activations keep their dtype: the block product of the small change B − I (its entries ~ the adapter's
         effect) in bf16 / fp16 has an error of ~2⁻⁸ / 2⁻¹¹ of that change, far under the one rounding of the sum to the
         activation dtype (which the fp32 path pays too), and runs at the 16-bit matmul rate the layer itself used."""
         work = y.dtype if y.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        if not self.conv and len(targets) == 1 and targets[0].span is None and len(targets[0].layer.generators) == 1:
+            return self._post_delta_whole(targets[0], y, bias, work)
         out = y.to(work, copy=True)
         src = y.to(work)
-        for target in self.out_targets:
+        for target in targets:
             part_in = self._features(src, target.span)
             part_out = self._features(out, target.span)
             if bias is not None:
                 part_in = part_in - self._bias_view(self._features(bias, target.span).to(work), part_in.ndim)
             self._add_delta(target, part_in, part_out, work)
         return out.to(y.dtype)
+
+    def _post_delta_whole(self, target: BypassTarget, y: torch.Tensor, bias: torch.Tensor | None,
+                          work: torch.dtype) -> torch.Tensor:
+        """The common Linear case, one split over all outputs, in two passes over y: δ − (B − I)·b from one baddbmm
+        (the bias never subtracted from y), then y + δ into a new tensor."""
+        d = self._deltas(target, y.device, work)[0]
+        n, b = target.layer.num_blocks[0], target.layer.block_sizes[0]
+        src = y.to(work)
+        z = src.reshape(-1, n, b).transpose(0, 1)  # (n, N, b)
+        dt = d.transpose(-1, -2)
+        if bias is None:
+            delta = torch.bmm(z, dt)
+        else:
+            c = torch.bmm(bias.to(work).view(n, 1, b), dt)  # (B − I)·b per block, (n, 1, b)
+            delta = torch.baddbmm(c, z, dt, beta=-1)
+        out = src.reshape(-1, n, b) + delta.transpose(0, 1)
+        return out.reshape(y.shape).to(y.dtype)
 
     def _add_delta(self, target: BypassTarget, src: torch.Tensor, out: torch.Tensor, work: torch.dtype) -> None:
         """out += (M − I)·src on the feature axis (diagonal blocks), in `work` dtype."""
@@ -192,13 +227,14 @@ class ModuleBypass:
     def post_hook(self, module, args, y):
         """Output side: y ← s ⊙ M·(y − b) + b per target, in attach order; input-side row scales: s ⊙ (y − b) + b."""
         scales = [t for t in self.in_targets if t.layer.row_scale is not None]
-        if not self.out_targets and not scales:
+        targets = self._active(self.out_targets)
+        if not targets and not scales:
             return None
         bias = self.bias_of(module, y.dtype, y.device)
-        if not scales and all(t.layer.kind == "diag" and t.layer.row_scale is None for t in self.out_targets):
-            return self._post_delta(y, bias)
+        if not scales and all(t.layer.kind == "diag" and t.layer.row_scale is None for t in targets):
+            return self._post_delta(y, bias, targets)
         y32 = y.to(torch.float32, copy=True)
-        for target in self.out_targets:
+        for target in targets:
             part = self._features(y32, target.span)
             b = None if bias is None else self._bias_view(self._features(bias, target.span), part.ndim)
             rotated = self._rotate(target, part if b is None else part - b)

@@ -214,9 +214,18 @@ def test_low_precision_input_is_rounded_once_more_at_most(dtype, side):
     assert rel_err(y, ref) <= 3 * eps
 
 
-def test_strength_zero_attaches_nothing_and_attach_refuses_a_bad_mode():
+def test_strength_zero_attaches_nothing_identity_is_skipped_and_attach_refuses_a_bad_mode():
     layer = _random_layer("out", 8, 8, 4, 0)
     assert not ModuleBypass([BypassTarget(layer, 0.0)], conv=False)
+    zero = make_layer(path="t", name="zero", side="out", generators=[torch.zeros(2, 4, 4)], transpose=True)
+    lin = _layer_module(torch.randn(8, 8), bias=True, seed=0)
+    x = _input_for(lin.weight, 1)
+    mb = ModuleBypass([BypassTarget(zero, 0.7)], conv=False)
+    hs = mb.attach(lin)
+    y = lin(x)
+    for h in hs:
+        h.remove()
+    assert torch.equal(y, lin(x)) and mb._identity == {id(mb.out_targets[0]): True}  # found at the forward
     m = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with pytest.raises(OFTError, match="strength mode"):
         attach(m, load_adapter(get_case("lycoris_diag_oft_dim8").adapter), 1.0, "sideways")

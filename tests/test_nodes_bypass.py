@@ -8,11 +8,22 @@ import os
 
 import comfy_models
 import pytest
+import test_nodes
 import torch
 from oracle import rel_err
 from safetensors.torch import load_file
-from test_nodes import (FLUX_ADAPTER, LYCORIS_DIRS, PEFT_DIRS, _lora_sd, _tiny_with_base, assert_same_state,
-                        nodes_mod, oft_folder, pack, set_patches, snapshot)  # noqa: F401  (fixtures)
+from test_nodes import (
+    FLUX_ADAPTER,
+    LYCORIS_DIRS,
+    PEFT_DIRS,
+    _lora_sd,
+    _tiny_with_base,
+    assert_same_state,
+    set_patches,
+    snapshot,
+)
+
+pack, nodes_mod, oft_folder = test_nodes.pack, test_nodes.nodes_mod, test_nodes.oft_folder  # shared fixtures
 
 pytestmark = pytest.mark.comfyui
 
@@ -47,7 +58,7 @@ def test_flux_bypass_equals_merge_and_sd_scripts(nodes_mod, oft_folder, strength
                                                   strength=strength, strength_mode=mode).result[0]
     bypass.patch_model()
     try:
-        assert len(hooked_modules(bypass)) == 7  # 8 layers; the fixture's all-zero (identity) layer needs no hook
+        assert len(hooked_modules(bypass)) == 8  # 8 layers (the all-zero one is found and skipped at its forward)
         assert_same_state(bypass, snap)  # nothing written to any weight while loaded
         y = comfy_models.apply_model(bypass, inputs)
     finally:
@@ -109,7 +120,7 @@ def test_bypass_survives_low_vram_offloading(nodes_mod, fixtures_dir, dtype):
     y_full = forward(b, inputs)
     b.patch_model(lowvram_model_memory=1)
     try:
-        assert b.model.model_lowvram and len(hooked_modules(b)) == 7
+        assert b.model.model_lowvram and len(hooked_modules(b)) == 8
         y_low = comfy_models.apply_model(b, inputs)
         assert_same_state(b, snap)
     finally:
@@ -204,11 +215,11 @@ def test_bypass_stacks_and_clones_load_and_unload_cleanly(nodes_mod, fixtures_di
     y1 = forward(b1, inputs)
     try:
         comfy.model_management.load_models_gpu([b2])
-        assert len(hooked_modules(b2)) == 7
+        assert len(hooked_modules(b2)) == 8
         n_hooks = sum(len(m._forward_hooks) for m in b2.model.modules())
-        assert n_hooks == 14  # two Applies, 7 modules each
+        assert n_hooks == 16  # two Applies, 8 modules each
         comfy.model_management.load_models_gpu([b1])  # another clone: b2's hooks ejected, b1's injected
-        assert sum(len(m._forward_hooks) for m in b1.model.modules()) == 7
+        assert sum(len(m._forward_hooks) for m in b1.model.modules()) == 8
         assert torch.equal(comfy_models.apply_model(b1, inputs), y1)
         comfy.model_management.load_models_gpu([base])
         assert not hooked_modules(base)
