@@ -16,7 +16,7 @@ from oracle import FIXTURES, REL_TOL, rel_err
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from oft_core import OFTError, load_adapter, make_layer, rotate_weight
+from oft_core import OFTError, make_layer, rotate_weight
 from oft_core.cli import main as cli
 from oft_core.extract import extract, low_rank
 
