@@ -6,7 +6,8 @@
 Per layer: "merge" is `rotate_weight` (what a bake or merge-mode patch does to the weight); "extract r" is what
 `oft_core.extract` does per weight at a fixed rank: ΔW = R·W − W plus the truncated SVD (randomized for wide layers,
 `low_rank`); "extract err" the relative-error mode (exact SVD of ΔW, fp64), only on the smaller shapes unless
---exact-all (minutes per FLUX.1 layer on a shared CPU). Printed: seconds, the ratios to the merge, and the relative error reached.
+--exact-all (minutes per FLUX.1 layer on a shared CPU). Printed: seconds, the ratios to the merge, the relative
+error reached.
 Results and the machine's load go to bench_extract.results.json next to this script (or --results).
 """
 
