@@ -254,3 +254,19 @@ def test_apply_mode_is_the_last_input_of_the_nodes(nodes_mod):
         last = schema.inputs[-1]
         assert last.id == "apply_mode" and last.default == "merge" and last.options == ["merge", "bypass"]
         assert last.tooltip
+
+
+def test_oftapply_bypass_and_default_merge(nodes_mod, fixtures_dir):
+    """Apply OFT: apply_mode bypass adds an injection and no weight patch; without apply_mode (older API prompts)
+    it merges, as before."""
+    base = comfy_models.flux_tiny()
+    adapter = nodes_mod.files.load(fixtures_dir / FLUX_ADAPTER)
+    out = nodes_mod.oft_nodes.OFTApply.execute(model=base, oft_adapter=adapter, strength=0.5, strength_mode="kohya",
+                                               apply_mode="bypass")
+    m = out.result[0]
+    assert not m.patches and [k for k in m.injections if k.startswith("comfyui_oft_bypass:")]
+    merged = nodes_mod.oft_nodes.OFTApply.execute(model=base, oft_adapter=adapter, strength=0.5,
+                                                  strength_mode="kohya").result[0]
+    assert len(merged.patches) == 8 and not merged.injections
+    inputs = comfy_models.flux_inputs(seed=4)
+    assert rel_err(forward(m, inputs), forward(merged, inputs)) <= MODEL_TOL
