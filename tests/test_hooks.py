@@ -14,9 +14,37 @@ from oracle import REL_TOL, rel_err
 from safetensors.torch import load_file
 from test_nodes import FLUX_ADAPTER, FLUX_EXPECTED, _tiny_with_base, expected_modules
 
-pack, nodes_mod, oft_folder = test_nodes.pack, test_nodes.nodes_mod, test_nodes.oft_folder  # shared fixtures
+pack, nodes_mod = test_nodes.pack, test_nodes.nodes_mod  # shared fixtures
 
 pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def oft_folder(pack, tmp_path_factory):
+    """The fixture adapters in an 'oft' folder of this module's own, under names prefixed with 'hk_': a second
+    folder with the same file names as test_nodes' would make its name lookups ambiguous."""
+    import shutil
+
+    import folder_paths
+    from comfyui_oft.nodes import files
+
+    root = tmp_path_factory.mktemp("oft_hooks")
+    fx = comfy_models.FIXTURES
+    shutil.copy(fx / FLUX_ADAPTER, root / ("hk_" + os.path.basename(FLUX_ADAPTER)))
+    for d in test_nodes.LYCORIS_DIRS:
+        shutil.copy(fx / "lycoris" / d / f"{d}.safetensors", root / f"hk_{d}.safetensors")
+    for d in test_nodes.PEFT_DIRS:
+        (root / f"hk_{d}").mkdir()
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy(fx / "peft" / d / f, root / f"hk_{d}" / f)
+    files.register_folder()
+    folder_paths.add_model_folder_path("oft", str(root))
+    return root
+
+
+def aname(name: str) -> str:
+    """An adapter's name in this module's folder."""
+    return "hk_" + name
 
 
 def hook_weights(model, hooks, keys, target="model"):
@@ -56,7 +84,7 @@ def test_kohya_flux_hook_gives_the_sd_scripts_merge_at_each_keyframe(nodes_mod, 
     ex = load_file(fixtures_dir / FLUX_EXPECTED)
     paths = [m["module_path"] for m in expected_modules(fixtures_dir, FLUX_EXPECTED).values()]
     keys = {f"diffusion_model.{p}.weight": p for p in paths}
-    hooks = hook_nodes.OFTHook.execute(adapter_name=os.path.basename(FLUX_ADAPTER), strength_model=1.0,
+    hooks = hook_nodes.OFTHook.execute(adapter_name=aname(os.path.basename(FLUX_ADAPTER)), strength_model=1.0,
                                        strength_clip=1.0, strength_mode="kohya").result[0]
     assert len(hooks.hooks) == 1 and isinstance(hooks.hooks[0], hook_nodes.OFTWeightHook)
     for s in (1.0, 0.5):
@@ -80,7 +108,7 @@ def test_lycoris_and_peft_hooks_give_the_trainers_merge(nodes_mod, oft_folder, f
     d = fixtures_dir / group / name
     base, model = _tiny_with_base(load_file(d / "base.safetensors"))
     d2l = comfy.utils.unet_to_diffusers(base.model.model_config.unet_config)
-    hooks = hook_nodes.OFTHook.execute(adapter_name=file, strength_model=1.0, strength_clip=0.0,
+    hooks = hook_nodes.OFTHook.execute(adapter_name=aname(file), strength_model=1.0, strength_clip=0.0,
                                        strength_mode="kohya").result[0]
     refs = [(1.0, "merged.safetensors")] + ([(0.5, "merged_multiplier0.5.safetensors")] if group == "lycoris" else [])
     for s, ref_file in refs:
@@ -170,7 +198,7 @@ def test_keyframes_change_the_strength_between_steps_of_a_real_sampling_run(node
 
     base = comfy_models.flux_tiny()
     adapter = nodes_mod.files.load(fixtures_dir / FLUX_ADAPTER)
-    hooks = hook_nodes.OFTHook.execute(adapter_name=os.path.basename(FLUX_ADAPTER), strength_model=1.0,
+    hooks = hook_nodes.OFTHook.execute(adapter_name=aname(os.path.basename(FLUX_ADAPTER)), strength_model=1.0,
                                        strength_clip=1.0, strength_mode="kohya").result[0]
     (kf,) = core_hooks.CreateHookKeyframe().create_hook_keyframe(strength_mult=1.0, start_percent=0.0)
     (kf,) = core_hooks.CreateHookKeyframe().create_hook_keyframe(strength_mult=0.5, start_percent=0.3,
@@ -198,8 +226,13 @@ def test_keyframes_change_the_strength_between_steps_of_a_real_sampling_run(node
     model.set_model_unet_function_wrapper(wrapper)
     latent = torch.zeros(1, 4, 16, 16)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-    out = comfy.sample.sample(model, noise, 6, 1.0, "euler", "simple", positive, cond, latent, seed=0,
-                              disable_pbar=True)
+    import comfy.model_management
+
+    try:
+        out = comfy.sample.sample(model, noise, 6, 1.0, "euler", "simple", positive, cond, latent, seed=0,
+                                  disable_pbar=True)
+    finally:  # sampling leaves the model loaded (patched flags set): other tests share this model
+        comfy.model_management.unload_all_models()
     assert torch.isfinite(out).all()
     strengths = [s for _, s, _ in seen]
     assert len(seen) == 6 and strengths[0] == 1.0 and 0.5 in strengths and strengths[-1] == 0.0, strengths

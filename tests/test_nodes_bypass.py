@@ -23,9 +23,37 @@ from test_nodes import (
     snapshot,
 )
 
-pack, nodes_mod, oft_folder = test_nodes.pack, test_nodes.nodes_mod, test_nodes.oft_folder  # shared fixtures
+pack, nodes_mod = test_nodes.pack, test_nodes.nodes_mod  # shared fixtures
 
 pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def oft_folder(pack, tmp_path_factory):
+    """The fixture adapters in an 'oft' folder of this module's own, under names prefixed with 'bp_': a second
+    folder with the same file names as test_nodes' would make its name lookups ambiguous."""
+    import shutil
+
+    import folder_paths
+    from comfyui_oft.nodes import files
+
+    root = tmp_path_factory.mktemp("oft_bypass")
+    fx = comfy_models.FIXTURES
+    shutil.copy(fx / FLUX_ADAPTER, root / ("bp_" + os.path.basename(FLUX_ADAPTER)))
+    for d in test_nodes.LYCORIS_DIRS:
+        shutil.copy(fx / "lycoris" / d / f"{d}.safetensors", root / f"bp_{d}.safetensors")
+    for d in test_nodes.PEFT_DIRS:
+        (root / f"bp_{d}").mkdir()
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy(fx / "peft" / d / f, root / f"bp_{d}" / f)
+    files.register_folder()
+    folder_paths.add_model_folder_path("oft", str(root))
+    return root
+
+
+def aname(name: str) -> str:
+    """An adapter's name in this module's folder."""
+    return "bp_" + name
 
 # A whole tiny-model forward, bypass vs merged weights, fp32: the per-layer differences are fp32 rounding (≤ ~5e-7 of
 # the layer output, tests/test_bypass.py), carried through the model's later layers.
@@ -49,12 +77,12 @@ def test_flux_bypass_equals_merge_and_sd_scripts(nodes_mod, oft_folder, strength
     base = comfy_models.flux_tiny()
     snap = snapshot(base)
     inputs = comfy_models.flux_inputs()
-    out = nodes_mod.oft_nodes.OFTLoader.execute(model=base, adapter_name=os.path.basename(FLUX_ADAPTER),
+    out = nodes_mod.oft_nodes.OFTLoader.execute(model=base, adapter_name=aname(os.path.basename(FLUX_ADAPTER)),
                                                 strength=strength, strength_mode=mode, apply_mode="bypass")
     bypass = out.result[0]
     assert "8 of 8 adapter layers applied" in out.ui.value and "bypass" in out.ui.value
     assert not bypass.patches  # no weight patch at all
-    merge = nodes_mod.oft_nodes.OFTLoader.execute(model=base, adapter_name=os.path.basename(FLUX_ADAPTER),
+    merge = nodes_mod.oft_nodes.OFTLoader.execute(model=base, adapter_name=aname(os.path.basename(FLUX_ADAPTER)),
                                                   strength=strength, strength_mode=mode).result[0]
     bypass.patch_model()
     try:
@@ -93,7 +121,7 @@ def test_every_unet_fixture_bypass_equals_merge_on_sd15_tiny(nodes_mod, oft_fold
     d = fixtures_dir / group / name
     base, model = _tiny_with_base(load_file(d / "base.safetensors"))
     d2l = comfy.utils.unet_to_diffusers(base.model.model_config.unet_config)
-    file = f"{name}.safetensors" if group == "lycoris" else f"{name}/adapter_model.safetensors"
+    file = aname(f"{name}.safetensors" if group == "lycoris" else f"{name}/adapter_model.safetensors")
     inputs = comfy_models.sd15_tiny_inputs()
     refs = [(1.0, "merged.safetensors")] + ([(0.5, "merged_multiplier0.5.safetensors")] if group == "lycoris" else [])
     for strength, merged in refs:

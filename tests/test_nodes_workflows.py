@@ -97,6 +97,11 @@ def _widget_inputs(cls):
     return out
 
 
+def _has_control(name: str, t: str, opts: dict) -> bool:
+    """The frontend adds a "control after generate" widget after an INT named seed / noise_seed or flagged so."""
+    return bool(opts.get("control_after_generate")) or (t == "INT" and name in ("seed", "noise_seed"))
+
+
 def to_api_prompt(workflow: dict, nodes_table) -> dict:
     """Convert a UI (litegraph) workflow into the API prompt ComfyUI executes (what the frontend sends)."""
     links = {link[0]: link for link in workflow["links"]}
@@ -110,7 +115,7 @@ def to_api_prompt(workflow: dict, nodes_table) -> dict:
             if not values:
                 break
             value = values.pop(0)
-            if opts.get("control_after_generate"):
+            if _has_control(name, t, opts):
                 values.pop(0)  # the "fixed" / "randomize" widget the frontend adds after a seed
             if name not in linked:
                 inputs[name] = value
@@ -140,7 +145,7 @@ def test_workflow_is_valid_for_comfyui(path, comfy_nodes, model_folders):
     # widget values: count and type against each node's own schema
     for node in wf["nodes"]:
         widgets = _widget_inputs(nodes.NODE_CLASS_MAPPINGS[node["type"]])
-        extra = sum(1 for _, _, o in widgets if o.get("control_after_generate"))
+        extra = sum(1 for name, t, o in widgets if _has_control(name, t, o))
         # a workflow saved before an optional widget was added at the end (apply_mode) has no value for it: the
         # frontend keeps that widget's default, and no other value moves
         optional = set(nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES().get("optional", {}))

@@ -22,6 +22,7 @@ MATRIX = {
     "lycoris_diag_oft_constrained": {"kohya": "kohya", "lycoris": "lycoris_diag_oft", "peft": "rotates output"},
     "lycoris_diag_oft_dim8": {"kohya": "kohya", "lycoris": "lycoris_diag_oft", "peft": "rotates output"},
     "lycoris_diag_oft_rescaled": {"kohya": "rescale", "lycoris": "lycoris_diag_oft", "peft": "rotates output"},
+    "lycoris_te_diag_oft_clipl": {"kohya": "text-encoder layer", "lycoris": "lycoris_diag_oft", "peft": "rotates output"},
     "peft0.13.2_oft_r4": {"kohya": "kohya", "lycoris": "lycoris_diag_oft", "peft": "rotates output"},
     "peft0.15.2_oft_bs8": {"kohya": "input features", "lycoris": "input features", "peft": "oft_s"},
     "peft_oft_blockshare_bs8": {"kohya": "input features", "lycoris": "input features", "peft": "peft"},
@@ -49,7 +50,8 @@ def _check_merged(case, adapter):
             out = rotate_weight(resolve_for_weight(layers[case.module_key[key]], w.shape), w, strength)
             assert rel_err(out, ref) <= REL_TOL, (key, strength, rel_err(out, ref))
             checked += 1
-    assert checked >= 2 * len(case.originals)
+    # every weight at 1.0, and at 0.5 those the tool stored (the text-encoder fixture stores 2 of 4 there)
+    assert checked >= len(case.originals) + len(case.expected.get(0.5) or case.originals)
 
 
 def test_matrix_covers_every_fixture():
