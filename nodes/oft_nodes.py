@@ -13,6 +13,7 @@ from ..oft_core import OFTError, build_key_map, match_adapter
 from ..oft_core.summary import describe, format_text
 from . import files
 from .patch import (
+    APPLY_MODES,
     TE_COMPONENTS,
     UNET_PREFIX,
     apply_oft,
@@ -40,6 +41,20 @@ def _strength_input():
 
 def _mode_input():
     return io.Combo.Input("strength_mode", options=MODES, default="kohya", tooltip=_MODE_TOOLTIP)
+
+
+_APPLY_MODE_TOOLTIP = (
+    "merge: the rotated weights are computed when the model loads (fastest sampling). bypass: no weight is "
+    "touched; each adapted layer's output (kohya, LyCORIS) or input (PEFT) is rotated during sampling: instant to "
+    "apply, exact on fp8 / GGUF models (no re-rounding of rotated weights), a small cost per step. With a LoRA on "
+    "the same model, bypass always gives OFT applied after the LoRA."
+)
+
+
+def _apply_mode_input():
+    # last input on purpose: workflows saved before it existed keep their widget values in their slots
+    return io.Combo.Input("apply_mode", options=list(APPLY_MODES), default="merge", optional=True,
+                          tooltip=_APPLY_MODE_TOOLTIP)
 
 
 def _file_input():
@@ -81,14 +96,15 @@ class OFTLoader(io.ComfyNode):
                 _file_input(),
                 _strength_input(),
                 _mode_input(),
+                _apply_mode_input(),
             ],
             outputs=_model_clip_outputs(),
         )
 
     @classmethod
-    def execute(cls, model, adapter_name, strength, strength_mode, clip=None) -> io.NodeOutput:
+    def execute(cls, model, adapter_name, strength, strength_mode, clip=None, apply_mode="merge") -> io.NodeOutput:
         adapter = files.load_by_name(adapter_name)
-        model, clip, text = apply_oft(model, clip, adapter, strength, strength_mode)
+        model, clip, text = apply_oft(model, clip, adapter, strength, strength_mode, apply_mode)
         return io.NodeOutput(model, clip, ui=ui.PreviewText(text))
 
 
@@ -124,13 +140,14 @@ class OFTApply(io.ComfyNode):
                 OFTAdapterType.Input("oft_adapter", tooltip="An adapter from Load OFT Adapter."),
                 _strength_input(),
                 _mode_input(),
+                _apply_mode_input(),
             ],
             outputs=_model_clip_outputs(),
         )
 
     @classmethod
-    def execute(cls, model, oft_adapter, strength, strength_mode, clip=None) -> io.NodeOutput:
-        model, clip, text = apply_oft(model, clip, oft_adapter, strength, strength_mode)
+    def execute(cls, model, oft_adapter, strength, strength_mode, clip=None, apply_mode="merge") -> io.NodeOutput:
+        model, clip, text = apply_oft(model, clip, oft_adapter, strength, strength_mode, apply_mode)
         return io.NodeOutput(model, clip, ui=ui.PreviewText(text))
 
 

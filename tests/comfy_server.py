@@ -671,6 +671,12 @@ def workflow_to_api(workflow: dict, object_info: dict) -> dict:
             continue
         widgets = _widget_inputs(spec)
         expected = sum(2 if c else 1 for _, c in widgets)
+        # a workflow saved before an optional widget was added at the end of a node (OFTLoader's apply_mode) has no
+        # value for it: the frontend keeps that widget's default and no other value moves, so the prompt omits it
+        optional = set((spec.get("input") or {}).get("optional") or {})
+        while widgets and len(values) < expected and widgets[-1][0] in optional and not widgets[-1][1]:
+            widgets = widgets[:-1]
+            expected -= 1
         if len(values) != expected:
             problems.append(f"node {nid} ({ntype}): {len(values)} widget values, the node's inputs need {expected} "
                             f"({', '.join(n + (' +control' if c else '') for n, c in widgets)})")
