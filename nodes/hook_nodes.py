@@ -14,12 +14,21 @@ from __future__ import annotations
 import os
 
 import comfy.hooks
+import comfy.lora
 from comfy_api.latest import io
 
 from ..oft_core import OFTAdapter, OFTError, build_key_map, match_adapter
 from . import files
 from .oft_nodes import MODES, _file_input, _mode_input
-from .patch import TE_COMPONENTS, UNET_PREFIX, OFTWeightAdapter, layer_multiplier, model_kind, model_shapes
+from .patch import (
+    TE_COMPONENTS,
+    UNET_PREFIX,
+    OFTWeightAdapter,
+    comfy_key_map,
+    layer_multiplier,
+    model_kind,
+    model_shapes,
+)
 
 CATEGORY = "loaders/oft"
 
@@ -51,7 +60,10 @@ class OFTWeightHook(comfy.hooks.WeightHook):
         if not layers:
             return {}
         shapes = model_shapes(patcher, prefix)
-        report = match_adapter(adapter, shapes, build_key_map(shapes), components=comps, base_name=what)
+        # ComfyUI's own key map beside the pack's tables, as the loader matches (every family, fused slices, rows
+        # stored permuted); a CLIP's patcher holds the text model itself
+        host = comfy.lora.model_lora_keys_clip(patcher.model, {}) if clip else comfy_key_map(patcher)
+        report = match_adapter(adapter, shapes, build_key_map(shapes, host), components=comps, base_name=what)
         if not report.matched:
             raise OFTError(f"OFT hook: none of its {len(layers)} layers matches {what} it is registered on",
                            path=adapter.path)
@@ -59,7 +71,7 @@ class OFTWeightHook(comfy.hooks.WeightHook):
         for m in report.matched:
             key = m.target.key if m.target.offset is None else (m.target.key, tuple(m.target.offset))
             groups.setdefault(layer_multiplier(adapter, m.layer), {})[key] = OFTWeightAdapter(
-                m.layer, self.mode, adapter.format)
+                m.layer, self.mode, adapter.format, m.target.perm)
         return groups
 
     def add_hook_patches(self, model, model_options, target_dict, registered):
