@@ -97,6 +97,12 @@ def _widget_inputs(cls):
     return out
 
 
+def has_control_widget(name: str, t: str, opts: dict) -> bool:
+    """Whether the frontend (1.27.10, useIntWidget / migrateWidgetsValues) adds a "control after generate" widget
+    after this input: a flagged input, or an INT named seed / noise_seed (the legacy convention), flag or not."""
+    return bool(opts.get("control_after_generate")) or (t == "INT" and name in ("seed", "noise_seed"))
+
+
 def to_api_prompt(workflow: dict, nodes_table) -> dict:
     """Convert a UI (litegraph) workflow into the API prompt ComfyUI executes (what the frontend sends)."""
     links = {link[0]: link for link in workflow["links"]}
@@ -110,7 +116,7 @@ def to_api_prompt(workflow: dict, nodes_table) -> dict:
             if not values:
                 break
             value = values.pop(0)
-            if opts.get("control_after_generate"):
+            if has_control_widget(name, t, opts):
                 values.pop(0)  # the "fixed" / "randomize" widget the frontend adds after a seed
             if name not in linked:
                 inputs[name] = value
@@ -140,7 +146,7 @@ def test_workflow_is_valid_for_comfyui(path, comfy_nodes, model_folders):
     # widget values: count and type against each node's own schema
     for node in wf["nodes"]:
         widgets = _widget_inputs(nodes.NODE_CLASS_MAPPINGS[node["type"]])
-        extra = sum(1 for _, _, o in widgets if o.get("control_after_generate"))
+        extra = sum(1 for name, t, o in widgets if has_control_widget(name, t, o))
         assert len(node.get("widgets_values", [])) == len(widgets) + extra, node["type"]
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
