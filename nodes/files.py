@@ -93,9 +93,9 @@ def oft_kind(path: str, quiet: bool = False) -> str | None:
         header = read_header(model_path)
         kind = next((r.name for r in READERS if r.claims(header, config)), None)
         if kind is None and not quiet:
-            log.warning("OFT: %s is not listed: %s", path, not_oft_message(header))
+            log.warning("OFT: not listed in the adapter list: %s: %s", path, not_oft_message(header))
     except (OFTError, OSError, ValueError) as e:
-        (log.debug if quiet else log.warning)("OFT: %s is not listed: %s", path, e)
+        (log.debug if quiet else log.warning)("OFT: not listed in the adapter list: %s", e)
     with _lock:
         _kinds[path] = (stamp, kind)
     return kind
