@@ -21,6 +21,24 @@ function reportText(message) {
     return Array.isArray(text) ? text.join("\n") : String(text);
 }
 
+const LINE_PX = 13;  // 11px monospace text
+const CHAR_PX = 6.7;
+const MAX_BOX_PX = 260;  // longer reports scroll inside the box
+
+// Warnings first: a user must see them without scrolling the box.
+function ordered(text) {
+    const lines = text.split("\n");
+    const warnings = lines.filter((l) => l.startsWith("WARNING:"));
+    return [...warnings, ...lines.filter((l) => !l.startsWith("WARNING:"))].join("\n");
+}
+
+// Height of the box for `text` at the node's width (wrapped lines counted), within [3 lines, MAX_BOX_PX].
+function boxHeight(node, text) {
+    const perLine = Math.max(20, Math.floor((node.size[0] - 30) / CHAR_PX));
+    const lines = text.split("\n").reduce((n, l) => n + Math.max(1, Math.ceil(l.length / perLine)), 0);
+    return Math.min(MAX_BOX_PX, Math.max(3 * LINE_PX, lines * LINE_PX) + 12);
+}
+
 function reportWidget(node) {
     let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
     if (widget) return widget;
@@ -32,10 +50,11 @@ function reportWidget(node) {
     el.style.whiteSpace = "pre-wrap";
     el.style.fontFamily = "monospace";
     el.style.fontSize = "11px";
+    el.style.lineHeight = `${LINE_PX}px`;
     widget = node.addDOMWidget(WIDGET_NAME, "oft_report", el, {
         getValue: () => el.value,
         setValue: (v) => { el.value = v ?? ""; },
-        getMinHeight: () => 64,
+        getMinHeight: () => boxHeight(node, el.value),
         serialize: false,  // not sent to the server (graphToPrompt reads options.serialize)
     });
     widget.serialize = false;  // not stored in widgets_values (LGraphNode.serialize / configure read this)
@@ -45,13 +64,14 @@ function reportWidget(node) {
 
 function showReport(node, text) {
     const widget = reportWidget(node);
-    widget.value = text;
-    const warn = /(^|\n)WARNING:/.test(text);
+    const shown = ordered(text);
+    widget.value = shown;
+    const warn = shown.startsWith("WARNING:");
     widget.inputEl.style.color = warn ? "#ffb347" : "";
-    widget.inputEl.title = warn ? "This report has a warning" : "";
-    const lines = Math.min(text.split("\n").length, 12);
+    widget.inputEl.title = warn ? "This report has a warning (first lines)" : "";
+    if (node.size[0] < 420) node.setSize([420, node.size[1]]);
     const want = node.computeSize();
-    node.setSize([Math.max(node.size[0], want[0], 360), Math.max(node.size[1], want[1] + 14 * (lines - 1))]);
+    node.setSize([node.size[0], Math.max(want[1], node.size[1])]);
     node.setDirtyCanvas?.(true, true);
     app.graph?.setDirtyCanvas(true, true);
 }

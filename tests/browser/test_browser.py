@@ -15,7 +15,7 @@ import json
 import time
 
 import pytest
-from conftest import WORKFLOWS
+from frontend import WORKFLOWS
 
 import comfy_server as harness
 
@@ -292,6 +292,8 @@ def test_reports_are_readable_on_the_nodes_after_a_run(comfy_page):
             for part in wanted:
                 assert part in r["text"], f"node {title!r}: report {r['text']!r} lacks {part!r}"
             assert "--" not in r["text"], f"node {title!r}: the report names a command-line flag: {r['text']!r}"
+            if any(part.startswith("WARNING:") for part in wanted):  # warnings first: seen without scrolling
+                assert r["text"].startswith("WARNING:"), f"node {title!r}: the warning is not on top: {r['text']!r}"
             assert not r["hidden"] and r["width"] > 100 and r["height"] > 30, f"node {title!r}: box not shown: {r}"
             assert 0 <= r["left"] < r["viewW"] and 0 <= r["top"] < r["viewH"], f"node {title!r}: box off screen: {r}"
             assert r["onTop"], f"node {title!r}: the report box is covered by another element: {r}"
