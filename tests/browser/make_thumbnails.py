@@ -5,7 +5,8 @@
 A private ComfyUI server (tests/comfy_server.py) with the files the workflows name, its frontend in headless Chromium
 (the system executable), each workflow loaded as opening the file does, the graph's area captured at a zoom where
 node text is drawn, padded to a square with the canvas colour and scaled to SIZE × SIZE (the template browser shows
-it within a 256 px square). Run it again after a workflow changes; tests/browser/test_templates.py checks the result.
+it within a 256 px square). Run it again after a workflow changes; tests/browser/test_templates.py checks the
+result.
 """
 
 from __future__ import annotations

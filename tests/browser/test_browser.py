@@ -130,7 +130,8 @@ def test_workflow_loads_with_every_widget_in_its_slot(comfy_page, object_info, p
                 if control:
                     expected.append("control_after_generate")
             got = [w["name"] for w in n["widgets"]]
-            assert got == expected, f"{path.name}: node {node['id']} ({node['type']}) widgets {got}, expected {expected}"
+            assert got == expected, (f"{path.name}: node {node['id']} ({node['type']}) widgets {got}, "
+                                     f"expected {expected}")
             assert n["saved"] == node.get("widgets_values", []), (
                 f"{path.name}: node {node['id']} ({node['type']}) saves {n['saved']} but the file holds "
                 f"{node.get('widgets_values')} (a value moved to another slot)")
@@ -240,7 +241,9 @@ _BUILD_JS = """(graph) => {
     for (const [name, [src, slot]] of Object.entries(inputs)) {
       const dst = made[title];
       const at = dst.inputs.findIndex(x => x.name === name);
-      if (at < 0 || !made[src].connect(slot, dst, at)) throw new Error('cannot link ' + src + ' -> ' + title + '.' + name);
+      if (at < 0 || !made[src].connect(slot, dst, at)) {
+        throw new Error('cannot link ' + src + ' -> ' + title + '.' + name);
+      }
     }
   }
   app.graph.setDirtyCanvas(true, true);
