@@ -39,7 +39,8 @@ def _file_input():
         "adapter_name",
         options=files.adapter_files(),
         tooltip="An OFT adapter (.safetensors: kohya sd-scripts, LyCORIS diag-oft / BOFT, or PEFT "
-        "adapter_model.safetensors next to its adapter_config.json) from the 'oft' or 'loras' model folders.",
+        "adapter_model.safetensors next to its adapter_config.json) from the 'oft' or 'loras' model folders. Only "
+        "OFT files are listed (LoRAs in the same folders are left out).",
     )
 
 

@@ -106,8 +106,9 @@ def test_loaders_refuse_missing_and_non_oft_files_by_name(pack, folders):
 def test_queue_time_refusal_through_comfyui_validate_prompt(pack, folders, comfyui_oft):
     """ComfyUI's own prompt validation (what POST /prompt runs) returns a node error naming adapter_name, once."""
     import execution
-    import nodes
     from comfyui_oft.nodes import comfy_entrypoint
+
+    import nodes
 
     for cls in asyncio.run(comfy_entrypoint().get_node_list()):
         nodes.NODE_CLASS_MAPPINGS.setdefault(cls.GET_SCHEMA().node_id, cls)

@@ -20,10 +20,9 @@ import tempfile
 from pathlib import Path
 
 import comfy_models
+import comfy_server as harness
 import frontend
 import pytest
-
-import comfy_server as harness
 
 BROWSER_DIR = Path(__file__).resolve().parent
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import time
 
+import comfy_server as harness
 import pytest
 from frontend import WORKFLOWS
-
-import comfy_server as harness
 
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 

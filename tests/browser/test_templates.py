@@ -12,10 +12,9 @@ import io
 import json
 import urllib.parse
 
+import comfy_server as harness
 import pytest
 from frontend import WORKFLOWS
-
-import comfy_server as harness
 
 STEMS = sorted(p.stem for p in WORKFLOWS)
 MAX_BYTES = 100_000

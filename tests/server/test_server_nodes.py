@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import shutil
 
+import comfy_server as harness
 import pytest
 import torch
 from safetensors.torch import save_file
-
-import comfy_server as harness
 
 FLUX_ADAPTER = "kohya/flux_tiny_oft_attn_dim4.safetensors"
 
