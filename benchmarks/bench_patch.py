@@ -31,6 +31,7 @@ from __future__ import annotations
 # ruff: noqa: I001  (`_common` must come first: it puts the repo root on sys.path for `oft_core`)
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -166,8 +167,7 @@ def main(argv=None) -> int:
                       f"{r['ours_new_tensor_over_floor']:8.2f}× {r['einsum_over_ours']:9.2f}× "
                       f"{r['matmul_gflops']:5.0f}", flush=True)
     def median(key):
-        v = sorted(r[key] for r in results)
-        return v[len(v) // 2]
+        return statistics.median(r[key] for r in results)
 
     summary = {
         "ours_over_floor_median": median("ours_over_floor"),

@@ -79,7 +79,7 @@ def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _CAYLEY_LEAF = 96
 
 
-def _inverse_positive_real(a: torch.Tensor) -> torch.Tensor:
+def _inverse_positive_real(a: torch.Tensor, *, sync_free: bool = False) -> torch.Tensor:
     """a⁻¹ over the last two axes, for matrices whose symmetric part is positive definite (here I − Q, Q skew).
 
     Recursive 2×2 block elimination without pivoting: X₁₁ = A₁₁⁻¹, S = A₂₂ − A₂₁X₁₁A₁₂, then the four blocks of A⁻¹
@@ -93,18 +93,19 @@ def _inverse_positive_real(a: torch.Tensor) -> torch.Tensor:
     if n <= _CAYLEY_LEAF:
         eye = _eye_like(a)
         e = eye - a
-        doublings = _neumann_doublings(e)
+        doublings = None if sync_free else _neumann_doublings(e)
         if doublings is not None:  # (I − E)⁻¹ by the series, as `cayley` does for small blocks
             return _series_inverse(eye, e, doublings)
         # Else LAPACK in fp64 (where the device has it): its fp32 inverse is off by up to ~8 ulp, which the levels
-        # above would carry into R; in fp64 the result is as accurate as the fp32 solve of small blocks.
+        # above would carry into R; in fp64 the result is as accurate as the fp32 solve of small blocks. `inv_ex`
+        # skips the error check, which on a GPU would wait for the device (A is never singular here, see above).
         wide = torch.float64 if a.device.type in ("cpu", "cuda") else a.dtype
-        return torch.linalg.inv(a.to(wide)).to(a.dtype)
+        return torch.linalg.inv_ex(a.to(wide))[0].to(a.dtype)
     h = n // 2
     a11, a12, a21, a22 = a[..., :h, :h], a[..., :h, h:], a[..., h:, :h], a[..., h:, h:]
-    x11 = _inverse_positive_real(a11)
+    x11 = _inverse_positive_real(a11, sync_free=sync_free)
     t = x11 @ a12
-    s_inv = _inverse_positive_real(a22 - a21 @ t)
+    s_inv = _inverse_positive_real(a22 - a21 @ t, sync_free=sync_free)
     v = a21 @ x11
     y12 = -(t @ s_inv)
     top = torch.cat([x11 - y12 @ v, y12], -1)
@@ -142,19 +143,30 @@ def _solve_positive_real_(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def cayley(q: torch.Tensor) -> torch.Tensor:
+def cayley(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False) -> torch.Tensor:
     """R = (I + Q)(I − Q)⁻¹ for skew-symmetric Q.
 
     R = 2(I − Q)⁻¹ − I (the same matrix: (I + Q) = 2I − (I − Q)), with the inverse from matmuls: for large blocks by
     block elimination (`_inverse_positive_real`), for small ones by the series Σ Q^j while it converges within a few
     doublings (`_neumann_doublings`); otherwise (I − Q)⁻¹(I + Q) by one batched linear solve. All agree to fp32
     rounding (tests/test_rotation.py).
+
+    `sync_free=True` (the trainer's step) chooses the method without reading any value of `q` on the host, so that
+    on a GPU the step never waits for the device: the series only when `norm_bound` (a bound on every block's ‖Q‖_F
+    known from the constraint) makes it converge, else the solve, with no error check (`solve_ex`, `inv_ex`).
     """
     eye = _eye_like(q)
     if q.shape[-1] > _CAYLEY_LEAF:
-        return 2 * _inverse_positive_real(eye - q) - eye
-    doublings = _neumann_doublings(q) if q.shape[-1] > _NEUMANN_MIN_BLOCK else None
+        return 2 * _inverse_positive_real(eye - q, sync_free=sync_free) - eye
+    if q.shape[-1] <= _NEUMANN_MIN_BLOCK:
+        doublings = None
+    elif sync_free:
+        doublings = _doublings_for(norm_bound) if norm_bound is not None else None
+    else:
+        doublings = _neumann_doublings(q)
     if doublings is None:
+        if sync_free:
+            return torch.linalg.solve_ex(eye - q, eye + q)[0]  # small blocks: inside the safe batched range
         return solve(eye - q, eye + q)
     return 2 * _series_inverse(eye, q, doublings) - eye
 
@@ -181,8 +193,12 @@ def _neumann_doublings(q: torch.Tensor) -> int | None:
     """How many doublings (I + Q^(2^k)) make Σ_j Q^j exact to fp32, from ρ = max_i ‖Q_i‖_F ≥ ‖Q_i‖₂; None: too many."""
     if q.numel() == 0:
         return None
-    rho = float(torch.linalg.matrix_norm(q.detach()).max())
-    if rho >= 0.5:
+    return _doublings_for(float(torch.linalg.matrix_norm(q.detach()).max()))
+
+
+def _doublings_for(rho: float) -> int | None:
+    """`_neumann_doublings` for blocks whose ‖Q_i‖_F are at most `rho` (a host number: no device read)."""
+    if not math.isfinite(rho) or rho >= 0.5:
         return None
     if rho == 0:
         return 0
@@ -201,15 +217,16 @@ def neumann(q: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
     return r
 
 
-def _param(layer: OFTLayer, q: torch.Tensor) -> torch.Tensor:
+def _param(layer: OFTLayer, q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False
+           ) -> torch.Tensor:
     if layer.parameterization == "cayley":
-        return cayley(q)
+        return cayley(q, norm_bound=norm_bound, sync_free=sync_free)
     if layer.parameterization == "neumann":
         return neumann(q, layer.neumann_coeffs)
     return q  # "matrix": the file stores R itself
 
 
-def generator_of(layer: OFTLayer, r: torch.Tensor) -> torch.Tensor:
+def generator_of(r: torch.Tensor) -> torch.Tensor:
     """Q with Cayley(Q) = R for a stored rotation R (inverse Cayley: Q = (R − I)(R + I)⁻¹)."""
     eye = _eye_like(r)
     return solve(r + eye, r - eye)  # (R + I)⁻¹(R − I): the factors commute
@@ -221,10 +238,13 @@ def rotation_blocks(
     mode: StrengthMode = "kohya",
     *,
     generators: Sequence[torch.Tensor] | None = None,
+    sync_free: bool = False,
 ) -> list[torch.Tensor]:
     """The blocks B of M = blockdiag(B) per split, fp32, shape (num_blocks, b, b) (butterfly: (stages, n, b, b)).
 
     `generators` overrides the layer's stored generators (the trainer passes its live parameters; gradients flow).
+    `sync_free` (the trainer): no value is read back to the host; the Cayley method is chosen from the shapes and
+    the constraint's bound on ‖Q‖ (`cayley`).
     """
     if mode not in STRENGTH_MODES:
         raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
@@ -233,11 +253,13 @@ def rotation_blocks(
     for i, q in enumerate(gens):
         q = constrain(layer, q.to(torch.float32), i)
         if mode == "orthogonal" and layer.parameterization == "matrix":
-            r = cayley(generator_of(layer, q) * strength) if strength != 1 else q
+            r = cayley(generator_of(q) * strength) if strength != 1 else q
         elif mode == "orthogonal":
-            r = _param(layer, q * strength if strength != 1 else q)
+            bound = _norm_bound(layer, q, i)
+            r = _param(layer, q * strength if strength != 1 else q, sync_free=sync_free,
+                       norm_bound=None if bound is None else bound * abs(strength))
         else:
-            r = _param(layer, q)
+            r = _param(layer, q, norm_bound=_norm_bound(layer, q, i), sync_free=sync_free)
             if strength != 1:
                 eye = _eye_like(r)
                 r = eye + strength * (r - eye)
@@ -247,6 +269,16 @@ def rotation_blocks(
             r = r.expand(layer.num_blocks[i], -1, -1)
         out.append(r)
     return out
+
+
+def _norm_bound(layer: OFTLayer, q: torch.Tensor, split: int) -> float | None:
+    """A bound on every block's ‖Q_i‖_F after `constrain` (host numbers only), or None without a constraint."""
+    c = layer.constraint
+    if c.kind == "none":
+        return None
+    if c.kind == "norm_clamp":  # the whole split's ‖Q‖_F ≤ bound, so every block's too (plus the 1e-8 of the clamp)
+        return c.value * layer.split_sizes[split] * (1 + 1e-6) + _NORM_EPS
+    return c.value / math.sqrt(q.shape[-3]) * (1 + 1e-6)
 
 
 def _butterfly_index(dim: int, stage: int, block: int, device) -> torch.Tensor:

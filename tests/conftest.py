@@ -10,6 +10,10 @@
 - At the end of the session one line says how many ComfyUI integration tests ran or were skipped:
   "ComfyUI integration tests: N ran, M skipped (ComfyUI at PATH)" or
   "ComfyUI integration tests: N ran, M skipped (ComfyUI not found: WHY)". .ci/run greps it.
+- Test tiers, one pytest marker each (`TIERS`): `comfyui` (the real ComfyUI as a library), `server` (a real
+  `main.py` process), `browser` (the frontend in headless Chromium), `tools` (the reference tools in their own venvs).
+  At the end one line per tier: "Tier NAME: N ran, M skipped (first skip reason)". .ci/run greps them and fails
+  when a tier it requires did not run.
 - A test marked `comfyui` is skipped without ComfyUI even when it does not request the `comfy` fixture.
 """
 
@@ -51,8 +55,12 @@ def pytest_configure(config):
         "comfyui: integration test against the real ComfyUI (needs COMFYUI_PATH or ~/.cache/comfyui-oft/ComfyUI; "
         "skipped otherwise)",
     )
+    for name, what in TIERS.items():
+        if name != "comfyui":
+            config.addinivalue_line("markers", f"{name}: {what}")
     for v in _STATS.values():
         v.clear()
+    _TIER_STATS.clear()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -120,12 +128,55 @@ def comfyui_oft(comfy):
 # ------------------------------------------------------------------------------------------------ summary line
 _STATS: dict = {"ran": set(), "skipped": set(), "errors": set()}  # node ids of tests marked comfyui
 
+# The test tiers: marker -> what it needs. Each gets a summary line at the end of the session.
+TIERS = {
+    "comfyui": "the real ComfyUI imported as a library",
+    "server": "a real ComfyUI main.py process on a loopback port (private copy of ComfyUI, tiny checkpoints)",
+    "browser": "the ComfyUI frontend in headless Chromium (Debian chromium + python playwright)",
+    "tools": "the reference tools (sd-scripts, lycoris-lora, peft) in venvs of their own",
+}
+# tier -> {"ran": set, "skipped": {nodeid: reason}, "errors": set}
+_TIER_STATS: dict = {}
+
+
+def _tier_logreport(report) -> None:
+    for tier in TIERS:
+        if tier not in report.keywords:
+            continue
+        st = _TIER_STATS.setdefault(tier, {"ran": set(), "skipped": {}, "errors": set()})
+        if report.when == "call" and not (report.skipped and not hasattr(report, "wasxfail")):
+            st["ran"].add(report.nodeid)  # passed, failed or xfailed
+        elif report.skipped:  # at setup, or pytest.skip() inside the test
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            st["skipped"][report.nodeid] = reason.removeprefix("Skipped: ")
+        elif report.failed and report.when == "setup":
+            st["errors"].add(report.nodeid)
+
+
+def tier_lines() -> list[str]:
+    lines = []
+    for tier in TIERS:
+        st = _TIER_STATS.get(tier, {"ran": set(), "skipped": {}, "errors": set()})
+        ran = st["ran"]
+        skipped = {k: v for k, v in st["skipped"].items() if k not in ran}
+        errors = st["errors"] - ran
+        line = f"Tier {tier}: {len(ran)} ran, {len(skipped)} skipped"
+        if errors:
+            line += f", {len(errors)} errored before running"
+        if skipped:
+            line += f" (first skip: {next(iter(skipped.values()))})"
+        elif not ran and not errors:
+            line += " (no test of this tier collected)"
+        lines.append(line)
+    return lines
+
 
 def pytest_runtest_logreport(report):
+    _tier_logreport(report)
     if "comfyui" not in report.keywords:
         return
-    if report.when == "call":  # passed, failed or xfailed: it ran
-        _STATS["ran"].add(report.nodeid)
+    if report.when == "call" and not (report.skipped and not hasattr(report, "wasxfail")):
+        _STATS["ran"].add(report.nodeid)  # passed, failed or xfailed: it ran
     elif report.skipped:
         _STATS["skipped"].add(report.nodeid)
     elif report.failed and report.when == "setup":
@@ -149,3 +200,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if errors:
         line += f", {len(errors)} errored before running"
     terminalreporter.write_line(f"{line} ({comfyui_status()})")
+    for tier_line in tier_lines():
+        terminalreporter.write_line(tier_line)

@@ -48,7 +48,7 @@ def test_blocks_spec_on_cli_leaves_switched_off_blocks_bit_exact(tmp_path, capsy
         else:
             ref = rotate_weight(resolve_for_weight(layer, w.shape), w, 0.8 * 0.5)
             assert torch.equal(baked[key], ref), key
-            assert rel_err(baked[key], w) > 1e-6 or torch.equal(ref, w)
+            assert rel_err(baked[key], w) > 1e-6, f"{key}: strength 0.4 left the weight unchanged"
         checked += 1
     assert checked == 8
     meta = json.loads(safe_open(str(out), "pt").metadata()["comfyui_oft.baked"])
@@ -289,7 +289,7 @@ def test_demo_runs_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
-    assert out.count("[ok]") == 5 and "FAILED" not in out
+    assert out.count("[ok]") == 6 and "FAILED" not in out
     loss = [float(v) for v in out.split("loss ")[1].split()[0:3:2]]
     assert loss[1] < 0.5 * loss[0]  # training really reduced the loss
     diff = float(out.split("max |baked forward − trained forward| = ")[1].split()[0])

@@ -50,3 +50,4 @@ def test_bench_bake_quick(tmp_path):
     single = 3 * 2 * h * h * b + 2 * 4 * h * h * (4 * b) + 2 * h * 5 * h * b
     assert data["flops"] == {"double": pytest.approx(double), "single": pytest.approx(single)}
     assert 0 < s["peak_rss_growth_MiB"] < 200
+    assert s["page_cache"].startswith("cold") and "page cache: cold" in out

@@ -1,0 +1,137 @@
+"""The training step never reads a value back from the device but once (the loss), so a GPU step never waits.
+
+Pinned on the CPU by counting the Python-level reads (`Tensor.item`, `__float__`, `__bool__`, `__int__`, `tolist`)
+during steps 2…N of real training runs: Cayley by solve, by series (bounded by the constraint), by block elimination
+(blocks > 96), the Cayley–Neumann series, gradient accumulation, and each optimizer. The sync-free Cayley gives the
+same rotation as the default one (which chooses its method from ‖Q‖, a device read).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oft_core.demo import ToyModel
+from oft_core.rotation import cayley, rotation_blocks, skew
+from oft_core.spec import Constraint, make_layer
+from oft_core.train import OFTTrainer, run_training, select_targets
+
+READS = ("item", "__float__", "__bool__", "__int__", "tolist")
+
+
+@contextlib.contextmanager
+def count_reads():
+    """Counts calls of the Tensor methods that copy a value to the host, made while the block runs."""
+    counts: collections.Counter = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counting(name):
+        orig = originals[name]
+
+        def f(self, *a, **k):
+            counts[name] += 1
+            return orig(self, *a, **k)
+
+        return f
+
+    try:
+        for name in READS:
+            setattr(torch.Tensor, name, counting(name))
+        yield counts
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
+
+
+def random_skew(n: int, b: int, norm: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q = skew(torch.randn(n, b, b, generator=g))
+    return q * (norm / torch.linalg.matrix_norm(q, keepdim=True))
+
+
+@pytest.mark.parametrize("b", [8, 24, 40, 96, 128, 200])
+@pytest.mark.parametrize("norm", [0.05, 0.4, 3.0])
+def test_sync_free_cayley_is_the_same_rotation(b, norm):
+    q = random_skew(3, b, norm, seed=b)
+    ref = cayley(q.double()).float()  # fp64: the exact rotation to compare both fp32 routes with
+    default = cayley(q)
+    for bound in (None, norm * 1.01):  # no constraint (solve / elimination); a bound that allows the series
+        r = cayley(q, norm_bound=bound, sync_free=True)
+        assert (r - ref).abs().max() <= max(4 * float((default - ref).abs().max()), 2e-6), (b, norm, bound)
+        eye = torch.eye(b).expand_as(r)
+        assert (r.transpose(-1, -2) @ r - eye).abs().max() < 1e-5
+
+
+def test_sync_free_rotation_blocks_read_nothing_from_the_device():
+    for b, constraint in ((24, Constraint("norm_clamp", 1e-3)), (40, Constraint()), (128, Constraint())):
+        layer = make_layer(path="", name="x", side="out", generators=[random_skew(4, b, 0.2)], transpose=True,
+                           constraint=constraint, source="kohya", key="oft_unet_x")
+        with count_reads() as reads:
+            blocks = rotation_blocks(layer, generators=[random_skew(4, b, 0.2)], sync_free=True)
+        assert blocks[0].shape == (4, b, b)
+        assert sum(reads.values()) == 0, (b, dict(reads))
+        with count_reads() as reads:  # the default route does read ‖Q‖ (the count above is not vacuous)
+            rotation_blocks(layer, generators=[random_skew(4, b, 0.2)])
+        assert sum(reads.values()) >= (1 if b > 16 else 0)
+
+
+class Wide(nn.Module):
+    """Two 256-wide Linears: 2 blocks of 128 exercise the block-elimination inverse of large blocks."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a, self.b = nn.Linear(256, 256), nn.Linear(256, 256, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x)))
+
+
+CASES = {
+    # name: (model, input shape, trainer keywords, optimizer, grad_accum)
+    "toy-solve": (ToyModel, (4, 3, 4, 4), dict(num_blocks=2, alpha=0.0), "AdamW", 1),
+    "toy-series-by-constraint": (lambda seed: ToyModel(dim=48, seed=seed), (4, 3, 4, 4),  # 48-wide blocks
+                                 dict(num_blocks=1, alpha=1e-3), "AdamW", 2),
+    "toy-neumann": (ToyModel, (4, 3, 4, 4), dict(num_blocks=2, alpha=0.0, neumann_terms=5), "Adam", 1),
+    "wide-elimination": (Wide, (8, 256), dict(num_blocks=2, alpha=0.0), "AdamW", 1),
+    "wide-sgd-constrained": (Wide, (8, 256), dict(num_blocks=2, alpha=1e-3), "SGD", 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_training_step_reads_the_device_once(case):
+    make, shape, kw, optimizer, accum = CASES[case]
+    model = make(seed=0).requires_grad_(False)
+    teacher = make(seed=1)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = teacher(x)
+    trainer = OFTTrainer(select_targets(model, "all-linear" if make is Wide else "all-linear+conv", "generic"), **kw)
+    steps = 5
+    reads_cm = count_reads()
+    reads = None
+
+    def before_step(step):
+        nonlocal reads
+        if step == 1:  # steps 2…N: the first step may set things up (optimizer state)
+            reads = reads_cm.__enter__()
+
+    try:
+        with trainer.attach():
+            losses = run_training(trainer.parameters(), lambda s, m: F.mse_loss(model(x), target), steps=steps,
+                                  lr=1e-2, grad_accum=accum, optimizer=optimizer, before_step=before_step)
+    finally:
+        if reads is not None:
+            reads_cm.__exit__(None, None, None)
+    total = sum(reads.values())
+    assert total <= steps - 1, f"{case}: {dict(reads)} reads in {steps - 1} steps (at most one per step)"
+    assert total >= 1  # the loss read-out is seen: the counter works inside the loop
+    assert losses[-1] < losses[0]  # and it trained
