@@ -38,6 +38,7 @@ from ..oft_core.train import (
     checkpoint_blocks,
     detect_family,
     export_names,
+    frozen_for_training,
     gradient_checkpointing,
     inplace_safe,
     run_training,
@@ -134,7 +135,8 @@ def batch_conds(per_image: list[dict], idx: list[int]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ validation
-def validate(model, latents, positive, steps, batch_size, grad_accumulation) -> torch.Tensor:
+def validate(model, latents, positive, steps, batch_size, grad_accumulation, learning_rate=1e-4,
+             constraint=0.0) -> torch.Tensor:
     """Checks that need no work; returns the latent samples. Raises OFTError / ValueError with the numbers."""
     samples = latents.get("samples") if isinstance(latents, dict) else None
     if not isinstance(samples, torch.Tensor) or samples.ndim < 4 or samples.shape[0] == 0:
@@ -149,6 +151,10 @@ def validate(model, latents, positive, steps, batch_size, grad_accumulation) -> 
         raise OFTError(f"conditioning count: expected 1 (for all images) or {n} (one per image), found {len(positive)}")
     if steps < 1:
         raise OFTError(f"steps: expected ≥ 1, found {steps}")
+    for name, v in (("learning_rate", learning_rate), ("constraint", constraint)):
+        # NaN passes ComfyUI's min/max check at queue time (every comparison with NaN is false)
+        if not math.isfinite(v):
+            raise OFTError(f"{name}: expected a finite number, found {v}")
     if batch_size < 1 or grad_accumulation < 1:
         raise OFTError(f"batch size and gradient accumulation: expected ≥ 1, found {batch_size} and "
                        f"{grad_accumulation}")
@@ -186,7 +192,7 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
           alpha: float = 1e-3, neumann_terms: int = 0, targets: str = "attention", training_dtype: str = "bf16",
           gradient_checkpointing_on: bool = True, node_id=None):
     """Train and return (trainer, losses, metadata). The input model is never modified (its module is restored)."""
-    samples = validate(model, latents, positive, steps, batch_size, grad_accumulation)
+    samples = validate(model, latents, positive, steps, batch_size, grad_accumulation, learning_rate, alpha)
     if training_dtype not in DTYPES:
         raise OFTError(f"training dtype: expected one of {', '.join(DTYPES)}, found {training_dtype!r}")
     if optimizer not in OPTIMIZERS:
@@ -233,7 +239,9 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
 
         blocks = checkpoint_blocks(base.diffusion_model)
         ckpt = gradient_checkpointing(blocks) if gradient_checkpointing_on else inplace_safe(blocks)
-        with trainer.attach(), ckpt:
+        # After loading: the weights now in the modules (inference tensors when a loader or a KSampler made them
+        # under the executor's inference mode) become zero-copy normal aliases until the end of training.
+        with frozen_for_training(base), trainer.attach(), ckpt:
             losses = run_training(trainer.parameters(), compute_loss, steps=steps, lr=learning_rate,
                                   grad_accum=grad_accumulation, optimizer=optimizer, before_step=before_step,
                                   on_step=on_step)
@@ -277,6 +285,20 @@ def _progress_text(node_id, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ node
+def queue_checked(combo: io.Combo.Input) -> io.Combo.Input:
+    """`combo`, checked by ComfyUI itself when a prompt is queued.
+
+    ComfyUI 0.3.64 checks a V1 list-typed input against its options at queue time ("Value not in list", one
+    message naming the input) but never a V3 Combo (its type is "COMBO"): `targets='bf16'` would reach the node.
+    A node-level `validate_inputs` cannot stand in for it cleanly: ComfyUI repeats each message it returns once per
+    input the hook names, and skips its own min/max/combo checks for those inputs. So the combo's V1 type is made
+    its list of options (`WidgetInput.widget_type` is what `get_io_type()` returns; the frontend shows a V1 list
+    type as the same dropdown) and ComfyUI's own check applies.
+    """
+    combo.widget_type = list(combo.options)
+    return combo
+
+
 class OFTTrainerNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -303,9 +325,9 @@ class OFTTrainerNode(io.ComfyNode):
                              tooltip="Images per micro-batch (drawn at random, seeded)."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
                              tooltip="Micro-batches whose gradients are summed before each optimizer step."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
+                queue_checked(io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
                                tooltip="Optimizer (AdamW without weight decay: decay would pull the rotation "
-                               "towards identity)."),
+                               "towards identity).")),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed of image order, noise and noise levels: the same seed and inputs give "
                              "the same adapter."),
@@ -321,13 +343,14 @@ class OFTTrainerNode(io.ComfyNode):
                                  "the exact Cayley transform. Saved as the nearest exact Cayley rotation."),
                 io.Int.Input("neumann_terms", default=5, min=2, max=20,
                              tooltip="Terms of the Cayley–Neumann series (when it is on)."),
-                io.Combo.Input("targets", options=TARGETS, default="attention",
+                queue_checked(io.Combo.Input("targets", options=TARGETS, default="attention",
                                tooltip="Which layers to adapt. attention: attention projections (FLUX: qkv / proj "
                                "and single-block linear1/linear2). all-linear: every linear of the transformer "
-                               "blocks. all-linear+conv: also the UNet's ResBlock / down / up convolutions (SD only)."),
-                io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
+                               "blocks. all-linear+conv: also the UNet's ResBlock / down / up convolutions "
+                               "(SD only).")),
+                queue_checked(io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Compute precision of the forward/backward (autocast); the generators are "
-                               "always fp32."),
+                               "always fp32.")),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
             ],
@@ -338,16 +361,6 @@ class OFTTrainerNode(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],
         )
-
-    @classmethod
-    def validate_inputs(cls, steps=1, batch_size=1, grad_accumulation=1, num_blocks=1, constraint=0.0, **kwargs):
-        for name, v in (("steps", steps), ("batch_size", batch_size), ("grad_accumulation", grad_accumulation),
-                        ("num_blocks", num_blocks)):
-            if v is not None and v < 1:
-                return f"{name}: expected ≥ 1, found {v}"
-        if constraint is not None and (constraint < 0 or not math.isfinite(constraint)):
-            return f"constraint: expected a finite number ≥ 0, found {constraint}"
-        return True
 
     @classmethod
     def execute(cls, model, latents, positive, steps, learning_rate, batch_size, grad_accumulation, optimizer,

@@ -11,11 +11,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import comfy_server as harness
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import comfy_server as harness
 
 pytestmark = pytest.mark.server
 
@@ -120,8 +119,9 @@ def test_train_on_stock_loader_model_first_run(srv, trained, reference_latent):
     sd = load_file(str(path))
     blocks = {k: v for k, v in sd.items() if k.endswith(".oft_blocks")}
     assert blocks and all(k.startswith("oft_unet_") for k in blocks)
-    # 1 transformer per level in, middle and out: attn1/attn2 × q/k/v/out = 8 layers each
-    assert len(blocks) == 3 * 8, sorted(blocks)[:5]
+    # transformers: 1 in the input level, 1 in the middle, 2 in the output level (num_res_blocks + 1);
+    # attn1/attn2 × to_q/k/v/out = 8 layers each
+    assert len(blocks) == 4 * 8, sorted(blocks)[:5]
     assert all(torch.isfinite(v).all() for v in blocks.values())
     assert sum(float(v.abs().max()) > 0 for v in blocks.values()) >= len(blocks) // 2, "training changed nothing"
     loss = srv.outputs(entry, "5")
@@ -142,7 +142,7 @@ def test_trained_file_loads_and_samples(srv, trained, reference_latent):
     assert name in options, f"{name} not offered by OFTLoader: {options}"
     entry = srv.run(sample_prompt(harness.CHECKPOINT_NAME, adapter=name, prefix="with_adapter"))
     text = " ".join(srv.outputs(entry, "20").get("text", []))
-    assert "24 of 24" in text, text
+    assert "32 of 32" in text, text
     lat = _latent(srv, entry)
     assert torch.isfinite(lat).all()
     assert not torch.equal(lat, reference_latent), "the adapter changed nothing in the sampled latent"
@@ -198,17 +198,45 @@ def test_interrupt_stops_training_within_one_step(srv, reference_latent):
 
 
 def test_bad_trainer_inputs_rejected_at_queue_time_by_name(srv):
+    """One message per wrong input, naming it; ComfyUI's own min/max and list checks stay on."""
     p = train_prompt(harness.CHECKPOINT_NAME)
-    p["5"]["inputs"].update(steps=0, targets="bf16", training_dtype="fp64")
+    p["5"]["inputs"].update(steps=0, targets="bf16", training_dtype="fp64", learning_rate=2.0)
     with pytest.raises(harness.ComfyError) as e:
         srv.queue(p)
     errors = e.value.payload["node_errors"]["5"]["errors"]
     by_input = {}
     for err in errors:
-        name = err.get("extra_info", {}).get("input_name")
-        by_input.setdefault(name, []).append(err)
-    assert set(by_input) == {"steps", "targets", "training_dtype"}, errors
+        by_input.setdefault(err.get("extra_info", {}).get("input_name"), []).append(err)
+    assert set(by_input) == {"steps", "targets", "training_dtype", "learning_rate"}, errors
     assert all(len(v) == 1 for v in by_input.values()), errors
-    assert "0" in by_input["steps"][0]["details"]
-    assert "bf16" in by_input["targets"][0]["details"] and "attention" in by_input["targets"][0]["details"]
+    assert by_input["steps"][0]["type"] == "value_smaller_than_min"
+    assert by_input["learning_rate"][0]["type"] == "value_bigger_than_max"
+    for name, bad in (("targets", "bf16"), ("training_dtype", "fp64")):
+        err = by_input[name][0]
+        assert err["type"] == "value_not_in_list" and f"'{bad}'" in err["details"], err
+    assert "attention" in by_input["targets"][0]["details"]
+    # a good prompt passes the same checks (nothing else is rejected)
+    ok = train_prompt(harness.CHECKPOINT_NAME, steps=1)
+    ok["5"]["inputs"]["learning_rate"] = float("nan")  # NaN passes every min/max comparison: refused by the node
+    entry = srv.wait(srv.queue(ok))
+    err = harness.execution_error(entry)
+    assert err is not None and err["node_id"] == "5", harness.history_messages(entry)
+    assert "learning_rate: expected a finite number, found nan" in err["exception_message"]
 
+
+def test_train_on_unet_loader_model(srv, reference_latent):
+    """UNETLoader (diffusion model file) + the checkpoint's CLIP and VAE: the trainer works on that model too."""
+    p = train_prompt(harness.CHECKPOINT_NAME, steps=2, prefix="loras/oft_unet_loader")
+    p["30"] = {"class_type": "UNETLoader", "inputs": {"unet_name": harness.UNET_NAME, "weight_dtype": "default"}}
+    p["5"]["inputs"]["model"] = ["30", 0]
+    entry = srv.run(p)
+    blocks = {k for k in load_file(str(_saved_path(srv, entry))) if k.endswith(".oft_blocks")}
+    assert len(blocks) == 4 * 8
+    s = sample_prompt(harness.CHECKPOINT_NAME, prefix="after_unet_loader")
+    s["30"] = p["30"]
+    s["11"]["inputs"]["model"] = ["30", 0]
+    check = srv.queue(s)
+    after = srv.wait(check)
+    assert after["status"]["status_str"] == "success", harness.history_messages(after)
+    assert "30" not in _executed(srv, check)
+    assert torch.equal(_latent(srv, after), reference_latent), "base weights changed by training"
