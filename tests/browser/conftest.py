@@ -27,11 +27,6 @@ import pytest
 BROWSER_DIR = Path(__file__).resolve().parent
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "browser: ComfyUI's frontend in headless Chromium (playwright) against a real "
-                            "ComfyUI server (tests/browser)")
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if BROWSER_DIR in Path(str(item.fspath)).resolve().parents and item.get_closest_marker("browser") is None:
