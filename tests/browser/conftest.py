@@ -1,7 +1,7 @@
 """Fixtures of the `browser` tier: ComfyUI's own frontend in headless Chromium, driven by Python playwright, against
-the real server of tests/comfy_server.py (the same shared server as the `server` tier). The work is in frontend.py.
+a real server of tests/comfy_server.py (its own, not the `server` tier's shared one). The work is in frontend.py.
 
-- `comfy_page` (session): the shared server with the files the shipped workflows name (tiny SD1.5 checkpoint under
+- `comfy_page` (session): a server with the files the shipped workflows name (tiny SD1.5 checkpoint under
   the SD1.5 name, OFT fixture adapters under the adapter names, empty FLUX files, a training image folder) and one
   Chromium page with the frontend loaded (a `frontend.BrowserSession`). Every test in tests/browser is marked
   `browser`.
@@ -42,13 +42,18 @@ def comfy_page(fixtures_dir):
         pytest.skip("no Chromium executable (OFT_CHROMIUM, /usr/bin/chromium or chromium on PATH; .ci/run installs "
                     "Debian's chromium): browser tests skipped")
     try:
-        server = harness.shared_server()
+        comfy_root = harness.find_comfyui()
     except comfy_models.ComfyUINotFound as e:
         pytest.skip(f"ComfyUI not found ({e}): browser tests skipped")
-    frontend.install_workflow_files(server.base, fixtures_dir)
-    frontend.install_report_files(server.base, fixtures_dir)
-    shots = Path(tempfile.mkdtemp(prefix="oft-browser-failures-"))
-    with frontend.open_frontend(server, shots) as session:
-        yield session
-    if not any(shots.iterdir()):
-        shots.rmdir()
+    # A server of its own (not the server tier's shared one): the files installed here under the workflows' names
+    # would otherwise decide what the server tier's workflow runs load.
+    with tempfile.TemporaryDirectory(prefix="oft-browser-comfyui-") as tmp:
+        base = harness.private_comfyui(Path(tmp) / "ComfyUI", comfy_root=comfy_root)
+        harness.install_checkpoint(base)
+        frontend.install_workflow_files(base, fixtures_dir)
+        frontend.install_report_files(base, fixtures_dir)
+        shots = Path(tempfile.mkdtemp(prefix="oft-browser-failures-"))
+        with harness.ComfyServer(base) as server, frontend.open_frontend(server, shots) as session:
+            yield session
+        if not any(shots.iterdir()):
+            shots.rmdir()
