@@ -305,3 +305,24 @@ def test_reports_are_readable_on_the_nodes_after_a_run(comfy_page):
         prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
         assert all("oft_report" not in n["inputs"] for n in prompt.values())
     assert list((server.base / "output" / "oft").glob("oft_browser_*.safetensors"))
+
+
+def test_a_missing_adapter_file_is_refused_when_queued_from_the_page(comfy_page):
+    """Run with an adapter name the server does not have: the server refuses the prompt at once (no run), the node
+    error names adapter_name, and the frontend shows it in its error dialog."""
+    page = comfy_page.page
+    graph = [["file", "OFTLoadAdapter", {"adapter_name": "no_such_adapter.safetensors"}, {}],
+             ["inspect", "OFTInspect", {}, {"oft_adapter": ("file", 0)}]]
+    with comfy_page.failure_shot("missing_adapter_queued"):
+        ids = page.evaluate(_BUILD_JS, graph)
+        before = len(comfy_page.server.get("/history"))
+        errors = page.evaluate("async () => { await app.queuePrompt(0, 1); return app.lastNodeErrors; }")
+        node_errors = errors[str(ids["file"])]["errors"]
+        assert len(node_errors) == 1 and node_errors[0]["extra_info"]["input_name"] == "adapter_name"
+        assert "'no_such_adapter.safetensors' not found" in node_errors[0]["details"]
+        dialog = page.get_by_text("Prompt execution failed")
+        dialog.wait_for(timeout=30_000)
+        assert page.get_by_text("no_such_adapter.safetensors' not found", exact=False).first.is_visible()
+        assert len(comfy_page.server.get("/history")) == before  # nothing ran
+        page.keyboard.press("Escape")
+        dialog.wait_for(state="hidden", timeout=30_000)
