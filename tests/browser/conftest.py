@@ -1,10 +1,10 @@
 """Fixtures of the `browser` tier: ComfyUI's own frontend in headless Chromium, driven by Python playwright, against
 a real server of tests/comfy_server.py (its own, not the `server` tier's shared one). The work is in frontend.py.
 
-- `comfy_page` (session): a server with the files the shipped workflows name (tiny SD1.5 checkpoint under
-  the SD1.5 name, OFT fixture adapters under the adapter names, empty FLUX files, a training image folder) and one
-  Chromium page with the frontend loaded (a `frontend.BrowserSession`). Every test in tests/browser is marked
-  `browser`.
+- `browser_server` (session): a server with the files the shipped workflows name (tiny SD1.5 checkpoint under the
+  SD1.5 name, OFT fixture adapters under the adapter names, empty FLUX files, a training image folder).
+- `comfy_page` (per module): one Chromium page with that server's frontend loaded (a `frontend.BrowserSession`).
+  Every test in tests/browser is marked `browser`.
 - `BrowserSession.failure_shot(name)`: a context manager that, when the block fails, saves a screenshot into the
   session's failure folder (a temp folder) and names the file in the failure message.
 
@@ -34,7 +34,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def comfy_page(fixtures_dir):
+def browser_server(fixtures_dir):
+    """The browser tier's ComfyUI server (a private folder with the files the workflows and the report test name)."""
     if importlib.util.find_spec("playwright") is None:
         pytest.skip("the Python package playwright is not installed (bash scripts/run.sh installs it): browser tests "
                     "skipped")
@@ -52,8 +53,21 @@ def comfy_page(fixtures_dir):
         harness.install_checkpoint(base)
         frontend.install_workflow_files(base, fixtures_dir)
         frontend.install_report_files(base, fixtures_dir)
-        shots = Path(tempfile.mkdtemp(prefix="oft-browser-failures-"))
-        with harness.ComfyServer(base) as server, frontend.open_frontend(server, shots) as session:
-            yield session
-        if not any(shots.iterdir()):
-            shots.rmdir()
+        with harness.ComfyServer(base) as server:
+            yield server
+
+
+@pytest.fixture(scope="session")
+def failure_shots():
+    shots = Path(tempfile.mkdtemp(prefix="oft-browser-failures-"))
+    yield shots
+    if not any(shots.iterdir()):
+        shots.rmdir()
+
+
+@pytest.fixture(scope="module")
+def comfy_page(browser_server, failure_shots):
+    """A Chromium page on the browser server's frontend, per test module: playwright's sync API runs an asyncio loop
+    in this thread while it is open, and tests of other tiers call asyncio.run(), so it is closed after the module."""
+    with frontend.open_frontend(browser_server, failure_shots) as session:
+        yield session
