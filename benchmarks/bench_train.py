@@ -17,6 +17,11 @@ rate, optimizer, training dtype, gradient checkpointing):
   from the same `factorization(out_dim, R)` (one `oft_core.train.OFTTrainer(block_size=…)` per distinct size;
   layers whose block size would be 1 — a 1×1 rotation, the identity — are left out and counted). No bias / norm
   deltas (the node never trains them).
+- ours on executor-made weights: the same, with the model, latents and conditioning made under
+  `torch.inference_mode()` as ComfyUI's loader and VAE Encode make them in the executor (every weight an inference
+  tensor, which autograd cannot save). The trainer makes them usable through zero-copy aliases
+  (`oft_core.train.frozen_for_training`); the extra peak memory against normal weights is reported next to the size
+  of the largest layer (the goal's bound) and of the whole model (what a copy would cost).
 
 Measured in each subprocess: step time = median interval between consecutive steps (ours: the per-step cancel check;
 core: its per-step loss callback), the first step excluded (optimizer state, lazy init); peak memory = growth of the
@@ -110,25 +115,28 @@ def _import_pack():
     return train_node
 
 
-def _build(config: str):
+def _build(config: str, executor: bool = False):
+    """Model, latents and conditioning; `executor`: made under torch.inference_mode() as ComfyUI's loader and VAE
+    Encode make them inside the executor (every weight and buffer an inference tensor)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    cfg = comfy.supported_models.SD15(dict(CONFIGS[config]))
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, "", device=torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():  # ComfyUI's ops skip init: fill with seeded values
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    model.eval().requires_grad_(False)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    size = LATENT[config]
-    g = torch.Generator().manual_seed(1)
-    latents = {"samples": torch.randn(2, 4, size, size, generator=g)}
-    positive = [[torch.randn(1, 8, CONFIGS[config]["context_dim"], generator=g), {}]]
+    with torch.inference_mode() if executor else contextlib.nullcontext():
+        cfg = comfy.supported_models.SD15(dict(CONFIGS[config]))
+        cfg.set_inference_dtype(torch.float32, None)
+        model = cfg.get_model({}, "", device=torch.device("cpu"))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.diffusion_model.parameters():  # ComfyUI's ops skip init: fill with seeded values
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        model.eval().requires_grad_(False)
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        size = LATENT[config]
+        g = torch.Generator().manual_seed(1)
+        latents = {"samples": torch.randn(2, 4, size, size, generator=g)}
+        positive = [[torch.randn(1, 8, CONFIGS[config]["context_dim"], generator=g), {}]]
     return patcher, latents, positive
 
 
@@ -168,12 +176,13 @@ def worker(args) -> dict:
     import comfy.model_management as mm
 
     torch.set_num_threads(args.threads)
-    patcher, latents, positive = _build(args.config)
+    patcher, latents, positive = _build(args.config, executor=args.worker == "ours-executor")
     dm = patcher.model.diffusion_model
+    inference_tensors = sum(1 for t in dm.state_dict(keep_vars=True).values() if t.is_inference())
     layout = _core_layout(dm, args.rank)
     stamps: list[float] = []
     kw = dict(steps=args.steps, lr=args.lr, dtype=args.dtype, checkpointing=not args.no_checkpointing)
-    if args.worker == "ours":
+    if args.worker in ("ours", "ours-executor"):
         tn = _import_pack()
         by_size: dict[int, list] = {}
         skipped = 0
@@ -225,6 +234,11 @@ def worker(args) -> dict:
                  "bias_norm_delta_params": sum(v.numel() for k, v in lora_sd.items() if not k.endswith("oft_blocks"))}
     peak_kib = _status_kib("VmHWM") - base_rss
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    weights = [t for t in dm.state_dict(keep_vars=True).values()]
+    extra.update(model_MiB=sum(t.numel() * t.element_size() for t in weights) / 2**20,
+                 largest_layer_MiB=max(sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
+                                       for m in dm.modules()) / 2**20,
+                 inference_tensors=inference_tensors)
     return {"trainer": args.worker, "step_s": statistics.median(steps[1:] or steps), "steps_timed": len(steps[1:]),
             "peak_rss_growth_MiB": peak_kib / 1024, "layers": layers, "trainable_params": params,
             "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
@@ -233,7 +247,7 @@ def worker(args) -> dict:
 
 def run_workers(args, comfy_root: Path) -> dict:
     out = {}
-    for who in ("ours", "core"):
+    for who in ("ours", "ours-executor", "core"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", who, "--config", args.config,
                "--steps", str(args.steps), "--rank", str(args.rank), "--lr", str(args.lr), "--dtype", args.dtype,
                "--threads", str(args.threads), "--comfyui", str(comfy_root)]
@@ -328,7 +342,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--results", default=None, help="results file (default: bench_train.results.txt here)")
     ap.add_argument("--comfyui", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["ours", "core"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "ours-executor", "core"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.config = args.config or ("quick" if args.quick else "default")
     args.steps = args.steps or (3 if args.quick else 6)
@@ -344,7 +358,7 @@ def main(argv=None) -> int:
     root = Path(os.environ.get("COMFYUI_PATH") or Path.home() / ".cache" / "comfyui-oft" / "ComfyUI")
     if (root / "comfy_extras" / "nodes_train.py").is_file():
         r = run_workers(args, root)
-        o, c = r["ours"], r["core"]
+        o, c, e = r["ours"], r["core"], r["ours-executor"]
         lines += [
             f"  ComfyUI {root}: SD1.x-family UNet '{args.config}' ({o['model_params'] / 1e6:.2f} M params), "
             f"2 latents {LATENT[args.config]}×{LATENT[args.config]}, batch 2, {args.steps} steps, AdamW lr "
@@ -358,6 +372,11 @@ def main(argv=None) -> int:
             f"{c['steps_timed']}), peak RSS growth {c['peak_rss_growth_MiB']:8.1f} MiB",
             f"    ratios ours/core: step time {o['step_s'] / c['step_s']:.2f} (goal ≤ 1), peak memory "
             f"{o['peak_rss_growth_MiB'] / max(c['peak_rss_growth_MiB'], 1e-9):.2f} (goal ≤ 0.5)",
+            f"    ours on executor-made weights ({e['inference_tensors']} inference tensors, trained through "
+            f"frozen_for_training): step {e['step_s'] * 1e3:8.1f} ms, peak RSS growth "
+            f"{e['peak_rss_growth_MiB']:8.1f} MiB; minus normal weights' {o['peak_rss_growth_MiB']:.1f} MiB = "
+            f"{e['peak_rss_growth_MiB'] - o['peak_rss_growth_MiB']:+.1f} MiB (goal ≤ largest layer "
+            f"{e['largest_layer_MiB']:.2f} MiB; a second copy of the model would be {e['model_MiB']:.1f} MiB)",
         ]
     else:
         lines.append(f"  ComfyUI not found at {root} (set COMFYUI_PATH): core comparison skipped")

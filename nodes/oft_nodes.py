@@ -9,10 +9,18 @@ import os
 
 from comfy_api.latest import io, ui
 
-from ..oft_core import OFTError, match_adapter
+from ..oft_core import OFTError, build_key_map, match_adapter
 from ..oft_core.summary import describe, format_text
 from . import files
-from .patch import TE_COMPONENTS, UNET_PREFIX, apply_oft, block_strength_text, model_kind, model_shapes
+from .patch import (
+    TE_COMPONENTS,
+    UNET_PREFIX,
+    apply_oft,
+    block_strength_text,
+    comfy_key_map,
+    model_kind,
+    model_shapes,
+)
 
 CATEGORY = "loaders/oft"
 OFTAdapterType = io.Custom("OFT_ADAPTER")
@@ -156,7 +164,8 @@ def inspect_text(adapter, model=None) -> str:
     if not unet_layers:
         return text + f"\non this {kind} model: the adapter has only text-encoder layers (they patch the CLIP)"
     try:
-        report = match_adapter(adapter, model_shapes(model, UNET_PREFIX), components=("unet",),
+        shapes = model_shapes(model, UNET_PREFIX)  # the loader's own key map (patch.match_model), ComfyUI's included
+        report = match_adapter(adapter, shapes, build_key_map(shapes, comfy_key_map(model)), components=("unet",),
                                base_name=f"the loaded {kind} model")
     except OFTError as e:
         return text + f"\non this {kind} model: does not fit: {e.detail}"

@@ -23,7 +23,10 @@ from comfy_api.latest import io, ui
 
 from ..oft_core import OFTAdapter, OFTError
 from ..oft_core.blocks import apply_block_strength, layer_block, parse_block_spec
+from ..oft_core.formats import load_adapter
 from ..oft_core.ops import MERGE_MODES, blend, merge
+from ..oft_core.publish import check_output_name
+from ..oft_core.summary import tool_notes
 from ..oft_core.writers import FORMATS, format_family, write_adapter
 from .oft_nodes import OFTAdapterType
 from .patch import BLOCK_STRENGTH_OFF, BLOCK_STRENGTH_TEXT, LAYER_STRENGTHS, block_strength_text
@@ -277,9 +280,13 @@ def materialize_block_strength(adapter: OFTAdapter, fractional: str) -> OFTAdapt
 def next_free_path(filename_prefix: str, suffix: str) -> str:
     """`<output>/<subfolder>/<name>_<counter:05>_<suffix>` with ComfyUI's counter (one past the highest taken), then
     moved on past any name that exists: never an existing file or directory."""
+    check_output_name(filename_prefix, "filename_prefix")
     out_dir = folder_paths.get_output_directory()
     folder, name, counter, _subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise OFTError(f"cannot create the output folder ({e.strerror or e})", path=folder) from None
     while True:
         path = os.path.join(folder, f"{name}_{counter:05}_{suffix}")
         if not os.path.lexists(path):
@@ -336,6 +343,9 @@ class OFTSave(io.ComfyNode):
         path = next_free_path(filename_prefix, "" if format == "peft" else ".safetensors")
         written = write_adapter(adapter, path, format, overwrite=False, metadata=metadata)
         text = f"saved {format} adapter ({len(adapter)} layers): {written}"
+        notes = tool_notes(load_adapter(written))  # what the format's own tool will do differently with the file
+        if notes:
+            text += "\n" + "\n".join(f"note: {n}" for n in notes)
         log.info("OFT: %s", text)
         return io.NodeOutput(ui=ui.PreviewText(text))
 

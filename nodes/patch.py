@@ -35,6 +35,7 @@ from ..oft_core import (
     rotate_weight_,
     rotation_blocks,
 )
+from ..oft_core.errors import check_strength
 from ..oft_core.match import MatchReport
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,13 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
 
     name = "oft"
 
-    def __init__(self, layer, mode: str = "kohya", source: str = ""):
+    def __init__(self, layer, mode: str = "kohya", source: str = "", perm=None):
         self.layer = layer  # an OFTLayer already resolved for its weight (match_adapter did it)
         self.mode = mode
         self.source = source
+        # Target.perm: base row i is the adapter's row perm[i] (diffusers' swapped scale/shift halves); the rotation
+        # is applied in the adapter's row order
+        self.perm = None if perm is None else torch.tensor(perm, dtype=torch.long)
         self.loaded_keys = {layer.key}
         self.weights = list(layer.generators)
         # (strength, mode, device) -> rotation blocks. ComfyUI's low-VRAM path calls calculate_weight on every
@@ -102,6 +106,13 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
         # failure look like a weak adapter (what core's weight_adapter/oft.py does).
         if strength == 0:
             return weight
+        if self.perm is not None:
+            perm = self.perm.to(weight.device)
+            w32 = weight.to(torch.float32)[torch.argsort(perm)]  # the adapter's row order
+            rotated = rotate_weight(self.layer, w32, float(strength), self.mode, out_dtype=torch.float32)
+            fn = function if function is not None else (lambda d: d)
+            weight.copy_((w32 + fn(rotated - w32))[perm])
+            return weight
         key = self._key(strength, weight.device)
         blocks = self.rotation(strength, weight.device) if key in self._patched else None
         self._patched.add(key)
@@ -134,6 +145,21 @@ def model_shapes(patcher, prefix: str = "") -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in patcher.model.state_dict().items() if k.startswith(prefix)}
 
 
+def comfy_key_map(model_or_clip) -> dict:
+    """ComfyUI's own LoRA key map of a MODEL (`model_lora_keys_unet`) or a CLIP (`model_lora_keys_clip`).
+
+    It names the layers of every family ComfyUI loads (SD3's diffusers names as row slices of its fused qkv,
+    Qwen-Image, HiDream, HunyuanVideo, ...); `oft_core.build_key_map` adds its names beside the pack's own tables.
+    A fresh dict is passed: the functions' default `key_map={}` is shared between calls.
+    """
+    import comfy.lora
+
+    clip_model = getattr(model_or_clip, "cond_stage_model", None)
+    if clip_model is not None:
+        return comfy.lora.model_lora_keys_clip(clip_model, {})
+    return comfy.lora.model_lora_keys_unet(model_or_clip.model, {})
+
+
 def model_kind(model) -> str:
     """A short name of the loaded model's family, for messages ("SD15", "Flux", ...)."""
     inner = getattr(model, "model", None)
@@ -156,6 +182,13 @@ def guess_target(adapter: OFTAdapter) -> str:
         (share("down.blocks", "up.blocks", "mid.block"), "a UNet with diffusers names (SD1.x / SD2.x)"),
         (share("input.blocks", "output.blocks", "middle.block"), "a UNet with LDM names (SDXL or SD1.x/2.x)"),
         (share("joint.blocks"), "SD3 (joint_blocks)"),
+        (share("attn.add.q.proj", "ff.context") and not share("single.transformer.blocks", "img.mlp"),
+         "SD3 (diffusers layer names: transformer_blocks.N.attn.add_q_proj / ff_context)"),
+        (share("img.mlp", "txt.mlp") and share("transformer.blocks"), "Qwen-Image (transformer_blocks.N.img_mlp)"),
+        (share("self.attn.q", "attn1.to.q", "ffn.net"), "Wan 2.x (blocks.N.self_attn / attn1)"),
+        (share("double.stream.blocks", "single.stream.blocks"), "HiDream (double_stream_blocks)"),
+        (share("img.attn.qkv", "img.attn.proj") and share("txt.attn.qkv"), "HunyuanVideo (img_attn_qkv)"),
+        (share("layers.") and share("attention.qkv", "feed.forward"), "Lumina 2 (layers.N.attention)"),
     ]
     best = max(guesses, key=lambda g: g[0])
     what = best[1] if best[0] else "an unknown model"
@@ -175,11 +208,13 @@ def match_model(adapter: OFTAdapter, model, clip=None) -> tuple[MatchReport | No
     unet_report = te_report = None
     if unet_layers:
         shapes = model_shapes(model, UNET_PREFIX)
-        unet_report = match_adapter(adapter, shapes, build_key_map(shapes), components=("unet",),
+        keymap = build_key_map(shapes, comfy_key_map(model))
+        unet_report = match_adapter(adapter, shapes, keymap, components=("unet",),
                                     base_name=f"the loaded {model_kind(model)} model")
     if te_layers and clip is not None:
         shapes = model_shapes(clip.patcher)
-        te_report = match_adapter(adapter, shapes, build_key_map(shapes), components=TE_COMPONENTS,
+        keymap = build_key_map(shapes, comfy_key_map(clip))
+        te_report = match_adapter(adapter, shapes, keymap, components=TE_COMPONENTS,
                                   base_name="the loaded CLIP")
     return unet_report, te_report
 
@@ -197,7 +232,7 @@ def _add_patches(patcher, report: MatchReport, adapter: OFTAdapter, strength: fl
     for m in report.matched:
         key = m.target.key if m.target.offset is None else (m.target.key, tuple(m.target.offset))
         effective = float(strength) * layer_multiplier(adapter, m.layer)
-        groups.setdefault(effective, {})[key] = OFTWeightAdapter(m.layer, mode, adapter.format)
+        groups.setdefault(effective, {})[key] = OFTWeightAdapter(m.layer, mode, adapter.format, m.target.perm)
     accepted = []
     for effective, patches in groups.items():
         accepted += patcher.add_patches(patches, effective)
@@ -261,6 +296,11 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
     """
     if mode not in ("kohya", "orthogonal"):
         raise OFTError(f"strength mode: expected kohya or orthogonal, found {mode!r}", path=adapter.path)
+    # NaN passes ComfyUI's min/max check (every comparison with NaN is false): the one strength check of oft_core
+    strength = check_strength(strength, path=adapter.path or None)
+    for (_component, name), m in (adapter.info.get(LAYER_STRENGTHS) or {}).items():
+        check_strength(strength * m, f"strength {strength:g} × block multiplier {m:g} of layer {name!r}",
+                       path=adapter.path or None)
     if len(adapter) == 0 and adapter.info.get(BLOCK_STRENGTH_TEXT) is not None:
         # every layer switched off by a block-strength spec: a valid request whose answer is the unchanged model
         name = os.path.basename(adapter.path) or adapter.format

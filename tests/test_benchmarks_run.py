@@ -51,3 +51,13 @@ def test_bench_bake_quick(tmp_path):
     assert data["flops"] == {"double": pytest.approx(double), "single": pytest.approx(single)}
     assert 0 < s["peak_rss_growth_MiB"] < 200
     assert s["page_cache"].startswith("cold") and "page cache: cold" in out
+
+
+def test_bench_scale_quick(tmp_path):
+    out, data = _run("bench_scale", tmp_path)
+    assert "ratios: bake per-layer time" in out and "inspect / header read" in out and "machine: load" in out
+    s = data["summary"]
+    assert data["quick"] is True and s["bake_layers"] == [300, 3000] and s["inspect_keys"] == 20_000
+    assert all(t > 0 for t in s["bake_s"]) and s["inspect_s"] > 0 and s["safetensors_header_read_s"] > 0
+    assert s["bake_per_layer_ratio"] == pytest.approx((s["bake_s"][1] / s["bake_s"][0]) / 10, rel=0.01)
+    assert s["inspect_over_header_read"] == pytest.approx(s["inspect_s"] / s["safetensors_header_read_s"], rel=0.05)

@@ -161,7 +161,7 @@ def test_checks_catch_a_shifted_widget_and_a_bad_value(prepared):
     """The conversion and the validation above can fail: the training workflow without the seed's control value
     (the frontend would shift every later widget) is refused with the node and the counts; a value outside a combo's
     options or a number out of range is refused naming the input."""
-    wf = load(harness.REPO_ROOT / "workflows" / "OFT train an adapter.json")
+    wf = next(w for w in map(load, WORKFLOWS) if any(n["type"] == "OFTTrainer" for n in w["nodes"]))
     trainer = next(n for n in wf["nodes"] if n["type"] == "OFTTrainer")
     seed_at = harness_widget_index(prepared, trainer, "seed")
     good = list(trainer["widgets_values"])
