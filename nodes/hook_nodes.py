@@ -19,7 +19,7 @@ from comfy_api.latest import io
 
 from ..oft_core import OFTAdapter, OFTError, build_key_map, match_adapter
 from . import files
-from .oft_nodes import MODES, _file_input, _mode_input
+from .oft_nodes import MODES, _check_file, _file_input, _mode_input
 from .patch import (
     TE_COMPONENTS,
     UNET_PREFIX,
@@ -121,6 +121,10 @@ class OFTHook(io.ComfyNode):
             outputs=[io.Hooks.Output(tooltip="The hooks, this OFT adapter added.")],
             is_experimental=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name=None) -> bool | str:
+        return _check_file(adapter_name)
 
     @classmethod
     def execute(cls, adapter_name, strength_model, strength_clip, strength_mode, prev_hooks=None) -> io.NodeOutput:

@@ -178,8 +178,9 @@ class _Server:
 
 
 def test_flux_inspect_and_bake_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
-    """flux_oft_inspect_and_bake.json through execution.PromptExecutor on the tiny FLUX: OFTInspect's text comes back
-    in the history and the file written by core's ModelSave holds sd-scripts' merged weights."""
+    """The workflow "OFT FLUX inspect and bake into the model" through execution.PromptExecutor on the tiny FLUX:
+    OFTInspect's text comes back in the history and the file written by core's ModelSave holds sd-scripts' merged
+    weights."""
     import comfy.model_management
     import comfy.sd
     import execution
@@ -203,7 +204,8 @@ def test_flux_inspect_and_bake_runs_in_comfyui_executor(comfy_nodes, model_folde
     out_dir.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
 
-    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "flux_oft_inspect_and_bake.json").read_text())
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT FLUX inspect and bake into the model.json")
+                    .read_text())
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("bake", prompt, None))
     assert ok, (error, node_errors)
@@ -253,8 +255,8 @@ def _node_id(wf, node_type):
 
 
 def test_merge_and_save_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
-    """oft_merge_and_save.json (both adapters are the fixture's FLUX adapter A here): the file OFT Save writes holds
-    A then A^0.7; run twice, it writes two files."""
+    """The workflow "OFT merge two adapters and save" (both adapters are the fixture's FLUX adapter A here): the file
+    OFT Save writes holds A then A^0.7; run twice, it writes two files."""
     import folder_paths
     from comfyui_oft.oft_core import load_adapter, rotate_weight
 
@@ -262,7 +264,7 @@ def test_merge_and_save_runs_in_comfyui_executor(comfy_nodes, model_folders, mon
     out_dir = tmp_path / "output"
     out_dir.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
-    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "oft_merge_and_save.json").read_text())
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT merge two adapters and save.json").read_text())
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     for run in range(2):
         executor, _ = _execute(nodes, prompt, f"merge{run}")
@@ -284,7 +286,8 @@ def test_merge_and_save_runs_in_comfyui_executor(comfy_nodes, model_folders, mon
 
 
 def test_bake_into_checkpoint_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
-    """oft_bake_into_checkpoint.json on the tiny FLUX: core CheckpointSave writes sd-scripts' merged weights."""
+    """The workflow "OFT bake into a checkpoint" on the tiny FLUX: core CheckpointSave writes sd-scripts' merged
+    weights."""
     import comfy.model_management
     import comfy.sd
     import folder_paths
@@ -303,7 +306,7 @@ def test_bake_into_checkpoint_runs_in_comfyui_executor(comfy_nodes, model_folder
     out_dir = tmp_path / "output"
     out_dir.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
-    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "oft_bake_into_checkpoint.json").read_text())
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT bake into a checkpoint.json").read_text())
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     try:
         executor, _ = _execute(nodes, prompt, "bake_ckpt")

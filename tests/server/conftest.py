@@ -68,4 +68,4 @@ def server_adapter(comfy_server):
     }
     entry = comfy_server.run(prompt)
     text = " ".join(entry["outputs"]["6"]["text"])
-    return Path(text.rsplit(": ", 1)[1].strip())
+    return Path(text.split("\n", 1)[0].rsplit(": ", 1)[1].strip())  # line 1; "note: …" lines may follow
