@@ -40,7 +40,12 @@ _registered = False
 
 
 def register_folder() -> None:
-    """Make `models/oft` a model folder (idempotent; no I/O beyond the folder_paths table)."""
+    """Make `models/oft` a model folder, and `output/oft` too (idempotent; no I/O beyond the folder_paths table).
+
+    `output/oft` is where OFT Save and the trainer's checkpoints write by default (prefix "oft/…"): listing it lets a
+    user load what a workflow just saved without moving the file, as ComfyUI's main.py does for `output/loras` and
+    `output/checkpoints`.
+    """
     global _registered
     if _registered:
         return
@@ -51,6 +56,7 @@ def register_folder() -> None:
         folder_paths.add_model_folder_path(FOLDER, default)
         _paths, exts = folder_paths.folder_names_and_paths[FOLDER]
         exts.update(EXTENSIONS)  # a user entry from extra_model_paths.yaml starts with no extensions
+    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.get_output_directory(), FOLDER))
     _registered = True
 
 

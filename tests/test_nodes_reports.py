@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 pytestmark = pytest.mark.comfyui
 
 FLUX_ADAPTER = "kohya/flux_tiny_oft_attn_dim4.safetensors"
+FIXTURES_DIR = comfy_models.FIXTURES
 LYCORIS = "lycoris_diag_oft_dim8"
 
 
@@ -89,6 +90,31 @@ def test_dropdown_lists_oft_files_only_from_headers_cached(pack, folders, monkey
     # a LoRA that becomes an OFT file (same name) appears
     shutil.copy(oft / "flux_kohya.safetensors", loras / "some_lora.safetensors")
     assert "some_lora.safetensors" in files.adapter_files()
+
+
+def test_what_oft_save_writes_by_default_is_listed_by_the_loaders(pack, tmp_path, monkeypatch):
+    """OFT Save's default prefix writes under output/oft, which register_folder lists (as main.py lists
+    output/loras): a file saved by a workflow can be loaded by the next one without moving it."""
+    import folder_paths
+
+    out = tmp_path / "output"
+    out.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(out))
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", dict(folder_paths.folder_names_and_paths))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    monkeypatch.setattr(pack.files, "_registered", False)
+    pack.files.clear_cache()
+    pack.files.register_folder()
+    assert str(out / "oft") in folder_paths.folder_names_and_paths["oft"][0]
+    adapter = pack.files.load(str(FIXTURES_DIR / FLUX_ADAPTER))
+    default = next(i.default for i in pack.op_nodes.OFTSave.GET_SCHEMA().inputs if i.id == "filename_prefix")
+    text = pack.op_nodes.OFTSave.execute(adapter, "kohya", default, "refuse").ui.value
+    saved = text.splitlines()[0].rsplit(": ", 1)[1]
+    assert os.path.dirname(saved) == str(out / "oft")
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    assert os.path.basename(saved) in pack.files.adapter_files()
+    assert pack.files.resolve(os.path.basename(saved)) == saved
+    pack.files.clear_cache()
 
 
 def test_loaders_refuse_missing_and_non_oft_files_by_name(pack, folders):
