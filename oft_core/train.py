@@ -22,9 +22,12 @@ Public API:
 - `select_targets(root, preset, family=None)` -> [(path, module)]: presets per model family (`PRESETS`).
 - `OFTTrainer(targets, num_blocks=… | block_size=…, alpha=…, neumann_terms=0)`; `.parameters()`, `.attach()`,
   `.to_adapter(metadata, names=None)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits);
+  `.load_adapter(adapter, names=None)` starts from a trained adapter (resume; refuses the first mismatch);
   `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
 - `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.
-- `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback.
+- `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
+  learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); `residual_loss` (MSE / L1 / Huber /
+  SmoothL1 of prediction − target).
 - `python -m oft_core.train`: a toy demo (no ComfyUI) that trains a tiny attention model and writes a kohya file.
 """
 
@@ -386,6 +389,66 @@ class OFTTrainer:
             info["neumann_export_error"] = worst
         return OFTAdapter(layers, "kohya_flux" if flux else "kohya", "", meta, info)
 
+    # -------------------------------------------------------------------------------------------- resume
+    def load_adapter(self, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
+        """Start from a trained adapter (resume / continue): its generators become the live parameters.
+
+        The adapter must describe exactly this trainer's work: the same layers (`names` maps trained paths to the
+        adapter's layer names, as in `to_adapter`), each with the same splits and blocks, kohya convention (rows
+        rotated, Rᵀ applied, Cayley, no rescale) and the same constraint (`alpha`, 0 = none). Otherwise OFTError
+        naming the first mismatch, and no parameter is changed. Exact for a file this trainer wrote: kohya stores
+        the strict upper triangle U of Q = U − Uᵀ, which is the parameter itself.
+        """
+        path = adapter.path or None
+        theirs = {(c, n): layer for (c, n), layer in adapter.layers.items()}
+        want = {tl.path: (names[tl.path] if names is not None and tl.path in names else tl.path) for tl in self.layers}
+        wanted_names = set(want.values())
+        for (component, name), layer in theirs.items():
+            if component != "unet" or name not in wanted_names:
+                what = f"{component} layer {name!r}" if component != "unet" else f"layer {name!r}"
+                raise OFTError(f"resume: the adapter has {what}, which this training does not adapt (check the "
+                               "target preset and the model)", path=path)
+        for tl in self.layers:
+            if ("unet", want[tl.path]) not in theirs:
+                raise OFTError(f"resume: the adapter has no layer {want[tl.path]!r}, which this training adapts "
+                               f"({len(theirs)} layers in the adapter, {len(self.layers)} trained; check the target "
+                               "preset)", path=path)
+        new = []
+        for tl in self.layers:
+            layer = theirs[("unet", want[tl.path])]
+
+            def fail(msg, _name=want[tl.path]):
+                raise OFTError("resume: " + msg, path=path, layer=_name)
+
+            if layer.kind != "diag" or layer.side != "out" or not layer.transpose or layer.block_share:
+                fail("not a kohya-convention OFT layer (rows rotated by Rᵀ per block); resume from a kohya or "
+                     "LyCORIS diag-oft file")
+            if layer.parameterization != "cayley":
+                fail(mismatch("parameterization", "cayley", layer.parameterization))
+            if layer.row_scale is not None and not bool((layer.row_scale == 1).all()):
+                fail("has a per-row rescale, which this trainer does not train")
+            mine = (tuple(int(p.shape[0]) for p in tl.params), tl.layer.block_sizes)
+            found = (layer.num_blocks, layer.block_sizes)
+            if len(found[0]) != len(mine[0]):
+                fail(mismatch("splits", len(mine[0]), len(found[0])))
+            if found != mine:
+                fail(mismatch("blocks per split × block size", " ".join(f"{n}×{b}" for n, b in zip(*mine)),
+                              " ".join(f"{n}×{b}" for n, b in zip(*found))))
+            theirs_alpha = layer.constraint.value if layer.constraint.kind == "norm_clamp" else 0.0
+            if layer.constraint.kind not in ("none", "norm_clamp") or \
+                    float(torch.tensor(theirs_alpha, dtype=torch.float32)) != self.alpha:
+                fail(mismatch("constraint (alpha)", f"{self.alpha:g}", layer.constraint.describe()))
+            vals = []
+            for p, q in zip(tl.params, layer.generators):
+                b = q.shape[-1]
+                rows, cols = torch.triu_indices(b, b, 1)
+                vals.append(q.detach().to(torch.float32)[:, rows, cols])
+            new.append(vals)
+        with torch.no_grad():
+            for tl, vals in zip(self.layers, new):
+                for p, v in zip(tl.params, vals):
+                    p.copy_(v.to(p.device))
+
 
 def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
     """The `names` argument of `OFTTrainer.to_adapter` for targets selected under `root` (a UNet / DiT module).
@@ -558,25 +621,72 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
 _FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where torch 2.14's fused Adam(W) / SGD kernels exist
 
 
+LOSSES = ("MSE", "L1", "Huber", "SmoothL1")  # core TrainLoraNode's names
+KOHYA_LOSS = {"MSE": "l2", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}  # sd-scripts' ss_loss_type
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def residual_loss(name: str, residual: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+    """The loss of a residual r = prediction − target (mean over every element), core's four choices:
+    MSE mean(r²), L1 mean(|r|), Huber (torch.nn.HuberLoss, delta) and SmoothL1 (torch.nn.SmoothL1Loss, beta = delta;
+    Huber / delta). With delta 1 (core's default) Huber and SmoothL1 are the same function."""
+    if name == "MSE":
+        return (residual ** 2).mean()
+    if name == "L1":
+        return residual.abs().mean()
+    if name == "Huber":
+        return F.huber_loss(residual, torch.zeros_like(residual), delta=delta)
+    if name == "SmoothL1":
+        return F.smooth_l1_loss(residual, torch.zeros_like(residual), beta=delta)
+    raise OFTError(mismatch("loss function", " | ".join(LOSSES), repr(name)))
+
+
+def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
+    """The learning-rate multiplier of optimizer step `step` (0-based) of `steps`.
+
+    Warm-up: the first `warmup` steps rise linearly, (step + 1) / (warmup + 1) (never 0: no step is wasted).
+    Then, with p = (step − warmup) / (steps − warmup) going from 0 at the first step after warm-up towards 1:
+    constant 1; linear 1 − p; cosine ½(1 + cos πp) (as transformers' get_cosine_schedule_with_warmup).
+    """
+    if schedule not in SCHEDULES:
+        raise OFTError(mismatch("learning-rate schedule", " | ".join(SCHEDULES), repr(schedule)))
+    if warmup < 0:
+        raise OFTError(mismatch("warm-up steps", "≥ 0", warmup))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    p = (step - warmup) / max(1, steps - warmup)
+    if schedule == "linear":
+        return 1.0 - p
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, int], torch.Tensor], *, steps: int,
                  lr: float, grad_accum: int = 1, optimizer: str = "AdamW",
                  on_step: Callable[[int, float], None] | None = None,
-                 before_step: Callable[[int], None] | None = None) -> list[float]:
+                 before_step: Callable[[int], None] | None = None, schedule: str = "constant",
+                 warmup_steps: int = 0) -> list[float]:
     """`steps` optimizer steps; each accumulates `grad_accum` micro-batches `compute_loss(step, micro)` (a scalar).
 
     Returns the mean loss of every step. `before_step(step)` runs first in each step (cancel checks: raise there),
-    `on_step(step, loss)` after the update (progress). Deterministic given deterministic `compute_loss`.
+    `on_step(step, loss)` after the update (progress, checkpoints). The learning rate of step s is
+    lr × `lr_factor(schedule, s, steps, warmup_steps)` (a host number: setting it reads nothing from the device).
+    Deterministic given deterministic `compute_loss`.
     """
     if steps < 1:
         raise OFTError(mismatch("steps", "≥ 1", steps))
     if grad_accum < 1:
         raise OFTError(mismatch("gradient accumulation", "≥ 1", grad_accum))
+    lr_factor(schedule, 0, steps, warmup_steps)  # bad schedule / warm-up: refused before any work
     params = list(params)
     opt = make_optimizer(optimizer, params, lr)
     losses = []
     for step in range(steps):
         if before_step is not None:
             before_step(step)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(schedule, step, steps, warmup_steps)
         opt.zero_grad(set_to_none=True)
         total = None
         for micro in range(grad_accum):

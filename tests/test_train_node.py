@@ -82,6 +82,11 @@ KW = dict(learning_rate=2e-2, batch_size=2, grad_accumulation=1, optimizer="Adam
 
 
 def run_node(tn, model, latents, positive, steps, **over):
+    """(model, adapter, loss) of the node (its 4th output, the report: `run_node_report`)."""
+    return run_node_report(tn, model, latents, positive, steps, **over)[:3]
+
+
+def run_node_report(tn, model, latents, positive, steps, **over):
     kw = dict(KW, **over)
     import comfy.model_management
 
@@ -142,7 +147,16 @@ def test_schema_has_a_tooltip_on_every_input(tn):
     assert schema.node_id == "OFTTrainer" and schema.is_experimental
     for inp in schema.inputs:
         assert inp.tooltip, inp.id
-    assert [o.io_type for o in schema.outputs] == ["MODEL", "OFT_ADAPTER", "LOSS_MAP"]
+    # existing workflows keep their widget slots: the issue-14 inputs come last, all optional
+    ids = [inp.id for inp in schema.inputs]
+    assert ids[:16] == ["model", "latents", "positive", "steps", "learning_rate", "batch_size", "grad_accumulation",
+                        "optimizer", "seed", "num_blocks", "constraint", "cayley_neumann", "neumann_terms", "targets",
+                        "training_dtype", "gradient_checkpointing"]
+    assert ids[16:] == ["loss_function", "lr_schedule", "warmup_steps", "resume_from", "save_every",
+                        "checkpoint_prefix"]
+    assert all(inp.optional for inp in schema.inputs[16:])
+    assert schema.is_input_list  # several LATENT batches (resolutions) arrive as one list
+    assert [o.io_type for o in schema.outputs] == ["MODEL", "OFT_ADAPTER", "LOSS_MAP", "STRING"]
 
 
 def test_sd_training_lowers_the_loss_keeps_base_weights_and_reloads_from_kohya(comfy, tn, patch_mod, tmp_path,
