@@ -286,13 +286,12 @@ def build_trainer(model, targets: str, num_blocks: int, alpha: float, neumann_te
 def resume_from(model, trainer: CoreTrainer, adapter) -> int:
     """Load `adapter` into `trainer` (OFTError naming the first mismatch) and return its trained steps (ss_steps)."""
     dm = model.model.diffusion_model
-    # Files name layers with "_" (kohya keys), adapters made in the graph with ".": compare underscored. sd-scripts'
-    # naming for the family first (diffusers for SD1.x/SD2.x), then the module paths themselves (native).
-    theirs = {name.replace(".", "_"): name for (_c, name) in adapter.layers}
-    candidates = [{tl.path: (cand or {}).get(tl.path, tl.path) for tl in trainer.layers}
-                  for cand in (export_names(dm, kohya_naming(model)), None)]
-    mapped = next((m for m in candidates if set(theirs) <= {v.replace(".", "_") for v in m.values()}), candidates[0])
-    under = {p: theirs.get(v.replace(".", "_"), v) for p, v in mapped.items()}
+    # sd-scripts' naming for the family first (diffusers for SD1.x/SD2.x), then the module paths themselves (native);
+    # compared as kohya keys ("." -> "_"), as `OFTTrainer.load_adapter` does
+    theirs = {name.replace(".", "_") for (_c, name) in adapter.layers}
+    candidates = [export_names(dm, kohya_naming(model)), None]
+    under = next((c for c in candidates if theirs <= {(c or {}).get(tl.path, tl.path).replace(".", "_")
+                                                      for tl in trainer.layers}), candidates[0])
     try:
         trainer.load_adapter(adapter, names=under)
     except OFTError as e:

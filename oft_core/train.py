@@ -400,24 +400,28 @@ class OFTTrainer:
         the strict upper triangle U of Q = U − Uᵀ, which is the parameter itself.
         """
         path = adapter.path or None
-        theirs = {(c, n): layer for (c, n), layer in adapter.layers.items()}
+
+        def key(name: str) -> str:  # files name layers with "_" (kohya keys), adapters made in memory with "."
+            return name.replace(".", "_")
+
+        theirs = {(c, key(n)): layer for (c, n), layer in adapter.layers.items()}
         want = {tl.path: (names[tl.path] if names is not None and tl.path in names else tl.path) for tl in self.layers}
-        wanted_names = set(want.values())
+        wanted_keys = {key(n) for n in want.values()}
         for (component, name), layer in theirs.items():
-            if component != "unet" or name not in wanted_names:
-                what = f"{component} layer {name!r}" if component != "unet" else f"layer {name!r}"
+            if component != "unet" or name not in wanted_keys:
+                what = f"{component} layer {layer.name!r}" if component != "unet" else f"layer {layer.name!r}"
                 raise OFTError(f"resume: the adapter has {what}, which this training does not adapt (check the "
                                "target preset and the model)", path=path)
         for tl in self.layers:
-            if ("unet", want[tl.path]) not in theirs:
+            if ("unet", key(want[tl.path])) not in theirs:
                 raise OFTError(f"resume: the adapter has no layer {want[tl.path]!r}, which this training adapts "
                                f"({len(theirs)} layers in the adapter, {len(self.layers)} trained; check the target "
                                "preset)", path=path)
         new = []
         for tl in self.layers:
-            layer = theirs[("unet", want[tl.path])]
+            layer = theirs[("unet", key(want[tl.path]))]
 
-            def fail(msg, _name=want[tl.path]):
+            def fail(msg, _name=layer.name):
                 raise OFTError("resume: " + msg, path=path, layer=_name)
 
             if layer.kind != "diag" or layer.side != "out" or not layer.transpose or layer.block_share:
