@@ -42,6 +42,7 @@ from ..oft_core.train import (
     checkpoint_blocks,
     detect_family,
     export_names,
+    frozen_for_training,
     gradient_checkpointing,
     inplace_safe,
     lr_factor,
@@ -183,7 +184,8 @@ def as_conditioning_list(positive) -> list:
     return [positive]
 
 
-def validate(model, latents, positive, steps, batch_size, grad_accumulation) -> list[tuple[torch.Tensor, list]]:
+def validate(model, latents, positive, steps, batch_size, grad_accumulation, learning_rate=1e-4,
+             constraint=0.0) -> list[tuple[torch.Tensor, list]]:
     """Checks that need no work. `latents`: one LATENT or a list of LATENT batches (any sizes); `positive`: one
     CONDITIONING (one entry for every image, or one per image in order over all batches) or one CONDITIONING per
     LATENT batch (each with one entry, or one per image of its batch). Returns, per image, its latent (C, H, W …)
@@ -227,6 +229,10 @@ def validate(model, latents, positive, steps, batch_size, grad_accumulation) -> 
                        f"batch, found {len(conds)}")
     if steps < 1:
         raise OFTError(f"steps: expected ≥ 1, found {steps}")
+    for name, v in (("learning_rate", learning_rate), ("constraint", constraint)):
+        # NaN passes ComfyUI's min/max check at queue time (every comparison with NaN is false)
+        if not math.isfinite(v):
+            raise OFTError(f"{name}: expected a finite number, found {v}")
     if batch_size < 1 or grad_accumulation < 1:
         raise OFTError(f"batch size and gradient accumulation: expected ≥ 1, found {batch_size} and "
                        f"{grad_accumulation}")
@@ -317,7 +323,7 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
     `save_every` > 0: a kohya checkpoint every that many steps under the output folder (`checkpoint_prefix`,
     numbered, never overwriting); their paths are appended to `saved`.
     """
-    images = validate(model, latents, positive, steps, batch_size, grad_accumulation)
+    images = validate(model, latents, positive, steps, batch_size, grad_accumulation, learning_rate, alpha)
     if training_dtype not in DTYPES:
         raise OFTError(f"training dtype: expected one of {', '.join(DTYPES)}, found {training_dtype!r}")
     if optimizer not in OPTIMIZERS:
@@ -400,7 +406,9 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
 
         blocks = checkpoint_blocks(base.diffusion_model)
         ckpt = gradient_checkpointing(blocks) if gradient_checkpointing_on else inplace_safe(blocks)
-        with trainer.attach(), ckpt:
+        # After loading: the weights now in the modules (inference tensors when a loader or a KSampler made them
+        # under the executor's inference mode) become zero-copy normal aliases until the end of training.
+        with frozen_for_training(base), trainer.attach(), ckpt:
             losses = run_training(trainer.parameters(), compute_loss, steps=steps, lr=learning_rate,
                                   grad_accum=grad_accumulation, optimizer=optimizer, before_step=before_step,
                                   on_step=on_step, schedule=lr_schedule, warmup_steps=warmup_steps)
@@ -450,6 +458,20 @@ def _progress_text(node_id, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ node
+def queue_checked(combo: io.Combo.Input) -> io.Combo.Input:
+    """`combo`, checked by ComfyUI itself when a prompt is queued.
+
+    ComfyUI 0.3.64 checks a V1 list-typed input against its options at queue time ("Value not in list", one
+    message naming the input) but never a V3 Combo (its type is "COMBO"): `targets='bf16'` would reach the node.
+    A node-level `validate_inputs` cannot stand in for it cleanly: ComfyUI repeats each message it returns once per
+    input the hook names, and skips its own min/max/combo checks for those inputs. So the combo's V1 type is made
+    its list of options (`WidgetInput.widget_type` is what `get_io_type()` returns; the frontend shows a V1 list
+    type as the same dropdown) and ComfyUI's own check applies.
+    """
+    combo.widget_type = list(combo.options)
+    return combo
+
+
 class OFTTrainerNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -479,9 +501,9 @@ class OFTTrainerNode(io.ComfyNode):
                              tooltip="Images per micro-batch (drawn at random, seeded)."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
                              tooltip="Micro-batches whose gradients are summed before each optimizer step."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
+                queue_checked(io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
                                tooltip="Optimizer (AdamW without weight decay: decay would pull the rotation "
-                               "towards identity)."),
+                               "towards identity).")),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed of image order, noise and noise levels: the same seed and inputs give "
                              "the same adapter."),
@@ -497,23 +519,24 @@ class OFTTrainerNode(io.ComfyNode):
                                  "the exact Cayley transform. Saved as the nearest exact Cayley rotation."),
                 io.Int.Input("neumann_terms", default=5, min=2, max=20,
                              tooltip="Terms of the Cayley–Neumann series (when it is on)."),
-                io.Combo.Input("targets", options=TARGETS, default="attention",
+                queue_checked(io.Combo.Input("targets", options=TARGETS, default="attention",
                                tooltip="Which layers to adapt. attention: attention projections (FLUX: qkv / proj "
                                "and single-block linear1/linear2). all-linear: every linear of the transformer "
-                               "blocks. all-linear+conv: also the UNet's ResBlock / down / up convolutions (SD only)."),
-                io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
+                               "blocks. all-linear+conv: also the UNet's ResBlock / down / up convolutions "
+                               "(SD only).")),
+                queue_checked(io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Compute precision of the forward/backward (autocast); the generators are "
-                               "always fp32."),
+                               "always fp32.")),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
                 # New inputs go at the end, with defaults (older workflows keep their widget slots).
-                io.Combo.Input("loss_function", options=list(LOSSES), default="MSE", optional=True,
+                queue_checked(io.Combo.Input("loss_function", options=list(LOSSES), default="MSE", optional=True,
                                tooltip="Loss of the model's prediction against the family's own target (ε, v or "
                                "flow velocity): MSE (default), L1, Huber or SmoothL1 (both with delta 1, as core's "
-                               "trainer). Saved as ss_loss_type."),
-                io.Combo.Input("lr_schedule", options=list(SCHEDULES), default="constant", optional=True,
-                               tooltip="Learning rate over the steps after warm-up: constant; cosine (half a cosine "
-                               "down to 0); linear (straight down to 0). Saved as ss_lr_scheduler."),
+                               "trainer). Saved as ss_loss_type.")),
+                queue_checked(io.Combo.Input("lr_schedule", options=list(SCHEDULES), default="constant",
+                               optional=True, tooltip="Learning rate over the steps after warm-up: constant; cosine "
+                               "(half a cosine down to 0); linear (straight down to 0). Saved as ss_lr_scheduler.")),
                 io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
                              tooltip="Steps over which the learning rate rises linearly to its value before the "
                              "schedule starts (0 = none). Saved as ss_lr_warmup_steps."),
@@ -540,20 +563,6 @@ class OFTTrainerNode(io.ComfyNode):
             # Rebatch Latents or OFT Latent List), `positive` one CONDITIONING per batch. Widgets are lists of one.
             is_input_list=True,
         )
-
-    @classmethod
-    def validate_inputs(cls, steps=1, batch_size=1, grad_accumulation=1, num_blocks=1, constraint=0.0,
-                        warmup_steps=0, save_every=0, **kwargs):
-        for name, v, low in (("steps", steps, 1), ("batch_size", batch_size, 1),
-                             ("grad_accumulation", grad_accumulation, 1), ("num_blocks", num_blocks, 1),
-                             ("warmup_steps", warmup_steps, 0), ("save_every", save_every, 0)):
-            v = _one(v)
-            if v is not None and v < low:
-                return f"{name}: expected ≥ {low}, found {v}"
-        constraint = _one(constraint)
-        if constraint is not None and (constraint < 0 or not math.isfinite(constraint)):
-            return f"constraint: expected a finite number ≥ 0, found {constraint}"
-        return True
 
     @classmethod
     def execute(cls, model, latents, positive, steps, learning_rate, batch_size, grad_accumulation, optimizer,

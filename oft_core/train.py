@@ -25,6 +25,7 @@ Public API:
   `.load_adapter(adapter, names=None)` starts from a trained adapter (resume; refuses the first mismatch);
   `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
 - `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.
+- `frozen_for_training(root)`: weights a host made under `torch.inference_mode()` usable by autograd, zero-copy.
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
   learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); `residual_loss` (MSE / L1 / Huber /
   SmoothL1 of prediction − target).
@@ -469,6 +470,58 @@ def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
         return ldm_to_diffusers({k: tuple(v.shape) for k, v in root.state_dict().items()})
     except ValueError as e:
         raise OFTError(f"cannot name the layers after diffusers modules: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ frozen weights
+def _normal_alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor over the same memory as `t`: no copy. Call outside inference mode."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.size(),
+                                                                t.stride())
+
+
+@contextlib.contextmanager
+def frozen_for_training(root: nn.Module):
+    """Make every parameter and buffer of `root` usable as a frozen input of autograd for the duration, without
+    copying; everything is put back exactly (the same tensor objects) on exit, errors and Cancel included.
+
+    Hosts create weights under `torch.inference_mode()` (ComfyUI's executor runs every node there, so the weights
+    `CheckpointLoaderSimple` / `UNETLoader` / a KSampler's load leave in the modules are inference tensors), and
+    autograd refuses to save an inference tensor for backward ("Inference tensors cannot be saved for backward"),
+    in every layer a gradient passes through, trained or not (Linear, Conv, group_norm, layer_norm, ...). Core's
+    TrainLoraNode escapes this by casting each weight per forward into a fresh tensor, which autograd then keeps
+    until the backward: a second copy of the model's weights while training. Here each inference tensor is swapped
+    for a normal tensor that aliases its storage (`Tensor.set_`, zero-copy; works on any device), so the extra
+    memory is nothing. The weights are only read (the trainer never writes them, `gradient_checkpointing` checks its
+    layers do not write their inputs), so bypassing inference mode's version counter is safe.
+
+    Also: parameters are frozen (`requires_grad` False) for the duration, so that autograd never computes a
+    weight-sized gradient for a base weight; tensor subclasses (e.g. quantized weights that a host dequantizes per
+    forward into fresh tensors) are left as they are. Yields the number of tensors swapped.
+    """
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    unfrozen: list[torch.Tensor] = []
+    try:
+        with torch.inference_mode(False):
+            for module in root.modules():
+                for store in (module._parameters, module._buffers):
+                    for name, t in list(store.items()):
+                        if t is None:
+                            continue
+                        if t.is_inference() and type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided:
+                            alias = _normal_alias(t)
+                            if isinstance(t, nn.Parameter):
+                                alias = nn.Parameter(alias, requires_grad=False)
+                            swapped.append((store, name, t))
+                            store[name] = alias
+                        elif isinstance(t, nn.Parameter) and t.requires_grad:
+                            t.requires_grad_(False)
+                            unfrozen.append(t)
+        yield len(swapped)
+    finally:
+        for store, name, t in reversed(swapped):
+            store[name] = t
+        for t in unfrozen:
+            t.requires_grad_(True)
 
 
 # ------------------------------------------------------------------------------------------------ checkpointing

@@ -22,6 +22,7 @@ from oft_core.train import (
     OFTTrainer,
     ToyModel,
     checkpoint_blocks,
+    frozen_for_training,
     gradient_checkpointing,
     inplace_safe,
     run_training,
@@ -159,6 +160,71 @@ def test_training_lowers_a_fixed_loss_and_never_writes_base_weights():
     assert_same_weights(model, before)
     assert "forward" not in model.attn.to_q.__dict__  # detached: the class forward again
     assert torch.equal(model(x), base_out)
+
+
+class NormModel(nn.Module):
+    """Conv + group_norm + attention + layer_norm: frozen layers a gradient passes through, as in a UNet block."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.ln = nn.LayerNorm(8)
+        self.attn = ToyModel(dim=8, channels=8).attn
+        self.register_buffer("scale", torch.full((8,), 0.5))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, img):
+        t = self.gn(self.conv(img)).flatten(2).transpose(1, 2)
+        return self.head(self.ln(self.attn(t)) * self.scale)
+
+
+def test_weights_made_in_inference_mode_train_zero_copy_and_come_back_untouched():
+    """As under ComfyUI's executor: the model is built (loaded) and trained inside torch.inference_mode(), so every
+    weight and buffer is an inference tensor; training (under inference_mode(False)) fails without
+    `frozen_for_training` and works with it, using the same memory, and the very same tensors are back afterwards."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = NormModel()
+        x = torch.randn(2, 3, 4, 4)
+        target = torch.randn(2, 16, 4)
+    originals = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    assert all(v.is_inference() for v in originals.values())
+    before = {k: v.clone() for k, v in originals.items()}
+    ptrs = {k: v.data_ptr() for k, v in originals.items()}
+    trainer = OFTTrainer(select_targets(model, "attention", "generic"), num_blocks=2, alpha=0)
+
+    def train():
+        return run_training(trainer.parameters(), lambda s, m: F.mse_loss(model(x.clone()), target.clone()),
+                            steps=3, lr=1e-2)
+
+    with torch.inference_mode():
+        with torch.inference_mode(False), torch.enable_grad():
+            with trainer.attach(), pytest.raises(RuntimeError, match="Inference tensors cannot be saved"):
+                train()
+            seen = {}
+            with frozen_for_training(model) as n, trainer.attach():
+                assert n == len(originals)
+                for k, v in model.state_dict(keep_vars=True).items():
+                    seen[k] = (v.is_inference(), v.data_ptr(), v.requires_grad)
+                losses = train()
+    assert all(not inf and ptr == ptrs[k] and not rg for k, (inf, ptr, rg) in seen.items()), seen  # aliases
+    assert losses[-1] < losses[0]
+    assert any(float(p.detach().abs().max()) > 0 for p in trainer.parameters())
+    after = model.state_dict(keep_vars=True)
+    assert all(after[k] is originals[k] for k in originals)  # the same objects are back
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_frozen_for_training_restores_on_error_and_freezes_normal_parameters():
+    model = NormModel()  # normal tensors, requires_grad True (as a model a host built outside inference mode)
+    params = dict(model.named_parameters())
+    with pytest.raises(ValueError), frozen_for_training(model) as n:
+        assert n == 0
+        assert not any(p.requires_grad for p in model.parameters())
+        raise ValueError("cancelled")
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(model.get_parameter(k) is p for k, p in params.items())
 
 
 def test_attach_restores_the_model_when_training_raises():

@@ -7,8 +7,6 @@ OFTTrainer.load_adapter).
 
 from __future__ import annotations
 
-import math
-
 import comfy_models
 import pytest
 import test_train_node as ttn
@@ -322,11 +320,3 @@ def test_bad_feature_inputs_fail_clearly_before_any_work(comfy, tn, case, match)
     over = {"loss": dict(loss_function="L2"), "schedule": dict(lr_schedule="step")}.get(case, {})
     with pytest.raises(ValueError, match=match):
         run_node(tn, mp, [a, b], positive, steps=2, **over)
-
-
-def test_validate_inputs_takes_input_lists(tn):
-    v = tn.OFTTrainerNode.validate_inputs
-    assert v(steps=[3], batch_size=[1], grad_accumulation=[1], num_blocks=[4], constraint=[0.0], warmup_steps=[0],
-             save_every=[0]) is True
-    assert v(save_every=[-1]) == "save_every: expected ≥ 0, found -1"
-    assert v(constraint=[math.nan]).startswith("constraint: expected a finite number")

@@ -323,7 +323,18 @@ def test_bad_inputs_fail_clearly_before_any_work(comfy, tn, monkeypatch, case, m
         over["num_blocks"] = 5 if case == "blocks" else 3
     with pytest.raises(OFTError, match=match):
         run_node(tn, mp, latents, positive, steps=steps, **over)
-    assert tn.OFTTrainerNode.validate_inputs(steps=0) == "steps: expected ≥ 1, found 0"
+
+
+def test_queue_time_checks_are_comfyuis_own(tn):
+    """No node-level validate_inputs (ComfyUI would repeat its message once per named input and drop its own
+    min/max checks for them); the combos carry their options as V1 list type, which ComfyUI checks at queue time
+    (tests/server/test_server_train.py sends the bad values through a real server)."""
+    assert "validate_inputs" not in vars(tn.OFTTrainerNode)
+    req = tn.OFTTrainerNode.INPUT_TYPES()["required"]
+    assert req["targets"][0] == tn.TARGETS
+    assert req["training_dtype"][0] == list(tn.DTYPES) and req["optimizer"][0] == ["AdamW", "Adam", "SGD"]
+    assert req["targets"][1]["default"] == "attention" and req["targets"][1]["tooltip"]
+    assert req["steps"][0] == "INT" and req["steps"][1]["min"] == 1
 
 
 @pytest.mark.parametrize("model_dtype", ["fp32", "bf16"])
