@@ -265,7 +265,14 @@ def micro_batch_plan(sizes: list[int], batch_size: int, count: int, gen: torch.G
 
 
 def _weight_fn(module, x):
-    """The base weight as ComfyUI's ops would use it (cast / un-offloaded / weight functions), never written."""
+    """The base weight as the layer's own forward would use it, never written: a layer that dequantises its own
+    weights (city96's ComfyUI-GGUF `GGMLLayer.cast_bias_weight`: quantized GGML tensors, and the LoRA patches it keeps
+    on them) through its own method; ComfyUI's cast ops (fp8 weights from UNETLoader weight_dtype fp8_*, offloaded
+    or patched layers) through `comfy.ops.cast_bias_weight`. Either way a fresh tensor per forward (QOFT: the
+    quantized base is read, the adapter trains in fp32)."""
+    own = getattr(type(module), "cast_bias_weight", None)
+    if callable(own):
+        return module.cast_bias_weight(x)
     if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) or \
             getattr(module, "bias_function", None):
         return comfy.ops.cast_bias_weight(module, x)
