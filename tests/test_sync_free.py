@@ -156,8 +156,8 @@ def test_the_nodes_training_loop_reads_the_device_once_per_step(comfy, comfyui_o
     sizes, schedule, progress bar and loss text) reads one value per optimizer step over steps 2…N: the loss."""
     import comfy.model_management as mm
     import comfy_models
-    from test_train_node import flux_data, sd_data
     from comfyui_oft.nodes import train_node as tn
+    from test_train_node import flux_data, sd_data
 
     kind, kw = NODE_CASES[case]
     if kind == "flux":

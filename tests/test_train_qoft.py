@@ -108,8 +108,9 @@ def check_qoft(tn, quantized, reference, quant_dtypes):
 def test_fp8_base_from_unetloader_trains_fp32_adapter_weights_untouched(comfy, tn, tmp_path, monkeypatch,
                                                                        tiny_flux_detection):
     import folder_paths
-    import nodes
     from safetensors.torch import load_file
+
+    import nodes
 
     (tmp_path / "diffusion_models").mkdir()
     (tmp_path / "diffusion_models" / "flux_tiny.safetensors").symlink_to(FLUX_FILE)
@@ -140,7 +141,8 @@ def gguf_pack():
         pytest.skip(f"GGUF test: city96/ComfyUI-GGUF not found at {root} (set COMFYUI_GGUF_PATH to a checkout)")
     name = "comfyui_gguf_for_tests"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
