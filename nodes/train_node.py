@@ -42,6 +42,7 @@ from ..oft_core.train import (
     checkpoint_blocks,
     detect_family,
     export_names,
+    frozen_bases,
     frozen_for_training,
     gradient_checkpointing,
     inplace_safe,
@@ -264,18 +265,28 @@ def micro_batch_plan(sizes: list[int], batch_size: int, count: int, gen: torch.G
     return plan[:count]
 
 
+def _casts_weight(module) -> bool:
+    """Whether the layer makes its weight per forward (ComfyUI cast ops: fp8 / manual-cast / offloaded / patched
+    layers; a GGUF layer's own dequantisation): then that weight is a fresh copy, worth making again in backward."""
+    return callable(getattr(type(module), "cast_bias_weight", None)) or bool(
+        getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) or
+        getattr(module, "bias_function", None))
+
+
 def _weight_fn(module, x):
     """The base weight as the layer's own forward would use it, never written: a layer that dequantises its own
     weights (city96's ComfyUI-GGUF `GGMLLayer.cast_bias_weight`: quantized GGML tensors, and the LoRA patches it keeps
     on them) through its own method; ComfyUI's cast ops (fp8 weights from UNETLoader weight_dtype fp8_*, offloaded
     or patched layers) through `comfy.ops.cast_bias_weight`. Either way a fresh tensor per forward (QOFT: the
-    quantized base is read, the adapter trains in fp32)."""
-    own = getattr(type(module), "cast_bias_weight", None)
-    if callable(own):
-        return module.cast_bias_weight(x)
+    quantized base is read, the adapter trains in fp32), made directly in the autocast dtype when autocast is on
+    (no fp32 copy of a bf16 / fp8 weight on the way)."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    if callable(getattr(type(module), "cast_bias_weight", None)):
+        return module.cast_bias_weight(x, dtype=dtype)
     if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) or \
             getattr(module, "bias_function", None):
-        return comfy.ops.cast_bias_weight(module, x)
+        return comfy.ops.cast_bias_weight(module, x, dtype=dtype)
     w, b = module.weight, module.bias
     if torch.is_autocast_enabled(x.device.type) or (w.dtype == x.dtype and w.device == x.device):
         return w, b
@@ -291,7 +302,7 @@ def build_trainer(model, targets: str, num_blocks: int, alpha: float, neumann_te
     try:
         return CoreTrainer(select_targets(dm, targets, family), num_blocks=num_blocks, alpha=alpha,
                            neumann_terms=neumann_terms, weight_fn=_weight_fn,
-                           device=comfy.model_management.get_torch_device())
+                           device=comfy.model_management.get_torch_device(), recompute_weight=_casts_weight)
     except OFTError as e:
         raise OFTError(f"{model_kind(model)} model, targets {targets!r}: {e}") from None
 
@@ -415,7 +426,11 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
         ckpt = gradient_checkpointing(blocks) if gradient_checkpointing_on else inplace_safe(blocks)
         # After loading: the weights now in the modules (inference tensors when a loader or a KSampler made them
         # under the executor's inference mode) become zero-copy normal aliases until the end of training.
-        with frozen_for_training(base), trainer.attach(), ckpt:
+        # QOFT: untrained layers whose weights are made per forward (fp8 / GGUF / manual cast) make them again in
+        # backward instead of keeping them (`frozen_bases`); the trained ones do the same (`recompute_weight`).
+        trained = {id(tl.module) for tl in trainer.layers}
+        cast_layers = [m for m in base.diffusion_model.modules() if id(m) not in trained and _casts_weight(m)]
+        with frozen_for_training(base), trainer.attach(), frozen_bases(cast_layers, _weight_fn), ckpt:
             losses = run_training(trainer.parameters(), compute_loss, steps=steps, lr=learning_rate,
                                   grad_accum=grad_accumulation, optimizer=optimizer, before_step=before_step,
                                   on_step=on_step, schedule=lr_schedule, warmup_steps=warmup_steps)

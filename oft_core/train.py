@@ -26,6 +26,8 @@ Public API:
   `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
 - `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.
 - `frozen_for_training(root)`: weights a host made under `torch.inference_mode()` usable by autograd, zero-copy.
+- `frozen_bases(modules, weight_fn)`, `frozen_base(...)`: quantized / cast base weights made per forward and again in
+  backward, never kept (QOFT on fp8 / GGUF bases).
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
   learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); `residual_loss` (MSE / L1 / Huber /
   SmoothL1 of prediction − target).
@@ -200,11 +202,14 @@ class OFTTrainer:
     linear solve) instead of the exact Cayley transform.
     `weight_fn(module, x) -> (weight, bias)` returns the base weight to use (default: the module's own, cast to x's
     dtype outside autocast); a host may cast / un-offload there. It must not write the weight.
+    `recompute_weight(module)` True: that layer's base product runs through `frozen_base` (the weight `weight_fn`
+    made is not kept for backward but made again there: QOFT, quantized / cast bases).
     """
 
     def __init__(self, targets: Sequence[tuple[str, nn.Module]], *, num_blocks: int | None = None,
                  block_size: int | None = None, alpha: float = 1e-3, neumann_terms: int = 0,
-                 weight_fn: Callable | None = None, device: torch.device | str | None = None):
+                 weight_fn: Callable | None = None, device: torch.device | str | None = None,
+                 recompute_weight: Callable[[nn.Module], bool] | bool = False):
         if (num_blocks is None) == (block_size is None):
             raise OFTError("give exactly one of num_blocks or block_size")
         if num_blocks is not None and num_blocks < 1:
@@ -222,6 +227,7 @@ class OFTTrainer:
         self.alpha = float(torch.tensor(float(alpha), dtype=torch.float32))
         self.neumann_terms = int(neumann_terms)
         self.weight_fn = weight_fn or _default_weight_fn
+        self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
         self.layers: list[TrainedLayer] = []
         problems = []
         for path, module in targets:
@@ -295,16 +301,25 @@ class OFTTrainer:
         module, weight_fn = tl.module, self.weight_fn
         conv = isinstance(module, nn.Conv2d)
 
+        recompute = self.recompute_weight(module)
+
         def forward(x, *args, **kwargs):
             if args or kwargs:
                 raise TypeError(f"{tl.path}: OFT training forward takes one input, got extra arguments")
-            weight, bias = weight_fn(module, x)
             blocks = self.blocks(tl)  # built once per forward of this layer
+            padding = None
             if conv and module.padding_mode != "zeros":
                 x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
                 padding = 0
             elif conv:
                 padding = module.padding
+            if recompute:  # the same products as below, the base weight made again in backward instead of kept
+                y, bias = frozen_base(module, x, weight_fn, padding)
+                if bias is None:
+                    return rotate_features(tl.layer, y, dim=1 if conv else -1, blocks=blocks)
+                z = y - (bias.reshape(-1, 1, 1) if conv else bias).to(y.dtype)
+                return y + (rotate_features(tl.layer, z, dim=1 if conv else -1, blocks=blocks) - z)
+            weight, bias = weight_fn(module, x)
             if bias is None:
                 if not conv:
                     return bypass_forward(tl.layer, x, weight, None, blocks=blocks)
@@ -522,6 +537,76 @@ def frozen_for_training(root: nn.Module):
             store[name] = t
         for t in unfrozen:
             t.requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------------------------ frozen bases (QOFT)
+class _FrozenBase(torch.autograd.Function):
+    """y = Linear / Conv2d(x) with a frozen base weight that `weight_fn(module, x)` makes (a dequantised or cast
+    copy of a quantized / fp8 / offloaded weight). Autograd would keep that copy until the backward of every layer
+    (a block's worth of dequantised weights alive at once with checkpointing, the whole model's without); here only
+    the module is kept and the backward asks `weight_fn` again, as QLoRA does (bitsandbytes' MatMul4Bit keeps the
+    4-bit weight, not its dequantised copy). Only the input gets a gradient (the base is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, module, weight_fn, padding):
+        weight, bias = weight_fn(module, x)
+        conv = isinstance(module, nn.Conv2d)
+        if conv:
+            y = F.conv2d(x, weight, bias, module.stride, padding, module.dilation, module.groups)
+        else:
+            y = F.linear(x, weight, bias)
+        ctx.module, ctx.weight_fn, ctx.conv, ctx.padding = module, weight_fn, conv, padding
+        ctx.x_shape, ctx.x_dtype, ctx.x_device = x.shape, x.dtype, x.device
+        dev = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        out_bias = y.new_empty(0) if bias is None else bias.detach()
+        ctx.mark_non_differentiable(out_bias)
+        return y, out_bias
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_bias):
+        if grad_y is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        module = ctx.module
+        probe = torch.empty(0, dtype=ctx.x_dtype, device=ctx.x_device)
+        enabled, dtype = ctx.autocast
+        with torch.autocast(ctx.x_device.type, dtype=dtype, enabled=enabled):  # the forward's weight again
+            weight, _ = ctx.weight_fn(module, probe)
+        weight = weight.detach().to(grad_y.dtype)
+        if ctx.conv:
+            gx = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, module.stride, ctx.padding,
+                                            module.dilation, module.groups)
+        else:
+            gx = grad_y.matmul(weight)
+        return gx.to(ctx.x_dtype), None, None, None
+
+
+def frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding=None):
+    """(y, bias) of a frozen Linear / Conv2d (`_FrozenBase`); bias None when the layer has none. `padding`: the
+    Conv2d padding to use (default the module's; 0 after an explicit non-zero-mode pad)."""
+    if padding is None and isinstance(module, nn.Conv2d):
+        padding = module.padding
+    y, bias = _FrozenBase.apply(x, module, weight_fn, padding)
+    return y, (None if bias.numel() == 0 else bias)
+
+
+@contextlib.contextmanager
+def frozen_bases(modules: Iterable[nn.Module], weight_fn: Callable):
+    """Run each (untrained) Linear / Conv2d in `modules` through `frozen_base` while gradients are on: their
+    dequantised / cast weights are made again in backward instead of kept (QOFT). Calls with other arguments, under
+    no_grad, or of Conv2d with a non-zero padding mode go to the layer's own forward. Restored on exit."""
+    with _forward_patches() as replace:
+        for m in modules:
+            if not isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros"):
+                continue
+
+            def fwd(*args, __m=m, __orig=m.forward, **kwargs):
+                if len(args) != 1 or kwargs or not torch.is_grad_enabled():
+                    return __orig(*args, **kwargs)
+                return frozen_base(__m, args[0], weight_fn)[0]
+
+            replace(m, fwd)
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ checkpointing
