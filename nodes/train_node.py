@@ -622,6 +622,7 @@ class OFTTrainerNode(io.ComfyNode):
                  f"(ss_steps {meta['ss_steps']}), loss {losses[0]:.5f} -> {losses[-1]:.5f}; {loss_function} loss, "
                  f"lr {learning_rate:g} {lr_schedule}"
                  + (f" after {warmup_steps} warm-up steps" if warmup_steps else "")]
+        lines.append(f"base weights: {_weight_kinds(model.model.diffusion_model)} (read, never written)")
         sizes = json.loads(meta["comfyui_oft.latent_sizes"])
         lines.append("latent sizes: " + ", ".join(f"{k} ({v} images)" for k, v in sizes.items()))
         if resume:
@@ -636,9 +637,49 @@ class OFTTrainerNode(io.ComfyNode):
         return io.NodeOutput(new_model, adapter, {"loss": losses}, report)
 
 
+def _weight_kinds(root) -> str:
+    """What the base's Linear / Conv2d weights are stored as, e.g. "float8_e4m3fn" or "GGUF Q8_0, F32"."""
+    kinds = {}
+    for m in root.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and isinstance(w, torch.Tensor):
+            qtype = getattr(w, "tensor_type", None)  # city96's GGMLTensor
+            kind = f"GGUF {getattr(qtype, 'name', qtype)}" if qtype is not None else str(w.dtype).replace("torch.", "")
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return ", ".join(f"{k} ({n} layers)" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])) or "none"
+
+
 def _one(v):
     """A widget value as is_input_list passes it (a list of one) or as a direct call passes it."""
     return v[0] if isinstance(v, list) and len(v) >= 1 else v
 
 
-NODES = [OFTTrainerNode]
+class OFTLatentList(io.ComfyNode):
+    """Several LATENT batches (e.g. images of different sizes, each VAE-encoded) as one list for Train OFT."""
+
+    @classmethod
+    def define_schema(cls):
+        more = [io.Latent.Input(f"latents_{i}", optional=True,
+                                tooltip="Another batch of training latents (any size; optional).")
+                for i in range(2, LATENT_LIST_SIZE + 1)]
+        return io.Schema(
+            node_id="OFTLatentList",
+            display_name="OFT Latent List (several resolutions)",
+            category=CATEGORY,
+            description="Collect LATENT batches of different sizes into one list for Train OFT, which trains on all "
+            "of them with every micro-batch taken from one size (bucketing). Connect each size's VAE Encode here.",
+            inputs=[io.Latent.Input("latents_1", tooltip="A batch of training latents (one size).")] + more,
+            outputs=[io.Latent.Output(display_name="latents", is_output_list=True,
+                                      tooltip="The batches as a list, in input order (connect to Train OFT's "
+                                      "latents).")],
+        )
+
+    @classmethod
+    def execute(cls, latents_1, **more) -> io.NodeOutput:
+        batches = [latents_1] + [more[k] for k in sorted(more, key=lambda k: int(k.rsplit("_", 1)[1]))
+                                 if more[k] is not None]
+        return io.NodeOutput(batches)
+
+
+LATENT_LIST_SIZE = 6
+NODES = [OFTTrainerNode, OFTLatentList]

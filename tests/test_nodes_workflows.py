@@ -20,7 +20,7 @@ pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = sorted((comfy_models.REPO_ROOT / "workflows").glob("*.json"))
 OUR_NODES = {"OFTLoader", "OFTLoadAdapter", "OFTApply", "OFTInspect", "OFTBlockStrength", "OFTBlend", "OFTMerge",
-             "OFTSave", "OFTTrainer"}
+             "OFTSave", "OFTTrainer", "OFTLatentList"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # file dropdowns: their options depend on the user's folders, so the test gives them files of these names
 FILE_INPUTS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name1": "text_encoders",
