@@ -80,87 +80,13 @@ def _cmd_demo(args) -> int:
     import os
     import tempfile
 
+    from .demo import run_demo
+
     if args.out_dir is None:
         with tempfile.TemporaryDirectory(prefix="oft-demo-") as tmp:
             return run_demo(tmp, steps=args.steps, seed=args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     return run_demo(args.out_dir, steps=args.steps, seed=args.seed)
-
-
-def run_demo(out_dir: str, *, steps: int = 60, seed: int = 0, say=print) -> int:
-    """The main job end to end on a tiny model: train (oft_core.train, activation side), save as kohya, reload, bake
-    at strengths 1 and 0, and check the baked model against the trained one. Returns 0 when every check passes."""
-    import os
-
-    import torch
-    import torch.nn.functional as F
-    from safetensors.torch import load_file, save_file
-
-    from .bake import bake
-    from .formats import load_adapter
-    from .train import OFTTrainer, ToyModel, run_training, select_targets, training_metadata
-    from .writers import write_adapter
-
-    torch.manual_seed(seed)
-    model = ToyModel(dim=32, channels=16, seed=seed).requires_grad_(False)
-    teacher = ToyModel(dim=32, channels=16, seed=seed + 1)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(16, 3, 6, 6, generator=g)
-    with torch.no_grad():
-        target = teacher(x)
-    base_path = os.path.join(out_dir, "demo_base.safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, base_path, metadata={"demo": "oft_core"})
-    say(f"1. built a tiny attention + conv model ({sum(p.numel() for p in model.parameters()):,} parameters), "
-        f"saved as {base_path}")
-
-    trainer = OFTTrainer(select_targets(model, "all-linear+conv", "generic"), num_blocks=4, alpha=0.0)
-    with trainer.attach():
-        losses = run_training(trainer.parameters(), lambda s, m: F.mse_loss(model(x), target), steps=steps, lr=2e-2)
-        with torch.no_grad():
-            trained_out = model(x)
-    with torch.no_grad():
-        base_out = model(x)
-    say(f"2. trained OFT on {len(trainer.layers)} layers ({trainer.num_params():,} parameters, 4 blocks each) for "
-        f"{steps} steps with the activation-side trainer: loss {losses[0]:.5f} -> {losses[-1]:.5f}")
-
-    adapter_path = os.path.join(out_dir, "demo_oft.safetensors")
-    meta = training_metadata(steps=steps, lr=2e-2, optimizer="AdamW", seed=seed, batch_size=16, grad_accum=1)
-    write_adapter(trainer.to_adapter(meta), adapter_path, "kohya", overwrite=True)
-    adapter = load_adapter(adapter_path)
-    say(f"3. saved as kohya {adapter_path} and reloaded: format {adapter.format}, {len(adapter)} layers")
-
-    checks = []
-    outs = {}
-    for strength in (1.0, 0.0):
-        out = os.path.join(out_dir, f"demo_baked_s{strength:g}.safetensors")
-        result = bake(base_path, [(adapter_path, strength)], out, overwrite=True, show_progress=False)
-        outs[strength] = out
-        say(f"4. baked at strength {strength:g}: {out} ({result.tensors_changed} weights changed)")
-    baked = ToyModel(dim=32, channels=16, seed=seed)
-    baked.load_state_dict(load_file(outs[1.0]))
-    with torch.no_grad():
-        merged_out = baked(x)
-    diff = float((merged_out - trained_out).abs().max())
-    scale = float(trained_out.abs().max())
-    merged_loss = float(F.mse_loss(merged_out, target))
-    checks.append((f"max |baked forward − trained forward| = {diff:.2e} (outputs up to {scale:.2f}; fp32)",
-                   diff <= 1e-4 * max(scale, 1.0)))
-    trained_loss = float(F.mse_loss(trained_out, target))
-    checks.append((f"loss of the baked model {merged_loss:.5f} = the trained model's {trained_loss:.5f}",
-                   abs(merged_loss - trained_loss) <= 1e-5 * trained_loss))
-    checks.append((f"training lowered the loss: {trained_loss:.5f} < start {losses[0]:.5f}", trained_loss < losses[0]))
-    base_sd, zero_sd = load_file(base_path), load_file(outs[0.0])
-    exact = all(torch.equal(base_sd[k], zero_sd[k]) for k in base_sd) and base_sd.keys() == zero_sd.keys()
-    checks.append(("strength 0 bake is the base bit for bit", exact))
-    changed = sum(not torch.equal(base_sd[k], v) for k, v in load_file(outs[1.0]).items())
-    checks.append((f"strength 1 bake changed {changed} weights = the {len(adapter)} adapted layers",
-                   changed == len(adapter)))
-    checks.append((f"base model forward unchanged by training (max |Δ| {float((base_out - model(x)).abs().max()):.1e}"
-                   ")", torch.equal(base_out, model(x))))
-    say("5. checks:")
-    for text, ok in checks:
-        say(f"   [{'ok' if ok else 'FAILED'}] {text}")
-    return 0 if all(ok for _, ok in checks) else 1
 
 
 def _add_ops_commands(sub) -> None:

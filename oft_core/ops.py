@@ -200,7 +200,7 @@ def _scaled(layer: OFTLayer, w: float) -> OFTLayer:
     if w == 1:
         return layer
     if layer.parameterization == "matrix":
-        gens = [w * generator_of(layer, r) for r in layer.generators]  # as rotation_blocks' orthogonal mode
+        gens = [w * generator_of(r) for r in layer.generators]  # as rotation_blocks' orthogonal mode
         return _rebuild(layer, generators=[0.5 * (q - q.transpose(-1, -2)) for q in gens], parameterization="cayley")
     return _rebuild(layer, generators=[w * q for q in _constrained(layer, layer.transpose)])
 
@@ -272,7 +272,7 @@ def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | Non
                 total = total @ blocks
         target = total.transpose(-1, -2) if ref.transpose else total
         try:
-            q = generator_of(ref, target)  # Q = (B − I)(B + I)⁻¹
+            q = generator_of(target)  # Q = (B − I)(B + I)⁻¹
         except RuntimeError:  # torch.linalg.solve on a singular B + I
             raise OFTError("the composed rotation turns some block by half a turn (eigenvalue −1): it has no Cayley "
                            "generator", layer=ref.key) from None

@@ -226,7 +226,7 @@ def _param(layer: OFTLayer, q: torch.Tensor, *, norm_bound: float | None = None,
     return q  # "matrix": the file stores R itself
 
 
-def generator_of(layer: OFTLayer, r: torch.Tensor) -> torch.Tensor:
+def generator_of(r: torch.Tensor) -> torch.Tensor:
     """Q with Cayley(Q) = R for a stored rotation R (inverse Cayley: Q = (R − I)(R + I)⁻¹)."""
     eye = _eye_like(r)
     return solve(r + eye, r - eye)  # (R + I)⁻¹(R − I): the factors commute
@@ -253,7 +253,7 @@ def rotation_blocks(
     for i, q in enumerate(gens):
         q = constrain(layer, q.to(torch.float32), i)
         if mode == "orthogonal" and layer.parameterization == "matrix":
-            r = cayley(generator_of(layer, q) * strength) if strength != 1 else q
+            r = cayley(generator_of(q) * strength) if strength != 1 else q
         elif mode == "orthogonal":
             bound = _norm_bound(layer, q, i)
             r = _param(layer, q * strength if strength != 1 else q, sync_free=sync_free,

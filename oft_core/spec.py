@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Sequence
 
 import torch
 
@@ -100,11 +100,6 @@ class OFTLayer:
     def dim(self) -> int:
         """Width of the rotated axis (out_features for side "out", in_features·kh·kw for side "in")."""
         return sum(self.split_sizes)
-
-    @property
-    def shared(self) -> bool:
-        """PEFT block_share: one stored block repeated along the axis."""
-        return self.block_share
 
     def num_params(self) -> int:
         n = sum(int(g[..., 0, 0].numel()) * b * (b - 1) // 2 for g, b in zip(self.generators, self.block_sizes))
@@ -278,7 +273,7 @@ def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "",
     out, inner = flatten_weight_shape(shape)
     axis = out if layer.side == "out" else inner
     what = "output features" if layer.side == "out" else "input features (× kernel)"
-    if layer.shared:
+    if layer.block_share:
         b = layer.block_sizes[0]
         if axis % b:
             raise OFTError(mismatch(f"{what} divisible by the shared block size {b}", f"a multiple of {b}", axis),
@@ -297,6 +292,3 @@ def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "",
         raise OFTError(mismatch("row scale length", out, layer.row_scale.numel()), path=path, layer=layer.key)
     return layer
 
-
-def layers_by_name(layers: Mapping[tuple[str, str], OFTLayer]) -> dict[str, OFTLayer]:
-    return {f"{c}:{n}": layer for (c, n), layer in layers.items()}

@@ -101,7 +101,7 @@ def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_m
                 "component": layer.component,
                 "side": layer.side,
                 "kind": layer.kind,
-                "num_blocks": list(layer.num_blocks) if not layer.shared else "shared",
+                "num_blocks": list(layer.num_blocks) if not layer.block_share else "shared",
                 "block_size": list(layer.block_sizes),
                 "stages": int(layer.generators[0].shape[0]) if layer.kind == "butterfly" else None,
                 "parameterization": layer.parameterization,

@@ -29,9 +29,9 @@ Public API:
 - `frozen_bases(modules, weight_fn)`, `frozen_base(...)`: quantized / cast base weights made per forward and again in
   backward, never kept (QOFT on fp8 / GGUF bases).
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
-  learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); `residual_loss` (MSE / L1 / Huber /
-  SmoothL1 of prediction − target).
-- `python -m oft_core.train`: a toy demo (no ComfyUI) that trains a tiny attention model and writes a kohya file.
+  learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); one read from the device per step
+  (the loss). `residual_loss` (MSE / L1 / Huber / SmoothL1 of prediction − target).
+The toy model and the end-to-end demo are in `oft_core.demo`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coeffici
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd", "flux", "generic")
 PRESETS = {
     "sd": ("attention", "all-linear", "all-linear+conv"),
     "flux": ("attention", "all-linear"),
@@ -354,7 +353,7 @@ class OFTTrainer:
             self._attached = False
 
     # -------------------------------------------------------------------------------------------- export
-    def effective_generators(self, tl: TrainedLayer) -> list[torch.Tensor]:
+    def stored_generators(self, tl: TrainedLayer) -> list[torch.Tensor]:
         """Detached Q per split as the adapter stores it (before the constraint, which the layer keeps)."""
         with torch.no_grad():
             return [q.detach().float().cpu().clone() for q in tl.generators()]
@@ -383,14 +382,14 @@ class OFTTrainer:
         worst = 0.0
         for tl in self.layers:
             name = tl.path if names is None else names[tl.path]
-            gens = self.effective_generators(tl)
+            gens = self.stored_generators(tl)
             layer = tl.layer
             if layer.parameterization == "neumann":
                 with torch.no_grad():
                     trained = [b.cpu() for b in rotation_blocks(layer, generators=gens)]  # (Rᵀ per block)
                     new = []
                     for i, r in enumerate(trained):
-                        q = skew(generator_of(layer, r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
+                        q = skew(generator_of(r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
                         new.append(q)
                         worst = max(worst, float((cayley(q).transpose(-1, -2) - r).abs().max()))
                     gens = new
@@ -861,73 +860,3 @@ def training_metadata(*, steps: int, lr: float, optimizer: str, seed: int, batch
         meta["ss_num_train_images"] = str(num_images)
     meta.update({str(k): str(v) for k, v in (extra or {}).items()})
     return meta
-
-
-# ------------------------------------------------------------------------------------------------ toy demo
-class ToyAttention(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.to_out = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        a = F.scaled_dot_product_attention(self.to_q(x), self.to_k(x), self.to_v(x))
-        return x + self.to_out(a)
-
-
-class ToyModel(nn.Module):
-    """A tiny attention + conv model for tests and the demo (generic family)."""
-
-    def __init__(self, dim: int = 16, channels: int = 8, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
-        self.proj = nn.Linear(channels, dim)
-        self.attn = ToyAttention(dim)
-        self.head = nn.Linear(dim, 8)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-    def forward(self, img):
-        h = self.conv_in(img)  # (B, C, H, W)
-        t = self.proj(h.flatten(2).transpose(1, 2))
-        return self.head(self.attn(t))
-
-
-def _demo(argv=None) -> int:
-    import argparse
-
-    from .writers import write_adapter
-
-    ap = argparse.ArgumentParser(prog="python -m oft_core.train", description="Train OFT on a toy model (demo).")
-    ap.add_argument("out", help="output .safetensors (kohya networks.oft)")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=1e-2)
-    ap.add_argument("--num-blocks", type=int, default=4)
-    ap.add_argument("--alpha", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(args.seed)
-    model = ToyModel(seed=args.seed).requires_grad_(False)
-    teacher = ToyModel(seed=args.seed + 1)
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(8, 3, 4, 4, generator=g)
-    with torch.no_grad():
-        target = teacher(x)
-    trainer = OFTTrainer(select_targets(model, "all-linear+conv", "generic"), num_blocks=args.num_blocks,
-                         alpha=args.alpha)
-    with trainer.attach():
-        losses = run_training(trainer.parameters(), lambda s, m: F.mse_loss(model(x), target), steps=args.steps,
-                              lr=args.lr, on_step=lambda s, v: log.info("step %d loss %.5f", s + 1, v))
-    meta = training_metadata(steps=args.steps, lr=args.lr, optimizer="AdamW", seed=args.seed, batch_size=8,
-                             grad_accum=1)
-    out = write_adapter(trainer.to_adapter(meta), args.out, "kohya", overwrite=args.overwrite)
-    log.info("loss %.5f -> %.5f; wrote %s", losses[0], losses[-1], out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_demo())

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oft_core.demo import ToyModel
 from oft_core.rotation import cayley, rotation_blocks, skew
 from oft_core.spec import Constraint, make_layer
-from oft_core.train import OFTTrainer, ToyModel, run_training, select_targets
+from oft_core.train import OFTTrainer, run_training, select_targets
 
 READS = ("item", "__float__", "__bool__", "__int__", "tolist")
 

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from oft_core import OFTError, load_adapter, rotate_weight
+from oft_core.demo import ToyModel
 from oft_core.rotation import constrain
 from oft_core.train import (
     OFTTrainer,
-    ToyModel,
     checkpoint_blocks,
     frozen_for_training,
     gradient_checkpointing,
@@ -263,7 +263,7 @@ def test_kohya_constraint_holds_after_training():
     trainer, _ = train_toy(model, x, target, steps=15, lr=5e-2, num_blocks=2, alpha=alpha)
     clamped = 0
     for tl in trainer.layers:
-        for i, q in enumerate(trainer.effective_generators(tl)):
+        for i, q in enumerate(trainer.stored_generators(tl)):
             bound = alpha * tl.layer.split_sizes[i]
             assert float(constrain(tl.layer, q, i).norm()) <= bound * (1 + 1e-5)
             clamped += float(q.norm()) > bound

@@ -64,7 +64,8 @@ def test_lr_factor_schedules_and_warmup():
 
 
 def test_run_training_sets_the_scheduled_lr_every_step():
-    from oft_core.train import OFTTrainer, ToyModel, lr_factor, run_training, select_targets
+    from oft_core.demo import ToyModel
+    from oft_core.train import OFTTrainer, lr_factor, run_training, select_targets
 
     model = ToyModel().requires_grad_(False)
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -88,7 +89,8 @@ def test_run_training_sets_the_scheduled_lr_every_step():
 
 def test_load_adapter_starts_exactly_from_a_written_file_and_names_the_first_mismatch(tmp_path):
     from oft_core import load_adapter
-    from oft_core.train import OFTTrainer, ToyModel, select_targets
+    from oft_core.demo import ToyModel
+    from oft_core.train import OFTTrainer, select_targets
     from oft_core.writers import write_adapter
 
     model = ToyModel(dim=16).requires_grad_(False)

@@ -15,10 +15,9 @@ import json
 from pathlib import Path
 
 import comfy_models
+import comfy_server as harness
 import pytest
 from safetensors import safe_open
-
-import comfy_server as harness
 
 pytestmark = pytest.mark.server
 
