@@ -39,8 +39,17 @@ def _file_input():
         "adapter_name",
         options=files.adapter_files(),
         tooltip="An OFT adapter (.safetensors: kohya sd-scripts, LyCORIS diag-oft / BOFT, or PEFT "
-        "adapter_model.safetensors next to its adapter_config.json) from the 'oft' or 'loras' model folders.",
+        "adapter_model.safetensors next to its adapter_config.json) from the 'oft' or 'loras' model folders. Only "
+        "OFT files are listed (LoRAs in the same folders are left out).",
     )
+
+
+def _check_file(adapter_name) -> bool | str:
+    """`validate_inputs` of the file loaders: a missing or non-OFT file refuses the prompt when it is queued."""
+    if adapter_name is None:  # linked from another node: checked when the node runs
+        return True
+    problem = files.check_name(adapter_name)
+    return True if problem is None else problem
 
 
 def _model_clip_inputs():
@@ -78,6 +87,10 @@ class OFTLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, adapter_name=None) -> bool | str:
+        return _check_file(adapter_name)
+
+    @classmethod
     def execute(cls, model, adapter_name, strength, strength_mode, clip=None) -> io.NodeOutput:
         adapter = files.load_by_name(adapter_name)
         model, clip, text = apply_oft(model, clip, adapter, strength, strength_mode)
@@ -95,6 +108,10 @@ class OFTLoadAdapter(io.ComfyNode):
             inputs=[_file_input()],
             outputs=[OFTAdapterType.Output(display_name="oft_adapter", tooltip="The validated adapter.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name=None) -> bool | str:
+        return _check_file(adapter_name)
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
@@ -128,7 +145,7 @@ class OFTApply(io.ComfyNode):
 
 def inspect_text(adapter, model=None) -> str:
     """The adapter summary (oft_core.summary), plus how it matches `model` when one is given."""
-    text = format_text(describe(adapter))
+    text = format_text(describe(adapter), more_hint="")
     extra = block_strength_text(adapter)
     if extra:
         text += "\n" + extra[2:]

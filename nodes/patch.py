@@ -229,6 +229,29 @@ def block_strength_text(adapter: OFTAdapter) -> str:
     return f"; block strength {spec or '(empty)'}: {off} layers off, {scaled} scaled"
 
 
+# ComfyUI's own OFT weight patches: what core Load LoRA makes of a LyCORIS OFT / BOFT file (strength s², see
+# COMFYUI_NOTES). Our OFTWeightAdapter is also named "oft", so the check is by class, not by name.
+_CORE_OFT = (comfy.weight_adapter.OFTAdapter, comfy.weight_adapter.BOFTAdapter)
+
+
+def core_oft_warning(patcher, report: MatchReport | None) -> str:
+    """A warning when weights this adapter matched already carry ComfyUI's own OFT patch ("" when none do).
+
+    Loading one LyCORIS OFT file through core Load LoRA and through this pack rotates those weights twice (R·R·W).
+    Both may be meant (two different adapters), so this warns and still applies.
+    """
+    if report is None:
+        return ""
+    patches = getattr(patcher, "patches", {})
+    hit = [m.target.key for m in report.matched
+           if any(isinstance(p[1], _CORE_OFT) for p in patches.get(m.target.key, ()))]
+    if not hit:
+        return ""
+    hit = sorted(set(hit))
+    return (f"WARNING: {len(hit)} of these weights already carry ComfyUI's own OFT patch (a Load LoRA node loaded an "
+            f"OFT file), e.g. {hit[0]}: they are rotated twice. If it is the same file, load it through one node only")
+
+
 def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "kohya"):
     """Patch clones of `model` (and `clip` when the adapter has text-encoder layers) with `adapter`.
 
@@ -258,6 +281,11 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
             path=adapter.path,
         )
     text = report_text(adapter, unet_report, te_report, clip is not None, strength, mode)
+    for warning in (core_oft_warning(model, unet_report),
+                    core_oft_warning(clip.patcher if clip is not None else None, te_report)):
+        if warning:
+            log.warning("OFT %s: %s", os.path.basename(adapter.path) or adapter.format, warning)
+            text += "\n" + warning
     new_model = model.clone()
     if unet_report is not None and unet_report.matched:
         accepted = _add_patches(new_model, unet_report, adapter, strength, mode)

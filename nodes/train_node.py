@@ -480,6 +480,13 @@ def _progress_text(node_id, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ node
+class _ListTypedCombo(io.Combo.Input):
+    """A Combo whose V1 type is its list of options (see `queue_checked`)."""
+
+    def get_io_type(self):
+        return list(self.options)
+
+
 def queue_checked(combo: io.Combo.Input) -> io.Combo.Input:
     """`combo`, checked by ComfyUI itself when a prompt is queued.
 
@@ -487,10 +494,11 @@ def queue_checked(combo: io.Combo.Input) -> io.Combo.Input:
     message naming the input) but never a V3 Combo (its type is "COMBO"): `targets='bf16'` would reach the node.
     A node-level `validate_inputs` cannot stand in for it cleanly: ComfyUI repeats each message it returns once per
     input the hook names, and skips its own min/max/combo checks for those inputs. So the combo's V1 type is made
-    its list of options (`WidgetInput.widget_type` is what `get_io_type()` returns; the frontend shows a V1 list
-    type as the same dropdown) and ComfyUI's own check applies.
+    its list of options (`get_io_type()`; the frontend shows a V1 list type as the same dropdown) and ComfyUI's own
+    check applies. Not through `widget_type`: that is also sent as the input's "widgetType", and frontend 1.27.10
+    then builds no widget at all for the input (every later widget value of a saved workflow shifts).
     """
-    combo.widget_type = list(combo.options)
+    combo.__class__ = _ListTypedCombo
     return combo
 
 

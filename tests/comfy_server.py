@@ -5,6 +5,7 @@ What it gives (each documented below):
 - `private_comfyui(dest, pack_root=REPO_ROOT)`: a private ComfyUI folder under `dest`: symlinks to every file and
   folder of the read-only source tree except `custom_nodes/`, `models/`, `input/`, `output/`, `temp/`, `user/`,
   which are private (models/ gets the stock sub-folders, empty); the pack is linked into `custom_nodes/comfyui-oft`.
+- `tiny_sd15_unet()` / `install_unet(base)`: the same UNet alone, for `UNETLoader`.
 - `tiny_sd15_checkpoint()`: path of a small SD1.5-family checkpoint that the STOCK `CheckpointLoaderSimple` detects
   and loads (UNet, CLIP-L text encoder and a TAESD VAE, fp16, deterministic pseudo-random weights), written once
   and cached under ~/.cache/comfyui-oft/test-models/ (about 300 MB; ~10 s to make the first time).
@@ -59,6 +60,7 @@ MODEL_CACHE = CACHE_DIR / "test-models"
 PACK_DIR_NAME = "comfyui-oft"
 PRIVATE_DIRS = ("custom_nodes", "models", "input", "output", "temp", "user")
 CHECKPOINT_NAME = "oft_tiny_sd15.safetensors"
+UNET_NAME = "oft_tiny_sd15_unet.safetensors"
 CHECKPOINT_VERSION = 1  # bump when the checkpoint's contents change (new cache file name)
 
 # One-level SD1.5-family UNet with the real channel counts (320, context 768): the smallest UNet that
@@ -179,6 +181,37 @@ def tiny_sd15_checkpoint(cache_dir: Path | str = MODEL_CACHE) -> Path:
             os.unlink(tmp)
     log.info("wrote %s (%d tensors) in %.1fs", path, len(sd), time.monotonic() - t0)
     return path
+
+
+def tiny_sd15_unet(cache_dir: Path | str = MODEL_CACHE) -> Path:
+    """The tiny checkpoint's UNet alone (keys without `model.diffusion_model.`), as `UNETLoader` reads a diffusion
+    model file from models/diffusion_models; cached next to the checkpoint (about 52 MB)."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"oft_tiny_sd15_unet_v{CHECKPOINT_VERSION}.safetensors"
+    if path.is_file():
+        return path
+    from safetensors.torch import load_file, save_file
+
+    prefix = "model.diffusion_model."
+    sd = {k[len(prefix):]: v for k, v in load_file(str(tiny_sd15_checkpoint(cache_dir))).items()
+          if k.startswith(prefix)}
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def install_unet(base: Path, name: str = UNET_NAME) -> str:
+    """Link the cached UNet-only file into `base`/models/diffusion_models/`name` (for UNETLoader)."""
+    target = Path(base) / "models" / "diffusion_models" / name
+    if not target.exists():
+        target.symlink_to(tiny_sd15_unet())
+    return name
 
 
 def install_checkpoint(base: Path, name: str = CHECKPOINT_NAME) -> str:
@@ -504,8 +537,9 @@ _SHARED_ERROR: BaseException | None = None
 
 def shared_server() -> ComfyServer:
     """One server for the whole test process: a private ComfyUI in a temp dir, the tiny checkpoint installed as
-    `CHECKPOINT_NAME`, started on first call. Raises comfy_models.ComfyUINotFound without ComfyUI; a failed start is
-    remembered (later calls raise the same error instead of trying again)."""
+    `CHECKPOINT_NAME` (and its UNet alone as `UNET_NAME` in diffusion_models), started on first call. Raises
+    comfy_models.ComfyUINotFound without ComfyUI; a failed start is remembered (later calls raise the same error
+    instead of trying again)."""
     global _SHARED, _SHARED_TMP, _SHARED_ERROR
     if _SHARED is not None:
         return _SHARED
@@ -516,6 +550,7 @@ def shared_server() -> ComfyServer:
         _SHARED_TMP = tempfile.TemporaryDirectory(prefix="oft-comfyui-")
         base = private_comfyui(Path(_SHARED_TMP.name) / "ComfyUI", comfy_root=comfy_root)
         install_checkpoint(base)
+        install_unet(base)
         server = ComfyServer(base)
         server.start()
     except BaseException as e:
@@ -619,8 +654,8 @@ def workflow_to_api(workflow: dict, object_info: dict) -> dict:
 
 
 def validate_prompt(server: ComfyServer, prompt: dict) -> None:
-    """Ask the server to validate `prompt` without running it? ComfyUI has no dry-run endpoint, so this checks the
-    prompt against /object_info locally: every input of every node present (required ones), combo values among the
+    """Check `prompt` against the server's /object_info without running it (ComfyUI has no dry-run endpoint; POST
+    /prompt would run it): every input of every node present (required ones), combo values among the
     options, numbers within min/max, links to existing nodes and output slots. Raises ComfyError listing problems."""
     info = server.object_info()
     problems = []

@@ -97,6 +97,12 @@ def _widget_inputs(cls):
     return out
 
 
+def has_control_widget(name: str, t: str, opts: dict) -> bool:
+    """Whether the frontend (1.27.10, useIntWidget / migrateWidgetsValues) adds a "control after generate" widget
+    after this input: a flagged input, or an INT named seed / noise_seed (the legacy convention), flag or not."""
+    return bool(opts.get("control_after_generate")) or (t == "INT" and name in ("seed", "noise_seed"))
+
+
 def to_api_prompt(workflow: dict, nodes_table) -> dict:
     """Convert a UI (litegraph) workflow into the API prompt ComfyUI executes (what the frontend sends)."""
     links = {link[0]: link for link in workflow["links"]}
@@ -110,7 +116,7 @@ def to_api_prompt(workflow: dict, nodes_table) -> dict:
             if not values:
                 break
             value = values.pop(0)
-            if opts.get("control_after_generate"):
+            if has_control_widget(name, t, opts):
                 values.pop(0)  # the "fixed" / "randomize" widget the frontend adds after a seed
             if name not in linked:
                 inputs[name] = value
@@ -140,7 +146,7 @@ def test_workflow_is_valid_for_comfyui(path, comfy_nodes, model_folders):
     # widget values: count and type against each node's own schema
     for node in wf["nodes"]:
         widgets = _widget_inputs(nodes.NODE_CLASS_MAPPINGS[node["type"]])
-        extra = sum(1 for _, _, o in widgets if o.get("control_after_generate"))
+        extra = sum(1 for name, t, o in widgets if has_control_widget(name, t, o))
         assert len(node.get("widgets_values", [])) == len(widgets) + extra, node["type"]
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
@@ -165,8 +171,9 @@ class _Server:
 
 
 def test_flux_inspect_and_bake_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
-    """flux_oft_inspect_and_bake.json through execution.PromptExecutor on the tiny FLUX: OFTInspect's text comes back
-    in the history and the file written by core's ModelSave holds sd-scripts' merged weights."""
+    """The workflow "OFT FLUX inspect and bake into the model" through execution.PromptExecutor on the tiny FLUX:
+    OFTInspect's text comes back in the history and the file written by core's ModelSave holds sd-scripts' merged
+    weights."""
     import comfy.model_management
     import comfy.sd
     import execution
@@ -190,7 +197,8 @@ def test_flux_inspect_and_bake_runs_in_comfyui_executor(comfy_nodes, model_folde
     out_dir.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
 
-    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "flux_oft_inspect_and_bake.json").read_text())
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT FLUX inspect and bake into the model.json")
+                    .read_text())
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("bake", prompt, None))
     assert ok, (error, node_errors)
@@ -240,8 +248,8 @@ def _node_id(wf, node_type):
 
 
 def test_merge_and_save_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
-    """oft_merge_and_save.json (both adapters are the fixture's FLUX adapter A here): the file OFT Save writes holds
-    A then A^0.7; run twice, it writes two files."""
+    """The workflow "OFT merge two adapters and save" (both adapters are the fixture's FLUX adapter A here): the file
+    OFT Save writes holds A then A^0.7; run twice, it writes two files."""
     import folder_paths
     from comfyui_oft.oft_core import load_adapter, rotate_weight
 
@@ -249,7 +257,7 @@ def test_merge_and_save_runs_in_comfyui_executor(comfy_nodes, model_folders, mon
     out_dir = tmp_path / "output"
     out_dir.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
-    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "oft_merge_and_save.json").read_text())
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT merge two adapters and save.json").read_text())
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     for run in range(2):
         executor, _ = _execute(nodes, prompt, f"merge{run}")
@@ -271,7 +279,8 @@ def test_merge_and_save_runs_in_comfyui_executor(comfy_nodes, model_folders, mon
 
 
 def test_bake_into_checkpoint_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
-    """oft_bake_into_checkpoint.json on the tiny FLUX: core CheckpointSave writes sd-scripts' merged weights."""
+    """The workflow "OFT bake into a checkpoint" on the tiny FLUX: core CheckpointSave writes sd-scripts' merged
+    weights."""
     import comfy.model_management
     import comfy.sd
     import folder_paths
@@ -290,7 +299,7 @@ def test_bake_into_checkpoint_runs_in_comfyui_executor(comfy_nodes, model_folder
     out_dir = tmp_path / "output"
     out_dir.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
-    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "oft_bake_into_checkpoint.json").read_text())
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT bake into a checkpoint.json").read_text())
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     try:
         executor, _ = _execute(nodes, prompt, "bake_ckpt")

@@ -400,7 +400,7 @@ class _TinyVae:
 
 
 def test_train_workflow_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
-    """workflows/oft_train_tiny.json as the UI sends it (3 steps instead of 200) through ComfyUI's PromptExecutor:
+    """Workflow "OFT train an adapter" as the UI sends it (3 steps instead of 200) through ComfyUI's PromptExecutor:
     core LoadImageSetFromFolderNode -> VAEEncode, CLIPTextEncode -> OFTTrainer -> OFTSave + core LossGraphNode.
     The checkpoint loader is monkeypatched to give the tiny SD1.5 UNet (ComfyUI cannot detect it) with stand-ins
     for its CLIP and VAE. The saved file has sd-scripts' diffusers names and reloads onto the model, every layer
@@ -433,7 +433,7 @@ def test_train_workflow_runs_in_comfyui_executor(comfy_nodes, model_folders, mon
     for i in range(2):
         Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"img{i}.png")
 
-    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "oft_train_tiny.json").read_text())
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT train an adapter.json").read_text())
     prompt = workflows.to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     trainer_id = workflows._node_id(wf, "OFTTrainer")
     assert prompt[trainer_id]["inputs"]["steps"] == 200

@@ -1,5 +1,5 @@
-"""Issue 14 in a real ComfyUI main.py: the shipped workflows/oft_train_advanced.json as the UI saves it (converted by
-the server's own /object_info), then a resume run and a refused resume, queued through /prompt.
+"""Issue 14 in a real ComfyUI main.py: the shipped "workflows/OFT train on fp8 with several sizes and checkpoints.json"
+as the UI saves it (converted by the server's own /object_info), then a resume run and a refused resume, queued through /prompt.
 
 The workflow: the tiny SD1.5 checkpoint's UNet loaded by the stock UNETLoader with weight_dtype fp8_e4m3fn (QOFT),
 CLIP and VAE from CheckpointLoaderSimple, two image folders of different sizes → VAE Encode each → OFT Latent List →
@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 pytestmark = pytest.mark.server
 
-WORKFLOW = comfy_models.REPO_ROOT / "workflows" / "oft_train_advanced.json"
+WORKFLOW = comfy_models.REPO_ROOT / "workflows" / "OFT train on fp8 with several sizes and checkpoints.json"
 
 
 def _node_id(wf: dict, node_type: str) -> str:
