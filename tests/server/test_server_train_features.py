@@ -1,5 +1,6 @@
 """Issue 14 in a real ComfyUI main.py: the shipped "workflows/OFT train on fp8 with several sizes and checkpoints.json"
-as the UI saves it (converted by the server's own /object_info), then a resume run and a refused resume, queued through /prompt.
+as the UI saves it (converted by the server's own /object_info), then a resume run and a refused resume, queued
+through /prompt.
 
 The workflow: the tiny SD1.5 checkpoint's UNet loaded by the stock UNETLoader with weight_dtype fp8_e4m3fn (QOFT),
 CLIP and VAE from CheckpointLoaderSimple, two image folders of different sizes → VAE Encode each → OFT Latent List →
