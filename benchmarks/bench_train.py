@@ -25,7 +25,13 @@ picks; the kernel name is printed):
   progress) with the trainer built on exactly core's layers and per-layer blocks: every Linear / Conv2d, block size
   from the same `factorization(out_dim, R)` (one `oft_core.train.OFTTrainer(block_size=…)` per distinct size;
   layers whose block size would be 1 — a 1×1 rotation, the identity — are left out and counted). No bias / norm
-  deltas (the node never trains them).
+  deltas (the node never trains them). On FLUX our fused q|k|v and linear1 layers are NOT split (core rotates the
+  whole output in blocks; for the same work ours does too).
+- ours on executor-made weights (SD part): the same, with the model, latents and conditioning made under
+  `torch.inference_mode()` as ComfyUI's loader and VAE Encode make them in the executor (every weight an inference
+  tensor, which autograd cannot save). The trainer makes them usable through zero-copy aliases
+  (`oft_core.train.frozen_for_training`); the extra peak memory against normal weights is reported next to the size
+  of the largest layer (the goal's bound) and of the whole model (what a copy would cost).
 
 Measured in each subprocess: step time = median interval between consecutive steps (ours: the per-step cancel check;
 core: its per-step loss callback), the first step excluded (optimizer state, lazy init); peak memory = growth of the
@@ -148,8 +154,15 @@ def _fill(module, seed: int = 0, std: float = 0.02):
                 cursor = (cursor + take) % period
 
 
-def _build(config: str, base_dtype: str = "fp32"):
-    """(patcher, latents, positive, batch size) for a config, the model made the way ComfyUI's loaders make it."""
+def _build(config: str, base_dtype: str = "fp32", executor: bool = False):
+    """(patcher, latents, positive, batch size) for a config, the model made the way ComfyUI's loaders make it;
+    `executor`: made under torch.inference_mode() as ComfyUI's loader and VAE Encode make them inside the executor
+    (every weight and buffer an inference tensor)."""
+    with torch.inference_mode() if executor else contextlib.nullcontext():
+        return _build_now(config, base_dtype)
+
+
+def _build_now(config: str, base_dtype: str):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -220,12 +233,14 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     rss_before_model = _status_kib("VmRSS")
-    patcher, latents, positive, batch = _build(args.config, args.base_dtype)
+    patcher, latents, positive, batch = _build(args.config, args.base_dtype, executor=args.worker == "ours-executor")
     dm = patcher.model.diffusion_model
+    inference_tensors = sum(1 for t in dm.state_dict(keep_vars=True).values() if t.is_inference())
+    inference_tensors = sum(1 for t in dm.state_dict(keep_vars=True).values() if t.is_inference())
     layout = _core_layout(dm, args.rank)
     stamps: list[float] = []
     kw = dict(steps=args.steps, lr=args.lr, dtype=args.dtype, checkpointing=not args.no_checkpointing)
-    if args.worker == "ours":
+    if args.worker in ("ours", "ours-executor"):
         tn = _import_pack()
         by_size: dict[int, list] = {}
         skipped = 0
@@ -277,8 +292,18 @@ def worker(args) -> dict:
         extra = {"oft_params": sum(v.numel() for k, v in lora_sd.items() if k.endswith("oft_blocks")),
                  "bias_norm_delta_params": sum(v.numel() for k, v in lora_sd.items() if not k.endswith("oft_blocks"))}
     hwm = _status_kib("VmHWM")
+    weights = list(dm.state_dict(keep_vars=True).values())
+    extra.update(model_MiB_stored=sum(t.numel() * t.element_size() for t in weights) / 2**20,
+                 largest_layer_MiB=max(sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
+                                       for m in dm.modules()) / 2**20,
+                 inference_tensors=inference_tensors)
     peak_kib = hwm - base_rss
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    weights = [t for t in dm.state_dict(keep_vars=True).values()]
+    extra.update(model_MiB=sum(t.numel() * t.element_size() for t in weights) / 2**20,
+                 largest_layer_MiB=max(sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
+                                       for m in dm.modules()) / 2**20,
+                 inference_tensors=inference_tensors)
     return {"trainer": args.worker, "step_s": statistics.median(steps[1:] or steps), "steps_timed": len(steps[1:]),
             "peak_rss_growth_MiB": peak_kib / 1024, "peak_incl_model_MiB": (hwm - rss_before_model) / 1024,
             "model_MiB": (base_rss - rss_before_model) / 1024, "layers": layers, "trainable_params": params,
@@ -410,7 +435,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--results", default=None, help="results file (default: bench_train.results.txt here)")
     ap.add_argument("--comfyui", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["ours", "core"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "ours-executor", "core"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.config = args.config or ("quick" if args.quick else "default")
     args.steps = args.steps or (3 if args.quick else 6)
@@ -431,13 +456,20 @@ def main(argv=None) -> int:
         lines.append(f"  ComfyUI not found at {root} (set COMFYUI_PATH): core comparison and QOFT skipped")
     if found and "sd" in parts:
         load0 = machine()["loadavg_1_5_15"]
-        r = run_workers(args, root, args.config, args.steps, args.dtype, "fp32")
+        r = run_workers(args, root, args.config, args.steps, args.dtype, "fp32", who=("ours", "ours-executor", "core"))
+        o, e = r["ours"], r["ours-executor"]
+        executor_line = (
+            f"    ours on executor-made weights ({e['inference_tensors']} inference tensors, trained through "
+            f"frozen_for_training): step {e['step_s'] * 1e3:8.1f} ms, peak RSS growth "
+            f"{e['peak_rss_growth_MiB']:8.1f} MiB; minus normal weights' {o['peak_rss_growth_MiB']:.1f} MiB = "
+            f"{e['peak_rss_growth_MiB'] - o['peak_rss_growth_MiB']:+.1f} MiB (goal ≤ largest layer "
+            f"{e['largest_layer_MiB']:.2f} MiB; a second copy of the model would be {e['model_MiB_stored']:.1f} MiB)")
         lines += race_lines(
             f"SD1.x-family UNet '{args.config}' ({r['ours']['model_params'] / 1e6:.2f} M params), 2 latents "
             f"{LATENT[args.config]}×{LATENT[args.config]}, batch 2, {args.steps} steps, AdamW lr {args.lr:g}, "
             f"{args.dtype}, gradient checkpointing {'off' if args.no_checkpointing else 'on'}, core rank {args.rank} = "
             f"per-layer block sizes of factorization(out_dim, {args.rank}) for both", r, load0,
-            machine()["loadavg_1_5_15"])
+            machine()["loadavg_1_5_15"]) + [executor_line]
     if found and "flux" in parts:
         load0 = machine()["loadavg_1_5_15"]
         r = run_workers(args, root, "flux", args.flux_steps, "bf16", "bf16")

@@ -22,8 +22,11 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..oft_core import OFTAdapter, OFTError
-from ..oft_core.blocks import apply_block_strength, layer_block, parse_block_spec
+from ..oft_core.blocks import apply_block_strength, parse_block_spec
+from ..oft_core.formats import load_adapter
 from ..oft_core.ops import MERGE_MODES, blend, merge
+from ..oft_core.publish import check_output_name
+from ..oft_core.summary import tool_notes
 from ..oft_core.writers import FORMATS, format_family, write_adapter
 from .oft_nodes import OFTAdapterType
 from .patch import BLOCK_STRENGTH_OFF, BLOCK_STRENGTH_TEXT, LAYER_STRENGTHS, block_strength_text
@@ -85,51 +88,6 @@ def with_block_strength(adapter: OFTAdapter, spec: str) -> OFTAdapter:
                                MADE_FROM: tree})
 
 
-def _ranges(indices) -> str:
-    """[0, 1, 2, 5] -> "0-2, 5"."""
-    out, run = [], []
-    for i in sorted(indices):
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [i]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
-
-
-def adapter_groups(adapter: OFTAdapter) -> str:
-    """The block-strength groups `adapter`'s layers are in, as a spec writes them: "double 0-1, single 0-1, te"."""
-    groups: dict[str, set] = {}
-    outside = 0
-    for layer in adapter:
-        block = layer_block(layer.component, layer.name)
-        if block is None:
-            outside += 1
-            continue
-        groups.setdefault(block[0], set())
-        if block[1] is not None:
-            groups[block[0]].add(block[1])
-    parts = [f"{g} {_ranges(ix)}" if ix else g for g, ix in groups.items()]
-    if outside:
-        parts.append(f"unet ({outside} layers in no numbered block)")
-    return ", ".join(parts) or "no layer"
-
-
-def unmatched_items(adapter: OFTAdapter, spec: str) -> list[str]:
-    """The items of `spec` (other than default) that select no layer of `adapter`, as written in the spec."""
-    parsed = parse_block_spec(spec)
-    blocks = [(layer.component, layer_block(layer.component, layer.name)) for layer in adapter]
-    out = []
-    for rule in parsed.rules:
-        if not any(rule.covers(component, block) for component, block in blocks):
-            where = "" if rule.lo is None else f":{rule.lo}" if rule.lo == rule.hi else f":{rule.lo}-{rule.hi}"
-            out.append(f"{rule.group}{where}={rule.value:g}")
-    return out
-
-
 class OFTBlockStrength(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -161,13 +119,6 @@ class OFTBlockStrength(io.ComfyNode):
     def execute(cls, oft_adapter, block_spec) -> io.NodeOutput:
         out = with_block_strength(oft_adapter, block_spec)
         text = f"{len(out)} of {len(oft_adapter)} layers kept" + block_strength_text(out)
-        unmatched = unmatched_items(oft_adapter, block_spec)
-        if unmatched:
-            verb = "matches" if len(unmatched) == 1 else "match"
-            warning = (f"WARNING: {', '.join(unmatched)} {verb} no layer of this adapter; its layers are in: "
-                       f"{adapter_groups(oft_adapter)}")
-            log.warning("OFT Block Strength: %s", warning[len("WARNING: "):])
-            text += "\n" + warning
         return io.NodeOutput(out, ui=ui.PreviewText(text))
 
 
@@ -277,9 +228,13 @@ def materialize_block_strength(adapter: OFTAdapter, fractional: str) -> OFTAdapt
 def next_free_path(filename_prefix: str, suffix: str) -> str:
     """`<output>/<subfolder>/<name>_<counter:05>_<suffix>` with ComfyUI's counter (one past the highest taken), then
     moved on past any name that exists: never an existing file or directory."""
+    check_output_name(filename_prefix, "filename_prefix")
     out_dir = folder_paths.get_output_directory()
     folder, name, counter, _subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise OFTError(f"cannot create the output folder ({e.strerror or e})", path=folder) from None
     while True:
         path = os.path.join(folder, f"{name}_{counter:05}_{suffix}")
         if not os.path.lexists(path):
@@ -336,6 +291,9 @@ class OFTSave(io.ComfyNode):
         path = next_free_path(filename_prefix, "" if format == "peft" else ".safetensors")
         written = write_adapter(adapter, path, format, overwrite=False, metadata=metadata)
         text = f"saved {format} adapter ({len(adapter)} layers): {written}"
+        notes = tool_notes(load_adapter(written))  # what the format's own tool will do differently with the file
+        if notes:
+            text += "\n" + "\n".join(f"note: {n}" for n in notes)
         log.info("OFT: %s", text)
         return io.NodeOutput(ui=ui.PreviewText(text))
 

@@ -35,6 +35,7 @@ from ..oft_core import (
     rotate_weight_,
     rotation_blocks,
 )
+from ..oft_core.errors import check_strength
 from ..oft_core.match import MatchReport
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,13 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
 
     name = "oft"
 
-    def __init__(self, layer, mode: str = "kohya", source: str = ""):
+    def __init__(self, layer, mode: str = "kohya", source: str = "", perm=None):
         self.layer = layer  # an OFTLayer already resolved for its weight (match_adapter did it)
         self.mode = mode
         self.source = source
+        # Target.perm: base row i is the adapter's row perm[i] (diffusers' swapped scale/shift halves); the rotation
+        # is applied in the adapter's row order
+        self.perm = None if perm is None else torch.tensor(perm, dtype=torch.long)
         self.loaded_keys = {layer.key}
         self.weights = list(layer.generators)
         # (strength, mode, device) -> rotation blocks. ComfyUI's low-VRAM path calls calculate_weight on every
@@ -102,6 +106,13 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
         # failure look like a weak adapter (what core's weight_adapter/oft.py does).
         if strength == 0:
             return weight
+        if self.perm is not None:
+            perm = self.perm.to(weight.device)
+            w32 = weight.to(torch.float32)[torch.argsort(perm)]  # the adapter's row order
+            rotated = rotate_weight(self.layer, w32, float(strength), self.mode, out_dtype=torch.float32)
+            fn = function if function is not None else (lambda d: d)
+            weight.copy_((w32 + fn(rotated - w32))[perm])
+            return weight
         key = self._key(strength, weight.device)
         blocks = self.rotation(strength, weight.device) if key in self._patched else None
         self._patched.add(key)
@@ -134,6 +145,21 @@ def model_shapes(patcher, prefix: str = "") -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in patcher.model.state_dict().items() if k.startswith(prefix)}
 
 
+def comfy_key_map(model_or_clip) -> dict:
+    """ComfyUI's own LoRA key map of a MODEL (`model_lora_keys_unet`) or a CLIP (`model_lora_keys_clip`).
+
+    It names the layers of every family ComfyUI loads (SD3's diffusers names as row slices of its fused qkv,
+    Qwen-Image, HiDream, HunyuanVideo, ...); `oft_core.build_key_map` adds its names beside the pack's own tables.
+    A fresh dict is passed: the functions' default `key_map={}` is shared between calls.
+    """
+    import comfy.lora
+
+    clip_model = getattr(model_or_clip, "cond_stage_model", None)
+    if clip_model is not None:
+        return comfy.lora.model_lora_keys_clip(clip_model, {})
+    return comfy.lora.model_lora_keys_unet(model_or_clip.model, {})
+
+
 def model_kind(model) -> str:
     """A short name of the loaded model's family, for messages ("SD15", "Flux", ...)."""
     inner = getattr(model, "model", None)
@@ -156,6 +182,13 @@ def guess_target(adapter: OFTAdapter) -> str:
         (share("down.blocks", "up.blocks", "mid.block"), "a UNet with diffusers names (SD1.x / SD2.x)"),
         (share("input.blocks", "output.blocks", "middle.block"), "a UNet with LDM names (SDXL or SD1.x/2.x)"),
         (share("joint.blocks"), "SD3 (joint_blocks)"),
+        (share("attn.add.q.proj", "ff.context") and not share("single.transformer.blocks", "img.mlp"),
+         "SD3 (diffusers layer names: transformer_blocks.N.attn.add_q_proj / ff_context)"),
+        (share("img.mlp", "txt.mlp") and share("transformer.blocks"), "Qwen-Image (transformer_blocks.N.img_mlp)"),
+        (share("self.attn.q", "attn1.to.q", "ffn.net"), "Wan 2.x (blocks.N.self_attn / attn1)"),
+        (share("double.stream.blocks", "single.stream.blocks"), "HiDream (double_stream_blocks)"),
+        (share("img.attn.qkv", "img.attn.proj") and share("txt.attn.qkv"), "HunyuanVideo (img_attn_qkv)"),
+        (share("layers.") and share("attention.qkv", "feed.forward"), "Lumina 2 (layers.N.attention)"),
     ]
     best = max(guesses, key=lambda g: g[0])
     what = best[1] if best[0] else "an unknown model"
@@ -175,11 +208,13 @@ def match_model(adapter: OFTAdapter, model, clip=None) -> tuple[MatchReport | No
     unet_report = te_report = None
     if unet_layers:
         shapes = model_shapes(model, UNET_PREFIX)
-        unet_report = match_adapter(adapter, shapes, build_key_map(shapes), components=("unet",),
+        keymap = build_key_map(shapes, comfy_key_map(model))
+        unet_report = match_adapter(adapter, shapes, keymap, components=("unet",),
                                     base_name=f"the loaded {model_kind(model)} model")
     if te_layers and clip is not None:
         shapes = model_shapes(clip.patcher)
-        te_report = match_adapter(adapter, shapes, build_key_map(shapes), components=TE_COMPONENTS,
+        keymap = build_key_map(shapes, comfy_key_map(clip))
+        te_report = match_adapter(adapter, shapes, keymap, components=TE_COMPONENTS,
                                   base_name="the loaded CLIP")
     return unet_report, te_report
 
@@ -197,7 +232,7 @@ def _add_patches(patcher, report: MatchReport, adapter: OFTAdapter, strength: fl
     for m in report.matched:
         key = m.target.key if m.target.offset is None else (m.target.key, tuple(m.target.offset))
         effective = float(strength) * layer_multiplier(adapter, m.layer)
-        groups.setdefault(effective, {})[key] = OFTWeightAdapter(m.layer, mode, adapter.format)
+        groups.setdefault(effective, {})[key] = OFTWeightAdapter(m.layer, mode, adapter.format, m.target.perm)
     accepted = []
     for effective, patches in groups.items():
         accepted += patcher.add_patches(patches, effective)
@@ -229,38 +264,28 @@ def block_strength_text(adapter: OFTAdapter) -> str:
     return f"; block strength {spec or '(empty)'}: {off} layers off, {scaled} scaled"
 
 
-# ComfyUI's own OFT weight patches: what core Load LoRA makes of a LyCORIS OFT / BOFT file (strength s², see
-# COMFYUI_NOTES). Our OFTWeightAdapter is also named "oft", so the check is by class, not by name.
-_CORE_OFT = (comfy.weight_adapter.OFTAdapter, comfy.weight_adapter.BOFTAdapter)
+APPLY_MODES = ("merge", "bypass")
 
 
-def core_oft_warning(patcher, report: MatchReport | None) -> str:
-    """A warning when weights this adapter matched already carry ComfyUI's own OFT patch ("" when none do).
-
-    Loading one LyCORIS OFT file through core Load LoRA and through this pack rotates those weights twice (R·R·W).
-    Both may be meant (two different adapters), so this warns and still applies.
-    """
-    if report is None:
-        return ""
-    patches = getattr(patcher, "patches", {})
-    hit = [m.target.key for m in report.matched
-           if any(isinstance(p[1], _CORE_OFT) for p in patches.get(m.target.key, ()))]
-    if not hit:
-        return ""
-    hit = sorted(set(hit))
-    return (f"WARNING: {len(hit)} of these weights already carry ComfyUI's own OFT patch (a Load LoRA node loaded an "
-            f"OFT file), e.g. {hit[0]}: they are rotated twice. If it is the same file, load it through one node only")
-
-
-def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "kohya"):
+def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "kohya", apply_mode: str = "merge"):
     """Patch clones of `model` (and `clip` when the adapter has text-encoder layers) with `adapter`.
 
+    `apply_mode` "merge": weight patches (the rotated weight computed when ComfyUI loads the model); "bypass": the
+    activations rotated in the forward, no weight touched (nodes/bypass.py). Same strength, modes and per-layer
+    strengths in both.
     Returns (model, clip, report text). `clip` is returned as given (same object) when the adapter has no
     text-encoder layer or no CLIP was given. The inputs are never modified; on any error nothing is patched.
     Raises OFTError when no layer of the adapter matches the model, or one does not fit its weight.
     """
     if mode not in ("kohya", "orthogonal"):
         raise OFTError(f"strength mode: expected kohya or orthogonal, found {mode!r}", path=adapter.path)
+    # NaN passes ComfyUI's min/max check (every comparison with NaN is false): the one strength check of oft_core
+    strength = check_strength(strength, path=adapter.path or None)
+    for (_component, name), m in (adapter.info.get(LAYER_STRENGTHS) or {}).items():
+        check_strength(strength * m, f"strength {strength:g} × block multiplier {m:g} of layer {name!r}",
+                       path=adapter.path or None)
+    if apply_mode not in APPLY_MODES:
+        raise OFTError(f"apply mode: expected {' or '.join(APPLY_MODES)}, found {apply_mode!r}", path=adapter.path)
     if len(adapter) == 0 and adapter.info.get(BLOCK_STRENGTH_TEXT) is not None:
         # every layer switched off by a block-strength spec: a valid request whose answer is the unchanged model
         name = os.path.basename(adapter.path) or adapter.format
@@ -281,22 +306,31 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
             path=adapter.path,
         )
     text = report_text(adapter, unet_report, te_report, clip is not None, strength, mode)
-    for warning in (core_oft_warning(model, unet_report),
-                    core_oft_warning(clip.patcher if clip is not None else None, te_report)):
-        if warning:
-            log.warning("OFT %s: %s", os.path.basename(adapter.path) or adapter.format, warning)
-            text += "\n" + warning
+    if apply_mode == "bypass":
+        text = text.replace(f", mode {mode})", f", mode {mode}, bypass)", 1)
     new_model = model.clone()
     if unet_report is not None and unet_report.matched:
-        accepted = _add_patches(new_model, unet_report, adapter, strength, mode)
-        _check_accepted(accepted, unet_report, adapter)
+        _patch(new_model, unet_report, adapter, strength, mode, apply_mode)
     new_clip = clip
     if te_report is not None and te_report.matched:
         new_clip = clip.clone()
-        accepted = _add_patches(new_clip, te_report, adapter, strength, mode)
-        _check_accepted(accepted, te_report, adapter)
+        _patch(new_clip, te_report, adapter, strength, mode, apply_mode)
     log.info("%s", text)
     return new_model, new_clip, text
+
+
+def _patch(patcher, report: MatchReport, adapter: OFTAdapter, strength: float, mode: str, apply_mode: str) -> None:
+    if apply_mode == "bypass":
+        from .bypass import add_bypass
+
+        try:
+            target = getattr(patcher, "patcher", patcher)  # a CLIP: its ModelPatcher
+            add_bypass(target, report.matched, lambda layer: float(strength) * layer_multiplier(adapter, layer), mode)
+        except OFTError as e:
+            raise OFTError(e.detail, path=adapter.path, layer=e.layer) from e
+        return
+    accepted = _add_patches(patcher, report, adapter, strength, mode)
+    _check_accepted(accepted, report, adapter)
 
 
 def _check_accepted(accepted, report: MatchReport, adapter: OFTAdapter) -> None:

@@ -56,6 +56,7 @@ from ..oft_core.train import (
     OFTTrainer as CoreTrainer,
 )
 from ..oft_core.writers import write_adapter
+from . import families
 from .op_nodes import next_free_path
 from .patch import apply_oft, model_kind
 
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 
 CATEGORY = "training/oft"
 OFTAdapterType = io.Custom("OFT_ADAPTER")
-TARGETS = ["attention", "all-linear", "all-linear+conv"]
+TARGETS = ["attention", "all-linear", "attention+conv", "all-linear+conv", "attention+single"]  # see PRESETS
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -300,9 +301,17 @@ def build_trainer(model, targets: str, num_blocks: int, alpha: float, neumann_te
         raise OFTError(f"target preset {targets!r} is not available for this {model_kind(model)} model "
                        f"({family}): choose one of {', '.join(PRESETS[family])}")
     try:
-        return CoreTrainer(select_targets(dm, targets, family), num_blocks=num_blocks, alpha=alpha,
+        selected, splits = select_targets(dm, targets, family), None
+        if family == "generic":  # SD3, Wan, Qwen-Image, ...: names and fused splits from ComfyUI's key map
+            lay = families.layout(model, selected)
+            selected, splits = lay.keep(selected), lay.splits
+            if not selected:
+                raise OFTError(f"none of the {len(lay.left_out)} selected layers has a name in the family's "
+                               "LyCORIS convention")
+        return CoreTrainer(selected, num_blocks=num_blocks, alpha=alpha,
                            neumann_terms=neumann_terms, weight_fn=_weight_fn,
-                           device=comfy.model_management.get_torch_device(), recompute_weight=_casts_weight)
+                           device=comfy.model_management.get_torch_device(), root=dm, splits=splits,
+                           recompute_weight=_casts_weight)
     except OFTError as e:
         raise OFTError(f"{model_kind(model)} model, targets {targets!r}: {e}") from None
 
@@ -458,7 +467,10 @@ def kohya_naming(model) -> str:
 
 
 def export_adapter(model, trainer: CoreTrainer, meta: dict):
-    """The trained adapter named the way sd-scripts names this model's layers (see `kohya_naming`)."""
+    """The trained adapter named the way sd-scripts names this model's layers (see `kohya_naming`); for families
+    sd-scripts has no OFT network for, as LyCORIS with the family's names (`families.export`)."""
+    if detect_family(model.model.diffusion_model) == "generic":
+        return families.export(model, trainer, meta)
     return trainer.to_adapter(meta, names=export_names(model.model.diffusion_model, kohya_naming(model)))
 
 
@@ -550,10 +562,15 @@ class OFTTrainerNode(io.ComfyNode):
                 io.Int.Input("neumann_terms", default=5, min=2, max=20,
                              tooltip="Terms of the Cayley–Neumann series (when it is on)."),
                 queue_checked(io.Combo.Input("targets", options=TARGETS, default="attention",
-                               tooltip="Which layers to adapt. attention: attention projections (FLUX: qkv / proj "
-                               "and single-block linear1/linear2). all-linear: every linear of the transformer "
-                               "blocks. all-linear+conv: also the UNet's ResBlock / down / up convolutions "
-                               "(SD only).")),
+                               tooltip="Which layers to adapt; each is the sd-scripts option of the same name, so "
+                               "the saved file means the same there. attention: attention projections (FLUX: double-"
+                               "block qkv / proj). all-linear: every linear of the transformer blocks (FLUX: of "
+                               "every block, modulation included). attention+conv / all-linear+conv (SD only): also "
+                               "the ResBlock / down / up convolutions and time embedding projections. "
+                               "attention+single (FLUX only, beyond sd-scripts, which ignores the extra layers): "
+                               "also single-block linear1 / linear2. Other families (SD3, Wan, Qwen-Image, ...): "
+                               "attention = linears of attention modules, all-linear = every linear of the "
+                               "transformer blocks; saved as LyCORIS with the family's names.")),
                 queue_checked(io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                                tooltip="Compute precision of the forward/backward (autocast); the generators are "
                                "always fp32.")),

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -34,11 +33,12 @@ from typing import Callable, Sequence
 import torch
 
 from .blocks import BlockSpec, effective_strengths, parse_block_spec
-from .errors import OFTError
+from .errors import OFTError, bulk, check_strength
 from .formats import StreamedAdapter, open_streamed
 from .match import Match, MatchReport, match_adapter, target_shape
 from .names import build_key_map
-from .rotation import STRENGTH_MODES, StrengthMode, rotate_weight_
+from .publish import check_output, publish_file
+from .rotation import STRENGTH_MODES, StrengthMode, all_finite, rotate_weight_
 from .safetensors_io import DTYPES, TensorInfo, read_header
 from .spec import OFTAdapter, OFTLayer, resolve_for_weight
 
@@ -120,6 +120,57 @@ def _real_layer(streamed: StreamedAdapter, m: Match, shapes) -> OFTLayer:
     return layer
 
 
+def _patched_bytes(src, header, ti: TensorInfo, key: str, readbuf, patches, shapes, mode) -> memoryview:
+    """The weight `key` with its patches applied, as bytes in its own dtype."""
+    try:
+        w = _read_tensor(src, header, ti, key, readbuf)
+    except OSError as e:
+        raise OFTError(f"cannot read the base file ({e.strerror})", path=header.path) from None
+    dtype = w.dtype
+    # One patch on an fp32/fp16/bf16 weight: rotated in place in the read buffer (fp32 math chunk by chunk, rounded
+    # once). Several patches (fused slices, several adapters) or fp8: one fp32 copy, rounded once at the end.
+    direct = len(patches) == 1 and dtype in (torch.float32, torch.float16, torch.bfloat16)
+    was_finite = direct or all_finite(w)
+    work = w if direct else w.to(torch.float32)
+    del w
+    for m, strength, streamed in patches:
+        layer = m.layer if streamed is None else _real_layer(streamed, m, shapes)
+        source = streamed.header.path if streamed is not None else None
+        try:
+            rotate_weight_(layer, _narrow(work, m.target.offset), strength, mode)
+        except OFTError as e:
+            raise OFTError(f"{e.detail} (base weight {key}); nothing was written", path=source,
+                           layer=layer.key) from None
+        del layer
+    data = work.to(dtype)
+    if not direct and was_finite and not all_finite(data):  # finite in fp32, overflowing the weight's own dtype
+        raise OFTError(f"the adapted weight {key} would hold NaN or Inf values in {ti.dtype}, while the base weight "
+                       "had none: it overflows its dtype; use a smaller strength. Nothing was written",
+                       path=header.path)
+    data = data.contiguous().view(torch.uint8).reshape(-1)
+    del work
+    if data.numel() != ti.end - ti.start:
+        raise OFTError(f"internal size mismatch writing {key}")
+    return memoryview(data.numpy())
+
+
+def _copy_bytes(src, dst, header, ti: TensorInfo, key: str, copybuf: memoryview) -> None:
+    left = ti.end - ti.start
+    try:
+        src.seek(header.data_offset + ti.start)
+    except OSError as e:
+        raise OFTError(f"cannot read the base file ({e.strerror})", path=header.path) from None
+    while left:
+        try:
+            got = src.readinto(copybuf[:min(left, _COPY_CHUNK)])
+        except OSError as e:
+            raise OFTError(f"cannot read the base file ({e.strerror})", path=header.path) from None
+        if not got:
+            raise OFTError(f"base file ended while copying {key}: was it changed during the bake?", path=header.path)
+        dst.write(copybuf[:got])  # an OSError here is about the output: publish_file names it
+        left -= got
+
+
 def _adapter_items(adapters) -> list[tuple[object, float, BlockSpec | str | None]]:
     items = []
     for entry in adapters:
@@ -156,14 +207,36 @@ def bake(
     if mode not in STRENGTH_MODES:
         raise OFTError(f"strength mode: expected one of {', '.join(STRENGTH_MODES)}, found {mode!r}")
     base, out = os.fspath(base), os.fspath(out)
-    header = read_header(base)
-    if os.path.exists(out):
-        if os.path.abspath(out) == os.path.abspath(base):
-            raise OFTError("refusing to write the output over the base file it reads from", path=out)
-        if not overwrite:
-            raise OFTError("output file exists; choose another name or pass --overwrite", path=out)
     items = _adapter_items(adapters)
+    inputs = [base] + [_input_paths(item) for item, _, _ in items]
+    inputs = [p for group in inputs for p in ([group] if isinstance(group, str) else group)]
+    # Refused before anything is read: an output over an input (any path, any link) or over an existing file
+    # without `overwrite` (checked again, atomically, when the finished file is published).
+    check_output(out, inputs, overwrite=overwrite)
+    header = read_header(base)
     default_spec = parse_block_spec(block_spec) if isinstance(block_spec, str) else block_spec
+    streams = []
+    try:
+        with bulk():
+            return _bake(header, items, out, inputs, mode, default_spec, overwrite, allow_unmatched, progress,
+                         show_progress, started, streams)
+    finally:
+        for streamed in streams:
+            streamed.file.close()
+
+
+def _input_paths(item) -> list[str]:
+    """The files an adapter argument reads (a PEFT folder: the folder, its files; a file: it and a config beside)."""
+    if isinstance(item, OFTAdapter):
+        return [item.path] if item.path else []
+    path = os.fspath(item)
+    config = os.path.join(os.path.dirname(os.path.abspath(path)), "adapter_config.json")
+    return [path, config] if os.path.isfile(config) else [path]
+
+
+def _bake(header, items, out, inputs, mode, default_spec, overwrite, allow_unmatched, progress, show_progress,
+          started, streams) -> BakeResult:
+    base = header.path
     shapes = header.shapes
     keymap = build_key_map(shapes)
     patches: dict[str, list] = {}
@@ -174,7 +247,11 @@ def bake(
         # A file is streamed: its skeleton now (structure, every reader check), each layer read alone when its
         # weight comes up. An OFTAdapter given as an object is already in memory and used as it is.
         streamed = None if isinstance(item, OFTAdapter) else open_streamed(item)
+        if streamed is not None:
+            streams.append(streamed)
         adapter = item if streamed is None else streamed.skeleton
+        strength = check_strength(strength, f"strength of {os.path.basename(adapter.path) or 'the adapter'}",
+                                  path=adapter.path or None)
         spec = parse_block_spec(spec) if isinstance(spec, str) else (spec if spec is not None else default_spec)
         report = match_adapter(adapter, shapes, keymap, base_name=os.path.basename(base))
         reports.append(report)
@@ -185,9 +262,9 @@ def bake(
             raise OFTError(f"{report.summary()}. Nothing was written: pass --allow-unmatched to bake the matched "
                            "layers anyway", path=adapter.path)
         if spec is None:
-            per_layer = {k: float(strength) for k in adapter.layers}
+            per_layer = {k: strength for k in adapter.layers}
         else:
-            per_layer = effective_strengths(adapter, spec, float(strength))
+            per_layer = effective_strengths(adapter, spec, strength)
         for m in report.matched:
             s = per_layer[(m.layer.component, m.layer.name)]
             if s == 0:
@@ -213,57 +290,31 @@ def bake(
     order = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
     total = sum(ti.end - ti.start for _, ti in order)
     show = _Progress(total, always=bool(show_progress)) if show_progress is not False else None
-    out_dir = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".oft-bake-", suffix=".tmp", dir=out_dir)
-    done = 0
     # One buffer for everything read: a patched tensor (whole) or a chunk of an untouched one (copied through it).
     largest_patched = max((header.tensors[k].end - header.tensors[k].start for k in patches), default=0)
     readbuf = bytearray(max(largest_patched, min(_COPY_CHUNK, max((ti.end - ti.start for _, ti in order), default=0))))
     copybuf = memoryview(readbuf)
-    try:
-        with os.fdopen(fd, "wb") as dst, open(base, "rb") as src:
+
+    def write(dst) -> None:
+        done = 0
+        try:
+            src = open(base, "rb")
+        except OSError as e:
+            raise OFTError(f"cannot read the base file ({e.strerror})", path=base) from None
+        with src:
             dst.write(len(blob).to_bytes(8, "little") + blob)
             for key, ti in order:
                 if key in patches:
-                    w = _read_tensor(src, header, ti, key, readbuf)
-                    dtype = w.dtype
-                    # One patch on an fp32/fp16/bf16 weight: rotated in place in the read buffer (fp32 math chunk by
-                    # chunk, rounded once). Several patches (fused slices, several adapters) or fp8: one fp32 copy,
-                    # rounded once at the end.
-                    direct = len(patches[key]) == 1 and dtype in (torch.float32, torch.float16, torch.bfloat16)
-                    work = w if direct else w.to(torch.float32)
-                    del w
-                    for m, strength, streamed in patches[key]:
-                        layer = m.layer if streamed is None else _real_layer(streamed, m, shapes)
-                        rotate_weight_(layer, _narrow(work, m.target.offset), strength, mode)
-                        del layer
-                    data = work.to(dtype).contiguous().view(torch.uint8).reshape(-1)
-                    del work
-                    if data.numel() != ti.end - ti.start:
-                        raise OFTError(f"internal size mismatch writing {key}", path=out)
-                    dst.write(memoryview(data.numpy()))
-                    del data
+                    dst.write(_patched_bytes(src, header, ti, key, readbuf, patches[key], shapes, mode))
                 else:
-                    src.seek(header.data_offset + ti.start)
-                    left = ti.end - ti.start
-                    while left:
-                        got = src.readinto(copybuf[:min(left, _COPY_CHUNK)])
-                        if not got:
-                            raise OFTError(f"base file ended while copying {key}", path=base)
-                        dst.write(copybuf[:got])
-                        left -= got
+                    _copy_bytes(src, dst, header, ti, key, copybuf)
                 done += ti.end - ti.start
                 if progress is not None:
                     progress(done, total)
                 if show is not None:
                     show(done, total)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    publish_file(out, write, inputs=inputs, overwrite=overwrite, what="baked model")
     changed = len(patches)
     seconds = time.monotonic() - started
     log.info("baked %d tensors into %s in %.1fs (%d layers at strength 0 left untouched)", changed, out, seconds,

@@ -44,11 +44,12 @@ import math
 import re
 from dataclasses import dataclass
 
-from .errors import OFTError
+from .errors import OFTError, check_strength
 from .spec import OFTAdapter
 
 GROUPS = ("input", "middle", "output", "double", "single", "te", "te1", "te2", "unet")
 _INDEXED = ("input", "output", "double", "single")
+_MAX_INDEX_DIGITS = 6  # no model has a million blocks; int() of thousands of digits fails (or takes seconds)
 _ITEM = re.compile(r"^(?P<group>[a-z0-9_]+)(?::(?P<lo>\d+)(?:-(?P<hi>\d+))?)?=(?P<value>.+)$")
 _SEP = r"[._]"
 _PATTERNS = (
@@ -132,12 +133,16 @@ def parse_block_spec(text: str) -> BlockSpec:
             raise OFTError(f"block strength spec: cannot read item {token!r}: expected GROUP=NUMBER, "
                            "GROUP:N=NUMBER or GROUP:N-M=NUMBER")
         group, lo, hi = m.group("group"), m.group("lo"), m.group("hi")
-        try:
-            value = float(m.group("value"))
-        except ValueError:
-            value = math.nan
+        shown = token if len(token) <= 60 else token[:40] + f"… ({len(token)} characters)"
+        for index in (lo, hi):
+            if index is not None and len(index) > _MAX_INDEX_DIGITS:
+                raise OFTError(f"block strength spec: item {shown!r}: block index of {len(index)} digits, expected a "
+                               f"block number (at most {_MAX_INDEX_DIGITS} digits)")
+        value = check_strength(m.group("value"), f"block strength spec: item {shown!r}: multiplier") \
+            if len(m.group("value")) <= 64 else math.nan
         if not math.isfinite(value):
-            raise OFTError(f"block strength spec: item {token!r}: {m.group('value')!r} is not a finite number")
+            raise OFTError(f"block strength spec: item {shown!r}: multiplier: expected a finite number, found "
+                           f"{len(m.group('value'))} characters")
         if group == "default":
             if lo is not None:
                 raise OFTError(f"block strength spec: item {token!r}: 'default' takes no block index")
@@ -170,7 +175,12 @@ def layer_strengths(adapter: OFTAdapter, spec: BlockSpec | str) -> dict[tuple[st
 def effective_strengths(adapter: OFTAdapter, spec: BlockSpec | str, strength: float = 1.0) -> dict[tuple[str, str],
                                                                                                    float]:
     """strength × multiplier per layer: what to pass as each layer's strength to `rotate_weight` (or the patch)."""
-    return {k: float(strength) * m for k, m in layer_strengths(adapter, spec).items()}
+    strength = check_strength(strength, path=adapter.path or None)
+    out = {}
+    for k, m in layer_strengths(adapter, spec).items():
+        out[k] = check_strength(strength * m, f"strength {strength:g} × block multiplier {m:g} of layer {k[1]!r}",
+                                path=adapter.path or None)
+    return out
 
 
 def apply_block_strength(adapter: OFTAdapter, spec: BlockSpec | str, strength: float = 1.0

@@ -12,17 +12,19 @@ import json
 import logging
 import sys
 
-from .errors import OFTError
+from .errors import OFTError, check_strength
 
 
-def _adapter_arg(text: str) -> tuple[str, float]:
-    """FILE[:STRENGTH]; a colon that is not followed by a number belongs to the path."""
+def _adapter_arg(text: str, what: str = "strength") -> tuple[str, float]:
+    """FILE[:STRENGTH]; a colon that is not followed by a number belongs to the path. A number that is not finite
+    (nan, inf) or out of range is refused here, naming the file."""
     path, sep, tail = text.rpartition(":")
     if sep:
         try:
-            return path, float(tail)
+            value = float(tail)
         except ValueError:
-            pass
+            return text, 1.0
+        return path, check_strength(value, f"{what} given after the file name", path=path)
     return text, 1.0
 
 
@@ -58,12 +60,37 @@ def _cmd_merge(args) -> int:
     from .ops import merge
     from .writers import format_family, write_adapter
 
-    items = [(load_adapter(path), weight) for path, weight in map(_adapter_arg, args.adapter)]
+    args_ = [_adapter_arg(a, "weight") for a in args.adapter]
+    items = [(load_adapter(path), weight) for path, weight in args_]
     merged = merge(items, mode=args.mode)
     to = args.format or format_family(items[0][0].format)
-    out = write_adapter(merged, args.out, to, overwrite=args.overwrite)
+    out = write_adapter(merged, args.out, to, overwrite=args.overwrite, inputs=_read_paths(items))
     print(f"wrote {out} ({to}, {len(merged)} layers, {args.mode} of {len(items)} adapters)")
+    _print_tool_notes(out)
     return 0
+
+
+def _print_tool_notes(out) -> None:
+    """What the tool that defines the written format will do differently with it (read back from the file)."""
+    from .formats import load_adapter
+    from .summary import tool_notes
+
+    for note in tool_notes(load_adapter(out)):
+        print(f"  note: {note}")
+
+
+def _read_paths(items) -> list[str]:
+    """Every file the adapters were read from (and a PEFT adapter_config.json beside one): never an output."""
+    import os
+
+    paths = []
+    for adapter, _ in items:
+        if adapter.path:
+            paths.append(adapter.path)
+            config = os.path.join(os.path.dirname(os.path.abspath(adapter.path)), "adapter_config.json")
+            if os.path.isfile(config):
+                paths.append(config)
+    return paths
 
 
 def _cmd_convert(args) -> int:
@@ -71,8 +98,10 @@ def _cmd_convert(args) -> int:
     from .writers import write_adapter
 
     adapter = load_adapter(args.file)
-    out = write_adapter(adapter, args.out, args.to, overwrite=args.overwrite)
+    out = write_adapter(adapter, args.out, args.to, overwrite=args.overwrite,
+                        inputs=[args.file] + _read_paths([(adapter, 1.0)]))
     print(f"wrote {out} ({args.to}, {len(adapter)} layers, from {adapter.format})")
+    _print_tool_notes(out)
     return 0
 
 
@@ -87,6 +116,34 @@ def _cmd_demo(args) -> int:
             return run_demo(tmp, steps=args.steps, seed=args.seed)
     os.makedirs(args.out_dir, exist_ok=True)
     return run_demo(args.out_dir, steps=args.steps, seed=args.seed)
+
+
+def _cmd_extract_lora(args) -> int:
+    from .extract import extract_lora
+
+    if (args.rank is None) == (args.rel_error is None):
+        print("error: give exactly one of --rank and --rel-error", file=sys.stderr)
+        return 2
+    result = extract_lora(args.file, args.base, args.out, rank=args.rank, rel_error=args.rel_error,
+                          strength=args.strength, mode=args.strength_mode, dtype=args.dtype,
+                          overwrite=args.overwrite)
+    print(result.text())
+    return 0
+
+
+def _add_extract_command(sub) -> None:
+    e = sub.add_parser("extract-lora", help="approximate an OFT adapter by a LoRA (truncated SVD of R·W − W)")
+    e.add_argument("file", help="adapter .safetensors file or PEFT adapter directory")
+    e.add_argument("--base", required=True, help="the base model .safetensors the adapter is applied to")
+    e.add_argument("--rank", type=int, default=None, help="LoRA rank of every layer")
+    e.add_argument("--rel-error", type=float, default=None, metavar="E",
+                   help="instead of --rank: per layer, the smallest rank whose relative Frobenius error is ≤ E")
+    e.add_argument("--strength", type=float, default=1.0, help="adapter strength the LoRA reproduces (default 1)")
+    e.add_argument("--strength-mode", choices=("kohya", "orthogonal"), default="kohya")
+    e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="LoRA tensor dtype")
+    e.add_argument("--out", required=True, help="output LoRA .safetensors (never overwritten without --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    e.set_defaults(func=_cmd_extract_lora)
 
 
 def _add_ops_commands(sub) -> None:
@@ -141,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_demo)
     _add_ops_commands(sub)
+    _add_extract_command(sub)
     return p
 
 
@@ -150,5 +208,17 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except OFTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, keep the traceback
+            raise
+        # An OS error about a path the user gave (not found, permission denied, a folder given for a file) is an
+        # input error, not a bug: one line, no traceback.
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+def _one_line(text: str) -> str:
+    """The CLI contract is one line per error: a file name or a header value with a line break would break it."""
+    return " ".join(text.splitlines())

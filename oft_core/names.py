@@ -16,6 +16,8 @@ access.
 |                                          | diffusers (LyCORIS/PEFT): a row slice  | `transformer_blocks.0.attn.to_k` |
 |                                          | `(0, start, length)` of a fused weight | -> `img_attn.qkv`, (0, h, h)     |
 | FLUX.1, diffusers (`flux_diffusers`)     | diffusers, identity                    |                                  |
+| Wan 2.x, original names (`wan`)          | original (musubi-tuner), identity;     | `blocks.0.self_attn.q`           |
+|                                          | diffusers (SimpleTuner LyCORIS, PEFT)  | `blocks.0.attn1.to_q` (1:1)      |
 | CLIP-L/H (`text_encoder` if no model):   | HF CLIP names, component te or te1     | `text_model.encoder.layers.0.X`  |
 | `cond_stage_model.transformer.` (SD1),   |                                        |                                  |
 | `conditioner.embedders.0.transformer.`   |                                        |                                  |
@@ -45,6 +47,17 @@ blocks consecutively, the down-sampler being one extra block after every down le
 
 Only `.weight` tensors are targets. A name that two different weights share (in either spelling) resolves to
 nothing and is listed by `KeyMap.ambiguous()`: a silent guess would rotate the wrong weight.
+
+Every other family (SD3.5, Qwen-Image, Wan, HiDream, Chroma, Lumina, HunyuanVideo, AuraFlow, PixArt, ...) is named by
+the host's own LoRA key map, handed in as `build_key_map(shapes, external=...)`: a plain dict {adapter key: base key
+or (base key, offset) or (base key, offset, function)}, which the ComfyUI nodes take from
+`comfy.lora.model_lora_keys_unet` / `model_lora_keys_clip` (this module never imports ComfyUI). Each adapter key's
+prefix says its component (`EXTERNAL_PREFIXES`); the rest is a name in the dotted or underscored spelling as above,
+with the map's fused-weight offsets (SD3's `transformer_blocks.N.attn.to_q` is a row slice of ComfyUI's
+`joint_blocks.N.x_block.attn.qkv`). The pack's own tables win where both name a layer (they are exact for kohya's
+names). An external entry with a `function` is kept only when the function is a pure row permutation (FLUX's and
+SD3's `norm_out.linear`, whose scale/shift halves diffusers stores swapped): its `Target.perm` says how the adapter's
+rows sit in the base weight, and the patch rotates in the adapter's row order (exact for either rotated side).
 """
 
 from __future__ import annotations
@@ -68,6 +81,16 @@ TE_PREFIXES = (
     ("clip_g.transformer.", ("te2",)),
 )
 COMPONENTS = ("unet", "te", "te1", "te2")
+
+# Adapter-key prefixes of a host key map (ComfyUI's model_lora_keys_unet / model_lora_keys_clip) -> the component
+# they name; None: not an adapter name (ComfyUI's generic `text_encoders.<CLIP key>`). Keys with no listed prefix are
+# the model's own module paths (`transformer_blocks.0.attn.to_q` for Qwen-Image, diffusers UNet paths): "unet".
+EXTERNAL_PREFIXES = (
+    ("lycoris_", "unet"), ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("transformer.", "unet"),
+    ("base_model.model.", "unet"), ("diffusion_model.", "unet"), ("unet.", "unet"),
+    ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te"), ("text_encoder_2.", "te2"),
+    ("text_encoder.", "te"), ("text_encoders.", None), ("lora_te3_", None), ("lora_prior_", None),
+)
 
 _RESNET = {  # LDM ResBlock child -> diffusers ResnetBlock2D child
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -99,6 +122,29 @@ _FLUX_TOP = {
     # permutation, not a slice), so an output-side rotation trained on one cannot be applied to the other.
 }
 
+# Wan 2.x: ComfyUI (and musubi-tuner / diffusion-pipe) use the original Wan names, diffusers' WanTransformer3DModel
+# (SimpleTuner's LyCORIS, PEFT) renames them one to one (diffusers scripts/convert_wan_to_diffusers.py; no fused or
+# permuted weight). ComfyUI 0.3.64 has no map for the diffusers names, so the pack carries this one.
+_WAN_BLOCK = {  # original block child -> diffusers `blocks.N` child (weights with OFT-able shapes only)
+    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0", "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",
+    "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+}
+_WAN_TOP = {
+    "patch_embedding": "patch_embedding",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "head.head": "proj_out",
+}
+_WAN_BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
+
 _INPUT = re.compile(r"input_blocks\.(\d+)\.([01])\.(.+)")
 _MIDDLE = re.compile(r"middle_block\.([012])\.(.+)")
 _OUTPUT = re.compile(r"output_blocks\.(\d+)\.([012])\.(.+)")
@@ -109,6 +155,9 @@ _FLUX_BLOCK = re.compile(r"(double|single)_blocks\.(\d+)\.(.+)")
 class Target:
     key: str  # full base key of the WEIGHT tensor
     offset: tuple[int, int, int] | None = None  # (dim, start, length) slice of a fused weight; None = whole tensor
+    # rows of the adapter's module in the base weight's order: base row i = adapter row perm[i] (e.g. FLUX / SD3
+    # `norm_out.linear`, whose scale and shift halves diffusers stores swapped); None = same order
+    perm: tuple[int, ...] | None = None
 
 
 _SHARED = object()  # marks a name claimed by two different targets
@@ -117,9 +166,11 @@ _SHARED = object()  # marks a name claimed by two different targets
 class KeyMap:
     """Name -> `Target` tables per component, in both spellings. Build with `build_key_map`."""
 
-    def __init__(self, architecture: str, layers_per_block: int | None, names: dict[str, dict[str, object]]):
+    def __init__(self, architecture: str, layers_per_block: int | None, names: dict[str, dict[str, object]],
+                 external: int = 0):
         self.architecture = architecture
         self.layers_per_block = layers_per_block  # LDM UNet only: the L used for diffusers names (None: not known)
+        self.external = external  # how many names came from a host key map (build_key_map(external=...))
         self._dotted: dict[str, dict[str, object]] = {}
         self._underscored: dict[str, dict[str, object]] = {}
         self._ambiguous: set[str] = set()
@@ -151,11 +202,89 @@ class KeyMap:
 
     def __repr__(self) -> str:
         sizes = {c: len(t) for c, t in self._dotted.items() if t}
-        return f"KeyMap({self.architecture}, layers_per_block={self.layers_per_block}, names={sizes})"
+        return (f"KeyMap({self.architecture}, layers_per_block={self.layers_per_block}, names={sizes}, "
+                f"external={self.external})")
 
 
-def build_key_map(shapes: Mapping[str, Sequence[int]]) -> KeyMap:
-    """Every name an adapter may use for each `.weight` of `shapes` (base key -> shape; no tensors needed)."""
+def external_names(external: Mapping[str, object],
+                   shapes: Mapping[str, Sequence[int]]) -> list[tuple[str, str, Target]]:
+    """(component, name, Target) of every usable entry of a host key map (see the module docstring).
+
+    Entries whose base key is not a `.weight` of `shapes`, whose offset is malformed or lies outside the weight, or
+    that carry a `function`, are left out.
+    """
+    out = []
+    for adapter_key, value in external.items():
+        if not isinstance(adapter_key, str):
+            continue
+        component, name = "unet", adapter_key
+        for prefix, comp in EXTERNAL_PREFIXES:
+            if adapter_key.startswith(prefix):
+                component, name = comp, adapter_key[len(prefix):]
+                break
+        if component is None or not name:
+            continue
+        offset = None
+        if isinstance(value, str):
+            key = value
+        elif isinstance(value, (tuple, list)) and value and isinstance(value[0], str):
+            key = value[0]
+            if len(value) > 2 and value[2] is not None:
+                shape = shapes.get(key)
+                perm = None if shape is None or (len(value) > 1 and value[1] is not None) else \
+                    _row_permutation(value[2], tuple(shape))
+                if perm is None:
+                    continue  # a transform that is not a pure row permutation: nothing a rotation can act through
+                if perm != tuple(range(len(perm))) and key.endswith(".weight"):
+                    out.append((component, name, Target(key, None, perm)))
+                    continue
+            if len(value) > 1 and value[1] is not None:
+                off = value[1]
+                if not (isinstance(off, (tuple, list)) and len(off) == 3 and all(isinstance(x, int) for x in off)):
+                    continue
+                offset = tuple(int(x) for x in off)
+        else:
+            continue
+        shape = shapes.get(key)
+        if shape is None or not key.endswith(".weight"):
+            continue
+        if offset is not None:
+            dim, start, length = offset
+            if not (0 <= dim < len(shape) and start >= 0 and length > 0 and start + length <= shape[dim]):
+                continue
+            if (start, length) == (0, shape[dim]):
+                offset = None  # the whole weight: the same target as the unsliced name
+        out.append((component, name, Target(key, offset)))
+    return out
+
+
+def _row_permutation(function, shape: tuple) -> tuple[int, ...] | None:
+    """The row permutation `function` applies to a weight of `shape` (probed on row indices), or None when it is
+    anything else (or fails). ComfyUI's map uses such functions for weights whose halves diffusers stores swapped."""
+    import torch
+
+    if not shape:
+        return None
+    rows = shape[0]
+    probe = torch.arange(rows, dtype=torch.float64).reshape((rows,) + (1,) * (len(shape) - 1))
+    try:
+        out = function(probe.clone())
+    except Exception:  # not a function of the rows alone: not a permutation we can use
+        return None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(probe.shape):
+        return None
+    perm = out.reshape(rows)
+    if not torch.equal(perm, perm.round()) or sorted(perm.long().tolist()) != list(range(rows)):
+        return None
+    return tuple(int(i) for i in perm.long().tolist())
+
+
+def build_key_map(shapes: Mapping[str, Sequence[int]], external: Mapping[str, object] | None = None) -> KeyMap:
+    """Every name an adapter may use for each `.weight` of `shapes` (base key -> shape; no tensors needed).
+
+    `external`: a host key map (ComfyUI's `model_lora_keys_unet` / `model_lora_keys_clip`), adding the names of
+    families the pack's own tables do not know; the pack's tables win where both name the same thing.
+    """
     weights = {k[: -len(".weight")]: (k, tuple(s)) for k, s in shapes.items() if k.endswith(".weight")}
     prefixed = any(k.startswith(UNET_PREFIXES) for k in shapes)
     unet: list[tuple[str, str, tuple]] = []  # (module path below the UNet/DiT prefix, key, shape)
@@ -193,8 +322,28 @@ def build_key_map(shapes: Mapping[str, Sequence[int]]) -> KeyMap:
         elif architecture == "flux":
             for alias, offset in _flux_to_diffusers(rel, shape):
                 add("unet", alias, Target(key, offset))
+        elif architecture == "wan":
+            alias = _wan_to_diffusers(rel)
+            if alias is not None:
+                add("unet", alias, Target(key))
 
-    keymap = KeyMap(architecture, layers, names)
+    added = 0
+    if external:
+        own = {c: set(t) for c, t in names.items()}
+        disagree = []
+        for component, name, target in external_names(external, shapes):
+            if component not in names:
+                continue
+            if name in own[component]:
+                if names[component][name] != target:
+                    disagree.append(name)
+                continue
+            add(component, name, target)
+            added += 1
+        if disagree:
+            log.debug("the host key map names %d layers differently from the pack's own tables (kept the pack's): "
+                      "%s", len(disagree), disagree[:5])
+    keymap = KeyMap(architecture, layers, names, added)
     log.debug("%r from %d base weights; %d ambiguous names", keymap, len(weights), len(keymap.ambiguous()))
     return keymap
 
@@ -209,6 +358,8 @@ def _architecture(rels: list[str], has_te: bool) -> str:
         return "sd_unet_diffusers"
     if "single_transformer_blocks" in heads:
         return "flux_diffusers"
+    if "blocks" in heads and any(rel.endswith(".self_attn.q") for rel in rels) and "head.head" in rels:
+        return "wan"
     return "text_encoder" if has_te else "unknown"
 
 
@@ -297,6 +448,16 @@ def _flux_to_diffusers(rel: str, shape: tuple) -> list[tuple[str, tuple[int, int
         qkv = [(f"{block}.attn.{p}", (0, i * h, h)) for i, p in enumerate(("to_q", "to_k", "to_v"))]
         return qkv + [(f"{block}.proj_mlp", (0, 3 * h, shape[0] - 3 * h))]
     return [(f"{block}.{_FLUX_SINGLE[child]}", None)] if child in _FLUX_SINGLE else []
+
+
+def _wan_to_diffusers(rel: str) -> str | None:
+    """The diffusers WanTransformer3DModel name of the original Wan weight `rel`, or None."""
+    if rel in _WAN_TOP:
+        return _WAN_TOP[rel]
+    m = _WAN_BLOCK_RE.fullmatch(rel)
+    if m and m[2] in _WAN_BLOCK:
+        return f"blocks.{m[1]}.{_WAN_BLOCK[m[2]]}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ reverse map

@@ -19,6 +19,8 @@ Decisions (each pinned by tests/test_ops.py):
   Cayley–Neumann and stored-matrix layers are only approximately orthogonal: their products are refused.
 - Layers are keyed by (component, name), names compared with "." read as "_" (kohya and PEFT spell paths
   differently); the first adapter's spelling is kept.
+- PEFT block_share layers (one block repeated along a width only the base weight fixes) meeting an unshared layer
+  are expanded to that layer's width first; composed with each other they stay shared (blocks of the lcm size).
 - Row scales (LyCORIS `rescale`): blended and averaged like generators; in a composition, output-side scales only
   survive when the scaled layer is the last one applied (diag(s)·M_b·diag(s_a)·M_a is not diag(s)·M otherwise);
   input-side (PEFT 0.14–0.15) scales multiply, since row scaling commutes with rotating columns.
@@ -100,8 +102,37 @@ def _same_layers(adapters: Sequence[OFTAdapter], what: str) -> list[dict[tuple[s
     return keyed
 
 
-def _weighted_layer(layers: Sequence[OFTLayer], weights: Sequence[float], what: str) -> OFTLayer:
+_APPLY_IN_ORDER = ("apply the adapters one after another instead, which gives the same weights: chain OFT "
+                   "loader nodes in ComfyUI, or `bake --adapter A --adapter B` on the command line")
+
+
+def _unshare(layer: OFTLayer, width: int, src: str | None = None) -> OFTLayer:
+    """A PEFT block_share layer (one stored block repeated along the axis) written out over `width` as an ordinary
+    layer of width/b equal blocks, its constraint applied first (COFT bounds the one stored block, as it is used)."""
+    b = layer.block_sizes[0]
+    if width % b:
+        raise OFTError(f"a PEFT block_share layer (one {b}×{b} block repeated) meets a layer of width {width}, which "
+                       f"is not a multiple of {b}: they were made for different models; otherwise "
+                       + _APPLY_IN_ORDER, path=src, layer=layer.key)
+    n = width // b
+    gens = [constrain(layer, q, i).expand(n, -1, -1).clone() for i, q in enumerate(layer.generators)]
+    return _rebuild(layer, generators=gens, num_blocks=[n], block_share=False)
+
+
+def _unshare_mixed(layers: Sequence[OFTLayer], sources: Sequence[str | None]) -> list[OFTLayer]:
+    """Layers of one key where some are PEFT block_share and some are not: the shared ones expanded to the width
+    of the first unshared one (the only width they can meet). Unchanged when all or none are shared."""
+    plain = [layer for layer in layers if not layer.block_share]
+    if not plain or len(plain) == len(layers):
+        return list(layers)
+    width = sum(plain[0].split_sizes)
+    return [_unshare(layer, width, src) if layer.block_share else layer for layer, src in zip(layers, sources)]
+
+
+def _weighted_layer(layers: Sequence[OFTLayer], weights: Sequence[float], what: str,
+                    sources: Sequence[str | None] | None = None) -> OFTLayer:
     """Σ wᵢ Qᵢ (weights already normalised), in the first layer's transpose convention, constraint none."""
+    layers = _unshare_mixed(layers, sources or [None] * len(layers))
     ref = layers[0]
     for other in layers[1:]:
         _same_structure(ref, other, what)
@@ -128,7 +159,7 @@ def blend(a: OFTAdapter, b: OFTAdapter, t: float) -> OFTAdapter:
     ka, kb = _same_layers([a, b], "blend")
     layers = {}
     for k, la in ka.items():
-        lb = kb[k]
+        la, lb = _unshare_mixed([la, kb[k]], [a.path or None, b.path or None])
         _same_structure(la, lb, "blend")
         ga, gb = _constrained(la, la.transpose), _constrained(lb, la.transpose)
         # torch.lerp: exact at t = 0, 1 and for equal inputs, so blend(a, a, t) is a bit for bit
@@ -165,7 +196,7 @@ def merge(adapters_with_weights: Sequence[tuple[OFTAdapter, float]], mode: str =
         keyed = _same_layers(adapters, "average")
         layers = {}
         for k, first in keyed[0].items():
-            layer = _weighted_layer([kd[k] for kd in keyed], weights, "average")
+            layer = _weighted_layer([kd[k] for kd in keyed], weights, "average", [a.path or None for a in adapters])
             layers[(first.component, first.name)] = layer
         return OFTAdapter(layers, adapters[0].format, "", dict(adapters[0].metadata), info)
 
@@ -224,6 +255,14 @@ def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | Non
     if len(active) == 1:
         layer, w, _ = active[0]
         return _scaled(layer, w)
+    # PEFT block_share: one block repeated along a width only the base weight fixes. Met with an unshared layer, that
+    # layer's width is the one; all shared, the product repeats blocks of the lcm of their sizes (exact for every
+    # width they fit: a width divisible by each block size is divisible by their lcm), so the result stays shared.
+    keep_shared = all(layer.block_share for layer, _, _ in active)
+    if any(layer.block_share for layer, _, _ in active):
+        plain = [layer for layer, _, _ in active if not layer.block_share]
+        width = sum(plain[0].split_sizes) if plain else math.lcm(*(layer.block_sizes[0] for layer, _, _ in active))
+        active = [(_unshare(layer, width, src) if layer.block_share else layer, w, src) for layer, w, src in active]
     ref = active[0][0]
     for layer, _, src in active:
         if layer.side != ref.side:
@@ -234,9 +273,6 @@ def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | Non
         if layer.parameterization != "cayley":
             raise OFTError(f"{layer.parameterization} layers are not exactly orthogonal: their product has no exact "
                            "Cayley generator", path=src, layer=layer.key)
-        if layer.block_share:
-            raise OFTError("block_share layers have a block count that depends on the base weight; resolve them "
-                           "first (spec.resolve_for_weight)", path=src, layer=layer.key)
         if layer.split_sizes != ref.split_sizes:
             raise OFTError(f"split sizes differ ({ref.split_sizes} vs {layer.split_sizes}): the layers rotate "
                            "different widths", path=src, layer=layer.key)
@@ -285,4 +321,5 @@ def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | Non
                            f"(round-trip error {err:.2g})", layer=ref.key)
         gens.append(q)
     return _rebuild(ref, generators=gens, num_blocks=[w // q.shape[-1] for w, q in zip(ref.split_sizes, gens)],
-                    parameterization="cayley", neumann_coeffs=(), row_scale=scale, source="compose")
+                    parameterization="cayley", neumann_coeffs=(), row_scale=scale, source="compose",
+                    block_share=keep_shared)

@@ -23,7 +23,7 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import OFTError, mismatch
+from .errors import OFTError, check_strength, mismatch
 from .spec import OFTLayer
 
 StrengthMode = Literal["kohya", "orthogonal"]
@@ -246,6 +246,7 @@ def rotation_blocks(
     `sync_free` (the trainer): no value is read back to the host; the Cayley method is chosen from the shapes and
     the constraint's bound on ‖Q‖ (`cayley`).
     """
+    strength = check_strength(strength)
     if mode not in STRENGTH_MODES:
         raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
     gens = layer.generators if generators is None else generators
@@ -442,12 +443,15 @@ def rotate_weight(
     `blocks` may be passed precomputed (`rotation_blocks(layer, strength, mode)`), e.g. cached across the forwards
     of ComfyUI's low-VRAM path; without them, large Cayley blocks are solved against W directly (`_solves_directly`).
     """
+    strength = check_strength(strength)
     if strength == 0:
         return weight if out_dtype in (None, weight.dtype) else weight.to(out_dtype)
     if mode not in STRENGTH_MODES:
         raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
+    was_finite = all_finite(weight)
     out = torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=weight.device)
     _rotate(layer, strength, mode, blocks, weight.reshape(weight.shape[0], -1), out.view(weight.shape[0], -1))
+    _check_result(layer, out, was_finite, strength)
     return out
 
 
@@ -464,6 +468,7 @@ def rotate_weight_(
     Same numbers as `rotate_weight` (fp32 math, one rounding to the weight's dtype), without a second weight-sized
     buffer. `weight` may be a view (a narrowed slice of a fused q/k/v weight: its parent is updated).
     """
+    strength = check_strength(strength)
     if strength == 0:
         return weight
     if mode not in STRENGTH_MODES:
@@ -473,8 +478,35 @@ def rotate_weight_(
     except RuntimeError:  # not viewable as 2-D (a non-contiguous slice): compute aside, then write back
         weight.copy_(rotate_weight(layer, weight, strength, mode, blocks=blocks))
         return weight
+    was_finite = all_finite(flat)
     _rotate(layer, strength, mode, blocks, flat, flat)
+    _check_result(layer, flat, was_finite, strength)
     return weight
+
+
+_FINITE_CHUNK = 1 << 20  # elements checked at a time on the CPU: a 1 MiB mask, whatever the weight's size
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. On the CPU a row chunk at a time, so the bool mask stays small (a bake's peak memory
+    is a few layers' worth, tests/test_bake_ops.py; a float64 sum would copy the tensor); elsewhere in one call (one
+    read from the device)."""
+    if t.numel() == 0:
+        return True
+    if t.device.type != "cpu" or t.ndim == 0:
+        return bool(torch.isfinite(t).all())
+    rows = max(1, _FINITE_CHUNK // max(1, t[0].numel()))
+    widen = t.is_floating_point() and t.element_size() == 1  # fp8: no isfinite kernel (an overflow there is NaN)
+    return all(bool(torch.isfinite(chunk.float() if widen else chunk).all()) for chunk in t.split(rows, dim=0))
+
+
+def _check_result(layer: OFTLayer, result: torch.Tensor, was_finite: bool, strength: float) -> None:
+    """Never hand back NaN/Inf the weight did not already have (an overflow in the weight's dtype, e.g. fp16 at a
+    large strength): the caller stops and writes nothing."""
+    if was_finite and not all_finite(result):
+        raise OFTError(f"the adapted weight {tuple(result.shape)} ({str(result.dtype).replace('torch.', '')}) would "
+                       f"hold NaN or Inf values at strength {strength:g}, while the weight had none: it overflows "
+                       "its dtype; use a smaller strength", layer=layer.key)
 
 
 def _rotate(layer, strength, mode, blocks, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -8,7 +8,9 @@ that says which, instead of a stack trace from deep inside a loader.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -70,67 +72,217 @@ def _looks_like_pickle(head: bytes) -> bool:
     return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
+# Bits per element of every dtype safetensors itself knows (a base file may hold dtypes torch has no name for here,
+# e.g. U32 or F8_E8M0: they are copied byte for byte, never computed on). A dtype outside this table is refused, as
+# safetensors refuses it.
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+# JSON numbers in a header are offsets and dims: 20 digits hold any 64-bit value. Longer digit strings are refused
+# before Python converts them (which would take quadratic time, or fail past 4300 digits).
+_MAX_INT_DIGITS = 20
+
+
+_LONG_DIGITS = re.compile(rb"\d{%d}" % (_MAX_INT_DIGITS + 1))
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ValueError(f"a number of {len(text)} digits")
+    return int(text)
+
+
+def parse_json(raw: bytes | str, what: str, path: str):
+    """JSON text (a safetensors header, adapter_config.json) parsed with the limits a hostile file needs: NaN and
+    Infinity refused (they are not JSON), integers of more than 20 digits refused, and nesting too deep for the parser
+    reported as such instead of a `RecursionError`. Raises `OFTError` naming the file."""
+    try:
+        if _LONG_DIGITS.search(raw if isinstance(raw, bytes) else raw.encode("utf-8", "replace")) is None:
+            return json.loads(raw, parse_constant=_refuse_constant)  # the C fast path for integers
+        return json.loads(raw, parse_constant=_refuse_constant, parse_int=_parse_int)
+    except RecursionError:
+        raise OFTError(f"{what} is not usable: its JSON is nested too deeply to be read (thousands of levels; no "
+                       "real file nests more than a few)", path=path) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise OFTError(f"{what} is not valid JSON ({e})", path=path) from None
+
+
+def _int_list(value, length: int | None) -> list[int] | None:
+    """`value` when it is a JSON list of non-negative integers (of `length` items when given), else None."""
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        return None
+    for v in value:
+        if type(v) is not int or v < 0:  # bool is an int subclass; a float dim (1.0) is refused, as safetensors does
+            return None
+    return value
+
+
+def _bad_entry(path: str, key: str, what: str, found) -> OFTError:
+    return OFTError(f"not a valid safetensors file: tensor {key!r}: {what}, found {found}", path=path)
+
+
+def _check_entries(header: dict, data_size: int, path: str) -> dict[str, TensorInfo]:
+    """Every tensor entry checked by safetensors' own rules (its `Metadata::validate`): a known dtype, integer dims
+    and offsets ≥ 0, byte length = dtype size × element count, and the tensors tiling the data section exactly (in
+    offset order, no gap, no overlap, ending at the end of the file)."""
+    tensors: dict[str, TensorInfo] = {}
+    bits_of = DTYPE_BITS
+    for key, info in header.items():
+        try:
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError):
+            raise _bad_entry(path, key, "expected an object with dtype, shape and data_offsets",
+                             type(info).__name__ if not isinstance(info, dict) else sorted(info)) from None
+        if type(dtype) is not str or dtype not in bits_of:
+            raise _bad_entry(path, key, f"expected a dtype safetensors knows ({', '.join(bits_of)})", repr(dtype))
+        if _int_list(shape, None) is None:
+            raise _bad_entry(path, key, "expected a shape of integers ≥ 0", repr(shape)[:80])
+        if _int_list(offsets, 2) is None or offsets[0] > offsets[1]:
+            raise _bad_entry(path, key, "expected data_offsets [begin, end] with integers 0 ≤ begin ≤ end",
+                             repr(offsets)[:80])
+        bits = math.prod(shape) * bits_of[dtype]
+        if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+            raise _bad_entry(path, key, f"a {dtype} tensor of shape {tuple(shape)} takes {bits / 8:g} bytes",
+                             f"data_offsets {offsets} ({offsets[1] - offsets[0]} bytes)")
+        tensors[key] = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+    end = 0
+    for key, ti in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if ti.start != end:
+            what = "overlaps the tensor before it" if ti.start < end else "leaves a gap after the tensor before it"
+            raise OFTError(f"not a valid safetensors file: tensor {key!r} {what} (data_offsets begin at {ti.start}, "
+                           f"expected {end})", path=path)
+        end = ti.end
+    if end != data_size:
+        if end > data_size:
+            raise OFTError(f"truncated file: the header promises {end} bytes of tensor data, the file has "
+                           f"{data_size} (an interrupted download or copy? fetch it again)", path=path)
+        raise OFTError(f"not a valid safetensors file: {data_size - end} bytes after the last tensor's data "
+                       f"(tensor data ends at {end} of {data_size})", path=path)
+    return tensors
+
+
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse and check a safetensors header without loading tensors."""
+    """Parse and check a safetensors header without loading tensors, as strictly as safetensors itself: a file that
+    passes opens with safetensors, and everything derived from it (a baked copy) does too."""
     path = os.fspath(path)
+    if "\0" in path:
+        raise OFTError("expected a file path, found one with a NUL character", path=repr(path))
     if not os.path.exists(path):
         raise OFTError("file not found", path=path)
     if os.path.isdir(path):
         raise OFTError("expected a .safetensors file, found a directory", path=path)
     if path.lower().endswith(PICKLE_SUFFIXES):
         refuse_pickle(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise OFTError(f"not a safetensors file: only {size} bytes (empty or truncated)", path=path)
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            if _looks_like_pickle(head):
-                refuse_pickle(path)
-            raise OFTError(
-                f"not a safetensors file, or truncated: header length field says {n} bytes, file has {size} bytes",
-                path=path,
-            )
-        raw = f.read(n)
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise OFTError(f"not a safetensors file: only {size} bytes (empty or truncated)", path=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                if _looks_like_pickle(head):
+                    refuse_pickle(path)
+                raise OFTError(
+                    f"not a safetensors file, or truncated: header length field says {n} bytes, file has {size} bytes",
+                    path=path,
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise OFTError(f"cannot read the file ({e.strerror or e})", path=path) from None
+    try:
+        header = parse_json(raw, "the safetensors header", path)
+    except OFTError as e:
         if _looks_like_pickle(head):
             refuse_pickle(path)
-        raise OFTError(f"not a safetensors file: header is not valid JSON ({e})", path=path) from None
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, TensorInfo] = {}
-    end_max = 0
-    for key, info in header.items():
+        raise OFTError(f"not a safetensors file: {e.detail}", path=path) from None
+    if not isinstance(header, dict):
+        raise OFTError(f"not a safetensors file: the header is JSON {type(header).__name__}, expected an object",
+                       path=path)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        found = type(metadata).__name__ if not isinstance(metadata, dict) else next(
+            f"{k!r}: {type(v).__name__}" for k, v in metadata.items() if not isinstance(v, str))
+        raise OFTError(f"not a valid safetensors file: __metadata__: expected an object of text values, found {found}",
+                       path=path)
+    tensors = _check_entries(header, size - 8 - n, path)
+    return Header(path, tensors, metadata, 8 + n)
+
+
+def load_tensors(path: str | os.PathLike | Header, keys=None, device: str = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], Header]:
+    """Load tensors (all, or `keys`) after checking the header (`path` may be an already checked `Header`).
+
+    All tensors: the data section is read once and every tensor is a view of it (one read instead of one call per
+    key: for 200,000 keys that was most of the time); some: read one by one (`TensorFile`)."""
+    header = path if isinstance(path, Header) else read_header(path)
+    if keys is not None:
+        f = TensorFile(header)
         try:
-            start, end = (int(v) for v in info["data_offsets"])
-            ti = TensorInfo(str(info["dtype"]), tuple(int(s) for s in info["shape"]), start, end)
-        except (KeyError, TypeError, ValueError):
-            raise OFTError(f"not a safetensors file: malformed header entry for tensor {key!r}", path=path) from None
-        tensors[key] = ti
-        end_max = max(end_max, end)
-    if 8 + n + end_max > size:
-        raise OFTError(
-            f"truncated file: the header promises {8 + n + end_max} bytes, the file has {size} "
-            "(an interrupted download or copy? fetch it again)",
-            path=path,
-        )
-    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()}, 8 + n)
-
-
-def load_tensors(path: str | os.PathLike, keys=None, device: str = "cpu") -> tuple[dict[str, torch.Tensor], Header]:
-    """Load tensors (all, or `keys`) after checking the header."""
-    header = read_header(path)
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
+            return f.get(keys), header
+        finally:
+            f.close()
     try:
-        with safe_open(header.path, framework="pt", device=device) as f:
-            for k in header.tensors if keys is None else keys:
-                out[k] = f.get_tensor(k)
-    except Exception as e:  # safetensors raises its own error types; re-raise with the file named
-        raise OFTError(f"could not read tensors ({type(e).__name__}: {e})", path=header.path) from e
+        with open(header.path, "rb") as f:
+            f.seek(header.data_offset)
+            data = bytearray(f.read())
+    except OSError as e:
+        raise OFTError(f"cannot read the file ({e.strerror or e})", path=header.path) from None
+    if len(data) < max((ti.end for ti in header.tensors.values()), default=0):
+        raise OFTError("the file became shorter while it was read: was it changed meanwhile?", path=header.path)
+    out: dict[str, torch.Tensor] = {}
+    for k, ti in header.tensors.items():
+        dtype = DTYPES.get(ti.dtype)
+        if dtype is None:
+            raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which no OFT trainer writes", path=header.path)
+        count = math.prod(ti.shape)
+        t = torch.frombuffer(data, dtype=dtype, count=count, offset=ti.start) if count else torch.empty(0, dtype=dtype)
+        out[k] = t.reshape(ti.shape) if device == "cpu" else t.reshape(ti.shape).to(device)
     return out, header
+
+
+class TensorFile:
+    """Tensors of one checked file read a few at a time with plain file reads: the header is parsed once (`Header`),
+    the file stays open, nothing is memory-mapped (mapped pages would stay resident for the whole bake). What a
+    streamed adapter reads each layer with: opening the file per layer parsed its header again every time, which
+    made a bake of N layers cost O(N²)."""
+
+    def __init__(self, header: Header):
+        self.header = header
+        self._file = None
+
+    def get(self, keys) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        try:
+            if self._file is None:
+                self._file = open(self.header.path, "rb")
+            for k in keys:
+                ti = self.header.tensors[k]
+                dtype = DTYPES.get(ti.dtype)
+                if dtype is None:
+                    raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which no OFT trainer writes",
+                                   path=self.header.path)
+                n = ti.end - ti.start
+                buf = bytearray(n)
+                self._file.seek(self.header.data_offset + ti.start)
+                if n and self._file.readinto(buf) != n:
+                    raise OFTError(f"the file ended while reading tensor {k!r}: was it changed while in use?",
+                                   path=self.header.path)
+                out[k] = torch.frombuffer(buf, dtype=dtype).reshape(ti.shape) if n else torch.empty(ti.shape,
+                                                                                                     dtype=dtype)
+        except OSError as e:
+            raise OFTError(f"cannot read the file ({e.strerror or e})", path=self.header.path) from None
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

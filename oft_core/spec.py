@@ -45,6 +45,7 @@ Kind = Literal["diag", "butterfly"]
 Parameterization = Literal["cayley", "neumann", "matrix"]  # "matrix": R itself is stored (old LyCORIS oft_diag)
 ConstraintKind = Literal["none", "norm_clamp", "block_projection"]
 COMPONENTS = ("unet", "te", "te1", "te2")
+_FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -225,9 +226,18 @@ def make_layer(
     constraint = constraint or Constraint()
     if constraint.kind not in ("none", "norm_clamp", "block_projection"):
         fail(mismatch("constraint", "none | norm_clamp | block_projection", repr(constraint.kind)))
+    what = "constraint (alpha)" if constraint.kind == "norm_clamp" else "constraint (eps)"
     if not math.isfinite(constraint.value) or constraint.value < 0:
-        fail(mismatch("constraint value", "a finite number ≥ 0", constraint.value))
+        fail(mismatch(what, "a finite number ≥ 0", constraint.value))
     dim = sum(n * int(g.shape[-1]) for g, n in zip(gens, num_blocks))
+    widest = max(n * int(g.shape[-1]) for g, n in zip(gens, num_blocks))
+    if constraint.kind == "norm_clamp" and constraint.value * widest > _FP32_MAX:
+        # the bound alpha × width is compared with a float32 norm; sd-scripts and LyCORIS fail on it ("value cannot
+        # be converted to type float without overflow")
+        fail(mismatch(what, f"at most {_FP32_MAX / widest:.3g} (alpha × {widest} rows must fit in float32)",
+                      f"{constraint.value:g}"))
+    if constraint.kind == "block_projection" and constraint.value > _FP32_MAX:
+        fail(mismatch(what, f"at most {_FP32_MAX:.3g} (it must fit in float32)", f"{constraint.value:g}"))
     if row_scale is not None:
         row_scale = row_scale.detach().to(torch.float32).reshape(-1)
         if row_scale.device.type != "meta" and not torch.isfinite(row_scale).all():

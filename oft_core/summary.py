@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections import Counter
 
 import torch
 
-from .rotation import StrengthMode, generator_norms, orthogonality_error, rotate_weight
+from .errors import bulk
+from .rotation import _NORM_EPS, StrengthMode, cayley, generator_norms, orthogonality_error, rotate_weight
 from .spec import OFTAdapter
 
 log = logging.getLogger(__name__)
@@ -85,15 +87,132 @@ def energy_changes(adapter: OFTAdapter, base: str | os.PathLike, *, strength: fl
     return out, {"base": header.path, "summary": report.summary(), "unmatched": list(report.unmatched)}
 
 
+# ------------------------------------------------------------------------------------------------ tool limits
+# What the reference tools themselves do with a file (sd-scripts 48d368fa networks/oft.py + oft_flux.py,
+# lycoris-lora 4.1.3), emulated from the file's key names exactly as their loaders decide (checked against the tools
+# in tests/test_tools.py). Each note names the tool, what it does, and the layers concerned.
+_FLUX1_SPLITS = {"qkv": (3072, 3072, 3072), "linear1": (3072, 3072, 3072, 12288)}
+_KOHYA_ATTN = re.compile(r"_attn[12]_(to_q|to_k|to_v|to_out_0)$")
+_KOHYA_TF = re.compile(r"_(proj_in|proj_out|ff_net_0_proj|ff_net_2)$")
+_KOHYA_FLUX_ATTN = re.compile(r"^double_blocks_\d+_(img|txt)_attn_(qkv|proj)$")
+
+
+def _examples(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" … ({len(names)} in all)" if len(names) > n else "")
+
+
+def tool_notes(adapter: OFTAdapter) -> list[str]:
+    """Where the tool that defines `adapter`'s format will not do what this pack does with it (one line each)."""
+    fmt = adapter.format
+    names = [layer.key.split(".")[0] for layer in adapter]
+    notes = []
+    if fmt == "kohya_flux":
+        bare = [k.removeprefix("oft_unet_") for k in names]
+        if not any("_mlp" in k for k in names):  # sd-scripts' all-linear switch (create_network_from_weights)
+            dropped = [k for k, b in zip(names, bare) if not _KOHYA_FLUX_ATTN.match(b)]
+            if dropped:
+                notes.append(f"sd-scripts networks.oft_flux will ignore {len(dropped)} of {len(names)} layers "
+                             f"({_examples(dropped)}): without a key containing '_mlp' it adapts only the double "
+                             "blocks' attention qkv / proj, and its load is not strict (no warning)")
+        odd = [layer.key for layer in adapter for part, sizes in _FLUX1_SPLITS.items()
+               if layer.name.endswith(part) and len(layer.split_sizes) > 1 and layer.split_sizes != sizes]
+        if odd:
+            notes.append(f"sd-scripts networks.oft_flux hard-codes FLUX.1's split widths (q|k|v 3×3072, linear1 "
+                         f"3×3072 + 12288): it cannot load {len(odd)} layers of this file ({_examples(odd)})")
+        notes.append("sd-scripts networks.oft_flux cannot merge this file into a model (its merge_to crashes); it "
+                     "applies it only as a forward patch at inference")
+    elif fmt == "kohya":
+        diffusers = any(k.startswith("oft_unet_" + p) for k in names for p in ("down_blocks", "up_blocks", "mid_block"))
+        conv_on = any("in_layers_2" in k for k in names)  # sd-scripts' enable_conv switch
+        linear_on = any("_ff_" in k for k in names)  # and its enable_all_linear switch
+        kinds = {"attn": [], "tf": [], "conv": []}
+        for k in names:
+            kinds["attn" if _KOHYA_ATTN.search(k) else "tf" if _KOHYA_TF.search(k) else "conv"].append(k)
+        if kinds["conv"] and not conv_on:
+            why = ("(SD1.x/SD2.x files name layers after diffusers modules, so they never have one)" if diffusers
+                   else "")
+            notes.append(f"sd-scripts networks.oft will ignore {len(kinds['conv'])} ResBlock / down / up-sample "
+                         f"layers ({_examples(kinds['conv'])}): it enables conv layers only when a key contains "
+                         f"'in_layers_2' {why}".rstrip() + "; ComfyUI and this pack apply them")
+        if kinds["tf"] and not linear_on:
+            notes.append(f"sd-scripts networks.oft will ignore {len(kinds['tf'])} transformer layers "
+                         f"({_examples(kinds['tf'])}): it enables them only when a key contains '_ff_'")
+        if len({n for layer in adapter for n in layer.num_blocks}) > 1:
+            notes.append("sd-scripts networks.oft builds every layer with the block count of the file's first key: "
+                         "it cannot load this file, whose layers have different block counts")
+        notes.append("sd-scripts: OFTInfModule.merge_to(multiplier) ignores its argument; merge at a strength "
+                     "through the network multiplier (create_network_from_weights(multiplier, …))")
+    elif fmt.startswith("lycoris"):
+        from .writers import _lycoris_layout_problem
+
+        bad = [layer.key for layer in adapter if layer.kind == "diag" and layer.parameterization != "matrix"
+               and _lycoris_layout_problem(layer)]
+        if bad:
+            notes.append(f"LyCORIS diag-oft cannot load {len(bad)} layers ({_examples(bad)}): it rebuilds a layer's "
+                         "layout from the block size alone and only holds a block size ≤ the block count")
+        if any(k.startswith("lora_unet_") for k in names):
+            notes.append("LyCORIS 4.1.3: its kohya-style loader (lycoris.kohya.create_network_from_weights) stops "
+                         "with an assertion on SD UNets (duplicated lora name: lora_unet_time_embedding_linear_1); "
+                         "lycoris.wrapper.create_lycoris_from_weights with LORA_PREFIX 'lora_unet' loads this file")
+        notes.append("LyCORIS: the kohya-style network's merge_to always merges at strength 1 (its multiplier is "
+                     "ignored); LycorisNetwork.merge_to(weight) honours the weight")
+    return notes
+
+
+# Layers checked together (stacked) at most this many generator elements at a time: an adapter of 100,000 small
+# layers is summarised in a few batched solves instead of 100,000 small ones, without stacking a large adapter whole.
+_BATCH_ELEMENTS = 1 << 22
+
+
+def _batched_checks(adapter: OFTAdapter) -> dict[tuple[str, str], tuple[list[tuple[float, float | None]], float]]:
+    """(generator norms with their bounds, orthogonality error) of every plain layer (diag, one split, exact Cayley,
+    no constraint or kohya's clamp), computed for all layers of one block layout at once: the numbers
+    `generator_norms` and `orthogonality_error` give, up to the rounding of a batched reduction. Other layers are
+    left to those two functions."""
+    groups: dict[tuple, list] = {}
+    for key, layer in adapter.layers.items():
+        if (layer.kind == "diag" and len(layer.generators) == 1 and layer.parameterization == "cayley"
+                and layer.constraint.kind in ("none", "norm_clamp") and not layer.block_share
+                and layer.generators[0].device.type != "meta"):
+            groups.setdefault((tuple(layer.generators[0].shape), layer.transpose), []).append((key, layer))
+    out = {}
+    for (shape, transpose), items in groups.items():
+        step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))
+        for start in range(0, len(items), step):
+            chunk = items[start:start + step]
+            q = torch.stack([layer.generators[0] for _, layer in chunk]).to(torch.float32)
+            norms = torch.linalg.vector_norm(q.flatten(1), dim=1)
+            bounds = [layer.constraint.value * layer.split_sizes[0] if layer.constraint.kind == "norm_clamp"
+                      else math.inf for _, layer in chunk]
+            bound_t = torch.tensor(bounds, dtype=torch.float32)
+            # rotation.constrain's clamp, per layer: Q·(min(‖Q‖, c) + ε)/(‖Q‖ + ε); unconstrained layers untouched
+            scale = torch.where(torch.isinf(bound_t), torch.ones_like(norms),
+                                (torch.minimum(norms, bound_t) + _NORM_EPS) / (norms + _NORM_EPS))
+            r = cayley((q * scale.view(-1, 1, 1, 1)).flatten(0, 1)).view(q.shape)
+            if transpose:
+                r = r.transpose(-1, -2)
+            eye = torch.eye(shape[-1], dtype=r.dtype)
+            errors = (r.transpose(-1, -2) @ r - eye).abs().flatten(1).amax(dim=1).tolist()
+            for (key, _), norm, bound, err in zip(chunk, norms.tolist(), bounds, errors):
+                out[key] = ([(norm, None if math.isinf(bound) else bound)], err)
+    return out
+
+
 def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_max_rows: int = HE_ROWS) -> dict:
     """A JSON-ready summary of `adapter` (the CLI's `inspect --json` and the nodes' OFTInspect use it).
 
     With `base` (a .safetensors model), every matched layer also gets its hyperspherical-energy change on that base.
     """
+    with bulk():
+        return _describe(adapter, base, he_max_rows)
+
+
+def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
     energies, base_info = energy_changes(adapter, base, max_rows=he_max_rows) if base is not None else ({}, None)
+    batched = _batched_checks(adapter)
     layers = []
-    for layer in adapter:
-        norms = generator_norms(layer)
+    for key, layer in adapter.layers.items():
+        norms, ortho = batched.get(key) or (generator_norms(layer), None)
         clamped = [bound is not None and norm > bound for norm, bound in norms]
         layers.append(
             {
@@ -111,7 +230,7 @@ def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_m
                 "clamped": any(clamped),
                 "rescaled": layer.row_scale is not None,
                 "params": layer.num_params(),
-                "orthogonality_error": orthogonality_error(layer),
+                "orthogonality_error": orthogonality_error(layer) if ortho is None else ortho,
                 **energies.get((layer.component, layer.name), {}),
             }
         )
@@ -132,6 +251,7 @@ def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_m
         "ignored_keys": len(adapter.info.get("ignored_keys", [])),
         "per_layer": layers,
         "orthogonality_error_max": max((x["orthogonality_error"] for x in layers), default=0.0),
+        "tool_notes": tool_notes(adapter),
     }
     if base_info is not None:
         changes = [x["he_rel_change"] for x in layers if "he_rel_change" in x]
@@ -176,4 +296,6 @@ def format_text(d: dict, *, max_layers: int = 12, more_hint: str = " (--json lis
             lines.append(f"  … and {len(measured) - max_layers} more{more_hint}")
     if d["ignored_keys"]:
         lines.append(f"ignored:    {d['ignored_keys']} non-OFT keys in the file")
+    for note in d.get("tool_notes", ()):
+        lines.append(f"tools:      {note}")
     return "\n".join(lines)

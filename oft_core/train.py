@@ -19,8 +19,10 @@ included.
 
 Public API:
 
-- `select_targets(root, preset, family=None)` -> [(path, module)]: presets per model family (`PRESETS`).
-- `OFTTrainer(targets, num_blocks=… | block_size=…, alpha=…, neumann_terms=0)`; `.parameters()`, `.attach()`,
+- `select_targets(root, preset, family=None)` -> `Targets` [(path, module)] (+ `.root`): presets per model family
+  (`PRESETS`), each the sd-scripts option of the same name (`SD_SCRIPTS_OPTIONS`; beyond it: `EXTRA_PRESETS`).
+- `OFTTrainer(targets, num_blocks=… | block_size=…, alpha=…, neumann_terms=0, root=None)`; `.parameters()`,
+  `.attach()` (safe on its own on FLUX: guards the root's in-place blocks),
   `.to_adapter(metadata, names=None)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits);
   `.load_adapter(adapter, names=None)` starts from a trained adapter (resume; refuses the first mismatch);
   `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
@@ -54,22 +56,43 @@ from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coeffici
 
 log = logging.getLogger(__name__)
 
+# Each sd / flux preset adapts exactly the layers of the sd-scripts option it is named after (networks/oft.py,
+# networks/oft_flux.py at 48d368fa; README "Training presets" has the table), so a trained file means the same
+# thing in sd-scripts and here. A preset that adapts more than any sd-scripts option is listed in EXTRA_PRESETS with
+# the layers sd-scripts ignores when it loads such a file.
 PRESETS = {
-    "sd": ("attention", "all-linear", "all-linear+conv"),
-    "flux": ("attention", "all-linear"),
+    "sd": ("attention", "all-linear", "attention+conv", "all-linear+conv"),
+    "flux": ("attention", "all-linear", "attention+single"),
     "generic": ("attention", "all-linear", "all-linear+conv"),
+}
+SD_SCRIPTS_OPTIONS = {  # preset -> the sd-scripts network_args that adapt the same layers
+    ("sd", "attention"): "networks.oft (default)",
+    ("sd", "all-linear"): "networks.oft enable_all_linear=True",
+    ("sd", "attention+conv"): "networks.oft enable_conv=True",
+    ("sd", "all-linear+conv"): "networks.oft enable_all_linear=True enable_conv=True",
+    ("flux", "attention"): "networks.oft_flux (default)",
+    ("flux", "all-linear"): "networks.oft_flux enable_all_linear=True",
+}
+EXTRA_PRESETS = {  # (family, preset) -> what sd-scripts does with the layers beyond its options
+    ("flux", "attention+single"): "single_blocks.N.linear1 / linear2 are beyond sd-scripts' attention option: "
+                                  "networks.oft_flux loads them only in all-linear mode (a key containing '_mlp') and "
+                                  "otherwise ignores them without a word; ComfyUI and this pack apply them",
 }
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 KOHYA_PREFIX = "oft_unet_"
 
 # Module classes that hold a UNet's transformer layers (kohya "Transformer2DModel"), its attention (kohya
 # "CrossAttention") and its convolution blocks (kohya ResnetBlock2D / Downsample2D / Upsample2D), in ComfyUI LDM,
-# diffusers and sd-scripts spelling.
+# diffusers and sd-scripts spelling. sd-scripts adapts every Linear and 1×1 Conv2d under a target module, and with
+# enable_conv also every Conv2d and Linear (the ResBlock's time_emb_proj / emb_layers.1) of the conv blocks.
 _TRANSFORMER_CLASSES = ("SpatialTransformer", "SpatialVideoTransformer", "Transformer2DModel")
 _ATTENTION_CLASSES = ("CrossAttention", "Attention", "MemoryEfficientCrossAttention", "SelfAttention")
 _CONV_BLOCK_CLASSES = ("ResBlock", "Downsample", "Upsample", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 _FLUX_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.\d+\.")
-_FLUX_ATTENTION = re.compile(r"^(double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\.linear[12])$")
+# sd-scripts oft_flux: attention = Linear layers of SelfAttention modules (double blocks only; single blocks have no
+# SelfAttention module), all-linear = every Linear of DoubleStreamBlock / SingleStreamBlock, modulation included.
+_FLUX_ATTENTION = re.compile(r"^double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$")
+_FLUX_SINGLE_LINEAR = re.compile(r"^single_blocks\.\d+\.linear[12]$")
 _FLUX_QKV = re.compile(r"^double_blocks\.\d+\.(img|txt)_attn\.qkv$")
 _FLUX_LINEAR1 = re.compile(r"^single_blocks\.\d+\.linear1$")
 
@@ -97,16 +120,31 @@ def _is_conv(m: nn.Module, kernel_1x1: bool | None = None) -> bool:
     return (tuple(m.kernel_size) == (1, 1)) == kernel_1x1
 
 
-def select_targets(root: nn.Module, preset: str, family: str | None = None) -> list[tuple[str, nn.Module]]:
+class Targets(list):
+    """`select_targets`' result: a list of (path, module) that also remembers the model `root` and its `family`, so
+    that `OFTTrainer.attach()` can guard the blocks of that model that write their inputs in place (FLUX)."""
+
+    def __init__(self, items, root: nn.Module | None = None, family: str | None = None):
+        super().__init__(items)
+        self.root, self.family = root, family
+
+
+def select_targets(root: nn.Module, preset: str, family: str | None = None) -> Targets:
     """The (path, module) pairs a preset adapts, in module order; paths are relative to `root`.
 
-    - sd: attention = Linear layers of attention modules (to_q/k/v/out; kohya "CrossAttention");
-      all-linear = Linear and 1×1 Conv2d of transformer modules (kohya "Transformer2DModel");
-      all-linear+conv = also every Conv2d of ResBlock / Downsample / Upsample.
-    - flux: attention = double-block img/txt_attn.qkv and .proj, single-block linear1 (q|k|v|mlp) and linear2;
-      all-linear = every Linear of double/single blocks except the modulation (adaLN) layers.
-    - generic: attention = Linear under a module whose class name contains "Attention"; all-linear = every Linear;
-      all-linear+conv = also every Conv2d.
+    - sd (sd-scripts networks.oft): attention = Linear layers of attention modules (to_q/k/v/out; kohya
+      "CrossAttention"); all-linear (enable_all_linear) = Linear and 1×1 Conv2d of transformer modules (kohya
+      "Transformer2DModel"); attention+conv / all-linear+conv (enable_conv) = also every Conv2d and Linear of
+      ResBlock / Downsample / Upsample (kohya ResnetBlock2D / Downsample2D / Upsample2D, time_emb_proj included).
+    - flux (sd-scripts networks.oft_flux): attention = double-block img/txt_attn.qkv and .proj (kohya
+      "SelfAttention"); all-linear (enable_all_linear) = every Linear of double / single blocks, modulation included;
+      attention+single = attention plus single-block linear1 (q|k|v|mlp) and linear2, beyond sd-scripts
+      (`EXTRA_PRESETS` says what it ignores).
+    - generic (any other diffusion model: SD3, Wan, Qwen-Image, HiDream, Lumina, ...; chosen by module type and
+      place, never by family-specific names): attention = Linear under a module whose class name contains
+      "Attention"; all-linear = every Linear inside the model's transformer blocks (the elements of the
+      nn.ModuleLists directly under `root`, `block_lists`), or every Linear when it has none; all-linear+conv =
+      every Linear and Conv2d.
     """
     family = family or detect_family(root)
     if family not in PRESETS:
@@ -114,11 +152,15 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> l
     if preset not in PRESETS[family]:
         raise OFTError(mismatch(f"target preset for a {family} model", " | ".join(PRESETS[family]), repr(preset)))
     out: list[tuple[str, nn.Module]] = []
+    lists = tuple(f"{name}." for name in block_lists(root)) if family == "generic" else ()
 
     def walk(module: nn.Module, path: str, ancestors: tuple[str, ...]):
         for child_name, child in module.named_children():
             child_path = f"{path}.{child_name}" if path else child_name
-            if _selected(family, preset, child_path, child, ancestors):
+            if family == "generic" and preset == "all-linear" and lists:
+                if _is_linear(child) and child_path.startswith(lists):
+                    out.append((child_path, child))
+            elif _selected(family, preset, child_path, child, ancestors):
                 out.append((child_path, child))
             walk(child, child_path, ancestors + (type(child).__name__,))
 
@@ -126,7 +168,14 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> l
     if not out:
         raise OFTError(f"target preset {preset!r} selects no Linear/Conv2d layer in this {family} model "
                        f"({type(root).__name__})")
-    return out
+    return Targets(out, root, family)
+
+
+def block_lists(root: nn.Module) -> list[str]:
+    """Names of the nn.ModuleLists directly under `root` that hold its repeated blocks (SD3 `joint_blocks`, Wan
+    `blocks`, Qwen-Image `transformer_blocks`, HiDream `double_stream_blocks`, Lumina `layers` / refiners, ...)."""
+    return [name for name, child in root.named_children()
+            if isinstance(child, nn.ModuleList) and len(child) and any(True for _ in child.parameters())]
 
 
 def _selected(family: str, preset: str, path: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
@@ -135,16 +184,18 @@ def _selected(family: str, preset: str, path: str, m: nn.Module, ancestors: tupl
             return False
         if preset == "attention":
             return bool(_FLUX_ATTENTION.match(path))
-        return ".mod." not in path and "_mod." not in path and ".modulation." not in path
+        if preset == "attention+single":
+            return bool(_FLUX_ATTENTION.match(path) or _FLUX_SINGLE_LINEAR.match(path))
+        return True  # all-linear: every Linear of a double / single block, as sd-scripts' enable_all_linear
     if family == "sd":
         in_attn = any(a in _ATTENTION_CLASSES for a in ancestors)
         in_tf = any(a in _TRANSFORMER_CLASSES for a in ancestors)
         in_conv_block = any(a in _CONV_BLOCK_CLASSES for a in ancestors)
-        if preset == "attention":
-            return in_attn and _is_linear(m)
-        if in_tf and (_is_linear(m) or _is_conv(m, kernel_1x1=True)):
+        if preset.endswith("+conv") and in_conv_block and (_is_linear(m) or _is_conv(m)):
             return True
-        return preset == "all-linear+conv" and in_conv_block and _is_conv(m)
+        if preset.startswith("attention"):
+            return in_attn and _is_linear(m)
+        return in_tf and (_is_linear(m) or _is_conv(m, kernel_1x1=True))
     # generic
     if preset == "attention":
         return _is_linear(m) and any("Attention" in a for a in ancestors)
@@ -201,6 +252,8 @@ class OFTTrainer:
     linear solve) instead of the exact Cayley transform.
     `weight_fn(module, x) -> (weight, bias)` returns the base weight to use (default: the module's own, cast to x's
     dtype outside autocast); a host may cast / un-offload there. It must not write the weight.
+    `splits`: path -> output split widths of a fused layer (each split its own rotation, as FLUX's q|k|v), for
+    layers `split_sizes` does not know (a host's key map gives them, e.g. SD3's fused qkv).
     `recompute_weight(module)` True: that layer's base product runs through `frozen_base` (the weight `weight_fn`
     made is not kept for backward but made again there: QOFT, quantized / cast bases).
     """
@@ -208,6 +261,7 @@ class OFTTrainer:
     def __init__(self, targets: Sequence[tuple[str, nn.Module]], *, num_blocks: int | None = None,
                  block_size: int | None = None, alpha: float = 1e-3, neumann_terms: int = 0,
                  weight_fn: Callable | None = None, device: torch.device | str | None = None,
+                 root: nn.Module | None = None, splits: Mapping[str, Sequence[int]] | None = None,
                  recompute_weight: Callable[[nn.Module], bool] | bool = False):
         if (num_blocks is None) == (block_size is None):
             raise OFTError("give exactly one of num_blocks or block_size")
@@ -226,6 +280,7 @@ class OFTTrainer:
         self.alpha = float(torch.tensor(float(alpha), dtype=torch.float32))
         self.neumann_terms = int(neumann_terms)
         self.weight_fn = weight_fn or _default_weight_fn
+        self.splits = {k: tuple(int(x) for x in v) for k, v in (splits or {}).items()}
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
         self.layers: list[TrainedLayer] = []
         problems = []
@@ -238,13 +293,19 @@ class OFTTrainer:
             more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
             raise OFTError("; ".join(problems[:3]) + more)
         self._attached = False
+        # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
+        self.root = root if root is not None else getattr(targets, "root", None)
+        self.family = detect_family(self.root) if self.root is not None else None
 
     def _make(self, path: str, module: nn.Module, device) -> TrainedLayer:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise OFTError(f"{type(module).__name__} is not a Linear or Conv2d", layer=path)
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise OFTError(mismatch("Conv2d groups", 1, module.groups), layer=path)
-        splits = split_sizes(path, module)
+        splits = self.splits.get(path) or split_sizes(path, module)
+        if sum(splits) != module.weight.shape[0] or min(splits) < 1:
+            raise OFTError(mismatch("output splits adding up to the output features", module.weight.shape[0],
+                                    splits), layer=path)
         counts = []
         for s in splits:
             if self.num_blocks is not None:
@@ -340,11 +401,26 @@ class OFTTrainer:
 
     @contextlib.contextmanager
     def attach(self):
-        """Patch every target module's forward for the duration of the block; restored exactly on exit."""
+        """Patch every target module's forward for the duration of the block; restored exactly on exit.
+
+        Safe on its own for FLUX: ComfyUI's FLUX blocks add to their inputs in place after normalising them, which
+        breaks autograd as soon as a gradient flows through a block input ("modified by an inplace operation"), so
+        the blocks of a FLUX root are run through `inplace_safe` while attached (`gradient_checkpointing` /
+        `inplace_safe` entered afterwards see that and do not wrap twice). FLUX targets whose model is unknown
+        (built by hand, no `root`) are refused rather than left to fail in backward.
+        """
         if self._attached:
             raise OFTError("this OFT trainer is already attached")
+        guard = contextlib.nullcontext()
+        if self.family == "flux":
+            guard = inplace_safe(checkpoint_blocks(self.root))
+        elif self.root is None and any(_FLUX_BLOCK.match(tl.path) for tl in self.layers):
+            raise OFTError("these targets are FLUX double/single-block layers but the trainer does not know their "
+                           "model: FLUX blocks write their inputs in place, which breaks training unless attach() "
+                           "guards them. Build the targets with select_targets(model, preset) or pass "
+                           "OFTTrainer(..., root=model)")
         try:
-            with _forward_patches() as replace:
+            with _forward_patches() as replace, guard:
                 for tl in self.layers:
                     replace(tl.module, self._forward_of(tl))
                 self._attached = True
@@ -358,7 +434,8 @@ class OFTTrainer:
         with torch.no_grad():
             return [q.detach().float().cpu().clone() for q in tl.generators()]
 
-    def to_adapter(self, metadata: dict | None = None, names: Mapping[str, str] | None = None) -> OFTAdapter:
+    def to_adapter(self, metadata: dict | None = None, names: Mapping[str, str | tuple[str, ...]] | None = None, *,
+                   prefix: str = KOHYA_PREFIX, fmt: str | None = None) -> OFTAdapter:
         """The trained adapter as an `OFTAdapter` in kohya convention (writable with `writers.write_adapter(...,
         "kohya")`: `networks.oft_flux` when any layer has splits, else `networks.oft`).
 
@@ -370,12 +447,26 @@ class OFTTrainer:
         Cayley–Neumann training: kohya stores Cayley generators only, so each block's trained matrix N is exported as
         Cayley(Q') with Q' the skew part of the inverse Cayley of N (exact when N is orthogonal; the truncation error
         of the series is the difference, reported in `info["neumann_export_error"]`).
+
+        A name may be a tuple with one name per split: the fused layer is exported as that many one-split layers
+        (SD3's fused qkv as diffusers' to_q / to_k / to_v; each split is its own rotation, so this is exact).
+        `prefix` starts every file key (kohya's `oft_unet_`; `lycoris_` / `lora_unet_` for a LyCORIS export) and
+        `fmt` is the adapter's format id (default: kohya / kohya_flux).
         """
         if names is not None:
             missing = [tl.path for tl in self.layers if tl.path not in names]
             if missing:
                 raise OFTError(f"no export name for {len(missing)} trained layers (first: {missing[0]!r})")
-            exported = [names[tl.path] for tl in self.layers]
+            exported = []
+            for tl in self.layers:
+                n = names[tl.path]
+                if isinstance(n, tuple):
+                    if len(n) != len(tl.params):
+                        raise OFTError(f"{len(n)} export names for a layer with {len(tl.params)} splits",
+                                       layer=tl.path)
+                    exported += list(n)
+                else:
+                    exported.append(n)
             if len(set(exported)) != len(exported):
                 raise OFTError("export names are not unique: two trained layers would get the same name")
         layers = {}
@@ -394,15 +485,17 @@ class OFTTrainer:
                         worst = max(worst, float((cayley(q).transpose(-1, -2) - r).abs().max()))
                     gens = new
                 layer = layer.with_(parameterization="cayley", neumann_coeffs=(), constraint=Constraint())
-            layers[("unet", name)] = make_layer(
-                path="", name=name, side="out", generators=gens, transpose=True,
-                constraint=layer.constraint, source=layer.source, key=KOHYA_PREFIX + name.replace(".", "_"))
+            parts = list(zip(name, ([g] for g in gens))) if isinstance(name, tuple) else [(name, gens)]
+            for part_name, part_gens in parts:
+                layers[("unet", part_name)] = make_layer(
+                    path="", name=part_name, side="out", generators=part_gens, transpose=True,
+                    constraint=layer.constraint, source=layer.source, key=prefix + part_name.replace(".", "_"))
         flux = any(len(layer.generators) > 1 for layer in layers.values())
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         info = {"alpha": [self.alpha], "trained": True}
         if self.neumann_terms:
             info["neumann_export_error"] = worst
-        return OFTAdapter(layers, "kohya_flux" if flux else "kohya", "", meta, info)
+        return OFTAdapter(layers, fmt or ("kohya_flux" if flux else "kohya"), "", meta, info)
 
     # -------------------------------------------------------------------------------------------- resume
     def load_adapter(self, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
@@ -696,7 +789,8 @@ def gradient_checkpointing(modules: Iterable[nn.Module]):
         for block in modules:
             layers = _called_layers(block) if isinstance(block, nn.Sequential) else [block]
             for m in layers:
-                run = _cloning(m.forward) if m is block else _checked(m.forward, type(m).__name__)
+                fn = _unguarded(m.forward)
+                run = _cloning(fn) if m is block else _checked(fn, type(m).__name__)
 
                 def fwd(*args, __run=run, **kwargs):
                     return torch.utils.checkpoint.checkpoint(__run, *args, use_reentrant=False, **kwargs)
@@ -719,8 +813,8 @@ def inplace_safe(modules: Iterable[nn.Module]):
     """
     with _forward_patches() as replace:
         for m in modules:
-            if isinstance(m, nn.Sequential):
-                continue
+            if isinstance(m, nn.Sequential) or hasattr(m.forward, "_oft_unguarded"):
+                continue  # a Sequential's forward may never run; a guarded block is guarded once
 
             def fwd(*args, __orig=m.forward, **kwargs):
                 def copy(v):
@@ -737,8 +831,15 @@ def inplace_safe(modules: Iterable[nn.Module]):
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     return __orig(*args, **kwargs)
 
+            fwd._oft_unguarded = m.forward
             replace(m, fwd)
         yield
+
+
+def _unguarded(fn):
+    """The forward under an `inplace_safe` wrapper (checkpointing runs that one: its copies make it safe anyway, and
+    a saved-tensor hook inside a checkpoint would bypass the checkpoint's own)."""
+    return getattr(fn, "_oft_unguarded", fn)
 
 
 # ------------------------------------------------------------------------------------------------ loop

@@ -6,7 +6,7 @@ Every writer first checks that each layer is *exactly* representable in the targ
 | target | rotated side | blocks | parameterization | constraint kept as | extra |
 |---|---|---|---|---|---|
 | kohya | out | diag, splits (FLUX) | Cayley | one `.alpha` for the whole file | - |
-| lycoris | out | diag (one split), BOFT, stored R (`oft_diag`) | Cayley | per-layer `.alpha` (0 = none) | `.rescale` |
+| lycoris | out | diag (one split, b ≤ blocks), BOFT, R (`oft_diag`) | Cayley | per-layer `.alpha` (0: off) | rescale |
 | peft    | in           | diag (one split), block_share | Cayley or Cayley–Neumann | COFT eps (global) | -          |
 
 Exact rewrites used (each gives the same rotation blocks bit for bit, or up to fp32 rounding of one Cayley solve):
@@ -24,12 +24,15 @@ Exact rewrites used (each gives the same rotation blocks bit for bit, or up to f
 
 Not representable, hence refused: input-side rotation (PEFT ≥ 0.14) in kohya/LyCORIS and output-side rotation in PEFT
 (W·M ≠ M·W); Cayley–Neumann layers anywhere but PEFT (the series is not an exact Cayley rotation); `rescale` / `oft_s`
-in kohya and PEFT; BOFT anywhere but LyCORIS; text-encoder layers in kohya OFT (sd-scripts adapts the UNet only);
+in kohya and PEFT; BOFT anywhere but LyCORIS; diag-oft layouts with more rows per block than blocks in LyCORIS
+(it rebuilds the layout from the block size with `factorization(out_dim, b)`, see `_lycoris_layout`); text-encoder
+layers in kohya OFT (sd-scripts adapts the UNet only);
 underscored names as PEFT's dotted module paths unless the model's module names are given (the "." → "_" substitution
 cannot be reversed by string rules).
 
-Writes are atomic (a temporary file or directory beside the target, then a rename) and never replace an existing
-output unless `overwrite=True`.
+Writes are published by `publish.py`: whole or absent (nothing left after a kill), never over any of the inputs, and
+never replacing an existing output unless `overwrite=True` (then only an adapter file, or a PEFT adapter folder holding
+nothing else).
 """
 
 from __future__ import annotations
@@ -38,8 +41,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -47,6 +48,7 @@ from typing import Iterable, Mapping
 import torch
 
 from .errors import OFTError
+from .publish import check_output, publish_dir, publish_file
 from .rotation import constrain
 from .spec import Constraint, OFTAdapter, OFTLayer, neumann_coefficients
 
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("kohya", "lycoris", "peft")
 PEFT_VERSION = "0.21.2"  # the PEFT whose file layout we write (packed oft_R, Neumann series with halved last term)
 LYCORIS_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
+# adapter.info key: why no kohya file can hold this adapter (set by the trainer for families sd-scripts has no OFT
+# network for); write_kohya refuses with it.
+KOHYA_REFUSED = "kohya_refused"
 # Metadata that describes the file's bytes or its network structure: never carried over from the source, because
 # the written file has other bytes and we recompute the structure keys.
 _DROP_METADATA_PREFIXES = ("sshs_", "ss_network_", "modelspec.hash")
@@ -128,57 +133,39 @@ def _check_side_out(layer: OFTLayer, target: str) -> str | None:
     return None
 
 
-def _atomic_file(out: str, overwrite: bool, write) -> str:
-    out = os.fspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise OFTError("output exists; choose another name or pass overwrite=True (--overwrite)", path=out)
-    if os.path.isdir(out):
-        raise OFTError("output is a directory, expected a .safetensors file path", path=out)
-    out_dir = os.path.dirname(os.path.abspath(out))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".oft-write-", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _inputs(adapter: OFTAdapter, inputs: Iterable) -> list:
+    """Everything the output must never replace: the adapter's own file (and a PEFT config beside it) and `inputs`."""
+    out = [os.fspath(p) for p in inputs if p is not None]
+    if adapter.path:
+        out.append(adapter.path)
+        config = os.path.join(os.path.dirname(os.path.abspath(adapter.path)), "adapter_config.json")
+        if adapter.format.startswith("peft") and os.path.exists(config):
+            out.append(config)
     return out
 
 
-def _atomic_dir(out: str, overwrite: bool, write) -> str:
-    out = os.fspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise OFTError("output exists; choose another name or pass overwrite=True (--overwrite)", path=out)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".oft-write-", dir=parent)
-    old = None
-    try:
-        write(tmp)
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=".oft-old-", dir=parent)
-            os.rmdir(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None and not os.path.exists(out):
-            os.replace(old, out)  # put the previous output back
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
-    return out
+def _atomic_file(out: str, overwrite: bool, tensors, metadata, adapter: OFTAdapter, inputs: Iterable) -> str:
+    """One safetensors file, published by `publish.publish_file` (whole or absent, never over an input)."""
+    blob = _serialize(tensors, metadata)
+    return publish_file(out, lambda f: f.write(blob), inputs=_inputs(adapter, inputs), overwrite=overwrite,
+                        what="adapter file")
+
+
+def _atomic_dir(out: str, overwrite: bool, write, adapter: OFTAdapter, inputs: Iterable) -> str:
+    """A PEFT adapter folder, published by `publish.publish_dir`."""
+    return publish_dir(out, write, inputs=_inputs(adapter, inputs), overwrite=overwrite)
+
+
+def _serialize(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata={str(k): str(v) for k, v in
+                                                                           metadata.items()})
 
 
 def _save(tensors: dict[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={str(k): str(v) for k, v in
-                                                                                metadata.items()})
+    with open(path, "wb") as f:
+        f.write(_serialize(tensors, metadata))
 
 
 def _base_metadata(adapter: OFTAdapter, target: str) -> dict[str, str]:
@@ -258,8 +245,11 @@ def _looks_flux(adapter: OFTAdapter) -> bool:
 
 
 def write_kohya(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
-                flux: bool | None = None) -> str:
+                flux: bool | None = None, inputs: Iterable = ()) -> str:
     """Write sd-scripts `networks.oft` (or `networks.oft_flux` when `flux`; default: guessed from the adapter)."""
+    refused = adapter.info.get(KOHYA_REFUSED)
+    if refused:  # e.g. trained on a family sd-scripts has no OFT network for (SD3, Wan, Qwen-Image, ...)
+        raise OFTError(f"cannot be written as kohya: {refused}", path=adapter.path or None)
     flux = _looks_flux(adapter) if flux is None else flux
     refusals = _Refusals(adapter, "kohya")
     for layer in adapter:
@@ -312,15 +302,44 @@ def write_kohya(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: 
         meta.setdefault("ss_base_model_version", "flux1")
         meta.setdefault("modelspec.architecture", "flux-1-dev/lora")
     _finish_metadata(meta, metadata)
-    return _atomic_file(out, overwrite, lambda tmp: _save(tensors, tmp, meta))
+    return _atomic_file(out, overwrite, tensors, meta, adapter, inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # LyCORIS
 
 
+def _lycoris_layout(out_dim: int, block_size: int) -> tuple[int, int]:
+    """(block size, block count) that LyCORIS 4.1.3 diag-oft builds for a layer whose file stores blocks of
+    `block_size`: `DiagOFTModule.make_module_from_state_dict` passes the stored size as `lora_dim`, and
+    `factorization(out_dim, lora_dim)` returns the smaller of (lora_dim, out_dim / lora_dim) as the block size."""
+    if out_dim % block_size:
+        raise ValueError(f"block size {block_size} does not divide {out_dim}")
+    return min(block_size, out_dim // block_size), max(block_size, out_dim // block_size)
+
+
+def _lycoris_layout_problem(layer: OFTLayer) -> str | None:
+    """Why LyCORIS diag-oft cannot load this layer's block layout (all splits as one block-diagonal), or None.
+
+    LyCORIS rebuilds the layout from the stored block size b alone, and always gets a block size ≤ the block count:
+    a layer of n blocks of b with b > n (kohya's 8 blocks of 40 on 320, 4 of 32 on 128) comes back as b blocks of n,
+    and loading it fails (`size of tensor a (n) must match ... b (b)`). No exact rewrite exists: a rotation with
+    blocks of b is not block-diagonal at any smaller size.
+    """
+    b, out = layer.block_sizes[0], sum(layer.split_sizes)
+    n = out // b
+    size, count = _lycoris_layout(out, b)
+    if size == b:
+        return None
+    fits = [k for k in range(1, out + 1) if out % k == 0 and out // k <= k]  # block counts LyCORIS can hold
+    return (f"has {n} blocks of {b} on {out} outputs; LyCORIS diag-oft derives a layer's layout from the stored "
+            f"block size alone, factorization({out}, {b}) = {count} blocks of {size}, so it only holds a block size "
+            f"≤ the block count and would fail to load this layer. Keep this adapter as kohya or PEFT, or train "
+            f"with ≥ {fits[0]} blocks (block size ≤ {out // fits[0]}) for LyCORIS")
+
+
 def write_lycoris(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
-                  unet_prefix: str | None = None) -> str:
+                  unet_prefix: str | None = None, inputs: Iterable = ()) -> str:
     """Write LyCORIS diag-oft (or BOFT / oft_diag layers as they are), as `lycoris.kohya` saves them.
 
     `unet_prefix`: "lycoris_" (LyCORIS' own wrapper) or "lora_unet_" (kohya-style names, what `lycoris.kohya` writes
@@ -342,6 +361,8 @@ def write_lycoris(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata
             why = f"has splits with different block sizes {layer.block_sizes}; LyCORIS stores one block size"
         if why is None and layer.parameterization == "matrix" and len(layer.generators) > 1:
             why = "stores several rotation matrices per split"
+        if why is None and layer.kind != "butterfly" and layer.parameterization != "matrix":
+            why = _lycoris_layout_problem(layer)
         if why:
             refusals.add(layer, why)
         kinds.add("boft" if layer.kind == "butterfly" else "diag-oft")
@@ -384,7 +405,7 @@ def write_lycoris(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata
     meta["ss_network_alpha"] = constraint
     meta["ss_network_args"] = json.dumps({"algo": algo, "constraint": constraint, "rescaled": str(any_rescale)})
     _finish_metadata(meta, metadata)
-    return _atomic_file(out, overwrite, lambda tmp: _save(tensors, tmp, meta))
+    return _atomic_file(out, overwrite, tensors, meta, adapter, inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -419,7 +440,7 @@ def _dotted_names(module_names: Iterable[str] | None) -> dict[str, str | None]:
 
 
 def write_peft(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
-               module_names: Iterable[str] | None = None) -> str:
+               module_names: Iterable[str] | None = None, inputs: Iterable = ()) -> str:
     """Write a PEFT (≥ 0.16 layout) OFT adapter directory: adapter_model.safetensors + adapter_config.json.
 
     `module_names`: the base model's module paths or weight keys (e.g. a diffusers UNet's state-dict keys), needed
@@ -550,7 +571,7 @@ def write_peft(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: M
         with open(os.path.join(tmp_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
 
-    return _atomic_dir(out, overwrite, write)
+    return _atomic_dir(out, overwrite, write, adapter, inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -561,7 +582,12 @@ WRITERS = {"kohya": write_kohya, "lycoris": write_lycoris, "peft": write_peft}
 
 def write_adapter(adapter: OFTAdapter, out, to: str, *, overwrite: bool = False,
                   metadata: Mapping[str, str] | None = None, **options) -> str:
-    """Write `adapter` as `to` ("kohya" | "lycoris" | "peft"); options go to that writer. Returns the output path."""
+    """Write `adapter` as `to` ("kohya" | "lycoris" | "peft"); options go to that writer (`inputs`: files the output
+    must never replace, besides the adapter's own file). Returns the output path."""
     if to not in WRITERS:
         raise OFTError(f"output format: expected one of {', '.join(FORMATS)}, found {to!r}")
+    # the output rules first (never over an input, never over an existing output without overwrite): a refusal
+    # about the path comes before any work on the layers
+    check_output(out, _inputs(adapter, options.get("inputs", ())), overwrite=overwrite,
+                 kind="dir" if to == "peft" else "file")
     return WRITERS[to](adapter, out, overwrite=overwrite, metadata=metadata, **options)

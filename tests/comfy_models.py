@@ -86,6 +86,31 @@ SD15_TINY_UNET_CONFIG = dict(
     context_dim=48,
 )
 
+# Tiny models of other families, the ComfyUI side of the diffusers models in tools_dit_reference.py (same sizes).
+# SD3: exactly what comfy.model_detection finds for that tiny SD3Transformer2DModel (SD3.5-style, RMS q/k norm;
+# ComfyUI's MMDiT has hidden = 64 × depth and `depth` heads).
+SD3_TINY_CONFIG = {
+    "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None, "adm_in_channels": 32,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+    "num_patches": 64, "pos_embed_max_size": 8, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [],
+}
+WAN_TINY_CONFIG = {  # Wan 2.1 T2V (ComfyUI's detection assumes num_heads = dim // 128)
+    "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 128,
+    "ffn_dim": 256, "freq_dim": 256, "text_dim": 32, "out_dim": 16, "num_heads": 1, "num_layers": 2,
+    "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+}
+QWEN_TINY_CONFIG = {
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
+    "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 48, "axes_dims_rope": (8, 12, 12),
+}
+HIDREAM_TINY_CONFIG = {
+    "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+    "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2, "caption_channels": [32, 48],
+    "text_emb_dim": 24, "num_routed_experts": 2, "num_activated_experts": 1, "axes_dims_rope": (8, 12, 12),
+    "max_resolution": (16, 16), "llama_layers": [0, 0],
+}
+
 FLUX_TINY_BASE = "kohya/flux_tiny_base.safetensors"
 SD15_EXPECTED = "kohya/sd15_oft_attn_dim8_bf16_expected.safetensors"
 
@@ -287,6 +312,36 @@ def sd15_tiny(dtype=None, seed: int = 0):
         comfy = import_comfy()
         model = _build(comfy.supported_models.SD15, SD15_TINY_UNET_CONFIG, dtype)
         _fill_deterministic(model.diffusion_model, seed)
+        _CACHE[key] = _patcher(model)
+    return _CACHE[key]
+
+
+def dit_tiny(family: str, state_dict: dict | None = None, dtype=None, seed: int = 0):
+    """A tiny SD3 / Wan 2.1 / Qwen-Image / HiDream as a ComfyUI ModelPatcher (CPU; float32 unless `dtype`),
+    through `comfy.supported_models.SD3 / WAN21_T2V / QwenImage / HiDream` with the configs above. `state_dict`
+    (ComfyUI names) is loaded strictly; without one the weights are deterministic pseudo-random (cached per family,
+    dtype, seed)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    comfy = import_comfy()
+    cls, config = {"sd3": (comfy.supported_models.SD3, SD3_TINY_CONFIG),
+                   "wan": (comfy.supported_models.WAN21_T2V, WAN_TINY_CONFIG),
+                   "qwen": (comfy.supported_models.QwenImage, QWEN_TINY_CONFIG),
+                   "hidream": (comfy.supported_models.HiDream, HIDREAM_TINY_CONFIG)}[family]
+    if state_dict is not None:
+        return _patcher(_build(cls, config, dtype, state_dict))
+    key = ("dit_tiny", family, dtype, seed)
+    if key not in _CACHE:
+        model = _build(cls, config, dtype)
+        _fill_deterministic(model.diffusion_model, seed)
+        # persistent buffers are weights too (SD3's pos_embed) and ComfyUI leaves them uninitialised (torch.empty)
+        g = torch.Generator().manual_seed(seed + 1)
+        state = model.diffusion_model.state_dict()
+        with torch.no_grad():
+            for name, b in model.diffusion_model.named_buffers():
+                if name in state and b.is_floating_point():
+                    b.copy_(torch.randn(b.shape, generator=g) * 0.02)
         _CACHE[key] = _patcher(model)
     return _CACHE[key]
 

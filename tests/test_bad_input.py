@@ -131,7 +131,7 @@ def test_output_over_base_refused(tmp_path):
     base = tmp_path / "base.safetensors"
     shutil.copy(case.base_file, base)
     before = base.read_bytes()
-    with pytest.raises(OFTError, match="over the base"):
+    with pytest.raises(OFTError, match="over one of this command's inputs"):
         bake(base, [(case.adapter, 1.0)], base, overwrite=True)
     assert base.read_bytes() == before
 

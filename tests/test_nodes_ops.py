@@ -237,6 +237,9 @@ def test_save_never_overwrites_and_records_what_it_was_made_from(n, flux_a, flux
     saved = sorted((output_dir / "oft").iterdir())
     assert [p.name for p in saved] == ["blend_00001_.safetensors", "blend_00002_.safetensors"]
     assert str(saved[0]) in texts[0] and str(saved[1]) in texts[1] and "saved kohya adapter (8 layers)" in texts[0]
+    # the save report says what sd-scripts will do differently with the file (issue 11)
+    assert "note: sd-scripts networks.oft_flux cannot merge this file" in texts[0]
+    assert "hard-codes FLUX.1's split widths" in texts[0]
     with safe_open(str(saved[0]), "pt") as f:
         meta = f.metadata()
     made = json.loads(meta["comfyui_oft.made_from"])
@@ -269,8 +272,10 @@ def test_save_lycoris_and_peft(n, fixtures_dir, output_dir, src, fmt):
 
     adapter = n.files.load(fixtures_dir / src)
     for _ in range(2):
-        n.ops.OFTSave.execute(oft_adapter=adapter, format=fmt, filename_prefix=f"oft/{fmt}",
-                              fractional_block_strength="refuse")
+        text = n.ops.OFTSave.execute(oft_adapter=adapter, format=fmt, filename_prefix=f"oft/{fmt}",
+                                     fractional_block_strength="refuse").ui.value
+    assert ("note: LyCORIS: the kohya-style network's merge_to always merges at strength 1" in text) == (
+        fmt == "lycoris")
     saved = sorted((output_dir / "oft").iterdir())
     suffix = "" if fmt == "peft" else ".safetensors"
     assert [p.name for p in saved] == [f"{fmt}_00001_{suffix}", f"{fmt}_00002_{suffix}"]

@@ -181,7 +181,7 @@ def test_parse_block_spec_and_errors():
     assert parse_block_spec("input=0, input:4=1").multiplier("unet", "input_blocks.4.1.x") == 1.0  # last wins
     for bad, token in [("input=abc", "input=abc"), ("inptu=1", "inptu"), ("middle:2=1", "middle:2=1"),
                        ("output:5-3=1", "runs backwards"), ("input=1,,single=0", "empty item"),
-                       ("double=inf", "not a finite number"), ("input 0.5", "input0.5")]:
+                       ("double=inf", "expected a finite number"), ("input 0.5", "input0.5")]:
         with pytest.raises(OFTError, match=token):
             parse_block_spec(bad)
 
@@ -254,3 +254,40 @@ def test_cli_merge_compose_and_average(tmp_path, capsys):
     _same(_merged(back, case), _merged(blend(a, c, 0.5), case), 1e-6)
     assert cli(["merge", str(case.adapter), "--out", str(avg)]) == 2  # exists
     assert "output exists" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- PEFT block_share
+def test_merge_with_peft_block_share_equals_applying_in_order(tmp_path, capsys):
+    """Issue 11: merging a PEFT block_share adapter used to stop with an internal message. Met with an unshared
+    adapter, the shared block is expanded to that layer's width (the only width they can meet); composed with itself
+    it stays shared. Checked against applying the adapters one after another on the fixture's base weights."""
+    case = get_case("peft_oft_blockshare_bs8")
+    shared = load_adapter(case.adapter)
+    plain = load_adapter(get_case("peft_oft_cayley_bs8").adapter)
+    assert all(layer.block_share for layer in shared) and not any(layer.block_share for layer in plain)
+    in_order = {}
+    first = _merged(shared, case)
+    for key in case.originals:  # shared first, then plain
+        layer = {x.name.replace(".", "_"): x for x in plain}[case.module_key[key]]
+        in_order[key] = rotate_weight(resolve_for_weight(layer, first[key].shape), first[key])
+    composed = merge([(shared, 1.0), (plain, 1.0)])
+    assert not any(layer.block_share for layer in composed)
+    _same(_merged(composed, case), in_order, 1e-5)
+    twice = merge([(shared, 1.0), (shared, 0.5)])
+    assert all(layer.block_share and layer.num_blocks == (1,) for layer in twice)
+    half = merge([(shared, 0.5)])
+    once_more = {k: rotate_weight(resolve_for_weight({x.name.replace(".", "_"): x for x in half}[case.module_key[k]],
+                                                     w.shape), w) for k, w in _merged(shared, case).items()}
+    _same(_merged(twice, case), once_more, 1e-5)
+    avg = merge([(shared, 1.0), (plain, 1.0)], mode="average")  # the shared block repeated, averaged per block
+    assert not any(layer.block_share for layer in avg)
+    assert blend(shared, plain, 0.0).layers.keys() == shared.layers.keys()
+    # a width the shared block does not tile: a message that says what to do
+    k, layer = next(iter(shared.layers.items()))
+    odd = make_layer(path="o", name=layer.name, side="in", generators=[skew(torch.randn(3, 5, 5))], transpose=True)
+    with pytest.raises(OFTError, match=r"block_share.*not a multiple of 8.*chain OFT loader nodes.*bake --adapter A"):
+        merge([(OFTAdapter({k: layer}, "peft"), 1.0), (OFTAdapter({k: odd}, "t"), 1.0)])
+    out = tmp_path / "merged"
+    assert cli(["merge", str(case.adapter), str(get_case("peft_oft_cayley_bs8").adapter), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    _same(_merged(load_adapter(out), case), in_order, 1e-5)

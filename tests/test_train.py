@@ -293,10 +293,13 @@ def test_exported_kohya_file_merged_equals_the_trained_model(tmp_path, alpha):
 
 def test_flux_fused_layers_export_as_splits(tmp_path):
     flux = FluxLike().requires_grad_(False)
-    targets = select_targets(flux, "attention")
+    targets = select_targets(flux, "attention+single")
     assert [p for p, _ in targets] == ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj",
                                        "single_blocks.0.linear1", "single_blocks.0.linear2"]
-    assert [p for p, _ in select_targets(flux, "all-linear")] == [p for p, _ in targets]  # modulation excluded
+    # sd-scripts oft_flux: attention = the double blocks' SelfAttention only; all-linear = every block Linear
+    assert [p for p, _ in select_targets(flux, "attention")] == [p for p, _ in targets[:2]]
+    assert [p for p, _ in select_targets(flux, "all-linear")] == [p for p, _ in targets[:2]] + [
+        "double_blocks.0.img_mod.lin"] + [p for p, _ in targets[2:]]
     assert split_sizes(*targets[0]) == (8, 8, 8)
     assert split_sizes(*targets[2]) == (8, 8, 8, 16)
     g = torch.Generator().manual_seed(1)
@@ -448,7 +451,7 @@ def test_bad_block_counts_raise_naming_the_layer():
         OFTTrainer(targets, num_blocks=8)
     flux = FluxLike()
     with pytest.raises(OFTError, match="single_blocks.0.linear1.*one block count for every split"):
-        OFTTrainer(select_targets(flux, "attention"), block_size=4)
+        OFTTrainer(select_targets(flux, "attention+single"), block_size=4)
     with pytest.raises(OFTError, match="target preset for a flux model"):
         select_targets(flux, "all-linear+conv")
     with pytest.raises(OFTError, match="learning rate"):

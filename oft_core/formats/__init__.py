@@ -5,7 +5,8 @@ All key conventions in one table (details and quirks in each reader's docstring)
 | reader  | keys                                                          | name prefix -> model part            |
 |---------|---------------------------------------------------------------|--------------------------------------|
 | kohya   | `oft_unet_<path_>.oft_blocks`, `.oft_blocks.<i>`, `.alpha`     | `oft_unet_` -> unet                  |
-| lycoris | `<prefix><path_>.oft_blocks` (3-D diag, 4-D BOFT), `.oft_diag`,| `lycoris_`, `lora_unet_` -> unet;    |
+| lycoris | `<prefix><path_>.oft_blocks` (3-D diag, 4-D BOFT), `.oft_diag`,| `lycoris_`, `lora_unet_`,            |
+|         |                                                               | `lora_transformer_` -> unet;         |
 |         | `.alpha`, `.rescale`                                          | `lora_te_`/`lora_te1_`/`lora_te2_`   |
 | peft    | `base_model.model.<path>.oft_R.weight`; legacy `.oft_r`,      | `base_model.model.` -> unet          |
 |         | `.oft_s`; plus `adapter_config.json` beside the file          | (`text_encoder.` -> te, ...)         |
@@ -22,8 +23,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..errors import OFTError
-from ..safetensors_io import DTYPES, Header, load_tensors, read_header
+from ..errors import OFTError, bulk
+from ..safetensors_io import DTYPES, Header, TensorFile, load_tensors, read_header
 from ..spec import OFTAdapter
 from . import kohya, lycoris, peft
 
@@ -51,8 +52,24 @@ def _open(path: str | os.PathLike) -> tuple[Reader, Header, dict | None]:
     header = read_header(model_path)
     for reader in READERS:
         if reader.claims(header, config):
+            _check_generator_dtypes(header)
             return reader, header, config
     raise OFTError(_not_oft_message(header), path=model_path)
+
+
+# The tensors that hold a layer's rotation (generator or stored R) in every format. Trainers write them in a floating
+# point dtype; integer values would be read as a rotation nobody trained.
+_GENERATOR = re.compile(r"\.(oft_blocks(\.\d+)?|oft_diag|oft_R\.weight|oft_r)$")
+
+
+_FLOAT_DTYPES = frozenset(("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
+
+
+def _check_generator_dtypes(header: Header) -> None:
+    for k, ti in header.tensors.items():
+        if ti.dtype not in _FLOAT_DTYPES and _GENERATOR.search(k):
+            raise OFTError(f"tensor {k!r} holds the layer's rotation in dtype {ti.dtype}: expected a floating point "
+                           "dtype (F32, F16, BF16, F64), as every OFT trainer writes", path=header.path)
 
 
 def _read(reader: Reader, header: Header, tensors: dict, config) -> OFTAdapter:
@@ -64,9 +81,10 @@ def _read(reader: Reader, header: Header, tensors: dict, config) -> OFTAdapter:
 
 def load_adapter(path: str | os.PathLike) -> OFTAdapter:
     """Read any supported OFT adapter: a .safetensors file, or a PEFT adapter directory."""
-    reader, header, config = _open(path)
-    tensors, _ = load_tensors(header.path)
-    return _read(reader, header, tensors, config)
+    with bulk():
+        reader, header, config = _open(path)
+        tensors, _ = load_tensors(header)  # the header already checked: not parsed again
+        return _read(reader, header, tensors, config)
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -86,10 +104,11 @@ class StreamedAdapter(NamedTuple):
     header: Header
     config: dict | None
     keys: dict[str, list[str]]  # layer key (OFTLayer.key) -> the file's keys of that layer
+    file: TensorFile  # the file kept open, its header parsed once (per-layer cost independent of the layer count)
 
     def layer(self, key: str):
         """One layer with its tensors, read alone (only its keys) by the same reader as the skeleton."""
-        tensors, _ = load_tensors(self.header.path, keys=self.keys.get(key, []))
+        tensors = self.file.get(self.keys.get(key, []))
         layers = [layer for layer in _read(self.reader, self.header, tensors, self.config) if layer.key == key]
         if len(layers) != 1:
             raise OFTError(f"layer {key!r} could not be read on its own ({len(layers)} layers found)",
@@ -102,7 +121,7 @@ def open_streamed(path: str | os.PathLike) -> StreamedAdapter:
     reader, header, config = _open(path)
     small = [k for k, ti in header.tensors.items()
              if ti.end - ti.start <= _SKELETON_REAL_BYTES or k.endswith(".alpha")]
-    tensors, _ = load_tensors(header.path, keys=small)
+    tensors, _ = load_tensors(header, keys=small)
     for k, ti in header.tensors.items():
         if k not in tensors:
             if ti.dtype not in DTYPES:
@@ -119,7 +138,7 @@ def open_streamed(path: str | os.PathLike) -> StreamedAdapter:
         m = reader.key.match(k)
         if m:
             keys.setdefault(m.group(1), []).append(k)
-    return StreamedAdapter(skeleton, reader, header, config, keys)
+    return StreamedAdapter(skeleton, reader, header, config, keys, TensorFile(header))
 
 
 def _not_oft_message(header: Header) -> str:

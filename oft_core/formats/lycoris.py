@@ -3,7 +3,8 @@
 Keys: `<prefix><module path, "." -> "_">.oft_blocks` — 3-D (num_blocks, b, b) for diag-oft, 4-D
 (stages, num_blocks, b, b) for BOFT —, `.alpha` (the constraint; 0 = none; the bound is alpha × out_dim over all
 blocks, and all stages for BOFT), `.rescale` (per output row; when trained with `rescaled`).
-Prefixes: `lycoris_` (LyCORIS' own wrapper), `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_` (kohya-style names).
+Prefixes: `lycoris_` (LyCORIS' own wrapper), `lora_unet_` / `lora_te_` / `lora_te1_` / `lora_te2_` (kohya-style names),
+`lora_transformer_` (OneTrainer's name for a diffusion transformer).
 LyCORIS 2.0 saved `.oft_diag`: the rotation R itself (already through Cayley), applied the same way as diag-oft.
 Diag-oft applies Rᵀ per block (einsum "k n m, k n ... -> k m ..."); BOFT applies R (einsum "b i j, b j ... -> b i ...")
 between butterfly permutations.
@@ -11,6 +12,7 @@ between butterfly permutations.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -21,8 +23,10 @@ from ..safetensors_io import Header
 from ..spec import Constraint, OFTAdapter, make_layer
 from ._keys import group_by_layer
 
-PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te_": "te"}
-KEY = re.compile(r"^((?:lycoris_|lora_unet_|lora_te1_|lora_te2_|lora_te_).+?)\.(oft_blocks|oft_diag|alpha|rescale)$")
+PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_transformer_": "unet", "lora_te1_": "te1",
+            "lora_te2_": "te2", "lora_te_": "te"}
+KEY = re.compile(r"^((?:lycoris_|lora_unet_|lora_transformer_|lora_te1_|lora_te2_|lora_te_).+?)"
+                 r"\.(oft_blocks|oft_diag|alpha|rescale)$")
 
 
 def claims(header: Header, config) -> bool:
@@ -51,6 +55,8 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
             raise OFTError(f"has {sorted(parts)} but no .oft_blocks", path=path, layer=key)
         component, name = _component(key)
         alpha = parts.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise OFTError(f".alpha must be a scalar, found shape {tuple(alpha.shape)}", path=path, layer=key)
         alpha_v = 0.0 if alpha is None else float(alpha.float().reshape(-1)[0].item())
         rescale = parts.get("rescale")
         if "oft_diag" in parts:
@@ -67,7 +73,9 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
                 raise OFTError(f".oft_blocks: expected (num_blocks, b, b) or (stages, num_blocks, b, b), "
                                f"found {tuple(a.shape)}", path=path, layer=key)
             butterfly = a.ndim == 4
-            constraint = Constraint("norm_clamp", alpha_v) if alpha_v > 0 else Constraint()
+            # alpha ≤ 0 means no constraint (LyCORIS); NaN / Inf are refused by make_layer, as for kohya
+            constraint = Constraint("norm_clamp", alpha_v) if alpha_v > 0 or not math.isfinite(alpha_v) \
+                else Constraint()
             layer = make_layer(
                 path=path,
                 name=name,

@@ -22,7 +22,7 @@ import re
 import torch
 
 from ..errors import OFTError
-from ..safetensors_io import Header
+from ..safetensors_io import Header, parse_json
 from ..spec import Constraint, OFTAdapter, make_layer, neumann_coefficients
 from ._keys import group_by_layer
 
@@ -64,13 +64,65 @@ def find_config(path: str) -> tuple[str, dict | None]:
     if not os.path.exists(cfg_path):
         return model, None
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise OFTError(f"{CONFIG_NAME} is not valid JSON ({e})", path=cfg_path) from None
+        with open(cfg_path, "rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise OFTError(f"cannot read {CONFIG_NAME} ({e.strerror or e})", path=cfg_path) from None
+    if len(raw) > _MAX_CONFIG_BYTES:
+        raise OFTError(f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES // 2**20} MiB: not a PEFT config",
+                       path=cfg_path)
+    config = parse_json(raw, CONFIG_NAME, cfg_path)
     if not isinstance(config, dict):
-        raise OFTError(f"{CONFIG_NAME} must hold a JSON object", path=cfg_path)
+        raise OFTError(f"{CONFIG_NAME} must hold a JSON object, found JSON {type(config).__name__}", path=cfg_path)
     return model, config
+
+
+_MAX_CONFIG_BYTES = 16 * 2**20
+_MAX_NEUMANN_TERMS = 64  # PEFT's default is 5; each term is a matmul per block, and 1e5 terms ran for minutes
+
+
+def _config_value(cfg: dict, name: str, default, kind: str, cfg_path: str):
+    """`cfg[name]` checked against what PEFT's OFTConfig declares for it (`kind`), or `default` when absent.
+    Refused with the field, the value and what PEFT accepts."""
+    if name not in cfg:
+        return default
+    v = cfg[name]
+    ok = {
+        "bool": lambda: type(v) is bool,
+        "count": lambda: type(v) is int and v >= 0,
+        "terms": lambda: type(v) is int and 1 <= v <= _MAX_NEUMANN_TERMS,
+        "eps": lambda: type(v) in (int, float) and math.isfinite(v) and v >= 0,
+        "text": lambda: isinstance(v, str),
+    }[kind]()
+    if not ok:
+        want = {
+            "bool": "true or false (PEFT: bool)",
+            "count": "an integer ≥ 0 (PEFT: int)",
+            "terms": f"an integer from 1 to {_MAX_NEUMANN_TERMS} (PEFT: int, default 5)",
+            "eps": "a finite number ≥ 0 (PEFT: float, default 6e-05)",
+            "text": "text",
+        }[kind]
+        shown = json.dumps(v)
+        raise OFTError(f"{CONFIG_NAME}: {name}: expected {want}, found "
+                       f"{shown if len(shown) <= 40 else shown[:30] + '…'}", path=cfg_path)
+    return v
+
+
+def _check_layout(cfg: dict, stored: int, b: int, block_share: bool, cfg_path: str, layer: str) -> None:
+    """The config's r / oft_block_size against one layer's tensors (stored blocks × block size). PEFT derives the
+    other from the layer width (r = width / oft_block_size) and only changes the given one when it does not divide
+    the width; so where it divides, the tensors must show exactly it. Never silently pick one of two sources."""
+    if block_share:
+        return  # one stored block: the width, hence the count, comes from the base weight
+    width = stored * b
+    r = cfg.get("r") or 0
+    size = cfg.get("oft_block_size") or 0
+    if size and width % size == 0 and b != size:
+        raise OFTError(f"{CONFIG_NAME} says oft_block_size {size}, but layer {layer!r} holds {stored} blocks of {b} "
+                       f"(width {width}, which {size} divides): the config and the tensors disagree", path=cfg_path)
+    if r and not size and width % r == 0 and width >= r and stored != r:
+        raise OFTError(f"{CONFIG_NAME} says r {r} (blocks per layer), but layer {layer!r} holds {stored} blocks of "
+                       f"{b}: the config and the tensors disagree", path=cfg_path)
 
 
 def _split_name(key: str) -> tuple[str, str]:
@@ -105,11 +157,15 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
     if packed and legacy:
         raise OFTError("mixes current (.oft_R.weight) and legacy (.oft_r) PEFT OFT keys", path=path)
     cfg = config or {}
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME)
     if config is not None and str(cfg.get("peft_type", "OFT")).upper() not in ("OFT",):
         raise OFTError(f"{CONFIG_NAME} says peft_type {cfg.get('peft_type')!r}, expected 'OFT'", path=path)
-    block_share = bool(cfg.get("block_share", False))
-    coft = bool(cfg.get("coft", False))
-    eps = float(cfg.get("eps", 6e-5))
+    block_share = _config_value(cfg, "block_share", False, "bool", cfg_path)
+    coft = _config_value(cfg, "coft", False, "bool", cfg_path)
+    eps = float(_config_value(cfg, "eps", 6e-5, "eps", cfg_path))
+    for name in ("r", "oft_block_size"):
+        _config_value(cfg, name, 0, "count", cfg_path)
+    _config_value(cfg, "peft_version", None, "text", cfg_path)
 
     if packed:
         if config is None:
@@ -118,8 +174,8 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
                 "rotations for the same numbers, and only the config says which was trained",
                 path=path,
             )
-        neumann = bool(cfg.get("use_cayley_neumann", True))  # PEFT ≥ 0.16 default
-        terms = int(cfg.get("num_cayley_neumann_terms", 5))
+        neumann = _config_value(cfg, "use_cayley_neumann", True, "bool", cfg_path)  # PEFT ≥ 0.16 default
+        terms = _config_value(cfg, "num_cayley_neumann_terms", 5, "terms", cfg_path)
         version = cfg.get("peft_version")
         new_series = version is not None and _version_tuple(str(version)) >= (0, 18)
         coeffs = neumann_coefficients(terms, last_term_halved=new_series) if neumann else ()
@@ -142,6 +198,7 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
             if b is None:
                 raise OFTError(f".oft_R.weight: {vec.shape[1]} values per block is not b(b−1)/2 for any block "
                                "size b ≥ 2", path=path, layer=key)
+            _check_layout(cfg, int(vec.shape[0]), b, block_share and vec.shape[0] == 1, cfg_path, key)
             rows, cols = torch.triu_indices(b, b, 1)
             u = torch.zeros(vec.shape[0], b, b, dtype=torch.float32, device=vec.device)
             u[:, rows, cols] = vec.to(torch.float32)
@@ -159,6 +216,8 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
                 raise OFTError(f"has {sorted(parts)} but no .oft_r", path=path, layer=key)
             if a.ndim != 3 or a.shape[1] != a.shape[2]:
                 raise OFTError(f".oft_r: expected (r, b, b), found {tuple(a.shape)}", path=path, layer=key)
+            if config is not None:
+                _check_layout(cfg, int(a.shape[0]), int(a.shape[-1]), block_share and a.shape[0] == 1, cfg_path, key)
             a = a.to(torch.float32)
             if coft:
                 a = _project_legacy(a, eps)

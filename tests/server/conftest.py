@@ -23,12 +23,26 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def comfy_server():
+    """The shared server; at the end of the session one line says its startup time and the CPU time it used (the
+    tier's own cost, apart from the machine's load)."""
     try:
         server = harness.shared_server()
     except comfy_models.ComfyUINotFound as e:
         pytest.skip(f"ComfyUI not found ({e}): real-server tests skipped")
     yield server
+    cpu = server.cpu_seconds()
+    _SERVER_LINES.append(f"ComfyUI server (server tier): started in {server.startup_seconds:.1f}s, used "
+                         f"{cpu or 0:.1f}s of CPU")
     harness.stop_shared_server()
+
+
+_SERVER_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # (written here, not in the fixture's teardown: output during a test's teardown is captured and dropped)
+    for line in _SERVER_LINES:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ MODEL_COMBOS = {  # (node type, input) -> models sub-folder of the file it names
     ("DualCLIPLoader", "clip_name2"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
 }
-ADAPTER_INPUTS = {("OFTLoader", "adapter_name"), ("OFTLoadAdapter", "adapter_name")}
+ADAPTER_INPUTS = {("OFTLoader", "adapter_name"), ("OFTLoadAdapter", "adapter_name"), ("OFTHook", "adapter_name")}
 SHRINK = {  # (node type, input) -> value for a run on tiny models in seconds
     ("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64,
     ("EmptySD3LatentImage", "width"): 64, ("EmptySD3LatentImage", "height"): 64,
@@ -154,6 +154,11 @@ def test_shipped_workflow_runs_on_tiny_models(prepared, path):
             assert Path(text.rsplit(": ", 1)[1]).is_file()
         elif ntype in ("OFTLoader", "OFTInspect"):
             assert out.get("text"), f"{ntype} reported nothing: {out}"
+        elif ntype == "OFTExtractLoRA":
+            text = out["text"][0]
+            assert "LoRA layers from" in text and "written to" in text, text
+            written = text.split("written to ", 1)[1].split(" (", 1)[0]
+            assert Path(written).is_file() and Path(written).parent == prepared.base / "output" / "loras"
         elif ntype == "CheckpointSave":
             saved = list((prepared.base / "output" / "checkpoints").glob("sd15_oft_baked*.safetensors"))
             assert saved, "CheckpointSave wrote nothing"
@@ -166,7 +171,7 @@ def test_checks_catch_a_shifted_widget_and_a_bad_value(prepared):
     """The conversion and the validation above can fail: the training workflow without the seed's control value
     (the frontend would shift every later widget) is refused with the node and the counts; a value outside a combo's
     options or a number out of range is refused naming the input."""
-    wf = load(harness.REPO_ROOT / "workflows" / "OFT train an adapter.json")
+    wf = next(w for w in map(load, WORKFLOWS) if any(n["type"] == "OFTTrainer" for n in w["nodes"]))
     trainer = next(n for n in wf["nodes"] if n["type"] == "OFTTrainer")
     seed_at = harness_widget_index(prepared, trainer, "seed")
     good = list(trainer["widgets_values"])
