@@ -74,7 +74,7 @@ def _latent(server, entry, node="12") -> torch.Tensor:
 
 
 def _saved_path(server, entry, node="6") -> Path:
-    text = " ".join(server.outputs(entry, node).get("text", []))
+    text = "\n".join(server.outputs(entry, node).get("text", [])).splitlines()[0]  # (format notes may follow)
     assert "saved kohya adapter" in text, f"OFTSave reported {text!r}"
     path = Path(text.rsplit(": ", 1)[1].strip())
     assert path.is_file() and path.is_relative_to(server.base / "output"), path

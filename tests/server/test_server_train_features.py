@@ -40,6 +40,14 @@ def _images(folder: Path, size: tuple[int, int], n: int, seed: int) -> None:
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
 
 
+def _saved(srv, entry, node) -> Path:
+    """The file OFT Save wrote: the path on its report's first line (notes about the format may follow)."""
+    text = "\n".join(srv.outputs(entry, node).get("text", []))
+    first = text.splitlines()[0]
+    assert "saved kohya adapter" in first, text
+    return Path(first.rsplit(": ", 1)[1].strip())
+
+
 def _meta(path: Path) -> dict:
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata() or {})
@@ -91,8 +99,7 @@ def test_advanced_workflow_trains_fp8_base_two_sizes_with_schedule_and_checkpoin
         assert meta["ss_lr_scheduler"] == "cosine" and meta["ss_lr_warmup_steps"] == "1"
         assert meta["ss_loss_type"] == "l2" and meta["ss_network_module"] == "networks.oft"
         assert json.loads(meta["comfyui_oft.latent_sizes"]) == {"8x8": 2, "8x12": 2}
-    text = " ".join(srv.outputs(entry, ids["OFTSave"]).get("text", []))
-    final = Path(text.rsplit(": ", 1)[1].strip())
+    final = _saved(srv, entry, ids["OFTSave"])
     assert final.is_file() and _meta(final)["ss_steps"] == "4"
 
 
@@ -110,8 +117,7 @@ def test_resume_from_a_checkpoint_carries_its_steps(advanced):
     entry = srv.run(_resume_prompt(prompt, ids, "oft_adv_ck_00002_step000004.safetensors"))
     report = " ".join(srv.outputs(entry, ids["PreviewAny"]).get("text", []))
     assert "resumed from" in report and "oft_adv_ck_00002_step000004.safetensors at step 4" in report, report
-    text = " ".join(srv.outputs(entry, ids["OFTSave"]).get("text", []))
-    meta = _meta(Path(text.rsplit(": ", 1)[1].strip()))
+    meta = _meta(_saved(srv, entry, ids["OFTSave"]))
     assert meta["ss_steps"] == "6" and meta["comfyui_oft.resumed_from_steps"] == "4"
 
 
