@@ -30,7 +30,7 @@ import comfy.ops
 import comfy.supported_models
 import comfy.utils
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..oft_core import OFTError
 from ..oft_core.train import (
@@ -603,7 +603,7 @@ class OFTTrainerNode(io.ComfyNode):
                 OFTAdapterType.Output(display_name="oft_adapter", tooltip="The trained adapter (kohya convention)."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step, for Plot Loss Graph."),
                 io.String.Output(display_name="report", tooltip="What was trained: layers, parameters, loss, "
-                                 "resumed steps and the checkpoint files written (wire it into Preview Any)."),
+                                 "resumed steps and the checkpoint files written (also shown on the node)."),
             ],
             hidden=[io.Hidden.unique_id],
             # Every input arrives as a list: `latents` may be several LATENT batches (several resolutions, e.g. from
@@ -659,7 +659,7 @@ class OFTTrainerNode(io.ComfyNode):
         lines.append(text)
         report = "\n".join(lines)
         log.info("OFTTrainer: %s", report)
-        return io.NodeOutput(new_model, adapter, {"loss": losses}, report)
+        return io.NodeOutput(new_model, adapter, {"loss": losses}, report, ui=ui.PreviewText(report))
 
 
 def _weight_kinds(root) -> str:

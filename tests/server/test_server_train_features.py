@@ -4,8 +4,8 @@ through /prompt.
 
 The workflow: the tiny SD1.5 checkpoint's UNet loaded by the stock UNETLoader with weight_dtype fp8_e4m3fn (QOFT),
 CLIP and VAE from CheckpointLoaderSimple, two image folders of different sizes → VAE Encode each → OFT Latent List →
-OFTTrainer (cosine schedule after warm-up, a checkpoint every 2 steps) → OFT Save, Plot Loss Graph, Preview Any of
-the report. Checked: the report (base weights fp8, both latent sizes, the checkpoint files), the checkpoints
+OFTTrainer (cosine schedule after warm-up, a checkpoint every 2 steps; its report on the node) → OFT Save, Plot
+Loss Graph. Checked: the report (base weights fp8, both latent sizes, the checkpoint files), the checkpoints
 (numbered, ss_steps, schedule and loss type in the metadata), the final file; then Load OFT Adapter → resume_from
 continues it (ss_steps carried on) and a different num_blocks is refused naming the mismatch.
 """
@@ -67,7 +67,7 @@ def advanced(comfy_server):
     _images(srv.base / "input" / "oft_train_wide", (96, 64), 2, 1)
     prompt = harness.workflow_to_api(wf, srv.object_info())
     ids = {t: _node_id(wf, t) for t in ("CheckpointLoaderSimple", "UNETLoader", "OFTTrainer", "OFTSave",
-                                        "PreviewAny", "OFTLatentList")}
+                                        "OFTLatentList")}
     trainer = prompt[ids["OFTTrainer"]]["inputs"]
     # as shipped: fp8, cosine after warm-up, checkpoints, two sizes through the list node
     assert prompt[ids["UNETLoader"]]["inputs"]["weight_dtype"] == "fp8_e4m3fn"
@@ -84,7 +84,7 @@ def advanced(comfy_server):
 
 def test_advanced_workflow_trains_fp8_base_two_sizes_with_schedule_and_checkpoints(advanced):
     srv, _wf, _prompt, ids, entry = advanced
-    report = " ".join(srv.outputs(entry, ids["PreviewAny"]).get("text", []))
+    report = " ".join(srv.outputs(entry, ids["OFTTrainer"]).get("text", []))
     assert "base weights: float8_e4m3fn" in report, report
     assert "latent sizes: 8x8 (2 images), 8x12 (2 images)" in report, report
     assert "lr 0.05 cosine after 1 warm-up steps" in report and "(ss_steps 4)" in report, report
@@ -115,7 +115,7 @@ def _resume_prompt(prompt: dict, ids: dict, adapter_name: str, **trainer_over) -
 def test_resume_from_a_checkpoint_carries_its_steps(advanced):
     srv, _wf, prompt, ids, _entry = advanced
     entry = srv.run(_resume_prompt(prompt, ids, "oft_adv_ck_00002_step000004.safetensors"))
-    report = " ".join(srv.outputs(entry, ids["PreviewAny"]).get("text", []))
+    report = " ".join(srv.outputs(entry, ids["OFTTrainer"]).get("text", []))
     assert "resumed from" in report and "oft_adv_ck_00002_step000004.safetensors at step 4" in report, report
     meta = _meta(_saved(srv, entry, ids["OFTSave"]))
     assert meta["ss_steps"] == "6" and meta["comfyui_oft.resumed_from_steps"] == "4"
