@@ -12,7 +12,7 @@ import { app } from "../../scripts/app.js";
 
 const REPORTING_NODES = new Set([
     "OFTLoader", "OFTLoadAdapter", "OFTApply", "OFTInspect", "OFTBlockStrength", "OFTBlend", "OFTMerge", "OFTSave",
-    "OFTExtractLoRA",
+    "OFTExtractLoRA", "OFTTrainer",
 ]);
 const WIDGET_NAME = "oft_report";
 

@@ -74,7 +74,7 @@ def _latent(server, entry, node="12") -> torch.Tensor:
 
 
 def _saved_path(server, entry, node="6") -> Path:
-    text = " ".join(server.outputs(entry, node).get("text", []))
+    text = "\n".join(server.outputs(entry, node).get("text", [])).splitlines()[0]  # (format notes may follow)
     assert "saved kohya adapter" in text, f"OFTSave reported {text!r}"
     path = Path(text.split("\n", 1)[0].rsplit(": ", 1)[1].strip())  # line 1; "note: …" lines may follow
     assert path.is_file() and path.is_relative_to(server.base / "output"), path
