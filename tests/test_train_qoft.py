@@ -171,6 +171,7 @@ def write_gguf_q8(sd: dict[str, torch.Tensor], path: Path) -> None:
     writer.close()
 
 
+@pytest.mark.third_party
 def test_gguf_base_from_unetloadergguf_trains_fp32_adapter_weights_untouched(comfy, tn, tmp_path, monkeypatch,
                                                                              tiny_flux_detection):
     gg_nodes, gg_loader, gg_dequant = gguf_pack()
