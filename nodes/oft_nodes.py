@@ -22,10 +22,10 @@ from .patch import (
     model_kind,
     model_shapes,
 )
+from .types import STRENGTH_MODES, OFTAdapterType
 
 CATEGORY = "loaders/oft"
-OFTAdapterType = io.Custom("OFT_ADAPTER")
-MODES = ["kohya", "orthogonal"]
+MODES = STRENGTH_MODES
 
 _MODE_TOOLTIP = (
     "How strength scales the rotation. kohya: R_s = I + s(R − I), what sd-scripts and LyCORIS do with their "

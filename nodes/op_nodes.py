@@ -28,8 +28,8 @@ from ..oft_core.ops import MERGE_MODES, blend, merge
 from ..oft_core.publish import check_output_name
 from ..oft_core.summary import tool_notes
 from ..oft_core.writers import FORMATS, format_family, write_adapter
-from .oft_nodes import OFTAdapterType
 from .patch import BLOCK_STRENGTH_OFF, BLOCK_STRENGTH_TEXT, LAYER_STRENGTHS, block_strength_text
+from .types import OFTAdapterType
 
 log = logging.getLogger(__name__)
 

@@ -35,13 +35,14 @@ from ..oft_core import (
     rotate_weight_,
     rotation_blocks,
 )
+from ..oft_core.choices import STRENGTH_MODES
 from ..oft_core.errors import check_strength
 from ..oft_core.match import MatchReport
+from ..oft_core.spec import TE_COMPONENTS  # (the other node modules import it from here)
 
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "diffusion_model."
-TE_COMPONENTS = ("te", "te1", "te2")
 # adapter.info keys written by OFT Block Strength (nodes/op_nodes.py) and read here
 LAYER_STRENGTHS = "layer_strengths"  # {(component, name): multiplier} of the layers kept
 BLOCK_STRENGTH_TEXT = "block_strength"  # the spec(s) applied, for reports
@@ -300,7 +301,7 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
     text-encoder layer or no CLIP was given. The inputs are never modified; on any error nothing is patched.
     Raises OFTError when no layer of the adapter matches the model, or one does not fit its weight.
     """
-    if mode not in ("kohya", "orthogonal"):
+    if mode not in STRENGTH_MODES:
         raise OFTError(f"strength mode: expected kohya or orthogonal, found {mode!r}", path=adapter.path)
     # NaN passes ComfyUI's min/max check (every comparison with NaN is false): the one strength check of oft_core
     strength = check_strength(strength, path=adapter.path or None)

@@ -59,12 +59,12 @@ from ..oft_core.writers import write_adapter
 from . import families
 from .op_nodes import next_free_path
 from .patch import apply_oft, model_kind
+from .types import TRAINING_TARGETS, OFTAdapterType
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "training/oft"
-OFTAdapterType = io.Custom("OFT_ADAPTER")
-TARGETS = ["attention", "all-linear", "attention+conv", "all-linear+conv", "attention+single"]  # see PRESETS
+TARGETS = TRAINING_TARGETS
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

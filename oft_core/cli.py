@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 
+from .choices import FORMATS, MERGE_MODES, STRENGTH_MODES
 from .errors import OFTError, check_strength
 
 
@@ -139,7 +140,7 @@ def _add_extract_command(sub) -> None:
     e.add_argument("--rel-error", type=float, default=None, metavar="E",
                    help="instead of --rank: per layer, the smallest rank whose relative Frobenius error is ≤ E")
     e.add_argument("--strength", type=float, default=1.0, help="adapter strength the LoRA reproduces (default 1)")
-    e.add_argument("--strength-mode", choices=("kohya", "orthogonal"), default="kohya")
+    e.add_argument("--strength-mode", choices=STRENGTH_MODES, default="kohya")
     e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="LoRA tensor dtype")
     e.add_argument("--out", required=True, help="output LoRA .safetensors (never overwritten without --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -150,16 +151,16 @@ def _add_ops_commands(sub) -> None:
     m = sub.add_parser("merge", help="merge adapters into one (compose rotations or average generators)")
     m.add_argument("adapter", nargs="+", metavar="FILE[:WEIGHT]",
                    help="adapter file or PEFT directory; WEIGHT (default 1): compose R^w, average weight")
-    m.add_argument("--mode", choices=("compose", "average"), default="compose",
+    m.add_argument("--mode", choices=MERGE_MODES, default="compose",
                    help="compose: apply in order; average: weighted mean of generators (same layers required)")
     m.add_argument("--out", required=True, help="output file (PEFT: directory); never overwritten without --overwrite")
-    m.add_argument("--format", choices=("kohya", "lycoris", "peft"), default=None,
+    m.add_argument("--format", choices=FORMATS, default=None,
                    help="output format (default: the first adapter's)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output")
     m.set_defaults(func=_cmd_merge)
     c = sub.add_parser("convert", help="rewrite an adapter in another format (refused when not exact)")
     c.add_argument("file", help="adapter .safetensors file or PEFT adapter directory")
-    c.add_argument("--to", required=True, choices=("kohya", "lycoris", "peft"), help="output format")
+    c.add_argument("--to", required=True, choices=FORMATS, help="output format")
     c.add_argument("--out", required=True, help="output file (PEFT: directory); never overwritten without --overwrite")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
     c.set_defaults(func=_cmd_convert)
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     b.add_argument("--allow-unmatched", action="store_true",
                    help="bake even when some adapter layers have no weight in the base (they are listed)")
-    b.add_argument("--strength-mode", choices=("kohya", "orthogonal"), default="kohya",
+    b.add_argument("--strength-mode", choices=STRENGTH_MODES, default="kohya",
                    help="kohya: R_s = I + s(R − I), what the trainer does (default); orthogonal: R_s = Cayley(s·Q)")
     b.add_argument("--blocks", default=None, metavar="SPEC",
                    help="per-block strength multipliers, e.g. 'input=0.5, output:3-5=0' or 'double=1, single=0' "

@@ -67,6 +67,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from .spec import COMPONENTS
+
 log = logging.getLogger(__name__)
 
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -80,7 +82,6 @@ TE_PREFIXES = (
     ("clip_h.transformer.", ("te", "te1")),
     ("clip_g.transformer.", ("te2",)),
 )
-COMPONENTS = ("unet", "te", "te1", "te2")
 
 # Adapter-key prefixes of a host key map (ComfyUI's model_lora_keys_unet / model_lora_keys_clip) -> the component
 # they name; None: not an adapter name (ComfyUI's generic `text_encoders.<CLIP key>`). Keys with no listed prefix are

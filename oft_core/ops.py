@@ -33,11 +33,11 @@ from typing import Sequence
 
 import torch
 
+from .choices import MERGE_MODES
 from .errors import OFTError
 from .rotation import constrain, generator_of, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer
 
-MERGE_MODES = ("compose", "average")
 _HALF_TURN_TOL = 1e-4  # max |Cayley(Q) − B| accepted from the inverse Cayley (fp32); larger means B + I is singular
 
 

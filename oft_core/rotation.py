@@ -23,11 +23,11 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from .choices import STRENGTH_MODES
 from .errors import OFTError, check_strength, mismatch
 from .spec import OFTLayer
 
-StrengthMode = Literal["kohya", "orthogonal"]
-STRENGTH_MODES = ("kohya", "orthogonal")
+StrengthMode = Literal["kohya", "orthogonal"]  # the values of choices.STRENGTH_MODES, for type checkers
 
 # sd-scripts and LyCORIS add 1e-8 to the norm before dividing; kept so clamped layers match them.
 _NORM_EPS = 1e-8

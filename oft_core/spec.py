@@ -45,6 +45,7 @@ Kind = Literal["diag", "butterfly"]
 Parameterization = Literal["cayley", "neumann", "matrix"]  # "matrix": R itself is stored (old LyCORIS oft_diag)
 ConstraintKind = Literal["none", "norm_clamp", "block_projection"]
 COMPONENTS = ("unet", "te", "te1", "te2")
+TE_COMPONENTS = COMPONENTS[1:]  # the text encoders' components
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 
 

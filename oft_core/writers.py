@@ -47,6 +47,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .choices import FORMATS
 from .errors import OFTError
 from .publish import check_output, publish_dir, publish_file
 from .rotation import constrain
@@ -54,7 +55,6 @@ from .spec import Constraint, OFTAdapter, OFTLayer, neumann_coefficients
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("kohya", "lycoris", "peft")
 PEFT_VERSION = "0.21.2"  # the PEFT whose file layout we write (packed oft_R, Neumann series with halved last term)
 LYCORIS_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
 # adapter.info key: why no kohya file can hold this adapter (set by the trainer for families sd-scripts has no OFT
