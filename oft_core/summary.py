@@ -143,10 +143,10 @@ def tool_notes(adapter: OFTAdapter) -> list[str]:
         notes.append("sd-scripts: OFTInfModule.merge_to(multiplier) ignores its argument; merge at a strength "
                      "through the network multiplier (create_network_from_weights(multiplier, …))")
     elif fmt.startswith("lycoris"):
-        from .writers import _lycoris_layout_problem
+        from .formats.lycoris import layout_problem
 
         bad = [layer.key for layer in adapter if layer.kind == "diag" and layer.parameterization != "matrix"
-               and _lycoris_layout_problem(layer)]
+               and layout_problem(layer)]
         if bad:
             notes.append(f"LyCORIS diag-oft cannot load {len(bad)} layers ({_examples(bad)}): it rebuilds a layer's "
                          "layout from the block size alone and only holds a block size ≤ the block count")

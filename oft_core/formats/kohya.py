@@ -1,24 +1,41 @@
-"""kohya sd-scripts `networks.oft` (SD1.x/2.x/SDXL) and `networks.oft_flux` (FLUX.1).
+"""kohya sd-scripts `networks.oft` (SD1.x/2.x/SDXL) and `networks.oft_flux` (FLUX.1): reading and writing.
 
 Keys: `oft_unet_<module path, "." -> "_">.oft_blocks` (num_blocks, b, b) and `.alpha` (scalar constraint);
 FLUX fused layers store one tensor per split, `.oft_blocks.<i>` (a single-split FLUX layer has `.oft_blocks.0`).
 Module paths are diffusers names for SD1/2, LDM names for SDXL, BFL names for FLUX. sd-scripts' `dim` is the number
 of blocks. Split sizes are read from the tensors (split_i = blocks_i.shape[0] × blocks_i.shape[1]): sd-scripts
 hard-codes FLUX.1 widths, which would be wrong for any other width.
+
+Writing: the file holds output-side, exact-Cayley, diagonal-block layers of the UNet / transformer with one `.alpha`
+for the whole file (sd-scripts builds every module with the first `.alpha` it reads). kohya has no "no constraint":
+an unconstrained layer gets an alpha so large that the clamp never bites (checked, `_fits`); a constraint it cannot
+express (PEFT COFT) is applied to Q and the layer written unclamped. Refused: input-side rotation, Cayley–Neumann,
+block_share, BOFT, stored R (`oft_diag`), per-row rescale, text-encoder layers (sd-scripts adapts the UNet only),
+splits without `flux`, FLUX splits of different block counts.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+from collections import Counter
+from typing import Iterable, Mapping
 
 import torch
 
 from ..errors import OFTError
-from ..rotation import skew
+from ..rotation import constrain, skew
 from ..safetensors_io import Header
-from ..spec import Constraint, OFTAdapter, make_layer
+from ..spec import Constraint, OFTAdapter, OFTLayer, make_layer
+from . import _write as w
+
+log = logging.getLogger(__name__)
 
 PREFIX = "oft_unet_"
+# adapter.info key: why no kohya file can hold this adapter (set by the trainer for families sd-scripts has no OFT
+# network for); `write` refuses with it.
+KOHYA_REFUSED = "kohya_refused"
 KEY = re.compile(r"^(oft_unet_.+?)\.(oft_blocks(?:\.(\d+))?|alpha)$")
 
 
@@ -97,3 +114,125 @@ def _metadata_alpha(header: Header) -> float | None:
         return None if v in (None, "None", "") else float(v)
     except ValueError:
         return None
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _why_not(layer: OFTLayer, flux: bool) -> str | None:
+    """Why this layer has no exact kohya form (the first reason), or None."""
+    why = w.side_out_problem(layer, "kohya")
+    if why:
+        return why
+    if layer.component != "unet":
+        return "is a text-encoder layer; sd-scripts' OFT networks adapt the UNet / transformer only"
+    if layer.kind == "butterfly":
+        return "is BOFT (butterfly stages): its rotation is not one block-diagonal matrix"
+    if layer.parameterization == "matrix":
+        return "stores the rotation R itself (LyCORIS oft_diag): it has no exact Cayley generator in fp32"
+    if not w.identity_scale(layer):
+        return "has a per-row rescale, which kohya OFT cannot store"
+    if len(layer.generators) > 1 and not flux:
+        return "has several splits, which only networks.oft_flux stores (pass flux=True)"
+    if flux and len(set(layer.num_blocks)) != 1:
+        return f"has split block counts {layer.num_blocks}; oft_flux uses one block count for every split"
+    return None
+
+
+def _fits(layer: OFTLayer, gens: list[torch.Tensor], alpha: float) -> bool:
+    """True when kohya's clamp at `alpha` leaves every split of `gens` bit-identical (never bites)."""
+    probe = layer.with_(constraint=Constraint("norm_clamp", alpha))
+    for i, q in enumerate(gens):
+        # the strict margin keeps sd-scripts' own float rounding of the same comparison on the safe side too
+        if float(torch.norm(q.flatten())) * (1 + 1e-6) > alpha * layer.split_sizes[i]:
+            return False
+        if not torch.equal(constrain(probe, q, i), q):
+            return False
+    return True
+
+
+def _kohya_alpha(layers: dict[str, OFTLayer], gens: dict[str, list[torch.Tensor]]) -> tuple[float, dict]:
+    """One alpha for the whole file (sd-scripts builds every module with the first `.alpha` it reads).
+
+    Keeps the layers' own alpha when they share one and every unconstrained layer fits under it; otherwise applies
+    every clamp to its Q (exact) and picks a power of two at least twice the largest ‖Q‖/split ratio, so the clamp
+    never bites for any layer — which is how an unconstrained layer is written in a format that always clamps.
+    """
+    values = {layer.constraint.value for layer in layers.values() if layer.constraint.kind == "norm_clamp"}
+    if len(values) == 1:
+        (v,) = values
+        if v > 0 and all(layer.constraint.kind == "norm_clamp" or _fits(layer, gens[k], v)
+                         for k, layer in layers.items()):
+            return v, gens
+    baked = {}
+    ratio = 0.0
+    for k, layer in layers.items():
+        g = gens[k]
+        if layer.constraint.kind == "norm_clamp":
+            g = [constrain(layer, q, i) for i, q in enumerate(g)]
+        baked[k] = g
+        for i, q in enumerate(g):
+            ratio = max(ratio, float(torch.norm(q.flatten())) / layer.split_sizes[i])
+    alpha = 1e-3 if ratio == 0 else 2.0 ** math.ceil(math.log2(2 * ratio))
+    for k, layer in layers.items():
+        if not _fits(layer, baked[k], alpha):  # cannot happen with the factor 2; checked, never assumed
+            raise OFTError(f"internal: alpha {alpha} would clamp layer {layer.key!r}")
+    return alpha, baked
+
+
+def _looks_flux(adapter: OFTAdapter) -> bool:
+    if adapter.format == "kohya_flux" or any(len(layer.generators) > 1 for layer in adapter):
+        return True
+    return any(layer.name.startswith(("double_blocks", "single_blocks")) for layer in adapter)
+
+
+def _generators(named: dict[str, OFTLayer]) -> tuple[float, dict[str, list[torch.Tensor]]]:
+    """(the file's alpha, per key the generators to store, applied as Rᵀ) for layers `_why_not` accepted."""
+    gens = {}
+    for key, layer in named.items():
+        g = list(layer.generators)
+        if layer.constraint.kind == "block_projection":  # PEFT COFT (legacy 0.13): applied here, written unclamped
+            g = w.constrained(layer)
+        gens[key] = w.with_transpose(g, layer.transpose, True)
+    work = {k: (layer if layer.constraint.kind == "norm_clamp" else layer.with_(constraint=Constraint()))
+            for k, layer in named.items()}
+    alpha, gens = _kohya_alpha(work, gens)
+    if float(torch.tensor(alpha, dtype=torch.float32)) != alpha:  # a file's alpha is fp32-exact; ours a power of 2
+        raise OFTError(f"internal: alpha {alpha!r} is not exact in fp32")
+    return alpha, gens
+
+
+def _metadata(adapter: OFTAdapter, named: dict[str, OFTLayer], alpha: float, flux: bool) -> dict[str, str]:
+    dims = Counter(n for layer in named.values() for n in layer.num_blocks)
+    if len(dims) > 1:
+        log.warning("layers have different block counts %s: readers that take one network dim for the whole file "
+                    "(sd-scripts' create_network_from_weights) cannot load it; ComfyUI-OFT reads each layer's shape",
+                    dict(dims))
+    meta = w.base_metadata(adapter, "kohya")
+    meta["ss_network_module"] = "networks.oft_flux" if flux else "networks.oft"
+    meta["ss_network_dim"] = str(dims.most_common(1)[0][0])  # sd-scripts' dim = number of blocks
+    meta["ss_network_alpha"] = repr(alpha)
+    if flux:
+        meta.setdefault("ss_base_model_version", "flux1")
+        meta.setdefault("modelspec.architecture", "flux-1-dev/lora")
+    return meta
+
+
+def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
+          flux: bool | None = None, inputs: Iterable = ()) -> str:
+    """Write sd-scripts `networks.oft` (or `networks.oft_flux` when `flux`; default: guessed from the adapter)."""
+    refused = adapter.info.get(KOHYA_REFUSED)
+    if refused:  # e.g. trained on a family sd-scripts has no OFT network for (SD3, Wan, Qwen-Image, ...)
+        raise OFTError(f"cannot be written as kohya: {refused}", path=adapter.path or None)
+    flux = _looks_flux(adapter) if flux is None else flux
+    w.check_all(adapter, "kohya", lambda layer: _why_not(layer, flux))
+    named = w.underscored_unique(adapter, lambda layer: PREFIX)
+    alpha, gens = _generators(named)
+    alpha32 = torch.tensor(alpha, dtype=torch.float32)
+    tensors = {}
+    for key, g in gens.items():
+        for i, q in enumerate(g):
+            tensors[f"{key}.oft_blocks.{i}" if flux else f"{key}.oft_blocks"] = w.upper(q)
+        tensors[f"{key}.alpha"] = alpha32.clone()
+    meta = w.finish_metadata(_metadata(adapter, named, alpha, flux), metadata)
+    return w.atomic_file(out, overwrite, tensors, meta, adapter, inputs)
