@@ -103,7 +103,8 @@ class OFTLayer:
         return sum(self.split_sizes)
 
     def num_params(self) -> int:
-        n = sum(int(g[..., 0, 0].numel()) * b * (b - 1) // 2 for g, b in zip(self.generators, self.block_sizes))
+        # blocks (× stages) × b(b−1)/2 free values each; from the shapes alone (no tensor op per layer)
+        n = sum(math.prod(g.shape[:-2]) * b * (b - 1) // 2 for g, b in zip(self.generators, self.block_sizes))
         return n + (0 if self.row_scale is None else int(self.row_scale.numel()))
 
     def with_(self, **changes) -> "OFTLayer":
@@ -205,6 +206,30 @@ def make_layer(
     )
 
 
+class Generators(tuple):
+    """A layer's generator tensors with `finite[i]`: whether split i (as fp32) holds no NaN / Inf, computed for many
+    layers at once by `finite_each`, so that `make_layer` checks finiteness without one tensor op per layer. It is
+    the same check on the same values: the readers pass the exact tensors the flags were computed on."""
+
+    finite: tuple[bool, ...]
+
+    def __new__(cls, tensors: Sequence[torch.Tensor], finite: Sequence[bool]):
+        self = super().__new__(cls, tensors)
+        if len(finite) != len(self):
+            raise ValueError(f"{len(finite)} finiteness flags for {len(self)} tensors")
+        self.finite = tuple(bool(f) for f in finite)
+        return self
+
+
+def finite_each(stacked: torch.Tensor) -> list[bool]:
+    """Per index of the first axis of `stacked` (many layers' generators of one shape, fp32): no NaN / Inf. A meta
+    batch (a structure-only skeleton) counts as finite, as `make_layer` counts a meta tensor."""
+    n = int(stacked.shape[0])
+    if stacked.device.type == "meta" or stacked.numel() == 0:
+        return [True] * n
+    return torch.isfinite(stacked).reshape(n, -1).all(1).tolist()
+
+
 def _check_choices(component: str, side: str, kind: str, fail) -> None:
     if component not in COMPONENTS:
         fail(mismatch("component", " | ".join(COMPONENTS), repr(component)))
@@ -216,9 +241,11 @@ def _check_choices(component: str, side: str, kind: str, fail) -> None:
 
 def _checked_generators(generators: Sequence[torch.Tensor], kind: str, fail) -> list[torch.Tensor]:
     """Per split: a tensor of square blocks (4-D for butterfly stages), at least one block, finite, as fp32.
-    A tensor on the meta device is a structure-only skeleton (bake streams the values later): not checked for NaN."""
+    A tensor on the meta device is a structure-only skeleton (bake streams the values later): not checked for NaN.
+    `Generators` carry their finiteness from one batched check of many layers (`finite_each`)."""
     if not generators:
         fail("no rotation blocks")
+    known = generators.finite if isinstance(generators, Generators) else None
     want_ndim = 4 if kind == "butterfly" else 3
     gens = []
     for i, g in enumerate(generators):
@@ -227,8 +254,10 @@ def _checked_generators(generators: Sequence[torch.Tensor], kind: str, fail) -> 
             fail(mismatch(f"split {i} blocks", f"{want_ndim}-D tensor of square blocks", shape))
         if g.numel() == 0:
             fail(mismatch(f"split {i} blocks", "at least one block", tuple(g.shape)))
-        g = g.detach().to(torch.float32)
-        if g.device.type != "meta" and not torch.isfinite(g).all():
+        g = g.detach() if g.requires_grad else g
+        g = g if g.dtype == torch.float32 else g.to(torch.float32)
+        finite = known[i] if known is not None else g.device.type == "meta" or bool(torch.isfinite(g).all())
+        if not finite:
             fail(f"split {i} blocks contain NaN or Inf values: the file is damaged or the training diverged")
         gens.append(g)
     if kind == "butterfly" and len(gens) != 1:

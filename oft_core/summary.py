@@ -243,7 +243,7 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
         "format": adapter.format,
         "layers": len(layers),
         "components": dict(Counter(x["component"] for x in layers)),
-        "parameters": adapter.num_params(),
+        "parameters": sum(x["params"] for x in layers),  # = adapter.num_params(), each layer's counted once
         "block_layouts": [{"num_blocks": list(n) if n != "shared" else n, "block_size": list(b), "layers": c}
                           for (n, b), c in shapes.most_common()],
         "clamped_layers": [x["name"] for x in layers if x["clamped"]],

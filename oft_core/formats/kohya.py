@@ -27,12 +27,13 @@ import torch
 from ..errors import OFTError
 from ..rotation import constrain, skew
 from ..safetensors_io import Header
-from ..spec import Constraint, OFTAdapter, OFTLayer, make_layer
+from ..spec import Constraint, Generators, OFTAdapter, OFTLayer, finite_each, make_layer
 from . import _write as w
 
 log = logging.getLogger(__name__)
 
 PREFIX = "oft_unet_"
+_BATCH_ELEMENTS = 1 << 22
 # adapter.info key: why no kohya file can hold this adapter (set by the trainer for families sd-scripts has no OFT
 # network for); `write` refuses with it.
 KOHYA_REFUSED = "kohya_refused"
@@ -43,8 +44,8 @@ def claims(header: Header, config) -> bool:
     return any(k.startswith(PREFIX) and ".oft_blocks" in k for k in header.tensors)
 
 
-def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
-    path = header.path
+def _group(tensors: dict[str, torch.Tensor], path: str) -> tuple[dict[str, dict], list[str]]:
+    """({layer key: {"splits": {index (-1: unnumbered): tensor}, "alpha": tensor | None}}, keys of no layer)."""
     modules: dict[str, dict] = {}
     ignored = []
     for key, t in tensors.items():
@@ -60,37 +61,79 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
             mod["alpha"] = t
         else:
             mod["splits"][-1 if m.group(3) is None else int(m.group(3))] = t
+    return modules, ignored
 
+
+def _batched_values(modules: dict[str, dict]) -> tuple[dict[int, float], dict[int, torch.Tensor], dict[int, bool]]:
+    """What the per-layer checks need of the tensors' values, computed for all layers at once (keyed by id() of the
+    stored tensor): each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in fp32, and whether
+    that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed tensors are left
+    out, for the per-layer checks to refuse in file order."""
+    alphas = [m["alpha"] for m in modules.values() if m["alpha"] is not None and m["alpha"].numel() == 1]
+    alpha_of = {}
+    for dtype in {a.dtype for a in alphas}:
+        same = [a for a in alphas if a.dtype == dtype]
+        values = torch.stack([a.reshape(()) for a in same]).float().tolist()  # exact: bf16 0.00099945... stays
+        alpha_of.update(zip(map(id, same), values))
+    blocks = [a for m in modules.values() for a in m["splits"].values() if a.ndim == 3 and a.shape[1] == a.shape[2]]
+    q_of, finite = {}, {}
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for a in blocks:
+        groups.setdefault((tuple(a.shape), a.dtype, a.device), []).append(a)
+    for (shape, _, _), same in groups.items():
+        step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))  # bounds the transient stacked copy
+        for start in range(0, len(same), step):
+            chunk = same[start:start + step]
+            q = skew(torch.stack(chunk).to(torch.float32))
+            q_of.update(zip(map(id, chunk), q.unbind(0)))
+            finite.update(zip(map(id, chunk), finite_each(q)))
+    return alpha_of, q_of, finite
+
+
+def _split_order(key: str, splits: dict, path: str) -> list[int]:
+    """The layer's split indices: [-1] (`.oft_blocks`) or 0..n−1 (`.oft_blocks.<i>`), never both."""
+    if not splits:
+        raise OFTError("has .alpha but no .oft_blocks", path=path, layer=key)
+    if -1 in splits and len(splits) > 1:
+        raise OFTError("mixes .oft_blocks with numbered .oft_blocks.<i> splits", path=path, layer=key)
+    order = sorted(splits)
+    if order != [-1] and order != list(range(len(order))):
+        raise OFTError(f"split indices must be 0..{len(order) - 1}, found {order}", path=path, layer=key)
+    return order
+
+
+def _alpha(key: str, alpha: torch.Tensor | None, file_alpha: float | None, alpha_of: dict, path: str) -> float:
+    """The layer's `.alpha` (exactly the stored value), else the file's ss_network_alpha; refused when neither."""
+    if alpha is None:
+        if file_alpha is None:
+            raise OFTError("no .alpha tensor and no ss_network_alpha metadata: the constraint is unknown",
+                           path=path, layer=key)
+        return file_alpha
+    if alpha.numel() != 1:
+        raise OFTError(f".alpha must be a scalar, found shape {tuple(alpha.shape)}", path=path, layer=key)
+    return alpha_of[id(alpha)]
+
+
+def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
+    """The adapter of a kohya file. Per layer, in key order: its splits, its alpha, its block shapes, then
+    `make_layer` (tests/test_bad_input.py pins each refusal); tensor values are computed for all layers at once."""
+    path = header.path
+    modules, ignored = _group(tensors, path)
+    alpha_of, q_of, finite = _batched_values(modules)
     file_alpha = _metadata_alpha(header)
     flux = header.metadata.get("ss_network_module") == "networks.oft_flux"
     layers = {}
     for key, mod in sorted(modules.items()):
         splits = mod["splits"]
-        if not splits:
-            raise OFTError("has .alpha but no .oft_blocks", path=path, layer=key)
-        if -1 in splits and len(splits) > 1:
-            raise OFTError("mixes .oft_blocks with numbered .oft_blocks.<i> splits", path=path, layer=key)
-        order = sorted(splits)
-        if order != [-1] and order != list(range(len(order))):
-            raise OFTError(f"split indices must be 0..{len(order) - 1}, found {order}", path=path, layer=key)
+        order = _split_order(key, splits, path)
         flux = flux or order != [-1]
-        alpha = mod["alpha"]
-        if alpha is None:
-            if file_alpha is None:
-                raise OFTError("no .alpha tensor and no ss_network_alpha metadata: the constraint is unknown",
-                               path=path, layer=key)
-            alpha_v = file_alpha
-        else:
-            if alpha.numel() != 1:
-                raise OFTError(f".alpha must be a scalar, found shape {tuple(alpha.shape)}", path=path, layer=key)
-            alpha_v = float(alpha.float().item())  # exactly the stored value (bf16 files store 0.00099945...)
-        gens = []
+        alpha_v = _alpha(key, mod["alpha"], file_alpha, alpha_of, path)
         for i in order:
             a = splits[i]
             if a.ndim != 3 or a.shape[1] != a.shape[2]:
                 raise OFTError(f".oft_blocks{'' if i < 0 else f'.{i}'}: expected (num_blocks, b, b), "
                                f"found {tuple(a.shape)}", path=path, layer=key)
-            gens.append(skew(a.to(torch.float32)))
+        gens = Generators([q_of[id(splits[i])] for i in order], [finite[id(splits[i])] for i in order])
         layers[("unet", key[len(PREFIX):])] = make_layer(
             path=path,
             name=key[len(PREFIX):],
