@@ -1,11 +1,20 @@
-"""OFT training step: our OFTTrainer node vs core's TrainLoraNode(algorithm="OFT"), same model, same data, same run.
+"""OFT training step: our OFTTrainer node vs core's TrainLoraNode(algorithm="OFT"), same model, same data, same run;
+and QOFT: our trainer on an fp8 base vs the same model in bf16.
 
-    python benchmarks/bench_train.py            # SD1.x-family UNet, 128 channels, 32×32 latents, 6 steps
-    python benchmarks/bench_train.py --quick    # the tiny UNet, 3 steps (what tests run; seconds)
+    python benchmarks/bench_train.py                 # SD1.x UNet race, FLUX-shaped race, QOFT memory (long on a CPU)
+    python benchmarks/bench_train.py --only sd       # one part: sd | flux | qoft (repeatable)
+    python benchmarks/bench_train.py --quick         # the tiny UNet, 3 steps (what tests run; seconds)
+
+Models: an SD1.x-family UNet (128 channels, 32×32 latents, batch 2, fp32) and a FLUX-shaped model with real widths
+(hidden 3072, 24 heads, mlp 12288, 2 double + 2 single blocks, 0.99 G parameters, random weights, built through
+ComfyUI's own `comfy.supported_models.Flux`), one 64×64×16 latent = 1024 image tokens + 16 text tokens, bf16 weights
+and bf16 training.
 
 Part 1, ComfyUI (only when found: COMFYUI_PATH, else ~/.cache/comfyui-oft/ComfyUI). Each trainer runs in a FRESH
 subprocess (same model built from the same seed, same latents and conditioning, same batch size, steps, learning
-rate, optimizer, training dtype, gradient checkpointing):
+rate, optimizer, training dtype, gradient checkpointing, and the same attention kernel: ComfyUI started with
+--use-pytorch-cross-attention in both, i.e. torch's scaled_dot_product_attention, which is also what our trainer
+picks; the kernel name is printed):
 
 - core: `comfy_extras.nodes_train.TrainLoraNode().train(..., algorithm="OFT", rank=R)`. Core's OFT adapts every
   Linear / Conv2d of the diffusion model (every layer with a `weight_function`, weight ndim ≥ 2) with
@@ -16,7 +25,13 @@ rate, optimizer, training dtype, gradient checkpointing):
   progress) with the trainer built on exactly core's layers and per-layer blocks: every Linear / Conv2d, block size
   from the same `factorization(out_dim, R)` (one `oft_core.train.OFTTrainer(block_size=…)` per distinct size;
   layers whose block size would be 1 — a 1×1 rotation, the identity — are left out and counted). No bias / norm
-  deltas (the node never trains them).
+  deltas (the node never trains them). On FLUX our fused q|k|v and linear1 layers are NOT split (core rotates the
+  whole output in blocks; for the same work ours does too).
+- ours on executor-made weights (SD part): the same, with the model, latents and conditioning made under
+  `torch.inference_mode()` as ComfyUI's loader and VAE Encode make them in the executor (every weight an inference
+  tensor, which autograd cannot save). The trainer makes them usable through zero-copy aliases
+  (`oft_core.train.frozen_for_training`); the extra peak memory against normal weights is reported next to the size
+  of the largest layer (the goal's bound) and of the whole model (what a copy would cost).
 
 Measured in each subprocess: step time = median interval between consecutive steps (ours: the per-step cancel check;
 core: its per-step loss callback), the first step excluded (optimizer state, lazy init); peak memory = growth of the
@@ -24,6 +39,11 @@ process's peak RSS during the training call: VmHWM is reset to the current RSS (
 just before the call, and (VmHWM after − VmRSS at reset) is reported. On CPU this covers activations, autograd
 buffers, materialised rotated weights, parameters, gradients and optimizer state, i.e. everything a GPU would hold
 beyond the loaded model. Ratios ours/core come from the same run; the machine's load is printed with them.
+
+Part QOFT (`--only qoft`): our trainer on the FLUX-shaped model loaded as ComfyUI's UNETLoader does with
+weight_dtype fp8_e4m3fn vs default bf16 (`set_inference_dtype(dtype, unet_manual_cast(...))`), bf16 training,
+checkpointing on; peak memory here INCLUDES the model's weights (peak RSS − RSS before the model was built), since
+halving the weights is the point. Goal: fp8 ≤ 0.6 × bf16.
 
 Part 2, no ComfyUI needed: the activation-side step vs a weight-centric step (rotated W' = M·W materialised, what
 core does) on a stack of Linear layers; time, and bytes autograd saves for backward (saved-tensor hook).
@@ -71,6 +91,11 @@ CONFIGS = {
                     transformer_depth_output=[1, 1, 1, 1, 1, 1], context_dim=256),
 }
 LATENT = {"quick": 16, "default": 32}
+# FLUX-shaped: FLUX.1's real widths, 2 double + 2 single blocks (comfy.supported_models.Flux's unet_config keys)
+FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+        "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 2, "depth_single_blocks": 2,
+        "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
+FLUX_LATENT, FLUX_TEXT_TOKENS = 64, 16  # (64 / patch 2)² = 1024 image tokens
 
 
 # ------------------------------------------------------------------------------------------------ worker (subprocess)
@@ -94,6 +119,9 @@ def _import_comfy(root: Path):
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True  # before comfy.model_management picks a device
+    # The same attention kernel on both sides: torch's SDPA (core would otherwise pick sub-quadratic attention on a
+    # CPU; our trainer routes attention through attention_pytorch anyway).
+    comfy.cli_args.args.use_pytorch_cross_attention = True
     import comfy.model_management  # noqa: F401
     import comfy.model_patcher  # noqa: F401
     import comfy.supported_models  # noqa: F401
@@ -110,26 +138,57 @@ def _import_pack():
     return train_node
 
 
-def _build(config: str):
+def _fill(module, seed: int = 0, std: float = 0.02):
+    """Seeded values in every parameter, fast (a prime-length buffer cycled; converts into fp8 / bf16)."""
+    period = 1_048_573
+    buf = torch.randn(period, generator=torch.Generator().manual_seed(seed)) * std
+    cursor = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            flat = p.data.view(-1)
+            pos, n = 0, flat.numel()
+            while pos < n:
+                take = min(period - cursor, n - pos)
+                flat[pos:pos + take].copy_(buf[cursor:cursor + take])
+                pos += take
+                cursor = (cursor + take) % period
+
+
+def _build(config: str, base_dtype: str = "fp32", executor: bool = False):
+    """(patcher, latents, positive, batch size) for a config, the model made the way ComfyUI's loaders make it;
+    `executor`: made under torch.inference_mode() as ComfyUI's loader and VAE Encode make them inside the executor
+    (every weight and buffer an inference tensor)."""
+    with torch.inference_mode() if executor else contextlib.nullcontext():
+        return _build_now(config, base_dtype)
+
+
+def _build_now(config: str, base_dtype: str):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    cfg = comfy.supported_models.SD15(dict(CONFIGS[config]))
-    cfg.set_inference_dtype(torch.float32, None)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[base_dtype]
+    device = mm.get_torch_device()
+    if config == "flux":
+        cfg = comfy.supported_models.Flux(dict(FLUX))
+    else:
+        cfg = comfy.supported_models.SD15(dict(CONFIGS[config]))
+    # as comfy.sd.load_diffusion_model_state_dict: the weight dtype and ComfyUI's manual-cast compute dtype
+    cfg.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, device, cfg.supported_inference_dtypes))
     model = cfg.get_model({}, "", device=torch.device("cpu"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():  # ComfyUI's ops skip init: fill with seeded values
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    _fill(model.diffusion_model)  # ComfyUI's ops skip init
     model.eval().requires_grad_(False)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    size = LATENT[config]
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
     g = torch.Generator().manual_seed(1)
+    if config == "flux":
+        latents = {"samples": torch.randn(1, 16, FLUX_LATENT, FLUX_LATENT, generator=g)}
+        positive = [[torch.randn(1, FLUX_TEXT_TOKENS, FLUX["context_in_dim"], generator=g),
+                     {"pooled_output": torch.randn(1, FLUX["vec_in_dim"], generator=g), "guidance": 3.5}]]
+        return patcher, latents, positive, 1
+    size = LATENT[config]
     latents = {"samples": torch.randn(2, 4, size, size, generator=g)}
     positive = [[torch.randn(1, 8, CONFIGS[config]["context_dim"], generator=g), {}]]
-    return patcher, latents, positive
+    return patcher, latents, positive, 2
 
 
 def _core_layout(dm: nn.Module, rank: int):
@@ -150,6 +209,10 @@ class _Group:
     def __init__(self, trainers):
         self.trainers = trainers
 
+    @property
+    def layers(self):
+        return [tl for t in self.trainers for tl in t.layers]
+
     def parameters(self):
         return [p for t in self.trainers for p in t.parameters()]
 
@@ -165,15 +228,19 @@ class _Group:
 
 
 def worker(args) -> dict:
+    import comfy.ldm.modules.attention
     import comfy.model_management as mm
 
     torch.set_num_threads(args.threads)
-    patcher, latents, positive = _build(args.config)
+    rss_before_model = _status_kib("VmRSS")
+    patcher, latents, positive, batch = _build(args.config, args.base_dtype, executor=args.worker == "ours-executor")
     dm = patcher.model.diffusion_model
+    inference_tensors = sum(1 for t in dm.state_dict(keep_vars=True).values() if t.is_inference())
+    inference_tensors = sum(1 for t in dm.state_dict(keep_vars=True).values() if t.is_inference())
     layout = _core_layout(dm, args.rank)
     stamps: list[float] = []
     kw = dict(steps=args.steps, lr=args.lr, dtype=args.dtype, checkpointing=not args.no_checkpointing)
-    if args.worker == "ours":
+    if args.worker in ("ours", "ours-executor"):
         tn = _import_pack()
         by_size: dict[int, list] = {}
         skipped = 0
@@ -181,15 +248,16 @@ def worker(args) -> dict:
             if bs < 2:
                 skipped += 1
             else:
-                by_size.setdefault(bs, []).append((name, m))
-        group = _Group([OFTTrainer(t, block_size=bs, alpha=1e-3, weight_fn=tn._weight_fn, device="cpu")
-                        for bs, t in sorted(by_size.items())])
+                # "all." keeps FLUX's fused layers in one split, as core rotates them (same blocks, same work)
+                by_size.setdefault(bs, []).append((f"all.{name}" if args.config == "flux" else name, m))
+        group = _Group([OFTTrainer(t, block_size=bs, alpha=1e-3, weight_fn=tn._weight_fn, device="cpu",
+                                   recompute_weight=tn._casts_weight) for bs, t in sorted(by_size.items())])
         tn.build_trainer = lambda *a, **k: group
         mm.throw_exception_if_processing_interrupted = lambda: stamps.append(time.perf_counter())
         base_rss = _reset_peak()
         with torch.inference_mode():  # as ComfyUI runs nodes
             _, losses, _ = tn.train(patcher, latents, positive, steps=kw["steps"], learning_rate=kw["lr"],
-                                    batch_size=2, optimizer="AdamW", seed=0, num_blocks=1, alpha=1e-3,
+                                    batch_size=batch, optimizer="AdamW", seed=0, num_blocks=1, alpha=1e-3,
                                     targets="all-linear+conv", training_dtype=kw["dtype"],
                                     gradient_checkpointing_on=kw["checkpointing"])
         stamps.append(time.perf_counter())
@@ -214,7 +282,7 @@ def worker(args) -> dict:
         base_rss = _reset_peak()
         with torch.inference_mode():
             _, lora_sd, loss_map, _ = node.train(
-                patcher, latents, positive, batch_size=2, steps=kw["steps"], grad_accumulation_steps=1,
+                patcher, latents, positive, batch_size=batch, steps=kw["steps"], grad_accumulation_steps=1,
                 learning_rate=kw["lr"], rank=args.rank, optimizer="AdamW", loss_function="MSE", seed=0,
                 training_dtype=kw["dtype"], lora_dtype="fp32", algorithm="OFT",
                 gradient_checkpointing=kw["checkpointing"], existing_lora="[None]")
@@ -223,27 +291,61 @@ def worker(args) -> dict:
         layers = sum(1 for k in lora_sd if k.endswith("oft_blocks"))
         extra = {"oft_params": sum(v.numel() for k, v in lora_sd.items() if k.endswith("oft_blocks")),
                  "bias_norm_delta_params": sum(v.numel() for k, v in lora_sd.items() if not k.endswith("oft_blocks"))}
-    peak_kib = _status_kib("VmHWM") - base_rss
+    hwm = _status_kib("VmHWM")
+    weights = list(dm.state_dict(keep_vars=True).values())
+    extra.update(model_MiB_stored=sum(t.numel() * t.element_size() for t in weights) / 2**20,
+                 largest_layer_MiB=max(sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
+                                       for m in dm.modules()) / 2**20,
+                 inference_tensors=inference_tensors)
+    peak_kib = hwm - base_rss
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    weights = [t for t in dm.state_dict(keep_vars=True).values()]
+    extra.update(model_MiB=sum(t.numel() * t.element_size() for t in weights) / 2**20,
+                 largest_layer_MiB=max(sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
+                                       for m in dm.modules()) / 2**20,
+                 inference_tensors=inference_tensors)
     return {"trainer": args.worker, "step_s": statistics.median(steps[1:] or steps), "steps_timed": len(steps[1:]),
-            "peak_rss_growth_MiB": peak_kib / 1024, "layers": layers, "trainable_params": params,
+            "peak_rss_growth_MiB": peak_kib / 1024, "peak_incl_model_MiB": (hwm - rss_before_model) / 1024,
+            "model_MiB": (base_rss - rss_before_model) / 1024, "layers": layers, "trainable_params": params,
             "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
+            "attention": comfy.ldm.modules.attention.optimized_attention.__name__,
             "model_params": sum(p.numel() for p in dm.parameters()), **extra}
 
 
-def run_workers(args, comfy_root: Path) -> dict:
+def run_workers(args, comfy_root: Path, config: str, steps: int, dtype: str, base_dtype: str,
+                who=("ours", "core")) -> dict:
     out = {}
-    for who in ("ours", "core"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", who, "--config", args.config,
-               "--steps", str(args.steps), "--rank", str(args.rank), "--lr", str(args.lr), "--dtype", args.dtype,
-               "--threads", str(args.threads), "--comfyui", str(comfy_root)]
+    for name in who:
+        worker_kind, base = (name, base_dtype) if "@" not in name else name.split("@")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker_kind, "--config", config,
+               "--steps", str(steps), "--rank", str(args.rank), "--lr", str(args.lr), "--dtype", dtype,
+               "--base-dtype", base, "--threads", str(args.threads), "--comfyui", str(comfy_root)]
         if args.no_checkpointing:
             cmd.append("--no-checkpointing")
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
         if run.returncode != 0:
-            raise RuntimeError(f"{who} worker failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
-        out[who] = json.loads(run.stdout.strip().splitlines()[-1])
+            raise RuntimeError(f"{name} worker failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
+        out[name] = json.loads(run.stdout.strip().splitlines()[-1])
     return out
+
+
+def race_lines(title: str, r: dict, load_before, load_after) -> list[str]:
+    o, c = r["ours"], r["core"]
+    t, m = o["step_s"] / c["step_s"], o["peak_rss_growth_MiB"] / max(c["peak_rss_growth_MiB"], 1e-9)
+    return [
+        f"  {title}",
+        f"    attention kernel: ours {o['attention']}, core {c['attention']}",
+        f"    ours (OFTTrainer): {o['layers']} layers ({o['layers_skipped_block_size_1']} with block size 1 left "
+        f"out), {o['trainable_params']} trained params; step {o['step_s'] * 1e3:8.1f} ms (median of "
+        f"{o['steps_timed']}), peak RSS growth {o['peak_rss_growth_MiB']:8.1f} MiB; loss {o['loss_first']:.4f} -> "
+        f"{o['loss_last']:.4f}",
+        f"    core (TrainLoraNode OFT): {c['layers']} layers, {c['trainable_params']} trained params ("
+        f"{c['oft_params']} OFT + {c['bias_norm_delta_params']} bias/norm-delta); step {c['step_s'] * 1e3:8.1f} ms "
+        f"(median of {c['steps_timed']}), peak RSS growth {c['peak_rss_growth_MiB']:8.1f} MiB; loss "
+        f"{c['loss_first']:.4f} -> {c['loss_last']:.4f}",
+        f"    ratios ours/core: step time {t:.2f} (goal ≤ 0.5), peak memory {m:.2f} (goal ≤ 0.5); machine load "
+        f"{load_before} before, {load_after} after",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ part 2 (synthetic)
@@ -319,52 +421,81 @@ def synthetic(dim, layers, tokens, num_blocks, repeat) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny UNet, 3 steps, small synthetic part (smoke run)")
-    ap.add_argument("--config", choices=sorted(CONFIGS), default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--steps", type=int, default=None, help="training steps per trainer (default 6; quick 3)")
+    ap.add_argument("--only", action="append", choices=["sd", "flux", "qoft", "synthetic"], default=None,
+                    help="run only these parts (repeatable); default: all")
+    ap.add_argument("--config", choices=sorted(CONFIGS) + ["flux"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=None, help="SD training steps per trainer (default 6; quick 3)")
+    ap.add_argument("--flux-steps", type=int, default=3, help="FLUX-shaped race steps per trainer (default 3)")
+    ap.add_argument("--qoft-steps", type=int, default=2, help="QOFT memory run steps (default 2)")
     ap.add_argument("--rank", type=int, default=8, help="core's rank (= its block size, see above); default 8")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="training dtype of both (autocast)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="SD training dtype of both (autocast)")
+    ap.add_argument("--base-dtype", choices=["fp32", "bf16", "fp8"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-checkpointing", action="store_true", help="both without gradient checkpointing")
     ap.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--results", default=None, help="results file (default: bench_train.results.txt here)")
     ap.add_argument("--comfyui", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["ours", "core"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "ours-executor", "core"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.config = args.config or ("quick" if args.quick else "default")
     args.steps = args.steps or (3 if args.quick else 6)
     if args.worker:
+        args.base_dtype = args.base_dtype or ("bf16" if args.config == "flux" else "fp32")
         _import_comfy(Path(args.comfyui))
         print(json.dumps(worker(args)))  # noqa: T201  (read by the parent process)
         return 0
 
+    parts = set(args.only or (["sd", "synthetic"] if args.quick else ["sd", "flux", "qoft", "synthetic"]))
     torch.set_num_threads(args.threads)
     before = machine()
-    lines = [f"{before['time_utc']} bench_train{' --quick' if args.quick else ''}: torch {before['torch']}, "
-             f"threads {args.threads}, nproc {before['nproc']}"]
+    lines = [f"{before['time_utc']} bench_train{' --quick' if args.quick else ''} ({', '.join(sorted(parts))}): "
+             f"torch {before['torch']}, threads {args.threads}, nproc {before['nproc']}"]
     root = Path(os.environ.get("COMFYUI_PATH") or Path.home() / ".cache" / "comfyui-oft" / "ComfyUI")
-    if (root / "comfy_extras" / "nodes_train.py").is_file():
-        r = run_workers(args, root)
-        o, c = r["ours"], r["core"]
+    found = (root / "comfy_extras" / "nodes_train.py").is_file()
+    if not found and parts & {"sd", "flux", "qoft"}:
+        lines.append(f"  ComfyUI not found at {root} (set COMFYUI_PATH): core comparison and QOFT skipped")
+    if found and "sd" in parts:
+        load0 = machine()["loadavg_1_5_15"]
+        r = run_workers(args, root, args.config, args.steps, args.dtype, "fp32", who=("ours", "ours-executor", "core"))
+        o, e = r["ours"], r["ours-executor"]
+        executor_line = (
+            f"    ours on executor-made weights ({e['inference_tensors']} inference tensors, trained through "
+            f"frozen_for_training): step {e['step_s'] * 1e3:8.1f} ms, peak RSS growth "
+            f"{e['peak_rss_growth_MiB']:8.1f} MiB; minus normal weights' {o['peak_rss_growth_MiB']:.1f} MiB = "
+            f"{e['peak_rss_growth_MiB'] - o['peak_rss_growth_MiB']:+.1f} MiB (goal ≤ largest layer "
+            f"{e['largest_layer_MiB']:.2f} MiB; a second copy of the model would be {e['model_MiB_stored']:.1f} MiB)")
+        lines += race_lines(
+            f"SD1.x-family UNet '{args.config}' ({r['ours']['model_params'] / 1e6:.2f} M params), 2 latents "
+            f"{LATENT[args.config]}×{LATENT[args.config]}, batch 2, {args.steps} steps, AdamW lr {args.lr:g}, "
+            f"{args.dtype}, gradient checkpointing {'off' if args.no_checkpointing else 'on'}, core rank {args.rank} = "
+            f"per-layer block sizes of factorization(out_dim, {args.rank}) for both", r, load0,
+            machine()["loadavg_1_5_15"]) + [executor_line]
+    if found and "flux" in parts:
+        load0 = machine()["loadavg_1_5_15"]
+        r = run_workers(args, root, "flux", args.flux_steps, "bf16", "bf16")
+        lines += race_lines(
+            f"FLUX-shaped (hidden 3072, 24 heads, 2 double + 2 single blocks, {r['ours']['model_params'] / 1e9:.2f} G "
+            f"params, random weights, comfy.supported_models.Flux), 1 latent 64×64×16 = 1024 image tokens + "
+            f"{FLUX_TEXT_TOKENS} text tokens, batch 1, {args.flux_steps} steps, AdamW lr {args.lr:g}, bf16 weights and "
+            f"training, gradient checkpointing {'off' if args.no_checkpointing else 'on'}, core rank {args.rank} = "
+            f"per-layer block sizes of factorization(out_dim, {args.rank}) for both", r, load0,
+            machine()["loadavg_1_5_15"])
+    if found and "qoft" in parts:
+        load0 = machine()["loadavg_1_5_15"]
+        r = run_workers(args, root, "flux", args.qoft_steps, "bf16", "bf16", who=("ours@bf16", "ours@fp8"))
+        b16, f8 = r["ours@bf16"], r["ours@fp8"]
         lines += [
-            f"  ComfyUI {root}: SD1.x-family UNet '{args.config}' ({o['model_params'] / 1e6:.2f} M params), "
-            f"2 latents {LATENT[args.config]}×{LATENT[args.config]}, batch 2, {args.steps} steps, AdamW lr "
-            f"{args.lr:g}, {args.dtype}, gradient checkpointing {'off' if args.no_checkpointing else 'on'}, core "
-            f"rank {args.rank} = per-layer block sizes of factorization(out_dim, {args.rank}) for both",
-            f"    ours (OFTTrainer): {o['layers']} layers ({o['layers_skipped_block_size_1']} with block size 1 left "
-            f"out), {o['trainable_params']} params; step {o['step_s'] * 1e3:8.1f} ms (median of "
-            f"{o['steps_timed']}), peak RSS growth {o['peak_rss_growth_MiB']:8.1f} MiB",
-            f"    core (TrainLoraNode OFT): {c['layers']} layers, {c['oft_params']} OFT params + "
-            f"{c['bias_norm_delta_params']} bias/norm-delta params; step {c['step_s'] * 1e3:8.1f} ms (median of "
-            f"{c['steps_timed']}), peak RSS growth {c['peak_rss_growth_MiB']:8.1f} MiB",
-            f"    ratios ours/core: step time {o['step_s'] / c['step_s']:.2f} (goal ≤ 1), peak memory "
-            f"{o['peak_rss_growth_MiB'] / max(c['peak_rss_growth_MiB'], 1e-9):.2f} (goal ≤ 0.5)",
+            f"  QOFT: our trainer on the FLUX-shaped model, base weights bf16 vs fp8_e4m3fn (ComfyUI manual cast), "
+            f"bf16 training, {args.qoft_steps} steps, checkpointing {'off' if args.no_checkpointing else 'on'}",
+            f"    bf16 base: model {b16['model_MiB']:8.1f} MiB, peak incl. model {b16['peak_incl_model_MiB']:8.1f} MiB "
+            f"(training growth {b16['peak_rss_growth_MiB']:8.1f}); step {b16['step_s'] * 1e3:8.1f} ms",
+            f"    fp8  base: model {f8['model_MiB']:8.1f} MiB, peak incl. model {f8['peak_incl_model_MiB']:8.1f} MiB "
+            f"(training growth {f8['peak_rss_growth_MiB']:8.1f}); step {f8['step_s'] * 1e3:8.1f} ms",
+            f"    ratio fp8/bf16 peak memory {f8['peak_incl_model_MiB'] / b16['peak_incl_model_MiB']:.2f} "
+            f"(goal ≤ 0.6); machine load {load0} before, {machine()['loadavg_1_5_15']} after",
         ]
-    else:
-        lines.append(f"  ComfyUI not found at {root} (set COMFYUI_PATH): core comparison skipped")
-    if args.quick:
-        lines += synthetic(256, 1, 64, 4, 2)
-    else:
-        lines += synthetic(1024, 4, 256, 4, 5)
+    if "synthetic" in parts:
+        lines += synthetic(256, 1, 64, 4, 2) if args.quick else synthetic(1024, 4, 256, 4, 5)
     after = machine()
     lines.append(f"  machine: load {before['loadavg_1_5_15']} before, {after['loadavg_1_5_15']} after; "
                  f"affinity cpus {after['affinity_cpus']}, {after['cpu']}, python {after['python']}")

@@ -13,6 +13,7 @@ from ..oft_core import OFTError, build_key_map, match_adapter
 from ..oft_core.summary import describe, format_text
 from . import files
 from .patch import (
+    APPLY_MODES,
     TE_COMPONENTS,
     UNET_PREFIX,
     apply_oft,
@@ -42,13 +43,36 @@ def _mode_input():
     return io.Combo.Input("strength_mode", options=MODES, default="kohya", tooltip=_MODE_TOOLTIP)
 
 
+_APPLY_MODE_TOOLTIP = (
+    "merge: the rotated weights are computed when the model loads (fastest sampling). bypass: no weight is "
+    "touched; each adapted layer's output (kohya, LyCORIS) or input (PEFT) is rotated during sampling: instant to "
+    "apply, exact on fp8 / GGUF models (no re-rounding of rotated weights), a small cost per step. With a LoRA on "
+    "the same model, bypass always gives OFT applied after the LoRA."
+)
+
+
+def _apply_mode_input():
+    # last input on purpose: workflows saved before it existed keep their widget values in their slots
+    return io.Combo.Input("apply_mode", options=list(APPLY_MODES), default="merge", optional=True,
+                          tooltip=_APPLY_MODE_TOOLTIP)
+
+
 def _file_input():
     return io.Combo.Input(
         "adapter_name",
         options=files.adapter_files(),
         tooltip="An OFT adapter (.safetensors: kohya sd-scripts, LyCORIS diag-oft / BOFT, or PEFT "
-        "adapter_model.safetensors next to its adapter_config.json) from the 'oft' or 'loras' model folders.",
+        "adapter_model.safetensors next to its adapter_config.json) from the 'oft' or 'loras' model folders. Only "
+        "OFT files are listed (LoRAs in the same folders are left out).",
     )
+
+
+def _check_file(adapter_name) -> bool | str:
+    """`validate_inputs` of the file loaders: a missing or non-OFT file refuses the prompt when it is queued."""
+    if adapter_name is None:  # linked from another node: checked when the node runs
+        return True
+    problem = files.check_name(adapter_name)
+    return True if problem is None else problem
 
 
 def _model_clip_inputs():
@@ -81,14 +105,19 @@ class OFTLoader(io.ComfyNode):
                 _file_input(),
                 _strength_input(),
                 _mode_input(),
+                _apply_mode_input(),
             ],
             outputs=_model_clip_outputs(),
         )
 
     @classmethod
-    def execute(cls, model, adapter_name, strength, strength_mode, clip=None) -> io.NodeOutput:
+    def validate_inputs(cls, adapter_name=None) -> bool | str:
+        return _check_file(adapter_name)
+
+    @classmethod
+    def execute(cls, model, adapter_name, strength, strength_mode, clip=None, apply_mode="merge") -> io.NodeOutput:
         adapter = files.load_by_name(adapter_name)
-        model, clip, text = apply_oft(model, clip, adapter, strength, strength_mode)
+        model, clip, text = apply_oft(model, clip, adapter, strength, strength_mode, apply_mode)
         return io.NodeOutput(model, clip, ui=ui.PreviewText(text))
 
 
@@ -103,6 +132,10 @@ class OFTLoadAdapter(io.ComfyNode):
             inputs=[_file_input()],
             outputs=[OFTAdapterType.Output(display_name="oft_adapter", tooltip="The validated adapter.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name=None) -> bool | str:
+        return _check_file(adapter_name)
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
@@ -124,19 +157,20 @@ class OFTApply(io.ComfyNode):
                 OFTAdapterType.Input("oft_adapter", tooltip="An adapter from Load OFT Adapter."),
                 _strength_input(),
                 _mode_input(),
+                _apply_mode_input(),
             ],
             outputs=_model_clip_outputs(),
         )
 
     @classmethod
-    def execute(cls, model, oft_adapter, strength, strength_mode, clip=None) -> io.NodeOutput:
-        model, clip, text = apply_oft(model, clip, oft_adapter, strength, strength_mode)
+    def execute(cls, model, oft_adapter, strength, strength_mode, clip=None, apply_mode="merge") -> io.NodeOutput:
+        model, clip, text = apply_oft(model, clip, oft_adapter, strength, strength_mode, apply_mode)
         return io.NodeOutput(model, clip, ui=ui.PreviewText(text))
 
 
 def inspect_text(adapter, model=None) -> str:
     """The adapter summary (oft_core.summary), plus how it matches `model` when one is given."""
-    text = format_text(describe(adapter))
+    text = format_text(describe(adapter), more_hint="")
     extra = block_strength_text(adapter)
     if extra:
         text += "\n" + extra[2:]

@@ -22,7 +22,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..oft_core import OFTAdapter, OFTError
-from ..oft_core.blocks import apply_block_strength, parse_block_spec
+from ..oft_core.blocks import apply_block_strength, layer_block, parse_block_spec
 from ..oft_core.formats import FORMATS, format_family, load_adapter, write_adapter
 from ..oft_core.ops import MERGE_MODES, blend, merge
 from ..oft_core.publish import check_output_name
@@ -87,6 +87,51 @@ def with_block_strength(adapter: OFTAdapter, spec: str) -> OFTAdapter:
                                MADE_FROM: tree})
 
 
+def _ranges(indices) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def adapter_groups(adapter: OFTAdapter) -> str:
+    """The block-strength groups `adapter`'s layers are in, as a spec writes them: "double 0-1, single 0-1, te"."""
+    groups: dict[str, set] = {}
+    outside = 0
+    for layer in adapter:
+        block = layer_block(layer.component, layer.name)
+        if block is None:
+            outside += 1
+            continue
+        groups.setdefault(block[0], set())
+        if block[1] is not None:
+            groups[block[0]].add(block[1])
+    parts = [f"{g} {_ranges(ix)}" if ix else g for g, ix in groups.items()]
+    if outside:
+        parts.append(f"unet ({outside} layers in no numbered block)")
+    return ", ".join(parts) or "no layer"
+
+
+def unmatched_items(adapter: OFTAdapter, spec: str) -> list[str]:
+    """The items of `spec` (other than default) that select no layer of `adapter`, as written in the spec."""
+    parsed = parse_block_spec(spec)
+    blocks = [(layer.component, layer_block(layer.component, layer.name)) for layer in adapter]
+    out = []
+    for rule in parsed.rules:
+        if not any(rule.covers(component, block) for component, block in blocks):
+            where = "" if rule.lo is None else f":{rule.lo}" if rule.lo == rule.hi else f":{rule.lo}-{rule.hi}"
+            out.append(f"{rule.group}{where}={rule.value:g}")
+    return out
+
+
 class OFTBlockStrength(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -118,6 +163,13 @@ class OFTBlockStrength(io.ComfyNode):
     def execute(cls, oft_adapter, block_spec) -> io.NodeOutput:
         out = with_block_strength(oft_adapter, block_spec)
         text = f"{len(out)} of {len(oft_adapter)} layers kept" + block_strength_text(out)
+        unmatched = unmatched_items(oft_adapter, block_spec)
+        if unmatched:
+            verb = "matches" if len(unmatched) == 1 else "match"
+            warning = (f"WARNING: {', '.join(unmatched)} {verb} no layer of this adapter; its layers are in: "
+                       f"{adapter_groups(oft_adapter)}")
+            log.warning("OFT Block Strength: %s", warning[len("WARNING: "):])
+            text += "\n" + warning
         return io.NodeOutput(out, ui=ui.PreviewText(text))
 
 

@@ -264,9 +264,38 @@ def block_strength_text(adapter: OFTAdapter) -> str:
     return f"; block strength {spec or '(empty)'}: {off} layers off, {scaled} scaled"
 
 
-def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "kohya"):
+APPLY_MODES = ("merge", "bypass")
+
+
+# ComfyUI's own OFT weight patches: what core Load LoRA makes of a LyCORIS OFT / BOFT file (strength s², see
+# COMFYUI_NOTES). Our OFTWeightAdapter is also named "oft", so the check is by class, not by name.
+_CORE_OFT = (comfy.weight_adapter.OFTAdapter, comfy.weight_adapter.BOFTAdapter)
+
+
+def core_oft_warning(patcher, report: MatchReport | None) -> str:
+    """A warning when weights this adapter matched already carry ComfyUI's own OFT patch ("" when none do).
+
+    Loading one LyCORIS OFT file through core Load LoRA and through this pack rotates those weights twice (R·R·W).
+    Both may be meant (two different adapters), so this warns and still applies.
+    """
+    if report is None:
+        return ""
+    patches = getattr(patcher, "patches", {})
+    hit = [m.target.key for m in report.matched
+           if any(isinstance(p[1], _CORE_OFT) for p in patches.get(m.target.key, ()))]
+    if not hit:
+        return ""
+    hit = sorted(set(hit))
+    return (f"WARNING: {len(hit)} of these weights already carry ComfyUI's own OFT patch (a Load LoRA node loaded an "
+            f"OFT file), e.g. {hit[0]}: they are rotated twice. If it is the same file, load it through one node only")
+
+
+def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "kohya", apply_mode: str = "merge"):
     """Patch clones of `model` (and `clip` when the adapter has text-encoder layers) with `adapter`.
 
+    `apply_mode` "merge": weight patches (the rotated weight computed when ComfyUI loads the model); "bypass": the
+    activations rotated in the forward, no weight touched (nodes/bypass.py). Same strength, modes and per-layer
+    strengths in both.
     Returns (model, clip, report text). `clip` is returned as given (same object) when the adapter has no
     text-encoder layer or no CLIP was given. The inputs are never modified; on any error nothing is patched.
     Raises OFTError when no layer of the adapter matches the model, or one does not fit its weight.
@@ -278,6 +307,8 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
     for (_component, name), m in (adapter.info.get(LAYER_STRENGTHS) or {}).items():
         check_strength(strength * m, f"strength {strength:g} × block multiplier {m:g} of layer {name!r}",
                        path=adapter.path or None)
+    if apply_mode not in APPLY_MODES:
+        raise OFTError(f"apply mode: expected {' or '.join(APPLY_MODES)}, found {apply_mode!r}", path=adapter.path)
     if len(adapter) == 0 and adapter.info.get(BLOCK_STRENGTH_TEXT) is not None:
         # every layer switched off by a block-strength spec: a valid request whose answer is the unchanged model
         name = os.path.basename(adapter.path) or adapter.format
@@ -298,17 +329,36 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
             path=adapter.path,
         )
     text = report_text(adapter, unet_report, te_report, clip is not None, strength, mode)
+    if apply_mode == "bypass":
+        text = text.replace(f", mode {mode})", f", mode {mode}, bypass)", 1)
+    for warning in (core_oft_warning(model, unet_report),
+                    core_oft_warning(clip.patcher if clip is not None else None, te_report)):
+        if warning:
+            log.warning("OFT %s: %s", os.path.basename(adapter.path) or adapter.format, warning)
+            text += "\n" + warning
     new_model = model.clone()
     if unet_report is not None and unet_report.matched:
-        accepted = _add_patches(new_model, unet_report, adapter, strength, mode)
-        _check_accepted(accepted, unet_report, adapter)
+        _patch(new_model, unet_report, adapter, strength, mode, apply_mode)
     new_clip = clip
     if te_report is not None and te_report.matched:
         new_clip = clip.clone()
-        accepted = _add_patches(new_clip, te_report, adapter, strength, mode)
-        _check_accepted(accepted, te_report, adapter)
+        _patch(new_clip, te_report, adapter, strength, mode, apply_mode)
     log.info("%s", text)
     return new_model, new_clip, text
+
+
+def _patch(patcher, report: MatchReport, adapter: OFTAdapter, strength: float, mode: str, apply_mode: str) -> None:
+    if apply_mode == "bypass":
+        from .bypass import add_bypass
+
+        try:
+            target = getattr(patcher, "patcher", patcher)  # a CLIP: its ModelPatcher
+            add_bypass(target, report.matched, lambda layer: float(strength) * layer_multiplier(adapter, layer), mode)
+        except OFTError as e:
+            raise OFTError(e.detail, path=adapter.path, layer=e.layer) from e
+        return
+    accepted = _add_patches(patcher, report, adapter, strength, mode)
+    _check_accepted(accepted, report, adapter)
 
 
 def _check_accepted(accepted, report: MatchReport, adapter: OFTAdapter) -> None:

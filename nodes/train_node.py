@@ -20,6 +20,7 @@ What it does differently from core's `TrainLoraNode(algorithm="OFT")` (comfy_ext
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -29,18 +30,25 @@ import comfy.ops
 import comfy.supported_models
 import comfy.utils
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..oft_core import OFTError
+from ..oft_core.formats import write_adapter
 from ..oft_core.train import (
+    KOHYA_LOSS,
+    LOSSES,
     OPTIMIZERS,
     PRESETS,
+    SCHEDULES,
     checkpoint_blocks,
     detect_family,
     export_names,
+    frozen_bases,
     frozen_for_training,
     gradient_checkpointing,
     inplace_safe,
+    lr_factor,
+    residual_loss,
     run_training,
     select_targets,
     training_metadata,
@@ -49,6 +57,7 @@ from ..oft_core.train import (
     OFTTrainer as CoreTrainer,
 )
 from . import families
+from .op_nodes import next_free_path
 from .patch import apply_oft, model_kind
 
 log = logging.getLogger(__name__)
@@ -60,17 +69,39 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------ objective
-def sample_sigmas(ms, n: int, gen: torch.Generator) -> torch.Tensor:
-    """Noise levels the way the model family trains (see module docstring); float32, shape (n,)."""
-    if isinstance(ms, (comfy.model_sampling.CONST, comfy.model_sampling.ModelSamplingFlux,
-                       comfy.model_sampling.ModelSamplingDiscreteFlow)):
-        u = torch.sigmoid(torch.randn(n, generator=gen)).clamp(1e-4, 1 - 1e-4)
-        return torch.tensor([float(ms.percent_to_sigma(1.0 - float(v))) for v in u], dtype=torch.float32)
+def _logit_normal(n: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.sigmoid(torch.randn(n, generator=gen, device=gen.device)).clamp(1e-4, 1 - 1e-4)
+
+
+def sigma_sampler(ms, device):
+    """A function (n, generator) -> n noise levels (float32, on the generator's device), the way the model family
+    trains (see module docstring). Everything that needs a host read (schedule bounds) is read here, once, so that
+    drawing inside a training step never waits for the device."""
+    device = torch.device(device)
+    if isinstance(ms, comfy.model_sampling.ModelSamplingFlux):
+        # percent_to_sigma(1 − u) = flux_time_shift(shift, 1, u) = ms.sigma(u), vectorised
+        return lambda n, gen: ms.sigma(_logit_normal(n, gen)).float()
+    if isinstance(ms, comfy.model_sampling.ModelSamplingDiscreteFlow):
+        mult = float(ms.multiplier)  # percent_to_sigma(1 − u) = time_snr_shift(shift, u) = ms.sigma(u·multiplier)
+        return lambda n, gen: ms.sigma(_logit_normal(n, gen) * mult).float()
+    if isinstance(ms, comfy.model_sampling.CONST):  # another flow schedule: its own percent_to_sigma, per value
+        def draw(n, gen):
+            u = _logit_normal(n, gen).cpu()
+            return torch.tensor([float(ms.percent_to_sigma(1.0 - float(v))) for v in u], dtype=torch.float32,
+                                device=gen.device)
+        return draw
     if isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete):
-        t = torch.randint(0, len(ms.sigmas), (n,), generator=gen)
-        return ms.sigmas.detach().cpu().float()[t]
-    s = torch.exp(torch.randn(n, generator=gen) * 1.2 - 1.2)  # EDM (Karras et al. 2022) P_mean −1.2, P_std 1.2
-    return s.clamp(float(ms.sigma_min), float(ms.sigma_max))
+        table = ms.sigmas.detach().float()
+        return lambda n, gen: table.to(gen.device)[torch.randint(0, len(table), (n,), generator=gen,
+                                                                 device=gen.device)]
+    lo, hi = float(ms.sigma_min), float(ms.sigma_max)
+    # EDM (Karras et al. 2022) P_mean −1.2, P_std 1.2
+    return lambda n, gen: torch.exp(torch.randn(n, generator=gen, device=gen.device) * 1.2 - 1.2).clamp(lo, hi)
+
+
+def sample_sigmas(ms, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Noise levels the way the model family trains (see module docstring); float32, shape (n,), on gen's device."""
+    return sigma_sampler(ms, gen.device)(n, gen)
 
 
 def output_scale(ms, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -88,13 +119,14 @@ def _fused_attention(func, *args, **kwargs):
     return attention_pytorch(*args, **kwargs)
 
 
-def family_loss(base_model, x0, noise, sigma, conds, transformer_options) -> torch.Tensor:
-    """The family's training loss for clean latents `x0` (already `process_latent_in`)."""
+def family_loss(base_model, x0, noise, sigma, conds, transformer_options, loss_function="MSE") -> torch.Tensor:
+    """The family's training loss for clean latents `x0` (already `process_latent_in`): `loss_function` (MSE, L1,
+    Huber, SmoothL1) of the residual (D − x₀)/b(σ) = out − target in the model's own output space."""
     ms = base_model.model_sampling
     xt = ms.noise_scaling(sigma, noise, x0)
     denoised = base_model.apply_model(xt, sigma, transformer_options=transformer_options, **conds)
     b = output_scale(ms, sigma, x0)
-    return (((denoised.float() - x0.float()) / b) ** 2).mean()
+    return residual_loss(loss_function, (denoised.float() - x0.float()) / b)
 
 
 # ------------------------------------------------------------------------------------------------ conditioning
@@ -136,20 +168,67 @@ def batch_conds(per_image: list[dict], idx: list[int]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ validation
+def _is_conditioning(v) -> bool:
+    """A CONDITIONING is a list of [tensor | None, dict] pairs (a list of them is what an input list gives)."""
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[1], dict) for e in v)
+
+
+def as_latent_list(latents) -> list:
+    """One LATENT (dict) or a list of them (several resolutions) -> a list of LATENT dicts."""
+    return list(latents) if isinstance(latents, (list, tuple)) else [latents]
+
+
+def as_conditioning_list(positive) -> list:
+    """One CONDITIONING or a list of them (one per LATENT batch) -> a list of CONDITIONINGs."""
+    if isinstance(positive, (list, tuple)) and len(positive) > 0 and all(_is_conditioning(p) for p in positive):
+        return list(positive)
+    return [positive]
+
+
 def validate(model, latents, positive, steps, batch_size, grad_accumulation, learning_rate=1e-4,
-             constraint=0.0) -> torch.Tensor:
-    """Checks that need no work; returns the latent samples. Raises OFTError / ValueError with the numbers."""
-    samples = latents.get("samples") if isinstance(latents, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.ndim < 4 or samples.shape[0] == 0:
-        found = "nothing" if samples is None else tuple(getattr(samples, "shape", ()))
-        raise OFTError(f"training latents: expected a LATENT batch of at least one image (N, C, H, W), found {found}")
-    if not torch.isfinite(samples).all():
-        raise OFTError("training latents contain NaN or Inf values")
-    if not isinstance(positive, (list, tuple)) or len(positive) == 0:
-        raise OFTError("conditioning: expected at least one CONDITIONING entry, found none")
-    n = samples.shape[0]
-    if len(positive) not in (1, n):
-        raise OFTError(f"conditioning count: expected 1 (for all images) or {n} (one per image), found {len(positive)}")
+             constraint=0.0) -> list[tuple[torch.Tensor, list]]:
+    """Checks that need no work. `latents`: one LATENT or a list of LATENT batches (any sizes); `positive`: one
+    CONDITIONING (one entry for every image, or one per image in order over all batches) or one CONDITIONING per
+    LATENT batch (each with one entry, or one per image of its batch). Returns, per image, its latent (C, H, W …)
+    and its conditioning entry. Raises OFTError with the numbers."""
+    batches = as_latent_list(latents)
+    conds = as_conditioning_list(positive)
+    if not batches:
+        raise OFTError("training latents: expected a LATENT batch of at least one image (N, C, H, W), found nothing")
+    images = []
+    for k, lat in enumerate(batches):
+        which = "training latents" if len(batches) == 1 else f"training latents (batch {k + 1} of {len(batches)})"
+        samples = lat.get("samples") if isinstance(lat, dict) else None
+        if not isinstance(samples, torch.Tensor) or samples.ndim < 4 or samples.shape[0] == 0:
+            found = "nothing" if samples is None else tuple(getattr(samples, "shape", ()))
+            raise OFTError(f"{which}: expected a LATENT batch of at least one image (N, C, H, W), found {found}")
+        if not torch.isfinite(samples).all():
+            raise OFTError(f"{which} contain NaN or Inf values")
+        if images and samples.shape[1] != images[0][0].shape[0]:
+            raise OFTError(f"{which}: expected {images[0][0].shape[0]} latent channels like the first batch, found "
+                           f"{samples.shape[1]} (latents of one model only)")
+        images += [(samples[i], k) for i in range(samples.shape[0])]
+    for p in conds:
+        if not isinstance(p, (list, tuple)) or len(p) == 0:
+            raise OFTError("conditioning: expected at least one CONDITIONING entry, found none")
+    n = len(images)
+    if len(conds) == 1:
+        p = conds[0]
+        if len(p) not in (1, n):
+            raise OFTError(f"conditioning count: expected 1 (for all images) or {n} (one per image), found {len(p)}")
+        entries = list(p) * n if len(p) == 1 else list(p)
+    elif len(conds) == len(batches):
+        entries = []
+        for k, p in enumerate(conds):
+            nk = sum(1 for _, b in images if b == k)
+            if len(p) not in (1, nk):
+                raise OFTError(f"conditioning {k + 1} (for latent batch {k + 1}): expected 1 entry or {nk} (one per "
+                               f"image), found {len(p)}")
+            entries += list(p) * nk if len(p) == 1 else list(p)
+    else:
+        raise OFTError(f"conditioning: expected one CONDITIONING for all {len(batches)} latent batches or one per "
+                       f"batch, found {len(conds)}")
     if steps < 1:
         raise OFTError(f"steps: expected ≥ 1, found {steps}")
     for name, v in (("learning_rate", learning_rate), ("constraint", constraint)):
@@ -159,14 +238,56 @@ def validate(model, latents, positive, steps, batch_size, grad_accumulation, lea
     if batch_size < 1 or grad_accumulation < 1:
         raise OFTError(f"batch size and gradient accumulation: expected ≥ 1, found {batch_size} and "
                        f"{grad_accumulation}")
-    return samples
+    return [(x, e) for (x, _), e in zip(images, entries)]
+
+
+def buckets_of(images: list[tuple[torch.Tensor, list]]) -> list[tuple[torch.Tensor, list]]:
+    """Images grouped by latent size (first appearance order): [(latents (n, C, H, W), conditioning entries)]."""
+    groups: dict[tuple, list] = {}
+    for x, entry in images:
+        groups.setdefault(tuple(x.shape), []).append((x, entry))
+    return [(torch.stack([x for x, _ in g]), [e for _, e in g]) for g in groups.values()]
+
+
+def micro_batch_plan(sizes: list[int], batch_size: int, count: int, gen: torch.Generator) -> list[tuple[int, list]]:
+    """`count` micro-batches (bucket, image indices in it), each of `batch_size` images of ONE size (sd-scripts'
+    bucketing): epochs over all images; in each, every bucket's images in a seeded random order cut into batches
+    (the last one topped up from a fresh order of the same bucket), the batches of all buckets in a seeded random
+    order. Drawn on the host before training (the same seed gives the same plan on every device)."""
+    plan: list[tuple[int, list]] = []
+    while len(plan) < count:
+        epoch = []
+        for k, n in enumerate(sizes):
+            order = torch.randperm(n, generator=gen).tolist()
+            while len(order) % batch_size:
+                order += torch.randperm(n, generator=gen).tolist()[:batch_size - len(order) % batch_size]
+            epoch += [(k, order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+        plan += [epoch[i] for i in torch.randperm(len(epoch), generator=gen).tolist()]
+    return plan[:count]
+
+
+def _casts_weight(module) -> bool:
+    """Whether the layer makes its weight per forward (ComfyUI cast ops: fp8 / manual-cast / offloaded / patched
+    layers; a GGUF layer's own dequantisation): then that weight is a fresh copy, worth making again in backward."""
+    return callable(getattr(type(module), "cast_bias_weight", None)) or bool(
+        getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) or
+        getattr(module, "bias_function", None))
 
 
 def _weight_fn(module, x):
-    """The base weight as ComfyUI's ops would use it (cast / un-offloaded / weight functions), never written."""
+    """The base weight as the layer's own forward would use it, never written: a layer that dequantises its own
+    weights (city96's ComfyUI-GGUF `GGMLLayer.cast_bias_weight`: quantized GGML tensors, and the LoRA patches it keeps
+    on them) through its own method; ComfyUI's cast ops (fp8 weights from UNETLoader weight_dtype fp8_*, offloaded
+    or patched layers) through `comfy.ops.cast_bias_weight`. Either way a fresh tensor per forward (QOFT: the
+    quantized base is read, the adapter trains in fp32), made directly in the autocast dtype when autocast is on
+    (no fp32 copy of a bf16 / fp8 weight on the way)."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    if callable(getattr(type(module), "cast_bias_weight", None)):
+        return module.cast_bias_weight(x, dtype=dtype)
     if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) or \
             getattr(module, "bias_function", None):
-        return comfy.ops.cast_bias_weight(module, x)
+        return comfy.ops.cast_bias_weight(module, x, dtype=dtype)
     w, b = module.weight, module.bias
     if torch.is_autocast_enabled(x.device.type) or (w.dtype == x.dtype and w.device == x.device):
         return w, b
@@ -189,76 +310,151 @@ def build_trainer(model, targets: str, num_blocks: int, alpha: float, neumann_te
                                "LyCORIS convention")
         return CoreTrainer(selected, num_blocks=num_blocks, alpha=alpha,
                            neumann_terms=neumann_terms, weight_fn=_weight_fn,
-                           device=comfy.model_management.get_torch_device(), root=dm, splits=splits)
+                           device=comfy.model_management.get_torch_device(), root=dm, splits=splits,
+                           recompute_weight=_casts_weight)
     except OFTError as e:
         raise OFTError(f"{model_kind(model)} model, targets {targets!r}: {e}") from None
+
+
+def resume_from(model, trainer: CoreTrainer, adapter) -> int:
+    """Load `adapter` into `trainer` (OFTError naming the first mismatch) and return its trained steps (ss_steps)."""
+    dm = model.model.diffusion_model
+    # sd-scripts' naming for the family first (diffusers for SD1.x/SD2.x), then the module paths themselves (native);
+    # compared as kohya keys ("." -> "_"), as `OFTTrainer.load_adapter` does
+    theirs = {name.replace(".", "_") for (_c, name) in adapter.layers}
+    candidates = [export_names(dm, kohya_naming(model)), None]
+    under = next((c for c in candidates if theirs <= {(c or {}).get(tl.path, tl.path).replace(".", "_")
+                                                      for tl in trainer.layers}), candidates[0])
+    try:
+        trainer.load_adapter(adapter, names=under)
+    except OFTError as e:
+        raise OFTError(f"{model_kind(model)} model: {e}") from None
+    raw = str(adapter.metadata.get("ss_steps", "")).strip()
+    if raw.isdigit() and len(raw) <= 9:
+        return int(raw)
+    log.warning("OFTTrainer resume: the adapter's ss_steps %r is not a step count; counting its steps as 0", raw)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ training
 def train(model, latents, positive, *, steps: int, learning_rate: float, batch_size: int = 1,
           grad_accumulation: int = 1, optimizer: str = "AdamW", seed: int = 0, num_blocks: int = 4,
           alpha: float = 1e-3, neumann_terms: int = 0, targets: str = "attention", training_dtype: str = "bf16",
-          gradient_checkpointing_on: bool = True, node_id=None):
-    """Train and return (trainer, losses, metadata). The input model is never modified (its module is restored)."""
-    samples = validate(model, latents, positive, steps, batch_size, grad_accumulation, learning_rate, alpha)
+          gradient_checkpointing_on: bool = True, node_id=None, loss_function: str = "MSE",
+          lr_schedule: str = "constant", warmup_steps: int = 0, resume=None, save_every: int = 0,
+          checkpoint_prefix: str = "loras/oft_checkpoint", saved: list | None = None):
+    """Train and return (trainer, losses, metadata). The input model is never modified (its module is restored).
+
+    `latents` / `positive`: see `validate` (several LATENT batches = several resolutions, one size per micro-batch).
+    `resume`: an OFTAdapter to continue (same layers, blocks, constraint; its ss_steps are carried on).
+    `save_every` > 0: a kohya checkpoint every that many steps under the output folder (`checkpoint_prefix`,
+    numbered, never overwriting); their paths are appended to `saved`.
+    """
+    images = validate(model, latents, positive, steps, batch_size, grad_accumulation, learning_rate, alpha)
     if training_dtype not in DTYPES:
         raise OFTError(f"training dtype: expected one of {', '.join(DTYPES)}, found {training_dtype!r}")
     if optimizer not in OPTIMIZERS:
         raise OFTError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, found {optimizer!r}")
+    if loss_function not in LOSSES:
+        raise OFTError(f"loss function: expected one of {', '.join(LOSSES)}, found {loss_function!r}")
+    lr_factor(lr_schedule, 0, steps, warmup_steps)  # a bad schedule or warm-up: refused before any work
+    if save_every < 0:
+        raise OFTError(f"save_every: expected 0 (off) or a step count ≥ 1, found {save_every}")
     trainer = build_trainer(model, targets, num_blocks, alpha, neumann_terms)  # block-count errors: before any work
+    prior = resume_from(model, trainer, resume) if resume is not None else 0
 
     device = comfy.model_management.get_torch_device()
     dtype = DTYPES[training_dtype]
     base = model.model
-    n = samples.shape[0]
+    buckets = buckets_of(images)
+    n = len(images)
     pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
     losses: list[float] = []
+
+    def metadata(done: int) -> dict:
+        sizes = {"x".join(str(d) for d in x.shape[2:]): int(x.shape[0]) for x, _ in buckets}
+        extra = {"ss_base_model_version": _base_version(model), "ss_steps": str(prior + done),
+                 "ss_max_train_steps": str(prior + steps), "ss_lr_scheduler": lr_schedule,
+                 "ss_lr_warmup_steps": str(warmup_steps), "ss_loss_type": KOHYA_LOSS[loss_function],
+                 "ss_enable_bucket": str(len(buckets) > 1),
+                 "comfyui_oft.train": f"targets={targets} num_blocks={num_blocks} alpha={alpha:g} "
+                                      f"neumann_terms={neumann_terms} loss={loss_function} "
+                                      f"lr_schedule={lr_schedule} warmup_steps={warmup_steps}",
+                 "comfyui_oft.latent_sizes": json.dumps(sizes)}
+        if resume is not None:
+            extra["comfyui_oft.resumed_from_steps"] = str(prior)
+        return training_metadata(steps=prior + done, lr=learning_rate, optimizer=optimizer, seed=seed,
+                                 batch_size=batch_size, grad_accum=grad_accumulation, num_images=n,
+                                 dtype=training_dtype, extra=extra)
 
     def before_step(step):
         # Looked up on the module each time (tests and ComfyUI may replace it); raises on Cancel.
         comfy.model_management.throw_exception_if_processing_interrupted()
 
-    def on_step(step, loss):
+    def on_step(step, loss):  # `loss` is the host number run_training read: nothing else is read here
         pbar.update_absolute(step + 1, steps)
         _progress_text(node_id, f"step {step + 1}/{steps}  loss {loss:.5f}")
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             log.info("OFTTrainer step %d/%d loss %.5f", step + 1, steps, loss)
+        if save_every and (step + 1) % save_every == 0:
+            path = save_checkpoint(model, trainer, metadata(step + 1), checkpoint_prefix, prior + step + 1)
+            if saved is not None:
+                saved.append(path)
 
     with torch.inference_mode(False), torch.enable_grad():
         comfy.model_management.load_models_gpu([model], force_full_load=True)
-        x0_all = base.process_latent_in(samples.detach().clone().to(device=device, dtype=torch.float32))
-        per_image = prepare_conds(base, positive, x0_all, device)
+        data = []  # per bucket: clean latents on the device, per-image conditioning
+        for x, entries in buckets:
+            x0 = base.process_latent_in(x.detach().clone().to(device=device, dtype=torch.float32))
+            data.append((x0, prepare_conds(base, entries, x0, device)))
         transformer_options = dict(model.model_options.get("transformer_options", {}))
         # Training keeps every attention's activations for backward: use torch's fused attention (flash on CPU,
         # memory-efficient on GPU; O(tokens) saved instead of the full score matrix) unless the user set their own.
         transformer_options.setdefault("optimized_attention_override", _fused_attention)
-        gen = torch.Generator().manual_seed(int(seed))
+        # Everything random that needs the host is drawn before the loop (the micro-batch plan); noise and noise
+        # levels are drawn on the device from a generator there: a step reads nothing back but its loss.
+        plan = micro_batch_plan([len(e) for _, e in data], batch_size, steps * grad_accumulation,
+                                torch.Generator().manual_seed(int(seed)))
+        index = torch.tensor([idx for _, idx in plan], dtype=torch.long).to(device)
+        gen = torch.Generator(device=device).manual_seed(int(seed))
+        draw_sigmas = sigma_sampler(base.model_sampling, device)
 
         def compute_loss(step, micro):
-            reps = math.ceil(batch_size / n)
-            idx = torch.cat([torch.randperm(n, generator=gen) for _ in range(reps)])[:batch_size].tolist()
-            x0 = x0_all[idx]
-            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device)
-            sigma = sample_sigmas(base.model_sampling, len(idx), gen).to(device)
+            i = step * grad_accumulation + micro
+            k, idx = plan[i]
+            x0_all, per_image = data[k]
+            x0 = x0_all.index_select(0, index[i])
+            noise = torch.randn(x0.shape, generator=gen, device=device, dtype=torch.float32)
+            sigma = draw_sigmas(len(idx), gen)
             conds = batch_conds(per_image, idx)
             autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
             with autocast:
-                return family_loss(base, x0, noise, sigma, conds, transformer_options)
+                return family_loss(base, x0, noise, sigma, conds, transformer_options, loss_function)
 
         blocks = checkpoint_blocks(base.diffusion_model)
         ckpt = gradient_checkpointing(blocks) if gradient_checkpointing_on else inplace_safe(blocks)
         # After loading: the weights now in the modules (inference tensors when a loader or a KSampler made them
         # under the executor's inference mode) become zero-copy normal aliases until the end of training.
-        with frozen_for_training(base), trainer.attach(), ckpt:
+        # QOFT: untrained layers whose weights are made per forward (fp8 / GGUF / manual cast) make them again in
+        # backward instead of keeping them (`frozen_bases`); the trained ones do the same (`recompute_weight`).
+        trained = {id(tl.module) for tl in trainer.layers}
+        cast_layers = [m for m in base.diffusion_model.modules() if id(m) not in trained and _casts_weight(m)]
+        with frozen_for_training(base), trainer.attach(), frozen_bases(cast_layers, _weight_fn), ckpt:
             losses = run_training(trainer.parameters(), compute_loss, steps=steps, lr=learning_rate,
                                   grad_accum=grad_accumulation, optimizer=optimizer, before_step=before_step,
-                                  on_step=on_step)
-    meta = training_metadata(steps=steps, lr=learning_rate, optimizer=optimizer, seed=seed, batch_size=batch_size,
-                             grad_accum=grad_accumulation, num_images=n, dtype=training_dtype,
-                             extra={"ss_base_model_version": _base_version(model),
-                                    "comfyui_oft.train": f"targets={targets} num_blocks={num_blocks} alpha={alpha:g} "
-                                                         f"neumann_terms={neumann_terms}"})
-    return trainer, losses, meta
+                                  on_step=on_step, schedule=lr_schedule, warmup_steps=warmup_steps)
+    return trainer, losses, metadata(steps)
+
+
+def save_checkpoint(model, trainer: CoreTrainer, meta: dict, prefix: str, total_steps: int) -> str:
+    """A kohya file of the adapter as trained so far under the output folder: `<prefix>_<counter>_step<N>.safetensors`
+    (ComfyUI's counter, moved past any existing name: never overwrites). Returns its path."""
+    adapter = export_adapter(model, trainer, meta)
+    path = next_free_path(prefix, f"step{total_steps:06}.safetensors")
+    written = write_adapter(adapter, path, "kohya", overwrite=False,
+                            metadata={"comfyui_oft.saved_by": "OFTTrainer checkpoint"})
+    log.info("OFTTrainer: checkpoint at step %d: %s", total_steps, written)
+    return written
 
 
 def kohya_naming(model) -> str:
@@ -296,6 +492,13 @@ def _progress_text(node_id, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ node
+class _ListTypedCombo(io.Combo.Input):
+    """A Combo whose V1 type is its list of options (see `queue_checked`)."""
+
+    def get_io_type(self):
+        return list(self.options)
+
+
 def queue_checked(combo: io.Combo.Input) -> io.Combo.Input:
     """`combo`, checked by ComfyUI itself when a prompt is queued.
 
@@ -303,10 +506,11 @@ def queue_checked(combo: io.Combo.Input) -> io.Combo.Input:
     message naming the input) but never a V3 Combo (its type is "COMBO"): `targets='bf16'` would reach the node.
     A node-level `validate_inputs` cannot stand in for it cleanly: ComfyUI repeats each message it returns once per
     input the hook names, and skips its own min/max/combo checks for those inputs. So the combo's V1 type is made
-    its list of options (`WidgetInput.widget_type` is what `get_io_type()` returns; the frontend shows a V1 list
-    type as the same dropdown) and ComfyUI's own check applies.
+    its list of options (`get_io_type()`; the frontend shows a V1 list type as the same dropdown) and ComfyUI's own
+    check applies. Not through `widget_type`: that is also sent as the input's "widgetType", and frontend 1.27.10
+    then builds no widget at all for the input (every later widget value of a saved workflow shifts).
     """
-    combo.widget_type = list(combo.options)
+    combo.__class__ = _ListTypedCombo
     return combo
 
 
@@ -320,8 +524,11 @@ class OFTTrainerNode(io.ComfyNode):
             is_experimental=True,
             description="Train an OFT (Orthogonal Fine-Tuning) adapter on latents with their conditioning, "
             "input-centric (OFTv2: rotations applied to activations, base weights never changed), with the "
-            "model family's own objective. Outputs the adapted model, the adapter (save it with the pack's save "
-            "node) and the loss history for Plot Loss Graph.",
+            "model family's own objective. Latents of several sizes (a list of LATENT batches) train together, "
+            "each micro-batch from one size. Works on fp8 and GGUF bases (weights dequantised per forward, never "
+            "written; the adapter trains in fp32). Can resume an adapter and save checkpoints while training. "
+            "Outputs the adapted model, the adapter (save it with the pack's save node), the loss history for "
+            "Plot Loss Graph and a text report.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to train on (never modified; the output is a "
                                "patched clone)."),
@@ -369,30 +576,135 @@ class OFTTrainerNode(io.ComfyNode):
                                "always fp32.")),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
+                # New inputs go at the end, with defaults (older workflows keep their widget slots).
+                queue_checked(io.Combo.Input("loss_function", options=list(LOSSES), default="MSE", optional=True,
+                               tooltip="Loss of the model's prediction against the family's own target (ε, v or "
+                               "flow velocity): MSE (default), L1, Huber or SmoothL1 (both with delta 1, as core's "
+                               "trainer). Saved as ss_loss_type.")),
+                queue_checked(io.Combo.Input("lr_schedule", options=list(SCHEDULES), default="constant",
+                               optional=True, tooltip="Learning rate over the steps after warm-up: constant; cosine "
+                               "(half a cosine down to 0); linear (straight down to 0). Saved as ss_lr_scheduler.")),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
+                             tooltip="Steps over which the learning rate rises linearly to its value before the "
+                             "schedule starts (0 = none). Saved as ss_lr_warmup_steps."),
+                OFTAdapterType.Input("resume_from", optional=True,
+                                     tooltip="Continue training this adapter (e.g. from Load OFT Adapter): it must "
+                                     "have the same layers (targets), num_blocks and constraint, else the run stops "
+                                     "naming the first difference. Its ss_steps are carried on in the new file."),
+                io.Int.Input("save_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Save a kohya checkpoint (with ss_* metadata) every this many steps into the "
+                             "output folder (0 = off); numbered, never overwriting; listed in the report."),
+                io.String.Input("checkpoint_prefix", default="loras/oft_checkpoint", optional=True,
+                                tooltip="Path under the output folder for the checkpoints; a counter and the step "
+                                "are appended (…_00001_step000100.safetensors)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained adapter applied."),
                 OFTAdapterType.Output(display_name="oft_adapter", tooltip="The trained adapter (kohya convention)."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step, for Plot Loss Graph."),
+                io.String.Output(display_name="report", tooltip="What was trained: layers, parameters, loss, "
+                                 "resumed steps and the checkpoint files written (also shown on the node)."),
             ],
             hidden=[io.Hidden.unique_id],
+            # Every input arrives as a list: `latents` may be several LATENT batches (several resolutions, e.g. from
+            # Rebatch Latents or OFT Latent List), `positive` one CONDITIONING per batch. Widgets are lists of one.
+            is_input_list=True,
         )
 
     @classmethod
     def execute(cls, model, latents, positive, steps, learning_rate, batch_size, grad_accumulation, optimizer,
                 seed, num_blocks, constraint, cayley_neumann, neumann_terms, targets, training_dtype,
-                gradient_checkpointing) -> io.NodeOutput:
+                gradient_checkpointing, loss_function="MSE", lr_schedule="constant", warmup_steps=0,
+                resume_from=None, save_every=0, checkpoint_prefix="loras/oft_checkpoint") -> io.NodeOutput:
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        # is_input_list: widget values come as lists of one (direct calls pass plain values; both are accepted)
+        models = model if isinstance(model, list) else [model]
+        if len(models) != 1:
+            raise OFTError(f"model: expected one MODEL, found a list of {len(models)}")
+        model = models[0]
+        resume = [r for r in (resume_from if isinstance(resume_from, list) else [resume_from]) if r is not None]
+        if len(resume) > 1:
+            raise OFTError(f"resume_from: expected one adapter, found a list of {len(resume)}")
+        steps, learning_rate, batch_size, grad_accumulation, optimizer, seed, num_blocks, constraint, \
+            cayley_neumann, neumann_terms, targets, training_dtype, gradient_checkpointing, loss_function, \
+            lr_schedule, warmup_steps, save_every, checkpoint_prefix = (
+                _one(v) for v in (steps, learning_rate, batch_size, grad_accumulation, optimizer, seed, num_blocks,
+                                  constraint, cayley_neumann, neumann_terms, targets, training_dtype,
+                                  gradient_checkpointing, loss_function, lr_schedule, warmup_steps, save_every,
+                                  checkpoint_prefix))
+        saved: list[str] = []
         trainer, losses, meta = train(
             model, latents, positive, steps=steps, learning_rate=learning_rate, batch_size=batch_size,
             grad_accumulation=grad_accumulation, optimizer=optimizer, seed=seed, num_blocks=num_blocks,
             alpha=constraint, neumann_terms=neumann_terms if cayley_neumann else 0, targets=targets,
-            training_dtype=training_dtype, gradient_checkpointing_on=gradient_checkpointing, node_id=node_id)
+            training_dtype=training_dtype, gradient_checkpointing_on=gradient_checkpointing, node_id=node_id,
+            loss_function=loss_function, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+            resume=resume[0] if resume else None, save_every=save_every, checkpoint_prefix=checkpoint_prefix,
+            saved=saved)
         adapter = export_adapter(model, trainer, meta)
         new_model, _, text = apply_oft(model, None, adapter, 1.0)
-        log.info("OFTTrainer: %d layers, %d parameters, loss %.5f -> %.5f; %s", len(adapter), trainer.num_params(),
-                 losses[0], losses[-1], text)
-        return io.NodeOutput(new_model, adapter, {"loss": losses})
+        lines = [f"trained {len(adapter)} layers, {trainer.num_params()} parameters, {steps} steps "
+                 f"(ss_steps {meta['ss_steps']}), loss {losses[0]:.5f} -> {losses[-1]:.5f}; {loss_function} loss, "
+                 f"lr {learning_rate:g} {lr_schedule}"
+                 + (f" after {warmup_steps} warm-up steps" if warmup_steps else "")]
+        lines.append(f"base weights: {_weight_kinds(model.model.diffusion_model)} (read, never written)")
+        sizes = json.loads(meta["comfyui_oft.latent_sizes"])
+        lines.append("latent sizes: " + ", ".join(f"{k} ({v} images)" for k, v in sizes.items()))
+        if resume:
+            prior = meta["comfyui_oft.resumed_from_steps"]
+            lines.append(f"resumed from {resume[0].path or 'an adapter'} at step {prior}")
+        if saved:
+            lines.append(f"{len(saved)} checkpoints:")
+            lines += [f"  {p}" for p in saved]
+        lines.append(text)
+        report = "\n".join(lines)
+        log.info("OFTTrainer: %s", report)
+        return io.NodeOutput(new_model, adapter, {"loss": losses}, report, ui=ui.PreviewText(report))
 
 
-NODES = [OFTTrainerNode]
+def _weight_kinds(root) -> str:
+    """What the base's Linear / Conv2d weights are stored as, e.g. "float8_e4m3fn" or "GGUF Q8_0, F32"."""
+    kinds = {}
+    for m in root.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and isinstance(w, torch.Tensor):
+            qtype = getattr(w, "tensor_type", None)  # city96's GGMLTensor
+            kind = f"GGUF {getattr(qtype, 'name', qtype)}" if qtype is not None else str(w.dtype).replace("torch.", "")
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return ", ".join(f"{k} ({n} layers)" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])) or "none"
+
+
+def _one(v):
+    """A widget value as is_input_list passes it (a list of one) or as a direct call passes it."""
+    return v[0] if isinstance(v, list) and len(v) >= 1 else v
+
+
+class OFTLatentList(io.ComfyNode):
+    """Several LATENT batches (e.g. images of different sizes, each VAE-encoded) as one list for Train OFT."""
+
+    @classmethod
+    def define_schema(cls):
+        more = [io.Latent.Input(f"latents_{i}", optional=True,
+                                tooltip="Another batch of training latents (any size; optional).")
+                for i in range(2, LATENT_LIST_SIZE + 1)]
+        return io.Schema(
+            node_id="OFTLatentList",
+            display_name="OFT Latent List (several resolutions)",
+            category=CATEGORY,
+            description="Collect LATENT batches of different sizes into one list for Train OFT, which trains on all "
+            "of them with every micro-batch taken from one size (bucketing). Connect each size's VAE Encode here.",
+            inputs=[io.Latent.Input("latents_1", tooltip="A batch of training latents (one size).")] + more,
+            outputs=[io.Latent.Output(display_name="latents", is_output_list=True,
+                                      tooltip="The batches as a list, in input order (connect to Train OFT's "
+                                      "latents).")],
+        )
+
+    @classmethod
+    def execute(cls, latents_1, **more) -> io.NodeOutput:
+        batches = [latents_1] + [more[k] for k in sorted(more, key=lambda k: int(k.rsplit("_", 1)[1]))
+                                 if more[k] is not None]
+        return io.NodeOutput(batches)
+
+
+LATENT_LIST_SIZE = 6
+NODES = [OFTTrainerNode, OFTLatentList]

@@ -116,6 +116,34 @@ def _cmd_demo(args) -> int:
     return run_demo(args.out_dir, steps=args.steps, seed=args.seed)
 
 
+def _cmd_extract_lora(args) -> int:
+    from .extract import extract_lora
+
+    if (args.rank is None) == (args.rel_error is None):
+        print("error: give exactly one of --rank and --rel-error", file=sys.stderr)
+        return 2
+    result = extract_lora(args.file, args.base, args.out, rank=args.rank, rel_error=args.rel_error,
+                          strength=args.strength, mode=args.strength_mode, dtype=args.dtype,
+                          overwrite=args.overwrite)
+    print(result.text())
+    return 0
+
+
+def _add_extract_command(sub) -> None:
+    e = sub.add_parser("extract-lora", help="approximate an OFT adapter by a LoRA (truncated SVD of R·W − W)")
+    e.add_argument("file", help="adapter .safetensors file or PEFT adapter directory")
+    e.add_argument("--base", required=True, help="the base model .safetensors the adapter is applied to")
+    e.add_argument("--rank", type=int, default=None, help="LoRA rank of every layer")
+    e.add_argument("--rel-error", type=float, default=None, metavar="E",
+                   help="instead of --rank: per layer, the smallest rank whose relative Frobenius error is ≤ E")
+    e.add_argument("--strength", type=float, default=1.0, help="adapter strength the LoRA reproduces (default 1)")
+    e.add_argument("--strength-mode", choices=("kohya", "orthogonal"), default="kohya")
+    e.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="LoRA tensor dtype")
+    e.add_argument("--out", required=True, help="output LoRA .safetensors (never overwritten without --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    e.set_defaults(func=_cmd_extract_lora)
+
+
 def _add_ops_commands(sub) -> None:
     m = sub.add_parser("merge", help="merge adapters into one (compose rotations or average generators)")
     m.add_argument("adapter", nargs="+", metavar="FILE[:WEIGHT]",
@@ -168,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_cmd_demo)
     _add_ops_commands(sub)
+    _add_extract_command(sub)
     return p
 
 

@@ -292,6 +292,16 @@ def _link_unnamed(fd: int, path: str) -> None:
         os.close(dfd)
 
 
+def publish_safetensors(out, tensors: dict, metadata: dict, *, inputs: Iterable = (), overwrite: bool = False,
+                        what: str = "output") -> str:
+    """`publish_file` of a safetensors file holding `tensors` (made contiguous) and string `metadata`."""
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata={str(k): str(v) for k, v in
+                                                                           metadata.items()})
+    return publish_file(out, lambda f: f.write(blob), inputs=inputs, overwrite=overwrite, what=what)
+
+
 def publish_file(out, write: Callable, *, inputs: Iterable = (), overwrite: bool = False, what: str = "output") -> str:
     """Write a file with `write(f)` (a binary file object) and publish it at `out` under the rules above. Returns the
     absolute output path. Any exception leaves nothing behind; OS errors become `OFTError`s naming the path."""

@@ -262,7 +262,9 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
     return result
 
 
-def format_text(d: dict, *, max_layers: int = 12) -> str:
+def format_text(d: dict, *, max_layers: int = 12, more_hint: str = " (--json lists all)") -> str:
+    """`describe`'s result as text; lists longer than `max_layers` end with "… and N more" + `more_hint` (the command
+    line's hint; the nodes pass "": text shown in ComfyUI names no command-line flag)."""
     lines = [
         f"file:       {d['path']}",
         f"format:     {d['format']}",
@@ -278,7 +280,7 @@ def format_text(d: dict, *, max_layers: int = 12) -> str:
     for name in d["clamped_layers"][:max_layers]:
         lines.append(f"  - {name}")
     if len(d["clamped_layers"]) > max_layers:
-        lines.append(f"  … and {len(d['clamped_layers']) - max_layers} more (--json lists all)")
+        lines.append(f"  … and {len(d['clamped_layers']) - max_layers} more{more_hint}")
     lines.append(f"orthogonality: max |BᵀB − I| = {d['orthogonality_error_max']:.2e} over all blocks")
     if "energy" in d:
         e = d["energy"]
@@ -291,7 +293,7 @@ def format_text(d: dict, *, max_layers: int = 12) -> str:
                          f"({x['he_rel_change']:+.3e}, {x['rows']} rows), orthogonality error "
                          f"{x['orthogonality_error']:.1e}")
         if len(measured) > max_layers:
-            lines.append(f"  … and {len(measured) - max_layers} more (--json lists all)")
+            lines.append(f"  … and {len(measured) - max_layers} more{more_hint}")
     if d["ignored_keys"]:
         lines.append(f"ignored:    {d['ignored_keys']} non-OFT keys in the file")
     for note in d.get("tool_notes", ()):

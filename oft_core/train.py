@@ -24,11 +24,15 @@ Public API:
 - `OFTTrainer(targets, num_blocks=… | block_size=…, alpha=…, neumann_terms=0, root=None)`; `.parameters()`,
   `.attach()` (safe on its own on FLUX: guards the root's in-place blocks),
   `.to_adapter(metadata, names=None)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits);
+  `.load_adapter(adapter, names=None)` starts from a trained adapter (resume; refuses the first mismatch);
   `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
 - `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.
 - `frozen_for_training(root)`: weights a host made under `torch.inference_mode()` usable by autograd, zero-copy.
-- `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback;
-  one read from the device per step (the loss).
+- `frozen_bases(modules, weight_fn)`, `frozen_base(...)`: quantized / cast base weights made per forward and again in
+  backward, never kept (QOFT on fp8 / GGUF bases).
+- `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
+  learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); one read from the device per step
+  (the loss). `residual_loss` (MSE / L1 / Huber / SmoothL1 of prediction − target).
 The toy model and the end-to-end demo are in `oft_core.demo`.
 """
 
@@ -245,12 +249,15 @@ class OFTTrainer:
     dtype outside autocast); a host may cast / un-offload there. It must not write the weight.
     `splits`: path -> output split widths of a fused layer (each split its own rotation, as FLUX's q|k|v), for
     layers `split_sizes` does not know (a host's key map gives them, e.g. SD3's fused qkv).
+    `recompute_weight(module)` True: that layer's base product runs through `frozen_base` (the weight `weight_fn`
+    made is not kept for backward but made again there: QOFT, quantized / cast bases).
     """
 
     def __init__(self, targets: Sequence[tuple[str, nn.Module]], *, num_blocks: int | None = None,
                  block_size: int | None = None, alpha: float = 1e-3, neumann_terms: int = 0,
                  weight_fn: Callable | None = None, device: torch.device | str | None = None,
-                 root: nn.Module | None = None, splits: Mapping[str, Sequence[int]] | None = None):
+                 root: nn.Module | None = None, splits: Mapping[str, Sequence[int]] | None = None,
+                 recompute_weight: Callable[[nn.Module], bool] | bool = False):
         if (num_blocks is None) == (block_size is None):
             raise OFTError("give exactly one of num_blocks or block_size")
         if num_blocks is not None and num_blocks < 1:
@@ -269,6 +276,7 @@ class OFTTrainer:
         self.neumann_terms = int(neumann_terms)
         self.weight_fn = weight_fn or _default_weight_fn
         self.splits = {k: tuple(int(x) for x in v) for k, v in (splits or {}).items()}
+        self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
         self.layers: list[TrainedLayer] = []
         problems = []
         for path, module in targets:
@@ -348,16 +356,25 @@ class OFTTrainer:
         module, weight_fn = tl.module, self.weight_fn
         conv = isinstance(module, nn.Conv2d)
 
+        recompute = self.recompute_weight(module)
+
         def forward(x, *args, **kwargs):
             if args or kwargs:
                 raise TypeError(f"{tl.path}: OFT training forward takes one input, got extra arguments")
-            weight, bias = weight_fn(module, x)
             blocks = self.blocks(tl)  # built once per forward of this layer
+            padding = None
             if conv and module.padding_mode != "zeros":
                 x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
                 padding = 0
             elif conv:
                 padding = module.padding
+            if recompute:  # the same products as below, the base weight made again in backward instead of kept
+                y, bias = frozen_base(module, x, weight_fn, padding)
+                if bias is None:
+                    return rotate_features(tl.layer, y, dim=1 if conv else -1, blocks=blocks)
+                z = y - (bias.reshape(-1, 1, 1) if conv else bias).to(y.dtype)
+                return y + (rotate_features(tl.layer, z, dim=1 if conv else -1, blocks=blocks) - z)
+            weight, bias = weight_fn(module, x)
             if bias is None:
                 if not conv:
                     return bypass_forward(tl.layer, x, weight, None, blocks=blocks)
@@ -475,6 +492,70 @@ class OFTTrainer:
             info["neumann_export_error"] = worst
         return OFTAdapter(layers, fmt or ("kohya_flux" if flux else "kohya"), "", meta, info)
 
+    # -------------------------------------------------------------------------------------------- resume
+    def load_adapter(self, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
+        """Start from a trained adapter (resume / continue): its generators become the live parameters.
+
+        The adapter must describe exactly this trainer's work: the same layers (`names` maps trained paths to the
+        adapter's layer names, as in `to_adapter`), each with the same splits and blocks, kohya convention (rows
+        rotated, Rᵀ applied, Cayley, no rescale) and the same constraint (`alpha`, 0 = none). Otherwise OFTError
+        naming the first mismatch, and no parameter is changed. Exact for a file this trainer wrote: kohya stores
+        the strict upper triangle U of Q = U − Uᵀ, which is the parameter itself.
+        """
+        path = adapter.path or None
+
+        def key(name: str) -> str:  # files name layers with "_" (kohya keys), adapters made in memory with "."
+            return name.replace(".", "_")
+
+        theirs = {(c, key(n)): layer for (c, n), layer in adapter.layers.items()}
+        want = {tl.path: (names[tl.path] if names is not None and tl.path in names else tl.path) for tl in self.layers}
+        wanted_keys = {key(n) for n in want.values()}
+        for (component, name), layer in theirs.items():
+            if component != "unet" or name not in wanted_keys:
+                what = f"{component} layer {layer.name!r}" if component != "unet" else f"layer {layer.name!r}"
+                raise OFTError(f"resume: the adapter has {what}, which this training does not adapt (check the "
+                               "target preset and the model)", path=path)
+        for tl in self.layers:
+            if ("unet", key(want[tl.path])) not in theirs:
+                raise OFTError(f"resume: the adapter has no layer {want[tl.path]!r}, which this training adapts "
+                               f"({len(theirs)} layers in the adapter, {len(self.layers)} trained; check the target "
+                               "preset)", path=path)
+        new = []
+        for tl in self.layers:
+            layer = theirs[("unet", key(want[tl.path]))]
+
+            def fail(msg, _name=layer.name):
+                raise OFTError("resume: " + msg, path=path, layer=_name)
+
+            if layer.kind != "diag" or layer.side != "out" or not layer.transpose or layer.block_share:
+                fail("not a kohya-convention OFT layer (rows rotated by Rᵀ per block); resume from a kohya or "
+                     "LyCORIS diag-oft file")
+            if layer.parameterization != "cayley":
+                fail(mismatch("parameterization", "cayley", layer.parameterization))
+            if layer.row_scale is not None and not bool((layer.row_scale == 1).all()):
+                fail("has a per-row rescale, which this trainer does not train")
+            mine = (tuple(int(p.shape[0]) for p in tl.params), tl.layer.block_sizes)
+            found = (layer.num_blocks, layer.block_sizes)
+            if len(found[0]) != len(mine[0]):
+                fail(mismatch("splits", len(mine[0]), len(found[0])))
+            if found != mine:
+                fail(mismatch("blocks per split × block size", " ".join(f"{n}×{b}" for n, b in zip(*mine)),
+                              " ".join(f"{n}×{b}" for n, b in zip(*found))))
+            theirs_alpha = layer.constraint.value if layer.constraint.kind == "norm_clamp" else 0.0
+            if layer.constraint.kind not in ("none", "norm_clamp") or \
+                    float(torch.tensor(theirs_alpha, dtype=torch.float32)) != self.alpha:
+                fail(mismatch("constraint (alpha)", f"{self.alpha:g}", layer.constraint.describe()))
+            vals = []
+            for p, q in zip(tl.params, layer.generators):
+                b = q.shape[-1]
+                rows, cols = torch.triu_indices(b, b, 1)
+                vals.append(q.detach().to(torch.float32)[:, rows, cols])
+            new.append(vals)
+        with torch.no_grad():
+            for tl, vals in zip(self.layers, new):
+                for p, v in zip(tl.params, vals):
+                    p.copy_(v.to(p.device))
+
 
 def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
     """The `names` argument of `OFTTrainer.to_adapter` for targets selected under `root` (a UNet / DiT module).
@@ -543,6 +624,76 @@ def frozen_for_training(root: nn.Module):
             store[name] = t
         for t in unfrozen:
             t.requires_grad_(True)
+
+
+# ------------------------------------------------------------------------------------------------ frozen bases (QOFT)
+class _FrozenBase(torch.autograd.Function):
+    """y = Linear / Conv2d(x) with a frozen base weight that `weight_fn(module, x)` makes (a dequantised or cast
+    copy of a quantized / fp8 / offloaded weight). Autograd would keep that copy until the backward of every layer
+    (a block's worth of dequantised weights alive at once with checkpointing, the whole model's without); here only
+    the module is kept and the backward asks `weight_fn` again, as QLoRA does (bitsandbytes' MatMul4Bit keeps the
+    4-bit weight, not its dequantised copy). Only the input gets a gradient (the base is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, module, weight_fn, padding):
+        weight, bias = weight_fn(module, x)
+        conv = isinstance(module, nn.Conv2d)
+        if conv:
+            y = F.conv2d(x, weight, bias, module.stride, padding, module.dilation, module.groups)
+        else:
+            y = F.linear(x, weight, bias)
+        ctx.module, ctx.weight_fn, ctx.conv, ctx.padding = module, weight_fn, conv, padding
+        ctx.x_shape, ctx.x_dtype, ctx.x_device = x.shape, x.dtype, x.device
+        dev = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        out_bias = y.new_empty(0) if bias is None else bias.detach()
+        ctx.mark_non_differentiable(out_bias)
+        return y, out_bias
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_bias):
+        if grad_y is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        module = ctx.module
+        probe = torch.empty(0, dtype=ctx.x_dtype, device=ctx.x_device)
+        enabled, dtype = ctx.autocast
+        with torch.autocast(ctx.x_device.type, dtype=dtype, enabled=enabled):  # the forward's weight again
+            weight, _ = ctx.weight_fn(module, probe)
+        weight = weight.detach().to(grad_y.dtype)
+        if ctx.conv:
+            gx = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, module.stride, ctx.padding,
+                                            module.dilation, module.groups)
+        else:
+            gx = grad_y.matmul(weight)
+        return gx.to(ctx.x_dtype), None, None, None
+
+
+def frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding=None):
+    """(y, bias) of a frozen Linear / Conv2d (`_FrozenBase`); bias None when the layer has none. `padding`: the
+    Conv2d padding to use (default the module's; 0 after an explicit non-zero-mode pad)."""
+    if padding is None and isinstance(module, nn.Conv2d):
+        padding = module.padding
+    y, bias = _FrozenBase.apply(x, module, weight_fn, padding)
+    return y, (None if bias.numel() == 0 else bias)
+
+
+@contextlib.contextmanager
+def frozen_bases(modules: Iterable[nn.Module], weight_fn: Callable):
+    """Run each (untrained) Linear / Conv2d in `modules` through `frozen_base` while gradients are on: their
+    dequantised / cast weights are made again in backward instead of kept (QOFT). Calls with other arguments, under
+    no_grad, or of Conv2d with a non-zero padding mode go to the layer's own forward. Restored on exit."""
+    with _forward_patches() as replace:
+        for m in modules:
+            if not isinstance(m, (nn.Linear, nn.Conv2d)) or (isinstance(m, nn.Conv2d) and m.padding_mode != "zeros"):
+                continue
+
+            def fwd(*args, __m=m, __orig=m.forward, **kwargs):
+                if len(args) != 1 or kwargs or not torch.is_grad_enabled():
+                    return __orig(*args, **kwargs)
+                return frozen_base(__m, args[0], weight_fn)[0]
+
+            replace(m, fwd)
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ checkpointing
@@ -707,25 +858,72 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
 _FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where torch 2.14's fused Adam(W) / SGD kernels exist
 
 
+LOSSES = ("MSE", "L1", "Huber", "SmoothL1")  # core TrainLoraNode's names
+KOHYA_LOSS = {"MSE": "l2", "L1": "l1", "Huber": "huber", "SmoothL1": "smooth_l1"}  # sd-scripts' ss_loss_type
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def residual_loss(name: str, residual: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+    """The loss of a residual r = prediction − target (mean over every element), core's four choices:
+    MSE mean(r²), L1 mean(|r|), Huber (torch.nn.HuberLoss, delta) and SmoothL1 (torch.nn.SmoothL1Loss, beta = delta;
+    Huber / delta). With delta 1 (core's default) Huber and SmoothL1 are the same function."""
+    if name == "MSE":
+        return (residual ** 2).mean()
+    if name == "L1":
+        return residual.abs().mean()
+    if name == "Huber":
+        return F.huber_loss(residual, torch.zeros_like(residual), delta=delta)
+    if name == "SmoothL1":
+        return F.smooth_l1_loss(residual, torch.zeros_like(residual), beta=delta)
+    raise OFTError(mismatch("loss function", " | ".join(LOSSES), repr(name)))
+
+
+def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
+    """The learning-rate multiplier of optimizer step `step` (0-based) of `steps`.
+
+    Warm-up: the first `warmup` steps rise linearly, (step + 1) / (warmup + 1) (never 0: no step is wasted).
+    Then, with p = (step − warmup) / (steps − warmup) going from 0 at the first step after warm-up towards 1:
+    constant 1; linear 1 − p; cosine ½(1 + cos πp) (as transformers' get_cosine_schedule_with_warmup).
+    """
+    if schedule not in SCHEDULES:
+        raise OFTError(mismatch("learning-rate schedule", " | ".join(SCHEDULES), repr(schedule)))
+    if warmup < 0:
+        raise OFTError(mismatch("warm-up steps", "≥ 0", warmup))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    p = (step - warmup) / max(1, steps - warmup)
+    if schedule == "linear":
+        return 1.0 - p
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, int], torch.Tensor], *, steps: int,
                  lr: float, grad_accum: int = 1, optimizer: str = "AdamW",
                  on_step: Callable[[int, float], None] | None = None,
-                 before_step: Callable[[int], None] | None = None) -> list[float]:
+                 before_step: Callable[[int], None] | None = None, schedule: str = "constant",
+                 warmup_steps: int = 0) -> list[float]:
     """`steps` optimizer steps; each accumulates `grad_accum` micro-batches `compute_loss(step, micro)` (a scalar).
 
     Returns the mean loss of every step. `before_step(step)` runs first in each step (cancel checks: raise there),
-    `on_step(step, loss)` after the update (progress). Deterministic given deterministic `compute_loss`.
+    `on_step(step, loss)` after the update (progress, checkpoints). The learning rate of step s is
+    lr × `lr_factor(schedule, s, steps, warmup_steps)` (a host number: setting it reads nothing from the device).
+    Deterministic given deterministic `compute_loss`.
     """
     if steps < 1:
         raise OFTError(mismatch("steps", "≥ 1", steps))
     if grad_accum < 1:
         raise OFTError(mismatch("gradient accumulation", "≥ 1", grad_accum))
+    lr_factor(schedule, 0, steps, warmup_steps)  # bad schedule / warm-up: refused before any work
     params = list(params)
     opt = make_optimizer(optimizer, params, lr)
     losses = []
     for step in range(steps):
         if before_step is not None:
             before_step(step)
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(schedule, step, steps, warmup_steps)
         opt.zero_grad(set_to_none=True)
         total = None
         for micro in range(grad_accum):

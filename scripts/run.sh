@@ -185,6 +185,36 @@ ensure_comfy_requirements() {
     release_lock
 }
 
+# ---------------------------------------------------------------------------------------------- browser tier
+# The browser tests (tests/browser) drive ComfyUI's frontend with Python playwright and the system Chromium
+# (never playwright's own browser download). spandrel: ComfyUI's UpscaleModelLoader imports it, and frontend 1.27.10
+# throws while building any ckpt_name / lora_name / vae_name combo when that node is missing from /object_info.
+# Both are installed within the torch pins (spandrel's own torch requirement is unpinned).
+BROWSER_PACKAGES=(playwright==1.65.2 spandrel==0.4.2)
+browser_packages_ok() {
+    "$VPY" - "${BROWSER_PACKAGES[@]}" <<'EOF' >/dev/null 2>&1
+import sys
+from importlib.metadata import version
+sys.exit(any(version(n) != v for n, v in (s.split("==") for s in sys.argv[1:])))
+EOF
+}
+
+ensure_browser_packages() {
+    browser_packages_ok && return
+    with_lock
+    if browser_packages_ok; then release_lock; return; fi
+    local tmp
+    tmp="$(mktemp -d)"
+    printf 'torch==%s\ntorchvision==%s\n' "$TORCH_VERSION" "$TORCHVISION_VERSION" >"$tmp/constraints.txt"
+    log "installing ${BROWSER_PACKAGES[*]} (browser tests) into $VENV"
+    if ! pip_install "${BROWSER_PACKAGES[@]}" -c "$tmp/constraints.txt"; then
+        rm -rf "$tmp"
+        die "pip install of ${BROWSER_PACKAGES[*]} failed (see pip's messages above)"
+    fi
+    rm -rf "$tmp"
+    release_lock
+}
+
 # ---------------------------------------------------------------------------------------------- main
 cmd="${1:-}"
 case "$cmd" in
@@ -199,6 +229,7 @@ ensure_venv
 find_comfyui
 if [[ -n "$COMFY_FOUND" ]]; then
     ensure_comfy_requirements
+    ensure_browser_packages
     export COMFYUI_PATH="$COMFY_FOUND"
 else
     unset COMFYUI_PATH

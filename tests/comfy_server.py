@@ -5,6 +5,7 @@ What it gives (each documented below):
 - `private_comfyui(dest, pack_root=REPO_ROOT)`: a private ComfyUI folder under `dest`: symlinks to every file and
   folder of the read-only source tree except `custom_nodes/`, `models/`, `input/`, `output/`, `temp/`, `user/`,
   which are private (models/ gets the stock sub-folders, empty); the pack is linked into `custom_nodes/comfyui-oft`.
+- `tiny_sd15_unet()` / `install_unet(base)`: the same UNet alone, for `UNETLoader`.
 - `tiny_sd15_checkpoint()`: path of a small SD1.5-family checkpoint that the STOCK `CheckpointLoaderSimple` detects
   and loads (UNet, CLIP-L text encoder and a TAESD VAE, fp16, deterministic pseudo-random weights), written once
   and cached under ~/.cache/comfyui-oft/test-models/ (about 300 MB; ~10 s to make the first time).
@@ -59,6 +60,7 @@ MODEL_CACHE = CACHE_DIR / "test-models"
 PACK_DIR_NAME = "comfyui-oft"
 PRIVATE_DIRS = ("custom_nodes", "models", "input", "output", "temp", "user")
 CHECKPOINT_NAME = "oft_tiny_sd15.safetensors"
+UNET_NAME = "oft_tiny_sd15_unet.safetensors"
 CHECKPOINT_VERSION = 1  # bump when the checkpoint's contents change (new cache file name)
 
 # One-level SD1.5-family UNet with the real channel counts (320, context 768): the smallest UNet that
@@ -181,6 +183,37 @@ def tiny_sd15_checkpoint(cache_dir: Path | str = MODEL_CACHE) -> Path:
     return path
 
 
+def tiny_sd15_unet(cache_dir: Path | str = MODEL_CACHE) -> Path:
+    """The tiny checkpoint's UNet alone (keys without `model.diffusion_model.`), as `UNETLoader` reads a diffusion
+    model file from models/diffusion_models; cached next to the checkpoint (about 52 MB)."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / f"oft_tiny_sd15_unet_v{CHECKPOINT_VERSION}.safetensors"
+    if path.is_file():
+        return path
+    from safetensors.torch import load_file, save_file
+
+    prefix = "model.diffusion_model."
+    sd = {k[len(prefix):]: v for k, v in load_file(str(tiny_sd15_checkpoint(cache_dir))).items()
+          if k.startswith(prefix)}
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def install_unet(base: Path, name: str = UNET_NAME) -> str:
+    """Link the cached UNet-only file into `base`/models/diffusion_models/`name` (for UNETLoader)."""
+    target = Path(base) / "models" / "diffusion_models" / name
+    if not target.exists():
+        target.symlink_to(tiny_sd15_unet())
+    return name
+
+
 def install_checkpoint(base: Path, name: str = CHECKPOINT_NAME) -> str:
     """Link the cached tiny checkpoint into `base`/models/checkpoints/`name`; returns the name loaders see."""
     target = Path(base) / "models" / "checkpoints" / name
@@ -214,6 +247,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the process that started it dies, so that a test run killed
+    hard (SIGKILL, no atexit) leaves no server behind. Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ComfyError(RuntimeError):
     """A prompt was rejected or failed, or the server misbehaved; the message includes what ComfyUI said."""
 
@@ -223,10 +268,12 @@ class ComfyServer:
 
     `ComfyServer(base).start()`; `base` is made with `private_comfyui` if it is not one yet. `extra_args` go to
     main.py after the defaults (`--cpu --listen 127.0.0.1 --port P --base-directory base --disable-auto-launch
-    --database-url sqlite:///:memory:`). Always call `stop()` (also a context manager)."""
+    --database-url sqlite:///:memory: --disable-api-nodes`: the paid cloud API nodes are ~100 modules of startup
+    time and unused here). Startup takes ~25 s on an idle 2-core machine, minutes when it is shared (the timeout
+    is generous). Always call `stop()` (also a context manager)."""
 
     def __init__(self, base: Path | str, *, extra_args: tuple[str, ...] = (), python: str = sys.executable,
-                 startup_timeout: float = 300.0, nice: int = 5):
+                 startup_timeout: float = 900.0, nice: int = 5):
         self.base = Path(base)
         self.extra_args = tuple(extra_args)
         self.python = python
@@ -242,6 +289,7 @@ class ComfyServer:
         self._ws_loop: asyncio.AbstractEventLoop | None = None
         self._ws_stop: asyncio.Event | None = None
         self.startup_seconds: float | None = None
+        self.final_cpu_seconds: float | None = None
 
     # -------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -258,17 +306,22 @@ class ComfyServer:
         self.port = free_port()
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch",
-               "--database-url", "sqlite:///:memory:", *self.extra_args]
+               "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args]
         env = dict(os.environ)
         env["PYTHONPYCACHEPREFIX"] = str(CACHE_DIR / "pycache-server")
         env.setdefault("OMP_NUM_THREADS", "1")
         env.pop("COMFYUI_PATH", None)
         logf = open(self.log_path, "ab")
         nice = self.nice
+
+        def child_setup():
+            if nice:
+                os.nice(nice)
+            _die_with_parent()
+
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=self.base, stdout=logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env,
-                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=child_setup)
         logf.close()
         deadline = t0 + self.startup_timeout
         while True:
@@ -292,9 +345,22 @@ class ComfyServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the server process has used so far, from /proc (Linux), else None."""
+        if not self.alive():
+            return self.final_cpu_seconds
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self, timeout: float = 20.0) -> None:
-        """End the server by its PID: SIGTERM, then SIGKILL after `timeout` s. Idempotent."""
+        """End the server by its PID: SIGTERM, then SIGKILL after `timeout` s. Idempotent. Keeps the CPU time it
+        used in `final_cpu_seconds`."""
         self._stop_ws()
+        if self.alive():
+            self.final_cpu_seconds = self.cpu_seconds()
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -504,8 +570,9 @@ _SHARED_ERROR: BaseException | None = None
 
 def shared_server() -> ComfyServer:
     """One server for the whole test process: a private ComfyUI in a temp dir, the tiny checkpoint installed as
-    `CHECKPOINT_NAME`, started on first call. Raises comfy_models.ComfyUINotFound without ComfyUI; a failed start is
-    remembered (later calls raise the same error instead of trying again)."""
+    `CHECKPOINT_NAME` (and its UNet alone as `UNET_NAME` in diffusion_models), started on first call. Raises
+    comfy_models.ComfyUINotFound without ComfyUI; a failed start is remembered (later calls raise the same error
+    instead of trying again)."""
     global _SHARED, _SHARED_TMP, _SHARED_ERROR
     if _SHARED is not None:
         return _SHARED
@@ -516,6 +583,7 @@ def shared_server() -> ComfyServer:
         _SHARED_TMP = tempfile.TemporaryDirectory(prefix="oft-comfyui-")
         base = private_comfyui(Path(_SHARED_TMP.name) / "ComfyUI", comfy_root=comfy_root)
         install_checkpoint(base)
+        install_unet(base)
         server = ComfyServer(base)
         server.start()
     except BaseException as e:
@@ -603,6 +671,12 @@ def workflow_to_api(workflow: dict, object_info: dict) -> dict:
             continue
         widgets = _widget_inputs(spec)
         expected = sum(2 if c else 1 for _, c in widgets)
+        # a workflow saved before an optional widget was added at the end of a node (OFTLoader's apply_mode) has no
+        # value for it: the frontend keeps that widget's default and no other value moves, so the prompt omits it
+        optional = set((spec.get("input") or {}).get("optional") or {})
+        while widgets and len(values) < expected and widgets[-1][0] in optional and not widgets[-1][1]:
+            widgets = widgets[:-1]
+            expected -= 1
         if len(values) != expected:
             problems.append(f"node {nid} ({ntype}): {len(values)} widget values, the node's inputs need {expected} "
                             f"({', '.join(n + (' +control' if c else '') for n, c in widgets)})")
@@ -619,8 +693,8 @@ def workflow_to_api(workflow: dict, object_info: dict) -> dict:
 
 
 def validate_prompt(server: ComfyServer, prompt: dict) -> None:
-    """Ask the server to validate `prompt` without running it? ComfyUI has no dry-run endpoint, so this checks the
-    prompt against /object_info locally: every input of every node present (required ones), combo values among the
+    """Check `prompt` against the server's /object_info without running it (ComfyUI has no dry-run endpoint; POST
+    /prompt would run it): every input of every node present (required ones), combo values among the
     options, numbers within min/max, links to existing nodes and output slots. Raises ComfyError listing problems."""
     info = server.object_info()
     problems = []

@@ -14,6 +14,9 @@
   `main.py` process), `browser` (the frontend in headless Chromium), `tools` (the reference tools in their own venvs).
   At the end one line per tier: "Tier NAME: N ran, M skipped (first skip reason)". .ci/run greps them and fails
   when a tier it requires did not run.
+- A test marked `third_party` needs a node pack or package that is not the pack's (city96's ComfyUI-GGUF and `gguf`):
+  it runs where that is installed, is counted on a line of its own ("Third-party tests: …"), and never counts against
+  a required tier, so a fresh machine without it still passes.
 - A test marked `comfyui` is skipped without ComfyUI even when it does not request the `comfy` fixture.
 """
 
@@ -58,6 +61,8 @@ def pytest_configure(config):
     for name, what in TIERS.items():
         if name != "comfyui":
             config.addinivalue_line("markers", f"{name}: {what}")
+    config.addinivalue_line("markers", f"{THIRD_PARTY}: needs a third-party node pack or package (optional; counted "
+                            "apart from the tiers)")
     for v in _STATS.values():
         v.clear()
     _TIER_STATS.clear()
@@ -139,8 +144,15 @@ TIERS = {
 _TIER_STATS: dict = {}
 
 
+THIRD_PARTY = "third_party"
+
+
 def _tier_logreport(report) -> None:
-    for tier in TIERS:
+    if THIRD_PARTY in report.keywords:
+        tiers = (THIRD_PARTY,)
+    else:
+        tiers = TIERS
+    for tier in tiers:
         if tier not in report.keywords:
             continue
         st = _TIER_STATS.setdefault(tier, {"ran": set(), "skipped": {}, "errors": set()})
@@ -173,7 +185,7 @@ def tier_lines() -> list[str]:
 
 def pytest_runtest_logreport(report):
     _tier_logreport(report)
-    if "comfyui" not in report.keywords:
+    if "comfyui" not in report.keywords or THIRD_PARTY in report.keywords:
         return
     if report.when == "call" and not (report.skipped and not hasattr(report, "wasxfail")):
         _STATS["ran"].add(report.nodeid)  # passed, failed or xfailed: it ran
@@ -202,3 +214,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(f"{line} ({comfyui_status()})")
     for tier_line in tier_lines():
         terminalreporter.write_line(tier_line)
+    third = _TIER_STATS.get(THIRD_PARTY)
+    if third is not None:
+        skipped = {k: v for k, v in third["skipped"].items() if k not in third["ran"]}
+        line = f"Third-party tests: {len(third['ran'])} ran, {len(skipped)} skipped"
+        if skipped:
+            line += f" ({next(iter(skipped.values()))})"
+        terminalreporter.write_line(line)

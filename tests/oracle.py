@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 FIXTURES = Path(os.environ.get("OFT_FIXTURES") or Path(__file__).resolve().parents[2] / "shared" / "fixtures")
+TE_CHECKPOINT_PREFIX = "cond_stage_model.transformer."
 REL_TOL = 1e-6  # fp32: bit-for-bit or ≤ 1e-6 relative (fixtures README); never loosened
 
 
@@ -62,8 +63,10 @@ def _dir_case(d: Path) -> Case:
         m = load_file(half)
         expected[0.5] = {k: m[k] for k in m if k.endswith(".weight")}
     keys = [k for k in expected[1.0]]
+    # text-encoder fixtures name their weights as an SD1.5 checkpoint does (cond_stage_model.transformer.…); the
+    # adapter's `lora_te_` layer names are the transformers paths below that prefix
     return Case(d.name, adapter, d / "base.safetensors", expected, {k: base[k] for k in keys},
-                {k: k[: -len(".weight")].replace(".", "_") for k in keys})
+                {k: k[: -len(".weight")].removeprefix(TE_CHECKPOINT_PREFIX).replace(".", "_") for k in keys})
 
 
 @functools.lru_cache(maxsize=None)

@@ -61,3 +61,26 @@ def test_bench_scale_quick(tmp_path):
     assert all(t > 0 for t in s["bake_s"]) and s["inspect_s"] > 0 and s["safetensors_header_read_s"] > 0
     assert s["bake_per_layer_ratio"] == pytest.approx((s["bake_s"][1] / s["bake_s"][0]) / 10, rel=0.01)
     assert s["inspect_over_header_read"] == pytest.approx(s["inspect_s"] / s["safetensors_header_read_s"], rel=0.05)
+
+
+def test_bench_bypass_quick(tmp_path):
+    out, data = _run("bench_bypass", tmp_path)
+    assert "ratios: ready_over_merge_max" in out and "machine: load" in out
+    rows = data["layers"]
+    assert {(r["out"], r["dtype"]) for r in rows} == {(320, "float32"), (640, "float32")}
+    for r in rows:
+        assert r["step_ratio"] == pytest.approx(r["step_bypass_s"] / r["step_merged_s"])
+        assert r["ready_over_merge"] == pytest.approx(r["bypass_ready_s"] / r["merge_first_patch_s"])
+        assert r["step_target"] == pytest.approx(1 + 1.5 * r["block_size"] / r["in"])
+        assert r["bypass_err_vs_fp32"] < 1e-5  # fp32: the hooked layer computes the rotated forward
+
+
+def test_bench_extract_quick(tmp_path):
+    out, data = _run("bench_extract", tmp_path)
+    assert "ratios: extract_rank_over_merge_max" in out and "machine: load" in out
+    rows = data["results"]
+    assert [(r["out"], r["blocks"]) for r in rows] == [(320, 8), (640, 8)]
+    for r in rows:
+        assert r["extract_rank_over_merge"] == pytest.approx(r["extract_rank_s"] / r["merge_s"])
+        assert 0 < r["rank_rel_error"] < 1 and r["rank_method"] == "svd"  # 320/640-wide: exact SVD
+        assert r["err_rel_error"] <= 0.1 and 1 <= r["err_rank"] <= r["in"]

@@ -258,6 +258,46 @@ def test_permuted_and_sliced_layers_full_load_and_low_vram(mods, tmp_path, dtype
     assert all(torch.equal(v, sd[k]) for k, v in base.model.state_dict().items())
 
 
+def test_permuted_and_sliced_layers_in_bypass_mode_equal_the_merge(mods, tmp_path):
+    """The same SD3 file in bypass mode: the hooked `final_layer.adaLN_modulation.1` (rows permuted) and fused qkv
+    (a row slice) give the forward of the weights the merge path computes; the base weights are never written."""
+    import comfy.model_management
+    import comfy.utils
+    import torch.nn.functional as F
+    from comfyui_oft.oft_core import load_adapter
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    save_file({"lycoris_norm_out_linear.oft_blocks": torch.randn(16, 16, 16, generator=g) * 0.1,
+               "lycoris_norm_out_linear.alpha": torch.tensor(0.0),
+               "lycoris_transformer_blocks_1_attn_to_k.oft_blocks": torch.randn(16, 8, 8, generator=g) * 0.1,
+               "lycoris_transformer_blocks_1_attn_to_k.alpha": torch.tensor(0.0)}, str(tmp_path / "a.safetensors"))
+    adapter = load_adapter(str(tmp_path / "a.safetensors"))
+    base = comfy_models.dit_tiny("sd3", dtype=torch.float32)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    merged, _, _ = mods.patch.apply_oft(base, None, adapter, 0.8)
+    bypass, _, text = mods.patch.apply_oft(base, None, adapter, 0.8, apply_mode="bypass")
+    assert "2 of 2 adapter layers applied" in text
+    keys = ("diffusion_model.final_layer.adaLN_modulation.1", "diffusion_model.joint_blocks.1.x_block.attn.qkv")
+    merged.patch_model()
+    try:
+        want = {k: comfy.utils.get_attr(merged.model, k + ".weight").detach().clone() for k in keys}
+    finally:
+        merged.unpatch_model()
+    comfy.model_management.load_models_gpu([bypass])
+    try:
+        for k in keys:
+            module = comfy.utils.get_attr(bypass.model, k)
+            x = torch.randn(3, module.weight.shape[1], generator=g)
+            got = module(x)
+            ref = F.linear(x, want[k], module.bias)
+            assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-6, k
+            assert not torch.allclose(got, F.linear(x, module.weight, module.bias)), k
+    finally:
+        bypass.detach()
+    assert all(torch.equal(v, before[k]) for k, v in base.model.state_dict().items())
+
+
 def test_inspect_on_sd3_counts_the_layers_the_loader_applies(mods, tmp_path):
     """OFT Inspect with a model matches through the same key map as the loader (ComfyUI's, fused slices)."""
     from comfyui_oft.nodes import oft_nodes

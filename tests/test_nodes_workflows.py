@@ -20,7 +20,7 @@ pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = sorted((comfy_models.REPO_ROOT / "workflows").glob("*.json"))
 OUR_NODES = {"OFTLoader", "OFTLoadAdapter", "OFTApply", "OFTInspect", "OFTBlockStrength", "OFTBlend", "OFTMerge",
-             "OFTSave", "OFTTrainer"}
+             "OFTSave", "OFTTrainer", "OFTHook", "OFTExtractLoRA", "OFTLatentList"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # file dropdowns: their options depend on the user's folders, so the test gives them files of these names
 FILE_INPUTS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name1": "text_encoders",
@@ -66,8 +66,9 @@ def model_folders(tmp_path_factory, comfyui_oft):
         (root / folder).mkdir(exist_ok=True)
         folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
     folder_paths.filename_list_cache.clear()
-    # LoadImageSetFromFolderNode's dropdown lists the input folder's subfolders: give it the one the workflows use
-    (root / "input" / "oft_train_images").mkdir(parents=True)
+    # LoadImageSetFromFolderNode's dropdown lists the input folder's subfolders: give it the ones the workflows use
+    for sub in ("oft_train_images", "oft_train_square", "oft_train_wide"):
+        (root / "input" / sub).mkdir(parents=True)
     saved_input = folder_paths.get_input_directory()
     folder_paths.set_input_directory(str(root / "input"))
     yield root
@@ -97,6 +98,12 @@ def _widget_inputs(cls):
     return out
 
 
+def has_control_widget(name: str, t: str, opts: dict) -> bool:
+    """Whether the frontend (1.27.10, useIntWidget / migrateWidgetsValues) adds a "control after generate" widget
+    after this input: a flagged input, or an INT named seed / noise_seed (the legacy convention), flag or not."""
+    return bool(opts.get("control_after_generate")) or (t == "INT" and name in ("seed", "noise_seed"))
+
+
 def to_api_prompt(workflow: dict, nodes_table) -> dict:
     """Convert a UI (litegraph) workflow into the API prompt ComfyUI executes (what the frontend sends)."""
     links = {link[0]: link for link in workflow["links"]}
@@ -110,7 +117,7 @@ def to_api_prompt(workflow: dict, nodes_table) -> dict:
             if not values:
                 break
             value = values.pop(0)
-            if opts.get("control_after_generate"):
+            if has_control_widget(name, t, opts):
                 values.pop(0)  # the "fixed" / "randomize" widget the frontend adds after a seed
             if name not in linked:
                 inputs[name] = value
@@ -140,8 +147,15 @@ def test_workflow_is_valid_for_comfyui(path, comfy_nodes, model_folders):
     # widget values: count and type against each node's own schema
     for node in wf["nodes"]:
         widgets = _widget_inputs(nodes.NODE_CLASS_MAPPINGS[node["type"]])
-        extra = sum(1 for _, _, o in widgets if o.get("control_after_generate"))
-        assert len(node.get("widgets_values", [])) == len(widgets) + extra, node["type"]
+        extra = sum(1 for name, t, o in widgets if has_control_widget(name, t, o))
+        # a workflow saved before an optional widget was added at the end (apply_mode) has no value for it: the
+        # frontend keeps that widget's default, and no other value moves
+        optional = set(nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES().get("optional", {}))
+        n = len(node.get("widgets_values", []))
+        trailing = 0
+        while trailing < len(widgets) and widgets[len(widgets) - 1 - trailing][0] in optional:
+            trailing += 1
+        assert len(widgets) + extra - trailing <= n <= len(widgets) + extra, node["type"]
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
     assert ok, (error, node_errors)
@@ -165,8 +179,9 @@ class _Server:
 
 
 def test_flux_inspect_and_bake_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
-    """flux_oft_inspect_and_bake.json through execution.PromptExecutor on the tiny FLUX: OFTInspect's text comes back
-    in the history and the file written by core's ModelSave holds sd-scripts' merged weights."""
+    """The workflow "OFT FLUX inspect and bake into the model" through execution.PromptExecutor on the tiny FLUX:
+    OFTInspect's text comes back in the history and the file written by core's ModelSave holds sd-scripts' merged
+    weights."""
     import comfy.model_management
     import comfy.sd
     import execution
@@ -190,7 +205,8 @@ def test_flux_inspect_and_bake_runs_in_comfyui_executor(comfy_nodes, model_folde
     out_dir.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
 
-    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "flux_oft_inspect_and_bake.json").read_text())
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT FLUX inspect and bake into the model.json")
+                    .read_text())
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("bake", prompt, None))
     assert ok, (error, node_errors)
@@ -240,8 +256,8 @@ def _node_id(wf, node_type):
 
 
 def test_merge_and_save_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
-    """oft_merge_and_save.json (both adapters are the fixture's FLUX adapter A here): the file OFT Save writes holds
-    A then A^0.7; run twice, it writes two files."""
+    """The workflow "OFT merge two adapters and save" (both adapters are the fixture's FLUX adapter A here): the file
+    OFT Save writes holds A then A^0.7; run twice, it writes two files."""
     import folder_paths
     from comfyui_oft.oft_core import load_adapter, rotate_weight
 
@@ -249,7 +265,7 @@ def test_merge_and_save_runs_in_comfyui_executor(comfy_nodes, model_folders, mon
     out_dir = tmp_path / "output"
     out_dir.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
-    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "oft_merge_and_save.json").read_text())
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT merge two adapters and save.json").read_text())
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     for run in range(2):
         executor, _ = _execute(nodes, prompt, f"merge{run}")
@@ -271,7 +287,8 @@ def test_merge_and_save_runs_in_comfyui_executor(comfy_nodes, model_folders, mon
 
 
 def test_bake_into_checkpoint_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
-    """oft_bake_into_checkpoint.json on the tiny FLUX: core CheckpointSave writes sd-scripts' merged weights."""
+    """The workflow "OFT bake into a checkpoint" on the tiny FLUX: core CheckpointSave writes sd-scripts' merged
+    weights."""
     import comfy.model_management
     import comfy.sd
     import folder_paths
@@ -290,7 +307,7 @@ def test_bake_into_checkpoint_runs_in_comfyui_executor(comfy_nodes, model_folder
     out_dir = tmp_path / "output"
     out_dir.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
-    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "oft_bake_into_checkpoint.json").read_text())
+    wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT bake into a checkpoint.json").read_text())
     prompt = to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     try:
         executor, _ = _execute(nodes, prompt, "bake_ckpt")

@@ -3,7 +3,8 @@
 Pinned on the CPU by counting the Python-level reads (`Tensor.item`, `__float__`, `__bool__`, `__int__`, `tolist`)
 during steps 2…N of real training runs: Cayley by solve, by series (bounded by the constraint), by block elimination
 (blocks > 96), the Cayley–Neumann series, gradient accumulation, and each optimizer. The sync-free Cayley gives the
-same rotation as the default one (which chooses its method from ‖Q‖, a device read).
+same rotation as the default one (which chooses its method from ‖Q‖, a device read). The OFTTrainer node's own loop
+(ComfyUI objective, noise on the device, several latent sizes, schedule, progress) is counted the same way.
 """
 
 from __future__ import annotations
@@ -135,3 +136,61 @@ def test_a_training_step_reads_the_device_once(case):
     assert total <= steps - 1, f"{case}: {dict(reads)} reads in {steps - 1} steps (at most one per step)"
     assert total >= 1  # the loss read-out is seen: the counter works inside the loop
     assert losses[-1] < losses[0]  # and it trained
+
+
+# ------------------------------------------------------------------------------------------------ the node's loop
+NODE_CASES = {
+    # name: (model, trainer keywords)
+    "sd-fp32-checkpointing": ("sd", dict(training_dtype="fp32", gradient_checkpointing_on=True, grad_accumulation=2,
+                                         targets="all-linear+conv")),
+    "sd-bf16-two-sizes-cosine-l1": ("sd2", dict(training_dtype="bf16", gradient_checkpointing_on=False,
+                                                 lr_schedule="cosine", warmup_steps=2, loss_function="L1")),
+    "flux-fp32-huber": ("flux", dict(training_dtype="fp32", gradient_checkpointing_on=True, loss_function="Huber",
+                                     alpha=1e-3)),
+}
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("case", sorted(NODE_CASES))
+def test_the_nodes_training_loop_reads_the_device_once_per_step(comfy, comfyui_oft, case, monkeypatch):
+    """The OFTTrainer node's own loop (objective, noise and noise levels, conditioning batches, several latent
+    sizes, schedule, progress bar and loss text) reads one value per optimizer step over steps 2…N: the loss."""
+    import comfy.model_management as mm
+    import comfy_models
+    from comfyui_oft.nodes import train_node as tn
+    from test_train_node import flux_data, sd_data
+
+    kind, kw = NODE_CASES[case]
+    if kind == "flux":
+        mp, (latents, positive) = comfy_models.flux_tiny(), flux_data()
+    else:
+        mp, (latents, positive) = comfy_models.sd15_tiny(), sd_data()
+    if kind == "sd2":  # two latent sizes, one conditioning per batch
+        g = torch.Generator().manual_seed(1)
+        latents = [latents, {"samples": torch.randn(2, 4, 8, 16, generator=g)}]
+        positive = [positive, positive[:1]]
+    steps = 5
+    reads_cm = count_reads()
+    state = {"reads": None, "step": 0}
+
+    def before_step():
+        state["step"] += 1
+        if state["step"] == 2:  # steps 2…N: the first step may set things up (optimizer state)
+            state["reads"] = reads_cm.__enter__()
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", before_step)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():  # as ComfyUI runs nodes
+            _, losses, _ = tn.train(mp, latents, positive, steps=steps, learning_rate=2e-2, batch_size=2,
+                                    **dict(dict(alpha=0.0, targets="attention"), **kw))
+    finally:
+        if state["reads"] is not None:
+            reads_cm.__exit__(None, None, None)
+        torch.set_num_threads(n)
+        mm.unload_all_models()
+    reads = state["reads"]
+    total = sum(reads.values())
+    assert total <= steps - 1, f"{case}: {dict(reads)} reads in {steps - 1} steps (at most one per step)"
+    assert total >= 1 and len(losses) == steps

@@ -74,9 +74,9 @@ def _latent(server, entry, node="12") -> torch.Tensor:
 
 
 def _saved_path(server, entry, node="6") -> Path:
-    text = " ".join(server.outputs(entry, node).get("text", []))
+    text = "\n".join(server.outputs(entry, node).get("text", [])).splitlines()[0]  # (format notes may follow)
     assert "saved kohya adapter" in text, f"OFTSave reported {text!r}"
-    path = Path(text.rsplit(": ", 1)[1].strip())
+    path = Path(text.split("\n", 1)[0].rsplit(": ", 1)[1].strip())  # line 1; "note: …" lines may follow
     assert path.is_file() and path.is_relative_to(server.base / "output"), path
     return path
 
@@ -222,3 +222,21 @@ def test_bad_trainer_inputs_rejected_at_queue_time_by_name(srv):
     err = harness.execution_error(entry)
     assert err is not None and err["node_id"] == "5", harness.history_messages(entry)
     assert "learning_rate: expected a finite number, found nan" in err["exception_message"]
+
+
+def test_train_on_unet_loader_model(srv, reference_latent):
+    """UNETLoader (diffusion model file) + the checkpoint's CLIP and VAE: the trainer works on that model too."""
+    p = train_prompt(harness.CHECKPOINT_NAME, steps=2, prefix="loras/oft_unet_loader")
+    p["30"] = {"class_type": "UNETLoader", "inputs": {"unet_name": harness.UNET_NAME, "weight_dtype": "default"}}
+    p["5"]["inputs"]["model"] = ["30", 0]
+    entry = srv.run(p)
+    blocks = {k for k in load_file(str(_saved_path(srv, entry))) if k.endswith(".oft_blocks")}
+    assert len(blocks) == 4 * 8
+    s = sample_prompt(harness.CHECKPOINT_NAME, prefix="after_unet_loader")
+    s["30"] = p["30"]
+    s["11"]["inputs"]["model"] = ["30", 0]
+    check = srv.queue(s)
+    after = srv.wait(check)
+    assert after["status"]["status_str"] == "success", harness.history_messages(after)
+    assert "30" not in _executed(srv, check)
+    assert torch.equal(_latent(srv, after), reference_latent), "base weights changed by training"
