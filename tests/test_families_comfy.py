@@ -163,7 +163,7 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
 
     model = comfy_models.dit_tiny(family)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    new_model, adapter, loss = train_node(mods, model, family, num_blocks=32)  # LyCORIS: block size ≤ count
+    new_model, adapter, loss, report = train_node(mods, model, family, num_blocks=32)  # LyCORIS: block size ≤ count
     assert len(loss["loss"]) == 3 and all(torch.isfinite(torch.tensor(loss["loss"])))
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
     assert adapter.format == "lycoris_diag_oft"

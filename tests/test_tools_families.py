@@ -229,7 +229,7 @@ def test_trained_family_adapter_loads_in_lycoris_and_merges_the_same(comfyui_oft
     latents, positive = training_data(family)
     try:
         with torch.inference_mode():
-            new_model, adapter, _ = train_node.OFTTrainerNode.execute(
+            new_model, adapter, _loss, _report = train_node.OFTTrainerNode.execute(
                 model=model, latents=latents, positive=positive, steps=2, learning_rate=2e-2, batch_size=2,
                 grad_accumulation=1, optimizer="AdamW", seed=0, num_blocks=32, constraint=0.0,
                 cayley_neumann=False, neumann_terms=5, targets="all-linear", training_dtype="fp32",

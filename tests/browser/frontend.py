@@ -64,7 +64,7 @@ def install_workflow_files(base: Path, fixtures: Path) -> None:
                     (models / "text_encoders" / name).touch()
             elif t == "VAELoader":
                 (models / "vae" / values[0]).touch()
-            elif t in ("OFTLoader", "OFTLoadAdapter"):
+            elif t in ("OFTLoader", "OFTLoadAdapter", "OFTHook"):
                 src = fixtures / (FLUX_ADAPTER if "flux" in values[0] else SD15_ADAPTER)
                 dest = models / "oft" / values[0]
                 if not dest.exists():

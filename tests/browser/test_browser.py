@@ -301,7 +301,7 @@ def test_reports_are_readable_on_the_nodes_after_a_run(comfy_page):
             assert r["onTop"], f"node {title!r}: the report box is covered by another element: {r}"
         # the report box is not a setting: saving the graph stores no report, the prompt sends none
         saved = page.evaluate("(id) => app.graph.getNodeById(id).serialize().widgets_values", ids["load"])
-        assert saved == ["tiny_sd15_oft.safetensors", 1.0, "kohya"], saved
+        assert saved == ["tiny_sd15_oft.safetensors", 1.0, "kohya", "merge"], saved
         prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
         assert all("oft_report" not in n["inputs"] for n in prompt.values())
     assert list((server.base / "output" / "oft").glob("oft_browser_*.safetensors"))

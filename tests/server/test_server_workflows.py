@@ -169,16 +169,21 @@ def test_shipped_workflow_runs_on_tiny_models(prepared, path):
 
 def test_checks_catch_a_shifted_widget_and_a_bad_value(prepared):
     """The conversion and the validation above can fail: the training workflow without the seed's control value
-    (the frontend would shift every later widget) is refused with the node and the counts; a value outside a combo's
-    options or a number out of range is refused naming the input."""
+    (the frontend would shift every later widget) is refused naming the node; too few values, with the counts; a
+    value outside a combo's options or a number out of range, naming the input."""
     wf = next(w for w in map(load, WORKFLOWS) if any(n["type"] == "OFTTrainer" for n in w["nodes"]))
     trainer = next(n for n in wf["nodes"] if n["type"] == "OFTTrainer")
     seed_at = harness_widget_index(prepared, trainer, "seed")
     good = list(trainer["widgets_values"])
     trainer["widgets_values"] = good[:seed_at + 1] + good[seed_at + 2:]
-    need = len(good)  # (every widget of the node, the seed's control value included)
-    shifted = rf"OFTTrainer\): {need - 1} widget values, the node's inputs need {need}"
-    with pytest.raises(harness.ComfyError, match=shifted):
+    # The trainer's last inputs are optional, so one value fewer converts as the frontend loads it (the last optional
+    # widget keeps its default) -- with every value after the seed one slot early, which validation refuses.
+    shifted = harness.workflow_to_api(wf, prepared.object_info())
+    tid = str(trainer["id"])
+    with pytest.raises(harness.ComfyError, match=rf"{tid} \(OFTTrainer\)"):
+        harness.validate_prompt(prepared, shifted)
+    trainer["widgets_values"] = good[:seed_at + 1]  # many values missing: refused with the counts
+    with pytest.raises(harness.ComfyError, match=r"OFTTrainer\): \d+ widget values, the node's inputs need \d+"):
         harness.workflow_to_api(wf, prepared.object_info())
     trainer["widgets_values"] = good
     prompt = harness.workflow_to_api(wf, prepared.object_info())
