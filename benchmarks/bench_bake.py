@@ -40,7 +40,7 @@ from oft_core.bake import bake  # noqa: E402
 from oft_core.rotation import rotate_weight  # noqa: E402
 from oft_core.safetensors_io import read_header  # noqa: E402
 from oft_core.spec import OFTAdapter  # noqa: E402
-from oft_core.writers import write_adapter  # noqa: E402
+from oft_core.formats import write_adapter  # noqa: E402
 
 FLUX_DOUBLE, FLUX_SINGLE = 19, 38
 FLUX_PARAMS = 11.9e9  # FLUX.1-dev transformer parameters (23.8 GB in bf16)

@@ -35,7 +35,7 @@ from oft_core.bake import bake  # noqa: E402
 from oft_core.formats import load_adapter  # noqa: E402
 from oft_core.spec import OFTAdapter  # noqa: E402
 from oft_core.summary import describe, format_text  # noqa: E402
-from oft_core.writers import write_adapter  # noqa: E402
+from oft_core.formats import write_adapter  # noqa: E402
 
 BAKE_GOAL = 1.2
 INSPECT_GOAL = 3.0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from ..oft_core.writers import KOHYA_REFUSED
+from ..oft_core.formats import KOHYA_REFUSED
 from .patch import UNET_PREFIX, comfy_key_map, model_kind
 
 log = logging.getLogger(__name__)

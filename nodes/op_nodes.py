@@ -1,6 +1,6 @@
 """Nodes that make a new adapter from others: OFTBlockStrength, OFTBlend, OFTMerge, and OFTSave (writes one).
 
-Schema and glue only: the operations are `oft_core.ops` / `oft_core.blocks` / `oft_core.writers`, the seam into a
+Schema and glue only: the operations are `oft_core.ops` / `oft_core.blocks` / `oft_core.formats`, the seam into a
 model is `patch.apply_oft`. Their refusals are `OFTError`s and reach the UI as node errors with their reason.
 Node IDs are permanent: workflows store them. Never rename one.
 
@@ -23,11 +23,10 @@ from comfy_api.latest import io, ui
 
 from ..oft_core import OFTAdapter, OFTError
 from ..oft_core.blocks import apply_block_strength, layer_block, parse_block_spec
-from ..oft_core.formats import load_adapter
+from ..oft_core.formats import FORMATS, format_family, load_adapter, write_adapter
 from ..oft_core.ops import MERGE_MODES, blend, merge
 from ..oft_core.publish import check_output_name
 from ..oft_core.summary import tool_notes
-from ..oft_core.writers import FORMATS, format_family, write_adapter
 from .patch import BLOCK_STRENGTH_OFF, BLOCK_STRENGTH_TEXT, LAYER_STRENGTHS, block_strength_text
 from .types import OFTAdapterType
 

@@ -33,6 +33,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..oft_core import OFTError
+from ..oft_core.formats import write_adapter
 from ..oft_core.train import (
     KOHYA_LOSS,
     LOSSES,
@@ -55,7 +56,6 @@ from ..oft_core.train import (
 from ..oft_core.train import (
     OFTTrainer as CoreTrainer,
 )
-from ..oft_core.writers import write_adapter
 from . import families
 from .op_nodes import next_free_path
 from .patch import apply_oft, model_kind

@@ -57,9 +57,8 @@ def _cmd_bake(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .formats import load_adapter
+    from .formats import format_family, load_adapter, write_adapter
     from .ops import merge
-    from .writers import format_family, write_adapter
 
     args_ = [_adapter_arg(a, "weight") for a in args.adapter]
     items = [(load_adapter(path), weight) for path, weight in args_]
@@ -95,8 +94,7 @@ def _read_paths(items) -> list[str]:
 
 
 def _cmd_convert(args) -> int:
-    from .formats import load_adapter
-    from .writers import write_adapter
+    from .formats import load_adapter, write_adapter
 
     adapter = load_adapter(args.file)
     out = write_adapter(adapter, args.out, args.to, overwrite=args.overwrite,

@@ -49,9 +49,8 @@ def run_demo(out_dir: str, *, steps: int = 60, seed: int = 0, say=print) -> int:
     from safetensors.torch import load_file, save_file
 
     from .bake import bake
-    from .formats import load_adapter
+    from .formats import load_adapter, write_adapter
     from .train import OFTTrainer, run_training, select_targets, training_metadata
-    from .writers import write_adapter
 
     torch.manual_seed(seed)
     model = ToyModel(dim=32, channels=16, seed=seed).requires_grad_(False)

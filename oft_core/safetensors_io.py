@@ -152,6 +152,14 @@ def _check_entries(header: dict, data_size: int, path: str) -> dict[str, TensorI
                              f"data_offsets {offsets} ({offsets[1] - offsets[0]} bytes)")
         tensors[key] = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
     end = 0
+    for ti in tensors.values():  # the usual file lists its tensors in data order: tiled without sorting
+        if ti.start != end:
+            break
+        end = ti.end
+    else:
+        if end == data_size:
+            return tensors
+    end = 0
     for key, ti in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
         if ti.start != end:
             what = "overlaps the tensor before it" if ti.start < end else "leaves a gap after the tensor before it"
@@ -239,14 +247,32 @@ def load_tensors(path: str | os.PathLike | Header, keys=None, device: str = "cpu
     if len(data) < max((ti.end for ti in header.tensors.values()), default=0):
         raise OFTError("the file became shorter while it was read: was it changed meanwhile?", path=header.path)
     out: dict[str, torch.Tensor] = {}
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the whole data section as each dtype: one view per tensor of it
     for k, ti in header.tensors.items():
         dtype = DTYPES.get(ti.dtype)
         if dtype is None:
             raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which no OFT trainer writes", path=header.path)
         count = math.prod(ti.shape)
-        t = torch.frombuffer(data, dtype=dtype, count=count, offset=ti.start) if count else torch.empty(0, dtype=dtype)
-        out[k] = t.reshape(ti.shape) if device == "cpu" else t.reshape(ti.shape).to(device)
+        size = dtype.itemsize
+        if count and ti.start % size == 0:  # aligned (safetensors writes it so): a strided view, one call
+            whole = typed.get(dtype)
+            if whole is None:
+                whole = typed[dtype] = torch.frombuffer(data, dtype=dtype, count=len(data) // size)
+            t = torch.as_strided(whole, ti.shape, _contiguous_strides(ti.shape), ti.start // size)
+        else:
+            t = torch.frombuffer(data, dtype=dtype, count=count, offset=ti.start) if count else torch.empty(
+                0, dtype=dtype)
+            t = t.reshape(ti.shape)
+        out[k] = t if device == "cpu" else t.to(device)
     return out, header
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 class TensorFile:

@@ -104,7 +104,8 @@ class OFTLayer:
         return sum(self.split_sizes)
 
     def num_params(self) -> int:
-        n = sum(int(g[..., 0, 0].numel()) * b * (b - 1) // 2 for g, b in zip(self.generators, self.block_sizes))
+        # blocks (× stages) × b(b−1)/2 free values each; from the shapes alone (no tensor op per layer)
+        n = sum(math.prod(g.shape[:-2]) * b * (b - 1) // 2 for g, b in zip(self.generators, self.block_sizes))
         return n + (0 if self.row_scale is None else int(self.row_scale.numel()))
 
     def with_(self, **changes) -> "OFTLayer":
@@ -170,81 +171,24 @@ def make_layer(
     key: str = "",
     block_share: bool = False,
 ) -> OFTLayer:
-    """Validate once and build an `OFTLayer`. `generators` must already be skew-symmetric."""
+    """Validate once and build an `OFTLayer`. `generators` must already be skew-symmetric.
+
+    One check per concern, in this order (the first failing one is raised, naming file and layer): the enumerations,
+    the generator tensors, the block counts, the butterfly layout, the parameterization, the constraint, the row
+    scale. tests/test_bad_input.py and tests/test_fail_closed.py pin the messages."""
 
     def fail(msg: str):
         raise OFTError(msg, path=path, layer=key or name)
 
-    if component not in COMPONENTS:
-        fail(mismatch("component", " | ".join(COMPONENTS), repr(component)))
-    if side not in ("out", "in"):
-        fail(mismatch("rotated side", "'out' or 'in'", repr(side)))
-    if kind not in ("diag", "butterfly"):
-        fail(mismatch("kind", "'diag' or 'butterfly'", repr(kind)))
-    if not generators:
-        fail("no rotation blocks")
-    gens = []
-    for i, g in enumerate(generators):
-        want_ndim = 4 if kind == "butterfly" else 3
-        if not isinstance(g, torch.Tensor) or g.ndim != want_ndim or g.shape[-1] != g.shape[-2] or g.shape[-1] < 1:
-            shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-            fail(mismatch(f"split {i} blocks", f"{want_ndim}-D tensor of square blocks", shape))
-        if g.numel() == 0:
-            fail(mismatch(f"split {i} blocks", "at least one block", tuple(g.shape)))
-        g = g.detach().to(torch.float32)
-        if g.device.type != "meta" and not torch.isfinite(g).all():  # meta: a structure-only skeleton (bake)
-            fail(f"split {i} blocks contain NaN or Inf values: the file is damaged or the training diverged")
-        gens.append(g)
-    if kind == "butterfly" and len(gens) != 1:
-        fail(mismatch("butterfly splits", 1, len(gens)))
-    if num_blocks is None:
-        num_blocks = [int(g.shape[-3]) for g in gens]
-    num_blocks = tuple(int(n) for n in num_blocks)
-    if len(num_blocks) != len(gens):
-        fail(mismatch("block counts", f"one per split ({len(gens)})", len(num_blocks)))
-    for i, (g, n) in enumerate(zip(gens, num_blocks)):
-        stored = int(g.shape[-3])
-        if block_share and (stored != 1 or len(gens) != 1):
-            fail(mismatch("shared blocks (block_share)", "one stored block", f"{stored} in split {i}"))
-        if n < 1 or (stored != n and not block_share):
-            fail(mismatch(f"split {i} block count", stored, n))
-    if kind == "butterfly" and side != "out":
-        fail(mismatch("butterfly (BOFT) rotated side", "'out'", repr(side)))
-    if parameterization == "matrix" and constraint is not None and constraint.kind != "none":
-        fail("a stored rotation matrix (LyCORIS oft_diag) cannot carry a constraint")
+    _check_choices(component, side, kind, fail)
+    gens = _checked_generators(generators, kind, fail)
+    num_blocks = _checked_block_counts(gens, num_blocks, block_share, fail)
     if kind == "butterfly":
-        b = int(gens[0].shape[-1])
-        n = num_blocks[0]
-        if b % 2 or (n & (n - 1)):
-            fail(mismatch("butterfly layout", "even block size and a power-of-two block count", f"b={b}, n={n}"))
-        if int(gens[0].shape[0]) > max(1, int(math.log2(n)) + 1):
-            fail(mismatch("butterfly stages", f"at most {int(math.log2(n)) + 1} for {n} blocks", gens[0].shape[0]))
-    if parameterization not in ("cayley", "neumann", "matrix"):
-        fail(mismatch("parameterization", "'cayley', 'neumann' or 'matrix'", repr(parameterization)))
-    coeffs = tuple(float(c) for c in neumann_coeffs)
-    if parameterization == "neumann" and not coeffs:
-        fail("Cayley–Neumann parameterization without series coefficients")
-    constraint = constraint or Constraint()
-    if constraint.kind not in ("none", "norm_clamp", "block_projection"):
-        fail(mismatch("constraint", "none | norm_clamp | block_projection", repr(constraint.kind)))
-    what = "constraint (alpha)" if constraint.kind == "norm_clamp" else "constraint (eps)"
-    if not math.isfinite(constraint.value) or constraint.value < 0:
-        fail(mismatch(what, "a finite number ≥ 0", constraint.value))
+        _check_butterfly(gens, num_blocks, side, fail)
+    coeffs = _checked_parameterization(parameterization, neumann_coeffs, constraint, fail)
+    constraint = _checked_constraint(constraint or Constraint(), gens, num_blocks, fail)
     dim = sum(n * int(g.shape[-1]) for g, n in zip(gens, num_blocks))
-    widest = max(n * int(g.shape[-1]) for g, n in zip(gens, num_blocks))
-    if constraint.kind == "norm_clamp" and constraint.value * widest > _FP32_MAX:
-        # the bound alpha × width is compared with a float32 norm; sd-scripts and LyCORIS fail on it ("value cannot
-        # be converted to type float without overflow")
-        fail(mismatch(what, f"at most {_FP32_MAX / widest:.3g} (alpha × {widest} rows must fit in float32)",
-                      f"{constraint.value:g}"))
-    if constraint.kind == "block_projection" and constraint.value > _FP32_MAX:
-        fail(mismatch(what, f"at most {_FP32_MAX:.3g} (it must fit in float32)", f"{constraint.value:g}"))
-    if row_scale is not None:
-        row_scale = row_scale.detach().to(torch.float32).reshape(-1)
-        if row_scale.device.type != "meta" and not torch.isfinite(row_scale).all():
-            fail("row scale (rescale / oft_s) contains NaN or Inf values")
-        if side == "out" and row_scale.numel() != dim:
-            fail(mismatch("row scale length", f"{dim} (the rotated output width)", row_scale.numel()))
+    row_scale = _checked_row_scale(row_scale, side, dim, fail)
     return OFTLayer(
         name=name,
         component=component,
@@ -261,6 +205,137 @@ def make_layer(
         key=key or name,
         block_share=bool(block_share),
     )
+
+
+class Generators(tuple):
+    """A layer's generator tensors with `finite[i]`: whether split i (as fp32) holds no NaN / Inf, computed for many
+    layers at once by `finite_each`, so that `make_layer` checks finiteness without one tensor op per layer. It is
+    the same check on the same values: the readers pass the exact tensors the flags were computed on."""
+
+    finite: tuple[bool, ...]
+
+    def __new__(cls, tensors: Sequence[torch.Tensor], finite: Sequence[bool]):
+        self = super().__new__(cls, tensors)
+        if len(finite) != len(self):
+            raise ValueError(f"{len(finite)} finiteness flags for {len(self)} tensors")
+        self.finite = tuple(bool(f) for f in finite)
+        return self
+
+
+def finite_each(stacked: torch.Tensor) -> list[bool]:
+    """Per index of the first axis of `stacked` (many layers' generators of one shape, fp32): no NaN / Inf. A meta
+    batch (a structure-only skeleton) counts as finite, as `make_layer` counts a meta tensor."""
+    n = int(stacked.shape[0])
+    if stacked.device.type == "meta" or stacked.numel() == 0:
+        return [True] * n
+    return torch.isfinite(stacked).reshape(n, -1).all(1).tolist()
+
+
+def _check_choices(component: str, side: str, kind: str, fail) -> None:
+    if component not in COMPONENTS:
+        fail(mismatch("component", " | ".join(COMPONENTS), repr(component)))
+    if side not in ("out", "in"):
+        fail(mismatch("rotated side", "'out' or 'in'", repr(side)))
+    if kind not in ("diag", "butterfly"):
+        fail(mismatch("kind", "'diag' or 'butterfly'", repr(kind)))
+
+
+def _checked_generators(generators: Sequence[torch.Tensor], kind: str, fail) -> list[torch.Tensor]:
+    """Per split: a tensor of square blocks (4-D for butterfly stages), at least one block, finite, as fp32.
+    A tensor on the meta device is a structure-only skeleton (bake streams the values later): not checked for NaN.
+    `Generators` carry their finiteness from one batched check of many layers (`finite_each`)."""
+    if not generators:
+        fail("no rotation blocks")
+    known = generators.finite if isinstance(generators, Generators) else None
+    want_ndim = 4 if kind == "butterfly" else 3
+    gens = []
+    for i, g in enumerate(generators):
+        if not isinstance(g, torch.Tensor) or g.ndim != want_ndim or g.shape[-1] != g.shape[-2] or g.shape[-1] < 1:
+            shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+            fail(mismatch(f"split {i} blocks", f"{want_ndim}-D tensor of square blocks", shape))
+        if g.numel() == 0:
+            fail(mismatch(f"split {i} blocks", "at least one block", tuple(g.shape)))
+        g = g.detach() if g.requires_grad else g
+        g = g if g.dtype == torch.float32 else g.to(torch.float32)
+        finite = known[i] if known is not None else g.device.type == "meta" or bool(torch.isfinite(g).all())
+        if not finite:
+            fail(f"split {i} blocks contain NaN or Inf values: the file is damaged or the training diverged")
+        gens.append(g)
+    if kind == "butterfly" and len(gens) != 1:
+        fail(mismatch("butterfly splits", 1, len(gens)))
+    return gens
+
+
+def _checked_block_counts(gens: list[torch.Tensor], num_blocks: Sequence[int] | None, block_share: bool,
+                          fail) -> tuple[int, ...]:
+    """One count per split, equal to the stored blocks, except one shared stored block (PEFT block_share)."""
+    if num_blocks is None:
+        num_blocks = [int(g.shape[-3]) for g in gens]
+    num_blocks = tuple(int(n) for n in num_blocks)
+    if len(num_blocks) != len(gens):
+        fail(mismatch("block counts", f"one per split ({len(gens)})", len(num_blocks)))
+    for i, (g, n) in enumerate(zip(gens, num_blocks)):
+        stored = int(g.shape[-3])
+        if block_share and (stored != 1 or len(gens) != 1):
+            fail(mismatch("shared blocks (block_share)", "one stored block", f"{stored} in split {i}"))
+        if n < 1 or (stored != n and not block_share):
+            fail(mismatch(f"split {i} block count", stored, n))
+    return num_blocks
+
+
+def _check_butterfly(gens: list[torch.Tensor], num_blocks: tuple[int, ...], side: str, fail) -> None:
+    """BOFT: output side, even block size, a power-of-two block count, at most log2(n) + 1 stages."""
+    if side != "out":
+        fail(mismatch("butterfly (BOFT) rotated side", "'out'", repr(side)))
+    b = int(gens[0].shape[-1])
+    n = num_blocks[0]
+    if b % 2 or (n & (n - 1)):
+        fail(mismatch("butterfly layout", "even block size and a power-of-two block count", f"b={b}, n={n}"))
+    if int(gens[0].shape[0]) > max(1, int(math.log2(n)) + 1):
+        fail(mismatch("butterfly stages", f"at most {int(math.log2(n)) + 1} for {n} blocks", gens[0].shape[0]))
+
+
+def _checked_parameterization(parameterization: str, neumann_coeffs: Sequence[float], constraint: Constraint | None,
+                              fail) -> tuple[float, ...]:
+    """The series coefficients (required for Cayley–Neumann); a stored R carries no constraint."""
+    if parameterization == "matrix" and constraint is not None and constraint.kind != "none":
+        fail("a stored rotation matrix (LyCORIS oft_diag) cannot carry a constraint")
+    if parameterization not in ("cayley", "neumann", "matrix"):
+        fail(mismatch("parameterization", "'cayley', 'neumann' or 'matrix'", repr(parameterization)))
+    coeffs = tuple(float(c) for c in neumann_coeffs)
+    if parameterization == "neumann" and not coeffs:
+        fail("Cayley–Neumann parameterization without series coefficients")
+    return coeffs
+
+
+def _checked_constraint(constraint: Constraint, gens: list[torch.Tensor], num_blocks: tuple[int, ...],
+                        fail) -> Constraint:
+    """A known kind and a finite value ≥ 0 whose bound fits in float32 (kohya's NaN alpha and LyCORIS's are refused
+    the same way; an alpha × width beyond fp32 fails in sd-scripts and LyCORIS: "cannot be converted ... overflow")."""
+    if constraint.kind not in ("none", "norm_clamp", "block_projection"):
+        fail(mismatch("constraint", "none | norm_clamp | block_projection", repr(constraint.kind)))
+    what = "constraint (alpha)" if constraint.kind == "norm_clamp" else "constraint (eps)"
+    if not math.isfinite(constraint.value) or constraint.value < 0:
+        fail(mismatch(what, "a finite number ≥ 0", constraint.value))
+    widest = max(n * int(g.shape[-1]) for g, n in zip(gens, num_blocks))
+    if constraint.kind == "norm_clamp" and constraint.value * widest > _FP32_MAX:
+        fail(mismatch(what, f"at most {_FP32_MAX / widest:.3g} (alpha × {widest} rows must fit in float32)",
+                      f"{constraint.value:g}"))
+    if constraint.kind == "block_projection" and constraint.value > _FP32_MAX:
+        fail(mismatch(what, f"at most {_FP32_MAX:.3g} (it must fit in float32)", f"{constraint.value:g}"))
+    return constraint
+
+
+def _checked_row_scale(row_scale: torch.Tensor | None, side: str, dim: int, fail) -> torch.Tensor | None:
+    """fp32, flat, finite; one value per rotated output row (an input-side layer's rows are checked per weight)."""
+    if row_scale is None:
+        return None
+    row_scale = row_scale.detach().to(torch.float32).reshape(-1)
+    if row_scale.device.type != "meta" and not torch.isfinite(row_scale).all():
+        fail("row scale (rescale / oft_s) contains NaN or Inf values")
+    if side == "out" and row_scale.numel() != dim:
+        fail(mismatch("row scale length", f"{dim} (the rotated output width)", row_scale.numel()))
+    return row_scale
 
 
 def flatten_weight_shape(shape: Sequence[int]) -> tuple[int, int]:

@@ -143,10 +143,10 @@ def tool_notes(adapter: OFTAdapter) -> list[str]:
         notes.append("sd-scripts: OFTInfModule.merge_to(multiplier) ignores its argument; merge at a strength "
                      "through the network multiplier (create_network_from_weights(multiplier, …))")
     elif fmt.startswith("lycoris"):
-        from .writers import _lycoris_layout_problem
+        from .formats.lycoris import layout_problem
 
         bad = [layer.key for layer in adapter if layer.kind == "diag" and layer.parameterization != "matrix"
-               and _lycoris_layout_problem(layer)]
+               and layout_problem(layer)]
         if bad:
             notes.append(f"LyCORIS diag-oft cannot load {len(bad)} layers ({_examples(bad)}): it rebuilds a layer's "
                          "layout from the block size alone and only holds a block size ≤ the block count")
@@ -243,7 +243,7 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
         "format": adapter.format,
         "layers": len(layers),
         "components": dict(Counter(x["component"] for x in layers)),
-        "parameters": adapter.num_params(),
+        "parameters": sum(x["params"] for x in layers),  # = adapter.num_params(), each layer's counted once
         "block_layouts": [{"num_blocks": list(n) if n != "shared" else n, "block_size": list(b), "layers": c}
                           for (n, b), c in shapes.most_common()],
         "clamped_layers": [x["name"] for x in layers if x["clamped"]],

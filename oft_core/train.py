@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import OFTError, mismatch
+from .formats._triangle import unpack_upper
+from .formats.kohya import PREFIX as KOHYA_PREFIX
 from .names import ldm_to_diffusers
 from .rotation import bypass_forward, cayley, generator_of, rotate_features, rotation_blocks, skew
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coefficients
@@ -79,7 +81,6 @@ EXTRA_PRESETS = {  # (family, preset) -> what sd-scripts does with the layers be
                                   "otherwise ignores them without a word; ComfyUI and this pack apply them",
 }
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
-KOHYA_PREFIX = "oft_unet_"
 
 # Module classes that hold a UNet's transformer layers (kohya "Transformer2DModel"), its attention (kohya
 # "CrossAttention") and its convolution blocks (kohya ResnetBlock2D / Downsample2D / Upsample2D), in ComfyUI LDM,
@@ -227,13 +228,7 @@ class TrainedLayer:
 
     def generators(self) -> list[torch.Tensor]:
         """The live skew generators Q = U − Uᵀ per split (with gradients)."""
-        out = []
-        for p, b in zip(self.params, self.layer.block_sizes):
-            rows, cols = torch.triu_indices(b, b, 1, device=p.device)
-            u = p.new_zeros(p.shape[0], b, b)
-            u = u.index_put((torch.arange(p.shape[0], device=p.device)[:, None], rows, cols), p)
-            out.append(skew(u))
-        return out
+        return [skew(unpack_upper(p, b)) for p, b in zip(self.params, self.layer.block_sizes)]
 
 
 def _default_weight_fn(module: nn.Module, x: torch.Tensor):
@@ -436,7 +431,7 @@ class OFTTrainer:
 
     def to_adapter(self, metadata: dict | None = None, names: Mapping[str, str | tuple[str, ...]] | None = None, *,
                    prefix: str = KOHYA_PREFIX, fmt: str | None = None) -> OFTAdapter:
-        """The trained adapter as an `OFTAdapter` in kohya convention (writable with `writers.write_adapter(...,
+        """The trained adapter as an `OFTAdapter` in kohya convention (writable with `formats.write_adapter(...,
         "kohya")`: `networks.oft_flux` when any layer has splits, else `networks.oft`).
 
         `names` renames layers on export: trained module path -> module path in the file (`oft_unet_` + it with

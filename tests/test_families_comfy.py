@@ -159,7 +159,7 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
     that file loaded back through OFTLoader patches exactly what the node's output model patches."""
     from comfyui_oft.nodes import files, oft_nodes
     from comfyui_oft.oft_core import OFTError, load_adapter
-    from comfyui_oft.oft_core.writers import write_adapter
+    from comfyui_oft.oft_core.formats import write_adapter
 
     model = comfy_models.dit_tiny(family)
     before = {k: v.clone() for k, v in model.model.state_dict().items()}

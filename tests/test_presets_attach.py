@@ -108,9 +108,9 @@ def test_exported_presets_say_which_tool_layers_it_ignores(comfy, tmp_path, caps
     the tools tier shows sd-scripts doing exactly that."""
     from oft_core import load_adapter
     from oft_core.cli import main as cli
+    from oft_core.formats import write_adapter
     from oft_core.summary import tool_notes
     from oft_core.train import export_names
-    from oft_core.writers import write_adapter
 
     flux = comfy_models.flux_tiny().model.diffusion_model
     path = write_adapter(OFTTrainer(select_targets(flux, "attention+single"), num_blocks=4).to_adapter(),

@@ -26,10 +26,10 @@ from safetensors.torch import load_file, save_file
 from oft_core import load_adapter
 from oft_core.bake import bake
 from oft_core.cli import main as cli
+from oft_core.formats import write_adapter, write_lycoris
 from oft_core.names import ldm_to_diffusers
 from oft_core.summary import tool_notes
 from oft_core.train import PRESETS, OFTTrainer, export_names, run_training, select_targets
-from oft_core.writers import write_adapter, write_lycoris
 
 pytestmark = [pytest.mark.tools, pytest.mark.comfyui]
 

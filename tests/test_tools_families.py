@@ -221,7 +221,7 @@ def test_trained_family_adapter_loads_in_lycoris_and_merges_the_same(comfyui_oft
     merged at multipliers 1.0 and 0.5: equal to the pack's patch at strengths 1.0 and 0.5."""
     import comfy.model_management
     from comfyui_oft.nodes import patch, train_node
-    from comfyui_oft.oft_core.writers import write_adapter
+    from comfyui_oft.oft_core.formats import write_adapter
     from test_families_comfy import training_data
 
     base = load_file(reference(family, "lycoris") / "base.safetensors")

@@ -18,6 +18,7 @@ from torch import nn
 
 from oft_core import OFTError, load_adapter, rotate_weight
 from oft_core.demo import ToyModel
+from oft_core.formats import write_adapter
 from oft_core.rotation import constrain
 from oft_core.train import (
     OFTTrainer,
@@ -30,7 +31,6 @@ from oft_core.train import (
     split_sizes,
     training_metadata,
 )
-from oft_core.writers import write_adapter
 
 REL = 1e-5
 

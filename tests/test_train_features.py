@@ -90,8 +90,8 @@ def test_run_training_sets_the_scheduled_lr_every_step():
 def test_load_adapter_starts_exactly_from_a_written_file_and_names_the_first_mismatch(tmp_path):
     from oft_core import load_adapter
     from oft_core.demo import ToyModel
+    from oft_core.formats import write_adapter
     from oft_core.train import OFTTrainer, select_targets
-    from oft_core.writers import write_adapter
 
     model = ToyModel(dim=16).requires_grad_(False)
     targets = select_targets(model, "attention", "generic")
@@ -200,7 +200,7 @@ def test_lr_schedule_and_warmup_are_applied_and_saved(comfy, tn, monkeypatch):
 
 def test_resume_continues_the_adapter_and_carries_its_steps(comfy, tn, tmp_path):
     from comfyui_oft.oft_core import load_adapter
-    from comfyui_oft.oft_core.writers import write_adapter
+    from comfyui_oft.oft_core.formats import write_adapter
 
     mp = comfy_models.sd15_tiny()
     latents, positive = sd_data()

@@ -165,7 +165,7 @@ def test_sd_training_lowers_the_loss_keeps_base_weights_and_reloads_from_kohya(c
     from comfyui_oft.nodes import files
     from comfyui_oft.nodes.oft_nodes import OFTLoader
     from comfyui_oft.oft_core import load_adapter
-    from comfyui_oft.oft_core.writers import write_adapter
+    from comfyui_oft.oft_core.formats import write_adapter
     from safetensors import safe_open
 
     mp = comfy_models.sd15_tiny()

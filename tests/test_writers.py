@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from oft_core import Constraint, OFTAdapter, OFTError, load_adapter, make_layer, resolve_for_weight, rotate_weight
 from oft_core.cli import main as cli
+from oft_core.formats import write_adapter, write_kohya, write_peft
 from oft_core.rotation import skew
-from oft_core.writers import write_adapter, write_kohya, write_peft
 
 LYCORIS_LAYOUT = "LyCORIS diag-oft derives a layer's layout from the stored block size"
 # case -> {target: expected reader format after the round trip, or the reason the write must be refused}

@@ -1,4 +1,13 @@
 """Adapter file formats: a list of readers, each saying "mine" or "not mine"; the first that claims a file reads it.
+Each format's module owns its key grammar, its reader and its writer; writing is a lookup by format family
+(`write_adapter(adapter, out, to=...)`), and each writer refuses, naming the layers and why, whatever the target
+cannot hold exactly: nothing is approximated. What each format can hold:
+
+| target  | rotated side | blocks                                | parameterization       | constraint kept as       |
+|---------|--------------|---------------------------------------|------------------------|--------------------------|
+| kohya   | out          | diag, splits (FLUX)                   | Cayley                 | one `.alpha` per file    |
+| lycoris | out          | diag (one split, b ≤ blocks), BOFT, R | Cayley                 | per-layer `.alpha` (0 off)|
+| peft    | in           | diag (one split), block_share         | Cayley / Cayley–Neumann| COFT eps (global)        |
 
 All key conventions in one table (details and quirks in each reader's docstring):
 
@@ -19,14 +28,20 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 
+from ..choices import FORMATS
 from ..errors import OFTError, bulk
+from ..publish import check_output
 from ..safetensors_io import DTYPES, Header, TensorFile, load_tensors, read_header
 from ..spec import OFTAdapter
-from . import kohya, lycoris, peft
+from . import _write, kohya, lycoris, peft
+from .kohya import KOHYA_REFUSED
+
+__all__ = ["FORMATS", "KOHYA_REFUSED", "READERS", "WRITERS", "format_family", "load_adapter", "open_streamed",
+           "write_adapter", "write_kohya", "write_lycoris", "write_peft"]
 
 
 class Reader(NamedTuple):
@@ -34,13 +49,38 @@ class Reader(NamedTuple):
     claims: Callable  # (header, config) -> bool
     read: Callable  # (header, tensors, config) -> OFTAdapter
     key: re.Pattern  # the reader's key grammar; group 1 is the layer's key (OFTLayer.key)
+    write: Callable  # (adapter, out, *, overwrite, metadata, inputs, **format options) -> the output path
 
 
 READERS: list[Reader] = [
-    Reader("kohya", kohya.claims, kohya.read, kohya.KEY),
-    Reader("lycoris", lycoris.claims, lycoris.read, lycoris.KEY),
-    Reader("peft", peft.claims, peft.read, peft.KEY),
+    Reader("kohya", kohya.claims, kohya.read, kohya.KEY, kohya.write),
+    Reader("lycoris", lycoris.claims, lycoris.read, lycoris.KEY, lycoris.write),
+    Reader("peft", peft.claims, peft.read, peft.KEY, peft.write),
 ]
+WRITERS: dict[str, Callable] = {reader.name: reader.write for reader in READERS}
+assert tuple(WRITERS) == FORMATS, "choices.FORMATS names the formats the readers above read and write"
+write_kohya, write_lycoris, write_peft = kohya.write, lycoris.write, peft.write
+
+
+def format_family(fmt: str) -> str:
+    """The writer family of a reader format id ("kohya_flux" -> "kohya", "lycoris_boft" -> "lycoris", ...)."""
+    for family in FORMATS:
+        if fmt.startswith(family):
+            return family
+    raise OFTError(f"unknown adapter format {fmt!r}: expected one of {', '.join(FORMATS)}")
+
+
+def write_adapter(adapter: OFTAdapter, out, to: str, *, overwrite: bool = False,
+                  metadata: Mapping[str, str] | None = None, **options) -> str:
+    """Write `adapter` as `to` ("kohya" | "lycoris" | "peft"); options go to that writer (`inputs`: files the output
+    must never replace, besides the adapter's own file). Returns the output path."""
+    if to not in WRITERS:
+        raise OFTError(f"output format: expected one of {', '.join(FORMATS)}, found {to!r}")
+    # the output rules first (never over an input, never over an existing output without overwrite): a refusal
+    # about the path comes before any work on the layers
+    check_output(out, _write.inputs_of(adapter, options.get("inputs", ())), overwrite=overwrite,
+                 kind="dir" if to == "peft" else "file")
+    return WRITERS[to](adapter, out, overwrite=overwrite, metadata=metadata, **options)
 
 
 def _open(path: str | os.PathLike) -> tuple[Reader, Header, dict | None]:

@@ -1,24 +1,42 @@
-"""kohya sd-scripts `networks.oft` (SD1.x/2.x/SDXL) and `networks.oft_flux` (FLUX.1).
+"""kohya sd-scripts `networks.oft` (SD1.x/2.x/SDXL) and `networks.oft_flux` (FLUX.1): reading and writing.
 
 Keys: `oft_unet_<module path, "." -> "_">.oft_blocks` (num_blocks, b, b) and `.alpha` (scalar constraint);
 FLUX fused layers store one tensor per split, `.oft_blocks.<i>` (a single-split FLUX layer has `.oft_blocks.0`).
 Module paths are diffusers names for SD1/2, LDM names for SDXL, BFL names for FLUX. sd-scripts' `dim` is the number
 of blocks. Split sizes are read from the tensors (split_i = blocks_i.shape[0] × blocks_i.shape[1]): sd-scripts
 hard-codes FLUX.1 widths, which would be wrong for any other width.
+
+Writing: the file holds output-side, exact-Cayley, diagonal-block layers of the UNet / transformer with one `.alpha`
+for the whole file (sd-scripts builds every module with the first `.alpha` it reads). kohya has no "no constraint":
+an unconstrained layer gets an alpha so large that the clamp never bites (checked, `_fits`); a constraint it cannot
+express (PEFT COFT) is applied to Q and the layer written unclamped. Refused: input-side rotation, Cayley–Neumann,
+block_share, BOFT, stored R (`oft_diag`), per-row rescale, text-encoder layers (sd-scripts adapts the UNet only),
+splits without `flux`, FLUX splits of different block counts.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+from collections import Counter
+from typing import Iterable, Mapping
 
 import torch
 
 from ..errors import OFTError
-from ..rotation import skew
+from ..rotation import constrain, skew
 from ..safetensors_io import Header
-from ..spec import Constraint, OFTAdapter, make_layer
+from ..spec import Constraint, Generators, OFTAdapter, OFTLayer, finite_each, make_layer
+from . import _write as w
+
+log = logging.getLogger(__name__)
 
 PREFIX = "oft_unet_"
+_BATCH_ELEMENTS = 1 << 22
+# adapter.info key: why no kohya file can hold this adapter (set by the trainer for families sd-scripts has no OFT
+# network for); `write` refuses with it.
+KOHYA_REFUSED = "kohya_refused"
 KEY = re.compile(r"^(oft_unet_.+?)\.(oft_blocks(?:\.(\d+))?|alpha)$")
 
 
@@ -26,8 +44,8 @@ def claims(header: Header, config) -> bool:
     return any(k.startswith(PREFIX) and ".oft_blocks" in k for k in header.tensors)
 
 
-def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
-    path = header.path
+def _group(tensors: dict[str, torch.Tensor], path: str) -> tuple[dict[str, dict], list[str]]:
+    """({layer key: {"splits": {index (-1: unnumbered): tensor}, "alpha": tensor | None}}, keys of no layer)."""
     modules: dict[str, dict] = {}
     ignored = []
     for key, t in tensors.items():
@@ -43,37 +61,79 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
             mod["alpha"] = t
         else:
             mod["splits"][-1 if m.group(3) is None else int(m.group(3))] = t
+    return modules, ignored
 
+
+def _batched_values(modules: dict[str, dict]) -> tuple[dict[int, float], dict[int, torch.Tensor], dict[int, bool]]:
+    """What the per-layer checks need of the tensors' values, computed for all layers at once (keyed by id() of the
+    stored tensor): each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in fp32, and whether
+    that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed tensors are left
+    out, for the per-layer checks to refuse in file order."""
+    alphas = [m["alpha"] for m in modules.values() if m["alpha"] is not None and m["alpha"].numel() == 1]
+    alpha_of = {}
+    for dtype in {a.dtype for a in alphas}:
+        same = [a for a in alphas if a.dtype == dtype]
+        values = torch.stack([a.reshape(()) for a in same]).float().tolist()  # exact: bf16 0.00099945... stays
+        alpha_of.update(zip(map(id, same), values))
+    blocks = [a for m in modules.values() for a in m["splits"].values() if a.ndim == 3 and a.shape[1] == a.shape[2]]
+    q_of, finite = {}, {}
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for a in blocks:
+        groups.setdefault((tuple(a.shape), a.dtype, a.device), []).append(a)
+    for (shape, _, _), same in groups.items():
+        step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))  # bounds the transient stacked copy
+        for start in range(0, len(same), step):
+            chunk = same[start:start + step]
+            q = skew(torch.stack(chunk).to(torch.float32))
+            q_of.update(zip(map(id, chunk), q.unbind(0)))
+            finite.update(zip(map(id, chunk), finite_each(q)))
+    return alpha_of, q_of, finite
+
+
+def _split_order(key: str, splits: dict, path: str) -> list[int]:
+    """The layer's split indices: [-1] (`.oft_blocks`) or 0..n−1 (`.oft_blocks.<i>`), never both."""
+    if not splits:
+        raise OFTError("has .alpha but no .oft_blocks", path=path, layer=key)
+    if -1 in splits and len(splits) > 1:
+        raise OFTError("mixes .oft_blocks with numbered .oft_blocks.<i> splits", path=path, layer=key)
+    order = sorted(splits)
+    if order != [-1] and order != list(range(len(order))):
+        raise OFTError(f"split indices must be 0..{len(order) - 1}, found {order}", path=path, layer=key)
+    return order
+
+
+def _alpha(key: str, alpha: torch.Tensor | None, file_alpha: float | None, alpha_of: dict, path: str) -> float:
+    """The layer's `.alpha` (exactly the stored value), else the file's ss_network_alpha; refused when neither."""
+    if alpha is None:
+        if file_alpha is None:
+            raise OFTError("no .alpha tensor and no ss_network_alpha metadata: the constraint is unknown",
+                           path=path, layer=key)
+        return file_alpha
+    if alpha.numel() != 1:
+        raise OFTError(f".alpha must be a scalar, found shape {tuple(alpha.shape)}", path=path, layer=key)
+    return alpha_of[id(alpha)]
+
+
+def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
+    """The adapter of a kohya file. Per layer, in key order: its splits, its alpha, its block shapes, then
+    `make_layer` (tests/test_bad_input.py pins each refusal); tensor values are computed for all layers at once."""
+    path = header.path
+    modules, ignored = _group(tensors, path)
+    alpha_of, q_of, finite = _batched_values(modules)
     file_alpha = _metadata_alpha(header)
     flux = header.metadata.get("ss_network_module") == "networks.oft_flux"
     layers = {}
     for key, mod in sorted(modules.items()):
         splits = mod["splits"]
-        if not splits:
-            raise OFTError("has .alpha but no .oft_blocks", path=path, layer=key)
-        if -1 in splits and len(splits) > 1:
-            raise OFTError("mixes .oft_blocks with numbered .oft_blocks.<i> splits", path=path, layer=key)
-        order = sorted(splits)
-        if order != [-1] and order != list(range(len(order))):
-            raise OFTError(f"split indices must be 0..{len(order) - 1}, found {order}", path=path, layer=key)
+        order = _split_order(key, splits, path)
         flux = flux or order != [-1]
-        alpha = mod["alpha"]
-        if alpha is None:
-            if file_alpha is None:
-                raise OFTError("no .alpha tensor and no ss_network_alpha metadata: the constraint is unknown",
-                               path=path, layer=key)
-            alpha_v = file_alpha
-        else:
-            if alpha.numel() != 1:
-                raise OFTError(f".alpha must be a scalar, found shape {tuple(alpha.shape)}", path=path, layer=key)
-            alpha_v = float(alpha.float().item())  # exactly the stored value (bf16 files store 0.00099945...)
-        gens = []
+        alpha_v = _alpha(key, mod["alpha"], file_alpha, alpha_of, path)
         for i in order:
             a = splits[i]
             if a.ndim != 3 or a.shape[1] != a.shape[2]:
                 raise OFTError(f".oft_blocks{'' if i < 0 else f'.{i}'}: expected (num_blocks, b, b), "
                                f"found {tuple(a.shape)}", path=path, layer=key)
-            gens.append(skew(a.to(torch.float32)))
+        gens = Generators([q_of[id(splits[i])] for i in order], [finite[id(splits[i])] for i in order])
         layers[("unet", key[len(PREFIX):])] = make_layer(
             path=path,
             name=key[len(PREFIX):],
@@ -97,3 +157,125 @@ def _metadata_alpha(header: Header) -> float | None:
         return None if v in (None, "None", "") else float(v)
     except ValueError:
         return None
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _why_not(layer: OFTLayer, flux: bool) -> str | None:
+    """Why this layer has no exact kohya form (the first reason), or None."""
+    why = w.side_out_problem(layer, "kohya")
+    if why:
+        return why
+    if layer.component != "unet":
+        return "is a text-encoder layer; sd-scripts' OFT networks adapt the UNet / transformer only"
+    if layer.kind == "butterfly":
+        return "is BOFT (butterfly stages): its rotation is not one block-diagonal matrix"
+    if layer.parameterization == "matrix":
+        return "stores the rotation R itself (LyCORIS oft_diag): it has no exact Cayley generator in fp32"
+    if not w.identity_scale(layer):
+        return "has a per-row rescale, which kohya OFT cannot store"
+    if len(layer.generators) > 1 and not flux:
+        return "has several splits, which only networks.oft_flux stores (pass flux=True)"
+    if flux and len(set(layer.num_blocks)) != 1:
+        return f"has split block counts {layer.num_blocks}; oft_flux uses one block count for every split"
+    return None
+
+
+def _fits(layer: OFTLayer, gens: list[torch.Tensor], alpha: float) -> bool:
+    """True when kohya's clamp at `alpha` leaves every split of `gens` bit-identical (never bites)."""
+    probe = layer.with_(constraint=Constraint("norm_clamp", alpha))
+    for i, q in enumerate(gens):
+        # the strict margin keeps sd-scripts' own float rounding of the same comparison on the safe side too
+        if float(torch.norm(q.flatten())) * (1 + 1e-6) > alpha * layer.split_sizes[i]:
+            return False
+        if not torch.equal(constrain(probe, q, i), q):
+            return False
+    return True
+
+
+def _kohya_alpha(layers: dict[str, OFTLayer], gens: dict[str, list[torch.Tensor]]) -> tuple[float, dict]:
+    """One alpha for the whole file (sd-scripts builds every module with the first `.alpha` it reads).
+
+    Keeps the layers' own alpha when they share one and every unconstrained layer fits under it; otherwise applies
+    every clamp to its Q (exact) and picks a power of two at least twice the largest ‖Q‖/split ratio, so the clamp
+    never bites for any layer — which is how an unconstrained layer is written in a format that always clamps.
+    """
+    values = {layer.constraint.value for layer in layers.values() if layer.constraint.kind == "norm_clamp"}
+    if len(values) == 1:
+        (v,) = values
+        if v > 0 and all(layer.constraint.kind == "norm_clamp" or _fits(layer, gens[k], v)
+                         for k, layer in layers.items()):
+            return v, gens
+    baked = {}
+    ratio = 0.0
+    for k, layer in layers.items():
+        g = gens[k]
+        if layer.constraint.kind == "norm_clamp":
+            g = [constrain(layer, q, i) for i, q in enumerate(g)]
+        baked[k] = g
+        for i, q in enumerate(g):
+            ratio = max(ratio, float(torch.norm(q.flatten())) / layer.split_sizes[i])
+    alpha = 1e-3 if ratio == 0 else 2.0 ** math.ceil(math.log2(2 * ratio))
+    for k, layer in layers.items():
+        if not _fits(layer, baked[k], alpha):  # cannot happen with the factor 2; checked, never assumed
+            raise OFTError(f"internal: alpha {alpha} would clamp layer {layer.key!r}")
+    return alpha, baked
+
+
+def _looks_flux(adapter: OFTAdapter) -> bool:
+    if adapter.format == "kohya_flux" or any(len(layer.generators) > 1 for layer in adapter):
+        return True
+    return any(layer.name.startswith(("double_blocks", "single_blocks")) for layer in adapter)
+
+
+def _generators(named: dict[str, OFTLayer]) -> tuple[float, dict[str, list[torch.Tensor]]]:
+    """(the file's alpha, per key the generators to store, applied as Rᵀ) for layers `_why_not` accepted."""
+    gens = {}
+    for key, layer in named.items():
+        g = list(layer.generators)
+        if layer.constraint.kind == "block_projection":  # PEFT COFT (legacy 0.13): applied here, written unclamped
+            g = w.constrained(layer)
+        gens[key] = w.with_transpose(g, layer.transpose, True)
+    work = {k: (layer if layer.constraint.kind == "norm_clamp" else layer.with_(constraint=Constraint()))
+            for k, layer in named.items()}
+    alpha, gens = _kohya_alpha(work, gens)
+    if float(torch.tensor(alpha, dtype=torch.float32)) != alpha:  # a file's alpha is fp32-exact; ours a power of 2
+        raise OFTError(f"internal: alpha {alpha!r} is not exact in fp32")
+    return alpha, gens
+
+
+def _metadata(adapter: OFTAdapter, named: dict[str, OFTLayer], alpha: float, flux: bool) -> dict[str, str]:
+    dims = Counter(n for layer in named.values() for n in layer.num_blocks)
+    if len(dims) > 1:
+        log.warning("layers have different block counts %s: readers that take one network dim for the whole file "
+                    "(sd-scripts' create_network_from_weights) cannot load it; ComfyUI-OFT reads each layer's shape",
+                    dict(dims))
+    meta = w.base_metadata(adapter, "kohya")
+    meta["ss_network_module"] = "networks.oft_flux" if flux else "networks.oft"
+    meta["ss_network_dim"] = str(dims.most_common(1)[0][0])  # sd-scripts' dim = number of blocks
+    meta["ss_network_alpha"] = repr(alpha)
+    if flux:
+        meta.setdefault("ss_base_model_version", "flux1")
+        meta.setdefault("modelspec.architecture", "flux-1-dev/lora")
+    return meta
+
+
+def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
+          flux: bool | None = None, inputs: Iterable = ()) -> str:
+    """Write sd-scripts `networks.oft` (or `networks.oft_flux` when `flux`; default: guessed from the adapter)."""
+    refused = adapter.info.get(KOHYA_REFUSED)
+    if refused:  # e.g. trained on a family sd-scripts has no OFT network for (SD3, Wan, Qwen-Image, ...)
+        raise OFTError(f"cannot be written as kohya: {refused}", path=adapter.path or None)
+    flux = _looks_flux(adapter) if flux is None else flux
+    w.check_all(adapter, "kohya", lambda layer: _why_not(layer, flux))
+    named = w.underscored_unique(adapter, lambda layer: PREFIX)
+    alpha, gens = _generators(named)
+    alpha32 = torch.tensor(alpha, dtype=torch.float32)
+    tensors = {}
+    for key, g in gens.items():
+        for i, q in enumerate(g):
+            tensors[f"{key}.oft_blocks.{i}" if flux else f"{key}.oft_blocks"] = w.upper(q)
+        tensors[f"{key}.alpha"] = alpha32.clone()
+    meta = w.finish_metadata(_metadata(adapter, named, alpha, flux), metadata)
+    return w.atomic_file(out, overwrite, tensors, meta, adapter, inputs)

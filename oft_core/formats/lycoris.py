@@ -1,4 +1,4 @@
-"""LyCORIS diag-oft and BOFT (and the old `oft_diag` key of LyCORIS 2.0).
+"""LyCORIS diag-oft and BOFT (and the old `oft_diag` key of LyCORIS 2.0): reading and writing.
 
 Keys: `<prefix><module path, "." -> "_">.oft_blocks` — 3-D (num_blocks, b, b) for diag-oft, 4-D
 (stages, num_blocks, b, b) for BOFT —, `.alpha` (the constraint; 0 = none; the bound is alpha × out_dim over all
@@ -8,25 +8,36 @@ Prefixes: `lycoris_` (LyCORIS' own wrapper), `lora_unet_` / `lora_te_` / `lora_t
 LyCORIS 2.0 saved `.oft_diag`: the rotation R itself (already through Cayley), applied the same way as diag-oft.
 Diag-oft applies Rᵀ per block (einsum "k n m, k n ... -> k m ..."); BOFT applies R (einsum "b i j, b j ... -> b i ...")
 between butterfly permutations.
+
+Writing (as `lycoris.kohya` saves): output-side exact-Cayley layers, one block size per layer (equal-size splits
+concatenated), per-layer `.alpha` (0: off), `.rescale`, BOFT and `oft_diag` layers as they are. Refused: input-side
+rotation, Cayley–Neumann, block_share, BOFT applied transposed, splits of different block sizes, and diag-oft layouts
+with more rows per block than blocks (LyCORIS rebuilds the layout from the block size, see `layout_problem`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from collections import Counter
+from typing import Iterable, Mapping
 
 import torch
 
 from ..errors import OFTError
 from ..rotation import skew
 from ..safetensors_io import Header
-from ..spec import Constraint, OFTAdapter, make_layer
+from ..spec import Constraint, OFTAdapter, OFTLayer, make_layer
+from . import _write as w
 from ._keys import group_by_layer
 
 PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_transformer_": "unet", "lora_te1_": "te1",
             "lora_te2_": "te2", "lora_te_": "te"}
-KEY = re.compile(r"^((?:lycoris_|lora_unet_|lora_transformer_|lora_te1_|lora_te2_|lora_te_).+?)"
-                 r"\.(oft_blocks|oft_diag|alpha|rescale)$")
+KEY = re.compile(r"^((?:" + "|".join(map(re.escape, PREFIXES)) + r").+?)\.(oft_blocks|oft_diag|alpha|rescale)$")
+# What the writer puts before a text encoder's layer names (the UNet's: `lycoris_` or `lora_unet_`, see `write`).
+WRITE_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
+UNET_WRITE_PREFIXES = ("lycoris_", "lora_unet_")
 
 
 def claims(header: Header, config) -> bool:
@@ -97,3 +108,118 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
     if ignored:
         info["ignored_keys"] = ignored
     return OFTAdapter(layers, fmt, path, dict(header.metadata), info)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _layout(out_dim: int, block_size: int) -> tuple[int, int]:
+    """(block size, block count) that LyCORIS 4.1.3 diag-oft builds for a layer whose file stores blocks of
+    `block_size`: `DiagOFTModule.make_module_from_state_dict` passes the stored size as `lora_dim`, and
+    `factorization(out_dim, lora_dim)` returns the smaller of (lora_dim, out_dim / lora_dim) as the block size."""
+    if out_dim % block_size:
+        raise ValueError(f"block size {block_size} does not divide {out_dim}")
+    return min(block_size, out_dim // block_size), max(block_size, out_dim // block_size)
+
+
+def layout_problem(layer: OFTLayer) -> str | None:
+    """Why LyCORIS diag-oft cannot load this layer's block layout (all splits as one block-diagonal), or None.
+
+    LyCORIS rebuilds the layout from the stored block size b alone, and always gets a block size ≤ the block count:
+    a layer of n blocks of b with b > n (kohya's 8 blocks of 40 on 320, 4 of 32 on 128) comes back as b blocks of n,
+    and loading it fails (`size of tensor a (n) must match ... b (b)`). No exact rewrite exists: a rotation with
+    blocks of b is not block-diagonal at any smaller size.
+    """
+    b, out = layer.block_sizes[0], sum(layer.split_sizes)
+    n = out // b
+    size, count = _layout(out, b)
+    if size == b:
+        return None
+    fits = [k for k in range(1, out + 1) if out % k == 0 and out // k <= k]  # block counts LyCORIS can hold
+    return (f"has {n} blocks of {b} on {out} outputs; LyCORIS diag-oft derives a layer's layout from the stored "
+            f"block size alone, factorization({out}, {b}) = {count} blocks of {size}, so it only holds a block size "
+            f"≤ the block count and would fail to load this layer. Keep this adapter as kohya or PEFT, or train "
+            f"with ≥ {fits[0]} blocks (block size ≤ {out // fits[0]}) for LyCORIS")
+
+
+def _why_not(layer: OFTLayer) -> str | None:
+    """Why this layer has no exact LyCORIS form (the first reason), or None."""
+    why = w.side_out_problem(layer, "LyCORIS")
+    if why:
+        return why
+    if layer.kind == "butterfly" and layer.transpose:
+        return "is BOFT applied transposed: transposing each stage does not transpose the product"
+    if len(layer.generators) > 1 and w.merge_splits(list(layer.generators)) is None:
+        return f"has splits with different block sizes {layer.block_sizes}; LyCORIS stores one block size"
+    if layer.parameterization == "matrix" and len(layer.generators) > 1:
+        return "stores several rotation matrices per split"
+    if layer.kind != "butterfly" and layer.parameterization != "matrix":
+        return layout_problem(layer)
+    return None
+
+
+def _unet_prefix(adapter: OFTAdapter, unet_prefix: str | None) -> str:
+    """The given prefix, checked; default "lycoris_" when the source used it and has no text-encoder layers."""
+    if unet_prefix is None:
+        own = adapter.format.startswith("lycoris") and all(
+            layer.key.startswith("lycoris_") for layer in adapter if layer.component == "unet")
+        unet_prefix = "lycoris_" if own and all(layer.component == "unet" for layer in adapter) else "lora_unet_"
+    if unet_prefix not in UNET_WRITE_PREFIXES:
+        raise OFTError(f"LyCORIS UNet prefix: expected 'lycoris_' or 'lora_unet_', found {unet_prefix!r}")
+    return unet_prefix
+
+
+def _algorithm(adapter: OFTAdapter) -> str:
+    """"boft" or "diag-oft": a LyCORIS file has one algorithm (ss_network_args algo)."""
+    kinds = {"boft" if layer.kind == "butterfly" else "diag-oft" for layer in adapter}
+    if len(kinds) > 1:
+        raise OFTError("mixes BOFT and diag-oft layers; a LyCORIS file has one algorithm (ss_network_args algo)",
+                       path=adapter.path or None)
+    return kinds.pop() if kinds else "diag-oft"
+
+
+def _layer_tensors(key: str, layer: OFTLayer) -> tuple[dict[str, torch.Tensor], float]:
+    """The file's tensors of one layer and the alpha written (0: no constraint; a stored R has none)."""
+    tensors = {}
+    if layer.parameterization == "matrix":
+        r = layer.generators[0] if layer.transpose else layer.generators[0].transpose(-1, -2)
+        tensors[f"{key}.oft_diag"] = r.contiguous()
+        alpha = 0.0
+    else:
+        keep = layer.constraint.kind == "norm_clamp" and len(layer.generators) == 1 and layer.constraint.value > 0
+        gens = list(layer.generators) if keep else w.constrained(layer)
+        q = gens[0] if layer.kind == "butterfly" else w.merge_splits(w.with_transpose(gens, layer.transpose, True))
+        tensors[f"{key}.oft_blocks"] = w.upper(q)
+        alpha = layer.constraint.value if keep else 0.0  # LyCORIS: alpha 0 = no constraint
+        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    if not w.identity_scale(layer):
+        tensors[f"{key}.rescale"] = layer.row_scale.reshape(-1, 1).contiguous()
+    return tensors, alpha
+
+
+def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
+          unet_prefix: str | None = None, inputs: Iterable = ()) -> str:
+    """Write LyCORIS diag-oft (or BOFT / oft_diag layers as they are), as `lycoris.kohya` saves them.
+
+    `unet_prefix`: "lycoris_" (LyCORIS' own wrapper) or "lora_unet_" (kohya-style names, what `lycoris.kohya` writes
+    and ComfyUI maps); default: keep "lycoris_" when the source used it and has no text-encoder layers.
+    """
+    unet_prefix = _unet_prefix(adapter, unet_prefix)
+    w.check_all(adapter, "LyCORIS", _why_not)
+    algo = _algorithm(adapter)
+    named = w.underscored_unique(
+        adapter, lambda layer: unet_prefix if layer.component == "unet" else WRITE_PREFIXES[layer.component])
+    tensors, alphas = {}, set()
+    for key, layer in named.items():
+        own, alpha = _layer_tensors(key, layer)
+        tensors.update(own)
+        alphas.add(alpha)
+    any_rescale = any(not w.identity_scale(layer) for layer in named.values())
+    dims = Counter(layer.block_sizes[0] for layer in named.values())
+    meta = w.base_metadata(adapter, "lycoris")
+    meta["ss_network_module"] = "lycoris.kohya"
+    meta["ss_network_dim"] = str(dims.most_common(1)[0][0]) if dims else "0"  # LyCORIS' dim = block size
+    constraint = repr(alphas.pop()) if len(alphas) == 1 else "per-layer"  # each layer's .alpha is what counts
+    meta["ss_network_alpha"] = constraint
+    meta["ss_network_args"] = json.dumps({"algo": algo, "constraint": constraint, "rescaled": str(any_rescale)})
+    return w.atomic_file(out, overwrite, tensors, w.finish_metadata(meta, metadata), adapter, inputs)

@@ -1,4 +1,4 @@
-"""PEFT OFT: the current packed format (≥ 0.16) and the two legacy formats.
+"""PEFT OFT: the current packed format (≥ 0.16) and the two legacy formats: reading; writing the current one.
 
 Current (`<prefix><module path>.oft_R.weight`, (blocks, b(b−1)/2)): the strictly upper triangle of each block in
 `torch.triu_indices(b, b, 1)` order, Q = U − Uᵀ; input features rotated, W' = W·blockdiag(R)ᵀ. `adapter_config.json`
@@ -10,6 +10,13 @@ series is used. COFT (`coft`, `eps`) projects each block to ‖Q_i‖_F ≤ eps/
 Legacy ≤ 0.13 (`.oft_r` (r, b, b) only): output features rotated, W' = Rᵀ·W with R = (I − S)(I + S)⁻¹,
 S = ½(A − Aᵀ). Legacy 0.14–0.15 (`.oft_r` + `.oft_s` (out, 1)): input features rotated, W' = (W·Rᵀ) ⊙ s. Current PEFT
 refuses the first and silently loads the second as identity; both are read here as those versions computed them.
+
+Writing (a PEFT ≥ 0.16 adapter directory, `PEFT_VERSION`'s layout): input-side diagonal-block UNet layers, one block
+size per layer (equal-size splits concatenated); parameterization, block_share and COFT eps are global in the config
+(a COFT that differs between layers, or that concatenated splits would change, is applied to Q and written off).
+Refused: output-side rotation (W·M ≠ M·W), text-encoder layers, BOFT, stored R, per-row scales (`oft_s`), splits of
+different block sizes, and underscored names unless the base model's module names are given (`module_names`: the
+"." → "_" substitution cannot be reversed by string rules).
 """
 
 from __future__ import annotations
@@ -18,16 +25,22 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, NamedTuple
 
 import torch
 
 from ..errors import OFTError
 from ..safetensors_io import Header, parse_json
-from ..spec import Constraint, OFTAdapter, make_layer, neumann_coefficients
+from ..spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coefficients
+from . import _write as w
 from ._keys import group_by_layer
+from ._triangle import block_size_of, pack_upper, unpack_upper
 
 CONFIG_NAME = "adapter_config.json"
 MODEL_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # what the writer puts before each module path
+PEFT_VERSION = "0.21.2"  # the PEFT whose file layout we write (packed oft_R, Neumann series with halved last term)
 KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_r|oft_s)$")
 # Outer prefixes PEFT / diffusers put before the module path, and the model part they name.
 _PREFIXES = (
@@ -132,11 +145,6 @@ def _split_name(key: str) -> tuple[str, str]:
     return "unet", key
 
 
-def _block_size(n_elements: int) -> int | None:
-    b = (1 + math.isqrt(1 + 8 * n_elements)) // 2
-    return b if b * (b - 1) // 2 == n_elements and b >= 2 else None
-
-
 def _version_tuple(v: str) -> tuple[int, ...]:
     nums = re.findall(r"\d+", v.partition("@")[0])[:3]
     return tuple(int(x) for x in nums)
@@ -149,13 +157,24 @@ def _project_legacy(a: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(norms <= bound, a, a * (bound / norms))
 
 
-def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
-    path = header.path
-    modules, ignored = group_by_layer(tensors, KEY)
-    packed = any("oft_R.weight" in parts for parts in modules.values())
-    legacy = any("oft_r" in parts for parts in modules.values())
-    if packed and legacy:
-        raise OFTError("mixes current (.oft_R.weight) and legacy (.oft_r) PEFT OFT keys", path=path)
+class _Settings(NamedTuple):
+    """What the whole file shares, from its config and its keys."""
+
+    path: str
+    cfg: dict
+    cfg_path: str
+    has_config: bool
+    block_share: bool
+    coft: bool
+    eps: float
+    neumann: bool
+    coeffs: tuple[float, ...]
+    fmt: str  # "peft", "peft_legacy_0.15" or "peft_legacy_0.13"
+
+
+def _config_settings(config: dict | None, path: str) -> tuple[dict, str, bool, bool, float]:
+    """(cfg, its path, block_share, coft, eps): every config field PEFT's OFTConfig types, checked (fail_closed
+    tests pin each field's message)."""
     cfg = config or {}
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME)
     if config is not None and str(cfg.get("peft_type", "OFT")).upper() not in ("OFT",):
@@ -166,75 +185,270 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
     for name in ("r", "oft_block_size"):
         _config_value(cfg, name, 0, "count", cfg_path)
     _config_value(cfg, "peft_version", None, "text", cfg_path)
+    return cfg, cfg_path, block_share, coft, eps
 
-    if packed:
-        if config is None:
-            raise OFTError(
-                f"a PEFT OFT file needs its {CONFIG_NAME} beside it: exact Cayley and Cayley–Neumann give inverse "
-                "rotations for the same numbers, and only the config says which was trained",
-                path=path,
-            )
-        neumann = _config_value(cfg, "use_cayley_neumann", True, "bool", cfg_path)  # PEFT ≥ 0.16 default
-        terms = _config_value(cfg, "num_cayley_neumann_terms", 5, "terms", cfg_path)
-        version = cfg.get("peft_version")
-        new_series = version is not None and _version_tuple(str(version)) >= (0, 18)
-        coeffs = neumann_coefficients(terms, last_term_halved=new_series) if neumann else ()
-        fmt = "peft"
-    else:
-        neumann, coeffs, version = False, (), cfg.get("peft_version")
+
+def _series(cfg: dict, config: dict | None, packed: bool, modules: dict, path: str,
+            cfg_path: str) -> tuple[bool, tuple[float, ...], str]:
+    """(use_cayley_neumann, series coefficients, format id). A packed file needs its config: exact Cayley and
+    Cayley–Neumann give inverse rotations for the same numbers; the series changed in PEFT 0.18."""
+    if not packed:
         fmt = "peft_legacy_0.15" if any("oft_s" in p for p in modules.values()) else "peft_legacy_0.13"
+        return False, (), fmt
+    if config is None:
+        raise OFTError(
+            f"a PEFT OFT file needs its {CONFIG_NAME} beside it: exact Cayley and Cayley–Neumann give inverse "
+            "rotations for the same numbers, and only the config says which was trained",
+            path=path,
+        )
+    neumann = _config_value(cfg, "use_cayley_neumann", True, "bool", cfg_path)  # PEFT ≥ 0.16 default
+    terms = _config_value(cfg, "num_cayley_neumann_terms", 5, "terms", cfg_path)
+    version = cfg.get("peft_version")
+    new_series = version is not None and _version_tuple(str(version)) >= (0, 18)
+    coeffs = neumann_coefficients(terms, last_term_halved=new_series) if neumann else ()
+    return neumann, coeffs, "peft"
 
+
+def _packed_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
+    """One `.oft_R.weight` layer: (blocks, b(b−1)/2) unpacked to Q = U − Uᵀ, checked against the config's layout."""
+    component, name = _split_name(key)
+    vec = parts.get("oft_R.weight")
+    if vec is None:
+        raise OFTError(f"has {sorted(parts)} but no .oft_R.weight", path=st.path, layer=key)
+    if vec.ndim != 2:
+        raise OFTError(f".oft_R.weight: expected (blocks, b(b−1)/2), found {tuple(vec.shape)}", path=st.path,
+                       layer=key)
+    b = block_size_of(int(vec.shape[1]))
+    if b is None:
+        raise OFTError(f".oft_R.weight: {vec.shape[1]} values per block is not b(b−1)/2 for any block "
+                       "size b ≥ 2", path=st.path, layer=key)
+    shared = st.block_share and vec.shape[0] == 1
+    _check_layout(st.cfg, int(vec.shape[0]), b, shared, st.cfg_path, key)
+    u = unpack_upper(vec.to(torch.float32), b)
+    return make_layer(
+        path=st.path, name=name, component=component, side="in", generators=[u - u.transpose(1, 2)],
+        transpose=st.neumann,  # the series approximates Cayley(Q), the transpose of PEFT's exact branch
+        parameterization="neumann" if st.neumann else "cayley", neumann_coeffs=st.coeffs,
+        constraint=Constraint("block_projection", st.eps) if st.coft else Constraint(),
+        source=st.fmt, key=key, block_share=shared,
+    )
+
+
+def _legacy_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
+    """One `.oft_r` (+ `.oft_s`) layer of PEFT ≤ 0.15: Q = ½(A − Aᵀ) after the legacy COFT projection of A."""
+    component, name = _split_name(key)
+    a = parts.get("oft_r")
+    if a is None:
+        raise OFTError(f"has {sorted(parts)} but no .oft_r", path=st.path, layer=key)
+    if a.ndim != 3 or a.shape[1] != a.shape[2]:
+        raise OFTError(f".oft_r: expected (r, b, b), found {tuple(a.shape)}", path=st.path, layer=key)
+    shared = st.block_share and a.shape[0] == 1
+    if st.has_config:
+        _check_layout(st.cfg, int(a.shape[0]), int(a.shape[-1]), shared, st.cfg_path, key)
+    a = a.to(torch.float32)
+    if st.coft:
+        a = _project_legacy(a, st.eps)
+    s = parts.get("oft_s")
+    if st.fmt == "peft_legacy_0.15" and s is None:
+        raise OFTError("has .oft_r but no .oft_s while other layers have both", path=st.path, layer=key)
+    return make_layer(
+        path=st.path, name=name, component=component, side="in" if st.fmt == "peft_legacy_0.15" else "out",
+        generators=[0.5 * (a - a.transpose(1, 2))], transpose=False, row_scale=s, source=st.fmt, key=key,
+        block_share=shared,
+    )
+
+
+def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
+    """The adapter of a PEFT OFT file; `config` is the parsed adapter_config.json beside it (None: absent)."""
+    path = header.path
+    modules, ignored = group_by_layer(tensors, KEY)
+    packed = any("oft_R.weight" in parts for parts in modules.values())
+    if packed and any("oft_r" in parts for parts in modules.values()):
+        raise OFTError("mixes current (.oft_R.weight) and legacy (.oft_r) PEFT OFT keys", path=path)
+    cfg, cfg_path, block_share, coft, eps = _config_settings(config, path)
+    neumann, coeffs, fmt = _series(cfg, config, packed, modules, path, cfg_path)
+    st = _Settings(path, cfg, cfg_path, config is not None, block_share, coft, eps, neumann, coeffs, fmt)
+    one = _packed_layer if packed else _legacy_layer
     layers = {}
     for key, parts in sorted(modules.items()):
-        component, name = _split_name(key)
-        if packed:
-            vec = parts.get("oft_R.weight")
-            if vec is None:
-                raise OFTError(f"has {sorted(parts)} but no .oft_R.weight", path=path, layer=key)
-            if vec.ndim != 2:
-                raise OFTError(f".oft_R.weight: expected (blocks, b(b−1)/2), found {tuple(vec.shape)}", path=path,
-                               layer=key)
-            b = _block_size(int(vec.shape[1]))
-            if b is None:
-                raise OFTError(f".oft_R.weight: {vec.shape[1]} values per block is not b(b−1)/2 for any block "
-                               "size b ≥ 2", path=path, layer=key)
-            _check_layout(cfg, int(vec.shape[0]), b, block_share and vec.shape[0] == 1, cfg_path, key)
-            rows, cols = torch.triu_indices(b, b, 1)
-            u = torch.zeros(vec.shape[0], b, b, dtype=torch.float32, device=vec.device)
-            u[:, rows, cols] = vec.to(torch.float32)
-            q = u - u.transpose(1, 2)
-            layer = make_layer(
-                path=path, name=name, component=component, side="in", generators=[q],
-                transpose=neumann,  # the series approximates Cayley(Q), the transpose of PEFT's exact branch
-                parameterization="neumann" if neumann else "cayley", neumann_coeffs=coeffs,
-                constraint=Constraint("block_projection", eps) if coft else Constraint(),
-                source=fmt, key=key, block_share=block_share and vec.shape[0] == 1,
-            )
-        else:
-            a = parts.get("oft_r")
-            if a is None:
-                raise OFTError(f"has {sorted(parts)} but no .oft_r", path=path, layer=key)
-            if a.ndim != 3 or a.shape[1] != a.shape[2]:
-                raise OFTError(f".oft_r: expected (r, b, b), found {tuple(a.shape)}", path=path, layer=key)
-            if config is not None:
-                _check_layout(cfg, int(a.shape[0]), int(a.shape[-1]), block_share and a.shape[0] == 1, cfg_path, key)
-            a = a.to(torch.float32)
-            if coft:
-                a = _project_legacy(a, eps)
-            q = 0.5 * (a - a.transpose(1, 2))
-            s = parts.get("oft_s")
-            if fmt == "peft_legacy_0.15" and s is None:
-                raise OFTError("has .oft_r but no .oft_s while other layers have both", path=path, layer=key)
-            layer = make_layer(
-                path=path, name=name, component=component,
-                side="in" if fmt == "peft_legacy_0.15" else "out",
-                generators=[q], transpose=False, row_scale=s, source=fmt, key=key,
-                block_share=block_share and a.shape[0] == 1,
-            )
-        layers[(component, name)] = layer
+        layer = one(key, parts, st)
+        layers[(layer.component, layer.name)] = layer
     info = {"peft_config": {k: cfg.get(k) for k in ("r", "oft_block_size", "use_cayley_neumann",
                                                      "num_cayley_neumann_terms", "coft", "eps", "block_share",
                                                      "peft_version") if k in cfg}}
     if ignored:
         info["ignored_keys"] = ignored
     return OFTAdapter(layers, fmt, path, dict(header.metadata), info)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+@dataclass(frozen=True)
+class _PeftLayer:
+    path: str
+    q: torch.Tensor  # (stored blocks, b, b), for PEFT's convention
+
+
+def _neumann_terms(coeffs: tuple[float, ...]) -> tuple[int, bool] | None:
+    """(num_cayley_neumann_terms, written by PEFT ≥ 0.18) whose series has exactly these coefficients."""
+    for halved in (True, False):
+        for n in range(1, 65):
+            if neumann_coefficients(n, last_term_halved=halved) == tuple(coeffs):
+                return n, halved
+    return None
+
+
+def _dotted_names(module_names: Iterable[str] | None) -> dict[str, str | None]:
+    """underscored -> dotted module path (None when two paths collide), from weight keys or module paths."""
+    out: dict[str, str | None] = {}
+    for n in module_names or ():
+        for suffix in (".weight", ".bias"):
+            if n.endswith(suffix):
+                n = n[: -len(suffix)]
+        u = n.replace(".", "_")
+        out[u] = n if out.get(u, n) == n else None
+    return out
+
+
+def _why_not(layer: OFTLayer, dotted: dict[str, str | None]) -> str | None:
+    """Why this layer has no exact PEFT form (the first reason), or None."""
+    if layer.side != "in":
+        return ("rotates output features (M·W); PEFT ≥ 0.14 rotates input features (W·M), a different weight for "
+                "the same blocks")
+    if layer.component != "unet":
+        return "is a text-encoder layer; a PEFT adapter directory holds the layers of one model"
+    if layer.kind == "butterfly":
+        return "is BOFT; PEFT's OFT has no butterfly stages (PEFT BOFT is another adapter type)"
+    if layer.parameterization == "matrix":
+        return "stores the rotation R itself: it has no exact Cayley generator in fp32"
+    if not w.identity_scale(layer):
+        return "has a per-row scale (PEFT 0.14–0.15 oft_s), which current PEFT OFT does not store"
+    if len(layer.generators) > 1 and w.merge_splits(list(layer.generators)) is None:
+        return f"has splits with different block sizes {layer.block_sizes}; PEFT stores one block size per layer"
+    if "." not in layer.name and layer.name not in dotted and "_" in layer.name:
+        return ("has an underscored name, and PEFT needs the dotted module path: the '.' → '_' substitution "
+                "cannot be undone by string rules; pass the base model's module names (module_names)")
+    if "." not in layer.name and dotted.get(layer.name, "") is None:
+        return "matches two module paths of the base model once dots become underscores"
+    return None
+
+
+class _Global(NamedTuple):
+    """The settings adapter_config.json holds once for every layer."""
+
+    neumann: bool
+    terms: int
+    new_series: bool
+    block_share: bool
+    coft: bool
+    eps: float
+
+
+def _one_setting(adapter: OFTAdapter, values: set, what: str):
+    if len(values) > 1:
+        raise OFTError(f"mixes {what}", path=adapter.path or None)
+    return next(iter(values))
+
+
+def _global_settings(adapter: OFTAdapter, layers: list[OFTLayer]) -> _Global:
+    """Parameterization, series, block_share and COFT, each one value for the file (or refused)."""
+    param, coeffs = _one_setting(adapter, {(layer.parameterization, layer.neumann_coeffs) for layer in layers},
+                                 "exact Cayley and Cayley–Neumann layers (or different series lengths); PEFT's "
+                                 "config holds one for the whole adapter")
+    neumann = param == "neumann"
+    terms, new_series = (5, True)
+    if neumann:
+        found = _neumann_terms(coeffs)
+        if found is None:
+            raise OFTError(f"Cayley–Neumann coefficients {coeffs} are not a series any PEFT version computes",
+                           path=adapter.path or None)
+        terms, new_series = found
+    block_share = _one_setting(adapter, {layer.block_share for layer in layers},
+                               "block_share layers with unshared ones; PEFT's block_share is one setting")
+    # COFT (eps) is kept when every layer has the same one, otherwise applied to Q here (exact); its bound depends on
+    # the stored block count, so concatenated splits are written projected too.
+    cons = {(layer.constraint.kind, layer.constraint.value) for layer in layers}
+    coft = len(cons) == 1 and next(iter(cons))[0] == "block_projection"
+    eps = next(iter(cons))[1] if coft else 6e-5  # PEFT's default eps; unused with coft false
+    coft = coft and not any(len(layer.generators) > 1 for layer in layers)
+    return _Global(neumann, terms, new_series, block_share, coft, eps)
+
+
+def _peft_layers(adapter: OFTAdapter, layers: list[OFTLayer], g: _Global,
+                 dotted: dict[str, str | None]) -> list[_PeftLayer]:
+    """Each layer's module path and Q in PEFT's convention (exact branch applies Cayley(Q)ᵀ, Neumann ≈ Cayley(Q))."""
+    written = []
+    for layer in layers:
+        gens = list(layer.generators) if g.coft else w.constrained(layer)
+        q = w.merge_splits(w.with_transpose(gens, layer.transpose, g.neumann))
+        path = layer.name if "." in layer.name or layer.name not in dotted else dotted[layer.name]
+        written.append(_PeftLayer(path, q))
+    paths = [x.path for x in written]
+    if len(set(paths)) != len(paths):
+        raise OFTError("two layers map to the same PEFT module path", path=adapter.path or None)
+    return written
+
+
+def _r_and_block_size(adapter: OFTAdapter, written: list[_PeftLayer], block_share: bool) -> tuple[int, int]:
+    """(r, oft_block_size) for the config: one of them set, as PEFT derives the other from each layer's width.
+    r is kept when the source set it (test_writers pins both round trips)."""
+    sizes = {int(x.q.shape[-1]) for x in written}
+    counts = {int(x.q.shape[0]) for x in written}
+    source_r = int((adapter.info.get("peft_config") or {}).get("r") or 0)
+    if block_share:
+        if len(sizes) != 1:
+            raise OFTError(f"block_share layers with block sizes {sorted(sizes)}: PEFT derives them from one "
+                           "oft_block_size", path=adapter.path or None)
+        return 0, sizes.pop()
+    if len(counts) == 1 and (source_r or len(sizes) != 1):
+        return counts.pop(), 0
+    if len(sizes) == 1:
+        return 0, sizes.pop()
+    raise OFTError(f"layers differ both in block size {sorted(sizes)} and in block count {sorted(counts)}; PEFT's "
+                   "config sets one r or one oft_block_size for every layer", path=adapter.path or None)
+
+
+def _config(g: _Global, r: int, block: int, paths: list[str]) -> dict:
+    """adapter_config.json as PEFT's OFTConfig saves it."""
+    config = {
+        "peft_type": "OFT", "r": r, "oft_block_size": block, "use_cayley_neumann": g.neumann,
+        "num_cayley_neumann_terms": g.terms, "coft": g.coft, "eps": g.eps, "block_share": g.block_share,
+        "target_modules": sorted(paths), "module_dropout": 0.0, "bias": "none", "init_weights": True,
+        "inference_mode": True, "fan_in_fan_out": False, "base_model_name_or_path": None, "revision": None,
+        "task_type": None, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "exclude_modules": None,
+    }
+    if not g.neumann or g.new_series:
+        config["peft_version"] = PEFT_VERSION
+    # else: the 0.16–0.17 series (last coefficient 2) is what a config without peft_version means to our reader and
+    # to those PEFT versions; PEFT ≥ 0.18 would compute its newer series for such a file whatever we write.
+    return config
+
+
+def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
+          module_names: Iterable[str] | None = None, inputs: Iterable = ()) -> str:
+    """Write a PEFT (≥ 0.16 layout) OFT adapter directory: adapter_model.safetensors + adapter_config.json.
+
+    `module_names`: the base model's module paths or weight keys (e.g. a diffusers UNet's state-dict keys), needed
+    only to turn underscored layer names back into PEFT's dotted module paths.
+    """
+    dotted = _dotted_names(module_names)
+    w.check_all(adapter, "PEFT", lambda layer: _why_not(layer, dotted))
+    layers = list(adapter)
+    if not layers:
+        raise OFTError("no layers to write", path=adapter.path or None)
+    g = _global_settings(adapter, layers)
+    written = _peft_layers(adapter, layers, g, dotted)
+    r, block = _r_and_block_size(adapter, written, g.block_share)
+    config = _config(g, r, block, [x.path for x in written])
+    tensors = {f"{PREFIX}{x.path}.oft_R.weight": pack_upper(x.q) for x in written}
+    meta = w.finish_metadata({"format": "pt"}, metadata)
+
+    def write_files(tmp_dir: str) -> None:
+        with open(os.path.join(tmp_dir, MODEL_NAME), "wb") as f:
+            f.write(w.serialize(tensors, meta))
+        with open(os.path.join(tmp_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    return w.atomic_dir(out, overwrite, write_files, adapter, inputs)
