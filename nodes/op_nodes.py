@@ -1,6 +1,6 @@
 """Nodes that make a new adapter from others: OFTBlockStrength, OFTBlend, OFTMerge, and OFTSave (writes one).
 
-Schema and glue only: the operations are `oft_core.ops` / `oft_core.blocks` / `oft_core.formats`, the seam into a
+Schema and glue only: the operations are `oft_core.combine` / `oft_core.blocks` / `oft_core.formats`, the seam into a
 model is `patch.apply_oft`. Their refusals are `OFTError`s and reach the UI as node errors with their reason.
 Node IDs are permanent: workflows store them. Never rename one.
 
@@ -23,8 +23,8 @@ from comfy_api.latest import io, ui
 
 from ..oft_core import OFTAdapter, OFTError
 from ..oft_core.blocks import apply_block_strength, layer_block, parse_block_spec
+from ..oft_core.combine import MERGE_MODES, blend, merge
 from ..oft_core.formats import FORMATS, format_family, load_adapter, write_adapter
-from ..oft_core.ops import MERGE_MODES, blend, merge
 from ..oft_core.publish import check_output_name
 from ..oft_core.summary import tool_notes
 from .patch import BLOCK_STRENGTH_OFF, BLOCK_STRENGTH_TEXT, LAYER_STRENGTHS, block_strength_text
@@ -263,7 +263,7 @@ def materialize_block_strength(adapter: OFTAdapter, fractional: str) -> OFTAdapt
             "'orthogonal' to store R(m·Q) (exact for strength_mode orthogonal), use only 0 and 1, or bake the model "
             "instead (Apply OFT → CheckpointSave)", path=adapter.path or None)
     # Each layer in exactly one group: merge(compose) of disjoint layer sets scales every layer by its own weight
-    # in the orthogonal sense (ops._scaled) and touches nothing else.
+    # in the orthogonal sense (combine._scaled) and touches nothing else.
     groups: dict[float, dict] = {}
     for k, layer in adapter.layers.items():
         groups.setdefault(partial.get(k, 1.0), {})[k] = layer

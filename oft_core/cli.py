@@ -57,8 +57,8 @@ def _cmd_bake(args) -> int:
 
 
 def _cmd_merge(args) -> int:
+    from .combine import merge
     from .formats import format_family, load_adapter, write_adapter
-    from .ops import merge
 
     args_ = [_adapter_arg(a, "weight") for a in args.adapter]
     items = [(load_adapter(path), weight) for path, weight in args_]

@@ -1,8 +1,9 @@
-"""Operations on whole adapters: blend two, average several, compose several into one.
+"""Combining whole adapters: blend two, average several, compose several into one (layer implementations, what
+`ops.py` means in this ecosystem (`comfy.ops`), are not here).
 
 Strength of a single adapter (or per layer) is not an operation here: pass it to `rotate_weight` / `bake`.
 
-Decisions (each pinned by tests/test_ops.py):
+Decisions (each pinned by tests/test_combine.py):
 
 - Constraints are applied first. Every operation works on the generators the rotation actually uses (each file's
   own constraint applied), and its result has constraint "none": mixing two files' clamps would have no meaning.

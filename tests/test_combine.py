@@ -7,7 +7,7 @@ from oracle import REL_TOL, get_case, rel_err
 from oft_core import OFTAdapter, OFTError, load_adapter, make_layer, resolve_for_weight, rotate_weight
 from oft_core.blocks import apply_block_strength, effective_strengths, layer_block, layer_strengths, parse_block_spec
 from oft_core.cli import main as cli
-from oft_core.ops import blend, merge
+from oft_core.combine import blend, merge
 from oft_core.rotation import orthogonality_error, skew
 
 LYC = "lycoris_diag_oft_dim8"
