@@ -8,7 +8,7 @@ from oft_core import OFTAdapter, OFTError, load_adapter, make_layer, resolve_for
 from oft_core.blocks import apply_block_strength, effective_strengths, layer_block, layer_strengths, parse_block_spec
 from oft_core.cli import main as cli
 from oft_core.ops import blend, merge
-from oft_core.rotation import orthogonality_error, skew
+from oft_core.rotation import orthogonality_error, rotation_blocks, skew
 
 LYC = "lycoris_diag_oft_dim8"
 LYC_C = "lycoris_diag_oft_constrained"
@@ -232,6 +232,38 @@ def test_block_strength_zero_leaves_weights_bit_exact():
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
+def test_cli_convert_writes_a_block_scaled_adapter_or_refuses_what_the_mode_cannot_hold(tmp_path, capsys):
+    src = get_case("flux_tiny_oft_attn_dim4").adapter
+    a = load_adapter(src)
+    block = {layer.name: layer_block("unet", layer.name) for layer in a}
+    # 0 and 1: exact in any mode; the layers at 0 are left out
+    out = tmp_path / "off.safetensors"
+    assert cli(["convert", str(src), "--blocks", "double:0=0", "--to", "kohya", "--out", str(out)]) == 0
+    saved = load_adapter(out)
+    assert sorted(layer.name for layer in saved) == sorted(n for n, b in block.items() if b != ("double", 0))
+    for layer in saved:
+        for x, y in zip(rotation_blocks(layer, 1.0), rotation_blocks(a.layers[("unet", layer.name)], 1.0)):
+            assert rel_err(x, y) <= REL_TOL, layer.name
+    # a fraction: refused in kohya mode (no file written), R(m·Q) in orthogonal mode
+    half = tmp_path / "half.safetensors"
+    capsys.readouterr()
+    assert cli(["convert", str(src), "--blocks", "double:1=0.5", "--to", "kohya", "--out", str(half)]) == 2
+    assert "other than 0 or 1" in capsys.readouterr().err and not half.exists()
+    assert cli(["convert", str(src), "--blocks", "double:1=0.5", "--block-mode", "orthogonal", "--to", "kohya",
+                "--out", str(half)]) == 0
+    saved = load_adapter(half)
+    assert len(saved) == len(a)
+    for layer in saved:
+        m = 0.5 if block[layer.name] == ("double", 1) else 1.0
+        for x, y in zip(rotation_blocks(layer, 1.0), rotation_blocks(a.layers[("unet", layer.name)], m, "orthogonal")):
+            assert rel_err(x, y) <= REL_TOL, (layer.name, m)
+    # every layer off: nothing to write
+    none = tmp_path / "none.safetensors"
+    capsys.readouterr()
+    assert cli(["convert", str(src), "--blocks", "double=0", "--to", "kohya", "--out", str(none)]) == 2
+    assert "nothing to write" in capsys.readouterr().err and not none.exists()
+
+
 def test_cli_merge_compose_and_average(tmp_path, capsys):
     case = get_case(LYC)
     other = get_case(LYC_C)
