@@ -231,6 +231,32 @@ def test_block_strength_zero_leaves_weights_bit_exact():
     assert len(kept) == sum(1 for v in eff.values() if v != 0) and 0 not in strengths.values()
 
 
+def test_block_strength_is_carried_in_typed_fields_and_scaled_by_one_core_function():
+    from oft_core.blocks import has_layer_strengths, provenance, scale_layers, with_block_strength
+
+    a = load_adapter(get_case("flux_tiny_oft_attn_dim4").adapter)
+    assert not has_layer_strengths(a) and a.block_spec is None and a.made_from is None
+    once = with_block_strength(a, "double:0=0, double:1=0.5")
+    twice = with_block_strength(once, "default=0.5")
+    n1 = sum(1 for layer in a if layer_block("unet", layer.name) == ("double", 1))
+    assert len(once) == n1 and once.layers_off == len(a) - n1 and set(once.layer_strengths.values()) == {0.5}
+    assert twice.block_spec == f"{once.block_spec} then default=0.5" and set(twice.layer_strengths.values()) == {0.25}
+    assert twice.made_from == {"block_strength": "default=0.5", "of": provenance(once)}
+    assert provenance(a)["format"] == a.format and a.layer_strengths == {} and a.layers_off == 0  # a untouched
+    assert "block_strength" not in once.info and "layer_strengths" not in once.info  # info: reader facts only
+    with pytest.raises(OFTError, match="other than 0 or 1"):
+        scale_layers(once, "kohya")
+    with pytest.raises(OFTError, match="expected kohya or orthogonal"):
+        scale_layers(once, "refuse")
+    scaled = scale_layers(once, "orthogonal")
+    assert scaled.layer_strengths == {} and scaled.block_spec == once.block_spec and len(scaled) == len(once)
+    for k, layer in scaled.layers.items():
+        for x, y in zip(rotation_blocks(layer, 1.0), rotation_blocks(a.layers[k], 0.5, "orthogonal")):
+            assert rel_err(x, y) <= REL_TOL, k
+    only_off = with_block_strength(a, "double:0=0")
+    assert scale_layers(only_off, "kohya") is only_off  # 0 and 1 only: nothing to write into the layers
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
 def test_cli_convert_writes_a_block_scaled_adapter_or_refuses_what_the_mode_cannot_hold(tmp_path, capsys):
     src = get_case("flux_tiny_oft_attn_dim4").adapter
