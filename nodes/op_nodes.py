@@ -5,11 +5,12 @@ model is `patch.apply_oft`. Their refusals are `OFTError`s and reach the UI as n
 Node IDs are permanent: workflows store them. Never rename one.
 
 Per-block strength is carried, not materialized: OFT Block Strength drops the layers it switches off (their weights
-stay bit for bit wherever the adapter goes) and attaches a per-layer multiplier map that `apply_oft` multiplies into
-each layer's strength. A multiplier cannot in general be folded into a file's generators: kohya strength
+stay bit for bit wherever the adapter goes) and sets the adapter's typed per-layer multipliers
+(`OFTAdapter.layer_strengths`, `oft_core.blocks.with_block_strength`) that `apply_oft` multiplies into each layer's
+strength. A multiplier cannot in general be folded into a file's generators: kohya strength
 R_s = I + s(R − I) is not the rotation of any generator. OFT Save therefore writes multipliers 0 and 1 exactly and,
 for other values, either refuses or (when asked) scales generators in the orthogonal sense, R(m·Q), which is exactly
-what `strength_mode` orthogonal gives.
+what `strength_mode` orthogonal gives (`oft_core.blocks.scale_layers`).
 """
 
 from __future__ import annotations
