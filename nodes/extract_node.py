@@ -13,10 +13,11 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..oft_core import OFTError
+from ..oft_core.blocks import layer_multiplier
 from ..oft_core.extract import ExtractResult, extract, lora_metadata
 from ..oft_core.publish import publish_safetensors
 from .oft_nodes import _mode_input
-from .patch import TE_COMPONENTS, UNET_PREFIX, layer_multiplier, model_kind, model_shapes
+from .patch import TE_COMPONENTS, UNET_PREFIX, model_kind, model_shapes
 from .types import OFTAdapterType
 
 log = logging.getLogger(__name__)

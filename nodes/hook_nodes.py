@@ -18,6 +18,7 @@ import comfy.lora
 from comfy_api.latest import io
 
 from ..oft_core import OFTAdapter, OFTError, build_key_map, match_adapter
+from ..oft_core.blocks import layer_multiplier
 from . import files
 from .oft_nodes import MODES, _check_file, _file_input, _mode_input
 from .patch import (
@@ -25,7 +26,6 @@ from .patch import (
     UNET_PREFIX,
     OFTWeightAdapter,
     comfy_key_map,
-    layer_multiplier,
     model_kind,
     model_shapes,
 )

@@ -5,11 +5,12 @@ model is `patch.apply_oft`. Their refusals are `OFTError`s and reach the UI as n
 Node IDs are permanent: workflows store them. Never rename one.
 
 Per-block strength is carried, not materialized: OFT Block Strength drops the layers it switches off (their weights
-stay bit for bit wherever the adapter goes) and attaches a per-layer multiplier map that `apply_oft` multiplies into
-each layer's strength. A multiplier cannot in general be folded into a file's generators: kohya strength
+stay bit for bit wherever the adapter goes) and sets the adapter's typed per-layer multipliers
+(`OFTAdapter.layer_strengths`, `oft_core.blocks.with_block_strength`) that `apply_oft` multiplies into each layer's
+strength. A multiplier cannot in general be folded into a file's generators: kohya strength
 R_s = I + s(R − I) is not the rotation of any generator. OFT Save therefore writes multipliers 0 and 1 exactly and,
 for other values, either refuses or (when asked) scales generators in the orthogonal sense, R(m·Q), which is exactly
-what `strength_mode` orthogonal gives.
+what `strength_mode` orthogonal gives (`oft_core.blocks.scale_layers`).
 """
 
 from __future__ import annotations
@@ -22,18 +23,25 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..oft_core import OFTAdapter, OFTError
-from ..oft_core.blocks import apply_block_strength, layer_block, parse_block_spec
+from ..oft_core.blocks import (
+    layer_block,
+    parse_block_spec,
+    provenance,
+    refuse_layer_strengths,
+    scale_layers,
+    with_block_strength,
+    with_provenance,
+)
 from ..oft_core.combine import MERGE_MODES, blend, merge
 from ..oft_core.formats import FORMATS, format_family, load_adapter, write_adapter
 from ..oft_core.publish import check_output_name
 from ..oft_core.summary import tool_notes
-from .patch import BLOCK_STRENGTH_OFF, BLOCK_STRENGTH_TEXT, LAYER_STRENGTHS, block_strength_text
+from .patch import block_strength_text
 from .types import OFTAdapterType
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "loaders/oft/operations"
-MADE_FROM = "made_from"  # adapter.info key: a JSON-able tree of what an adapter was made from (for saved metadata)
 MERGE_SLOTS = 4
 FRACTIONAL_POLICIES = ["refuse", "orthogonal"]
 
@@ -44,47 +52,6 @@ _SPEC_TOOLTIP = (
     "(text encoders), 'unet=…' (the whole UNet / transformer). A layer's strength becomes strength × multiplier; 0 "
     "switches its layers off (their weights stay exactly as they are)."
 )
-
-
-# ------------------------------------------------------------------------------------------------ provenance
-def made_from(adapter: OFTAdapter) -> dict:
-    """What `adapter` was made from: its file, or the operation tree recorded by these nodes (JSON-able)."""
-    tree = adapter.info.get(MADE_FROM)
-    if tree is not None:
-        return tree
-    return {"file": os.path.basename(adapter.path) if adapter.path else None, "format": adapter.format}
-
-
-def _with_info(adapter: OFTAdapter, **info) -> OFTAdapter:
-    """The same layers with extra `info` (adapters from the file cache are shared: never modify one in place)."""
-    merged = dict(adapter.info)
-    merged.update(info)
-    return OFTAdapter(dict(adapter.layers), adapter.format, adapter.path, dict(adapter.metadata), merged)
-
-
-def _refuse_block_strength(adapter: OFTAdapter, what: str) -> None:
-    """Blend and merge work on generators and would silently drop a per-layer strength map: refuse instead."""
-    strengths = adapter.info.get(LAYER_STRENGTHS) or {}
-    if adapter.info.get(BLOCK_STRENGTH_OFF) or any(v != 1 for v in strengths.values()):
-        raise OFTError(f"cannot {what} an adapter that carries per-block strengths "
-                       f"({adapter.info.get(BLOCK_STRENGTH_TEXT)!r}): {what} first, then connect OFT Block Strength",
-                       path=adapter.path or None)
-
-
-# ------------------------------------------------------------------------------------------------ block strength
-def with_block_strength(adapter: OFTAdapter, spec: str) -> OFTAdapter:
-    """`adapter` without the layers `spec` switches off and with its per-layer multipliers attached (multiplied into
-    any an earlier OFT Block Strength attached)."""
-    parsed = parse_block_spec(spec)
-    before = adapter.info.get(LAYER_STRENGTHS) or {}
-    kept, strengths = apply_block_strength(adapter, parsed, 1.0)
-    strengths = {k: float(before.get(k, 1.0)) * v for k, v in strengths.items()}
-    earlier = adapter.info.get(BLOCK_STRENGTH_TEXT)
-    text = parsed.text if earlier is None else f"{earlier} then {parsed.text}"
-    off = int(adapter.info.get(BLOCK_STRENGTH_OFF, 0)) + len(adapter) - len(kept)
-    tree = {"block_strength": parsed.text, "of": made_from(adapter)}
-    return _with_info(kept, **{LAYER_STRENGTHS: strengths, BLOCK_STRENGTH_TEXT: text, BLOCK_STRENGTH_OFF: off,
-                               MADE_FROM: tree})
 
 
 def _ranges(indices) -> str:
@@ -195,10 +162,10 @@ class OFTBlend(io.ComfyNode):
     @classmethod
     def execute(cls, adapter_a, adapter_b, ratio) -> io.NodeOutput:
         for a in (adapter_a, adapter_b):
-            _refuse_block_strength(a, "blend")
+            refuse_layer_strengths(a, "blend")
         out = blend(adapter_a, adapter_b, ratio)
-        out = _with_info(out, **{MADE_FROM: {"blend": {"ratio": float(ratio), "a": made_from(adapter_a),
-                                                        "b": made_from(adapter_b)}}})
+        out = with_provenance(out, {"blend": {"ratio": float(ratio), "a": provenance(adapter_a),
+                                              "b": provenance(adapter_b)}})
         return io.NodeOutput(out, ui=ui.PreviewText(f"blend of {len(out)} layers at ratio {ratio:g}"))
 
 
@@ -235,45 +202,17 @@ class OFTMerge(io.ComfyNode):
         slots = [(adapter_1, weight_1), (adapter_2, weight_2), (adapter_3, weight_3), (adapter_4, weight_4)]
         items = [(a, float(w)) for a, w in slots if a is not None]
         for a, _ in items:
-            _refuse_block_strength(a, "merge")
+            refuse_layer_strengths(a, "merge")
         out = merge(items, mode)
-        out = _with_info(out, **{MADE_FROM: {"merge": {"mode": mode, "adapters": [
-            {"weight": w, "adapter": made_from(a)} for a, w in items]}}})
+        out = with_provenance(out, {"merge": {"mode": mode, "adapters": [
+            {"weight": w, "adapter": provenance(a)} for a, w in items]}})
         text = f"{mode} of {len(items)} adapters (weights {', '.join(f'{w:g}' for _, w in items)}): {len(out)} layers"
         return io.NodeOutput(out, ui=ui.PreviewText(text))
 
 
 # ------------------------------------------------------------------------------------------------ save
-def materialize_block_strength(adapter: OFTAdapter, fractional: str) -> OFTAdapter:
-    """The adapter with its per-layer multipliers written into its layers, for a file (which has no such map).
-
-    Multiplier 1: the layer as it is. Other values (0 was already dropped): refused with `fractional` "refuse";
-    with "orthogonal", generators scaled R(m·Q) (constraint applied first), exact for strength_mode orthogonal.
-    """
-    strengths = adapter.info.get(LAYER_STRENGTHS) or {}
-    partial = {k: float(v) for k, v in strengths.items() if v != 1 and k in adapter.layers}
-    if not partial:
-        return adapter
-    if fractional != "orthogonal":
-        shown = ", ".join(f"{k[1]}={v:g}" for k, v in list(partial.items())[:4])
-        raise OFTError(
-            f"{len(partial)} layers have a block-strength multiplier other than 0 or 1 ({shown}"
-            f"{' …' if len(partial) > 4 else ''}); an OFT file has no per-layer strength, and kohya strength "
-            "I + s(R − I) is not a rotation, so no file holds it exactly. Set fractional_block_strength to "
-            "'orthogonal' to store R(m·Q) (exact for strength_mode orthogonal), use only 0 and 1, or bake the model "
-            "instead (Apply OFT → CheckpointSave)", path=adapter.path or None)
-    # Each layer in exactly one group: merge(compose) of disjoint layer sets scales every layer by its own weight
-    # in the orthogonal sense (combine._scaled) and touches nothing else.
-    groups: dict[float, dict] = {}
-    for k, layer in adapter.layers.items():
-        groups.setdefault(partial.get(k, 1.0), {})[k] = layer
-    parts = [(OFTAdapter(layers, adapter.format, adapter.path, dict(adapter.metadata), {}), m)
-             for m, layers in groups.items()]
-    scaled = merge(parts, "compose")
-    by_name = {(layer.component, layer.name): layer for layer in scaled}
-    layers = {k: by_name[(layer.component, layer.name)] for k, layer in adapter.layers.items()}
-    info = {k: v for k, v in adapter.info.items() if k != LAYER_STRENGTHS}
-    return OFTAdapter(layers, adapter.format, adapter.path, dict(adapter.metadata), info)
+_FRACTIONAL_HINT = ("Set fractional_block_strength to 'orthogonal' to store R(m·Q) (exact for strength_mode "
+                    "orthogonal), use only 0 and 1, or bake the model instead (Apply OFT → CheckpointSave)")
 
 
 def next_free_path(filename_prefix: str, suffix: str) -> str:
@@ -322,10 +261,11 @@ class OFTSave(io.ComfyNode):
 
     @classmethod
     def execute(cls, oft_adapter, format, filename_prefix, fractional_block_strength) -> io.NodeOutput:
-        adapter = materialize_block_strength(oft_adapter, fractional_block_strength)
+        adapter = scale_layers(oft_adapter, "orthogonal" if fractional_block_strength == "orthogonal" else "kohya",
+                               hint=_FRACTIONAL_HINT)
         if len(adapter) == 0:
             raise OFTError(f"nothing to save: the adapter has no layer left (block strength "
-                           f"{oft_adapter.info.get(BLOCK_STRENGTH_TEXT)!r} switched every layer off)",
+                           f"{oft_adapter.block_spec!r} switched every layer off)",
                            path=oft_adapter.path or None)
         try:
             source_family = format_family(oft_adapter.format)
@@ -334,8 +274,8 @@ class OFTSave(io.ComfyNode):
         metadata = {
             "comfyui_oft.saved_by": "OFTSave",
             "comfyui_oft.made_from": json.dumps({"source_format": oft_adapter.format, "source_family": source_family,
-                                                 "saved_as": format, "made_from": made_from(oft_adapter),
-                                                 "block_strength": oft_adapter.info.get(BLOCK_STRENGTH_TEXT),
+                                                 "saved_as": format, "made_from": provenance(oft_adapter),
+                                                 "block_strength": oft_adapter.block_spec,
                                                  "fractional_block_strength": fractional_block_strength
                                                  if adapter is not oft_adapter else None}),
         }

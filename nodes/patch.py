@@ -12,9 +12,9 @@ both of its paths:
 The rotation itself is `oft_core.rotate_weight_` (in place, fp32 math whatever the weight's dtype); this file holds
 no OFT math.
 
-Per-layer strengths (OFT Block Strength) travel with the adapter as `adapter.info[LAYER_STRENGTHS]`, a map
-{(component, name): multiplier}; `apply_oft` multiplies each layer's strength by it, so every matched weight still
-gets exactly one strength, applied once (layers at multiplier 0 were already dropped from the adapter).
+Per-layer strengths (OFT Block Strength) travel with the adapter as its typed field `adapter.layer_strengths`, a map
+{(component, name): multiplier} (`oft_core.blocks`); `apply_oft` multiplies each layer's strength by it, so every
+matched weight still gets exactly one strength, applied once (layers at multiplier 0 were already dropped).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ..oft_core import (
     rotate_weight_,
     rotation_blocks,
 )
+from ..oft_core.blocks import layer_multiplier
 from ..oft_core.choices import STRENGTH_MODES
 from ..oft_core.errors import check_strength
 from ..oft_core.match import MatchReport
@@ -43,10 +44,6 @@ from ..oft_core.spec import TE_COMPONENTS  # (the other node modules import it f
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "diffusion_model."
-# adapter.info keys written by OFT Block Strength (nodes/op_nodes.py) and read here
-LAYER_STRENGTHS = "layer_strengths"  # {(component, name): multiplier} of the layers kept
-BLOCK_STRENGTH_TEXT = "block_strength"  # the spec(s) applied, for reports
-BLOCK_STRENGTH_OFF = "block_strength_off"  # how many layers the spec(s) switched off (dropped)
 _MAX_CACHED_ROTATIONS = 4  # per layer: a few strengths (e.g. a strength sweep) without growing without bound
 
 
@@ -220,12 +217,6 @@ def match_model(adapter: OFTAdapter, model, clip=None) -> tuple[MatchReport | No
     return unet_report, te_report
 
 
-def layer_multiplier(adapter: OFTAdapter, layer) -> float:
-    """The per-layer strength multiplier an OFT Block Strength node attached to `adapter` (1 when none)."""
-    strengths = adapter.info.get(LAYER_STRENGTHS) or {}
-    return float(strengths.get((layer.component, layer.name), 1.0))
-
-
 def _add_patches(patcher, report: MatchReport, adapter: OFTAdapter, strength: float, mode: str) -> list:
     """`add_patches` once per distinct effective strength (strength × the layer's multiplier): ComfyUI stores the
     strength per patch entry, so each weight gets exactly its own strength, applied once by calculate_weight."""
@@ -257,11 +248,11 @@ def report_text(adapter: OFTAdapter, unet_report, te_report, clip_given: bool, s
 
 def block_strength_text(adapter: OFTAdapter) -> str:
     """"; block strength SPEC (N layers off, M scaled)" when an OFT Block Strength node set per-layer strengths."""
-    spec = adapter.info.get(BLOCK_STRENGTH_TEXT)
+    spec = adapter.block_spec
     if spec is None:
         return ""
-    off = int(adapter.info.get(BLOCK_STRENGTH_OFF, 0))
-    scaled = sum(1 for v in (adapter.info.get(LAYER_STRENGTHS) or {}).values() if v != 1)
+    off = adapter.layers_off
+    scaled = sum(1 for v in adapter.layer_strengths.values() if v != 1)
     return f"; block strength {spec or '(empty)'}: {off} layers off, {scaled} scaled"
 
 
@@ -305,12 +296,12 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
         raise OFTError(f"strength mode: expected kohya or orthogonal, found {mode!r}", path=adapter.path)
     # NaN passes ComfyUI's min/max check (every comparison with NaN is false): the one strength check of oft_core
     strength = check_strength(strength, path=adapter.path or None)
-    for (_component, name), m in (adapter.info.get(LAYER_STRENGTHS) or {}).items():
+    for (_component, name), m in adapter.layer_strengths.items():
         check_strength(strength * m, f"strength {strength:g} × block multiplier {m:g} of layer {name!r}",
                        path=adapter.path or None)
     if apply_mode not in APPLY_MODES:
         raise OFTError(f"apply mode: expected {' or '.join(APPLY_MODES)}, found {apply_mode!r}", path=adapter.path)
-    if len(adapter) == 0 and adapter.info.get(BLOCK_STRENGTH_TEXT) is not None:
+    if len(adapter) == 0 and adapter.block_spec is not None:
         # every layer switched off by a block-strength spec: a valid request whose answer is the unchanged model
         name = os.path.basename(adapter.path) or adapter.format
         text = f"OFT {name}: no layer applied" + block_strength_text(adapter)

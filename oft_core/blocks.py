@@ -41,9 +41,11 @@ not accepted: every value here names its block.
 from __future__ import annotations
 
 import math
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from .combine import scale_layer
 from .errors import OFTError, check_strength
 from .spec import OFTAdapter
 
@@ -191,7 +193,89 @@ def apply_block_strength(adapter: OFTAdapter, spec: BlockSpec | str, strength: f
     """
     strengths = effective_strengths(adapter, spec, strength)
     kept = {k: layer for k, layer in adapter.layers.items() if strengths[k] != 0}
-    info = dict(adapter.info)
-    info["block_strength"] = _spec(spec).text
-    out = OFTAdapter(kept, adapter.format, adapter.path, dict(adapter.metadata), info)
+    out = _derived(adapter, layers=kept, block_spec=_spec(spec).text)
     return out, {k: strengths[k] for k in kept}
+
+
+# ------------------------------------------------------------------------------------------------ carried strengths
+# An adapter carries per-layer multipliers in its typed fields (`OFTAdapter.layer_strengths`, `block_spec`,
+# `layers_off`): the layers at 0 are dropped, the others keep their file values and the multiplier is applied with the
+# strength wherever the adapter goes (patch, bypass, hooks, extraction), or written into the layers by `scale_layers`.
+SCALE_MODES = ("kohya", "orthogonal")
+
+
+def _derived(adapter: OFTAdapter, **changes) -> OFTAdapter:
+    """A new adapter with `changes` (adapters are shared, e.g. by a file cache: never modify one in place)."""
+    fields = {"layers": dict(adapter.layers), "metadata": dict(adapter.metadata), "info": dict(adapter.info),
+              "layer_strengths": dict(adapter.layer_strengths)}
+    fields.update(changes)
+    return replace(adapter, **fields)
+
+
+def provenance(adapter: OFTAdapter) -> dict:
+    """What `adapter` was made from: the operation tree recorded in `made_from`, else its file (JSON-able)."""
+    if adapter.made_from is not None:
+        return adapter.made_from
+    return {"file": os.path.basename(adapter.path) if adapter.path else None, "format": adapter.format}
+
+
+def with_provenance(adapter: OFTAdapter, tree: dict) -> OFTAdapter:
+    """The same adapter with `made_from` set to `tree`."""
+    return _derived(adapter, made_from=tree)
+
+
+def layer_multiplier(adapter: OFTAdapter, layer) -> float:
+    """The per-layer strength multiplier `adapter` carries for `layer` (1 when none)."""
+    return float(adapter.layer_strengths.get((layer.component, layer.name), 1.0))
+
+
+def has_layer_strengths(adapter: OFTAdapter) -> bool:
+    """True when a block spec switched some layer off or carries a multiplier other than 1."""
+    return bool(adapter.layers_off) or any(v != 1 for v in adapter.layer_strengths.values())
+
+
+def refuse_layer_strengths(adapter: OFTAdapter, what: str) -> None:
+    """Operations on generators (blend, merge) would silently drop carried strengths: refuse instead."""
+    if has_layer_strengths(adapter):
+        raise OFTError(f"cannot {what} an adapter that carries per-block strengths ({adapter.block_spec!r}): {what} "
+                       "first, then connect OFT Block Strength", path=adapter.path or None)
+
+
+def with_block_strength(adapter: OFTAdapter, spec: BlockSpec | str) -> OFTAdapter:
+    """`adapter` without the layers `spec` switches off, carrying the multipliers of the others (multiplied into any
+    it already carries); `block_spec` records the spec(s) ("A then B"), `made_from` the step."""
+    parsed = _spec(spec)
+    kept, strengths = apply_block_strength(adapter, parsed, 1.0)
+    strengths = {k: float(adapter.layer_strengths.get(k, 1.0)) * v for k, v in strengths.items()}
+    text = parsed.text if adapter.block_spec is None else f"{adapter.block_spec} then {parsed.text}"
+    return _derived(kept, layer_strengths=strengths, block_spec=text,
+                    layers_off=adapter.layers_off + len(adapter) - len(kept),
+                    made_from={"block_strength": parsed.text, "of": provenance(adapter)})
+
+
+_FRACTIONAL_HINT = ("Scale in orthogonal mode to store R(m·Q) (exact for strength_mode orthogonal), use only 0 and 1, "
+                    "or bake the model instead")
+
+
+def scale_layers(adapter: OFTAdapter, mode: str = "kohya", *, hint: str = _FRACTIONAL_HINT) -> OFTAdapter:
+    """The adapter with its carried per-layer multipliers written into its layers, as a file needs (a file has no
+    per-layer strength). Returns `adapter` itself when every multiplier is 1 (0s were already dropped).
+
+    mode "kohya": kohya strength I + s(R − I) is not a rotation, so a multiplier other than 0 or 1 is refused (with
+    `hint` saying what to do). mode "orthogonal": every layer becomes its composition at weight m, R(m·Q) with the
+    constraint applied first (`combine.scale_layer`), exact for strength_mode orthogonal.
+    """
+    if mode not in SCALE_MODES:
+        raise OFTError(f"block strength mode: expected {' or '.join(SCALE_MODES)}, found {mode!r}",
+                       path=adapter.path or None)
+    partial = {k: float(v) for k, v in adapter.layer_strengths.items() if v != 1 and k in adapter.layers}
+    if not partial:
+        return adapter
+    if mode != "orthogonal":
+        shown = ", ".join(f"{k[1]}={v:g}" for k, v in list(partial.items())[:4])
+        raise OFTError(
+            f"{len(partial)} layers have a block-strength multiplier other than 0 or 1 ({shown}"
+            f"{' …' if len(partial) > 4 else ''}); an OFT file has no per-layer strength, and kohya strength "
+            f"I + s(R − I) is not a rotation, so no file holds it exactly. {hint}", path=adapter.path or None)
+    layers = {k: scale_layer(layer, partial.get(k, 1.0)) for k, layer in adapter.layers.items()}
+    return _derived(adapter, layers=layers, layer_strengths={})

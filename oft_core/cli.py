@@ -96,9 +96,19 @@ def _read_paths(items) -> list[str]:
 def _cmd_convert(args) -> int:
     from .formats import load_adapter, write_adapter
 
-    adapter = load_adapter(args.file)
+    source = load_adapter(args.file)
+    adapter = source
+    if args.blocks is not None:  # the layers at 0 dropped, the others scaled (refused when the mode cannot)
+        from .blocks import scale_layers, with_block_strength
+
+        adapter = scale_layers(with_block_strength(source, args.blocks), args.block_mode,
+                               hint="Pass --block-mode orthogonal to store R(m·Q) (exact for strength mode "
+                                    "orthogonal), use only 0 and 1, or bake the model instead (bake --blocks)")
+        if len(adapter) == 0:
+            raise OFTError(f"nothing to write: block strength {args.blocks!r} switched every layer off",
+                           path=args.file)
     out = write_adapter(adapter, args.out, args.to, overwrite=args.overwrite,
-                        inputs=[args.file] + _read_paths([(adapter, 1.0)]))
+                        inputs=[args.file] + _read_paths([(source, 1.0)]))
     print(f"wrote {out} ({args.to}, {len(adapter)} layers, from {adapter.format})")
     _print_tool_notes(out)
     return 0
@@ -161,6 +171,12 @@ def _add_ops_commands(sub) -> None:
     c.add_argument("--to", required=True, choices=FORMATS, help="output format")
     c.add_argument("--out", required=True, help="output file (PEFT: directory); never overwritten without --overwrite")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    c.add_argument("--blocks", default=None, metavar="SPEC",
+                   help="per-block strength multipliers written into the file, e.g. 'double=1, single=0' (see "
+                        "oft_core/blocks.py); layers at 0 are left out")
+    c.add_argument("--block-mode", choices=("kohya", "orthogonal"), default="kohya",
+                   help="kohya (default): only multipliers 0 and 1 (I + s(R − I) is no rotation, a file cannot hold "
+                        "it); orthogonal: other multipliers m stored as R(m·Q)")
     c.set_defaults(func=_cmd_convert)
 
 

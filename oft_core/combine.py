@@ -237,6 +237,14 @@ def _scaled(layer: OFTLayer, w: float) -> OFTLayer:
     return _rebuild(layer, generators=[w * q for q in _constrained(layer, layer.transpose)])
 
 
+def scale_layer(layer: OFTLayer, w: float) -> OFTLayer:
+    """The layer at weight w in the orthogonal sense, as `merge(..., "compose")` of it alone gives: R(w·Q), the
+    constraint applied first; an identity layer (or w = 0) becomes all-zero Cayley generators."""
+    if not math.isfinite(w):
+        raise OFTError(f"layer weight: expected a finite number, found {w}", layer=layer.key)
+    return _compose_layer([(layer, float(w), "")])
+
+
 def _lcm_blocks(r: torch.Tensor, size: int) -> torch.Tensor:
     """(n, b, b) blocks regrouped as (n·b/size, size, size) block-diagonal blocks (size a multiple of b)."""
     n, b, _ = r.shape

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 
@@ -121,6 +121,11 @@ class OFTAdapter:
     path: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # reader facts worth showing (alpha, peft config, ...)
+    # Per-layer strength policy, set by oft_core.blocks.with_block_strength (never by a reader):
+    layer_strengths: Mapping[tuple[str, str], float] = field(default_factory=dict)  # per kept layer; 1 if absent
+    block_spec: str | None = None  # the block spec(s) applied ("A then B"); None: none applied
+    layers_off: int = 0  # how many layers the spec(s) switched off (dropped from `layers`)
+    made_from: Mapping | None = None  # provenance: a JSON-able tree of the operations that made it; None: its file
 
     def __len__(self) -> int:
         return len(self.layers)

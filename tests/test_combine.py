@@ -8,7 +8,7 @@ from oft_core import OFTAdapter, OFTError, load_adapter, make_layer, resolve_for
 from oft_core.blocks import apply_block_strength, effective_strengths, layer_block, layer_strengths, parse_block_spec
 from oft_core.cli import main as cli
 from oft_core.combine import blend, merge
-from oft_core.rotation import orthogonality_error, skew
+from oft_core.rotation import orthogonality_error, rotation_blocks, skew
 
 LYC = "lycoris_diag_oft_dim8"
 LYC_C = "lycoris_diag_oft_constrained"
@@ -231,7 +231,65 @@ def test_block_strength_zero_leaves_weights_bit_exact():
     assert len(kept) == sum(1 for v in eff.values() if v != 0) and 0 not in strengths.values()
 
 
+def test_block_strength_is_carried_in_typed_fields_and_scaled_by_one_core_function():
+    from oft_core.blocks import has_layer_strengths, provenance, scale_layers, with_block_strength
+
+    a = load_adapter(get_case("flux_tiny_oft_attn_dim4").adapter)
+    assert not has_layer_strengths(a) and a.block_spec is None and a.made_from is None
+    once = with_block_strength(a, "double:0=0, double:1=0.5")
+    twice = with_block_strength(once, "default=0.5")
+    n1 = sum(1 for layer in a if layer_block("unet", layer.name) == ("double", 1))
+    assert len(once) == n1 and once.layers_off == len(a) - n1 and set(once.layer_strengths.values()) == {0.5}
+    assert twice.block_spec == f"{once.block_spec} then default=0.5" and set(twice.layer_strengths.values()) == {0.25}
+    assert twice.made_from == {"block_strength": "default=0.5", "of": provenance(once)}
+    assert provenance(a)["format"] == a.format and a.layer_strengths == {} and a.layers_off == 0  # a untouched
+    assert "block_strength" not in once.info and "layer_strengths" not in once.info  # info: reader facts only
+    with pytest.raises(OFTError, match="other than 0 or 1"):
+        scale_layers(once, "kohya")
+    with pytest.raises(OFTError, match="expected kohya or orthogonal"):
+        scale_layers(once, "refuse")
+    scaled = scale_layers(once, "orthogonal")
+    assert scaled.layer_strengths == {} and scaled.block_spec == once.block_spec and len(scaled) == len(once)
+    for k, layer in scaled.layers.items():
+        for x, y in zip(rotation_blocks(layer, 1.0), rotation_blocks(a.layers[k], 0.5, "orthogonal")):
+            assert rel_err(x, y) <= REL_TOL, k
+    only_off = with_block_strength(a, "double:0=0")
+    assert scale_layers(only_off, "kohya") is only_off  # 0 and 1 only: nothing to write into the layers
+
+
 # ------------------------------------------------------------------------------------------------------- CLI
+def test_cli_convert_writes_a_block_scaled_adapter_or_refuses_what_the_mode_cannot_hold(tmp_path, capsys):
+    src = get_case("flux_tiny_oft_attn_dim4").adapter
+    a = load_adapter(src)
+    block = {layer.name: layer_block("unet", layer.name) for layer in a}
+    # 0 and 1: exact in any mode; the layers at 0 are left out
+    out = tmp_path / "off.safetensors"
+    assert cli(["convert", str(src), "--blocks", "double:0=0", "--to", "kohya", "--out", str(out)]) == 0
+    saved = load_adapter(out)
+    assert sorted(layer.name for layer in saved) == sorted(n for n, b in block.items() if b != ("double", 0))
+    for layer in saved:
+        for x, y in zip(rotation_blocks(layer, 1.0), rotation_blocks(a.layers[("unet", layer.name)], 1.0)):
+            assert rel_err(x, y) <= REL_TOL, layer.name
+    # a fraction: refused in kohya mode (no file written), R(m·Q) in orthogonal mode
+    half = tmp_path / "half.safetensors"
+    capsys.readouterr()
+    assert cli(["convert", str(src), "--blocks", "double:1=0.5", "--to", "kohya", "--out", str(half)]) == 2
+    assert "other than 0 or 1" in capsys.readouterr().err and not half.exists()
+    assert cli(["convert", str(src), "--blocks", "double:1=0.5", "--block-mode", "orthogonal", "--to", "kohya",
+                "--out", str(half)]) == 0
+    saved = load_adapter(half)
+    assert len(saved) == len(a)
+    for layer in saved:
+        m = 0.5 if block[layer.name] == ("double", 1) else 1.0
+        for x, y in zip(rotation_blocks(layer, 1.0), rotation_blocks(a.layers[("unet", layer.name)], m, "orthogonal")):
+            assert rel_err(x, y) <= REL_TOL, (layer.name, m)
+    # every layer off: nothing to write
+    none = tmp_path / "none.safetensors"
+    capsys.readouterr()
+    assert cli(["convert", str(src), "--blocks", "double=0", "--to", "kohya", "--out", str(none)]) == 2
+    assert "nothing to write" in capsys.readouterr().err and not none.exists()
+
+
 def test_cli_merge_compose_and_average(tmp_path, capsys):
     case = get_case(LYC)
     other = get_case(LYC_C)

@@ -102,8 +102,8 @@ def test_block_strength_zero_is_bit_exact_and_others_get_their_strength(n, flux_
 
     # a second Block Strength multiplies into the first; everything off returns the model unchanged
     again = n.ops.OFTBlockStrength.execute(oft_adapter=weighted, block_spec="default=0.5").result[0]
-    assert set(again.info["layer_strengths"].values()) == {0.25}
-    assert "then" in again.info["block_strength"]
+    assert set(again.layer_strengths.values()) == {0.25}
+    assert "then" in again.block_spec
     m2 = apply(n, base, again, 1.0)[0]
     assert all(p[0] == 0.25 for k in BLOCK1 for p in m2.patches[k])
     off = n.ops.OFTBlockStrength.execute(oft_adapter=flux_a, block_spec="default=0").result[0]
@@ -154,7 +154,7 @@ def test_block_strength_is_saved_exactly_or_refused(n, flux_a, output_dir):
         assert rel_err(got[k], want[k]) <= REL_TOL, k
     with safe_open(str(path), "pt") as f:
         made = json.loads(f.metadata()["comfyui_oft.made_from"])
-    assert made["block_strength"] == half.info["block_strength"] and made["fractional_block_strength"] == "orthogonal"
+    assert made["block_strength"] == half.block_spec and made["fractional_block_strength"] == "orthogonal"
 
 
 def test_blend_and_merge_refuse_adapters_with_block_strength(n, flux_a):
@@ -180,7 +180,7 @@ def test_blend_node_endpoints_are_exact_and_midpoint_is_a_rotation(n, flux_a, fl
     for t in (0.0, 0.5, 1.0):
         out = n.ops.OFTBlend.execute(adapter_a=flux_a, adapter_b=flux_b, ratio=t)
         adapter = out.result[0]
-        assert adapter.info["made_from"]["blend"]["ratio"] == t and f"ratio {t:g}" in out.ui.value
+        assert adapter.made_from["blend"]["ratio"] == t and f"ratio {t:g}" in out.ui.value
         blended[t] = patched(apply(n, base, adapter)[0], keys)
     for k in keys:
         assert torch.equal(blended[0.0][k], ref_a[k]) and torch.equal(blended[1.0][k], ref_b[k]), k
@@ -211,7 +211,7 @@ def test_merge_node_compose_and_average(n, flux_a, flux_b):
                                  weight_2=7.0)  # weight of an unconnected slot is ignored
     merged = out.result[0]
     assert "compose of 2 adapters (weights 1, 0.5)" in out.ui.value
-    assert [e["weight"] for e in merged.info["made_from"]["merge"]["adapters"]] == [1.0, 0.5]
+    assert [e["weight"] for e in merged.made_from["merge"]["adapters"]] == [1.0, 0.5]
     got = patched(apply(n, base, merged)[0], keys)
     for k in keys:
         name = k[len("diffusion_model."):-len(".weight")].replace(".", "_")
