@@ -22,6 +22,7 @@ from test_nodes import (
     set_patches,
     snapshot,
 )
+from test_train_qoft import tiny_flux_detection  # noqa: F401  (a fixture)
 
 pack, nodes_mod = test_nodes.pack, test_nodes.nodes_mod  # shared fixtures
 
@@ -298,3 +299,46 @@ def test_oftapply_bypass_and_default_merge(nodes_mod, fixtures_dir):
     assert len(merged.patches) == 8 and not merged.injections
     inputs = comfy_models.flux_inputs(seed=4)
     assert rel_err(forward(m, inputs), forward(merged, inputs)) <= MODEL_TOL
+
+
+@pytest.mark.third_party
+@pytest.mark.usefixtures("tiny_flux_detection")
+def test_gguf_base_bypass_equals_the_fp32_reference_of_the_dequantised_weights(nodes_mod, fixtures_dir, tmp_path,
+                                                                                monkeypatch):
+    """City96's ComfyUI-GGUF (UnetLoaderGGUF, Q8_0): bypass rotates the outputs of the layers' own dequantised
+    forward, so the model equals the fp32 model holding the dequantised weights with OFT merged in fp32 (to fp32
+    rounding), full load and low VRAM alike; nothing of the GGUF model is written. Runs where that pack is present."""
+    import folder_paths
+    from test_train_qoft import assert_raw_equal, gguf_pack, load_state_dict_model, raw, write_gguf_q8
+
+    gg_nodes, gg_loader, gg_dequant = gguf_pack()
+    sd = load_file(comfy_models.FIXTURES / comfy_models.FLUX_TINY_BASE)
+    (tmp_path / "unet").mkdir()
+    path = tmp_path / "unet" / "flux_tiny_Q8_0.gguf"
+    write_gguf_q8(sd, path)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(tmp_path / "unet")], {".gguf"}))
+    folder_paths.filename_list_cache.clear()
+    try:
+        with torch.inference_mode():
+            (gguf_model,) = gg_nodes.UnetLoaderGGUF().load_unet("flux_tiny_Q8_0.gguf")
+    finally:
+        folder_paths.filename_list_cache.clear()
+    qkv = gguf_model.model.diffusion_model.double_blocks[0].img_attn.qkv
+    assert type(qkv.weight).__name__ == "GGMLTensor" and qkv.weight.tensor_type.name == "Q8_0"
+    dequantised = {k: gg_dequant.dequantize_tensor(v, torch.float32).reshape(v.tensor_shape).clone()
+                   for k, v in gg_loader.gguf_sd_loader(str(path)).items()}
+    reference = load_state_dict_model({k: torch.Tensor(v) if type(v) is not torch.Tensor else v
+                                       for k, v in dequantised.items()})
+    adapter = nodes_mod.files.load(fixtures_dir / FLUX_ADAPTER)
+    ref, _, _ = nodes_mod.patch.apply_oft(reference, None, adapter, 1.0, "kohya", "merge")
+    inputs = comfy_models.flux_inputs()
+    with torch.inference_mode():
+        y_ref, y_plain = forward(ref, inputs), forward(reference, inputs)
+        bypass, _, text = nodes_mod.patch.apply_oft(gguf_model, None, adapter, 1.0, "kohya", "bypass")
+        assert "bypass" in text
+        raw_before = raw(gguf_model)
+        y_bypass = forward(bypass, inputs)
+        y_bypass_low = forward(bypass, inputs, lowvram_model_memory=1)
+    assert_raw_equal(gguf_model, raw_before)
+    assert rel_err(y_ref, y_plain) > 10 * MODEL_TOL  # the adapter's effect (~3e-4) stands well above the tolerance
+    assert rel_err(y_bypass, y_ref) <= MODEL_TOL and rel_err(y_bypass_low, y_ref) <= MODEL_TOL
