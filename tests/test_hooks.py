@@ -21,25 +21,8 @@ pytestmark = pytest.mark.comfyui
 
 @pytest.fixture(scope="module")
 def oft_folder(pack, tmp_path_factory):
-    """The fixture adapters in an 'oft' folder of this module's own, under names prefixed with 'hk_': a second
-    folder with the same file names as test_nodes' would make its name lookups ambiguous."""
-    import shutil
-
-    import folder_paths
-    from comfyui_oft.nodes import files
-
-    root = tmp_path_factory.mktemp("oft_hooks")
-    fx = comfy_models.FIXTURES
-    shutil.copy(fx / FLUX_ADAPTER, root / ("hk_" + os.path.basename(FLUX_ADAPTER)))
-    for d in test_nodes.LYCORIS_DIRS:
-        shutil.copy(fx / "lycoris" / d / f"{d}.safetensors", root / f"hk_{d}.safetensors")
-    for d in test_nodes.PEFT_DIRS:
-        (root / f"hk_{d}").mkdir()
-        for f in ("adapter_model.safetensors", "adapter_config.json"):
-            shutil.copy(fx / "peft" / d / f, root / f"hk_{d}" / f)
-    files.register_folder()
-    folder_paths.add_model_folder_path("oft", str(root))
-    return root
+    """The fixture adapters in an 'oft' folder of this module's own, names prefixed with 'hk_'."""
+    return test_nodes.fixture_oft_folder(tmp_path_factory, "hk_")
 
 
 def aname(name: str) -> str:

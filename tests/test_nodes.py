@@ -33,6 +33,29 @@ NODE_IDS = ["OFTLoader", "OFTLoadAdapter", "OFTApply", "OFTInspect", "OFTBlockSt
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def fixture_oft_folder(tmp_path_factory, prefix: str):
+    """The fixture adapters (FLUX kohya, every LyCORIS and PEFT fixture) in an 'oft' folder of a test module's own,
+    under names prefixed with `prefix`: a second folder with the same file names as another module's would make name
+    lookups ambiguous. Registered with folder_paths; returns the folder."""
+    import shutil
+
+    import folder_paths
+    from comfyui_oft.nodes import files
+
+    root = tmp_path_factory.mktemp(f"oft_{prefix.strip('_')}")
+    fx = comfy_models.FIXTURES
+    shutil.copy(fx / FLUX_ADAPTER, root / (prefix + os.path.basename(FLUX_ADAPTER)))
+    for d in LYCORIS_DIRS:
+        shutil.copy(fx / "lycoris" / d / f"{d}.safetensors", root / f"{prefix}{d}.safetensors")
+    for d in PEFT_DIRS:
+        (root / f"{prefix}{d}").mkdir()
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy(fx / "peft" / d / f, root / f"{prefix}{d}" / f)
+    files.register_folder()
+    folder_paths.add_model_folder_path("oft", str(root))
+    return root
+
+
 
 
 @pytest.fixture(scope="session")

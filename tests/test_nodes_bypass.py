@@ -31,25 +31,8 @@ pytestmark = pytest.mark.comfyui
 
 @pytest.fixture(scope="module")
 def oft_folder(pack, tmp_path_factory):
-    """The fixture adapters in an 'oft' folder of this module's own, under names prefixed with 'bp_': a second
-    folder with the same file names as test_nodes' would make its name lookups ambiguous."""
-    import shutil
-
-    import folder_paths
-    from comfyui_oft.nodes import files
-
-    root = tmp_path_factory.mktemp("oft_bypass")
-    fx = comfy_models.FIXTURES
-    shutil.copy(fx / FLUX_ADAPTER, root / ("bp_" + os.path.basename(FLUX_ADAPTER)))
-    for d in test_nodes.LYCORIS_DIRS:
-        shutil.copy(fx / "lycoris" / d / f"{d}.safetensors", root / f"bp_{d}.safetensors")
-    for d in test_nodes.PEFT_DIRS:
-        (root / f"bp_{d}").mkdir()
-        for f in ("adapter_model.safetensors", "adapter_config.json"):
-            shutil.copy(fx / "peft" / d / f, root / f"bp_{d}" / f)
-    files.register_folder()
-    folder_paths.add_model_folder_path("oft", str(root))
-    return root
+    """The fixture adapters in an 'oft' folder of this module's own, names prefixed with 'bp_'."""
+    return test_nodes.fixture_oft_folder(tmp_path_factory, "bp_")
 
 
 def aname(name: str) -> str:
@@ -308,27 +291,10 @@ def test_gguf_base_bypass_equals_the_fp32_reference_of_the_dequantised_weights(n
     """City96's ComfyUI-GGUF (UnetLoaderGGUF, Q8_0): bypass rotates the outputs of the layers' own dequantised
     forward, so the model equals the fp32 model holding the dequantised weights with OFT merged in fp32 (to fp32
     rounding), full load and low VRAM alike; nothing of the GGUF model is written. Runs where that pack is present."""
-    import folder_paths
-    from test_train_qoft import assert_raw_equal, gguf_pack, load_state_dict_model, raw, write_gguf_q8
+    from test_train_qoft import assert_raw_equal, dequantised_reference, load_tiny_flux_gguf, raw
 
-    gg_nodes, gg_loader, gg_dequant = gguf_pack()
-    sd = load_file(comfy_models.FIXTURES / comfy_models.FLUX_TINY_BASE)
-    (tmp_path / "unet").mkdir()
-    path = tmp_path / "unet" / "flux_tiny_Q8_0.gguf"
-    write_gguf_q8(sd, path)
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(tmp_path / "unet")], {".gguf"}))
-    folder_paths.filename_list_cache.clear()
-    try:
-        with torch.inference_mode():
-            (gguf_model,) = gg_nodes.UnetLoaderGGUF().load_unet("flux_tiny_Q8_0.gguf")
-    finally:
-        folder_paths.filename_list_cache.clear()
-    qkv = gguf_model.model.diffusion_model.double_blocks[0].img_attn.qkv
-    assert type(qkv.weight).__name__ == "GGMLTensor" and qkv.weight.tensor_type.name == "Q8_0"
-    dequantised = {k: gg_dequant.dequantize_tensor(v, torch.float32).reshape(v.tensor_shape).clone()
-                   for k, v in gg_loader.gguf_sd_loader(str(path)).items()}
-    reference = load_state_dict_model({k: torch.Tensor(v) if type(v) is not torch.Tensor else v
-                                       for k, v in dequantised.items()})
+    gguf_model, path, gg_loader, gg_dequant = load_tiny_flux_gguf(tmp_path, monkeypatch)
+    reference = dequantised_reference(path, gg_loader, gg_dequant)
     adapter = nodes_mod.files.load(fixtures_dir / FLUX_ADAPTER)
     ref, _, _ = nodes_mod.patch.apply_oft(reference, None, adapter, 1.0, "kohya", "merge")
     inputs = comfy_models.flux_inputs()

@@ -171,17 +171,16 @@ def write_gguf_q8(sd: dict[str, torch.Tensor], path: Path) -> None:
     writer.close()
 
 
-@pytest.mark.third_party
-def test_gguf_base_from_unetloadergguf_trains_fp32_adapter_weights_untouched(comfy, tn, tmp_path, monkeypatch,
-                                                                             tiny_flux_detection):
-    gg_nodes, gg_loader, gg_dequant = gguf_pack()
+def load_tiny_flux_gguf(tmp_path: Path, monkeypatch):
+    """The tiny FLUX written as a Q8_0 GGUF and loaded by city96's UnetLoaderGGUF (as users load FLUX); returns
+    (the GGUF ModelPatcher, the GGUF file, the pack's loader and dequant modules). Needs `tiny_flux_detection`."""
     import folder_paths
     from safetensors.torch import load_file
 
-    sd = load_file(str(FLUX_FILE))
+    gg_nodes, gg_loader, gg_dequant = gguf_pack()
     (tmp_path / "unet").mkdir()
     path = tmp_path / "unet" / "flux_tiny_Q8_0.gguf"
-    write_gguf_q8(sd, path)
+    write_gguf_q8(load_file(str(FLUX_FILE)), path)
     # ("unet" is the legacy name of the diffusion_models folder)
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(tmp_path / "unet")], {".gguf"}))
     folder_paths.filename_list_cache.clear()
@@ -193,8 +192,19 @@ def test_gguf_base_from_unetloadergguf_trains_fp32_adapter_weights_untouched(com
     assert type(model).__name__ == "GGUFModelPatcher"
     qkv = model.model.diffusion_model.double_blocks[0].img_attn.qkv
     assert type(qkv.weight).__name__ == "GGMLTensor" and qkv.weight.tensor_type.name == "Q8_0"
-    # the reference: an fp32 model holding exactly what the GGUF loader dequantises
+    return model, path, gg_loader, gg_dequant
+
+
+def dequantised_reference(path: Path, gg_loader, gg_dequant):
+    """An fp32 model holding exactly what the GGUF loader dequantises from `path`."""
     dequantised = {k: gg_dequant.dequantize_tensor(v, torch.float32).reshape(v.tensor_shape).clone()
                    for k, v in gg_loader.gguf_sd_loader(str(path)).items()}
-    dequantised = {k: torch.Tensor(v) if type(v) is not torch.Tensor else v for k, v in dequantised.items()}
-    check_qoft(tn, model, load_state_dict_model(dequantised), {torch.uint8})
+    return load_state_dict_model({k: torch.Tensor(v) if type(v) is not torch.Tensor else v
+                                  for k, v in dequantised.items()})
+
+
+@pytest.mark.third_party
+def test_gguf_base_from_unetloadergguf_trains_fp32_adapter_weights_untouched(comfy, tn, tmp_path, monkeypatch,
+                                                                             tiny_flux_detection):
+    model, path, gg_loader, gg_dequant = load_tiny_flux_gguf(tmp_path, monkeypatch)
+    check_qoft(tn, model, dequantised_reference(path, gg_loader, gg_dequant), {torch.uint8})
