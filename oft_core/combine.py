@@ -256,6 +256,7 @@ def _lcm_blocks(r: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | None:
+    """The layers of one (component, name) across the adapters, composed in order into one Cayley layer."""
     active = [(layer, w, src) for layer, w, src in entries if not _is_identity(layer, w)]
     if not active:
         first = entries[0][0]
@@ -264,15 +265,30 @@ def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | Non
     if len(active) == 1:
         layer, w, _ = active[0]
         return _scaled(layer, w)
-    # PEFT block_share: one block repeated along a width only the base weight fixes. Met with an unshared layer, that
-    # layer's width is the one; all shared, the product repeats blocks of the lcm of their sizes (exact for every
-    # width they fit: a width divisible by each block size is divisible by their lcm), so the result stays shared.
     keep_shared = all(layer.block_share for layer, _, _ in active)
-    if any(layer.block_share for layer, _, _ in active):
-        plain = [layer for layer, _, _ in active if not layer.block_share]
-        width = sum(plain[0].split_sizes) if plain else math.lcm(*(layer.block_sizes[0] for layer, _, _ in active))
-        active = [(_unshare(layer, width, src) if layer.block_share else layer, w, src) for layer, w, src in active]
+    active = _unshared(active)
     ref = active[0][0]
+    _check_composable(active, ref)
+    scale = _composed_row_scale(active, ref)
+    gens = [_composed_generator(active, ref, split, width) for split, width in enumerate(ref.split_sizes)]
+    return _rebuild(ref, generators=gens, num_blocks=[w // q.shape[-1] for w, q in zip(ref.split_sizes, gens)],
+                    parameterization="cayley", neumann_coeffs=(), row_scale=scale, source="compose",
+                    block_share=keep_shared)
+
+
+def _unshared(active: list[tuple[OFTLayer, float, str]]) -> list[tuple[OFTLayer, float, str]]:
+    """PEFT block_share: one block repeated along a width only the base weight fixes. Met with an unshared layer, that
+    layer's width is the one; all shared, the product repeats blocks of the lcm of their sizes (exact for every
+    width they fit: a width divisible by each block size is divisible by their lcm), so the result stays shared."""
+    if not any(layer.block_share for layer, _, _ in active):
+        return active
+    plain = [layer for layer, _, _ in active if not layer.block_share]
+    width = sum(plain[0].split_sizes) if plain else math.lcm(*(layer.block_sizes[0] for layer, _, _ in active))
+    return [(_unshare(layer, width, src) if layer.block_share else layer, w, src) for layer, w, src in active]
+
+
+def _check_composable(active: list[tuple[OFTLayer, float, str]], ref: OFTLayer) -> None:
+    """Refuse what has no exact composition: mixed sides, butterfly or non-Cayley layers, different split widths."""
     for layer, _, src in active:
         if layer.side != ref.side:
             raise OFTError("one adapter rotates this layer's input features and another its output features: "
@@ -285,50 +301,53 @@ def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | Non
         if layer.split_sizes != ref.split_sizes:
             raise OFTError(f"split sizes differ ({ref.split_sizes} vs {layer.split_sizes}): the layers rotate "
                            "different widths", path=src, layer=layer.key)
-    # row scales (see module docstring)
-    scale = None
+
+
+def _composed_row_scale(active: list[tuple[OFTLayer, float, str]], ref: OFTLayer):
+    """The composition's row scale (see the module docstring): input side, the product of all; output side, only a
+    scale on the last layer applied."""
     if ref.side == "in":
+        scale = None
         for layer, _, _ in active:
             if layer.row_scale is not None:
                 scale = layer.row_scale if scale is None else scale * layer.row_scale
-    else:
-        for i, (layer, _, src) in enumerate(active):
-            if layer.row_scale is not None and i != len(active) - 1:
-                raise OFTError("a rescaled layer followed by another rotation: diag(s)·M_b ≠ M_b·diag(s), the "
-                               "product is not an OFT layer", path=src, layer=layer.key)
-        scale = active[-1][0].row_scale
-    gens = []
-    for split, width in enumerate(ref.split_sizes):
-        sizes = [layer.block_sizes[split] for layer, _, _ in active]
-        size = math.lcm(*sizes)
-        if width % size:
-            raise OFTError(f"block sizes {sorted(set(sizes))} compose into blocks of {size}, which do not tile the "
-                           f"split of width {width}: the product is not a block-diagonal OFT layer",
-                           path=active[0][2], layer=ref.key)
-        total = None
-        for layer, w, _ in active:
-            blocks = rotation_blocks(layer, w, "orthogonal")[split]
-            blocks = _lcm_blocks(blocks, size) if blocks.shape[-1] != size else blocks
-            if total is None:
-                total = blocks
-            elif ref.side == "out":
-                total = blocks @ total  # applied later = multiplied on the left
-            else:
-                total = total @ blocks
-        target = total.transpose(-1, -2) if ref.transpose else total
-        try:
-            q = generator_of(target)  # Q = (B − I)(B + I)⁻¹
-        except RuntimeError:  # torch.linalg.solve on a singular B + I
-            raise OFTError("the composed rotation turns some block by half a turn (eigenvalue −1): it has no Cayley "
-                           "generator", layer=ref.key) from None
-        q = 0.5 * (q - q.transpose(-1, -2))  # exactly skew (it is skew up to rounding)
-        back = rotation_blocks(make_layer(path="", name=ref.name, side=ref.side, generators=[q], transpose=False),
-                               1.0)[0]
-        err = float((back - target).abs().max())
-        if not err <= _HALF_TURN_TOL:
-            raise OFTError(f"the composed rotation is too close to a half turn for the inverse Cayley transform "
-                           f"(round-trip error {err:.2g})", layer=ref.key)
-        gens.append(q)
-    return _rebuild(ref, generators=gens, num_blocks=[w // q.shape[-1] for w, q in zip(ref.split_sizes, gens)],
-                    parameterization="cayley", neumann_coeffs=(), row_scale=scale, source="compose",
-                    block_share=keep_shared)
+        return scale
+    for i, (layer, _, src) in enumerate(active):
+        if layer.row_scale is not None and i != len(active) - 1:
+            raise OFTError("a rescaled layer followed by another rotation: diag(s)·M_b ≠ M_b·diag(s), the "
+                           "product is not an OFT layer", path=src, layer=layer.key)
+    return active[-1][0].row_scale
+
+
+def _composed_generator(active: list[tuple[OFTLayer, float, str]], ref: OFTLayer, split: int, width: int):
+    """Q of split `split`: the product of every layer's blocks (at the lcm block size), back through inverse Cayley,
+    refused near a half turn."""
+    sizes = [layer.block_sizes[split] for layer, _, _ in active]
+    size = math.lcm(*sizes)
+    if width % size:
+        raise OFTError(f"block sizes {sorted(set(sizes))} compose into blocks of {size}, which do not tile the "
+                       f"split of width {width}: the product is not a block-diagonal OFT layer",
+                       path=active[0][2], layer=ref.key)
+    total = None
+    for layer, w, _ in active:
+        blocks = rotation_blocks(layer, w, "orthogonal")[split]
+        blocks = _lcm_blocks(blocks, size) if blocks.shape[-1] != size else blocks
+        if total is None:
+            total = blocks
+        elif ref.side == "out":
+            total = blocks @ total  # applied later = multiplied on the left
+        else:
+            total = total @ blocks
+    target = total.transpose(-1, -2) if ref.transpose else total
+    try:
+        q = generator_of(target)  # Q = (B − I)(B + I)⁻¹
+    except RuntimeError:  # torch.linalg.solve on a singular B + I
+        raise OFTError("the composed rotation turns some block by half a turn (eigenvalue −1): it has no Cayley "
+                       "generator", layer=ref.key) from None
+    q = 0.5 * (q - q.transpose(-1, -2))  # exactly skew (it is skew up to rounding)
+    back = rotation_blocks(make_layer(path="", name=ref.name, side=ref.side, generators=[q], transpose=False), 1.0)[0]
+    err = float((back - target).abs().max())
+    if not err <= _HALF_TURN_TOL:
+        raise OFTError(f"the composed rotation is too close to a half turn for the inverse Cayley transform "
+                       f"(round-trip error {err:.2g})", layer=ref.key)
+    return q
