@@ -351,15 +351,7 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
     numbered, never overwriting); their paths are appended to `saved`.
     """
     images = validate(model, latents, positive, steps, batch_size, grad_accumulation, learning_rate, alpha)
-    if training_dtype not in DTYPES:
-        raise OFTError(f"training dtype: expected one of {', '.join(DTYPES)}, found {training_dtype!r}")
-    if optimizer not in OPTIMIZERS:
-        raise OFTError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, found {optimizer!r}")
-    if loss_function not in LOSSES:
-        raise OFTError(f"loss function: expected one of {', '.join(LOSSES)}, found {loss_function!r}")
-    lr_factor(lr_schedule, 0, steps, warmup_steps)  # a bad schedule or warm-up: refused before any work
-    if save_every < 0:
-        raise OFTError(f"save_every: expected 0 (off) or a step count ≥ 1, found {save_every}")
+    check_options(training_dtype, optimizer, loss_function, lr_schedule, steps, warmup_steps, save_every)
     trainer = build_trainer(model, targets, num_blocks, alpha, neumann_terms)  # block-count errors: before any work
     prior = resume_from(model, trainer, resume) if resume is not None else 0
 
@@ -371,21 +363,13 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
     pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
     losses: list[float] = []
 
+    settings = dict(learning_rate=learning_rate, optimizer=optimizer, seed=seed, batch_size=batch_size,
+                    grad_accumulation=grad_accumulation, training_dtype=training_dtype, targets=targets,
+                    num_blocks=num_blocks, alpha=alpha, neumann_terms=neumann_terms, loss_function=loss_function,
+                    lr_schedule=lr_schedule, warmup_steps=warmup_steps)
+
     def metadata(done: int) -> dict:
-        sizes = {"x".join(str(d) for d in x.shape[2:]): int(x.shape[0]) for x, _ in buckets}
-        extra = {"ss_base_model_version": _base_version(model), "ss_steps": str(prior + done),
-                 "ss_max_train_steps": str(prior + steps), "ss_lr_scheduler": lr_schedule,
-                 "ss_lr_warmup_steps": str(warmup_steps), "ss_loss_type": KOHYA_LOSS[loss_function],
-                 "ss_enable_bucket": str(len(buckets) > 1),
-                 "comfyui_oft.train": f"targets={targets} num_blocks={num_blocks} alpha={alpha:g} "
-                                      f"neumann_terms={neumann_terms} loss={loss_function} "
-                                      f"lr_schedule={lr_schedule} warmup_steps={warmup_steps}",
-                 "comfyui_oft.latent_sizes": json.dumps(sizes)}
-        if resume is not None:
-            extra["comfyui_oft.resumed_from_steps"] = str(prior)
-        return training_metadata(steps=prior + done, lr=learning_rate, optimizer=optimizer, seed=seed,
-                                 batch_size=batch_size, grad_accum=grad_accumulation, num_images=n,
-                                 dtype=training_dtype, extra=extra)
+        return run_metadata(model, buckets, n, prior, done, steps, resumed=resume is not None, **settings)
 
     def before_step(step):
         # Looked up on the module each time (tests and ComfyUI may replace it); raises on Cancel.
@@ -444,6 +428,41 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
                                   grad_accum=grad_accumulation, optimizer=optimizer, before_step=before_step,
                                   on_step=on_step, schedule=lr_schedule, warmup_steps=warmup_steps)
     return trainer, losses, metadata(steps)
+
+
+def check_options(training_dtype: str, optimizer: str, loss_function: str, lr_schedule: str, steps: int,
+                  warmup_steps: int, save_every: int) -> None:
+    """The choices and counts `validate` does not see, refused before any work."""
+    if training_dtype not in DTYPES:
+        raise OFTError(f"training dtype: expected one of {', '.join(DTYPES)}, found {training_dtype!r}")
+    if optimizer not in OPTIMIZERS:
+        raise OFTError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, found {optimizer!r}")
+    if loss_function not in LOSSES:
+        raise OFTError(f"loss function: expected one of {', '.join(LOSSES)}, found {loss_function!r}")
+    lr_factor(lr_schedule, 0, steps, warmup_steps)  # a bad schedule or warm-up: refused before any work
+    if save_every < 0:
+        raise OFTError(f"save_every: expected 0 (off) or a step count ≥ 1, found {save_every}")
+
+
+def run_metadata(model, buckets, n: int, prior: int, done: int, steps: int, *, resumed: bool, learning_rate: float,
+                 optimizer: str, seed: int, batch_size: int, grad_accumulation: int, training_dtype: str,
+                 targets: str, num_blocks: int, alpha: float, neumann_terms: int, loss_function: str,
+                 lr_schedule: str, warmup_steps: int) -> dict:
+    """kohya `ss_*` metadata (and the pack's own) of a run after `done` of its `steps`, `prior` steps before it."""
+    sizes = {"x".join(str(d) for d in x.shape[2:]): int(x.shape[0]) for x, _ in buckets}
+    extra = {"ss_base_model_version": _base_version(model), "ss_steps": str(prior + done),
+             "ss_max_train_steps": str(prior + steps), "ss_lr_scheduler": lr_schedule,
+             "ss_lr_warmup_steps": str(warmup_steps), "ss_loss_type": KOHYA_LOSS[loss_function],
+             "ss_enable_bucket": str(len(buckets) > 1),
+             "comfyui_oft.train": f"targets={targets} num_blocks={num_blocks} alpha={alpha:g} "
+                                  f"neumann_terms={neumann_terms} loss={loss_function} "
+                                  f"lr_schedule={lr_schedule} warmup_steps={warmup_steps}",
+             "comfyui_oft.latent_sizes": json.dumps(sizes)}
+    if resumed:
+        extra["comfyui_oft.resumed_from_steps"] = str(prior)
+    return training_metadata(steps=prior + done, lr=learning_rate, optimizer=optimizer, seed=seed,
+                             batch_size=batch_size, grad_accum=grad_accumulation, num_images=n,
+                             dtype=training_dtype, extra=extra)
 
 
 def save_checkpoint(model, trainer: CoreTrainer, meta: dict, prefix: str, total_steps: int) -> str:
