@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oft_core.rotation import _apply_rows  # (the merge path's block product: the weight-centric baseline)
+from oft_core.rotation import apply_rows  # (the merge path's differentiable block product: weight-centric baseline)
 from oft_core.train import OFTTrainer, run_training
 
 # SD1.x-family UNets built through ComfyUI's own SD15 model class (comfy.supported_models.SD15).
@@ -365,7 +365,7 @@ def weight_centric(trainer: OFTTrainer):
     for tl in trainer.layers:
         def fwd(x, tl=tl):
             weight = tl.module.weight
-            w = _apply_rows(tl.layer, trainer.blocks(tl), weight.float().reshape(weight.shape[0], -1))
+            w = apply_rows(tl.layer, trainer.blocks(tl), weight.float().reshape(weight.shape[0], -1))
             return F.linear(x, w.reshape(weight.shape), tl.module.bias)
         tl.module.forward = fwd
 

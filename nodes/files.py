@@ -23,8 +23,7 @@ import folder_paths
 
 from .. import oft_core
 from ..oft_core.errors import OFTError
-from ..oft_core.formats import READERS, peft
-from ..oft_core.formats import _not_oft_message as not_oft_message
+from ..oft_core.formats import READERS, not_oft_message, peft
 from ..oft_core.safetensors_io import read_header
 
 log = logging.getLogger(__name__)

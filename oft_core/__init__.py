@@ -1,13 +1,24 @@
-"""oft_core: OFT (Orthogonal Fine-Tuning) adapters in pure torch — formats, rotation math, merge, bake.
+"""oft_core: OFT (Orthogonal Fine-Tuning) adapters in pure torch — formats, rotation math, merge, bake, train.
 
-Never imports ComfyUI. The public API:
+Never imports ComfyUI (tests/test_core_standalone.py). The package namespace holds the core objects below; the rest of
+the API is used from its module, and these are the names the nodes, the CLI and the benchmarks use (anything else,
+or anything with a leading underscore, is internal and may change):
 
-- `load_adapter(path)` -> `OFTAdapter` of validated `OFTLayer`s (any kohya / LyCORIS / PEFT OFT file)
-- `rotation_blocks`, `rotate_weight` / in place `rotate_weight_` (merge path),
-  `rotate_features`, `bypass_forward` (activation path)
-- `build_key_map`, `match_adapter` (adapter layer names -> base weights, with a match report)
-- `bake(base, [(adapter, strength), ...], out)` (streaming, atomic)
-- `OFTError`: every user-facing error
+- description: `spec` — `OFTAdapter`, `OFTLayer`, `Constraint`, `make_layer`, `resolve_for_weight`, `COMPONENTS`,
+  `TE_COMPONENTS`; `choices` — `STRENGTH_MODES`, `MERGE_MODES`, `FORMATS`; `errors` — `OFTError`, `check_strength`
+- files: `formats` — `load_adapter`, `open_streamed`, `write_adapter`, `READERS`, `WRITERS`, `FORMATS`,
+  `format_family`, `not_oft_message`, `KOHYA_REFUSED`; `safetensors_io` — `read_header`; `publish` — `publish_file`,
+  `publish_safetensors`, `check_output`, `check_output_name`
+- math: `rotation` — `rotation_blocks`, `rotate_weight` / `rotate_weight_` (merge path), `rotate_features`,
+  `bypass_forward`, `apply_rows` (activation and weight paths); `bypass` — `ModuleBypass`, `module_bypasses`,
+  `attach`
+- names: `names` — `build_key_map`, `KeyMap`, `Target`; `match` — `match_adapter`, `Match`, `MatchReport`
+- operations: `blocks` — `parse_block_spec`, `apply_block_strength`, `with_block_strength`, `scale_layers`,
+  `layer_multiplier`, `layer_block`; `combine` — `blend`, `merge`; `bake` — `bake`; `extract` — `extract`,
+  `extract_lora`, `lora_metadata`; `summary` — `describe`, `format_text`, `tool_notes`
+- training: `train` — `OFTTrainer`, `select_targets`, `PRESETS`, `run_training`, `training_metadata`,
+  `frozen_for_training`, `gradient_checkpointing`, `inplace_safe`, `checkpoint_blocks`; `demo` — `ToyModel`,
+  `run_demo`
 """
 
 from .bake import bake

@@ -288,7 +288,7 @@ def _butterfly_index(dim: int, stage: int, block: int, device) -> torch.Tensor:
     return torch.arange(dim, device=device).view(-1, 2, k).transpose(1, 2).reshape(-1)
 
 
-def _apply_rows(layer: OFTLayer, blocks: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+def apply_rows(layer: OFTLayer, blocks: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """M·w for a 2-D fp32 `w` whose rows are the rotated axis."""
     if layer.kind == "butterfly":
         r = blocks[0]
@@ -312,7 +312,7 @@ def _apply_last(layer: OFTLayer, blocks: list[torch.Tensor], t: torch.Tensor, *,
     lead = t.shape[:-1]
     flat = t.reshape(-1, t.shape[-1])
     if layer.kind == "butterfly":
-        return _apply_rows(layer, blocks, flat.t()).t().reshape(*lead, -1)
+        return apply_rows(layer, blocks, flat.t()).t().reshape(*lead, -1)
     parts = []
     start = 0
     for r, n, b in zip(blocks, layer.num_blocks, layer.block_sizes):
@@ -357,7 +357,7 @@ def _rotate_into(layer: OFTLayer, blocks: list[torch.Tensor], src: torch.Tensor,
     scale = _row_scale(layer)
     scale = None if scale is None else scale.to(device=src.device, dtype=torch.float32)
     if layer.kind == "butterfly":  # stages permute the rows between products: whole-tensor path
-        w = _apply_rows(layer, blocks, src.to(torch.float32)) if layer.side == "out" else \
+        w = apply_rows(layer, blocks, src.to(torch.float32)) if layer.side == "out" else \
             _apply_last(layer, blocks, src.to(torch.float32), right=True)
         dst.copy_(w if scale is None else w * scale[:, None])
         return

@@ -279,12 +279,12 @@ def test_cayley_gradient_matches_the_solve(size):
 
 def _dense_reference(layer, w, strength=1.0):
     """W' from the dense block-diagonal M, in fp64: M·W (side out) or W·M (side in), then the row scale."""
-    from oft_core.rotation import _apply_rows
+    from oft_core.rotation import apply_rows
 
     blocks = [b.double() for b in rotation_blocks(layer, strength)]
     flat = w.double().reshape(w.shape[0], -1)
     if layer.kind == "butterfly":
-        out = _apply_rows(layer, blocks, flat)
+        out = apply_rows(layer, blocks, flat)
     else:
         m = torch.block_diag(*[blk for r in blocks for blk in r])
         out = m @ flat if layer.side == "out" else flat @ m

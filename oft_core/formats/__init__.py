@@ -94,7 +94,7 @@ def _open(path: str | os.PathLike) -> tuple[Reader, Header, dict | None]:
         if reader.claims(header, config):
             _check_generator_dtypes(header)
             return reader, header, config
-    raise OFTError(_not_oft_message(header), path=model_path)
+    raise OFTError(not_oft_message(header), path=model_path)
 
 
 # The tensors that hold a layer's rotation (generator or stored R) in every format. Trainers write them in a floating
@@ -181,7 +181,7 @@ def open_streamed(path: str | os.PathLike) -> StreamedAdapter:
     return StreamedAdapter(skeleton, reader, header, config, keys, TensorFile(header))
 
 
-def _not_oft_message(header: Header) -> str:
+def not_oft_message(header: Header) -> str:
     keys = list(header.tensors)
     sample = ", ".join(keys[:3]) or "no tensors at all"
     if any(k.endswith((".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight")) for k in keys):
