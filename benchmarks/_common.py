@@ -54,6 +54,19 @@ def best_time(fn, repeats: int, warmup: int = 1) -> float:
     return best
 
 
+def best_time_on(setup, fn, repeats: int, warmup: int = 1) -> float:
+    """Best wall time of fn(setup()) with setup() untimed (a fresh weight copy for a patch that works in place)."""
+    for _ in range(warmup):
+        fn(setup())
+    best = float("inf")
+    for _ in range(repeats):
+        arg = setup()
+        t = time.perf_counter()
+        fn(arg)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def kohya_layer(name: str, splits: list[tuple[int, int]], seed: int = 0, alpha: float = 1e-3):
     """A kohya-convention layer (output side, Rᵀ applied, ‖Q‖ ≤ alpha·split per split): splits [(blocks, size)].
 

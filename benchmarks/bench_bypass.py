@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import HERE, REPO, best_time, kohya_layer, machine, write_results
+from _common import HERE, REPO, best_time, best_time_on, kohya_layer, machine, write_results
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -44,15 +44,6 @@ FULL_SHAPES = [("flux attn proj", 3072, 3072), ("flux qkv", 9216, 3072), ("flux 
 QUICK_SHAPES = [("sd 320", 320, 320), ("sd 640", 640, 640)]
 
 
-def _timed_on(setup, fn, repeats):
-    best = float("inf")
-    fn(setup())
-    for _ in range(repeats):
-        arg = setup()
-        t = time.perf_counter()
-        fn(arg)
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def _interleaved(fa, fb, repeats):
@@ -79,7 +70,7 @@ def bench_layer(label, out_dim, in_dim, n, dtype, tokens, repeats):
     row = {"shape": label, "out": out_dim, "in": in_dim, "blocks": n, "block_size": b, "dtype": str(dtype)[6:],
            "tokens": tokens}
 
-    t_merge = _timed_on(lambda: w.to(torch.float32, copy=True), lambda t: rotate_weight_(layer, t, 1.0), repeats)
+    t_merge = best_time_on(lambda: w.to(torch.float32, copy=True), lambda t: rotate_weight_(layer, t, 1.0), repeats)
     lin = torch.nn.Linear(in_dim, out_dim, dtype=dtype).requires_grad_(False)
     with torch.no_grad():
         lin.weight.copy_(w)

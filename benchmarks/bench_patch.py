@@ -33,10 +33,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from _common import HERE, best_time, kohya_layer, machine, write_results
+from _common import HERE, best_time, best_time_on, kohya_layer, machine, write_results
 
 import torch  # noqa: E402
 
@@ -122,19 +121,6 @@ def bench_one(label, out_dim, in_dim, n, dtype, repeats, comfy_cls):
                     comfy_over_ours_repeat=t_comfy / t_repeat,
                     comfy_over_ours_e2e=t_comfy_e2e / t_ours_e2e, comfy_vs_ours_rel_diff=diff)
     return rows
-
-
-def best_time_on(setup, fn, repeats: int, warmup: int = 1) -> float:
-    """Best wall time of fn(setup()) with setup() untimed (a fresh weight copy for a patch that works in place)."""
-    for _ in range(warmup):
-        fn(setup())
-    best = float("inf")
-    for _ in range(repeats):
-        arg = setup()
-        t = time.perf_counter()
-        fn(arg)
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main(argv=None) -> int:

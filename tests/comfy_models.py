@@ -215,6 +215,22 @@ def _build(model_config_cls, unet_config, dtype, state_dict=None):
     return model
 
 
+def sd1_clip(seed: int = 3):
+    """ComfyUI's SD1 CLIP-L (comfy.sd.CLIP around comfy.sd1_clip.SD1ClipModel, the real architecture) with seeded
+    weights (`_fill_deterministic`)."""
+    import comfy.sd
+    import comfy.sd1_clip
+
+    class Target:
+        params = {}
+        clip = comfy.sd1_clip.SD1ClipModel
+        tokenizer = comfy.sd1_clip.SD1Tokenizer
+
+    clip = comfy.sd.CLIP(Target())
+    _fill_deterministic(clip.patcher.model, seed=seed)
+    return clip
+
+
 def _fill_deterministic(module, seed: int, std: float = 0.02):
     """Fill every parameter with fixed pseudo-random values, fast.
 

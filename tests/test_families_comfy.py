@@ -16,14 +16,6 @@ pytestmark = pytest.mark.comfyui
 FAMILIES = ("sd3", "wan", "qwen")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def mods(comfyui_oft):
     from comfyui_oft.nodes import families, op_nodes, patch, train_node

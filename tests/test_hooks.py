@@ -136,13 +136,7 @@ def test_text_encoder_hook_through_set_clip_hooks(nodes_mod, pack, tmp_path):
     from comfyui_oft.oft_core import rotate_weight
     from test_te_clip import RUNTIME_PREFIX, TE_DIR, TE_FILE
 
-    class Target:
-        params = {}
-        clip = comfy.sd1_clip.SD1ClipModel
-        tokenizer = comfy.sd1_clip.SD1Tokenizer
-
-    clip = comfy.sd.CLIP(Target())
-    comfy_models._fill_deterministic(clip.patcher.model, seed=3)
+    clip = comfy_models.sd1_clip(seed=3)
     adapter = nodes_mod.files.load(TE_DIR / TE_FILE)
     hooks = hook_nodes.create_oft_hook(adapter, 1.0, 0.5, "kohya")
     (hooked,) = core_hooks.SetClipHooks().apply_hooks(clip=clip, schedule_clip=False, apply_to_conds=True,

@@ -478,17 +478,7 @@ def test_lora_and_oft_stack_in_order(nodes_mod, fixtures_dir, order):
 @pytest.fixture(scope="module")
 def tiny_clip(comfy):
     """ComfyUI's SD1 CLIP-L (comfy.sd.CLIP around comfy.sd1_clip.SD1ClipModel) with seeded weights."""
-    import comfy.sd
-    import comfy.sd1_clip
-
-    class Target:
-        params = {}
-        clip = comfy.sd1_clip.SD1ClipModel
-        tokenizer = comfy.sd1_clip.SD1Tokenizer
-
-    clip = comfy.sd.CLIP(Target())
-    comfy_models._fill_deterministic(clip.patcher.model, seed=3)
-    return clip
+    return comfy_models.sd1_clip(seed=3)
 
 
 def test_text_encoder_layers_patch_the_clip_only(nodes_mod, pack, tiny_clip, tmp_path):

@@ -43,13 +43,7 @@ def clip_l(comfyui_oft, request):
     import comfy.sd
     import comfy.sd1_clip
 
-    class Target:
-        params = {}
-        clip = comfy.sd1_clip.SD1ClipModel
-        tokenizer = comfy.sd1_clip.SD1Tokenizer
-
-    donor = comfy.sd.CLIP(Target())
-    comfy_models._fill_deterministic(donor.patcher.model, seed=5)
+    donor = comfy_models.sd1_clip(seed=5)
     sd = {k[len(RUNTIME_PREFIX):]: v.clone() for k, v in donor.patcher.model.state_dict().items()
           if k.startswith(RUNTIME_PREFIX)}
     del donor
