@@ -19,6 +19,7 @@ from comfy_api.latest import io
 
 from ..oft_core import OFTAdapter, OFTError, build_key_map, match_adapter
 from ..oft_core.blocks import layer_multiplier
+from ..oft_core.errors import check_strength
 from . import files
 from .oft_nodes import MODES, _check_file, _file_input, _mode_input
 from .patch import (
@@ -90,6 +91,9 @@ def create_oft_hook(adapter: OFTAdapter, strength_model: float, strength_clip: f
     """`prev_hooks` (cloned) plus one OFTWeightHook: what Create Hook LoRA does, for an OFT adapter."""
     if mode not in MODES:
         raise OFTError(f"strength mode: expected {' or '.join(MODES)}, found {mode!r}", path=adapter.path)
+    # NaN passes ComfyUI's min/max check: the one strength check of oft_core, before any hook exists
+    strength_model = check_strength(strength_model, "strength_model", path=adapter.path or None)
+    strength_clip = check_strength(strength_clip, "strength_clip", path=adapter.path or None)
     group = prev_hooks.clone() if prev_hooks is not None else comfy.hooks.HookGroup()
     if strength_model == 0 and strength_clip == 0:
         return group

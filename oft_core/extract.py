@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .errors import OFTError
+from .errors import OFTError, check_strength
 from .match import Match, match_adapter
 from .names import build_key_map
 from .rotation import STRENGTH_MODES, rotate_weight
@@ -173,8 +173,7 @@ def extract(adapter: OFTAdapter, weights: Mapping[str, torch.Tensor] | Callable[
     `weights` (a mapping or a key → tensor function, read one weight at a time)."""
     if mode not in STRENGTH_MODES:
         raise OFTError(f"strength mode: expected {' | '.join(STRENGTH_MODES)}, found {mode!r}", path=adapter.path)
-    if not math.isfinite(strength):
-        raise OFTError(f"strength: expected a finite number, found {strength}", path=adapter.path)
+    strength = check_strength(strength, path=adapter.path or None)
     report = match_adapter(adapter, shapes, build_key_map(shapes), components=components, base_name=base_name)
     if not report.matched:
         raise OFTError(f"none of its {report.total} layers matches {base_name}: {report.summary()}",

@@ -219,3 +219,18 @@ def test_keyframes_change_the_strength_between_steps_of_a_real_sampling_run(node
         want = rotate_weight(layer, w, s, "kohya") if s != 0 else w
         assert rel_err(got, want) <= REL_TOL, (sigma, s)
     assert torch.equal(base.model.state_dict()[key], w)  # unpatched after sampling
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_a_non_finite_or_huge_hook_strength_is_refused_before_any_hook(nodes_mod, bad):
+    """NaN passes ComfyUI's min/max check: Create Hook OFT refuses it with oft_core's strength check, naming the input
+    and the file, and makes no hook."""
+    from comfyui_oft.nodes import hook_nodes
+    from comfyui_oft.oft_core import OFTError
+
+    adapter = nodes_mod.files.load(comfy_models.FIXTURES / FLUX_ADAPTER)
+    for kw in ({"strength_model": bad, "strength_clip": 1.0}, {"strength_model": 1.0, "strength_clip": bad}):
+        with pytest.raises(OFTError) as e:
+            hook_nodes.create_oft_hook(adapter, mode="kohya", **kw)
+        name = next(k for k, v in kw.items() if v is bad)
+        assert name in str(e.value) and "flux_tiny_oft_attn_dim4.safetensors" in str(e.value)
