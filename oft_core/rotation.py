@@ -484,7 +484,7 @@ def rotate_weight_(
     return weight
 
 
-_FINITE_CHUNK = 1 << 20  # elements checked at a time on the CPU: a 1 MiB mask, whatever the weight's size
+_FINITE_CHUNK = 1 << 18  # elements checked at a time on the CPU: a 256 KiB mask, whatever the weight's size
 
 
 def all_finite(t: torch.Tensor) -> bool:
