@@ -66,7 +66,7 @@ def plain_bias(module: torch.nn.Module, dtype: torch.dtype, device: torch.device
 def _is_identity(layer: OFTLayer) -> bool:
     """All generators zero and no row scale: R = I exactly (Cayley, Neumann and both strength modes)."""
     return (layer.parameterization != "matrix" and layer.row_scale is None
-            and all(g.device.type != "meta" and not bool(g.any()) for g in layer.generators))
+            and all(g.device.type != "meta" and not bool(g.any()) for g in layer.blocks))
 
 
 class ModuleBypass:
@@ -189,7 +189,7 @@ class ModuleBypass:
         effect) in bf16 / fp16 has an error of ~2⁻⁸ / 2⁻¹¹ of that change, far under the one rounding of the sum to the
         activation dtype (which the fp32 path pays too), and runs at the 16-bit matmul rate the layer itself used."""
         work = y.dtype if y.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        if not self.conv and len(targets) == 1 and targets[0].span is None and len(targets[0].layer.generators) == 1:
+        if not self.conv and len(targets) == 1 and targets[0].span is None and len(targets[0].layer.blocks) == 1:
             return self._post_delta_whole(targets[0], y, bias, work)
         out = y.to(work, copy=True)
         src = y.to(work)

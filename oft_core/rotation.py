@@ -237,19 +237,19 @@ def rotation_blocks(
     strength: float = 1.0,
     mode: StrengthMode = "kohya",
     *,
-    generators: Sequence[torch.Tensor] | None = None,
+    blocks: Sequence[torch.Tensor] | None = None,
     sync_free: bool = False,
 ) -> list[torch.Tensor]:
     """The blocks B of M = blockdiag(B) per split, fp32, shape (num_blocks, b, b) (butterfly: (stages, n, b, b)).
 
-    `generators` overrides the layer's stored generators (the trainer passes its live parameters; gradients flow).
+    `blocks` overrides the layer's stored generators (the trainer passes its live parameters; gradients flow).
     `sync_free` (the trainer): no value is read back to the host; the Cayley method is chosen from the shapes and
     the constraint's bound on ‖Q‖ (`cayley`).
     """
     strength = check_strength(strength)
     if mode not in STRENGTH_MODES:
         raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
-    gens = layer.generators if generators is None else generators
+    gens = layer.blocks if blocks is None else blocks
     out = []
     for i, q in enumerate(gens):
         q = constrain(layer, q.to(torch.float32), i)
@@ -407,7 +407,7 @@ def _rotate_by_solving(layer: OFTLayer, strength: float, mode: StrengthMode, src
     scale = None if scale is None else scale.to(device=src.device, dtype=torch.float32)
     cols = src.shape[1]
     start = 0
-    for i, (q, n, b) in enumerate(zip(layer.generators, layer.num_blocks, layer.block_sizes)):
+    for i, (q, n, b) in enumerate(zip(layer.blocks, layer.num_blocks, layer.block_sizes)):
         q = constrain(layer, q.to(device=src.device, dtype=torch.float32), i)
         if mode == "orthogonal":
             q = q * strength
@@ -608,10 +608,10 @@ def orthogonality_error(layer: OFTLayer, strength: float = 1.0, mode: StrengthMo
     return worst
 
 
-def generator_norms(layer: OFTLayer) -> list[tuple[float, float | None]]:
+def stored_norms(layer: OFTLayer) -> list[tuple[float, float | None]]:
     """Per split: (‖Q‖_F before the constraint, the bound it is held to or None)."""
     out = []
-    for i, q in enumerate(layer.generators):
+    for i, q in enumerate(layer.blocks):
         norm = float(torch.norm(q.flatten()))
         c = layer.constraint
         if c.kind == "norm_clamp":

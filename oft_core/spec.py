@@ -79,7 +79,7 @@ class OFTLayer:
     component: str  # "unet" | "te" | "te1" | "te2"
     side: Side
     kind: Kind
-    generators: tuple[torch.Tensor, ...]  # per split: skew Q, fp32, (stored_blocks, b, b); butterfly: (stages, n, b, b)
+    blocks: tuple[torch.Tensor, ...]  # per split: skew Q, fp32, (stored_blocks, b, b); butterfly: (stages, n, b, b)
     num_blocks: tuple[int, ...]  # per split: blocks along the rotated axis (> stored blocks when block_share)
     transpose: bool
     parameterization: Parameterization = "cayley"
@@ -92,7 +92,7 @@ class OFTLayer:
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
-        return tuple(int(g.shape[-1]) for g in self.generators)
+        return tuple(int(g.shape[-1]) for g in self.blocks)
 
     @property
     def split_sizes(self) -> tuple[int, ...]:
@@ -105,7 +105,7 @@ class OFTLayer:
 
     def num_params(self) -> int:
         # blocks (× stages) × b(b−1)/2 free values each; from the shapes alone (no tensor op per layer)
-        n = sum(math.prod(g.shape[:-2]) * b * (b - 1) // 2 for g, b in zip(self.generators, self.block_sizes))
+        n = sum(math.prod(g.shape[:-2]) * b * (b - 1) // 2 for g, b in zip(self.blocks, self.block_sizes))
         return n + (0 if self.row_scale is None else int(self.row_scale.numel()))
 
     def with_(self, **changes) -> "OFTLayer":
@@ -164,7 +164,7 @@ def make_layer(
     name: str,
     component: str = "unet",
     side: Side,
-    generators: Sequence[torch.Tensor],
+    blocks: Sequence[torch.Tensor],
     transpose: bool,
     kind: Kind = "diag",
     num_blocks: Sequence[int] | None = None,
@@ -176,7 +176,7 @@ def make_layer(
     key: str = "",
     block_share: bool = False,
 ) -> OFTLayer:
-    """Validate once and build an `OFTLayer`. `generators` must already be skew-symmetric.
+    """Validate once and build an `OFTLayer`. `blocks` must already be skew-symmetric.
 
     One check per concern, in this order (the first failing one is raised, naming file and layer): the enumerations,
     the generator tensors, the block counts, the butterfly layout, the parameterization, the constraint, the row
@@ -186,7 +186,7 @@ def make_layer(
         raise OFTError(msg, path=path, layer=key or name)
 
     _check_choices(component, side, kind, fail)
-    gens = _checked_generators(generators, kind, fail)
+    gens = _checked_blocks(blocks, kind, fail)
     num_blocks = _checked_block_counts(gens, num_blocks, block_share, fail)
     if kind == "butterfly":
         _check_butterfly(gens, num_blocks, side, fail)
@@ -199,7 +199,7 @@ def make_layer(
         component=component,
         side=side,
         kind=kind,
-        generators=tuple(gens),
+        blocks=tuple(gens),
         num_blocks=num_blocks,
         transpose=bool(transpose),
         parameterization=parameterization,
@@ -212,7 +212,7 @@ def make_layer(
     )
 
 
-class Generators(tuple):
+class Blocks(tuple):
     """A layer's generator tensors with `finite[i]`: whether split i (as fp32) holds no NaN / Inf, computed for many
     layers at once by `finite_each`, so that `make_layer` checks finiteness without one tensor op per layer. It is
     the same check on the same values: the readers pass the exact tensors the flags were computed on."""
@@ -245,16 +245,16 @@ def _check_choices(component: str, side: str, kind: str, fail) -> None:
         fail(mismatch("kind", "'diag' or 'butterfly'", repr(kind)))
 
 
-def _checked_generators(generators: Sequence[torch.Tensor], kind: str, fail) -> list[torch.Tensor]:
+def _checked_blocks(blocks: Sequence[torch.Tensor], kind: str, fail) -> list[torch.Tensor]:
     """Per split: a tensor of square blocks (4-D for butterfly stages), at least one block, finite, as fp32.
     A tensor on the meta device is a structure-only skeleton (bake streams the values later): not checked for NaN.
-    `Generators` carry their finiteness from one batched check of many layers (`finite_each`)."""
-    if not generators:
+    `Blocks` carry their finiteness from one batched check of many layers (`finite_each`)."""
+    if not blocks:
         fail("no rotation blocks")
-    known = generators.finite if isinstance(generators, Generators) else None
+    known = blocks.finite if isinstance(blocks, Blocks) else None
     want_ndim = 4 if kind == "butterfly" else 3
     gens = []
-    for i, g in enumerate(generators):
+    for i, g in enumerate(blocks):
         if not isinstance(g, torch.Tensor) or g.ndim != want_ndim or g.shape[-1] != g.shape[-2] or g.shape[-1] < 1:
             shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
             fail(mismatch(f"split {i} blocks", f"{want_ndim}-D tensor of square blocks", shape))

@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 
 from .errors import bulk
-from .rotation import _NORM_EPS, StrengthMode, cayley, generator_norms, orthogonality_error, rotate_weight
+from .rotation import _NORM_EPS, StrengthMode, cayley, orthogonality_error, rotate_weight, stored_norms
 from .spec import OFTAdapter
 
 log = logging.getLogger(__name__)
@@ -167,20 +167,20 @@ _BATCH_ELEMENTS = 1 << 22
 def _batched_checks(adapter: OFTAdapter) -> dict[tuple[str, str], tuple[list[tuple[float, float | None]], float]]:
     """(generator norms with their bounds, orthogonality error) of every plain layer (diag, one split, exact Cayley,
     no constraint or kohya's clamp), computed for all layers of one block layout at once: the numbers
-    `generator_norms` and `orthogonality_error` give, up to the rounding of a batched reduction. Other layers are
+    `stored_norms` and `orthogonality_error` give, up to the rounding of a batched reduction. Other layers are
     left to those two functions."""
     groups: dict[tuple, list] = {}
     for key, layer in adapter.layers.items():
-        if (layer.kind == "diag" and len(layer.generators) == 1 and layer.parameterization == "cayley"
+        if (layer.kind == "diag" and len(layer.blocks) == 1 and layer.parameterization == "cayley"
                 and layer.constraint.kind in ("none", "norm_clamp") and not layer.block_share
-                and layer.generators[0].device.type != "meta"):
-            groups.setdefault((tuple(layer.generators[0].shape), layer.transpose), []).append((key, layer))
+                and layer.blocks[0].device.type != "meta"):
+            groups.setdefault((tuple(layer.blocks[0].shape), layer.transpose), []).append((key, layer))
     out = {}
     for (shape, transpose), items in groups.items():
         step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))
         for start in range(0, len(items), step):
             chunk = items[start:start + step]
-            q = torch.stack([layer.generators[0] for _, layer in chunk]).to(torch.float32)
+            q = torch.stack([layer.blocks[0] for _, layer in chunk]).to(torch.float32)
             norms = torch.linalg.vector_norm(q.flatten(1), dim=1)
             bounds = [layer.constraint.value * layer.split_sizes[0] if layer.constraint.kind == "norm_clamp"
                       else math.inf for _, layer in chunk]
@@ -212,7 +212,7 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
     batched = _batched_checks(adapter)
     layers = []
     for key, layer in adapter.layers.items():
-        norms, ortho = batched.get(key) or (generator_norms(layer), None)
+        norms, ortho = batched.get(key) or (stored_norms(layer), None)
         clamped = [bound is not None and norm > bound for norm, bound in norms]
         layers.append(
             {
@@ -222,7 +222,7 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
                 "kind": layer.kind,
                 "num_blocks": list(layer.num_blocks) if not layer.block_share else "shared",
                 "block_size": list(layer.block_sizes),
-                "stages": int(layer.generators[0].shape[0]) if layer.kind == "butterfly" else None,
+                "stages": int(layer.blocks[0].shape[0]) if layer.kind == "butterfly" else None,
                 "parameterization": layer.parameterization,
                 "constraint": layer.constraint.describe(),
                 "norm": [round(n, 6) for n, _ in norms],

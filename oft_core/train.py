@@ -6,7 +6,7 @@ per adapted layer instead of a rotated weight (O(d²·b) → O(tokens·d·b)) an
 
 The math is not re-defined here. Each adapted layer is an `OFTLayer` built by `spec.make_layer` in kohya
 `networks.oft` convention (side "out", R = Cayley(Q) or a Cayley–Neumann series, Rᵀ applied per block, constraint
-‖Q‖_F ≤ alpha·split), and every forward calls `rotation.rotation_blocks(layer, generators=<live Q>)` once and
+‖Q‖_F ≤ alpha·split), and every forward calls `rotation.rotation_blocks(layer, blocks=<live Q>)` once and
 `rotation.bypass_forward(..., blocks=...)`. The trained adapter is therefore exactly what `rotate_weight` merges.
 
 Parameters: one fp32 tensor per split holding the strict upper triangle of each block (packed, as PEFT stores it);
@@ -324,7 +324,7 @@ class OFTTrainer:
         param = "neumann" if self.neumann_terms else "cayley"
         coeffs = neumann_coefficients(self.neumann_terms, last_term_halved=True) if self.neumann_terms else ()
         constraint = Constraint("norm_clamp", self.alpha) if self.alpha > 0 else Constraint()
-        layer = make_layer(path="", name=path, side="out", generators=[torch.zeros(n, b, b) for n, b in
+        layer = make_layer(path="", name=path, side="out", blocks=[torch.zeros(n, b, b) for n, b in
                                                                        zip(counts, sizes)],
                            transpose=True, parameterization=param, neumann_coeffs=coeffs, constraint=constraint,
                            source="kohya_flux" if len(splits) > 1 else "kohya",
@@ -350,7 +350,7 @@ class OFTTrainer:
         """M's blocks for layer `tl` from the live parameters (fp32, with gradients), through the one definition."""
         dev = tl.params[0].device.type
         with torch.autocast(dev, enabled=False):  # the Cayley solve / series stays fp32 under mixed precision
-            return rotation_blocks(tl.layer, generators=tl.generators(), sync_free=True)
+            return rotation_blocks(tl.layer, blocks=tl.generators(), sync_free=True)
 
     def _forward_of(self, tl: TrainedLayer):
         module, weight_fn = tl.module, self.weight_fn
@@ -472,7 +472,7 @@ class OFTTrainer:
             layer = tl.layer
             if layer.parameterization == "neumann":
                 with torch.no_grad():
-                    trained = [b.cpu() for b in rotation_blocks(layer, generators=gens)]  # (Rᵀ per block)
+                    trained = [b.cpu() for b in rotation_blocks(layer, blocks=gens)]  # (Rᵀ per block)
                     new = []
                     for i, r in enumerate(trained):
                         q = skew(generator_of(r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
@@ -483,9 +483,9 @@ class OFTTrainer:
             parts = list(zip(name, ([g] for g in gens))) if isinstance(name, tuple) else [(name, gens)]
             for part_name, part_gens in parts:
                 layers[("unet", part_name)] = make_layer(
-                    path="", name=part_name, side="out", generators=part_gens, transpose=True,
+                    path="", name=part_name, side="out", blocks=part_gens, transpose=True,
                     constraint=layer.constraint, source=layer.source, key=prefix + part_name.replace(".", "_"))
-        flux = any(len(layer.generators) > 1 for layer in layers.values())
+        flux = any(len(layer.blocks) > 1 for layer in layers.values())
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         info = {"alpha": [self.alpha], "trained": True}
         if self.neumann_terms:
@@ -546,7 +546,7 @@ class OFTTrainer:
                     float(torch.tensor(theirs_alpha, dtype=torch.float32)) != self.alpha:
                 fail(mismatch("constraint (alpha)", f"{self.alpha:g}", layer.constraint.describe()))
             vals = []
-            for p, q in zip(tl.params, layer.generators):
+            for p, q in zip(tl.params, layer.blocks):
                 b = q.shape[-1]
                 rows, cols = torch.triu_indices(b, b, 1)
                 vals.append(q.detach().to(torch.float32)[:, rows, cols])

@@ -107,7 +107,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
 def _layer(name, n_blocks, b, seed, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n_blocks, b, b, generator=g) * scale
-    return make_layer(path="", name=name, side="out", generators=[a - a.transpose(1, 2)], transpose=True,
+    return make_layer(path="", name=name, side="out", blocks=[a - a.transpose(1, 2)], transpose=True,
                       constraint=Constraint("norm_clamp", 1e-3), source="kohya", key=f"oft_unet_{name}")
 
 
@@ -172,7 +172,7 @@ _MEMORY_CHILD = textwrap.dedent("""
         g = torch.Generator().manual_seed(i)
         a = torch.randn(4, 256, 256, generator=g) * 0.01
         name = f"layers_{i}_proj"
-        layers[("unet", name)] = make_layer(path="", name=name, side="out", generators=[a - a.transpose(1, 2)],
+        layers[("unet", name)] = make_layer(path="", name=name, side="out", blocks=[a - a.transpose(1, 2)],
                                             transpose=True, constraint=Constraint("norm_clamp", 1e-3))
     adapter = OFTAdapter(layers, "kohya")
     # warm-up on a one-layer base: first-use allocations of torch, safetensors and one layer's working set, but never

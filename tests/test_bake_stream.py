@@ -37,11 +37,11 @@ def test_streamed_bake_equals_the_loaded_adapter_bit_for_bit(case_id, tmp_path):
     streamed = open_streamed(case.adapter)
     assert [layer.key for layer in streamed.skeleton] == [layer.key for layer in loaded]
     # The skeleton holds no values (every reader ran on meta tensors: the bakes below test that path for each format).
-    assert all(g.device.type == "meta" for layer in streamed.skeleton for g in layer.generators)
+    assert all(g.device.type == "meta" for layer in streamed.skeleton for g in layer.blocks)
     assert all(layer.row_scale is None or layer.row_scale.device.type == "meta" for layer in streamed.skeleton)
     for layer in streamed.skeleton:  # every layer read alone is the layer of the whole file
         alone, whole = streamed.layer(layer.key), loaded.layers[(layer.component, layer.name)]
-        assert all(torch.equal(a, b) for a, b in zip(alone.generators, whole.generators))
+        assert all(torch.equal(a, b) for a, b in zip(alone.blocks, whole.blocks))
         assert (alone.row_scale is None) == (whole.row_scale is None)
         assert alone.row_scale is None or torch.equal(alone.row_scale, whole.row_scale)
     partial = case.id == "sd15_oft_attn_dim8_bf16"  # 9 of its 128 layers have weights in this base

@@ -116,7 +116,7 @@ def _random_layer(side, out, inner, b, seed, *, rescale=False, scale=0.3):
     g = torch.Generator().manual_seed(seed)
     axis = out if side == "out" else inner
     a = torch.randn(axis // b, b, b, generator=g) * scale
-    return make_layer(path="t", name=f"l{seed}", side=side, generators=[a - a.transpose(-1, -2)],
+    return make_layer(path="t", name=f"l{seed}", side=side, blocks=[a - a.transpose(-1, -2)],
                       transpose=side == "out", row_scale=(1 + 0.1 * torch.randn(out, generator=g)) if rescale else None)
 
 
@@ -245,7 +245,7 @@ def test_low_precision_input_is_rounded_once_more_at_most(dtype, side):
 def test_strength_zero_attaches_nothing_identity_is_skipped_and_attach_refuses_a_bad_mode():
     layer = _random_layer("out", 8, 8, 4, 0)
     assert not ModuleBypass([BypassTarget(layer, 0.0)], conv=False)
-    zero = make_layer(path="t", name="zero", side="out", generators=[torch.zeros(2, 4, 4)], transpose=True)
+    zero = make_layer(path="t", name="zero", side="out", blocks=[torch.zeros(2, 4, 4)], transpose=True)
     lin = _layer_module(torch.randn(8, 8), bias=True, seed=0)
     x = _input_for(lin.weight, 1)
     mb = ModuleBypass([BypassTarget(zero, 0.7)], conv=False)

@@ -33,7 +33,7 @@ def _same(a, b, tol=0.0):
 
 
 def _zero(adapter):
-    layers = {k: layer.with_(generators=tuple(torch.zeros_like(q) for q in layer.generators))
+    layers = {k: layer.with_(blocks=tuple(torch.zeros_like(q) for q in layer.blocks))
               for k, layer in adapter.layers.items()}
     return OFTAdapter(layers, adapter.format)
 
@@ -60,9 +60,9 @@ def test_blend_endpoints_and_orthogonality():
     # midpoint generator is the mean of the constrained generators
     k = next(iter(a.layers))
     from oft_core.rotation import constrain
-    want = 0.5 * (constrain(a.layers[k], a.layers[k].generators[0], 0)
-                  + constrain(c.layers[k], c.layers[k].generators[0], 0))
-    assert torch.allclose(mid.layers[k].generators[0], want, atol=1e-7, rtol=0)
+    want = 0.5 * (constrain(a.layers[k], a.layers[k].blocks[0], 0)
+                  + constrain(c.layers[k], c.layers[k].blocks[0], 0))
+    assert torch.allclose(mid.layers[k].blocks[0], want, atol=1e-7, rtol=0)
     merged_mid = _merged(mid, case)
     assert any(rel_err(merged_mid[k], _merged(a, case)[k]) > 1e-4 for k in merged_mid)
 
@@ -127,21 +127,21 @@ def test_compose_weight_is_orthogonal_power_and_passthrough():
 def test_compose_different_block_sizes_uses_their_lcm():
     torch.manual_seed(3)
     q4, q8 = skew(torch.randn(8, 4, 4) * 0.1), skew(torch.randn(4, 8, 8) * 0.1)
-    la = make_layer(path="a", name="x", side="out", generators=[q4], transpose=True)
-    lb = make_layer(path="b", name="x", side="out", generators=[q8], transpose=True)
+    la = make_layer(path="a", name="x", side="out", blocks=[q4], transpose=True)
+    lb = make_layer(path="b", name="x", side="out", blocks=[q8], transpose=True)
     c = merge([(OFTAdapter({("unet", "x"): la}, "t"), 1.0), (OFTAdapter({("unet", "x"): lb}, "t"), 1.0)])
     (layer,) = c
     assert layer.block_sizes == (8,)
     w = torch.randn(32, 6)
     assert rel_err(rotate_weight(layer, w), rotate_weight(lb, rotate_weight(la, w))) <= 1e-5
-    l3 = make_layer(path="d", name="y", side="out", generators=[skew(torch.randn(4, 3, 3))], transpose=True)
-    l4 = make_layer(path="d", name="y", side="out", generators=[skew(torch.randn(3, 4, 4))], transpose=True)
+    l3 = make_layer(path="d", name="y", side="out", blocks=[skew(torch.randn(4, 3, 3))], transpose=True)
+    l4 = make_layer(path="d", name="y", side="out", blocks=[skew(torch.randn(3, 4, 4))], transpose=True)
     (dense,) = merge([(OFTAdapter({("unet", "y"): l3}, "t"), 1), (OFTAdapter({("unet", "y"): l4}, "t"), 1)])
     assert dense.block_sizes == (12,) and dense.num_blocks == (1,)  # lcm(3, 4) = 12: one dense block
     v = torch.randn(12, 3)
     assert rel_err(rotate_weight(dense, v), rotate_weight(l4, rotate_weight(l3, v))) <= 1e-5
-    l6 = make_layer(path="d", name="y", side="out", generators=[skew(torch.randn(3, 6, 6))], transpose=True)
-    l9 = make_layer(path="d", name="y", side="out", generators=[skew(torch.randn(1, 9, 9))], transpose=True)
+    l6 = make_layer(path="d", name="y", side="out", blocks=[skew(torch.randn(3, 6, 6))], transpose=True)
+    l9 = make_layer(path="d", name="y", side="out", blocks=[skew(torch.randn(1, 9, 9))], transpose=True)
     with pytest.raises(OFTError, match="split sizes differ"):
         merge([(OFTAdapter({("unet", "y"): l6}, "t"), 1), (OFTAdapter({("unet", "y"): l9}, "t"), 1)])
 
@@ -161,7 +161,7 @@ def test_compose_refuses_what_is_not_an_oft_layer():
         merge([(resc, 1), (a, 1)])
     merge([(a, 1), (resc, 1)])  # the rescale of the last-applied layer survives
     # a half turn: Q with Cayley(Q) = −I does not exist
-    flip = make_layer(path="h", name="z", side="out", generators=[torch.tensor([[[0.0, 1.0], [-1.0, 0.0]]])],
+    flip = make_layer(path="h", name="z", side="out", blocks=[torch.tensor([[[0.0, 1.0], [-1.0, 0.0]]])],
                       transpose=False)
     with pytest.raises(OFTError, match="half"):
         merge([(OFTAdapter({("unet", "z"): flip}, "t"), 1), (OFTAdapter({("unet", "z"): flip}, "t"), 1)])
@@ -225,7 +225,7 @@ def test_block_strength_zero_leaves_weights_bit_exact():
             seen.add("off")
         else:
             assert eff[k] == pytest.approx(0.8 * (0.5 if group == "middle" else 1.0))
-            assert not torch.equal(out, w) or not torch.any(layer.generators[0])
+            assert not torch.equal(out, w) or not torch.any(layer.blocks[0])
     assert seen == {"off", "input", "middle"}
     kept, strengths = apply_block_strength(a, spec, 0.8)
     assert len(kept) == sum(1 for v in eff.values() if v != 0) and 0 not in strengths.values()
@@ -342,7 +342,7 @@ def test_merge_with_peft_block_share_equals_applying_in_order(tmp_path, capsys):
     assert blend(shared, plain, 0.0).layers.keys() == shared.layers.keys()
     # a width the shared block does not tile: a message that says what to do
     k, layer = next(iter(shared.layers.items()))
-    odd = make_layer(path="o", name=layer.name, side="in", generators=[skew(torch.randn(3, 5, 5))], transpose=True)
+    odd = make_layer(path="o", name=layer.name, side="in", blocks=[skew(torch.randn(3, 5, 5))], transpose=True)
     with pytest.raises(OFTError, match=r"block_share.*not a multiple of 8.*chain OFT loader nodes.*bake --adapter A"):
         merge([(OFTAdapter({k: layer}, "peft"), 1.0), (OFTAdapter({k: odd}, "t"), 1.0)])
     out = tmp_path / "merged"

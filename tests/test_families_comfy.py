@@ -170,7 +170,7 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
     else:
         assert "transformer_blocks.1.attn.to_add_out" in names
         assert all(layer.key.startswith("lycoris_transformer_blocks_") for layer in adapter)
-    assert any(not torch.equal(g, torch.zeros_like(g)) for layer in adapter for g in layer.generators)
+    assert any(not torch.equal(g, torch.zeros_like(g)) for layer in adapter for g in layer.blocks)
 
     with pytest.raises(OFTError, match="sd-scripts has no OFT network for"):
         write_adapter(adapter, str(tmp_path / "k.safetensors"), "kohya")

@@ -41,9 +41,9 @@ def test_rotation_is_orthogonal_to_fp32_precision(case_id):
 
 
 def test_neumann_series_is_orthogonal_only_up_to_truncation():
-    small = make_layer(path="t", name="x", side="in", generators=[_gen(4, 8, 0.001)], transpose=True,
+    small = make_layer(path="t", name="x", side="in", blocks=[_gen(4, 8, 0.001)], transpose=True,
                        parameterization="neumann", neumann_coeffs=(1, 2, 2, 2, 1))
-    large = small.with_(generators=(_gen(4, 8, 0.1),))
+    large = small.with_(blocks=(_gen(4, 8, 0.1),))
     assert orthogonality_error(small) < 1e-6  # truncation error ~ ‖Q‖⁴
     assert orthogonality_error(large) > 1e-3
 
@@ -78,7 +78,7 @@ def _gen(n, b, scale, seed=0):
 def test_kohya_constraint_clamps_the_whole_layer_norm():
     q = _gen(4, 8, 0.3)
     norm = float(torch.norm(q))
-    layer = make_layer(path="t", name="x", side="out", generators=[q], transpose=True,
+    layer = make_layer(path="t", name="x", side="out", blocks=[q], transpose=True,
                        constraint=Constraint("norm_clamp", norm / 2 / 32))  # bound = alpha × 32 = norm / 2
     clamped = constrain(layer, q, 0)
     assert math.isclose(float(torch.norm(clamped)), norm / 2, rel_tol=1e-6)
@@ -88,7 +88,7 @@ def test_kohya_constraint_clamps_the_whole_layer_norm():
 
 def test_fused_split_constraint_uses_split_width():
     q0, q1 = _gen(4, 8, 0.3, 1), _gen(4, 4, 0.3, 2)
-    layer = make_layer(path="t", name="x", side="out", generators=[q0, q1], transpose=True,
+    layer = make_layer(path="t", name="x", side="out", blocks=[q0, q1], transpose=True,
                        constraint=Constraint("norm_clamp", 0.01))
     assert layer.split_sizes == (32, 16)
     assert math.isclose(float(torch.norm(constrain(layer, q0, 0))), 0.32, rel_tol=1e-6)
@@ -97,7 +97,7 @@ def test_fused_split_constraint_uses_split_width():
 
 def test_coft_projects_each_block():
     q = _gen(4, 6, 0.5)
-    layer = make_layer(path="t", name="x", side="in", generators=[q], transpose=False,
+    layer = make_layer(path="t", name="x", side="in", blocks=[q], transpose=False,
                        constraint=Constraint("block_projection", 0.2))
     out = constrain(layer, q, 0)
     norms = torch.linalg.matrix_norm(out)
@@ -146,7 +146,7 @@ def test_kohya_strength_is_linear_and_signed(case_id):
 
 
 def test_orthogonal_mode_is_a_rotation_for_every_strength():
-    layer = make_layer(path="t", name="x", side="out", generators=[_gen(4, 8, 0.4)], transpose=True)
+    layer = make_layer(path="t", name="x", side="out", blocks=[_gen(4, 8, 0.4)], transpose=True)
     r1 = rotation_blocks(layer, 1.0)[0]
     for s in (0.3, 0.5, 2.0, -1.0):
         b = rotation_blocks(layer, s, "orthogonal")[0]
@@ -183,18 +183,18 @@ def test_bypass_equals_merge_linear(case_id, dtype):
 def _conv_layer(kind):
     """A layer of each format family on a Conv2d weight (out 16, in 4, 3×3): rows for out-side, patches for in-side."""
     if kind == "kohya":
-        return make_layer(path="t", name="c", side="out", generators=[_gen(4, 4, 0.3)], transpose=True,
+        return make_layer(path="t", name="c", side="out", blocks=[_gen(4, 4, 0.3)], transpose=True,
                           constraint=Constraint("norm_clamp", 0.02))
     if kind == "lycoris_rescaled":
-        return make_layer(path="t", name="c", side="out", generators=[_gen(2, 8, 0.3)], transpose=True,
+        return make_layer(path="t", name="c", side="out", blocks=[_gen(2, 8, 0.3)], transpose=True,
                           row_scale=1 + 0.1 * torch.randn(16))
     if kind == "boft":
-        return make_layer(path="t", name="c", side="out", kind="butterfly", generators=[skew(
+        return make_layer(path="t", name="c", side="out", kind="butterfly", blocks=[skew(
             torch.randn(3, 4, 4, 4) * 0.2)], num_blocks=[4], transpose=False)
     if kind == "peft":
-        return make_layer(path="t", name="c", side="in", generators=[_gen(4, 9, 0.2)], transpose=False)  # 36 = 4·3·3
+        return make_layer(path="t", name="c", side="in", blocks=[_gen(4, 9, 0.2)], transpose=False)  # 36 = 4·3·3
     if kind == "peft_neumann":
-        return make_layer(path="t", name="c", side="in", generators=[_gen(4, 9, 0.05)], transpose=True,
+        return make_layer(path="t", name="c", side="in", blocks=[_gen(4, 9, 0.05)], transpose=True,
                           parameterization="neumann", neumann_coeffs=(1, 2, 2, 2, 1))
     raise ValueError(kind)
 
@@ -322,7 +322,7 @@ def test_in_place_merge_updates_a_narrowed_slice_of_a_fused_weight():
 
     torch.manual_seed(6)
     fused = torch.randn(3 * 24, 10)
-    layer = make_layer(path="t", name="k", side="out", generators=[_gen(3, 8, 0.2)], transpose=True)
+    layer = make_layer(path="t", name="k", side="out", blocks=[_gen(3, 8, 0.2)], transpose=True)
     before = fused.clone()
     rotate_weight_(layer, fused.narrow(0, 24, 24))
     assert torch.equal(fused[:24], before[:24]) and torch.equal(fused[48:], before[48:])
@@ -340,7 +340,7 @@ def test_solving_against_w_equals_building_r(transpose, dtype, monkeypatch):
     monkeypatch.setattr(rot, "_SOLVE_MIN_BLOCK", 1)
     monkeypatch.setattr(rot, "_SOLVE_PANEL", 7)
     torch.manual_seed(8)
-    layer = make_layer(path="t", name="qkv", side="out", generators=[_gen(2, 30, 0.1), _gen(3, 23, 0.3, seed=1)],
+    layer = make_layer(path="t", name="qkv", side="out", blocks=[_gen(2, 30, 0.1), _gen(3, 23, 0.3, seed=1)],
                        transpose=transpose, constraint=Constraint("norm_clamp", 0.02),
                        row_scale=1 + 0.1 * torch.randn(129))
     w = torch.randn(129, 40).to(dtype)  # cols 40 ≤ 4·23: the solve route is taken

@@ -70,14 +70,14 @@ def test_sync_free_cayley_is_the_same_rotation(b, norm):
 
 def test_sync_free_rotation_blocks_read_nothing_from_the_device():
     for b, constraint in ((24, Constraint("norm_clamp", 1e-3)), (40, Constraint()), (128, Constraint())):
-        layer = make_layer(path="", name="x", side="out", generators=[random_skew(4, b, 0.2)], transpose=True,
+        layer = make_layer(path="", name="x", side="out", blocks=[random_skew(4, b, 0.2)], transpose=True,
                            constraint=constraint, source="kohya", key="oft_unet_x")
         with count_reads() as reads:
-            blocks = rotation_blocks(layer, generators=[random_skew(4, b, 0.2)], sync_free=True)
+            blocks = rotation_blocks(layer, blocks=[random_skew(4, b, 0.2)], sync_free=True)
         assert blocks[0].shape == (4, b, b)
         assert sum(reads.values()) == 0, (b, dict(reads))
         with count_reads() as reads:  # the default route does read ‖Q‖ (the count above is not vacuous)
-            rotation_blocks(layer, generators=[random_skew(4, b, 0.2)])
+            rotation_blocks(layer, blocks=[random_skew(4, b, 0.2)])
         assert sum(reads.values()) >= (1 if b > 16 else 0)
 
 

@@ -22,7 +22,7 @@ run_node, run_node_report, sd_data, weights, assert_weights_equal = (
 
 
 def gens(adapter):
-    return {k: [g.clone() for g in layer.generators] for k, layer in adapter.layers.items()}
+    return {k: [g.clone() for g in layer.blocks] for k, layer in adapter.layers.items()}
 
 
 def max_diff(a, b) -> float:

@@ -93,7 +93,7 @@ def test_same_format_rewrite_keeps_generators_and_alpha_bit_exact(tmp_path):
     write_kohya(a, tmp_path / "k.safetensors")
     b = load_adapter(tmp_path / "k.safetensors")
     for k, layer in a.layers.items():
-        assert torch.equal(b.layers[k].generators[0], layer.generators[0])
+        assert torch.equal(b.layers[k].blocks[0], layer.blocks[0])
         assert b.layers[k].constraint == Constraint("norm_clamp", 0.00099945068359375)
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -116,7 +116,7 @@ def test_flux_kohya_keeps_splits_and_metadata(tmp_path):
 
 
 def _layer(q, constraint=None, side="out", transpose=True, name="down_blocks_0_attentions_0_proj_in", **kw):
-    return make_layer(path="t", name=name, side=side, generators=[q], transpose=transpose,
+    return make_layer(path="t", name=name, side=side, blocks=[q], transpose=transpose,
                       constraint=constraint, **kw)
 
 
@@ -191,7 +191,7 @@ def test_peft_coft_is_kept_and_underscored_names_need_module_names(tmp_path):
     back = load_adapter(tmp_path / "c")
     (layer,) = back
     assert layer.constraint == Constraint("block_projection", 1e-2)
-    assert torch.equal(layer.generators[0], q)
+    assert torch.equal(layer.blocks[0], q)
     under = _layer(q, side="in", transpose=False, name="mid_block_attn_to_q")
     a = OFTAdapter({("unet", under.name): under}, "test")
     with pytest.raises(OFTError, match="module_names"):
@@ -209,7 +209,7 @@ def test_neumann_is_refused_outside_peft_and_te_outside_lycoris(tmp_path):
     with pytest.raises(OFTError, match="Cayley–Neumann"):
         write_kohya(OFTAdapter({("unet", neu.name): neu}, "t"), tmp_path / "n.safetensors")
     te = make_layer(path="t", name="text_model_encoder_layers_0_mlp_fc1", component="te", side="out",
-                    generators=[q], transpose=True)
+                    blocks=[q], transpose=True)
     a = OFTAdapter({("te", te.name): te}, "t")
     with pytest.raises(OFTError, match="text-encoder"):
         write_kohya(a, tmp_path / "t.safetensors")

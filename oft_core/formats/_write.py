@@ -65,7 +65,7 @@ def identity_scale(layer: OFTLayer) -> bool:
 
 def constrained(layer: OFTLayer) -> list[torch.Tensor]:
     """The generators with the layer's constraint applied (what the rotation actually uses)."""
-    return [constrain(layer, q, i) for i, q in enumerate(layer.generators)]
+    return [constrain(layer, q, i) for i, q in enumerate(layer.blocks)]
 
 
 def with_transpose(gens: list[torch.Tensor], have: bool, want: bool) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 from ..errors import OFTError
 from ..rotation import constrain, skew
 from ..safetensors_io import Header
-from ..spec import Constraint, Generators, OFTAdapter, OFTLayer, finite_each, make_layer
+from ..spec import Blocks, Constraint, OFTAdapter, OFTLayer, finite_each, make_layer
 from . import _write as w
 
 log = logging.getLogger(__name__)
@@ -133,12 +133,12 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
             if a.ndim != 3 or a.shape[1] != a.shape[2]:
                 raise OFTError(f".oft_blocks{'' if i < 0 else f'.{i}'}: expected (num_blocks, b, b), "
                                f"found {tuple(a.shape)}", path=path, layer=key)
-        gens = Generators([q_of[id(splits[i])] for i in order], [finite[id(splits[i])] for i in order])
+        gens = Blocks([q_of[id(splits[i])] for i in order], [finite[id(splits[i])] for i in order])
         layers[("unet", key[len(PREFIX):])] = make_layer(
             path=path,
             name=key[len(PREFIX):],
             side="out",
-            generators=gens,
+            blocks=gens,
             transpose=True,  # sd-scripts: einsum("k n m, k n ... -> k m ...", R, W) = Rᵀ·W per block
             constraint=Constraint("norm_clamp", alpha_v),
             source="kohya_flux" if flux else "kohya",
@@ -175,7 +175,7 @@ def _why_not(layer: OFTLayer, flux: bool) -> str | None:
         return "stores the rotation R itself (LyCORIS oft_diag): it has no exact Cayley generator in fp32"
     if not w.identity_scale(layer):
         return "has a per-row rescale, which kohya OFT cannot store"
-    if len(layer.generators) > 1 and not flux:
+    if len(layer.blocks) > 1 and not flux:
         return "has several splits, which only networks.oft_flux stores (pass flux=True)"
     if flux and len(set(layer.num_blocks)) != 1:
         return f"has split block counts {layer.num_blocks}; oft_flux uses one block count for every split"
@@ -224,7 +224,7 @@ def _kohya_alpha(layers: dict[str, OFTLayer], gens: dict[str, list[torch.Tensor]
 
 
 def _looks_flux(adapter: OFTAdapter) -> bool:
-    if adapter.format == "kohya_flux" or any(len(layer.generators) > 1 for layer in adapter):
+    if adapter.format == "kohya_flux" or any(len(layer.blocks) > 1 for layer in adapter):
         return True
     return any(layer.name.startswith(("double_blocks", "single_blocks")) for layer in adapter)
 
@@ -233,7 +233,7 @@ def _generators(named: dict[str, OFTLayer]) -> tuple[float, dict[str, list[torch
     """(the file's alpha, per key the generators to store, applied as Rᵀ) for layers `_why_not` accepted."""
     gens = {}
     for key, layer in named.items():
-        g = list(layer.generators)
+        g = list(layer.blocks)
         if layer.constraint.kind == "block_projection":  # PEFT COFT (legacy 0.13): applied here, written unclamped
             g = w.constrained(layer)
         gens[key] = w.with_transpose(g, layer.transpose, True)

@@ -74,7 +74,7 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
             r = parts["oft_diag"].to(torch.float32)
             if r.ndim != 3 or r.shape[1] != r.shape[2]:
                 raise OFTError(f".oft_diag: expected (num_blocks, b, b), found {tuple(r.shape)}", path=path, layer=key)
-            layer = make_layer(path=path, name=name, component=component, side="out", generators=[r],
+            layer = make_layer(path=path, name=name, component=component, side="out", blocks=[r],
                                transpose=True, parameterization="matrix", row_scale=rescale,
                                source="lycoris_oft_diag", key=key)
             kinds.add("lycoris_oft_diag")
@@ -93,7 +93,7 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
                 component=component,
                 side="out",
                 kind="butterfly" if butterfly else "diag",
-                generators=[skew(a)],
+                blocks=[skew(a)],
                 num_blocks=[a.shape[-3]],
                 transpose=not butterfly,
                 constraint=constraint,
@@ -149,9 +149,9 @@ def _why_not(layer: OFTLayer) -> str | None:
         return why
     if layer.kind == "butterfly" and layer.transpose:
         return "is BOFT applied transposed: transposing each stage does not transpose the product"
-    if len(layer.generators) > 1 and w.merge_splits(list(layer.generators)) is None:
+    if len(layer.blocks) > 1 and w.merge_splits(list(layer.blocks)) is None:
         return f"has splits with different block sizes {layer.block_sizes}; LyCORIS stores one block size"
-    if layer.parameterization == "matrix" and len(layer.generators) > 1:
+    if layer.parameterization == "matrix" and len(layer.blocks) > 1:
         return "stores several rotation matrices per split"
     if layer.kind != "butterfly" and layer.parameterization != "matrix":
         return layout_problem(layer)
@@ -182,12 +182,12 @@ def _layer_tensors(key: str, layer: OFTLayer) -> tuple[dict[str, torch.Tensor], 
     """The file's tensors of one layer and the alpha written (0: no constraint; a stored R has none)."""
     tensors = {}
     if layer.parameterization == "matrix":
-        r = layer.generators[0] if layer.transpose else layer.generators[0].transpose(-1, -2)
+        r = layer.blocks[0] if layer.transpose else layer.blocks[0].transpose(-1, -2)
         tensors[f"{key}.oft_diag"] = r.contiguous()
         alpha = 0.0
     else:
-        keep = layer.constraint.kind == "norm_clamp" and len(layer.generators) == 1 and layer.constraint.value > 0
-        gens = list(layer.generators) if keep else w.constrained(layer)
+        keep = layer.constraint.kind == "norm_clamp" and len(layer.blocks) == 1 and layer.constraint.value > 0
+        gens = list(layer.blocks) if keep else w.constrained(layer)
         q = gens[0] if layer.kind == "butterfly" else w.merge_splits(w.with_transpose(gens, layer.transpose, True))
         tensors[f"{key}.oft_blocks"] = w.upper(q)
         alpha = layer.constraint.value if keep else 0.0  # LyCORIS: alpha 0 = no constraint

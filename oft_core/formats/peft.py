@@ -226,7 +226,7 @@ def _packed_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
     _check_layout(st.cfg, int(vec.shape[0]), b, shared, st.cfg_path, key)
     u = unpack_upper(vec.to(torch.float32), b)
     return make_layer(
-        path=st.path, name=name, component=component, side="in", generators=[u - u.transpose(1, 2)],
+        path=st.path, name=name, component=component, side="in", blocks=[u - u.transpose(1, 2)],
         transpose=st.neumann,  # the series approximates Cayley(Q), the transpose of PEFT's exact branch
         parameterization="neumann" if st.neumann else "cayley", neumann_coeffs=st.coeffs,
         constraint=Constraint("block_projection", st.eps) if st.coft else Constraint(),
@@ -253,7 +253,7 @@ def _legacy_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
         raise OFTError("has .oft_r but no .oft_s while other layers have both", path=st.path, layer=key)
     return make_layer(
         path=st.path, name=name, component=component, side="in" if st.fmt == "peft_legacy_0.15" else "out",
-        generators=[0.5 * (a - a.transpose(1, 2))], transpose=False, row_scale=s, source=st.fmt, key=key,
+        blocks=[0.5 * (a - a.transpose(1, 2))], transpose=False, row_scale=s, source=st.fmt, key=key,
         block_share=shared,
     )
 
@@ -324,7 +324,7 @@ def _why_not(layer: OFTLayer, dotted: dict[str, str | None]) -> str | None:
         return "stores the rotation R itself: it has no exact Cayley generator in fp32"
     if not w.identity_scale(layer):
         return "has a per-row scale (PEFT 0.14–0.15 oft_s), which current PEFT OFT does not store"
-    if len(layer.generators) > 1 and w.merge_splits(list(layer.generators)) is None:
+    if len(layer.blocks) > 1 and w.merge_splits(list(layer.blocks)) is None:
         return f"has splits with different block sizes {layer.block_sizes}; PEFT stores one block size per layer"
     if "." not in layer.name and layer.name not in dotted and "_" in layer.name:
         return ("has an underscored name, and PEFT needs the dotted module path: the '.' → '_' substitution "
@@ -371,7 +371,7 @@ def _global_settings(adapter: OFTAdapter, layers: list[OFTLayer]) -> _Global:
     cons = {(layer.constraint.kind, layer.constraint.value) for layer in layers}
     coft = len(cons) == 1 and next(iter(cons))[0] == "block_projection"
     eps = next(iter(cons))[1] if coft else 6e-5  # PEFT's default eps; unused with coft false
-    coft = coft and not any(len(layer.generators) > 1 for layer in layers)
+    coft = coft and not any(len(layer.blocks) > 1 for layer in layers)
     return _Global(neumann, terms, new_series, block_share, coft, eps)
 
 
@@ -380,7 +380,7 @@ def _peft_layers(adapter: OFTAdapter, layers: list[OFTLayer], g: _Global,
     """Each layer's module path and Q in PEFT's convention (exact branch applies Cayley(Q)ᵀ, Neumann ≈ Cayley(Q))."""
     written = []
     for layer in layers:
-        gens = list(layer.generators) if g.coft else w.constrained(layer)
+        gens = list(layer.blocks) if g.coft else w.constrained(layer)
         q = w.merge_splits(w.with_transpose(gens, layer.transpose, g.neumann))
         path = layer.name if "." in layer.name or layer.name not in dotted else dotted[layer.name]
         written.append(_PeftLayer(path, q))
