@@ -36,7 +36,7 @@ import torch
 
 from .choices import MERGE_MODES
 from .errors import OFTError
-from .rotation import constrain, generator_of, rotation_blocks
+from .rotation import _constrain, _generator_of, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer
 
 _HALF_TURN_TOL = 1e-4  # max |Cayley(Q) − B| accepted from the inverse Cayley (fp32); larger means B + I is singular
@@ -58,7 +58,7 @@ def _rebuild(layer: OFTLayer, **changes) -> OFTLayer:
 
 def _constrained(layer: OFTLayer, transpose: bool) -> list[torch.Tensor]:
     """Constrained generators expressed for `transpose` (Cayley(Q)ᵀ = Cayley(−Q), Neumann(Q)ᵀ = Neumann(−Q))."""
-    gens = [constrain(layer, q, i) for i, q in enumerate(layer.blocks)]
+    gens = [_constrain(layer, q, i) for i, q in enumerate(layer.blocks)]
     return gens if layer.transpose == transpose else [-q for q in gens]
 
 
@@ -116,7 +116,7 @@ def _unshare(layer: OFTLayer, width: int, src: str | None = None) -> OFTLayer:
                        f"is not a multiple of {b}: they were made for different models; otherwise "
                        + _APPLY_IN_ORDER, path=src, layer=layer.key)
     n = width // b
-    gens = [constrain(layer, q, i).expand(n, -1, -1).clone() for i, q in enumerate(layer.blocks)]
+    gens = [_constrain(layer, q, i).expand(n, -1, -1).clone() for i, q in enumerate(layer.blocks)]
     return _rebuild(layer, blocks=gens, num_blocks=[n], block_share=False)
 
 
@@ -224,7 +224,7 @@ def _is_identity(layer: OFTLayer, w: float) -> bool:
         return True  # R^0 = I, and strength 0 means "adapter off" (its rescale too)
     if layer.row_scale is not None or layer.parameterization == "matrix":
         return False
-    return all(not bool(torch.any(constrain(layer, q, i) != 0)) for i, q in enumerate(layer.blocks))
+    return all(not bool(torch.any(_constrain(layer, q, i) != 0)) for i, q in enumerate(layer.blocks))
 
 
 def _scaled(layer: OFTLayer, w: float) -> OFTLayer:
@@ -232,12 +232,12 @@ def _scaled(layer: OFTLayer, w: float) -> OFTLayer:
     if w == 1:
         return layer
     if layer.parameterization == "matrix":
-        gens = [w * generator_of(r) for r in layer.blocks]  # as rotation_blocks' orthogonal mode
+        gens = [w * _generator_of(r) for r in layer.blocks]  # as rotation_blocks' orthogonal mode
         return _rebuild(layer, blocks=[0.5 * (q - q.transpose(-1, -2)) for q in gens], parameterization="cayley")
     return _rebuild(layer, blocks=[w * q for q in _constrained(layer, layer.transpose)])
 
 
-def scale_layer(layer: OFTLayer, w: float) -> OFTLayer:
+def _scale_layer(layer: OFTLayer, w: float) -> OFTLayer:
     """The layer at weight w in the orthogonal sense, as `merge(..., "compose")` of it alone gives: R(w·Q), the
     constraint applied first; an identity layer (or w = 0) becomes all-zero Cayley generators."""
     if not math.isfinite(w):
@@ -340,7 +340,7 @@ def _composed_generator(active: list[tuple[OFTLayer, float, str]], ref: OFTLayer
             total = total @ blocks
     target = total.transpose(-1, -2) if ref.transpose else total
     try:
-        q = generator_of(target)  # Q = (B − I)(B + I)⁻¹
+        q = _generator_of(target)  # Q = (B − I)(B + I)⁻¹
     except RuntimeError:  # torch.linalg.solve on a singular B + I
         raise OFTError("the composed rotation turns some block by half a turn (eigenvalue −1): it has no Cayley "
                        "generator", layer=ref.key) from None

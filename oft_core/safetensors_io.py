@@ -18,10 +18,10 @@ import torch
 
 from .errors import OFTError
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 _MAX_HEADER = 100 * 1024 * 1024
 
-DTYPES = {
+_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -35,11 +35,11 @@ DTYPES = {
 }
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
+        _DTYPES[_name] = getattr(torch, _attr)
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class _TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     start: int
@@ -47,9 +47,9 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
-class Header:
+class _Header:
     path: str
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, _TensorInfo]
     metadata: dict[str, str]
     data_offset: int  # where the tensor bytes begin
 
@@ -58,7 +58,7 @@ class Header:
         return {k: v.shape for k, v in self.tensors.items()}
 
 
-def refuse_pickle(path: str) -> None:
+def _refuse_pickle(path: str) -> None:
     raise OFTError(
         "this is a pickle (PyTorch .pt/.ckpt/.bin) file. Pickles can run arbitrary code when loaded, so they are "
         "never unpickled here: convert it to .safetensors with the tool that made it (or with safetensors' "
@@ -75,7 +75,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 # Bits per element of every dtype safetensors itself knows (a base file may hold dtypes torch has no name for here,
 # e.g. U32 or F8_E8M0: they are copied byte for byte, never computed on). A dtype outside this table is refused, as
 # safetensors refuses it.
-DTYPE_BITS = {
+_DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
     "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6,
     "F6_E3M2": 6,
@@ -98,7 +98,7 @@ def _parse_int(text: str) -> int:
     return int(text)
 
 
-def parse_json(raw: bytes | str, what: str, path: str):
+def _parse_json(raw: bytes | str, what: str, path: str):
     """JSON text (a safetensors header, adapter_config.json) parsed with the limits a hostile file needs: NaN and
     Infinity refused (they are not JSON), integers of more than 20 digits refused, and nesting too deep for the parser
     reported as such instead of a `RecursionError`. Raises `OFTError` naming the file."""
@@ -127,12 +127,12 @@ def _bad_entry(path: str, key: str, what: str, found) -> OFTError:
     return OFTError(f"not a valid safetensors file: tensor {key!r}: {what}, found {found}", path=path)
 
 
-def _check_entries(header: dict, data_size: int, path: str) -> dict[str, TensorInfo]:
+def _check_entries(header: dict, data_size: int, path: str) -> dict[str, _TensorInfo]:
     """Every tensor entry checked by safetensors' own rules (its `Metadata::validate`): a known dtype, integer dims
     and offsets ≥ 0, byte length = dtype size × element count, and the tensors tiling the data section exactly (in
     offset order, no gap, no overlap, ending at the end of the file)."""
-    tensors: dict[str, TensorInfo] = {}
-    bits_of = DTYPE_BITS
+    tensors: dict[str, _TensorInfo] = {}
+    bits_of = _DTYPE_BITS
     for key, info in header.items():
         try:
             dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -150,7 +150,7 @@ def _check_entries(header: dict, data_size: int, path: str) -> dict[str, TensorI
         if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
             raise _bad_entry(path, key, f"a {dtype} tensor of shape {tuple(shape)} takes {bits / 8:g} bytes",
                              f"data_offsets {offsets} ({offsets[1] - offsets[0]} bytes)")
-        tensors[key] = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+        tensors[key] = _TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
     end = 0
     for ti in tensors.values():  # the usual file lists its tensors in data order: tiled without sorting
         if ti.start != end:
@@ -175,7 +175,7 @@ def _check_entries(header: dict, data_size: int, path: str) -> dict[str, TensorI
     return tensors
 
 
-def read_header(path: str | os.PathLike) -> Header:
+def read_header(path: str | os.PathLike) -> _Header:
     """Parse and check a safetensors header without loading tensors, as strictly as safetensors itself: a file that
     passes opens with safetensors, and everything derived from it (a baked copy) does too."""
     path = os.fspath(path)
@@ -185,8 +185,8 @@ def read_header(path: str | os.PathLike) -> Header:
         raise OFTError("file not found", path=path)
     if os.path.isdir(path):
         raise OFTError("expected a .safetensors file, found a directory", path=path)
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        refuse_pickle(path)
+    if path.lower().endswith(_PICKLE_SUFFIXES):
+        _refuse_pickle(path)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -196,7 +196,7 @@ def read_header(path: str | os.PathLike) -> Header:
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, _MAX_HEADER):
                 if _looks_like_pickle(head):
-                    refuse_pickle(path)
+                    _refuse_pickle(path)
                 raise OFTError(
                     f"not a safetensors file, or truncated: header length field says {n} bytes, file has {size} bytes",
                     path=path,
@@ -205,10 +205,10 @@ def read_header(path: str | os.PathLike) -> Header:
     except OSError as e:
         raise OFTError(f"cannot read the file ({e.strerror or e})", path=path) from None
     try:
-        header = parse_json(raw, "the safetensors header", path)
+        header = _parse_json(raw, "the safetensors header", path)
     except OFTError as e:
         if _looks_like_pickle(head):
-            refuse_pickle(path)
+            _refuse_pickle(path)
         raise OFTError(f"not a safetensors file: {e.detail}", path=path) from None
     if not isinstance(header, dict):
         raise OFTError(f"not a safetensors file: the header is JSON {type(header).__name__}, expected an object",
@@ -222,18 +222,18 @@ def read_header(path: str | os.PathLike) -> Header:
         raise OFTError(f"not a valid safetensors file: __metadata__: expected an object of text values, found {found}",
                        path=path)
     tensors = _check_entries(header, size - 8 - n, path)
-    return Header(path, tensors, metadata, 8 + n)
+    return _Header(path, tensors, metadata, 8 + n)
 
 
-def load_tensors(path: str | os.PathLike | Header, keys=None, device: str = "cpu"
-                 ) -> tuple[dict[str, torch.Tensor], Header]:
-    """Load tensors (all, or `keys`) after checking the header (`path` may be an already checked `Header`).
+def _load_tensors(path: str | os.PathLike | _Header, keys=None, device: str = "cpu"
+                 ) -> tuple[dict[str, torch.Tensor], _Header]:
+    """Load tensors (all, or `keys`) after checking the header (`path` may be an already checked `_Header`).
 
     All tensors: the data section is read once and every tensor is a view of it (one read instead of one call per
-    key: for 200,000 keys that was most of the time); some: read one by one (`TensorFile`)."""
-    header = path if isinstance(path, Header) else read_header(path)
+    key: for 200,000 keys that was most of the time); some: read one by one (`_TensorFile`)."""
+    header = path if isinstance(path, _Header) else read_header(path)
     if keys is not None:
-        f = TensorFile(header)
+        f = _TensorFile(header)
         try:
             return f.get(keys), header
         finally:
@@ -249,7 +249,7 @@ def load_tensors(path: str | os.PathLike | Header, keys=None, device: str = "cpu
     out: dict[str, torch.Tensor] = {}
     typed: dict[torch.dtype, torch.Tensor] = {}  # the whole data section as each dtype: one view per tensor of it
     for k, ti in header.tensors.items():
-        dtype = DTYPES.get(ti.dtype)
+        dtype = _DTYPES.get(ti.dtype)
         if dtype is None:
             raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which no OFT trainer writes", path=header.path)
         count = math.prod(ti.shape)
@@ -275,13 +275,13 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-class TensorFile:
-    """Tensors of one checked file read a few at a time with plain file reads: the header is parsed once (`Header`),
+class _TensorFile:
+    """Tensors of one checked file read a few at a time with plain file reads: the header is parsed once (`_Header`),
     the file stays open, nothing is memory-mapped (mapped pages would stay resident for the whole bake). What a
     streamed adapter reads each layer with: opening the file per layer parsed its header again every time, which
     made a bake of N layers cost O(N²)."""
 
-    def __init__(self, header: Header):
+    def __init__(self, header: _Header):
         self.header = header
         self._file = None
 
@@ -292,7 +292,7 @@ class TensorFile:
                 self._file = open(self.header.path, "rb")
             for k in keys:
                 ti = self.header.tensors[k]
-                dtype = DTYPES.get(ti.dtype)
+                dtype = _DTYPES.get(ti.dtype)
                 if dtype is None:
                     raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which no OFT trainer writes",
                                    path=self.header.path)

@@ -38,14 +38,14 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from .errors import OFTError, mismatch
+from .errors import OFTError, _mismatch
 
-Side = Literal["out", "in"]
-Kind = Literal["diag", "butterfly"]
-Parameterization = Literal["cayley", "neumann", "matrix"]  # "matrix": R itself is stored (old LyCORIS oft_diag)
-ConstraintKind = Literal["none", "norm_clamp", "block_projection"]
-COMPONENTS = ("unet", "te", "te1", "te2")
-TE_COMPONENTS = COMPONENTS[1:]  # the text encoders' components
+_Side = Literal["out", "in"]
+_Kind = Literal["diag", "butterfly"]
+_Parameterization = Literal["cayley", "neumann", "matrix"]  # "matrix": R itself is stored (old LyCORIS oft_diag)
+_ConstraintKind = Literal["none", "norm_clamp", "block_projection"]
+_COMPONENTS = ("unet", "te", "te1", "te2")
+TE_COMPONENTS = _COMPONENTS[1:]  # the text encoders' components
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -60,7 +60,7 @@ class Constraint:
       (``value`` is PEFT's eps).
     """
 
-    kind: ConstraintKind = "none"
+    kind: _ConstraintKind = "none"
     value: float = 0.0
 
     def describe(self) -> str:
@@ -77,12 +77,12 @@ class OFTLayer:
 
     name: str  # the layer path as the file spells it, format prefix stripped (dotted or underscored)
     component: str  # "unet" | "te" | "te1" | "te2"
-    side: Side
-    kind: Kind
+    side: _Side
+    kind: _Kind
     blocks: tuple[torch.Tensor, ...]  # per split: skew Q, fp32, (stored_blocks, b, b); butterfly: (stages, n, b, b)
     num_blocks: tuple[int, ...]  # per split: blocks along the rotated axis (> stored blocks when block_share)
     transpose: bool
-    parameterization: Parameterization = "cayley"
+    parameterization: _Parameterization = "cayley"
     neumann_coeffs: tuple[float, ...] = ()  # coefficient of Q^k, k = 0, 1, ...
     constraint: Constraint = field(default_factory=Constraint)
     row_scale: torch.Tensor | None = None  # (out,) fp32: LyCORIS `rescale`, PEFT 0.14–0.15 `oft_s`
@@ -137,14 +137,14 @@ class OFTAdapter:
         return sum(layer.num_params() for layer in self)
 
 
-def neumann_coefficients(terms: int, *, last_term_halved: bool) -> tuple[float, ...]:
+def _neumann_coefficients(terms: int, *, last_term_halved: bool) -> tuple[float, ...]:
     """Coefficients of I, Q, Q², ... of PEFT's Cayley–Neumann series, as each PEFT version computes it.
 
     PEFT ≥ 0.18: I + 2Q + 2Q² + … + 2Q^(n−2) + Q^(n−1) (for n = 3 and 4 PEFT's loop gives I + 2Q + 2Q² + Q³).
     PEFT 0.16–0.17: I + 2Q + 2Q² + … + 2Q^(n−1).
     """
     if terms < 1:
-        raise OFTError(mismatch("num_cayley_neumann_terms", "≥ 1", terms))
+        raise OFTError(_mismatch("num_cayley_neumann_terms", "≥ 1", terms))
     coeffs = [1.0]
     if terms > 1:
         coeffs.append(2.0)
@@ -163,12 +163,12 @@ def make_layer(
     path: str,
     name: str,
     component: str = "unet",
-    side: Side,
+    side: _Side,
     blocks: Sequence[torch.Tensor],
     transpose: bool,
-    kind: Kind = "diag",
+    kind: _Kind = "diag",
     num_blocks: Sequence[int] | None = None,
-    parameterization: Parameterization = "cayley",
+    parameterization: _Parameterization = "cayley",
     neumann_coeffs: Sequence[float] = (),
     constraint: Constraint | None = None,
     row_scale: torch.Tensor | None = None,
@@ -212,9 +212,9 @@ def make_layer(
     )
 
 
-class Blocks(tuple):
+class _Blocks(tuple):
     """A layer's generator tensors with `finite[i]`: whether split i (as fp32) holds no NaN / Inf, computed for many
-    layers at once by `finite_each`, so that `make_layer` checks finiteness without one tensor op per layer. It is
+    layers at once by `_finite_each`, so that `make_layer` checks finiteness without one tensor op per layer. It is
     the same check on the same values: the readers pass the exact tensors the flags were computed on."""
 
     finite: tuple[bool, ...]
@@ -227,7 +227,7 @@ class Blocks(tuple):
         return self
 
 
-def finite_each(stacked: torch.Tensor) -> list[bool]:
+def _finite_each(stacked: torch.Tensor) -> list[bool]:
     """Per index of the first axis of `stacked` (many layers' generators of one shape, fp32): no NaN / Inf. A meta
     batch (a structure-only skeleton) counts as finite, as `make_layer` counts a meta tensor."""
     n = int(stacked.shape[0])
@@ -237,29 +237,29 @@ def finite_each(stacked: torch.Tensor) -> list[bool]:
 
 
 def _check_choices(component: str, side: str, kind: str, fail) -> None:
-    if component not in COMPONENTS:
-        fail(mismatch("component", " | ".join(COMPONENTS), repr(component)))
+    if component not in _COMPONENTS:
+        fail(_mismatch("component", " | ".join(_COMPONENTS), repr(component)))
     if side not in ("out", "in"):
-        fail(mismatch("rotated side", "'out' or 'in'", repr(side)))
+        fail(_mismatch("rotated side", "'out' or 'in'", repr(side)))
     if kind not in ("diag", "butterfly"):
-        fail(mismatch("kind", "'diag' or 'butterfly'", repr(kind)))
+        fail(_mismatch("kind", "'diag' or 'butterfly'", repr(kind)))
 
 
 def _checked_blocks(blocks: Sequence[torch.Tensor], kind: str, fail) -> list[torch.Tensor]:
     """Per split: a tensor of square blocks (4-D for butterfly stages), at least one block, finite, as fp32.
     A tensor on the meta device is a structure-only skeleton (bake streams the values later): not checked for NaN.
-    `Blocks` carry their finiteness from one batched check of many layers (`finite_each`)."""
+    `_Blocks` carry their finiteness from one batched check of many layers (`_finite_each`)."""
     if not blocks:
         fail("no rotation blocks")
-    known = blocks.finite if isinstance(blocks, Blocks) else None
+    known = blocks.finite if isinstance(blocks, _Blocks) else None
     want_ndim = 4 if kind == "butterfly" else 3
     gens = []
     for i, g in enumerate(blocks):
         if not isinstance(g, torch.Tensor) or g.ndim != want_ndim or g.shape[-1] != g.shape[-2] or g.shape[-1] < 1:
             shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-            fail(mismatch(f"split {i} blocks", f"{want_ndim}-D tensor of square blocks", shape))
+            fail(_mismatch(f"split {i} blocks", f"{want_ndim}-D tensor of square blocks", shape))
         if g.numel() == 0:
-            fail(mismatch(f"split {i} blocks", "at least one block", tuple(g.shape)))
+            fail(_mismatch(f"split {i} blocks", "at least one block", tuple(g.shape)))
         g = g.detach() if g.requires_grad else g
         g = g if g.dtype == torch.float32 else g.to(torch.float32)
         finite = known[i] if known is not None else g.device.type == "meta" or bool(torch.isfinite(g).all())
@@ -267,7 +267,7 @@ def _checked_blocks(blocks: Sequence[torch.Tensor], kind: str, fail) -> list[tor
             fail(f"split {i} blocks contain NaN or Inf values: the file is damaged or the training diverged")
         gens.append(g)
     if kind == "butterfly" and len(gens) != 1:
-        fail(mismatch("butterfly splits", 1, len(gens)))
+        fail(_mismatch("butterfly splits", 1, len(gens)))
     return gens
 
 
@@ -278,26 +278,26 @@ def _checked_block_counts(gens: list[torch.Tensor], num_blocks: Sequence[int] | 
         num_blocks = [int(g.shape[-3]) for g in gens]
     num_blocks = tuple(int(n) for n in num_blocks)
     if len(num_blocks) != len(gens):
-        fail(mismatch("block counts", f"one per split ({len(gens)})", len(num_blocks)))
+        fail(_mismatch("block counts", f"one per split ({len(gens)})", len(num_blocks)))
     for i, (g, n) in enumerate(zip(gens, num_blocks)):
         stored = int(g.shape[-3])
         if block_share and (stored != 1 or len(gens) != 1):
-            fail(mismatch("shared blocks (block_share)", "one stored block", f"{stored} in split {i}"))
+            fail(_mismatch("shared blocks (block_share)", "one stored block", f"{stored} in split {i}"))
         if n < 1 or (stored != n and not block_share):
-            fail(mismatch(f"split {i} block count", stored, n))
+            fail(_mismatch(f"split {i} block count", stored, n))
     return num_blocks
 
 
 def _check_butterfly(gens: list[torch.Tensor], num_blocks: tuple[int, ...], side: str, fail) -> None:
     """BOFT: output side, even block size, a power-of-two block count, at most log2(n) + 1 stages."""
     if side != "out":
-        fail(mismatch("butterfly (BOFT) rotated side", "'out'", repr(side)))
+        fail(_mismatch("butterfly (BOFT) rotated side", "'out'", repr(side)))
     b = int(gens[0].shape[-1])
     n = num_blocks[0]
     if b % 2 or (n & (n - 1)):
-        fail(mismatch("butterfly layout", "even block size and a power-of-two block count", f"b={b}, n={n}"))
+        fail(_mismatch("butterfly layout", "even block size and a power-of-two block count", f"b={b}, n={n}"))
     if int(gens[0].shape[0]) > max(1, int(math.log2(n)) + 1):
-        fail(mismatch("butterfly stages", f"at most {int(math.log2(n)) + 1} for {n} blocks", gens[0].shape[0]))
+        fail(_mismatch("butterfly stages", f"at most {int(math.log2(n)) + 1} for {n} blocks", gens[0].shape[0]))
 
 
 def _checked_parameterization(parameterization: str, neumann_coeffs: Sequence[float], constraint: Constraint | None,
@@ -306,7 +306,7 @@ def _checked_parameterization(parameterization: str, neumann_coeffs: Sequence[fl
     if parameterization == "matrix" and constraint is not None and constraint.kind != "none":
         fail("a stored rotation matrix (LyCORIS oft_diag) cannot carry a constraint")
     if parameterization not in ("cayley", "neumann", "matrix"):
-        fail(mismatch("parameterization", "'cayley', 'neumann' or 'matrix'", repr(parameterization)))
+        fail(_mismatch("parameterization", "'cayley', 'neumann' or 'matrix'", repr(parameterization)))
     coeffs = tuple(float(c) for c in neumann_coeffs)
     if parameterization == "neumann" and not coeffs:
         fail("Cayley–Neumann parameterization without series coefficients")
@@ -318,16 +318,16 @@ def _checked_constraint(constraint: Constraint, gens: list[torch.Tensor], num_bl
     """A known kind and a finite value ≥ 0 whose bound fits in float32 (kohya's NaN alpha and LyCORIS's are refused
     the same way; an alpha × width beyond fp32 fails in sd-scripts and LyCORIS: "cannot be converted ... overflow")."""
     if constraint.kind not in ("none", "norm_clamp", "block_projection"):
-        fail(mismatch("constraint", "none | norm_clamp | block_projection", repr(constraint.kind)))
+        fail(_mismatch("constraint", "none | norm_clamp | block_projection", repr(constraint.kind)))
     what = "constraint (alpha)" if constraint.kind == "norm_clamp" else "constraint (eps)"
     if not math.isfinite(constraint.value) or constraint.value < 0:
-        fail(mismatch(what, "a finite number ≥ 0", constraint.value))
+        fail(_mismatch(what, "a finite number ≥ 0", constraint.value))
     widest = max(n * int(g.shape[-1]) for g, n in zip(gens, num_blocks))
     if constraint.kind == "norm_clamp" and constraint.value * widest > _FP32_MAX:
-        fail(mismatch(what, f"at most {_FP32_MAX / widest:.3g} (alpha × {widest} rows must fit in float32)",
+        fail(_mismatch(what, f"at most {_FP32_MAX / widest:.3g} (alpha × {widest} rows must fit in float32)",
                       f"{constraint.value:g}"))
     if constraint.kind == "block_projection" and constraint.value > _FP32_MAX:
-        fail(mismatch(what, f"at most {_FP32_MAX:.3g} (it must fit in float32)", f"{constraint.value:g}"))
+        fail(_mismatch(what, f"at most {_FP32_MAX:.3g} (it must fit in float32)", f"{constraint.value:g}"))
     return constraint
 
 
@@ -339,11 +339,11 @@ def _checked_row_scale(row_scale: torch.Tensor | None, side: str, dim: int, fail
     if row_scale.device.type != "meta" and not torch.isfinite(row_scale).all():
         fail("row scale (rescale / oft_s) contains NaN or Inf values")
     if side == "out" and row_scale.numel() != dim:
-        fail(mismatch("row scale length", f"{dim} (the rotated output width)", row_scale.numel()))
+        fail(_mismatch("row scale length", f"{dim} (the rotated output width)", row_scale.numel()))
     return row_scale
 
 
-def flatten_weight_shape(shape: Sequence[int]) -> tuple[int, int]:
+def _flatten_weight_shape(shape: Sequence[int]) -> tuple[int, int]:
     """(out, in·kh·kw) of a Linear or Conv weight shape."""
     out = int(shape[0])
     rest = 1
@@ -359,27 +359,27 @@ def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "",
     Raises `OFTError` naming the layer with the expected and found sizes.
     """
     if len(shape) < 2:
-        raise OFTError(mismatch("base weight", "a Linear or Conv weight (2-D or more)", tuple(shape)), path=path,
+        raise OFTError(_mismatch("base weight", "a Linear or Conv weight (2-D or more)", tuple(shape)), path=path,
                        layer=layer.key)
-    out, inner = flatten_weight_shape(shape)
+    out, inner = _flatten_weight_shape(shape)
     axis = out if layer.side == "out" else inner
     what = "output features" if layer.side == "out" else "input features (× kernel)"
     if layer.block_share:
         b = layer.block_sizes[0]
         if axis % b:
-            raise OFTError(mismatch(f"{what} divisible by the shared block size {b}", f"a multiple of {b}", axis),
+            raise OFTError(_mismatch(f"{what} divisible by the shared block size {b}", f"a multiple of {b}", axis),
                            path=path, layer=layer.key)
         layer = layer.with_(num_blocks=(axis // b,))
     if layer.dim != axis:
         blocks = " + ".join(f"{n}×{b}" for n, b in zip(layer.num_blocks, layer.block_sizes))
         raise OFTError(
-            mismatch(f"base {what}", f"{layer.dim} (= {blocks} blocks of the adapter)",
+            _mismatch(f"base {what}", f"{layer.dim} (= {blocks} blocks of the adapter)",
                      f"{axis} in {weight_name} {tuple(shape)}")
             + ": the adapter was made for another model or architecture",
             path=path,
             layer=layer.key,
         )
     if layer.row_scale is not None and layer.row_scale.numel() != out:
-        raise OFTError(mismatch("row scale length", out, layer.row_scale.numel()), path=path, layer=layer.key)
+        raise OFTError(_mismatch("row scale length", out, layer.row_scale.numel()), path=path, layer=layer.key)
     return layer
 

@@ -6,7 +6,7 @@ HE(W) = Σ_{i≠j} 1/‖ŵ_i − ŵ_j‖ over the unit-normalised rows ŵ_i (out
 √(2 − 2 ŵ_i·ŵ_j). An input-side rotation (PEFT ≥ 0.14, W·M) turns every row by the same orthogonal M, so every
 pairwise angle and HE are unchanged (up to rounding); an output-side rotation (kohya, LyCORIS: M·W) mixes rows
 within a block, which preserves the angles between the block's *columns*, not between its rows, so HE changes in
-general. Cheap by design: at most `he_rows` rows per weight (an evenly spaced subset, the same rows before and after),
+general. Cheap by design: at most `_he_rows` rows per weight (an evenly spaced subset, the same rows before and after),
 Gram matrix in float64 in chunks of 256 rows.
 """
 
@@ -20,16 +20,16 @@ from collections import Counter
 
 import torch
 
-from .errors import bulk
-from .rotation import _NORM_EPS, StrengthMode, cayley, orthogonality_error, rotate_weight, stored_norms
+from .errors import _bulk
+from .rotation import _NORM_EPS, _cayley, _orthogonality_error, _stored_norms, _StrengthMode, rotate_weight
 from .spec import OFTAdapter
 
 log = logging.getLogger(__name__)
-HE_ROWS = 1024
+_HE_ROWS = 1024
 _HE_CHUNK = 256
 
 
-def hyperspherical_energy(weight: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+def _hyperspherical_energy(weight: torch.Tensor, rows: torch.Tensor | None = None) -> float:
     """HE of the rows of `weight` (flattened to 2-D), over the row subset `rows` (all when None), in float64."""
     w = weight.reshape(weight.shape[0], -1)
     if rows is not None:
@@ -48,15 +48,15 @@ def hyperspherical_energy(weight: torch.Tensor, rows: torch.Tensor | None = None
     return total
 
 
-def he_rows(n: int, limit: int = HE_ROWS) -> torch.Tensor | None:
+def _he_rows(n: int, limit: int = _HE_ROWS) -> torch.Tensor | None:
     """An evenly spaced subset of `limit` of `n` row indices (None: all rows)."""
     if n <= limit:
         return None
     return torch.linspace(0, n - 1, limit).round().long().unique()
 
 
-def energy_changes(adapter: OFTAdapter, base: str | os.PathLike, *, strength: float = 1.0,
-                   mode: StrengthMode = "kohya", max_rows: int = HE_ROWS) -> tuple[dict[tuple[str, str], dict], dict]:
+def _energy_changes(adapter: OFTAdapter, base: str | os.PathLike, *, strength: float = 1.0,
+                   mode: _StrengthMode = "kohya", max_rows: int = _HE_ROWS) -> tuple[dict[tuple[str, str], dict], dict]:
     """Per matched layer {he_before, he_after, he_rel_change, rows, base_key}, and the match summary.
 
     Reads one base weight at a time."""
@@ -75,9 +75,9 @@ def energy_changes(adapter: OFTAdapter, base: str | os.PathLike, *, strength: fl
             if m.target.offset is not None:
                 w = w.narrow(*m.target.offset)
             w = w.to(torch.float32)
-            rows = he_rows(w.shape[0], max_rows)
-            before = hyperspherical_energy(w, rows)
-            after = hyperspherical_energy(rotate_weight(m.layer, w, strength, mode), rows)
+            rows = _he_rows(w.shape[0], max_rows)
+            before = _hyperspherical_energy(w, rows)
+            after = _hyperspherical_energy(rotate_weight(m.layer, w, strength, mode), rows)
             out[(m.layer.component, m.layer.name)] = {
                 "he_before": before, "he_after": after,
                 "he_rel_change": (after - before) / before if before else 0.0,
@@ -143,10 +143,10 @@ def tool_notes(adapter: OFTAdapter) -> list[str]:
         notes.append("sd-scripts: OFTInfModule.merge_to(multiplier) ignores its argument; merge at a strength "
                      "through the network multiplier (create_network_from_weights(multiplier, …))")
     elif fmt.startswith("lycoris"):
-        from .formats.lycoris import layout_problem
+        from .formats.lycoris import _layout_problem
 
         bad = [layer.key for layer in adapter if layer.kind == "diag" and layer.parameterization != "matrix"
-               and layout_problem(layer)]
+               and _layout_problem(layer)]
         if bad:
             notes.append(f"LyCORIS diag-oft cannot load {len(bad)} layers ({_examples(bad)}): it rebuilds a layer's "
                          "layout from the block size alone and only holds a block size ≤ the block count")
@@ -167,7 +167,7 @@ _BATCH_ELEMENTS = 1 << 22
 def _batched_checks(adapter: OFTAdapter) -> dict[tuple[str, str], tuple[list[tuple[float, float | None]], float]]:
     """(generator norms with their bounds, orthogonality error) of every plain layer (diag, one split, exact Cayley,
     no constraint or kohya's clamp), computed for all layers of one block layout at once: the numbers
-    `stored_norms` and `orthogonality_error` give, up to the rounding of a batched reduction. Other layers are
+    `_stored_norms` and `_orthogonality_error` give, up to the rounding of a batched reduction. Other layers are
     left to those two functions."""
     groups: dict[tuple, list] = {}
     for key, layer in adapter.layers.items():
@@ -188,7 +188,7 @@ def _batched_checks(adapter: OFTAdapter) -> dict[tuple[str, str], tuple[list[tup
             # rotation.constrain's clamp, per layer: Q·(min(‖Q‖, c) + ε)/(‖Q‖ + ε); unconstrained layers untouched
             scale = torch.where(torch.isinf(bound_t), torch.ones_like(norms),
                                 (torch.minimum(norms, bound_t) + _NORM_EPS) / (norms + _NORM_EPS))
-            r = cayley((q * scale.view(-1, 1, 1, 1)).flatten(0, 1)).view(q.shape)
+            r = _cayley((q * scale.view(-1, 1, 1, 1)).flatten(0, 1)).view(q.shape)
             if transpose:
                 r = r.transpose(-1, -2)
             eye = torch.eye(shape[-1], dtype=r.dtype)
@@ -198,21 +198,21 @@ def _batched_checks(adapter: OFTAdapter) -> dict[tuple[str, str], tuple[list[tup
     return out
 
 
-def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_max_rows: int = HE_ROWS) -> dict:
+def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_max_rows: int = _HE_ROWS) -> dict:
     """A JSON-ready summary of `adapter` (the CLI's `inspect --json` and the nodes' OFTInspect use it).
 
     With `base` (a .safetensors model), every matched layer also gets its hyperspherical-energy change on that base.
     """
-    with bulk():
+    with _bulk():
         return _describe(adapter, base, he_max_rows)
 
 
 def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
-    energies, base_info = energy_changes(adapter, base, max_rows=he_max_rows) if base is not None else ({}, None)
+    energies, base_info = _energy_changes(adapter, base, max_rows=he_max_rows) if base is not None else ({}, None)
     batched = _batched_checks(adapter)
     layers = []
     for key, layer in adapter.layers.items():
-        norms, ortho = batched.get(key) or (stored_norms(layer), None)
+        norms, ortho = batched.get(key) or (_stored_norms(layer), None)
         clamped = [bound is not None and norm > bound for norm, bound in norms]
         layers.append(
             {
@@ -230,7 +230,7 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
                 "clamped": any(clamped),
                 "rescaled": layer.row_scale is not None,
                 "params": layer.num_params(),
-                "orthogonality_error": orthogonality_error(layer) if ortho is None else ortho,
+                "orthogonality_error": _orthogonality_error(layer) if ortho is None else ortho,
                 **energies.get((layer.component, layer.name), {}),
             }
         )

@@ -19,8 +19,8 @@ included.
 
 Public API:
 
-- `select_targets(root, preset, family=None)` -> `Targets` [(path, module)] (+ `.root`): presets per model family
-  (`PRESETS`), each the sd-scripts option of the same name (`SD_SCRIPTS_OPTIONS`; beyond it: `EXTRA_PRESETS`).
+- `select_targets(root, preset, family=None)` -> `_Targets` [(path, module)] (+ `.root`): presets per model family
+  (`PRESETS`), each the sd-scripts option of the same name (`_SD_SCRIPTS_OPTIONS`; beyond it: `_EXTRA_PRESETS`).
 - `OFTTrainer(targets, num_blocks=… | block_size=…, alpha=…, neumann_terms=0, root=None)`; `.parameters()`,
   `.attach()` (safe on its own on FLUX: guards the root's in-place blocks),
   `.to_adapter(metadata, names=None)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits);
@@ -28,7 +28,7 @@ Public API:
   `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
 - `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.
 - `frozen_for_training(root)`: weights a host made under `torch.inference_mode()` usable by autograd, zero-copy.
-- `frozen_bases(modules, weight_fn)`, `frozen_base(...)`: quantized / cast base weights made per forward and again in
+- `frozen_bases(modules, weight_fn)`, `_frozen_base(...)`: quantized / cast base weights made per forward and again in
   backward, never kept (QOFT on fp8 / GGUF bases).
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
   learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); one read from the device per step
@@ -49,12 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import OFTError, mismatch
+from .errors import OFTError, _mismatch
 from .formats._triangle import unpack_upper
-from .formats.kohya import PREFIX as KOHYA_PREFIX
-from .names import ldm_to_diffusers
-from .rotation import bypass_forward, cayley, generator_of, rotate_features, rotation_blocks, skew
-from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coefficients
+from .formats.kohya import _PREFIX as KOHYA_PREFIX
+from .names import _ldm_to_diffusers_names
+from .rotation import _cayley, _generator_of, _skew, bypass_forward, rotate_features, rotation_blocks
+from .spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, make_layer
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ PRESETS = {
     "flux": ("attention", "all-linear", "attention+single"),
     "generic": ("attention", "all-linear", "all-linear+conv"),
 }
-SD_SCRIPTS_OPTIONS = {  # preset -> the sd-scripts network_args that adapt the same layers
+_SD_SCRIPTS_OPTIONS = {  # preset -> the sd-scripts network_args that adapt the same layers
     ("sd", "attention"): "networks.oft (default)",
     ("sd", "all-linear"): "networks.oft enable_all_linear=True",
     ("sd", "attention+conv"): "networks.oft enable_conv=True",
@@ -75,7 +75,7 @@ SD_SCRIPTS_OPTIONS = {  # preset -> the sd-scripts network_args that adapt the s
     ("flux", "attention"): "networks.oft_flux (default)",
     ("flux", "all-linear"): "networks.oft_flux enable_all_linear=True",
 }
-EXTRA_PRESETS = {  # (family, preset) -> what sd-scripts does with the layers beyond its options
+_EXTRA_PRESETS = {  # (family, preset) -> what sd-scripts does with the layers beyond its options
     ("flux", "attention+single"): "single_blocks.N.linear1 / linear2 are beyond sd-scripts' attention option: "
                                   "networks.oft_flux loads them only in all-linear mode (a key containing '_mlp') and "
                                   "otherwise ignores them without a word; ComfyUI and this pack apply them",
@@ -121,7 +121,7 @@ def _is_conv(m: nn.Module, kernel_1x1: bool | None = None) -> bool:
     return (tuple(m.kernel_size) == (1, 1)) == kernel_1x1
 
 
-class Targets(list):
+class _Targets(list):
     """`select_targets`' result: a list of (path, module) that also remembers the model `root` and its `family`, so
     that `OFTTrainer.attach()` can guard the blocks of that model that write their inputs in place (FLUX)."""
 
@@ -130,7 +130,7 @@ class Targets(list):
         self.root, self.family = root, family
 
 
-def select_targets(root: nn.Module, preset: str, family: str | None = None) -> Targets:
+def select_targets(root: nn.Module, preset: str, family: str | None = None) -> _Targets:
     """The (path, module) pairs a preset adapts, in module order; paths are relative to `root`.
 
     - sd (sd-scripts networks.oft): attention = Linear layers of attention modules (to_q/k/v/out; kohya
@@ -140,20 +140,20 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> T
     - flux (sd-scripts networks.oft_flux): attention = double-block img/txt_attn.qkv and .proj (kohya
       "SelfAttention"); all-linear (enable_all_linear) = every Linear of double / single blocks, modulation included;
       attention+single = attention plus single-block linear1 (q|k|v|mlp) and linear2, beyond sd-scripts
-      (`EXTRA_PRESETS` says what it ignores).
+      (`_EXTRA_PRESETS` says what it ignores).
     - generic (any other diffusion model: SD3, Wan, Qwen-Image, HiDream, Lumina, ...; chosen by module type and
       place, never by family-specific names): attention = Linear under a module whose class name contains
       "Attention"; all-linear = every Linear inside the model's transformer blocks (the elements of the
-      nn.ModuleLists directly under `root`, `block_lists`), or every Linear when it has none; all-linear+conv =
+      nn.ModuleLists directly under `root`, `_block_lists`), or every Linear when it has none; all-linear+conv =
       every Linear and Conv2d.
     """
     family = family or detect_family(root)
     if family not in PRESETS:
-        raise OFTError(mismatch("model family", " | ".join(PRESETS), repr(family)))
+        raise OFTError(_mismatch("model family", " | ".join(PRESETS), repr(family)))
     if preset not in PRESETS[family]:
-        raise OFTError(mismatch(f"target preset for a {family} model", " | ".join(PRESETS[family]), repr(preset)))
+        raise OFTError(_mismatch(f"target preset for a {family} model", " | ".join(PRESETS[family]), repr(preset)))
     out: list[tuple[str, nn.Module]] = []
-    lists = tuple(f"{name}." for name in block_lists(root)) if family == "generic" else ()
+    lists = tuple(f"{name}." for name in _block_lists(root)) if family == "generic" else ()
 
     def walk(module: nn.Module, path: str, ancestors: tuple[str, ...]):
         for child_name, child in module.named_children():
@@ -169,10 +169,10 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> T
     if not out:
         raise OFTError(f"target preset {preset!r} selects no Linear/Conv2d layer in this {family} model "
                        f"({type(root).__name__})")
-    return Targets(out, root, family)
+    return _Targets(out, root, family)
 
 
-def block_lists(root: nn.Module) -> list[str]:
+def _block_lists(root: nn.Module) -> list[str]:
     """Names of the nn.ModuleLists directly under `root` that hold its repeated blocks (SD3 `joint_blocks`, Wan
     `blocks`, Qwen-Image `transformer_blocks`, HiDream `double_stream_blocks`, Lumina `layers` / refiners, ...)."""
     return [name for name, child in root.named_children()
@@ -203,7 +203,7 @@ def _selected(family: str, preset: str, path: str, m: nn.Module, ancestors: tupl
     return _is_linear(m) or (preset == "all-linear+conv" and _is_conv(m))
 
 
-def split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
+def _split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
     """Output splits of a layer: FLUX fused q|k|v (3 equal) and single-block linear1 (q|k|v|mlp), else one split.
 
     sd-scripts `networks/oft_flux.py` rotates each split separately (a rotation must not mix q with k).
@@ -220,7 +220,7 @@ def split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------------------ trainer
 @dataclass(eq=False)
-class TrainedLayer:
+class _TrainedLayer:
     path: str  # module path relative to the trainer's root (kohya name = prefix + path with "_")
     module: nn.Module
     layer: OFTLayer  # the validated description (zero generators; the live ones are `params`)
@@ -228,7 +228,7 @@ class TrainedLayer:
 
     def generators(self) -> list[torch.Tensor]:
         """The live skew generators Q = U − Uᵀ per split (with gradients)."""
-        return [skew(unpack_upper(p, b)) for p, b in zip(self.params, self.layer.block_sizes)]
+        return [_skew(unpack_upper(p, b)) for p, b in zip(self.params, self.layer.block_sizes)]
 
 
 def _default_weight_fn(module: nn.Module, x: torch.Tensor):
@@ -248,8 +248,8 @@ class OFTTrainer:
     `weight_fn(module, x) -> (weight, bias)` returns the base weight to use (default: the module's own, cast to x's
     dtype outside autocast); a host may cast / un-offload there. It must not write the weight.
     `splits`: path -> output split widths of a fused layer (each split its own rotation, as FLUX's q|k|v), for
-    layers `split_sizes` does not know (a host's key map gives them, e.g. SD3's fused qkv).
-    `recompute_weight(module)` True: that layer's base product runs through `frozen_base` (the weight `weight_fn`
+    layers `_split_sizes` does not know (a host's key map gives them, e.g. SD3's fused qkv).
+    `recompute_weight(module)` True: that layer's base product runs through `_frozen_base` (the weight `weight_fn`
     made is not kept for backward but made again there: QOFT, quantized / cast bases).
     """
 
@@ -261,13 +261,13 @@ class OFTTrainer:
         if (num_blocks is None) == (block_size is None):
             raise OFTError("give exactly one of num_blocks or block_size")
         if num_blocks is not None and num_blocks < 1:
-            raise OFTError(mismatch("num_blocks", "≥ 1", num_blocks))
+            raise OFTError(_mismatch("num_blocks", "≥ 1", num_blocks))
         if block_size is not None and block_size < 2:
-            raise OFTError(mismatch("block_size", "≥ 2 (a 1×1 skew block is always zero)", block_size))
+            raise OFTError(_mismatch("block_size", "≥ 2 (a 1×1 skew block is always zero)", block_size))
         if not math.isfinite(alpha) or alpha < 0:
-            raise OFTError(mismatch("constraint alpha", "a finite number ≥ 0 (0 = no constraint)", alpha))
+            raise OFTError(_mismatch("constraint alpha", "a finite number ≥ 0 (0 = no constraint)", alpha))
         if neumann_terms < 0:
-            raise OFTError(mismatch("Cayley–Neumann terms", "0 (exact Cayley) or ≥ 2", neumann_terms))
+            raise OFTError(_mismatch("Cayley–Neumann terms", "0 (exact Cayley) or ≥ 2", neumann_terms))
         if not targets:
             raise OFTError("no target layers to train")
         # kohya files store alpha in fp32: train with exactly the value that will be saved
@@ -277,7 +277,7 @@ class OFTTrainer:
         self.weight_fn = weight_fn or _default_weight_fn
         self.splits = {k: tuple(int(x) for x in v) for k, v in (splits or {}).items()}
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
-        self.layers: list[TrainedLayer] = []
+        self.layers: list[_TrainedLayer] = []
         problems = []
         for path, module in targets:
             try:
@@ -292,26 +292,26 @@ class OFTTrainer:
         self.root = root if root is not None else getattr(targets, "root", None)
         self.family = detect_family(self.root) if self.root is not None else None
 
-    def _make(self, path: str, module: nn.Module, device) -> TrainedLayer:
+    def _make(self, path: str, module: nn.Module, device) -> _TrainedLayer:
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise OFTError(f"{type(module).__name__} is not a Linear or Conv2d", layer=path)
         if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise OFTError(mismatch("Conv2d groups", 1, module.groups), layer=path)
-        splits = self.splits.get(path) or split_sizes(path, module)
+            raise OFTError(_mismatch("Conv2d groups", 1, module.groups), layer=path)
+        splits = self.splits.get(path) or _split_sizes(path, module)
         if sum(splits) != module.weight.shape[0] or min(splits) < 1:
-            raise OFTError(mismatch("output splits adding up to the output features", module.weight.shape[0],
+            raise OFTError(_mismatch("output splits adding up to the output features", module.weight.shape[0],
                                     splits), layer=path)
         counts = []
         for s in splits:
             if self.num_blocks is not None:
                 if s % self.num_blocks:
                     what = "output features" if len(splits) == 1 else f"split widths {splits}"
-                    raise OFTError(mismatch(f"num_blocks dividing the {what}", f"a divisor of {s}",
+                    raise OFTError(_mismatch(f"num_blocks dividing the {what}", f"a divisor of {s}",
                                             self.num_blocks), layer=path)
                 counts.append(self.num_blocks)
             else:
                 if s % self.block_size:
-                    raise OFTError(mismatch(f"block_size dividing the output width {s}", f"a divisor of {s}",
+                    raise OFTError(_mismatch(f"block_size dividing the output width {s}", f"a divisor of {s}",
                                             self.block_size), layer=path)
                 counts.append(s // self.block_size)
         if len(set(counts)) > 1:
@@ -320,9 +320,9 @@ class OFTTrainer:
                            layer=path)
         sizes = [s // n for s, n in zip(splits, counts)]
         if min(sizes) < 2:
-            raise OFTError(mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
+            raise OFTError(_mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
         param = "neumann" if self.neumann_terms else "cayley"
-        coeffs = neumann_coefficients(self.neumann_terms, last_term_halved=True) if self.neumann_terms else ()
+        coeffs = _neumann_coefficients(self.neumann_terms, last_term_halved=True) if self.neumann_terms else ()
         constraint = Constraint("norm_clamp", self.alpha) if self.alpha > 0 else Constraint()
         layer = make_layer(path="", name=path, side="out", blocks=[torch.zeros(n, b, b) for n, b in
                                                                        zip(counts, sizes)],
@@ -333,7 +333,7 @@ class OFTTrainer:
         with torch.inference_mode(False):  # hosts (ComfyUI) run nodes under inference mode: params must be normal
             params = [nn.Parameter(torch.zeros(n, b * (b - 1) // 2, dtype=torch.float32, device=dev))
                       for n, b in zip(counts, sizes)]
-        return TrainedLayer(path, module, layer, params)
+        return _TrainedLayer(path, module, layer, params)
 
     # -------------------------------------------------------------------------------------------- parameters
     def parameters(self) -> list[nn.Parameter]:
@@ -346,13 +346,13 @@ class OFTTrainer:
         return {f"{tl.layer.key}.{i}": p.detach().clone() for tl in self.layers for i, p in enumerate(tl.params)}
 
     # -------------------------------------------------------------------------------------------- forward patch
-    def blocks(self, tl: TrainedLayer) -> list[torch.Tensor]:
+    def blocks(self, tl: _TrainedLayer) -> list[torch.Tensor]:
         """M's blocks for layer `tl` from the live parameters (fp32, with gradients), through the one definition."""
         dev = tl.params[0].device.type
         with torch.autocast(dev, enabled=False):  # the Cayley solve / series stays fp32 under mixed precision
             return rotation_blocks(tl.layer, blocks=tl.generators(), sync_free=True)
 
-    def _forward_of(self, tl: TrainedLayer):
+    def _forward_of(self, tl: _TrainedLayer):
         module, weight_fn = tl.module, self.weight_fn
         conv = isinstance(module, nn.Conv2d)
 
@@ -369,7 +369,7 @@ class OFTTrainer:
             elif conv:
                 padding = module.padding
             if recompute:  # the same products as below, the base weight made again in backward instead of kept
-                y, bias = frozen_base(module, x, weight_fn, padding)
+                y, bias = _frozen_base(module, x, weight_fn, padding)
                 if bias is None:
                     return rotate_features(tl.layer, y, dim=1 if conv else -1, blocks=blocks)
                 z = y - (bias.reshape(-1, 1, 1) if conv else bias).to(y.dtype)
@@ -424,7 +424,7 @@ class OFTTrainer:
             self._attached = False
 
     # -------------------------------------------------------------------------------------------- export
-    def stored_generators(self, tl: TrainedLayer) -> list[torch.Tensor]:
+    def stored_generators(self, tl: _TrainedLayer) -> list[torch.Tensor]:
         """Detached Q per split as the adapter stores it (before the constraint, which the layer keeps)."""
         with torch.no_grad():
             return [q.detach().float().cpu().clone() for q in tl.generators()]
@@ -475,9 +475,9 @@ class OFTTrainer:
                     trained = [b.cpu() for b in rotation_blocks(layer, blocks=gens)]  # (Rᵀ per block)
                     new = []
                     for i, r in enumerate(trained):
-                        q = skew(generator_of(r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
+                        q = _skew(_generator_of(r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
                         new.append(q)
-                        worst = max(worst, float((cayley(q).transpose(-1, -2) - r).abs().max()))
+                        worst = max(worst, float((_cayley(q).transpose(-1, -2) - r).abs().max()))
                     gens = new
                 layer = layer.with_(parameterization="cayley", neumann_coeffs=(), constraint=Constraint())
             parts = list(zip(name, ([g] for g in gens))) if isinstance(name, tuple) else [(name, gens)]
@@ -531,20 +531,20 @@ class OFTTrainer:
                 fail("not a kohya-convention OFT layer (rows rotated by Rᵀ per block); resume from a kohya or "
                      "LyCORIS diag-oft file")
             if layer.parameterization != "cayley":
-                fail(mismatch("parameterization", "cayley", layer.parameterization))
+                fail(_mismatch("parameterization", "cayley", layer.parameterization))
             if layer.row_scale is not None and not bool((layer.row_scale == 1).all()):
                 fail("has a per-row rescale, which this trainer does not train")
             mine = (tuple(int(p.shape[0]) for p in tl.params), tl.layer.block_sizes)
             found = (layer.num_blocks, layer.block_sizes)
             if len(found[0]) != len(mine[0]):
-                fail(mismatch("splits", len(mine[0]), len(found[0])))
+                fail(_mismatch("splits", len(mine[0]), len(found[0])))
             if found != mine:
-                fail(mismatch("blocks per split × block size", " ".join(f"{n}×{b}" for n, b in zip(*mine)),
+                fail(_mismatch("blocks per split × block size", " ".join(f"{n}×{b}" for n, b in zip(*mine)),
                               " ".join(f"{n}×{b}" for n, b in zip(*found))))
             theirs_alpha = layer.constraint.value if layer.constraint.kind == "norm_clamp" else 0.0
             if layer.constraint.kind not in ("none", "norm_clamp") or \
                     float(torch.tensor(theirs_alpha, dtype=torch.float32)) != self.alpha:
-                fail(mismatch("constraint (alpha)", f"{self.alpha:g}", layer.constraint.describe()))
+                fail(_mismatch("constraint (alpha)", f"{self.alpha:g}", layer.constraint.describe()))
             vals = []
             for p, q in zip(tl.params, layer.blocks):
                 b = q.shape[-1]
@@ -561,15 +561,15 @@ def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
     """The `names` argument of `OFTTrainer.to_adapter` for targets selected under `root` (a UNet / DiT module).
 
     naming "native": None, the module paths as they are (LDM for ComfyUI's SD UNets, BFL for FLUX).
-    naming "diffusers": LDM UNet path -> diffusers path (`names.ldm_to_diffusers`, built from the whole UNet's keys
+    naming "diffusers": LDM UNet path -> diffusers path (`names._ldm_to_diffusers_names`, built from the whole UNet's keys
     so that layers_per_block is known), as sd-scripts `networks.oft` names SD1.x/SD2.x layers.
     """
     if naming == "native":
         return None
     if naming != "diffusers":
-        raise OFTError(mismatch("export naming", "native | diffusers", repr(naming)))
+        raise OFTError(_mismatch("export naming", "native | diffusers", repr(naming)))
     try:
-        return ldm_to_diffusers({k: tuple(v.shape) for k, v in root.state_dict().items()})
+        return _ldm_to_diffusers_names({k: tuple(v.shape) for k, v in root.state_dict().items()})
     except ValueError as e:
         raise OFTError(f"cannot name the layers after diffusers modules: {e}") from None
 
@@ -668,7 +668,7 @@ class _FrozenBase(torch.autograd.Function):
         return gx.to(ctx.x_dtype), None, None, None
 
 
-def frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding=None):
+def _frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding=None):
     """(y, bias) of a frozen Linear / Conv2d (`_FrozenBase`); bias None when the layer has none. `padding`: the
     Conv2d padding to use (default the module's; 0 after an explicit non-zero-mode pad)."""
     if padding is None and isinstance(module, nn.Conv2d):
@@ -679,7 +679,7 @@ def frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding
 
 @contextlib.contextmanager
 def frozen_bases(modules: Iterable[nn.Module], weight_fn: Callable):
-    """Run each (untrained) Linear / Conv2d in `modules` through `frozen_base` while gradients are on: their
+    """Run each (untrained) Linear / Conv2d in `modules` through `_frozen_base` while gradients are on: their
     dequantised / cast weights are made again in backward instead of kept (QOFT). Calls with other arguments, under
     no_grad, or of Conv2d with a non-zero padding mode go to the layer's own forward. Restored on exit."""
     with _forward_patches() as replace:
@@ -690,7 +690,7 @@ def frozen_bases(modules: Iterable[nn.Module], weight_fn: Callable):
             def fwd(*args, __m=m, __orig=m.forward, **kwargs):
                 if len(args) != 1 or kwargs or not torch.is_grad_enabled():
                     return __orig(*args, **kwargs)
-                return frozen_base(__m, args[0], weight_fn)[0]
+                return _frozen_base(__m, args[0], weight_fn)[0]
 
             replace(m, fwd)
         yield
@@ -838,10 +838,10 @@ def _unguarded(fn):
 
 
 # ------------------------------------------------------------------------------------------------ loop
-def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def _make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """AdamW (default weight decay 0: decaying Q pulls the rotation to identity), Adam or SGD."""
     if not (lr > 0 and math.isfinite(lr)):
-        raise OFTError(mismatch("learning rate", "a finite number > 0", lr))
+        raise OFTError(_mismatch("learning rate", "a finite number > 0", lr))
     params = list(params)
     # The fused kernels keep the step counters on the parameters' device: the default (for-loop / foreach) ones read
     # each parameter's step back to the host every step (`.item()`, a device wait per parameter on a GPU).
@@ -852,7 +852,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
         return torch.optim.Adam(params, lr=lr, **fused)
     if name == "SGD":
         return torch.optim.SGD(params, lr=lr, **fused)
-    raise OFTError(mismatch("optimizer", " | ".join(OPTIMIZERS), repr(name)))
+    raise OFTError(_mismatch("optimizer", " | ".join(OPTIMIZERS), repr(name)))
 
 
 _FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where torch 2.14's fused Adam(W) / SGD kernels exist
@@ -875,7 +875,7 @@ def residual_loss(name: str, residual: torch.Tensor, delta: float = 1.0) -> torc
         return F.huber_loss(residual, torch.zeros_like(residual), delta=delta)
     if name == "SmoothL1":
         return F.smooth_l1_loss(residual, torch.zeros_like(residual), beta=delta)
-    raise OFTError(mismatch("loss function", " | ".join(LOSSES), repr(name)))
+    raise OFTError(_mismatch("loss function", " | ".join(LOSSES), repr(name)))
 
 
 def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
@@ -886,9 +886,9 @@ def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
     constant 1; linear 1 − p; cosine ½(1 + cos πp) (as transformers' get_cosine_schedule_with_warmup).
     """
     if schedule not in SCHEDULES:
-        raise OFTError(mismatch("learning-rate schedule", " | ".join(SCHEDULES), repr(schedule)))
+        raise OFTError(_mismatch("learning-rate schedule", " | ".join(SCHEDULES), repr(schedule)))
     if warmup < 0:
-        raise OFTError(mismatch("warm-up steps", "≥ 0", warmup))
+        raise OFTError(_mismatch("warm-up steps", "≥ 0", warmup))
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if schedule == "constant":
@@ -912,12 +912,12 @@ def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, in
     Deterministic given deterministic `compute_loss`.
     """
     if steps < 1:
-        raise OFTError(mismatch("steps", "≥ 1", steps))
+        raise OFTError(_mismatch("steps", "≥ 1", steps))
     if grad_accum < 1:
-        raise OFTError(mismatch("gradient accumulation", "≥ 1", grad_accum))
+        raise OFTError(_mismatch("gradient accumulation", "≥ 1", grad_accum))
     lr_factor(schedule, 0, steps, warmup_steps)  # bad schedule / warm-up: refused before any work
     params = list(params)
-    opt = make_optimizer(optimizer, params, lr)
+    opt = _make_optimizer(optimizer, params, lr)
     losses = []
     for step in range(steps):
         if before_step is not None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from oft_core import OFTError, load_adapter
 from oft_core.bake import bake
-from oft_core.formats import open_streamed
+from oft_core.formats import _open_streamed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def test_streamed_bake_equals_the_loaded_adapter_bit_for_bit(case_id, tmp_path):
     case = get_case(case_id)
     base = _base_file(case, tmp_path)
     loaded = load_adapter(case.adapter)
-    streamed = open_streamed(case.adapter)
+    streamed = _open_streamed(case.adapter)
     assert [layer.key for layer in streamed.skeleton] == [layer.key for layer in loaded]
     # The skeleton holds no values (every reader ran on meta tensors: the bakes below test that path for each format).
     assert all(g.device.type == "meta" for layer in streamed.skeleton for g in layer.blocks)
@@ -213,6 +213,6 @@ def test_a_reader_that_needs_values_for_the_skeleton_fails_clearly(tmp_path, mon
 
     monkeypatch.setattr(formats, "READERS", [real._replace(read=needs_values), *formats.READERS[1:]])
     with pytest.raises(OFTError) as e:
-        open_streamed(path)
+        _open_streamed(path)
     assert str(path) in str(e.value) and "cannot be streamed" in str(e.value)
     assert len(load_adapter(path)) > 0  # the whole-file path still reads it

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 
 from oft_core import OFTError, load_adapter
-from oft_core.rotation import skew
-from oft_core.safetensors_io import load_tensors
-from oft_core.spec import Blocks, finite_each, make_layer
+from oft_core.rotation import _skew
+from oft_core.safetensors_io import _load_tensors
+from oft_core.spec import _Blocks, _finite_each, make_layer
 
 
 def _many(tmp_path, n=50, bad=None, value=float("nan"), alpha_dtype=torch.float32):
@@ -39,7 +39,7 @@ def test_batched_values_equal_per_layer_values(tmp_path):
     adapter = load_adapter(path)
     for i in range(50):
         layer = adapter.layers[("unet", f"layer{i:03d}")]
-        assert torch.equal(layer.blocks[0], skew(tensors[f"oft_unet_layer{i:03d}.oft_blocks"].float()))
+        assert torch.equal(layer.blocks[0], _skew(tensors[f"oft_unet_layer{i:03d}.oft_blocks"].float()))
         assert layer.constraint.value == float(tensors[f"oft_unet_layer{i:03d}.alpha"].float().item())
         assert layer.constraint.value != 1e-3  # the bf16 value itself, not a rounded-up literal
 
@@ -47,12 +47,12 @@ def test_batched_values_equal_per_layer_values(tmp_path):
 def test_finite_flags_are_checked_by_make_layer():
     q = torch.zeros(2, 4, 4)
     with pytest.raises(OFTError, match="split 0 blocks contain NaN or Inf"):
-        make_layer(path="f", name="x", side="out", blocks=Blocks([q], [False]), transpose=True)
-    assert make_layer(path="f", name="x", side="out", blocks=Blocks([q], [True]), transpose=True).dim == 8
+        make_layer(path="f", name="x", side="out", blocks=_Blocks([q], [False]), transpose=True)
+    assert make_layer(path="f", name="x", side="out", blocks=_Blocks([q], [True]), transpose=True).dim == 8
     stacked = torch.zeros(3, 2, 4, 4)
     stacked[1, 0, 0, 1] = float("nan")
-    assert finite_each(stacked) == [True, False, True]
-    assert finite_each(torch.empty(3, 2, 4, 4, device="meta")) == [True, True, True]
+    assert _finite_each(stacked) == [True, False, True]
+    assert _finite_each(torch.empty(3, 2, 4, 4, device="meta")) == [True, True, True]
 
 
 def test_load_tensors_views_equal_safetensors(tmp_path):
@@ -62,7 +62,7 @@ def test_load_tensors_views_equal_safetensors(tmp_path):
                "d": torch.arange(7, dtype=torch.int16), "e": torch.randn(2, dtype=torch.float64)}
     path = tmp_path / "mixed.safetensors"
     save_file(tensors, str(path))
-    ours, _ = load_tensors(path)
+    ours, _ = _load_tensors(path)
     ref = load_file(str(path))
     for k in tensors:
         assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape and torch.equal(ours[k], ref[k])

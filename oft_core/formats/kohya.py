@@ -25,23 +25,23 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import OFTError
-from ..rotation import constrain, skew
-from ..safetensors_io import Header
-from ..spec import Blocks, Constraint, OFTAdapter, OFTLayer, finite_each, make_layer
+from ..rotation import _constrain, _skew
+from ..safetensors_io import _Header
+from ..spec import Constraint, OFTAdapter, OFTLayer, _Blocks, _finite_each, make_layer
 from . import _write as w
 
 log = logging.getLogger(__name__)
 
-PREFIX = "oft_unet_"
+_PREFIX = "oft_unet_"
 _BATCH_ELEMENTS = 1 << 22
 # adapter.info key: why no kohya file can hold this adapter (set by the trainer for families sd-scripts has no OFT
 # network for); `write` refuses with it.
 KOHYA_REFUSED = "kohya_refused"
-KEY = re.compile(r"^(oft_unet_.+?)\.(oft_blocks(?:\.(\d+))?|alpha)$")
+_KEY = re.compile(r"^(oft_unet_.+?)\.(oft_blocks(?:\.(\d+))?|alpha)$")
 
 
-def claims(header: Header, config) -> bool:
-    return any(k.startswith(PREFIX) and ".oft_blocks" in k for k in header.tensors)
+def claims(header: _Header, config) -> bool:
+    return any(k.startswith(_PREFIX) and ".oft_blocks" in k for k in header.tensors)
 
 
 def _group(tensors: dict[str, torch.Tensor], path: str) -> tuple[dict[str, dict], list[str]]:
@@ -49,9 +49,9 @@ def _group(tensors: dict[str, torch.Tensor], path: str) -> tuple[dict[str, dict]
     modules: dict[str, dict] = {}
     ignored = []
     for key, t in tensors.items():
-        m = KEY.match(key)
+        m = _KEY.match(key)
         if not m:
-            if key.startswith(PREFIX):
+            if key.startswith(_PREFIX):
                 raise OFTError(f"unexpected key {key!r} in a kohya OFT file (expected <name>.oft_blocks[.<i>] "
                                "and <name>.alpha)", path=path)
             ignored.append(key)
@@ -84,9 +84,9 @@ def _batched_values(modules: dict[str, dict]) -> tuple[dict[int, float], dict[in
         step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))  # bounds the transient stacked copy
         for start in range(0, len(same), step):
             chunk = same[start:start + step]
-            q = skew(torch.stack(chunk).to(torch.float32))
+            q = _skew(torch.stack(chunk).to(torch.float32))
             q_of.update(zip(map(id, chunk), q.unbind(0)))
-            finite.update(zip(map(id, chunk), finite_each(q)))
+            finite.update(zip(map(id, chunk), _finite_each(q)))
     return alpha_of, q_of, finite
 
 
@@ -114,7 +114,7 @@ def _alpha(key: str, alpha: torch.Tensor | None, file_alpha: float | None, alpha
     return alpha_of[id(alpha)]
 
 
-def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
+def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
     """The adapter of a kohya file. Per layer, in key order: its splits, its alpha, its block shapes, then
     `make_layer` (tests/test_bad_input.py pins each refusal); tensor values are computed for all layers at once."""
     path = header.path
@@ -133,10 +133,10 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
             if a.ndim != 3 or a.shape[1] != a.shape[2]:
                 raise OFTError(f".oft_blocks{'' if i < 0 else f'.{i}'}: expected (num_blocks, b, b), "
                                f"found {tuple(a.shape)}", path=path, layer=key)
-        gens = Blocks([q_of[id(splits[i])] for i in order], [finite[id(splits[i])] for i in order])
-        layers[("unet", key[len(PREFIX):])] = make_layer(
+        gens = _Blocks([q_of[id(splits[i])] for i in order], [finite[id(splits[i])] for i in order])
+        layers[("unet", key[len(_PREFIX):])] = make_layer(
             path=path,
-            name=key[len(PREFIX):],
+            name=key[len(_PREFIX):],
             side="out",
             blocks=gens,
             transpose=True,  # sd-scripts: einsum("k n m, k n ... -> k m ...", R, W) = Rᵀ·W per block
@@ -151,7 +151,7 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
     return OFTAdapter(layers, fmt, path, dict(header.metadata), info)
 
 
-def _metadata_alpha(header: Header) -> float | None:
+def _metadata_alpha(header: _Header) -> float | None:
     v = header.metadata.get("ss_network_alpha")
     try:
         return None if v in (None, "None", "") else float(v)
@@ -189,7 +189,7 @@ def _fits(layer: OFTLayer, gens: list[torch.Tensor], alpha: float) -> bool:
         # the strict margin keeps sd-scripts' own float rounding of the same comparison on the safe side too
         if float(torch.norm(q.flatten())) * (1 + 1e-6) > alpha * layer.split_sizes[i]:
             return False
-        if not torch.equal(constrain(probe, q, i), q):
+        if not torch.equal(_constrain(probe, q, i), q):
             return False
     return True
 
@@ -212,7 +212,7 @@ def _kohya_alpha(layers: dict[str, OFTLayer], gens: dict[str, list[torch.Tensor]
     for k, layer in layers.items():
         g = gens[k]
         if layer.constraint.kind == "norm_clamp":
-            g = [constrain(layer, q, i) for i, q in enumerate(g)]
+            g = [_constrain(layer, q, i) for i, q in enumerate(g)]
         baked[k] = g
         for i, q in enumerate(g):
             ratio = max(ratio, float(torch.norm(q.flatten())) / layer.split_sizes[i])
@@ -269,7 +269,7 @@ def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mappin
         raise OFTError(f"cannot be written as kohya: {refused}", path=adapter.path or None)
     flux = _looks_flux(adapter) if flux is None else flux
     w.check_all(adapter, "kohya", lambda layer: _why_not(layer, flux))
-    named = w.underscored_unique(adapter, lambda layer: PREFIX)
+    named = w.underscored_unique(adapter, lambda layer: _PREFIX)
     alpha, gens = _generators(named)
     alpha32 = torch.tensor(alpha, dtype=torch.float32)
     tensors = {}

@@ -12,7 +12,7 @@ between butterfly permutations.
 Writing (as `lycoris.kohya` saves): output-side exact-Cayley layers, one block size per layer (equal-size splits
 concatenated), per-layer `.alpha` (0: off), `.rescale`, BOFT and `oft_diag` layers as they are. Refused: input-side
 rotation, Cayley–Neumann, block_share, BOFT applied transposed, splits of different block sizes, and diag-oft layouts
-with more rows per block than blocks (LyCORIS rebuilds the layout from the block size, see `layout_problem`).
+with more rows per block than blocks (LyCORIS rebuilds the layout from the block size, see `_layout_problem`).
 """
 
 from __future__ import annotations
@@ -26,36 +26,36 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import OFTError
-from ..rotation import skew
-from ..safetensors_io import Header
+from ..rotation import _skew
+from ..safetensors_io import _Header
 from ..spec import Constraint, OFTAdapter, OFTLayer, make_layer
 from . import _write as w
 from ._keys import group_by_layer
 
-PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_transformer_": "unet", "lora_te1_": "te1",
+_PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_transformer_": "unet", "lora_te1_": "te1",
             "lora_te2_": "te2", "lora_te_": "te"}
-KEY = re.compile(r"^((?:" + "|".join(map(re.escape, PREFIXES)) + r").+?)\.(oft_blocks|oft_diag|alpha|rescale)$")
+_KEY = re.compile(r"^((?:" + "|".join(map(re.escape, _PREFIXES)) + r").+?)\.(oft_blocks|oft_diag|alpha|rescale)$")
 # What the writer puts before a text encoder's layer names (the UNet's: `lycoris_` or `lora_unet_`, see `write`).
-WRITE_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
-UNET_WRITE_PREFIXES = ("lycoris_", "lora_unet_")
+_WRITE_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
+_UNET_WRITE_PREFIXES = ("lycoris_", "lora_unet_")
 
 
-def claims(header: Header, config) -> bool:
+def claims(header: _Header, config) -> bool:
     return any(
-        (k.endswith(".oft_blocks") or k.endswith(".oft_diag")) and k.startswith(tuple(PREFIXES)) for k in header.tensors
+        (k.endswith(".oft_blocks") or k.endswith(".oft_diag")) and k.startswith(tuple(_PREFIXES)) for k in header.tensors
     )
 
 
 def _component(key: str) -> tuple[str, str]:
-    for prefix, component in PREFIXES.items():
+    for prefix, component in _PREFIXES.items():
         if key.startswith(prefix):
             return component, key[len(prefix):]
     raise AssertionError(key)  # unreachable: KEY only matches these prefixes
 
 
-def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
+def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
     path = header.path
-    modules, ignored = group_by_layer(tensors, KEY)
+    modules, ignored = group_by_layer(tensors, _KEY)
     layers = {}
     kinds = set()
     for key, parts in sorted(modules.items()):
@@ -93,7 +93,7 @@ def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter
                 component=component,
                 side="out",
                 kind="butterfly" if butterfly else "diag",
-                blocks=[skew(a)],
+                blocks=[_skew(a)],
                 num_blocks=[a.shape[-3]],
                 transpose=not butterfly,
                 constraint=constraint,
@@ -122,7 +122,7 @@ def _layout(out_dim: int, block_size: int) -> tuple[int, int]:
     return min(block_size, out_dim // block_size), max(block_size, out_dim // block_size)
 
 
-def layout_problem(layer: OFTLayer) -> str | None:
+def _layout_problem(layer: OFTLayer) -> str | None:
     """Why LyCORIS diag-oft cannot load this layer's block layout (all splits as one block-diagonal), or None.
 
     LyCORIS rebuilds the layout from the stored block size b alone, and always gets a block size ≤ the block count:
@@ -154,7 +154,7 @@ def _why_not(layer: OFTLayer) -> str | None:
     if layer.parameterization == "matrix" and len(layer.blocks) > 1:
         return "stores several rotation matrices per split"
     if layer.kind != "butterfly" and layer.parameterization != "matrix":
-        return layout_problem(layer)
+        return _layout_problem(layer)
     return None
 
 
@@ -164,7 +164,7 @@ def _unet_prefix(adapter: OFTAdapter, unet_prefix: str | None) -> str:
         own = adapter.format.startswith("lycoris") and all(
             layer.key.startswith("lycoris_") for layer in adapter if layer.component == "unet")
         unet_prefix = "lycoris_" if own and all(layer.component == "unet" for layer in adapter) else "lora_unet_"
-    if unet_prefix not in UNET_WRITE_PREFIXES:
+    if unet_prefix not in _UNET_WRITE_PREFIXES:
         raise OFTError(f"LyCORIS UNet prefix: expected 'lycoris_' or 'lora_unet_', found {unet_prefix!r}")
     return unet_prefix
 
@@ -208,7 +208,7 @@ def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mappin
     w.check_all(adapter, "LyCORIS", _why_not)
     algo = _algorithm(adapter)
     named = w.underscored_unique(
-        adapter, lambda layer: unet_prefix if layer.component == "unet" else WRITE_PREFIXES[layer.component])
+        adapter, lambda layer: unet_prefix if layer.component == "unet" else _WRITE_PREFIXES[layer.component])
     tensors, alphas = {}, set()
     for key, layer in named.items():
         own, alpha = _layer_tensors(key, layer)
