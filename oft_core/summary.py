@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 
 from .errors import _bulk
-from .rotation import _NORM_EPS, _cayley, _orthogonality_error, _stored_norms, _StrengthMode, rotate_weight
+from .rotation import _NORM_EPS, _cayley, _norm_of, _orthogonality_error, _stored_norms, _StrengthMode, rotate_weight
 from .spec import OFTAdapter
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,7 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
                 "stages": int(layer.blocks[0].shape[0]) if layer.kind == "butterfly" else None,
                 "parameterization": layer.parameterization,
                 "constraint": layer.constraint.describe(),
+                "norm_of": _norm_of(layer),  # "norm" is ‖Q‖_F, or ‖R − I‖_F for a stored rotation
                 "norm": [round(n, 6) for n, _ in norms],
                 "bound": [None if b is None else round(b, 6) for _, b in norms],
                 "clamped": any(clamped),

@@ -6,12 +6,14 @@ per adapted layer instead of a rotated weight (O(d²·b) → O(tokens·d·b)) an
 
 The math is not re-defined here. Each adapted layer is an `OFTLayer` built by `spec.make_layer` in kohya
 `networks.oft` convention (side "out", R = Cayley(Q) or a Cayley–Neumann series, Rᵀ applied per block, constraint
-‖Q‖_F ≤ alpha·split), and every forward calls `rotation.rotation_blocks(layer, blocks=<live Q>)` once and
-`rotation.bypass_forward(..., blocks=...)`. The trained adapter is therefore exactly what `rotate_weight` merges.
+‖Q‖_F ≤ alpha·split), and every forward builds its blocks once with `rotation.rotation_blocks(layer, blocks=<live
+Q>)` and applies them with `rotation.bypass_forward(..., blocks=...)` (a layer without bias) or, on a biased layer, in
+the delta form y + (M − I)(y − b) through `rotation.rotate_features` (y the base layer's own output, its bias added
+inside the GEMM / conv kernel). The trained adapter is therefore exactly what `rotate_weight` merges.
 
 Parameters: one fp32 tensor per split holding the strict upper triangle of each block (packed, as PEFT stores it);
-Q = U − Uᵀ. Zero at step 0, so the adapted model starts as the base model bit for bit (`bypass_forward` with
-identity blocks is a product with I: exact in fp32 — and the forward is not patched at all before `attach`).
+Q = U − Uᵀ. Zero at step 0, so the adapted model starts as the base model bit for bit (a product with I, or a delta of
+exactly zero: exact in fp32 — and the forward is not patched at all before `attach`).
 
 Base weights are never written: the patched forward reads them (through `weight_fn`, so a host such as ComfyUI can
 cast / offload them), the context manager `OFTTrainer.attach()` restores every patched `forward` on exit, exceptions
@@ -561,8 +563,8 @@ def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
     """The `names` argument of `OFTTrainer.to_adapter` for targets selected under `root` (a UNet / DiT module).
 
     naming "native": None, the module paths as they are (LDM for ComfyUI's SD UNets, BFL for FLUX).
-    naming "diffusers": LDM UNet path -> diffusers path (`names._ldm_to_diffusers_names`, built from the whole UNet's keys
-    so that layers_per_block is known), as sd-scripts `networks.oft` names SD1.x/SD2.x layers.
+    naming "diffusers": LDM UNet path -> diffusers path (`names._ldm_to_diffusers_names`, built from the whole UNet's
+    keys so that layers_per_block is known), as sd-scripts `networks.oft` names SD1.x/SD2.x layers.
     """
     if naming == "native":
         return None

@@ -40,7 +40,7 @@ from ..spec import OFTAdapter
 from . import _write, kohya, lycoris, peft
 from .kohya import KOHYA_REFUSED
 
-__all__ = ["FORMATS", "KOHYA_REFUSED", "READERS", "WRITERS", "format_family", "load_adapter", "write_adapter"]
+__all__ = ["KOHYA_REFUSED", "READERS", "WRITERS", "format_family", "load_adapter", "write_adapter"]
 
 
 class _Reader(NamedTuple):
