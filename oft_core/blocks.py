@@ -41,11 +41,10 @@ not accepted: every value here names its block.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, replace
 
-from .combine import scale_layer
+from .combine import provenance, scale_layer
 from .errors import OFTError, check_strength
 from .spec import OFTAdapter
 
@@ -210,18 +209,6 @@ def _derived(adapter: OFTAdapter, **changes) -> OFTAdapter:
               "layer_strengths": dict(adapter.layer_strengths)}
     fields.update(changes)
     return replace(adapter, **fields)
-
-
-def provenance(adapter: OFTAdapter) -> dict:
-    """What `adapter` was made from: the operation tree recorded in `made_from`, else its file (JSON-able)."""
-    if adapter.made_from is not None:
-        return adapter.made_from
-    return {"file": os.path.basename(adapter.path) if adapter.path else None, "format": adapter.format}
-
-
-def with_provenance(adapter: OFTAdapter, tree: dict) -> OFTAdapter:
-    """The same adapter with `made_from` set to `tree`."""
-    return _derived(adapter, made_from=tree)
 
 
 def layer_multiplier(adapter: OFTAdapter, layer) -> float:
