@@ -55,7 +55,7 @@ from .formats.kohya import PREFIX as KOHYA_PREFIX
 from .names import ldm_to_diffusers
 from .rotation import bypass_forward, rotate_features, rotation_blocks, skew
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coefficients
-from .train_io import export_adapter, resume_from
+from .train_io import resume_trainer, trained_adapter
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +470,7 @@ class OFTTrainer:
         `prefix` starts every file key (kohya's `oft_unet_`; `lycoris_` / `lora_unet_` for a LyCORIS export) and
         `fmt` is the adapter's format id (default: kohya / kohya_flux).
         """
-        return export_adapter(self, metadata, names, prefix=prefix, fmt=fmt)
+        return trained_adapter(self, metadata, names, prefix=prefix, fmt=fmt)
 
     # -------------------------------------------------------------------------------------------- resume
     def load_adapter(self, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
@@ -482,7 +482,7 @@ class OFTTrainer:
         naming the first mismatch, and no parameter is changed. Exact for a file this trainer wrote: kohya stores
         the strict upper triangle U of Q = U − Uᵀ, which is the parameter itself.
         """
-        resume_from(self, adapter, names)
+        resume_trainer(self, adapter, names)
 
 def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
     """The `names` argument of `OFTTrainer.to_adapter` for targets selected under `root` (a UNet / DiT module).

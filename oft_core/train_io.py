@@ -1,4 +1,4 @@
-"""An `OFTTrainer`'s work as an `OFTAdapter` and back: export (`export_adapter`) and resume (`resume_from`).
+"""An `OFTTrainer`'s work as an `OFTAdapter` and back: export (`trained_adapter`) and resume (`resume_trainer`).
 
 Pure torch, never imports ComfyUI. `OFTTrainer.to_adapter` / `.load_adapter` call these; they read the trainer's
 layers (`TrainedLayer`: path, module, validated `OFTLayer`, live packed parameters) and its `alpha`, and change
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # (train imports this module)
 
 
 # ------------------------------------------------------------------------------------------------ export
-def export_adapter(trainer: OFTTrainer, metadata: dict | None = None,
+def trained_adapter(trainer: OFTTrainer, metadata: dict | None = None,
                    names: Mapping[str, str | tuple[str, ...]] | None = None, *, prefix: str = KOHYA_PREFIX,
                    fmt: str | None = None) -> OFTAdapter:
     """`OFTTrainer.to_adapter` (its docstring says what the arguments mean)."""
@@ -81,7 +81,7 @@ def _as_cayley(layer: OFTLayer, gens: list[torch.Tensor]) -> tuple[OFTLayer, lis
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def resume_from(trainer: OFTTrainer, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
+def resume_trainer(trainer: OFTTrainer, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
     """`OFTTrainer.load_adapter` (its docstring says what is checked): every layer is checked before any parameter
     is written."""
     path = adapter.path or None
