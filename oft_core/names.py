@@ -287,28 +287,8 @@ def build_key_map(shapes: Mapping[str, Sequence[int]], external: Mapping[str, ob
     families the pack's own tables do not know; the pack's tables win where both name the same thing.
     """
     weights = {k[: -len(".weight")]: (k, tuple(s)) for k, s in shapes.items() if k.endswith(".weight")}
-    prefixed = any(k.startswith(UNET_PREFIXES) for k in shapes)
-    unet: list[tuple[str, str, tuple]] = []  # (module path below the UNet/DiT prefix, key, shape)
     names: dict[str, dict[str, object]] = {c: {} for c in COMPONENTS}
-
-    def add(component: str, name: str, target: Target) -> None:
-        table = names[component]
-        table[name] = target if table.get(name, target) == target else _SHARED
-
-    for module, (key, shape) in weights.items():
-        te = next(((module[len(p):], cs) for p, cs in TE_PREFIXES if module.startswith(p)), None)
-        if te is None and module.startswith("text_model."):  # a bare HF CLIPTextModel file (SD1 te / SDXL te1)
-            te = (module, ("te", "te1"))
-        if te is not None:
-            for component in te[1]:
-                add(component, te[0], Target(key))
-            continue
-        rel = next((module[len(p):] for p in UNET_PREFIXES if module.startswith(p)), None)
-        if rel is None and not prefixed:  # a bare UNet / DiT file: everything else is the model
-            rel = module
-        if rel is not None:
-            unet.append((rel, key, shape))
-
+    unet = _split_weights(weights, any(k.startswith(UNET_PREFIXES) for k in shapes), names)
     rels = [rel for rel, _, _ in unet]
     architecture = _architecture(rels, any(names[c] for c in ("te", "te1", "te2")))
     layers = _ldm_layers_per_block(rels) if architecture == "sd_unet_ldm" else None
@@ -316,37 +296,73 @@ def build_key_map(shapes: Mapping[str, Sequence[int]], external: Mapping[str, ob
         log.warning("cannot tell the UNet's layers_per_block from its keys; diffusers-named adapter layers will "
                     "not match this LDM base")
     for rel, key, shape in unet:
-        add("unet", rel, Target(key))
-        if architecture == "sd_unet_ldm" and layers is not None:
-            for alias in _ldm_to_diffusers(rel, layers):
-                add("unet", alias, Target(key))
-        elif architecture == "flux":
-            for alias, offset in _flux_to_diffusers(rel, shape):
-                add("unet", alias, Target(key, offset))
-        elif architecture == "wan":
-            alias = _wan_to_diffusers(rel)
-            if alias is not None:
-                add("unet", alias, Target(key))
-
-    added = 0
-    if external:
-        own = {c: set(t) for c, t in names.items()}
-        disagree = []
-        for component, name, target in external_names(external, shapes):
-            if component not in names:
-                continue
-            if name in own[component]:
-                if names[component][name] != target:
-                    disagree.append(name)
-                continue
-            add(component, name, target)
-            added += 1
-        if disagree:
-            log.debug("the host key map names %d layers differently from the pack's own tables (kept the pack's): "
-                      "%s", len(disagree), disagree[:5])
+        _add(names, "unet", rel, Target(key))
+        for alias, target in _unet_aliases(architecture, layers, rel, key, shape):
+            _add(names, "unet", alias, target)
+    added = _add_external(names, external, shapes) if external else 0
     keymap = KeyMap(architecture, layers, names, added)
     log.debug("%r from %d base weights; %d ambiguous names", keymap, len(weights), len(keymap.ambiguous()))
     return keymap
+
+
+def _add(names: dict[str, dict[str, object]], component: str, name: str, target: Target) -> None:
+    """`name` -> `target` in the component's table; a name two different weights claim becomes `_SHARED`."""
+    table = names[component]
+    table[name] = target if table.get(name, target) == target else _SHARED
+
+
+def _split_weights(weights: Mapping[str, tuple], prefixed: bool,
+                   names: dict[str, dict[str, object]]) -> list[tuple[str, str, tuple]]:
+    """Text-encoder weights added to `names` under their own paths; returns the UNet / DiT ones as (module path
+    below the UNet/DiT prefix, key, shape). `prefixed`: the file has UNet prefixes (else a bare UNet / DiT file)."""
+    unet: list[tuple[str, str, tuple]] = []
+    for module, (key, shape) in weights.items():
+        te = next(((module[len(p):], cs) for p, cs in TE_PREFIXES if module.startswith(p)), None)
+        if te is None and module.startswith("text_model."):  # a bare HF CLIPTextModel file (SD1 te / SDXL te1)
+            te = (module, ("te", "te1"))
+        if te is not None:
+            for component in te[1]:
+                _add(names, component, te[0], Target(key))
+            continue
+        rel = next((module[len(p):] for p in UNET_PREFIXES if module.startswith(p)), None)
+        if rel is None and not prefixed:  # a bare UNet / DiT file: everything else is the model
+            rel = module
+        if rel is not None:
+            unet.append((rel, key, shape))
+    return unet
+
+
+def _unet_aliases(architecture: str, layers, rel: str, key: str, shape: tuple):
+    """The other names (diffusers) of the UNet / DiT weight `key` at module path `rel`, with their targets."""
+    if architecture == "sd_unet_ldm" and layers is not None:
+        return [(alias, Target(key)) for alias in _ldm_to_diffusers(rel, layers)]
+    if architecture == "flux":
+        return [(alias, Target(key, offset)) for alias, offset in _flux_to_diffusers(rel, shape)]
+    if architecture == "wan":
+        alias = _wan_to_diffusers(rel)
+        return [] if alias is None else [(alias, Target(key))]
+    return []
+
+
+def _add_external(names: dict[str, dict[str, object]], external: Mapping[str, object],
+                  shapes: Mapping[str, Sequence[int]]) -> int:
+    """The host key map's names the pack's tables lack, added; returns how many. The pack's own names win."""
+    own = {c: set(t) for c, t in names.items()}
+    disagree = []
+    added = 0
+    for component, name, target in external_names(external, shapes):
+        if component not in names:
+            continue
+        if name in own[component]:
+            if names[component][name] != target:
+                disagree.append(name)
+            continue
+        _add(names, component, name, target)
+        added += 1
+    if disagree:
+        log.debug("the host key map names %d layers differently from the pack's own tables (kept the pack's): "
+                  "%s", len(disagree), disagree[:5])
+    return added
 
 
 def _architecture(rels: list[str], has_te: bool) -> str:
