@@ -162,6 +162,8 @@ _MEMORY_CHILD = textwrap.dedent("""
     from oft_core import OFTAdapter, make_layer, bake
     from oft_core.spec import Constraint
 
+    torch.set_num_threads(1)  # as the test session (conftest): 2 threads on a busy 2-core machine oversubscribe
+
     def status(field):
         for line in open("/proc/self/status"):
             if line.startswith(field + ":"):
@@ -285,8 +287,9 @@ def test_inspect_cli_with_base(capsys):
 
 # ------------------------------------------------------------------------------------------------ demo
 def test_demo_runs_end_to_end(tmp_path):
+    # single-threaded as the test session (conftest): 2 threads on a busy 2-core machine oversubscribe (34 s vs 9 s)
     run = subprocess.run([sys.executable, "-m", "oft_core", "demo", "--out-dir", str(tmp_path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
     assert out.count("[ok]") == 6 and "FAILED" not in out
