@@ -200,17 +200,25 @@ def merge(adapters_with_weights: Sequence[tuple[OFTAdapter, float]], mode: str =
         raise OFTError("merge: no adapters given")
     if mode not in MERGE_MODES:
         raise OFTError(f"merge mode: expected one of {', '.join(MERGE_MODES)}, found {mode!r}")
-    adapters = [a for a, _ in items]
     made_from = {"merge": {"mode": mode, "adapters": [{"weight": w, "adapter": provenance(a)} for a, w in items]}}
-    if mode == "average":
-        weights = _normalised([w for _, w in items])
-        keyed = _same_layers(adapters, "average")
-        layers = {}
-        for k, first in keyed[0].items():
-            layer = _weighted_layer([kd[k] for kd in keyed], weights, "average", [a.path or None for a in adapters])
-            layers[(first.component, first.name)] = layer
-        return OFTAdapter(layers, adapters[0].format, "", dict(adapters[0].metadata), made_from=made_from)
+    layers = _averaged_layers(items) if mode == "average" else _composed_layers(items)
+    return OFTAdapter(layers, items[0][0].format, "", dict(items[0][0].metadata), made_from=made_from)
 
+
+def _averaged_layers(items: list[tuple[OFTAdapter, float]]) -> dict[tuple[str, str], OFTLayer]:
+    """Every layer as the weighted mean of its generators over the adapters (weights normalised; same layers)."""
+    adapters = [a for a, _ in items]
+    weights = _normalised([w for _, w in items])
+    keyed = _same_layers(adapters, "average")
+    layers = {}
+    for k, first in keyed[0].items():
+        layer = _weighted_layer([kd[k] for kd in keyed], weights, "average", [a.path or None for a in adapters])
+        layers[(first.component, first.name)] = layer
+    return layers
+
+
+def _composed_layers(items: list[tuple[OFTAdapter, float]]) -> dict[tuple[str, str], OFTLayer]:
+    """Every layer of any adapter, its rotations composed in the adapters' order (one adapter's only: as it is)."""
     for a, w in items:
         if not math.isfinite(w):
             raise OFTError(f"compose weight: expected a finite number, found {w}", path=a.path or None)
@@ -226,7 +234,7 @@ def merge(adapters_with_weights: Sequence[tuple[OFTAdapter, float]], mode: str =
         layer = _compose_layer(groups[k])
         if layer is not None:
             layers[(layer.component, layer.name)] = layer
-    return OFTAdapter(layers, adapters[0].format, "", dict(adapters[0].metadata), made_from=made_from)
+    return layers
 
 
 def _is_identity(layer: OFTLayer, w: float) -> bool:

@@ -216,47 +216,63 @@ def external_names(external: Mapping[str, object],
     """
     out = []
     for adapter_key, value in external.items():
-        if not isinstance(adapter_key, str):
-            continue
-        component, name = "unet", adapter_key
-        for prefix, comp in EXTERNAL_PREFIXES:
-            if adapter_key.startswith(prefix):
-                component, name = comp, adapter_key[len(prefix):]
-                break
-        if component is None or not name:
-            continue
-        offset = None
-        if isinstance(value, str):
-            key = value
-        elif isinstance(value, (tuple, list)) and value and isinstance(value[0], str):
-            key = value[0]
-            if len(value) > 2 and value[2] is not None:
-                shape = shapes.get(key)
-                perm = None if shape is None or (len(value) > 1 and value[1] is not None) else \
-                    _row_permutation(value[2], tuple(shape))
-                if perm is None:
-                    continue  # a transform that is not a pure row permutation: nothing a rotation can act through
-                if perm != tuple(range(len(perm))) and key.endswith(".weight"):
-                    out.append((component, name, Target(key, None, perm)))
-                    continue
-            if len(value) > 1 and value[1] is not None:
-                off = value[1]
-                if not (isinstance(off, (tuple, list)) and len(off) == 3 and all(isinstance(x, int) for x in off)):
-                    continue
-                offset = tuple(int(x) for x in off)
-        else:
-            continue
-        shape = shapes.get(key)
-        if shape is None or not key.endswith(".weight"):
-            continue
-        if offset is not None:
-            dim, start, length = offset
-            if not (0 <= dim < len(shape) and start >= 0 and length > 0 and start + length <= shape[dim]):
-                continue
-            if (start, length) == (0, shape[dim]):
-                offset = None  # the whole weight: the same target as the unsliced name
-        out.append((component, name, Target(key, offset)))
+        named = _external_name(adapter_key)
+        target = _external_target(value, shapes) if named is not None else None
+        if target is not None:
+            out.append((*named, target))
     return out
+
+
+def _external_name(adapter_key) -> tuple[str, str] | None:
+    """(component, layer name) of a host key-map key by its prefix (none: the UNet); None when it names nothing."""
+    if not isinstance(adapter_key, str):
+        return None
+    component, name = "unet", adapter_key
+    for prefix, comp in EXTERNAL_PREFIXES:
+        if adapter_key.startswith(prefix):
+            component, name = comp, adapter_key[len(prefix):]
+            break
+    if component is None or not name:
+        return None
+    return component, name
+
+
+def _external_target(value, shapes: Mapping[str, Sequence[int]]) -> Target | None:
+    """The Target a host key-map value names: a base key, or (key, offset[, function]); None when unusable."""
+    if isinstance(value, str):
+        return _checked_target(value, None, shapes)
+    if not (isinstance(value, (tuple, list)) and value and isinstance(value[0], str)):
+        return None
+    key = value[0]
+    off = value[1] if len(value) > 1 else None
+    if len(value) > 2 and value[2] is not None:
+        shape = shapes.get(key)
+        perm = None if shape is None or off is not None else _row_permutation(value[2], tuple(shape))
+        if perm is None:
+            return None  # a transform that is not a pure row permutation: nothing a rotation can act through
+        if perm != tuple(range(len(perm))) and key.endswith(".weight"):
+            return Target(key, None, perm)
+    if off is None:
+        return _checked_target(key, None, shapes)
+    if not (isinstance(off, (tuple, list)) and len(off) == 3 and all(isinstance(x, int) for x in off)):
+        return None
+    return _checked_target(key, tuple(int(x) for x in off), shapes)
+
+
+def _checked_target(key: str, offset: tuple[int, int, int] | None,
+                    shapes: Mapping[str, Sequence[int]]) -> Target | None:
+    """Target(key, offset) when `key` is a `.weight` of `shapes` and the offset lies inside it (an offset covering
+    the whole weight is dropped: the same target as the unsliced name); else None."""
+    shape = shapes.get(key)
+    if shape is None or not key.endswith(".weight"):
+        return None
+    if offset is not None:
+        dim, start, length = offset
+        if not (0 <= dim < len(shape) and start >= 0 and length > 0 and start + length <= shape[dim]):
+            return None
+        if (start, length) == (0, shape[dim]):
+            offset = None  # the whole weight: the same target as the unsliced name
+    return Target(key, offset)
 
 
 def _row_permutation(function, shape: tuple) -> tuple[int, ...] | None:
