@@ -239,6 +239,44 @@ def _default_weight_fn(module: nn.Module, x: torch.Tensor):
     return w.to(x.dtype), None if b is None else b.to(x.dtype)
 
 
+def _trained_layers(trainer: OFTTrainer, targets, device) -> list[TrainedLayer]:
+    """One `TrainedLayer` per target under the trainer's settings; OFTError naming the first three layers that
+    cannot be trained."""
+    layers, problems = [], []
+    for path, module in targets:
+        try:
+            layers.append(_trained_layer(trainer, path, module, device))
+        except OFTError as e:
+            problems.append(str(e))
+    if problems:
+        more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
+        raise OFTError("; ".join(problems[:3]) + more)
+    return layers
+
+
+def _trained_layer(trainer: OFTTrainer, path: str, module: nn.Module, device) -> TrainedLayer:
+    """A target's validated kohya-convention description (zero generators) and its zero packed parameters."""
+    splits = _checked_splits(path, module, trainer.splits.get(path))
+    counts = _block_counts(path, splits, trainer.num_blocks, trainer.block_size)
+    sizes = [s // n for s, n in zip(splits, counts)]
+    if min(sizes) < 2:
+        raise OFTError(mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
+    terms = trainer.neumann_terms
+    param = "neumann" if terms else "cayley"
+    coeffs = neumann_coefficients(terms, last_term_halved=True) if terms else ()
+    constraint = Constraint("norm_clamp", trainer.alpha) if trainer.alpha > 0 else Constraint()
+    layer = make_layer(path="", name=path, side="out", generators=[torch.zeros(n, b, b) for n, b in
+                                                                   zip(counts, sizes)],
+                       transpose=True, parameterization=param, neumann_coeffs=coeffs, constraint=constraint,
+                       source="kohya_flux" if len(splits) > 1 else "kohya",
+                       key=KOHYA_PREFIX + path.replace(".", "_"))
+    dev = device if device is not None else module.weight.device
+    with torch.inference_mode(False):  # hosts (ComfyUI) run nodes under inference mode: params must be normal
+        params = [nn.Parameter(torch.zeros(n, b * (b - 1) // 2, dtype=torch.float32, device=dev))
+                  for n, b in zip(counts, sizes)]
+    return TrainedLayer(path, module, layer, params)
+
+
 def _check_settings(targets, num_blocks, block_size, alpha, neumann_terms) -> None:
     """`OFTTrainer`'s settings, refused with the value found before any layer is built."""
     if (num_blocks is None) == (block_size is None):
@@ -318,44 +356,11 @@ class OFTTrainer:
         self.weight_fn = weight_fn or _default_weight_fn
         self.splits = {k: tuple(int(x) for x in v) for k, v in (splits or {}).items()}
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
-        self.layers: list[TrainedLayer] = self._make_all(targets, device)
+        self.layers: list[TrainedLayer] = _trained_layers(self, targets, device)
         self._attached = False
         # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
         self.root = root if root is not None else getattr(targets, "root", None)
         self.family = detect_family(self.root) if self.root is not None else None
-
-    def _make_all(self, targets, device) -> list[TrainedLayer]:
-        """One `TrainedLayer` per target; OFTError naming the first three layers that cannot be trained."""
-        layers, problems = [], []
-        for path, module in targets:
-            try:
-                layers.append(self._make(path, module, device))
-            except OFTError as e:
-                problems.append(str(e))
-        if problems:
-            more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
-            raise OFTError("; ".join(problems[:3]) + more)
-        return layers
-
-    def _make(self, path: str, module: nn.Module, device) -> TrainedLayer:
-        splits = _checked_splits(path, module, self.splits.get(path))
-        counts = _block_counts(path, splits, self.num_blocks, self.block_size)
-        sizes = [s // n for s, n in zip(splits, counts)]
-        if min(sizes) < 2:
-            raise OFTError(mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
-        param = "neumann" if self.neumann_terms else "cayley"
-        coeffs = neumann_coefficients(self.neumann_terms, last_term_halved=True) if self.neumann_terms else ()
-        constraint = Constraint("norm_clamp", self.alpha) if self.alpha > 0 else Constraint()
-        layer = make_layer(path="", name=path, side="out", generators=[torch.zeros(n, b, b) for n, b in
-                                                                       zip(counts, sizes)],
-                           transpose=True, parameterization=param, neumann_coeffs=coeffs, constraint=constraint,
-                           source="kohya_flux" if len(splits) > 1 else "kohya",
-                           key=KOHYA_PREFIX + path.replace(".", "_"))
-        dev = device if device is not None else module.weight.device
-        with torch.inference_mode(False):  # hosts (ComfyUI) run nodes under inference mode: params must be normal
-            params = [nn.Parameter(torch.zeros(n, b * (b - 1) // 2, dtype=torch.float32, device=dev))
-                      for n, b in zip(counts, sizes)]
-        return TrainedLayer(path, module, layer, params)
 
     # -------------------------------------------------------------------------------------------- parameters
     def parameters(self) -> list[nn.Parameter]:
@@ -533,24 +538,30 @@ def frozen_for_training(root: nn.Module):
         with torch.inference_mode(False):
             for module in root.modules():
                 for store in (module._parameters, module._buffers):
-                    for name, t in list(store.items()):
-                        if t is None:
-                            continue
-                        if t.is_inference() and type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided:
-                            alias = _normal_alias(t)
-                            if isinstance(t, nn.Parameter):
-                                alias = nn.Parameter(alias, requires_grad=False)
-                            swapped.append((store, name, t))
-                            store[name] = alias
-                        elif isinstance(t, nn.Parameter) and t.requires_grad:
-                            t.requires_grad_(False)
-                            unfrozen.append(t)
+                    _freeze_store(store, swapped, unfrozen)
         yield len(swapped)
     finally:
         for store, name, t in reversed(swapped):
             store[name] = t
         for t in unfrozen:
             t.requires_grad_(True)
+
+
+def _freeze_store(store: dict, swapped: list, unfrozen: list) -> None:
+    """One module's parameters or buffers: plain inference tensors swapped for normal aliases (recorded in
+    `swapped` as (store, name, original)), trainable parameters frozen (recorded in `unfrozen`)."""
+    for name, t in list(store.items()):
+        if t is None:
+            continue
+        if t.is_inference() and type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided:
+            alias = _normal_alias(t)
+            if isinstance(t, nn.Parameter):
+                alias = nn.Parameter(alias, requires_grad=False)
+            swapped.append((store, name, t))
+            store[name] = alias
+        elif isinstance(t, nn.Parameter) and t.requires_grad:
+            t.requires_grad_(False)
+            unfrozen.append(t)
 
 
 # ------------------------------------------------------------------------------------------------ frozen bases (QOFT)
