@@ -181,27 +181,33 @@ def block_lists(root: nn.Module) -> list[str]:
 
 
 def _selected(family: str, preset: str, path: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
+    """Whether `preset` adapts module `m` at `path` (`ancestors`: the class names of the modules above it)."""
     if family == "flux":
-        if not _is_linear(m) or not _FLUX_BLOCK.match(path):
-            return False
-        if preset == "attention":
-            return bool(_FLUX_ATTENTION.match(path))
-        if preset == "attention+single":
-            return bool(_FLUX_ATTENTION.match(path) or _FLUX_SINGLE_LINEAR.match(path))
-        return True  # all-linear: every Linear of a double / single block, as sd-scripts' enable_all_linear
+        return _selected_flux(preset, path, m)
     if family == "sd":
-        in_attn = any(a in _ATTENTION_CLASSES for a in ancestors)
-        in_tf = any(a in _TRANSFORMER_CLASSES for a in ancestors)
-        in_conv_block = any(a in _CONV_BLOCK_CLASSES for a in ancestors)
-        if preset.endswith("+conv") and in_conv_block and (_is_linear(m) or _is_conv(m)):
-            return True
-        if preset.startswith("attention"):
-            return in_attn and _is_linear(m)
-        return in_tf and (_is_linear(m) or _is_conv(m, kernel_1x1=True))
-    # generic
-    if preset == "attention":
+        return _selected_sd(preset, m, ancestors)
+    if preset == "attention":  # generic
         return _is_linear(m) and any("Attention" in a for a in ancestors)
     return _is_linear(m) or (preset == "all-linear+conv" and _is_conv(m))
+
+
+def _selected_flux(preset: str, path: str, m: nn.Module) -> bool:
+    if not _is_linear(m) or not _FLUX_BLOCK.match(path):
+        return False
+    if preset == "attention":
+        return bool(_FLUX_ATTENTION.match(path))
+    if preset == "attention+single":
+        return bool(_FLUX_ATTENTION.match(path) or _FLUX_SINGLE_LINEAR.match(path))
+    return True  # all-linear: every Linear of a double / single block, as sd-scripts' enable_all_linear
+
+
+def _selected_sd(preset: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
+    in_conv_block = any(a in _CONV_BLOCK_CLASSES for a in ancestors)
+    if preset.endswith("+conv") and in_conv_block and (_is_linear(m) or _is_conv(m)):
+        return True
+    if preset.startswith("attention"):
+        return any(a in _ATTENTION_CLASSES for a in ancestors) and _is_linear(m)
+    return any(a in _TRANSFORMER_CLASSES for a in ancestors) and (_is_linear(m) or _is_conv(m, kernel_1x1=True))
 
 
 def split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
