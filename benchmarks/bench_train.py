@@ -96,6 +96,8 @@ FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_di
         "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 2, "depth_single_blocks": 2,
         "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2}
 FLUX_LATENT, FLUX_TEXT_TOKENS = 64, 16  # (64 / patch 2)² = 1024 image tokens
+# the model's input layer (the floor run trains only it: the backward still runs through every block)
+FLOOR_LAYER = {"quick": "input_blocks.0.0", "default": "input_blocks.0.0", "flux": "img_in"}
 
 
 # ------------------------------------------------------------------------------------------------ worker (subprocess)
@@ -232,6 +234,19 @@ def worker(args) -> dict:
     import comfy.model_management as mm
 
     torch.set_num_threads(args.threads)
+    tracer = None
+    if args.trace:
+        from _memtrace import LiveTensors
+
+        tracer = LiveTensors()
+
+        def opt_phase(on):
+            def hook(*_a):
+                tracer.phase_override = "optimizer" if on else None
+            return hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        register_optimizer_step_pre_hook(opt_phase(True))
+        register_optimizer_step_post_hook(opt_phase(False))
     rss_before_model = _status_kib("VmRSS")
     patcher, latents, positive, batch = _build(args.config, args.base_dtype, executor=args.worker == "ours-executor")
     dm = patcher.model.diffusion_model
@@ -240,7 +255,7 @@ def worker(args) -> dict:
     layout = _core_layout(dm, args.rank)
     stamps: list[float] = []
     kw = dict(steps=args.steps, lr=args.lr, dtype=args.dtype, checkpointing=not args.no_checkpointing)
-    if args.worker in ("ours", "ours-executor"):
+    if args.worker in ("ours", "ours-executor", "ours-floor"):
         tn = _import_pack()
         by_size: dict[int, list] = {}
         skipped = 0
@@ -250,12 +265,32 @@ def worker(args) -> dict:
             else:
                 # "all." keeps FLUX's fused layers in one split, as core rotates them (same blocks, same work)
                 by_size.setdefault(bs, []).append((f"all.{name}" if args.config == "flux" else name, m))
+        if args.worker == "ours-floor":
+            # one trained layer, the model's input layer: the gradient still flows back through every block (the
+            # backward of the whole checkpointed model), but nothing of the method is left to speak of
+            first = FLOOR_LAYER[args.config]
+            by_size = {bs: [(n, m)] for n, m, bs, _bn in layout if n == first}
         group = _Group([OFTTrainer(t, block_size=bs, alpha=1e-3, weight_fn=tn._weight_fn, device="cpu",
                                    recompute_weight=tn._casts_weight) for bs, t in sorted(by_size.items())])
         tn.build_trainer = lambda *a, **k: group
         mm.throw_exception_if_processing_interrupted = lambda: stamps.append(time.perf_counter())
+        if tracer is not None:
+            import oft_core.train as ot
+
+            for fn_name, tag in (("rotate_output", "oft: rotation"),
+                                 ("frozen_base", "oft: base (frozen)")):
+                def tagged(*a, __f=getattr(ot, fn_name), __tag=tag, **k):
+                    with tracer.tagged(__tag):
+                        return __f(*a, **k)
+                setattr(ot, fn_name, tagged)
+            blocks = OFTTrainer.blocks
+
+            def tagged_blocks(self, tl):
+                with tracer.tagged("oft: rotation blocks"):
+                    return blocks(self, tl)
+            OFTTrainer.blocks = tagged_blocks
         base_rss = _reset_peak()
-        with torch.inference_mode():  # as ComfyUI runs nodes
+        with torch.inference_mode(), tracer or contextlib.nullcontext():  # as ComfyUI runs nodes
             _, losses, _ = tn.train(patcher, latents, positive, steps=kw["steps"], learning_rate=kw["lr"],
                                     batch_size=batch, optimizer="AdamW", seed=0, num_blocks=1, alpha=1e-3,
                                     targets="all-linear+conv", training_dtype=kw["dtype"],
@@ -279,8 +314,17 @@ def worker(args) -> dict:
             orig(self, *a, loss_callback=cb, **k)
 
         nt.TrainSampler.__init__ = init
+        if tracer is not None:
+            from comfy.weight_adapter.oft import OFTDiff
+
+            orig_call = OFTDiff.__call__
+
+            def tagged_call(self, w):
+                with tracer.tagged("core: R·W"):
+                    return orig_call(self, w)
+            OFTDiff.__call__ = tagged_call
         base_rss = _reset_peak()
-        with torch.inference_mode():
+        with torch.inference_mode(), tracer or contextlib.nullcontext():
             _, lora_sd, loss_map, _ = node.train(
                 patcher, latents, positive, batch_size=batch, steps=kw["steps"], grad_accumulation_steps=1,
                 learning_rate=kw["lr"], rank=args.rank, optimizer="AdamW", loss_function="MSE", seed=0,
@@ -309,7 +353,8 @@ def worker(args) -> dict:
             "model_MiB": (base_rss - rss_before_model) / 1024, "layers": layers, "trainable_params": params,
             "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
             "attention": comfy.ldm.modules.attention.optimized_attention.__name__,
-            "model_params": sum(p.numel() for p in dm.parameters()), **extra}
+            "model_params": sum(p.numel() for p in dm.parameters()), **extra,
+            **({"live": tracer.summary()} if tracer is not None else {})}
 
 
 def run_workers(args, comfy_root: Path, config: str, steps: int, dtype: str, base_dtype: str,
@@ -435,7 +480,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--results", default=None, help="results file (default: bench_train.results.txt here)")
     ap.add_argument("--comfyui", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["ours", "ours-executor", "core"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "ours-executor", "ours-floor", "core"], default=None,
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.config = args.config or ("quick" if args.quick else "default")
     args.steps = args.steps or (3 if args.quick else 6)
