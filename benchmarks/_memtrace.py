@@ -25,8 +25,9 @@ MiB = 2**20
 
 
 class LiveTensors(TorchDispatchMode):
-    def __init__(self, snapshot_step: int = 1 * MiB):
+    def __init__(self, snapshot_step: int = 1 * MiB, detail_bytes: int = 1 << 62):
         super().__init__()
+        self.detail_bytes = detail_bytes
         self.live: dict[int, tuple[int, tuple[str, str, str]]] = {}  # storage key -> (bytes, (phase, op, tag))
         self.total = 0
         self.peak = 0
@@ -72,7 +73,10 @@ class LiveTensors(TorchDispatchMode):
                 weakref.finalize(st, self._drop, key)
             except TypeError:
                 continue
-            self.live[key] = (n, (self._phase(), str(func.overloadpacket.__name__), self.tags[-1]))
+            op = str(func.overloadpacket.__name__)
+            if n >= self.detail_bytes:  # large ones also by dtype and shape
+                op += f" {str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+            self.live[key] = (n, (self._phase(), op, self.tags[-1]))
             self.total += n
             if self.total > self.peak:
                 self.peak = self.total
