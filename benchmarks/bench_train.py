@@ -40,6 +40,24 @@ just before the call, and (VmHWM after − VmRSS at reset) is reported. On CPU t
 buffers, materialised rotated weights, parameters, gradients and optimizer state, i.e. everything a GPU would hold
 beyond the loaded model. Ratios ours/core come from the same run; the machine's load is printed with them.
 
+Memory breakdown (SD part; QOFT part): RSS growth mixes the tensors a step needs with allocator and process effects,
+so each side also runs (in its own fresh subprocess each time):
+- traced (`_memtrace.LiveTensors`, a TorchDispatchMode): live tensor bytes at the peak, the CPU stand-in for a GPU's
+  `max_memory_allocated` — by phase (made in forward and still alive: checkpointed block inputs, skip connections;
+  made while autograd ran: the recomputed block's activations and the gradients; optimizer state) and by where ours
+  made them (rotation outputs, rotation blocks, frozen base products);
+- the floor: our trainer with ONE trained layer, the model's input layer (`FLOOR_LAYER`): the gradient still flows
+  back through every block, so this is the checkpointed model's own forward + recomputation + backward, which any
+  adapter method pays; ours − floor is what the method adds;
+- after a one-step warm-up in the same process (library code paged in, thread pools, oneDNN primitives: one-time
+  costs that land in whichever measurement comes first in a process), freed memory handed back (`malloc_trim`),
+  then the peak reset: the RSS a second training in the same ComfyUI process would add. RSS above the live tensors
+  is mostly glibc keeping freed blocks (its mmap threshold grows up to 32 MiB as tensors are freed, so later
+  activations come from the heap and stay resident): it is about the same for both sides and pulls the RSS ratio
+  towards 1.
+The FLUX part also prints each side's multiply-adds per step from the shapes (`flux_step_macs`): the floor of the
+step-time ratio at equal throughput.
+
 Part QOFT (`--only qoft`): our trainer on the FLUX-shaped model loaded as ComfyUI's UNETLoader does with
 weight_dtype fp8_e4m3fn vs default bf16 (`set_inference_dtype(dtype, unet_manual_cast(...))`), bf16 training,
 checkpointing on; peak memory here INCLUDES the model's weights (peak RSS − RSS before the model was built), since
@@ -395,6 +413,8 @@ def run_workers(args, comfy_root: Path, config: str, steps: int, dtype: str, bas
                "--steps", str(n), "--rank", str(args.rank), "--lr", str(args.lr), "--dtype", dtype,
                "--base-dtype", base, "--threads", str(args.threads), "--comfyui", str(comfy_root)]
         cmd += [f"--{f}" for f in flags]
+        if "trace" in flags:
+            cmd += ["--trace-detail-MiB", "8"]
         if args.no_checkpointing:
             cmd.append("--no-checkpointing")
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
@@ -463,6 +483,28 @@ def breakdown_lines(r: dict, sides=("ours", "core"), floor: str | None = "ours-f
                      "32 MiB as tensors are freed, so later activations come from the heap and stay in RSS): "
                      + ", ".join(f"{s} {v:.1f} MiB" for s, v in above.items()))
     return lines
+
+
+def qoft_breakdown_lines(r: dict) -> list[str]:
+    """QOFT: the same ratio on live tensor bytes (the stored weights + the training's live peak), what the fp8 side
+    holds beyond the bf16 one (its per-layer bf16 weight copy), the floor, and RSS above the tensors."""
+    b16, f8, fl = (r[k]["live"] for k in ("ours@bf16#trace", "ours@fp8#trace", "ours-floor@bf16#trace"))
+    mb, mf = r["ours@bf16"]["model_MiB_stored"], r["ours@fp8"]["model_MiB_stored"]
+    cast = sum(n for _p, op, tag, n in f8["largest"] if tag == "oft: base (frozen)" and op.startswith("_to_copy"))
+    ratio = (mf + f8["peak_MiB"]) / (mb + b16["peak_MiB"])
+    floor = (mf + fl["peak_MiB"] + cast) / (mb + fl["peak_MiB"])
+    return [
+        "    memory breakdown — live tensor bytes (traced runs of ≤ 3 steps; a GPU's max_memory_allocated): training "
+        f"peak bf16 base {b16['peak_MiB']:.1f} MiB, fp8 base {f8['peak_MiB']:.1f} MiB (of which {cast:.1f} MiB the "
+        "bf16 copy of the weight being cast in backward: one layer at a time, never kept); floor (only img_in trained: "
+        f"the checkpointed model's own forward + recomputation + backward, any method) {fl['peak_MiB']:.1f} MiB",
+        f"      stored weights + live peak: fp8 {mf:.1f} + {f8['peak_MiB']:.1f} vs bf16 {mb:.1f} + "
+        f"{b16['peak_MiB']:.1f} → ratio {ratio:.2f} (goal ≤ 0.6); at the floor it would be {floor:.2f}",
+        f"      RSS growth above the live tensors (glibc keeping freed blocks, library code and thread pools paged in "
+        f"during the run; about the same on both sides, which pulls the RSS ratio towards 1): bf16 "
+        f"{r['ours@bf16']['peak_rss_growth_MiB'] - b16['peak_MiB']:.1f} MiB, fp8 "
+        f"{r['ours@fp8']['peak_rss_growth_MiB'] - f8['peak_MiB']:.1f} MiB",
+    ]
 
 
 def flux_linears() -> list[tuple[str, int, int, int]]:
@@ -631,8 +673,8 @@ def main(argv=None) -> int:
     if found and "sd" in parts:
         load0 = machine()["loadavg_1_5_15"]
         r = run_workers(args, root, args.config, args.steps, args.dtype, "fp32",
-                        who=("ours", "ours-executor", "core", "ours#trace", "core#trace", "ours-floor#trace",
-                             "ours#warmup", "core#warmup", "ours-floor#warmup"))
+                        who=("ours", "ours-executor", "core", "ours#trace", "core#trace", "ours-floor#trace")
+                        + (() if args.quick else ("ours#warmup", "core#warmup", "ours-floor#warmup")))
         o, e = r["ours"], r["ours-executor"]
         executor_line = (
             f"    ours on executor-made weights ({e['inference_tensors']} inference tensors, trained through "
@@ -658,7 +700,8 @@ def main(argv=None) -> int:
             machine()["loadavg_1_5_15"])
     if found and "qoft" in parts:
         load0 = machine()["loadavg_1_5_15"]
-        r = run_workers(args, root, "flux", args.qoft_steps, "bf16", "bf16", who=("ours@bf16", "ours@fp8"))
+        r = run_workers(args, root, "flux", args.qoft_steps, "bf16", "bf16",
+                        who=("ours@bf16", "ours@fp8", "ours@bf16#trace", "ours@fp8#trace", "ours-floor@bf16#trace"))
         b16, f8 = r["ours@bf16"], r["ours@fp8"]
         lines += [
             f"  QOFT: our trainer on the FLUX-shaped model, base weights bf16 vs fp8_e4m3fn (ComfyUI manual cast), "
@@ -669,7 +712,7 @@ def main(argv=None) -> int:
             f"(training growth {f8['peak_rss_growth_MiB']:8.1f}); step {f8['step_s'] * 1e3:8.1f} ms",
             f"    ratio fp8/bf16 peak memory {f8['peak_incl_model_MiB'] / b16['peak_incl_model_MiB']:.2f} "
             f"(goal ≤ 0.6); machine load {load0} before, {machine()['loadavg_1_5_15']} after",
-        ]
+        ] + qoft_breakdown_lines(r)
     if "flops" in parts or "flux" in parts:
         lines += flops_lines()
     if "synthetic" in parts:
