@@ -7,7 +7,7 @@ or anything with a leading underscore, is internal and may change):
 - description: `spec` — `OFTAdapter`, `OFTLayer`, `Constraint`, `make_layer`, `resolve_for_weight`, `COMPONENTS`,
   `TE_COMPONENTS`; `choices` — `STRENGTH_MODES`, `MERGE_MODES`, `FORMATS`; `errors` — `OFTError`, `check_strength`
 - files: `formats` — `load_adapter`, `open_streamed`, `write_adapter`, `READERS`, `WRITERS`, `FORMATS`,
-  `format_family`, `not_oft_message`, `KOHYA_REFUSED`; `safetensors_io` — `read_header`; `publish` — `publish_file`,
+  `format_family`, `not_oft_message`; `safetensors_io` — `read_header`; `publish` — `publish_file`,
   `publish_safetensors`, `check_output`, `check_output_name`
 - math: `rotation` — `rotation_blocks`, `rotate_weight` / `rotate_weight_` (merge path), `rotate_features`,
   `bypass_forward`, `apply_rows` (activation and weight paths); `bypass` — `ModuleBypass`, `module_bypasses`,

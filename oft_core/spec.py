@@ -126,6 +126,9 @@ class OFTAdapter:
     block_spec: str | None = None  # the block spec(s) applied ("A then B"); None: none applied
     layers_off: int = 0  # how many layers the spec(s) switched off (dropped from `layers`)
     made_from: Mapping | None = None  # provenance: a JSON-able tree of the operations that made it; None: its file
+    # writer family -> why no file of that format can hold this adapter (its writer refuses with the reason), e.g.
+    # {"kohya": ...} for a family sd-scripts has no OFT network for (SD3, Wan, Qwen-Image, ...)
+    refused_formats: Mapping[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -249,6 +249,8 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
         "clamped_layers": [x["name"] for x in layers if x["clamped"]],
         "info": {k: v for k, v in adapter.info.items() if k != "ignored_keys"},
         "ignored_keys": len(adapter.info.get("ignored_keys", [])),
+        "made_from": adapter.made_from,  # None: read from its file as it is
+        "refused_formats": dict(adapter.refused_formats),
         "per_layer": layers,
         "orthogonality_error_max": max((x["orthogonality_error"] for x in layers), default=0.0),
         "tool_notes": tool_notes(adapter),

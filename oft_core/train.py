@@ -53,8 +53,9 @@ from .errors import OFTError, mismatch
 from .formats._triangle import unpack_upper
 from .formats.kohya import PREFIX as KOHYA_PREFIX
 from .names import ldm_to_diffusers
-from .rotation import cayley, generator_of, rotation_blocks, skew
+from .rotation import rotation_blocks, skew
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coefficients
+from .train_io import resume_trainer, trained_adapter
 
 log = logging.getLogger(__name__)
 
@@ -180,27 +181,33 @@ def block_lists(root: nn.Module) -> list[str]:
 
 
 def _selected(family: str, preset: str, path: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
+    """Whether `preset` adapts module `m` at `path` (`ancestors`: the class names of the modules above it)."""
     if family == "flux":
-        if not _is_linear(m) or not _FLUX_BLOCK.match(path):
-            return False
-        if preset == "attention":
-            return bool(_FLUX_ATTENTION.match(path))
-        if preset == "attention+single":
-            return bool(_FLUX_ATTENTION.match(path) or _FLUX_SINGLE_LINEAR.match(path))
-        return True  # all-linear: every Linear of a double / single block, as sd-scripts' enable_all_linear
+        return _selected_flux(preset, path, m)
     if family == "sd":
-        in_attn = any(a in _ATTENTION_CLASSES for a in ancestors)
-        in_tf = any(a in _TRANSFORMER_CLASSES for a in ancestors)
-        in_conv_block = any(a in _CONV_BLOCK_CLASSES for a in ancestors)
-        if preset.endswith("+conv") and in_conv_block and (_is_linear(m) or _is_conv(m)):
-            return True
-        if preset.startswith("attention"):
-            return in_attn and _is_linear(m)
-        return in_tf and (_is_linear(m) or _is_conv(m, kernel_1x1=True))
-    # generic
-    if preset == "attention":
+        return _selected_sd(preset, m, ancestors)
+    if preset == "attention":  # generic
         return _is_linear(m) and any("Attention" in a for a in ancestors)
     return _is_linear(m) or (preset == "all-linear+conv" and _is_conv(m))
+
+
+def _selected_flux(preset: str, path: str, m: nn.Module) -> bool:
+    if not _is_linear(m) or not _FLUX_BLOCK.match(path):
+        return False
+    if preset == "attention":
+        return bool(_FLUX_ATTENTION.match(path))
+    if preset == "attention+single":
+        return bool(_FLUX_ATTENTION.match(path) or _FLUX_SINGLE_LINEAR.match(path))
+    return True  # all-linear: every Linear of a double / single block, as sd-scripts' enable_all_linear
+
+
+def _selected_sd(preset: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
+    in_conv_block = any(a in _CONV_BLOCK_CLASSES for a in ancestors)
+    if preset.endswith("+conv") and in_conv_block and (_is_linear(m) or _is_conv(m)):
+        return True
+    if preset.startswith("attention"):
+        return any(a in _ATTENTION_CLASSES for a in ancestors) and _is_linear(m)
+    return any(a in _TRANSFORMER_CLASSES for a in ancestors) and (_is_linear(m) or _is_conv(m, kernel_1x1=True))
 
 
 def split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
@@ -238,6 +245,95 @@ def _default_weight_fn(module: nn.Module, x: torch.Tensor):
     return w.to(x.dtype), None if b is None else b.to(x.dtype)
 
 
+def _trained_layers(trainer: OFTTrainer, targets, device) -> list[TrainedLayer]:
+    """One `TrainedLayer` per target under the trainer's settings; OFTError naming the first three layers that
+    cannot be trained."""
+    layers, problems = [], []
+    for path, module in targets:
+        try:
+            layers.append(_trained_layer(trainer, path, module, device))
+        except OFTError as e:
+            problems.append(str(e))
+    if problems:
+        more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
+        raise OFTError("; ".join(problems[:3]) + more)
+    return layers
+
+
+def _trained_layer(trainer: OFTTrainer, path: str, module: nn.Module, device) -> TrainedLayer:
+    """A target's validated kohya-convention description (zero generators) and its zero packed parameters."""
+    splits = _checked_splits(path, module, trainer.splits.get(path))
+    counts = _block_counts(path, splits, trainer.num_blocks, trainer.block_size)
+    sizes = [s // n for s, n in zip(splits, counts)]
+    if min(sizes) < 2:
+        raise OFTError(mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
+    terms = trainer.neumann_terms
+    param = "neumann" if terms else "cayley"
+    coeffs = neumann_coefficients(terms, last_term_halved=True) if terms else ()
+    constraint = Constraint("norm_clamp", trainer.alpha) if trainer.alpha > 0 else Constraint()
+    layer = make_layer(path="", name=path, side="out", generators=[torch.zeros(n, b, b) for n, b in
+                                                                   zip(counts, sizes)],
+                       transpose=True, parameterization=param, neumann_coeffs=coeffs, constraint=constraint,
+                       source="kohya_flux" if len(splits) > 1 else "kohya",
+                       key=KOHYA_PREFIX + path.replace(".", "_"))
+    dev = device if device is not None else module.weight.device
+    with torch.inference_mode(False):  # hosts (ComfyUI) run nodes under inference mode: params must be normal
+        params = [nn.Parameter(torch.zeros(n, b * (b - 1) // 2, dtype=torch.float32, device=dev))
+                  for n, b in zip(counts, sizes)]
+    return TrainedLayer(path, module, layer, params)
+
+
+def _check_settings(targets, num_blocks, block_size, alpha, neumann_terms) -> None:
+    """`OFTTrainer`'s settings, refused with the value found before any layer is built."""
+    if (num_blocks is None) == (block_size is None):
+        raise OFTError("give exactly one of num_blocks or block_size")
+    if num_blocks is not None and num_blocks < 1:
+        raise OFTError(mismatch("num_blocks", "≥ 1", num_blocks))
+    if block_size is not None and block_size < 2:
+        raise OFTError(mismatch("block_size", "≥ 2 (a 1×1 skew block is always zero)", block_size))
+    if not math.isfinite(alpha) or alpha < 0:
+        raise OFTError(mismatch("constraint alpha", "a finite number ≥ 0 (0 = no constraint)", alpha))
+    if neumann_terms < 0:
+        raise OFTError(mismatch("Cayley–Neumann terms", "0 (exact Cayley) or ≥ 2", neumann_terms))
+    if not targets:
+        raise OFTError("no target layers to train")
+
+
+def _checked_splits(path: str, module: nn.Module, given: Sequence[int] | None) -> tuple[int, ...]:
+    """The output split widths of a target (`given` by the host, else `split_sizes`), checked against the layer."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise OFTError(f"{type(module).__name__} is not a Linear or Conv2d", layer=path)
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise OFTError(mismatch("Conv2d groups", 1, module.groups), layer=path)
+    splits = given or split_sizes(path, module)
+    if sum(splits) != module.weight.shape[0] or min(splits) < 1:
+        raise OFTError(mismatch("output splits adding up to the output features", module.weight.shape[0],
+                                splits), layer=path)
+    return splits
+
+
+def _block_counts(path: str, splits: Sequence[int], num_blocks: int | None, block_size: int | None) -> list[int]:
+    """Blocks per split: `num_blocks` each, or split / `block_size`; kohya oft_flux stores one count per layer."""
+    counts = []
+    for s in splits:
+        if num_blocks is not None:
+            if s % num_blocks:
+                what = "output features" if len(splits) == 1 else f"split widths {splits}"
+                raise OFTError(mismatch(f"num_blocks dividing the {what}", f"a divisor of {s}", num_blocks),
+                               layer=path)
+            counts.append(num_blocks)
+        else:
+            if s % block_size:
+                raise OFTError(mismatch(f"block_size dividing the output width {s}", f"a divisor of {s}",
+                                        block_size), layer=path)
+            counts.append(s // block_size)
+    if len(set(counts)) > 1:
+        raise OFTError(f"block_size {block_size} gives split block counts {counts} for splits {splits}; "
+                       "kohya oft_flux stores one block count for every split of a fused layer: use num_blocks",
+                       layer=path)
+    return counts
+
+
 class OFTTrainer:
     """Trainable kohya-convention OFT generators for `targets` [(path, Linear | Conv2d)], applied on activations.
 
@@ -258,18 +354,7 @@ class OFTTrainer:
                  weight_fn: Callable | None = None, device: torch.device | str | None = None,
                  root: nn.Module | None = None, splits: Mapping[str, Sequence[int]] | None = None,
                  recompute_weight: Callable[[nn.Module], bool] | bool = False):
-        if (num_blocks is None) == (block_size is None):
-            raise OFTError("give exactly one of num_blocks or block_size")
-        if num_blocks is not None and num_blocks < 1:
-            raise OFTError(mismatch("num_blocks", "≥ 1", num_blocks))
-        if block_size is not None and block_size < 2:
-            raise OFTError(mismatch("block_size", "≥ 2 (a 1×1 skew block is always zero)", block_size))
-        if not math.isfinite(alpha) or alpha < 0:
-            raise OFTError(mismatch("constraint alpha", "a finite number ≥ 0 (0 = no constraint)", alpha))
-        if neumann_terms < 0:
-            raise OFTError(mismatch("Cayley–Neumann terms", "0 (exact Cayley) or ≥ 2", neumann_terms))
-        if not targets:
-            raise OFTError("no target layers to train")
+        _check_settings(targets, num_blocks, block_size, alpha, neumann_terms)
         # kohya files store alpha in fp32: train with exactly the value that will be saved
         self.num_blocks, self.block_size = num_blocks, block_size
         self.alpha = float(torch.tensor(float(alpha), dtype=torch.float32))
@@ -277,63 +362,11 @@ class OFTTrainer:
         self.weight_fn = weight_fn or _default_weight_fn
         self.splits = {k: tuple(int(x) for x in v) for k, v in (splits or {}).items()}
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
-        self.layers: list[TrainedLayer] = []
-        problems = []
-        for path, module in targets:
-            try:
-                self.layers.append(self._make(path, module, device))
-            except OFTError as e:
-                problems.append(str(e))
-        if problems:
-            more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
-            raise OFTError("; ".join(problems[:3]) + more)
+        self.layers: list[TrainedLayer] = _trained_layers(self, targets, device)
         self._attached = False
         # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
         self.root = root if root is not None else getattr(targets, "root", None)
         self.family = detect_family(self.root) if self.root is not None else None
-
-    def _make(self, path: str, module: nn.Module, device) -> TrainedLayer:
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise OFTError(f"{type(module).__name__} is not a Linear or Conv2d", layer=path)
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise OFTError(mismatch("Conv2d groups", 1, module.groups), layer=path)
-        splits = self.splits.get(path) or split_sizes(path, module)
-        if sum(splits) != module.weight.shape[0] or min(splits) < 1:
-            raise OFTError(mismatch("output splits adding up to the output features", module.weight.shape[0],
-                                    splits), layer=path)
-        counts = []
-        for s in splits:
-            if self.num_blocks is not None:
-                if s % self.num_blocks:
-                    what = "output features" if len(splits) == 1 else f"split widths {splits}"
-                    raise OFTError(mismatch(f"num_blocks dividing the {what}", f"a divisor of {s}",
-                                            self.num_blocks), layer=path)
-                counts.append(self.num_blocks)
-            else:
-                if s % self.block_size:
-                    raise OFTError(mismatch(f"block_size dividing the output width {s}", f"a divisor of {s}",
-                                            self.block_size), layer=path)
-                counts.append(s // self.block_size)
-        if len(set(counts)) > 1:
-            raise OFTError(f"block_size {self.block_size} gives split block counts {counts} for splits {splits}; "
-                           "kohya oft_flux stores one block count for every split of a fused layer: use num_blocks",
-                           layer=path)
-        sizes = [s // n for s, n in zip(splits, counts)]
-        if min(sizes) < 2:
-            raise OFTError(mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
-        param = "neumann" if self.neumann_terms else "cayley"
-        coeffs = neumann_coefficients(self.neumann_terms, last_term_halved=True) if self.neumann_terms else ()
-        constraint = Constraint("norm_clamp", self.alpha) if self.alpha > 0 else Constraint()
-        layer = make_layer(path="", name=path, side="out", generators=[torch.zeros(n, b, b) for n, b in
-                                                                       zip(counts, sizes)],
-                           transpose=True, parameterization=param, neumann_coeffs=coeffs, constraint=constraint,
-                           source="kohya_flux" if len(splits) > 1 else "kohya",
-                           key=KOHYA_PREFIX + path.replace(".", "_"))
-        dev = device if device is not None else module.weight.device
-        with torch.inference_mode(False):  # hosts (ComfyUI) run nodes under inference mode: params must be normal
-            params = [nn.Parameter(torch.zeros(n, b * (b - 1) // 2, dtype=torch.float32, device=dev))
-                      for n, b in zip(counts, sizes)]
-        return TrainedLayer(path, module, layer, params)
 
     # -------------------------------------------------------------------------------------------- parameters
     def parameters(self) -> list[nn.Parameter]:
@@ -437,49 +470,7 @@ class OFTTrainer:
         `prefix` starts every file key (kohya's `oft_unet_`; `lycoris_` / `lora_unet_` for a LyCORIS export) and
         `fmt` is the adapter's format id (default: kohya / kohya_flux).
         """
-        if names is not None:
-            missing = [tl.path for tl in self.layers if tl.path not in names]
-            if missing:
-                raise OFTError(f"no export name for {len(missing)} trained layers (first: {missing[0]!r})")
-            exported = []
-            for tl in self.layers:
-                n = names[tl.path]
-                if isinstance(n, tuple):
-                    if len(n) != len(tl.params):
-                        raise OFTError(f"{len(n)} export names for a layer with {len(tl.params)} splits",
-                                       layer=tl.path)
-                    exported += list(n)
-                else:
-                    exported.append(n)
-            if len(set(exported)) != len(exported):
-                raise OFTError("export names are not unique: two trained layers would get the same name")
-        layers = {}
-        worst = 0.0
-        for tl in self.layers:
-            name = tl.path if names is None else names[tl.path]
-            gens = self.stored_generators(tl)
-            layer = tl.layer
-            if layer.parameterization == "neumann":
-                with torch.no_grad():
-                    trained = [b.cpu() for b in rotation_blocks(layer, generators=gens)]  # (Rᵀ per block)
-                    new = []
-                    for i, r in enumerate(trained):
-                        q = skew(generator_of(r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
-                        new.append(q)
-                        worst = max(worst, float((cayley(q).transpose(-1, -2) - r).abs().max()))
-                    gens = new
-                layer = layer.with_(parameterization="cayley", neumann_coeffs=(), constraint=Constraint())
-            parts = list(zip(name, ([g] for g in gens))) if isinstance(name, tuple) else [(name, gens)]
-            for part_name, part_gens in parts:
-                layers[("unet", part_name)] = make_layer(
-                    path="", name=part_name, side="out", generators=part_gens, transpose=True,
-                    constraint=layer.constraint, source=layer.source, key=prefix + part_name.replace(".", "_"))
-        flux = any(len(layer.generators) > 1 for layer in layers.values())
-        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        info = {"alpha": [self.alpha], "trained": True}
-        if self.neumann_terms:
-            info["neumann_export_error"] = worst
-        return OFTAdapter(layers, fmt or ("kohya_flux" if flux else "kohya"), "", meta, info)
+        return trained_adapter(self, metadata, names, prefix=prefix, fmt=fmt)
 
     # -------------------------------------------------------------------------------------------- resume
     def load_adapter(self, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
@@ -491,60 +482,7 @@ class OFTTrainer:
         naming the first mismatch, and no parameter is changed. Exact for a file this trainer wrote: kohya stores
         the strict upper triangle U of Q = U − Uᵀ, which is the parameter itself.
         """
-        path = adapter.path or None
-
-        def key(name: str) -> str:  # files name layers with "_" (kohya keys), adapters made in memory with "."
-            return name.replace(".", "_")
-
-        theirs = {(c, key(n)): layer for (c, n), layer in adapter.layers.items()}
-        want = {tl.path: (names[tl.path] if names is not None and tl.path in names else tl.path) for tl in self.layers}
-        wanted_keys = {key(n) for n in want.values()}
-        for (component, name), layer in theirs.items():
-            if component != "unet" or name not in wanted_keys:
-                what = f"{component} layer {layer.name!r}" if component != "unet" else f"layer {layer.name!r}"
-                raise OFTError(f"resume: the adapter has {what}, which this training does not adapt (check the "
-                               "target preset and the model)", path=path)
-        for tl in self.layers:
-            if ("unet", key(want[tl.path])) not in theirs:
-                raise OFTError(f"resume: the adapter has no layer {want[tl.path]!r}, which this training adapts "
-                               f"({len(theirs)} layers in the adapter, {len(self.layers)} trained; check the target "
-                               "preset)", path=path)
-        new = []
-        for tl in self.layers:
-            layer = theirs[("unet", key(want[tl.path]))]
-
-            def fail(msg, _name=layer.name):
-                raise OFTError("resume: " + msg, path=path, layer=_name)
-
-            if layer.kind != "diag" or layer.side != "out" or not layer.transpose or layer.block_share:
-                fail("not a kohya-convention OFT layer (rows rotated by Rᵀ per block); resume from a kohya or "
-                     "LyCORIS diag-oft file")
-            if layer.parameterization != "cayley":
-                fail(mismatch("parameterization", "cayley", layer.parameterization))
-            if layer.row_scale is not None and not bool((layer.row_scale == 1).all()):
-                fail("has a per-row rescale, which this trainer does not train")
-            mine = (tuple(int(p.shape[0]) for p in tl.params), tl.layer.block_sizes)
-            found = (layer.num_blocks, layer.block_sizes)
-            if len(found[0]) != len(mine[0]):
-                fail(mismatch("splits", len(mine[0]), len(found[0])))
-            if found != mine:
-                fail(mismatch("blocks per split × block size", " ".join(f"{n}×{b}" for n, b in zip(*mine)),
-                              " ".join(f"{n}×{b}" for n, b in zip(*found))))
-            theirs_alpha = layer.constraint.value if layer.constraint.kind == "norm_clamp" else 0.0
-            if layer.constraint.kind not in ("none", "norm_clamp") or \
-                    float(torch.tensor(theirs_alpha, dtype=torch.float32)) != self.alpha:
-                fail(mismatch("constraint (alpha)", f"{self.alpha:g}", layer.constraint.describe()))
-            vals = []
-            for p, q in zip(tl.params, layer.generators):
-                b = q.shape[-1]
-                rows, cols = torch.triu_indices(b, b, 1)
-                vals.append(q.detach().to(torch.float32)[:, rows, cols])
-            new.append(vals)
-        with torch.no_grad():
-            for tl, vals in zip(self.layers, new):
-                for p, v in zip(tl.params, vals):
-                    p.copy_(v.to(p.device))
-
+        resume_trainer(self, adapter, names)
 
 def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
     """The `names` argument of `OFTTrainer.to_adapter` for targets selected under `root` (a UNet / DiT module).
@@ -697,24 +635,30 @@ def frozen_for_training(root: nn.Module):
         with torch.inference_mode(False):
             for module in root.modules():
                 for store in (module._parameters, module._buffers):
-                    for name, t in list(store.items()):
-                        if t is None:
-                            continue
-                        if t.is_inference() and type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided:
-                            alias = _normal_alias(t)
-                            if isinstance(t, nn.Parameter):
-                                alias = nn.Parameter(alias, requires_grad=False)
-                            swapped.append((store, name, t))
-                            store[name] = alias
-                        elif isinstance(t, nn.Parameter) and t.requires_grad:
-                            t.requires_grad_(False)
-                            unfrozen.append(t)
+                    _freeze_store(store, swapped, unfrozen)
         yield len(swapped)
     finally:
         for store, name, t in reversed(swapped):
             store[name] = t
         for t in unfrozen:
             t.requires_grad_(True)
+
+
+def _freeze_store(store: dict, swapped: list, unfrozen: list) -> None:
+    """One module's parameters or buffers: plain inference tensors swapped for normal aliases (recorded in
+    `swapped` as (store, name, original)), trainable parameters frozen (recorded in `unfrozen`)."""
+    for name, t in list(store.items()):
+        if t is None:
+            continue
+        if t.is_inference() and type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided:
+            alias = _normal_alias(t)
+            if isinstance(t, nn.Parameter):
+                alias = nn.Parameter(alias, requires_grad=False)
+            swapped.append((store, name, t))
+            store[name] = alias
+        elif isinstance(t, nn.Parameter) and t.requires_grad:
+            t.requires_grad_(False)
+            unfrozen.append(t)
 
 
 # ------------------------------------------------------------------------------------------------ frozen bases (QOFT)

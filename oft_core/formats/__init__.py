@@ -38,9 +38,8 @@ from ..publish import check_output
 from ..safetensors_io import DTYPES, Header, TensorFile, load_tensors, read_header
 from ..spec import OFTAdapter
 from . import _write, kohya, lycoris, peft
-from .kohya import KOHYA_REFUSED
 
-__all__ = ["FORMATS", "KOHYA_REFUSED", "READERS", "WRITERS", "format_family", "load_adapter", "open_streamed",
+__all__ = ["FORMATS", "READERS", "WRITERS", "format_family", "load_adapter", "open_streamed",
            "write_adapter", "write_kohya", "write_lycoris", "write_peft"]
 
 

@@ -34,9 +34,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "oft_unet_"
 _BATCH_ELEMENTS = 1 << 22
-# adapter.info key: why no kohya file can hold this adapter (set by the trainer for families sd-scripts has no OFT
-# network for); `write` refuses with it.
-KOHYA_REFUSED = "kohya_refused"
 KEY = re.compile(r"^(oft_unet_.+?)\.(oft_blocks(?:\.(\d+))?|alpha)$")
 
 
@@ -264,7 +261,7 @@ def _metadata(adapter: OFTAdapter, named: dict[str, OFTLayer], alpha: float, flu
 def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
           flux: bool | None = None, inputs: Iterable = ()) -> str:
     """Write sd-scripts `networks.oft` (or `networks.oft_flux` when `flux`; default: guessed from the adapter)."""
-    refused = adapter.info.get(KOHYA_REFUSED)
+    refused = adapter.refused_formats.get("kohya")
     if refused:  # e.g. trained on a family sd-scripts has no OFT network for (SD3, Wan, Qwen-Image, ...)
         raise OFTError(f"cannot be written as kohya: {refused}", path=adapter.path or None)
     flux = _looks_flux(adapter) if flux is None else flux
