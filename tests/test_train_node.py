@@ -474,7 +474,7 @@ def test_bench_train_quick_runs(tmp_path):
 
     results = tmp_path / "bench_train.results.txt"
     run = subprocess.run([sys.executable, str(comfy_models.REPO_ROOT / "benchmarks" / "bench_train.py"), "--quick",
-                          "--threads", "1", "--results", str(results)], capture_output=True, text=True, timeout=300,
+                          "--threads", "1", "--results", str(results)], capture_output=True, text=True, timeout=600,
                          cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
