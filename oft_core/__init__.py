@@ -14,7 +14,7 @@ or anything with a leading underscore, is internal and may change):
   `attach`
 - names: `names` — `build_key_map`, `KeyMap`, `Target`; `match` — `match_adapter`, `Match`, `MatchReport`
 - operations: `blocks` — `parse_block_spec`, `apply_block_strength`, `with_block_strength`, `scale_layers`,
-  `layer_multiplier`, `layer_block`; `combine` — `blend`, `merge`; `bake` — `bake`; `extract` — `extract`,
+  `layer_multiplier`, `layer_block`; `combine` — `blend`, `merge`, `provenance`; `bake` — `bake`; `extract` — `extract`,
   `extract_lora`, `lora_metadata`; `summary` — `describe`, `format_text`, `tool_notes`
 - training: `train` — `OFTTrainer`, `select_targets`, `PRESETS`, `run_training`, `training_metadata`,
   `frozen_for_training`, `gradient_checkpointing`, `inplace_safe`, `checkpoint_blocks`; `demo` — `ToyModel`,

@@ -26,6 +26,7 @@ Public API:
   `.to_adapter(metadata, names=None)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits);
   `.load_adapter(adapter, names=None)` starts from a trained adapter (resume; refuses the first mismatch);
   `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
+  Export and resume are module functions of `train_io` (`trained_adapter`, `resume_trainer`) that take the trainer.
 - `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.
 - `frozen_for_training(root)`: weights a host made under `torch.inference_mode()` usable by autograd, zero-copy.
 - `frozen_bases(modules, weight_fn)`, `frozen_base(...)`: quantized / cast base weights made per forward and again in
