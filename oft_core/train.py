@@ -7,11 +7,13 @@ per adapted layer instead of a rotated weight (O(d²·b) → O(tokens·d·b)) an
 The math is not re-defined here. Each adapted layer is an `OFTLayer` built by `spec.make_layer` in kohya
 `networks.oft` convention (side "out", R = Cayley(Q) or a Cayley–Neumann series, Rᵀ applied per block, constraint
 ‖Q‖_F ≤ alpha·split), and every forward calls `rotation.rotation_blocks(layer, generators=<live Q>)` once and
-`rotation.bypass_forward(..., blocks=...)`. The trained adapter is therefore exactly what `rotate_weight` merges.
+applies the blocks to the base layer's output with `rotate_output` (the values of `rotation.rotate_features` on
+y − bias, as one autograd Function that keeps only y for backward). The trained adapter is therefore exactly what
+`rotate_weight` merges.
 
 Parameters: one fp32 tensor per split holding the strict upper triangle of each block (packed, as PEFT stores it);
-Q = U − Uᵀ. Zero at step 0, so the adapted model starts as the base model bit for bit (`bypass_forward` with
-identity blocks is a product with I: exact in fp32 — and the forward is not patched at all before `attach`).
+Q = U − Uᵀ. Zero at step 0, so the adapted model starts as the base model bit for bit (`rotate_output` with
+identity blocks is a product with I: exact — and the forward is not patched at all before `attach`).
 
 Base weights are never written: the patched forward reads them (through `weight_fn`, so a host such as ComfyUI can
 cast / offload them), the context manager `OFTTrainer.attach()` restores every patched `forward` on exit, exceptions
