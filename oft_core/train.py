@@ -7,11 +7,13 @@ per adapted layer instead of a rotated weight (O(d²·b) → O(tokens·d·b)) an
 The math is not re-defined here. Each adapted layer is an `OFTLayer` built by `spec.make_layer` in kohya
 `networks.oft` convention (side "out", R = Cayley(Q) or a Cayley–Neumann series, Rᵀ applied per block, constraint
 ‖Q‖_F ≤ alpha·split), and every forward calls `rotation.rotation_blocks(layer, generators=<live Q>)` once and
-`rotation.bypass_forward(..., blocks=...)`. The trained adapter is therefore exactly what `rotate_weight` merges.
+applies the blocks to the base layer's output with `rotate_output` (the values of `rotation.rotate_features` on
+y − bias, as one autograd Function that keeps only y for backward). The trained adapter is therefore exactly what
+`rotate_weight` merges.
 
 Parameters: one fp32 tensor per split holding the strict upper triangle of each block (packed, as PEFT stores it);
-Q = U − Uᵀ. Zero at step 0, so the adapted model starts as the base model bit for bit (`bypass_forward` with
-identity blocks is a product with I: exact in fp32 — and the forward is not patched at all before `attach`).
+Q = U − Uᵀ. Zero at step 0, so the adapted model starts as the base model bit for bit (`rotate_output` with
+identity blocks is a product with I: exact — and the forward is not patched at all before `attach`).
 
 Base weights are never written: the patched forward reads them (through `weight_fn`, so a host such as ComfyUI can
 cast / offload them), the context manager `OFTTrainer.attach()` restores every patched `forward` on exit, exceptions
@@ -54,7 +56,7 @@ from .errors import OFTError, mismatch
 from .formats._triangle import unpack_upper
 from .formats.kohya import PREFIX as KOHYA_PREFIX
 from .names import ldm_to_diffusers
-from .rotation import bypass_forward, rotate_features, rotation_blocks, skew
+from .rotation import rotation_blocks, skew
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coefficients
 from .train_io import resume_trainer, trained_adapter
 
@@ -404,28 +406,17 @@ class OFTTrainer:
                 padding = module.padding
             if recompute:  # the same products as below, the base weight made again in backward instead of kept
                 y, bias = frozen_base(module, x, weight_fn, padding)
-                if bias is None:
-                    return rotate_features(tl.layer, y, dim=1 if conv else -1, blocks=blocks)
-                z = y - (bias.reshape(-1, 1, 1) if conv else bias).to(y.dtype)
-                return y + (rotate_features(tl.layer, z, dim=1 if conv else -1, blocks=blocks) - z)
-            weight, bias = weight_fn(module, x)
-            if bias is None:
-                if not conv:
-                    return bypass_forward(tl.layer, x, weight, None, blocks=blocks)
-                return bypass_forward(tl.layer, x, weight, None, stride=module.stride, padding=padding,
-                                      dilation=module.dilation, groups=module.groups, blocks=blocks)
+            else:
+                weight, bias = weight_fn(module, x)
+                if conv:
+                    y = F.conv2d(x, weight, bias, module.stride, padding, module.dilation, module.groups)
+                else:
+                    y = F.linear(x, weight, bias)
             # With a bias, the base layer adds it inside the GEMM / conv kernel (addmm, conv bias), so the bypass
             # M·(Wx) + b differs from the base output in the last bit even at M = I (measured: Linear 256→64,
             # every biased Conv2d). The delta form y + (M − I)(y − b) = M·Wx + b, with y the base layer's own
             # output, keeps step 0 bit-exact at the same cost (one GEMM / conv) and the same rotation code.
-            if conv:
-                y = F.conv2d(x, weight, bias, module.stride, padding, module.dilation, module.groups)
-                z = y - bias.reshape(-1, 1, 1).to(y.dtype)
-                return y + (rotate_features(tl.layer, z, dim=1, blocks=blocks) - z)
-            y = F.linear(x, weight, bias)
-            z = y - bias.to(y.dtype)
-            return y + (rotate_features(tl.layer, z, blocks=blocks) - z)
-
+            return rotate_output(tl.layer, y, bias, blocks, dim=1 if conv else -1)
         return forward
 
     @contextlib.contextmanager
@@ -511,6 +502,108 @@ def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
         return ldm_to_diffusers({k: tuple(v.shape) for k, v in root.state_dict().items()})
     except ValueError as e:
         raise OFTError(f"cannot name the layers after diffusers modules: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ rotated outputs
+_CHUNK_ELEMENTS = 1 << 18  # rows per piece of the rotation: about this many elements (1 MiB in fp32)
+
+
+def _row_chunks(lead: tuple[int, ...], rows: int):
+    """Index tuples cutting a tensor of leading shape `lead` (its last axis not included) into pieces of at most
+    about `rows` rows (whole trailing rows, never an empty piece)."""
+    if not lead:
+        yield ()
+        return
+    inner = math.prod(lead[1:])
+    if inner <= rows:
+        step = max(1, rows // max(inner, 1))
+        for i in range(0, lead[0], step):
+            yield (slice(i, i + step),)
+    else:
+        for i in range(lead[0]):
+            for rest in _row_chunks(lead[1:], rows):
+                yield (slice(i, i + 1),) + rest
+
+
+def _rotate_rows(rows: torch.Tensor, blocks, sizes, *, transpose: bool = False) -> torch.Tensor:
+    """(N, C) ↦ each row v ↦ B v per block (`transpose`: Bᵀ v), one bmm per split."""
+    parts, start = [], 0
+    for r, (n, b) in zip(blocks, sizes):
+        cols = rows[:, start:start + n * b].reshape(-1, n, b).transpose(0, 1)  # (n, N, b)
+        parts.append(torch.bmm(cols, r if transpose else r.transpose(-1, -2)).transpose(0, 1).reshape(-1, n * b))
+        start += n * b
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+class _RotateOutput(torch.autograd.Function):
+    """out = y + (M·z − z) with z = y − bias (without a bias: out = M·y), M = blockdiag(blocks) on axis `dim`, the
+    rotation in fp32 and `out` in y's dtype: the values of `y + (rotate_features(z) − z)`.
+
+    Autograd on that expression keeps z for backward next to the output (y itself is not kept, but z is a full
+    activation-sized copy) and makes several activation-sized temporaries at once, in forward (y, z, the bmm
+    result, its reshaped copy, M z − z) and in backward (g, Mᵀg, its reshaped copy, Mᵀg − g, their sum). Here the
+    layer keeps only y (z = y − bias is recomputed in backward by the same subtraction: the same values), the work
+    is done in pieces of about `_CHUNK_ELEMENTS` rows, so the only activation-sized tensors are y, out (and in
+    backward g and ∂y), and the backward computes ∂out/∂y = M exactly as Mᵀg (the same derivative as
+    (I + M − I)ᵀ g, one rounding instead of three) and ∂/∂B_i = Σ g_i z_iᵀ per block."""
+
+    @staticmethod
+    def forward(ctx, y, bias, dim, sizes, *blocks):
+        moved = y.movedim(dim, -1)
+        width = moved.shape[-1]
+        b = None if bias is None else bias.to(y.dtype)
+        out = torch.empty_like(y)
+        out_m = out.movedim(dim, -1)
+        for idx in _row_chunks(tuple(moved.shape[:-1]), max(1, _CHUNK_ELEMENTS // width)):
+            yc = moved[idx]
+            zc = yc if b is None else yc - b
+            rot = _rotate_rows(zc.reshape(-1, width).to(torch.float32), blocks, sizes).to(y.dtype)
+            rot = rot.reshape(zc.shape)
+            if b is None:
+                out_m[idx].copy_(rot)
+            else:
+                torch.sub(rot, zc, out=out_m[idx])  # (M z − z) + y == y + (M z − z), bit for bit
+                out_m[idx].add_(yc)
+        ctx.save_for_backward(y, *blocks)
+        ctx.dim, ctx.sizes, ctx.bias = dim, sizes, b  # (a frozen vector, maybe an inference tensor: not "saved")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, *blocks = ctx.saved_tensors
+        dim, sizes, b = ctx.dim, ctx.sizes, ctx.bias
+        moved = y.movedim(dim, -1)
+        width = moved.shape[-1]
+        g_m = grad.movedim(dim, -1)
+        want_y = ctx.needs_input_grad[0]
+        want_r = [ctx.needs_input_grad[4 + i] for i in range(len(blocks))]
+        grad_y = torch.empty_like(y) if want_y else None
+        grads_r = [torch.zeros_like(r) if w else None for r, w in zip(blocks, want_r)]
+        for idx in _row_chunks(tuple(moved.shape[:-1]), max(1, _CHUNK_ELEMENTS // width)):
+            gc = g_m[idx].reshape(-1, width).to(torch.float32)
+            if any(want_r):
+                yc = moved[idx]
+                zc = (yc if b is None else yc - b).reshape(-1, width).to(torch.float32)
+                start = 0
+                for gr, (n, bs) in zip(grads_r, sizes):
+                    if gr is not None:
+                        gcols = gc[:, start:start + n * bs].reshape(-1, n, bs).transpose(0, 1)
+                        zcols = zc[:, start:start + n * bs].reshape(-1, n, bs).transpose(0, 1)
+                        gr.baddbmm_(gcols.transpose(1, 2), zcols)  # Σ g zᵀ per block
+                    start += n * bs
+                del zc
+            if want_y:
+                gy = _rotate_rows(gc, blocks, sizes, transpose=True).to(y.dtype)
+                grad_y.movedim(dim, -1)[idx].copy_(gy.reshape(g_m[idx].shape))
+        return (grad_y, None, None, None, *grads_r)
+
+
+def rotate_output(layer: OFTLayer, y: torch.Tensor, bias: torch.Tensor | None, blocks: list[torch.Tensor], *,
+                  dim: int = -1) -> torch.Tensor:
+    """A trained layer's output: M·(y − bias) + bias in the delta form y + (M − I)(y − bias) (`_RotateOutput`;
+    bias None: M·y), for a kohya-convention (block-diagonal, output side) `layer` whose base output is `y`."""
+    sizes = tuple(zip(layer.num_blocks, layer.block_sizes))
+    return _RotateOutput.apply(y, None if bias is None else bias.detach(), dim % y.ndim, sizes, *blocks)
 
 
 # ------------------------------------------------------------------------------------------------ frozen weights
