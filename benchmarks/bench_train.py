@@ -424,6 +424,15 @@ def run_workers(args, comfy_root: Path, config: str, steps: int, dtype: str, bas
     return out
 
 
+def executor_lines(o: dict, e: dict) -> str:
+    """Ours on weights made under the executor's inference mode against ours on normal weights."""
+    return (f"    ours on executor-made weights ({e['inference_tensors']} inference tensors, trained through "
+            f"frozen_for_training): step {e['step_s'] * 1e3:8.1f} ms, peak RSS growth "
+            f"{e['peak_rss_growth_MiB']:8.1f} MiB; minus normal weights' {o['peak_rss_growth_MiB']:.1f} MiB = "
+            f"{e['peak_rss_growth_MiB'] - o['peak_rss_growth_MiB']:+.1f} MiB (goal ≤ largest layer "
+            f"{e['largest_layer_MiB']:.2f} MiB; a second copy of the model would be {e['model_MiB_stored']:.1f} MiB)")
+
+
 def race_lines(title: str, r: dict, load_before, load_after) -> list[str]:
     o, c = r["ours"], r["core"]
     t, m = o["step_s"] / c["step_s"], o["peak_rss_growth_MiB"] / max(c["peak_rss_growth_MiB"], 1e-9)
@@ -673,21 +682,17 @@ def main(argv=None) -> int:
     if found and "sd" in parts:
         load0 = machine()["loadavg_1_5_15"]
         r = run_workers(args, root, args.config, args.steps, args.dtype, "fp32",
-                        who=("ours", "ours-executor", "core", "ours#trace", "core#trace", "ours-floor#trace")
-                        + (() if args.quick else ("ours#warmup", "core#warmup", "ours-floor#warmup")))
-        o, e = r["ours"], r["ours-executor"]
-        executor_line = (
-            f"    ours on executor-made weights ({e['inference_tensors']} inference tensors, trained through "
-            f"frozen_for_training): step {e['step_s'] * 1e3:8.1f} ms, peak RSS growth "
-            f"{e['peak_rss_growth_MiB']:8.1f} MiB; minus normal weights' {o['peak_rss_growth_MiB']:.1f} MiB = "
-            f"{e['peak_rss_growth_MiB'] - o['peak_rss_growth_MiB']:+.1f} MiB (goal ≤ largest layer "
-            f"{e['largest_layer_MiB']:.2f} MiB; a second copy of the model would be {e['model_MiB_stored']:.1f} MiB)")
+                        # (--quick leaves out the executor-weights run and the warm-ups: one process each, ~3 s of
+                        # ComfyUI import apiece; tests/test_train_node.py covers executor-made weights on its own)
+                        who=("ours", "core", "ours#trace", "core#trace", "ours-floor#trace")
+                        + (() if args.quick else ("ours-executor", "ours#warmup", "core#warmup", "ours-floor#warmup")))
+        executor_line = [] if args.quick else [executor_lines(r["ours"], r["ours-executor"])]
         lines += race_lines(
             f"SD1.x-family UNet '{args.config}' ({r['ours']['model_params'] / 1e6:.2f} M params), 2 latents "
             f"{LATENT[args.config]}×{LATENT[args.config]}, batch 2, {args.steps} steps, AdamW lr {args.lr:g}, "
             f"{args.dtype}, gradient checkpointing {'off' if args.no_checkpointing else 'on'}, core rank {args.rank} = "
             f"per-layer block sizes of factorization(out_dim, {args.rank}) for both", r, load0,
-            machine()["loadavg_1_5_15"]) + [executor_line] + breakdown_lines(r)
+            machine()["loadavg_1_5_15"]) + executor_line + breakdown_lines(r)
     if found and "flux" in parts:
         load0 = machine()["loadavg_1_5_15"]
         r = run_workers(args, root, "flux", args.flux_steps, "bf16", "bf16")
