@@ -20,14 +20,14 @@ import logging
 import math
 import re
 from collections import Counter
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 import torch
 
 from ..errors import OFTError
 from ..rotation import constrain, skew
-from ..safetensors_io import Header
-from ..spec import Constraint, Generators, OFTAdapter, OFTLayer, finite_each, make_layer
+from ..safetensors_io import FileTensors, Header, stack_values
+from ..spec import Constraint, OFTAdapter, OFTLayer, finite_each, make_layers
 from . import _write as w
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,13 @@ def claims(header: Header, config) -> bool:
     return any(k.startswith(PREFIX) and ".oft_blocks" in k for k in header.tensors)
 
 
-def _group(tensors: dict[str, torch.Tensor], path: str) -> tuple[dict[str, dict], list[str]]:
-    """({layer key: {"splits": {index (-1: unnumbered): tensor}, "alpha": tensor | None}}, keys of no layer)."""
+def _group(keys: Iterable[str], path: str) -> tuple[dict[str, dict], list[str]]:
+    """({layer key: {"splits": {index (-1: unnumbered): file key}, "alpha": file key | None}}, keys of no layer)."""
     modules: dict[str, dict] = {}
     ignored = []
-    for key, t in tensors.items():
-        m = KEY.match(key)
+    match = KEY.match
+    for key in keys:
+        m = match(key)
         if not m:
             if key.startswith(PREFIX):
                 raise OFTError(f"unexpected key {key!r} in a kohya OFT file (expected <name>.oft_blocks[.<i>] "
@@ -58,35 +59,45 @@ def _group(tensors: dict[str, torch.Tensor], path: str) -> tuple[dict[str, dict]
             continue
         mod = modules.setdefault(m.group(1), {"splits": {}, "alpha": None})
         if m.group(2) == "alpha":
-            mod["alpha"] = t
+            mod["alpha"] = key
         else:
-            mod["splits"][-1 if m.group(3) is None else int(m.group(3))] = t
+            mod["splits"][-1 if m.group(3) is None else int(m.group(3))] = key
     return modules, ignored
 
 
-def _batched_values(modules: dict[str, dict]) -> tuple[dict[int, float], dict[int, torch.Tensor], dict[int, bool]]:
-    """What the per-layer checks need of the tensors' values, computed for all layers at once (keyed by id() of the
-    stored tensor): each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in fp32, and whether
-    that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed tensors are left
-    out, for the per-layer checks to refuse in file order."""
-    alphas = [m["alpha"] for m in modules.values() if m["alpha"] is not None and m["alpha"].numel() == 1]
+def _batched_values(modules: dict[str, dict], tensors: Mapping[str, torch.Tensor], header: Header
+                    ) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, bool]]:
+    """What the per-layer checks need of the tensors' values, computed for all layers of one layout at once (keyed
+    by file key): each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in fp32, and
+    whether that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed tensors
+    are left out, for the per-layer checks to refuse in file order. Shapes and dtypes come from the header; values
+    from `tensors` in batches (`stack_values`: no tensor per key for a whole file)."""
+    info = header.tensors
+    # a plain mapping (the streamed skeleton: small tensors real, large ones on the meta device) is stacked per device
+    device = (lambda k: None) if isinstance(tensors, FileTensors) else (lambda k: tensors[k].device)
+    alphas: dict[tuple, list[str]] = {}
+    for m in modules.values():
+        k = m["alpha"]
+        if k is not None and math.prod(info[k].shape) == 1:
+            alphas.setdefault((info[k].dtype, device(k)), []).append(k)
     alpha_of = {}
-    for dtype in {a.dtype for a in alphas}:
-        same = [a for a in alphas if a.dtype == dtype]
-        values = torch.stack([a.reshape(()) for a in same]).float().tolist()  # exact: bf16 0.00099945... stays
-        alpha_of.update(zip(map(id, same), values))
-    blocks = [a for m in modules.values() for a in m["splits"].values() if a.ndim == 3 and a.shape[1] == a.shape[2]]
+    for keys in alphas.values():
+        values = stack_values(tensors, keys).reshape(len(keys)).float().tolist()  # exact: bf16 0.00099945... stays
+        alpha_of.update(zip(keys, values))
+    groups: dict[tuple, list[str]] = {}
+    for m in modules.values():
+        for k in m["splits"].values():
+            shape = info[k].shape
+            if len(shape) == 3 and shape[1] == shape[2]:
+                groups.setdefault((shape, info[k].dtype, device(k)), []).append(k)
     q_of, finite = {}, {}
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for a in blocks:
-        groups.setdefault((tuple(a.shape), a.dtype, a.device), []).append(a)
-    for (shape, _, _), same in groups.items():
+    for (shape, _, _), keys in groups.items():
         step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))  # bounds the transient stacked copy
-        for start in range(0, len(same), step):
-            chunk = same[start:start + step]
-            q = skew(torch.stack(chunk).to(torch.float32))
-            q_of.update(zip(map(id, chunk), q.unbind(0)))
-            finite.update(zip(map(id, chunk), finite_each(q)))
+        for start in range(0, len(keys), step):
+            chunk = keys[start:start + step]
+            q = skew(stack_values(tensors, chunk).to(torch.float32))
+            q_of.update(zip(chunk, q.unbind(0)))
+            finite.update(zip(chunk, finite_each(q)))
     return alpha_of, q_of, finite
 
 
@@ -102,53 +113,90 @@ def _split_order(key: str, splits: dict, path: str) -> list[int]:
     return order
 
 
-def _alpha(key: str, alpha: torch.Tensor | None, file_alpha: float | None, alpha_of: dict, path: str) -> float:
+def _alpha(key: str, alpha: str | None, file_alpha: float | None, alpha_of: dict, header: Header) -> float:
     """The layer's `.alpha` (exactly the stored value), else the file's ss_network_alpha; refused when neither."""
     if alpha is None:
         if file_alpha is None:
             raise OFTError("no .alpha tensor and no ss_network_alpha metadata: the constraint is unknown",
-                           path=path, layer=key)
+                           path=header.path, layer=key)
         return file_alpha
-    if alpha.numel() != 1:
-        raise OFTError(f".alpha must be a scalar, found shape {tuple(alpha.shape)}", path=path, layer=key)
-    return alpha_of[id(alpha)]
+    shape = header.tensors[alpha].shape
+    if math.prod(shape) != 1:
+        raise OFTError(f".alpha must be a scalar, found shape {tuple(shape)}", path=header.path, layer=key)
+    return alpha_of[alpha]
 
 
-def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
+class _Rows(NamedTuple):
+    """`make_layers`' per-layer columns, filled in key order."""
+
+    names: list
+    keys: list
+    generators: list
+    finite: list
+    constraints: list
+    sources: list
+
+    def layers(self, path: str) -> list[OFTLayer]:
+        return make_layers(
+            path=path,
+            names=self.names,
+            keys=self.keys,
+            generators=self.generators,
+            finite=self.finite,
+            constraints=self.constraints,
+            sources=self.sources,
+            side="out",
+            transpose=True,  # sd-scripts: einsum("k n m, k n ... -> k m ...", R, W) = Rᵀ·W per block
+        )
+
+
+def read(header: Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAdapter:
     """The adapter of a kohya file. Per layer, in key order: its splits, its alpha, its block shapes, then
-    `make_layer` (tests/test_bad_input.py pins each refusal); tensor values are computed for all layers at once."""
+    `make_layer`'s checks (tests/test_bad_input.py pins each refusal); tensor values are computed for all layers of
+    one layout at once, and the layers built by `make_layers` (the same checks, once per distinct layout)."""
     path = header.path
+    info = header.tensors
     modules, ignored = _group(tensors, path)
-    alpha_of, q_of, finite = _batched_values(modules)
+    alpha_of, q_of, finite = _batched_values(modules, tensors, header)
     file_alpha = _metadata_alpha(header)
     flux = header.metadata.get("ss_network_module") == "networks.oft_flux"
-    layers = {}
-    for key, mod in sorted(modules.items()):
-        splits = mod["splits"]
-        order = _split_order(key, splits, path)
-        flux = flux or order != [-1]
-        alpha_v = _alpha(key, mod["alpha"], file_alpha, alpha_of, path)
-        for i in order:
-            a = splits[i]
-            if a.ndim != 3 or a.shape[1] != a.shape[2]:
-                raise OFTError(f".oft_blocks{'' if i < 0 else f'.{i}'}: expected (num_blocks, b, b), "
-                               f"found {tuple(a.shape)}", path=path, layer=key)
-        gens = Generators([q_of[id(splits[i])] for i in order], [finite[id(splits[i])] for i in order])
-        layers[("unet", key[len(PREFIX):])] = make_layer(
-            path=path,
-            name=key[len(PREFIX):],
-            side="out",
-            generators=gens,
-            transpose=True,  # sd-scripts: einsum("k n m, k n ... -> k m ...", R, W) = Rᵀ·W per block
-            constraint=Constraint("norm_clamp", alpha_v),
-            source="kohya_flux" if flux else "kohya",
-            key=key,
-        )
+    rows = _Rows([], [], [], [], [], [])
+    constraint_of: dict[float, Constraint] = {}  # one object per alpha (100,000 layers usually share one)
+    try:
+        for key, mod in sorted(modules.items()):
+            splits = mod["splits"]
+            order = _split_order(key, splits, path)
+            flux = flux or order != [-1]
+            alpha_v = _alpha(key, mod["alpha"], file_alpha, alpha_of, header)
+            for i in order:
+                shape = info[splits[i]].shape
+                if len(shape) != 3 or shape[1] != shape[2]:
+                    raise OFTError(f".oft_blocks{'' if i < 0 else f'.{i}'}: expected (num_blocks, b, b), "
+                                   f"found {tuple(shape)}", path=path, layer=key)
+            constraint = constraint_of.get(alpha_v) if alpha_v else None  # 0.0 and -0.0 kept apart
+            if constraint is None:
+                constraint = Constraint("norm_clamp", alpha_v)
+                if alpha_v:
+                    constraint_of[alpha_v] = constraint
+            rows.names.append(key[len(PREFIX):])
+            rows.keys.append(key)
+            if order == [-1]:
+                rows.generators.append((q_of[splits[-1]],))
+                rows.finite.append((finite[splits[-1]],))
+            else:
+                rows.generators.append(tuple(q_of[splits[i]] for i in order))
+                rows.finite.append(tuple(finite[splits[i]] for i in order))
+            rows.constraints.append(constraint)
+            rows.sources.append("kohya_flux" if flux else "kohya")
+    except OFTError:
+        rows.layers(path)  # an earlier layer's own problem is raised first, as when each layer was built in turn
+        raise
+    layers = dict(zip((("unet", name) for name in rows.names), rows.layers(path)))
     fmt = "kohya_flux" if flux else "kohya"
-    info = {"alpha": sorted({layer.constraint.value for layer in layers.values()})}
+    info_out = {"alpha": sorted({c.value for c in rows.constraints})}
     if ignored:
-        info["ignored_keys"] = ignored
-    return OFTAdapter(layers, fmt, path, dict(header.metadata), info)
+        info_out["ignored_keys"] = ignored
+    return OFTAdapter(layers, fmt, path, dict(header.metadata), info_out)
 
 
 def _metadata_alpha(header: Header) -> float | None:
