@@ -13,6 +13,7 @@ import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from typing import NamedTuple
 
@@ -198,7 +199,9 @@ def _entries_at_once(header: dict, data_size: int) -> dict[str, TensorInfo] | No
     begin_sorted, end_sorted = begin[order], end[order]
     if begin_sorted[0] != 0 or end_sorted[-1] != data_size or not np.array_equal(begin_sorted[1:], end_sorted[:-1]):
         return None
-    return dict(zip(header, map(TensorInfo._make, zip(dtypes, shapes, begin.tolist(), end.tolist()))))
+    # tuple.__new__ through partial: no Python call per entry (TensorInfo._make took a tenth of a second)
+    return dict(zip(header, map(partial(tuple.__new__, TensorInfo), zip(dtypes, shapes, begin.tolist(),
+                                                                          end.tolist()))))
 
 
 def _entries_one_by_one(header: dict, data_size: int, path: str) -> dict[str, TensorInfo]:
