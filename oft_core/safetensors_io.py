@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
+from operator import itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -395,14 +396,13 @@ class FileTensors(Mapping):
         """`torch.stack([self[k] for k in keys])` (equal values) for keys of one dtype and shape, without a tensor
         per key: a strided view of the data when the tensors lie evenly spaced in the file (as safetensors writes
         a file of many layers), else one gather. Read-only, like every view of this mapping."""
-        infos = [self.header.tensors[k] for k in keys]
-        layouts = {(ti.dtype, ti.shape) for ti in infos}
-        if len(layouts) != 1:
-            raise ValueError(f"stack: expected keys of one dtype and shape, found {len(layouts)} layouts")
-        ((name, shape),) = layouts
+        infos = list(map(self.header.tensors.__getitem__, keys))
+        name, shape = _DTYPE_SHAPE(infos[0])
+        if list(map(_DTYPE_SHAPE, infos)).count((name, shape)) != len(infos):
+            raise ValueError("stack: expected keys of one dtype and shape")
         dtype = DTYPES[name]
         count = math.prod(shape)
-        starts = np.fromiter((ti.start for ti in infos), dtype=np.int64, count=len(infos))
+        starts = np.fromiter(map(_START, infos), dtype=np.int64, count=len(infos))
         if count == 0 or (starts % dtype.itemsize).any():
             return torch.stack([self._view(ti) for ti in infos])
         first = starts // dtype.itemsize
@@ -413,6 +413,9 @@ class FileTensors(Mapping):
             return torch.as_strided(whole, (len(infos), *shape), (step, *_contiguous_strides(shape)), int(first[0]))
         index = torch.from_numpy((first[:, None] + np.arange(count, dtype=np.int64)).reshape(-1))
         return whole[index].reshape(len(infos), *shape)
+
+
+_DTYPE_SHAPE, _START = itemgetter(0, 1), itemgetter(2)  # of a TensorInfo
 
 
 def stack_values(tensors: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:

@@ -242,9 +242,12 @@ def make_layers(
     for name, key, gens, flags, constraint, source in zip(names, keys, generators, finite, constraints, sources):
         gens = tuple(gens)
         try:
-            signature = (tuple((type(g), g.shape, g.dtype, g.requires_grad) for g in gens), tuple(flags), constraint)
+            g = gens[0]
+            signature = ((type(g), g.shape, g.dtype, g.requires_grad) if len(gens) == 1 else
+                         tuple((type(g), g.shape, g.dtype, g.requires_grad) for g in gens), tuple(flags),
+                         id(constraint))  # the constraint by identity: equal objects apart only cost a check more
             done = first.get(signature)
-        except (AttributeError, TypeError):  # not a tensor, or an unhashable constraint value: the one-layer path
+        except (AttributeError, IndexError, TypeError):  # not tensors, or none: the one-layer path says what is wrong
             signature = done = None
         if done is None:
             layer = make_layer(path=path, name=name, key=key, generators=Generators(gens, flags),
@@ -263,7 +266,7 @@ def make_layers(
         fields["name"] = name
         fields["key"] = key or name
         fields["generators"] = gens
-        fields["constraint"] = constraint
+        fields["constraint"] = done.constraint  # the very object (None became Constraint() there)
         fields["source"] = source
         out.append(layer)
     return out

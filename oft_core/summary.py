@@ -168,11 +168,15 @@ _BATCH_ELEMENTS = 1 << 22
 
 def _layout(layer) -> tuple:
     """Everything `describe` reports of a layer besides its name and its generators' values: layers of one layout
-    share every such figure (block counts, sizes, constraint, bound, parameter count), computed once per layout."""
+    share every such figure (block counts, sizes, constraint, bound, parameter count), computed once per layout. The
+    constraint is taken by identity (a reader gives the layers of one alpha one object; equal objects apart only
+    cost a group more)."""
+    gens = layer.generators
+    g = gens[0]
+    tensors = (g.shape, g.dtype, g.device) if len(gens) == 1 else tuple((g.shape, g.dtype, g.device) for g in gens)
     return (layer.component, layer.side, layer.kind, layer.num_blocks, layer.block_share, layer.parameterization,
-            layer.neumann_coeffs, layer.constraint, layer.transpose,
-            None if layer.row_scale is None else int(layer.row_scale.numel()),
-            tuple((g.shape, g.dtype, g.device) for g in layer.generators))
+            layer.neumann_coeffs, id(layer.constraint), layer.transpose,
+            None if layer.row_scale is None else int(layer.row_scale.numel()), len(gens), tensors)
 
 
 def _plain(layer) -> bool:
@@ -183,21 +187,24 @@ def _plain(layer) -> bool:
             and layer.generators[0].device.type != "meta")
 
 
-def _batched_figures(layers: list) -> tuple[list[float], list[float | None], list[float]]:
-    """(‖Q‖_F, its bound or None, orthogonality error) of plain layers of one block shape and side, computed for all
-    of them at once: the numbers `generator_norms` and `orthogonality_error` give, up to the rounding of a batched
-    reduction."""
-    shape = tuple(layers[0].generators[0].shape)
-    transpose = layers[0].transpose
+def _bound(layer) -> float | None:
+    """The bound of a plain layer's ‖Q‖_F (`generator_norms`), None when unconstrained."""
+    return layer.constraint.value * layer.split_sizes[0] if layer.constraint.kind == "norm_clamp" else None
+
+
+def _batched_figures(generators: list[torch.Tensor], bounds: list[float | None], transpose: bool
+                     ) -> tuple[list[float], list[float]]:
+    """(‖Q‖_F, orthogonality error) of plain layers of one block shape and side (their one generator each and its
+    bound), computed for all of them at once: the numbers `generator_norms` and `orthogonality_error` give, up to
+    the rounding of a batched reduction."""
+    shape = tuple(generators[0].shape)
     step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))
-    norms_out, bounds_out, errors_out = [], [], []
-    for start in range(0, len(layers), step):
-        chunk = layers[start:start + step]
-        q = torch.stack([layer.generators[0] for layer in chunk]).to(torch.float32)
+    norms_out, errors_out = [], []
+    for start in range(0, len(generators), step):
+        q = torch.stack(generators[start:start + step]).to(torch.float32)
         norms = torch.linalg.vector_norm(q.flatten(1), dim=1)
-        bounds = [layer.constraint.value * layer.split_sizes[0] if layer.constraint.kind == "norm_clamp"
-                  else math.inf for layer in chunk]
-        bound_t = torch.tensor(bounds, dtype=torch.float32)
+        bound_t = torch.tensor([math.inf if b is None else b for b in bounds[start:start + step]],
+                               dtype=torch.float32)
         # rotation.constrain's clamp, per layer: Q·(min(‖Q‖, c) + ε)/(‖Q‖ + ε); unconstrained layers untouched
         scale = torch.where(torch.isinf(bound_t), torch.ones_like(norms),
                             (torch.minimum(norms, bound_t) + _NORM_EPS) / (norms + _NORM_EPS))
@@ -207,8 +214,7 @@ def _batched_figures(layers: list) -> tuple[list[float], list[float | None], lis
         eye = torch.eye(shape[-1], dtype=r.dtype)
         errors_out += (r.transpose(-1, -2) @ r - eye).abs().flatten(1).amax(dim=1).tolist()
         norms_out += norms.tolist()
-        bounds_out += [None if math.isinf(b) else b for b in bounds]
-    return norms_out, bounds_out, errors_out
+    return norms_out, errors_out
 
 
 def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_max_rows: int = HE_ROWS) -> dict:
@@ -221,7 +227,8 @@ def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_m
 
 
 def _template(layer) -> dict:
-    """The per-layer entry of `describe` with every field a layout fixes filled in (in the order of the entry)."""
+    """The per-layer entry of `describe` with every field a layout fixes filled in (in the order of the entry). Its
+    lists are shared by the entries of one layout (the result is read-only: JSON, text)."""
     return {
         "name": None,
         "component": layer.component,
@@ -247,35 +254,51 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
     groups: dict[tuple, list[int]] = {}  # layout -> positions of its layers, in layer order
     for i, (_, layer) in enumerate(items):
         groups.setdefault(_layout(layer), []).append(i)
-    figures: dict[int, tuple] = {}  # position -> (generator norms with their bounds, orthogonality error)
-    batches: dict[tuple, list[int]] = {}  # plain layers by block shape and side: one batched computation each
+    # plain layers: norms and orthogonality errors in one batched computation per block shape and side
+    batches: dict[tuple, list[list[int]]] = {}
     for positions in groups.values():
         first = items[positions[0]][1]
         if _plain(first):
             g = first.generators[0]
-            batches.setdefault((g.shape, g.dtype, g.device, first.transpose), []).extend(positions)
-    for positions in batches.values():
-        norms, bounds, errors = _batched_figures([items[i][1] for i in positions])
-        figures.update(zip(positions, zip(([(n, b)] for n, b in zip(norms, bounds)), errors)))
+            batches.setdefault((g.shape, g.dtype, g.device, first.transpose), []).append(positions)
+    norm_at: list = [None] * len(items)
+    error_at: list = [None] * len(items)
+    for (_, _, _, transpose), group_list in batches.items():
+        positions = [i for p in group_list for i in p]
+        bounds = [b for p in group_list for b in [_bound(items[p[0]][1])] * len(p)]
+        norms, errors = _batched_figures([items[i][1].generators[0] for i in positions], bounds, transpose)
+        for i, n, e in zip(positions, norms, errors):
+            norm_at[i] = n
+            error_at[i] = e
     layers: list = [None] * len(items)
     for positions in groups.values():
-        template = _template(items[positions[0]][1])
+        first = items[positions[0]][1]
+        template = _template(first)
+        if norm_at[positions[0]] is not None:  # plain: one split, the layout's bound
+            bound = _bound(first)
+            template["bound"] = [None if bound is None else round(bound, 6)]
+            for i in positions:
+                x = template.copy()
+                x["name"] = items[i][1].key
+                n = norm_at[i]
+                x["norm"] = [round(n, 6)]
+                x["clamped"] = bound is not None and n > bound
+                x["orthogonality_error"] = error_at[i]
+                layers[i] = x
+            continue
         for i in positions:
-            (component, name), layer = items[i]
-            norm_bound, ortho = figures.get(i) or (generator_norms(layer), orthogonality_error(layer))
+            layer = items[i][1]
+            norm_bound = generator_norms(layer)
             x = template.copy()
             x["name"] = layer.key
-            if isinstance(x["num_blocks"], list):
-                x["num_blocks"] = x["num_blocks"].copy()
-            x["block_size"] = x["block_size"].copy()
             x["norm"] = [round(n, 6) for n, _ in norm_bound]
             x["bound"] = [None if b is None else round(b, 6) for _, b in norm_bound]
             x["clamped"] = any(b is not None and n > b for n, b in norm_bound)
-            x["orthogonality_error"] = ortho
-            energy = energies.get((component, name))
-            if energy:
-                x.update(energy)
+            x["orthogonality_error"] = orthogonality_error(layer)
             layers[i] = x
+    if energies:
+        for (_, layer), x in zip(items, layers):
+            x.update(energies.get((layer.component, layer.name), {}))
     shapes = Counter()
     components = Counter()
     for positions in groups.values():

@@ -20,6 +20,7 @@ import logging
 import math
 import re
 from collections import Counter
+from operator import itemgetter
 from typing import Iterable, Mapping, NamedTuple
 
 import torch
@@ -83,18 +84,22 @@ def _group(keys: Iterable[str], path: str) -> tuple[dict[str, list], list[str]]:
     return layers, ignored
 
 
-def _by_layout(keys: list[str], layout) -> list[list[str]]:
-    """`keys` grouped by `layout(key)` (first-seen order), without a dict operation per key when there are few."""
-    layouts = list(map(layout, keys))
-    distinct = list(dict.fromkeys(layouts))
-    if len(distinct) == 1:
+def _by_layout(keys: list[str], layouts: list) -> list[list[str]]:
+    """`keys` grouped by their `layouts` (first-seen order), without a dict operation per key when there are few."""
+    if not keys:
+        return []
+    if layouts.count(layouts[0]) == len(layouts):  # one layout: the usual file of one block size
         return [keys]
+    distinct = list(dict.fromkeys(layouts))
     if len(distinct) <= 8:
         return [[k for k, lay in zip(keys, layouts) if lay == want] for want in distinct]
     groups: dict = {}
     for k, lay in zip(keys, layouts):
         groups.setdefault(lay, []).append(k)
     return list(groups.values())
+
+
+_DTYPE_SHAPE = itemgetter(0, 1)  # of a TensorInfo
 
 
 def _batched_values(layers: dict[str, list], tensors: Mapping[str, torch.Tensor], header: Header
@@ -106,21 +111,21 @@ def _batched_values(layers: dict[str, list], tensors: Mapping[str, torch.Tensor]
     the header; values from `tensors` in batches (`stack_values`: no tensor per key for a whole file)."""
     info = header.tensors
     if isinstance(tensors, FileTensors):
-        def layout(k):
-            return info[k][:2]  # (dtype, shape)
+        def layouts(keys):
+            return list(map(_DTYPE_SHAPE, map(info.__getitem__, keys)))
     else:  # a plain mapping (the streamed skeleton: small tensors real, large ones on the meta device): per device
-        def layout(k):
-            return (*info[k][:2], tensors[k].device)
+        def layouts(keys):
+            return [(*info[k][:2], tensors[k].device) for k in keys]
     alpha_keys = [e[2] for e in layers.values() if e[2] is not None]
     alpha_of = {}
-    for keys in _by_layout(alpha_keys, layout):
+    for keys in _by_layout(alpha_keys, layouts(alpha_keys)):
         if math.prod(info[keys[0]].shape) == 1:
             values = stack_values(tensors, keys).reshape(len(keys)).float().tolist()  # exact: bf16 0.00099945...
             alpha_of.update(zip(keys, values))
     block_keys = [e[0] for e in layers.values() if e[0] is not None]
     block_keys += [k for e in layers.values() if e[1] is not None for k in e[1].values()]
     q_of, finite = {}, {}
-    for keys in _by_layout(block_keys, layout):
+    for keys in _by_layout(block_keys, layouts(block_keys)):
         shape = info[keys[0]].shape
         if len(shape) != 3 or shape[1] != shape[2]:
             continue
