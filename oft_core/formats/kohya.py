@@ -20,7 +20,8 @@ import logging
 import math
 import re
 from collections import Counter
-from operator import itemgetter
+from itertools import repeat
+from operator import is_, itemgetter, methodcaller
 from typing import Iterable, Mapping, NamedTuple
 
 import torch
@@ -84,6 +85,43 @@ def _group(keys: Iterable[str], path: str) -> tuple[dict[str, list], list[str]]:
     return layers, ignored
 
 
+def _simple_keys(keys: list[str]) -> tuple[dict[str, str], dict[str, str]] | None:
+    """({layer: `.oft_blocks` key}, {layer: `.alpha` key}) when every key is `oft_unet_<name>.oft_blocks` or
+    `.alpha` with one dot and no newline (the usual file), decided for all keys at once; else None (`_group`).
+    Each key is then split as `_group` splits it (its one-dot case), without a Python step per key."""
+    parts = list(map(methodcaller("rpartition", "."), keys))
+    if not keys or not set(map(itemgetter(2), parts)) <= {"oft_blocks", "alpha"}:
+        return None
+    heads = list(map(itemgetter(0), parts))
+    joined = "".join(keys)
+    if (joined.count(".") != len(keys) or "\n" in joined or min(map(len, heads)) <= len(PREFIX)
+            or not all(map(methodcaller("startswith", PREFIX), heads))):
+        return None
+    blocks = {head: key for (head, _, tail), key in zip(parts, keys) if tail == "oft_blocks"}
+    alphas = {head: key for (head, _, tail), key in zip(parts, keys) if tail == "alpha"}
+    return blocks, alphas
+
+
+def _simple_rows(blocks: dict[str, str], alphas: dict[str, str], alpha_of: dict, q_of: dict, finite: dict,
+                 source: str) -> "_Rows | None":
+    """The rows `read`'s per-layer loop gives when every layer has one well-shaped `.oft_blocks` and a nonzero
+    scalar `.alpha` (the usual file), built for all layers at once; None for anything else (the loop, whose refusals
+    come in key order)."""
+    names = sorted(blocks)
+    if alphas.keys() != blocks.keys():
+        return None
+    block_keys = list(map(blocks.__getitem__, names))
+    qs = list(map(q_of.get, block_keys))
+    values = list(map(alpha_of.get, map(alphas.__getitem__, names)))
+    if any(map(is_, qs, repeat(None))) or None in values or 0.0 in values:  # 0.0 and -0.0: the loop keeps apart
+        return None
+    constraint_of = {v: Constraint("norm_clamp", v) for v in dict.fromkeys(values)}
+    start = len(PREFIX)
+    return _Rows([key[start:] for key in names], names, [(q,) for q in qs],
+                 [(f,) for f in map(finite.__getitem__, block_keys)], list(map(constraint_of.__getitem__, values)),
+                 [source] * len(names))
+
+
 def _by_layout(keys: list[str], layouts: list) -> list[list[str]]:
     """`keys` grouped by their `layouts` (first-seen order), without a dict operation per key when there are few."""
     if not keys:
@@ -102,8 +140,8 @@ def _by_layout(keys: list[str], layouts: list) -> list[list[str]]:
 _DTYPE_SHAPE = itemgetter(0, 1)  # of a TensorInfo
 
 
-def _batched_values(layers: dict[str, list], tensors: Mapping[str, torch.Tensor], header: Header
-                    ) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, bool]]:
+def _batched_values(alpha_keys: list[str], block_keys: list[str], tensors: Mapping[str, torch.Tensor],
+                    header: Header) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, bool]]:
     """What the per-layer checks need of the tensors' values, computed for all layers of one layout at once (keyed
     by file key): each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in fp32, and
     whether that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed tensors
@@ -116,14 +154,11 @@ def _batched_values(layers: dict[str, list], tensors: Mapping[str, torch.Tensor]
     else:  # a plain mapping (the streamed skeleton: small tensors real, large ones on the meta device): per device
         def layouts(keys):
             return [(*info[k][:2], tensors[k].device) for k in keys]
-    alpha_keys = [e[2] for e in layers.values() if e[2] is not None]
     alpha_of = {}
     for keys in _by_layout(alpha_keys, layouts(alpha_keys)):
         if math.prod(info[keys[0]].shape) == 1:
             values = stack_values(tensors, keys).reshape(len(keys)).float().tolist()  # exact: bf16 0.00099945...
             alpha_of.update(zip(keys, values))
-    block_keys = [e[0] for e in layers.values() if e[0] is not None]
-    block_keys += [k for e in layers.values() if e[1] is not None for k in e[1].values()]
     q_of, finite = {}, {}
     for keys in _by_layout(block_keys, layouts(block_keys)):
         shape = info[keys[0]].shape
@@ -201,10 +236,41 @@ def read(header: Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAdap
     `make_layer`'s checks (tests/test_bad_input.py pins each refusal); tensor values are computed for all layers of
     one layout at once, and the layers built by `make_layers` (the same checks, once per distinct layout)."""
     path = header.path
-    layers, ignored = _group(tensors, path)
-    alpha_of, q_of, finite = _batched_values(layers, tensors, header)
+    keys = list(tensors)
+    simple = _simple_keys(keys)
+    if simple is not None:
+        blocks, alphas = simple
+        layers, ignored = None, []
+        alpha_keys, block_keys = list(alphas.values()), list(blocks.values())
+    else:
+        layers, ignored = _group(keys, path)
+        alpha_keys = [e[2] for e in layers.values() if e[2] is not None]
+        block_keys = [e[0] for e in layers.values() if e[0] is not None]
+        block_keys += [k for e in layers.values() if e[1] is not None for k in e[1].values()]
+    alpha_of, q_of, finite = _batched_values(alpha_keys, block_keys, tensors, header)
     file_alpha = _metadata_alpha(header)
     flux = header.metadata.get("ss_network_module") == "networks.oft_flux"
+    rows = None
+    if simple is not None:
+        rows = _simple_rows(blocks, alphas, alpha_of, q_of, finite, "kohya_flux" if flux else "kohya")
+        if rows is None:
+            layers = {name: [blocks.get(name), None, alphas.get(name)] for name in blocks.keys() | alphas.keys()}
+    if rows is None:
+        rows, flux = _layer_rows(layers, alpha_of, q_of, finite, file_alpha, flux, header)
+    built = dict(zip((("unet", name) for name in rows.names), rows.layers(path)))
+    fmt = "kohya_flux" if flux else "kohya"
+    info_out = {"alpha": sorted({c.value for c in rows.constraints})}
+    if ignored:
+        info_out["ignored_keys"] = ignored
+    return OFTAdapter(built, fmt, path, dict(header.metadata), info_out)
+
+
+def _layer_rows(layers: dict[str, list], alpha_of: dict, q_of: dict, finite: dict, file_alpha: float | None,
+                flux: bool, header: Header) -> tuple[_Rows, bool]:
+    """`make_layers`' rows, layer by layer in key order: its splits, its alpha, its block shapes (each refusal
+    raised after the earlier layers' own checks, as when each layer was built in turn); and whether the file is
+    FLUX (metadata, or a layer of numbered splits: that layer and the later ones get source "kohya_flux")."""
+    path = header.path
     rows = _Rows([], [], [], [], [], [])
     constraint_of: dict[float, Constraint] = {}  # one object per alpha (100,000 layers usually share one)
     start = len(PREFIX)
@@ -245,12 +311,7 @@ def read(header: Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAdap
     except OFTError:
         rows.layers(path)  # an earlier layer's own problem is raised first, as when each layer was built in turn
         raise
-    built = dict(zip((("unet", name) for name in rows.names), rows.layers(path)))
-    fmt = "kohya_flux" if flux else "kohya"
-    info_out = {"alpha": sorted({c.value for c in rows.constraints})}
-    if ignored:
-        info_out["ignored_keys"] = ignored
-    return OFTAdapter(built, fmt, path, dict(header.metadata), info_out)
+    return rows, flux
 
 
 def _metadata_alpha(header: Header) -> float | None:
