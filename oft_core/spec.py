@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from operator import attrgetter, itemgetter
 from typing import Literal, Mapping, Sequence
 
 import torch
@@ -236,40 +237,60 @@ def make_layers(
     rows = len(names)
     if not len(keys) == len(generators) == len(finite) == len(constraints) == len(sources) == rows:
         raise ValueError("make_layers: every per-layer sequence needs one item per layer")
-    first: dict[tuple, OFTLayer] = {}
+    generators = list(map(tuple, generators))
+    finite = list(map(tuple, finite))
+    signatures = _signatures(generators, finite, constraints)
+    # the first row of each signature, in row order: through make_layer (so the first failing row raises first)
+    first: dict = {}
+    # each signature's first row (reversed: the last write of a key is its smallest index), taken in row order
+    first_row = dict(zip(reversed(signatures), range(rows - 1, -1, -1))) if signatures is not None else {}
+    for signature, i in sorted(first_row.items(), key=itemgetter(1)):
+        layer = make_layer(path=path, name=names[i], key=keys[i], generators=Generators(generators[i], finite[i]),
+                           constraint=constraints[i], source=sources[i], **common)
+        # later rows are built like it only when make_layer kept the caller's tensors as they are (fp32, no grad)
+        # and made no row scale of its own
+        if layer.row_scale is None and all(a is b for a, b in zip(layer.generators, generators[i])):
+            first[signature] = (i, layer)
     new = object.__new__
     out = []
-    for name, key, gens, flags, constraint, source in zip(names, keys, generators, finite, constraints, sources):
-        gens = tuple(gens)
-        try:
-            g = gens[0]
-            signature = ((type(g), g.shape, g.dtype, g.requires_grad) if len(gens) == 1 else
-                         tuple((type(g), g.shape, g.dtype, g.requires_grad) for g in gens), tuple(flags),
-                         id(constraint))  # the constraint by identity: equal objects apart only cost a check more
-            done = first.get(signature)
-        except (AttributeError, IndexError, TypeError):  # not tensors, or none: the one-layer path says what is wrong
-            signature = done = None
-        if done is None:
-            layer = make_layer(path=path, name=name, key=key, generators=Generators(gens, flags),
-                               constraint=constraint, source=source, **common)
-            # fast only when make_layer kept the caller's tensors as they are (fp32, no grad) and made no row scale
-            if signature is not None and layer.row_scale is None and all(
-                    a is b for a, b in zip(layer.generators, gens)):
-                first[signature] = layer
-            out.append(layer)
+    for i in range(rows):
+        done = first.get(signatures[i]) if signatures is not None else None
+        if done is None or done[0] == i:
+            out.append(done[1] if done is not None else make_layer(
+                path=path, name=names[i], key=keys[i], generators=Generators(generators[i], finite[i]),
+                constraint=constraints[i], source=sources[i], **common))
             continue
         # frozen dataclass: its __setattr__ refuses, so the fields are filled like dataclasses.replace would, without
         # its per-field overhead (a layer of 14 fields took 2.6 µs; 100,000 of them a quarter second)
         layer = new(OFTLayer)
         fields = layer.__dict__
-        fields.update(done.__dict__)
-        fields["name"] = name
-        fields["key"] = key or name
-        fields["generators"] = gens
-        fields["constraint"] = done.constraint  # the very object (None became Constraint() there)
-        fields["source"] = source
+        fields.update(done[1].__dict__)
+        fields["name"] = names[i]
+        fields["key"] = keys[i] or names[i]
+        fields["generators"] = generators[i]
+        fields["source"] = sources[i]  # the constraint: the very object (the signature holds its identity)
         out.append(layer)
     return out
+
+
+_TENSOR_FACTS = (attrgetter("shape"), attrgetter("dtype"), attrgetter("requires_grad"))
+
+
+def _signatures(generators: list[tuple], finite: list[tuple], constraints: Sequence) -> list[tuple] | None:
+    """Per row, everything `make_layer`'s checks depend on besides the common fields: each generator's type, shape,
+    dtype and requires_grad, the finiteness flags and the constraint (by identity: equal objects apart only cost a
+    check more). Computed column by column (no Python step per row); None when a row is not one tensor (the rows then
+    go through `make_layer` one by one, which says what is wrong)."""
+    try:
+        if set(map(len, generators)) != {1}:
+            return None
+        tensors = list(map(itemgetter(0), generators))
+        if not all(issubclass(t, torch.Tensor) for t in set(map(type, tensors))):
+            return None
+        columns = [list(map(type, tensors))] + [list(map(fact, tensors)) for fact in _TENSOR_FACTS]
+        return list(zip(*columns, finite, map(id, constraints)))
+    except (AttributeError, TypeError):
+        return None
 
 
 class Generators(tuple):

@@ -20,8 +20,8 @@ import logging
 import math
 import re
 from collections import Counter
-from itertools import repeat
-from operator import is_, itemgetter, methodcaller
+from itertools import compress, repeat
+from operator import is_, itemgetter, methodcaller, not_
 from typing import Iterable, Mapping, NamedTuple
 
 import torch
@@ -97,9 +97,10 @@ def _simple_keys(keys: list[str]) -> tuple[dict[str, str], dict[str, str]] | Non
     if (joined.count(".") != len(keys) or "\n" in joined or min(map(len, heads)) <= len(PREFIX)
             or not all(map(methodcaller("startswith", PREFIX), heads))):
         return None
-    blocks = {head: key for (head, _, tail), key in zip(parts, keys) if tail == "oft_blocks"}
-    alphas = {head: key for (head, _, tail), key in zip(parts, keys) if tail == "alpha"}
-    return blocks, alphas
+    is_alpha = list(map("alpha".__eq__, map(itemgetter(2), parts)))
+    is_blocks = list(map(not_, is_alpha))
+    return (dict(zip(compress(heads, is_blocks), compress(keys, is_blocks))),
+            dict(zip(compress(heads, is_alpha), compress(keys, is_alpha))))
 
 
 def _simple_rows(blocks: dict[str, str], alphas: dict[str, str], alpha_of: dict, q_of: dict, finite: dict,
