@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -172,7 +173,16 @@ def _entries_at_once(header: dict, data_size: int) -> dict[str, TensorInfo] | No
         return None
     if set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}:
         return None
-    shapes = list(map(tuple, shapes))
+    flat = list(chain.from_iterable(offsets))
+    if set(map(type, flat)) != {int}:
+        return None
+    return _tiled(list(header), dtypes, list(map(tuple, shapes)), flat[0::2], flat[1::2], data_size)
+
+
+def _tiled(keys: list[str], dtypes: list[str], shapes: list[tuple], begins: list[int], ends: list[int],
+           data_size: int) -> dict[str, TensorInfo] | None:
+    """`_entries_at_once` on columns of known types (dtype names, shape tuples, offsets as ints): the checked
+    entries, or None when any rule fails."""
     try:
         layouts = set(zip(dtypes, shapes))
     except TypeError:  # a dim that is a list or an object: unhashable, and wrong
@@ -185,15 +195,12 @@ def _entries_at_once(header: dict, data_size: int) -> dict[str, TensorInfo] | No
         if bits % 8 or bits // 8 >= 1 << 62:  # so large that no int64 offsets can hold it: the slow path says so
             return None
         nbytes_of[(dtype, shape)] = bits // 8
-    flat = list(chain.from_iterable(offsets))
-    if set(map(type, flat)) != {int}:
-        return None
     try:
-        bounds = np.fromiter(flat, dtype=np.int64, count=len(flat))
+        begin = np.fromiter(begins, dtype=np.int64, count=len(begins))
+        end = np.fromiter(ends, dtype=np.int64, count=len(ends))
     except OverflowError:  # beyond int64: not a valid offset of any file this size
         return None
-    begin, end = bounds[0::2], bounds[1::2]
-    nbytes = np.fromiter(map(nbytes_of.__getitem__, zip(dtypes, shapes)), dtype=np.int64, count=len(infos))
+    nbytes = np.fromiter(map(nbytes_of.__getitem__, zip(dtypes, shapes)), dtype=np.int64, count=len(keys))
     if (begin < 0).any() or (begin > end).any() or not np.array_equal(end - begin, nbytes):
         return None
     order = np.lexsort((end, begin))
@@ -201,8 +208,53 @@ def _entries_at_once(header: dict, data_size: int) -> dict[str, TensorInfo] | No
     if begin_sorted[0] != 0 or end_sorted[-1] != data_size or not np.array_equal(begin_sorted[1:], end_sorted[:-1]):
         return None
     # tuple.__new__ through partial: no Python call per entry (TensorInfo._make took a tenth of a second)
-    return dict(zip(header, map(partial(tuple.__new__, TensorInfo), zip(dtypes, shapes, begin.tolist(),
-                                                                          end.tolist()))))
+    return dict(zip(keys, map(partial(tuple.__new__, TensorInfo), zip(dtypes, shapes, begins, ends))))
+
+
+# The header as safetensors itself writes it (serde_json, compact): `{"__metadata__":{...},"<key>":{"dtype":"F32",
+# "shape":[2,4,4],"data_offsets":[0,128]},...}` then spaces. `_canonical` reads that form with one regex split
+# instead of `json.loads` (which builds a dict and two lists per tensor); anything else, or any doubt, goes to
+# `parse_json`. Accepted: keys without escapes or control characters (a JSON string then is its text), numbers
+# without sign, leading zero or more than 20 digits, every entry preceded by exactly one comma, nothing between.
+_NUM = r"(?:0|[1-9][0-9]{0,19})"
+_ENTRY = re.compile(r',"([^"\\\x00-\x1f]*)":\{"dtype":"([A-Z0-9_]+)","shape":\[(%s(?:,%s)*|)\],'
+                    r'"data_offsets":\[(%s),(%s)\]\}' % (_NUM, _NUM, _NUM, _NUM))
+_STRING = r'"(?:[^"\\\x00-\x1f]|\\.)*"'
+_METADATA = re.compile(r'\{"__metadata__":(\{(?:%s:%s(?:,%s:%s)*)?\})' % (_STRING, _STRING, _STRING, _STRING))
+
+
+def _canonical(raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]] | None:
+    """(checked entries, metadata) of a header in safetensors' own compact form whose entries pass every check;
+    None otherwise (then `parse_json` and the checks say what is wrong, or read an unusual but valid header). The
+    result is what `json.loads` and `_check_entries` give for the same text: the grammar admits only JSON whose
+    values are exactly the matched texts, and a repeated key (where JSON keeps the last) is left to them."""
+    try:
+        text = raw.decode("utf-8").rstrip(" \t\n\r")
+    except UnicodeDecodeError:
+        return None
+    if not text.endswith("}"):
+        return None
+    m = _METADATA.match(text)
+    if m is not None:
+        try:
+            metadata = json.loads(m.group(1))  # small; its own escapes checked by the parser
+        except ValueError:
+            return None
+        region = text[m.end():-1]
+    elif text.startswith("{"):
+        metadata, region = {}, "," + text[1:-1]
+    else:
+        return None
+    parts = _ENTRY.split(region)
+    if any(parts[0::6]):  # text before, between or after the entries: not the compact form
+        return None
+    keys = parts[1::6]
+    if not keys or len(set(keys)) != len(keys) or "__metadata__" in keys or not set(parts[2::6]) <= DTYPE_BITS.keys():
+        return None
+    shape_of = {t: tuple(map(int, t.split(","))) if t else () for t in set(parts[3::6])}
+    tensors = _tiled(keys, parts[2::6], list(map(shape_of.__getitem__, parts[3::6])), list(map(int, parts[4::6])),
+                     list(map(int, parts[5::6])), data_size)
+    return None if tensors is None else (tensors, metadata)
 
 
 def _entries_one_by_one(header: dict, data_size: int, path: str) -> dict[str, TensorInfo]:
@@ -281,6 +333,9 @@ def read_header(path: str | os.PathLike) -> Header:
             raw = f.read(n)
     except OSError as e:
         raise OFTError(f"cannot read the file ({e.strerror or e})", path=path) from None
+    fast = _canonical(raw, size - 8 - n)
+    if fast is not None:
+        return Header(path, fast[0], fast[1], 8 + n)
     try:
         header = parse_json(raw, "the safetensors header", path)
     except OFTError as e:
