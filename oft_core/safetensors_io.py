@@ -452,9 +452,13 @@ class FileTensors(Mapping):
         per key: a strided view of the data when the tensors lie evenly spaced in the file (as safetensors writes
         a file of many layers), else one gather. Read-only, like every view of this mapping."""
         infos = list(map(self.header.tensors.__getitem__, keys))
-        name, shape = _DTYPE_SHAPE(infos[0])
-        if list(map(_DTYPE_SHAPE, infos)).count((name, shape)) != len(infos):
+        if list(map(_DTYPE_SHAPE, infos)).count(_DTYPE_SHAPE(infos[0])) != len(infos):
             raise ValueError("stack: expected keys of one dtype and shape")
+        return self.stack_entries(infos)
+
+    def stack_entries(self, infos: Sequence[TensorInfo]) -> torch.Tensor:
+        """`stack` of header entries the caller has grouped by dtype and shape (not checked again)."""
+        name, shape = _DTYPE_SHAPE(infos[0])
         dtype = DTYPES[name]
         count = math.prod(shape)
         starts = np.fromiter(map(_START, infos), dtype=np.int64, count=len(infos))

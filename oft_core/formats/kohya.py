@@ -103,38 +103,31 @@ def _simple_keys(keys: list[str]) -> tuple[dict[str, str], dict[str, str]] | Non
             dict(zip(compress(heads, is_alpha), compress(keys, is_alpha))))
 
 
-def _simple_rows(blocks: dict[str, str], alphas: dict[str, str], alpha_of: dict, q_of: dict, finite: dict,
-                 source: str) -> "_Rows | None":
-    """The rows `read`'s per-layer loop gives when every layer has one well-shaped `.oft_blocks` and a nonzero
-    scalar `.alpha` (the usual file), built for all layers at once; None for anything else (the loop, whose refusals
-    come in key order)."""
-    names = sorted(blocks)
-    if alphas.keys() != blocks.keys():
-        return None
-    block_keys = list(map(blocks.__getitem__, names))
-    qs = list(map(q_of.get, block_keys))
-    values = list(map(alpha_of.get, map(alphas.__getitem__, names)))
+def _simple_rows(names: list[str], values: list, qs: list, finite: list, source: str) -> "_Rows | None":
+    """The rows `read`'s per-layer loop gives when every layer (`names`, sorted; the batched values aligned with
+    them) has one well-shaped `.oft_blocks` and a nonzero scalar `.alpha` (the usual file), built for all layers at
+    once; None for anything else (the loop, whose refusals come in key order)."""
     if any(map(is_, qs, repeat(None))) or None in values or 0.0 in values:  # 0.0 and -0.0: the loop keeps apart
         return None
     constraint_of = {v: Constraint("norm_clamp", v) for v in dict.fromkeys(values)}
     start = len(PREFIX)
-    return _Rows([key[start:] for key in names], names, [(q,) for q in qs],
-                 [(f,) for f in map(finite.__getitem__, block_keys)], list(map(constraint_of.__getitem__, values)),
-                 [source] * len(names))
+    return _Rows([key[start:] for key in names], names, [(q,) for q in qs], [(f,) for f in finite],
+                 list(map(constraint_of.__getitem__, values)), [source] * len(names))
 
 
-def _by_layout(keys: list[str], layouts: list) -> list[list[str]]:
-    """`keys` grouped by their `layouts` (first-seen order), without a dict operation per key when there are few."""
-    if not keys:
+def _by_layout(layouts: list) -> list:
+    """Positions grouped by their `layouts` (first-seen order): a range when there is one layout (the usual file of
+    one block size), without a dict operation per key when there are few."""
+    if not layouts:
         return []
-    if layouts.count(layouts[0]) == len(layouts):  # one layout: the usual file of one block size
-        return [keys]
+    if layouts.count(layouts[0]) == len(layouts):
+        return [range(len(layouts))]
     distinct = list(dict.fromkeys(layouts))
     if len(distinct) <= 8:
-        return [[k for k, lay in zip(keys, layouts) if lay == want] for want in distinct]
+        return [[i for i, lay in enumerate(layouts) if lay == want] for want in distinct]
     groups: dict = {}
-    for k, lay in zip(keys, layouts):
-        groups.setdefault(lay, []).append(k)
+    for i, lay in enumerate(layouts):
+        groups.setdefault(lay, []).append(i)
     return list(groups.values())
 
 
@@ -142,36 +135,63 @@ _DTYPE_SHAPE = itemgetter(0, 1)  # of a TensorInfo
 
 
 def _batched_values(alpha_keys: list[str], block_keys: list[str], tensors: Mapping[str, torch.Tensor],
-                    header: Header) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, bool]]:
-    """What the per-layer checks need of the tensors' values, computed for all layers of one layout at once (keyed
-    by file key): each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in fp32, and
-    whether that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed tensors
-    are left out (not in the dicts), for the per-layer checks to refuse in file order. Shapes and dtypes come from
-    the header; values from `tensors` in batches (`stack_values`: no tensor per key for a whole file)."""
+                    header: Header) -> tuple[list, list, list]:
+    """What the per-layer checks need of the tensors' values, computed for all layers of one layout at once, as
+    lists aligned with the keys: each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in
+    fp32 and whether that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed
+    tensors get None, for the per-layer checks to refuse in file order. Shapes and dtypes come from the header;
+    values from `tensors` in batches (a `FileTensors` stacks them without a tensor per key)."""
     info = header.tensors
     if isinstance(tensors, FileTensors):
-        def layouts(keys):
-            return list(map(_DTYPE_SHAPE, map(info.__getitem__, keys)))
+        def entries(keys):
+            return list(map(info.__getitem__, keys))
+
+        def layouts(keys, infos):
+            return list(map(_DTYPE_SHAPE, infos))
+
+        def stack(keys, infos):
+            return tensors.stack_entries(infos)
     else:  # a plain mapping (the streamed skeleton: small tensors real, large ones on the meta device): per device
-        def layouts(keys):
-            return [(*info[k][:2], tensors[k].device) for k in keys]
-    alpha_of = {}
-    for keys in _by_layout(alpha_keys, layouts(alpha_keys)):
-        if math.prod(info[keys[0]].shape) == 1:
-            values = stack_values(tensors, keys).reshape(len(keys)).float().tolist()  # exact: bf16 0.00099945...
-            alpha_of.update(zip(keys, values))
-    q_of, finite = {}, {}
-    for keys in _by_layout(block_keys, layouts(block_keys)):
-        shape = info[keys[0]].shape
+        def entries(keys):
+            return list(map(info.__getitem__, keys))
+
+        def layouts(keys, infos):
+            return [(*ti[:2], tensors[k].device) for k, ti in zip(keys, infos)]
+
+        def stack(keys, infos):
+            return stack_values(tensors, keys)
+    alpha_values: list = [None] * len(alpha_keys)
+    infos = entries(alpha_keys)
+    for positions in _by_layout(layouts(alpha_keys, infos)):
+        if math.prod(infos[positions[0]].shape) == 1:
+            keys = [alpha_keys[i] for i in positions] if len(positions) < len(alpha_keys) else alpha_keys
+            chosen = [infos[i] for i in positions] if len(positions) < len(alpha_keys) else infos
+            values = stack(keys, chosen).reshape(len(keys)).float().tolist()  # exact: bf16 0.00099945... stays
+            _scatter(alpha_values, positions, values)
+    qs: list = [None] * len(block_keys)
+    finite: list = [None] * len(block_keys)
+    infos = entries(block_keys)
+    for positions in _by_layout(layouts(block_keys, infos)):
+        shape = infos[positions[0]].shape
         if len(shape) != 3 or shape[1] != shape[2]:
             continue
         step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))  # bounds the transient stacked copy
-        for start in range(0, len(keys), step):
-            chunk = keys[start:start + step]
-            q = skew(stack_values(tensors, chunk).to(torch.float32))
-            q_of.update(zip(chunk, q.unbind(0)))
-            finite.update(zip(chunk, finite_each(q)))
-    return alpha_of, q_of, finite
+        for start in range(0, len(positions), step):
+            chunk = positions[start:start + step]
+            whole = len(chunk) == len(block_keys)
+            q = skew(stack(block_keys if whole else [block_keys[i] for i in chunk],
+                           infos if whole else [infos[i] for i in chunk]).to(torch.float32))
+            _scatter(qs, chunk, q.unbind(0))
+            _scatter(finite, chunk, finite_each(q))
+    return alpha_values, qs, finite
+
+
+def _scatter(out: list, positions, values) -> None:
+    if isinstance(positions, range) and len(positions) == len(out):
+        out[:] = values
+    else:
+        for i, v in zip(positions, values):
+            out[i] = v
 
 
 def _split_order(key: str, splits: dict, path: str) -> list[int]:
@@ -239,25 +259,30 @@ def read(header: Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAdap
     path = header.path
     keys = list(tensors)
     simple = _simple_keys(keys)
-    if simple is not None:
-        blocks, alphas = simple
-        layers, ignored = None, []
-        alpha_keys, block_keys = list(alphas.values()), list(blocks.values())
-    else:
-        layers, ignored = _group(keys, path)
-        alpha_keys = [e[2] for e in layers.values() if e[2] is not None]
-        block_keys = [e[0] for e in layers.values() if e[0] is not None]
-        block_keys += [k for e in layers.values() if e[1] is not None for k in e[1].values()]
-    alpha_of, q_of, finite = _batched_values(alpha_keys, block_keys, tensors, header)
     file_alpha = _metadata_alpha(header)
     flux = header.metadata.get("ss_network_module") == "networks.oft_flux"
     rows = None
     if simple is not None:
-        rows = _simple_rows(blocks, alphas, alpha_of, q_of, finite, "kohya_flux" if flux else "kohya")
+        blocks, alphas = simple
+        layers, ignored = None, []
+        names = sorted(blocks)
+        if alphas.keys() == blocks.keys():
+            values, qs, finite = _batched_values(list(map(alphas.__getitem__, names)),
+                                                 list(map(blocks.__getitem__, names)), tensors, header)
+            rows = _simple_rows(names, values, qs, finite, "kohya_flux" if flux else "kohya")
         if rows is None:
             layers = {name: [blocks.get(name), None, alphas.get(name)] for name in blocks.keys() | alphas.keys()}
+    else:
+        layers, ignored = _group(keys, path)
     if rows is None:
-        rows, flux = _layer_rows(layers, alpha_of, q_of, finite, file_alpha, flux, header)
+        alpha_keys = [e[2] for e in layers.values() if e[2] is not None]
+        block_keys = [e[0] for e in layers.values() if e[0] is not None]
+        block_keys += [k for e in layers.values() if e[1] is not None for k in e[1].values()]
+        values, qs, finite = _batched_values(alpha_keys, block_keys, tensors, header)
+        alpha_of = {k: v for k, v in zip(alpha_keys, values) if v is not None}
+        q_of = {k: q for k, q in zip(block_keys, qs) if q is not None}
+        finite_of = dict(zip(block_keys, finite))
+        rows, flux = _layer_rows(layers, alpha_of, q_of, finite_of, file_alpha, flux, header)
     built = dict(zip((("unet", name) for name in rows.names), rows.layers(path)))
     fmt = "kohya_flux" if flux else "kohya"
     info_out = {"alpha": sorted({c.value for c in rows.constraints})}
