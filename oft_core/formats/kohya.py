@@ -20,8 +20,8 @@ import logging
 import math
 import re
 from collections import Counter
-from itertools import compress, repeat
-from operator import is_, itemgetter, methodcaller, not_
+from itertools import repeat
+from operator import is_, itemgetter, methodcaller
 from typing import Iterable, Mapping, NamedTuple
 
 import torch
@@ -85,22 +85,26 @@ def _group(keys: Iterable[str], path: str) -> tuple[dict[str, list], list[str]]:
     return layers, ignored
 
 
-def _simple_keys(keys: list[str]) -> tuple[dict[str, str], dict[str, str]] | None:
-    """({layer: `.oft_blocks` key}, {layer: `.alpha` key}) when every key is `oft_unet_<name>.oft_blocks` or
-    `.alpha` with one dot and no newline (the usual file), decided for all keys at once; else None (`_group`).
-    Each key is then split as `_group` splits it (its one-dot case), without a Python step per key."""
-    parts = list(map(methodcaller("rpartition", "."), keys))
-    if not keys or not set(map(itemgetter(2), parts)) <= {"oft_blocks", "alpha"}:
+def _simple_keys(keys: list[str]) -> tuple[list[str], list[str], list[str]] | None:
+    """(layer keys sorted, their `.alpha` keys, their `.oft_blocks` keys) when the file holds exactly
+    `oft_unet_<name>.alpha` and `oft_unet_<name>.oft_blocks` for each layer, with one dot and no newline in every key
+    (the usual file), decided for all keys at once; else None (`_group`, key by key). Sorted, each layer's two keys
+    are neighbours (`.alpha` first): a key between them would have to start with `<name>.`, i.e. hold a second
+    dot. Each key is split as `_group` splits it (its one-dot case), without a Python step per key."""
+    ordered = sorted(keys)
+    alpha_keys, block_keys = ordered[0::2], ordered[1::2]
+    if (not keys or len(alpha_keys) != len(block_keys)
+            or not all(map(methodcaller("endswith", ".alpha"), alpha_keys))
+            or not all(map(methodcaller("endswith", ".oft_blocks"), block_keys))):
         return None
-    heads = list(map(itemgetter(0), parts))
+    names = [k[:-6] for k in alpha_keys]
+    if names != [k[:-11] for k in block_keys]:
+        return None
     joined = "".join(keys)
-    if (joined.count(".") != len(keys) or "\n" in joined or min(map(len, heads)) <= len(PREFIX)
-            or not all(map(methodcaller("startswith", PREFIX), heads))):
+    if (joined.count(".") != len(keys) or "\n" in joined or min(map(len, names)) <= len(PREFIX)
+            or not all(map(methodcaller("startswith", PREFIX), names))):
         return None
-    is_alpha = list(map("alpha".__eq__, map(itemgetter(2), parts)))
-    is_blocks = list(map(not_, is_alpha))
-    return (dict(zip(compress(heads, is_blocks), compress(keys, is_blocks))),
-            dict(zip(compress(heads, is_alpha), compress(keys, is_alpha))))
+    return names, alpha_keys, block_keys
 
 
 def _simple_rows(names: list[str], values: list, qs: list, finite: list, source: str) -> "_Rows | None":
@@ -263,15 +267,12 @@ def read(header: Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAdap
     flux = header.metadata.get("ss_network_module") == "networks.oft_flux"
     rows = None
     if simple is not None:
-        blocks, alphas = simple
-        layers, ignored = None, []
-        names = sorted(blocks)
-        if alphas.keys() == blocks.keys():
-            values, qs, finite = _batched_values(list(map(alphas.__getitem__, names)),
-                                                 list(map(blocks.__getitem__, names)), tensors, header)
-            rows = _simple_rows(names, values, qs, finite, "kohya_flux" if flux else "kohya")
+        names, alpha_keys, block_keys = simple
+        ignored = []
+        values, qs, finite = _batched_values(alpha_keys, block_keys, tensors, header)
+        rows = _simple_rows(names, values, qs, finite, "kohya_flux" if flux else "kohya")
         if rows is None:
-            layers = {name: [blocks.get(name), None, alphas.get(name)] for name in blocks.keys() | alphas.keys()}
+            layers = {name: [b, None, a] for name, a, b in zip(names, alpha_keys, block_keys)}
     else:
         layers, ignored = _group(keys, path)
     if rows is None:
