@@ -68,16 +68,16 @@ def _group(keys: Iterable[str], path: str) -> tuple[dict[str, list], list[str]]:
                                    "and <name>.alpha)", path=path)
                 ignored.append(key)
                 continue
-            head = m.group(1)
-            index = 2 if m.group(2) == "alpha" else 0 if m.group(3) is None else int(m.group(3))
-            if m.group(2) != "alpha" and m.group(3) is not None:
+            head, part, number = m.group(1, 2, 3)
+            if part != "alpha" and number is not None:  # `.oft_blocks.<i>`: a numbered split
                 entry = layers.get(head)
                 if entry is None:
                     entry = layers[head] = [None, None, None]
                 if entry[1] is None:
                     entry[1] = {}
-                entry[1][index] = key
+                entry[1][int(number)] = key
                 continue
+            index = 2 if part == "alpha" else 0
         entry = layers.get(head)
         if entry is None:
             entry = layers[head] = [None, None, None]
