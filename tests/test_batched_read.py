@@ -352,3 +352,49 @@ def test_bulk_leaves_what_it_made_collectable():
     del a, b
     gc.collect()
     assert ref() is None
+
+
+def test_describe_batched_figures_equal_the_per_layer_ones(tmp_path):
+    """describe computes figures once per layout and norms / orthogonality errors in batches: per layer they are
+    the numbers generator_norms and orthogonality_error give (layouts of several block sizes, dtypes, alphas, clamped
+    layers, and FLUX split layers, which take the per-layer path)."""
+    from collections import Counter
+
+    from oft_core.rotation import generator_norms, orthogonality_error
+    from oft_core.summary import describe
+
+    g = torch.Generator().manual_seed(3)
+    t = {}
+    for i in range(40):
+        k = f"oft_unet_down_blocks_0_attn1_to_q{i}" if i % 3 else f"oft_unet_x_in_layers_2_{i}"
+        n, b = 1 + i % 2, 4 if i % 4 else 2
+        t[k + ".oft_blocks"] = ((0.3 if i % 5 == 0 else 1e-3) * torch.randn(n, b, b, generator=g)).to(
+            torch.float16 if i % 7 == 0 else torch.float32)
+        t[k + ".alpha"] = torch.tensor(1e-3 if i % 6 else 0.01, dtype=torch.bfloat16 if i % 8 == 0 else torch.float32)
+    for i in range(3):
+        for s in range(2):
+            t[f"oft_unet_double_blocks_{i}_img_attn_qkv.oft_blocks.{s}"] = 1e-2 * torch.randn(2, 4, 4, generator=g)
+        t[f"oft_unet_double_blocks_{i}_img_attn_qkv.alpha"] = torch.tensor(1e-3)
+    path = tmp_path / "mixed.safetensors"
+    save_file(t, str(path))
+    adapter = load_adapter(path)
+    d = describe(adapter)
+    assert len(d["per_layer"]) == len(adapter) == 43
+    clamped = []
+    for x, layer in zip(d["per_layer"], adapter):
+        norms = generator_norms(layer)
+        assert x["name"] == layer.key and x["block_size"] == list(layer.block_sizes)
+        assert x["num_blocks"] == list(layer.num_blocks) and x["params"] == layer.num_params()
+        assert x["bound"] == [None if b is None else round(b, 6) for _, b in norms]
+        for got, (norm, _) in zip(x["norm"], norms):
+            assert got == pytest.approx(round(norm, 6), rel=1e-5, abs=2e-6)
+        assert x["orthogonality_error"] == pytest.approx(orthogonality_error(layer), abs=2e-6)
+        assert x["clamped"] == any(b is not None and n > b for n, b in norms)
+        if x["clamped"]:
+            clamped.append(layer.key)
+    assert d["clamped_layers"] == clamped and len(clamped) >= 5  # the 0.3-scale layers hit alpha 1e-3
+    assert d["parameters"] == adapter.num_params()
+    assert d["components"] == {"unet": 43}
+    layouts = Counter((tuple(layer.num_blocks), tuple(layer.block_sizes)) for layer in adapter)
+    assert [(tuple(x["num_blocks"]), tuple(x["block_size"]), x["layers"]) for x in d["block_layouts"]] == [
+        (n, b, c) for (n, b), c in layouts.most_common()]
