@@ -183,8 +183,9 @@ def _tiled(keys: list[str], dtypes: list[str], shapes: list[tuple], begins: list
            data_size: int) -> dict[str, TensorInfo] | None:
     """`_entries_at_once` on columns of known types (dtype names, shape tuples, offsets as ints): the checked
     entries, or None when any rule fails."""
+    pairs = list(zip(dtypes, shapes))
     try:
-        layouts = set(zip(dtypes, shapes))
+        layouts = set(pairs)
     except TypeError:  # a dim that is a list or an object: unhashable, and wrong
         return None
     nbytes_of = {}
@@ -200,7 +201,7 @@ def _tiled(keys: list[str], dtypes: list[str], shapes: list[tuple], begins: list
         end = np.fromiter(ends, dtype=np.int64, count=len(ends))
     except OverflowError:  # beyond int64: not a valid offset of any file this size
         return None
-    nbytes = np.fromiter(map(nbytes_of.__getitem__, zip(dtypes, shapes)), dtype=np.int64, count=len(keys))
+    nbytes = np.fromiter(map(nbytes_of.__getitem__, pairs), dtype=np.int64, count=len(keys))
     if (begin < 0).any() or (begin > end).any() or not np.array_equal(end - begin, nbytes):
         return None
     order = np.lexsort((end, begin))
