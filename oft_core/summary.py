@@ -107,59 +107,75 @@ def _examples(names: list[str], n: int = 3) -> str:
 
 def tool_notes(adapter: OFTAdapter) -> list[str]:
     """Where the tool that defines `adapter`'s format will not do what this pack does with it (one line each)."""
-    fmt = adapter.format
     names = [layer.key.split(".")[0] for layer in adapter]
-    notes = []
+    fmt = adapter.format
     if fmt == "kohya_flux":
-        bare = [k.removeprefix("oft_unet_") for k in names]
-        if not any("_mlp" in k for k in names):  # sd-scripts' all-linear switch (create_network_from_weights)
-            dropped = [k for k, b in zip(names, bare) if not _KOHYA_FLUX_ATTN.match(b)]
-            if dropped:
-                notes.append(f"sd-scripts networks.oft_flux will ignore {len(dropped)} of {len(names)} layers "
-                             f"({_examples(dropped)}): without a key containing '_mlp' it adapts only the double "
-                             "blocks' attention qkv / proj, and its load is not strict (no warning)")
-        odd = [layer.key for layer in adapter for part, sizes in _FLUX1_SPLITS.items()
-               if layer.name.endswith(part) and len(layer.split_sizes) > 1 and layer.split_sizes != sizes]
-        if odd:
-            notes.append(f"sd-scripts networks.oft_flux hard-codes FLUX.1's split widths (q|k|v 3×3072, linear1 "
-                         f"3×3072 + 12288): it cannot load {len(odd)} layers of this file ({_examples(odd)})")
-        notes.append("sd-scripts networks.oft_flux cannot merge this file into a model (its merge_to crashes); it "
-                     "applies it only as a forward patch at inference")
-    elif fmt == "kohya":
-        diffusers = any(k.startswith("oft_unet_" + p) for k in names for p in ("down_blocks", "up_blocks", "mid_block"))
-        conv_on = any("in_layers_2" in k for k in names)  # sd-scripts' enable_conv switch
-        linear_on = any("_ff_" in k for k in names)  # and its enable_all_linear switch
-        kinds = {"attn": [], "tf": [], "conv": []}
-        for k in names:
-            kinds["attn" if k.endswith(_KOHYA_ATTN) else "tf" if k.endswith(_KOHYA_TF) else "conv"].append(k)
-        if kinds["conv"] and not conv_on:
-            why = ("(SD1.x/SD2.x files name layers after diffusers modules, so they never have one)" if diffusers
-                   else "")
-            notes.append(f"sd-scripts networks.oft will ignore {len(kinds['conv'])} ResBlock / down / up-sample "
-                         f"layers ({_examples(kinds['conv'])}): it enables conv layers only when a key contains "
-                         f"'in_layers_2' {why}".rstrip() + "; ComfyUI and this pack apply them")
-        if kinds["tf"] and not linear_on:
-            notes.append(f"sd-scripts networks.oft will ignore {len(kinds['tf'])} transformer layers "
-                         f"({_examples(kinds['tf'])}): it enables them only when a key contains '_ff_'")
-        if len({n for layer in adapter for n in layer.num_blocks}) > 1:
-            notes.append("sd-scripts networks.oft builds every layer with the block count of the file's first key: "
-                         "it cannot load this file, whose layers have different block counts")
-        notes.append("sd-scripts: OFTInfModule.merge_to(multiplier) ignores its argument; merge at a strength "
-                     "through the network multiplier (create_network_from_weights(multiplier, …))")
-    elif fmt.startswith("lycoris"):
-        from .formats.lycoris import layout_problem
+        return _kohya_flux_notes(adapter, names)
+    if fmt == "kohya":
+        return _kohya_notes(adapter, names)
+    if fmt.startswith("lycoris"):
+        return _lycoris_notes(adapter, names)
+    return []
 
-        bad = [layer.key for layer in adapter if layer.kind == "diag" and layer.parameterization != "matrix"
-               and layout_problem(layer)]
-        if bad:
-            notes.append(f"LyCORIS diag-oft cannot load {len(bad)} layers ({_examples(bad)}): it rebuilds a layer's "
-                         "layout from the block size alone and only holds a block size ≤ the block count")
-        if any(k.startswith("lora_unet_") for k in names):
-            notes.append("LyCORIS 4.1.3: its kohya-style loader (lycoris.kohya.create_network_from_weights) stops "
-                         "with an assertion on SD UNets (duplicated lora name: lora_unet_time_embedding_linear_1); "
-                         "lycoris.wrapper.create_lycoris_from_weights with LORA_PREFIX 'lora_unet' loads this file")
-        notes.append("LyCORIS: the kohya-style network's merge_to always merges at strength 1 (its multiplier is "
-                     "ignored); LycorisNetwork.merge_to(weight) honours the weight")
+
+def _kohya_flux_notes(adapter: OFTAdapter, names: list[str]) -> list[str]:
+    notes = []
+    bare = [k.removeprefix("oft_unet_") for k in names]
+    if not any("_mlp" in k for k in names):  # sd-scripts' all-linear switch (create_network_from_weights)
+        dropped = [k for k, b in zip(names, bare) if not _KOHYA_FLUX_ATTN.match(b)]
+        if dropped:
+            notes.append(f"sd-scripts networks.oft_flux will ignore {len(dropped)} of {len(names)} layers "
+                         f"({_examples(dropped)}): without a key containing '_mlp' it adapts only the double "
+                         "blocks' attention qkv / proj, and its load is not strict (no warning)")
+    odd = [layer.key for layer in adapter for part, sizes in _FLUX1_SPLITS.items()
+           if layer.name.endswith(part) and len(layer.split_sizes) > 1 and layer.split_sizes != sizes]
+    if odd:
+        notes.append(f"sd-scripts networks.oft_flux hard-codes FLUX.1's split widths (q|k|v 3×3072, linear1 "
+                     f"3×3072 + 12288): it cannot load {len(odd)} layers of this file ({_examples(odd)})")
+    notes.append("sd-scripts networks.oft_flux cannot merge this file into a model (its merge_to crashes); it "
+                 "applies it only as a forward patch at inference")
+    return notes
+
+
+def _kohya_notes(adapter: OFTAdapter, names: list[str]) -> list[str]:
+    notes = []
+    diffusers = any(k.startswith("oft_unet_" + p) for k in names for p in ("down_blocks", "up_blocks", "mid_block"))
+    conv_on = any("in_layers_2" in k for k in names)  # sd-scripts' enable_conv switch
+    linear_on = any("_ff_" in k for k in names)  # and its enable_all_linear switch
+    kinds = {"attn": [], "tf": [], "conv": []}
+    for k in names:
+        kinds["attn" if k.endswith(_KOHYA_ATTN) else "tf" if k.endswith(_KOHYA_TF) else "conv"].append(k)
+    if kinds["conv"] and not conv_on:
+        why = "(SD1.x/SD2.x files name layers after diffusers modules, so they never have one)" if diffusers else ""
+        notes.append(f"sd-scripts networks.oft will ignore {len(kinds['conv'])} ResBlock / down / up-sample "
+                     f"layers ({_examples(kinds['conv'])}): it enables conv layers only when a key contains "
+                     f"'in_layers_2' {why}".rstrip() + "; ComfyUI and this pack apply them")
+    if kinds["tf"] and not linear_on:
+        notes.append(f"sd-scripts networks.oft will ignore {len(kinds['tf'])} transformer layers "
+                     f"({_examples(kinds['tf'])}): it enables them only when a key contains '_ff_'")
+    if len({n for layer in adapter for n in layer.num_blocks}) > 1:
+        notes.append("sd-scripts networks.oft builds every layer with the block count of the file's first key: "
+                     "it cannot load this file, whose layers have different block counts")
+    notes.append("sd-scripts: OFTInfModule.merge_to(multiplier) ignores its argument; merge at a strength "
+                 "through the network multiplier (create_network_from_weights(multiplier, …))")
+    return notes
+
+
+def _lycoris_notes(adapter: OFTAdapter, names: list[str]) -> list[str]:
+    from .formats.lycoris import layout_problem
+
+    notes = []
+    bad = [layer.key for layer in adapter if layer.kind == "diag" and layer.parameterization != "matrix"
+           and layout_problem(layer)]
+    if bad:
+        notes.append(f"LyCORIS diag-oft cannot load {len(bad)} layers ({_examples(bad)}): it rebuilds a layer's "
+                     "layout from the block size alone and only holds a block size ≤ the block count")
+    if any(k.startswith("lora_unet_") for k in names):
+        notes.append("LyCORIS 4.1.3: its kohya-style loader (lycoris.kohya.create_network_from_weights) stops "
+                     "with an assertion on SD UNets (duplicated lora name: lora_unet_time_embedding_linear_1); "
+                     "lycoris.wrapper.create_lycoris_from_weights with LORA_PREFIX 'lora_unet' loads this file")
+    notes.append("LyCORIS: the kohya-style network's merge_to always merges at strength 1 (its multiplier is "
+                 "ignored); LycorisNetwork.merge_to(weight) honours the weight")
     return notes
 
 
@@ -263,60 +279,12 @@ def _template(layer) -> dict:
 def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
     energies, base_info = energy_changes(adapter, base, max_rows=he_max_rows) if base is not None else ({}, None)
     items = list(adapter.layers.items())
-    layouts = _layouts([layer for _, layer in items])
-    groups: dict[tuple, list[int]] = {}  # layout -> positions of its layers, in layer order
-    if layouts and layouts.count(layouts[0]) == len(layouts):
-        groups[layouts[0]] = list(range(len(layouts)))
-    else:
-        for i, layout in enumerate(layouts):
-            groups.setdefault(layout, []).append(i)
-    # plain layers: norms and orthogonality errors in one batched computation per block shape and side
-    batches: dict[tuple, list[list[int]]] = {}
-    for positions in groups.values():
-        first = items[positions[0]][1]
-        if _plain(first):
-            g = first.generators[0]
-            batches.setdefault((g.shape, g.dtype, g.device, first.transpose), []).append(positions)
-    norm_at: list = [None] * len(items)
-    error_at: list = [None] * len(items)
-    for (_, _, _, transpose), group_list in batches.items():
-        positions = [i for p in group_list for i in p]
-        bounds = [b for p in group_list for b in [_bound(items[p[0]][1])] * len(p)]
-        norms, errors = _batched_figures([items[i][1].generators[0] for i in positions], bounds, transpose)
-        for i, n, e in zip(positions, norms, errors):
-            norm_at[i] = n
-            error_at[i] = e
-    layers: list = [None] * len(items)
-    for positions in groups.values():
-        first = items[positions[0]][1]
-        template = _template(first)
-        if norm_at[positions[0]] is not None:  # plain: one split, the layout's bound
-            bound = _bound(first)
-            template["bound"] = [None if bound is None else round(bound, 6)]
-            for i in positions:
-                x = template.copy()
-                x["name"] = items[i][1].key
-                n = norm_at[i]
-                x["norm"] = [round(n, 6)]
-                x["clamped"] = bound is not None and n > bound
-                x["orthogonality_error"] = error_at[i]
-                layers[i] = x
-            continue
-        for i in positions:
-            layer = items[i][1]
-            norm_bound = generator_norms(layer)
-            x = template.copy()
-            x["name"] = layer.key
-            x["norm"] = [round(n, 6) for n, _ in norm_bound]
-            x["bound"] = [None if b is None else round(b, 6) for _, b in norm_bound]
-            x["clamped"] = any(b is not None and n > b for n, b in norm_bound)
-            x["orthogonality_error"] = orthogonality_error(layer)
-            layers[i] = x
+    groups = _groups(_layouts([layer for _, layer in items]))
+    layers = _layer_entries(items, groups, *_plain_figures(items, groups))
     if energies:
         for (_, layer), x in zip(items, layers):
             x.update(energies.get((layer.component, layer.name), {}))
-    shapes = Counter()
-    components = Counter()
+    shapes, components = Counter(), Counter()
     for positions in groups.values():
         x = layers[positions[0]]
         key = (tuple(x["num_blocks"]) if isinstance(x["num_blocks"], list) else "shared", tuple(x["block_size"]))
@@ -340,12 +308,82 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
         "tool_notes": tool_notes(adapter),
     }
     if base_info is not None:
-        changes = [x["he_rel_change"] for x in layers if "he_rel_change" in x]
-        base_info["layers_measured"] = len(changes)
-        base_info["he_rel_change_max_abs"] = max((abs(c) for c in changes), default=0.0)
-        base_info["he_rel_change_mean"] = sum(changes) / len(changes) if changes else 0.0
-        result["energy"] = base_info
+        result["energy"] = _energy_summary(base_info, layers)
     return result
+
+
+def _groups(layouts: list[tuple]) -> dict[tuple, list[int]]:
+    """layout -> the positions of its layers, in layer order (one step when every layer has one layout)."""
+    if layouts and layouts.count(layouts[0]) == len(layouts):
+        return {layouts[0]: list(range(len(layouts)))}
+    groups: dict[tuple, list[int]] = {}
+    for i, layout in enumerate(layouts):
+        groups.setdefault(layout, []).append(i)
+    return groups
+
+
+def _plain_figures(items: list, groups: dict[tuple, list[int]]) -> tuple[list, list]:
+    """Norms and orthogonality errors of the plain layers, one batched computation per block shape and side
+    (None at the other layers' positions)."""
+    batches: dict[tuple, list[list[int]]] = {}
+    for positions in groups.values():
+        first = items[positions[0]][1]
+        if _plain(first):
+            g = first.generators[0]
+            batches.setdefault((g.shape, g.dtype, g.device, first.transpose), []).append(positions)
+    norm_at: list = [None] * len(items)
+    error_at: list = [None] * len(items)
+    for (_, _, _, transpose), group_list in batches.items():
+        positions = [i for p in group_list for i in p]
+        bounds = [b for p in group_list for b in [_bound(items[p[0]][1])] * len(p)]
+        norms, errors = _batched_figures([items[i][1].generators[0] for i in positions], bounds, transpose)
+        for i, n, e in zip(positions, norms, errors):
+            norm_at[i] = n
+            error_at[i] = e
+    return norm_at, error_at
+
+
+def _layer_entries(items: list, groups: dict[tuple, list[int]], norm_at: list, error_at: list) -> list[dict]:
+    """One entry per layer, in layer order: its layout's template plus its own name, norms and error."""
+    layers: list = [None] * len(items)
+    for positions in groups.values():
+        first = items[positions[0]][1]
+        template = _template(first)
+        if norm_at[positions[0]] is not None:  # plain: one split, the layout's bound
+            bound = _bound(first)
+            template["bound"] = [None if bound is None else round(bound, 6)]
+            for i in positions:
+                x = template.copy()
+                x["name"] = items[i][1].key
+                n = norm_at[i]
+                x["norm"] = [round(n, 6)]
+                x["clamped"] = bound is not None and n > bound
+                x["orthogonality_error"] = error_at[i]
+                layers[i] = x
+            continue
+        for i in positions:
+            layers[i] = _layer_entry(items[i][1], template)
+    return layers
+
+
+def _layer_entry(layer, template: dict) -> dict:
+    """A layer that is not plain (splits, butterfly, shared blocks, row scale): its figures one by one."""
+    norm_bound = generator_norms(layer)
+    x = template.copy()
+    x["name"] = layer.key
+    x["norm"] = [round(n, 6) for n, _ in norm_bound]
+    x["bound"] = [None if b is None else round(b, 6) for _, b in norm_bound]
+    x["clamped"] = any(b is not None and n > b for n, b in norm_bound)
+    x["orthogonality_error"] = orthogonality_error(layer)
+    return x
+
+
+def _energy_summary(base_info: dict, layers: list[dict]) -> dict:
+    changes = [x["he_rel_change"] for x in layers if "he_rel_change" in x]
+    base_info["layers_measured"] = len(changes)
+    base_info["he_rel_change_max_abs"] = max((abs(c) for c in changes), default=0.0)
+    base_info["he_rel_change_mean"] = sum(changes) / len(changes) if changes else 0.0
+    return base_info
 
 
 def format_text(d: dict, *, max_layers: int = 12, more_hint: str = " (--json lists all)") -> str:
