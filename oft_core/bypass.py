@@ -81,11 +81,13 @@ def add_block_product(src: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor | 
     `bias`: (n·b,) or None. 16-bit activations keep their dtype: the product of the small change B − I runs at the
     16-bit matmul rate the layer itself used, its error ~2⁻⁸ / 2⁻¹¹ of that change, and the sum is rounded once.
 
-    One batched matmul over strided views (batch n at stride b, rows N at the row stride), accumulating onto src and
-    writing out's rows where they are (beta = 1 on an `out=` view): neither y nor the result takes a transposed
-    copy. With a bias, the one extra pass writes src − bias in the (n, N, b) layout the 16-bit kernels copy their
-    input to anyway (measured, benchmarks/bench_bypass.py: cheaper than the per-step (B − I)·b, which reads all
-    n·b² of D — 230 MB a step for 4 blocks of 5376 in fp32 — and than rounding src − bias into y's layout).
+    One batched matmul over strided views (batch n at stride b, rows N at the row stride) writing out's rows where
+    they are (an `out=` view): neither y nor the result takes a transposed copy. 16-bit: accumulated onto src in the
+    product (beta = 1: the sum rounded once); fp32: src added after it (a plain product into a strided `out` runs as
+    one batched call there, beta = 1 as a loop over the blocks). With a bias, the one extra pass writes src − bias in
+    the (n, N, b) layout the 16-bit kernels copy their input to anyway. Measured (benchmarks/bench_bypass.py shapes)
+    against the per-step (B − I)·b, which reads all n·b² of D (230 MB a step for 4 blocks of 5376 in fp32), against
+    src − bias in y's layout, and against a contiguous product added back transposed: best or within noise of it.
     """
     rows, (n, b) = src.shape[0], dt.shape[:2]
     z = src.view(rows, n, b).transpose(0, 1)  # (n, N, b) view
@@ -94,7 +96,12 @@ def add_block_product(src: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor | 
     else:
         t = torch.empty((n, rows, b), dtype=src.dtype, device=src.device)
         torch.sub(z, bias.view(n, 1, b), out=t)
-    torch.baddbmm(z, t, dt, out=out.view(rows, n, b).transpose(0, 1))
+    ov = out.view(rows, n, b).transpose(0, 1)
+    if src.dtype == torch.float32:
+        torch.bmm(t, dt, out=ov)
+        out.add_(src)
+    else:
+        torch.baddbmm(z, t, dt, out=ov)
 
 
 # Blocks narrower than this are multiplied g at a time as one block-diagonal (g·b)² matrix (its off-diagonal blocks
