@@ -20,7 +20,10 @@ is inside the layer's forward, so bypass always realises "LoRA first, then OFT":
 
 Cost: no work at attach time; the rotation blocks are built on a layer's first forward on a device and cached
 (per strength, mode, device); each forward then costs one block product over the output (or input) features,
-about b/in of the layer's own matmul (b = block size), plus a few elementwise passes.
+about b/in of the layer's own matmul (b = block size), read from and written to the activations' own layout
+(`add_block_product`), plus one pass for y − b and one for the sum. The output side cannot be moved to the
+(sometimes narrower) input: M·W·x = W·M'·x for every x needs M' = W⁻¹·M·W, dense (and W square and invertible),
+so rotating x is not the same forward. benchmarks/bench_bypass.py measures the step against the merged layer.
 
 `attach(model, adapter, ...)` is the Python API for a plain torch model (state-dict names matched like the baker's);
 ComfyUI's seam (nodes/bypass.py) builds `ModuleBypass` objects from its own key map and attaches them through
@@ -83,20 +86,29 @@ def add_block_product(src: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor | 
 
     One batched matmul over strided views (batch n at stride b, rows N at the row stride) writing out's rows where
     they are (an `out=` view): neither y nor the result takes a transposed copy. 16-bit: accumulated onto src in the
-    product (beta = 1: the sum rounded once); fp32: src added after it (a plain product into a strided `out` runs as
-    one batched call there, beta = 1 as a loop over the blocks). With a bias, the one extra pass writes src − bias in
-    the (n, N, b) layout the 16-bit kernels copy their input to anyway. Measured (benchmarks/bench_bypass.py shapes)
-    against the per-step (B − I)·b, which reads all n·b² of D (230 MB a step for 4 blocks of 5376 in fp32), against
-    src − bias in y's layout, and against a contiguous product added back transposed: best or within noise of it.
+    product (beta = 1: the sum rounded once); with a bias, one extra pass writes src − bias in the (n, N, b) layout
+    the 16-bit kernels copy their input to anyway. fp32 with a bias and b ≤ N: out ← src − (B − I)·bias, then the
+    product added in place (one pass); otherwise the product of src − bias into `out`, then + src (the per-step
+    (B − I)·bias reads all n·b² of D: 460 MB a step for 4 blocks of 5376). Measured (benchmarks/bench_bypass.py
+    shapes, 256 tokens) against a contiguous product added back transposed (the previous step), the bias term in
+    every dtype, and src − bias in y's layout: best or within noise of the best, per dtype and block size (fp32,
+    3072 features in blocks of 96: 1.15–1.17 → 1.08–1.11 of the merged step for the one-pass form).
     """
     rows, (n, b) = src.shape[0], dt.shape[:2]
     z = src.view(rows, n, b).transpose(0, 1)  # (n, N, b) view
+    ov = out.view(rows, n, b).transpose(0, 1)
+    if src.dtype == torch.float32 and bias is not None and b <= rows:
+        # one pass instead of two: out ← src − (B − I)·bias, then out += (B − I)·src in place (beta = 1); the
+        # per-step (B − I)·bias reads n·b² of D, no more than one pass over src while b ≤ rows
+        c = torch.bmm(bias.view(n, 1, b), dt).view(n, b)
+        torch.sub(src.view(rows, n, b), c, out=out.view(rows, n, b))
+        ov.baddbmm_(z, dt)
+        return
     if bias is None:
         t = z
     else:
         t = torch.empty((n, rows, b), dtype=src.dtype, device=src.device)
         torch.sub(z, bias.view(n, 1, b), out=t)
-    ov = out.view(rows, n, b).transpose(0, 1)
     if src.dtype == torch.float32:
         torch.bmm(t, dt, out=ov)
         out.add_(src)

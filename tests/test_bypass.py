@@ -269,10 +269,11 @@ def _split_layer(side, sizes, seed, scale=0.3):
     return make_layer(path="t", name=f"s{seed}", side=side, generators=gens, transpose=side == "out")
 
 
-# (n, b) splits: blocks of 4 / 8 / 16 are multiplied as block-diagonal groups up to 32 wide (`_group_blocks`: 8×4 →
-# one 32-wide group, 6×8 → 24 wide, 3×16 stays ungrouped: 3 has no divisor 2), 12 and 40 as they are; two splits.
+# (n, b) splits: blocks of 4 / 8 / 12 / 16 are multiplied as block-diagonal groups up to 32 wide (`_group_blocks`:
+# 8×4 → one 32-wide group, 6×8 → 24 wide, 4×12 → 24, 3×16 stays ungrouped: 3 has no divisor 2), 40 and 48 as they
+# are; two splits. With 40 rows, fp32 with a bias takes the one-pass form up to 40 wide and the other one for 48.
 _BLOCK_CASES = {"g8x4": [(8, 4)], "g6x8": [(6, 8)], "3x16": [(3, 16)], "4x12": [(4, 12)], "2x40": [(2, 40)],
-                "splits": [(2, 16), (4, 8)]}
+                "1x48": [(1, 48)], "splits": [(2, 16), (4, 8)]}
 
 
 @pytest.mark.parametrize("case", sorted(_BLOCK_CASES))
@@ -289,13 +290,16 @@ def test_the_block_product_paths_equal_the_fp32_reference(case, dtype, side, bia
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) * 0.2
     layer = _split_layer(side, sizes, 2)
     m = _layer_module(w, bias=bias, seed=3).to(dtype)
-    x = torch.randn(2, 7, in_f, generator=torch.Generator().manual_seed(4)).to(dtype)
+    if bias:  # a bias as large as the outputs: its term (B − I)·b weighs as much as the rest
+        with torch.no_grad():
+            m.bias.mul_(10)
+    x = torch.randn(2, 20, in_f, generator=torch.Generator().manual_seed(4)).to(dtype)
     mb = ModuleBypass([BypassTarget(layer, 0.8)], conv=False)
     hs = mb.attach(m)
     y = m(x)
     for h in hs:
         h.remove()
-    assert y.dtype == dtype and y.shape == (2, 7, out_f)
+    assert y.dtype == dtype and y.shape == (2, 20, out_f)
     ref = F.linear(x.float(), rotate_weight(layer, m.weight.float(), 0.8), None if m.bias is None else m.bias.float())
     u = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     assert rel_err(y, ref) <= (FWD_TOL if dtype == torch.float32 else 2.5 * u)
