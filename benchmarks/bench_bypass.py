@@ -103,7 +103,7 @@ def bench_layer(label, out_dim, in_dim, n, dtype, tokens, repeats, step_repeats,
             y_b = lin(x)  # first forward builds the blocks (not timed below)
             y_m = merged(x)
             # the hook's own right factors (grouped as it groups them) on the merged output's rows, as it reads y
-            dt = mb._product_blocks(mb.out_targets[0], x.device, dtype)[0]
+            dt = mb.product_blocks(mb.out_targets[0], x.device, dtype)[0]
             z = y_m.view(tokens, dt.shape[0], dt.shape[1]).transpose(0, 1)
             t_bypass, t_plain, t_product = _interleaved([lambda: lin(x), lambda: merged(x), lambda: torch.bmm(z, dt)],
                                                         step_repeats, clock)
@@ -119,7 +119,8 @@ def bench_layer(label, out_dim, in_dim, n, dtype, tokens, repeats, step_repeats,
                step_within_target=t_bypass / t_plain <= target, step_flop_bound=1 + b / in_dim,
                product_s=t_product, product_only_ratio=1 + t_product / t_plain,
                product_over_target=1 + t_product / t_plain > target,
-               step_ratio_wall=w_bypass / w_plain, step_clock="thread CPU time" if clock is time.thread_time else "wall",
+               step_ratio_wall=w_bypass / w_plain,
+               step_clock="thread CPU time" if clock is time.thread_time else "wall",
                bypass_err_vs_fp32=float((y_b.float() - ref).abs().max() / ref.abs().max()),
                merged_err_vs_fp32=float((y_m.float() - ref).abs().max() / ref.abs().max()))
     return row

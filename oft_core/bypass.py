@@ -21,7 +21,7 @@ is inside the layer's forward, so bypass always realises "LoRA first, then OFT":
 Cost: no work at attach time; the rotation blocks are built on a layer's first forward on a device and cached
 (per strength, mode, device); each forward then costs one block product over the output (or input) features,
 about b/in of the layer's own matmul (b = block size), read from and written to the activations' own layout
-(`add_block_product`), plus one pass for y − b and one for the sum. The output side cannot be moved to the
+(`_add_block_product`), plus one pass for y − b and one for the sum. The output side cannot be moved to the
 (sometimes narrower) input: M·W·x = W·M'·x for every x needs M' = W⁻¹·M·W, dense (and W square and invertible),
 so rotating x is not the same forward. benchmarks/bench_bypass.py measures the step against the merged layer.
 
@@ -76,7 +76,7 @@ def _is_identity(layer: OFTLayer) -> bool:
             and all(g.device.type != "meta" and not bool(g.any()) for g in layer.generators))
 
 
-def add_block_product(src: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+def _add_block_product(src: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
     """out ← src + D·(src − bias) per block of features, D = B − I: the output side's y + (B − I)·(y − b).
 
     `src`, `out`: (N, n·b) of one dtype, each with unit stride on its last axis (a feature slice of a contiguous
@@ -269,9 +269,9 @@ class ModuleBypass:
                 src = x.to(work).reshape(-1, features)
                 out = torch.empty(src.shape, dtype=work, device=x.device)
                 start = 0
-                deltas = self._product_blocks(target, x.device, work)
+                deltas = self.product_blocks(target, x.device, work)
                 for dt, n, b in zip(deltas, target.layer.num_blocks, target.layer.block_sizes):
-                    add_block_product(src[:, start: start + n * b], dt, None, out[:, start: start + n * b])
+                    _add_block_product(src[:, start: start + n * b], dt, None, out[:, start: start + n * b])
                     start += n * b
                 if start < features:
                     out[:, start:].copy_(src[:, start:])
@@ -296,8 +296,8 @@ class ModuleBypass:
             self._delta_cache[key] = d
         return d
 
-    def _product_blocks(self, target: BypassTarget, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-        """The right factors of `add_block_product` per split: (B − I)ᵀ, contiguous; blocks under `_GROUP_WIDTH`
+    def product_blocks(self, target: BypassTarget, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The right factors of `_add_block_product` per split: (B − I)ᵀ, contiguous; blocks under `_GROUP_WIDTH`
         wide merged g at a time into block-diagonal (n/g, g·b, g·b) matrices (`_group_blocks`), cached."""
         key = (id(target), str(device), dtype, "product")
         d = self._delta_cache.get(key)
@@ -310,7 +310,7 @@ class ModuleBypass:
                     spans: list[tuple[int, int]] | None) -> torch.Tensor:
         """y + (B − I)·(y − b) per split of every output target: the plain case (diagonal blocks, no row scale).
 
-        16-bit activations keep their dtype (see `add_block_product`); others are rotated in fp32."""
+        16-bit activations keep their dtype (see `_add_block_product`); others are rotated in fp32."""
         work = y.dtype if y.dtype in (torch.float16, torch.bfloat16) else torch.float32
         if spans is not None:
             return self._post_delta_linear(y, bias, targets, spans, work)
@@ -327,7 +327,7 @@ class ModuleBypass:
     def _post_delta_linear(self, y: torch.Tensor, bias: torch.Tensor | None, targets: list[BypassTarget],
                            spans: list[tuple[int, int]], work: torch.dtype) -> torch.Tensor:
         """A Linear's output side, targets on disjoint feature spans (one whole-layer target, or the q / k / v
-        slices of a fused weight): each split by `add_block_product` straight into a new tensor; features no target
+        slices of a fused weight): each split by `_add_block_product` straight into a new tensor; features no target
         covers copied."""
         features = y.shape[-1]
         src = (y if y.dtype == work else y.to(work)).reshape(-1, features)
@@ -336,14 +336,14 @@ class ModuleBypass:
             bias = bias.to(work)
         covered = 0
         for target, (start, length) in zip(targets, spans):
-            deltas = self._product_blocks(target, y.device, work)
+            deltas = self.product_blocks(target, y.device, work)
             covered += length
             if length == features and len(deltas) == 1:  # the common case: no slicing
-                add_block_product(src, deltas[0], bias, out)
+                _add_block_product(src, deltas[0], bias, out)
                 continue
             for dt, n, b in zip(deltas, target.layer.num_blocks, target.layer.block_sizes):
                 cols = slice(start, start + n * b)
-                add_block_product(src[:, cols], dt, None if bias is None else bias[cols], out[:, cols])
+                _add_block_product(src[:, cols], dt, None if bias is None else bias[cols], out[:, cols])
                 start += n * b
         if covered < features:
             done = 0
