@@ -21,9 +21,10 @@ is inside the layer's forward, so bypass always realises "LoRA first, then OFT":
 Cost: no work at attach time; the rotation blocks are built on a layer's first forward on a device and cached
 (per strength, mode, device); each forward then costs one block product over the output (or input) features,
 about b/in of the layer's own matmul (b = block size), read from and written to the activations' own layout
-(`_add_block_product`), plus one pass for y − b and one for the sum. The output side cannot be moved to the
-(sometimes narrower) input: M·W·x = W·M'·x for every x needs M' = W⁻¹·M·W, dense (and W square and invertible),
-so rotating x is not the same forward. benchmarks/bench_bypass.py measures the step against the merged layer.
+(`_add_block_product`), plus one or two elementwise passes (the bias term, the sum). The output side cannot be
+moved to the (sometimes narrower) input: M·W·x = W·M'·x for every x needs M' = W⁻¹·M·W, dense (and W square and
+invertible), so rotating x is not the same forward. benchmarks/bench_bypass.py measures the step against the merged
+layer.
 
 `attach(model, adapter, ...)` is the Python API for a plain torch model (state-dict names matched like the baker's);
 ComfyUI's seam (nodes/bypass.py) builds `ModuleBypass` objects from its own key map and attaches them through
