@@ -18,9 +18,8 @@ families the adapter is LyCORIS diag-oft and a kohya save is refused with that r
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from ..oft_core.formats import KOHYA_REFUSED
 from .patch import UNET_PREFIX, comfy_key_map, model_kind
 
 log = logging.getLogger(__name__)
@@ -101,5 +100,4 @@ def export(model, trainer, meta: dict):
     """The trained adapter with the family's LyCORIS names (`layout`), kohya refused."""
     lay = layout(model, [(tl.path, tl.module) for tl in trainer.layers])
     adapter = trainer.to_adapter(meta, names=lay.names, prefix=lay.prefix, fmt=LYCORIS_FORMAT)
-    adapter.info[KOHYA_REFUSED] = kohya_refusal(model)
-    return adapter
+    return replace(adapter, refused_formats={"kohya": kohya_refusal(model)})

@@ -26,15 +26,12 @@ from ..oft_core import OFTAdapter, OFTError
 from ..oft_core.blocks import (
     layer_block,
     parse_block_spec,
-    provenance,
     refuse_layer_strengths,
     scale_layers,
     with_block_strength,
-    with_provenance,
 )
-from ..oft_core.choices import FORMATS, MERGE_MODES
-from ..oft_core.combine import blend, merge
-from ..oft_core.formats import format_family, load_adapter, write_adapter
+from ..oft_core.combine import MERGE_MODES, blend, merge, provenance
+from ..oft_core.formats import FORMATS, format_family, load_adapter, write_adapter
 from ..oft_core.publish import check_output_name
 from ..oft_core.summary import tool_notes
 from .patch import block_strength_text
@@ -164,9 +161,7 @@ class OFTBlend(io.ComfyNode):
     def execute(cls, adapter_a, adapter_b, ratio) -> io.NodeOutput:
         for a in (adapter_a, adapter_b):
             refuse_layer_strengths(a, "blend")
-        out = blend(adapter_a, adapter_b, ratio)
-        out = with_provenance(out, {"blend": {"ratio": float(ratio), "a": provenance(adapter_a),
-                                              "b": provenance(adapter_b)}})
+        out = blend(adapter_a, adapter_b, ratio)  # its made_from records the ratio and both inputs
         return io.NodeOutput(out, ui=ui.PreviewText(f"blend of {len(out)} layers at ratio {ratio:g}"))
 
 
@@ -204,9 +199,7 @@ class OFTMerge(io.ComfyNode):
         items = [(a, float(w)) for a, w in slots if a is not None]
         for a, _ in items:
             refuse_layer_strengths(a, "merge")
-        out = merge(items, mode)
-        out = with_provenance(out, {"merge": {"mode": mode, "adapters": [
-            {"weight": w, "adapter": provenance(a)} for a, w in items]}})
+        out = merge(items, mode)  # its made_from records the mode and each input with its weight
         text = f"{mode} of {len(items)} adapters (weights {', '.join(f'{w:g}' for _, w in items)}): {len(out)} layers"
         return io.NodeOutput(out, ui=ui.PreviewText(text))
 

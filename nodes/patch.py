@@ -292,15 +292,7 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
     text-encoder layer or no CLIP was given. The inputs are never modified; on any error nothing is patched.
     Raises OFTError when no layer of the adapter matches the model, or one does not fit its weight.
     """
-    if mode not in STRENGTH_MODES:
-        raise OFTError(f"strength mode: expected kohya or orthogonal, found {mode!r}", path=adapter.path)
-    # NaN passes ComfyUI's min/max check (every comparison with NaN is false): the one strength check of oft_core
-    strength = check_strength(strength, path=adapter.path or None)
-    for (_component, name), m in adapter.layer_strengths.items():
-        check_strength(strength * m, f"strength {strength:g} × block multiplier {m:g} of layer {name!r}",
-                       path=adapter.path or None)
-    if apply_mode not in APPLY_MODES:
-        raise OFTError(f"apply mode: expected {' or '.join(APPLY_MODES)}, found {apply_mode!r}", path=adapter.path)
+    strength = _checked_request(adapter, strength, mode, apply_mode)
     if len(adapter) == 0 and adapter.block_spec is not None:
         # every layer switched off by a block-strength spec: a valid request whose answer is the unchanged model
         name = os.path.basename(adapter.path) or adapter.format
@@ -308,18 +300,8 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
         log.info("%s", text)
         return model.clone(), clip, text
     unet_report, te_report = match_model(adapter, model, clip)
-    applied = sum(len(r.matched) for r in (unet_report, te_report) if r is not None)
-    if applied == 0:
-        te_only = all(layer.component in TE_COMPONENTS for layer in adapter)
-        if te_only and clip is None:
-            raise OFTError("this adapter only has text-encoder layers and no CLIP is connected: connect the CLIP",
-                           path=adapter.path)
-        raise OFTError(
-            f"none of its {len(adapter)} layers matches the loaded {model_kind(model)} model"
-            f"{'' if clip is None else ' or its CLIP'}: it looks made for {guess_target(adapter)}"
-            f" (first layers: {', '.join(layer.key for layer in list(adapter)[:3])})",
-            path=adapter.path,
-        )
+    if not any(r is not None and r.matched for r in (unet_report, te_report)):
+        raise _nothing_matched(adapter, model, clip)
     text = report_text(adapter, unet_report, te_report, clip is not None, strength, mode)
     if apply_mode == "bypass":
         text = text.replace(f", mode {mode})", f", mode {mode}, bypass)", 1)
@@ -337,6 +319,35 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
         _patch(new_clip, te_report, adapter, strength, mode, apply_mode)
     log.info("%s", text)
     return new_model, new_clip, text
+
+
+def _checked_request(adapter: OFTAdapter, strength: float, mode: str, apply_mode: str) -> float:
+    """The strength (and every layer's strength × block multiplier), the strength mode and the apply mode checked
+    before any work; returns the strength as a float."""
+    if mode not in STRENGTH_MODES:
+        raise OFTError(f"strength mode: expected kohya or orthogonal, found {mode!r}", path=adapter.path)
+    # NaN passes ComfyUI's min/max check (every comparison with NaN is false): the one strength check of oft_core
+    strength = check_strength(strength, path=adapter.path or None)
+    for (_component, name), m in adapter.layer_strengths.items():
+        check_strength(strength * m, f"strength {strength:g} × block multiplier {m:g} of layer {name!r}",
+                       path=adapter.path or None)
+    if apply_mode not in APPLY_MODES:
+        raise OFTError(f"apply mode: expected {' or '.join(APPLY_MODES)}, found {apply_mode!r}", path=adapter.path)
+    return strength
+
+
+def _nothing_matched(adapter: OFTAdapter, model, clip) -> OFTError:
+    """The error when no layer of the adapter matches the model (or its CLIP): what is missing, what it is for."""
+    te_only = all(layer.component in TE_COMPONENTS for layer in adapter)
+    if te_only and clip is None:
+        return OFTError("this adapter only has text-encoder layers and no CLIP is connected: connect the CLIP",
+                        path=adapter.path)
+    return OFTError(
+        f"none of its {len(adapter)} layers matches the loaded {model_kind(model)} model"
+        f"{'' if clip is None else ' or its CLIP'}: it looks made for {guess_target(adapter)}"
+        f" (first layers: {', '.join(layer.key for layer in list(adapter)[:3])})",
+        path=adapter.path,
+    )
 
 
 def _patch(patcher, report: MatchReport, adapter: OFTAdapter, strength: float, mode: str, apply_mode: str) -> None:

@@ -20,6 +20,7 @@ What it does differently from core's `TrainLoraNode(algorithm="OFT")` (comfy_ext
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -194,6 +195,22 @@ def validate(model, latents, positive, steps, batch_size, grad_accumulation, lea
     and its conditioning entry. Raises OFTError with the numbers."""
     batches = as_latent_list(latents)
     conds = as_conditioning_list(positive)
+    images = _latent_images(batches)
+    entries = _conditioning_entries(conds, images, len(batches))
+    if steps < 1:
+        raise OFTError(f"steps: expected ≥ 1, found {steps}")
+    for name, v in (("learning_rate", learning_rate), ("constraint", constraint)):
+        # NaN passes ComfyUI's min/max check at queue time (every comparison with NaN is false)
+        if not math.isfinite(v):
+            raise OFTError(f"{name}: expected a finite number, found {v}")
+    if batch_size < 1 or grad_accumulation < 1:
+        raise OFTError(f"batch size and gradient accumulation: expected ≥ 1, found {batch_size} and "
+                       f"{grad_accumulation}")
+    return [(x, e) for (x, _), e in zip(images, entries)]
+
+
+def _latent_images(batches: list) -> list[tuple[torch.Tensor, int]]:
+    """(latent, batch index) of every image of the LATENT batches, checked: non-empty, finite, one channel count."""
     if not batches:
         raise OFTError("training latents: expected a LATENT batch of at least one image (N, C, H, W), found nothing")
     images = []
@@ -209,6 +226,12 @@ def validate(model, latents, positive, steps, batch_size, grad_accumulation, lea
             raise OFTError(f"{which}: expected {images[0][0].shape[0]} latent channels like the first batch, found "
                            f"{samples.shape[1]} (latents of one model only)")
         images += [(samples[i], k) for i in range(samples.shape[0])]
+    return images
+
+
+def _conditioning_entries(conds: list, images: list[tuple[torch.Tensor, int]], n_batches: int) -> list:
+    """One conditioning entry per image, in image order: one CONDITIONING for all images (one entry, or one per
+    image) or one per LATENT batch (one entry, or one per image of its batch)."""
     for p in conds:
         if not isinstance(p, (list, tuple)) or len(p) == 0:
             raise OFTError("conditioning: expected at least one CONDITIONING entry, found none")
@@ -217,28 +240,18 @@ def validate(model, latents, positive, steps, batch_size, grad_accumulation, lea
         p = conds[0]
         if len(p) not in (1, n):
             raise OFTError(f"conditioning count: expected 1 (for all images) or {n} (one per image), found {len(p)}")
-        entries = list(p) * n if len(p) == 1 else list(p)
-    elif len(conds) == len(batches):
-        entries = []
-        for k, p in enumerate(conds):
-            nk = sum(1 for _, b in images if b == k)
-            if len(p) not in (1, nk):
-                raise OFTError(f"conditioning {k + 1} (for latent batch {k + 1}): expected 1 entry or {nk} (one per "
-                               f"image), found {len(p)}")
-            entries += list(p) * nk if len(p) == 1 else list(p)
-    else:
-        raise OFTError(f"conditioning: expected one CONDITIONING for all {len(batches)} latent batches or one per "
+        return list(p) * n if len(p) == 1 else list(p)
+    if len(conds) != n_batches:
+        raise OFTError(f"conditioning: expected one CONDITIONING for all {n_batches} latent batches or one per "
                        f"batch, found {len(conds)}")
-    if steps < 1:
-        raise OFTError(f"steps: expected ≥ 1, found {steps}")
-    for name, v in (("learning_rate", learning_rate), ("constraint", constraint)):
-        # NaN passes ComfyUI's min/max check at queue time (every comparison with NaN is false)
-        if not math.isfinite(v):
-            raise OFTError(f"{name}: expected a finite number, found {v}")
-    if batch_size < 1 or grad_accumulation < 1:
-        raise OFTError(f"batch size and gradient accumulation: expected ≥ 1, found {batch_size} and "
-                       f"{grad_accumulation}")
-    return [(x, e) for (x, _), e in zip(images, entries)]
+    entries = []
+    for k, p in enumerate(conds):
+        nk = sum(1 for _, b in images if b == k)
+        if len(p) not in (1, nk):
+            raise OFTError(f"conditioning {k + 1} (for latent batch {k + 1}): expected 1 entry or {nk} (one per "
+                           f"image), found {len(p)}")
+        entries += list(p) * nk if len(p) == 1 else list(p)
+    return entries
 
 
 def buckets_of(images: list[tuple[torch.Tensor, list]]) -> list[tuple[torch.Tensor, list]]:
@@ -354,80 +367,111 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
     check_options(training_dtype, optimizer, loss_function, lr_schedule, steps, warmup_steps, save_every)
     trainer = build_trainer(model, targets, num_blocks, alpha, neumann_terms)  # block-count errors: before any work
     prior = resume_from(model, trainer, resume) if resume is not None else 0
-
-    device = comfy.model_management.get_torch_device()
-    dtype = DTYPES[training_dtype]
-    base = model.model
     buckets = buckets_of(images)
-    n = len(images)
-    pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
-    losses: list[float] = []
-
     settings = dict(learning_rate=learning_rate, optimizer=optimizer, seed=seed, batch_size=batch_size,
                     grad_accumulation=grad_accumulation, training_dtype=training_dtype, targets=targets,
                     num_blocks=num_blocks, alpha=alpha, neumann_terms=neumann_terms, loss_function=loss_function,
                     lr_schedule=lr_schedule, warmup_steps=warmup_steps)
 
     def metadata(done: int) -> dict:
-        return run_metadata(model, buckets, n, prior, done, steps, resumed=resume is not None, **settings)
+        return run_metadata(model, buckets, len(images), prior, done, steps, resumed=resume is not None, **settings)
 
-    def before_step(step):
-        # Looked up on the module each time (tests and ComfyUI may replace it); raises on Cancel.
-        comfy.model_management.throw_exception_if_processing_interrupted()
+    def checkpoint(done: int) -> None:  # `done` steps of this run
+        path = save_checkpoint(model, trainer, metadata(done), checkpoint_prefix, prior + done)
+        if saved is not None:
+            saved.append(path)
 
-    def on_step(step, loss):  # `loss` is the host number run_training read: nothing else is read here
+    on_step = _step_reporter(steps, node_id, save_every, checkpoint)
+    with torch.inference_mode(False), torch.enable_grad():
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        compute_loss = _loss_of(model, buckets, steps * grad_accumulation, grad_accumulation, batch_size, seed,
+                                DTYPES[training_dtype], loss_function)
+        with _training_patches(model, trainer, gradient_checkpointing_on):
+            losses = run_training(trainer.parameters(), compute_loss, steps=steps, lr=learning_rate,
+                                  grad_accum=grad_accumulation, optimizer=optimizer, before_step=_before_step,
+                                  on_step=on_step, schedule=lr_schedule, warmup_steps=warmup_steps)
+    return trainer, losses, metadata(steps)
+
+
+def _before_step(step: int) -> None:
+    # Looked up on the module each time (tests and ComfyUI may replace it); raises on Cancel.
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def _step_reporter(steps: int, node_id, save_every: int, checkpoint):
+    """`on_step(step, loss)` for `run_training`: the progress bar and text, a log line every tenth of the run, and
+    `checkpoint(steps done)` every `save_every` steps. `loss` is the host number run_training read: nothing else
+    is read from the device here."""
+    pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
+
+    def on_step(step, loss):
         pbar.update_absolute(step + 1, steps)
         _progress_text(node_id, f"step {step + 1}/{steps}  loss {loss:.5f}")
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             log.info("OFTTrainer step %d/%d loss %.5f", step + 1, steps, loss)
         if save_every and (step + 1) % save_every == 0:
-            path = save_checkpoint(model, trainer, metadata(step + 1), checkpoint_prefix, prior + step + 1)
-            if saved is not None:
-                saved.append(path)
+            checkpoint(step + 1)
 
-    with torch.inference_mode(False), torch.enable_grad():
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-        data = []  # per bucket: clean latents on the device, per-image conditioning
-        for x, entries in buckets:
-            x0 = base.process_latent_in(x.detach().clone().to(device=device, dtype=torch.float32))
-            data.append((x0, prepare_conds(base, entries, x0, device)))
-        transformer_options = dict(model.model_options.get("transformer_options", {}))
-        # Training keeps every attention's activations for backward: use torch's fused attention (flash on CPU,
-        # memory-efficient on GPU; O(tokens) saved instead of the full score matrix) unless the user set their own.
-        transformer_options.setdefault("optimized_attention_override", _fused_attention)
-        # Everything random that needs the host is drawn before the loop (the micro-batch plan); noise and noise
-        # levels are drawn on the device from a generator there: a step reads nothing back but its loss.
-        plan = micro_batch_plan([len(e) for _, e in data], batch_size, steps * grad_accumulation,
-                                torch.Generator().manual_seed(int(seed)))
-        index = torch.tensor([idx for _, idx in plan], dtype=torch.long).to(device)
-        gen = torch.Generator(device=device).manual_seed(int(seed))
-        draw_sigmas = sigma_sampler(base.model_sampling, device)
+    return on_step
 
-        def compute_loss(step, micro):
-            i = step * grad_accumulation + micro
-            k, idx = plan[i]
-            x0_all, per_image = data[k]
-            x0 = x0_all.index_select(0, index[i])
-            noise = torch.randn(x0.shape, generator=gen, device=device, dtype=torch.float32)
-            sigma = draw_sigmas(len(idx), gen)
-            conds = batch_conds(per_image, idx)
-            autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-            with autocast:
-                return family_loss(base, x0, noise, sigma, conds, transformer_options, loss_function)
 
-        blocks = checkpoint_blocks(base.diffusion_model)
-        ckpt = gradient_checkpointing(blocks) if gradient_checkpointing_on else inplace_safe(blocks)
-        # After loading: the weights now in the modules (inference tensors when a loader or a KSampler made them
-        # under the executor's inference mode) become zero-copy normal aliases until the end of training.
-        # QOFT: untrained layers whose weights are made per forward (fp8 / GGUF / manual cast) make them again in
-        # backward instead of keeping them (`frozen_bases`); the trained ones do the same (`recompute_weight`).
-        trained = {id(tl.module) for tl in trainer.layers}
-        cast_layers = [m for m in base.diffusion_model.modules() if id(m) not in trained and _casts_weight(m)]
-        with frozen_for_training(base), trainer.attach(), frozen_bases(cast_layers, _weight_fn), ckpt:
-            losses = run_training(trainer.parameters(), compute_loss, steps=steps, lr=learning_rate,
-                                  grad_accum=grad_accumulation, optimizer=optimizer, before_step=before_step,
-                                  on_step=on_step, schedule=lr_schedule, warmup_steps=warmup_steps)
-    return trainer, losses, metadata(steps)
+def _loss_of(model, buckets, micro_steps: int, grad_accumulation: int, batch_size: int, seed: int, dtype,
+             loss_function: str):
+    """`compute_loss(step, micro)` for `run_training` on the loaded model; call outside inference mode.
+
+    Everything random that needs the host is drawn here (the micro-batch plan); noise and noise levels are drawn
+    on the device from a generator there: a step reads nothing back but its loss."""
+    device = comfy.model_management.get_torch_device()
+    base = model.model
+    data = _device_data(base, buckets, device)
+    transformer_options = dict(model.model_options.get("transformer_options", {}))
+    # Training keeps every attention's activations for backward: use torch's fused attention (flash on CPU,
+    # memory-efficient on GPU; O(tokens) saved instead of the full score matrix) unless the user set their own.
+    transformer_options.setdefault("optimized_attention_override", _fused_attention)
+    plan = micro_batch_plan([len(e) for _, e in data], batch_size, micro_steps,
+                            torch.Generator().manual_seed(int(seed)))
+    index = torch.tensor([idx for _, idx in plan], dtype=torch.long).to(device)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    draw_sigmas = sigma_sampler(base.model_sampling, device)
+
+    def compute_loss(step, micro):
+        i = step * grad_accumulation + micro
+        k, idx = plan[i]
+        x0_all, per_image = data[k]
+        x0 = x0_all.index_select(0, index[i])
+        noise = torch.randn(x0.shape, generator=gen, device=device, dtype=torch.float32)
+        sigma = draw_sigmas(len(idx), gen)
+        conds = batch_conds(per_image, idx)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return family_loss(base, x0, noise, sigma, conds, transformer_options, loss_function)
+
+    return compute_loss
+
+
+def _device_data(base, buckets, device) -> list:
+    """Per bucket: its clean latents on the device (the model's latent format), per-image conditioning."""
+    data = []
+    for x, entries in buckets:
+        x0 = base.process_latent_in(x.detach().clone().to(device=device, dtype=torch.float32))
+        data.append((x0, prepare_conds(base, entries, x0, device)))
+    return data
+
+
+@contextlib.contextmanager
+def _training_patches(model, trainer: CoreTrainer, checkpointing: bool):
+    """The model made trainable for the duration, everything restored on exit (errors and Cancel included).
+
+    After loading: the weights now in the modules (inference tensors when a loader or a KSampler made them under
+    the executor's inference mode) become zero-copy normal aliases until the end of training. QOFT: untrained layers
+    whose weights are made per forward (fp8 / GGUF / manual cast) make them again in backward instead of keeping
+    them (`frozen_bases`); the trained ones do the same (`recompute_weight`)."""
+    base = model.model
+    blocks = checkpoint_blocks(base.diffusion_model)
+    ckpt = gradient_checkpointing(blocks) if checkpointing else inplace_safe(blocks)
+    trained = {id(tl.module) for tl in trainer.layers}
+    cast_layers = [m for m in base.diffusion_model.modules() if id(m) not in trained and _casts_weight(m)]
+    with frozen_for_training(base), trainer.attach(), frozen_bases(cast_layers, _weight_fn), ckpt:
+        yield
 
 
 def check_options(training_dtype: str, optimizer: str, loss_function: str, lr_schedule: str, steps: int,
@@ -533,6 +577,91 @@ def queue_checked(combo: io.Combo.Input) -> io.Combo.Input:
     return combo
 
 
+def _run_inputs() -> list:
+    """The data and the optimizer."""
+    return [
+        io.Model.Input("model", tooltip="The diffusion model to train on (never modified; the output is a "
+                       "patched clone)."),
+        io.Latent.Input("latents", tooltip="The training images as latents (VAE Encode), one per image."),
+        io.Conditioning.Input("positive", tooltip="The captions' conditioning: one for all images, or one "
+                              "per image in the same order."),
+        io.Int.Input("steps", default=100, min=1, max=100000, tooltip="Optimizer steps."),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
+                       tooltip="Learning rate of the OFT generators (OFT tolerates larger rates than LoRA; "
+                       "1e-4 … 1e-3 is usual)."),
+        io.Int.Input("batch_size", default=1, min=1, max=256,
+                     tooltip="Images per micro-batch (drawn at random, seeded)."),
+        io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
+                     tooltip="Micro-batches whose gradients are summed before each optimizer step."),
+        queue_checked(io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
+                       tooltip="Optimizer (AdamW without weight decay: decay would pull the rotation "
+                       "towards identity).")),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                     tooltip="Seed of image order, noise and noise levels: the same seed and inputs give "
+                     "the same adapter."),
+    ]
+
+
+def _adapter_inputs() -> list:
+    """The adapter's structure and how it is trained."""
+    return [
+        io.Int.Input("num_blocks", default=4, min=1, max=4096,
+                     tooltip="Rotation blocks per layer (kohya's 'dim'): each output split is cut into this "
+                     "many b×b blocks; it must divide every adapted layer's width. More blocks = smaller, "
+                     "cheaper, more local rotations."),
+        io.Float.Input("constraint", default=1e-3, min=0.0, max=100.0, step=1e-4,
+                       tooltip="kohya alpha: ‖Q‖_F is clamped at alpha × output width (0 = no constraint). "
+                       "Saved as the file's alpha."),
+        io.Boolean.Input("cayley_neumann", default=False,
+                         tooltip="Train with the Cayley–Neumann series (OFTv2, no linear solve) instead of "
+                         "the exact Cayley transform. Saved as the nearest exact Cayley rotation."),
+        io.Int.Input("neumann_terms", default=5, min=2, max=20,
+                     tooltip="Terms of the Cayley–Neumann series (when it is on)."),
+        queue_checked(io.Combo.Input("targets", options=TARGETS, default="attention",
+                       tooltip="Which layers to adapt; each is the sd-scripts option of the same name, so "
+                       "the saved file means the same there. attention: attention projections (FLUX: double-"
+                       "block qkv / proj). all-linear: every linear of the transformer blocks (FLUX: of "
+                       "every block, modulation included). attention+conv / all-linear+conv (SD only): also "
+                       "the ResBlock / down / up convolutions and time embedding projections. "
+                       "attention+single (FLUX only, beyond sd-scripts, which ignores the extra layers): "
+                       "also single-block linear1 / linear2. Other families (SD3, Wan, Qwen-Image, ...): "
+                       "attention = linears of attention modules, all-linear = every linear of the "
+                       "transformer blocks; saved as LyCORIS with the family's names.")),
+        queue_checked(io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
+                       tooltip="Compute precision of the forward/backward (autocast); the generators are "
+                       "always fp32.")),
+        io.Boolean.Input("gradient_checkpointing", default=True,
+                         tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
+    ]
+
+
+def _later_inputs() -> list:
+    """Inputs added after the first release: at the end, with defaults, so older workflows keep their widget
+    slots. New inputs go here, last."""
+    return [
+        queue_checked(io.Combo.Input("loss_function", options=list(LOSSES), default="MSE", optional=True,
+                       tooltip="Loss of the model's prediction against the family's own target (ε, v or "
+                       "flow velocity): MSE (default), L1, Huber or SmoothL1 (both with delta 1, as core's "
+                       "trainer). Saved as ss_loss_type.")),
+        queue_checked(io.Combo.Input("lr_schedule", options=list(SCHEDULES), default="constant",
+                       optional=True, tooltip="Learning rate over the steps after warm-up: constant; cosine "
+                       "(half a cosine down to 0); linear (straight down to 0). Saved as ss_lr_scheduler.")),
+        io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
+                     tooltip="Steps over which the learning rate rises linearly to its value before the "
+                     "schedule starts (0 = none). Saved as ss_lr_warmup_steps."),
+        OFTAdapterType.Input("resume_from", optional=True,
+                             tooltip="Continue training this adapter (e.g. from Load OFT Adapter): it must "
+                             "have the same layers (targets), num_blocks and constraint, else the run stops "
+                             "naming the first difference. Its ss_steps are carried on in the new file."),
+        io.Int.Input("save_every", default=0, min=0, max=100000, optional=True,
+                     tooltip="Save a kohya checkpoint (with ss_* metadata) every this many steps into the "
+                     "output folder (0 = off); numbered, never overwriting; listed in the report."),
+        io.String.Input("checkpoint_prefix", default="loras/oft_checkpoint", optional=True,
+                        tooltip="Path under the output folder for the checkpoints; a counter and the step "
+                        "are appended (…_00001_step000100.safetensors)."),
+    ]
+
+
 class OFTTrainerNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -548,75 +677,7 @@ class OFTTrainerNode(io.ComfyNode):
             "written; the adapter trains in fp32). Can resume an adapter and save checkpoints while training. "
             "Outputs the adapted model, the adapter (save it with the pack's save node), the loss history for "
             "Plot Loss Graph and a text report.",
-            inputs=[
-                io.Model.Input("model", tooltip="The diffusion model to train on (never modified; the output is a "
-                               "patched clone)."),
-                io.Latent.Input("latents", tooltip="The training images as latents (VAE Encode), one per image."),
-                io.Conditioning.Input("positive", tooltip="The captions' conditioning: one for all images, or one "
-                                      "per image in the same order."),
-                io.Int.Input("steps", default=100, min=1, max=100000, tooltip="Optimizer steps."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
-                               tooltip="Learning rate of the OFT generators (OFT tolerates larger rates than LoRA; "
-                               "1e-4 … 1e-3 is usual)."),
-                io.Int.Input("batch_size", default=1, min=1, max=256,
-                             tooltip="Images per micro-batch (drawn at random, seeded)."),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
-                             tooltip="Micro-batches whose gradients are summed before each optimizer step."),
-                queue_checked(io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW",
-                               tooltip="Optimizer (AdamW without weight decay: decay would pull the rotation "
-                               "towards identity).")),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seed of image order, noise and noise levels: the same seed and inputs give "
-                             "the same adapter."),
-                io.Int.Input("num_blocks", default=4, min=1, max=4096,
-                             tooltip="Rotation blocks per layer (kohya's 'dim'): each output split is cut into this "
-                             "many b×b blocks; it must divide every adapted layer's width. More blocks = smaller, "
-                             "cheaper, more local rotations."),
-                io.Float.Input("constraint", default=1e-3, min=0.0, max=100.0, step=1e-4,
-                               tooltip="kohya alpha: ‖Q‖_F is clamped at alpha × output width (0 = no constraint). "
-                               "Saved as the file's alpha."),
-                io.Boolean.Input("cayley_neumann", default=False,
-                                 tooltip="Train with the Cayley–Neumann series (OFTv2, no linear solve) instead of "
-                                 "the exact Cayley transform. Saved as the nearest exact Cayley rotation."),
-                io.Int.Input("neumann_terms", default=5, min=2, max=20,
-                             tooltip="Terms of the Cayley–Neumann series (when it is on)."),
-                queue_checked(io.Combo.Input("targets", options=TARGETS, default="attention",
-                               tooltip="Which layers to adapt; each is the sd-scripts option of the same name, so "
-                               "the saved file means the same there. attention: attention projections (FLUX: double-"
-                               "block qkv / proj). all-linear: every linear of the transformer blocks (FLUX: of "
-                               "every block, modulation included). attention+conv / all-linear+conv (SD only): also "
-                               "the ResBlock / down / up convolutions and time embedding projections. "
-                               "attention+single (FLUX only, beyond sd-scripts, which ignores the extra layers): "
-                               "also single-block linear1 / linear2. Other families (SD3, Wan, Qwen-Image, ...): "
-                               "attention = linears of attention modules, all-linear = every linear of the "
-                               "transformer blocks; saved as LyCORIS with the family's names.")),
-                queue_checked(io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
-                               tooltip="Compute precision of the forward/backward (autocast); the generators are "
-                               "always fp32.")),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
-                # New inputs go at the end, with defaults (older workflows keep their widget slots).
-                queue_checked(io.Combo.Input("loss_function", options=list(LOSSES), default="MSE", optional=True,
-                               tooltip="Loss of the model's prediction against the family's own target (ε, v or "
-                               "flow velocity): MSE (default), L1, Huber or SmoothL1 (both with delta 1, as core's "
-                               "trainer). Saved as ss_loss_type.")),
-                queue_checked(io.Combo.Input("lr_schedule", options=list(SCHEDULES), default="constant",
-                               optional=True, tooltip="Learning rate over the steps after warm-up: constant; cosine "
-                               "(half a cosine down to 0); linear (straight down to 0). Saved as ss_lr_scheduler.")),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
-                             tooltip="Steps over which the learning rate rises linearly to its value before the "
-                             "schedule starts (0 = none). Saved as ss_lr_warmup_steps."),
-                OFTAdapterType.Input("resume_from", optional=True,
-                                     tooltip="Continue training this adapter (e.g. from Load OFT Adapter): it must "
-                                     "have the same layers (targets), num_blocks and constraint, else the run stops "
-                                     "naming the first difference. Its ss_steps are carried on in the new file."),
-                io.Int.Input("save_every", default=0, min=0, max=100000, optional=True,
-                             tooltip="Save a kohya checkpoint (with ss_* metadata) every this many steps into the "
-                             "output folder (0 = off); numbered, never overwriting; listed in the report."),
-                io.String.Input("checkpoint_prefix", default="loras/oft_checkpoint", optional=True,
-                                tooltip="Path under the output folder for the checkpoints; a counter and the step "
-                                "are appended (…_00001_step000100.safetensors)."),
-            ],
+            inputs=_run_inputs() + _adapter_inputs() + _later_inputs(),
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained adapter applied."),
                 OFTAdapterType.Output(display_name="oft_adapter", tooltip="The trained adapter (kohya convention)."),
@@ -637,13 +698,7 @@ class OFTTrainerNode(io.ComfyNode):
                 resume_from=None, save_every=0, checkpoint_prefix="loras/oft_checkpoint") -> io.NodeOutput:
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         # is_input_list: widget values come as lists of one (direct calls pass plain values; both are accepted)
-        models = model if isinstance(model, list) else [model]
-        if len(models) != 1:
-            raise OFTError(f"model: expected one MODEL, found a list of {len(models)}")
-        model = models[0]
-        resume = [r for r in (resume_from if isinstance(resume_from, list) else [resume_from]) if r is not None]
-        if len(resume) > 1:
-            raise OFTError(f"resume_from: expected one adapter, found a list of {len(resume)}")
+        model, resume = _one_model(model), _resume_input(resume_from)
         steps, learning_rate, batch_size, grad_accumulation, optimizer, seed, num_blocks, constraint, \
             cayley_neumann, neumann_terms, targets, training_dtype, gradient_checkpointing, loss_function, \
             lr_schedule, warmup_steps, save_every, checkpoint_prefix = (
@@ -658,27 +713,50 @@ class OFTTrainerNode(io.ComfyNode):
             alpha=constraint, neumann_terms=neumann_terms if cayley_neumann else 0, targets=targets,
             training_dtype=training_dtype, gradient_checkpointing_on=gradient_checkpointing, node_id=node_id,
             loss_function=loss_function, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
-            resume=resume[0] if resume else None, save_every=save_every, checkpoint_prefix=checkpoint_prefix,
-            saved=saved)
+            resume=resume, save_every=save_every, checkpoint_prefix=checkpoint_prefix, saved=saved)
         adapter = export_adapter(model, trainer, meta)
         new_model, _, text = apply_oft(model, None, adapter, 1.0)
-        lines = [f"trained {len(adapter)} layers, {trainer.num_params()} parameters, {steps} steps "
-                 f"(ss_steps {meta['ss_steps']}), loss {losses[0]:.5f} -> {losses[-1]:.5f}; {loss_function} loss, "
-                 f"lr {learning_rate:g} {lr_schedule}"
-                 + (f" after {warmup_steps} warm-up steps" if warmup_steps else "")]
-        lines.append(f"base weights: {_weight_kinds(model.model.diffusion_model)} (read, never written)")
-        sizes = json.loads(meta["comfyui_oft.latent_sizes"])
-        lines.append("latent sizes: " + ", ".join(f"{k} ({v} images)" for k, v in sizes.items()))
-        if resume:
-            prior = meta["comfyui_oft.resumed_from_steps"]
-            lines.append(f"resumed from {resume[0].path or 'an adapter'} at step {prior}")
-        if saved:
-            lines.append(f"{len(saved)} checkpoints:")
-            lines += [f"  {p}" for p in saved]
-        lines.append(text)
-        report = "\n".join(lines)
+        report = _report(model, adapter, trainer.num_params(), losses, meta, resume, saved, text, steps=steps,
+                         loss_function=loss_function, learning_rate=learning_rate, lr_schedule=lr_schedule,
+                         warmup_steps=warmup_steps)
         log.info("OFTTrainer: %s", report)
         return io.NodeOutput(new_model, adapter, {"loss": losses}, report, ui=ui.PreviewText(report))
+
+
+def _one_model(model):
+    models = model if isinstance(model, list) else [model]
+    if len(models) != 1:
+        raise OFTError(f"model: expected one MODEL, found a list of {len(models)}")
+    return models[0]
+
+
+def _resume_input(resume_from):
+    """The adapter to resume (None: a fresh run)."""
+    resume = [r for r in (resume_from if isinstance(resume_from, list) else [resume_from]) if r is not None]
+    if len(resume) > 1:
+        raise OFTError(f"resume_from: expected one adapter, found a list of {len(resume)}")
+    return resume[0] if resume else None
+
+
+def _report(model, adapter, num_params: int, losses: list[float], meta: dict, resume, saved: list[str],
+            applied: str, *, steps: int, loss_function: str, learning_rate: float, lr_schedule: str,
+            warmup_steps: int) -> str:
+    """The node's text report: what was trained, from what, the checkpoints written and the patch report."""
+    lines = [f"trained {len(adapter)} layers, {num_params} parameters, {steps} steps "
+             f"(ss_steps {meta['ss_steps']}), loss {losses[0]:.5f} -> {losses[-1]:.5f}; {loss_function} loss, "
+             f"lr {learning_rate:g} {lr_schedule}"
+             + (f" after {warmup_steps} warm-up steps" if warmup_steps else "")]
+    lines.append(f"base weights: {_weight_kinds(model.model.diffusion_model)} (read, never written)")
+    sizes = json.loads(meta["comfyui_oft.latent_sizes"])
+    lines.append("latent sizes: " + ", ".join(f"{k} ({v} images)" for k, v in sizes.items()))
+    if resume is not None:
+        prior = meta["comfyui_oft.resumed_from_steps"]
+        lines.append(f"resumed from {resume.path or 'an adapter'} at step {prior}")
+    if saved:
+        lines.append(f"{len(saved)} checkpoints:")
+        lines += [f"  {p}" for p in saved]
+    lines.append(applied)
+    return "\n".join(lines)
 
 
 def _weight_kinds(root) -> str:

@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -236,13 +236,31 @@ def _input_paths(item) -> list[str]:
 
 def _bake(header, items, out, inputs, mode, default_spec, overwrite, allow_unmatched, progress, show_progress,
           started, streams) -> _BakeResult:
-    base = header.path
-    shapes = header.shapes
-    keymap = build_key_map(shapes)
-    patches: dict[str, list] = {}
-    reports = []
-    record = []
-    skipped = 0
+    plan = _plan(header, items, mode, default_spec, allow_unmatched, streams)
+    write = _streamer(header, plan.patches, _output_header(header, plan.record), mode, progress, show_progress)
+    _publish_file(out, write, inputs=inputs, overwrite=overwrite, what="baked model")
+    changed = len(plan.patches)
+    seconds = time.monotonic() - started
+    log.info("baked %d tensors into %s in %.1fs (%d layers at strength 0 left untouched)", changed, out, seconds,
+             plan.skipped)
+    return _BakeResult(out, plan.reports, changed, plan.skipped, seconds)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass
+class _Plan:
+    """What a bake does, decided before the first byte is written."""
+
+    patches: dict[str, list] = field(default_factory=dict)  # base weight key -> [(Match, strength, stream or None)]
+    reports: list[MatchReport] = field(default_factory=list)
+    record: list[dict] = field(default_factory=list)  # the output's "comfyui_oft.baked" metadata, one per adapter
+    skipped: int = 0  # matched layers whose effective strength is 0
+
+
+def _plan(header, items, mode, default_spec, allow_unmatched, streams) -> _Plan:
+    """Every adapter read (a file: its skeleton, its stream appended to `streams`), checked and matched."""
+    keymap = build_key_map(header.shapes)
+    plan = _Plan()
     for item, strength, spec in items:
         # A file is streamed: its skeleton now (structure, every reader check), each layer read alone when its
         # weight comes up. An OFTAdapter given as an object is already in memory and used as it is.
@@ -253,32 +271,51 @@ def _bake(header, items, out, inputs, mode, default_spec, overwrite, allow_unmat
         strength = check_strength(strength, f"strength of {os.path.basename(adapter.path) or 'the adapter'}",
                                   path=adapter.path or None)
         spec = parse_block_spec(spec) if isinstance(spec, str) else (spec if spec is not None else default_spec)
-        report = match_adapter(adapter, shapes, keymap, base_name=os.path.basename(base))
-        reports.append(report)
-        if not report.matched:
-            raise OFTError(f"no layer of this adapter matches a weight of {base} ({report.summary()}): is it for "
-                           f"another model architecture ({keymap.architecture} here)?", path=adapter.path)
-        if report.unmatched and not allow_unmatched:
-            raise OFTError(f"{report.summary()}. Nothing was written: pass --allow-unmatched to bake the matched "
-                           "layers anyway", path=adapter.path)
-        if spec is None:
-            per_layer = {k: strength for k in adapter.layers}
-        else:
-            per_layer = _effective_strengths(adapter, spec, strength)
-        for m in report.matched:
-            s = per_layer[(m.layer.component, m.layer.name)]
-            if s == 0:
-                skipped += 1
-                continue
-            patches.setdefault(m.target.key, []).append((m, s, streamed))
-        record.append({"adapter": os.path.basename(report.adapter), "strength": float(strength), "mode": mode,
-                       "layers": len(report.matched), **({"blocks": spec.text} if spec is not None else {})})
+        report = _checked_match(adapter, header, keymap, allow_unmatched)
+        plan.reports.append(report)
+        per_layer = {k: strength for k in adapter.layers} if spec is None else \
+            _effective_strengths(adapter, spec, strength)
+        _add_patches(plan, report, per_layer, streamed)
+        plan.record.append({"adapter": os.path.basename(report.adapter), "strength": float(strength), "mode": mode,
+                            "layers": len(report.matched), **({"blocks": spec.text} if spec is not None else {})})
+    _check_float_weights(header, plan.patches)
+    return plan
+
+
+def _checked_match(adapter: OFTAdapter, header, keymap, allow_unmatched: bool) -> MatchReport:
+    """The adapter matched against the base; OFTError when nothing matches, or (unless allowed) something does not."""
+    base = header.path
+    report = match_adapter(adapter, header.shapes, keymap, base_name=os.path.basename(base))
+    if not report.matched:
+        raise OFTError(f"no layer of this adapter matches a weight of {base} ({report.summary()}): is it for "
+                       f"another model architecture ({keymap.architecture} here)?", path=adapter.path)
+    if report.unmatched and not allow_unmatched:
+        raise OFTError(f"{report.summary()}. Nothing was written: pass --allow-unmatched to bake the matched "
+                       "layers anyway", path=adapter.path)
+    return report
+
+
+def _add_patches(plan: _Plan, report: MatchReport, per_layer: dict, streamed) -> None:
+    """The report's matched layers as patches of their base weights; those at strength 0 counted, not patched."""
+    for m in report.matched:
+        s = per_layer[(m.layer.component, m.layer.name)]
+        if s == 0:
+            plan.skipped += 1
+            continue
+        plan.patches.setdefault(m.target.key, []).append((m, s, streamed))
+
+
+def _check_float_weights(header, patches: dict) -> None:
     for key in patches:
         dtype = _DTYPES.get(header.tensors[key].dtype)
         if dtype is None or not dtype.is_floating_point:
             raise OFTError(f"weight {key} has dtype {header.tensors[key].dtype}, expected a floating point type",
-                           path=base)
+                           path=header.path)
 
+
+# ------------------------------------------------------------------------------------------------ output
+def _output_header(header, record: list[dict]) -> bytes:
+    """The output's safetensors header: the base's tensors at the base's offsets, its metadata plus the record."""
     metadata = dict(header.metadata)
     metadata["comfyui_oft.baked"] = json.dumps(record)
     entries = {"__metadata__": metadata}
@@ -286,13 +323,18 @@ def _bake(header, items, out, inputs, mode, default_spec, overwrite, allow_unmat
         entries[key] = {"dtype": ti.dtype, "shape": list(ti.shape), "data_offsets": [ti.start, ti.end]}
     blob = json.dumps(entries, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob
 
+
+# ------------------------------------------------------------------------------------------------ stream
+def _streamer(header, patches: dict, head: bytes, mode, progress, show_progress) -> Callable:
+    """`write(dst)` for `_publish_file`: the header, then every tensor in file order, patched or copied."""
+    base, shapes = header.path, header.shapes
     order = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
     total = sum(ti.end - ti.start for _, ti in order)
     show = _Progress(total, always=bool(show_progress)) if show_progress is not False else None
-    # One buffer for everything read: a patched tensor (whole) or a chunk of an untouched one (copied through it).
-    largest_patched = max((header.tensors[k].end - header.tensors[k].start for k in patches), default=0)
-    readbuf = bytearray(max(largest_patched, min(_COPY_CHUNK, max((ti.end - ti.start for _, ti in order), default=0))))
+    ticks = [f for f in (progress, show) if f is not None]
+    readbuf = _read_buffer(header, patches, order)
     copybuf = memoryview(readbuf)
 
     def write(dst) -> None:
@@ -302,21 +344,20 @@ def _bake(header, items, out, inputs, mode, default_spec, overwrite, allow_unmat
         except OSError as e:
             raise OFTError(f"cannot read the base file ({e.strerror})", path=base) from None
         with src:
-            dst.write(len(blob).to_bytes(8, "little") + blob)
+            dst.write(head)
             for key, ti in order:
                 if key in patches:
                     dst.write(_patched_bytes(src, header, ti, key, readbuf, patches[key], shapes, mode))
                 else:
                     _copy_bytes(src, dst, header, ti, key, copybuf)
                 done += ti.end - ti.start
-                if progress is not None:
-                    progress(done, total)
-                if show is not None:
-                    show(done, total)
+                for tick in ticks:
+                    tick(done, total)
 
-    _publish_file(out, write, inputs=inputs, overwrite=overwrite, what="baked model")
-    changed = len(patches)
-    seconds = time.monotonic() - started
-    log.info("baked %d tensors into %s in %.1fs (%d layers at strength 0 left untouched)", changed, out, seconds,
-             skipped)
-    return _BakeResult(out, reports, changed, skipped, seconds)
+    return write
+
+
+def _read_buffer(header, patches: dict, order) -> bytearray:
+    """One buffer for everything read: a patched tensor (whole) or a chunk of an untouched one (copied through it)."""
+    largest_patched = max((header.tensors[k].end - header.tensors[k].start for k in patches), default=0)
+    return bytearray(max(largest_patched, min(_COPY_CHUNK, max((ti.end - ti.start for _, ti in order), default=0))))

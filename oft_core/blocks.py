@@ -41,11 +41,10 @@ not accepted: every value here names its block.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, replace
 
-from .combine import _scale_layer
+from .combine import _scale_layer, provenance
 from .errors import OFTError, check_strength
 from .spec import OFTAdapter
 
@@ -130,38 +129,46 @@ def parse_block_spec(text: str) -> _BlockSpec:
     for token in body.split(","):
         if not token:
             raise OFTError(f"block strength spec {text!r}: empty item (two commas in a row, or a trailing comma)")
-        m = _ITEM.match(token)
-        if not m:
-            raise OFTError(f"block strength spec: cannot read item {token!r}: expected GROUP=NUMBER, "
-                           "GROUP:N=NUMBER or GROUP:N-M=NUMBER")
-        group, lo, hi = m.group("group"), m.group("lo"), m.group("hi")
-        shown = token if len(token) <= 60 else token[:40] + f"… ({len(token)} characters)"
-        for index in (lo, hi):
-            if index is not None and len(index) > _MAX_INDEX_DIGITS:
-                raise OFTError(f"block strength spec: item {shown!r}: block index of {len(index)} digits, expected a "
-                               f"block number (at most {_MAX_INDEX_DIGITS} digits)")
-        value = check_strength(m.group("value"), f"block strength spec: item {shown!r}: multiplier") \
-            if len(m.group("value")) <= 64 else math.nan
-        if not math.isfinite(value):
-            raise OFTError(f"block strength spec: item {shown!r}: multiplier: expected a finite number, found "
-                           f"{len(m.group('value'))} characters")
+        group, lo, hi, value = _parse_item(token)
         if group == "default":
-            if lo is not None:
-                raise OFTError(f"block strength spec: item {token!r}: 'default' takes no block index")
             default = value
-            continue
-        if group not in _GROUPS:
-            raise OFTError(f"block strength spec: item {token!r}: unknown group {group!r}; expected default or one "
-                           f"of {', '.join(_GROUPS)}")
-        if lo is not None and group not in _INDEXED:
-            raise OFTError(f"block strength spec: item {token!r}: {group!r} has no numbered blocks (numbered: "
-                           f"{', '.join(_INDEXED)})")
-        lo_i = None if lo is None else int(lo)
-        hi_i = lo_i if hi is None else int(hi)
-        if lo_i is not None and hi_i < lo_i:
-            raise OFTError(f"block strength spec: item {token!r}: range {lo_i}-{hi_i} runs backwards")
-        rules.append(_Rule(group, lo_i, hi_i, value))
+        else:
+            rules.append(_Rule(group, lo, hi, value))
     return _BlockSpec(default, tuple(rules), text)
+
+
+def _parse_item(token: str) -> tuple[str, int | None, int | None, float]:
+    """(group, first block, last block, multiplier) of one item ("default" for the default); `OFTError` naming it."""
+    m = _ITEM.match(token)
+    if not m:
+        raise OFTError(f"block strength spec: cannot read item {token!r}: expected GROUP=NUMBER, "
+                       "GROUP:N=NUMBER or GROUP:N-M=NUMBER")
+    group, lo, hi = m.group("group"), m.group("lo"), m.group("hi")
+    shown = token if len(token) <= 60 else token[:40] + f"… ({len(token)} characters)"
+    for index in (lo, hi):
+        if index is not None and len(index) > _MAX_INDEX_DIGITS:
+            raise OFTError(f"block strength spec: item {shown!r}: block index of {len(index)} digits, expected a "
+                           f"block number (at most {_MAX_INDEX_DIGITS} digits)")
+    value = check_strength(m.group("value"), f"block strength spec: item {shown!r}: multiplier") \
+        if len(m.group("value")) <= 64 else math.nan
+    if not math.isfinite(value):
+        raise OFTError(f"block strength spec: item {shown!r}: multiplier: expected a finite number, found "
+                       f"{len(m.group('value'))} characters")
+    if group == "default":
+        if lo is not None:
+            raise OFTError(f"block strength spec: item {token!r}: 'default' takes no block index")
+        return group, None, None, value
+    if group not in _GROUPS:
+        raise OFTError(f"block strength spec: item {token!r}: unknown group {group!r}; expected default or one "
+                       f"of {', '.join(_GROUPS)}")
+    if lo is not None and group not in _INDEXED:
+        raise OFTError(f"block strength spec: item {token!r}: {group!r} has no numbered blocks (numbered: "
+                       f"{', '.join(_INDEXED)})")
+    lo_i = None if lo is None else int(lo)
+    hi_i = lo_i if hi is None else int(hi)
+    if lo_i is not None and hi_i < lo_i:
+        raise OFTError(f"block strength spec: item {token!r}: range {lo_i}-{hi_i} runs backwards")
+    return group, lo_i, hi_i, value
 
 
 def _spec(spec: _BlockSpec | str) -> _BlockSpec:
@@ -210,18 +217,6 @@ def _derived(adapter: OFTAdapter, **changes) -> OFTAdapter:
               "layer_strengths": dict(adapter.layer_strengths)}
     fields.update(changes)
     return replace(adapter, **fields)
-
-
-def provenance(adapter: OFTAdapter) -> dict:
-    """What `adapter` was made from: the operation tree recorded in `made_from`, else its file (JSON-able)."""
-    if adapter.made_from is not None:
-        return adapter.made_from
-    return {"file": os.path.basename(adapter.path) if adapter.path else None, "format": adapter.format}
-
-
-def with_provenance(adapter: OFTAdapter, tree: dict) -> OFTAdapter:
-    """The same adapter with `made_from` set to `tree`."""
-    return _derived(adapter, made_from=tree)
 
 
 def layer_multiplier(adapter: OFTAdapter, layer) -> float:

@@ -20,7 +20,11 @@ is inside the layer's forward, so bypass always realises "LoRA first, then OFT":
 
 Cost: no work at attach time; the rotation blocks are built on a layer's first forward on a device and cached
 (per strength, mode, device); each forward then costs one block product over the output (or input) features,
-about b/in of the layer's own matmul (b = block size), plus a few elementwise passes.
+about b/in of the layer's own matmul (b = block size), read from and written to the activations' own layout
+(`_add_block_product`), plus one or two elementwise passes (the bias term, the sum). The output side cannot be
+moved to the (sometimes narrower) input: M·W·x = W·M'·x for every x needs M' = W⁻¹·M·W, dense (and W square and
+invertible), so rotating x is not the same forward. benchmarks/bench_bypass.py measures the step against the merged
+layer.
 
 `attach(model, adapter, ...)` is the Python API for a plain torch model (state-dict names matched like the baker's);
 ComfyUI's seam (nodes/bypass.py) builds `ModuleBypass` objects from its own key map and attaches them through
@@ -60,13 +64,86 @@ class _BypassTarget:
 def _plain_bias(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """The bias a plain torch Linear / Conv adds, as the forward used it (in the output's dtype), in fp32."""
     b = getattr(module, "bias", None)
-    return None if b is None else b.to(device=device, dtype=dtype).to(torch.float32)
+    if b is None:
+        return None
+    if b.dtype != dtype or b.device != device:
+        b = b.to(device=device, dtype=dtype)
+    return b if b.dtype == torch.float32 else b.to(torch.float32)
 
 
 def _is_identity(layer: OFTLayer) -> bool:
     """All generators zero and no row scale: R = I exactly (Cayley, Neumann and both strength modes)."""
     return (layer.parameterization != "matrix" and layer.row_scale is None
             and all(g.device.type != "meta" and not bool(g.any()) for g in layer.blocks))
+
+
+def _add_block_product(src: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out ← src + D·(src − bias) per block of features, D = B − I: the output side's y + (B − I)·(y − b).
+
+    `src`, `out`: (N, n·b) of one dtype, each with unit stride on its last axis (a feature slice of a contiguous
+    tensor is fine), `out` apart from `src`; `dt`: the transposed blocks Dᵀ (n, b, b) in that dtype, contiguous;
+    `bias`: (n·b,) or None. 16-bit activations keep their dtype: the product of the small change B − I runs at the
+    16-bit matmul rate the layer itself used, its error ~2⁻⁸ / 2⁻¹¹ of that change, and the sum is rounded once.
+
+    One batched matmul over strided views (batch n at stride b, rows N at the row stride) writing out's rows where
+    they are (an `out=` view): neither y nor the result takes a transposed copy. 16-bit: accumulated onto src in the
+    product (beta = 1: the sum rounded once); with a bias, one extra pass writes src − bias in the (n, N, b) layout
+    the 16-bit kernels copy their input to anyway. fp32 with a bias and b ≤ N: out ← src − (B − I)·bias, then the
+    product added in place (one pass); otherwise the product of src − bias into `out`, then + src (the per-step
+    (B − I)·bias reads all n·b² of D: 460 MB a step for 4 blocks of 5376). Measured (benchmarks/bench_bypass.py
+    shapes, 256 tokens) against a contiguous product added back transposed (the previous step), the bias term in
+    every dtype, and src − bias in y's layout: best or within noise of the best, per dtype and block size (fp32,
+    3072 features in blocks of 96: 1.15–1.17 → 1.08–1.11 of the merged step for the one-pass form).
+    """
+    rows, (n, b) = src.shape[0], dt.shape[:2]
+    z = src.view(rows, n, b).transpose(0, 1)  # (n, N, b) view
+    ov = out.view(rows, n, b).transpose(0, 1)
+    if src.dtype == torch.float32 and bias is not None and b <= rows:
+        # one pass instead of two: out ← src − (B − I)·bias, then out += (B − I)·src in place (beta = 1); the
+        # per-step (B − I)·bias reads n·b² of D, no more than one pass over src while b ≤ rows
+        c = torch.bmm(bias.view(n, 1, b), dt).view(n, b)
+        torch.sub(src.view(rows, n, b), c, out=out.view(rows, n, b))
+        ov.baddbmm_(z, dt)
+        return
+    if bias is None:
+        t = z
+    else:
+        t = torch.empty((n, rows, b), dtype=src.dtype, device=src.device)
+        torch.sub(z, bias.view(n, 1, b), out=t)
+    if src.dtype == torch.float32:
+        torch.bmm(t, dt, out=ov)
+        out.add_(src)
+    else:
+        torch.baddbmm(z, t, dt, out=ov)
+
+
+# Blocks narrower than this are multiplied g at a time as one block-diagonal (g·b)² matrix (its off-diagonal blocks
+# zero): the batched product's cost is set by the matrix width far more than by its FLOPs there, and the copies
+# around it move rows of b elements. Measured (benchmarks/bench_bypass.py shapes, 256 tokens, one thread): 3072
+# features in blocks of 16 or 8, the hooked step over the merged one 1.39–1.53 → 1.16–1.20 in bf16, 1.16–1.18 →
+# 1.10 in fp32, for 2–4× the (small) FLOPs.
+_GROUP_WIDTH = 32
+
+
+def _group_blocks(dt: torch.Tensor) -> torch.Tensor:
+    """(n, b, b) blocks as (n/g, g·b, g·b) block-diagonal matrices, g the largest divisor of n with g·b ≤
+    `_GROUP_WIDTH` (the same blocks when g = 1): the product over g·b features equals the n products over b."""
+    n, b = dt.shape[0], dt.shape[-1]
+    g = max(1, _GROUP_WIDTH // b)
+    while n % g:
+        g -= 1
+    if g == 1:
+        return dt
+    grouped = torch.zeros(n // g, g * b, g * b, dtype=dt.dtype, device=dt.device)
+    parts = dt.view(n // g, g, b, b)
+    for j in range(g):
+        grouped[:, j * b: (j + 1) * b, j * b: (j + 1) * b] = parts[:, j]
+    return grouped
+
+
+def _disjoint(spans: list[tuple[int, int]]) -> bool:
+    ordered = sorted(spans)
+    return all(a[0] + a[1] <= b[0] for a, b in zip(ordered, ordered[1:]))
 
 
 class ModuleBypass:
@@ -107,6 +184,8 @@ class ModuleBypass:
         self._blocks: dict[tuple[int, str], list[torch.Tensor]] = {}
         self._delta_cache: dict[tuple, list[torch.Tensor]] = {}
         self._identity: dict[int, bool] = {}
+        self._scales = [t for t in self.in_targets if t.layer.row_scale is not None]
+        self._plan: tuple | None = None
 
     def __bool__(self) -> bool:
         return bool(self.out_targets or self.in_targets)
@@ -122,6 +201,24 @@ class ModuleBypass:
             if not identity:
                 out.append(t)
         return out
+
+    def _out_plan(self) -> tuple[list[_BypassTarget], bool, list[tuple[int, int]] | None]:
+        """The output side's active targets, whether they all take the (B − I)·(y − b) path (diagonal blocks, no row
+        scale, no permuted rows, no input-side row scale), and for a Linear their disjoint feature spans (None:
+        overlapping, or a convolution). Found on the first forward, then reused: each step's Python work is a few
+        lookups."""
+        if self._plan is None:
+            targets = self._active(self.out_targets)
+            plain = not self._scales and all(t.layer.kind == "diag" and t.layer.row_scale is None and t.perm is None
+                                             for t in targets)
+            spans = None
+            if plain and not self.conv:
+                spans = [(0 if t.span is None else t.span[0],
+                          sum(n * b for n, b in zip(t.layer.num_blocks, t.layer.block_sizes))) for t in targets]
+                if not _disjoint(spans):
+                    spans = None
+            self._plan = (targets, plain, spans)
+        return self._plan
 
     # -------------------------------------------------------------------------------------------------- math
     def blocks(self, target: _BypassTarget, device: torch.device) -> list[torch.Tensor]:
@@ -164,34 +261,61 @@ class ModuleBypass:
         if all(t.layer.kind == "diag" for t in targets):  # x + (M − I)·x, 16-bit kept (see _post_delta)
             work = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
             for target in reversed(targets):
-                src = x.to(work)
-                x = x.to(work, copy=True)
-                self._add_delta(target, src, x, work)
+                if self.conv:
+                    src = x.to(work)
+                    x = x.to(work, memory_format=torch.contiguous_format, copy=True)
+                    self._add_delta(target, src, x, work)
+                    continue
+                features = x.shape[-1]
+                src = x.to(work).reshape(-1, features)
+                out = torch.empty(src.shape, dtype=work, device=x.device)
+                start = 0
+                deltas = self.product_blocks(target, x.device, work)
+                for dt, n, b in zip(deltas, target.layer.num_blocks, target.layer.block_sizes):
+                    _add_block_product(src[:, start: start + n * b], dt, None, out[:, start: start + n * b])
+                    start += n * b
+                if start < features:
+                    out[:, start:].copy_(src[:, start:])
+                x = out.view(x.shape)
             return (x.to(args[0].dtype), *args[1:])
         x32 = x.to(torch.float32)
         for target in reversed(targets):
             x32 = self._rotate(target, x32)
         return (x32.to(x.dtype), *args[1:])
 
-    def _deltas(self, target: _BypassTarget, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-        """B − I per split in `dtype`, cached like the blocks."""
-        key = (id(target), str(device), dtype)
+    def _deltas(self, target: _BypassTarget, device: torch.device, dtype: torch.dtype, *,
+                transposed: bool = False) -> list[torch.Tensor]:
+        """B − I per split in `dtype` (or its transpose (B − I)ᵀ, contiguous: what the products take as their right
+        factor; a transposed view would be copied by every 16-bit bmm, 230 MB a step for 4 blocks of 5376), cached
+        like the blocks."""
+        key = (id(target), str(device), dtype, transposed)
         d = self._delta_cache.get(key)
         if d is None:
             d = [(b - torch.eye(b.shape[-1], device=device)).to(dtype) for b in self.blocks(target, device)]
+            if transposed:
+                d = [m.transpose(-1, -2).contiguous() for m in d]
             self._delta_cache[key] = d
         return d
 
-    def _post_delta(self, y: torch.Tensor, bias: torch.Tensor | None, targets: list[_BypassTarget]) -> torch.Tensor:
+    def product_blocks(self, target: _BypassTarget, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The right factors of `_add_block_product` per split: (B − I)ᵀ, contiguous; blocks under `_GROUP_WIDTH`
+        wide merged g at a time into block-diagonal (n/g, g·b, g·b) matrices (`_group_blocks`), cached."""
+        key = (id(target), str(device), dtype, "product")
+        d = self._delta_cache.get(key)
+        if d is None:
+            d = [_group_blocks(m) for m in self._deltas(target, device, dtype, transposed=True)]
+            self._delta_cache[key] = d
+        return d
+
+    def _post_delta(self, y: torch.Tensor, bias: torch.Tensor | None, targets: list[_BypassTarget],
+                    spans: list[tuple[int, int]] | None) -> torch.Tensor:
         """y + (B − I)·(y − b) per split of every output target: the plain case (diagonal blocks, no row scale).
 
-        16-bit activations keep their dtype: the block product of the small change B − I (its entries ~ the adapter's
-        effect) in bf16 / fp16 has an error of ~2⁻⁸ / 2⁻¹¹ of that change, far under the one rounding of the sum to the
-        activation dtype (which the fp32 path pays too), and runs at the 16-bit matmul rate the layer itself used."""
+        16-bit activations keep their dtype (see `_add_block_product`); others are rotated in fp32."""
         work = y.dtype if y.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        if not self.conv and len(targets) == 1 and targets[0].span is None and len(targets[0].layer.blocks) == 1:
-            return self._post_delta_whole(targets[0], y, bias, work)
-        out = y.to(work, copy=True)
+        if spans is not None:
+            return self._post_delta_linear(y, bias, targets, spans, work)
+        out = y.to(work, memory_format=torch.contiguous_format, copy=True)
         src = y.to(work)
         for target in targets:
             part_in = self._features(src, target.span)
@@ -201,48 +325,60 @@ class ModuleBypass:
             self._add_delta(target, part_in, part_out, work)
         return out.to(y.dtype)
 
-    def _post_delta_whole(self, target: _BypassTarget, y: torch.Tensor, bias: torch.Tensor | None,
-                          work: torch.dtype) -> torch.Tensor:
-        """The common Linear case, one split over all outputs, in two passes over y: δ − (B − I)·b from one baddbmm
-        (the bias never subtracted from y), then y + δ into a new tensor."""
-        d = self._deltas(target, y.device, work)[0]
-        n, b = target.layer.num_blocks[0], target.layer.block_sizes[0]
-        src = y.to(work)
-        z = src.reshape(-1, n, b).transpose(0, 1)  # (n, N, b)
-        dt = d.transpose(-1, -2)
-        if bias is None:
-            delta = torch.bmm(z, dt)
-        else:
-            # (B − I)·b per block, (n, 1, b), in fp32: a 16-bit bmm with one row runs 100× under the matmul rate
-            d32 = self._deltas(target, y.device, torch.float32)[0]
-            c = torch.bmm(bias.view(n, 1, b), d32.transpose(-1, -2)).to(work)
-            delta = torch.baddbmm(c, z, dt, beta=-1)
-        out = src.reshape(-1, n, b) + delta.transpose(0, 1)
-        return out.reshape(y.shape).to(y.dtype)
+    def _post_delta_linear(self, y: torch.Tensor, bias: torch.Tensor | None, targets: list[_BypassTarget],
+                           spans: list[tuple[int, int]], work: torch.dtype) -> torch.Tensor:
+        """A Linear's output side, targets on disjoint feature spans (one whole-layer target, or the q / k / v
+        slices of a fused weight): each split by `_add_block_product` straight into a new tensor; features no target
+        covers copied."""
+        features = y.shape[-1]
+        src = (y if y.dtype == work else y.to(work)).reshape(-1, features)
+        out = torch.empty(src.shape, dtype=work, device=y.device)
+        if bias is not None and bias.dtype != work:
+            bias = bias.to(work)
+        covered = 0
+        for target, (start, length) in zip(targets, spans):
+            deltas = self.product_blocks(target, y.device, work)
+            covered += length
+            if length == features and len(deltas) == 1:  # the common case: no slicing
+                _add_block_product(src, deltas[0], bias, out)
+                continue
+            for dt, n, b in zip(deltas, target.layer.num_blocks, target.layer.block_sizes):
+                cols = slice(start, start + n * b)
+                _add_block_product(src[:, cols], dt, None if bias is None else bias[cols], out[:, cols])
+                start += n * b
+        if covered < features:
+            done = 0
+            for start, length in sorted(spans) + [(features, 0)]:
+                if start > done:
+                    out[:, done:start].copy_(src[:, done:start])
+                done = max(done, start + length)
+        out = out.view(y.shape)
+        return out if out.dtype == y.dtype else out.to(y.dtype)
 
     def _add_delta(self, target: _BypassTarget, src: torch.Tensor, out: torch.Tensor, work: torch.dtype) -> None:
-        """out += (M − I)·src on the feature axis (diagonal blocks), in `work` dtype."""
+        """out += (M − I)·src on the feature axis (diagonal blocks), in `work` dtype; a Linear's `out` must be
+        viewable as (rows, features) (a feature slice of a contiguous tensor)."""
         start = 0
-        for d, n, b in zip(self._deltas(target, src.device, work), target.layer.num_blocks, target.layer.block_sizes):
+        deltas = self._deltas(target, src.device, work, transposed=not self.conv)
+        for d, n, b in zip(deltas, target.layer.num_blocks, target.layer.block_sizes):
             if self.conv:
                 z = src[:, start: start + n * b]
                 out[:, start: start + n * b] += torch.matmul(d, z.reshape(z.shape[0], n, b, -1)).reshape(z.shape)
-            else:
-                z = src[..., start: start + n * b].reshape(-1, n, b)
-                delta = torch.bmm(z.transpose(0, 1), d.transpose(-1, -2))  # (n, N, b): v ↦ (B − I)·v
-                out[..., start: start + n * b] += delta.transpose(0, 1).reshape(*out.shape[:-1], n * b)
+            else:  # d is (B − I)ᵀ
+                z = src[..., start: start + n * b].reshape(-1, n, b).transpose(0, 1)  # (n, N, b)
+                # in place through strided views: the product adds straight into out's rows (v ↦ (B − I)·v)
+                out[..., start: start + n * b].view(-1, n, b).transpose(0, 1).baddbmm_(z, d)
             start += n * b
 
     def post_hook(self, module, args, y):
         """Output side: y ← s ⊙ M·(y − b) + b per target, in attach order; input-side row scales: s ⊙ (y − b) + b."""
-        scales = [t for t in self.in_targets if t.layer.row_scale is not None]
-        targets = self._active(self.out_targets)
+        scales = self._scales
+        targets, plain, spans = self._out_plan()
         if not targets and not scales:
             return None
         bias = self.bias_of(module, y.dtype, y.device)
-        if not scales and all(t.layer.kind == "diag" and t.layer.row_scale is None and t.perm is None
-                              for t in targets):
-            return self._post_delta(y, bias, targets)
+        if plain:
+            return self._post_delta(y, bias, targets, spans)
         y32 = y.to(torch.float32, copy=True)
         for target in targets:
             if target.perm is not None:

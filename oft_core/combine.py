@@ -22,6 +22,8 @@ Decisions (each pinned by tests/test_combine.py):
   differently); the first adapter's spelling is kept.
 - PEFT block_share layers (one block repeated along a width only the base weight fixes) meeting an unshared layer
   are expanded to that layer's width first; composed with each other they stay shared (blocks of the lcm size).
+- Provenance is typed: the result's `made_from` records the operation and, for each input, its own `made_from`
+  or its file (`provenance`), a JSON-able tree that OFT Save writes into the file's metadata.
 - Row scales (LyCORIS `rescale`): blended and averaged like generators; in a composition, output-side scales only
   survive when the scaled layer is the last one applied (diag(s)·M_b·diag(s_a)·M_a is not diag(s)·M otherwise);
   input-side (PEFT 0.14–0.15) scales multiply, since row scaling commutes with rotating columns.
@@ -30,6 +32,7 @@ Decisions (each pinned by tests/test_combine.py):
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -149,6 +152,13 @@ def _weighted_layer(layers: Sequence[OFTLayer], weights: Sequence[float], what: 
     return _rebuild(ref, blocks=gens, row_scale=scale, source=what)
 
 
+def provenance(adapter: OFTAdapter) -> dict:
+    """What `adapter` was made from: the operation tree recorded in `made_from`, else its file (JSON-able)."""
+    if adapter.made_from is not None:
+        return adapter.made_from
+    return {"file": os.path.basename(adapter.path) if adapter.path else None, "format": adapter.format}
+
+
 def blend(a: OFTAdapter, b: OFTAdapter, t: float) -> OFTAdapter:
     """Interpolate two adapters of the same structure: Q = (1 − t)·Q_a + t·Q_b per layer (constraints applied first).
 
@@ -171,8 +181,8 @@ def blend(a: OFTAdapter, b: OFTAdapter, t: float) -> OFTAdapter:
             sb = lb.row_scale if lb.row_scale is not None else torch.ones(la.dim)
             scale = torch.lerp(sa, sb, t)
         layers[(la.component, la.name)] = _rebuild(la, blocks=gens, row_scale=scale, source="blend")
-    info = {"blend": {"a": a.path or a.format, "b": b.path or b.format, "t": t}}
-    return OFTAdapter(layers, a.format, "", dict(a.metadata), info)
+    made_from = {"blend": {"ratio": t, "a": provenance(a), "b": provenance(b)}}
+    return OFTAdapter(layers, a.format, "", dict(a.metadata), made_from=made_from)
 
 
 def _normalised(weights: Sequence[float]) -> list[float]:
@@ -190,17 +200,25 @@ def merge(adapters_with_weights: Sequence[tuple[OFTAdapter, float]], mode: str =
         raise OFTError("merge: no adapters given")
     if mode not in MERGE_MODES:
         raise OFTError(f"merge mode: expected one of {', '.join(MERGE_MODES)}, found {mode!r}")
-    adapters = [a for a, _ in items]
-    info = {"merge": {"mode": mode, "adapters": [[a.path or a.format, w] for a, w in items]}}
-    if mode == "average":
-        weights = _normalised([w for _, w in items])
-        keyed = _same_layers(adapters, "average")
-        layers = {}
-        for k, first in keyed[0].items():
-            layer = _weighted_layer([kd[k] for kd in keyed], weights, "average", [a.path or None for a in adapters])
-            layers[(first.component, first.name)] = layer
-        return OFTAdapter(layers, adapters[0].format, "", dict(adapters[0].metadata), info)
+    made_from = {"merge": {"mode": mode, "adapters": [{"weight": w, "adapter": provenance(a)} for a, w in items]}}
+    layers = _averaged_layers(items) if mode == "average" else _composed_layers(items)
+    return OFTAdapter(layers, items[0][0].format, "", dict(items[0][0].metadata), made_from=made_from)
 
+
+def _averaged_layers(items: list[tuple[OFTAdapter, float]]) -> dict[tuple[str, str], OFTLayer]:
+    """Every layer as the weighted mean of its generators over the adapters (weights normalised; same layers)."""
+    adapters = [a for a, _ in items]
+    weights = _normalised([w for _, w in items])
+    keyed = _same_layers(adapters, "average")
+    layers = {}
+    for k, first in keyed[0].items():
+        layer = _weighted_layer([kd[k] for kd in keyed], weights, "average", [a.path or None for a in adapters])
+        layers[(first.component, first.name)] = layer
+    return layers
+
+
+def _composed_layers(items: list[tuple[OFTAdapter, float]]) -> dict[tuple[str, str], OFTLayer]:
+    """Every layer of any adapter, its rotations composed in the adapters' order (one adapter's only: as it is)."""
     for a, w in items:
         if not math.isfinite(w):
             raise OFTError(f"compose weight: expected a finite number, found {w}", path=a.path or None)
@@ -216,7 +234,7 @@ def merge(adapters_with_weights: Sequence[tuple[OFTAdapter, float]], mode: str =
         layer = _compose_layer(groups[k])
         if layer is not None:
             layers[(layer.component, layer.name)] = layer
-    return OFTAdapter(layers, adapters[0].format, "", dict(adapters[0].metadata), info)
+    return layers
 
 
 def _is_identity(layer: OFTLayer, w: float) -> bool:

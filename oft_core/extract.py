@@ -92,24 +92,14 @@ def low_rank(dw: torch.Tensor, rank: int | None = None, rel_error: float | None 
     if (rank is None) == (rel_error is None):
         raise OFTError("give exactly one of rank and rel_error")
     m, n = dw.shape
-    full = min(m, n)
     total = float(torch.linalg.matrix_norm(dw.double()))
     if total == 0:
         return dw.new_zeros(m, 0), dw.new_zeros(0, n), 0.0, "zero"
-    if rank is not None:
-        if rank < 1:
-            raise OFTError(f"rank: expected an integer ≥ 1, found {rank}")
-        r = min(int(rank), full)
-        if randomized is None:
-            randomized = full >= _RANDOMIZED_MIN_SIDE and r * _RANDOMIZED_MAX_FRACTION <= full
-    else:
-        if not (math.isfinite(rel_error) and 0 <= rel_error < 1):
-            raise OFTError(f"relative error target: expected a number in [0, 1), found {rel_error}")
-        randomized = False
+    r, randomized = _rank_and_method(rank, rel_error, randomized, min(m, n))
     if randomized:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(dw, q=min(_OVERSAMPLE_FACTOR * r + _OVERSAMPLE, full),
+            u, s, v = torch.svd_lowrank(dw, q=min(_OVERSAMPLE_FACTOR * r + _OVERSAMPLE, min(m, n)),
                                         niter=_POWER_ITERATIONS)
         method = "randomized"
     else:
@@ -117,15 +107,35 @@ def low_rank(dw: torch.Tensor, rank: int | None = None, rel_error: float | None 
         v = vh.transpose(0, 1)
         method = "svd"
         if rank is None:
-            tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s * s, [0]), 0), [0]))  # tail[i] = √Σ_{j≥i} s_j²
-            ok = (tail / total <= rel_error).nonzero()
-            r = int(ok[0]) if len(ok) else full
-            r = max(r, 1)
+            r = _rank_for_error(s, total, rel_error)
     root = torch.sqrt(s[:r])
     up = (u[:, :r] * root).to(torch.float32)
     down = (root[:, None] * v[:, :r].transpose(0, 1)).to(torch.float32)
     err = float(torch.linalg.matrix_norm((dw.double() - up.double() @ down.double()))) / total
     return up, down, err, method
+
+
+def _rank_and_method(rank: int | None, rel_error: float | None, randomized: bool | None,
+                     full: int) -> tuple[int | None, bool]:
+    """(rank, randomized) checked: a fixed rank clamped to `full` (randomized by default for wide layers at a small
+    rank), or None when the rank follows from `rel_error` (always an exact SVD)."""
+    if rank is not None:
+        if rank < 1:
+            raise OFTError(f"rank: expected an integer ≥ 1, found {rank}")
+        r = min(int(rank), full)
+        if randomized is None:
+            randomized = full >= _RANDOMIZED_MIN_SIDE and r * _RANDOMIZED_MAX_FRACTION <= full
+        return r, randomized
+    if not (math.isfinite(rel_error) and 0 <= rel_error < 1):
+        raise OFTError(f"relative error target: expected a number in [0, 1), found {rel_error}")
+    return None, False
+
+
+def _rank_for_error(s: torch.Tensor, total: float, rel_error: float) -> int:
+    """The smallest rank (≥ 1) whose dropped singular values `s` leave a relative error ≤ `rel_error`."""
+    tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s * s, [0]), 0), [0]))  # tail[i] = √Σ_{j≥i} s_j²
+    ok = (tail / total <= rel_error).nonzero()
+    return max(int(ok[0]) if len(ok) else len(s), 1)
 
 
 def _group_by_key(matches: Iterable[Match]) -> dict[str, list[Match]]:

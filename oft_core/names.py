@@ -216,47 +216,63 @@ def _external_names(external: Mapping[str, object],
     """
     out = []
     for adapter_key, value in external.items():
-        if not isinstance(adapter_key, str):
-            continue
-        component, name = "unet", adapter_key
-        for prefix, comp in _EXTERNAL_PREFIXES:
-            if adapter_key.startswith(prefix):
-                component, name = comp, adapter_key[len(prefix):]
-                break
-        if component is None or not name:
-            continue
-        offset = None
-        if isinstance(value, str):
-            key = value
-        elif isinstance(value, (tuple, list)) and value and isinstance(value[0], str):
-            key = value[0]
-            if len(value) > 2 and value[2] is not None:
-                shape = shapes.get(key)
-                perm = None if shape is None or (len(value) > 1 and value[1] is not None) else \
-                    _row_permutation(value[2], tuple(shape))
-                if perm is None:
-                    continue  # a transform that is not a pure row permutation: nothing a rotation can act through
-                if perm != tuple(range(len(perm))) and key.endswith(".weight"):
-                    out.append((component, name, Target(key, None, perm)))
-                    continue
-            if len(value) > 1 and value[1] is not None:
-                off = value[1]
-                if not (isinstance(off, (tuple, list)) and len(off) == 3 and all(isinstance(x, int) for x in off)):
-                    continue
-                offset = tuple(int(x) for x in off)
-        else:
-            continue
-        shape = shapes.get(key)
-        if shape is None or not key.endswith(".weight"):
-            continue
-        if offset is not None:
-            dim, start, length = offset
-            if not (0 <= dim < len(shape) and start >= 0 and length > 0 and start + length <= shape[dim]):
-                continue
-            if (start, length) == (0, shape[dim]):
-                offset = None  # the whole weight: the same target as the unsliced name
-        out.append((component, name, Target(key, offset)))
+        named = _external_name(adapter_key)
+        target = _external_target(value, shapes) if named is not None else None
+        if target is not None:
+            out.append((*named, target))
     return out
+
+
+def _external_name(adapter_key) -> tuple[str, str] | None:
+    """(component, layer name) of a host key-map key by its prefix (none: the UNet); None when it names nothing."""
+    if not isinstance(adapter_key, str):
+        return None
+    component, name = "unet", adapter_key
+    for prefix, comp in _EXTERNAL_PREFIXES:
+        if adapter_key.startswith(prefix):
+            component, name = comp, adapter_key[len(prefix):]
+            break
+    if component is None or not name:
+        return None
+    return component, name
+
+
+def _external_target(value, shapes: Mapping[str, Sequence[int]]) -> Target | None:
+    """The Target a host key-map value names: a base key, or (key, offset[, function]); None when unusable."""
+    if isinstance(value, str):
+        return _checked_target(value, None, shapes)
+    if not (isinstance(value, (tuple, list)) and value and isinstance(value[0], str)):
+        return None
+    key = value[0]
+    off = value[1] if len(value) > 1 else None
+    if len(value) > 2 and value[2] is not None:
+        shape = shapes.get(key)
+        perm = None if shape is None or off is not None else _row_permutation(value[2], tuple(shape))
+        if perm is None:
+            return None  # a transform that is not a pure row permutation: nothing a rotation can act through
+        if perm != tuple(range(len(perm))) and key.endswith(".weight"):
+            return Target(key, None, perm)
+    if off is None:
+        return _checked_target(key, None, shapes)
+    if not (isinstance(off, (tuple, list)) and len(off) == 3 and all(isinstance(x, int) for x in off)):
+        return None
+    return _checked_target(key, tuple(int(x) for x in off), shapes)
+
+
+def _checked_target(key: str, offset: tuple[int, int, int] | None,
+                    shapes: Mapping[str, Sequence[int]]) -> Target | None:
+    """Target(key, offset) when `key` is a `.weight` of `shapes` and the offset lies inside it (an offset covering
+    the whole weight is dropped: the same target as the unsliced name); else None."""
+    shape = shapes.get(key)
+    if shape is None or not key.endswith(".weight"):
+        return None
+    if offset is not None:
+        dim, start, length = offset
+        if not (0 <= dim < len(shape) and start >= 0 and length > 0 and start + length <= shape[dim]):
+            return None
+        if (start, length) == (0, shape[dim]):
+            offset = None  # the whole weight: the same target as the unsliced name
+    return Target(key, offset)
 
 
 def _row_permutation(function, shape: tuple) -> tuple[int, ...] | None:
@@ -287,28 +303,8 @@ def build_key_map(shapes: Mapping[str, Sequence[int]], external: Mapping[str, ob
     families the pack's own tables do not know; the pack's tables win where both name the same thing.
     """
     weights = {k[: -len(".weight")]: (k, tuple(s)) for k, s in shapes.items() if k.endswith(".weight")}
-    prefixed = any(k.startswith(_UNET_PREFIXES) for k in shapes)
-    unet: list[tuple[str, str, tuple]] = []  # (module path below the UNet/DiT prefix, key, shape)
     names: dict[str, dict[str, object]] = {c: {} for c in _COMPONENTS}
-
-    def add(component: str, name: str, target: Target) -> None:
-        table = names[component]
-        table[name] = target if table.get(name, target) == target else _SHARED
-
-    for module, (key, shape) in weights.items():
-        te = next(((module[len(p):], cs) for p, cs in _TE_PREFIXES if module.startswith(p)), None)
-        if te is None and module.startswith("text_model."):  # a bare HF CLIPTextModel file (SD1 te / SDXL te1)
-            te = (module, ("te", "te1"))
-        if te is not None:
-            for component in te[1]:
-                add(component, te[0], Target(key))
-            continue
-        rel = next((module[len(p):] for p in _UNET_PREFIXES if module.startswith(p)), None)
-        if rel is None and not prefixed:  # a bare UNet / DiT file: everything else is the model
-            rel = module
-        if rel is not None:
-            unet.append((rel, key, shape))
-
+    unet = _split_weights(weights, any(k.startswith(_UNET_PREFIXES) for k in shapes), names)
     rels = [rel for rel, _, _ in unet]
     architecture = _architecture(rels, any(names[c] for c in ("te", "te1", "te2")))
     layers = _ldm_layers_per_block(rels) if architecture == "sd_unet_ldm" else None
@@ -316,37 +312,73 @@ def build_key_map(shapes: Mapping[str, Sequence[int]], external: Mapping[str, ob
         log.warning("cannot tell the UNet's layers_per_block from its keys; diffusers-named adapter layers will "
                     "not match this LDM base")
     for rel, key, shape in unet:
-        add("unet", rel, Target(key))
-        if architecture == "sd_unet_ldm" and layers is not None:
-            for alias in _ldm_to_diffusers(rel, layers):
-                add("unet", alias, Target(key))
-        elif architecture == "flux":
-            for alias, offset in _flux_to_diffusers(rel, shape):
-                add("unet", alias, Target(key, offset))
-        elif architecture == "wan":
-            alias = _wan_to_diffusers(rel)
-            if alias is not None:
-                add("unet", alias, Target(key))
-
-    added = 0
-    if external:
-        own = {c: set(t) for c, t in names.items()}
-        disagree = []
-        for component, name, target in _external_names(external, shapes):
-            if component not in names:
-                continue
-            if name in own[component]:
-                if names[component][name] != target:
-                    disagree.append(name)
-                continue
-            add(component, name, target)
-            added += 1
-        if disagree:
-            log.debug("the host key map names %d layers differently from the pack's own tables (kept the pack's): "
-                      "%s", len(disagree), disagree[:5])
+        _add(names, "unet", rel, Target(key))
+        for alias, target in _unet_aliases(architecture, layers, rel, key, shape):
+            _add(names, "unet", alias, target)
+    added = _add_external(names, external, shapes) if external else 0
     keymap = KeyMap(architecture, layers, names, added)
     log.debug("%r from %d base weights; %d ambiguous names", keymap, len(weights), len(keymap.ambiguous()))
     return keymap
+
+
+def _add(names: dict[str, dict[str, object]], component: str, name: str, target: Target) -> None:
+    """`name` -> `target` in the component's table; a name two different weights claim becomes `_SHARED`."""
+    table = names[component]
+    table[name] = target if table.get(name, target) == target else _SHARED
+
+
+def _split_weights(weights: Mapping[str, tuple], prefixed: bool,
+                   names: dict[str, dict[str, object]]) -> list[tuple[str, str, tuple]]:
+    """Text-encoder weights added to `names` under their own paths; returns the UNet / DiT ones as (module path
+    below the UNet/DiT prefix, key, shape). `prefixed`: the file has UNet prefixes (else a bare UNet / DiT file)."""
+    unet: list[tuple[str, str, tuple]] = []
+    for module, (key, shape) in weights.items():
+        te = next(((module[len(p):], cs) for p, cs in _TE_PREFIXES if module.startswith(p)), None)
+        if te is None and module.startswith("text_model."):  # a bare HF CLIPTextModel file (SD1 te / SDXL te1)
+            te = (module, ("te", "te1"))
+        if te is not None:
+            for component in te[1]:
+                _add(names, component, te[0], Target(key))
+            continue
+        rel = next((module[len(p):] for p in _UNET_PREFIXES if module.startswith(p)), None)
+        if rel is None and not prefixed:  # a bare UNet / DiT file: everything else is the model
+            rel = module
+        if rel is not None:
+            unet.append((rel, key, shape))
+    return unet
+
+
+def _unet_aliases(architecture: str, layers, rel: str, key: str, shape: tuple):
+    """The other names (diffusers) of the UNet / DiT weight `key` at module path `rel`, with their targets."""
+    if architecture == "sd_unet_ldm" and layers is not None:
+        return [(alias, Target(key)) for alias in _ldm_to_diffusers(rel, layers)]
+    if architecture == "flux":
+        return [(alias, Target(key, offset)) for alias, offset in _flux_to_diffusers(rel, shape)]
+    if architecture == "wan":
+        alias = _wan_to_diffusers(rel)
+        return [] if alias is None else [(alias, Target(key))]
+    return []
+
+
+def _add_external(names: dict[str, dict[str, object]], external: Mapping[str, object],
+                  shapes: Mapping[str, Sequence[int]]) -> int:
+    """The host key map's names the pack's tables lack, added; returns how many. The pack's own names win."""
+    own = {c: set(t) for c, t in names.items()}
+    disagree = []
+    added = 0
+    for component, name, target in _external_names(external, shapes):
+        if component not in names:
+            continue
+        if name in own[component]:
+            if names[component][name] != target:
+                disagree.append(name)
+            continue
+        _add(names, component, name, target)
+        added += 1
+    if disagree:
+        log.debug("the host key map names %d layers differently from the pack's own tables (kept the pack's): "
+                  "%s", len(disagree), disagree[:5])
+    return added
 
 
 def _architecture(rels: list[str], has_te: bool) -> str:
@@ -470,8 +502,8 @@ def _ldm_to_diffusers_names(shapes: Mapping[str, Sequence[int]] | Sequence[str])
     prefix or tensor suffix (`input_blocks.1.1.proj_in` -> `down_blocks.0.attentions.0.proj_in`).
 
     Built from the same tables and the same layers_per_block rule as the forward map (`_ldm_to_diffusers`), so
-    `build_key_map(shapes).lookup(_ldm_to_diffusers_names(shapes)[m])` is always module m's weight. Where the forward
-    map accepts two diffusers spellings (`label_emb` = `add_embedding` / `class_embedding`) the first (SDXL's) is taken.
+    `build_key_map(shapes).lookup(_ldm_to_diffusers_names(shapes)[m])` is always module m's weight. Where the forward map
+    accepts two diffusers spellings (`label_emb` = `add_embedding` / `class_embedding`) the first (SDXL's) is taken.
     Used to write kohya SD1.x/SD2.x files, which sd-scripts `networks.oft` names after diffusers modules.
 
     Raises ValueError when `shapes` is not an LDM UNet, or its layers_per_block cannot be told from its keys (a

@@ -100,14 +100,7 @@ def _check_output(out, inputs: Iterable = (), *, overwrite: bool = False, kind: 
         what = "is not a folder" if os.path.lexists(parent) else "does not exist"
         raise OFTError(f"the output folder {what}; create it first or choose another output path", path=parent)
     ids, real = _input_identities(inputs)
-    out_real = os.path.realpath(out)
-    for r in real:
-        if r == out_real:
-            raise OFTError(f"refusing to write the output over one of this command's inputs ({r}); choose another "
-                           "output path", path=out)
-        if kind == "dir" and r.startswith(out_real.rstrip(os.sep) + os.sep):
-            raise OFTError(f"refusing to write the output over a folder that holds one of this command's inputs "
-                           f"({r}); choose another output path", path=out)
+    _check_not_over_inputs(out, real, kind)
     if not os.path.lexists(out):
         return out
     st = os.lstat(out)
@@ -121,20 +114,38 @@ def _check_output(out, inputs: Iterable = (), *, overwrite: bool = False, kind: 
         raise OFTError("exists and is not a regular file (a folder?); only a file this command could have written "
                        "is ever replaced", path=out)
     if kind == "dir":
-        if not stat.S_ISDIR(st.st_mode):
-            raise OFTError("exists and is not a folder; a PEFT adapter output is a folder", path=out)
-        for name in os.listdir(out):
-            sub = os.path.join(out, name)
-            sst = os.lstat(sub)
-            if name not in _ADAPTER_DIR_FILES or not stat.S_ISREG(sst.st_mode):
-                raise OFTError(f"exists and holds {name!r}: only a PEFT adapter folder holding nothing but "
-                               f"{' and '.join(_ADAPTER_DIR_FILES)} is ever replaced", path=out)
-            if (sst.st_dev, sst.st_ino) in ids:
-                raise OFTError(f"refusing to write the output over a folder that holds one of this command's inputs "
-                               f"({name}); choose another output path", path=out)
+        _check_replaceable_dir(out, st, ids)
     if not overwrite:
         raise OFTError("output exists; choose another name or pass --overwrite (overwrite=True)", path=out)
     return out
+
+
+def _check_not_over_inputs(out: str, real: Iterable[str], kind: str) -> None:
+    """The output path (links resolved) is none of the inputs' and, for a folder, holds none of them."""
+    out_real = os.path.realpath(out)
+    for r in real:
+        if r == out_real:
+            raise OFTError(f"refusing to write the output over one of this command's inputs ({r}); choose another "
+                           "output path", path=out)
+        if kind == "dir" and r.startswith(out_real.rstrip(os.sep) + os.sep):
+            raise OFTError(f"refusing to write the output over a folder that holds one of this command's inputs "
+                           f"({r}); choose another output path", path=out)
+
+
+def _check_replaceable_dir(out: str, st: os.stat_result, ids) -> None:
+    """An existing output folder is replaced only when it is a PEFT adapter folder (nothing but its files, none of
+    them an input)."""
+    if not stat.S_ISDIR(st.st_mode):
+        raise OFTError("exists and is not a folder; a PEFT adapter output is a folder", path=out)
+    for name in os.listdir(out):
+        sub = os.path.join(out, name)
+        sst = os.lstat(sub)
+        if name not in _ADAPTER_DIR_FILES or not stat.S_ISREG(sst.st_mode):
+            raise OFTError(f"exists and holds {name!r}: only a PEFT adapter folder holding nothing but "
+                           f"{' and '.join(_ADAPTER_DIR_FILES)} is ever replaced", path=out)
+        if (sst.st_dev, sst.st_ino) in ids:
+            raise OFTError(f"refusing to write the output over a folder that holds one of this command's inputs "
+                           f"({name}); choose another output path", path=out)
 
 
 # ------------------------------------------------------------------------------------------------ temp names
@@ -309,46 +320,61 @@ def _publish_file(out, write: Callable, *, inputs: Iterable = (), overwrite: boo
     out = _check_output(out, inputs, overwrite=overwrite, kind="file")
     parent = os.path.dirname(out)
     _sweep(parent)
-    named = None
-    fd = None
+    staged = None
     try:
-        if _tmpfile_supported():
-            try:
-                fd = os.open(parent, os.O_TMPFILE | os.O_WRONLY, 0o666)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                    raise
-        if fd is None:
-            named = _temp_name(parent, "tmp")
-            fd = os.open(named, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb", closefd=False) as f:
+        staged = _Staged(parent)
+        with os.fdopen(staged.fd, "wb", closefd=False) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        if named is None:
-            if not overwrite or not os.path.lexists(out):
-                _link_unnamed(fd, out)  # fails when `out` exists: never replaces
-            else:
-                _check_output(out, inputs, overwrite=True, kind="file")
-                named = _temp_name(parent, "tmp")
-                _link_unnamed(fd, named)
-                os.replace(named, out)
-                named = None
-        elif not overwrite or not os.path.lexists(out):
-            _rename_noreplace(named, out)
-            named = None
-        else:
-            _check_output(out, inputs, overwrite=True, kind="file")
-            os.replace(named, out)
-            named = None
+        staged.publish(out, inputs, overwrite)
         _fsync_dir(parent)
     except OSError as e:
         raise _os_error(e, out, what) from None
     finally:
-        if fd is not None:
-            os.close(fd)
-        _remove(named)
+        if staged is not None:
+            staged.close()
     return out
+
+
+class _Staged:
+    """The temporary file a published file is written to, beside its output: unnamed (O_TMPFILE) where the
+    filesystem allows, else under a unique temporary name. `close()` closes it and removes whatever is left."""
+
+    def __init__(self, parent: str):
+        self.parent, self.fd, self.named = parent, None, None
+        if _tmpfile_supported():
+            try:
+                self.fd = os.open(parent, os.O_TMPFILE | os.O_WRONLY, 0o666)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+        if self.fd is None:
+            self.named = _temp_name(parent, "tmp")
+            self.fd = os.open(self.named, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+
+    def publish(self, out: str, inputs: list, overwrite: bool) -> None:
+        """Give the written file the name `out`: never over an existing file, unless `overwrite` (then the output
+        rules are checked again just before the atomic replace)."""
+        replace = overwrite and os.path.lexists(out)
+        if replace:
+            _check_output(out, inputs, overwrite=True, kind="file")
+        if self.named is None:
+            if not replace:
+                _link_unnamed(self.fd, out)  # fails when `out` exists: never replaces
+                return
+            self.named = _temp_name(self.parent, "tmp")
+            _link_unnamed(self.fd, self.named)
+        if replace:
+            os.replace(self.named, out)
+        else:
+            _rename_noreplace(self.named, out)
+        self.named = None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        _remove(self.named)
 
 
 def _publish_dir(out, write: Callable[[str], None], *, inputs: Iterable = (), overwrite: bool = False,

@@ -12,8 +12,14 @@ import math
 import os
 import re
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain
+from operator import itemgetter
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .errors import OFTError
@@ -38,8 +44,9 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         _DTYPES[_name] = getattr(torch, _attr)
 
 
-@dataclass(frozen=True)
-class _TensorInfo:
+class _TensorInfo(NamedTuple):
+    """One checked header entry (a named tuple: a header of 200,000 entries makes 200,000 of them)."""
+
     dtype: str
     shape: tuple[int, ...]
     start: int
@@ -85,7 +92,14 @@ _DTYPE_BITS = {
 _MAX_INT_DIGITS = 20
 
 
-_LONG_DIGITS = re.compile(rb"\d{%d}" % (_MAX_INT_DIGITS + 1))
+# A run of more than _MAX_INT_DIGITS ASCII digits (what `\d` finds in bytes), found by mapping every digit to b"0" and
+# everything else to b" ", then one substring search: a regex search over a 16 MB header took a quarter second.
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
+_LONG_RUN = b"0" * (_MAX_INT_DIGITS + 1)
+
+
+def _has_long_digit_run(raw: bytes) -> bool:
+    return _LONG_RUN in raw.translate(_DIGITS_AS_ZERO)
 
 
 def _refuse_constant(name: str):
@@ -103,7 +117,7 @@ def _parse_json(raw: bytes | str, what: str, path: str):
     Infinity refused (they are not JSON), integers of more than 20 digits refused, and nesting too deep for the parser
     reported as such instead of a `RecursionError`. Raises `OFTError` naming the file."""
     try:
-        if _LONG_DIGITS.search(raw if isinstance(raw, bytes) else raw.encode("utf-8", "replace")) is None:
+        if not _has_long_digit_run(raw if isinstance(raw, bytes) else raw.encode("utf-8", "replace")):
             return json.loads(raw, parse_constant=_refuse_constant)  # the C fast path for integers
         return json.loads(raw, parse_constant=_refuse_constant, parse_int=_parse_int)
     except RecursionError:
@@ -130,7 +144,123 @@ def _bad_entry(path: str, key: str, what: str, found) -> OFTError:
 def _check_entries(header: dict, data_size: int, path: str) -> dict[str, _TensorInfo]:
     """Every tensor entry checked by safetensors' own rules (its `Metadata::validate`): a known dtype, integer dims
     and offsets ≥ 0, byte length = dtype size × element count, and the tensors tiling the data section exactly (in
-    offset order, no gap, no overlap, ending at the end of the file)."""
+    offset order, no gap, no overlap, ending at the end of the file).
+
+    All entries are checked at once first (`_entries_at_once`: per distinct dtype and shape, and array ops over the
+    offsets); when that finds anything wrong, or cannot tell, the entries are checked one by one
+    (`_entries_one_by_one`), which raises for the first bad entry in file order with its own message."""
+    tensors = _entries_at_once(header, data_size)
+    return _entries_one_by_one(header, data_size, path) if tensors is None else tensors
+
+
+def _entries_at_once(header: dict, data_size: int) -> dict[str, _TensorInfo] | None:
+    """The checked entries when every rule of `_entries_one_by_one` holds for every entry, else None (never an
+    error: the one-by-one check says what is wrong). The same rules, decided per distinct value: each distinct
+    dtype known, each distinct shape integers ≥ 0 (exact `int`, as there), each distinct (dtype, shape) a whole
+    number of bytes, every data_offsets a list of two `int` in int64; then, as arrays, begin ≥ 0, begin ≤ end,
+    end − begin = that layout's bytes, and the entries sorted by (begin, end) tiling [0, data_size) exactly. 200,000
+    entries take a few hundredths of a second instead of most of a second (issue 10: inspect of 200,000 keys)."""
+    infos = list(header.values())
+    try:
+        dtypes = [info["dtype"] for info in infos]
+        shapes = [info["shape"] for info in infos]
+        offsets = [info["data_offsets"] for info in infos]
+    except (TypeError, KeyError, IndexError):  # an entry that is no object (a list, a number, ...) or lacks a field
+        return None
+    if not infos:
+        return {} if data_size == 0 else None
+    if set(map(type, dtypes)) != {str} or not set(dtypes) <= _DTYPE_BITS.keys():
+        return None
+    if set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}:
+        return None
+    flat = list(chain.from_iterable(offsets))
+    if set(map(type, flat)) != {int}:
+        return None
+    return _tiled(list(header), dtypes, list(map(tuple, shapes)), flat[0::2], flat[1::2], data_size)
+
+
+def _tiled(keys: list[str], dtypes: list[str], shapes: list[tuple], begins: list[int], ends: list[int],
+           data_size: int) -> dict[str, _TensorInfo] | None:
+    """`_entries_at_once` on columns of known types (dtype names, shape tuples, offsets as ints): the checked
+    entries, or None when any rule fails."""
+    pairs = list(zip(dtypes, shapes))
+    try:
+        layouts = set(pairs)
+    except TypeError:  # a dim that is a list or an object: unhashable, and wrong
+        return None
+    nbytes_of = {}
+    for dtype, shape in layouts:
+        if any(type(v) is not int or v < 0 for v in shape):  # bool is an int subclass: refused, as one by one
+            return None
+        bits = math.prod(shape) * _DTYPE_BITS[dtype]
+        if bits % 8 or bits // 8 >= 1 << 62:  # so large that no int64 offsets can hold it: the slow path says so
+            return None
+        nbytes_of[(dtype, shape)] = bits // 8
+    try:
+        begin = np.fromiter(begins, dtype=np.int64, count=len(begins))
+        end = np.fromiter(ends, dtype=np.int64, count=len(ends))
+    except OverflowError:  # beyond int64: not a valid offset of any file this size
+        return None
+    nbytes = np.fromiter(map(nbytes_of.__getitem__, pairs), dtype=np.int64, count=len(keys))
+    if (begin < 0).any() or (begin > end).any() or not np.array_equal(end - begin, nbytes):
+        return None
+    order = np.lexsort((end, begin))
+    begin_sorted, end_sorted = begin[order], end[order]
+    if begin_sorted[0] != 0 or end_sorted[-1] != data_size or not np.array_equal(begin_sorted[1:], end_sorted[:-1]):
+        return None
+    # tuple.__new__ through partial: no Python call per entry (TensorInfo._make took a tenth of a second)
+    return dict(zip(keys, map(partial(tuple.__new__, _TensorInfo), zip(dtypes, shapes, begins, ends))))
+
+
+# The header as safetensors itself writes it (serde_json, compact): `{"__metadata__":{...},"<key>":{"dtype":"F32",
+# "shape":[2,4,4],"data_offsets":[0,128]},...}` then spaces. `_canonical` reads that form with one regex split
+# instead of `json.loads` (which builds a dict and two lists per tensor); anything else, or any doubt, goes to
+# `_parse_json`. Accepted: keys without escapes or control characters (a JSON string then is its text), numbers
+# without sign, leading zero or more than 20 digits, every entry preceded by exactly one comma, nothing between.
+_NUM = r"(?:0|[1-9][0-9]{0,19})"
+_ENTRY = re.compile(r',"([^"\\\x00-\x1f]*)":\{"dtype":"([A-Z0-9_]+)","shape":\[(%s(?:,%s)*|)\],'
+                    r'"data_offsets":\[(%s),(%s)\]\}' % (_NUM, _NUM, _NUM, _NUM))
+_STRING = r'"(?:[^"\\\x00-\x1f]|\\.)*"'
+_METADATA = re.compile(r'\{"__metadata__":(\{(?:%s:%s(?:,%s:%s)*)?\})' % (_STRING, _STRING, _STRING, _STRING))
+
+
+def _canonical(raw: bytes, data_size: int) -> tuple[dict[str, _TensorInfo], dict[str, str]] | None:
+    """(checked entries, metadata) of a header in safetensors' own compact form whose entries pass every check;
+    None otherwise (then `_parse_json` and the checks say what is wrong, or read an unusual but valid header). The
+    result is what `json.loads` and `_check_entries` give for the same text: the grammar admits only JSON whose
+    values are exactly the matched texts, and a repeated key (where JSON keeps the last) is left to them."""
+    try:
+        text = raw.decode("utf-8").rstrip(" \t\n\r")
+    except UnicodeDecodeError:
+        return None
+    if not text.endswith("}"):
+        return None
+    m = _METADATA.match(text)
+    if m is not None:
+        try:
+            metadata = json.loads(m.group(1))  # small; its own escapes checked by the parser
+        except ValueError:
+            return None
+        region = text[m.end():-1]
+    elif text.startswith("{"):
+        metadata, region = {}, "," + text[1:-1]
+    else:
+        return None
+    parts = _ENTRY.split(region)
+    if any(parts[0::6]):  # text before, between or after the entries: not the compact form
+        return None
+    keys = parts[1::6]
+    if not keys or len(set(keys)) != len(keys) or "__metadata__" in keys or not set(parts[2::6]) <= _DTYPE_BITS.keys():
+        return None
+    shape_of = {t: tuple(map(int, t.split(","))) if t else () for t in set(parts[3::6])}
+    tensors = _tiled(keys, parts[2::6], list(map(shape_of.__getitem__, parts[3::6])), list(map(int, parts[4::6])),
+                     list(map(int, parts[5::6])), data_size)
+    return None if tensors is None else (tensors, metadata)
+
+
+def _entries_one_by_one(header: dict, data_size: int, path: str) -> dict[str, _TensorInfo]:
+    """`_check_entries` entry by entry, raising for the first bad one (in file order) with what was expected and
+    found."""
     tensors: dict[str, _TensorInfo] = {}
     bits_of = _DTYPE_BITS
     for key, info in header.items():
@@ -204,6 +334,9 @@ def read_header(path: str | os.PathLike) -> _Header:
             raw = f.read(n)
     except OSError as e:
         raise OFTError(f"cannot read the file ({e.strerror or e})", path=path) from None
+    fast = _canonical(raw, size - 8 - n)
+    if fast is not None:
+        return _Header(path, fast[0], fast[1], 8 + n)
     try:
         header = _parse_json(raw, "the safetensors header", path)
     except OFTError as e:
@@ -226,11 +359,11 @@ def read_header(path: str | os.PathLike) -> _Header:
 
 
 def _load_tensors(path: str | os.PathLike | _Header, keys=None, device: str = "cpu"
-                 ) -> tuple[dict[str, torch.Tensor], _Header]:
+                 ) -> tuple[Mapping[str, torch.Tensor], _Header]:
     """Load tensors (all, or `keys`) after checking the header (`path` may be an already checked `_Header`).
 
-    All tensors: the data section is read once and every tensor is a view of it (one read instead of one call per
-    key: for 200,000 keys that was most of the time); some: read one by one (`_TensorFile`)."""
+    All tensors: a `_FileTensors` (the data section read once, each tensor a view of it); some: a dict of tensors read
+    one by one (`_TensorFile`)."""
     header = path if isinstance(path, _Header) else read_header(path)
     if keys is not None:
         f = _TensorFile(header)
@@ -238,33 +371,119 @@ def _load_tensors(path: str | os.PathLike | _Header, keys=None, device: str = "c
             return f.get(keys), header
         finally:
             f.close()
-    try:
-        with open(header.path, "rb") as f:
-            f.seek(header.data_offset)
-            data = bytearray(f.read())
-    except OSError as e:
-        raise OFTError(f"cannot read the file ({e.strerror or e})", path=header.path) from None
-    if len(data) < max((ti.end for ti in header.tensors.values()), default=0):
-        raise OFTError("the file became shorter while it was read: was it changed meanwhile?", path=header.path)
-    out: dict[str, torch.Tensor] = {}
-    typed: dict[torch.dtype, torch.Tensor] = {}  # the whole data section as each dtype: one view per tensor of it
-    for k, ti in header.tensors.items():
-        dtype = _DTYPES.get(ti.dtype)
-        if dtype is None:
-            raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which no OFT trainer writes", path=header.path)
+    tensors = _FileTensors(header)
+    if device != "cpu":
+        return {k: t.to(device) for k, t in tensors.items()}, header
+    return tensors, header
+
+
+def _unknown_dtype(path: str, key: str, dtype: str) -> OFTError:
+    return OFTError(f"tensor {key!r} has dtype {dtype}, which no OFT trainer writes", path=path)
+
+
+class _FileTensors(Mapping):
+    """Every tensor of a checked file, as a read-only mapping key -> tensor: the data section is read once (one read
+    instead of one call per key: for 200,000 keys that was most of the time), a tensor is a view of it made when
+    asked for, and `stack` gives the tensors of many keys of one layout as one batch without making a tensor per
+    key (a kohya file of 100,000 layers is read in a few batched ops, issue 10). Every dtype is checked here, as
+    when every view was made at once: a tensor of a dtype torch has no name for is refused even if never asked for."""
+
+    def __init__(self, header: _Header):
+        self.header = header
+        dtypes = {ti.dtype for ti in header.tensors.values()}
+        if not dtypes <= _DTYPES.keys():
+            key, ti = next((k, ti) for k, ti in header.tensors.items() if ti.dtype not in _DTYPES)
+            raise _unknown_dtype(header.path, key, ti.dtype)
+        try:
+            with open(header.path, "rb") as f:
+                f.seek(header.data_offset)
+                self._data = bytearray(f.read())
+        except OSError as e:
+            raise OFTError(f"cannot read the file ({e.strerror or e})", path=header.path) from None
+        if len(self._data) < max((ti.end for ti in header.tensors.values()), default=0):
+            raise OFTError("the file became shorter while it was read: was it changed meanwhile?", path=header.path)
+        self._typed: dict[torch.dtype, torch.Tensor] = {}  # the whole data section as each dtype
+        self._all: dict[str, torch.Tensor] | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._all is not None:
+            return self._all[key]
+        return self._view(self.header.tensors[key])
+
+    def __iter__(self):
+        return iter(self.header.tensors)
+
+    def __len__(self) -> int:
+        return len(self.header.tensors)
+
+    def __contains__(self, key) -> bool:
+        return key in self.header.tensors
+
+    def items(self):
+        return self._views().items()
+
+    def values(self):
+        return self._views().values()
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        if self._all is None:
+            view = self._view
+            self._all = {k: view(ti) for k, ti in self.header.tensors.items()}
+        return self._all
+
+    def _whole(self, dtype: torch.dtype) -> torch.Tensor:
+        whole = self._typed.get(dtype)
+        if whole is None:
+            whole = self._typed[dtype] = torch.frombuffer(self._data, dtype=dtype,
+                                                          count=len(self._data) // dtype.itemsize)
+        return whole
+
+    def _view(self, ti: _TensorInfo) -> torch.Tensor:
+        dtype = _DTYPES[ti.dtype]
         count = math.prod(ti.shape)
         size = dtype.itemsize
         if count and ti.start % size == 0:  # aligned (safetensors writes it so): a strided view, one call
-            whole = typed.get(dtype)
-            if whole is None:
-                whole = typed[dtype] = torch.frombuffer(data, dtype=dtype, count=len(data) // size)
-            t = torch.as_strided(whole, ti.shape, _contiguous_strides(ti.shape), ti.start // size)
-        else:
-            t = torch.frombuffer(data, dtype=dtype, count=count, offset=ti.start) if count else torch.empty(
-                0, dtype=dtype)
-            t = t.reshape(ti.shape)
-        out[k] = t if device == "cpu" else t.to(device)
-    return out, header
+            return torch.as_strided(self._whole(dtype), ti.shape, _contiguous_strides(ti.shape), ti.start // size)
+        t = torch.frombuffer(self._data, dtype=dtype, count=count, offset=ti.start) if count else torch.empty(
+            0, dtype=dtype)
+        return t.reshape(ti.shape)
+
+    def stack(self, keys: Sequence[str]) -> torch.Tensor:
+        """`torch.stack([self[k] for k in keys])` (equal values) for keys of one dtype and shape, without a tensor
+        per key: a strided view of the data when the tensors lie evenly spaced in the file (as safetensors writes
+        a file of many layers), else one gather. Read-only, like every view of this mapping."""
+        infos = list(map(self.header.tensors.__getitem__, keys))
+        if list(map(_DTYPE_SHAPE, infos)).count(_DTYPE_SHAPE(infos[0])) != len(infos):
+            raise ValueError("stack: expected keys of one dtype and shape")
+        return self.stack_entries(infos)
+
+    def stack_entries(self, infos: Sequence[_TensorInfo]) -> torch.Tensor:
+        """`stack` of header entries the caller has grouped by dtype and shape (not checked again)."""
+        name, shape = _DTYPE_SHAPE(infos[0])
+        dtype = _DTYPES[name]
+        count = math.prod(shape)
+        starts = np.fromiter(map(_START, infos), dtype=np.int64, count=len(infos))
+        if count == 0 or (starts % dtype.itemsize).any():
+            return torch.stack([self._view(ti) for ti in infos])
+        first = starts // dtype.itemsize
+        whole = self._whole(dtype)
+        steps = np.diff(first)
+        if len(first) == 1 or (steps[0] >= 0 and (steps == steps[0]).all()):
+            step = int(steps[0]) if len(first) > 1 else count
+            return torch.as_strided(whole, (len(infos), *shape), (step, *_contiguous_strides(shape)), int(first[0]))
+        index = torch.from_numpy((first[:, None] + np.arange(count, dtype=np.int64)).reshape(-1))
+        return whole[index].reshape(len(infos), *shape)
+
+
+_DTYPE_SHAPE, _START = itemgetter(0, 1), itemgetter(2)  # of a TensorInfo
+
+
+def _stack_values(tensors: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    """`torch.stack([tensors[k] for k in keys])` for keys of one dtype and shape; a `_FileTensors` does it without a
+    tensor per key."""
+    if isinstance(tensors, _FileTensors):
+        return tensors.stack(keys)
+    return torch.stack([tensors[k] for k in keys])
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -294,8 +513,7 @@ class _TensorFile:
                 ti = self.header.tensors[k]
                 dtype = _DTYPES.get(ti.dtype)
                 if dtype is None:
-                    raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which no OFT trainer writes",
-                                   path=self.header.path)
+                    raise _unknown_dtype(self.header.path, k, ti.dtype)
                 n = ti.end - ti.start
                 buf = bytearray(n)
                 self._file.seek(self.header.data_offset + ti.start)

@@ -11,17 +11,15 @@ The convention, for every format (see `rotation.py` for the math):
     side "out":  W' = row_scale ⊙ (M · W)      rows (output features) rotated: kohya, LyCORIS, PEFT ≤ 0.13
     side "in":   W' = row_scale ⊙ (W · M)      columns (input features) rotated: PEFT ≥ 0.14
 
-Conv kernels are flattened first: (out, in·kh·kw). A layer's `blocks` are what its file stores, in fp32: the
-skew-symmetric generators Q, already skew-symmetrised the way the source tool does it (kohya/LyCORIS Q = A − Aᵀ, PEFT
-Q = U − Uᵀ from the packed upper triangle, PEFT ≤ 0.15 Q = ½(A − Aᵀ)), or, for the parameterization "matrix" (old
-LyCORIS `oft_diag`), the rotations R themselves. Biases are never changed.
+Conv kernels are flattened first: (out, in·kh·kw). Q is the skew-symmetric generator in fp32, already
+skew-symmetrised the way the source tool does it (kohya/LyCORIS Q = A − Aᵀ, PEFT Q = U − Uᵀ from the packed upper
+triangle, PEFT ≤ 0.15 Q = ½(A − Aᵀ)). Biases are never changed.
 
 | source format       | side | transpose | parameterization        | constraint                      | extra      |
 |---------------------|------|-----------|-------------------------|---------------------------------|------------|
 | kohya `networks.oft`| out  | yes       | Cayley                  | ‖Q‖_F ≤ alpha·out_dim per layer | -          |
 | kohya `oft_flux`    | out  | yes       | Cayley                  | ‖Q‖_F ≤ alpha·split per split   | splits     |
 | LyCORIS diag-oft    | out  | yes       | Cayley                  | as kohya; alpha 0 = none        | rescale    |
-| LyCORIS `oft_diag`  | out  | yes       | matrix (R stored)       | none                            | rescale    |
 | LyCORIS BOFT        | out  | no        | Cayley, butterfly stages| as kohya over all stages        | rescale    |
 | PEFT ≥ 0.16         | in   | no / yes  | Cayley / Neumann        | COFT: ‖Q_i‖_F ≤ eps/√blocks     | block_share|
 | PEFT ≤ 0.13         | out  | no        | Cayley of ½(A − Aᵀ)     | COFT                            | block_share|
@@ -36,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from operator import attrgetter, itemgetter
 from typing import Literal, Mapping, Sequence
 
 import torch
@@ -81,9 +80,7 @@ class OFTLayer:
     component: str  # "unet" | "te" | "te1" | "te2"
     side: _Side
     kind: _Kind
-    # per split, fp32, (stored_blocks, b, b) (butterfly: (stages, n, b, b)): the stored blocks, i.e. the skew
-    # generators Q (parameterization cayley / neumann) or the rotations R themselves (matrix)
-    blocks: tuple[torch.Tensor, ...]
+    blocks: tuple[torch.Tensor, ...]  # per split: skew Q, fp32, (stored_blocks, b, b); butterfly: (stages, n, b, b)
     num_blocks: tuple[int, ...]  # per split: blocks along the rotated axis (> stored blocks when block_share)
     transpose: bool
     parameterization: _Parameterization = "cayley"
@@ -108,10 +105,8 @@ class OFTLayer:
         return sum(self.split_sizes)
 
     def num_params(self) -> int:
-        """Free values stored: per stored block (× stages) b(b−1)/2 for a skew Q, b² for a stored R ("matrix"), plus
-        the row scale; from the shapes alone (no tensor op per layer). tests/test_format_variants.py pins both."""
-        per_block = (lambda b: b * b) if self.parameterization == "matrix" else (lambda b: b * (b - 1) // 2)
-        n = sum(math.prod(g.shape[:-2]) * per_block(b) for g, b in zip(self.blocks, self.block_sizes))
+        # blocks (× stages) × b(b−1)/2 free values each; from the shapes alone (no tensor op per layer)
+        n = sum(math.prod(g.shape[:-2]) * b * (b - 1) // 2 for g, b in zip(self.blocks, self.block_sizes))
         return n + (0 if self.row_scale is None else int(self.row_scale.numel()))
 
     def with_(self, **changes) -> "OFTLayer":
@@ -132,6 +127,9 @@ class OFTAdapter:
     block_spec: str | None = None  # the block spec(s) applied ("A then B"); None: none applied
     layers_off: int = 0  # how many layers the spec(s) switched off (dropped from `layers`)
     made_from: Mapping | None = None  # provenance: a JSON-able tree of the operations that made it; None: its file
+    # writer family -> why no file of that format can hold this adapter (its writer refuses with the reason), e.g.
+    # {"kohya": ...} for a family sd-scripts has no OFT network for (SD3, Wan, Qwen-Image, ...)
+    refused_formats: Mapping[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -182,11 +180,10 @@ def make_layer(
     key: str = "",
     block_share: bool = False,
 ) -> OFTLayer:
-    """Validate once and build an `OFTLayer`. `blocks`, per split, are the stored blocks: the skew generators Q,
-    already skew-symmetric (parameterization cayley / neumann), or the rotations R themselves (matrix).
+    """Validate once and build an `OFTLayer`. `blocks` must already be skew-symmetric.
 
     One check per concern, in this order (the first failing one is raised, naming file and layer): the enumerations,
-    the block tensors, the block counts, the butterfly layout, the parameterization, the constraint, the row
+    the generator tensors, the block counts, the butterfly layout, the parameterization, the constraint, the row
     scale. tests/test_bad_input.py and tests/test_fail_closed.py pin the messages."""
 
     def fail(msg: str):
@@ -219,8 +216,88 @@ def make_layer(
     )
 
 
+def _make_layers(
+    *,
+    path: str,
+    names: Sequence[str],
+    keys: Sequence[str],
+    blocks: Sequence[Sequence[torch.Tensor]],
+    finite: Sequence[Sequence[bool]],
+    constraints: Sequence[Constraint],
+    sources: Sequence[str],
+    **common,
+) -> list[OFTLayer]:
+    """`make_layer` for many layers at once (a reader of 100,000 layers): row i is
+    `make_layer(path=path, name=names[i], key=keys[i], blocks=Generators(generators[i], finite[i]),
+    constraint=constraints[i], source=sources[i], **common)`, and gives the same layer or raises the same error.
+
+    The same checks, run once per distinct input: every check of `make_layer` depends only on the `common` fields,
+    each generator's type, shape, dtype and requires_grad, the finiteness flags and the constraint (never on a
+    layer's name, key or source, nor on the values beyond the flags). So the first row of each distinct such
+    signature goes through `make_layer` itself, and every later row of that signature passes the same checks and is
+    built like it. Rows are checked in order: the error raised is the first failing row's, as when each layer is
+    built in turn (tests/test_batched_read.py feeds the same bad values through both)."""
+    rows = len(names)
+    if not len(keys) == len(blocks) == len(finite) == len(constraints) == len(sources) == rows:
+        raise ValueError("make_layers: every per-layer sequence needs one item per layer")
+    blocks = list(map(tuple, blocks))
+    finite = list(map(tuple, finite))
+    signatures = _signatures(blocks, finite, constraints)
+    # the first row of each signature, in row order: through make_layer (so the first failing row raises first)
+    first: dict = {}
+    # each signature's first row (reversed: the last write of a key is its smallest index), taken in row order
+    first_row = dict(zip(reversed(signatures), range(rows - 1, -1, -1))) if signatures is not None else {}
+    for signature, i in sorted(first_row.items(), key=itemgetter(1)):
+        layer = make_layer(path=path, name=names[i], key=keys[i], blocks=_Blocks(blocks[i], finite[i]),
+                           constraint=constraints[i], source=sources[i], **common)
+        # later rows are built like it only when make_layer kept the caller's tensors as they are (fp32, no grad)
+        # and made no row scale of its own
+        if layer.row_scale is None and all(a is b for a, b in zip(layer.blocks, blocks[i])):
+            first[signature] = (i, layer)
+    new = object.__new__
+    out = []
+    for i in range(rows):
+        done = first.get(signatures[i]) if signatures is not None else None
+        if done is None or done[0] == i:
+            out.append(done[1] if done is not None else make_layer(
+                path=path, name=names[i], key=keys[i], blocks=_Blocks(blocks[i], finite[i]),
+                constraint=constraints[i], source=sources[i], **common))
+            continue
+        # frozen dataclass: its __setattr__ refuses, so the fields are filled like dataclasses.replace would, without
+        # its per-field overhead (a layer of 14 fields took 2.6 µs; 100,000 of them a quarter second)
+        layer = new(OFTLayer)
+        fields = layer.__dict__
+        fields.update(done[1].__dict__)
+        fields["name"] = names[i]
+        fields["key"] = keys[i] or names[i]
+        fields["blocks"] = blocks[i]
+        fields["source"] = sources[i]  # the constraint: the very object (the signature holds its identity)
+        out.append(layer)
+    return out
+
+
+_TENSOR_FACTS = (attrgetter("shape"), attrgetter("dtype"), attrgetter("requires_grad"))
+
+
+def _signatures(generators: list[tuple], finite: list[tuple], constraints: Sequence) -> list[tuple] | None:
+    """Per row, everything `make_layer`'s checks depend on besides the common fields: each generator's type, shape,
+    dtype and requires_grad, the finiteness flags and the constraint (by identity: equal objects apart only cost a
+    check more). Computed column by column (no Python step per row); None when a row is not one tensor (the rows then
+    go through `make_layer` one by one, which says what is wrong)."""
+    try:
+        if set(map(len, generators)) != {1}:
+            return None
+        tensors = list(map(itemgetter(0), generators))
+        if not all(issubclass(t, torch.Tensor) for t in set(map(type, tensors))):
+            return None
+        columns = [list(map(type, tensors))] + [list(map(fact, tensors)) for fact in _TENSOR_FACTS]
+        return list(zip(*columns, finite, map(id, constraints)))
+    except (AttributeError, TypeError):
+        return None
+
+
 class _Blocks(tuple):
-    """A layer's stored blocks with `finite[i]`: whether split i (as fp32) holds no NaN / Inf, computed for many
+    """A layer's generator tensors with `finite[i]`: whether split i (as fp32) holds no NaN / Inf, computed for many
     layers at once by `_finite_each`, so that `make_layer` checks finiteness without one tensor op per layer. It is
     the same check on the same values: the readers pass the exact tensors the flags were computed on."""
 
@@ -235,11 +312,13 @@ class _Blocks(tuple):
 
 
 def _finite_each(stacked: torch.Tensor) -> list[bool]:
-    """Per index of the first axis of `stacked` (many layers' stored blocks of one shape, fp32): no NaN / Inf. A meta
+    """Per index of the first axis of `stacked` (many layers' generators of one shape, fp32): no NaN / Inf. A meta
     batch (a structure-only skeleton) counts as finite, as `make_layer` counts a meta tensor."""
     n = int(stacked.shape[0])
     if stacked.device.type == "meta" or stacked.numel() == 0:
         return [True] * n
+    if bool(torch.isfinite(stacked.sum())):  # a NaN or Inf anywhere makes the sum one (a finite sum proves all
+        return [True] * n  # finite; an overflowing sum of finite values only costs the per-layer check below)
     return torch.isfinite(stacked).reshape(n, -1).all(1).tolist()
 
 

@@ -6,14 +6,14 @@ per adapted layer instead of a rotated weight (O(d²·b) → O(tokens·d·b)) an
 
 The math is not re-defined here. Each adapted layer is an `OFTLayer` built by `spec.make_layer` in kohya
 `networks.oft` convention (side "out", R = Cayley(Q) or a Cayley–Neumann series, Rᵀ applied per block, constraint
-‖Q‖_F ≤ alpha·split), and every forward builds its blocks once with `rotation.rotation_blocks(layer, blocks=<live
-Q>)` and applies them with `rotation.bypass_forward(..., blocks=...)` (a layer without bias) or, on a biased layer, in
-the delta form y + (M − I)(y − b) through `rotation.rotate_features` (y the base layer's own output, its bias added
-inside the GEMM / conv kernel). The trained adapter is therefore exactly what `rotate_weight` merges.
+‖Q‖_F ≤ alpha·split), and every forward calls `rotation.rotation_blocks(layer, blocks=<live Q>)` once and
+applies the blocks to the base layer's output with `rotate_output` (the values of `rotation.rotate_features` on
+y − bias, as one autograd Function that keeps only y for backward). The trained adapter is therefore exactly what
+`rotate_weight` merges.
 
 Parameters: one fp32 tensor per split holding the strict upper triangle of each block (packed, as PEFT stores it);
-Q = U − Uᵀ. Zero at step 0, so the adapted model starts as the base model bit for bit (a product with I, or a delta of
-exactly zero: exact in fp32 — and the forward is not patched at all before `attach`).
+Q = U − Uᵀ. Zero at step 0, so the adapted model starts as the base model bit for bit (`rotate_output` with
+identity blocks is a product with I: exact — and the forward is not patched at all before `attach`).
 
 Base weights are never written: the patched forward reads them (through `weight_fn`, so a host such as ComfyUI can
 cast / offload them), the context manager `OFTTrainer.attach()` restores every patched `forward` on exit, exceptions
@@ -28,9 +28,10 @@ Public API:
   `.to_adapter(metadata, names=None)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits);
   `.load_adapter(adapter, names=None)` starts from a trained adapter (resume; refuses the first mismatch);
   `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
+  Export and resume are module functions of `train_io` (`_trained_adapter`, `_resume_trainer`) that take the trainer.
 - `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.
 - `frozen_for_training(root)`: weights a host made under `torch.inference_mode()` usable by autograd, zero-copy.
-- `frozen_bases(modules, weight_fn)`, `_frozen_base(...)`: quantized / cast base weights made per forward and again in
+- `frozen_bases(modules, weight_fn)`, `frozen_base(...)`: quantized / cast base weights made per forward and again in
   backward, never kept (QOFT on fp8 / GGUF bases).
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
   learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); one read from the device per step
@@ -55,8 +56,9 @@ from .errors import OFTError, _mismatch
 from .formats._triangle import unpack_upper
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
 from .names import _ldm_to_diffusers_names
-from .rotation import _cayley, _generator_of, _skew, bypass_forward, rotate_features, rotation_blocks
+from .rotation import _skew, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, make_layer
+from .train_io import _resume_trainer, _trained_adapter
 
 log = logging.getLogger(__name__)
 
@@ -182,27 +184,33 @@ def _block_lists(root: nn.Module) -> list[str]:
 
 
 def _selected(family: str, preset: str, path: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
+    """Whether `preset` adapts module `m` at `path` (`ancestors`: the class names of the modules above it)."""
     if family == "flux":
-        if not _is_linear(m) or not _FLUX_BLOCK.match(path):
-            return False
-        if preset == "attention":
-            return bool(_FLUX_ATTENTION.match(path))
-        if preset == "attention+single":
-            return bool(_FLUX_ATTENTION.match(path) or _FLUX_SINGLE_LINEAR.match(path))
-        return True  # all-linear: every Linear of a double / single block, as sd-scripts' enable_all_linear
+        return _selected_flux(preset, path, m)
     if family == "sd":
-        in_attn = any(a in _ATTENTION_CLASSES for a in ancestors)
-        in_tf = any(a in _TRANSFORMER_CLASSES for a in ancestors)
-        in_conv_block = any(a in _CONV_BLOCK_CLASSES for a in ancestors)
-        if preset.endswith("+conv") and in_conv_block and (_is_linear(m) or _is_conv(m)):
-            return True
-        if preset.startswith("attention"):
-            return in_attn and _is_linear(m)
-        return in_tf and (_is_linear(m) or _is_conv(m, kernel_1x1=True))
-    # generic
-    if preset == "attention":
+        return _selected_sd(preset, m, ancestors)
+    if preset == "attention":  # generic
         return _is_linear(m) and any("Attention" in a for a in ancestors)
     return _is_linear(m) or (preset == "all-linear+conv" and _is_conv(m))
+
+
+def _selected_flux(preset: str, path: str, m: nn.Module) -> bool:
+    if not _is_linear(m) or not _FLUX_BLOCK.match(path):
+        return False
+    if preset == "attention":
+        return bool(_FLUX_ATTENTION.match(path))
+    if preset == "attention+single":
+        return bool(_FLUX_ATTENTION.match(path) or _FLUX_SINGLE_LINEAR.match(path))
+    return True  # all-linear: every Linear of a double / single block, as sd-scripts' enable_all_linear
+
+
+def _selected_sd(preset: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
+    in_conv_block = any(a in _CONV_BLOCK_CLASSES for a in ancestors)
+    if preset.endswith("+conv") and in_conv_block and (_is_linear(m) or _is_conv(m)):
+        return True
+    if preset.startswith("attention"):
+        return any(a in _ATTENTION_CLASSES for a in ancestors) and _is_linear(m)
+    return any(a in _TRANSFORMER_CLASSES for a in ancestors) and (_is_linear(m) or _is_conv(m, kernel_1x1=True))
 
 
 def _split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
@@ -240,6 +248,95 @@ def _default_weight_fn(module: nn.Module, x: torch.Tensor):
     return w.to(x.dtype), None if b is None else b.to(x.dtype)
 
 
+def _trained_layers(trainer: OFTTrainer, targets, device) -> list[_TrainedLayer]:
+    """One `_TrainedLayer` per target under the trainer's settings; OFTError naming the first three layers that
+    cannot be trained."""
+    layers, problems = [], []
+    for path, module in targets:
+        try:
+            layers.append(_trained_layer(trainer, path, module, device))
+        except OFTError as e:
+            problems.append(str(e))
+    if problems:
+        more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
+        raise OFTError("; ".join(problems[:3]) + more)
+    return layers
+
+
+def _trained_layer(trainer: OFTTrainer, path: str, module: nn.Module, device) -> _TrainedLayer:
+    """A target's validated kohya-convention description (zero generators) and its zero packed parameters."""
+    splits = _checked_splits(path, module, trainer.splits.get(path))
+    counts = _block_counts(path, splits, trainer.num_blocks, trainer.block_size)
+    sizes = [s // n for s, n in zip(splits, counts)]
+    if min(sizes) < 2:
+        raise OFTError(_mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
+    terms = trainer.neumann_terms
+    param = "neumann" if terms else "cayley"
+    coeffs = _neumann_coefficients(terms, last_term_halved=True) if terms else ()
+    constraint = Constraint("norm_clamp", trainer.alpha) if trainer.alpha > 0 else Constraint()
+    layer = make_layer(path="", name=path, side="out", blocks=[torch.zeros(n, b, b) for n, b in
+                                                                   zip(counts, sizes)],
+                       transpose=True, parameterization=param, neumann_coeffs=coeffs, constraint=constraint,
+                       source="kohya_flux" if len(splits) > 1 else "kohya",
+                       key=KOHYA_PREFIX + path.replace(".", "_"))
+    dev = device if device is not None else module.weight.device
+    with torch.inference_mode(False):  # hosts (ComfyUI) run nodes under inference mode: params must be normal
+        params = [nn.Parameter(torch.zeros(n, b * (b - 1) // 2, dtype=torch.float32, device=dev))
+                  for n, b in zip(counts, sizes)]
+    return _TrainedLayer(path, module, layer, params)
+
+
+def _check_settings(targets, num_blocks, block_size, alpha, neumann_terms) -> None:
+    """`OFTTrainer`'s settings, refused with the value found before any layer is built."""
+    if (num_blocks is None) == (block_size is None):
+        raise OFTError("give exactly one of num_blocks or block_size")
+    if num_blocks is not None and num_blocks < 1:
+        raise OFTError(_mismatch("num_blocks", "≥ 1", num_blocks))
+    if block_size is not None and block_size < 2:
+        raise OFTError(_mismatch("block_size", "≥ 2 (a 1×1 skew block is always zero)", block_size))
+    if not math.isfinite(alpha) or alpha < 0:
+        raise OFTError(_mismatch("constraint alpha", "a finite number ≥ 0 (0 = no constraint)", alpha))
+    if neumann_terms < 0:
+        raise OFTError(_mismatch("Cayley–Neumann terms", "0 (exact Cayley) or ≥ 2", neumann_terms))
+    if not targets:
+        raise OFTError("no target layers to train")
+
+
+def _checked_splits(path: str, module: nn.Module, given: Sequence[int] | None) -> tuple[int, ...]:
+    """The output split widths of a target (`given` by the host, else `_split_sizes`), checked against the layer."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise OFTError(f"{type(module).__name__} is not a Linear or Conv2d", layer=path)
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise OFTError(_mismatch("Conv2d groups", 1, module.groups), layer=path)
+    splits = given or _split_sizes(path, module)
+    if sum(splits) != module.weight.shape[0] or min(splits) < 1:
+        raise OFTError(_mismatch("output splits adding up to the output features", module.weight.shape[0],
+                                splits), layer=path)
+    return splits
+
+
+def _block_counts(path: str, splits: Sequence[int], num_blocks: int | None, block_size: int | None) -> list[int]:
+    """Blocks per split: `num_blocks` each, or split / `block_size`; kohya oft_flux stores one count per layer."""
+    counts = []
+    for s in splits:
+        if num_blocks is not None:
+            if s % num_blocks:
+                what = "output features" if len(splits) == 1 else f"split widths {splits}"
+                raise OFTError(_mismatch(f"num_blocks dividing the {what}", f"a divisor of {s}", num_blocks),
+                               layer=path)
+            counts.append(num_blocks)
+        else:
+            if s % block_size:
+                raise OFTError(_mismatch(f"block_size dividing the output width {s}", f"a divisor of {s}",
+                                        block_size), layer=path)
+            counts.append(s // block_size)
+    if len(set(counts)) > 1:
+        raise OFTError(f"block_size {block_size} gives split block counts {counts} for splits {splits}; "
+                       "kohya oft_flux stores one block count for every split of a fused layer: use num_blocks",
+                       layer=path)
+    return counts
+
+
 class OFTTrainer:
     """Trainable kohya-convention OFT generators for `targets` [(path, Linear | Conv2d)], applied on activations.
 
@@ -251,7 +348,7 @@ class OFTTrainer:
     dtype outside autocast); a host may cast / un-offload there. It must not write the weight.
     `splits`: path -> output split widths of a fused layer (each split its own rotation, as FLUX's q|k|v), for
     layers `_split_sizes` does not know (a host's key map gives them, e.g. SD3's fused qkv).
-    `recompute_weight(module)` True: that layer's base product runs through `_frozen_base` (the weight `weight_fn`
+    `recompute_weight(module)` True: that layer's base product runs through `frozen_base` (the weight `weight_fn`
     made is not kept for backward but made again there: QOFT, quantized / cast bases).
     """
 
@@ -260,18 +357,7 @@ class OFTTrainer:
                  weight_fn: Callable | None = None, device: torch.device | str | None = None,
                  root: nn.Module | None = None, splits: Mapping[str, Sequence[int]] | None = None,
                  recompute_weight: Callable[[nn.Module], bool] | bool = False):
-        if (num_blocks is None) == (block_size is None):
-            raise OFTError("give exactly one of num_blocks or block_size")
-        if num_blocks is not None and num_blocks < 1:
-            raise OFTError(_mismatch("num_blocks", "≥ 1", num_blocks))
-        if block_size is not None and block_size < 2:
-            raise OFTError(_mismatch("block_size", "≥ 2 (a 1×1 skew block is always zero)", block_size))
-        if not math.isfinite(alpha) or alpha < 0:
-            raise OFTError(_mismatch("constraint alpha", "a finite number ≥ 0 (0 = no constraint)", alpha))
-        if neumann_terms < 0:
-            raise OFTError(_mismatch("Cayley–Neumann terms", "0 (exact Cayley) or ≥ 2", neumann_terms))
-        if not targets:
-            raise OFTError("no target layers to train")
+        _check_settings(targets, num_blocks, block_size, alpha, neumann_terms)
         # kohya files store alpha in fp32: train with exactly the value that will be saved
         self.num_blocks, self.block_size = num_blocks, block_size
         self.alpha = float(torch.tensor(float(alpha), dtype=torch.float32))
@@ -279,63 +365,11 @@ class OFTTrainer:
         self.weight_fn = weight_fn or _default_weight_fn
         self.splits = {k: tuple(int(x) for x in v) for k, v in (splits or {}).items()}
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
-        self.layers: list[_TrainedLayer] = []
-        problems = []
-        for path, module in targets:
-            try:
-                self.layers.append(self._make(path, module, device))
-            except OFTError as e:
-                problems.append(str(e))
-        if problems:
-            more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
-            raise OFTError("; ".join(problems[:3]) + more)
+        self.layers: list[_TrainedLayer] = _trained_layers(self, targets, device)
         self._attached = False
         # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
         self.root = root if root is not None else getattr(targets, "root", None)
         self.family = detect_family(self.root) if self.root is not None else None
-
-    def _make(self, path: str, module: nn.Module, device) -> _TrainedLayer:
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise OFTError(f"{type(module).__name__} is not a Linear or Conv2d", layer=path)
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise OFTError(_mismatch("Conv2d groups", 1, module.groups), layer=path)
-        splits = self.splits.get(path) or _split_sizes(path, module)
-        if sum(splits) != module.weight.shape[0] or min(splits) < 1:
-            raise OFTError(_mismatch("output splits adding up to the output features", module.weight.shape[0],
-                                    splits), layer=path)
-        counts = []
-        for s in splits:
-            if self.num_blocks is not None:
-                if s % self.num_blocks:
-                    what = "output features" if len(splits) == 1 else f"split widths {splits}"
-                    raise OFTError(_mismatch(f"num_blocks dividing the {what}", f"a divisor of {s}",
-                                            self.num_blocks), layer=path)
-                counts.append(self.num_blocks)
-            else:
-                if s % self.block_size:
-                    raise OFTError(_mismatch(f"block_size dividing the output width {s}", f"a divisor of {s}",
-                                            self.block_size), layer=path)
-                counts.append(s // self.block_size)
-        if len(set(counts)) > 1:
-            raise OFTError(f"block_size {self.block_size} gives split block counts {counts} for splits {splits}; "
-                           "kohya oft_flux stores one block count for every split of a fused layer: use num_blocks",
-                           layer=path)
-        sizes = [s // n for s, n in zip(splits, counts)]
-        if min(sizes) < 2:
-            raise OFTError(_mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
-        param = "neumann" if self.neumann_terms else "cayley"
-        coeffs = _neumann_coefficients(self.neumann_terms, last_term_halved=True) if self.neumann_terms else ()
-        constraint = Constraint("norm_clamp", self.alpha) if self.alpha > 0 else Constraint()
-        layer = make_layer(path="", name=path, side="out", blocks=[torch.zeros(n, b, b) for n, b in
-                                                                       zip(counts, sizes)],
-                           transpose=True, parameterization=param, neumann_coeffs=coeffs, constraint=constraint,
-                           source="kohya_flux" if len(splits) > 1 else "kohya",
-                           key=KOHYA_PREFIX + path.replace(".", "_"))
-        dev = device if device is not None else module.weight.device
-        with torch.inference_mode(False):  # hosts (ComfyUI) run nodes under inference mode: params must be normal
-            params = [nn.Parameter(torch.zeros(n, b * (b - 1) // 2, dtype=torch.float32, device=dev))
-                      for n, b in zip(counts, sizes)]
-        return _TrainedLayer(path, module, layer, params)
 
     # -------------------------------------------------------------------------------------------- parameters
     def parameters(self) -> list[nn.Parameter]:
@@ -371,29 +405,18 @@ class OFTTrainer:
             elif conv:
                 padding = module.padding
             if recompute:  # the same products as below, the base weight made again in backward instead of kept
-                y, bias = _frozen_base(module, x, weight_fn, padding)
-                if bias is None:
-                    return rotate_features(tl.layer, y, dim=1 if conv else -1, blocks=blocks)
-                z = y - (bias.reshape(-1, 1, 1) if conv else bias).to(y.dtype)
-                return y + (rotate_features(tl.layer, z, dim=1 if conv else -1, blocks=blocks) - z)
-            weight, bias = weight_fn(module, x)
-            if bias is None:
-                if not conv:
-                    return bypass_forward(tl.layer, x, weight, None, blocks=blocks)
-                return bypass_forward(tl.layer, x, weight, None, stride=module.stride, padding=padding,
-                                      dilation=module.dilation, groups=module.groups, blocks=blocks)
+                y, bias = frozen_base(module, x, weight_fn, padding)
+            else:
+                weight, bias = weight_fn(module, x)
+                if conv:
+                    y = F.conv2d(x, weight, bias, module.stride, padding, module.dilation, module.groups)
+                else:
+                    y = F.linear(x, weight, bias)
             # With a bias, the base layer adds it inside the GEMM / conv kernel (addmm, conv bias), so the bypass
             # M·(Wx) + b differs from the base output in the last bit even at M = I (measured: Linear 256→64,
             # every biased Conv2d). The delta form y + (M − I)(y − b) = M·Wx + b, with y the base layer's own
             # output, keeps step 0 bit-exact at the same cost (one GEMM / conv) and the same rotation code.
-            if conv:
-                y = F.conv2d(x, weight, bias, module.stride, padding, module.dilation, module.groups)
-                z = y - bias.reshape(-1, 1, 1).to(y.dtype)
-                return y + (rotate_features(tl.layer, z, dim=1, blocks=blocks) - z)
-            y = F.linear(x, weight, bias)
-            z = y - bias.to(y.dtype)
-            return y + (rotate_features(tl.layer, z, blocks=blocks) - z)
-
+            return rotate_output(tl.layer, y, bias, blocks, dim=1 if conv else -1)
         return forward
 
     @contextlib.contextmanager
@@ -450,49 +473,7 @@ class OFTTrainer:
         `prefix` starts every file key (kohya's `oft_unet_`; `lycoris_` / `lora_unet_` for a LyCORIS export) and
         `fmt` is the adapter's format id (default: kohya / kohya_flux).
         """
-        if names is not None:
-            missing = [tl.path for tl in self.layers if tl.path not in names]
-            if missing:
-                raise OFTError(f"no export name for {len(missing)} trained layers (first: {missing[0]!r})")
-            exported = []
-            for tl in self.layers:
-                n = names[tl.path]
-                if isinstance(n, tuple):
-                    if len(n) != len(tl.params):
-                        raise OFTError(f"{len(n)} export names for a layer with {len(tl.params)} splits",
-                                       layer=tl.path)
-                    exported += list(n)
-                else:
-                    exported.append(n)
-            if len(set(exported)) != len(exported):
-                raise OFTError("export names are not unique: two trained layers would get the same name")
-        layers = {}
-        worst = 0.0
-        for tl in self.layers:
-            name = tl.path if names is None else names[tl.path]
-            gens = self.stored_generators(tl)
-            layer = tl.layer
-            if layer.parameterization == "neumann":
-                with torch.no_grad():
-                    trained = [b.cpu() for b in rotation_blocks(layer, blocks=gens)]  # (Rᵀ per block)
-                    new = []
-                    for i, r in enumerate(trained):
-                        q = _skew(_generator_of(r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
-                        new.append(q)
-                        worst = max(worst, float((_cayley(q).transpose(-1, -2) - r).abs().max()))
-                    gens = new
-                layer = layer.with_(parameterization="cayley", neumann_coeffs=(), constraint=Constraint())
-            parts = list(zip(name, ([g] for g in gens))) if isinstance(name, tuple) else [(name, gens)]
-            for part_name, part_gens in parts:
-                layers[("unet", part_name)] = make_layer(
-                    path="", name=part_name, side="out", blocks=part_gens, transpose=True,
-                    constraint=layer.constraint, source=layer.source, key=prefix + part_name.replace(".", "_"))
-        flux = any(len(layer.blocks) > 1 for layer in layers.values())
-        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        info = {"alpha": [self.alpha], "trained": True}
-        if self.neumann_terms:
-            info["neumann_export_error"] = worst
-        return OFTAdapter(layers, fmt or ("kohya_flux" if flux else "kohya"), "", meta, info)
+        return _trained_adapter(self, metadata, names, prefix=prefix, fmt=fmt)
 
     # -------------------------------------------------------------------------------------------- resume
     def load_adapter(self, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
@@ -504,67 +485,14 @@ class OFTTrainer:
         naming the first mismatch, and no parameter is changed. Exact for a file this trainer wrote: kohya stores
         the strict upper triangle U of Q = U − Uᵀ, which is the parameter itself.
         """
-        path = adapter.path or None
-
-        def key(name: str) -> str:  # files name layers with "_" (kohya keys), adapters made in memory with "."
-            return name.replace(".", "_")
-
-        theirs = {(c, key(n)): layer for (c, n), layer in adapter.layers.items()}
-        want = {tl.path: (names[tl.path] if names is not None and tl.path in names else tl.path) for tl in self.layers}
-        wanted_keys = {key(n) for n in want.values()}
-        for (component, name), layer in theirs.items():
-            if component != "unet" or name not in wanted_keys:
-                what = f"{component} layer {layer.name!r}" if component != "unet" else f"layer {layer.name!r}"
-                raise OFTError(f"resume: the adapter has {what}, which this training does not adapt (check the "
-                               "target preset and the model)", path=path)
-        for tl in self.layers:
-            if ("unet", key(want[tl.path])) not in theirs:
-                raise OFTError(f"resume: the adapter has no layer {want[tl.path]!r}, which this training adapts "
-                               f"({len(theirs)} layers in the adapter, {len(self.layers)} trained; check the target "
-                               "preset)", path=path)
-        new = []
-        for tl in self.layers:
-            layer = theirs[("unet", key(want[tl.path]))]
-
-            def fail(msg, _name=layer.name):
-                raise OFTError("resume: " + msg, path=path, layer=_name)
-
-            if layer.kind != "diag" or layer.side != "out" or not layer.transpose or layer.block_share:
-                fail("not a kohya-convention OFT layer (rows rotated by Rᵀ per block); resume from a kohya or "
-                     "LyCORIS diag-oft file")
-            if layer.parameterization != "cayley":
-                fail(_mismatch("parameterization", "cayley", layer.parameterization))
-            if layer.row_scale is not None and not bool((layer.row_scale == 1).all()):
-                fail("has a per-row rescale, which this trainer does not train")
-            mine = (tuple(int(p.shape[0]) for p in tl.params), tl.layer.block_sizes)
-            found = (layer.num_blocks, layer.block_sizes)
-            if len(found[0]) != len(mine[0]):
-                fail(_mismatch("splits", len(mine[0]), len(found[0])))
-            if found != mine:
-                fail(_mismatch("blocks per split × block size", " ".join(f"{n}×{b}" for n, b in zip(*mine)),
-                              " ".join(f"{n}×{b}" for n, b in zip(*found))))
-            theirs_alpha = layer.constraint.value if layer.constraint.kind == "norm_clamp" else 0.0
-            if layer.constraint.kind not in ("none", "norm_clamp") or \
-                    float(torch.tensor(theirs_alpha, dtype=torch.float32)) != self.alpha:
-                fail(_mismatch("constraint (alpha)", f"{self.alpha:g}", layer.constraint.describe()))
-            vals = []
-            for p, q in zip(tl.params, layer.blocks):
-                b = q.shape[-1]
-                rows, cols = torch.triu_indices(b, b, 1)
-                vals.append(q.detach().to(torch.float32)[:, rows, cols])
-            new.append(vals)
-        with torch.no_grad():
-            for tl, vals in zip(self.layers, new):
-                for p, v in zip(tl.params, vals):
-                    p.copy_(v.to(p.device))
-
+        _resume_trainer(self, adapter, names)
 
 def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
     """The `names` argument of `OFTTrainer.to_adapter` for targets selected under `root` (a UNet / DiT module).
 
     naming "native": None, the module paths as they are (LDM for ComfyUI's SD UNets, BFL for FLUX).
-    naming "diffusers": LDM UNet path -> diffusers path (`names._ldm_to_diffusers_names`, built from the whole UNet's
-    keys so that layers_per_block is known), as sd-scripts `networks.oft` names SD1.x/SD2.x layers.
+    naming "diffusers": LDM UNet path -> diffusers path (`names._ldm_to_diffusers_names`, built from the whole UNet's keys
+    so that layers_per_block is known), as sd-scripts `networks.oft` names SD1.x/SD2.x layers.
     """
     if naming == "native":
         return None
@@ -574,6 +502,108 @@ def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
         return _ldm_to_diffusers_names({k: tuple(v.shape) for k, v in root.state_dict().items()})
     except ValueError as e:
         raise OFTError(f"cannot name the layers after diffusers modules: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------ rotated outputs
+_CHUNK_ELEMENTS = 1 << 18  # rows per piece of the rotation: about this many elements (1 MiB in fp32)
+
+
+def _row_chunks(lead: tuple[int, ...], rows: int):
+    """Index tuples cutting a tensor of leading shape `lead` (its last axis not included) into pieces of at most
+    about `rows` rows (whole trailing rows, never an empty piece)."""
+    if not lead:
+        yield ()
+        return
+    inner = math.prod(lead[1:])
+    if inner <= rows:
+        step = max(1, rows // max(inner, 1))
+        for i in range(0, lead[0], step):
+            yield (slice(i, i + step),)
+    else:
+        for i in range(lead[0]):
+            for rest in _row_chunks(lead[1:], rows):
+                yield (slice(i, i + 1),) + rest
+
+
+def _rotate_rows(rows: torch.Tensor, blocks, sizes, *, transpose: bool = False) -> torch.Tensor:
+    """(N, C) ↦ each row v ↦ B v per block (`transpose`: Bᵀ v), one bmm per split."""
+    parts, start = [], 0
+    for r, (n, b) in zip(blocks, sizes):
+        cols = rows[:, start:start + n * b].reshape(-1, n, b).transpose(0, 1)  # (n, N, b)
+        parts.append(torch.bmm(cols, r if transpose else r.transpose(-1, -2)).transpose(0, 1).reshape(-1, n * b))
+        start += n * b
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+class _RotateOutput(torch.autograd.Function):
+    """out = y + (M·z − z) with z = y − bias (without a bias: out = M·y), M = blockdiag(blocks) on axis `dim`, the
+    rotation in fp32 and `out` in y's dtype: the values of `y + (rotate_features(z) − z)`.
+
+    Autograd on that expression keeps z for backward next to the output (y itself is not kept, but z is a full
+    activation-sized copy) and makes several activation-sized temporaries at once, in forward (y, z, the bmm
+    result, its reshaped copy, M z − z) and in backward (g, Mᵀg, its reshaped copy, Mᵀg − g, their sum). Here the
+    layer keeps only y (z = y − bias is recomputed in backward by the same subtraction: the same values), the work
+    is done in pieces of about `_CHUNK_ELEMENTS` rows, so the only activation-sized tensors are y, out (and in
+    backward g and ∂y), and the backward computes ∂out/∂y = M exactly as Mᵀg (the same derivative as
+    (I + M − I)ᵀ g, one rounding instead of three) and ∂/∂B_i = Σ g_i z_iᵀ per block."""
+
+    @staticmethod
+    def forward(ctx, y, bias, dim, sizes, *blocks):
+        moved = y.movedim(dim, -1)
+        width = moved.shape[-1]
+        b = None if bias is None else bias.to(y.dtype)
+        out = torch.empty_like(y)
+        out_m = out.movedim(dim, -1)
+        for idx in _row_chunks(tuple(moved.shape[:-1]), max(1, _CHUNK_ELEMENTS // width)):
+            yc = moved[idx]
+            zc = yc if b is None else yc - b
+            rot = _rotate_rows(zc.reshape(-1, width).to(torch.float32), blocks, sizes).to(y.dtype)
+            rot = rot.reshape(zc.shape)
+            if b is None:
+                out_m[idx].copy_(rot)
+            else:
+                torch.sub(rot, zc, out=out_m[idx])  # (M z − z) + y == y + (M z − z), bit for bit
+                out_m[idx].add_(yc)
+        ctx.save_for_backward(y, *blocks)
+        ctx.dim, ctx.sizes, ctx.bias = dim, sizes, b  # (a frozen vector, maybe an inference tensor: not "saved")
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, *blocks = ctx.saved_tensors
+        dim, sizes, b = ctx.dim, ctx.sizes, ctx.bias
+        moved = y.movedim(dim, -1)
+        width = moved.shape[-1]
+        g_m = grad.movedim(dim, -1)
+        want_y = ctx.needs_input_grad[0]
+        want_r = [ctx.needs_input_grad[4 + i] for i in range(len(blocks))]
+        grad_y = torch.empty_like(y) if want_y else None
+        grads_r = [torch.zeros_like(r) if w else None for r, w in zip(blocks, want_r)]
+        for idx in _row_chunks(tuple(moved.shape[:-1]), max(1, _CHUNK_ELEMENTS // width)):
+            gc = g_m[idx].reshape(-1, width).to(torch.float32)
+            if any(want_r):
+                yc = moved[idx]
+                zc = (yc if b is None else yc - b).reshape(-1, width).to(torch.float32)
+                start = 0
+                for gr, (n, bs) in zip(grads_r, sizes):
+                    if gr is not None:
+                        gcols = gc[:, start:start + n * bs].reshape(-1, n, bs).transpose(0, 1)
+                        zcols = zc[:, start:start + n * bs].reshape(-1, n, bs).transpose(0, 1)
+                        gr.baddbmm_(gcols.transpose(1, 2), zcols)  # Σ g zᵀ per block
+                    start += n * bs
+                del zc
+            if want_y:
+                gy = _rotate_rows(gc, blocks, sizes, transpose=True).to(y.dtype)
+                grad_y.movedim(dim, -1)[idx].copy_(gy.reshape(g_m[idx].shape))
+        return (grad_y, None, None, None, *grads_r)
+
+
+def rotate_output(layer: OFTLayer, y: torch.Tensor, bias: torch.Tensor | None, blocks: list[torch.Tensor], *,
+                  dim: int = -1) -> torch.Tensor:
+    """A trained layer's output: M·(y − bias) + bias in the delta form y + (M − I)(y − bias) (`_RotateOutput`;
+    bias None: M·y), for a kohya-convention (block-diagonal, output side) `layer` whose base output is `y`."""
+    sizes = tuple(zip(layer.num_blocks, layer.block_sizes))
+    return _RotateOutput.apply(y, None if bias is None else bias.detach(), dim % y.ndim, sizes, *blocks)
 
 
 # ------------------------------------------------------------------------------------------------ frozen weights
@@ -608,24 +638,30 @@ def frozen_for_training(root: nn.Module):
         with torch.inference_mode(False):
             for module in root.modules():
                 for store in (module._parameters, module._buffers):
-                    for name, t in list(store.items()):
-                        if t is None:
-                            continue
-                        if t.is_inference() and type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided:
-                            alias = _normal_alias(t)
-                            if isinstance(t, nn.Parameter):
-                                alias = nn.Parameter(alias, requires_grad=False)
-                            swapped.append((store, name, t))
-                            store[name] = alias
-                        elif isinstance(t, nn.Parameter) and t.requires_grad:
-                            t.requires_grad_(False)
-                            unfrozen.append(t)
+                    _freeze_store(store, swapped, unfrozen)
         yield len(swapped)
     finally:
         for store, name, t in reversed(swapped):
             store[name] = t
         for t in unfrozen:
             t.requires_grad_(True)
+
+
+def _freeze_store(store: dict, swapped: list, unfrozen: list) -> None:
+    """One module's parameters or buffers: plain inference tensors swapped for normal aliases (recorded in
+    `swapped` as (store, name, original)), trainable parameters frozen (recorded in `unfrozen`)."""
+    for name, t in list(store.items()):
+        if t is None:
+            continue
+        if t.is_inference() and type(t) in (torch.Tensor, nn.Parameter) and t.layout == torch.strided:
+            alias = _normal_alias(t)
+            if isinstance(t, nn.Parameter):
+                alias = nn.Parameter(alias, requires_grad=False)
+            swapped.append((store, name, t))
+            store[name] = alias
+        elif isinstance(t, nn.Parameter) and t.requires_grad:
+            t.requires_grad_(False)
+            unfrozen.append(t)
 
 
 # ------------------------------------------------------------------------------------------------ frozen bases (QOFT)
@@ -670,7 +706,7 @@ class _FrozenBase(torch.autograd.Function):
         return gx.to(ctx.x_dtype), None, None, None
 
 
-def _frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding=None):
+def frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding=None):
     """(y, bias) of a frozen Linear / Conv2d (`_FrozenBase`); bias None when the layer has none. `padding`: the
     Conv2d padding to use (default the module's; 0 after an explicit non-zero-mode pad)."""
     if padding is None and isinstance(module, nn.Conv2d):
@@ -681,7 +717,7 @@ def _frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, paddin
 
 @contextlib.contextmanager
 def frozen_bases(modules: Iterable[nn.Module], weight_fn: Callable):
-    """Run each (untrained) Linear / Conv2d in `modules` through `_frozen_base` while gradients are on: their
+    """Run each (untrained) Linear / Conv2d in `modules` through `frozen_base` while gradients are on: their
     dequantised / cast weights are made again in backward instead of kept (QOFT). Calls with other arguments, under
     no_grad, or of Conv2d with a non-zero padding mode go to the layer's own forward. Restored on exit."""
     with _forward_patches() as replace:
@@ -692,7 +728,7 @@ def frozen_bases(modules: Iterable[nn.Module], weight_fn: Callable):
             def fwd(*args, __m=m, __orig=m.forward, **kwargs):
                 if len(args) != 1 or kwargs or not torch.is_grad_enabled():
                     return __orig(*args, **kwargs)
-                return _frozen_base(__m, args[0], weight_fn)[0]
+                return frozen_base(__m, args[0], weight_fn)[0]
 
             replace(m, fwd)
         yield

@@ -73,6 +73,10 @@ def test_bench_bypass_quick(tmp_path):
         assert r["ready_over_merge"] == pytest.approx(r["bypass_ready_s"] / r["merge_first_patch_s"])
         assert r["step_target"] == pytest.approx(1 + 1.5 * r["block_size"] / r["in"])
         assert r["bypass_err_vs_fp32"] < 1e-5  # fp32: the hooked layer computes the rotated forward
+        assert r["step_flop_bound"] == pytest.approx(1 + r["block_size"] / r["in"])
+        assert r["product_only_ratio"] == pytest.approx(1 + r["product_s"] / r["step_merged_s"])
+        assert r["product_over_target"] == (r["product_only_ratio"] > r["step_target"])
+        assert r["step_clock"] == "thread CPU time" and r["step_ratio_wall"] > 0
 
 
 def test_bench_extract_quick(tmp_path):

@@ -257,3 +257,70 @@ def test_strength_zero_attaches_nothing_identity_is_skipped_and_attach_refuses_a
     m = torch.nn.Sequential(torch.nn.Linear(8, 8))
     with pytest.raises(OFTError, match="strength mode"):
         attach(m, load_adapter(get_case("lycoris_diag_oft_dim8").adapter), 1.0, "sideways")
+
+
+def _split_layer(side, sizes, seed, scale=0.3):
+    """A diag layer with one split per (n, b) in `sizes` (as kohya FLUX's split q|k|v layers carry)."""
+    g = torch.Generator().manual_seed(seed)
+    gens = []
+    for n, b in sizes:
+        a = torch.randn(n, b, b, generator=g) * scale
+        gens.append(a - a.transpose(-1, -2))
+    return make_layer(path="t", name=f"s{seed}", side=side, blocks=gens, transpose=side == "out")
+
+
+# (n, b) splits: blocks of 4 / 8 / 12 / 16 are multiplied as block-diagonal groups up to 32 wide (`_group_blocks`:
+# 8×4 → one 32-wide group, 6×8 → 24 wide, 4×12 → 24, 3×16 stays ungrouped: 3 has no divisor 2), 40 and 48 as they
+# are; two splits. With 40 rows, fp32 with a bias takes the one-pass form up to 40 wide and the other one for 48.
+_BLOCK_CASES = {"g8x4": [(8, 4)], "g6x8": [(6, 8)], "3x16": [(3, 16)], "4x12": [(4, 12)], "2x40": [(2, 40)],
+                "1x48": [(1, 48)], "splits": [(2, 16), (4, 8)]}
+
+
+@pytest.mark.parametrize("case", sorted(_BLOCK_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("side", ["out", "in"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_block_product_paths_equal_the_fp32_reference(case, dtype, side, bias):
+    """Every shape of the step's block product (grouped small blocks, plain ones, several splits), both sides, with and
+    without bias, on a (batch, tokens, features) input: == the fp32 forward of the merged weight; fp32 to fp32
+    rounding, 16-bit to the output's own rounding (the layer's rounding of y and one more, each ≤ u·max|y|)."""
+    sizes = _BLOCK_CASES[case]
+    feat = sum(n * b for n, b in sizes)
+    out_f, in_f = (feat, 24) if side == "out" else (20, feat)
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1)) * 0.2
+    layer = _split_layer(side, sizes, 2)
+    m = _layer_module(w, bias=bias, seed=3).to(dtype)
+    if bias:  # a bias as large as the outputs: its term (B − I)·b weighs as much as the rest
+        with torch.no_grad():
+            m.bias.mul_(10)
+    x = torch.randn(2, 20, in_f, generator=torch.Generator().manual_seed(4)).to(dtype)
+    mb = ModuleBypass([_BypassTarget(layer, 0.8)], conv=False)
+    hs = mb.attach(m)
+    y = m(x)
+    for h in hs:
+        h.remove()
+    assert y.dtype == dtype and y.shape == (2, 20, out_f)
+    ref = F.linear(x.float(), rotate_weight(layer, m.weight.float(), 0.8), None if m.bias is None else m.bias.float())
+    u = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    assert rel_err(y, ref) <= (FWD_TOL if dtype == torch.float32 else 2.5 * u)
+    assert rel_err(y, F.linear(x.float(), m.weight.float(), None if m.bias is None else m.bias.float())) > 10 * u
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_slices_with_a_gap_and_several_splits_16_bit(dtype):
+    """q and v slices of a fused weight (v with two splits), k untouched: each slice == the fp32 reference to the
+    output's rounding, k bit for bit the layer's own output, in fp32 and bf16."""
+    w = torch.randn(96, 16, generator=torch.Generator().manual_seed(0)) * 0.3
+    m = _layer_module(w, bias=True, seed=1).to(dtype)
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    lq, lv = _split_layer("out", [(4, 8)], 3), _split_layer("out", [(1, 16), (2, 8)], 4)
+    hs = ModuleBypass([_BypassTarget(lq, 1.0, span=(0, 32)), _BypassTarget(lv, 1.0, span=(64, 32))],
+                      conv=False).attach(m)
+    y = m(x)
+    for h in hs:
+        h.remove()
+    wf = m.weight.float()
+    want_w = torch.cat([rotate_weight(lq, wf[:32]), wf[32:64], rotate_weight(lv, wf[64:])])
+    u = 2.0**-24 if dtype == torch.float32 else 2.0**-8
+    assert rel_err(y, F.linear(x.float(), want_w, m.bias.float())) <= (FWD_TOL if dtype == torch.float32 else 2.5 * u)
+    assert torch.equal(y[..., 32:64], m(x)[..., 32:64])

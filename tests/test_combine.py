@@ -1,5 +1,7 @@
 """blend / merge (average, compose) and per-block strength, checked in merged weights."""
 
+import os
+
 import pytest
 import torch
 from oracle import REL_TOL, get_case, rel_err
@@ -84,6 +86,21 @@ def test_average_of_one_is_itself_and_of_two_is_blend():
     _same(_merged(avg, case), _merged(blend(a, c, 0.75), case), 1e-6)
     with pytest.raises(OFTError, match="non-zero sum"):
         merge([(a, 1.0), (c, -1.0)], "average")
+
+
+def test_blend_and_merge_record_their_provenance_in_the_typed_field():
+    """made_from, not info: the operation, its numbers and each input's own provenance (its file, or the tree that
+    made it), so a blend of a merge keeps the whole history."""
+    a, c = load_adapter(get_case(LYC).adapter), load_adapter(get_case(LYC_C).adapter)
+    a_file = {"file": os.path.basename(a.path), "format": a.format}
+    c_file = {"file": os.path.basename(c.path), "format": c.format}
+    b = blend(a, c, 0.25)
+    assert b.made_from == {"blend": {"ratio": 0.25, "a": a_file, "b": c_file}} and "blend" not in b.info
+    for mode in ("average", "compose"):
+        m = merge([(b, 2.0), (c, 1.0)], mode)
+        assert "merge" not in m.info
+        assert m.made_from == {"merge": {"mode": mode, "adapters": [{"weight": 2.0, "adapter": b.made_from},
+                                                                   {"weight": 1.0, "adapter": c_file}]}}
 
 
 @pytest.mark.parametrize("case_id", [LYC_C, "flux_tiny_oft_attn_dim4", "peft_oft_cayley_bs8"])

@@ -474,7 +474,7 @@ def test_bench_train_quick_runs(tmp_path):
 
     results = tmp_path / "bench_train.results.txt"
     run = subprocess.run([sys.executable, str(comfy_models.REPO_ROOT / "benchmarks" / "bench_train.py"), "--quick",
-                          "--threads", "1", "--results", str(results)], capture_output=True, text=True, timeout=300,
+                          "--threads", "1", "--results", str(results)], capture_output=True, text=True, timeout=600,
                          cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
@@ -489,4 +489,8 @@ def test_bench_train_quick_runs(tmp_path):
     assert ours and core and ours[1] == core[1], out
     assert 2 < int(core[2]) / int(ours[2]) < 4
     assert "ratios input/weight-centric: time" in out and "machine: load" in out
+    # the breakdown: live tensor bytes at the peak of each side and of the floor run (only the input layer trained)
+    live = re.search(r"live-tensor ratio ours/core (\d+\.\d+); the floor alone would be (\d+\.\d+)", out)
+    assert live and 0 < float(live[2]) < float(live[1]), out
+    assert re.search(r"floor \(only the model's input layer trained.*\): peak +\d+\.\d MiB \(kept", out), out
     assert results.read_text().strip().splitlines()[-1].startswith("  machine: load")

@@ -147,6 +147,21 @@ def test_mixed_alphas_are_applied_then_written_under_one_alpha(tmp_path):
         assert rel_err(rotate_weight(b.layers[k], w, 0.5), rotate_weight(a.layers[k], w, 0.5)) <= REL_TOL
 
 
+def test_a_format_the_adapter_refuses_is_refused_with_its_reason(tmp_path):
+    """OFTAdapter.refused_formats (the trainer sets {"kohya": ...} for families sd-scripts has no OFT network for):
+    that writer refuses naming the reason and writes nothing; the other formats still write."""
+    from dataclasses import replace
+
+    a = replace(load_adapter(get_case("lycoris_diag_oft_dim8").adapter),
+                refused_formats={"kohya": "sd-scripts has no OFT network for SD3 models"})
+    out = tmp_path / "k.safetensors"
+    for write in (lambda: _write_kohya(a, out), lambda: write_adapter(a, out, "kohya")):
+        with pytest.raises(OFTError, match="cannot be written as kohya: sd-scripts has no OFT network for SD3"):
+            write()
+        assert not out.exists()
+    assert os.path.isfile(write_adapter(a, tmp_path / "l.safetensors", "lycoris"))
+
+
 def test_refuses_to_overwrite_and_overwrites_when_asked(tmp_path):
     a = load_adapter(get_case("lycoris_diag_oft_dim8").adapter)
     out = tmp_path / "o.safetensors"

@@ -20,23 +20,22 @@ import logging
 import math
 import re
 from collections import Counter
-from typing import Iterable, Mapping
+from itertools import repeat
+from operator import is_, itemgetter, methodcaller
+from typing import Iterable, Mapping, NamedTuple
 
 import torch
 
 from ..errors import OFTError
 from ..rotation import _constrain, _skew
-from ..safetensors_io import _Header
-from ..spec import Constraint, OFTAdapter, OFTLayer, _Blocks, _finite_each, make_layer
+from ..safetensors_io import _FileTensors, _Header, _stack_values
+from ..spec import Constraint, OFTAdapter, OFTLayer, _finite_each, _make_layers
 from . import _write as w
 
 log = logging.getLogger(__name__)
 
 _PREFIX = "oft_unet_"
 _BATCH_ELEMENTS = 1 << 22
-# adapter.info key: why no kohya file can hold this adapter (set by the trainer for families sd-scripts has no OFT
-# network for); `write` refuses with it.
-KOHYA_REFUSED = "kohya_refused"
 _KEY = re.compile(r"^(oft_unet_.+?)\.(oft_blocks(?:\.(\d+))?|alpha)$")
 
 
@@ -44,50 +43,156 @@ def claims(header: _Header, config) -> bool:
     return any(k.startswith(_PREFIX) and ".oft_blocks" in k for k in header.tensors)
 
 
-def _group(tensors: dict[str, torch.Tensor], path: str) -> tuple[dict[str, dict], list[str]]:
-    """({layer key: {"splits": {index (-1: unnumbered): tensor}, "alpha": tensor | None}}, keys of no layer)."""
-    modules: dict[str, dict] = {}
+def _group(keys: Iterable[str], path: str) -> tuple[dict[str, list], list[str]]:
+    """({layer key: [`.oft_blocks` key | None, {index: `.oft_blocks.<i>` key} | None, `.alpha` key | None]}, keys of
+    no layer), by the grammar `_KEY`. A key with one dot, `oft_unet_<name>.oft_blocks` or `.alpha`, is split at its dot
+    (what `_KEY` gives it: a name without a dot or newline has no shorter prefix the grammar could take); any other key
+    goes through `_KEY` itself (a regex match per key was a fifth of a second for 200,000 keys)."""
+    layers: dict[str, list] = {}
     ignored = []
-    for key, t in tensors.items():
-        m = _KEY.match(key)
-        if not m:
-            if key.startswith(_PREFIX):
-                raise OFTError(f"unexpected key {key!r} in a kohya OFT file (expected <name>.oft_blocks[.<i>] "
-                               "and <name>.alpha)", path=path)
-            ignored.append(key)
-            continue
-        mod = modules.setdefault(m.group(1), {"splits": {}, "alpha": None})
-        if m.group(2) == "alpha":
-            mod["alpha"] = t
+    match = _KEY.match
+    first = len(_PREFIX) + 1  # `.+?`: at least one character after the prefix
+    for key in keys:
+        head, _, tail = key.rpartition(".")
+        if (tail == "oft_blocks" or tail == "alpha") and len(head) >= first and head.startswith(_PREFIX) \
+                and "." not in head and "\n" not in head:
+            index = 0 if tail == "oft_blocks" else 2
         else:
-            mod["splits"][-1 if m.group(3) is None else int(m.group(3))] = t
-    return modules, ignored
+            m = match(key)
+            if not m:
+                if key.startswith(_PREFIX):
+                    raise OFTError(f"unexpected key {key!r} in a kohya OFT file (expected <name>.oft_blocks[.<i>] "
+                                   "and <name>.alpha)", path=path)
+                ignored.append(key)
+                continue
+            head, part, number = m.group(1, 2, 3)
+            if part != "alpha" and number is not None:  # `.oft_blocks.<i>`: a numbered split
+                entry = layers.get(head)
+                if entry is None:
+                    entry = layers[head] = [None, None, None]
+                if entry[1] is None:
+                    entry[1] = {}
+                entry[1][int(number)] = key
+                continue
+            index = 2 if part == "alpha" else 0
+        entry = layers.get(head)
+        if entry is None:
+            entry = layers[head] = [None, None, None]
+        entry[index] = key
+    return layers, ignored
 
 
-def _batched_values(modules: dict[str, dict]) -> tuple[dict[int, float], dict[int, torch.Tensor], dict[int, bool]]:
-    """What the per-layer checks need of the tensors' values, computed for all layers at once (keyed by id() of the
-    stored tensor): each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in fp32, and whether
-    that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed tensors are left
-    out, for the per-layer checks to refuse in file order."""
-    alphas = [m["alpha"] for m in modules.values() if m["alpha"] is not None and m["alpha"].numel() == 1]
-    alpha_of = {}
-    for dtype in {a.dtype for a in alphas}:
-        same = [a for a in alphas if a.dtype == dtype]
-        values = torch.stack([a.reshape(()) for a in same]).float().tolist()  # exact: bf16 0.00099945... stays
-        alpha_of.update(zip(map(id, same), values))
-    blocks = [a for m in modules.values() for a in m["splits"].values() if a.ndim == 3 and a.shape[1] == a.shape[2]]
-    q_of, finite = {}, {}
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for a in blocks:
-        groups.setdefault((tuple(a.shape), a.dtype, a.device), []).append(a)
-    for (shape, _, _), same in groups.items():
+def _simple_keys(keys: list[str]) -> tuple[list[str], list[str], list[str]] | None:
+    """(layer keys sorted, their `.alpha` keys, their `.oft_blocks` keys) when the file holds exactly
+    `oft_unet_<name>.alpha` and `oft_unet_<name>.oft_blocks` for each layer, with one dot and no newline in every key
+    (the usual file), decided for all keys at once; else None (`_group`, key by key). Sorted, each layer's two keys
+    are neighbours (`.alpha` first): a key between them would have to start with `<name>.`, i.e. hold a second
+    dot. Each key is split as `_group` splits it (its one-dot case), without a Python step per key."""
+    ordered = sorted(keys)
+    alpha_keys, block_keys = ordered[0::2], ordered[1::2]
+    if (not keys or len(alpha_keys) != len(block_keys)
+            or not all(map(methodcaller("endswith", ".alpha"), alpha_keys))
+            or not all(map(methodcaller("endswith", ".oft_blocks"), block_keys))):
+        return None
+    names = [k[:-6] for k in alpha_keys]
+    if names != [k[:-11] for k in block_keys]:
+        return None
+    joined = "".join(keys)
+    if (joined.count(".") != len(keys) or "\n" in joined or min(map(len, names)) <= len(_PREFIX)
+            or not all(map(methodcaller("startswith", _PREFIX), names))):
+        return None
+    return names, alpha_keys, block_keys
+
+
+def _simple_rows(names: list[str], values: list, qs: list, finite: list, source: str) -> "_Rows | None":
+    """The rows `read`'s per-layer loop gives when every layer (`names`, sorted; the batched values aligned with
+    them) has one well-shaped `.oft_blocks` and a nonzero scalar `.alpha` (the usual file), built for all layers at
+    once; None for anything else (the loop, whose refusals come in key order)."""
+    if any(map(is_, qs, repeat(None))) or None in values or 0.0 in values:  # 0.0 and -0.0: the loop keeps apart
+        return None
+    constraint_of = {v: Constraint("norm_clamp", v) for v in dict.fromkeys(values)}
+    start = len(_PREFIX)
+    return _Rows([key[start:] for key in names], names, [(q,) for q in qs], [(f,) for f in finite],
+                 list(map(constraint_of.__getitem__, values)), [source] * len(names))
+
+
+def _by_layout(layouts: list) -> list:
+    """Positions grouped by their `layouts` (first-seen order): a range when there is one layout (the usual file of
+    one block size), without a dict operation per key when there are few."""
+    if not layouts:
+        return []
+    if layouts.count(layouts[0]) == len(layouts):
+        return [range(len(layouts))]
+    distinct = list(dict.fromkeys(layouts))
+    if len(distinct) <= 8:
+        return [[i for i, lay in enumerate(layouts) if lay == want] for want in distinct]
+    groups: dict = {}
+    for i, lay in enumerate(layouts):
+        groups.setdefault(lay, []).append(i)
+    return list(groups.values())
+
+
+_DTYPE_SHAPE = itemgetter(0, 1)  # of a TensorInfo
+
+
+def _batched_values(alpha_keys: list[str], block_keys: list[str], tensors: Mapping[str, torch.Tensor],
+                    header: _Header) -> tuple[list, list, list]:
+    """What the per-layer checks need of the tensors' values, computed for all layers of one layout at once, as
+    lists aligned with the keys: each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in
+    fp32 and whether that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed
+    tensors get None, for the per-layer checks to refuse in file order. Shapes and dtypes come from the header;
+    values from `tensors` in batches (a `_FileTensors` stacks them without a tensor per key)."""
+    info = header.tensors
+    if isinstance(tensors, _FileTensors):
+        def entries(keys):
+            return list(map(info.__getitem__, keys))
+
+        def layouts(keys, infos):
+            return list(map(_DTYPE_SHAPE, infos))
+
+        def stack(keys, infos):
+            return tensors.stack_entries(infos)
+    else:  # a plain mapping (the streamed skeleton: small tensors real, large ones on the meta device): per device
+        def entries(keys):
+            return list(map(info.__getitem__, keys))
+
+        def layouts(keys, infos):
+            return [(*ti[:2], tensors[k].device) for k, ti in zip(keys, infos)]
+
+        def stack(keys, infos):
+            return _stack_values(tensors, keys)
+    alpha_values: list = [None] * len(alpha_keys)
+    infos = entries(alpha_keys)
+    for positions in _by_layout(layouts(alpha_keys, infos)):
+        if math.prod(infos[positions[0]].shape) == 1:
+            keys = [alpha_keys[i] for i in positions] if len(positions) < len(alpha_keys) else alpha_keys
+            chosen = [infos[i] for i in positions] if len(positions) < len(alpha_keys) else infos
+            values = stack(keys, chosen).reshape(len(keys)).float().tolist()  # exact: bf16 0.00099945... stays
+            _scatter(alpha_values, positions, values)
+    qs: list = [None] * len(block_keys)
+    finite: list = [None] * len(block_keys)
+    infos = entries(block_keys)
+    for positions in _by_layout(layouts(block_keys, infos)):
+        shape = infos[positions[0]].shape
+        if len(shape) != 3 or shape[1] != shape[2]:
+            continue
         step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))  # bounds the transient stacked copy
-        for start in range(0, len(same), step):
-            chunk = same[start:start + step]
-            q = _skew(torch.stack(chunk).to(torch.float32))
-            q_of.update(zip(map(id, chunk), q.unbind(0)))
-            finite.update(zip(map(id, chunk), _finite_each(q)))
-    return alpha_of, q_of, finite
+        for start in range(0, len(positions), step):
+            chunk = positions[start:start + step]
+            whole = len(chunk) == len(block_keys)
+            q = _skew(stack(block_keys if whole else [block_keys[i] for i in chunk],
+                           infos if whole else [infos[i] for i in chunk]).to(torch.float32))
+            _scatter(qs, chunk, q.unbind(0))
+            _scatter(finite, chunk, _finite_each(q))
+    return alpha_values, qs, finite
+
+
+def _scatter(out: list, positions, values) -> None:
+    if isinstance(positions, range) and len(positions) == len(out):
+        out[:] = values
+    else:
+        for i, v in zip(positions, values):
+            out[i] = v
 
 
 def _split_order(key: str, splits: dict, path: str) -> list[int]:
@@ -102,53 +207,135 @@ def _split_order(key: str, splits: dict, path: str) -> list[int]:
     return order
 
 
-def _alpha(key: str, alpha: torch.Tensor | None, file_alpha: float | None, alpha_of: dict, path: str) -> float:
-    """The layer's `.alpha` (exactly the stored value), else the file's ss_network_alpha; refused when neither."""
+def _alpha(key: str, alpha: str | None, file_alpha: float | None, header: _Header) -> float:
+    """The refusal for a layer whose `.alpha` value is not in the batch: none and no ss_network_alpha, or not a
+    scalar; else the file's ss_network_alpha."""
     if alpha is None:
         if file_alpha is None:
             raise OFTError("no .alpha tensor and no ss_network_alpha metadata: the constraint is unknown",
-                           path=path, layer=key)
+                           path=header.path, layer=key)
         return file_alpha
-    if alpha.numel() != 1:
-        raise OFTError(f".alpha must be a scalar, found shape {tuple(alpha.shape)}", path=path, layer=key)
-    return alpha_of[id(alpha)]
+    raise OFTError(f".alpha must be a scalar, found shape {tuple(header.tensors[alpha].shape)}", path=header.path,
+                   layer=key)
 
 
-def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
+def _bad_blocks(key: str, splits: dict, order: list[int], header: _Header) -> OFTError:
+    i = next(i for i in order if not _square(header.tensors[splits[i]].shape))
+    return OFTError(f".oft_blocks{'' if i < 0 else f'.{i}'}: expected (num_blocks, b, b), "
+                    f"found {tuple(header.tensors[splits[i]].shape)}", path=header.path, layer=key)
+
+
+def _square(shape) -> bool:
+    return len(shape) == 3 and shape[1] == shape[2]
+
+
+class _Rows(NamedTuple):
+    """`_make_layers`' per-layer columns, filled in key order."""
+
+    names: list
+    keys: list
+    blocks: list
+    finite: list
+    constraints: list
+    sources: list
+
+    def layers(self, path: str) -> list[OFTLayer]:
+        return _make_layers(
+            path=path,
+            names=self.names,
+            keys=self.keys,
+            blocks=self.blocks,
+            finite=self.finite,
+            constraints=self.constraints,
+            sources=self.sources,
+            side="out",
+            transpose=True,  # sd-scripts: einsum("k n m, k n ... -> k m ...", R, W) = Rᵀ·W per block
+        )
+
+
+def read(header: _Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAdapter:
     """The adapter of a kohya file. Per layer, in key order: its splits, its alpha, its block shapes, then
-    `make_layer` (tests/test_bad_input.py pins each refusal); tensor values are computed for all layers at once."""
+    `make_layer`'s checks (tests/test_bad_input.py pins each refusal); tensor values are computed for all layers of
+    one layout at once, and the layers built by `_make_layers` (the same checks, once per distinct layout)."""
     path = header.path
-    modules, ignored = _group(tensors, path)
-    alpha_of, q_of, finite = _batched_values(modules)
+    keys = list(tensors)
+    simple = _simple_keys(keys)
     file_alpha = _metadata_alpha(header)
     flux = header.metadata.get("ss_network_module") == "networks.oft_flux"
-    layers = {}
-    for key, mod in sorted(modules.items()):
-        splits = mod["splits"]
-        order = _split_order(key, splits, path)
-        flux = flux or order != [-1]
-        alpha_v = _alpha(key, mod["alpha"], file_alpha, alpha_of, path)
-        for i in order:
-            a = splits[i]
-            if a.ndim != 3 or a.shape[1] != a.shape[2]:
-                raise OFTError(f".oft_blocks{'' if i < 0 else f'.{i}'}: expected (num_blocks, b, b), "
-                               f"found {tuple(a.shape)}", path=path, layer=key)
-        gens = _Blocks([q_of[id(splits[i])] for i in order], [finite[id(splits[i])] for i in order])
-        layers[("unet", key[len(_PREFIX):])] = make_layer(
-            path=path,
-            name=key[len(_PREFIX):],
-            side="out",
-            blocks=gens,
-            transpose=True,  # sd-scripts: einsum("k n m, k n ... -> k m ...", R, W) = Rᵀ·W per block
-            constraint=Constraint("norm_clamp", alpha_v),
-            source="kohya_flux" if flux else "kohya",
-            key=key,
-        )
+    rows = None
+    if simple is not None:
+        names, alpha_keys, block_keys = simple
+        ignored = []
+        values, qs, finite = _batched_values(alpha_keys, block_keys, tensors, header)
+        rows = _simple_rows(names, values, qs, finite, "kohya_flux" if flux else "kohya")
+        if rows is None:
+            layers = {name: [b, None, a] for name, a, b in zip(names, alpha_keys, block_keys)}
+    else:
+        layers, ignored = _group(keys, path)
+    if rows is None:
+        alpha_keys = [e[2] for e in layers.values() if e[2] is not None]
+        block_keys = [e[0] for e in layers.values() if e[0] is not None]
+        block_keys += [k for e in layers.values() if e[1] is not None for k in e[1].values()]
+        values, qs, finite = _batched_values(alpha_keys, block_keys, tensors, header)
+        alpha_of = {k: v for k, v in zip(alpha_keys, values) if v is not None}
+        q_of = {k: q for k, q in zip(block_keys, qs) if q is not None}
+        finite_of = dict(zip(block_keys, finite))
+        rows, flux = _layer_rows(layers, alpha_of, q_of, finite_of, file_alpha, flux, header)
+    built = dict(zip((("unet", name) for name in rows.names), rows.layers(path)))
     fmt = "kohya_flux" if flux else "kohya"
-    info = {"alpha": sorted({layer.constraint.value for layer in layers.values()})}
+    info_out = {"alpha": sorted({c.value for c in rows.constraints})}
     if ignored:
-        info["ignored_keys"] = ignored
-    return OFTAdapter(layers, fmt, path, dict(header.metadata), info)
+        info_out["ignored_keys"] = ignored
+    return OFTAdapter(built, fmt, path, dict(header.metadata), info_out)
+
+
+def _layer_rows(layers: dict[str, list], alpha_of: dict, q_of: dict, finite: dict, file_alpha: float | None,
+                flux: bool, header: _Header) -> tuple[_Rows, bool]:
+    """`_make_layers`' rows, layer by layer in key order: its splits, its alpha, its block shapes (each refusal
+    raised after the earlier layers' own checks, as when each layer was built in turn); and whether the file is
+    FLUX (metadata, or a layer of numbered splits: that layer and the later ones get source "kohya_flux")."""
+    path = header.path
+    rows = _Rows([], [], [], [], [], [])
+    constraint_of: dict[float, Constraint] = {}  # one object per alpha (100,000 layers usually share one)
+    start = len(_PREFIX)
+    try:
+        for key in sorted(layers):
+            blocks, numbered, alpha = layers[key]
+            usual = numbered is None and blocks is not None  # one unnumbered `.oft_blocks`: the usual layer
+            if not usual:
+                splits = dict(numbered or {})
+                if blocks is not None:
+                    splits[-1] = blocks
+                order = _split_order(key, splits, path)
+                flux = flux or order != [-1]
+            alpha_v = alpha_of.get(alpha) if alpha is not None else None
+            if alpha_v is None:
+                alpha_v = _alpha(key, alpha, file_alpha, header)
+            if usual:
+                q = q_of.get(blocks)
+                if q is None:
+                    raise _bad_blocks(key, {-1: blocks}, [-1], header)
+                gens, flags = (q,), (finite[blocks],)
+            else:
+                if any(splits[i] not in q_of for i in order):
+                    raise _bad_blocks(key, splits, order, header)
+                gens = tuple(q_of[splits[i]] for i in order)
+                flags = tuple(finite[splits[i]] for i in order)
+            constraint = constraint_of.get(alpha_v) if alpha_v else None  # 0.0 and -0.0 kept apart
+            if constraint is None:
+                constraint = Constraint("norm_clamp", alpha_v)
+                if alpha_v:
+                    constraint_of[alpha_v] = constraint
+            rows.names.append(key[start:])
+            rows.keys.append(key)
+            rows.blocks.append(gens)
+            rows.finite.append(flags)
+            rows.constraints.append(constraint)
+            rows.sources.append("kohya_flux" if flux else "kohya")
+    except OFTError:
+        rows.layers(path)  # an earlier layer's own problem is raised first, as when each layer was built in turn
+        raise
+    return rows, flux
 
 
 def _metadata_alpha(header: _Header) -> float | None:
@@ -264,7 +451,7 @@ def _metadata(adapter: OFTAdapter, named: dict[str, OFTLayer], alpha: float, flu
 def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mapping[str, str] | None = None,
           flux: bool | None = None, inputs: Iterable = ()) -> str:
     """Write sd-scripts `networks.oft` (or `networks.oft_flux` when `flux`; default: guessed from the adapter)."""
-    refused = adapter.info.get(KOHYA_REFUSED)
+    refused = adapter.refused_formats.get("kohya")
     if refused:  # e.g. trained on a family sd-scripts has no OFT network for (SD3, Wan, Qwen-Image, ...)
         raise OFTError(f"cannot be written as kohya: {refused}", path=adapter.path or None)
     flux = _looks_flux(adapter) if flux is None else flux

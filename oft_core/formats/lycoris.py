@@ -41,8 +41,9 @@ _UNET_WRITE_PREFIXES = ("lycoris_", "lora_unet_")
 
 
 def claims(header: _Header, config) -> bool:
-    prefixes = tuple(_PREFIXES)
-    return any(k.endswith((".oft_blocks", ".oft_diag")) and k.startswith(prefixes) for k in header.tensors)
+    return any(
+        (k.endswith(".oft_blocks") or k.endswith(".oft_diag")) and k.startswith(tuple(_PREFIXES)) for k in header.tensors
+    )
 
 
 def _component(key: str) -> tuple[str, str]:
@@ -56,57 +57,47 @@ def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapte
     path = header.path
     modules, ignored = group_by_layer(tensors, _KEY)
     layers = {}
-    kinds = set()
     for key, parts in sorted(modules.items()):
         if "oft_blocks" not in parts and "oft_diag" not in parts:
             if "alpha" in parts and len(parts) == 1:
                 ignored.append(f"{key}.alpha")  # the alpha of a non-OFT module (LoRA etc.) in a mixed file
                 continue
             raise OFTError(f"has {sorted(parts)} but no .oft_blocks", path=path, layer=key)
-        component, name = _component(key)
-        alpha = parts.get("alpha")
-        if alpha is not None and alpha.numel() != 1:
-            raise OFTError(f".alpha must be a scalar, found shape {tuple(alpha.shape)}", path=path, layer=key)
-        alpha_v = 0.0 if alpha is None else float(alpha.float().reshape(-1)[0].item())
-        rescale = parts.get("rescale")
-        if "oft_diag" in parts:
-            r = parts["oft_diag"].to(torch.float32)
-            if r.ndim != 3 or r.shape[1] != r.shape[2]:
-                raise OFTError(f".oft_diag: expected (num_blocks, b, b), found {tuple(r.shape)}", path=path, layer=key)
-            layer = make_layer(path=path, name=name, component=component, side="out", blocks=[r],
-                               transpose=True, parameterization="matrix", row_scale=rescale,
-                               source="lycoris_oft_diag", key=key)
-            kinds.add("lycoris_oft_diag")
-        else:
-            a = parts["oft_blocks"].to(torch.float32)
-            if a.ndim not in (3, 4) or a.shape[-1] != a.shape[-2]:
-                raise OFTError(f".oft_blocks: expected (num_blocks, b, b) or (stages, num_blocks, b, b), "
-                               f"found {tuple(a.shape)}", path=path, layer=key)
-            butterfly = a.ndim == 4
-            # alpha ≤ 0 means no constraint (LyCORIS); NaN / Inf are refused by make_layer, as for kohya
-            constraint = Constraint("norm_clamp", alpha_v) if alpha_v > 0 or not math.isfinite(alpha_v) \
-                else Constraint()
-            layer = make_layer(
-                path=path,
-                name=name,
-                component=component,
-                side="out",
-                kind="butterfly" if butterfly else "diag",
-                blocks=[_skew(a)],
-                num_blocks=[a.shape[-3]],
-                transpose=not butterfly,
-                constraint=constraint,
-                row_scale=rescale,
-                source="lycoris_boft" if butterfly else "lycoris_diag_oft",
-                key=key,
-            )
-            kinds.add(layer.source)
-        layers[(component, name)] = layer
+        layer = _read_layer(path, key, parts)
+        layers[(layer.component, layer.name)] = layer
+    kinds = {layer.source for layer in layers.values()}
     fmt = kinds.pop() if len(kinds) == 1 else "lycoris_mixed"
     info = {"network_args": header.metadata.get("ss_network_args")}
     if ignored:
         info["ignored_keys"] = ignored
     return OFTAdapter(layers, fmt, path, dict(header.metadata), info)
+
+
+def _read_layer(path: str, key: str, parts: dict[str, torch.Tensor]) -> OFTLayer:
+    """One module's tensors: `.oft_diag` (R itself, old LyCORIS) or `.oft_blocks` (diag-oft, or BOFT when 4-D)."""
+    component, name = _component(key)
+    alpha = parts.get("alpha")
+    if alpha is not None and alpha.numel() != 1:
+        raise OFTError(f".alpha must be a scalar, found shape {tuple(alpha.shape)}", path=path, layer=key)
+    alpha_v = 0.0 if alpha is None else float(alpha.float().reshape(-1)[0].item())
+    rescale = parts.get("rescale")
+    if "oft_diag" in parts:
+        r = parts["oft_diag"].to(torch.float32)
+        if r.ndim != 3 or r.shape[1] != r.shape[2]:
+            raise OFTError(f".oft_diag: expected (num_blocks, b, b), found {tuple(r.shape)}", path=path, layer=key)
+        return make_layer(path=path, name=name, component=component, side="out", blocks=[r], transpose=True,
+                          parameterization="matrix", row_scale=rescale, source="lycoris_oft_diag", key=key)
+    a = parts["oft_blocks"].to(torch.float32)
+    if a.ndim not in (3, 4) or a.shape[-1] != a.shape[-2]:
+        raise OFTError(f".oft_blocks: expected (num_blocks, b, b) or (stages, num_blocks, b, b), "
+                       f"found {tuple(a.shape)}", path=path, layer=key)
+    butterfly = a.ndim == 4
+    # alpha ≤ 0 means no constraint (LyCORIS); NaN / Inf are refused by make_layer, as for kohya
+    constraint = Constraint("norm_clamp", alpha_v) if alpha_v > 0 or not math.isfinite(alpha_v) else Constraint()
+    return make_layer(path=path, name=name, component=component, side="out",
+                      kind="butterfly" if butterfly else "diag", blocks=[_skew(a)], num_blocks=[a.shape[-3]],
+                      transpose=not butterfly, constraint=constraint, row_scale=rescale,
+                      source="lycoris_boft" if butterfly else "lycoris_diag_oft", key=key)
 
 
 # ------------------------------------------------------------------------------------------------ writing
