@@ -502,8 +502,8 @@ def _ldm_to_diffusers_names(shapes: Mapping[str, Sequence[int]] | Sequence[str])
     prefix or tensor suffix (`input_blocks.1.1.proj_in` -> `down_blocks.0.attentions.0.proj_in`).
 
     Built from the same tables and the same layers_per_block rule as the forward map (`_ldm_to_diffusers`), so
-    `build_key_map(shapes).lookup(_ldm_to_diffusers_names(shapes)[m])` is always module m's weight. Where the forward map
-    accepts two diffusers spellings (`label_emb` = `add_embedding` / `class_embedding`) the first (SDXL's) is taken.
+    `build_key_map(shapes).lookup(_ldm_to_diffusers_names(shapes)[m])` is always module m's weight. Where the forward
+    map accepts two diffusers spellings (`label_emb` = `add_embedding` / `class_embedding`) the first (SDXL's) is taken.
     Used to write kohya SD1.x/SD2.x files, which sd-scripts `networks.oft` names after diffusers modules.
 
     Raises ValueError when `shapes` is not an LDM UNet, or its layers_per_block cannot be told from its keys (a

@@ -242,7 +242,7 @@ def rotation_blocks(
 ) -> list[torch.Tensor]:
     """The blocks B of M = blockdiag(B) per split, fp32, shape (num_blocks, b, b) (butterfly: (stages, n, b, b)).
 
-    `blocks` overrides the layer's stored generators (the trainer passes its live parameters; gradients flow).
+    `blocks` overrides the layer's stored blocks (the trainer passes its live generators Q; gradients flow).
     `sync_free` (the trainer): no value is read back to the host; the Cayley method is chosen from the shapes and
     the constraint's bound on ‖Q‖ (`_cayley`).
     """
@@ -609,9 +609,14 @@ def _orthogonality_error(layer: OFTLayer, strength: float = 1.0, mode: _Strength
 
 
 def _stored_norms(layer: OFTLayer) -> list[tuple[float, float | None]]:
-    """Per split: (‖Q‖_F before the constraint, the bound it is held to or None)."""
+    """Per split: (how far what the layer stores is from the identity rotation, the bound it is held to or None):
+    ‖Q‖_F before the constraint (cayley / neumann: Q = 0 is R = I; COFT's per-block bound: the largest block's), or
+    ‖R − I‖_F for a stored rotation ("matrix": no Q is stored, and no constraint applies). `_norm_of` names which."""
     out = []
     for i, q in enumerate(layer.blocks):
+        if layer.parameterization == "matrix":
+            out.append((float(torch.norm((q - _eye_like(q)).flatten())), None))
+            continue
         norm = float(torch.norm(q.flatten()))
         c = layer.constraint
         if c.kind == "norm_clamp":
@@ -623,3 +628,8 @@ def _stored_norms(layer: OFTLayer) -> list[tuple[float, float | None]]:
             bound = None
         out.append((norm, bound))
     return out
+
+
+def _norm_of(layer: OFTLayer) -> str:
+    """What `_stored_norms` measures for `layer`: "Q" (its generators) or "R − I" (a stored rotation)."""
+    return "R − I" if layer.parameterization == "matrix" else "Q"

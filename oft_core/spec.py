@@ -11,15 +11,17 @@ The convention, for every format (see `rotation.py` for the math):
     side "out":  W' = row_scale ⊙ (M · W)      rows (output features) rotated: kohya, LyCORIS, PEFT ≤ 0.13
     side "in":   W' = row_scale ⊙ (W · M)      columns (input features) rotated: PEFT ≥ 0.14
 
-Conv kernels are flattened first: (out, in·kh·kw). Q is the skew-symmetric generator in fp32, already
-skew-symmetrised the way the source tool does it (kohya/LyCORIS Q = A − Aᵀ, PEFT Q = U − Uᵀ from the packed upper
-triangle, PEFT ≤ 0.15 Q = ½(A − Aᵀ)). Biases are never changed.
+Conv kernels are flattened first: (out, in·kh·kw). A layer's `blocks` are what its file stores, in fp32: the
+skew-symmetric generators Q, already skew-symmetrised the way the source tool does it (kohya/LyCORIS Q = A − Aᵀ, PEFT
+Q = U − Uᵀ from the packed upper triangle, PEFT ≤ 0.15 Q = ½(A − Aᵀ)), or, for the parameterization "matrix" (old
+LyCORIS `oft_diag`), the rotations R themselves. Biases are never changed.
 
 | source format       | side | transpose | parameterization        | constraint                      | extra      |
 |---------------------|------|-----------|-------------------------|---------------------------------|------------|
 | kohya `networks.oft`| out  | yes       | Cayley                  | ‖Q‖_F ≤ alpha·out_dim per layer | -          |
 | kohya `oft_flux`    | out  | yes       | Cayley                  | ‖Q‖_F ≤ alpha·split per split   | splits     |
 | LyCORIS diag-oft    | out  | yes       | Cayley                  | as kohya; alpha 0 = none        | rescale    |
+| LyCORIS `oft_diag`  | out  | yes       | matrix (R stored)       | none                            | rescale    |
 | LyCORIS BOFT        | out  | no        | Cayley, butterfly stages| as kohya over all stages        | rescale    |
 | PEFT ≥ 0.16         | in   | no / yes  | Cayley / Neumann        | COFT: ‖Q_i‖_F ≤ eps/√blocks     | block_share|
 | PEFT ≤ 0.13         | out  | no        | Cayley of ½(A − Aᵀ)     | COFT                            | block_share|
@@ -80,7 +82,9 @@ class OFTLayer:
     component: str  # "unet" | "te" | "te1" | "te2"
     side: _Side
     kind: _Kind
-    blocks: tuple[torch.Tensor, ...]  # per split: skew Q, fp32, (stored_blocks, b, b); butterfly: (stages, n, b, b)
+    # per split, fp32, (stored_blocks, b, b) (butterfly: (stages, n, b, b)): the stored blocks, i.e. the skew
+    # generators Q (parameterization cayley / neumann) or the rotations R themselves (matrix)
+    blocks: tuple[torch.Tensor, ...]
     num_blocks: tuple[int, ...]  # per split: blocks along the rotated axis (> stored blocks when block_share)
     transpose: bool
     parameterization: _Parameterization = "cayley"
@@ -105,8 +109,10 @@ class OFTLayer:
         return sum(self.split_sizes)
 
     def num_params(self) -> int:
-        # blocks (× stages) × b(b−1)/2 free values each; from the shapes alone (no tensor op per layer)
-        n = sum(math.prod(g.shape[:-2]) * b * (b - 1) // 2 for g, b in zip(self.blocks, self.block_sizes))
+        """Free values stored: per stored block (× stages) b(b−1)/2 for a skew Q, b² for a stored R ("matrix"), plus
+        the row scale; from the shapes alone (no tensor op per layer). tests/test_format_variants.py pins both."""
+        per_block = (lambda b: b * b) if self.parameterization == "matrix" else (lambda b: b * (b - 1) // 2)
+        n = sum(math.prod(g.shape[:-2]) * per_block(b) for g, b in zip(self.blocks, self.block_sizes))
         return n + (0 if self.row_scale is None else int(self.row_scale.numel()))
 
     def with_(self, **changes) -> "OFTLayer":
@@ -180,10 +186,11 @@ def make_layer(
     key: str = "",
     block_share: bool = False,
 ) -> OFTLayer:
-    """Validate once and build an `OFTLayer`. `blocks` must already be skew-symmetric.
+    """Validate once and build an `OFTLayer`. `blocks`, per split, are the stored blocks: the skew generators Q,
+    already skew-symmetric (parameterization cayley / neumann), or the rotations R themselves (matrix).
 
     One check per concern, in this order (the first failing one is raised, naming file and layer): the enumerations,
-    the generator tensors, the block counts, the butterfly layout, the parameterization, the constraint, the row
+    the block tensors, the block counts, the butterfly layout, the parameterization, the constraint, the row
     scale. tests/test_bad_input.py and tests/test_fail_closed.py pin the messages."""
 
     def fail(msg: str):
@@ -228,7 +235,7 @@ def _make_layers(
     **common,
 ) -> list[OFTLayer]:
     """`make_layer` for many layers at once (a reader of 100,000 layers): row i is
-    `make_layer(path=path, name=names[i], key=keys[i], blocks=Generators(generators[i], finite[i]),
+    `make_layer(path=path, name=names[i], key=keys[i], blocks=_Blocks(blocks[i], finite[i]),
     constraint=constraints[i], source=sources[i], **common)`, and gives the same layer or raises the same error.
 
     The same checks, run once per distinct input: every check of `make_layer` depends only on the `common` fields,
@@ -297,7 +304,7 @@ def _signatures(generators: list[tuple], finite: list[tuple], constraints: Seque
 
 
 class _Blocks(tuple):
-    """A layer's generator tensors with `finite[i]`: whether split i (as fp32) holds no NaN / Inf, computed for many
+    """A layer's stored blocks with `finite[i]`: whether split i (as fp32) holds no NaN / Inf, computed for many
     layers at once by `_finite_each`, so that `make_layer` checks finiteness without one tensor op per layer. It is
     the same check on the same values: the readers pass the exact tensors the flags were computed on."""
 
@@ -312,7 +319,7 @@ class _Blocks(tuple):
 
 
 def _finite_each(stacked: torch.Tensor) -> list[bool]:
-    """Per index of the first axis of `stacked` (many layers' generators of one shape, fp32): no NaN / Inf. A meta
+    """Per index of the first axis of `stacked` (many layers' stored blocks of one shape, fp32): no NaN / Inf. A meta
     batch (a structure-only skeleton) counts as finite, as `make_layer` counts a meta tensor."""
     n = int(stacked.shape[0])
     if stacked.device.type == "meta" or stacked.numel() == 0:

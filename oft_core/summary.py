@@ -23,7 +23,7 @@ from operator import attrgetter, is_not, itemgetter
 import torch
 
 from .errors import _bulk
-from .rotation import _NORM_EPS, _cayley, _orthogonality_error, _stored_norms, _StrengthMode, rotate_weight
+from .rotation import _NORM_EPS, _cayley, _norm_of, _orthogonality_error, _stored_norms, _StrengthMode, rotate_weight
 from .spec import OFTAdapter
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,7 @@ def _template(layer) -> dict:
         "stages": int(layer.blocks[0].shape[0]) if layer.kind == "butterfly" else None,
         "parameterization": layer.parameterization,
         "constraint": layer.constraint.describe(),
+        "norm_of": _norm_of(layer),  # "norm" is ‖Q‖_F, or ‖R − I‖_F for a stored rotation
         "norm": None,
         "bound": None,
         "clamped": None,

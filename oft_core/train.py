@@ -491,8 +491,8 @@ def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
     """The `names` argument of `OFTTrainer.to_adapter` for targets selected under `root` (a UNet / DiT module).
 
     naming "native": None, the module paths as they are (LDM for ComfyUI's SD UNets, BFL for FLUX).
-    naming "diffusers": LDM UNet path -> diffusers path (`names._ldm_to_diffusers_names`, built from the whole UNet's keys
-    so that layers_per_block is known), as sd-scripts `networks.oft` names SD1.x/SD2.x layers.
+    naming "diffusers": LDM UNet path -> diffusers path (`names._ldm_to_diffusers_names`, built from the whole UNet's
+    keys so that layers_per_block is known), as sd-scripts `networks.oft` names SD1.x/SD2.x layers.
     """
     if naming == "native":
         return None

@@ -356,8 +356,8 @@ def test_bulk_leaves_what_it_made_collectable():
 
 def test_describe_batched_figures_equal_the_per_layer_ones(tmp_path):
     """describe computes figures once per layout and norms / orthogonality errors in batches: per layer they are
-    the numbers generator_norms and orthogonality_error give (layouts of several block sizes, dtypes, alphas, clamped
-    layers, and FLUX split layers, which take the per-layer path)."""
+    the numbers `rotation._stored_norms` and `rotation._orthogonality_error` give (layouts of several block sizes,
+    dtypes, alphas, clamped layers, and FLUX split layers, which take the per-layer path)."""
     from collections import Counter
 
     from oft_core.rotation import _orthogonality_error, _stored_norms

@@ -40,7 +40,7 @@ from ..safetensors_io import _DTYPES, _Header, _load_tensors, _TensorFile, read_
 from ..spec import OFTAdapter
 from . import _write, kohya, lycoris, peft
 
-__all__ = ["FORMATS", "READERS", "WRITERS", "format_family", "load_adapter", "write_adapter"]
+__all__ = ["READERS", "WRITERS", "format_family", "load_adapter", "write_adapter"]
 
 
 class _Reader(NamedTuple):

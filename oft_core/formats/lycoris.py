@@ -41,9 +41,8 @@ _UNET_WRITE_PREFIXES = ("lycoris_", "lora_unet_")
 
 
 def claims(header: _Header, config) -> bool:
-    return any(
-        (k.endswith(".oft_blocks") or k.endswith(".oft_diag")) and k.startswith(tuple(_PREFIXES)) for k in header.tensors
-    )
+    prefixes = tuple(_PREFIXES)
+    return any(k.endswith((".oft_blocks", ".oft_diag")) and k.startswith(prefixes) for k in header.tensors)
 
 
 def _component(key: str) -> tuple[str, str]:
