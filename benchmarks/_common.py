@@ -80,7 +80,7 @@ def kohya_layer(name: str, splits: list[tuple[int, int]], seed: int = 0, alpha: 
         q = q * (0.5 * alpha * n * b / float(q.norm()))
         gens.append(q)
         raw.append(torch.triu(q, 1))  # the stored A with A − Aᵀ = Q, as kohya files hold it
-    layer = make_layer(path="", name=name, side="out", generators=gens, transpose=True,
+    layer = make_layer(path="", name=name, side="out", blocks=gens, transpose=True,
                        constraint=Constraint("norm_clamp", alpha), source="kohya", key=f"oft_unet_{name}")
     return layer, raw
 

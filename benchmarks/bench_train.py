@@ -313,12 +313,11 @@ def worker(args) -> dict:
         if tracer is not None:
             import oft_core.train as ot
 
-            for fn_name, tag in (("rotate_output", "oft: rotation"),
-                                 ("frozen_base", "oft: base (frozen)")):
-                def tagged(*a, __f=getattr(ot, fn_name), __tag=tag, **k):
+            for fn, tag in ((ot.rotate_output, "oft: rotation"), (ot.frozen_base, "oft: base (frozen)")):
+                def tagged(*a, __f=fn, __tag=tag, **k):
                     with tracer.tagged(__tag):
                         return __f(*a, **k)
-                setattr(ot, fn_name, tagged)
+                setattr(ot, fn.__name__, tagged)
             blocks = OFTTrainer.blocks
 
             def tagged_blocks(self, tl):

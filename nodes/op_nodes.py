@@ -30,8 +30,9 @@ from ..oft_core.blocks import (
     scale_layers,
     with_block_strength,
 )
-from ..oft_core.combine import MERGE_MODES, blend, merge, provenance
-from ..oft_core.formats import FORMATS, format_family, load_adapter, write_adapter
+from ..oft_core.choices import FORMATS, MERGE_MODES
+from ..oft_core.combine import blend, merge, provenance
+from ..oft_core.formats import format_family, load_adapter, write_adapter
 from ..oft_core.publish import check_output_name
 from ..oft_core.summary import tool_notes
 from .patch import block_strength_text

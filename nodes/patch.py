@@ -65,7 +65,7 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
         # is applied in the adapter's row order
         self.perm = None if perm is None else torch.tensor(perm, dtype=torch.long)
         self.loaded_keys = {layer.key}
-        self.weights = list(layer.generators)
+        self.weights = list(layer.blocks)
         # (strength, mode, device) -> rotation blocks. ComfyUI's low-VRAM path calls calculate_weight on every
         # forward of an offloaded layer; the blocks (a batched linear solve) depend only on this key, so they are
         # built once and the forward only does the block matmul.

@@ -1,24 +1,33 @@
 """oft_core: OFT (Orthogonal Fine-Tuning) adapters in pure torch — formats, rotation math, merge, bake, train.
 
-Never imports ComfyUI (tests/test_core_standalone.py). The package namespace holds the core objects below; the rest of
-the API is used from its module, and these are the names the nodes, the CLI and the benchmarks use (anything else,
-or anything with a leading underscore, is internal and may change):
+Never imports ComfyUI (tests/test_core_standalone.py). The package namespace holds the core objects in `__all__`
+below; the rest of the API is used from its module. Declared here, by module, are exactly the names the nodes, the
+CLI (oft_core/cli.py) and the benchmarks use; every other top-level name of a core module starts with an underscore
+(internal: it may change). tests/test_packaging.py checks both directions.
 
-- description: `spec` — `OFTAdapter`, `OFTLayer`, `Constraint`, `make_layer`, `resolve_for_weight`, `COMPONENTS`,
-  `TE_COMPONENTS`; `choices` — `STRENGTH_MODES`, `MERGE_MODES`, `FORMATS`; `errors` — `OFTError`, `check_strength`
-- files: `formats` — `load_adapter`, `open_streamed`, `write_adapter`, `READERS`, `WRITERS`, `FORMATS`,
-  `format_family`, `not_oft_message`; `safetensors_io` — `read_header`; `publish` — `publish_file`,
-  `publish_safetensors`, `check_output`, `check_output_name`
-- math: `rotation` — `rotation_blocks`, `rotate_weight` / `rotate_weight_` (merge path), `rotate_features`,
-  `bypass_forward`, `apply_rows` (activation and weight paths); `bypass` — `ModuleBypass`, `module_bypasses`,
-  `attach`
-- names: `names` — `build_key_map`, `KeyMap`, `Target`; `match` — `match_adapter`, `Match`, `MatchReport`
-- operations: `blocks` — `parse_block_spec`, `apply_block_strength`, `with_block_strength`, `scale_layers`,
-  `layer_multiplier`, `layer_block`; `combine` — `blend`, `merge`, `provenance`; `bake` — `bake`; `extract` — `extract`,
-  `extract_lora`, `lora_metadata`; `summary` — `describe`, `format_text`, `tool_notes`
-- training: `train` — `OFTTrainer`, `select_targets`, `PRESETS`, `run_training`, `training_metadata`,
-  `frozen_for_training`, `gradient_checkpointing`, `inplace_safe`, `checkpoint_blocks`; `demo` — `ToyModel`,
-  `run_demo`
+- description: `spec` — `OFTAdapter`, `Constraint`, `make_layer`, `TE_COMPONENTS`; `choices` — `STRENGTH_MODES`,
+  `MERGE_MODES`, `FORMATS`; `errors` — `OFTError`, `check_strength`
+- files: `formats` — `load_adapter`, `write_adapter`, `READERS`, `format_family`, `not_oft_message`;
+  `formats.peft` — `find_config`; `safetensors_io` — `read_header`; `publish` — `publish_safetensors`,
+  `check_output_name`
+- math: `rotation` — `rotation_blocks`, `rotate_weight`, `rotate_weight_`, `apply_rows`; `bypass` — `ModuleBypass`,
+  `module_bypasses`
+- names: `names` — `Target`; `match` — `Match`, `MatchReport`
+- operations: `blocks` — `parse_block_spec`, `with_block_strength`, `scale_layers`, `refuse_layer_strengths`,
+  `layer_multiplier`, `layer_block`; `combine` — `blend`, `merge`, `provenance`; `bake` — `bake`; `extract` —
+  `extract`, `ExtractResult`, `extract_lora`, `lora_metadata`, `low_rank`; `summary` — `describe`, `format_text`,
+  `tool_notes`
+- training: `train` — `OFTTrainer`, `select_targets`, `detect_family`, `PRESETS`, `OPTIMIZERS`, `LOSSES`,
+  `KOHYA_LOSS`, `SCHEDULES`, `lr_factor`, `residual_loss`, `run_training`, `training_metadata`, `export_names`,
+  `frozen_for_training`, `frozen_bases`, `gradient_checkpointing`, `inplace_safe`, `checkpoint_blocks`,
+  `rotate_output`, `frozen_base`; `demo` — `run_demo`
+
+Public beyond those uses:
+
+- entry points: `cli` — `main` (the `oft-core` console script, python -m oft_core); `bypass` — `attach` (the
+  README's Python API for a plain torch model)
+- the format protocol: `formats` — `WRITERS` (per format, as `READERS`); `formats.kohya`, `formats.lycoris`,
+  `formats.peft` — `claims`, `read`, `write`
 """
 
 from .bake import bake

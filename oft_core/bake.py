@@ -9,7 +9,7 @@ in the tensor's own dtype); untouched tensors are copied byte for byte; the base
 what was baked).
 
 Memory: the base is read with plain file reads (no memory map), one tensor at a time, and an adapter given as a file
-is streamed too (`formats.open_streamed`): a skeleton first (every layer's structure and every check of its reader,
+is streamed too (`formats._open_streamed`): a skeleton first (every layer's structure and every check of its reader,
 every tensor but the scalar alphas on the meta device), then each layer read alone when its weight comes up. A layer
 whose values are damaged (NaN/Inf) is therefore found while writing: the bake stops naming the file and layer, the
 temporary file is removed and nothing appears at the output path (checking values first would read the adapter twice:
@@ -32,24 +32,24 @@ from typing import Callable, Sequence
 
 import torch
 
-from .blocks import BlockSpec, effective_strengths, parse_block_spec
-from .errors import OFTError, bulk, check_strength
-from .formats import StreamedAdapter, open_streamed
-from .match import Match, MatchReport, match_adapter, target_shape
+from .blocks import _BlockSpec, _effective_strengths, parse_block_spec
+from .errors import OFTError, _bulk, check_strength
+from .formats import _open_streamed, _StreamedAdapter
+from .match import Match, MatchReport, _target_shape, match_adapter
 from .names import build_key_map
-from .publish import check_output, publish_file
-from .rotation import STRENGTH_MODES, StrengthMode, all_finite, rotate_weight_
-from .safetensors_io import DTYPES, TensorInfo, read_header
+from .publish import _check_output, _publish_file
+from .rotation import STRENGTH_MODES, _all_finite, _StrengthMode, rotate_weight_
+from .safetensors_io import _DTYPES, _TensorInfo, read_header
 from .spec import OFTAdapter, OFTLayer, resolve_for_weight
 
 log = logging.getLogger(__name__)
 _COPY_CHUNK = 16 * 1024 * 1024
 # A bake is "long" (a progress display on a non-terminal stderr) after this many seconds.
-LONG_BAKE_SECONDS = 10.0
+_LONG_BAKE_SECONDS = 10.0
 
 
 @dataclass
-class BakeResult:
+class _BakeResult:
     out: str
     reports: list[MatchReport]
     tensors_changed: int
@@ -83,7 +83,7 @@ class _Progress:
             bar = "#" * int(30 * frac)
             self.stream.write(f"\rbaking [{bar:<30}] {100 * frac:5.1f}% {elapsed:6.1f}s")
             self.shown = True
-        elif (self.always or elapsed >= LONG_BAKE_SECONDS) and int(10 * frac) > self.last_decile:
+        elif (self.always or elapsed >= _LONG_BAKE_SECONDS) and int(10 * frac) > self.last_decile:
             self.last_decile = int(10 * frac)
             self.stream.write(f"baking: {100 * frac:.0f}% after {elapsed:.0f}s\n")
             self.shown = True
@@ -93,13 +93,13 @@ class _Progress:
             self.stream.flush()
 
 
-def _read_tensor(src, header, ti: TensorInfo, key: str, buf: bytearray) -> torch.Tensor:
+def _read_tensor(src, header, ti: _TensorInfo, key: str, buf: bytearray) -> torch.Tensor:
     """One tensor read with a plain file read into `buf` (no memory map: mapped pages would stay resident).
 
     `buf` is one buffer, sized for the largest patched tensor and reused for every tensor: a fresh allocation per
     tensor lets the C allocator fragment its heap, and the process would creep to several tensors' worth."""
     n = ti.end - ti.start
-    dtype = DTYPES[ti.dtype]
+    dtype = _DTYPES[ti.dtype]
     if n == 0:
         return torch.empty(ti.shape, dtype=dtype)
     view = memoryview(buf)[:n]
@@ -109,9 +109,9 @@ def _read_tensor(src, header, ti: TensorInfo, key: str, buf: bytearray) -> torch
     return torch.frombuffer(view, dtype=dtype).reshape(ti.shape)
 
 
-def _real_layer(streamed: StreamedAdapter, m: Match, shapes) -> OFTLayer:
+def _real_layer(streamed: _StreamedAdapter, m: Match, shapes) -> OFTLayer:
     """The matched layer `m` (a skeleton's) read for real and resolved for its weight like the skeleton was."""
-    layer = resolve_for_weight(streamed.layer(m.layer.key), target_shape(m.target, shapes), path=streamed.header.path)
+    layer = resolve_for_weight(streamed.layer(m.layer.key), _target_shape(m.target, shapes), path=streamed.header.path)
     structure = ("side", "kind", "num_blocks", "block_sizes", "transpose", "parameterization", "neumann_coeffs",
                  "constraint", "component", "name")
     if any(getattr(layer, f) != getattr(m.layer, f) for f in structure):
@@ -120,7 +120,7 @@ def _real_layer(streamed: StreamedAdapter, m: Match, shapes) -> OFTLayer:
     return layer
 
 
-def _patched_bytes(src, header, ti: TensorInfo, key: str, readbuf, patches, shapes, mode) -> memoryview:
+def _patched_bytes(src, header, ti: _TensorInfo, key: str, readbuf, patches, shapes, mode) -> memoryview:
     """The weight `key` with its patches applied, as bytes in its own dtype."""
     try:
         w = _read_tensor(src, header, ti, key, readbuf)
@@ -130,7 +130,7 @@ def _patched_bytes(src, header, ti: TensorInfo, key: str, readbuf, patches, shap
     # One patch on an fp32/fp16/bf16 weight: rotated in place in the read buffer (fp32 math chunk by chunk, rounded
     # once). Several patches (fused slices, several adapters) or fp8: one fp32 copy, rounded once at the end.
     direct = len(patches) == 1 and dtype in (torch.float32, torch.float16, torch.bfloat16)
-    was_finite = direct or all_finite(w)
+    was_finite = direct or _all_finite(w)
     work = w if direct else w.to(torch.float32)
     del w
     for m, strength, streamed in patches:
@@ -143,7 +143,7 @@ def _patched_bytes(src, header, ti: TensorInfo, key: str, readbuf, patches, shap
                            layer=layer.key) from None
         del layer
     data = work.to(dtype)
-    if not direct and was_finite and not all_finite(data):  # finite in fp32, overflowing the weight's own dtype
+    if not direct and was_finite and not _all_finite(data):  # finite in fp32, overflowing the weight's own dtype
         raise OFTError(f"the adapted weight {key} would hold NaN or Inf values in {ti.dtype}, while the base weight "
                        "had none: it overflows its dtype; use a smaller strength. Nothing was written",
                        path=header.path)
@@ -154,7 +154,7 @@ def _patched_bytes(src, header, ti: TensorInfo, key: str, readbuf, patches, shap
     return memoryview(data.numpy())
 
 
-def _copy_bytes(src, dst, header, ti: TensorInfo, key: str, copybuf: memoryview) -> None:
+def _copy_bytes(src, dst, header, ti: _TensorInfo, key: str, copybuf: memoryview) -> None:
     left = ti.end - ti.start
     try:
         src.seek(header.data_offset + ti.start)
@@ -171,7 +171,7 @@ def _copy_bytes(src, dst, header, ti: TensorInfo, key: str, copybuf: memoryview)
         left -= got
 
 
-def _adapter_items(adapters) -> list[tuple[object, float, BlockSpec | str | None]]:
+def _adapter_items(adapters) -> list[tuple[object, float, _BlockSpec | str | None]]:
     items = []
     for entry in adapters:
         if len(entry) == 2:
@@ -188,18 +188,18 @@ def bake(
     adapters: Sequence[tuple],
     out: str | os.PathLike,
     *,
-    mode: StrengthMode = "kohya",
-    block_spec: BlockSpec | str | None = None,
+    mode: _StrengthMode = "kohya",
+    block_spec: _BlockSpec | str | None = None,
     overwrite: bool = False,
     allow_unmatched: bool = False,
     progress: Callable[[int, int], None] | None = None,
     show_progress: bool | None = None,
-) -> BakeResult:
+) -> _BakeResult:
     """Write `base` with `adapters` applied in order to `out`.
 
     `adapters`: [(file or `OFTAdapter`, strength)] or [(…, strength, block spec)]; `block_spec` (the text of
     `oft_core.blocks`, e.g. "double=1, single:0-9=0.5, single=0") applies to every adapter without its own. Each
-    layer is baked at strength × its block multiplier (`blocks.effective_strengths`) in strength `mode` ("kohya" or
+    layer is baked at strength × its block multiplier (`blocks._effective_strengths`) in strength `mode` ("kohya" or
     "orthogonal", see `rotation.py`); layers at 0 are left bit for bit. `progress(done_bytes, total_bytes)` is
     called after every tensor; `show_progress` (None: automatic) shows a bar on stderr (`_Progress`).
     """
@@ -212,12 +212,12 @@ def bake(
     inputs = [p for group in inputs for p in ([group] if isinstance(group, str) else group)]
     # Refused before anything is read: an output over an input (any path, any link) or over an existing file
     # without `overwrite` (checked again, atomically, when the finished file is published).
-    check_output(out, inputs, overwrite=overwrite)
+    _check_output(out, inputs, overwrite=overwrite)
     header = read_header(base)
     default_spec = parse_block_spec(block_spec) if isinstance(block_spec, str) else block_spec
     streams = []
     try:
-        with bulk():
+        with _bulk():
             return _bake(header, items, out, inputs, mode, default_spec, overwrite, allow_unmatched, progress,
                          show_progress, started, streams)
     finally:
@@ -235,15 +235,15 @@ def _input_paths(item) -> list[str]:
 
 
 def _bake(header, items, out, inputs, mode, default_spec, overwrite, allow_unmatched, progress, show_progress,
-          started, streams) -> BakeResult:
+          started, streams) -> _BakeResult:
     plan = _plan(header, items, mode, default_spec, allow_unmatched, streams)
     write = _streamer(header, plan.patches, _output_header(header, plan.record), mode, progress, show_progress)
-    publish_file(out, write, inputs=inputs, overwrite=overwrite, what="baked model")
+    _publish_file(out, write, inputs=inputs, overwrite=overwrite, what="baked model")
     changed = len(plan.patches)
     seconds = time.monotonic() - started
     log.info("baked %d tensors into %s in %.1fs (%d layers at strength 0 left untouched)", changed, out, seconds,
              plan.skipped)
-    return BakeResult(out, plan.reports, changed, plan.skipped, seconds)
+    return _BakeResult(out, plan.reports, changed, plan.skipped, seconds)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -264,7 +264,7 @@ def _plan(header, items, mode, default_spec, allow_unmatched, streams) -> _Plan:
     for item, strength, spec in items:
         # A file is streamed: its skeleton now (structure, every reader check), each layer read alone when its
         # weight comes up. An OFTAdapter given as an object is already in memory and used as it is.
-        streamed = None if isinstance(item, OFTAdapter) else open_streamed(item)
+        streamed = None if isinstance(item, OFTAdapter) else _open_streamed(item)
         if streamed is not None:
             streams.append(streamed)
         adapter = item if streamed is None else streamed.skeleton
@@ -274,7 +274,7 @@ def _plan(header, items, mode, default_spec, allow_unmatched, streams) -> _Plan:
         report = _checked_match(adapter, header, keymap, allow_unmatched)
         plan.reports.append(report)
         per_layer = {k: strength for k in adapter.layers} if spec is None else \
-            effective_strengths(adapter, spec, strength)
+            _effective_strengths(adapter, spec, strength)
         _add_patches(plan, report, per_layer, streamed)
         plan.record.append({"adapter": os.path.basename(report.adapter), "strength": float(strength), "mode": mode,
                             "layers": len(report.matched), **({"blocks": spec.text} if spec is not None else {})})
@@ -307,7 +307,7 @@ def _add_patches(plan: _Plan, report: MatchReport, per_layer: dict, streamed) ->
 
 def _check_float_weights(header, patches: dict) -> None:
     for key in patches:
-        dtype = DTYPES.get(header.tensors[key].dtype)
+        dtype = _DTYPES.get(header.tensors[key].dtype)
         if dtype is None or not dtype.is_floating_point:
             raise OFTError(f"weight {key} has dtype {header.tensors[key].dtype}, expected a floating point type",
                            path=header.path)
@@ -328,7 +328,7 @@ def _output_header(header, record: list[dict]) -> bytes:
 
 # ------------------------------------------------------------------------------------------------ stream
 def _streamer(header, patches: dict, head: bytes, mode, progress, show_progress) -> Callable:
-    """`write(dst)` for `publish_file`: the header, then every tensor in file order, patched or copied."""
+    """`write(dst)` for `_publish_file`: the header, then every tensor in file order, patched or copied."""
     base, shapes = header.path, header.shapes
     order = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
     total = sum(ti.end - ti.start for _, ti in order)

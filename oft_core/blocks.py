@@ -9,7 +9,7 @@ Grammar (spaces are ignored, case does not matter)::
 
 A layer's multiplier is the value of the LAST item whose selector covers it; `default` (1 unless given) covers every
 layer that no other item covers. The effective strength of a layer is strength × multiplier
-(`effective_strengths`), so 0 switches a layer off (its weight stays bit for bit) and 1 leaves it as the file says.
+(`_effective_strengths`), so 0 switches a layer off (its weight stays bit for bit) and 1 leaves it as the file says.
 
 Examples::
 
@@ -44,11 +44,11 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from .combine import provenance, scale_layer
+from .combine import _scale_layer, provenance
 from .errors import OFTError, check_strength
 from .spec import OFTAdapter
 
-GROUPS = ("input", "middle", "output", "double", "single", "te", "te1", "te2", "unet")
+_GROUPS = ("input", "middle", "output", "double", "single", "te", "te1", "te2", "unet")
 _INDEXED = ("input", "output", "double", "single")
 _MAX_INDEX_DIGITS = 6  # no model has a million blocks; int() of thousands of digits fails (or takes seconds)
 _ITEM = re.compile(r"^(?P<group>[a-z0-9_]+)(?::(?P<lo>\d+)(?:-(?P<hi>\d+))?)?=(?P<value>.+)$")
@@ -73,7 +73,7 @@ _PATTERNS = (
 
 
 @dataclass(frozen=True)
-class Rule:
+class _Rule:
     group: str
     lo: int | None  # None: the whole group
     hi: int | None
@@ -92,9 +92,9 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class BlockSpec:
+class _BlockSpec:
     default: float = 1.0
-    rules: tuple[Rule, ...] = ()
+    rules: tuple[_Rule, ...] = ()
     text: str = ""
 
     def multiplier(self, component: str, name: str) -> float:
@@ -117,7 +117,7 @@ def layer_block(component: str, name: str) -> tuple[str, int | None] | None:
     return None
 
 
-def parse_block_spec(text: str) -> BlockSpec:
+def parse_block_spec(text: str) -> _BlockSpec:
     """Parse the per-block strength text (grammar in the module docstring); `OFTError` names the bad item."""
     if not isinstance(text, str):
         raise OFTError(f"block strength spec: expected text, found {type(text).__name__}")
@@ -125,7 +125,7 @@ def parse_block_spec(text: str) -> BlockSpec:
     rules = []
     body = "".join(text.split()).lower()
     if not body:
-        return BlockSpec(text=text)
+        return _BlockSpec(text=text)
     for token in body.split(","):
         if not token:
             raise OFTError(f"block strength spec {text!r}: empty item (two commas in a row, or a trailing comma)")
@@ -133,8 +133,8 @@ def parse_block_spec(text: str) -> BlockSpec:
         if group == "default":
             default = value
         else:
-            rules.append(Rule(group, lo, hi, value))
-    return BlockSpec(default, tuple(rules), text)
+            rules.append(_Rule(group, lo, hi, value))
+    return _BlockSpec(default, tuple(rules), text)
 
 
 def _parse_item(token: str) -> tuple[str, int | None, int | None, float]:
@@ -158,9 +158,9 @@ def _parse_item(token: str) -> tuple[str, int | None, int | None, float]:
         if lo is not None:
             raise OFTError(f"block strength spec: item {token!r}: 'default' takes no block index")
         return group, None, None, value
-    if group not in GROUPS:
+    if group not in _GROUPS:
         raise OFTError(f"block strength spec: item {token!r}: unknown group {group!r}; expected default or one "
-                       f"of {', '.join(GROUPS)}")
+                       f"of {', '.join(_GROUPS)}")
     if lo is not None and group not in _INDEXED:
         raise OFTError(f"block strength spec: item {token!r}: {group!r} has no numbered blocks (numbered: "
                        f"{', '.join(_INDEXED)})")
@@ -171,34 +171,34 @@ def _parse_item(token: str) -> tuple[str, int | None, int | None, float]:
     return group, lo_i, hi_i, value
 
 
-def _spec(spec: BlockSpec | str) -> BlockSpec:
+def _spec(spec: _BlockSpec | str) -> _BlockSpec:
     return parse_block_spec(spec) if isinstance(spec, str) else spec
 
 
-def layer_strengths(adapter: OFTAdapter, spec: BlockSpec | str) -> dict[tuple[str, str], float]:
+def _layer_strengths(adapter: OFTAdapter, spec: _BlockSpec | str) -> dict[tuple[str, str], float]:
     """The multiplier of every layer of `adapter`, keyed like `adapter.layers`."""
     spec = _spec(spec)
     return {k: spec.multiplier(layer.component, layer.name) for k, layer in adapter.layers.items()}
 
 
-def effective_strengths(adapter: OFTAdapter, spec: BlockSpec | str, strength: float = 1.0) -> dict[tuple[str, str],
+def _effective_strengths(adapter: OFTAdapter, spec: _BlockSpec | str, strength: float = 1.0) -> dict[tuple[str, str],
                                                                                                    float]:
     """strength × multiplier per layer: what to pass as each layer's strength to `rotate_weight` (or the patch)."""
     strength = check_strength(strength, path=adapter.path or None)
     out = {}
-    for k, m in layer_strengths(adapter, spec).items():
+    for k, m in _layer_strengths(adapter, spec).items():
         out[k] = check_strength(strength * m, f"strength {strength:g} × block multiplier {m:g} of layer {k[1]!r}",
                                 path=adapter.path or None)
     return out
 
 
-def apply_block_strength(adapter: OFTAdapter, spec: BlockSpec | str, strength: float = 1.0
+def _apply_block_strength(adapter: OFTAdapter, spec: _BlockSpec | str, strength: float = 1.0
                          ) -> tuple[OFTAdapter, dict[tuple[str, str], float]]:
     """(the adapter without its layers at effective strength 0, the effective strength of each remaining layer).
 
     Dropping the zero layers guarantees that their weights stay bit for bit even where a consumer ignores the map.
     """
-    strengths = effective_strengths(adapter, spec, strength)
+    strengths = _effective_strengths(adapter, spec, strength)
     kept = {k: layer for k, layer in adapter.layers.items() if strengths[k] != 0}
     out = _derived(adapter, layers=kept, block_spec=_spec(spec).text)
     return out, {k: strengths[k] for k in kept}
@@ -208,7 +208,7 @@ def apply_block_strength(adapter: OFTAdapter, spec: BlockSpec | str, strength: f
 # An adapter carries per-layer multipliers in its typed fields (`OFTAdapter.layer_strengths`, `block_spec`,
 # `layers_off`): the layers at 0 are dropped, the others keep their file values and the multiplier is applied with the
 # strength wherever the adapter goes (patch, bypass, hooks, extraction), or written into the layers by `scale_layers`.
-SCALE_MODES = ("kohya", "orthogonal")
+_SCALE_MODES = ("kohya", "orthogonal")
 
 
 def _derived(adapter: OFTAdapter, **changes) -> OFTAdapter:
@@ -224,23 +224,23 @@ def layer_multiplier(adapter: OFTAdapter, layer) -> float:
     return float(adapter.layer_strengths.get((layer.component, layer.name), 1.0))
 
 
-def has_layer_strengths(adapter: OFTAdapter) -> bool:
+def _has_layer_strengths(adapter: OFTAdapter) -> bool:
     """True when a block spec switched some layer off or carries a multiplier other than 1."""
     return bool(adapter.layers_off) or any(v != 1 for v in adapter.layer_strengths.values())
 
 
 def refuse_layer_strengths(adapter: OFTAdapter, what: str) -> None:
     """Operations on generators (blend, merge) would silently drop carried strengths: refuse instead."""
-    if has_layer_strengths(adapter):
+    if _has_layer_strengths(adapter):
         raise OFTError(f"cannot {what} an adapter that carries per-block strengths ({adapter.block_spec!r}): {what} "
                        "first, then connect OFT Block Strength", path=adapter.path or None)
 
 
-def with_block_strength(adapter: OFTAdapter, spec: BlockSpec | str) -> OFTAdapter:
+def with_block_strength(adapter: OFTAdapter, spec: _BlockSpec | str) -> OFTAdapter:
     """`adapter` without the layers `spec` switches off, carrying the multipliers of the others (multiplied into any
     it already carries); `block_spec` records the spec(s) ("A then B"), `made_from` the step."""
     parsed = _spec(spec)
-    kept, strengths = apply_block_strength(adapter, parsed, 1.0)
+    kept, strengths = _apply_block_strength(adapter, parsed, 1.0)
     strengths = {k: float(adapter.layer_strengths.get(k, 1.0)) * v for k, v in strengths.items()}
     text = parsed.text if adapter.block_spec is None else f"{adapter.block_spec} then {parsed.text}"
     return _derived(kept, layer_strengths=strengths, block_spec=text,
@@ -258,10 +258,10 @@ def scale_layers(adapter: OFTAdapter, mode: str = "kohya", *, hint: str = _FRACT
 
     mode "kohya": kohya strength I + s(R − I) is not a rotation, so a multiplier other than 0 or 1 is refused (with
     `hint` saying what to do). mode "orthogonal": every layer becomes its composition at weight m, R(m·Q) with the
-    constraint applied first (`combine.scale_layer`), exact for strength_mode orthogonal.
+    constraint applied first (`combine._scale_layer`), exact for strength_mode orthogonal.
     """
-    if mode not in SCALE_MODES:
-        raise OFTError(f"block strength mode: expected {' or '.join(SCALE_MODES)}, found {mode!r}",
+    if mode not in _SCALE_MODES:
+        raise OFTError(f"block strength mode: expected {' or '.join(_SCALE_MODES)}, found {mode!r}",
                        path=adapter.path or None)
     partial = {k: float(v) for k, v in adapter.layer_strengths.items() if v != 1 and k in adapter.layers}
     if not partial:
@@ -272,5 +272,5 @@ def scale_layers(adapter: OFTAdapter, mode: str = "kohya", *, hint: str = _FRACT
             f"{len(partial)} layers have a block-strength multiplier other than 0 or 1 ({shown}"
             f"{' …' if len(partial) > 4 else ''}); an OFT file has no per-layer strength, and kohya strength "
             f"I + s(R − I) is not a rotation, so no file holds it exactly. {hint}", path=adapter.path or None)
-    layers = {k: scale_layer(layer, partial.get(k, 1.0)) for k, layer in adapter.layers.items()}
+    layers = {k: _scale_layer(layer, partial.get(k, 1.0)) for k, layer in adapter.layers.items()}
     return _derived(adapter, layers=layers, layer_strengths={})

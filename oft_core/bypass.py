@@ -44,11 +44,11 @@ from .names import build_key_map
 from .rotation import STRENGTH_MODES, _apply_last, rotation_blocks
 from .spec import OFTAdapter, OFTLayer
 
-BiasGetter = Callable[[torch.nn.Module, torch.dtype, torch.device], "torch.Tensor | None"]
+_BiasGetter = Callable[[torch.nn.Module, torch.dtype, torch.device], "torch.Tensor | None"]
 
 
 @dataclass(frozen=True)
-class BypassTarget:
+class _BypassTarget:
     """One adapter layer on one module: the layer (resolved for its weight), its effective strength, and the span
     (start, length) of output features it covers when it adapts a slice of a fused weight (None: all of them)."""
 
@@ -61,7 +61,7 @@ class BypassTarget:
     perm: tuple[int, ...] | None = None
 
 
-def plain_bias(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+def _plain_bias(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """The bias a plain torch Linear / Conv adds, as the forward used it (in the output's dtype), in fp32."""
     b = getattr(module, "bias", None)
     if b is None:
@@ -74,7 +74,7 @@ def plain_bias(module: torch.nn.Module, dtype: torch.dtype, device: torch.device
 def _is_identity(layer: OFTLayer) -> bool:
     """All generators zero and no row scale: R = I exactly (Cayley, Neumann and both strength modes)."""
     return (layer.parameterization != "matrix" and layer.row_scale is None
-            and all(g.device.type != "meta" and not bool(g.any()) for g in layer.generators))
+            and all(g.device.type != "meta" and not bool(g.any()) for g in layer.blocks))
 
 
 def _add_block_product(src: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -153,13 +153,13 @@ class ModuleBypass:
     `bias_of(module, dtype, device)`: the bias the module's forward adds, cast as the forward cast it, in fp32.
     """
 
-    def __init__(self, targets: Sequence[BypassTarget], *, conv: bool, kernel_numel: int = 1,
-                 bias_of: BiasGetter = plain_bias, name: str = ""):
+    def __init__(self, targets: Sequence[_BypassTarget], *, conv: bool, kernel_numel: int = 1,
+                 bias_of: _BiasGetter = _plain_bias, name: str = ""):
         self.name = name
         self.conv = conv
         self.bias_of = bias_of
-        self.out_targets: list[BypassTarget] = []
-        self.in_targets: list[BypassTarget] = []
+        self.out_targets: list[_BypassTarget] = []
+        self.in_targets: list[_BypassTarget] = []
         for t in targets:
             if t.mode not in STRENGTH_MODES:
                 raise OFTError(f"strength mode: expected {' | '.join(STRENGTH_MODES)}, found {t.mode!r}",
@@ -190,7 +190,7 @@ class ModuleBypass:
     def __bool__(self) -> bool:
         return bool(self.out_targets or self.in_targets)
 
-    def _active(self, targets: list[BypassTarget]) -> list[BypassTarget]:
+    def _active(self, targets: list[_BypassTarget]) -> list[_BypassTarget]:
         """`targets` without identity layers (all-zero generators), found on first use: reading the generators is
         adapter-sized work, kept out of attach time."""
         out = []
@@ -202,7 +202,7 @@ class ModuleBypass:
                 out.append(t)
         return out
 
-    def _out_plan(self) -> tuple[list[BypassTarget], bool, list[tuple[int, int]] | None]:
+    def _out_plan(self) -> tuple[list[_BypassTarget], bool, list[tuple[int, int]] | None]:
         """The output side's active targets, whether they all take the (B − I)·(y − b) path (diagonal blocks, no row
         scale, no permuted rows, no input-side row scale), and for a Linear their disjoint feature spans (None:
         overlapping, or a convolution). Found on the first forward, then reused: each step's Python work is a few
@@ -221,7 +221,7 @@ class ModuleBypass:
         return self._plan
 
     # -------------------------------------------------------------------------------------------------- math
-    def blocks(self, target: BypassTarget, device: torch.device) -> list[torch.Tensor]:
+    def blocks(self, target: _BypassTarget, device: torch.device) -> list[torch.Tensor]:
         """`rotation_blocks(layer, strength, mode)` on `device`, built on first use and cached."""
         key = (id(target), str(device))
         blocks = self._blocks.get(key)
@@ -230,7 +230,7 @@ class ModuleBypass:
             self._blocks[key] = blocks
         return blocks
 
-    def _rotate(self, target: BypassTarget, t: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, target: _BypassTarget, t: torch.Tensor) -> torch.Tensor:
         """M·v on the feature axis of fp32 `t` (last axis for Linear, axis 1 for Conv)."""
         blocks = self.blocks(target, t.device)
         if not self.conv:
@@ -283,7 +283,7 @@ class ModuleBypass:
             x32 = self._rotate(target, x32)
         return (x32.to(x.dtype), *args[1:])
 
-    def _deltas(self, target: BypassTarget, device: torch.device, dtype: torch.dtype, *,
+    def _deltas(self, target: _BypassTarget, device: torch.device, dtype: torch.dtype, *,
                 transposed: bool = False) -> list[torch.Tensor]:
         """B − I per split in `dtype` (or its transpose (B − I)ᵀ, contiguous: what the products take as their right
         factor; a transposed view would be copied by every 16-bit bmm, 230 MB a step for 4 blocks of 5376), cached
@@ -297,7 +297,7 @@ class ModuleBypass:
             self._delta_cache[key] = d
         return d
 
-    def product_blocks(self, target: BypassTarget, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    def product_blocks(self, target: _BypassTarget, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         """The right factors of `_add_block_product` per split: (B − I)ᵀ, contiguous; blocks under `_GROUP_WIDTH`
         wide merged g at a time into block-diagonal (n/g, g·b, g·b) matrices (`_group_blocks`), cached."""
         key = (id(target), str(device), dtype, "product")
@@ -307,7 +307,7 @@ class ModuleBypass:
             self._delta_cache[key] = d
         return d
 
-    def _post_delta(self, y: torch.Tensor, bias: torch.Tensor | None, targets: list[BypassTarget],
+    def _post_delta(self, y: torch.Tensor, bias: torch.Tensor | None, targets: list[_BypassTarget],
                     spans: list[tuple[int, int]] | None) -> torch.Tensor:
         """y + (B − I)·(y − b) per split of every output target: the plain case (diagonal blocks, no row scale).
 
@@ -325,7 +325,7 @@ class ModuleBypass:
             self._add_delta(target, part_in, part_out, work)
         return out.to(y.dtype)
 
-    def _post_delta_linear(self, y: torch.Tensor, bias: torch.Tensor | None, targets: list[BypassTarget],
+    def _post_delta_linear(self, y: torch.Tensor, bias: torch.Tensor | None, targets: list[_BypassTarget],
                            spans: list[tuple[int, int]], work: torch.dtype) -> torch.Tensor:
         """A Linear's output side, targets on disjoint feature spans (one whole-layer target, or the q / k / v
         slices of a fused weight): each split by `_add_block_product` straight into a new tensor; features no target
@@ -355,7 +355,7 @@ class ModuleBypass:
         out = out.view(y.shape)
         return out if out.dtype == y.dtype else out.to(y.dtype)
 
-    def _add_delta(self, target: BypassTarget, src: torch.Tensor, out: torch.Tensor, work: torch.dtype) -> None:
+    def _add_delta(self, target: _BypassTarget, src: torch.Tensor, out: torch.Tensor, work: torch.dtype) -> None:
         """out += (M − I)·src on the feature axis (diagonal blocks), in `work` dtype; a Linear's `out` must be
         viewable as (rows, features) (a feature slice of a contiguous tensor)."""
         start = 0
@@ -396,7 +396,7 @@ class ModuleBypass:
                 self._bias_view(bias, y32.ndim))
         return y32.to(y.dtype)
 
-    def _rotate_permuted(self, target: BypassTarget, y32: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _rotate_permuted(self, target: _BypassTarget, y32: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Output side of a layer whose base rows are the adapter's rows in `perm` order (a Linear): y taken into the
         adapter's order, s ⊙ M·(y − b) + b there, and put back in the base order."""
         perm = torch.tensor(target.perm, dtype=torch.long, device=y32.device)
@@ -421,14 +421,14 @@ class ModuleBypass:
 
 
 def module_bypasses(matches: Iterable, strength_of: Callable[[OFTLayer], float], mode: str,
-                    module_info: Callable[[str], tuple[bool, int]], bias_of: BiasGetter = plain_bias,
+                    module_info: Callable[[str], tuple[bool, int]], bias_of: _BiasGetter = _plain_bias,
                     ) -> dict[str, ModuleBypass]:
     """Group matched layers (`match.Match`) by module and build one `ModuleBypass` per module.
 
     `module_info(module_path)` -> (is_conv, kernel numel). Weight keys must end in ".weight"; a fused-slice offset
     must be on axis 0 (output features).
     """
-    grouped: dict[str, list[BypassTarget]] = {}
+    grouped: dict[str, list[_BypassTarget]] = {}
     for m in matches:
         key = m.target.key
         if not key.endswith(".weight"):
@@ -441,7 +441,7 @@ def module_bypasses(matches: Iterable, strength_of: Callable[[OFTLayer], float],
                                layer=m.layer.key)
             span = (int(start), int(length))
         grouped.setdefault(key[: -len(".weight")], []).append(
-            BypassTarget(m.layer, float(strength_of(m.layer)), mode, span, getattr(m.target, "perm", None)))
+            _BypassTarget(m.layer, float(strength_of(m.layer)), mode, span, getattr(m.target, "perm", None)))
     out = {}
     for path, targets in grouped.items():
         conv, kernel = module_info(path)
@@ -451,7 +451,7 @@ def module_bypasses(matches: Iterable, strength_of: Callable[[OFTLayer], float],
     return out
 
 
-class BypassHandle:
+class _BypassHandle:
     """What `attach` returns: the hooks it registered; `remove()` takes them all off again."""
 
     def __init__(self, handles: list, modules: dict[str, ModuleBypass], report):
@@ -472,7 +472,7 @@ class BypassHandle:
 
 
 def attach(model: torch.nn.Module, adapter: OFTAdapter, strength: float = 1.0, mode: str = "kohya", *,
-           components: Sequence[str] | None = None) -> BypassHandle:
+           components: Sequence[str] | None = None) -> _BypassHandle:
     """Apply `adapter` to a plain torch `model` in bypass mode (forward hooks); returns a handle to `remove()`.
 
     The model's state-dict names are matched the way the baker matches a base file's keys. Nothing is written to
@@ -494,4 +494,4 @@ def attach(model: torch.nn.Module, adapter: OFTAdapter, strength: float = 1.0, m
     handles = []
     for path, mb in bypasses.items():
         handles += mb.attach(modules[path])
-    return BypassHandle(handles, bypasses, report)
+    return _BypassHandle(handles, bypasses, report)

@@ -180,7 +180,7 @@ def _add_ops_commands(sub) -> None:
     c.set_defaults(func=_cmd_convert)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m oft_core", description="Inspect and bake OFT adapters.")
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("inspect", help="show what an adapter file holds")
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = _build_parser().parse_args(argv)
     try:
         return args.func(args)
     except OFTError as e:

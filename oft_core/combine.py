@@ -39,7 +39,7 @@ import torch
 
 from .choices import MERGE_MODES
 from .errors import OFTError
-from .rotation import constrain, generator_of, rotation_blocks
+from .rotation import _constrain, _generator_of, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer
 
 _HALF_TURN_TOL = 1e-4  # max |Cayley(Q) − B| accepted from the inverse Cayley (fp32); larger means B + I is singular
@@ -50,7 +50,7 @@ def _key(component: str, name: str) -> tuple[str, str]:
 
 
 def _rebuild(layer: OFTLayer, **changes) -> OFTLayer:
-    fields = dict(path="", name=layer.name, component=layer.component, side=layer.side, generators=layer.generators,
+    fields = dict(path="", name=layer.name, component=layer.component, side=layer.side, blocks=layer.blocks,
                   transpose=layer.transpose, kind=layer.kind, num_blocks=layer.num_blocks,
                   parameterization=layer.parameterization, neumann_coeffs=layer.neumann_coeffs,
                   constraint=Constraint(), row_scale=layer.row_scale, source=layer.source, key=layer.key,
@@ -61,7 +61,7 @@ def _rebuild(layer: OFTLayer, **changes) -> OFTLayer:
 
 def _constrained(layer: OFTLayer, transpose: bool) -> list[torch.Tensor]:
     """Constrained generators expressed for `transpose` (Cayley(Q)ᵀ = Cayley(−Q), Neumann(Q)ᵀ = Neumann(−Q))."""
-    gens = [constrain(layer, q, i) for i, q in enumerate(layer.generators)]
+    gens = [_constrain(layer, q, i) for i, q in enumerate(layer.blocks)]
     return gens if layer.transpose == transpose else [-q for q in gens]
 
 
@@ -71,7 +71,7 @@ def _same_structure(a: OFTLayer, b: OFTLayer, what: str) -> None:
         ("kind", a.kind, b.kind),
         ("block sizes", a.block_sizes, b.block_sizes),
         ("block counts", a.num_blocks, b.num_blocks),
-        ("stored blocks", tuple(g.shape for g in a.generators), tuple(g.shape for g in b.generators)),
+        ("stored blocks", tuple(g.shape for g in a.blocks), tuple(g.shape for g in b.blocks)),
         ("parameterization", (a.parameterization, a.neumann_coeffs), (b.parameterization, b.neumann_coeffs)),
         ("block_share", a.block_share, b.block_share),
     ]
@@ -119,8 +119,8 @@ def _unshare(layer: OFTLayer, width: int, src: str | None = None) -> OFTLayer:
                        f"is not a multiple of {b}: they were made for different models; otherwise "
                        + _APPLY_IN_ORDER, path=src, layer=layer.key)
     n = width // b
-    gens = [constrain(layer, q, i).expand(n, -1, -1).clone() for i, q in enumerate(layer.generators)]
-    return _rebuild(layer, generators=gens, num_blocks=[n], block_share=False)
+    gens = [_constrain(layer, q, i).expand(n, -1, -1).clone() for i, q in enumerate(layer.blocks)]
+    return _rebuild(layer, blocks=gens, num_blocks=[n], block_share=False)
 
 
 def _unshare_mixed(layers: Sequence[OFTLayer], sources: Sequence[str | None]) -> list[OFTLayer]:
@@ -149,7 +149,7 @@ def _weighted_layer(layers: Sequence[OFTLayer], weights: Sequence[float], what: 
         if any_scale:
             s = layer.row_scale if layer.row_scale is not None else torch.ones(ref.dim)
             scale = w * s if scale is None else scale + w * s
-    return _rebuild(ref, generators=gens, row_scale=scale, source=what)
+    return _rebuild(ref, blocks=gens, row_scale=scale, source=what)
 
 
 def provenance(adapter: OFTAdapter) -> dict:
@@ -180,7 +180,7 @@ def blend(a: OFTAdapter, b: OFTAdapter, t: float) -> OFTAdapter:
             sa = la.row_scale if la.row_scale is not None else torch.ones(la.dim)
             sb = lb.row_scale if lb.row_scale is not None else torch.ones(la.dim)
             scale = torch.lerp(sa, sb, t)
-        layers[(la.component, la.name)] = _rebuild(la, generators=gens, row_scale=scale, source="blend")
+        layers[(la.component, la.name)] = _rebuild(la, blocks=gens, row_scale=scale, source="blend")
     made_from = {"blend": {"ratio": t, "a": provenance(a), "b": provenance(b)}}
     return OFTAdapter(layers, a.format, "", dict(a.metadata), made_from=made_from)
 
@@ -242,7 +242,7 @@ def _is_identity(layer: OFTLayer, w: float) -> bool:
         return True  # R^0 = I, and strength 0 means "adapter off" (its rescale too)
     if layer.row_scale is not None or layer.parameterization == "matrix":
         return False
-    return all(not bool(torch.any(constrain(layer, q, i) != 0)) for i, q in enumerate(layer.generators))
+    return all(not bool(torch.any(_constrain(layer, q, i) != 0)) for i, q in enumerate(layer.blocks))
 
 
 def _scaled(layer: OFTLayer, w: float) -> OFTLayer:
@@ -250,12 +250,12 @@ def _scaled(layer: OFTLayer, w: float) -> OFTLayer:
     if w == 1:
         return layer
     if layer.parameterization == "matrix":
-        gens = [w * generator_of(r) for r in layer.generators]  # as rotation_blocks' orthogonal mode
-        return _rebuild(layer, generators=[0.5 * (q - q.transpose(-1, -2)) for q in gens], parameterization="cayley")
-    return _rebuild(layer, generators=[w * q for q in _constrained(layer, layer.transpose)])
+        gens = [w * _generator_of(r) for r in layer.blocks]  # as rotation_blocks' orthogonal mode
+        return _rebuild(layer, blocks=[0.5 * (q - q.transpose(-1, -2)) for q in gens], parameterization="cayley")
+    return _rebuild(layer, blocks=[w * q for q in _constrained(layer, layer.transpose)])
 
 
-def scale_layer(layer: OFTLayer, w: float) -> OFTLayer:
+def _scale_layer(layer: OFTLayer, w: float) -> OFTLayer:
     """The layer at weight w in the orthogonal sense, as `merge(..., "compose")` of it alone gives: R(w·Q), the
     constraint applied first; an identity layer (or w = 0) becomes all-zero Cayley generators."""
     if not math.isfinite(w):
@@ -278,7 +278,7 @@ def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | Non
     active = [(layer, w, src) for layer, w, src in entries if not _is_identity(layer, w)]
     if not active:
         first = entries[0][0]
-        return _rebuild(first, generators=[torch.zeros_like(q) for q in first.generators], row_scale=None,
+        return _rebuild(first, blocks=[torch.zeros_like(q) for q in first.blocks], row_scale=None,
                         parameterization="cayley", neumann_coeffs=(), source="compose")
     if len(active) == 1:
         layer, w, _ = active[0]
@@ -289,7 +289,7 @@ def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | Non
     _check_composable(active, ref)
     scale = _composed_row_scale(active, ref)
     gens = [_composed_generator(active, ref, split, width) for split, width in enumerate(ref.split_sizes)]
-    return _rebuild(ref, generators=gens, num_blocks=[w // q.shape[-1] for w, q in zip(ref.split_sizes, gens)],
+    return _rebuild(ref, blocks=gens, num_blocks=[w // q.shape[-1] for w, q in zip(ref.split_sizes, gens)],
                     parameterization="cayley", neumann_coeffs=(), row_scale=scale, source="compose",
                     block_share=keep_shared)
 
@@ -358,12 +358,12 @@ def _composed_generator(active: list[tuple[OFTLayer, float, str]], ref: OFTLayer
             total = total @ blocks
     target = total.transpose(-1, -2) if ref.transpose else total
     try:
-        q = generator_of(target)  # Q = (B − I)(B + I)⁻¹
+        q = _generator_of(target)  # Q = (B − I)(B + I)⁻¹
     except RuntimeError:  # torch.linalg.solve on a singular B + I
         raise OFTError("the composed rotation turns some block by half a turn (eigenvalue −1): it has no Cayley "
                        "generator", layer=ref.key) from None
     q = 0.5 * (q - q.transpose(-1, -2))  # exactly skew (it is skew up to rounding)
-    back = rotation_blocks(make_layer(path="", name=ref.name, side=ref.side, generators=[q], transpose=False), 1.0)[0]
+    back = rotation_blocks(make_layer(path="", name=ref.name, side=ref.side, blocks=[q], transpose=False), 1.0)[0]
     err = float((back - target).abs().max())
     if not err <= _HALF_TURN_TOL:
         raise OFTError(f"the composed rotation is too close to a half turn for the inverse Cayley transform "

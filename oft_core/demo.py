@@ -1,4 +1,4 @@
-"""The demo: a tiny attention + conv model (`ToyModel`, also the tests' model) and `run_demo`, the main job end to end
+"""The demo: a tiny attention + conv model (`_ToyModel`, also the tests' model) and `run_demo`, the main job end to end
 (train, save as kohya, reload, bake, check), run by `python -m oft_core demo`. Needs no download and no ComfyUI."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class ToyAttention(nn.Module):
+class _ToyAttention(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -19,7 +19,7 @@ class ToyAttention(nn.Module):
         return x + self.to_out(a)
 
 
-class ToyModel(nn.Module):
+class _ToyModel(nn.Module):
     """A tiny attention + conv model for tests and the demo (generic family)."""
 
     def __init__(self, dim: int = 16, channels: int = 8, seed: int = 0):
@@ -27,7 +27,7 @@ class ToyModel(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
         self.proj = nn.Linear(channels, dim)
-        self.attn = ToyAttention(dim)
+        self.attn = _ToyAttention(dim)
         self.head = nn.Linear(dim, 8)
         with torch.no_grad():
             for p in self.parameters():
@@ -63,8 +63,8 @@ def _problem(out_dir: str, seed: int, say) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    model = ToyModel(dim=32, channels=16, seed=seed).requires_grad_(False)
-    teacher = ToyModel(dim=32, channels=16, seed=seed + 1)
+    model = _ToyModel(dim=32, channels=16, seed=seed).requires_grad_(False)
+    teacher = _ToyModel(dim=32, channels=16, seed=seed + 1)
     x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         target = teacher(x)
@@ -133,7 +133,7 @@ def _checks(problem: dict, trained: dict, outs: dict[float, str], n_layers: int,
 
     model, x, target = problem["model"], problem["x"], problem["target"]
     trained_out, losses = trained["trained_out"], trained["losses"]
-    baked = ToyModel(dim=32, channels=16, seed=seed)
+    baked = _ToyModel(dim=32, channels=16, seed=seed)
     baked.load_state_dict(load_file(outs[1.0]))
     with torch.no_grad():
         merged_out = baked(x)

@@ -31,17 +31,17 @@ class OFTError(ValueError):
         super().__init__(f"{': '.join(where)}: {message}" if where else message)
 
 
-def mismatch(what: str, expected, found) -> str:
+def _mismatch(what: str, expected, found) -> str:
     """Uniform wording for "expected X, found Y" messages."""
     return f"{what}: expected {expected}, found {found}"
 
 
 # Strengths, multipliers and weights larger than this are refused: a kohya-mode strength s scales R − I by s, so
 # s = 1e30 wrote weights of ~1e27 without a word, and no adapter is meant to be used at a thousand times its strength.
-MAX_STRENGTH = 1000.0
+_MAX_STRENGTH = 1000.0
 
 
-def finite_number(value, what: str, *, path: str | os.PathLike | None = None, limit: float | None = None) -> float:
+def _finite_number(value, what: str, *, path: str | os.PathLike | None = None, limit: float | None = None) -> float:
     """`value` as a float, or an `OFTError` saying `what` expected a finite number (|value| ≤ `limit`) and what it got.
 
     The one check of user numbers (strengths, block multipliers, merge weights, blend ratios) for the CLI, the nodes
@@ -51,22 +51,22 @@ def finite_number(value, what: str, *, path: str | os.PathLike | None = None, li
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise OFTError(mismatch(what, "a number", repr(value)), path=path) from None
+        raise OFTError(_mismatch(what, "a number", repr(value)), path=path) from None
     if not math.isfinite(number):
-        raise OFTError(mismatch(what, "a finite number", number), path=path)
+        raise OFTError(_mismatch(what, "a finite number", number), path=path)
     if limit is not None and abs(number) > limit:
-        raise OFTError(mismatch(what, f"a number from {-limit:g} to {limit:g}", f"{number:g}"), path=path)
+        raise OFTError(_mismatch(what, f"a number from {-limit:g} to {limit:g}", f"{number:g}"), path=path)
     return number
 
 
 def check_strength(value, what: str = "strength", *, path: str | os.PathLike | None = None) -> float:
     """The one definition of a valid strength (also a block multiplier and strength × multiplier): finite, |s| ≤
-    `MAX_STRENGTH`."""
-    return finite_number(value, what, path=path, limit=MAX_STRENGTH)
+    `_MAX_STRENGTH`."""
+    return _finite_number(value, what, path=path, limit=_MAX_STRENGTH)
 
 
 @contextlib.contextmanager
-def bulk():
+def _bulk():
     """Python's cyclic garbage collector paused while oft_core builds or walks many small objects (an adapter of
     100,000 layers, a bake of 10,000): every full collection scans every live object, so with it running the cost
     per layer grew with the layer count (inspect of 100,000 layers: 2.6× slower, bench_scale.py). These phases make

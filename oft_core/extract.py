@@ -47,7 +47,7 @@ _POWER_ITERATIONS = 8
 
 
 @dataclass
-class LayerExtract:
+class _LayerExtract:
     name: str  # the LoRA module name (lora_unet_…)
     base_key: str
     shape: tuple[int, ...]
@@ -60,7 +60,7 @@ class LayerExtract:
 @dataclass
 class ExtractResult:
     out: str | None
-    layers: list[LayerExtract] = field(default_factory=list)
+    layers: list[_LayerExtract] = field(default_factory=list)
     seconds: float = 0.0
 
     def text(self) -> str:
@@ -78,7 +78,7 @@ class ExtractResult:
         return "\n".join(lines)
 
 
-def lora_name(component: str, path: str) -> str:
+def _lora_name(component: str, path: str) -> str:
     return _TE_PREFIX.get(component, "lora_unet_") + path.replace(".", "_")
 
 
@@ -148,16 +148,16 @@ def _group_by_key(matches: Iterable[Match]) -> dict[str, list[Match]]:
 def _name_for(key: str, group: list[Match]) -> str:
     first = group[0]
     if len(group) == 1 and first.target.offset is None:
-        return lora_name(first.layer.component, first.layer.name)
+        return _lora_name(first.layer.component, first.layer.name)
     path = key[: -len(".weight")] if key.endswith(".weight") else key
     for p in _KEY_PREFIXES:
         if path.startswith(p):
             path = path[len(p):]
             break
-    return lora_name(first.layer.component, path)
+    return _lora_name(first.layer.component, path)
 
 
-def delta_weight(group: list[Match], w: torch.Tensor, strength_of: Callable, mode: str) -> torch.Tensor:
+def _delta_weight(group: list[Match], w: torch.Tensor, strength_of: Callable, mode: str) -> torch.Tensor:
     """W' − W in fp32 for one base weight and the adapter layers on it (slices included), 2-D (out, in·k)."""
     w32 = w.to(torch.float32)
     new = w32.clone()
@@ -178,7 +178,7 @@ def extract(adapter: OFTAdapter, weights: Mapping[str, torch.Tensor] | Callable[
             shapes: Mapping[str, tuple[int, ...]], *, rank: int | None = None, rel_error: float | None = None,
             strength: float = 1.0, mode: str = "kohya", strength_of: Callable | None = None,
             components=None, base_name: str = "the base model", progress: Callable[[int, int], None] | None = None,
-            ) -> tuple[dict[str, torch.Tensor], list[LayerExtract]]:
+            ) -> tuple[dict[str, torch.Tensor], list[_LayerExtract]]:
     """The LoRA tensors (kohya names, fp32) and per-layer reports for `adapter` on a base given by `shapes` and
     `weights` (a mapping or a key → tensor function, read one weight at a time)."""
     if mode not in STRENGTH_MODES:
@@ -191,18 +191,18 @@ def extract(adapter: OFTAdapter, weights: Mapping[str, torch.Tensor] | Callable[
     strength_of = strength_of or (lambda layer: strength)
     get = weights if callable(weights) else weights.__getitem__
     tensors: dict[str, torch.Tensor] = {}
-    layers: list[LayerExtract] = []
+    layers: list[_LayerExtract] = []
     groups = _group_by_key(report.matched)
     for i, (key, group) in enumerate(groups.items()):
         w = get(key)
-        dw = delta_weight(group, w, strength_of, mode)
+        dw = _delta_weight(group, w, strength_of, mode)
         name = _name_for(key, group)
         if name in {x.name for x in layers}:
             raise OFTError(f"two base weights would get the same LoRA name {name!r}", path=adapter.path)
         up, down, err, method = low_rank(dw, rank, rel_error)
         change = float(torch.linalg.matrix_norm(dw.double())) / max(float(torch.linalg.matrix_norm(
             w.to(torch.float64).reshape(w.shape[0], -1))), 1e-30)
-        layers.append(LayerExtract(name, key, tuple(w.shape), up.shape[1], err, change, method))
+        layers.append(_LayerExtract(name, key, tuple(w.shape), up.shape[1], err, change, method))
         if method != "zero":
             r = up.shape[1]
             if w.ndim > 2:  # kohya conv LoRA: down (r, in, kh, kw), up (out, r, 1, 1)
@@ -219,7 +219,7 @@ def extract(adapter: OFTAdapter, weights: Mapping[str, torch.Tensor] | Callable[
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def lora_metadata(adapter: OFTAdapter, layers: list[LayerExtract], *, rank, rel_error, strength, mode,
+def lora_metadata(adapter: OFTAdapter, layers: list[_LayerExtract], *, rank, rel_error, strength, mode,
                   dtype: str) -> dict[str, str]:
     ranks = sorted({x.rank for x in layers if x.method != "zero"})
     dim = ranks[-1] if ranks else 0

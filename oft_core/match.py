@@ -37,7 +37,7 @@ class MatchReport:
         return line
 
 
-def target_shape(target: Target, shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
+def _target_shape(target: Target, shapes: Mapping[str, Sequence[int]]) -> tuple[int, ...]:
     shape = list(shapes[target.key])
     if target.offset is not None:
         dim, start, length = target.offset
@@ -76,7 +76,7 @@ def match_adapter(
                            f"{target.key}{'' if target.offset is None else f' slice {target.offset}'}",
                            path=adapter.path)
         seen[where] = layer.key
-        shape = target_shape(target, shapes)
+        shape = _target_shape(target, shapes)
         resolved = resolve_for_weight(layer, shape, path=adapter.path, weight_name=f"{base_name}'s {target.key}")
         report.matched.append(Match(resolved, target))
     return report

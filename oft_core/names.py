@@ -52,7 +52,7 @@ Every other family (SD3.5, Qwen-Image, Wan, HiDream, Chroma, Lumina, HunyuanVide
 the host's own LoRA key map, handed in as `build_key_map(shapes, external=...)`: a plain dict {adapter key: base key
 or (base key, offset) or (base key, offset, function)}, which the ComfyUI nodes take from
 `comfy.lora.model_lora_keys_unet` / `model_lora_keys_clip` (this module never imports ComfyUI). Each adapter key's
-prefix says its component (`EXTERNAL_PREFIXES`); the rest is a name in the dotted or underscored spelling as above,
+prefix says its component (`_EXTERNAL_PREFIXES`); the rest is a name in the dotted or underscored spelling as above,
 with the map's fused-weight offsets (SD3's `transformer_blocks.N.attn.to_q` is a row slice of ComfyUI's
 `joint_blocks.N.x_block.attn.qkv`). The pack's own tables win where both name a layer (they are exact for kohya's
 names). An external entry with a `function` is kept only when the function is a pure row permutation (FLUX's and
@@ -67,14 +67,14 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from .spec import COMPONENTS
+from .spec import _COMPONENTS
 
 log = logging.getLogger(__name__)
 
-UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+_UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 # Base-key prefix -> the adapter components whose (HF CLIP) names live below it. First match wins.
-TE_PREFIXES = (
+_TE_PREFIXES = (
     ("cond_stage_model.transformer.", ("te", "te1")),  # SD1.x checkpoint
     ("conditioner.embedders.0.transformer.", ("te", "te1")),  # SDXL checkpoint, CLIP-L
     ("conditioner.embedders.1.model.", ("te2",)),  # SDXL checkpoint, CLIP-G in open_clip names (rarely HF names)
@@ -86,7 +86,7 @@ TE_PREFIXES = (
 # Adapter-key prefixes of a host key map (ComfyUI's model_lora_keys_unet / model_lora_keys_clip) -> the component
 # they name; None: not an adapter name (ComfyUI's generic `text_encoders.<CLIP key>`). Keys with no listed prefix are
 # the model's own module paths (`transformer_blocks.0.attn.to_q` for Qwen-Image, diffusers UNet paths): "unet".
-EXTERNAL_PREFIXES = (
+_EXTERNAL_PREFIXES = (
     ("lycoris_", "unet"), ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("transformer.", "unet"),
     ("base_model.model.", "unet"), ("diffusion_model.", "unet"), ("unet.", "unet"),
     ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te"), ("text_encoder_2.", "te2"),
@@ -207,7 +207,7 @@ class KeyMap:
                 f"external={self.external})")
 
 
-def external_names(external: Mapping[str, object],
+def _external_names(external: Mapping[str, object],
                    shapes: Mapping[str, Sequence[int]]) -> list[tuple[str, str, Target]]:
     """(component, name, Target) of every usable entry of a host key map (see the module docstring).
 
@@ -228,7 +228,7 @@ def _external_name(adapter_key) -> tuple[str, str] | None:
     if not isinstance(adapter_key, str):
         return None
     component, name = "unet", adapter_key
-    for prefix, comp in EXTERNAL_PREFIXES:
+    for prefix, comp in _EXTERNAL_PREFIXES:
         if adapter_key.startswith(prefix):
             component, name = comp, adapter_key[len(prefix):]
             break
@@ -303,8 +303,8 @@ def build_key_map(shapes: Mapping[str, Sequence[int]], external: Mapping[str, ob
     families the pack's own tables do not know; the pack's tables win where both name the same thing.
     """
     weights = {k[: -len(".weight")]: (k, tuple(s)) for k, s in shapes.items() if k.endswith(".weight")}
-    names: dict[str, dict[str, object]] = {c: {} for c in COMPONENTS}
-    unet = _split_weights(weights, any(k.startswith(UNET_PREFIXES) for k in shapes), names)
+    names: dict[str, dict[str, object]] = {c: {} for c in _COMPONENTS}
+    unet = _split_weights(weights, any(k.startswith(_UNET_PREFIXES) for k in shapes), names)
     rels = [rel for rel, _, _ in unet]
     architecture = _architecture(rels, any(names[c] for c in ("te", "te1", "te2")))
     layers = _ldm_layers_per_block(rels) if architecture == "sd_unet_ldm" else None
@@ -333,14 +333,14 @@ def _split_weights(weights: Mapping[str, tuple], prefixed: bool,
     below the UNet/DiT prefix, key, shape). `prefixed`: the file has UNet prefixes (else a bare UNet / DiT file)."""
     unet: list[tuple[str, str, tuple]] = []
     for module, (key, shape) in weights.items():
-        te = next(((module[len(p):], cs) for p, cs in TE_PREFIXES if module.startswith(p)), None)
+        te = next(((module[len(p):], cs) for p, cs in _TE_PREFIXES if module.startswith(p)), None)
         if te is None and module.startswith("text_model."):  # a bare HF CLIPTextModel file (SD1 te / SDXL te1)
             te = (module, ("te", "te1"))
         if te is not None:
             for component in te[1]:
                 _add(names, component, te[0], Target(key))
             continue
-        rel = next((module[len(p):] for p in UNET_PREFIXES if module.startswith(p)), None)
+        rel = next((module[len(p):] for p in _UNET_PREFIXES if module.startswith(p)), None)
         if rel is None and not prefixed:  # a bare UNet / DiT file: everything else is the model
             rel = module
         if rel is not None:
@@ -366,7 +366,7 @@ def _add_external(names: dict[str, dict[str, object]], external: Mapping[str, ob
     own = {c: set(t) for c, t in names.items()}
     disagree = []
     added = 0
-    for component, name, target in external_names(external, shapes):
+    for component, name, target in _external_names(external, shapes):
         if component not in names:
             continue
         if name in own[component]:
@@ -494,7 +494,7 @@ def _wan_to_diffusers(rel: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ reverse map
-def ldm_to_diffusers(shapes: Mapping[str, Sequence[int]] | Sequence[str]) -> dict[str, str]:
+def _ldm_to_diffusers_names(shapes: Mapping[str, Sequence[int]] | Sequence[str]) -> dict[str, str]:
     """LDM UNet module path -> its diffusers module path, for every module of `shapes` that has one.
 
     `shapes` is what `build_key_map` takes (base key -> shape, or just the keys; prefixes `model.diffusion_model.` /
@@ -502,18 +502,18 @@ def ldm_to_diffusers(shapes: Mapping[str, Sequence[int]] | Sequence[str]) -> dic
     prefix or tensor suffix (`input_blocks.1.1.proj_in` -> `down_blocks.0.attentions.0.proj_in`).
 
     Built from the same tables and the same layers_per_block rule as the forward map (`_ldm_to_diffusers`), so
-    `build_key_map(shapes).lookup(ldm_to_diffusers(shapes)[m])` is always module m's weight. Where the forward map
-    accepts two diffusers spellings (`label_emb` = `add_embedding` / `class_embedding`) the first (SDXL's) is taken.
+    `build_key_map(shapes).lookup(_ldm_to_diffusers_names(shapes)[m])` is always module m's weight. Where the forward
+    map accepts two diffusers spellings (`label_emb` = `add_embedding` / `class_embedding`) the first (SDXL's) is taken.
     Used to write kohya SD1.x/SD2.x files, which sd-scripts `networks.oft` names after diffusers modules.
 
     Raises ValueError when `shapes` is not an LDM UNet, or its layers_per_block cannot be told from its keys (a
     wrong guess would name layers after the wrong modules).
     """
     keys = list(shapes)
-    prefixed = any(k.startswith(UNET_PREFIXES) for k in keys)
+    prefixed = any(k.startswith(_UNET_PREFIXES) for k in keys)
     rels = []
     for k in keys:
-        rel = next((k[len(p):] for p in UNET_PREFIXES if k.startswith(p)), None if prefixed else k)
+        rel = next((k[len(p):] for p in _UNET_PREFIXES if k.startswith(p)), None if prefixed else k)
         if rel is not None:
             rels.append(rel.rsplit(".", 1)[0] if rel.endswith((".weight", ".bias")) else rel)
     rels = list(dict.fromkeys(rels))

@@ -34,13 +34,13 @@ import sys
 import time
 from typing import Callable, Iterable
 
-from .errors import OFTError, mismatch
+from .errors import OFTError, _mismatch
 
 log = logging.getLogger(__name__)
 
-TEMP_PREFIX = ".oft-tmp-"
-_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(\d+)-[0-9a-f]+\.(tmp|d|old)$")
-ADAPTER_DIR_FILES = ("adapter_model.safetensors", "adapter_config.json")
+_TEMP_PREFIX = ".oft-tmp-"
+_TEMP_NAME = re.compile(rf"^{re.escape(_TEMP_PREFIX)}(\d+)-[0-9a-f]+\.(tmp|d|old)$")
+_ADAPTER_DIR_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # Where a process id cannot be checked (Windows), a temp file older than this is taken to be a leftover.
 _STALE_SECONDS = 24 * 3600
 
@@ -50,14 +50,14 @@ def check_output_name(text, what: str = "filename_prefix") -> str:
     """A user-given output name (e.g. OFT Save's filename_prefix): non-empty text, no NUL, a last part that is a
     visible file name (an empty one wrote a hidden `._00001_` file). Returns it."""
     if not isinstance(text, str):
-        raise OFTError(mismatch(what, "text", type(text).__name__))
+        raise OFTError(_mismatch(what, "text", type(text).__name__))
     if "\0" in text:
-        raise OFTError(mismatch(what, "a name without NUL characters", repr(text)))
+        raise OFTError(_mismatch(what, "a name without NUL characters", repr(text)))
     last = re.split(r"[\\/]", text.strip())[-1]
     if not last:
-        raise OFTError(mismatch(what, "a path ending in a file name (e.g. 'oft/my_adapter')", repr(text)))
+        raise OFTError(_mismatch(what, "a path ending in a file name (e.g. 'oft/my_adapter')", repr(text)))
     if last.startswith("."):
-        raise OFTError(mismatch(what, "a file name that does not start with '.' (it would be hidden)", repr(text)))
+        raise OFTError(_mismatch(what, "a file name that does not start with '.' (it would be hidden)", repr(text)))
     return text
 
 
@@ -89,11 +89,11 @@ def _input_identities(inputs: Iterable) -> tuple[set, list[str]]:
     return ids, real
 
 
-def check_output(out, inputs: Iterable = (), *, overwrite: bool = False, kind: str = "file") -> str:
+def _check_output(out, inputs: Iterable = (), *, overwrite: bool = False, kind: str = "file") -> str:
     """Refuse an output path that the rules above forbid; returns it absolute. No side effects."""
     out = os.fspath(out)
     if not out or "\0" in out:
-        raise OFTError(mismatch("output path", "a file path without NUL characters", repr(out)))
+        raise OFTError(_mismatch("output path", "a file path without NUL characters", repr(out)))
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
@@ -140,9 +140,9 @@ def _check_replaceable_dir(out: str, st: os.stat_result, ids) -> None:
     for name in os.listdir(out):
         sub = os.path.join(out, name)
         sst = os.lstat(sub)
-        if name not in ADAPTER_DIR_FILES or not stat.S_ISREG(sst.st_mode):
+        if name not in _ADAPTER_DIR_FILES or not stat.S_ISREG(sst.st_mode):
             raise OFTError(f"exists and holds {name!r}: only a PEFT adapter folder holding nothing but "
-                           f"{' and '.join(ADAPTER_DIR_FILES)} is ever replaced", path=out)
+                           f"{' and '.join(_ADAPTER_DIR_FILES)} is ever replaced", path=out)
         if (sst.st_dev, sst.st_ino) in ids:
             raise OFTError(f"refusing to write the output over a folder that holds one of this command's inputs "
                            f"({name}); choose another output path", path=out)
@@ -150,7 +150,7 @@ def _check_replaceable_dir(out: str, st: os.stat_result, ids) -> None:
 
 # ------------------------------------------------------------------------------------------------ temp names
 def _temp_name(parent: str, suffix: str) -> str:
-    return os.path.join(parent, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}.{suffix}")
+    return os.path.join(parent, f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}.{suffix}")
 
 
 def _alive(pid: int) -> bool:
@@ -165,7 +165,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep(folder: str) -> list[str]:
+def _sweep(folder: str) -> list[str]:
     """Remove the temp files and folders that runs which are gone left in `folder` (named `.oft-tmp-<pid>-…`)."""
     removed = []
     try:
@@ -230,7 +230,7 @@ def _load_renameat2():
     return _renameat2
 
 
-def rename_noreplace(src: str, dst: str) -> None:
+def _rename_noreplace(src: str, dst: str) -> None:
     """Rename `src` to `dst`, failing with FileExistsError when `dst` exists (atomically where the system can)."""
     fn = _load_renameat2()
     if fn:
@@ -276,7 +276,7 @@ def _os_error(e: OSError, out: str, what: str) -> OFTError:
     if isinstance(e, FileExistsError):
         return OFTError("output appeared while this run was writing it (another run writing the same output?); "
                         "nothing was replaced: choose another name or pass --overwrite", path=out)
-    where = e.filename if isinstance(e.filename, str) and not os.path.basename(e.filename).startswith(TEMP_PREFIX) \
+    where = e.filename if isinstance(e.filename, str) and not os.path.basename(e.filename).startswith(_TEMP_PREFIX) \
         else out
     if e.errno == errno.ENOSPC:
         why = "no space left on the device"
@@ -305,21 +305,21 @@ def _link_unnamed(fd: int, path: str) -> None:
 
 def publish_safetensors(out, tensors: dict, metadata: dict, *, inputs: Iterable = (), overwrite: bool = False,
                         what: str = "output") -> str:
-    """`publish_file` of a safetensors file holding `tensors` (made contiguous) and string `metadata`."""
+    """`_publish_file` of a safetensors file holding `tensors` (made contiguous) and string `metadata`."""
     from safetensors.torch import save
 
     blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata={str(k): str(v) for k, v in
                                                                            metadata.items()})
-    return publish_file(out, lambda f: f.write(blob), inputs=inputs, overwrite=overwrite, what=what)
+    return _publish_file(out, lambda f: f.write(blob), inputs=inputs, overwrite=overwrite, what=what)
 
 
-def publish_file(out, write: Callable, *, inputs: Iterable = (), overwrite: bool = False, what: str = "output") -> str:
+def _publish_file(out, write: Callable, *, inputs: Iterable = (), overwrite: bool = False, what: str = "output") -> str:
     """Write a file with `write(f)` (a binary file object) and publish it at `out` under the rules above. Returns the
     absolute output path. Any exception leaves nothing behind; OS errors become `OFTError`s naming the path."""
     inputs = [i for i in inputs if i is not None]
-    out = check_output(out, inputs, overwrite=overwrite, kind="file")
+    out = _check_output(out, inputs, overwrite=overwrite, kind="file")
     parent = os.path.dirname(out)
-    sweep(parent)
+    _sweep(parent)
     staged = None
     try:
         staged = _Staged(parent)
@@ -358,7 +358,7 @@ class _Staged:
         rules are checked again just before the atomic replace)."""
         replace = overwrite and os.path.lexists(out)
         if replace:
-            check_output(out, inputs, overwrite=True, kind="file")
+            _check_output(out, inputs, overwrite=True, kind="file")
         if self.named is None:
             if not replace:
                 _link_unnamed(self.fd, out)  # fails when `out` exists: never replaces
@@ -368,7 +368,7 @@ class _Staged:
         if replace:
             os.replace(self.named, out)
         else:
-            rename_noreplace(self.named, out)
+            _rename_noreplace(self.named, out)
         self.named = None
 
     def close(self) -> None:
@@ -377,13 +377,13 @@ class _Staged:
         _remove(self.named)
 
 
-def publish_dir(out, write: Callable[[str], None], *, inputs: Iterable = (), overwrite: bool = False,
+def _publish_dir(out, write: Callable[[str], None], *, inputs: Iterable = (), overwrite: bool = False,
                 what: str = "adapter folder") -> str:
-    """Write a folder with `write(folder)` and publish it at `out` (PEFT adapters); rules as `publish_file`."""
+    """Write a folder with `write(folder)` and publish it at `out` (PEFT adapters); rules as `_publish_file`."""
     inputs = [i for i in inputs if i is not None]
-    out = check_output(out, inputs, overwrite=overwrite, kind="dir")
+    out = _check_output(out, inputs, overwrite=overwrite, kind="dir")
     parent = os.path.dirname(out)
-    sweep(parent)
+    _sweep(parent)
     tmp = _temp_name(parent, "d")
     old = None
     try:
@@ -396,17 +396,17 @@ def publish_dir(out, write: Callable[[str], None], *, inputs: Iterable = (), ove
             finally:
                 os.close(fd)
         if overwrite and os.path.lexists(out):
-            check_output(out, inputs, overwrite=True, kind="dir")
+            _check_output(out, inputs, overwrite=True, kind="dir")
             old = _temp_name(parent, "old")
             os.rename(out, old)
             try:
-                rename_noreplace(tmp, out)
+                _rename_noreplace(tmp, out)
             except BaseException:
                 os.rename(old, out)  # put the previous output back
                 old = None
                 raise
         else:
-            rename_noreplace(tmp, out)
+            _rename_noreplace(tmp, out)
         tmp = None
         _fsync_dir(parent)
     except OSError as e:

@@ -2,10 +2,10 @@
 
 One definition of each thing, used by every format, the ComfyUI patch, the baker and the trainer:
 
-- constraint (`constrain`): kohya/LyCORIS clamp ‖Q‖_F of a split at alpha·split_size,
+- constraint (`_constrain`): kohya/LyCORIS clamp ‖Q‖_F of a split at alpha·split_size,
   Q ← Q·(min(‖Q‖, c) + 1e-8)/(‖Q‖ + 1e-8) (sd-scripts `networks/oft.py`); PEFT COFT projects every block to
   ‖Q_i‖_F ≤ eps/√(stored blocks) (PEFT `_project_batch`); or none.
-- rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ (`cayley`: a linear solve, or matmul-only block elimination
+- rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ (`_cayley`: a linear solve, or matmul-only block elimination
   for large blocks), or the Cayley–Neumann series
   Σ c_k Q^k; always in fp32, whatever the stored dtype.
 - strength (`rotation_blocks`): mode "kohya" R_s = I + s(R − I), linear in the weight and what sd-scripts and
@@ -24,16 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from .choices import STRENGTH_MODES
-from .errors import OFTError, check_strength, mismatch
+from .errors import OFTError, _mismatch, check_strength
 from .spec import OFTLayer
 
-StrengthMode = Literal["kohya", "orthogonal"]  # the values of choices.STRENGTH_MODES, for type checkers
+_StrengthMode = Literal["kohya", "orthogonal"]  # the values of choices.STRENGTH_MODES, for type checkers
 
 # sd-scripts and LyCORIS add 1e-8 to the norm before dividing; kept so clamped layers match them.
 _NORM_EPS = 1e-8
 
 
-def skew(a: torch.Tensor) -> torch.Tensor:
+def _skew(a: torch.Tensor) -> torch.Tensor:
     """A − Aᵀ over the last two axes."""
     return a - a.transpose(-1, -2)
 
@@ -42,7 +42,7 @@ def _eye_like(q: torch.Tensor) -> torch.Tensor:
     return torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
 
 
-def constrain(layer: OFTLayer, q: torch.Tensor, split: int) -> torch.Tensor:
+def _constrain(layer: OFTLayer, q: torch.Tensor, split: int) -> torch.Tensor:
     """Apply the layer's constraint to the generator `q` of split `split` (any leading batch axes)."""
     c = layer.constraint
     if c.kind == "none":
@@ -64,7 +64,7 @@ def constrain(layer: OFTLayer, q: torch.Tensor, split: int) -> torch.Tensor:
 _CPU_BATCHED_SOLVE_MAX = 96
 
 
-def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a⁻¹·b over the last two axes, batched where that is safe."""
     n = a.shape[-1]
     if a.device.type != "cpu" or n <= _CPU_BATCHED_SOLVE_MAX or a.ndim == 2:
@@ -94,7 +94,7 @@ def _inverse_positive_real(a: torch.Tensor, *, sync_free: bool = False) -> torch
         eye = _eye_like(a)
         e = eye - a
         doublings = None if sync_free else _neumann_doublings(e)
-        if doublings is not None:  # (I − E)⁻¹ by the series, as `cayley` does for small blocks
+        if doublings is not None:  # (I − E)⁻¹ by the series, as `_cayley` does for small blocks
             return _series_inverse(eye, e, doublings)
         # Else LAPACK in fp64 (where the device has it): its fp32 inverse is off by up to ~8 ulp, which the levels
         # above would carry into R; in fp64 the result is as accurate as the fp32 solve of small blocks. `inv_ex`
@@ -143,7 +143,7 @@ def _solve_positive_real_(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def cayley(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False) -> torch.Tensor:
+def _cayley(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False) -> torch.Tensor:
     """R = (I + Q)(I − Q)⁻¹ for skew-symmetric Q.
 
     R = 2(I − Q)⁻¹ − I (the same matrix: (I + Q) = 2I − (I − Q)), with the inverse from matmuls: for large blocks by
@@ -167,7 +167,7 @@ def cayley(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool 
     if doublings is None:
         if sync_free:
             return torch.linalg.solve_ex(eye - q, eye + q)[0]  # small blocks: inside the safe batched range
-        return solve(eye - q, eye + q)
+        return _solve(eye - q, eye + q)
     return 2 * _series_inverse(eye, q, doublings) - eye
 
 
@@ -207,7 +207,7 @@ def _doublings_for(rho: float) -> int | None:
     return doublings if doublings <= _NEUMANN_MAX_DOUBLINGS else None
 
 
-def neumann(q: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
+def _neumann(q: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
     """Σ_k c_k Q^k: the truncated Cayley–Neumann series of OFTv2 / PEFT (coefficients as the file's PEFT used)."""
     r = coeffs[0] * _eye_like(q)
     power = None
@@ -220,41 +220,41 @@ def neumann(q: torch.Tensor, coeffs: Sequence[float]) -> torch.Tensor:
 def _param(layer: OFTLayer, q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False
            ) -> torch.Tensor:
     if layer.parameterization == "cayley":
-        return cayley(q, norm_bound=norm_bound, sync_free=sync_free)
+        return _cayley(q, norm_bound=norm_bound, sync_free=sync_free)
     if layer.parameterization == "neumann":
-        return neumann(q, layer.neumann_coeffs)
+        return _neumann(q, layer.neumann_coeffs)
     return q  # "matrix": the file stores R itself
 
 
-def generator_of(r: torch.Tensor) -> torch.Tensor:
+def _generator_of(r: torch.Tensor) -> torch.Tensor:
     """Q with Cayley(Q) = R for a stored rotation R (inverse Cayley: Q = (R − I)(R + I)⁻¹)."""
     eye = _eye_like(r)
-    return solve(r + eye, r - eye)  # (R + I)⁻¹(R − I): the factors commute
+    return _solve(r + eye, r - eye)  # (R + I)⁻¹(R − I): the factors commute
 
 
 def rotation_blocks(
     layer: OFTLayer,
     strength: float = 1.0,
-    mode: StrengthMode = "kohya",
+    mode: _StrengthMode = "kohya",
     *,
-    generators: Sequence[torch.Tensor] | None = None,
+    blocks: Sequence[torch.Tensor] | None = None,
     sync_free: bool = False,
 ) -> list[torch.Tensor]:
     """The blocks B of M = blockdiag(B) per split, fp32, shape (num_blocks, b, b) (butterfly: (stages, n, b, b)).
 
-    `generators` overrides the layer's stored generators (the trainer passes its live parameters; gradients flow).
+    `blocks` overrides the layer's stored blocks (the trainer passes its live generators Q; gradients flow).
     `sync_free` (the trainer): no value is read back to the host; the Cayley method is chosen from the shapes and
-    the constraint's bound on ‖Q‖ (`cayley`).
+    the constraint's bound on ‖Q‖ (`_cayley`).
     """
     strength = check_strength(strength)
     if mode not in STRENGTH_MODES:
-        raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
-    gens = layer.generators if generators is None else generators
+        raise OFTError(_mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
+    gens = layer.blocks if blocks is None else blocks
     out = []
     for i, q in enumerate(gens):
-        q = constrain(layer, q.to(torch.float32), i)
+        q = _constrain(layer, q.to(torch.float32), i)
         if mode == "orthogonal" and layer.parameterization == "matrix":
-            r = cayley(generator_of(q) * strength) if strength != 1 else q
+            r = _cayley(_generator_of(q) * strength) if strength != 1 else q
         elif mode == "orthogonal":
             bound = _norm_bound(layer, q, i)
             r = _param(layer, q * strength if strength != 1 else q, sync_free=sync_free,
@@ -273,7 +273,7 @@ def rotation_blocks(
 
 
 def _norm_bound(layer: OFTLayer, q: torch.Tensor, split: int) -> float | None:
-    """A bound on every block's ‖Q_i‖_F after `constrain` (host numbers only), or None without a constraint."""
+    """A bound on every block's ‖Q_i‖_F after `_constrain` (host numbers only), or None without a constraint."""
     c = layer.constraint
     if c.kind == "none":
         return None
@@ -399,7 +399,7 @@ def _solves_directly(layer: OFTLayer, rows: int, cols: int) -> bool:
 _SOLVE_MIN_BLOCK = 512
 
 
-def _rotate_by_solving(layer: OFTLayer, strength: float, mode: StrengthMode, src: torch.Tensor,
+def _rotate_by_solving(layer: OFTLayer, strength: float, mode: _StrengthMode, src: torch.Tensor,
                        dst: torch.Tensor) -> None:
     """dst ← M·src with M = blockdiag(B), B = R or Rᵀ, without forming R: with A = I − Q (R) or I + Q (Rᵀ = Cayley(−Q)),
     R·W = 2A⁻¹W − W, so W' = W + 2s(A⁻¹W − W) (kohya strength s) or 2A⁻¹W − W with Q scaled by s (orthogonal)."""
@@ -407,8 +407,8 @@ def _rotate_by_solving(layer: OFTLayer, strength: float, mode: StrengthMode, src
     scale = None if scale is None else scale.to(device=src.device, dtype=torch.float32)
     cols = src.shape[1]
     start = 0
-    for i, (q, n, b) in enumerate(zip(layer.generators, layer.num_blocks, layer.block_sizes)):
-        q = constrain(layer, q.to(device=src.device, dtype=torch.float32), i)
+    for i, (q, n, b) in enumerate(zip(layer.blocks, layer.num_blocks, layer.block_sizes)):
+        q = _constrain(layer, q.to(device=src.device, dtype=torch.float32), i)
         if mode == "orthogonal":
             q = q * strength
         sign = -1.0 if layer.transpose else 1.0
@@ -432,7 +432,7 @@ def rotate_weight(
     layer: OFTLayer,
     weight: torch.Tensor,
     strength: float = 1.0,
-    mode: StrengthMode = "kohya",
+    mode: _StrengthMode = "kohya",
     *,
     out_dtype: torch.dtype | None = None,
     blocks: list[torch.Tensor] | None = None,
@@ -447,8 +447,8 @@ def rotate_weight(
     if strength == 0:
         return weight if out_dtype in (None, weight.dtype) else weight.to(out_dtype)
     if mode not in STRENGTH_MODES:
-        raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
-    was_finite = all_finite(weight)
+        raise OFTError(_mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
+    was_finite = _all_finite(weight)
     out = torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=weight.device)
     _rotate(layer, strength, mode, blocks, weight.reshape(weight.shape[0], -1), out.view(weight.shape[0], -1))
     _check_result(layer, out, was_finite, strength)
@@ -459,7 +459,7 @@ def rotate_weight_(
     layer: OFTLayer,
     weight: torch.Tensor,
     strength: float = 1.0,
-    mode: StrengthMode = "kohya",
+    mode: _StrengthMode = "kohya",
     *,
     blocks: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -472,13 +472,13 @@ def rotate_weight_(
     if strength == 0:
         return weight
     if mode not in STRENGTH_MODES:
-        raise OFTError(mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
+        raise OFTError(_mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
     try:
         flat = weight.view(weight.shape[0], -1)
     except RuntimeError:  # not viewable as 2-D (a non-contiguous slice): compute aside, then write back
         weight.copy_(rotate_weight(layer, weight, strength, mode, blocks=blocks))
         return weight
-    was_finite = all_finite(flat)
+    was_finite = _all_finite(flat)
     _rotate(layer, strength, mode, blocks, flat, flat)
     _check_result(layer, flat, was_finite, strength)
     return weight
@@ -487,7 +487,7 @@ def rotate_weight_(
 _FINITE_CHUNK = 1 << 18  # elements checked at a time on the CPU: a 256 KiB mask, whatever the weight's size
 
 
-def all_finite(t: torch.Tensor) -> bool:
+def _all_finite(t: torch.Tensor) -> bool:
     """No NaN or Inf in `t`. On the CPU a row chunk at a time, so the bool mask stays small (a bake's peak memory
     is a few layers' worth, tests/test_bake_ops.py; a float64 sum would copy the tensor); elsewhere in one call (one
     read from the device)."""
@@ -503,7 +503,7 @@ def all_finite(t: torch.Tensor) -> bool:
 def _check_result(layer: OFTLayer, result: torch.Tensor, was_finite: bool, strength: float) -> None:
     """Never hand back NaN/Inf the weight did not already have (an overflow in the weight's dtype, e.g. fp16 at a
     large strength): the caller stops and writes nothing."""
-    if was_finite and not all_finite(result):
+    if was_finite and not _all_finite(result):
         raise OFTError(f"the adapted weight {tuple(result.shape)} ({str(result.dtype).replace('torch.', '')}) would "
                        f"hold NaN or Inf values at strength {strength:g}, while the weight had none: it overflows "
                        "its dtype; use a smaller strength", layer=layer.key)
@@ -522,7 +522,7 @@ def rotate_features(
     layer: OFTLayer,
     t: torch.Tensor,
     strength: float = 1.0,
-    mode: StrengthMode = "kohya",
+    mode: _StrengthMode = "kohya",
     *,
     dim: int = -1,
     blocks: list[torch.Tensor] | None = None,
@@ -547,7 +547,7 @@ def bypass_forward(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     strength: float = 1.0,
-    mode: StrengthMode = "kohya",
+    mode: _StrengthMode = "kohya",
     *,
     stride=1,
     padding=0,
@@ -575,7 +575,7 @@ def bypass_forward(
     else:
         # Input-side rotation acts on the flattened (in, kh, kw) patch axis (PEFT conv), so rotate unfolded patches.
         if groups != 1:
-            raise OFTError(mismatch("grouped convolution with input-side OFT", "groups = 1", groups), layer=layer.key)
+            raise OFTError(_mismatch("grouped convolution with input-side OFT", "groups = 1", groups), layer=layer.key)
         kh, kw = weight.shape[-2:]
         cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, C·kh·kw, L)
         cols = rotate_features(layer, cols, dim=1, blocks=blocks)
@@ -599,7 +599,7 @@ def _conv_out_hw(hw, k, stride, padding, dilation) -> tuple[int, int]:
     return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
 
 
-def orthogonality_error(layer: OFTLayer, strength: float = 1.0, mode: StrengthMode = "kohya") -> float:
+def _orthogonality_error(layer: OFTLayer, strength: float = 1.0, mode: _StrengthMode = "kohya") -> float:
     """max |BᵀB − I| over the layer's blocks (fp32): 0 up to rounding for Cayley, small for Neumann."""
     worst = 0.0
     for b in rotation_blocks(layer, strength, mode):
@@ -608,10 +608,15 @@ def orthogonality_error(layer: OFTLayer, strength: float = 1.0, mode: StrengthMo
     return worst
 
 
-def generator_norms(layer: OFTLayer) -> list[tuple[float, float | None]]:
-    """Per split: (‖Q‖_F before the constraint, the bound it is held to or None)."""
+def _stored_norms(layer: OFTLayer) -> list[tuple[float, float | None]]:
+    """Per split: (how far what the layer stores is from the identity rotation, the bound it is held to or None):
+    ‖Q‖_F before the constraint (cayley / neumann: Q = 0 is R = I; COFT's per-block bound: the largest block's), or
+    ‖R − I‖_F for a stored rotation ("matrix": no Q is stored, and no constraint applies). `_norm_of` names which."""
     out = []
-    for i, q in enumerate(layer.generators):
+    for i, q in enumerate(layer.blocks):
+        if layer.parameterization == "matrix":
+            out.append((float(torch.norm((q - _eye_like(q)).flatten())), None))
+            continue
         norm = float(torch.norm(q.flatten()))
         c = layer.constraint
         if c.kind == "norm_clamp":
@@ -623,3 +628,8 @@ def generator_norms(layer: OFTLayer) -> list[tuple[float, float | None]]:
             bound = None
         out.append((norm, bound))
     return out
+
+
+def _norm_of(layer: OFTLayer) -> str:
+    """What `_stored_norms` measures for `layer`: "Q" (its generators) or "R − I" (a stored rotation)."""
+    return "R − I" if layer.parameterization == "matrix" else "Q"

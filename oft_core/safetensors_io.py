@@ -24,10 +24,10 @@ import torch
 
 from .errors import OFTError
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 _MAX_HEADER = 100 * 1024 * 1024
 
-DTYPES = {
+_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -41,10 +41,10 @@ DTYPES = {
 }
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
+        _DTYPES[_name] = getattr(torch, _attr)
 
 
-class TensorInfo(NamedTuple):
+class _TensorInfo(NamedTuple):
     """One checked header entry (a named tuple: a header of 200,000 entries makes 200,000 of them)."""
 
     dtype: str
@@ -54,9 +54,9 @@ class TensorInfo(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Header:
+class _Header:
     path: str
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, _TensorInfo]
     metadata: dict[str, str]
     data_offset: int  # where the tensor bytes begin
 
@@ -65,7 +65,7 @@ class Header:
         return {k: v.shape for k, v in self.tensors.items()}
 
 
-def refuse_pickle(path: str) -> None:
+def _refuse_pickle(path: str) -> None:
     raise OFTError(
         "this is a pickle (PyTorch .pt/.ckpt/.bin) file. Pickles can run arbitrary code when loaded, so they are "
         "never unpickled here: convert it to .safetensors with the tool that made it (or with safetensors' "
@@ -82,7 +82,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 # Bits per element of every dtype safetensors itself knows (a base file may hold dtypes torch has no name for here,
 # e.g. U32 or F8_E8M0: they are copied byte for byte, never computed on). A dtype outside this table is refused, as
 # safetensors refuses it.
-DTYPE_BITS = {
+_DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
     "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6,
     "F6_E3M2": 6,
@@ -112,7 +112,7 @@ def _parse_int(text: str) -> int:
     return int(text)
 
 
-def parse_json(raw: bytes | str, what: str, path: str):
+def _parse_json(raw: bytes | str, what: str, path: str):
     """JSON text (a safetensors header, adapter_config.json) parsed with the limits a hostile file needs: NaN and
     Infinity refused (they are not JSON), integers of more than 20 digits refused, and nesting too deep for the parser
     reported as such instead of a `RecursionError`. Raises `OFTError` naming the file."""
@@ -141,7 +141,7 @@ def _bad_entry(path: str, key: str, what: str, found) -> OFTError:
     return OFTError(f"not a valid safetensors file: tensor {key!r}: {what}, found {found}", path=path)
 
 
-def _check_entries(header: dict, data_size: int, path: str) -> dict[str, TensorInfo]:
+def _check_entries(header: dict, data_size: int, path: str) -> dict[str, _TensorInfo]:
     """Every tensor entry checked by safetensors' own rules (its `Metadata::validate`): a known dtype, integer dims
     and offsets ≥ 0, byte length = dtype size × element count, and the tensors tiling the data section exactly (in
     offset order, no gap, no overlap, ending at the end of the file).
@@ -153,7 +153,7 @@ def _check_entries(header: dict, data_size: int, path: str) -> dict[str, TensorI
     return _entries_one_by_one(header, data_size, path) if tensors is None else tensors
 
 
-def _entries_at_once(header: dict, data_size: int) -> dict[str, TensorInfo] | None:
+def _entries_at_once(header: dict, data_size: int) -> dict[str, _TensorInfo] | None:
     """The checked entries when every rule of `_entries_one_by_one` holds for every entry, else None (never an
     error: the one-by-one check says what is wrong). The same rules, decided per distinct value: each distinct
     dtype known, each distinct shape integers ≥ 0 (exact `int`, as there), each distinct (dtype, shape) a whole
@@ -169,7 +169,7 @@ def _entries_at_once(header: dict, data_size: int) -> dict[str, TensorInfo] | No
         return None
     if not infos:
         return {} if data_size == 0 else None
-    if set(map(type, dtypes)) != {str} or not set(dtypes) <= DTYPE_BITS.keys():
+    if set(map(type, dtypes)) != {str} or not set(dtypes) <= _DTYPE_BITS.keys():
         return None
     if set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}:
         return None
@@ -180,7 +180,7 @@ def _entries_at_once(header: dict, data_size: int) -> dict[str, TensorInfo] | No
 
 
 def _tiled(keys: list[str], dtypes: list[str], shapes: list[tuple], begins: list[int], ends: list[int],
-           data_size: int) -> dict[str, TensorInfo] | None:
+           data_size: int) -> dict[str, _TensorInfo] | None:
     """`_entries_at_once` on columns of known types (dtype names, shape tuples, offsets as ints): the checked
     entries, or None when any rule fails."""
     pairs = list(zip(dtypes, shapes))
@@ -192,7 +192,7 @@ def _tiled(keys: list[str], dtypes: list[str], shapes: list[tuple], begins: list
     for dtype, shape in layouts:
         if any(type(v) is not int or v < 0 for v in shape):  # bool is an int subclass: refused, as one by one
             return None
-        bits = math.prod(shape) * DTYPE_BITS[dtype]
+        bits = math.prod(shape) * _DTYPE_BITS[dtype]
         if bits % 8 or bits // 8 >= 1 << 62:  # so large that no int64 offsets can hold it: the slow path says so
             return None
         nbytes_of[(dtype, shape)] = bits // 8
@@ -209,13 +209,13 @@ def _tiled(keys: list[str], dtypes: list[str], shapes: list[tuple], begins: list
     if begin_sorted[0] != 0 or end_sorted[-1] != data_size or not np.array_equal(begin_sorted[1:], end_sorted[:-1]):
         return None
     # tuple.__new__ through partial: no Python call per entry (TensorInfo._make took a tenth of a second)
-    return dict(zip(keys, map(partial(tuple.__new__, TensorInfo), zip(dtypes, shapes, begins, ends))))
+    return dict(zip(keys, map(partial(tuple.__new__, _TensorInfo), zip(dtypes, shapes, begins, ends))))
 
 
 # The header as safetensors itself writes it (serde_json, compact): `{"__metadata__":{...},"<key>":{"dtype":"F32",
 # "shape":[2,4,4],"data_offsets":[0,128]},...}` then spaces. `_canonical` reads that form with one regex split
 # instead of `json.loads` (which builds a dict and two lists per tensor); anything else, or any doubt, goes to
-# `parse_json`. Accepted: keys without escapes or control characters (a JSON string then is its text), numbers
+# `_parse_json`. Accepted: keys without escapes or control characters (a JSON string then is its text), numbers
 # without sign, leading zero or more than 20 digits, every entry preceded by exactly one comma, nothing between.
 _NUM = r"(?:0|[1-9][0-9]{0,19})"
 _ENTRY = re.compile(r',"([^"\\\x00-\x1f]*)":\{"dtype":"([A-Z0-9_]+)","shape":\[(%s(?:,%s)*|)\],'
@@ -224,9 +224,9 @@ _STRING = r'"(?:[^"\\\x00-\x1f]|\\.)*"'
 _METADATA = re.compile(r'\{"__metadata__":(\{(?:%s:%s(?:,%s:%s)*)?\})' % (_STRING, _STRING, _STRING, _STRING))
 
 
-def _canonical(raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[str, str]] | None:
+def _canonical(raw: bytes, data_size: int) -> tuple[dict[str, _TensorInfo], dict[str, str]] | None:
     """(checked entries, metadata) of a header in safetensors' own compact form whose entries pass every check;
-    None otherwise (then `parse_json` and the checks say what is wrong, or read an unusual but valid header). The
+    None otherwise (then `_parse_json` and the checks say what is wrong, or read an unusual but valid header). The
     result is what `json.loads` and `_check_entries` give for the same text: the grammar admits only JSON whose
     values are exactly the matched texts, and a repeated key (where JSON keeps the last) is left to them."""
     try:
@@ -250,7 +250,7 @@ def _canonical(raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[
     if any(parts[0::6]):  # text before, between or after the entries: not the compact form
         return None
     keys = parts[1::6]
-    if not keys or len(set(keys)) != len(keys) or "__metadata__" in keys or not set(parts[2::6]) <= DTYPE_BITS.keys():
+    if not keys or len(set(keys)) != len(keys) or "__metadata__" in keys or not set(parts[2::6]) <= _DTYPE_BITS.keys():
         return None
     shape_of = {t: tuple(map(int, t.split(","))) if t else () for t in set(parts[3::6])}
     tensors = _tiled(keys, parts[2::6], list(map(shape_of.__getitem__, parts[3::6])), list(map(int, parts[4::6])),
@@ -258,11 +258,11 @@ def _canonical(raw: bytes, data_size: int) -> tuple[dict[str, TensorInfo], dict[
     return None if tensors is None else (tensors, metadata)
 
 
-def _entries_one_by_one(header: dict, data_size: int, path: str) -> dict[str, TensorInfo]:
+def _entries_one_by_one(header: dict, data_size: int, path: str) -> dict[str, _TensorInfo]:
     """`_check_entries` entry by entry, raising for the first bad one (in file order) with what was expected and
     found."""
-    tensors: dict[str, TensorInfo] = {}
-    bits_of = DTYPE_BITS
+    tensors: dict[str, _TensorInfo] = {}
+    bits_of = _DTYPE_BITS
     for key, info in header.items():
         try:
             dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -280,7 +280,7 @@ def _entries_one_by_one(header: dict, data_size: int, path: str) -> dict[str, Te
         if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
             raise _bad_entry(path, key, f"a {dtype} tensor of shape {tuple(shape)} takes {bits / 8:g} bytes",
                              f"data_offsets {offsets} ({offsets[1] - offsets[0]} bytes)")
-        tensors[key] = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+        tensors[key] = _TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
     end = 0
     for ti in tensors.values():  # the usual file lists its tensors in data order: tiled without sorting
         if ti.start != end:
@@ -305,7 +305,7 @@ def _entries_one_by_one(header: dict, data_size: int, path: str) -> dict[str, Te
     return tensors
 
 
-def read_header(path: str | os.PathLike) -> Header:
+def read_header(path: str | os.PathLike) -> _Header:
     """Parse and check a safetensors header without loading tensors, as strictly as safetensors itself: a file that
     passes opens with safetensors, and everything derived from it (a baked copy) does too."""
     path = os.fspath(path)
@@ -315,8 +315,8 @@ def read_header(path: str | os.PathLike) -> Header:
         raise OFTError("file not found", path=path)
     if os.path.isdir(path):
         raise OFTError("expected a .safetensors file, found a directory", path=path)
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        refuse_pickle(path)
+    if path.lower().endswith(_PICKLE_SUFFIXES):
+        _refuse_pickle(path)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -326,7 +326,7 @@ def read_header(path: str | os.PathLike) -> Header:
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, _MAX_HEADER):
                 if _looks_like_pickle(head):
-                    refuse_pickle(path)
+                    _refuse_pickle(path)
                 raise OFTError(
                     f"not a safetensors file, or truncated: header length field says {n} bytes, file has {size} bytes",
                     path=path,
@@ -336,12 +336,12 @@ def read_header(path: str | os.PathLike) -> Header:
         raise OFTError(f"cannot read the file ({e.strerror or e})", path=path) from None
     fast = _canonical(raw, size - 8 - n)
     if fast is not None:
-        return Header(path, fast[0], fast[1], 8 + n)
+        return _Header(path, fast[0], fast[1], 8 + n)
     try:
-        header = parse_json(raw, "the safetensors header", path)
+        header = _parse_json(raw, "the safetensors header", path)
     except OFTError as e:
         if _looks_like_pickle(head):
-            refuse_pickle(path)
+            _refuse_pickle(path)
         raise OFTError(f"not a safetensors file: {e.detail}", path=path) from None
     if not isinstance(header, dict):
         raise OFTError(f"not a safetensors file: the header is JSON {type(header).__name__}, expected an object",
@@ -355,23 +355,23 @@ def read_header(path: str | os.PathLike) -> Header:
         raise OFTError(f"not a valid safetensors file: __metadata__: expected an object of text values, found {found}",
                        path=path)
     tensors = _check_entries(header, size - 8 - n, path)
-    return Header(path, tensors, metadata, 8 + n)
+    return _Header(path, tensors, metadata, 8 + n)
 
 
-def load_tensors(path: str | os.PathLike | Header, keys=None, device: str = "cpu"
-                 ) -> tuple[Mapping[str, torch.Tensor], Header]:
-    """Load tensors (all, or `keys`) after checking the header (`path` may be an already checked `Header`).
+def _load_tensors(path: str | os.PathLike | _Header, keys=None, device: str = "cpu"
+                 ) -> tuple[Mapping[str, torch.Tensor], _Header]:
+    """Load tensors (all, or `keys`) after checking the header (`path` may be an already checked `_Header`).
 
-    All tensors: a `FileTensors` (the data section read once, each tensor a view of it); some: a dict of tensors read
-    one by one (`TensorFile`)."""
-    header = path if isinstance(path, Header) else read_header(path)
+    All tensors: a `_FileTensors` (the data section read once, each tensor a view of it); some: a dict of tensors read
+    one by one (`_TensorFile`)."""
+    header = path if isinstance(path, _Header) else read_header(path)
     if keys is not None:
-        f = TensorFile(header)
+        f = _TensorFile(header)
         try:
             return f.get(keys), header
         finally:
             f.close()
-    tensors = FileTensors(header)
+    tensors = _FileTensors(header)
     if device != "cpu":
         return {k: t.to(device) for k, t in tensors.items()}, header
     return tensors, header
@@ -381,18 +381,18 @@ def _unknown_dtype(path: str, key: str, dtype: str) -> OFTError:
     return OFTError(f"tensor {key!r} has dtype {dtype}, which no OFT trainer writes", path=path)
 
 
-class FileTensors(Mapping):
+class _FileTensors(Mapping):
     """Every tensor of a checked file, as a read-only mapping key -> tensor: the data section is read once (one read
     instead of one call per key: for 200,000 keys that was most of the time), a tensor is a view of it made when
     asked for, and `stack` gives the tensors of many keys of one layout as one batch without making a tensor per
     key (a kohya file of 100,000 layers is read in a few batched ops, issue 10). Every dtype is checked here, as
     when every view was made at once: a tensor of a dtype torch has no name for is refused even if never asked for."""
 
-    def __init__(self, header: Header):
+    def __init__(self, header: _Header):
         self.header = header
         dtypes = {ti.dtype for ti in header.tensors.values()}
-        if not dtypes <= DTYPES.keys():
-            key, ti = next((k, ti) for k, ti in header.tensors.items() if ti.dtype not in DTYPES)
+        if not dtypes <= _DTYPES.keys():
+            key, ti = next((k, ti) for k, ti in header.tensors.items() if ti.dtype not in _DTYPES)
             raise _unknown_dtype(header.path, key, ti.dtype)
         try:
             with open(header.path, "rb") as f:
@@ -438,8 +438,8 @@ class FileTensors(Mapping):
                                                           count=len(self._data) // dtype.itemsize)
         return whole
 
-    def _view(self, ti: TensorInfo) -> torch.Tensor:
-        dtype = DTYPES[ti.dtype]
+    def _view(self, ti: _TensorInfo) -> torch.Tensor:
+        dtype = _DTYPES[ti.dtype]
         count = math.prod(ti.shape)
         size = dtype.itemsize
         if count and ti.start % size == 0:  # aligned (safetensors writes it so): a strided view, one call
@@ -457,10 +457,10 @@ class FileTensors(Mapping):
             raise ValueError("stack: expected keys of one dtype and shape")
         return self.stack_entries(infos)
 
-    def stack_entries(self, infos: Sequence[TensorInfo]) -> torch.Tensor:
+    def stack_entries(self, infos: Sequence[_TensorInfo]) -> torch.Tensor:
         """`stack` of header entries the caller has grouped by dtype and shape (not checked again)."""
         name, shape = _DTYPE_SHAPE(infos[0])
-        dtype = DTYPES[name]
+        dtype = _DTYPES[name]
         count = math.prod(shape)
         starts = np.fromiter(map(_START, infos), dtype=np.int64, count=len(infos))
         if count == 0 or (starts % dtype.itemsize).any():
@@ -478,10 +478,10 @@ class FileTensors(Mapping):
 _DTYPE_SHAPE, _START = itemgetter(0, 1), itemgetter(2)  # of a TensorInfo
 
 
-def stack_values(tensors: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
-    """`torch.stack([tensors[k] for k in keys])` for keys of one dtype and shape; a `FileTensors` does it without a
+def _stack_values(tensors: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    """`torch.stack([tensors[k] for k in keys])` for keys of one dtype and shape; a `_FileTensors` does it without a
     tensor per key."""
-    if isinstance(tensors, FileTensors):
+    if isinstance(tensors, _FileTensors):
         return tensors.stack(keys)
     return torch.stack([tensors[k] for k in keys])
 
@@ -494,13 +494,13 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-class TensorFile:
-    """Tensors of one checked file read a few at a time with plain file reads: the header is parsed once (`Header`),
+class _TensorFile:
+    """Tensors of one checked file read a few at a time with plain file reads: the header is parsed once (`_Header`),
     the file stays open, nothing is memory-mapped (mapped pages would stay resident for the whole bake). What a
     streamed adapter reads each layer with: opening the file per layer parsed its header again every time, which
     made a bake of N layers cost O(N²)."""
 
-    def __init__(self, header: Header):
+    def __init__(self, header: _Header):
         self.header = header
         self._file = None
 
@@ -511,7 +511,7 @@ class TensorFile:
                 self._file = open(self.header.path, "rb")
             for k in keys:
                 ti = self.header.tensors[k]
-                dtype = DTYPES.get(ti.dtype)
+                dtype = _DTYPES.get(ti.dtype)
                 if dtype is None:
                     raise _unknown_dtype(self.header.path, k, ti.dtype)
                 n = ti.end - ti.start

@@ -11,15 +11,17 @@ The convention, for every format (see `rotation.py` for the math):
     side "out":  W' = row_scale ⊙ (M · W)      rows (output features) rotated: kohya, LyCORIS, PEFT ≤ 0.13
     side "in":   W' = row_scale ⊙ (W · M)      columns (input features) rotated: PEFT ≥ 0.14
 
-Conv kernels are flattened first: (out, in·kh·kw). Q is the skew-symmetric generator in fp32, already
-skew-symmetrised the way the source tool does it (kohya/LyCORIS Q = A − Aᵀ, PEFT Q = U − Uᵀ from the packed upper
-triangle, PEFT ≤ 0.15 Q = ½(A − Aᵀ)). Biases are never changed.
+Conv kernels are flattened first: (out, in·kh·kw). A layer's `blocks` are what its file stores, in fp32: the
+skew-symmetric generators Q, already skew-symmetrised the way the source tool does it (kohya/LyCORIS Q = A − Aᵀ, PEFT
+Q = U − Uᵀ from the packed upper triangle, PEFT ≤ 0.15 Q = ½(A − Aᵀ)), or, for the parameterization "matrix" (old
+LyCORIS `oft_diag`), the rotations R themselves. Biases are never changed.
 
 | source format       | side | transpose | parameterization        | constraint                      | extra      |
 |---------------------|------|-----------|-------------------------|---------------------------------|------------|
 | kohya `networks.oft`| out  | yes       | Cayley                  | ‖Q‖_F ≤ alpha·out_dim per layer | -          |
 | kohya `oft_flux`    | out  | yes       | Cayley                  | ‖Q‖_F ≤ alpha·split per split   | splits     |
 | LyCORIS diag-oft    | out  | yes       | Cayley                  | as kohya; alpha 0 = none        | rescale    |
+| LyCORIS `oft_diag`  | out  | yes       | matrix (R stored)       | none                            | rescale    |
 | LyCORIS BOFT        | out  | no        | Cayley, butterfly stages| as kohya over all stages        | rescale    |
 | PEFT ≥ 0.16         | in   | no / yes  | Cayley / Neumann        | COFT: ‖Q_i‖_F ≤ eps/√blocks     | block_share|
 | PEFT ≤ 0.13         | out  | no        | Cayley of ½(A − Aᵀ)     | COFT                            | block_share|
@@ -39,14 +41,14 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from .errors import OFTError, mismatch
+from .errors import OFTError, _mismatch
 
-Side = Literal["out", "in"]
-Kind = Literal["diag", "butterfly"]
-Parameterization = Literal["cayley", "neumann", "matrix"]  # "matrix": R itself is stored (old LyCORIS oft_diag)
-ConstraintKind = Literal["none", "norm_clamp", "block_projection"]
-COMPONENTS = ("unet", "te", "te1", "te2")
-TE_COMPONENTS = COMPONENTS[1:]  # the text encoders' components
+_Side = Literal["out", "in"]
+_Kind = Literal["diag", "butterfly"]
+_Parameterization = Literal["cayley", "neumann", "matrix"]  # "matrix": R itself is stored (old LyCORIS oft_diag)
+_ConstraintKind = Literal["none", "norm_clamp", "block_projection"]
+_COMPONENTS = ("unet", "te", "te1", "te2")
+TE_COMPONENTS = _COMPONENTS[1:]  # the text encoders' components
 _FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -61,7 +63,7 @@ class Constraint:
       (``value`` is PEFT's eps).
     """
 
-    kind: ConstraintKind = "none"
+    kind: _ConstraintKind = "none"
     value: float = 0.0
 
     def describe(self) -> str:
@@ -78,12 +80,14 @@ class OFTLayer:
 
     name: str  # the layer path as the file spells it, format prefix stripped (dotted or underscored)
     component: str  # "unet" | "te" | "te1" | "te2"
-    side: Side
-    kind: Kind
-    generators: tuple[torch.Tensor, ...]  # per split: skew Q, fp32, (stored_blocks, b, b); butterfly: (stages, n, b, b)
+    side: _Side
+    kind: _Kind
+    # per split, fp32, (stored_blocks, b, b) (butterfly: (stages, n, b, b)): the stored blocks, i.e. the skew
+    # generators Q (parameterization cayley / neumann) or the rotations R themselves (matrix)
+    blocks: tuple[torch.Tensor, ...]
     num_blocks: tuple[int, ...]  # per split: blocks along the rotated axis (> stored blocks when block_share)
     transpose: bool
-    parameterization: Parameterization = "cayley"
+    parameterization: _Parameterization = "cayley"
     neumann_coeffs: tuple[float, ...] = ()  # coefficient of Q^k, k = 0, 1, ...
     constraint: Constraint = field(default_factory=Constraint)
     row_scale: torch.Tensor | None = None  # (out,) fp32: LyCORIS `rescale`, PEFT 0.14–0.15 `oft_s`
@@ -93,7 +97,7 @@ class OFTLayer:
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
-        return tuple(int(g.shape[-1]) for g in self.generators)
+        return tuple(int(g.shape[-1]) for g in self.blocks)
 
     @property
     def split_sizes(self) -> tuple[int, ...]:
@@ -105,8 +109,10 @@ class OFTLayer:
         return sum(self.split_sizes)
 
     def num_params(self) -> int:
-        # blocks (× stages) × b(b−1)/2 free values each; from the shapes alone (no tensor op per layer)
-        n = sum(math.prod(g.shape[:-2]) * b * (b - 1) // 2 for g, b in zip(self.generators, self.block_sizes))
+        """Free values stored: per stored block (× stages) b(b−1)/2 for a skew Q, b² for a stored R ("matrix"), plus
+        the row scale; from the shapes alone (no tensor op per layer). tests/test_format_variants.py pins both."""
+        per_block = (lambda b: b * b) if self.parameterization == "matrix" else (lambda b: b * (b - 1) // 2)
+        n = sum(math.prod(g.shape[:-2]) * per_block(b) for g, b in zip(self.blocks, self.block_sizes))
         return n + (0 if self.row_scale is None else int(self.row_scale.numel()))
 
     def with_(self, **changes) -> "OFTLayer":
@@ -141,14 +147,14 @@ class OFTAdapter:
         return sum(layer.num_params() for layer in self)
 
 
-def neumann_coefficients(terms: int, *, last_term_halved: bool) -> tuple[float, ...]:
+def _neumann_coefficients(terms: int, *, last_term_halved: bool) -> tuple[float, ...]:
     """Coefficients of I, Q, Q², ... of PEFT's Cayley–Neumann series, as each PEFT version computes it.
 
     PEFT ≥ 0.18: I + 2Q + 2Q² + … + 2Q^(n−2) + Q^(n−1) (for n = 3 and 4 PEFT's loop gives I + 2Q + 2Q² + Q³).
     PEFT 0.16–0.17: I + 2Q + 2Q² + … + 2Q^(n−1).
     """
     if terms < 1:
-        raise OFTError(mismatch("num_cayley_neumann_terms", "≥ 1", terms))
+        raise OFTError(_mismatch("num_cayley_neumann_terms", "≥ 1", terms))
     coeffs = [1.0]
     if terms > 1:
         coeffs.append(2.0)
@@ -167,12 +173,12 @@ def make_layer(
     path: str,
     name: str,
     component: str = "unet",
-    side: Side,
-    generators: Sequence[torch.Tensor],
+    side: _Side,
+    blocks: Sequence[torch.Tensor],
     transpose: bool,
-    kind: Kind = "diag",
+    kind: _Kind = "diag",
     num_blocks: Sequence[int] | None = None,
-    parameterization: Parameterization = "cayley",
+    parameterization: _Parameterization = "cayley",
     neumann_coeffs: Sequence[float] = (),
     constraint: Constraint | None = None,
     row_scale: torch.Tensor | None = None,
@@ -180,17 +186,18 @@ def make_layer(
     key: str = "",
     block_share: bool = False,
 ) -> OFTLayer:
-    """Validate once and build an `OFTLayer`. `generators` must already be skew-symmetric.
+    """Validate once and build an `OFTLayer`. `blocks`, per split, are the stored blocks: the skew generators Q,
+    already skew-symmetric (parameterization cayley / neumann), or the rotations R themselves (matrix).
 
     One check per concern, in this order (the first failing one is raised, naming file and layer): the enumerations,
-    the generator tensors, the block counts, the butterfly layout, the parameterization, the constraint, the row
+    the block tensors, the block counts, the butterfly layout, the parameterization, the constraint, the row
     scale. tests/test_bad_input.py and tests/test_fail_closed.py pin the messages."""
 
     def fail(msg: str):
         raise OFTError(msg, path=path, layer=key or name)
 
     _check_choices(component, side, kind, fail)
-    gens = _checked_generators(generators, kind, fail)
+    gens = _checked_blocks(blocks, kind, fail)
     num_blocks = _checked_block_counts(gens, num_blocks, block_share, fail)
     if kind == "butterfly":
         _check_butterfly(gens, num_blocks, side, fail)
@@ -203,7 +210,7 @@ def make_layer(
         component=component,
         side=side,
         kind=kind,
-        generators=tuple(gens),
+        blocks=tuple(gens),
         num_blocks=num_blocks,
         transpose=bool(transpose),
         parameterization=parameterization,
@@ -216,19 +223,19 @@ def make_layer(
     )
 
 
-def make_layers(
+def _make_layers(
     *,
     path: str,
     names: Sequence[str],
     keys: Sequence[str],
-    generators: Sequence[Sequence[torch.Tensor]],
+    blocks: Sequence[Sequence[torch.Tensor]],
     finite: Sequence[Sequence[bool]],
     constraints: Sequence[Constraint],
     sources: Sequence[str],
     **common,
 ) -> list[OFTLayer]:
     """`make_layer` for many layers at once (a reader of 100,000 layers): row i is
-    `make_layer(path=path, name=names[i], key=keys[i], generators=Generators(generators[i], finite[i]),
+    `make_layer(path=path, name=names[i], key=keys[i], blocks=_Blocks(blocks[i], finite[i]),
     constraint=constraints[i], source=sources[i], **common)`, and gives the same layer or raises the same error.
 
     The same checks, run once per distinct input: every check of `make_layer` depends only on the `common` fields,
@@ -238,21 +245,21 @@ def make_layers(
     built like it. Rows are checked in order: the error raised is the first failing row's, as when each layer is
     built in turn (tests/test_batched_read.py feeds the same bad values through both)."""
     rows = len(names)
-    if not len(keys) == len(generators) == len(finite) == len(constraints) == len(sources) == rows:
+    if not len(keys) == len(blocks) == len(finite) == len(constraints) == len(sources) == rows:
         raise ValueError("make_layers: every per-layer sequence needs one item per layer")
-    generators = list(map(tuple, generators))
+    blocks = list(map(tuple, blocks))
     finite = list(map(tuple, finite))
-    signatures = _signatures(generators, finite, constraints)
+    signatures = _signatures(blocks, finite, constraints)
     # the first row of each signature, in row order: through make_layer (so the first failing row raises first)
     first: dict = {}
     # each signature's first row (reversed: the last write of a key is its smallest index), taken in row order
     first_row = dict(zip(reversed(signatures), range(rows - 1, -1, -1))) if signatures is not None else {}
     for signature, i in sorted(first_row.items(), key=itemgetter(1)):
-        layer = make_layer(path=path, name=names[i], key=keys[i], generators=Generators(generators[i], finite[i]),
+        layer = make_layer(path=path, name=names[i], key=keys[i], blocks=_Blocks(blocks[i], finite[i]),
                            constraint=constraints[i], source=sources[i], **common)
         # later rows are built like it only when make_layer kept the caller's tensors as they are (fp32, no grad)
         # and made no row scale of its own
-        if layer.row_scale is None and all(a is b for a, b in zip(layer.generators, generators[i])):
+        if layer.row_scale is None and all(a is b for a, b in zip(layer.blocks, blocks[i])):
             first[signature] = (i, layer)
     new = object.__new__
     out = []
@@ -260,7 +267,7 @@ def make_layers(
         done = first.get(signatures[i]) if signatures is not None else None
         if done is None or done[0] == i:
             out.append(done[1] if done is not None else make_layer(
-                path=path, name=names[i], key=keys[i], generators=Generators(generators[i], finite[i]),
+                path=path, name=names[i], key=keys[i], blocks=_Blocks(blocks[i], finite[i]),
                 constraint=constraints[i], source=sources[i], **common))
             continue
         # frozen dataclass: its __setattr__ refuses, so the fields are filled like dataclasses.replace would, without
@@ -270,7 +277,7 @@ def make_layers(
         fields.update(done[1].__dict__)
         fields["name"] = names[i]
         fields["key"] = keys[i] or names[i]
-        fields["generators"] = generators[i]
+        fields["blocks"] = blocks[i]
         fields["source"] = sources[i]  # the constraint: the very object (the signature holds its identity)
         out.append(layer)
     return out
@@ -296,9 +303,9 @@ def _signatures(generators: list[tuple], finite: list[tuple], constraints: Seque
         return None
 
 
-class Generators(tuple):
-    """A layer's generator tensors with `finite[i]`: whether split i (as fp32) holds no NaN / Inf, computed for many
-    layers at once by `finite_each`, so that `make_layer` checks finiteness without one tensor op per layer. It is
+class _Blocks(tuple):
+    """A layer's stored blocks with `finite[i]`: whether split i (as fp32) holds no NaN / Inf, computed for many
+    layers at once by `_finite_each`, so that `make_layer` checks finiteness without one tensor op per layer. It is
     the same check on the same values: the readers pass the exact tensors the flags were computed on."""
 
     finite: tuple[bool, ...]
@@ -311,8 +318,8 @@ class Generators(tuple):
         return self
 
 
-def finite_each(stacked: torch.Tensor) -> list[bool]:
-    """Per index of the first axis of `stacked` (many layers' generators of one shape, fp32): no NaN / Inf. A meta
+def _finite_each(stacked: torch.Tensor) -> list[bool]:
+    """Per index of the first axis of `stacked` (many layers' stored blocks of one shape, fp32): no NaN / Inf. A meta
     batch (a structure-only skeleton) counts as finite, as `make_layer` counts a meta tensor."""
     n = int(stacked.shape[0])
     if stacked.device.type == "meta" or stacked.numel() == 0:
@@ -323,29 +330,29 @@ def finite_each(stacked: torch.Tensor) -> list[bool]:
 
 
 def _check_choices(component: str, side: str, kind: str, fail) -> None:
-    if component not in COMPONENTS:
-        fail(mismatch("component", " | ".join(COMPONENTS), repr(component)))
+    if component not in _COMPONENTS:
+        fail(_mismatch("component", " | ".join(_COMPONENTS), repr(component)))
     if side not in ("out", "in"):
-        fail(mismatch("rotated side", "'out' or 'in'", repr(side)))
+        fail(_mismatch("rotated side", "'out' or 'in'", repr(side)))
     if kind not in ("diag", "butterfly"):
-        fail(mismatch("kind", "'diag' or 'butterfly'", repr(kind)))
+        fail(_mismatch("kind", "'diag' or 'butterfly'", repr(kind)))
 
 
-def _checked_generators(generators: Sequence[torch.Tensor], kind: str, fail) -> list[torch.Tensor]:
+def _checked_blocks(blocks: Sequence[torch.Tensor], kind: str, fail) -> list[torch.Tensor]:
     """Per split: a tensor of square blocks (4-D for butterfly stages), at least one block, finite, as fp32.
     A tensor on the meta device is a structure-only skeleton (bake streams the values later): not checked for NaN.
-    `Generators` carry their finiteness from one batched check of many layers (`finite_each`)."""
-    if not generators:
+    `_Blocks` carry their finiteness from one batched check of many layers (`_finite_each`)."""
+    if not blocks:
         fail("no rotation blocks")
-    known = generators.finite if isinstance(generators, Generators) else None
+    known = blocks.finite if isinstance(blocks, _Blocks) else None
     want_ndim = 4 if kind == "butterfly" else 3
     gens = []
-    for i, g in enumerate(generators):
+    for i, g in enumerate(blocks):
         if not isinstance(g, torch.Tensor) or g.ndim != want_ndim or g.shape[-1] != g.shape[-2] or g.shape[-1] < 1:
             shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-            fail(mismatch(f"split {i} blocks", f"{want_ndim}-D tensor of square blocks", shape))
+            fail(_mismatch(f"split {i} blocks", f"{want_ndim}-D tensor of square blocks", shape))
         if g.numel() == 0:
-            fail(mismatch(f"split {i} blocks", "at least one block", tuple(g.shape)))
+            fail(_mismatch(f"split {i} blocks", "at least one block", tuple(g.shape)))
         g = g.detach() if g.requires_grad else g
         g = g if g.dtype == torch.float32 else g.to(torch.float32)
         finite = known[i] if known is not None else g.device.type == "meta" or bool(torch.isfinite(g).all())
@@ -353,7 +360,7 @@ def _checked_generators(generators: Sequence[torch.Tensor], kind: str, fail) -> 
             fail(f"split {i} blocks contain NaN or Inf values: the file is damaged or the training diverged")
         gens.append(g)
     if kind == "butterfly" and len(gens) != 1:
-        fail(mismatch("butterfly splits", 1, len(gens)))
+        fail(_mismatch("butterfly splits", 1, len(gens)))
     return gens
 
 
@@ -364,26 +371,26 @@ def _checked_block_counts(gens: list[torch.Tensor], num_blocks: Sequence[int] | 
         num_blocks = [int(g.shape[-3]) for g in gens]
     num_blocks = tuple(int(n) for n in num_blocks)
     if len(num_blocks) != len(gens):
-        fail(mismatch("block counts", f"one per split ({len(gens)})", len(num_blocks)))
+        fail(_mismatch("block counts", f"one per split ({len(gens)})", len(num_blocks)))
     for i, (g, n) in enumerate(zip(gens, num_blocks)):
         stored = int(g.shape[-3])
         if block_share and (stored != 1 or len(gens) != 1):
-            fail(mismatch("shared blocks (block_share)", "one stored block", f"{stored} in split {i}"))
+            fail(_mismatch("shared blocks (block_share)", "one stored block", f"{stored} in split {i}"))
         if n < 1 or (stored != n and not block_share):
-            fail(mismatch(f"split {i} block count", stored, n))
+            fail(_mismatch(f"split {i} block count", stored, n))
     return num_blocks
 
 
 def _check_butterfly(gens: list[torch.Tensor], num_blocks: tuple[int, ...], side: str, fail) -> None:
     """BOFT: output side, even block size, a power-of-two block count, at most log2(n) + 1 stages."""
     if side != "out":
-        fail(mismatch("butterfly (BOFT) rotated side", "'out'", repr(side)))
+        fail(_mismatch("butterfly (BOFT) rotated side", "'out'", repr(side)))
     b = int(gens[0].shape[-1])
     n = num_blocks[0]
     if b % 2 or (n & (n - 1)):
-        fail(mismatch("butterfly layout", "even block size and a power-of-two block count", f"b={b}, n={n}"))
+        fail(_mismatch("butterfly layout", "even block size and a power-of-two block count", f"b={b}, n={n}"))
     if int(gens[0].shape[0]) > max(1, int(math.log2(n)) + 1):
-        fail(mismatch("butterfly stages", f"at most {int(math.log2(n)) + 1} for {n} blocks", gens[0].shape[0]))
+        fail(_mismatch("butterfly stages", f"at most {int(math.log2(n)) + 1} for {n} blocks", gens[0].shape[0]))
 
 
 def _checked_parameterization(parameterization: str, neumann_coeffs: Sequence[float], constraint: Constraint | None,
@@ -392,7 +399,7 @@ def _checked_parameterization(parameterization: str, neumann_coeffs: Sequence[fl
     if parameterization == "matrix" and constraint is not None and constraint.kind != "none":
         fail("a stored rotation matrix (LyCORIS oft_diag) cannot carry a constraint")
     if parameterization not in ("cayley", "neumann", "matrix"):
-        fail(mismatch("parameterization", "'cayley', 'neumann' or 'matrix'", repr(parameterization)))
+        fail(_mismatch("parameterization", "'cayley', 'neumann' or 'matrix'", repr(parameterization)))
     coeffs = tuple(float(c) for c in neumann_coeffs)
     if parameterization == "neumann" and not coeffs:
         fail("Cayley–Neumann parameterization without series coefficients")
@@ -404,16 +411,16 @@ def _checked_constraint(constraint: Constraint, gens: list[torch.Tensor], num_bl
     """A known kind and a finite value ≥ 0 whose bound fits in float32 (kohya's NaN alpha and LyCORIS's are refused
     the same way; an alpha × width beyond fp32 fails in sd-scripts and LyCORIS: "cannot be converted ... overflow")."""
     if constraint.kind not in ("none", "norm_clamp", "block_projection"):
-        fail(mismatch("constraint", "none | norm_clamp | block_projection", repr(constraint.kind)))
+        fail(_mismatch("constraint", "none | norm_clamp | block_projection", repr(constraint.kind)))
     what = "constraint (alpha)" if constraint.kind == "norm_clamp" else "constraint (eps)"
     if not math.isfinite(constraint.value) or constraint.value < 0:
-        fail(mismatch(what, "a finite number ≥ 0", constraint.value))
+        fail(_mismatch(what, "a finite number ≥ 0", constraint.value))
     widest = max(n * int(g.shape[-1]) for g, n in zip(gens, num_blocks))
     if constraint.kind == "norm_clamp" and constraint.value * widest > _FP32_MAX:
-        fail(mismatch(what, f"at most {_FP32_MAX / widest:.3g} (alpha × {widest} rows must fit in float32)",
+        fail(_mismatch(what, f"at most {_FP32_MAX / widest:.3g} (alpha × {widest} rows must fit in float32)",
                       f"{constraint.value:g}"))
     if constraint.kind == "block_projection" and constraint.value > _FP32_MAX:
-        fail(mismatch(what, f"at most {_FP32_MAX:.3g} (it must fit in float32)", f"{constraint.value:g}"))
+        fail(_mismatch(what, f"at most {_FP32_MAX:.3g} (it must fit in float32)", f"{constraint.value:g}"))
     return constraint
 
 
@@ -425,11 +432,11 @@ def _checked_row_scale(row_scale: torch.Tensor | None, side: str, dim: int, fail
     if row_scale.device.type != "meta" and not torch.isfinite(row_scale).all():
         fail("row scale (rescale / oft_s) contains NaN or Inf values")
     if side == "out" and row_scale.numel() != dim:
-        fail(mismatch("row scale length", f"{dim} (the rotated output width)", row_scale.numel()))
+        fail(_mismatch("row scale length", f"{dim} (the rotated output width)", row_scale.numel()))
     return row_scale
 
 
-def flatten_weight_shape(shape: Sequence[int]) -> tuple[int, int]:
+def _flatten_weight_shape(shape: Sequence[int]) -> tuple[int, int]:
     """(out, in·kh·kw) of a Linear or Conv weight shape."""
     out = int(shape[0])
     rest = 1
@@ -445,27 +452,27 @@ def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "",
     Raises `OFTError` naming the layer with the expected and found sizes.
     """
     if len(shape) < 2:
-        raise OFTError(mismatch("base weight", "a Linear or Conv weight (2-D or more)", tuple(shape)), path=path,
+        raise OFTError(_mismatch("base weight", "a Linear or Conv weight (2-D or more)", tuple(shape)), path=path,
                        layer=layer.key)
-    out, inner = flatten_weight_shape(shape)
+    out, inner = _flatten_weight_shape(shape)
     axis = out if layer.side == "out" else inner
     what = "output features" if layer.side == "out" else "input features (× kernel)"
     if layer.block_share:
         b = layer.block_sizes[0]
         if axis % b:
-            raise OFTError(mismatch(f"{what} divisible by the shared block size {b}", f"a multiple of {b}", axis),
+            raise OFTError(_mismatch(f"{what} divisible by the shared block size {b}", f"a multiple of {b}", axis),
                            path=path, layer=layer.key)
         layer = layer.with_(num_blocks=(axis // b,))
     if layer.dim != axis:
         blocks = " + ".join(f"{n}×{b}" for n, b in zip(layer.num_blocks, layer.block_sizes))
         raise OFTError(
-            mismatch(f"base {what}", f"{layer.dim} (= {blocks} blocks of the adapter)",
+            _mismatch(f"base {what}", f"{layer.dim} (= {blocks} blocks of the adapter)",
                      f"{axis} in {weight_name} {tuple(shape)}")
             + ": the adapter was made for another model or architecture",
             path=path,
             layer=layer.key,
         )
     if layer.row_scale is not None and layer.row_scale.numel() != out:
-        raise OFTError(mismatch("row scale length", out, layer.row_scale.numel()), path=path, layer=layer.key)
+        raise OFTError(_mismatch("row scale length", out, layer.row_scale.numel()), path=path, layer=layer.key)
     return layer
 

@@ -6,7 +6,7 @@ HE(W) = Σ_{i≠j} 1/‖ŵ_i − ŵ_j‖ over the unit-normalised rows ŵ_i (out
 √(2 − 2 ŵ_i·ŵ_j). An input-side rotation (PEFT ≥ 0.14, W·M) turns every row by the same orthogonal M, so every
 pairwise angle and HE are unchanged (up to rounding); an output-side rotation (kohya, LyCORIS: M·W) mixes rows
 within a block, which preserves the angles between the block's *columns*, not between its rows, so HE changes in
-general. Cheap by design: at most `he_rows` rows per weight (an evenly spaced subset, the same rows before and after),
+general. Cheap by design: at most `_he_rows` rows per weight (an evenly spaced subset, the same rows before and after),
 Gram matrix in float64 in chunks of 256 rows.
 """
 
@@ -22,16 +22,16 @@ from operator import attrgetter, is_not, itemgetter
 
 import torch
 
-from .errors import bulk
-from .rotation import _NORM_EPS, StrengthMode, cayley, generator_norms, orthogonality_error, rotate_weight
+from .errors import _bulk
+from .rotation import _NORM_EPS, _cayley, _norm_of, _orthogonality_error, _stored_norms, _StrengthMode, rotate_weight
 from .spec import OFTAdapter
 
 log = logging.getLogger(__name__)
-HE_ROWS = 1024
+_HE_ROWS = 1024
 _HE_CHUNK = 256
 
 
-def hyperspherical_energy(weight: torch.Tensor, rows: torch.Tensor | None = None) -> float:
+def _hyperspherical_energy(weight: torch.Tensor, rows: torch.Tensor | None = None) -> float:
     """HE of the rows of `weight` (flattened to 2-D), over the row subset `rows` (all when None), in float64."""
     w = weight.reshape(weight.shape[0], -1)
     if rows is not None:
@@ -50,15 +50,15 @@ def hyperspherical_energy(weight: torch.Tensor, rows: torch.Tensor | None = None
     return total
 
 
-def he_rows(n: int, limit: int = HE_ROWS) -> torch.Tensor | None:
+def _he_rows(n: int, limit: int = _HE_ROWS) -> torch.Tensor | None:
     """An evenly spaced subset of `limit` of `n` row indices (None: all rows)."""
     if n <= limit:
         return None
     return torch.linspace(0, n - 1, limit).round().long().unique()
 
 
-def energy_changes(adapter: OFTAdapter, base: str | os.PathLike, *, strength: float = 1.0,
-                   mode: StrengthMode = "kohya", max_rows: int = HE_ROWS) -> tuple[dict[tuple[str, str], dict], dict]:
+def _energy_changes(adapter: OFTAdapter, base: str | os.PathLike, *, strength: float = 1.0,
+                   mode: _StrengthMode = "kohya", max_rows: int = _HE_ROWS) -> tuple[dict[tuple[str, str], dict], dict]:
     """Per matched layer {he_before, he_after, he_rel_change, rows, base_key}, and the match summary.
 
     Reads one base weight at a time."""
@@ -77,9 +77,9 @@ def energy_changes(adapter: OFTAdapter, base: str | os.PathLike, *, strength: fl
             if m.target.offset is not None:
                 w = w.narrow(*m.target.offset)
             w = w.to(torch.float32)
-            rows = he_rows(w.shape[0], max_rows)
-            before = hyperspherical_energy(w, rows)
-            after = hyperspherical_energy(rotate_weight(m.layer, w, strength, mode), rows)
+            rows = _he_rows(w.shape[0], max_rows)
+            before = _hyperspherical_energy(w, rows)
+            after = _hyperspherical_energy(rotate_weight(m.layer, w, strength, mode), rows)
             out[(m.layer.component, m.layer.name)] = {
                 "he_before": before, "he_after": after,
                 "he_rel_change": (after - before) / before if before else 0.0,
@@ -162,11 +162,11 @@ def _kohya_notes(adapter: OFTAdapter, names: list[str]) -> list[str]:
 
 
 def _lycoris_notes(adapter: OFTAdapter, names: list[str]) -> list[str]:
-    from .formats.lycoris import layout_problem
+    from .formats.lycoris import _layout_problem
 
     notes = []
     bad = [layer.key for layer in adapter if layer.kind == "diag" and layer.parameterization != "matrix"
-           and layout_problem(layer)]
+           and _layout_problem(layer)]
     if bad:
         notes.append(f"LyCORIS diag-oft cannot load {len(bad)} layers ({_examples(bad)}): it rebuilds a layer's "
                      "layout from the block size alone and only holds a block size ≤ the block count")
@@ -199,7 +199,7 @@ def _layouts(layers: list) -> list[tuple]:
     row_scales = list(map(attrgetter("row_scale"), layers))
     if any(map(is_not, row_scales, repeat(None))):
         row_scales = [None if r is None else int(r.numel()) for r in row_scales]
-    generators = list(map(attrgetter("generators"), layers))
+    generators = list(map(attrgetter("blocks"), layers))
     if set(map(len, generators)) == {1}:
         tensors = list(map(_TENSOR_FIELDS, map(itemgetter(0), generators)))
     else:
@@ -209,21 +209,21 @@ def _layouts(layers: list) -> list[tuple]:
 
 def _plain(layer) -> bool:
     """A layer whose figures `_batched_figures` computes (diag, one split, exact Cayley, no constraint or kohya's
-    clamp, values present); others are left to `generator_norms` and `orthogonality_error`."""
-    return (layer.kind == "diag" and len(layer.generators) == 1 and layer.parameterization == "cayley"
+    clamp, values present); others are left to `_stored_norms` and `_orthogonality_error`."""
+    return (layer.kind == "diag" and len(layer.blocks) == 1 and layer.parameterization == "cayley"
             and layer.constraint.kind in ("none", "norm_clamp") and not layer.block_share
-            and layer.generators[0].device.type != "meta")
+            and layer.blocks[0].device.type != "meta")
 
 
 def _bound(layer) -> float | None:
-    """The bound of a plain layer's ‖Q‖_F (`generator_norms`), None when unconstrained."""
+    """The bound of a plain layer's ‖Q‖_F (`_stored_norms`), None when unconstrained."""
     return layer.constraint.value * layer.split_sizes[0] if layer.constraint.kind == "norm_clamp" else None
 
 
 def _batched_figures(generators: list[torch.Tensor], bounds: list[float | None], transpose: bool
                      ) -> tuple[list[float], list[float]]:
     """(‖Q‖_F, orthogonality error) of plain layers of one block shape and side (their one generator each and its
-    bound), computed for all of them at once: the numbers `generator_norms` and `orthogonality_error` give, up to
+    bound), computed for all of them at once: the numbers `_stored_norms` and `_orthogonality_error` give, up to
     the rounding of a batched reduction."""
     shape = tuple(generators[0].shape)
     step = max(1, _BATCH_ELEMENTS // max(1, math.prod(shape)))
@@ -236,7 +236,7 @@ def _batched_figures(generators: list[torch.Tensor], bounds: list[float | None],
         # rotation.constrain's clamp, per layer: Q·(min(‖Q‖, c) + ε)/(‖Q‖ + ε); unconstrained layers untouched
         scale = torch.where(torch.isinf(bound_t), torch.ones_like(norms),
                             (torch.minimum(norms, bound_t) + _NORM_EPS) / (norms + _NORM_EPS))
-        r = cayley((q * scale.view(-1, 1, 1, 1)).flatten(0, 1)).view(q.shape)
+        r = _cayley((q * scale.view(-1, 1, 1, 1)).flatten(0, 1)).view(q.shape)
         if transpose:
             r = r.transpose(-1, -2)
         eye = torch.eye(shape[-1], dtype=r.dtype)
@@ -245,12 +245,12 @@ def _batched_figures(generators: list[torch.Tensor], bounds: list[float | None],
     return norms_out, errors_out
 
 
-def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_max_rows: int = HE_ROWS) -> dict:
+def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_max_rows: int = _HE_ROWS) -> dict:
     """A JSON-ready summary of `adapter` (the CLI's `inspect --json` and the nodes' OFTInspect use it).
 
     With `base` (a .safetensors model), every matched layer also gets its hyperspherical-energy change on that base.
     """
-    with bulk():
+    with _bulk():
         return _describe(adapter, base, he_max_rows)
 
 
@@ -264,9 +264,10 @@ def _template(layer) -> dict:
         "kind": layer.kind,
         "num_blocks": list(layer.num_blocks) if not layer.block_share else "shared",
         "block_size": list(layer.block_sizes),
-        "stages": int(layer.generators[0].shape[0]) if layer.kind == "butterfly" else None,
+        "stages": int(layer.blocks[0].shape[0]) if layer.kind == "butterfly" else None,
         "parameterization": layer.parameterization,
         "constraint": layer.constraint.describe(),
+        "norm_of": _norm_of(layer),  # "norm" is ‖Q‖_F, or ‖R − I‖_F for a stored rotation
         "norm": None,
         "bound": None,
         "clamped": None,
@@ -277,7 +278,7 @@ def _template(layer) -> dict:
 
 
 def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
-    energies, base_info = energy_changes(adapter, base, max_rows=he_max_rows) if base is not None else ({}, None)
+    energies, base_info = _energy_changes(adapter, base, max_rows=he_max_rows) if base is not None else ({}, None)
     items = list(adapter.layers.items())
     groups = _groups(_layouts([layer for _, layer in items]))
     layers = _layer_entries(items, groups, *_plain_figures(items, groups))
@@ -329,14 +330,14 @@ def _plain_figures(items: list, groups: dict[tuple, list[int]]) -> tuple[list, l
     for positions in groups.values():
         first = items[positions[0]][1]
         if _plain(first):
-            g = first.generators[0]
+            g = first.blocks[0]
             batches.setdefault((g.shape, g.dtype, g.device, first.transpose), []).append(positions)
     norm_at: list = [None] * len(items)
     error_at: list = [None] * len(items)
     for (_, _, _, transpose), group_list in batches.items():
         positions = [i for p in group_list for i in p]
         bounds = [b for p in group_list for b in [_bound(items[p[0]][1])] * len(p)]
-        norms, errors = _batched_figures([items[i][1].generators[0] for i in positions], bounds, transpose)
+        norms, errors = _batched_figures([items[i][1].blocks[0] for i in positions], bounds, transpose)
         for i, n, e in zip(positions, norms, errors):
             norm_at[i] = n
             error_at[i] = e
@@ -368,13 +369,13 @@ def _layer_entries(items: list, groups: dict[tuple, list[int]], norm_at: list, e
 
 def _layer_entry(layer, template: dict) -> dict:
     """A layer that is not plain (splits, butterfly, shared blocks, row scale): its figures one by one."""
-    norm_bound = generator_norms(layer)
+    norm_bound = _stored_norms(layer)
     x = template.copy()
     x["name"] = layer.key
     x["norm"] = [round(n, 6) for n, _ in norm_bound]
     x["bound"] = [None if b is None else round(b, 6) for _, b in norm_bound]
     x["clamped"] = any(b is not None and n > b for n, b in norm_bound)
-    x["orthogonality_error"] = orthogonality_error(layer)
+    x["orthogonality_error"] = _orthogonality_error(layer)
     return x
 
 

@@ -6,7 +6,7 @@ per adapted layer instead of a rotated weight (O(d²·b) → O(tokens·d·b)) an
 
 The math is not re-defined here. Each adapted layer is an `OFTLayer` built by `spec.make_layer` in kohya
 `networks.oft` convention (side "out", R = Cayley(Q) or a Cayley–Neumann series, Rᵀ applied per block, constraint
-‖Q‖_F ≤ alpha·split), and every forward calls `rotation.rotation_blocks(layer, generators=<live Q>)` once and
+‖Q‖_F ≤ alpha·split), and every forward calls `rotation.rotation_blocks(layer, blocks=<live Q>)` once and
 applies the blocks to the base layer's output with `rotate_output` (the values of `rotation.rotate_features` on
 y − bias, as one autograd Function that keeps only y for backward). The trained adapter is therefore exactly what
 `rotate_weight` merges.
@@ -21,14 +21,14 @@ included.
 
 Public API:
 
-- `select_targets(root, preset, family=None)` -> `Targets` [(path, module)] (+ `.root`): presets per model family
-  (`PRESETS`), each the sd-scripts option of the same name (`SD_SCRIPTS_OPTIONS`; beyond it: `EXTRA_PRESETS`).
+- `select_targets(root, preset, family=None)` -> `_Targets` [(path, module)] (+ `.root`): presets per model family
+  (`PRESETS`), each the sd-scripts option of the same name (`_SD_SCRIPTS_OPTIONS`; beyond it: `_EXTRA_PRESETS`).
 - `OFTTrainer(targets, num_blocks=… | block_size=…, alpha=…, neumann_terms=0, root=None)`; `.parameters()`,
   `.attach()` (safe on its own on FLUX: guards the root's in-place blocks),
   `.to_adapter(metadata, names=None)` -> `OFTAdapter` (kohya names; FLUX fused layers as splits);
   `.load_adapter(adapter, names=None)` starts from a trained adapter (resume; refuses the first mismatch);
   `export_names(root, "native" | "diffusers")` gives `names` (diffusers for SD1.x/SD2.x, as sd-scripts names them).
-  Export and resume are module functions of `train_io` (`trained_adapter`, `resume_trainer`) that take the trainer.
+  Export and resume are module functions of `train_io` (`_trained_adapter`, `_resume_trainer`) that take the trainer.
 - `gradient_checkpointing(modules)`: a context manager wrapping block forwards in `torch.utils.checkpoint`.
 - `frozen_for_training(root)`: weights a host made under `torch.inference_mode()` usable by autograd, zero-copy.
 - `frozen_bases(modules, weight_fn)`, `frozen_base(...)`: quantized / cast base weights made per forward and again in
@@ -52,13 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import OFTError, mismatch
+from .errors import OFTError, _mismatch
 from .formats._triangle import unpack_upper
-from .formats.kohya import PREFIX as KOHYA_PREFIX
-from .names import ldm_to_diffusers
-from .rotation import rotation_blocks, skew
-from .spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coefficients
-from .train_io import resume_trainer, trained_adapter
+from .formats.kohya import _PREFIX as KOHYA_PREFIX
+from .names import _ldm_to_diffusers_names
+from .rotation import _skew, rotation_blocks
+from .spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, make_layer
+from .train_io import _resume_trainer, _trained_adapter
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ PRESETS = {
     "flux": ("attention", "all-linear", "attention+single"),
     "generic": ("attention", "all-linear", "all-linear+conv"),
 }
-SD_SCRIPTS_OPTIONS = {  # preset -> the sd-scripts network_args that adapt the same layers
+_SD_SCRIPTS_OPTIONS = {  # preset -> the sd-scripts network_args that adapt the same layers
     ("sd", "attention"): "networks.oft (default)",
     ("sd", "all-linear"): "networks.oft enable_all_linear=True",
     ("sd", "attention+conv"): "networks.oft enable_conv=True",
@@ -79,7 +79,7 @@ SD_SCRIPTS_OPTIONS = {  # preset -> the sd-scripts network_args that adapt the s
     ("flux", "attention"): "networks.oft_flux (default)",
     ("flux", "all-linear"): "networks.oft_flux enable_all_linear=True",
 }
-EXTRA_PRESETS = {  # (family, preset) -> what sd-scripts does with the layers beyond its options
+_EXTRA_PRESETS = {  # (family, preset) -> what sd-scripts does with the layers beyond its options
     ("flux", "attention+single"): "single_blocks.N.linear1 / linear2 are beyond sd-scripts' attention option: "
                                   "networks.oft_flux loads them only in all-linear mode (a key containing '_mlp') and "
                                   "otherwise ignores them without a word; ComfyUI and this pack apply them",
@@ -125,7 +125,7 @@ def _is_conv(m: nn.Module, kernel_1x1: bool | None = None) -> bool:
     return (tuple(m.kernel_size) == (1, 1)) == kernel_1x1
 
 
-class Targets(list):
+class _Targets(list):
     """`select_targets`' result: a list of (path, module) that also remembers the model `root` and its `family`, so
     that `OFTTrainer.attach()` can guard the blocks of that model that write their inputs in place (FLUX)."""
 
@@ -134,7 +134,7 @@ class Targets(list):
         self.root, self.family = root, family
 
 
-def select_targets(root: nn.Module, preset: str, family: str | None = None) -> Targets:
+def select_targets(root: nn.Module, preset: str, family: str | None = None) -> _Targets:
     """The (path, module) pairs a preset adapts, in module order; paths are relative to `root`.
 
     - sd (sd-scripts networks.oft): attention = Linear layers of attention modules (to_q/k/v/out; kohya
@@ -144,20 +144,20 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> T
     - flux (sd-scripts networks.oft_flux): attention = double-block img/txt_attn.qkv and .proj (kohya
       "SelfAttention"); all-linear (enable_all_linear) = every Linear of double / single blocks, modulation included;
       attention+single = attention plus single-block linear1 (q|k|v|mlp) and linear2, beyond sd-scripts
-      (`EXTRA_PRESETS` says what it ignores).
+      (`_EXTRA_PRESETS` says what it ignores).
     - generic (any other diffusion model: SD3, Wan, Qwen-Image, HiDream, Lumina, ...; chosen by module type and
       place, never by family-specific names): attention = Linear under a module whose class name contains
       "Attention"; all-linear = every Linear inside the model's transformer blocks (the elements of the
-      nn.ModuleLists directly under `root`, `block_lists`), or every Linear when it has none; all-linear+conv =
+      nn.ModuleLists directly under `root`, `_block_lists`), or every Linear when it has none; all-linear+conv =
       every Linear and Conv2d.
     """
     family = family or detect_family(root)
     if family not in PRESETS:
-        raise OFTError(mismatch("model family", " | ".join(PRESETS), repr(family)))
+        raise OFTError(_mismatch("model family", " | ".join(PRESETS), repr(family)))
     if preset not in PRESETS[family]:
-        raise OFTError(mismatch(f"target preset for a {family} model", " | ".join(PRESETS[family]), repr(preset)))
+        raise OFTError(_mismatch(f"target preset for a {family} model", " | ".join(PRESETS[family]), repr(preset)))
     out: list[tuple[str, nn.Module]] = []
-    lists = tuple(f"{name}." for name in block_lists(root)) if family == "generic" else ()
+    lists = tuple(f"{name}." for name in _block_lists(root)) if family == "generic" else ()
 
     def walk(module: nn.Module, path: str, ancestors: tuple[str, ...]):
         for child_name, child in module.named_children():
@@ -173,10 +173,10 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> T
     if not out:
         raise OFTError(f"target preset {preset!r} selects no Linear/Conv2d layer in this {family} model "
                        f"({type(root).__name__})")
-    return Targets(out, root, family)
+    return _Targets(out, root, family)
 
 
-def block_lists(root: nn.Module) -> list[str]:
+def _block_lists(root: nn.Module) -> list[str]:
     """Names of the nn.ModuleLists directly under `root` that hold its repeated blocks (SD3 `joint_blocks`, Wan
     `blocks`, Qwen-Image `transformer_blocks`, HiDream `double_stream_blocks`, Lumina `layers` / refiners, ...)."""
     return [name for name, child in root.named_children()
@@ -213,7 +213,7 @@ def _selected_sd(preset: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
     return any(a in _TRANSFORMER_CLASSES for a in ancestors) and (_is_linear(m) or _is_conv(m, kernel_1x1=True))
 
 
-def split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
+def _split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
     """Output splits of a layer: FLUX fused q|k|v (3 equal) and single-block linear1 (q|k|v|mlp), else one split.
 
     sd-scripts `networks/oft_flux.py` rotates each split separately (a rotation must not mix q with k).
@@ -230,7 +230,7 @@ def split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------------------------ trainer
 @dataclass(eq=False)
-class TrainedLayer:
+class _TrainedLayer:
     path: str  # module path relative to the trainer's root (kohya name = prefix + path with "_")
     module: nn.Module
     layer: OFTLayer  # the validated description (zero generators; the live ones are `params`)
@@ -238,7 +238,7 @@ class TrainedLayer:
 
     def generators(self) -> list[torch.Tensor]:
         """The live skew generators Q = U − Uᵀ per split (with gradients)."""
-        return [skew(unpack_upper(p, b)) for p, b in zip(self.params, self.layer.block_sizes)]
+        return [_skew(unpack_upper(p, b)) for p, b in zip(self.params, self.layer.block_sizes)]
 
 
 def _default_weight_fn(module: nn.Module, x: torch.Tensor):
@@ -248,8 +248,8 @@ def _default_weight_fn(module: nn.Module, x: torch.Tensor):
     return w.to(x.dtype), None if b is None else b.to(x.dtype)
 
 
-def _trained_layers(trainer: OFTTrainer, targets, device) -> list[TrainedLayer]:
-    """One `TrainedLayer` per target under the trainer's settings; OFTError naming the first three layers that
+def _trained_layers(trainer: OFTTrainer, targets, device) -> list[_TrainedLayer]:
+    """One `_TrainedLayer` per target under the trainer's settings; OFTError naming the first three layers that
     cannot be trained."""
     layers, problems = [], []
     for path, module in targets:
@@ -263,18 +263,18 @@ def _trained_layers(trainer: OFTTrainer, targets, device) -> list[TrainedLayer]:
     return layers
 
 
-def _trained_layer(trainer: OFTTrainer, path: str, module: nn.Module, device) -> TrainedLayer:
+def _trained_layer(trainer: OFTTrainer, path: str, module: nn.Module, device) -> _TrainedLayer:
     """A target's validated kohya-convention description (zero generators) and its zero packed parameters."""
     splits = _checked_splits(path, module, trainer.splits.get(path))
     counts = _block_counts(path, splits, trainer.num_blocks, trainer.block_size)
     sizes = [s // n for s, n in zip(splits, counts)]
     if min(sizes) < 2:
-        raise OFTError(mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
+        raise OFTError(_mismatch("block size (width / num_blocks)", "≥ 2", min(sizes)), layer=path)
     terms = trainer.neumann_terms
     param = "neumann" if terms else "cayley"
-    coeffs = neumann_coefficients(terms, last_term_halved=True) if terms else ()
+    coeffs = _neumann_coefficients(terms, last_term_halved=True) if terms else ()
     constraint = Constraint("norm_clamp", trainer.alpha) if trainer.alpha > 0 else Constraint()
-    layer = make_layer(path="", name=path, side="out", generators=[torch.zeros(n, b, b) for n, b in
+    layer = make_layer(path="", name=path, side="out", blocks=[torch.zeros(n, b, b) for n, b in
                                                                    zip(counts, sizes)],
                        transpose=True, parameterization=param, neumann_coeffs=coeffs, constraint=constraint,
                        source="kohya_flux" if len(splits) > 1 else "kohya",
@@ -283,7 +283,7 @@ def _trained_layer(trainer: OFTTrainer, path: str, module: nn.Module, device) ->
     with torch.inference_mode(False):  # hosts (ComfyUI) run nodes under inference mode: params must be normal
         params = [nn.Parameter(torch.zeros(n, b * (b - 1) // 2, dtype=torch.float32, device=dev))
                   for n, b in zip(counts, sizes)]
-    return TrainedLayer(path, module, layer, params)
+    return _TrainedLayer(path, module, layer, params)
 
 
 def _check_settings(targets, num_blocks, block_size, alpha, neumann_terms) -> None:
@@ -291,26 +291,26 @@ def _check_settings(targets, num_blocks, block_size, alpha, neumann_terms) -> No
     if (num_blocks is None) == (block_size is None):
         raise OFTError("give exactly one of num_blocks or block_size")
     if num_blocks is not None and num_blocks < 1:
-        raise OFTError(mismatch("num_blocks", "≥ 1", num_blocks))
+        raise OFTError(_mismatch("num_blocks", "≥ 1", num_blocks))
     if block_size is not None and block_size < 2:
-        raise OFTError(mismatch("block_size", "≥ 2 (a 1×1 skew block is always zero)", block_size))
+        raise OFTError(_mismatch("block_size", "≥ 2 (a 1×1 skew block is always zero)", block_size))
     if not math.isfinite(alpha) or alpha < 0:
-        raise OFTError(mismatch("constraint alpha", "a finite number ≥ 0 (0 = no constraint)", alpha))
+        raise OFTError(_mismatch("constraint alpha", "a finite number ≥ 0 (0 = no constraint)", alpha))
     if neumann_terms < 0:
-        raise OFTError(mismatch("Cayley–Neumann terms", "0 (exact Cayley) or ≥ 2", neumann_terms))
+        raise OFTError(_mismatch("Cayley–Neumann terms", "0 (exact Cayley) or ≥ 2", neumann_terms))
     if not targets:
         raise OFTError("no target layers to train")
 
 
 def _checked_splits(path: str, module: nn.Module, given: Sequence[int] | None) -> tuple[int, ...]:
-    """The output split widths of a target (`given` by the host, else `split_sizes`), checked against the layer."""
+    """The output split widths of a target (`given` by the host, else `_split_sizes`), checked against the layer."""
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise OFTError(f"{type(module).__name__} is not a Linear or Conv2d", layer=path)
     if isinstance(module, nn.Conv2d) and module.groups != 1:
-        raise OFTError(mismatch("Conv2d groups", 1, module.groups), layer=path)
-    splits = given or split_sizes(path, module)
+        raise OFTError(_mismatch("Conv2d groups", 1, module.groups), layer=path)
+    splits = given or _split_sizes(path, module)
     if sum(splits) != module.weight.shape[0] or min(splits) < 1:
-        raise OFTError(mismatch("output splits adding up to the output features", module.weight.shape[0],
+        raise OFTError(_mismatch("output splits adding up to the output features", module.weight.shape[0],
                                 splits), layer=path)
     return splits
 
@@ -322,12 +322,12 @@ def _block_counts(path: str, splits: Sequence[int], num_blocks: int | None, bloc
         if num_blocks is not None:
             if s % num_blocks:
                 what = "output features" if len(splits) == 1 else f"split widths {splits}"
-                raise OFTError(mismatch(f"num_blocks dividing the {what}", f"a divisor of {s}", num_blocks),
+                raise OFTError(_mismatch(f"num_blocks dividing the {what}", f"a divisor of {s}", num_blocks),
                                layer=path)
             counts.append(num_blocks)
         else:
             if s % block_size:
-                raise OFTError(mismatch(f"block_size dividing the output width {s}", f"a divisor of {s}",
+                raise OFTError(_mismatch(f"block_size dividing the output width {s}", f"a divisor of {s}",
                                         block_size), layer=path)
             counts.append(s // block_size)
     if len(set(counts)) > 1:
@@ -347,7 +347,7 @@ class OFTTrainer:
     `weight_fn(module, x) -> (weight, bias)` returns the base weight to use (default: the module's own, cast to x's
     dtype outside autocast); a host may cast / un-offload there. It must not write the weight.
     `splits`: path -> output split widths of a fused layer (each split its own rotation, as FLUX's q|k|v), for
-    layers `split_sizes` does not know (a host's key map gives them, e.g. SD3's fused qkv).
+    layers `_split_sizes` does not know (a host's key map gives them, e.g. SD3's fused qkv).
     `recompute_weight(module)` True: that layer's base product runs through `frozen_base` (the weight `weight_fn`
     made is not kept for backward but made again there: QOFT, quantized / cast bases).
     """
@@ -365,7 +365,7 @@ class OFTTrainer:
         self.weight_fn = weight_fn or _default_weight_fn
         self.splits = {k: tuple(int(x) for x in v) for k, v in (splits or {}).items()}
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
-        self.layers: list[TrainedLayer] = _trained_layers(self, targets, device)
+        self.layers: list[_TrainedLayer] = _trained_layers(self, targets, device)
         self._attached = False
         # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
         self.root = root if root is not None else getattr(targets, "root", None)
@@ -382,13 +382,13 @@ class OFTTrainer:
         return {f"{tl.layer.key}.{i}": p.detach().clone() for tl in self.layers for i, p in enumerate(tl.params)}
 
     # -------------------------------------------------------------------------------------------- forward patch
-    def blocks(self, tl: TrainedLayer) -> list[torch.Tensor]:
+    def blocks(self, tl: _TrainedLayer) -> list[torch.Tensor]:
         """M's blocks for layer `tl` from the live parameters (fp32, with gradients), through the one definition."""
         dev = tl.params[0].device.type
         with torch.autocast(dev, enabled=False):  # the Cayley solve / series stays fp32 under mixed precision
-            return rotation_blocks(tl.layer, generators=tl.generators(), sync_free=True)
+            return rotation_blocks(tl.layer, blocks=tl.generators(), sync_free=True)
 
-    def _forward_of(self, tl: TrainedLayer):
+    def _forward_of(self, tl: _TrainedLayer):
         module, weight_fn = tl.module, self.weight_fn
         conv = isinstance(module, nn.Conv2d)
 
@@ -449,7 +449,7 @@ class OFTTrainer:
             self._attached = False
 
     # -------------------------------------------------------------------------------------------- export
-    def stored_generators(self, tl: TrainedLayer) -> list[torch.Tensor]:
+    def stored_generators(self, tl: _TrainedLayer) -> list[torch.Tensor]:
         """Detached Q per split as the adapter stores it (before the constraint, which the layer keeps)."""
         with torch.no_grad():
             return [q.detach().float().cpu().clone() for q in tl.generators()]
@@ -473,7 +473,7 @@ class OFTTrainer:
         `prefix` starts every file key (kohya's `oft_unet_`; `lycoris_` / `lora_unet_` for a LyCORIS export) and
         `fmt` is the adapter's format id (default: kohya / kohya_flux).
         """
-        return trained_adapter(self, metadata, names, prefix=prefix, fmt=fmt)
+        return _trained_adapter(self, metadata, names, prefix=prefix, fmt=fmt)
 
     # -------------------------------------------------------------------------------------------- resume
     def load_adapter(self, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
@@ -485,21 +485,21 @@ class OFTTrainer:
         naming the first mismatch, and no parameter is changed. Exact for a file this trainer wrote: kohya stores
         the strict upper triangle U of Q = U − Uᵀ, which is the parameter itself.
         """
-        resume_trainer(self, adapter, names)
+        _resume_trainer(self, adapter, names)
 
 def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
     """The `names` argument of `OFTTrainer.to_adapter` for targets selected under `root` (a UNet / DiT module).
 
     naming "native": None, the module paths as they are (LDM for ComfyUI's SD UNets, BFL for FLUX).
-    naming "diffusers": LDM UNet path -> diffusers path (`names.ldm_to_diffusers`, built from the whole UNet's keys
-    so that layers_per_block is known), as sd-scripts `networks.oft` names SD1.x/SD2.x layers.
+    naming "diffusers": LDM UNet path -> diffusers path (`names._ldm_to_diffusers_names`, built from the whole UNet's
+    keys so that layers_per_block is known), as sd-scripts `networks.oft` names SD1.x/SD2.x layers.
     """
     if naming == "native":
         return None
     if naming != "diffusers":
-        raise OFTError(mismatch("export naming", "native | diffusers", repr(naming)))
+        raise OFTError(_mismatch("export naming", "native | diffusers", repr(naming)))
     try:
-        return ldm_to_diffusers({k: tuple(v.shape) for k, v in root.state_dict().items()})
+        return _ldm_to_diffusers_names({k: tuple(v.shape) for k, v in root.state_dict().items()})
     except ValueError as e:
         raise OFTError(f"cannot name the layers after diffusers modules: {e}") from None
 
@@ -876,10 +876,10 @@ def _unguarded(fn):
 
 
 # ------------------------------------------------------------------------------------------------ loop
-def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def _make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """AdamW (default weight decay 0: decaying Q pulls the rotation to identity), Adam or SGD."""
     if not (lr > 0 and math.isfinite(lr)):
-        raise OFTError(mismatch("learning rate", "a finite number > 0", lr))
+        raise OFTError(_mismatch("learning rate", "a finite number > 0", lr))
     params = list(params)
     # The fused kernels keep the step counters on the parameters' device: the default (for-loop / foreach) ones read
     # each parameter's step back to the host every step (`.item()`, a device wait per parameter on a GPU).
@@ -890,7 +890,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> t
         return torch.optim.Adam(params, lr=lr, **fused)
     if name == "SGD":
         return torch.optim.SGD(params, lr=lr, **fused)
-    raise OFTError(mismatch("optimizer", " | ".join(OPTIMIZERS), repr(name)))
+    raise OFTError(_mismatch("optimizer", " | ".join(OPTIMIZERS), repr(name)))
 
 
 _FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where torch 2.14's fused Adam(W) / SGD kernels exist
@@ -913,7 +913,7 @@ def residual_loss(name: str, residual: torch.Tensor, delta: float = 1.0) -> torc
         return F.huber_loss(residual, torch.zeros_like(residual), delta=delta)
     if name == "SmoothL1":
         return F.smooth_l1_loss(residual, torch.zeros_like(residual), beta=delta)
-    raise OFTError(mismatch("loss function", " | ".join(LOSSES), repr(name)))
+    raise OFTError(_mismatch("loss function", " | ".join(LOSSES), repr(name)))
 
 
 def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
@@ -924,9 +924,9 @@ def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
     constant 1; linear 1 − p; cosine ½(1 + cos πp) (as transformers' get_cosine_schedule_with_warmup).
     """
     if schedule not in SCHEDULES:
-        raise OFTError(mismatch("learning-rate schedule", " | ".join(SCHEDULES), repr(schedule)))
+        raise OFTError(_mismatch("learning-rate schedule", " | ".join(SCHEDULES), repr(schedule)))
     if warmup < 0:
-        raise OFTError(mismatch("warm-up steps", "≥ 0", warmup))
+        raise OFTError(_mismatch("warm-up steps", "≥ 0", warmup))
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if schedule == "constant":
@@ -950,12 +950,12 @@ def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, in
     Deterministic given deterministic `compute_loss`.
     """
     if steps < 1:
-        raise OFTError(mismatch("steps", "≥ 1", steps))
+        raise OFTError(_mismatch("steps", "≥ 1", steps))
     if grad_accum < 1:
-        raise OFTError(mismatch("gradient accumulation", "≥ 1", grad_accum))
+        raise OFTError(_mismatch("gradient accumulation", "≥ 1", grad_accum))
     lr_factor(schedule, 0, steps, warmup_steps)  # bad schedule / warm-up: refused before any work
     params = list(params)
-    opt = make_optimizer(optimizer, params, lr)
+    opt = _make_optimizer(optimizer, params, lr)
     losses = []
     for step in range(steps):
         if before_step is not None:

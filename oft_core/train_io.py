@@ -1,7 +1,7 @@
-"""An `OFTTrainer`'s work as an `OFTAdapter` and back: export (`trained_adapter`) and resume (`resume_trainer`).
+"""An `OFTTrainer`'s work as an `OFTAdapter` and back: export (`_trained_adapter`) and resume (`_resume_trainer`).
 
 Pure torch, never imports ComfyUI. `OFTTrainer.to_adapter` / `.load_adapter` call these; they read the trainer's
-layers (`TrainedLayer`: path, module, validated `OFTLayer`, live packed parameters) and its `alpha`, and change
+layers (`_TrainedLayer`: path, module, validated `OFTLayer`, live packed parameters) and its `alpha`, and change
 nothing but the parameters (resume, after every layer is checked).
 """
 
@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from .errors import OFTError, mismatch
-from .formats.kohya import PREFIX as KOHYA_PREFIX
-from .rotation import cayley, generator_of, rotation_blocks, skew
+from .errors import OFTError, _mismatch
+from .formats.kohya import _PREFIX as KOHYA_PREFIX
+from .rotation import _cayley, _generator_of, _skew, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer
 
 if TYPE_CHECKING:  # (train imports this module)
-    from .train import OFTTrainer, TrainedLayer
+    from .train import OFTTrainer, _TrainedLayer
 
 
 # ------------------------------------------------------------------------------------------------ export
-def trained_adapter(trainer: OFTTrainer, metadata: dict | None = None,
+def _trained_adapter(trainer: OFTTrainer, metadata: dict | None = None,
                    names: Mapping[str, str | tuple[str, ...]] | None = None, *, prefix: str = KOHYA_PREFIX,
                    fmt: str | None = None) -> OFTAdapter:
     """`OFTTrainer.to_adapter` (its docstring says what the arguments mean)."""
@@ -38,9 +38,9 @@ def trained_adapter(trainer: OFTTrainer, metadata: dict | None = None,
         parts = list(zip(name, ([g] for g in gens))) if isinstance(name, tuple) else [(name, gens)]
         for part_name, part_gens in parts:
             layers[("unet", part_name)] = make_layer(
-                path="", name=part_name, side="out", generators=part_gens, transpose=True,
+                path="", name=part_name, side="out", blocks=part_gens, transpose=True,
                 constraint=layer.constraint, source=layer.source, key=prefix + part_name.replace(".", "_"))
-    flux = any(len(layer.generators) > 1 for layer in layers.values())
+    flux = any(len(layer.blocks) > 1 for layer in layers.values())
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     info = {"alpha": [trainer.alpha], "trained": True}
     if trainer.neumann_terms:
@@ -48,7 +48,7 @@ def trained_adapter(trainer: OFTTrainer, metadata: dict | None = None,
     return OFTAdapter(layers, fmt or ("kohya_flux" if flux else "kohya"), "", meta, info)
 
 
-def _check_export_names(layers: list[TrainedLayer], names: Mapping[str, str | tuple[str, ...]]) -> None:
+def _check_export_names(layers: list[_TrainedLayer], names: Mapping[str, str | tuple[str, ...]]) -> None:
     """Every trained layer named, one name per split for a tuple, no two layers under one name."""
     missing = [tl.path for tl in layers if tl.path not in names]
     if missing:
@@ -71,17 +71,17 @@ def _as_cayley(layer: OFTLayer, gens: list[torch.Tensor]) -> tuple[OFTLayer, lis
     unconstrained Cayley layer they belong to, and the largest element error of that (the series' truncation)."""
     worst = 0.0
     with torch.no_grad():
-        trained = [b.cpu() for b in rotation_blocks(layer, generators=gens)]  # (Rᵀ per block)
+        trained = [b.cpu() for b in rotation_blocks(layer, blocks=gens)]  # (Rᵀ per block)
         new = []
         for r in trained:
-            q = skew(generator_of(r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
+            q = _skew(_generator_of(r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
             new.append(q)
-            worst = max(worst, float((cayley(q).transpose(-1, -2) - r).abs().max()))
+            worst = max(worst, float((_cayley(q).transpose(-1, -2) - r).abs().max()))
     return layer.with_(parameterization="cayley", neumann_coeffs=(), constraint=Constraint()), new, worst
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def resume_trainer(trainer: OFTTrainer, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
+def _resume_trainer(trainer: OFTTrainer, adapter: OFTAdapter, names: Mapping[str, str] | None = None) -> None:
     """`OFTTrainer.load_adapter` (its docstring says what is checked): every layer is checked before any parameter
     is written."""
     path = adapter.path or None
@@ -89,7 +89,7 @@ def resume_trainer(trainer: OFTTrainer, adapter: OFTAdapter, names: Mapping[str,
     new = []
     for tl, layer in pairs:
         _check_resumable(tl, layer, trainer.alpha, path)
-        new.append([_packed(q) for q in layer.generators])
+        new.append([_packed(q) for q in layer.blocks])
     with torch.no_grad():
         for tl, vals in zip(trainer.layers, new):
             for p, v in zip(tl.params, vals):
@@ -102,7 +102,7 @@ def _key(name: str) -> str:
 
 
 def _resume_pairs(trainer: OFTTrainer, adapter: OFTAdapter, names: Mapping[str, str] | None,
-                  path: str | None) -> list[tuple[TrainedLayer, OFTLayer]]:
+                  path: str | None) -> list[tuple[_TrainedLayer, OFTLayer]]:
     """(trained layer, the adapter's layer for it) for every trained layer; OFTError when the adapter has a layer
     this training does not adapt or lacks one it does."""
     theirs = {(c, _key(n)): layer for (c, n), layer in adapter.layers.items()}
@@ -122,7 +122,7 @@ def _resume_pairs(trainer: OFTTrainer, adapter: OFTAdapter, names: Mapping[str, 
     return [(tl, theirs[("unet", _key(want[tl.path]))]) for tl in trainer.layers]
 
 
-def _check_resumable(tl: TrainedLayer, layer: OFTLayer, alpha: float, path: str | None) -> None:
+def _check_resumable(tl: _TrainedLayer, layer: OFTLayer, alpha: float, path: str | None) -> None:
     """The adapter's `layer` is what `tl` trains: kohya convention, Cayley, no rescale, the same splits, blocks
     and constraint (alpha compared in fp32, as kohya stores it)."""
 
@@ -133,20 +133,20 @@ def _check_resumable(tl: TrainedLayer, layer: OFTLayer, alpha: float, path: str 
         fail("not a kohya-convention OFT layer (rows rotated by Rᵀ per block); resume from a kohya or "
              "LyCORIS diag-oft file")
     if layer.parameterization != "cayley":
-        fail(mismatch("parameterization", "cayley", layer.parameterization))
+        fail(_mismatch("parameterization", "cayley", layer.parameterization))
     if layer.row_scale is not None and not bool((layer.row_scale == 1).all()):
         fail("has a per-row rescale, which this trainer does not train")
     mine = (tuple(int(p.shape[0]) for p in tl.params), tl.layer.block_sizes)
     found = (layer.num_blocks, layer.block_sizes)
     if len(found[0]) != len(mine[0]):
-        fail(mismatch("splits", len(mine[0]), len(found[0])))
+        fail(_mismatch("splits", len(mine[0]), len(found[0])))
     if found != mine:
-        fail(mismatch("blocks per split × block size", " ".join(f"{n}×{b}" for n, b in zip(*mine)),
+        fail(_mismatch("blocks per split × block size", " ".join(f"{n}×{b}" for n, b in zip(*mine)),
                       " ".join(f"{n}×{b}" for n, b in zip(*found))))
     theirs_alpha = layer.constraint.value if layer.constraint.kind == "norm_clamp" else 0.0
     if layer.constraint.kind not in ("none", "norm_clamp") or \
             float(torch.tensor(theirs_alpha, dtype=torch.float32)) != alpha:
-        fail(mismatch("constraint (alpha)", f"{alpha:g}", layer.constraint.describe()))
+        fail(_mismatch("constraint (alpha)", f"{alpha:g}", layer.constraint.describe()))
 
 
 def _packed(q: torch.Tensor) -> torch.Tensor:

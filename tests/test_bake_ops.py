@@ -18,7 +18,7 @@ from oft_core import OFTAdapter, load_adapter, make_layer, resolve_for_weight, r
 from oft_core.bake import bake
 from oft_core.cli import main as cli
 from oft_core.spec import Constraint
-from oft_core.summary import describe, hyperspherical_energy
+from oft_core.summary import _hyperspherical_energy, describe
 
 FLUX = FIXTURES / "kohya" / "flux_tiny_oft_attn_dim4.safetensors"
 FLUX_BASE = FIXTURES / "kohya" / "flux_tiny_base.safetensors"
@@ -107,7 +107,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
 def _layer(name, n_blocks, b, seed, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(n_blocks, b, b, generator=g) * scale
-    return make_layer(path="", name=name, side="out", generators=[a - a.transpose(1, 2)], transpose=True,
+    return make_layer(path="", name=name, side="out", blocks=[a - a.transpose(1, 2)], transpose=True,
                       constraint=Constraint("norm_clamp", 1e-3), source="kohya", key=f"oft_unet_{name}")
 
 
@@ -174,7 +174,7 @@ _MEMORY_CHILD = textwrap.dedent("""
         g = torch.Generator().manual_seed(i)
         a = torch.randn(4, 256, 256, generator=g) * 0.01
         name = f"layers_{i}_proj"
-        layers[("unet", name)] = make_layer(path="", name=name, side="out", generators=[a - a.transpose(1, 2)],
+        layers[("unet", name)] = make_layer(path="", name=name, side="out", blocks=[a - a.transpose(1, 2)],
                                             transpose=True, constraint=Constraint("norm_clamp", 1e-3))
     adapter = OFTAdapter(layers, "kohya")
     # warm-up on a one-layer base: first-use allocations of torch, safetensors and one layer's working set, but never
@@ -256,8 +256,8 @@ def test_hyperspherical_energy_matches_the_definition():
     w = torch.randn(300, 7, generator=g, dtype=torch.float64)  # > one chunk of 256 rows
     u = w / w.norm(dim=1, keepdim=True)
     brute = sum(1 / float((u[i] - u[j]).norm()) for i in range(300) for j in range(300) if i != j)
-    assert math.isclose(hyperspherical_energy(w.float()), brute, rel_tol=1e-6)
-    assert math.isclose(hyperspherical_energy(w * 3.0), hyperspherical_energy(w), rel_tol=1e-12)  # scale-free
+    assert math.isclose(_hyperspherical_energy(w.float()), brute, rel_tol=1e-6)
+    assert math.isclose(_hyperspherical_energy(w * 3.0), _hyperspherical_energy(w), rel_tol=1e-12)  # scale-free
 
 
 def test_inspect_energy_input_side_invariant_output_side_changes():

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from oft_core import OFTError, load_adapter
 from oft_core.bake import bake
-from oft_core.formats import open_streamed
+from oft_core.formats import _open_streamed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,14 +34,14 @@ def test_streamed_bake_equals_the_loaded_adapter_bit_for_bit(case_id, tmp_path):
     case = get_case(case_id)
     base = _base_file(case, tmp_path)
     loaded = load_adapter(case.adapter)
-    streamed = open_streamed(case.adapter)
+    streamed = _open_streamed(case.adapter)
     assert [layer.key for layer in streamed.skeleton] == [layer.key for layer in loaded]
     # The skeleton holds no values (every reader ran on meta tensors: the bakes below test that path for each format).
-    assert all(g.device.type == "meta" for layer in streamed.skeleton for g in layer.generators)
+    assert all(g.device.type == "meta" for layer in streamed.skeleton for g in layer.blocks)
     assert all(layer.row_scale is None or layer.row_scale.device.type == "meta" for layer in streamed.skeleton)
     for layer in streamed.skeleton:  # every layer read alone is the layer of the whole file
         alone, whole = streamed.layer(layer.key), loaded.layers[(layer.component, layer.name)]
-        assert all(torch.equal(a, b) for a, b in zip(alone.generators, whole.generators))
+        assert all(torch.equal(a, b) for a, b in zip(alone.blocks, whole.blocks))
         assert (alone.row_scale is None) == (whole.row_scale is None)
         assert alone.row_scale is None or torch.equal(alone.row_scale, whole.row_scale)
     partial = case.id == "sd15_oft_attn_dim8_bf16"  # 9 of its 128 layers have weights in this base
@@ -220,6 +220,6 @@ def test_a_reader_that_needs_values_for_the_skeleton_fails_clearly(tmp_path, mon
 
     monkeypatch.setattr(formats, "READERS", [real._replace(read=needs_values), *formats.READERS[1:]])
     with pytest.raises(OFTError) as e:
-        open_streamed(path)
+        _open_streamed(path)
     assert str(path) in str(e.value) and "cannot be streamed" in str(e.value)
     assert len(load_adapter(path)) > 0  # the whole-file path still reads it

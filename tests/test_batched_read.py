@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 
 from oft_core import OFTError, load_adapter
-from oft_core.rotation import skew
-from oft_core.safetensors_io import load_tensors
-from oft_core.spec import Generators, finite_each, make_layer
+from oft_core.rotation import _skew
+from oft_core.safetensors_io import _load_tensors
+from oft_core.spec import _Blocks, _finite_each, make_layer
 
 
 def _many(tmp_path, n=50, bad=None, value=float("nan"), alpha_dtype=torch.float32):
@@ -39,7 +39,7 @@ def test_batched_values_equal_per_layer_values(tmp_path):
     adapter = load_adapter(path)
     for i in range(50):
         layer = adapter.layers[("unet", f"layer{i:03d}")]
-        assert torch.equal(layer.generators[0], skew(tensors[f"oft_unet_layer{i:03d}.oft_blocks"].float()))
+        assert torch.equal(layer.blocks[0], _skew(tensors[f"oft_unet_layer{i:03d}.oft_blocks"].float()))
         assert layer.constraint.value == float(tensors[f"oft_unet_layer{i:03d}.alpha"].float().item())
         assert layer.constraint.value != 1e-3  # the bf16 value itself, not a rounded-up literal
 
@@ -47,12 +47,12 @@ def test_batched_values_equal_per_layer_values(tmp_path):
 def test_finite_flags_are_checked_by_make_layer():
     q = torch.zeros(2, 4, 4)
     with pytest.raises(OFTError, match="split 0 blocks contain NaN or Inf"):
-        make_layer(path="f", name="x", side="out", generators=Generators([q], [False]), transpose=True)
-    assert make_layer(path="f", name="x", side="out", generators=Generators([q], [True]), transpose=True).dim == 8
+        make_layer(path="f", name="x", side="out", blocks=_Blocks([q], [False]), transpose=True)
+    assert make_layer(path="f", name="x", side="out", blocks=_Blocks([q], [True]), transpose=True).dim == 8
     stacked = torch.zeros(3, 2, 4, 4)
     stacked[1, 0, 0, 1] = float("nan")
-    assert finite_each(stacked) == [True, False, True]
-    assert finite_each(torch.empty(3, 2, 4, 4, device="meta")) == [True, True, True]
+    assert _finite_each(stacked) == [True, False, True]
+    assert _finite_each(torch.empty(3, 2, 4, 4, device="meta")) == [True, True, True]
 
 
 def test_load_tensors_views_equal_safetensors(tmp_path):
@@ -62,7 +62,7 @@ def test_load_tensors_views_equal_safetensors(tmp_path):
                "d": torch.arange(7, dtype=torch.int16), "e": torch.randn(2, dtype=torch.float64)}
     path = tmp_path / "mixed.safetensors"
     save_file(tensors, str(path))
-    ours, _ = load_tensors(path)
+    ours, _ = _load_tensors(path)
     ref = load_file(str(path))
     for k in tensors:
         assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape and torch.equal(ours[k], ref[k])
@@ -77,12 +77,12 @@ import json as _json  # noqa: E402
 import struct as _struct  # noqa: E402
 
 from oft_core.safetensors_io import (  # noqa: E402
-    FileTensors,
     _canonical,
     _entries_at_once,
     _entries_one_by_one,
+    _FileTensors,
+    _stack_values,
     read_header,
-    stack_values,
 )
 
 
@@ -206,12 +206,12 @@ def test_stack_equals_torch_stack_for_every_layout(tmp_path):
     tensors["e0"], tensors["e1"] = torch.zeros(0, 2), torch.zeros(0, 2)
     path = tmp_path / "s.safetensors"
     save_file(tensors, str(path))
-    loaded = FileTensors(read_header(path))
+    loaded = _FileTensors(read_header(path))
     for keys in ([f"even{i:02d}" for i in range(5)], ["odd03", "odd00", "odd02", "odd01"], ["even03"],
                  ["even01", "even01"], ["h2", "h0"], ["e0", "e1"]):
-        got = stack_values(loaded, keys)
+        got = _stack_values(loaded, keys)
         assert torch.equal(got, torch.stack([tensors[k] for k in keys])), keys
-        assert torch.equal(got, stack_values(dict(tensors), keys))
+        assert torch.equal(got, _stack_values(dict(tensors), keys))
     with pytest.raises(ValueError, match="one dtype and shape"):
         loaded.stack(["even00", "h0"])
     assert dict(loaded.items()).keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
@@ -221,18 +221,18 @@ def test_a_dtype_torch_cannot_read_is_refused_even_if_never_asked_for(tmp_path):
     path = _raw_file(tmp_path / "u.safetensors", _compact({"a.alpha": ("F32", [], [0, 4]),
                                                            "x": ("U16", [2], [4, 8])}), bytes(8))
     with pytest.raises(OFTError, match="'x' has dtype U16"):
-        FileTensors(read_header(path))
+        _FileTensors(read_header(path))
 
 
 # ------------------------------------------------------------------------------------------ make_layers = make_layer
 
-from oft_core.spec import Constraint, make_layers  # noqa: E402
+from oft_core.spec import Constraint, _make_layers  # noqa: E402
 
 
 def _rows(gens, flags, constraints):
     n = len(gens)
     return dict(path="f.safetensors", names=[f"l{i}" for i in range(n)], keys=[f"k{i}" for i in range(n)],
-                generators=gens, finite=flags, constraints=constraints, sources=["kohya"] * n, side="out",
+                blocks=gens, finite=flags, constraints=constraints, sources=["kohya"] * n, side="out",
                 transpose=True)
 
 
@@ -240,17 +240,17 @@ def _one_by_one(rows):
     out = []
     for i in range(len(rows["names"])):
         out.append(make_layer(path=rows["path"], name=rows["names"][i], key=rows["keys"][i],
-                              generators=Generators(rows["generators"][i], rows["finite"][i]),
+                              blocks=_Blocks(rows["blocks"][i], rows["finite"][i]),
                               constraint=rows["constraints"][i], source=rows["sources"][i], side="out",
                               transpose=True))
     return out
 
 
 def _same_layer(a, b):
-    assert {k: v for k, v in vars(a).items() if k != "generators"} == {
-        k: v for k, v in vars(b).items() if k != "generators"}
-    assert len(a.generators) == len(b.generators) and all(
-        x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.generators, b.generators))
+    assert {k: v for k, v in vars(a).items() if k != "blocks"} == {
+        k: v for k, v in vars(b).items() if k != "blocks"}
+    assert len(a.blocks) == len(b.blocks) and all(
+        x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a.blocks, b.blocks))
 
 
 BAD_ROWS = {  # row 3 of 6 carries the bad value; the other rows are good
@@ -277,7 +277,7 @@ def test_make_layers_refuses_exactly_as_make_layer(case):
     constraints = constraints[:3] + [constraint] + constraints[4:]
     rows = _rows(gens, flags, constraints)
     with pytest.raises((OFTError, ValueError), match=words) as batched:
-        make_layers(**rows)
+        _make_layers(**rows)
     with pytest.raises((OFTError, ValueError), match=words) as single:
         _one_by_one(rows)
     assert str(batched.value) == str(single.value)
@@ -292,7 +292,7 @@ def test_make_layers_raises_the_first_bad_row_in_order():
     flags[2] = (False,)
     rows = _rows(gens, flags, [Constraint("norm_clamp", 1e-3)] * 8)
     with pytest.raises(OFTError, match="'k2'.*NaN or Inf"):
-        make_layers(**rows)
+        _make_layers(**rows)
     with pytest.raises(OFTError, match="'k2'.*NaN or Inf"):
         _one_by_one(rows)
 
@@ -307,13 +307,13 @@ def test_make_layers_builds_what_make_layer_builds():
     constraints = [shared, shared, other, shared, None, shared, shared, other]
     rows = _rows(gens, [(True,) * len(x) for x in gens], constraints)
     rows["sources"] = ["kohya", "kohya", "kohya_flux", "kohya", "kohya", "kohya", "kohya", "kohya_flux"]
-    batched, single = make_layers(**rows), _one_by_one(rows)
+    batched, single = _make_layers(**rows), _one_by_one(rows)
     assert len(batched) == len(single) == 8
     for a, b in zip(batched, single):
         _same_layer(a, b)
     assert batched[4].constraint == Constraint()  # None became "no constraint", as in make_layer
-    assert batched[1].generators[0] is gens[1][0]  # built like the first row of its signature: the caller's tensor
-    assert batched[5].generators[0].dtype == torch.float32 and not batched[6].generators[0].requires_grad
+    assert batched[1].blocks[0] is gens[1][0]  # built like the first row of its signature: the caller's tensor
+    assert batched[5].blocks[0].dtype == torch.float32 and not batched[6].blocks[0].requires_grad
 
 
 # ------------------------------------------------------------------------------------------ kohya: usual file path
@@ -338,12 +338,12 @@ def test_bulk_leaves_what_it_made_collectable():
     import gc
     import weakref
 
-    from oft_core.errors import bulk
+    from oft_core.errors import _bulk
 
     class Node:
         pass
 
-    with bulk():
+    with _bulk():
         a, b = Node(), Node()
         a.other, b.other = b, a  # a reference cycle only the cyclic collector frees
         ref = weakref.ref(a)
@@ -356,11 +356,11 @@ def test_bulk_leaves_what_it_made_collectable():
 
 def test_describe_batched_figures_equal_the_per_layer_ones(tmp_path):
     """describe computes figures once per layout and norms / orthogonality errors in batches: per layer they are
-    the numbers generator_norms and orthogonality_error give (layouts of several block sizes, dtypes, alphas, clamped
-    layers, and FLUX split layers, which take the per-layer path)."""
+    the numbers `rotation._stored_norms` and `rotation._orthogonality_error` give (layouts of several block sizes,
+    dtypes, alphas, clamped layers, and FLUX split layers, which take the per-layer path)."""
     from collections import Counter
 
-    from oft_core.rotation import generator_norms, orthogonality_error
+    from oft_core.rotation import _orthogonality_error, _stored_norms
     from oft_core.summary import describe
 
     g = torch.Generator().manual_seed(3)
@@ -382,13 +382,13 @@ def test_describe_batched_figures_equal_the_per_layer_ones(tmp_path):
     assert len(d["per_layer"]) == len(adapter) == 43
     clamped = []
     for x, layer in zip(d["per_layer"], adapter):
-        norms = generator_norms(layer)
+        norms = _stored_norms(layer)
         assert x["name"] == layer.key and x["block_size"] == list(layer.block_sizes)
         assert x["num_blocks"] == list(layer.num_blocks) and x["params"] == layer.num_params()
         assert x["bound"] == [None if b is None else round(b, 6) for _, b in norms]
         for got, (norm, _) in zip(x["norm"], norms):
             assert got == pytest.approx(round(norm, 6), rel=1e-5, abs=2e-6)
-        assert x["orthogonality_error"] == pytest.approx(orthogonality_error(layer), abs=2e-6)
+        assert x["orthogonality_error"] == pytest.approx(_orthogonality_error(layer), abs=2e-6)
         assert x["clamped"] == any(b is not None and n > b for n, b in norms)
         if x["clamped"]:
             clamped.append(layer.key)

@@ -11,7 +11,7 @@ from oracle import FIXTURES, case_ids, get_case, rel_err
 from safetensors.torch import load_file
 
 from oft_core import OFTError, load_adapter, make_layer, resolve_for_weight, rotate_weight
-from oft_core.bypass import BypassTarget, ModuleBypass, attach
+from oft_core.bypass import ModuleBypass, _BypassTarget, attach
 
 # A bypass forward and a forward with the merged weight sum the same products in different orders: they agree to
 # fp32 rounding of the output, a few ulp of max |y| (measured up to ~5e-7 here).
@@ -52,7 +52,7 @@ def test_bypass_equals_the_trainers_merge_on_every_fixture(case_id):
             layer = resolve_for_weight(layers[case.module_key[key]], w.shape)
             m = _layer_module(w, bias=True, seed=i)
             x = _input_for(w, seed=i)
-            mb = ModuleBypass([BypassTarget(layer, strength)], conv=w.ndim > 2)
+            mb = ModuleBypass([_BypassTarget(layer, strength)], conv=w.ndim > 2)
             handles = mb.attach(m)
             try:
                 y = m(x)
@@ -116,7 +116,7 @@ def _random_layer(side, out, inner, b, seed, *, rescale=False, scale=0.3):
     g = torch.Generator().manual_seed(seed)
     axis = out if side == "out" else inner
     a = torch.randn(axis // b, b, b, generator=g) * scale
-    return make_layer(path="t", name=f"l{seed}", side=side, generators=[a - a.transpose(-1, -2)],
+    return make_layer(path="t", name=f"l{seed}", side=side, blocks=[a - a.transpose(-1, -2)],
                       transpose=side == "out", row_scale=(1 + 0.1 * torch.randn(out, generator=g)) if rescale else None)
 
 
@@ -133,7 +133,7 @@ def test_stacked_bypasses_give_the_merge_order(side, mode, strength):
     x = _input_for(w, 4)
     handles = []
     for layer in (la, lb):
-        handles += ModuleBypass([BypassTarget(layer, strength, mode)], conv=False).attach(m)
+        handles += ModuleBypass([_BypassTarget(layer, strength, mode)], conv=False).attach(m)
     y = m(x)
     for h in handles:
         h.remove()
@@ -148,13 +148,13 @@ def test_conv_output_side_and_1x1_input_side_match_merge():
     m = _layer_module(w, bias=True, seed=1)
     x = _input_for(w, 2)
     layer = resolve_for_weight(_random_layer("out", 16, 72, 4, 5, rescale=True), w.shape)
-    with_hooks = ModuleBypass([BypassTarget(layer, 0.8)], conv=True, kernel_numel=9).attach(m)
+    with_hooks = ModuleBypass([_BypassTarget(layer, 0.8)], conv=True, kernel_numel=9).attach(m)
     y = m(x)
     for h in with_hooks:
         h.remove()
     assert rel_err(y, _forward_with(m, rotate_weight(layer, w, 0.8), x)) <= FWD_TOL
     plain = resolve_for_weight(_random_layer("out", 16, 72, 8, 9), w.shape)  # no row scale: the (M − I)·y path
-    with_hooks = ModuleBypass([BypassTarget(plain, -0.6, "orthogonal")], conv=True, kernel_numel=9).attach(m)
+    with_hooks = ModuleBypass([_BypassTarget(plain, -0.6, "orthogonal")], conv=True, kernel_numel=9).attach(m)
     y = m(x)
     for h in with_hooks:
         h.remove()
@@ -165,7 +165,7 @@ def test_conv_output_side_and_1x1_input_side_match_merge():
     with torch.no_grad():
         conv1.weight.copy_(w1)
     layer_in = resolve_for_weight(_random_layer("in", 16, 8, 4, 7), w1.shape)
-    hs = ModuleBypass([BypassTarget(layer_in, 1.0)], conv=True, kernel_numel=1).attach(conv1)
+    hs = ModuleBypass([_BypassTarget(layer_in, 1.0)], conv=True, kernel_numel=1).attach(conv1)
     y1 = conv1(x)
     for h in hs:
         h.remove()
@@ -173,7 +173,7 @@ def test_conv_output_side_and_1x1_input_side_match_merge():
     # input side on a 3×3 kernel mixes kernel positions: refused, naming the layer, nothing attached
     layer_in3 = resolve_for_weight(_random_layer("in", 16, 72, 8, 8), w.shape)
     with pytest.raises(OFTError, match="kernel larger than 1×1.*merge"):
-        ModuleBypass([BypassTarget(layer_in3, 1.0)], conv=True, kernel_numel=9)
+        ModuleBypass([_BypassTarget(layer_in3, 1.0)], conv=True, kernel_numel=9)
 
 
 def test_fused_slices_are_rotated_in_place_of_their_rows():
@@ -183,7 +183,7 @@ def test_fused_slices_are_rotated_in_place_of_their_rows():
     m = _layer_module(w, bias=True, seed=1)
     x = _input_for(w, 2)
     lq, lv = _random_layer("out", 16, 16, 4, 3), _random_layer("out", 16, 16, 8, 4)
-    hs = ModuleBypass([BypassTarget(lq, 1.0, span=(0, 16)), BypassTarget(lv, 1.0, span=(32, 16))],
+    hs = ModuleBypass([_BypassTarget(lq, 1.0, span=(0, 16)), _BypassTarget(lv, 1.0, span=(32, 16))],
                       conv=False).attach(m)
     y = m(x)
     for h in hs:
@@ -192,7 +192,7 @@ def test_fused_slices_are_rotated_in_place_of_their_rows():
     assert rel_err(y, _forward_with(m, want_w, x)) <= FWD_TOL
     assert torch.equal(y[:, 16:32], m(x)[:, 16:32])
     with pytest.raises(OFTError, match="slice of a fused weight"):
-        ModuleBypass([BypassTarget(_random_layer("in", 16, 16, 4, 5), 1.0, span=(0, 16))], conv=False)
+        ModuleBypass([_BypassTarget(_random_layer("in", 16, 16, 4, 5), 1.0, span=(0, 16))], conv=False)
 
 
 @pytest.mark.parametrize("row_scale", [False, True])
@@ -208,7 +208,7 @@ def test_permuted_rows_are_rotated_in_the_adapters_order(row_scale):
     layer = _random_layer("out", 32, 12, 4, 6)
     if row_scale:
         layer = layer.with_(row_scale=1 + 0.1 * torch.randn(32, generator=torch.Generator().manual_seed(7)))
-    handles = ModuleBypass([BypassTarget(layer, 0.7, perm=perm)], conv=False).attach(m)
+    handles = ModuleBypass([_BypassTarget(layer, 0.7, perm=perm)], conv=False).attach(m)
     y = m(x)
     for h in handles:
         h.remove()
@@ -216,7 +216,7 @@ def test_permuted_rows_are_rotated_in_the_adapters_order(row_scale):
     assert rel_err(y, _forward_with(m, want_w, x)) <= FWD_TOL
     assert rel_err(y, m(x)) > 1e-3  # the rotation did something
     layer_in = _random_layer("in", 32, 12, 4, 8)
-    handles = ModuleBypass([BypassTarget(layer_in, 1.0, perm=perm)], conv=False).attach(m)
+    handles = ModuleBypass([_BypassTarget(layer_in, 1.0, perm=perm)], conv=False).attach(m)
     y_in = m(x)
     for h in handles:
         h.remove()
@@ -232,7 +232,7 @@ def test_low_precision_input_is_rounded_once_more_at_most(dtype, side):
     layer = _random_layer(side, 64, 32, 8, 1)
     m = _layer_module(w, bias=True, seed=2).to(dtype)
     x = _input_for(w, 3).to(dtype)
-    hs = ModuleBypass([BypassTarget(layer, 1.0)], conv=False).attach(m)
+    hs = ModuleBypass([_BypassTarget(layer, 1.0)], conv=False).attach(m)
     y = m(x)
     for h in hs:
         h.remove()
@@ -244,11 +244,11 @@ def test_low_precision_input_is_rounded_once_more_at_most(dtype, side):
 
 def test_strength_zero_attaches_nothing_identity_is_skipped_and_attach_refuses_a_bad_mode():
     layer = _random_layer("out", 8, 8, 4, 0)
-    assert not ModuleBypass([BypassTarget(layer, 0.0)], conv=False)
-    zero = make_layer(path="t", name="zero", side="out", generators=[torch.zeros(2, 4, 4)], transpose=True)
+    assert not ModuleBypass([_BypassTarget(layer, 0.0)], conv=False)
+    zero = make_layer(path="t", name="zero", side="out", blocks=[torch.zeros(2, 4, 4)], transpose=True)
     lin = _layer_module(torch.randn(8, 8), bias=True, seed=0)
     x = _input_for(lin.weight, 1)
-    mb = ModuleBypass([BypassTarget(zero, 0.7)], conv=False)
+    mb = ModuleBypass([_BypassTarget(zero, 0.7)], conv=False)
     hs = mb.attach(lin)
     y = lin(x)
     for h in hs:
@@ -266,7 +266,7 @@ def _split_layer(side, sizes, seed, scale=0.3):
     for n, b in sizes:
         a = torch.randn(n, b, b, generator=g) * scale
         gens.append(a - a.transpose(-1, -2))
-    return make_layer(path="t", name=f"s{seed}", side=side, generators=gens, transpose=side == "out")
+    return make_layer(path="t", name=f"s{seed}", side=side, blocks=gens, transpose=side == "out")
 
 
 # (n, b) splits: blocks of 4 / 8 / 12 / 16 are multiplied as block-diagonal groups up to 32 wide (`_group_blocks`:
@@ -294,7 +294,7 @@ def test_the_block_product_paths_equal_the_fp32_reference(case, dtype, side, bia
         with torch.no_grad():
             m.bias.mul_(10)
     x = torch.randn(2, 20, in_f, generator=torch.Generator().manual_seed(4)).to(dtype)
-    mb = ModuleBypass([BypassTarget(layer, 0.8)], conv=False)
+    mb = ModuleBypass([_BypassTarget(layer, 0.8)], conv=False)
     hs = mb.attach(m)
     y = m(x)
     for h in hs:
@@ -314,7 +314,7 @@ def test_fused_slices_with_a_gap_and_several_splits_16_bit(dtype):
     m = _layer_module(w, bias=True, seed=1).to(dtype)
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
     lq, lv = _split_layer("out", [(4, 8)], 3), _split_layer("out", [(1, 16), (2, 8)], 4)
-    hs = ModuleBypass([BypassTarget(lq, 1.0, span=(0, 32)), BypassTarget(lv, 1.0, span=(64, 32))],
+    hs = ModuleBypass([_BypassTarget(lq, 1.0, span=(0, 32)), _BypassTarget(lv, 1.0, span=(64, 32))],
                       conv=False).attach(m)
     y = m(x)
     for h in hs:

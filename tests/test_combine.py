@@ -7,10 +7,10 @@ import torch
 from oracle import REL_TOL, get_case, rel_err
 
 from oft_core import OFTAdapter, OFTError, load_adapter, make_layer, resolve_for_weight, rotate_weight
-from oft_core.blocks import apply_block_strength, effective_strengths, layer_block, layer_strengths, parse_block_spec
+from oft_core.blocks import _apply_block_strength, _effective_strengths, _layer_strengths, layer_block, parse_block_spec
 from oft_core.cli import main as cli
 from oft_core.combine import blend, merge
-from oft_core.rotation import orthogonality_error, rotation_blocks, skew
+from oft_core.rotation import _orthogonality_error, _skew, rotation_blocks
 
 LYC = "lycoris_diag_oft_dim8"
 LYC_C = "lycoris_diag_oft_constrained"
@@ -35,7 +35,7 @@ def _same(a, b, tol=0.0):
 
 
 def _zero(adapter):
-    layers = {k: layer.with_(generators=tuple(torch.zeros_like(q) for q in layer.generators))
+    layers = {k: layer.with_(blocks=tuple(torch.zeros_like(q) for q in layer.blocks))
               for k, layer in adapter.layers.items()}
     return OFTAdapter(layers, adapter.format)
 
@@ -58,13 +58,13 @@ def test_blend_endpoints_and_orthogonality():
     _same(_merged(blend(a, c, 1.0), case), _merged(c, case), REL_TOL)
     mid = blend(a, c, 0.5)
     for layer in mid:
-        assert orthogonality_error(layer) < 2e-6
+        assert _orthogonality_error(layer) < 2e-6
     # midpoint generator is the mean of the constrained generators
     k = next(iter(a.layers))
-    from oft_core.rotation import constrain
-    want = 0.5 * (constrain(a.layers[k], a.layers[k].generators[0], 0)
-                  + constrain(c.layers[k], c.layers[k].generators[0], 0))
-    assert torch.allclose(mid.layers[k].generators[0], want, atol=1e-7, rtol=0)
+    from oft_core.rotation import _constrain
+    want = 0.5 * (_constrain(a.layers[k], a.layers[k].blocks[0], 0)
+                  + _constrain(c.layers[k], c.layers[k].blocks[0], 0))
+    assert torch.allclose(mid.layers[k].blocks[0], want, atol=1e-7, rtol=0)
     merged_mid = _merged(mid, case)
     assert any(rel_err(merged_mid[k], _merged(a, case)[k]) > 1e-4 for k in merged_mid)
 
@@ -113,7 +113,7 @@ def test_compose_with_identity_and_with_itself(case_id):
     twice = merge([(a, 1.0), (a, 1.0)])
     assert all(layer.parameterization == "cayley" and layer.constraint.kind == "none" for layer in twice)
     for layer in list(twice)[:8]:
-        assert orthogonality_error(layer) < 2e-6
+        assert _orthogonality_error(layer) < 2e-6
     once = _merged(a, case)
     applied_twice = {}
     layers = {layer.name.replace(".", "_"): layer for layer in a}
@@ -143,22 +143,22 @@ def test_compose_weight_is_orthogonal_power_and_passthrough():
 
 def test_compose_different_block_sizes_uses_their_lcm():
     torch.manual_seed(3)
-    q4, q8 = skew(torch.randn(8, 4, 4) * 0.1), skew(torch.randn(4, 8, 8) * 0.1)
-    la = make_layer(path="a", name="x", side="out", generators=[q4], transpose=True)
-    lb = make_layer(path="b", name="x", side="out", generators=[q8], transpose=True)
+    q4, q8 = _skew(torch.randn(8, 4, 4) * 0.1), _skew(torch.randn(4, 8, 8) * 0.1)
+    la = make_layer(path="a", name="x", side="out", blocks=[q4], transpose=True)
+    lb = make_layer(path="b", name="x", side="out", blocks=[q8], transpose=True)
     c = merge([(OFTAdapter({("unet", "x"): la}, "t"), 1.0), (OFTAdapter({("unet", "x"): lb}, "t"), 1.0)])
     (layer,) = c
     assert layer.block_sizes == (8,)
     w = torch.randn(32, 6)
     assert rel_err(rotate_weight(layer, w), rotate_weight(lb, rotate_weight(la, w))) <= 1e-5
-    l3 = make_layer(path="d", name="y", side="out", generators=[skew(torch.randn(4, 3, 3))], transpose=True)
-    l4 = make_layer(path="d", name="y", side="out", generators=[skew(torch.randn(3, 4, 4))], transpose=True)
+    l3 = make_layer(path="d", name="y", side="out", blocks=[_skew(torch.randn(4, 3, 3))], transpose=True)
+    l4 = make_layer(path="d", name="y", side="out", blocks=[_skew(torch.randn(3, 4, 4))], transpose=True)
     (dense,) = merge([(OFTAdapter({("unet", "y"): l3}, "t"), 1), (OFTAdapter({("unet", "y"): l4}, "t"), 1)])
     assert dense.block_sizes == (12,) and dense.num_blocks == (1,)  # lcm(3, 4) = 12: one dense block
     v = torch.randn(12, 3)
     assert rel_err(rotate_weight(dense, v), rotate_weight(l4, rotate_weight(l3, v))) <= 1e-5
-    l6 = make_layer(path="d", name="y", side="out", generators=[skew(torch.randn(3, 6, 6))], transpose=True)
-    l9 = make_layer(path="d", name="y", side="out", generators=[skew(torch.randn(1, 9, 9))], transpose=True)
+    l6 = make_layer(path="d", name="y", side="out", blocks=[_skew(torch.randn(3, 6, 6))], transpose=True)
+    l9 = make_layer(path="d", name="y", side="out", blocks=[_skew(torch.randn(1, 9, 9))], transpose=True)
     with pytest.raises(OFTError, match="split sizes differ"):
         merge([(OFTAdapter({("unet", "y"): l6}, "t"), 1), (OFTAdapter({("unet", "y"): l9}, "t"), 1)])
 
@@ -178,7 +178,7 @@ def test_compose_refuses_what_is_not_an_oft_layer():
         merge([(resc, 1), (a, 1)])
     merge([(a, 1), (resc, 1)])  # the rescale of the last-applied layer survives
     # a half turn: Q with Cayley(Q) = −I does not exist
-    flip = make_layer(path="h", name="z", side="out", generators=[torch.tensor([[[0.0, 1.0], [-1.0, 0.0]]])],
+    flip = make_layer(path="h", name="z", side="out", blocks=[torch.tensor([[[0.0, 1.0], [-1.0, 0.0]]])],
                       transpose=False)
     with pytest.raises(OFTError, match="half"):
         merge([(OFTAdapter({("unet", "z"): flip}, "t"), 1), (OFTAdapter({("unet", "z"): flip}, "t"), 1)])
@@ -226,8 +226,8 @@ def test_block_strength_zero_leaves_weights_bit_exact():
     case = get_case("sd15_oft_attn_dim8_bf16")
     a = load_adapter(case.adapter)
     spec = parse_block_spec("input:1=0, middle=0.5")  # the 9 reference modules: input 1 + middle
-    eff = effective_strengths(a, spec, 0.8)
-    mult = layer_strengths(a, spec)
+    eff = _effective_strengths(a, spec, 0.8)
+    mult = _layer_strengths(a, spec)
     assert set(mult.values()) == {0.0, 0.5, 1.0}
     layers = {layer.name: (k, layer) for k, layer in a.layers.items()}
     seen = set()
@@ -242,17 +242,17 @@ def test_block_strength_zero_leaves_weights_bit_exact():
             seen.add("off")
         else:
             assert eff[k] == pytest.approx(0.8 * (0.5 if group == "middle" else 1.0))
-            assert not torch.equal(out, w) or not torch.any(layer.generators[0])
+            assert not torch.equal(out, w) or not torch.any(layer.blocks[0])
     assert seen == {"off", "input", "middle"}
-    kept, strengths = apply_block_strength(a, spec, 0.8)
+    kept, strengths = _apply_block_strength(a, spec, 0.8)
     assert len(kept) == sum(1 for v in eff.values() if v != 0) and 0 not in strengths.values()
 
 
 def test_block_strength_is_carried_in_typed_fields_and_scaled_by_one_core_function():
-    from oft_core.blocks import has_layer_strengths, provenance, scale_layers, with_block_strength
+    from oft_core.blocks import _has_layer_strengths, provenance, scale_layers, with_block_strength
 
     a = load_adapter(get_case("flux_tiny_oft_attn_dim4").adapter)
-    assert not has_layer_strengths(a) and a.block_spec is None and a.made_from is None
+    assert not _has_layer_strengths(a) and a.block_spec is None and a.made_from is None
     once = with_block_strength(a, "double:0=0, double:1=0.5")
     twice = with_block_strength(once, "default=0.5")
     n1 = sum(1 for layer in a if layer_block("unet", layer.name) == ("double", 1))
@@ -359,7 +359,7 @@ def test_merge_with_peft_block_share_equals_applying_in_order(tmp_path, capsys):
     assert blend(shared, plain, 0.0).layers.keys() == shared.layers.keys()
     # a width the shared block does not tile: a message that says what to do
     k, layer = next(iter(shared.layers.items()))
-    odd = make_layer(path="o", name=layer.name, side="in", generators=[skew(torch.randn(3, 5, 5))], transpose=True)
+    odd = make_layer(path="o", name=layer.name, side="in", blocks=[_skew(torch.randn(3, 5, 5))], transpose=True)
     with pytest.raises(OFTError, match=r"block_share.*not a multiple of 8.*chain OFT loader nodes.*bake --adapter A"):
         merge([(OFTAdapter({k: layer}, "peft"), 1.0), (OFTAdapter({k: odd}, "t"), 1.0)])
     out = tmp_path / "merged"

@@ -34,7 +34,7 @@ def _optimum(dw: torch.Tensor, r: int) -> float:
 def _oft_delta(out, inner, b, seed):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(out // b, b, b, generator=g) * 0.05
-    layer = make_layer(path="t", name="x", side="out", generators=[a - a.transpose(-1, -2)], transpose=True)
+    layer = make_layer(path="t", name="x", side="out", blocks=[a - a.transpose(-1, -2)], transpose=True)
     w = torch.randn(out, inner, generator=g) * 0.02
     return rotate_weight(layer, w) - w
 
@@ -142,7 +142,7 @@ def test_text_encoder_and_strength(tmp_path):
 def test_conv_layers_are_written_as_kohya_conv_loras():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(4, 4, 4, generator=g) * 0.1
-    layer = make_layer(path="t", name="conv_in", side="out", generators=[a - a.transpose(-1, -2)], transpose=True)
+    layer = make_layer(path="t", name="conv_in", side="out", blocks=[a - a.transpose(-1, -2)], transpose=True)
     from oft_core.spec import OFTAdapter
 
     adapter = OFTAdapter({("unet", "conv_in"): layer}, "test", "t")

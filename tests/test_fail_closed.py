@@ -725,7 +725,7 @@ def test_two_writers_racing_at_the_publish_step(tmp_path, monkeypatch):
     import oft_core.publish as publish
 
     out = tmp_path / "out.safetensors"
-    real = publish.check_output
+    real = publish._check_output
     calls = []
 
     def check_then_race(*a, **k):
@@ -735,17 +735,17 @@ def test_two_writers_racing_at_the_publish_step(tmp_path, monkeypatch):
             out.write_bytes(b"the other run's file")
         return r
 
-    monkeypatch.setattr(publish, "check_output", check_then_race)
+    monkeypatch.setattr(publish, "_check_output", check_then_race)
     with pytest.raises(OFTError, match="output appeared while this run was writing it"):
-        publish.publish_file(out, lambda f: f.write(b"mine"))
+        publish._publish_file(out, lambda f: f.write(b"mine"))
     assert out.read_bytes() == b"the other run's file" and os.listdir(tmp_path) == ["out.safetensors"]
     calls.clear()
     target = tmp_path / "dir"
-    monkeypatch.setattr(publish, "check_output",
+    monkeypatch.setattr(publish, "_check_output",
                         lambda *a, **k: (real(*a, **k), calls or (calls.append(1), target.mkdir(),
                                                                    (target / "x").write_text("other")))[0])
     with pytest.raises(OFTError, match="output appeared while this run was writing it"):
-        publish.publish_dir(target, lambda d: Path(d, "adapter_config.json").write_text("{}"))
+        publish._publish_dir(target, lambda d: Path(d, "adapter_config.json").write_text("{}"))
     assert os.listdir(target) == ["x"] and sorted(os.listdir(tmp_path)) == ["dir", "out.safetensors"]
 
 
@@ -759,7 +759,7 @@ def test_sweep_removes_only_leftovers_of_dead_processes(tmp_path):
     live = tmp_path / f".oft-tmp-{os.getpid()}-123456.tmp"
     live.write_bytes(b"in progress")
     (tmp_path / ".oft-tmp-not-a-pid.tmp").write_bytes(b"not ours")
-    publish.sweep(str(tmp_path))
+    publish._sweep(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, ".oft-tmp-not-a-pid.tmp"])
 
 

@@ -58,13 +58,13 @@ def train_node(mods, model, family, steps=3, **over):
 @pytest.mark.parametrize("which", ["sd15_tiny", "flux_tiny"])
 def test_comfyui_key_map_agrees_with_the_packs_tables(mods, which):
     """Where the pack's own tables (exact for kohya's names) and ComfyUI's map both name a layer, they agree."""
-    from comfyui_oft.oft_core.names import build_key_map, external_names
+    from comfyui_oft.oft_core.names import _external_names, build_key_map
 
     model = getattr(comfy_models, which)()
     shapes = mods.patch.model_shapes(model, "diffusion_model.")
     own = build_key_map(shapes)
     both = 0
-    for component, name, target in external_names(mods.patch.comfy_key_map(model), shapes):
+    for component, name, target in _external_names(mods.patch.comfy_key_map(model), shapes):
         mine = own.lookup(name, component)
         if mine is not None:
             both += 1
@@ -93,13 +93,13 @@ def test_sd3_diffusers_names_are_row_slices_of_comfyuis_fused_qkv(mods):
 # ------------------------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generic_all_linear_and_family_names(mods, family):
-    from comfyui_oft.oft_core.train import block_lists, detect_family, select_targets
+    from comfyui_oft.oft_core.train import _block_lists, detect_family, select_targets
 
     model = comfy_models.dit_tiny(family)
     dm = model.model.diffusion_model
     assert detect_family(dm) == "generic"
     targets = select_targets(dm, "all-linear", "generic")
-    lists = tuple(f"{b}." for b in block_lists(dm))
+    lists = tuple(f"{b}." for b in _block_lists(dm))
     in_blocks = [n for n, m in dm.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(lists)]
     assert [p for p, _ in targets] == in_blocks and len(in_blocks) >= 16
     assert not any(p.startswith(("x_embedder", "final_layer", "patch_embedding", "head", "img_in", "proj_out"))
@@ -170,7 +170,7 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
     else:
         assert "transformer_blocks.1.attn.to_add_out" in names
         assert all(layer.key.startswith("lycoris_transformer_blocks_") for layer in adapter)
-    assert any(not torch.equal(g, torch.zeros_like(g)) for layer in adapter for g in layer.generators)
+    assert any(not torch.equal(g, torch.zeros_like(g)) for layer in adapter for g in layer.blocks)
 
     with pytest.raises(OFTError, match="sd-scripts has no OFT network for"):
         write_adapter(adapter, str(tmp_path / "k.safetensors"), "kohya")

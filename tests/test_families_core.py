@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from oft_core import OFTError
-from oft_core.names import Target, build_key_map, external_names
+from oft_core.names import Target, _external_names, build_key_map
 from oft_core.rotation import rotate_weight
-from oft_core.train import OFTTrainer, block_lists, select_targets
+from oft_core.train import OFTTrainer, _block_lists, select_targets
 
 QKV = "diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
 PROJ = "diffusion_model.joint_blocks.0.x_block.attn.proj.weight"
@@ -53,7 +53,7 @@ def test_host_key_map_names_fused_slices_in_both_spellings():
     assert km.lookup("norm_out.linear") == Target("diffusion_model.final.weight", None, (4, 5, 6, 7, 0, 1, 2, 3))
     assert km.lookup("outside") is None and km.lookup("scaled") is None
     assert km.external == 6
-    names = {(c, n) for c, n, _ in external_names(HOST, SHAPES)}
+    names = {(c, n) for c, n, _ in _external_names(HOST, SHAPES)}
     assert ("te1", "text_model_x") not in names
 
 
@@ -98,7 +98,7 @@ class DiT(nn.Module):
 
 def test_generic_all_linear_is_the_blocks_linears():
     m = DiT()
-    assert block_lists(m) == ["blocks"]
+    assert _block_lists(m) == ["blocks"]
     assert [p for p, _ in select_targets(m, "all-linear", "generic")] == [
         "blocks.0.qkv", "blocks.0.proj", "blocks.1.qkv", "blocks.1.proj"]
     # without block lists: every Linear, as before

@@ -62,7 +62,7 @@ def test_merge_reproduces_reference(case_id):
             err = rel_err(out, ref)
             assert err <= REL_TOL, f"{key} at strength {strength}: relative error {err:.3g}"
             if torch.equal(w, ref):  # the tool left the weight alone: right only at strength 0 or for a zero layer
-                assert strength == 0 or not any(g.any() for g in layer.generators), (
+                assert strength == 0 or not any(g.any() for g in layer.blocks), (
                     f"{key} at strength {strength}: the reference equals the base, yet the layer is not the identity")
                 unchanged += 1
             else:  # the reference really differs from the base, so matching it means something

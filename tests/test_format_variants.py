@@ -44,23 +44,60 @@ def test_lycoris_text_encoder_prefixes_are_components(tmp_path):
     assert sorted(c for c, _ in adapter.layers) == ["te", "te1", "te2"]
 
 
-def test_old_lycoris_oft_diag_stores_the_rotation(tmp_path):
-    """LyCORIS 2.0 saved `oft_diag` = R itself (its custom state dict); applied as Rᵀ·W per block like diag-oft."""
-    case = get_case("lycoris_diag_oft_dim8")
-    sd = load_file(str(case.adapter))
+def _old_oft_diag(case, tmp_path):
+    """The fixture re-expressed as LyCORIS 2.0 wrote it: `oft_diag` = R = Cayley(Q) per block, no alpha."""
     old = {}
-    for k, v in sd.items():
+    for k, v in load_file(str(case.adapter)).items():
         if k.endswith(".oft_blocks"):
             q = v - v.transpose(1, 2)
             eye = torch.eye(q.shape[-1]).expand_as(q)
             old[k.replace(".oft_blocks", ".oft_diag")] = (eye + q) @ torch.linalg.inv(eye - q)
     path = tmp_path / "old.safetensors"
     save_file(old, str(path))
+    return path, old
+
+
+def test_old_lycoris_oft_diag_stores_the_rotation(tmp_path):
+    """LyCORIS 2.0 saved `oft_diag` = R itself (its custom state dict); applied as Rᵀ·W per block like diag-oft."""
+    case = get_case("lycoris_diag_oft_dim8")
+    path, _ = _old_oft_diag(case, tmp_path)
     adapter = load_adapter(path)
     assert adapter.format == "lycoris_oft_diag"
     for strength in (1.0, 0.5):
         for key, w in _merged(adapter, case, strength).items():
             assert rel_err(w, case.expected[strength][key]) <= REL_TOL
+
+
+def test_a_matrix_layer_holds_counts_and_reports_its_rotation_not_a_generator(tmp_path):
+    """A "matrix" layer's `blocks` are the stored R themselves: `num_params` counts b² free values per block (a skew
+    Q has b(b−1)/2), and the summary reports ‖R − I‖_F per split, named "R − I", with no bound (no Q is stored, no
+    constraint applies); the same fixture read as Cayley reports ‖Q‖_F, named "Q"."""
+    from oft_core.summary import describe
+
+    case = get_case("lycoris_diag_oft_dim8")
+    path, old = _old_oft_diag(case, tmp_path)
+    matrix, cayley = load_adapter(path), load_adapter(case.adapter)
+    assert matrix.layers.keys() == cayley.layers.keys()
+    for key, layer in matrix.layers.items():
+        assert layer.parameterization == "matrix" and layer.row_scale is None
+        r = old[f"{layer.key}.oft_diag"]
+        assert len(layer.blocks) == 1 and torch.equal(layer.blocks[0], r)  # R itself, not a generator
+        n, b = r.shape[0], r.shape[-1]
+        assert layer.num_params() == n * b * b
+        q_layer = cayley.layers[key]
+        assert q_layer.parameterization == "cayley" and q_layer.num_params() == n * b * (b - 1) // 2
+    assert matrix.num_params() == sum(layer.blocks[0].numel() for layer in matrix)
+    by_name = {x["name"]: x for x in describe(matrix)["per_layer"]}
+    q_by_name = {x["name"]: x for x in describe(cayley)["per_layer"]}
+    for key, layer in matrix.layers.items():
+        r, q = old[f"{layer.key}.oft_diag"], cayley.layers[key].blocks[0]
+        x, y = by_name[layer.key], q_by_name[layer.key]
+        assert x["norm_of"] == "R − I" and x["bound"] == [None] and not x["clamped"]
+        assert x["params"] == layer.num_params()
+        want = float(torch.linalg.vector_norm(r - torch.eye(r.shape[-1])))  # ‖R − I‖_F (describe rounds to 1e-6)
+        assert abs(x["norm"][0] - want) <= 1e-6 * max(1.0, want)
+        assert y["norm_of"] == "Q" and abs(y["norm"][0] - float(torch.linalg.vector_norm(q))) <= 1e-6
+        assert abs(x["norm"][0] - y["norm"][0]) > 1e-4  # the two measure different things
 
 
 def test_kohya_conv_layer_matches_sd_scripts_formula(tmp_path):

@@ -11,7 +11,7 @@ from oracle import FIXTURES
 from safetensors import safe_open
 from test_names import sd15_ldm_modules
 
-from oft_core.names import build_key_map, ldm_to_diffusers
+from oft_core.names import _ldm_to_diffusers_names, build_key_map
 
 SD15_EXPECTED = FIXTURES / "kohya" / "sd15_oft_attn_dim8_bf16_expected.safetensors"
 
@@ -31,7 +31,7 @@ def test_fixture_modules_get_sd_scripts_module_paths(whole_unet):
     assert len(modules) == 9
     shapes = full_sd15_shapes() if whole_unet else {
         "model.diffusion_model." + m["ldm_key"]: tuple(m["weight_shape"]) for m in modules.values()}
-    names = ldm_to_diffusers(shapes)
+    names = _ldm_to_diffusers_names(shapes)
     for kohya_key, m in modules.items():
         ldm = m["ldm_key"][: -len(".weight")]
         assert names[ldm] == m["module_path"], ldm
@@ -40,7 +40,7 @@ def test_fixture_modules_get_sd_scripts_module_paths(whole_unet):
 
 def test_reverse_agrees_with_the_forward_map_on_every_module():
     shapes = full_sd15_shapes()
-    names = ldm_to_diffusers(shapes)
+    names = _ldm_to_diffusers_names(shapes)
     keymap = build_key_map(shapes)
     # every module except the ones diffusers has no name for (none in SD1.5: even the down-sampler ops have one)
     assert set(names) == set(sd15_ldm_modules())
@@ -63,13 +63,13 @@ def test_layers_per_block_1_and_refusals():
     mods = ["input_blocks.0.0", "input_blocks.1.0.in_layers.2", "input_blocks.1.1.proj_in", "input_blocks.2.0.op",
             "input_blocks.3.0.in_layers.2", "input_blocks.3.1.transformer_blocks.0.attn1.to_q",
             "output_blocks.1.2.conv", "output_blocks.3.1.proj_out"]
-    names = ldm_to_diffusers([f"{m}.weight" for m in mods])
+    names = _ldm_to_diffusers_names([f"{m}.weight" for m in mods])
     assert names["input_blocks.3.1.transformer_blocks.0.attn1.to_q"] == \
         "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     assert names["input_blocks.2.0.op"] == "down_blocks.0.downsamplers.0.conv"
     assert names["output_blocks.1.2.conv"] == "up_blocks.0.upsamplers.0.conv"
     assert names["output_blocks.3.1.proj_out"] == "up_blocks.1.attentions.1.proj_out"
     with pytest.raises(ValueError, match="not an LDM UNet"):
-        ldm_to_diffusers({"double_blocks.0.img_attn.qkv.weight": (12, 4)})
+        _ldm_to_diffusers_names({"double_blocks.0.img_attn.qkv.weight": (12, 4)})
     with pytest.raises(ValueError, match="layers_per_block"):  # attention of blocks 1 and 3 only: L is not known
-        ldm_to_diffusers(["input_blocks.1.1.proj_in.weight", "input_blocks.3.1.proj_in.weight"])
+        _ldm_to_diffusers_names(["input_blocks.1.1.proj_in.weight", "input_blocks.3.1.proj_in.weight"])

@@ -262,7 +262,7 @@ def test_flux_diffusers_names_patch_fused_slices_in_place(nodes_mod, pack, fixtu
     for i, proj in enumerate(("to_q", "to_k", "to_v")):
         name = f"transformer_blocks.0.attn.{proj}"
         layers[("unet", name)] = oft_core.make_layer(
-            path="test", name=name, side="out", generators=[qkv.generators[i]], transpose=qkv.transpose,
+            path="test", name=name, side="out", blocks=[qkv.blocks[i]], transpose=qkv.transpose,
             constraint=qkv.constraint, key=name)
     split = oft_core.OFTAdapter(layers, "test", "split_qkv")
     whole = oft_core.OFTAdapter({("unet", qkv.name): qkv}, kohya.format, "whole_qkv")

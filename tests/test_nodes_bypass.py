@@ -248,7 +248,7 @@ def test_bypass_refuses_what_it_cannot_realise_and_patches_nothing(nodes_mod, fi
     g = torch.Generator().manual_seed(0)
     a = torch.randn(16, 8, 8, generator=g) * 0.1
     name = "transformer_blocks.0.attn.to_q"
-    layer = oft_core.make_layer(path="peft_q", name=name, side="in", generators=[a - a.transpose(-1, -2)],
+    layer = oft_core.make_layer(path="peft_q", name=name, side="in", blocks=[a - a.transpose(-1, -2)],
                                 transpose=False, key=name)
     adapter = oft_core.OFTAdapter({("unet", name): layer}, "peft", "peft_q")
     with pytest.raises(oft_core.OFTError, match="peft_q.*slice of a fused weight.*merge"):

@@ -97,7 +97,7 @@ def test_block_strength_zero_is_bit_exact_and_others_get_their_strength(n, flux_
     for k in BLOCK1:
         assert torch.equal(got[k], ref[k]), k
         layer = flux_a.layers[("unet", k[len("diffusion_model."):-len(".weight")].replace(".", "_"))]
-        identity = all(not torch.any(q) for q in layer.generators)  # (the fixture has an all-zero layer)
+        identity = all(not torch.any(q) for q in layer.blocks)  # (the fixture has an all-zero layer)
         assert torch.equal(got[k], snap[k]) == identity, k
 
     # a second Block Strength multiplies into the first; everything off returns the model unchanged

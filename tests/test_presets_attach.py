@@ -12,7 +12,7 @@ import torch
 
 from oft_core import OFTError
 from oft_core.train import (
-    EXTRA_PRESETS,
+    _EXTRA_PRESETS,
     PRESETS,
     OFTTrainer,
     checkpoint_blocks,
@@ -54,7 +54,7 @@ def test_flux_presets_are_sd_scripts_options(comfy):
     assert len(lin) == 2 * 10 + 2 * 3
     extra = _paths(dm, "attention+single")
     assert set(extra) - set(attn) == {f"single_blocks.{i}.linear{j}" for i in range(2) for j in (1, 2)}
-    assert "linear1" in EXTRA_PRESETS[("flux", "attention+single")]
+    assert "linear1" in _EXTRA_PRESETS[("flux", "attention+single")]
 
 
 def _flux_grads(dm, mp, wrap=None):

@@ -9,15 +9,15 @@ from oracle import case_ids, get_case
 
 from oft_core import Constraint, load_adapter, make_layer, resolve_for_weight, rotate_weight
 from oft_core.rotation import (
+    _cayley,
+    _constrain,
+    _neumann,
+    _orthogonality_error,
+    _skew,
     bypass_forward,
-    cayley,
-    constrain,
-    neumann,
-    orthogonality_error,
     rotation_blocks,
-    skew,
 )
-from oft_core.spec import neumann_coefficients
+from oft_core.spec import _neumann_coefficients
 
 DTYPE_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
@@ -36,70 +36,70 @@ def test_rotation_is_orthogonal_to_fp32_precision(case_id):
     for layer in _layers(case_id, 8):
         if layer.parameterization == "neumann":
             continue  # a truncated series is only approximately orthogonal: see the test below
-        err = orthogonality_error(layer)
+        err = _orthogonality_error(layer)
         assert err < 2e-6, (layer.key, err)
 
 
 def test_neumann_series_is_orthogonal_only_up_to_truncation():
-    small = make_layer(path="t", name="x", side="in", generators=[_gen(4, 8, 0.001)], transpose=True,
+    small = make_layer(path="t", name="x", side="in", blocks=[_gen(4, 8, 0.001)], transpose=True,
                        parameterization="neumann", neumann_coeffs=(1, 2, 2, 2, 1))
-    large = small.with_(generators=(_gen(4, 8, 0.1),))
-    assert orthogonality_error(small) < 1e-6  # truncation error ~ ‖Q‖⁴
-    assert orthogonality_error(large) > 1e-3
+    large = small.with_(blocks=(_gen(4, 8, 0.1),))
+    assert _orthogonality_error(small) < 1e-6  # truncation error ~ ‖Q‖⁴
+    assert _orthogonality_error(large) > 1e-3
 
 
 def test_cayley_solve_equals_explicit_inverse():
     torch.manual_seed(0)
-    q = skew(torch.randn(6, 16, 16) * 0.1)
+    q = _skew(torch.randn(6, 16, 16) * 0.1)
     eye = torch.eye(16).expand_as(q)
     ref = (eye + q) @ torch.linalg.inv(eye - q)
-    assert torch.allclose(cayley(q), ref, atol=1e-6, rtol=0)
-    assert torch.allclose(cayley(-q), ref.transpose(-1, -2), atol=1e-6, rtol=0)  # Cayley(Q)ᵀ = Cayley(−Q)
+    assert torch.allclose(_cayley(q), ref, atol=1e-6, rtol=0)
+    assert torch.allclose(_cayley(-q), ref.transpose(-1, -2), atol=1e-6, rtol=0)  # Cayley(Q)ᵀ = Cayley(−Q)
 
 
 def test_neumann_coefficients_follow_peft_versions():
-    assert neumann_coefficients(5, last_term_halved=True) == (1, 2, 2, 2, 1)  # PEFT ≥ 0.18
-    assert neumann_coefficients(5, last_term_halved=False) == (1, 2, 2, 2, 2)  # PEFT 0.16–0.17
-    assert neumann_coefficients(3, last_term_halved=True) == (1, 2, 2, 1)  # PEFT's loop for n = 3
-    assert neumann_coefficients(2, last_term_halved=True) == (1, 2)
-    q = skew(torch.randn(2, 4, 4) * 0.02)
+    assert _neumann_coefficients(5, last_term_halved=True) == (1, 2, 2, 2, 1)  # PEFT ≥ 0.18
+    assert _neumann_coefficients(5, last_term_halved=False) == (1, 2, 2, 2, 2)  # PEFT 0.16–0.17
+    assert _neumann_coefficients(3, last_term_halved=True) == (1, 2, 2, 1)  # PEFT's loop for n = 3
+    assert _neumann_coefficients(2, last_term_halved=True) == (1, 2)
+    q = _skew(torch.randn(2, 4, 4) * 0.02)
     eye = torch.eye(4).expand_as(q)
-    assert torch.allclose(neumann(q, (1, 2, 2, 2, 1)), eye + 2 * q + 2 * q @ q + 2 * q @ q @ q + q @ q @ q @ q,
+    assert torch.allclose(_neumann(q, (1, 2, 2, 2, 1)), eye + 2 * q + 2 * q @ q + 2 * q @ q @ q + q @ q @ q @ q,
                           atol=1e-7)
     # the series approximates Cayley(Q), not PEFT's exact branch Cayley(Q)ᵀ
-    assert _rel(neumann(q, (1, 2, 2, 2, 1)), cayley(q)) < 1e-4
+    assert _rel(_neumann(q, (1, 2, 2, 2, 1)), _cayley(q)) < 1e-4
 
 
 def _gen(n, b, scale, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return skew(torch.randn(n, b, b, generator=g) * scale)
+    return _skew(torch.randn(n, b, b, generator=g) * scale)
 
 
 def test_kohya_constraint_clamps_the_whole_layer_norm():
     q = _gen(4, 8, 0.3)
     norm = float(torch.norm(q))
-    layer = make_layer(path="t", name="x", side="out", generators=[q], transpose=True,
+    layer = make_layer(path="t", name="x", side="out", blocks=[q], transpose=True,
                        constraint=Constraint("norm_clamp", norm / 2 / 32))  # bound = alpha × 32 = norm / 2
-    clamped = constrain(layer, q, 0)
+    clamped = _constrain(layer, q, 0)
     assert math.isclose(float(torch.norm(clamped)), norm / 2, rel_tol=1e-6)
     loose = layer.with_(constraint=Constraint("norm_clamp", 2 * norm / 32))
-    assert torch.equal(constrain(loose, q, 0), q)  # under the bound: untouched, bit for bit
+    assert torch.equal(_constrain(loose, q, 0), q)  # under the bound: untouched, bit for bit
 
 
 def test_fused_split_constraint_uses_split_width():
     q0, q1 = _gen(4, 8, 0.3, 1), _gen(4, 4, 0.3, 2)
-    layer = make_layer(path="t", name="x", side="out", generators=[q0, q1], transpose=True,
+    layer = make_layer(path="t", name="x", side="out", blocks=[q0, q1], transpose=True,
                        constraint=Constraint("norm_clamp", 0.01))
     assert layer.split_sizes == (32, 16)
-    assert math.isclose(float(torch.norm(constrain(layer, q0, 0))), 0.32, rel_tol=1e-6)
-    assert math.isclose(float(torch.norm(constrain(layer, q1, 1))), 0.16, rel_tol=1e-6)
+    assert math.isclose(float(torch.norm(_constrain(layer, q0, 0))), 0.32, rel_tol=1e-6)
+    assert math.isclose(float(torch.norm(_constrain(layer, q1, 1))), 0.16, rel_tol=1e-6)
 
 
 def test_coft_projects_each_block():
     q = _gen(4, 6, 0.5)
-    layer = make_layer(path="t", name="x", side="in", generators=[q], transpose=False,
+    layer = make_layer(path="t", name="x", side="in", blocks=[q], transpose=False,
                        constraint=Constraint("block_projection", 0.2))
-    out = constrain(layer, q, 0)
+    out = _constrain(layer, q, 0)
     norms = torch.linalg.matrix_norm(out)
     assert torch.allclose(norms, torch.full((4,), 0.2 / 2), rtol=1e-6)  # eps / √4
 
@@ -146,7 +146,7 @@ def test_kohya_strength_is_linear_and_signed(case_id):
 
 
 def test_orthogonal_mode_is_a_rotation_for_every_strength():
-    layer = make_layer(path="t", name="x", side="out", generators=[_gen(4, 8, 0.4)], transpose=True)
+    layer = make_layer(path="t", name="x", side="out", blocks=[_gen(4, 8, 0.4)], transpose=True)
     r1 = rotation_blocks(layer, 1.0)[0]
     for s in (0.3, 0.5, 2.0, -1.0):
         b = rotation_blocks(layer, s, "orthogonal")[0]
@@ -183,18 +183,18 @@ def test_bypass_equals_merge_linear(case_id, dtype):
 def _conv_layer(kind):
     """A layer of each format family on a Conv2d weight (out 16, in 4, 3×3): rows for out-side, patches for in-side."""
     if kind == "kohya":
-        return make_layer(path="t", name="c", side="out", generators=[_gen(4, 4, 0.3)], transpose=True,
+        return make_layer(path="t", name="c", side="out", blocks=[_gen(4, 4, 0.3)], transpose=True,
                           constraint=Constraint("norm_clamp", 0.02))
     if kind == "lycoris_rescaled":
-        return make_layer(path="t", name="c", side="out", generators=[_gen(2, 8, 0.3)], transpose=True,
+        return make_layer(path="t", name="c", side="out", blocks=[_gen(2, 8, 0.3)], transpose=True,
                           row_scale=1 + 0.1 * torch.randn(16))
     if kind == "boft":
-        return make_layer(path="t", name="c", side="out", kind="butterfly", generators=[skew(
+        return make_layer(path="t", name="c", side="out", kind="butterfly", blocks=[_skew(
             torch.randn(3, 4, 4, 4) * 0.2)], num_blocks=[4], transpose=False)
     if kind == "peft":
-        return make_layer(path="t", name="c", side="in", generators=[_gen(4, 9, 0.2)], transpose=False)  # 36 = 4·3·3
+        return make_layer(path="t", name="c", side="in", blocks=[_gen(4, 9, 0.2)], transpose=False)  # 36 = 4·3·3
     if kind == "peft_neumann":
-        return make_layer(path="t", name="c", side="in", generators=[_gen(4, 9, 0.05)], transpose=True,
+        return make_layer(path="t", name="c", side="in", blocks=[_gen(4, 9, 0.05)], transpose=True,
                           parameterization="neumann", neumann_coeffs=(1, 2, 2, 2, 1))
     raise ValueError(kind)
 
@@ -221,12 +221,12 @@ def test_cayley_is_right_for_large_blocks_with_threads():
     threads = torch.get_num_threads()
     try:
         torch.manual_seed(4)
-        q = skew(torch.randn(8, 192, 192) * 0.05)
+        q = _skew(torch.randn(8, 192, 192) * 0.05)
         eye = torch.eye(192, dtype=torch.float64)
         torch.set_num_threads(1)
         ref = torch.stack([torch.linalg.solve(eye - x, eye + x) for x in q.double()])
         torch.set_num_threads(max(2, threads))
-        assert float((cayley(q).double() - ref).abs().max()) < 1e-5
+        assert float((_cayley(q).double() - ref).abs().max()) < 1e-5
     finally:
         torch.set_num_threads(threads)
 
@@ -234,13 +234,13 @@ def test_cayley_is_right_for_large_blocks_with_threads():
 @pytest.mark.parametrize("size", [24, 40, 96, 97, 160, 301, 768])
 @pytest.mark.parametrize("scale", [0.002, 0.05, 0.3, 1.0])
 def test_cayley_paths_are_exact(size, scale):
-    """Every route of `cayley` against fp64: blocks > 96 by block elimination (`_inverse_positive_real`), odd sizes;
+    """Every route of `_cayley` against fp64: blocks > 96 by block elimination (`_inverse_positive_real`), odd sizes;
     blocks of 17–96 by the series while ‖Q‖ is small (scales 0.002–0.05 here) and by the solve beyond (0.3, 1)."""
     torch.manual_seed(size)
-    q = skew(torch.randn(2, size, size) * scale / math.sqrt(size))
+    q = _skew(torch.randn(2, size, size) * scale / math.sqrt(size))
     eye = torch.eye(size, dtype=torch.float64)
     ref = torch.stack([torch.linalg.solve(eye - x, eye + x) for x in q.double()])
-    r = cayley(q)
+    r = _cayley(q)
     assert r.dtype == torch.float32
     e32 = torch.eye(size).expand_as(q)
     lapack = torch.stack([torch.linalg.solve(x, y) for x, y in zip(e32 - q, e32 + q)])  # the fp32 solve, unbatched
@@ -254,12 +254,12 @@ def test_series_doublings_follow_the_norm():
 
     eye = torch.eye(40)
     for rho, expected in ((0.0, 0), (0.01, 1), (0.05, 2), (0.1, 2), (0.3, 3), (0.35, None), (0.6, None)):
-        q = skew(torch.triu(torch.ones(40, 40), 1))[None]
+        q = _skew(torch.triu(torch.ones(40, 40), 1))[None]
         q = q * (rho / float(torch.linalg.matrix_norm(q))) if rho else q * 0
         assert _neumann_doublings(q) == expected, rho
         if expected is not None:  # N = 2^(d+1) terms leave a tail ρ^N/(1 − ρ) under 2⁻²⁵
             assert rho ** (2 ** (expected + 1)) / (1 - rho) <= 2.0**-25
-    assert float((cayley(torch.zeros(1, 40, 40)) - eye).abs().max()) == 0
+    assert float((_cayley(torch.zeros(1, 40, 40)) - eye).abs().max()) == 0
 
 
 @pytest.mark.parametrize("size", [40, 130])
@@ -269,9 +269,9 @@ def test_cayley_gradient_matches_the_solve(size):
     torch.manual_seed(3)
     a = (torch.randn(2, size, size) * 0.01).requires_grad_()
     g = torch.randn(2, size, size)
-    (cayley(skew(a)) * g).sum().backward()
+    (_cayley(_skew(a)) * g).sum().backward()
     grad_new, a_ref = a.grad.clone(), a.detach().double().requires_grad_()
-    q = skew(a_ref)
+    q = _skew(a_ref)
     eye = torch.eye(size, dtype=torch.float64)
     (torch.linalg.solve(eye - q, eye + q) * g.double()).sum().backward()
     assert _rel(grad_new, a_ref.grad) < 1e-5
@@ -322,7 +322,7 @@ def test_in_place_merge_updates_a_narrowed_slice_of_a_fused_weight():
 
     torch.manual_seed(6)
     fused = torch.randn(3 * 24, 10)
-    layer = make_layer(path="t", name="k", side="out", generators=[_gen(3, 8, 0.2)], transpose=True)
+    layer = make_layer(path="t", name="k", side="out", blocks=[_gen(3, 8, 0.2)], transpose=True)
     before = fused.clone()
     rotate_weight_(layer, fused.narrow(0, 24, 24))
     assert torch.equal(fused[:24], before[:24]) and torch.equal(fused[48:], before[48:])
@@ -340,7 +340,7 @@ def test_solving_against_w_equals_building_r(transpose, dtype, monkeypatch):
     monkeypatch.setattr(rot, "_SOLVE_MIN_BLOCK", 1)
     monkeypatch.setattr(rot, "_SOLVE_PANEL", 7)
     torch.manual_seed(8)
-    layer = make_layer(path="t", name="qkv", side="out", generators=[_gen(2, 30, 0.1), _gen(3, 23, 0.3, seed=1)],
+    layer = make_layer(path="t", name="qkv", side="out", blocks=[_gen(2, 30, 0.1), _gen(3, 23, 0.3, seed=1)],
                        transpose=transpose, constraint=Constraint("norm_clamp", 0.02),
                        row_scale=1 + 0.1 * torch.randn(129))
     w = torch.randn(129, 40).to(dtype)  # cols 40 ≤ 4·23: the solve route is taken
@@ -361,7 +361,7 @@ def test_blocked_solve_is_exact_on_large_blocks():
     from oft_core.rotation import _solve_positive_real_
 
     torch.manual_seed(9)
-    q = skew(torch.randn(2, 700, 700) * 0.3 / math.sqrt(700))
+    q = _skew(torch.randn(2, 700, 700) * 0.3 / math.sqrt(700))
     w = torch.randn(2, 700, 50)
     eye = torch.eye(700).expand_as(q)
     ref = torch.stack([torch.linalg.solve((e - x).double(), y.double()) for e, x, y in zip(eye, q, w)])

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oft_core.demo import ToyModel
-from oft_core.rotation import cayley, rotation_blocks, skew
+from oft_core.demo import _ToyModel
+from oft_core.rotation import _cayley, _skew, rotation_blocks
 from oft_core.spec import Constraint, make_layer
 from oft_core.train import OFTTrainer, run_training, select_targets
 
@@ -51,7 +51,7 @@ def count_reads():
 
 def random_skew(n: int, b: int, norm: float, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    q = skew(torch.randn(n, b, b, generator=g))
+    q = _skew(torch.randn(n, b, b, generator=g))
     return q * (norm / torch.linalg.matrix_norm(q, keepdim=True))
 
 
@@ -59,10 +59,10 @@ def random_skew(n: int, b: int, norm: float, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("norm", [0.05, 0.4, 3.0])
 def test_sync_free_cayley_is_the_same_rotation(b, norm):
     q = random_skew(3, b, norm, seed=b)
-    ref = cayley(q.double()).float()  # fp64: the exact rotation to compare both fp32 routes with
-    default = cayley(q)
+    ref = _cayley(q.double()).float()  # fp64: the exact rotation to compare both fp32 routes with
+    default = _cayley(q)
     for bound in (None, norm * 1.01):  # no constraint (solve / elimination); a bound that allows the series
-        r = cayley(q, norm_bound=bound, sync_free=True)
+        r = _cayley(q, norm_bound=bound, sync_free=True)
         assert (r - ref).abs().max() <= max(4 * float((default - ref).abs().max()), 2e-6), (b, norm, bound)
         eye = torch.eye(b).expand_as(r)
         assert (r.transpose(-1, -2) @ r - eye).abs().max() < 1e-5
@@ -70,14 +70,14 @@ def test_sync_free_cayley_is_the_same_rotation(b, norm):
 
 def test_sync_free_rotation_blocks_read_nothing_from_the_device():
     for b, constraint in ((24, Constraint("norm_clamp", 1e-3)), (40, Constraint()), (128, Constraint())):
-        layer = make_layer(path="", name="x", side="out", generators=[random_skew(4, b, 0.2)], transpose=True,
+        layer = make_layer(path="", name="x", side="out", blocks=[random_skew(4, b, 0.2)], transpose=True,
                            constraint=constraint, source="kohya", key="oft_unet_x")
         with count_reads() as reads:
-            blocks = rotation_blocks(layer, generators=[random_skew(4, b, 0.2)], sync_free=True)
+            blocks = rotation_blocks(layer, blocks=[random_skew(4, b, 0.2)], sync_free=True)
         assert blocks[0].shape == (4, b, b)
         assert sum(reads.values()) == 0, (b, dict(reads))
         with count_reads() as reads:  # the default route does read ‖Q‖ (the count above is not vacuous)
-            rotation_blocks(layer, generators=[random_skew(4, b, 0.2)])
+            rotation_blocks(layer, blocks=[random_skew(4, b, 0.2)])
         assert sum(reads.values()) >= (1 if b > 16 else 0)
 
 
@@ -98,10 +98,10 @@ class Wide(nn.Module):
 
 CASES = {
     # name: (model, input shape, trainer keywords, optimizer, grad_accum)
-    "toy-solve": (ToyModel, (4, 3, 4, 4), dict(num_blocks=2, alpha=0.0), "AdamW", 1),
-    "toy-series-by-constraint": (lambda seed: ToyModel(dim=48, seed=seed), (4, 3, 4, 4),  # 48-wide blocks
+    "toy-solve": (_ToyModel, (4, 3, 4, 4), dict(num_blocks=2, alpha=0.0), "AdamW", 1),
+    "toy-series-by-constraint": (lambda seed: _ToyModel(dim=48, seed=seed), (4, 3, 4, 4),  # 48-wide blocks
                                  dict(num_blocks=1, alpha=1e-3), "AdamW", 2),
-    "toy-neumann": (ToyModel, (4, 3, 4, 4), dict(num_blocks=2, alpha=0.0, neumann_terms=5), "Adam", 1),
+    "toy-neumann": (_ToyModel, (4, 3, 4, 4), dict(num_blocks=2, alpha=0.0, neumann_terms=5), "Adam", 1),
     "wide-elimination": (Wide, (8, 256), dict(num_blocks=2, alpha=0.0), "AdamW", 1),
     "wide-sgd-constrained": (Wide, (8, 256), dict(num_blocks=2, alpha=1e-3), "SGD", 3),
 }

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from oft_core import load_adapter
 from oft_core.bake import bake
 from oft_core.cli import main as cli
-from oft_core.formats import write_adapter, write_lycoris
-from oft_core.names import ldm_to_diffusers
+from oft_core.formats import _write_lycoris, write_adapter
+from oft_core.names import _ldm_to_diffusers_names
 from oft_core.summary import tool_notes
 from oft_core.train import PRESETS, OFTTrainer, export_names, run_training, select_targets
 
@@ -136,7 +136,7 @@ def sd(comfy, work):
     mp = comfy_models._patcher(comfy_models._build(comfy.supported_models.SD15, SD_TINY, torch.float32))
     dm = mp.model.diffusion_model
     comfy_models._fill_deterministic(dm, 11, std=0.05)
-    to_diff = ldm_to_diffusers({k: tuple(v.shape) for k, v in dm.state_dict().items()})
+    to_diff = _ldm_to_diffusers_names({k: tuple(v.shape) for k, v in dm.state_dict().items()})
     base = {}
     for k, v in dm.state_dict().items():
         mod, _, leaf = k.rpartition(".")
@@ -364,7 +364,7 @@ def test_lycoris_fixture_round_trip_in_lycoris(work, capsys):
     # the same layers under kohya-style names (what lycoris.kohya writes and ComfyUI maps): LyCORIS' own wrapper
     # loads them; its 4.1.3 kohya-style loader stops on the SD UNet they belong to (known limit, stated by inspect)
     kohya_named = work / "lyco_lora_unet.safetensors"
-    write_lycoris(load_adapter(out), kohya_named, unet_prefix="lora_unet_")
+    _write_lycoris(load_adapter(out), kohya_named, unet_prefix="lora_unet_")
     res, got = _lycoris(kohya_named, d / "base.safetensors", work, "lycoris_kohya_named",
                         kohya_sd_unet=str(PEFT_DIR / "unet_config.json"))
     ok(res)

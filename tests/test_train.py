@@ -17,18 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from oft_core import OFTError, load_adapter, rotate_weight
-from oft_core.demo import ToyModel
+from oft_core.demo import _ToyModel
 from oft_core.formats import write_adapter
-from oft_core.rotation import constrain
+from oft_core.rotation import _constrain
 from oft_core.train import (
     OFTTrainer,
+    _split_sizes,
     checkpoint_blocks,
     frozen_for_training,
     gradient_checkpointing,
     inplace_safe,
     run_training,
     select_targets,
-    split_sizes,
     training_metadata,
 )
 
@@ -60,8 +60,8 @@ def assert_same_weights(model: nn.Module, before: dict[str, torch.Tensor]):
 
 # ------------------------------------------------------------------------------------------------ toy problems
 def toy_problem(seed: int = 0):
-    model = ToyModel(seed=seed).requires_grad_(False)
-    teacher = ToyModel(seed=seed + 1)
+    model = _ToyModel(seed=seed).requires_grad_(False)
+    teacher = _ToyModel(seed=seed + 1)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 3, 4, 4, generator=g)
     with torch.no_grad():
@@ -170,7 +170,7 @@ class NormModel(nn.Module):
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.gn = nn.GroupNorm(2, 8)
         self.ln = nn.LayerNorm(8)
-        self.attn = ToyModel(dim=8, channels=8).attn
+        self.attn = _ToyModel(dim=8, channels=8).attn
         self.register_buffer("scale", torch.full((8,), 0.5))
         self.head = nn.Linear(8, 4)
 
@@ -265,7 +265,7 @@ def test_kohya_constraint_holds_after_training():
     for tl in trainer.layers:
         for i, q in enumerate(trainer.stored_generators(tl)):
             bound = alpha * tl.layer.split_sizes[i]
-            assert float(constrain(tl.layer, q, i).norm()) <= bound * (1 + 1e-5)
+            assert float(_constrain(tl.layer, q, i).norm()) <= bound * (1 + 1e-5)
             clamped += float(q.norm()) > bound
     assert clamped, "the test should drive some layer into the constraint"
     adapter = trainer.to_adapter()
@@ -300,8 +300,8 @@ def test_flux_fused_layers_export_as_splits(tmp_path):
     assert [p for p, _ in select_targets(flux, "attention")] == [p for p, _ in targets[:2]]
     assert [p for p, _ in select_targets(flux, "all-linear")] == [p for p, _ in targets[:2]] + [
         "double_blocks.0.img_mod.lin"] + [p for p, _ in targets[2:]]
-    assert split_sizes(*targets[0]) == (8, 8, 8)
-    assert split_sizes(*targets[2]) == (8, 8, 8, 16)
+    assert _split_sizes(*targets[0]) == (8, 8, 8)
+    assert _split_sizes(*targets[2]) == (8, 8, 8, 16)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 5, 8, generator=g)
     target = torch.randn(4, 5, 8, generator=g)
@@ -437,7 +437,7 @@ def test_checkpointing_reaches_layers_of_sequential_blocks_the_host_iterates():
 
 
 def test_bad_block_counts_raise_naming_the_layer():
-    model = ToyModel()
+    model = _ToyModel()
     targets = select_targets(model, "all-linear+conv", "generic")
     with pytest.raises(OFTError, match=r"layer 'conv_in'.*num_blocks.*expected a divisor of 8, found 3"):
         OFTTrainer(targets, num_blocks=3)

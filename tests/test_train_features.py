@@ -22,7 +22,7 @@ run_node, run_node_report, sd_data, weights, assert_weights_equal = (
 
 
 def gens(adapter):
-    return {k: [g.clone() for g in layer.generators] for k, layer in adapter.layers.items()}
+    return {k: [g.clone() for g in layer.blocks] for k, layer in adapter.layers.items()}
 
 
 def max_diff(a, b) -> float:
@@ -64,10 +64,10 @@ def test_lr_factor_schedules_and_warmup():
 
 
 def test_run_training_sets_the_scheduled_lr_every_step():
-    from oft_core.demo import ToyModel
+    from oft_core.demo import _ToyModel
     from oft_core.train import OFTTrainer, lr_factor, run_training, select_targets
 
-    model = ToyModel().requires_grad_(False)
+    model = _ToyModel().requires_grad_(False)
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     trainer = OFTTrainer(select_targets(model, "attention", "generic"), num_blocks=2, alpha=0.0)
     seen = []
@@ -89,11 +89,11 @@ def test_run_training_sets_the_scheduled_lr_every_step():
 
 def test_load_adapter_starts_exactly_from_a_written_file_and_names_the_first_mismatch(tmp_path):
     from oft_core import load_adapter
-    from oft_core.demo import ToyModel
+    from oft_core.demo import _ToyModel
     from oft_core.formats import write_adapter
     from oft_core.train import OFTTrainer, select_targets
 
-    model = ToyModel(dim=16).requires_grad_(False)
+    model = _ToyModel(dim=16).requires_grad_(False)
     targets = select_targets(model, "attention", "generic")
     a = OFTTrainer(targets, num_blocks=4, alpha=1e-3)
     with torch.no_grad():

@@ -269,9 +269,9 @@ def test_same_seed_same_adapter(comfy, tn):
     b = run_node(tn, mp, latents, positive, steps=3, seed=7)[1]
     c = run_node(tn, mp, latents, positive, steps=3, seed=8)[1]
     assert a.layers.keys() == b.layers.keys()
-    assert all(torch.equal(x, y) for k in a.layers for x, y in zip(a.layers[k].generators, b.layers[k].generators))
-    assert any(not torch.equal(x, y) for k in a.layers for x, y in zip(a.layers[k].generators,
-                                                                       c.layers[k].generators))
+    assert all(torch.equal(x, y) for k in a.layers for x, y in zip(a.layers[k].blocks, b.layers[k].blocks))
+    assert any(not torch.equal(x, y) for k in a.layers for x, y in zip(a.layers[k].blocks,
+                                                                       c.layers[k].blocks))
 
 
 def test_cancel_at_step_2_leaves_the_base_model_untouched(comfy, tn, monkeypatch):

@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from oft_core import Constraint, OFTAdapter, OFTError, load_adapter, make_layer, resolve_for_weight, rotate_weight
 from oft_core.cli import main as cli
-from oft_core.formats import write_adapter, write_kohya, write_peft
-from oft_core.rotation import skew
+from oft_core.formats import _write_kohya, _write_peft, write_adapter
+from oft_core.rotation import _skew
 
 LYCORIS_LAYOUT = "LyCORIS diag-oft derives a layer's layout from the stored block size"
 # case -> {target: expected reader format after the round trip, or the reason the write must be refused}
@@ -90,10 +90,10 @@ def test_round_trip_or_refusal(case_id, to, tmp_path):
 def test_same_format_rewrite_keeps_generators_and_alpha_bit_exact(tmp_path):
     case = get_case("sd15_oft_attn_dim8_bf16")
     a = load_adapter(case.adapter)
-    write_kohya(a, tmp_path / "k.safetensors")
+    _write_kohya(a, tmp_path / "k.safetensors")
     b = load_adapter(tmp_path / "k.safetensors")
     for k, layer in a.layers.items():
-        assert torch.equal(b.layers[k].generators[0], layer.generators[0])
+        assert torch.equal(b.layers[k].blocks[0], layer.blocks[0])
         assert b.layers[k].constraint == Constraint("norm_clamp", 0.00099945068359375)
     with safe_open(str(tmp_path / "k.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -106,7 +106,7 @@ def test_same_format_rewrite_keeps_generators_and_alpha_bit_exact(tmp_path):
 
 def test_flux_kohya_keeps_splits_and_metadata(tmp_path):
     a = load_adapter(get_case("flux_tiny_oft_attn_dim4").adapter)
-    write_kohya(a, tmp_path / "f.safetensors", metadata={"ss_output_name": "mine"})
+    _write_kohya(a, tmp_path / "f.safetensors", metadata={"ss_output_name": "mine"})
     with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert "oft_unet_double_blocks_0_img_attn_qkv.oft_blocks.2" in keys
@@ -116,15 +116,15 @@ def test_flux_kohya_keeps_splits_and_metadata(tmp_path):
 
 
 def _layer(q, constraint=None, side="out", transpose=True, name="down_blocks_0_attentions_0_proj_in", **kw):
-    return make_layer(path="t", name=name, side=side, generators=[q], transpose=transpose,
+    return make_layer(path="t", name=name, side=side, blocks=[q], transpose=transpose,
                       constraint=constraint, **kw)
 
 
 def test_unconstrained_layer_gets_an_alpha_that_never_clamps(tmp_path):
     torch.manual_seed(0)
-    big, small = skew(torch.randn(4, 8, 8)), skew(torch.randn(4, 8, 8) * 1e-3)
+    big, small = _skew(torch.randn(4, 8, 8)), _skew(torch.randn(4, 8, 8) * 1e-3)
     a = OFTAdapter({("unet", "x_a"): _layer(big, name="x_a"), ("unet", "x_b"): _layer(small, name="x_b")}, "test")
-    write_kohya(a, tmp_path / "k.safetensors")
+    _write_kohya(a, tmp_path / "k.safetensors")
     b = load_adapter(tmp_path / "k.safetensors")
     alpha = b.layers[("unet", "x_a")].constraint.value
     assert alpha == b.layers[("unet", "x_b")].constraint.value  # one alpha per file, as sd-scripts reads it
@@ -137,10 +137,10 @@ def test_unconstrained_layer_gets_an_alpha_that_never_clamps(tmp_path):
 
 def test_mixed_alphas_are_applied_then_written_under_one_alpha(tmp_path):
     torch.manual_seed(1)
-    q1, q2 = skew(torch.randn(4, 8, 8)), skew(torch.randn(4, 8, 8))
+    q1, q2 = _skew(torch.randn(4, 8, 8)), _skew(torch.randn(4, 8, 8))
     a = OFTAdapter({("unet", "x_a"): _layer(q1, Constraint("norm_clamp", 1e-3), name="x_a"),
                     ("unet", "x_b"): _layer(q2, Constraint("norm_clamp", 2e-3), name="x_b")}, "test")
-    write_kohya(a, tmp_path / "k.safetensors")
+    _write_kohya(a, tmp_path / "k.safetensors")
     b = load_adapter(tmp_path / "k.safetensors")
     w = torch.randn(32, 5)
     for k in a.layers:
@@ -155,7 +155,7 @@ def test_a_format_the_adapter_refuses_is_refused_with_its_reason(tmp_path):
     a = replace(load_adapter(get_case("lycoris_diag_oft_dim8").adapter),
                 refused_formats={"kohya": "sd-scripts has no OFT network for SD3 models"})
     out = tmp_path / "k.safetensors"
-    for write in (lambda: write_kohya(a, out), lambda: write_adapter(a, out, "kohya")):
+    for write in (lambda: _write_kohya(a, out), lambda: write_adapter(a, out, "kohya")):
         with pytest.raises(OFTError, match="cannot be written as kohya: sd-scripts has no OFT network for SD3"):
             write()
         assert not out.exists()
@@ -173,10 +173,10 @@ def test_refuses_to_overwrite_and_overwrites_when_asked(tmp_path):
     assert len(load_adapter(out)) == 56
     peft = load_adapter(get_case("peft_oft_cayley_bs8").adapter)
     d = tmp_path / "p"
-    write_peft(peft, d)
+    _write_peft(peft, d)
     with pytest.raises(OFTError, match="output exists"):
-        write_peft(peft, d)
-    write_peft(peft, d, overwrite=True)
+        _write_peft(peft, d)
+    _write_peft(peft, d, overwrite=True)
     assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.safetensors", "p"]
 
@@ -188,7 +188,7 @@ def test_peft_config_fields(tmp_path):
                                                    "block_share": False, "coft": False}),
                           ("peft_oft_blockshare_bs8", {"r": 0, "oft_block_size": 8, "block_share": True})]:
         d = tmp_path / case_id
-        write_peft(load_adapter(get_case(case_id).adapter), d)
+        _write_peft(load_adapter(get_case(case_id).adapter), d)
         cfg = json.loads((d / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "OFT"
         assert {k: cfg[k] for k in want} == want
@@ -200,18 +200,18 @@ def test_peft_config_fields(tmp_path):
 
 def test_peft_coft_is_kept_and_underscored_names_need_module_names(tmp_path):
     torch.manual_seed(2)
-    q = skew(torch.randn(4, 8, 8))
+    q = _skew(torch.randn(4, 8, 8))
     coft = _layer(q, Constraint("block_projection", 1e-2), side="in", transpose=False, name="mid_block.attn.to_q")
-    write_peft(OFTAdapter({("unet", coft.name): coft}, "test"), tmp_path / "c")
+    _write_peft(OFTAdapter({("unet", coft.name): coft}, "test"), tmp_path / "c")
     back = load_adapter(tmp_path / "c")
     (layer,) = back
     assert layer.constraint == Constraint("block_projection", 1e-2)
-    assert torch.equal(layer.generators[0], q)
+    assert torch.equal(layer.blocks[0], q)
     under = _layer(q, side="in", transpose=False, name="mid_block_attn_to_q")
     a = OFTAdapter({("unet", under.name): under}, "test")
     with pytest.raises(OFTError, match="module_names"):
-        write_peft(a, tmp_path / "u")
-    write_peft(a, tmp_path / "u", module_names=["mid_block.attn.to_q.weight", "mid_block.attn.to_k.weight"])
+        _write_peft(a, tmp_path / "u")
+    _write_peft(a, tmp_path / "u", module_names=["mid_block.attn.to_q.weight", "mid_block.attn.to_k.weight"])
     (layer,) = load_adapter(tmp_path / "u")
     assert layer.name == "mid_block.attn.to_q"
     w = torch.randn(6, 32)
@@ -219,15 +219,15 @@ def test_peft_coft_is_kept_and_underscored_names_need_module_names(tmp_path):
 
 
 def test_neumann_is_refused_outside_peft_and_te_outside_lycoris(tmp_path):
-    q = skew(torch.randn(4, 4, 4) * 0.01)
+    q = _skew(torch.randn(4, 4, 4) * 0.01)
     neu = _layer(q, parameterization="neumann", neumann_coeffs=(1, 2, 2, 2, 1))
     with pytest.raises(OFTError, match="Cayley–Neumann"):
-        write_kohya(OFTAdapter({("unet", neu.name): neu}, "t"), tmp_path / "n.safetensors")
+        _write_kohya(OFTAdapter({("unet", neu.name): neu}, "t"), tmp_path / "n.safetensors")
     te = make_layer(path="t", name="text_model_encoder_layers_0_mlp_fc1", component="te", side="out",
-                    generators=[q], transpose=True)
+                    blocks=[q], transpose=True)
     a = OFTAdapter({("te", te.name): te}, "t")
     with pytest.raises(OFTError, match="text-encoder"):
-        write_kohya(a, tmp_path / "t.safetensors")
+        _write_kohya(a, tmp_path / "t.safetensors")
     write_adapter(a, tmp_path / "t.safetensors", "lycoris")
     with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
         assert "lora_te_text_model_encoder_layers_0_mlp_fc1.oft_blocks" in f.keys()

@@ -34,17 +34,16 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 
 from ..choices import FORMATS
-from ..errors import OFTError, bulk
-from ..publish import check_output
-from ..safetensors_io import DTYPES, Header, TensorFile, load_tensors, read_header
+from ..errors import OFTError, _bulk
+from ..publish import _check_output
+from ..safetensors_io import _DTYPES, _Header, _load_tensors, _TensorFile, read_header
 from ..spec import OFTAdapter
 from . import _write, kohya, lycoris, peft
 
-__all__ = ["FORMATS", "READERS", "WRITERS", "format_family", "load_adapter", "open_streamed",
-           "write_adapter", "write_kohya", "write_lycoris", "write_peft"]
+__all__ = ["READERS", "WRITERS", "format_family", "load_adapter", "write_adapter"]
 
 
-class Reader(NamedTuple):
+class _Reader(NamedTuple):
     name: str
     claims: Callable  # (header, config) -> bool
     read: Callable  # (header, tensors, config) -> OFTAdapter
@@ -52,14 +51,14 @@ class Reader(NamedTuple):
     write: Callable  # (adapter, out, *, overwrite, metadata, inputs, **format options) -> the output path
 
 
-READERS: list[Reader] = [
-    Reader("kohya", kohya.claims, kohya.read, kohya.KEY, kohya.write),
-    Reader("lycoris", lycoris.claims, lycoris.read, lycoris.KEY, lycoris.write),
-    Reader("peft", peft.claims, peft.read, peft.KEY, peft.write),
+READERS: list[_Reader] = [
+    _Reader("kohya", kohya.claims, kohya.read, kohya._KEY, kohya.write),
+    _Reader("lycoris", lycoris.claims, lycoris.read, lycoris._KEY, lycoris.write),
+    _Reader("peft", peft.claims, peft.read, peft._KEY, peft.write),
 ]
 WRITERS: dict[str, Callable] = {reader.name: reader.write for reader in READERS}
 assert tuple(WRITERS) == FORMATS, "choices.FORMATS names the formats the readers above read and write"
-write_kohya, write_lycoris, write_peft = kohya.write, lycoris.write, peft.write
+_write_kohya, _write_lycoris, _write_peft = kohya.write, lycoris.write, peft.write
 
 
 def format_family(fmt: str) -> str:
@@ -78,12 +77,12 @@ def write_adapter(adapter: OFTAdapter, out, to: str, *, overwrite: bool = False,
         raise OFTError(f"output format: expected one of {', '.join(FORMATS)}, found {to!r}")
     # the output rules first (never over an input, never over an existing output without overwrite): a refusal
     # about the path comes before any work on the layers
-    check_output(out, _write.inputs_of(adapter, options.get("inputs", ())), overwrite=overwrite,
+    _check_output(out, _write.inputs_of(adapter, options.get("inputs", ())), overwrite=overwrite,
                  kind="dir" if to == "peft" else "file")
     return WRITERS[to](adapter, out, overwrite=overwrite, metadata=metadata, **options)
 
 
-def _open(path: str | os.PathLike) -> tuple[Reader, Header, dict | None]:
+def _open(path: str | os.PathLike) -> tuple[_Reader, _Header, dict | None]:
     """The reader that claims the file, its checked header and the PEFT config (if any)."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -105,7 +104,7 @@ _GENERATOR = re.compile(r"\.(oft_blocks(\.\d+)?|oft_diag|oft_R\.weight|oft_r)$")
 _FLOAT_DTYPES = frozenset(("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
 
 
-def _check_generator_dtypes(header: Header) -> None:
+def _check_generator_dtypes(header: _Header) -> None:
     if set(map(itemgetter(0), header.tensors.values())) <= _FLOAT_DTYPES:  # every tensor floating point: nothing to
         return  # look for (a key-by-key pass over 200,000 keys took a twentieth of a second)
     for k, ti in header.tensors.items():
@@ -114,7 +113,7 @@ def _check_generator_dtypes(header: Header) -> None:
                            "dtype (F32, F16, BF16, F64), as every OFT trainer writes", path=header.path)
 
 
-def _read(reader: Reader, header: Header, tensors: dict, config) -> OFTAdapter:
+def _read(reader: _Reader, header: _Header, tensors: dict, config) -> OFTAdapter:
     adapter = reader.read(header, tensors, config)
     if not adapter.layers:
         raise OFTError(f"no OFT layer found by the {reader.name} reader", path=header.path)
@@ -123,9 +122,9 @@ def _read(reader: Reader, header: Header, tensors: dict, config) -> OFTAdapter:
 
 def load_adapter(path: str | os.PathLike) -> OFTAdapter:
     """Read any supported OFT adapter: a .safetensors file, or a PEFT adapter directory."""
-    with bulk():
+    with _bulk():
         reader, header, config = _open(path)
-        tensors, _ = load_tensors(header)  # the header already checked: not parsed again
+        tensors, _ = _load_tensors(header)  # the header already checked: not parsed again
         return _read(reader, header, tensors, config)
 
 
@@ -140,13 +139,13 @@ def load_adapter(path: str | os.PathLike) -> OFTAdapter:
 _SKELETON_REAL_BYTES = 64
 
 
-class StreamedAdapter(NamedTuple):
+class _StreamedAdapter(NamedTuple):
     skeleton: OFTAdapter  # every layer's structure; generators and row scales on the meta device (bar tiny ones)
-    reader: Reader
-    header: Header
+    reader: _Reader
+    header: _Header
     config: dict | None
     keys: dict[str, list[str]]  # layer key (OFTLayer.key) -> the file's keys of that layer
-    file: TensorFile  # the file kept open, its header parsed once (per-layer cost independent of the layer count)
+    file: _TensorFile  # the file kept open, its header parsed once (per-layer cost independent of the layer count)
 
     def layer(self, key: str):
         """One layer with its tensors, read alone (only its keys) by the same reader as the skeleton."""
@@ -158,17 +157,17 @@ class StreamedAdapter(NamedTuple):
         return layers[0]
 
 
-def open_streamed(path: str | os.PathLike) -> StreamedAdapter:
+def _open_streamed(path: str | os.PathLike) -> _StreamedAdapter:
     """The adapter at `path` for layer-by-layer use: its skeleton now (scalars only read), each layer on demand."""
     reader, header, config = _open(path)
     small = [k for k, ti in header.tensors.items()
              if ti.end - ti.start <= _SKELETON_REAL_BYTES or k.endswith(".alpha")]
-    tensors, _ = load_tensors(header, keys=small)
+    tensors, _ = _load_tensors(header, keys=small)
     for k, ti in header.tensors.items():
         if k not in tensors:
-            if ti.dtype not in DTYPES:
+            if ti.dtype not in _DTYPES:
                 raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which this reader does not know", path=header.path)
-            tensors[k] = torch.empty(ti.shape, dtype=DTYPES[ti.dtype], device="meta")
+            tensors[k] = torch.empty(ti.shape, dtype=_DTYPES[ti.dtype], device="meta")
     try:
         skeleton = _read(reader, header, tensors, config)
     except (RuntimeError, NotImplementedError) as e:  # a reader that needs a value the skeleton left on meta
@@ -180,10 +179,10 @@ def open_streamed(path: str | os.PathLike) -> StreamedAdapter:
         m = reader.key.match(k)
         if m:
             keys.setdefault(m.group(1), []).append(k)
-    return StreamedAdapter(skeleton, reader, header, config, keys, TensorFile(header))
+    return _StreamedAdapter(skeleton, reader, header, config, keys, _TensorFile(header))
 
 
-def not_oft_message(header: Header) -> str:
+def not_oft_message(header: _Header) -> str:
     keys = list(header.tensors)
     sample = ", ".join(keys[:3]) or "no tensors at all"
     if any(k.endswith((".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight")) for k in keys):

@@ -23,8 +23,8 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import OFTError
-from ..publish import publish_dir, publish_file
-from ..rotation import constrain
+from ..publish import _publish_dir, _publish_file
+from ..rotation import _constrain
 from ..spec import OFTAdapter, OFTLayer
 
 # Metadata that describes the file's bytes or its network structure: never carried over from the source, because
@@ -65,7 +65,7 @@ def identity_scale(layer: OFTLayer) -> bool:
 
 def constrained(layer: OFTLayer) -> list[torch.Tensor]:
     """The generators with the layer's constraint applied (what the rotation actually uses)."""
-    return [constrain(layer, q, i) for i, q in enumerate(layer.generators)]
+    return [_constrain(layer, q, i) for i, q in enumerate(layer.blocks)]
 
 
 def with_transpose(gens: list[torch.Tensor], have: bool, want: bool) -> list[torch.Tensor]:
@@ -150,12 +150,12 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> 
 
 
 def atomic_file(out: str, overwrite: bool, tensors, metadata, adapter: OFTAdapter, inputs: Iterable) -> str:
-    """One safetensors file, published by `publish.publish_file` (whole or absent, never over an input)."""
+    """One safetensors file, published by `publish._publish_file` (whole or absent, never over an input)."""
     blob = serialize(tensors, metadata)
-    return publish_file(out, lambda f: f.write(blob), inputs=inputs_of(adapter, inputs), overwrite=overwrite,
+    return _publish_file(out, lambda f: f.write(blob), inputs=inputs_of(adapter, inputs), overwrite=overwrite,
                         what="adapter file")
 
 
 def atomic_dir(out: str, overwrite: bool, write, adapter: OFTAdapter, inputs: Iterable) -> str:
-    """A PEFT adapter folder, published by `publish.publish_dir`."""
-    return publish_dir(out, write, inputs=inputs_of(adapter, inputs), overwrite=overwrite)
+    """A PEFT adapter folder, published by `publish._publish_dir`."""
+    return _publish_dir(out, write, inputs=inputs_of(adapter, inputs), overwrite=overwrite)

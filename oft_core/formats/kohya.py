@@ -27,40 +27,40 @@ from typing import Iterable, Mapping, NamedTuple
 import torch
 
 from ..errors import OFTError
-from ..rotation import constrain, skew
-from ..safetensors_io import FileTensors, Header, stack_values
-from ..spec import Constraint, OFTAdapter, OFTLayer, finite_each, make_layers
+from ..rotation import _constrain, _skew
+from ..safetensors_io import _FileTensors, _Header, _stack_values
+from ..spec import Constraint, OFTAdapter, OFTLayer, _finite_each, _make_layers
 from . import _write as w
 
 log = logging.getLogger(__name__)
 
-PREFIX = "oft_unet_"
+_PREFIX = "oft_unet_"
 _BATCH_ELEMENTS = 1 << 22
-KEY = re.compile(r"^(oft_unet_.+?)\.(oft_blocks(?:\.(\d+))?|alpha)$")
+_KEY = re.compile(r"^(oft_unet_.+?)\.(oft_blocks(?:\.(\d+))?|alpha)$")
 
 
-def claims(header: Header, config) -> bool:
-    return any(k.startswith(PREFIX) and ".oft_blocks" in k for k in header.tensors)
+def claims(header: _Header, config) -> bool:
+    return any(k.startswith(_PREFIX) and ".oft_blocks" in k for k in header.tensors)
 
 
 def _group(keys: Iterable[str], path: str) -> tuple[dict[str, list], list[str]]:
     """({layer key: [`.oft_blocks` key | None, {index: `.oft_blocks.<i>` key} | None, `.alpha` key | None]}, keys of
-    no layer), by the grammar `KEY`. A key with one dot, `oft_unet_<name>.oft_blocks` or `.alpha`, is split at its dot
-    (what `KEY` gives it: a name without a dot or newline has no shorter prefix the grammar could take); any other key
-    goes through `KEY` itself (a regex match per key was a fifth of a second for 200,000 keys)."""
+    no layer), by the grammar `_KEY`. A key with one dot, `oft_unet_<name>.oft_blocks` or `.alpha`, is split at its dot
+    (what `_KEY` gives it: a name without a dot or newline has no shorter prefix the grammar could take); any other key
+    goes through `_KEY` itself (a regex match per key was a fifth of a second for 200,000 keys)."""
     layers: dict[str, list] = {}
     ignored = []
-    match = KEY.match
-    first = len(PREFIX) + 1  # `.+?`: at least one character after the prefix
+    match = _KEY.match
+    first = len(_PREFIX) + 1  # `.+?`: at least one character after the prefix
     for key in keys:
         head, _, tail = key.rpartition(".")
-        if (tail == "oft_blocks" or tail == "alpha") and len(head) >= first and head.startswith(PREFIX) \
+        if (tail == "oft_blocks" or tail == "alpha") and len(head) >= first and head.startswith(_PREFIX) \
                 and "." not in head and "\n" not in head:
             index = 0 if tail == "oft_blocks" else 2
         else:
             m = match(key)
             if not m:
-                if key.startswith(PREFIX):
+                if key.startswith(_PREFIX):
                     raise OFTError(f"unexpected key {key!r} in a kohya OFT file (expected <name>.oft_blocks[.<i>] "
                                    "and <name>.alpha)", path=path)
                 ignored.append(key)
@@ -98,8 +98,8 @@ def _simple_keys(keys: list[str]) -> tuple[list[str], list[str], list[str]] | No
     if names != [k[:-11] for k in block_keys]:
         return None
     joined = "".join(keys)
-    if (joined.count(".") != len(keys) or "\n" in joined or min(map(len, names)) <= len(PREFIX)
-            or not all(map(methodcaller("startswith", PREFIX), names))):
+    if (joined.count(".") != len(keys) or "\n" in joined or min(map(len, names)) <= len(_PREFIX)
+            or not all(map(methodcaller("startswith", _PREFIX), names))):
         return None
     return names, alpha_keys, block_keys
 
@@ -111,7 +111,7 @@ def _simple_rows(names: list[str], values: list, qs: list, finite: list, source:
     if any(map(is_, qs, repeat(None))) or None in values or 0.0 in values:  # 0.0 and -0.0: the loop keeps apart
         return None
     constraint_of = {v: Constraint("norm_clamp", v) for v in dict.fromkeys(values)}
-    start = len(PREFIX)
+    start = len(_PREFIX)
     return _Rows([key[start:] for key in names], names, [(q,) for q in qs], [(f,) for f in finite],
                  list(map(constraint_of.__getitem__, values)), [source] * len(names))
 
@@ -136,14 +136,14 @@ _DTYPE_SHAPE = itemgetter(0, 1)  # of a TensorInfo
 
 
 def _batched_values(alpha_keys: list[str], block_keys: list[str], tensors: Mapping[str, torch.Tensor],
-                    header: Header) -> tuple[list, list, list]:
+                    header: _Header) -> tuple[list, list, list]:
     """What the per-layer checks need of the tensors' values, computed for all layers of one layout at once, as
     lists aligned with the keys: each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in
     fp32 and whether that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed
     tensors get None, for the per-layer checks to refuse in file order. Shapes and dtypes come from the header;
-    values from `tensors` in batches (a `FileTensors` stacks them without a tensor per key)."""
+    values from `tensors` in batches (a `_FileTensors` stacks them without a tensor per key)."""
     info = header.tensors
-    if isinstance(tensors, FileTensors):
+    if isinstance(tensors, _FileTensors):
         def entries(keys):
             return list(map(info.__getitem__, keys))
 
@@ -160,7 +160,7 @@ def _batched_values(alpha_keys: list[str], block_keys: list[str], tensors: Mappi
             return [(*ti[:2], tensors[k].device) for k, ti in zip(keys, infos)]
 
         def stack(keys, infos):
-            return stack_values(tensors, keys)
+            return _stack_values(tensors, keys)
     alpha_values: list = [None] * len(alpha_keys)
     infos = entries(alpha_keys)
     for positions in _by_layout(layouts(alpha_keys, infos)):
@@ -180,10 +180,10 @@ def _batched_values(alpha_keys: list[str], block_keys: list[str], tensors: Mappi
         for start in range(0, len(positions), step):
             chunk = positions[start:start + step]
             whole = len(chunk) == len(block_keys)
-            q = skew(stack(block_keys if whole else [block_keys[i] for i in chunk],
+            q = _skew(stack(block_keys if whole else [block_keys[i] for i in chunk],
                            infos if whole else [infos[i] for i in chunk]).to(torch.float32))
             _scatter(qs, chunk, q.unbind(0))
-            _scatter(finite, chunk, finite_each(q))
+            _scatter(finite, chunk, _finite_each(q))
     return alpha_values, qs, finite
 
 
@@ -207,7 +207,7 @@ def _split_order(key: str, splits: dict, path: str) -> list[int]:
     return order
 
 
-def _alpha(key: str, alpha: str | None, file_alpha: float | None, header: Header) -> float:
+def _alpha(key: str, alpha: str | None, file_alpha: float | None, header: _Header) -> float:
     """The refusal for a layer whose `.alpha` value is not in the batch: none and no ss_network_alpha, or not a
     scalar; else the file's ss_network_alpha."""
     if alpha is None:
@@ -219,7 +219,7 @@ def _alpha(key: str, alpha: str | None, file_alpha: float | None, header: Header
                    layer=key)
 
 
-def _bad_blocks(key: str, splits: dict, order: list[int], header: Header) -> OFTError:
+def _bad_blocks(key: str, splits: dict, order: list[int], header: _Header) -> OFTError:
     i = next(i for i in order if not _square(header.tensors[splits[i]].shape))
     return OFTError(f".oft_blocks{'' if i < 0 else f'.{i}'}: expected (num_blocks, b, b), "
                     f"found {tuple(header.tensors[splits[i]].shape)}", path=header.path, layer=key)
@@ -230,21 +230,21 @@ def _square(shape) -> bool:
 
 
 class _Rows(NamedTuple):
-    """`make_layers`' per-layer columns, filled in key order."""
+    """`_make_layers`' per-layer columns, filled in key order."""
 
     names: list
     keys: list
-    generators: list
+    blocks: list
     finite: list
     constraints: list
     sources: list
 
     def layers(self, path: str) -> list[OFTLayer]:
-        return make_layers(
+        return _make_layers(
             path=path,
             names=self.names,
             keys=self.keys,
-            generators=self.generators,
+            blocks=self.blocks,
             finite=self.finite,
             constraints=self.constraints,
             sources=self.sources,
@@ -253,10 +253,10 @@ class _Rows(NamedTuple):
         )
 
 
-def read(header: Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAdapter:
+def read(header: _Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAdapter:
     """The adapter of a kohya file. Per layer, in key order: its splits, its alpha, its block shapes, then
     `make_layer`'s checks (tests/test_bad_input.py pins each refusal); tensor values are computed for all layers of
-    one layout at once, and the layers built by `make_layers` (the same checks, once per distinct layout)."""
+    one layout at once, and the layers built by `_make_layers` (the same checks, once per distinct layout)."""
     path = header.path
     keys = list(tensors)
     simple = _simple_keys(keys)
@@ -290,14 +290,14 @@ def read(header: Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAdap
 
 
 def _layer_rows(layers: dict[str, list], alpha_of: dict, q_of: dict, finite: dict, file_alpha: float | None,
-                flux: bool, header: Header) -> tuple[_Rows, bool]:
-    """`make_layers`' rows, layer by layer in key order: its splits, its alpha, its block shapes (each refusal
+                flux: bool, header: _Header) -> tuple[_Rows, bool]:
+    """`_make_layers`' rows, layer by layer in key order: its splits, its alpha, its block shapes (each refusal
     raised after the earlier layers' own checks, as when each layer was built in turn); and whether the file is
     FLUX (metadata, or a layer of numbered splits: that layer and the later ones get source "kohya_flux")."""
     path = header.path
     rows = _Rows([], [], [], [], [], [])
     constraint_of: dict[float, Constraint] = {}  # one object per alpha (100,000 layers usually share one)
-    start = len(PREFIX)
+    start = len(_PREFIX)
     try:
         for key in sorted(layers):
             blocks, numbered, alpha = layers[key]
@@ -328,7 +328,7 @@ def _layer_rows(layers: dict[str, list], alpha_of: dict, q_of: dict, finite: dic
                     constraint_of[alpha_v] = constraint
             rows.names.append(key[start:])
             rows.keys.append(key)
-            rows.generators.append(gens)
+            rows.blocks.append(gens)
             rows.finite.append(flags)
             rows.constraints.append(constraint)
             rows.sources.append("kohya_flux" if flux else "kohya")
@@ -338,7 +338,7 @@ def _layer_rows(layers: dict[str, list], alpha_of: dict, q_of: dict, finite: dic
     return rows, flux
 
 
-def _metadata_alpha(header: Header) -> float | None:
+def _metadata_alpha(header: _Header) -> float | None:
     v = header.metadata.get("ss_network_alpha")
     try:
         return None if v in (None, "None", "") else float(v)
@@ -362,7 +362,7 @@ def _why_not(layer: OFTLayer, flux: bool) -> str | None:
         return "stores the rotation R itself (LyCORIS oft_diag): it has no exact Cayley generator in fp32"
     if not w.identity_scale(layer):
         return "has a per-row rescale, which kohya OFT cannot store"
-    if len(layer.generators) > 1 and not flux:
+    if len(layer.blocks) > 1 and not flux:
         return "has several splits, which only networks.oft_flux stores (pass flux=True)"
     if flux and len(set(layer.num_blocks)) != 1:
         return f"has split block counts {layer.num_blocks}; oft_flux uses one block count for every split"
@@ -376,7 +376,7 @@ def _fits(layer: OFTLayer, gens: list[torch.Tensor], alpha: float) -> bool:
         # the strict margin keeps sd-scripts' own float rounding of the same comparison on the safe side too
         if float(torch.norm(q.flatten())) * (1 + 1e-6) > alpha * layer.split_sizes[i]:
             return False
-        if not torch.equal(constrain(probe, q, i), q):
+        if not torch.equal(_constrain(probe, q, i), q):
             return False
     return True
 
@@ -399,7 +399,7 @@ def _kohya_alpha(layers: dict[str, OFTLayer], gens: dict[str, list[torch.Tensor]
     for k, layer in layers.items():
         g = gens[k]
         if layer.constraint.kind == "norm_clamp":
-            g = [constrain(layer, q, i) for i, q in enumerate(g)]
+            g = [_constrain(layer, q, i) for i, q in enumerate(g)]
         baked[k] = g
         for i, q in enumerate(g):
             ratio = max(ratio, float(torch.norm(q.flatten())) / layer.split_sizes[i])
@@ -411,7 +411,7 @@ def _kohya_alpha(layers: dict[str, OFTLayer], gens: dict[str, list[torch.Tensor]
 
 
 def _looks_flux(adapter: OFTAdapter) -> bool:
-    if adapter.format == "kohya_flux" or any(len(layer.generators) > 1 for layer in adapter):
+    if adapter.format == "kohya_flux" or any(len(layer.blocks) > 1 for layer in adapter):
         return True
     return any(layer.name.startswith(("double_blocks", "single_blocks")) for layer in adapter)
 
@@ -420,7 +420,7 @@ def _generators(named: dict[str, OFTLayer]) -> tuple[float, dict[str, list[torch
     """(the file's alpha, per key the generators to store, applied as Rᵀ) for layers `_why_not` accepted."""
     gens = {}
     for key, layer in named.items():
-        g = list(layer.generators)
+        g = list(layer.blocks)
         if layer.constraint.kind == "block_projection":  # PEFT COFT (legacy 0.13): applied here, written unclamped
             g = w.constrained(layer)
         gens[key] = w.with_transpose(g, layer.transpose, True)
@@ -456,7 +456,7 @@ def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mappin
         raise OFTError(f"cannot be written as kohya: {refused}", path=adapter.path or None)
     flux = _looks_flux(adapter) if flux is None else flux
     w.check_all(adapter, "kohya", lambda layer: _why_not(layer, flux))
-    named = w.underscored_unique(adapter, lambda layer: PREFIX)
+    named = w.underscored_unique(adapter, lambda layer: _PREFIX)
     alpha, gens = _generators(named)
     alpha32 = torch.tensor(alpha, dtype=torch.float32)
     tensors = {}

@@ -12,7 +12,7 @@ between butterfly permutations.
 Writing (as `lycoris.kohya` saves): output-side exact-Cayley layers, one block size per layer (equal-size splits
 concatenated), per-layer `.alpha` (0: off), `.rescale`, BOFT and `oft_diag` layers as they are. Refused: input-side
 rotation, Cayley–Neumann, block_share, BOFT applied transposed, splits of different block sizes, and diag-oft layouts
-with more rows per block than blocks (LyCORIS rebuilds the layout from the block size, see `layout_problem`).
+with more rows per block than blocks (LyCORIS rebuilds the layout from the block size, see `_layout_problem`).
 """
 
 from __future__ import annotations
@@ -26,36 +26,35 @@ from typing import Iterable, Mapping
 import torch
 
 from ..errors import OFTError
-from ..rotation import skew
-from ..safetensors_io import Header
+from ..rotation import _skew
+from ..safetensors_io import _Header
 from ..spec import Constraint, OFTAdapter, OFTLayer, make_layer
 from . import _write as w
 from ._keys import group_by_layer
 
-PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_transformer_": "unet", "lora_te1_": "te1",
+_PREFIXES = {"lycoris_": "unet", "lora_unet_": "unet", "lora_transformer_": "unet", "lora_te1_": "te1",
             "lora_te2_": "te2", "lora_te_": "te"}
-KEY = re.compile(r"^((?:" + "|".join(map(re.escape, PREFIXES)) + r").+?)\.(oft_blocks|oft_diag|alpha|rescale)$")
+_KEY = re.compile(r"^((?:" + "|".join(map(re.escape, _PREFIXES)) + r").+?)\.(oft_blocks|oft_diag|alpha|rescale)$")
 # What the writer puts before a text encoder's layer names (the UNet's: `lycoris_` or `lora_unet_`, see `write`).
-WRITE_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
-UNET_WRITE_PREFIXES = ("lycoris_", "lora_unet_")
+_WRITE_PREFIXES = {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}
+_UNET_WRITE_PREFIXES = ("lycoris_", "lora_unet_")
 
 
-def claims(header: Header, config) -> bool:
-    return any(
-        (k.endswith(".oft_blocks") or k.endswith(".oft_diag")) and k.startswith(tuple(PREFIXES)) for k in header.tensors
-    )
+def claims(header: _Header, config) -> bool:
+    prefixes = tuple(_PREFIXES)
+    return any(k.endswith((".oft_blocks", ".oft_diag")) and k.startswith(prefixes) for k in header.tensors)
 
 
 def _component(key: str) -> tuple[str, str]:
-    for prefix, component in PREFIXES.items():
+    for prefix, component in _PREFIXES.items():
         if key.startswith(prefix):
             return component, key[len(prefix):]
     raise AssertionError(key)  # unreachable: KEY only matches these prefixes
 
 
-def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
+def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
     path = header.path
-    modules, ignored = group_by_layer(tensors, KEY)
+    modules, ignored = group_by_layer(tensors, _KEY)
     layers = {}
     for key, parts in sorted(modules.items()):
         if "oft_blocks" not in parts and "oft_diag" not in parts:
@@ -85,7 +84,7 @@ def _read_layer(path: str, key: str, parts: dict[str, torch.Tensor]) -> OFTLayer
         r = parts["oft_diag"].to(torch.float32)
         if r.ndim != 3 or r.shape[1] != r.shape[2]:
             raise OFTError(f".oft_diag: expected (num_blocks, b, b), found {tuple(r.shape)}", path=path, layer=key)
-        return make_layer(path=path, name=name, component=component, side="out", generators=[r], transpose=True,
+        return make_layer(path=path, name=name, component=component, side="out", blocks=[r], transpose=True,
                           parameterization="matrix", row_scale=rescale, source="lycoris_oft_diag", key=key)
     a = parts["oft_blocks"].to(torch.float32)
     if a.ndim not in (3, 4) or a.shape[-1] != a.shape[-2]:
@@ -95,7 +94,7 @@ def _read_layer(path: str, key: str, parts: dict[str, torch.Tensor]) -> OFTLayer
     # alpha ≤ 0 means no constraint (LyCORIS); NaN / Inf are refused by make_layer, as for kohya
     constraint = Constraint("norm_clamp", alpha_v) if alpha_v > 0 or not math.isfinite(alpha_v) else Constraint()
     return make_layer(path=path, name=name, component=component, side="out",
-                      kind="butterfly" if butterfly else "diag", generators=[skew(a)], num_blocks=[a.shape[-3]],
+                      kind="butterfly" if butterfly else "diag", blocks=[_skew(a)], num_blocks=[a.shape[-3]],
                       transpose=not butterfly, constraint=constraint, row_scale=rescale,
                       source="lycoris_boft" if butterfly else "lycoris_diag_oft", key=key)
 
@@ -112,7 +111,7 @@ def _layout(out_dim: int, block_size: int) -> tuple[int, int]:
     return min(block_size, out_dim // block_size), max(block_size, out_dim // block_size)
 
 
-def layout_problem(layer: OFTLayer) -> str | None:
+def _layout_problem(layer: OFTLayer) -> str | None:
     """Why LyCORIS diag-oft cannot load this layer's block layout (all splits as one block-diagonal), or None.
 
     LyCORIS rebuilds the layout from the stored block size b alone, and always gets a block size ≤ the block count:
@@ -139,12 +138,12 @@ def _why_not(layer: OFTLayer) -> str | None:
         return why
     if layer.kind == "butterfly" and layer.transpose:
         return "is BOFT applied transposed: transposing each stage does not transpose the product"
-    if len(layer.generators) > 1 and w.merge_splits(list(layer.generators)) is None:
+    if len(layer.blocks) > 1 and w.merge_splits(list(layer.blocks)) is None:
         return f"has splits with different block sizes {layer.block_sizes}; LyCORIS stores one block size"
-    if layer.parameterization == "matrix" and len(layer.generators) > 1:
+    if layer.parameterization == "matrix" and len(layer.blocks) > 1:
         return "stores several rotation matrices per split"
     if layer.kind != "butterfly" and layer.parameterization != "matrix":
-        return layout_problem(layer)
+        return _layout_problem(layer)
     return None
 
 
@@ -154,7 +153,7 @@ def _unet_prefix(adapter: OFTAdapter, unet_prefix: str | None) -> str:
         own = adapter.format.startswith("lycoris") and all(
             layer.key.startswith("lycoris_") for layer in adapter if layer.component == "unet")
         unet_prefix = "lycoris_" if own and all(layer.component == "unet" for layer in adapter) else "lora_unet_"
-    if unet_prefix not in UNET_WRITE_PREFIXES:
+    if unet_prefix not in _UNET_WRITE_PREFIXES:
         raise OFTError(f"LyCORIS UNet prefix: expected 'lycoris_' or 'lora_unet_', found {unet_prefix!r}")
     return unet_prefix
 
@@ -172,12 +171,12 @@ def _layer_tensors(key: str, layer: OFTLayer) -> tuple[dict[str, torch.Tensor], 
     """The file's tensors of one layer and the alpha written (0: no constraint; a stored R has none)."""
     tensors = {}
     if layer.parameterization == "matrix":
-        r = layer.generators[0] if layer.transpose else layer.generators[0].transpose(-1, -2)
+        r = layer.blocks[0] if layer.transpose else layer.blocks[0].transpose(-1, -2)
         tensors[f"{key}.oft_diag"] = r.contiguous()
         alpha = 0.0
     else:
-        keep = layer.constraint.kind == "norm_clamp" and len(layer.generators) == 1 and layer.constraint.value > 0
-        gens = list(layer.generators) if keep else w.constrained(layer)
+        keep = layer.constraint.kind == "norm_clamp" and len(layer.blocks) == 1 and layer.constraint.value > 0
+        gens = list(layer.blocks) if keep else w.constrained(layer)
         q = gens[0] if layer.kind == "butterfly" else w.merge_splits(w.with_transpose(gens, layer.transpose, True))
         tensors[f"{key}.oft_blocks"] = w.upper(q)
         alpha = layer.constraint.value if keep else 0.0  # LyCORIS: alpha 0 = no constraint
@@ -198,7 +197,7 @@ def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mappin
     w.check_all(adapter, "LyCORIS", _why_not)
     algo = _algorithm(adapter)
     named = w.underscored_unique(
-        adapter, lambda layer: unet_prefix if layer.component == "unet" else WRITE_PREFIXES[layer.component])
+        adapter, lambda layer: unet_prefix if layer.component == "unet" else _WRITE_PREFIXES[layer.component])
     tensors, alphas = {}, set()
     for key, layer in named.items():
         own, alpha = _layer_tensors(key, layer)

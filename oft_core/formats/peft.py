@@ -11,7 +11,7 @@ Legacy ≤ 0.13 (`.oft_r` (r, b, b) only): output features rotated, W' = Rᵀ·W
 S = ½(A − Aᵀ). Legacy 0.14–0.15 (`.oft_r` + `.oft_s` (out, 1)): input features rotated, W' = (W·Rᵀ) ⊙ s. Current PEFT
 refuses the first and silently loads the second as identity; both are read here as those versions computed them.
 
-Writing (a PEFT ≥ 0.16 adapter directory, `PEFT_VERSION`'s layout): input-side diagonal-block UNet layers, one block
+Writing (a PEFT ≥ 0.16 adapter directory, `_PEFT_VERSION`'s layout): input-side diagonal-block UNet layers, one block
 size per layer (equal-size splits concatenated); parameterization, block_share and COFT eps are global in the config
 (a COFT that differs between layers, or that concatenated splits would change, is applied to Q and written off).
 Refused: output-side rotation (W·M ≠ M·W), text-encoder layers, BOFT, stored R, per-row scales (`oft_s`), splits of
@@ -31,17 +31,17 @@ from typing import Iterable, Mapping, NamedTuple
 import torch
 
 from ..errors import OFTError
-from ..safetensors_io import Header, parse_json
-from ..spec import Constraint, OFTAdapter, OFTLayer, make_layer, neumann_coefficients
+from ..safetensors_io import _Header, _parse_json
+from ..spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, make_layer
 from . import _write as w
 from ._keys import group_by_layer
 from ._triangle import block_size_of, pack_upper, unpack_upper
 
-CONFIG_NAME = "adapter_config.json"
-MODEL_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."  # what the writer puts before each module path
-PEFT_VERSION = "0.21.2"  # the PEFT whose file layout we write (packed oft_R, Neumann series with halved last term)
-KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_r|oft_s)$")
+_CONFIG_NAME = "adapter_config.json"
+_MODEL_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."  # what the writer puts before each module path
+_PEFT_VERSION = "0.21.2"  # the PEFT whose file layout we write (packed oft_R, Neumann series with halved last term)
+_KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_r|oft_s)$")
 # Outer prefixes PEFT / diffusers put before the module path, and the model part they name.
 _PREFIXES = (
     ("base_model.model.text_encoder_2.", "te2"),
@@ -56,37 +56,37 @@ _PREFIXES = (
 )
 
 
-def claims(header: Header, config) -> bool:
+def claims(header: _Header, config) -> bool:
     return any(k.endswith((".oft_R.weight", ".oft_r")) for k in header.tensors)
 
 
 def find_config(path: str) -> tuple[str, dict | None]:
     """(adapter file, parsed adapter_config.json or None) for a PEFT directory or a file beside its config."""
     if os.path.isdir(path):
-        model = os.path.join(path, MODEL_NAME)
+        model = os.path.join(path, _MODEL_NAME)
         if not os.path.exists(model):
             for name in ("adapter_model.bin", "adapter_model.pt"):
                 if os.path.exists(os.path.join(path, name)):
-                    from ..safetensors_io import refuse_pickle
+                    from ..safetensors_io import _refuse_pickle
 
-                    refuse_pickle(os.path.join(path, name))
-            raise OFTError(f"a directory without {MODEL_NAME}: expected a PEFT adapter directory", path=path)
+                    _refuse_pickle(os.path.join(path, name))
+            raise OFTError(f"a directory without {_MODEL_NAME}: expected a PEFT adapter directory", path=path)
     else:
         model = path
-    cfg_path = os.path.join(os.path.dirname(os.path.abspath(model)), CONFIG_NAME)
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(model)), _CONFIG_NAME)
     if not os.path.exists(cfg_path):
         return model, None
     try:
         with open(cfg_path, "rb") as f:
             raw = f.read(_MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise OFTError(f"cannot read {CONFIG_NAME} ({e.strerror or e})", path=cfg_path) from None
+        raise OFTError(f"cannot read {_CONFIG_NAME} ({e.strerror or e})", path=cfg_path) from None
     if len(raw) > _MAX_CONFIG_BYTES:
-        raise OFTError(f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES // 2**20} MiB: not a PEFT config",
+        raise OFTError(f"{_CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES // 2**20} MiB: not a PEFT config",
                        path=cfg_path)
-    config = parse_json(raw, CONFIG_NAME, cfg_path)
+    config = _parse_json(raw, _CONFIG_NAME, cfg_path)
     if not isinstance(config, dict):
-        raise OFTError(f"{CONFIG_NAME} must hold a JSON object, found JSON {type(config).__name__}", path=cfg_path)
+        raise OFTError(f"{_CONFIG_NAME} must hold a JSON object, found JSON {type(config).__name__}", path=cfg_path)
     return model, config
 
 
@@ -116,7 +116,7 @@ def _config_value(cfg: dict, name: str, default, kind: str, cfg_path: str):
             "text": "text",
         }[kind]
         shown = json.dumps(v)
-        raise OFTError(f"{CONFIG_NAME}: {name}: expected {want}, found "
+        raise OFTError(f"{_CONFIG_NAME}: {name}: expected {want}, found "
                        f"{shown if len(shown) <= 40 else shown[:30] + '…'}", path=cfg_path)
     return v
 
@@ -131,10 +131,10 @@ def _check_layout(cfg: dict, stored: int, b: int, block_share: bool, cfg_path: s
     r = cfg.get("r") or 0
     size = cfg.get("oft_block_size") or 0
     if size and width % size == 0 and b != size:
-        raise OFTError(f"{CONFIG_NAME} says oft_block_size {size}, but layer {layer!r} holds {stored} blocks of {b} "
+        raise OFTError(f"{_CONFIG_NAME} says oft_block_size {size}, but layer {layer!r} holds {stored} blocks of {b} "
                        f"(width {width}, which {size} divides): the config and the tensors disagree", path=cfg_path)
     if r and not size and width % r == 0 and width >= r and stored != r:
-        raise OFTError(f"{CONFIG_NAME} says r {r} (blocks per layer), but layer {layer!r} holds {stored} blocks of "
+        raise OFTError(f"{_CONFIG_NAME} says r {r} (blocks per layer), but layer {layer!r} holds {stored} blocks of "
                        f"{b}: the config and the tensors disagree", path=cfg_path)
 
 
@@ -176,9 +176,9 @@ def _config_settings(config: dict | None, path: str) -> tuple[dict, str, bool, b
     """(cfg, its path, block_share, coft, eps): every config field PEFT's OFTConfig types, checked (fail_closed
     tests pin each field's message)."""
     cfg = config or {}
-    cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME)
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), _CONFIG_NAME)
     if config is not None and str(cfg.get("peft_type", "OFT")).upper() not in ("OFT",):
-        raise OFTError(f"{CONFIG_NAME} says peft_type {cfg.get('peft_type')!r}, expected 'OFT'", path=path)
+        raise OFTError(f"{_CONFIG_NAME} says peft_type {cfg.get('peft_type')!r}, expected 'OFT'", path=path)
     block_share = _config_value(cfg, "block_share", False, "bool", cfg_path)
     coft = _config_value(cfg, "coft", False, "bool", cfg_path)
     eps = float(_config_value(cfg, "eps", 6e-5, "eps", cfg_path))
@@ -197,7 +197,7 @@ def _series(cfg: dict, config: dict | None, packed: bool, modules: dict, path: s
         return False, (), fmt
     if config is None:
         raise OFTError(
-            f"a PEFT OFT file needs its {CONFIG_NAME} beside it: exact Cayley and Cayley–Neumann give inverse "
+            f"a PEFT OFT file needs its {_CONFIG_NAME} beside it: exact Cayley and Cayley–Neumann give inverse "
             "rotations for the same numbers, and only the config says which was trained",
             path=path,
         )
@@ -205,7 +205,7 @@ def _series(cfg: dict, config: dict | None, packed: bool, modules: dict, path: s
     terms = _config_value(cfg, "num_cayley_neumann_terms", 5, "terms", cfg_path)
     version = cfg.get("peft_version")
     new_series = version is not None and _version_tuple(str(version)) >= (0, 18)
-    coeffs = neumann_coefficients(terms, last_term_halved=new_series) if neumann else ()
+    coeffs = _neumann_coefficients(terms, last_term_halved=new_series) if neumann else ()
     return neumann, coeffs, "peft"
 
 
@@ -226,7 +226,7 @@ def _packed_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
     _check_layout(st.cfg, int(vec.shape[0]), b, shared, st.cfg_path, key)
     u = unpack_upper(vec.to(torch.float32), b)
     return make_layer(
-        path=st.path, name=name, component=component, side="in", generators=[u - u.transpose(1, 2)],
+        path=st.path, name=name, component=component, side="in", blocks=[u - u.transpose(1, 2)],
         transpose=st.neumann,  # the series approximates Cayley(Q), the transpose of PEFT's exact branch
         parameterization="neumann" if st.neumann else "cayley", neumann_coeffs=st.coeffs,
         constraint=Constraint("block_projection", st.eps) if st.coft else Constraint(),
@@ -253,15 +253,15 @@ def _legacy_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
         raise OFTError("has .oft_r but no .oft_s while other layers have both", path=st.path, layer=key)
     return make_layer(
         path=st.path, name=name, component=component, side="in" if st.fmt == "peft_legacy_0.15" else "out",
-        generators=[0.5 * (a - a.transpose(1, 2))], transpose=False, row_scale=s, source=st.fmt, key=key,
+        blocks=[0.5 * (a - a.transpose(1, 2))], transpose=False, row_scale=s, source=st.fmt, key=key,
         block_share=shared,
     )
 
 
-def read(header: Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
+def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
     """The adapter of a PEFT OFT file; `config` is the parsed adapter_config.json beside it (None: absent)."""
     path = header.path
-    modules, ignored = group_by_layer(tensors, KEY)
+    modules, ignored = group_by_layer(tensors, _KEY)
     packed = any("oft_R.weight" in parts for parts in modules.values())
     if packed and any("oft_r" in parts for parts in modules.values()):
         raise OFTError("mixes current (.oft_R.weight) and legacy (.oft_r) PEFT OFT keys", path=path)
@@ -294,7 +294,7 @@ def _neumann_terms(coeffs: tuple[float, ...]) -> tuple[int, bool] | None:
     """(num_cayley_neumann_terms, written by PEFT ≥ 0.18) whose series has exactly these coefficients."""
     for halved in (True, False):
         for n in range(1, 65):
-            if neumann_coefficients(n, last_term_halved=halved) == tuple(coeffs):
+            if _neumann_coefficients(n, last_term_halved=halved) == tuple(coeffs):
                 return n, halved
     return None
 
@@ -324,7 +324,7 @@ def _why_not(layer: OFTLayer, dotted: dict[str, str | None]) -> str | None:
         return "stores the rotation R itself: it has no exact Cayley generator in fp32"
     if not w.identity_scale(layer):
         return "has a per-row scale (PEFT 0.14–0.15 oft_s), which current PEFT OFT does not store"
-    if len(layer.generators) > 1 and w.merge_splits(list(layer.generators)) is None:
+    if len(layer.blocks) > 1 and w.merge_splits(list(layer.blocks)) is None:
         return f"has splits with different block sizes {layer.block_sizes}; PEFT stores one block size per layer"
     if "." not in layer.name and layer.name not in dotted and "_" in layer.name:
         return ("has an underscored name, and PEFT needs the dotted module path: the '.' → '_' substitution "
@@ -371,7 +371,7 @@ def _global_settings(adapter: OFTAdapter, layers: list[OFTLayer]) -> _Global:
     cons = {(layer.constraint.kind, layer.constraint.value) for layer in layers}
     coft = len(cons) == 1 and next(iter(cons))[0] == "block_projection"
     eps = next(iter(cons))[1] if coft else 6e-5  # PEFT's default eps; unused with coft false
-    coft = coft and not any(len(layer.generators) > 1 for layer in layers)
+    coft = coft and not any(len(layer.blocks) > 1 for layer in layers)
     return _Global(neumann, terms, new_series, block_share, coft, eps)
 
 
@@ -380,7 +380,7 @@ def _peft_layers(adapter: OFTAdapter, layers: list[OFTLayer], g: _Global,
     """Each layer's module path and Q in PEFT's convention (exact branch applies Cayley(Q)ᵀ, Neumann ≈ Cayley(Q))."""
     written = []
     for layer in layers:
-        gens = list(layer.generators) if g.coft else w.constrained(layer)
+        gens = list(layer.blocks) if g.coft else w.constrained(layer)
         q = w.merge_splits(w.with_transpose(gens, layer.transpose, g.neumann))
         path = layer.name if "." in layer.name or layer.name not in dotted else dotted[layer.name]
         written.append(_PeftLayer(path, q))
@@ -420,7 +420,7 @@ def _config(g: _Global, r: int, block: int, paths: list[str]) -> dict:
         "exclude_modules": None,
     }
     if not g.neumann or g.new_series:
-        config["peft_version"] = PEFT_VERSION
+        config["peft_version"] = _PEFT_VERSION
     # else: the 0.16–0.17 series (last coefficient 2) is what a config without peft_version means to our reader and
     # to those PEFT versions; PEFT ≥ 0.18 would compute its newer series for such a file whatever we write.
     return config
@@ -442,13 +442,13 @@ def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mappin
     written = _peft_layers(adapter, layers, g, dotted)
     r, block = _r_and_block_size(adapter, written, g.block_share)
     config = _config(g, r, block, [x.path for x in written])
-    tensors = {f"{PREFIX}{x.path}.oft_R.weight": pack_upper(x.q) for x in written}
+    tensors = {f"{_PREFIX}{x.path}.oft_R.weight": pack_upper(x.q) for x in written}
     meta = w.finish_metadata({"format": "pt"}, metadata)
 
     def write_files(tmp_dir: str) -> None:
-        with open(os.path.join(tmp_dir, MODEL_NAME), "wb") as f:
+        with open(os.path.join(tmp_dir, _MODEL_NAME), "wb") as f:
             f.write(w.serialize(tensors, meta))
-        with open(os.path.join(tmp_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp_dir, _CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
 
     return w.atomic_dir(out, overwrite, write_files, adapter, inputs)
