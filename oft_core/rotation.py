@@ -448,7 +448,7 @@ def rotate_weight(
         return weight if out_dtype in (None, weight.dtype) else weight.to(out_dtype)
     if mode not in STRENGTH_MODES:
         raise OFTError(_mismatch("strength mode", " | ".join(STRENGTH_MODES), repr(mode)))
-    was_finite = _all_finite(weight)
+    was_finite = _finite_flag(weight)
     out = torch.empty(weight.shape, dtype=out_dtype or weight.dtype, device=weight.device)
     _rotate(layer, strength, mode, blocks, weight.reshape(weight.shape[0], -1), out.view(weight.shape[0], -1))
     _check_result(layer, out, was_finite, strength)
@@ -478,7 +478,7 @@ def rotate_weight_(
     except RuntimeError:  # not viewable as 2-D (a non-contiguous slice): compute aside, then write back
         weight.copy_(rotate_weight(layer, weight, strength, mode, blocks=blocks))
         return weight
-    was_finite = _all_finite(flat)
+    was_finite = _finite_flag(flat)
     _rotate(layer, strength, mode, blocks, flat, flat)
     _check_result(layer, flat, was_finite, strength)
     return weight
@@ -500,10 +500,28 @@ def _all_finite(t: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(chunk.float() if widen else chunk).all()) for chunk in t.split(rows, dim=0))
 
 
-def _check_result(layer: OFTLayer, result: torch.Tensor, was_finite: bool, strength: float) -> None:
+def _reads_deferred(t: torch.Tensor) -> bool:
+    """Whether `t`'s finite check stays on its device until the result's is known (an accelerator: a patch in
+    ComfyUI's low-VRAM mode runs on every forward, and each read from the device waits for it)."""
+    return t.device.type != "cpu"
+
+
+def _finite_flag(t: torch.Tensor) -> bool | torch.Tensor:
+    """`_all_finite(t)`, or on an accelerator the same as a 0-d bool tensor not read yet (`_check_result` reads it
+    together with the result's: one read per patched weight)."""
+    if t.numel() and t.ndim and _reads_deferred(t):
+        return torch.isfinite(t).all()
+    return _all_finite(t)
+
+
+def _check_result(layer: OFTLayer, result: torch.Tensor, was_finite: bool | torch.Tensor, strength: float) -> None:
     """Never hand back NaN/Inf the weight did not already have (an overflow in the weight's dtype, e.g. fp16 at a
     large strength): the caller stops and writes nothing."""
-    if was_finite and not _all_finite(result):
+    if isinstance(was_finite, torch.Tensor):
+        overflowed = bool(was_finite & ~torch.isfinite(result).all())  # the one read of this patch
+    else:
+        overflowed = was_finite and not _all_finite(result)
+    if overflowed:
         raise OFTError(f"the adapted weight {tuple(result.shape)} ({str(result.dtype).replace('torch.', '')}) would "
                        f"hold NaN or Inf values at strength {strength:g}, while the weight had none: it overflows "
                        "its dtype; use a smaller strength", layer=layer.key)

@@ -367,3 +367,39 @@ def test_blocked_solve_is_exact_on_large_blocks():
     ref = torch.stack([torch.linalg.solve((e - x).double(), y.double()) for e, x, y in zip(eye, q, w)])
     y = _solve_positive_real_((eye - q).contiguous(), w.clone())
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_a_patch_on_an_accelerator_reads_its_finite_checks_from_the_device_once(monkeypatch):
+    """ComfyUI's low-VRAM mode patches weights on every forward: with the rotation blocks cached (as the weight adapter
+    keeps them), a patch on an accelerator reads the device once (the weight's and the result's finite flags
+    together), and still refuses an overflow the weight did not have and keeps an Inf it had. Pinned on the CPU by
+    routing it through the deferred path and counting the host reads."""
+    from test_sync_free import count_reads
+
+    from oft_core import rotation
+    from oft_core.errors import OFTError
+
+    g = torch.Generator().manual_seed(0)
+    layer = make_layer(path="x.safetensors", name="l", side="out", blocks=[0.3 * _skew(torch.randn(4, 10, 10,
+                       generator=g))], transpose=True, constraint=Constraint("norm_clamp", 1e3), key="oft_unet_l")
+    w = ((torch.rand(40, 40, generator=g) * 2 - 1) * 2000).to(torch.float16)
+    expected = rotate_weight(layer, w, 1.0)
+    monkeypatch.setattr(rotation, "_reads_deferred", lambda t: True)
+    for strength in (1.0, 900.0):
+        blocks = rotation.rotation_blocks(layer, strength, "kohya")
+        with count_reads() as reads:
+            try:
+                out = rotation.rotate_weight_(layer, w.clone(), strength, blocks=blocks)
+            except OFTError as e:
+                assert strength == 900.0 and "overflows" in str(e)
+            else:
+                assert strength == 1.0 and torch.equal(out, expected)
+        assert sum(reads.values()) == 1, reads
+    with_inf = w.clone()
+    with_inf[0, 0] = float("inf")  # an Inf the weight already has: no refusal, whatever the result holds
+    out = rotation.rotate_weight_(layer, with_inf, 900.0, blocks=rotation.rotation_blocks(layer, 900.0, "kohya"))
+    assert not torch.isfinite(out).all()
+    monkeypatch.undo()
+    with count_reads() as reads:  # the CPU path reads a chunk at a time (a small mask): more than one read
+        rotation.rotate_weight_(layer, w.clone(), 1.0, blocks=rotation.rotation_blocks(layer, 1.0, "kohya"))
+    assert sum(reads.values()) >= 2
