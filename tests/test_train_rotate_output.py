@@ -20,14 +20,6 @@ from oft_core.rotation import rotate_features
 from oft_core.train import OFTTrainer, rotate_output
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def reference(layer, y, bias, blocks, dim):
     if bias is None:
         return rotate_features(layer, y, dim=dim, blocks=blocks)
