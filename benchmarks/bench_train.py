@@ -564,8 +564,9 @@ def flops_lines() -> list[str]:
             f"{m['shared']:.0f} GMAC (3 × {m['linear_fwd']:.0f} linear forward/recompute/dX + {m['attention']:.0f} "
             f"attention); core + {m['core_extra']:.0f} (dW' = gᵀx for every layer, R·W twice, dR); ours + "
             f"{m['ours_extra']:.1f} (rotations of outputs) → ours/core {m['ours'] / m['core']:.2f} at equal "
-            f"throughput: the floor of the time ratio (goal ≤ 0.5 is below it: the base forward, recomputation and "
-            f"dX, which both sides must do, are {m['shared'] / m['core']:.2f} of core's work)"]
+            f"throughput (the base forward, recomputation and dX, which both sides must do, are "
+            f"{m['shared'] / m['core']:.2f} of core's multiply-adds; core's measured step is slower than its count: "
+            f"it rotates each weight in fp32)"]
 
 
 # ------------------------------------------------------------------------------------------------ part 2 (synthetic)
