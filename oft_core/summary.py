@@ -170,6 +170,11 @@ def _lycoris_notes(adapter: OFTAdapter, names: list[str]) -> list[str]:
     if bad:
         notes.append(f"LyCORIS diag-oft cannot load {len(bad)} layers ({_examples(bad)}): it rebuilds a layer's "
                      "layout from the block size alone and only holds a block size ≤ the block count")
+    stored = [layer.key for layer in adapter if layer.parameterization == "matrix"]
+    if stored:
+        notes.append(f"LyCORIS 4.1.3 cannot load {len(stored)} layers ({_examples(stored)}): they are LyCORIS 2.0 "
+                     "'oft_diag' layers (the rotation R itself), which it no longer reads, nor does ComfyUI's own "
+                     "loader; this pack applies them")
     if any(k.startswith("lora_unet_") for k in names):
         notes.append("LyCORIS 4.1.3: its kohya-style loader (lycoris.kohya.create_network_from_weights) stops "
                      "with an assertion on SD UNets (duplicated lora name: lora_unet_time_embedding_linear_1); "

@@ -438,3 +438,26 @@ def test_merge_formats_load_in_their_tools(sd, work, capsys):
     ok(res)
     assert res["missing"] == [] and res["unexpected"] == [] and len(res["loaded"]) == len(load_adapter(out))
     compare(got, {1.0: baked(base, out, 1.0, work)}, strengths=(1.0,))
+
+
+def test_old_oft_diag_layers_written_for_lycoris_are_reported_as_not_loadable_by_it(work, capsys):
+    """LyCORIS 2.0's `oft_diag` layers (the rotation R itself) are written as they are by `convert --to lycoris`;
+    LyCORIS 4.1.3 itself cannot load them (it no longer has `oft_diag`: its loader stops), and the save report says
+    so."""
+    d = comfy_models.FIXTURES / "lycoris" / "lycoris_diag_oft_dim8"
+    old = {}
+    for k, v in load_file(str(d / "lycoris_diag_oft_dim8.safetensors")).items():
+        if k.endswith(".oft_blocks"):
+            q = v - v.transpose(1, 2)
+            eye = torch.eye(q.shape[-1]).expand_as(q)
+            old[k.replace(".oft_blocks", ".oft_diag")] = (eye + q) @ torch.linalg.inv(eye - q)
+    src = work / "old_oft_diag.safetensors"
+    save_file(old, str(src))
+    out = work / "old_oft_diag_as_lycoris.safetensors"
+    rc, text = _cli(["convert", src, "--to", "lycoris", "--out", out], capsys)
+    assert rc == 0, text
+    layers = len(load_adapter(out))
+    assert layers == len(old) and f"note: LyCORIS 4.1.3 cannot load {layers} layers" in text
+    res, _ = _lycoris(out, d / "base.safetensors", work, "lycoris_old_oft_diag", prefix="lycoris")
+    # LyCORIS itself: it finds no module type for an `oft_diag` layer and stops
+    assert not res["ok"] and "make_module_from_state_dict" in res["error"], res.get("error")
