@@ -13,7 +13,7 @@ import torch
 
 pytestmark = pytest.mark.comfyui
 
-FAMILIES = ("sd3", "wan", "qwen")
+FAMILIES = ("sd3", "wan", "qwen", "hidream")
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +32,11 @@ def training_data(family: str, n: int = 2, seed: int = 0):
     elif family == "wan":
         latents = torch.randn(n, 16, 1, 8, 8, generator=g)
         positive = [[torch.randn(1, 5, 32, generator=g), {}]]
+    elif family == "hidream":  # T5 features, pooled CLIP, and the Llama layers (batch, layer, tokens, features)
+        latents = torch.randn(n, 16, 8, 8, generator=g)
+        extra = {"pooled_output": torch.randn(1, 24, generator=g),
+                 "conditioning_llama3": torch.randn(1, 1, 5, 48, generator=g)}
+        positive = [[torch.randn(1, 5, 32, generator=g), extra]]
     else:
         latents = torch.randn(n, 16, 1, 8, 8, generator=g)
         positive = [[torch.randn(1, 5, 48, generator=g), {}]]
@@ -115,7 +120,7 @@ def test_generic_all_linear_and_family_names(mods, family):
         assert lay.left_out == ["joint_blocks.1.context_block.adaLN_modulation.1"]
     elif family == "wan":  # no lycoris_ names in ComfyUI's Wan map: its own paths under lora_unet_ (musubi-tuner)
         assert lay.prefix == "lora_unet_" and lay.names["blocks.0.self_attn.q"] == "blocks.0.self_attn.q"
-    else:  # Qwen-Image: ComfyUI's names are diffusers'
+    else:  # Qwen-Image, HiDream: ComfyUI's names are diffusers'
         assert lay.prefix == "lycoris_" and all(k == v for k, v in lay.names.items()) and not lay.splits
 
 
@@ -146,9 +151,9 @@ def test_flow_objective_from_model_sampling(mods, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_any_family_through_the_node(mods, family, tmp_path):
-    """all-linear on SD3 / Wan / Qwen-Image through the OFTTrainer node under inference mode: the loss moves, the
-    base weights stay, the adapter carries the family's LyCORIS names, kohya is refused, LyCORIS is written, and
-    that file loaded back through OFTLoader patches exactly what the node's output model patches."""
+    """all-linear on SD3 / Wan / Qwen-Image / HiDream through the OFTTrainer node under inference mode: the loss
+    moves, the base weights stay, the adapter carries the family's LyCORIS names, kohya is refused, LyCORIS is
+    written, and that file loaded back through OFTLoader patches exactly what the node's output model patches."""
     from comfyui_oft.nodes import files, oft_nodes
     from comfyui_oft.oft_core import OFTError, load_adapter
     from comfyui_oft.oft_core.formats import write_adapter
@@ -167,6 +172,11 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
     elif family == "wan":
         assert "blocks.1.cross_attn.o" in names
         assert all(layer.key.startswith("lora_unet_blocks_") for layer in adapter)
+    elif family == "hidream":  # both streams' attention, the text stream's projections, the MoE experts
+        assert {"double_stream_blocks.0.block.attn1.to_q", "double_stream_blocks.0.block.attn1.to_q_t",
+                "double_stream_blocks.0.block.ff_i.experts.1.w2", "single_stream_blocks.0.block.attn1.to_out",
+                "single_stream_blocks.0.block.ff_i.shared_experts.w3"} <= names
+        assert all(layer.key.startswith("lycoris_") for layer in adapter)
     else:
         assert "transformer_blocks.1.attn.to_add_out" in names
         assert all(layer.key.startswith("lycoris_transformer_blocks_") for layer in adapter)

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.tools, pytest.mark.comfyui]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "tools_dit_reference.py"
 FAMILIES = ("sd3", "wan", "qwen", "hidream")
-TRAINED = ("sd3", "wan", "qwen")  # families whose conditioning the training test builds
+TRAINED = FAMILIES  # every family: the training test builds their conditioning
 TOOLS = ("lycoris", "boft", "peft")
 
 # diffusers WanTransformer3DModel -> original Wan / ComfyUI names: diffusers' TRANSFORMER_KEYS_RENAME_DICT
