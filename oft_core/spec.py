@@ -250,30 +250,32 @@ def _make_layers(
     blocks = list(map(tuple, blocks))
     finite = list(map(tuple, finite))
     signatures = _signatures(blocks, finite, constraints)
+    # each row's signature named by the row where it first occurs (one hash of a signature per row; the dict keeps
+    # those first rows in row order)
+    first_row: dict = {}
+    first_of = list(map(first_row.setdefault, signatures, range(rows))) if signatures is not None else [None] * rows
     # the first row of each signature, in row order: through make_layer (so the first failing row raises first)
     first: dict = {}
-    # each signature's first row (reversed: the last write of a key is its smallest index), taken in row order
-    first_row = dict(zip(reversed(signatures), range(rows - 1, -1, -1))) if signatures is not None else {}
-    for signature, i in sorted(first_row.items(), key=itemgetter(1)):
+    for i in first_row.values():
         layer = make_layer(path=path, name=names[i], key=keys[i], blocks=_Blocks(blocks[i], finite[i]),
                            constraint=constraints[i], source=sources[i], **common)
         # later rows are built like it only when make_layer kept the caller's tensors as they are (fp32, no grad)
         # and made no row scale of its own
         if layer.row_scale is None and all(a is b for a, b in zip(layer.blocks, blocks[i])):
-            first[signature] = (i, layer)
+            first[i] = layer
     new, set_fields = object.__new__, object.__setattr__
     out = []
-    for i in range(rows):
-        done = first.get(signatures[i]) if signatures is not None else None
-        if done is None or done[0] == i:
-            out.append(done[1] if done is not None else make_layer(
+    for i, f in enumerate(first_of):
+        like = first.get(f)
+        if like is None or f == i:
+            out.append(like if like is not None else make_layer(
                 path=path, name=names[i], key=keys[i], blocks=_Blocks(blocks[i], finite[i]),
                 constraint=constraints[i], source=sources[i], **common))
             continue
         # frozen dataclass: its __setattr__ refuses, so the fields are filled like dataclasses.replace would, without
         # its per-field overhead (a layer of 14 fields took 2.6 µs; 100,000 of them a quarter second): a copy of the
         # first row's field dict (one C copy; updating an empty one key by key took a quarter longer), 4 replaced
-        fields = done[1].__dict__.copy()
+        fields = like.__dict__.copy()
         fields["name"] = names[i]
         fields["key"] = keys[i] or names[i]
         fields["blocks"] = blocks[i]
