@@ -149,6 +149,9 @@ def test_header_variants_read_as_json_and_the_entry_rules_say(tmp_path, case):
     try:
         header = read_header(path)
         got = (header.tensors, header.metadata)
+        # what the compact form's check knew on the way (or what the entries say) = the entries' own figures
+        assert header.dtypes == {ti.dtype for ti in header.tensors.values()}, case
+        assert header.data_end == max((ti.end for ti in header.tensors.values()), default=0) == data_size, case
     except OFTError as e:
         got = str(e)
         assert str(path) in got  # a refusal names the file
@@ -163,7 +166,8 @@ def test_compact_form_is_read_without_json_and_equals_it(tmp_path):
     text = _compact(metadata={"ss_network_module": "networks.oft", "q": 'a "b" \\ c'})
     result = _canonical(text.encode(), 42)
     assert result is not None
-    entries, metadata = result
+    entries, metadata, dtypes = result
+    assert dtypes == {"F32", "BF16"}
     reference = _json.loads(text)
     assert metadata == reference.pop("__metadata__")
     assert entries == _entries_one_by_one(reference, 42, "x") == _entries_at_once(reference, 42)
