@@ -13,9 +13,8 @@ import os
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import partial
-from itertools import chain
+from dataclasses import dataclass, field
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import NamedTuple
 
@@ -44,6 +43,9 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         _DTYPES[_name] = getattr(torch, _attr)
 
 
+_DTYPE_NAME, _END = itemgetter(0), itemgetter(3)  # of a TensorInfo
+
+
 class _TensorInfo(NamedTuple):
     """One checked header entry (a named tuple: a header of 200,000 entries makes 200,000 of them)."""
 
@@ -59,6 +61,24 @@ class _Header:
     tensors: dict[str, _TensorInfo]
     metadata: dict[str, str]
     data_offset: int  # where the tensor bytes begin
+    # known from the all-at-once check of safetensors' compact form (else None: computed from the entries when asked):
+    # the distinct dtype names, and where the tensor data ends (its size: the entries tile it)
+    known_dtypes: frozenset[str] | None = field(default=None, compare=False)
+    known_data_end: int | None = field(default=None, compare=False)
+
+    @property
+    def dtypes(self) -> set[str] | frozenset[str]:
+        """The distinct dtype names of the entries."""
+        if self.known_dtypes is not None:
+            return self.known_dtypes
+        return set(map(_DTYPE_NAME, self.tensors.values()))
+
+    @property
+    def data_end(self) -> int:
+        """Where the last tensor's data ends (the data section's size)."""
+        if self.known_data_end is not None:
+            return self.known_data_end
+        return max(map(_END, self.tensors.values()), default=0)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -208,8 +228,9 @@ def _tiled(keys: list[str], dtypes: list[str], shapes: list[tuple], begins: list
     begin_sorted, end_sorted = begin[order], end[order]
     if begin_sorted[0] != 0 or end_sorted[-1] != data_size or not np.array_equal(begin_sorted[1:], end_sorted[:-1]):
         return None
-    # tuple.__new__ through partial: no Python call per entry (TensorInfo._make took a tenth of a second)
-    return dict(zip(keys, map(partial(tuple.__new__, _TensorInfo), zip(dtypes, shapes, begins, ends))))
+    # tuple.__new__ mapped: no Python call per entry (TensorInfo._make took a tenth of a second; a partial a tenth
+    # longer than this)
+    return dict(zip(keys, map(tuple.__new__, repeat(_TensorInfo), zip(dtypes, shapes, begins, ends))))
 
 
 # The header as safetensors itself writes it (serde_json, compact): `{"__metadata__":{...},"<key>":{"dtype":"F32",
@@ -224,7 +245,7 @@ _STRING = r'"(?:[^"\\\x00-\x1f]|\\.)*"'
 _METADATA = re.compile(r'\{"__metadata__":(\{(?:%s:%s(?:,%s:%s)*)?\})' % (_STRING, _STRING, _STRING, _STRING))
 
 
-def _canonical(raw: bytes, data_size: int) -> tuple[dict[str, _TensorInfo], dict[str, str]] | None:
+def _canonical(raw: bytes, data_size: int) -> tuple[dict[str, _TensorInfo], dict[str, str], frozenset[str]] | None:
     """(checked entries, metadata) of a header in safetensors' own compact form whose entries pass every check;
     None otherwise (then `_parse_json` and the checks say what is wrong, or read an unusual but valid header). The
     result is what `json.loads` and `_check_entries` give for the same text: the grammar admits only JSON whose
@@ -250,12 +271,13 @@ def _canonical(raw: bytes, data_size: int) -> tuple[dict[str, _TensorInfo], dict
     if any(parts[0::6]):  # text before, between or after the entries: not the compact form
         return None
     keys = parts[1::6]
-    if not keys or len(set(keys)) != len(keys) or "__metadata__" in keys or not set(parts[2::6]) <= _DTYPE_BITS.keys():
+    dtypes = frozenset(parts[2::6])
+    if not keys or len(set(keys)) != len(keys) or "__metadata__" in keys or not dtypes <= _DTYPE_BITS.keys():
         return None
     shape_of = {t: tuple(map(int, t.split(","))) if t else () for t in set(parts[3::6])}
     tensors = _tiled(keys, parts[2::6], list(map(shape_of.__getitem__, parts[3::6])), list(map(int, parts[4::6])),
                      list(map(int, parts[5::6])), data_size)
-    return None if tensors is None else (tensors, metadata)
+    return None if tensors is None else (tensors, metadata, dtypes)
 
 
 def _entries_one_by_one(header: dict, data_size: int, path: str) -> dict[str, _TensorInfo]:
@@ -336,7 +358,7 @@ def read_header(path: str | os.PathLike) -> _Header:
         raise OFTError(f"cannot read the file ({e.strerror or e})", path=path) from None
     fast = _canonical(raw, size - 8 - n)
     if fast is not None:
-        return _Header(path, fast[0], fast[1], 8 + n)
+        return _Header(path, *fast[:2], 8 + n, known_dtypes=fast[2], known_data_end=size - 8 - n)
     try:
         header = _parse_json(raw, "the safetensors header", path)
     except OFTError as e:
@@ -390,8 +412,7 @@ class _FileTensors(Mapping):
 
     def __init__(self, header: _Header):
         self.header = header
-        dtypes = {ti.dtype for ti in header.tensors.values()}
-        if not dtypes <= _DTYPES.keys():
+        if not header.dtypes <= _DTYPES.keys():
             key, ti = next((k, ti) for k, ti in header.tensors.items() if ti.dtype not in _DTYPES)
             raise _unknown_dtype(header.path, key, ti.dtype)
         try:
@@ -400,7 +421,7 @@ class _FileTensors(Mapping):
                 self._data = bytearray(f.read())
         except OSError as e:
             raise OFTError(f"cannot read the file ({e.strerror or e})", path=header.path) from None
-        if len(self._data) < max((ti.end for ti in header.tensors.values()), default=0):
+        if len(self._data) < header.data_end:
             raise OFTError("the file became shorter while it was read: was it changed meanwhile?", path=header.path)
         self._typed: dict[torch.dtype, torch.Tensor] = {}  # the whole data section as each dtype
         self._all: dict[str, torch.Tensor] | None = None

@@ -149,6 +149,9 @@ def test_header_variants_read_as_json_and_the_entry_rules_say(tmp_path, case):
     try:
         header = read_header(path)
         got = (header.tensors, header.metadata)
+        # what the compact form's check knew on the way (or what the entries say) = the entries' own figures
+        assert header.dtypes == {ti.dtype for ti in header.tensors.values()}, case
+        assert header.data_end == max((ti.end for ti in header.tensors.values()), default=0) == data_size, case
     except OFTError as e:
         got = str(e)
         assert str(path) in got  # a refusal names the file
@@ -163,7 +166,8 @@ def test_compact_form_is_read_without_json_and_equals_it(tmp_path):
     text = _compact(metadata={"ss_network_module": "networks.oft", "q": 'a "b" \\ c'})
     result = _canonical(text.encode(), 42)
     assert result is not None
-    entries, metadata = result
+    entries, metadata, dtypes = result
+    assert dtypes == {"F32", "BF16"}
     reference = _json.loads(text)
     assert metadata == reference.pop("__metadata__")
     assert entries == _entries_one_by_one(reference, 42, "x") == _entries_at_once(reference, 42)
@@ -226,7 +230,7 @@ def test_a_dtype_torch_cannot_read_is_refused_even_if_never_asked_for(tmp_path):
 
 # ------------------------------------------------------------------------------------------ make_layers = make_layer
 
-from oft_core.spec import Constraint, _make_layers  # noqa: E402
+from oft_core.spec import Constraint, _make_layers, _tensor_facts  # noqa: E402
 
 
 def _rows(gens, flags, constraints):
@@ -285,6 +289,26 @@ def test_make_layers_refuses_exactly_as_make_layer(case):
         assert "'k3'" in str(batched.value)  # the bad row, by its key
 
 
+def _with_facts(rows):
+    """`rows` with the generators' facts supplied, as the kohya reader supplies them for the views of one batch."""
+    return {**rows, "facts": [_tensor_facts(gens[0]) for gens in rows["blocks"]]}
+
+
+@pytest.mark.parametrize("case", [c for c in BAD_ROWS if c not in ("not a tensor", "no split")])
+def test_make_layers_with_known_facts_refuses_exactly_as_make_layer(case):
+    gen, flag, constraint, words = BAD_ROWS[case]
+    good = Constraint("norm_clamp", 1e-3)
+    gens = [(1e-3 * torch.randn(2, 4, 4),) for _ in range(6)]
+    gens[3] = gen
+    flags = [(True,)] * 3 + [flag] + [(True,)] * 2
+    rows = _rows(gens, flags, [good] * 3 + [constraint] + [good] * 2)
+    with pytest.raises((OFTError, ValueError), match=words) as batched:
+        _make_layers(**_with_facts(rows))
+    with pytest.raises((OFTError, ValueError), match=words) as single:
+        _one_by_one(rows)
+    assert str(batched.value) == str(single.value)
+
+
 def test_make_layers_raises_the_first_bad_row_in_order():
     gens = [(torch.zeros(2, 4, 4),)] * 4 + [(torch.zeros(2, 4, 3),)] + [(torch.zeros(2, 4, 4),)] * 3
     flags = [(True,)] * 8
@@ -314,6 +338,11 @@ def test_make_layers_builds_what_make_layer_builds():
     assert batched[4].constraint == Constraint()  # None became "no constraint", as in make_layer
     assert batched[1].blocks[0] is gens[1][0]  # built like the first row of its signature: the caller's tensor
     assert batched[5].blocks[0].dtype == torch.float32 and not batched[6].blocks[0].requires_grad
+    one_split = {k: v[:7] if isinstance(v, list) else v for k, v in rows.items()}  # facts: one tensor per row
+    for a, b in zip(_make_layers(**_with_facts(one_split)), single[:7]):
+        _same_layer(a, b)
+    with pytest.raises(ValueError, match="one item per layer"):
+        _make_layers(**{**_with_facts(one_split), "facts": _with_facts(one_split)["facts"][:6]})
 
 
 # ------------------------------------------------------------------------------------------ kohya: usual file path

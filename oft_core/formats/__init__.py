@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-from operator import itemgetter
 from typing import Callable, Mapping, NamedTuple
 
 import torch
@@ -105,7 +104,7 @@ _FLOAT_DTYPES = frozenset(("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
 
 
 def _check_generator_dtypes(header: _Header) -> None:
-    if set(map(itemgetter(0), header.tensors.values())) <= _FLOAT_DTYPES:  # every tensor floating point: nothing to
+    if header.dtypes <= _FLOAT_DTYPES:  # every tensor floating point: nothing to
         return  # look for (a key-by-key pass over 200,000 keys took a twentieth of a second)
     for k, ti in header.tensors.items():
         if ti.dtype not in _FLOAT_DTYPES and _GENERATOR.search(k):

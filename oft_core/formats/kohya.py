@@ -29,7 +29,7 @@ import torch
 from ..errors import OFTError
 from ..rotation import _constrain, _skew
 from ..safetensors_io import _FileTensors, _Header, _stack_values
-from ..spec import Constraint, OFTAdapter, OFTLayer, _finite_each, _make_layers
+from ..spec import Constraint, OFTAdapter, OFTLayer, _finite_each, _make_layers, _tensor_facts
 from . import _write as w
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ def _simple_keys(keys: list[str]) -> tuple[list[str], list[str], list[str]] | No
     return names, alpha_keys, block_keys
 
 
-def _simple_rows(names: list[str], values: list, qs: list, finite: list, source: str) -> "_Rows | None":
+def _simple_rows(names: list[str], values: list, qs: list, finite: list, facts: list, source: str
+                 ) -> "_Rows | None":
     """The rows `read`'s per-layer loop gives when every layer (`names`, sorted; the batched values aligned with
     them) has one well-shaped `.oft_blocks` and a nonzero scalar `.alpha` (the usual file), built for all layers at
     once; None for anything else (the loop, whose refusals come in key order)."""
@@ -113,7 +114,7 @@ def _simple_rows(names: list[str], values: list, qs: list, finite: list, source:
     constraint_of = {v: Constraint("norm_clamp", v) for v in dict.fromkeys(values)}
     start = len(_PREFIX)
     return _Rows([key[start:] for key in names], names, [(q,) for q in qs], [(f,) for f in finite],
-                 list(map(constraint_of.__getitem__, values)), [source] * len(names))
+                 list(map(constraint_of.__getitem__, values)), [source] * len(names), facts)
 
 
 def _by_layout(layouts: list) -> list:
@@ -136,12 +137,13 @@ _DTYPE_SHAPE = itemgetter(0, 1)  # of a TensorInfo
 
 
 def _batched_values(alpha_keys: list[str], block_keys: list[str], tensors: Mapping[str, torch.Tensor],
-                    header: _Header) -> tuple[list, list, list]:
+                    header: _Header) -> tuple[list, list, list, list]:
     """What the per-layer checks need of the tensors' values, computed for all layers of one layout at once, as
     lists aligned with the keys: each scalar `.alpha` as a float, each well-shaped `.oft_blocks` as Q = A − Aᵀ in
-    fp32 and whether that Q is finite. The same values the per-layer ops give (elementwise ops, stacked); malformed
-    tensors get None, for the per-layer checks to refuse in file order. Shapes and dtypes come from the header;
-    values from `tensors` in batches (a `_FileTensors` stacks them without a tensor per key)."""
+    fp32, whether that Q is finite, and that Q's `_tensor_facts` (one tuple per batch). The same values the
+    per-layer ops give (elementwise ops, stacked); malformed tensors get None, for the per-layer checks to refuse in
+    file order. Shapes and dtypes come from the header; values from `tensors` in batches (a `_FileTensors` stacks
+    them without a tensor per key)."""
     info = header.tensors
     if isinstance(tensors, _FileTensors):
         def entries(keys):
@@ -171,6 +173,7 @@ def _batched_values(alpha_keys: list[str], block_keys: list[str], tensors: Mappi
             _scatter(alpha_values, positions, values)
     qs: list = [None] * len(block_keys)
     finite: list = [None] * len(block_keys)
+    facts: list = [None] * len(block_keys)
     infos = entries(block_keys)
     for positions in _by_layout(layouts(block_keys, infos)):
         shape = infos[positions[0]].shape
@@ -182,9 +185,11 @@ def _batched_values(alpha_keys: list[str], block_keys: list[str], tensors: Mappi
             whole = len(chunk) == len(block_keys)
             q = _skew(stack(block_keys if whole else [block_keys[i] for i in chunk],
                            infos if whole else [infos[i] for i in chunk]).to(torch.float32))
-            _scatter(qs, chunk, q.unbind(0))
+            views = q.unbind(0)
+            _scatter(qs, chunk, views)
             _scatter(finite, chunk, _finite_each(q))
-    return alpha_values, qs, finite
+            _scatter(facts, chunk, [_tensor_facts(views[0])] * len(views))  # one unbind: one type, shape, ...
+    return alpha_values, qs, finite, facts
 
 
 def _scatter(out: list, positions, values) -> None:
@@ -238,6 +243,7 @@ class _Rows(NamedTuple):
     finite: list
     constraints: list
     sources: list
+    facts: list | None = None  # `_tensor_facts` of each row's one generator, when `_batched_values` made them all
 
     def layers(self, path: str) -> list[OFTLayer]:
         return _make_layers(
@@ -248,6 +254,7 @@ class _Rows(NamedTuple):
             finite=self.finite,
             constraints=self.constraints,
             sources=self.sources,
+            facts=self.facts,
             side="out",
             transpose=True,  # sd-scripts: einsum("k n m, k n ... -> k m ...", R, W) = Rᵀ·W per block
         )
@@ -266,8 +273,8 @@ def read(header: _Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAda
     if simple is not None:
         names, alpha_keys, block_keys = simple
         ignored = []
-        values, qs, finite = _batched_values(alpha_keys, block_keys, tensors, header)
-        rows = _simple_rows(names, values, qs, finite, "kohya_flux" if flux else "kohya")
+        values, qs, finite, facts = _batched_values(alpha_keys, block_keys, tensors, header)
+        rows = _simple_rows(names, values, qs, finite, facts, "kohya_flux" if flux else "kohya")
         if rows is None:
             layers = {name: [b, None, a] for name, a, b in zip(names, alpha_keys, block_keys)}
     else:
@@ -276,7 +283,7 @@ def read(header: _Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAda
         alpha_keys = [e[2] for e in layers.values() if e[2] is not None]
         block_keys = [e[0] for e in layers.values() if e[0] is not None]
         block_keys += [k for e in layers.values() if e[1] is not None for k in e[1].values()]
-        values, qs, finite = _batched_values(alpha_keys, block_keys, tensors, header)
+        values, qs, finite, _ = _batched_values(alpha_keys, block_keys, tensors, header)
         alpha_of = {k: v for k, v in zip(alpha_keys, values) if v is not None}
         q_of = {k: q for k, q in zip(block_keys, qs) if q is not None}
         finite_of = dict(zip(block_keys, finite))
