@@ -444,20 +444,16 @@ def test_old_oft_diag_layers_written_for_lycoris_are_reported_as_not_loadable_by
     """LyCORIS 2.0's `oft_diag` layers (the rotation R itself) are written as they are by `convert --to lycoris`;
     LyCORIS 4.1.3 itself cannot load them (it no longer has `oft_diag`: its loader stops), and the save report says
     so."""
-    d = comfy_models.FIXTURES / "lycoris" / "lycoris_diag_oft_dim8"
-    old = {}
-    for k, v in load_file(str(d / "lycoris_diag_oft_dim8.safetensors")).items():
-        if k.endswith(".oft_blocks"):
-            q = v - v.transpose(1, 2)
-            eye = torch.eye(q.shape[-1]).expand_as(q)
-            old[k.replace(".oft_blocks", ".oft_diag")] = (eye + q) @ torch.linalg.inv(eye - q)
-    src = work / "old_oft_diag.safetensors"
-    save_file(old, str(src))
+    from oracle import get_case
+    from test_format_variants import _old_oft_diag
+
+    case = get_case("lycoris_diag_oft_dim8")
+    src, old = _old_oft_diag(case, work)
     out = work / "old_oft_diag_as_lycoris.safetensors"
     rc, text = _cli(["convert", src, "--to", "lycoris", "--out", out], capsys)
     assert rc == 0, text
     layers = len(load_adapter(out))
     assert layers == len(old) and f"note: LyCORIS 4.1.3 cannot load {layers} layers" in text
-    res, _ = _lycoris(out, d / "base.safetensors", work, "lycoris_old_oft_diag", prefix="lycoris")
+    res, _ = _lycoris(out, case.base_file, work, "lycoris_old_oft_diag", prefix="lycoris")
     # LyCORIS itself: it finds no module type for an `oft_diag` layer and stops
     assert not res["ok"] and "make_module_from_state_dict" in res["error"], res.get("error")
