@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 _TEMP_PREFIX = ".oft-tmp-"
 _TEMP_NAME = re.compile(rf"^{re.escape(_TEMP_PREFIX)}(\d+)-[0-9a-f]+\.(tmp|d|old)$")
+# what bakes of the pack's first versions left beside their output when killed (tempfile.mkstemp's 8 characters):
+# swept once a day old, as regular files only (a bake that is still writing keeps its file's mtime fresh)
+_LEGACY_TEMP_NAME = re.compile(r"^\.oft-bake-[a-z0-9_]{8}\.tmp$")
 _ADAPTER_DIR_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # Where a process id cannot be checked (Windows), a temp file older than this is taken to be a leftover.
 _STALE_SECONDS = 24 * 3600
@@ -166,7 +169,8 @@ def _alive(pid: int) -> bool:
 
 
 def _sweep(folder: str) -> list[str]:
-    """Remove the temp files and folders that runs which are gone left in `folder` (named `.oft-tmp-<pid>-…`)."""
+    """Remove the temp files and folders that runs which are gone left in `folder` (named `.oft-tmp-<pid>-…`), and
+    the day-old `.oft-bake-*.tmp` files of the first versions' bake."""
     removed = []
     try:
         names = os.listdir(folder)
@@ -175,6 +179,8 @@ def _sweep(folder: str) -> list[str]:
     for name in names:
         m = _TEMP_NAME.match(name)
         if not m:
+            if _LEGACY_TEMP_NAME.match(name):
+                _sweep_legacy(os.path.join(folder, name), removed)
             continue
         path = os.path.join(folder, name)
         try:
@@ -193,6 +199,16 @@ def _sweep(folder: str) -> list[str]:
     if removed:
         log.info("removed %d leftovers of interrupted runs in %s", len(removed), folder)
     return removed
+
+
+def _sweep_legacy(path: str, removed: list[str]) -> None:
+    try:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode) and time.time() - st.st_mtime >= _STALE_SECONDS:
+            os.unlink(path)
+            removed.append(path)
+    except OSError as e:
+        log.debug("could not remove leftover %s: %s", path, e)
 
 
 def _remove(path: str | None) -> None:

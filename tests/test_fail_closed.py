@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -759,8 +760,25 @@ def test_sweep_removes_only_leftovers_of_dead_processes(tmp_path):
     live = tmp_path / f".oft-tmp-{os.getpid()}-123456.tmp"
     live.write_bytes(b"in progress")
     (tmp_path / ".oft-tmp-not-a-pid.tmp").write_bytes(b"not ours")
+    # the first versions' bake left `.oft-bake-XXXXXXXX.tmp` (mkstemp) when killed: day-old regular files go
+    day_old = time.time() - 24 * 3600 - 60
+    stale = tmp_path / ".oft-bake-ab12_xyz.tmp"
+    stale.write_bytes(b"partial of a killed bake")
+    os.utime(stale, (day_old, day_old))
+    fresh = tmp_path / ".oft-bake-cd34_xyz.tmp"  # may still be written by a running bake
+    fresh.write_bytes(b"in progress")
+    old_dir = tmp_path / ".oft-bake-ef56_xyz.tmp"  # not what a bake made: left alone
+    old_dir.mkdir()
+    os.utime(old_dir, (day_old, day_old))
+    target = tmp_path / "precious.safetensors"
+    target.write_bytes(b"user file")
+    old_link = tmp_path / ".oft-bake-gh78_xyz.tmp"  # a link: never followed, never removed
+    old_link.symlink_to(target)
+    os.utime(old_link, (day_old, day_old), follow_symlinks=False)
     publish._sweep(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted([live.name, ".oft-tmp-not-a-pid.tmp"])
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, ".oft-tmp-not-a-pid.tmp", fresh.name, old_dir.name,
+                                                   old_link.name, target.name])
+    assert target.read_bytes() == b"user file"
 
 
 def test_strength_zero_bake_is_still_bit_exact(tmp_path):
