@@ -294,10 +294,12 @@ def _canonical(raw: bytes, data_size: int) -> tuple[dict[str, _TensorInfo], dict
         ends += map(int, parts[5::6])
         start = end
     dtypes = frozenset(dtype_col)
-    if not keys or len(set(keys)) != len(keys) or "__metadata__" in keys or not dtypes <= _DTYPE_BITS.keys():
+    if not keys or "__metadata__" in keys or not dtypes <= _DTYPE_BITS.keys():
         return None
     tensors = _tiled(keys, dtype_col, shapes, begins, ends, data_size)
-    return None if tensors is None else (tensors, metadata, dtypes)
+    if tensors is None or len(tensors) != len(keys):  # a repeated key (fewer entries than keys): left to json
+        return None
+    return tensors, metadata, dtypes
 
 
 def _entries_one_by_one(header: dict, data_size: int, path: str) -> dict[str, _TensorInfo]:
