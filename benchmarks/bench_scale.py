@@ -13,6 +13,10 @@ Inspect: a kohya adapter of 100,000 layers (200,000 keys: `.oft_blocks` + `.alph
 `safetensors.safe_open(FILE).keys()` (the header parse in Rust) and `safetensors.torch.load_file` (header and every
 tensor). Goal: inspect ≤ 3 × the header read.
 
+Fresh process: the same two, each as the first call of its own new Python process (imports excluded: timed inside
+the process around the call), best of 3 processes each, alternated; printed and written as their own ratio beside
+the one above (which times both in this process after the bakes, on a grown heap).
+
 Every figure is the best of a few runs measured in this run, so a loaded machine slows both sides of each ratio.
 """
 
@@ -21,6 +25,8 @@ from __future__ import annotations
 # ruff: noqa: I001  (`_common` must come first: it puts the repo root on sys.path for `oft_core`)
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,6 +90,37 @@ def header_read(path: Path) -> int:
         return len(list(f.keys()))
 
 
+# Each side's first call in a new Python process (imports done and excluded: the time is taken inside the process
+# around the call alone), as a user's `python -m oft_core inspect FILE` meets it: a cold heap, first-touch memory.
+_FRESH = {
+    "inspect": "from bench_scale import run_inspect as fn",
+    "header_read": "from bench_scale import header_read as fn",
+}
+_FRESH_RUN = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+{imp}
+import torch
+torch.set_num_threads(1)
+from pathlib import Path
+path = Path(sys.argv[2])
+t = time.perf_counter()
+fn(path)
+print(time.perf_counter() - t)
+"""
+
+
+def fresh_time(which: str, path: Path, processes: int) -> float:
+    """Best over `processes` new Python processes of the first call of `which` (see `_FRESH`)."""
+    code = _FRESH_RUN.format(imp=_FRESH[which])
+    best = float("inf")
+    for _ in range(processes):
+        out = subprocess.run([sys.executable, "-c", code, str(HERE), str(path)], check=True, capture_output=True,
+                             text=True).stdout
+        best = min(best, float(out.split()[-1]))
+    return best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes (seconds): what the test suite runs")
@@ -104,8 +141,13 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         load_adapter(path)
         t_load_adapter = time.perf_counter() - t0
+        t_fresh_header = t_fresh_inspect = float("inf")
+        for _ in range(3):  # alternated, so a change of machine load falls on both sides
+            t_fresh_header = min(t_fresh_header, fresh_time("header_read", path, 1))
+            t_fresh_inspect = min(t_fresh_inspect, fresh_time("inspect", path, 1))
     bake_ratio = (t_large / t_small) / (large / small)
     inspect_ratio = t_inspect / t_header
+    fresh_ratio = t_fresh_inspect / t_fresh_header
     summary = {
         "bake_layers": [small, large],
         "bake_s": [round(t_small, 3), round(t_large, 3)],
@@ -120,6 +162,9 @@ def main(argv=None) -> int:
         "safetensors_load_file_s": round(t_load, 4),
         "inspect_over_header_read": round(inspect_ratio, 2),
         "inspect_over_load_file": round(t_inspect / t_load, 2),
+        "fresh_process_inspect_s": round(t_fresh_inspect, 3),
+        "fresh_process_header_read_s": round(t_fresh_header, 4),
+        "fresh_process_inspect_over_header_read": round(fresh_ratio, 2),
         "inspect_goal": INSPECT_GOAL,
         "inspect_goal_met": inspect_ratio <= INSPECT_GOAL,
     }
@@ -131,6 +176,9 @@ def main(argv=None) -> int:
     print(f"ratios: bake per-layer time {large} vs {small} layers = {bake_ratio:.2f} (goal ≤ {BAKE_GOAL}); inspect / "
           f"header read = {inspect_ratio:.2f} (goal ≤ {INSPECT_GOAL}); inspect / load_file = "
           f"{t_inspect / t_load:.2f}")
+    print(f"fresh process (each side's first call in its own new Python process, best of 3, imports excluded): "
+          f"inspect {t_fresh_inspect:.3f}s, header read {t_fresh_header:.4f}s, inspect / header read = "
+          f"{fresh_ratio:.2f}")
     print(f"machine: load {info['loadavg_1_5_15']}, {info['nproc']} CPUs, torch threads {info['torch_threads']}")
     write_results(args.results, {"quick": args.quick, "machine": info, "summary": summary})
     return 0

@@ -76,6 +76,7 @@ def test_load_tensors_views_equal_safetensors(tmp_path):
 import json as _json  # noqa: E402
 import struct as _struct  # noqa: E402
 
+from oft_core import safetensors_io  # noqa: E402
 from oft_core.safetensors_io import (  # noqa: E402
     _canonical,
     _entries_at_once,
@@ -175,6 +176,31 @@ def test_compact_form_is_read_without_json_and_equals_it(tmp_path):
     for case in ("pretty printed", "repeated key (JSON keeps the last)", "metadata last", "leading zero offset",
                  "missing comma", "gap", "unknown dtype"):
         assert _canonical(VARIANTS[case].encode(), 42) is None, case  # left to json.loads and the checks
+
+
+@pytest.mark.parametrize("case", list(VARIANTS))
+def test_header_split_in_chunks_reads_as_split_whole(tmp_path, monkeypatch, case):
+    """`_canonical` splits the header in chunks of about `_CHUNK` characters cut where an entry ends; with a chunk of
+    one character (a cut after every entry) every variant reads as with one chunk, and as json.loads says."""
+    data_size = 44 if case == "gap" else 12 if case in ("escaped key", "unicode key") else 42
+    whole = _canonical(VARIANTS[case].encode(), data_size)
+    monkeypatch.setattr(safetensors_io, "_CHUNK", 1)
+    assert _canonical(VARIANTS[case].encode(), data_size) == whole, case
+    test_header_variants_read_as_json_and_the_entry_rules_say(tmp_path, case)
+
+
+def test_a_cut_inside_a_key_goes_to_json_and_reads_the_same(tmp_path, monkeypatch):
+    """A key holding `]},` looks like an entry's end to the chunk cut: that chunk is no whole entries, so the header
+    goes to json.loads, with the same result; one chunk reads it by the split."""
+    entries = {"x]},": ("F32", [], [0, 4]), "y": ("F32", [2], [4, 12]), "z": ("F32", [], [12, 16])}
+    text = _compact(entries, metadata={"k": "v"})
+    path = _raw_file(tmp_path / "k.safetensors", text, bytes(16))
+    whole = _canonical(text.encode(), 16)
+    assert whole is not None and list(whole[0]) == list(entries)
+    monkeypatch.setattr(safetensors_io, "_CHUNK", 1)
+    assert _canonical(text.encode(), 16) is None
+    header = read_header(path)
+    assert (header.tensors, header.metadata) == _reference(path) == whole[:2]
 
 
 def test_entries_at_once_declines_what_one_by_one_refuses():

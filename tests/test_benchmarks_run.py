@@ -61,6 +61,9 @@ def test_bench_scale_quick(tmp_path):
     assert all(t > 0 for t in s["bake_s"]) and s["inspect_s"] > 0 and s["safetensors_header_read_s"] > 0
     assert s["bake_per_layer_ratio"] == pytest.approx((s["bake_s"][1] / s["bake_s"][0]) / 10, rel=0.01)
     assert s["inspect_over_header_read"] == pytest.approx(s["inspect_s"] / s["safetensors_header_read_s"], rel=0.05)
+    assert "fresh process" in out and s["fresh_process_inspect_s"] > 0 and s["fresh_process_header_read_s"] > 0
+    assert s["fresh_process_inspect_over_header_read"] == pytest.approx(
+        s["fresh_process_inspect_s"] / s["fresh_process_header_read_s"], rel=0.05)
 
 
 def test_bench_bypass_quick(tmp_path):
