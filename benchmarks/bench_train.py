@@ -172,22 +172,6 @@ def _import_pack():
     return train_node
 
 
-def _fill(module, seed: int = 0, std: float = 0.02):
-    """Seeded values in every parameter, fast (a prime-length buffer cycled; converts into fp8 / bf16)."""
-    period = 1_048_573
-    buf = torch.randn(period, generator=torch.Generator().manual_seed(seed)) * std
-    cursor = 0
-    with torch.no_grad():
-        for p in module.parameters():
-            flat = p.data.view(-1)
-            pos, n = 0, flat.numel()
-            while pos < n:
-                take = min(period - cursor, n - pos)
-                flat[pos:pos + take].copy_(buf[cursor:cursor + take])
-                pos += take
-                cursor = (cursor + take) % period
-
-
 def _build(config: str, base_dtype: str = "fp32", executor: bool = False):
     """(patcher, latents, positive, batch size) for a config, the model made the way ComfyUI's loaders make it;
     `executor`: made under torch.inference_mode() as ComfyUI's loader and VAE Encode make them inside the executor
@@ -210,7 +194,10 @@ def _build_now(config: str, base_dtype: str):
     # as comfy.sd.load_diffusion_model_state_dict: the weight dtype and ComfyUI's manual-cast compute dtype
     cfg.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, device, cfg.supported_inference_dtypes))
     model = cfg.get_model({}, "", device=torch.device("cpu"))
-    _fill(model.diffusion_model)  # ComfyUI's ops skip init
+    sys.path.insert(0, str(REPO / "tests"))
+    from comfy_models import fill_deterministic  # the tests' seeded fill: ComfyUI's ops skip init
+
+    fill_deterministic(model.diffusion_model, seed=0)
     model.eval().requires_grad_(False)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
     g = torch.Generator().manual_seed(1)

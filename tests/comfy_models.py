@@ -217,7 +217,7 @@ def _build(model_config_cls, unet_config, dtype, state_dict=None):
 
 def sd1_clip(seed: int = 3):
     """ComfyUI's SD1 CLIP-L (comfy.sd.CLIP around comfy.sd1_clip.SD1ClipModel, the real architecture) with seeded
-    weights (`_fill_deterministic`)."""
+    weights (`fill_deterministic`)."""
     import comfy.sd
     import comfy.sd1_clip
 
@@ -227,11 +227,11 @@ def sd1_clip(seed: int = 3):
         tokenizer = comfy.sd1_clip.SD1Tokenizer
 
     clip = comfy.sd.CLIP(Target())
-    _fill_deterministic(clip.patcher.model, seed=seed)
+    fill_deterministic(clip.patcher.model, seed=seed)
     return clip
 
 
-def _fill_deterministic(module, seed: int, std: float = 0.02):
+def fill_deterministic(module, seed: int, std: float = 0.02):
     """Fill every parameter with fixed pseudo-random values, fast.
 
     ComfyUI's ops skip weight init (`torch.empty`), so a model built without a state dict holds garbage. Drawing 860 M
@@ -290,7 +290,7 @@ def sd15(dtype=None, seed: int = 0, expected_originals: bool = True):
     if key not in _CACHE:
         comfy = import_comfy()
         model = _build(comfy.supported_models.SD15, SD15_UNET_CONFIG, dtype)
-        _fill_deterministic(model.diffusion_model, seed)
+        fill_deterministic(model.diffusion_model, seed)
         if expected_originals:
             _load_sd15_expected_originals(model)
         _CACHE[key] = _patcher(model)
@@ -327,7 +327,7 @@ def sd15_tiny(dtype=None, seed: int = 0):
     if key not in _CACHE:
         comfy = import_comfy()
         model = _build(comfy.supported_models.SD15, SD15_TINY_UNET_CONFIG, dtype)
-        _fill_deterministic(model.diffusion_model, seed)
+        fill_deterministic(model.diffusion_model, seed)
         _CACHE[key] = _patcher(model)
     return _CACHE[key]
 
@@ -350,7 +350,7 @@ def dit_tiny(family: str, state_dict: dict | None = None, dtype=None, seed: int 
     key = ("dit_tiny", family, dtype, seed)
     if key not in _CACHE:
         model = _build(cls, config, dtype)
-        _fill_deterministic(model.diffusion_model, seed)
+        fill_deterministic(model.diffusion_model, seed)
         # persistent buffers are weights too (SD3's pos_embed) and ComfyUI leaves them uninitialised (torch.empty)
         g = torch.Generator().manual_seed(seed + 1)
         state = model.diffusion_model.state_dict()

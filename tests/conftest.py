@@ -130,6 +130,17 @@ def comfyui_oft(comfy):
     return import_pack()
 
 
+@pytest.fixture()
+def output_dir(monkeypatch, tmp_path):
+    """ComfyUI's output folder (`folder_paths.output_directory`) pointed at a fresh `output` folder of the test."""
+    import folder_paths
+
+    out = tmp_path / "output"
+    out.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(out))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ summary line
 _STATS: dict = {"ran": set(), "skipped": set(), "errors": set()}  # node ids of tests marked comfyui
 

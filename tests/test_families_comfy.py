@@ -208,6 +208,19 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
         assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6 * float(want[k].abs().max())), k
 
 
+def _permuted_and_sliced_sd3_file(tmp_path, g: torch.Generator):
+    """A LyCORIS file for SD3 with diffusers names, read back: `norm_out.linear` (rows permuted in ComfyUI) and
+    `transformer_blocks.1.attn.to_k` (a row slice of the fused qkv)."""
+    from comfyui_oft.oft_core import load_adapter
+    from safetensors.torch import save_file
+
+    save_file({"lycoris_norm_out_linear.oft_blocks": torch.randn(16, 16, 16, generator=g) * 0.1,
+               "lycoris_norm_out_linear.alpha": torch.tensor(0.0),
+               "lycoris_transformer_blocks_1_attn_to_k.oft_blocks": torch.randn(16, 8, 8, generator=g) * 0.1,
+               "lycoris_transformer_blocks_1_attn_to_k.alpha": torch.tensor(0.0)}, str(tmp_path / "a.safetensors"))
+    return load_adapter(str(tmp_path / "a.safetensors"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_permuted_and_sliced_layers_full_load_and_low_vram(mods, tmp_path, dtype):
     """A LyCORIS file with diffusers names on ComfyUI's SD3: `norm_out.linear` (scale/shift halves swapped in ComfyUI:
@@ -216,15 +229,10 @@ def test_permuted_and_sliced_layers_full_load_and_low_vram(mods, tmp_path, dtype
     dtype) equals the full load up to that dtype's rounding."""
     import comfy.ops
     import comfy.utils
-    from comfyui_oft.oft_core import load_adapter, rotate_weight
-    from safetensors.torch import save_file
+    from comfyui_oft.oft_core import rotate_weight
 
     g = torch.Generator().manual_seed(3)
-    save_file({"lycoris_norm_out_linear.oft_blocks": torch.randn(16, 16, 16, generator=g) * 0.1,
-               "lycoris_norm_out_linear.alpha": torch.tensor(0.0),
-               "lycoris_transformer_blocks_1_attn_to_k.oft_blocks": torch.randn(16, 8, 8, generator=g) * 0.1,
-               "lycoris_transformer_blocks_1_attn_to_k.alpha": torch.tensor(0.0)}, str(tmp_path / "a.safetensors"))
-    adapter = load_adapter(str(tmp_path / "a.safetensors"))
+    adapter = _permuted_and_sliced_sd3_file(tmp_path, g)
     base = comfy_models.dit_tiny("sd3", dtype=dtype)
     model, _, text = mods.patch.apply_oft(base, None, adapter, 1.0)
     assert "2 of 2 adapter layers applied" in text
@@ -266,15 +274,9 @@ def test_permuted_and_sliced_layers_in_bypass_mode_equal_the_merge(mods, tmp_pat
     import comfy.model_management
     import comfy.utils
     import torch.nn.functional as F
-    from comfyui_oft.oft_core import load_adapter
-    from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(3)
-    save_file({"lycoris_norm_out_linear.oft_blocks": torch.randn(16, 16, 16, generator=g) * 0.1,
-               "lycoris_norm_out_linear.alpha": torch.tensor(0.0),
-               "lycoris_transformer_blocks_1_attn_to_k.oft_blocks": torch.randn(16, 8, 8, generator=g) * 0.1,
-               "lycoris_transformer_blocks_1_attn_to_k.alpha": torch.tensor(0.0)}, str(tmp_path / "a.safetensors"))
-    adapter = load_adapter(str(tmp_path / "a.safetensors"))
+    adapter = _permuted_and_sliced_sd3_file(tmp_path, g)
     base = comfy_models.dit_tiny("sd3", dtype=torch.float32)
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     merged, _, _ = mods.patch.apply_oft(base, None, adapter, 0.8)

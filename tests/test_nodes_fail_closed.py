@@ -62,16 +62,6 @@ def folder(n, tmp_path):
     n.files.clear_cache()
 
 
-@pytest.fixture()
-def output_dir(monkeypatch, tmp_path):
-    import folder_paths
-
-    out = tmp_path / "output"
-    out.mkdir()
-    monkeypatch.setattr(folder_paths, "output_directory", str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def flux_a(n, fixtures_dir):
     return n.files.load(fixtures_dir / FLUX_ADAPTER)

@@ -50,16 +50,6 @@ def flux_b(n, fixtures_dir, tmp_path_factory):
     return n.files.load(path)
 
 
-@pytest.fixture()
-def output_dir(monkeypatch, tmp_path):
-    import folder_paths
-
-    out = tmp_path / "output"
-    out.mkdir()
-    monkeypatch.setattr(folder_paths, "output_directory", str(out))
-    return out
-
-
 def apply(n, model, adapter, strength=1.0, mode="kohya"):
     out = n.oft_nodes.OFTApply.execute(model=model, oft_adapter=adapter, strength=strength, strength_mode=mode)
     return out.result[0], out.ui.value

@@ -135,7 +135,7 @@ def sd(comfy, work):
     """ComfyUI's SD1.x UNet (tiny, sd-scripts' layout), its base as sd-scripts names it, adapters of every preset."""
     mp = comfy_models._patcher(comfy_models._build(comfy.supported_models.SD15, SD_TINY, torch.float32))
     dm = mp.model.diffusion_model
-    comfy_models._fill_deterministic(dm, 11, std=0.05)
+    comfy_models.fill_deterministic(dm, 11, std=0.05)
     to_diff = _ldm_to_diffusers_names({k: tuple(v.shape) for k, v in dm.state_dict().items()})
     base = {}
     for k, v in dm.state_dict().items():
