@@ -325,7 +325,7 @@ def _checked_request(adapter: OFTAdapter, strength: float, mode: str, apply_mode
     """The strength (and every layer's strength × block multiplier), the strength mode and the apply mode checked
     before any work; returns the strength as a float."""
     if mode not in STRENGTH_MODES:
-        raise OFTError(f"strength mode: expected kohya or orthogonal, found {mode!r}", path=adapter.path)
+        raise OFTError(f"strength mode: expected {' or '.join(STRENGTH_MODES)}, found {mode!r}", path=adapter.path)
     # NaN passes ComfyUI's min/max check (every comparison with NaN is false): the one strength check of oft_core
     strength = check_strength(strength, path=adapter.path or None)
     for (_component, name), m in adapter.layer_strengths.items():
