@@ -27,6 +27,20 @@ def reference(layer, y, bias, blocks, dim):
     return y + (rotate_features(layer, z, dim=dim, blocks=blocks) - z)
 
 
+def exact_output(layer, y, bias, blocks, dim):
+    """(out, the change (M − I)·z) in fp64 from the inputs as given (y, bias in their dtype, the fp32 blocks)."""
+    assert dim in (-1, y.ndim - 1)  # a Linear's output: features last, M = blockdiag(blocks) per split
+    y64 = y.double()
+    z = y64 if bias is None else y64 - bias.double()
+    parts, start = [], 0
+    for x, n, b in zip(blocks, layer.num_blocks, layer.block_sizes):
+        v = z[..., start:start + n * b].unflatten(-1, (n, b))
+        parts.append(torch.einsum("...nc,nbc->...nb", v, x.detach().double()).flatten(-2))
+        start += n * b
+    change = torch.cat(parts, -1) - z
+    return y64 + change, change
+
+
 def case(kind: str, bias: bool, splits: int = 1, seed: int = 0):
     """(trained layer, y, bias, blocks as leaves with gradients, dim) with non-trivial rotations."""
     g = torch.Generator().manual_seed(seed)
@@ -57,13 +71,14 @@ CASES = [("linear", True, 1), ("linear", False, 1), ("linear", True, 3), ("linea
 
 @pytest.mark.parametrize("kind,bias,splits", CASES)
 @pytest.mark.parametrize("chunk", [None, 40])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "autocast-bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "autocast-bf16"])
 def test_rotate_output_is_the_autograd_expression(kind, bias, splits, chunk, dtype, monkeypatch):
     if chunk is not None:  # many pieces (some of one row, some of several), also for conv outputs
         monkeypatch.setattr(train, "_CHUNK_ELEMENTS", chunk)
     layer, y, b, blocks, dim = case(kind, bias, splits)
-    if dtype == "bf16":
-        y, b = y.bfloat16(), None if b is None else b.bfloat16()
+    if dtype in ("bf16", "fp16"):
+        half = torch.bfloat16 if dtype == "bf16" else torch.float16
+        y, b = y.to(half), None if b is None else b.to(half)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "autocast-bf16" else contextlib.nullcontext()
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
     results = []
@@ -76,7 +91,14 @@ def test_rotate_output_is_the_autograd_expression(kind, bias, splits, chunk, dty
         results.append((out.detach(), yy.grad, [x.grad for x in bl]))
     (o_ref, gy_ref, gb_ref), (o, gy, gb) = results
     assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
-    if chunk is None:
+    if dtype in ("bf16", "fp16") and kind == "linear":  # `_RotateOutputHalf`: the change D·z in 16 bits
+        exact, change = exact_output(layer, y, b, blocks, dim)
+        # the output's own rounding (2⁻⁹ relative, 2⁻⁸ for two roundings) plus the change's (≤ 2⁻⁷ of its size)
+        err = (o.double() - exact).abs()
+        assert bool((err <= 2 ** -8 * exact.abs() + 2 ** -7 * change.abs().amax(-1, keepdim=True)).all())
+        ref_err = (o_ref.double() - exact).abs().max()
+        assert float(err.max()) <= 2 * float(ref_err)  # no worse than the fp32-math rotation rounded to bf16
+    elif chunk is None:
         assert torch.equal(o, o_ref)  # the forward in one piece: the same values, bit for bit
     else:  # in pieces the GEMM kernels may round differently (a few ulp)
         eps = 1e-6 if dtype == "fp32" else 1e-2
@@ -101,11 +123,12 @@ def test_identity_rotation_gives_the_base_output_bit_for_bit():
 
 
 @pytest.mark.parametrize("kind,bias,splits", CASES)
-def test_only_the_output_and_the_blocks_are_kept_for_backward(kind, bias, splits):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_only_the_output_and_the_blocks_are_kept_for_backward(kind, bias, splits, dtype):
     """The layer keeps y (z = y − bias is made again in backward) and the blocks; the plain expression keeps z, an
     activation-sized tensor of its own, and more in bf16 (its fp32 copy)."""
     layer, y, b, blocks, dim = case(kind, bias, splits)
-    y = y.requires_grad_(True)
+    y, b = y.to(dtype).requires_grad_(True), None if b is None else b.to(dtype)
 
     def kept(fn):
         seen = {}
@@ -127,3 +150,39 @@ def test_only_the_output_and_the_blocks_are_kept_for_backward(kind, bias, splits
     assert sum(ours.values()) - block_bytes <= y.untyped_storage().nbytes()
     if bias:
         assert sum(theirs.values()) - block_bytes >= y.untyped_storage().nbytes()
+
+
+def test_the_16_bit_rotation_works_in_pieces_sized_for_the_device():
+    """On a CPU the rows are cut into cache-sized pieces (at least `_MIN_HALF_ROWS` rows); on an accelerator into
+    pieces of `_ACCELERATOR_CHUNK_ELEMENTS`, so a FLUX.1 linear1 output at 4096 tokens takes a handful of batched
+    products per pass, not hundreds of kernel launches. Counted on the meta device (shapes only, no data)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten.baddbmm.out
+            return func(*args, **(kwargs or {}))
+
+    m = nn.Linear(8, 21504)
+    t = OFTTrainer([("linear1", m)], block_size=8, alpha=0)
+    tl = t.layers[0]
+    for device in ("meta", "cpu"):
+        y = torch.zeros(4096, 21504, dtype=torch.bfloat16, device=device, requires_grad=True)
+        blocks = [torch.eye(8, device=device).expand(21504 // 8, 8, 8).clone().requires_grad_(True)]
+        bias = torch.zeros(21504, dtype=torch.bfloat16, device=device)
+        with Count() as count:
+            out = rotate_output(tl.layer, y, bias, blocks)
+        forward = count.n
+        with Count() as count:
+            out.backward(torch.ones_like(out))
+        pieces = -(-4096 * 21504 // train._chunk_elements(torch.device(device)))
+        if device == "meta":  # an accelerator's pieces: 4096 · 21504 / 2²⁴ → 6 pieces, one product each per pass
+            assert forward == count.n == pieces == 6
+        else:
+            assert forward == count.n == 4096 // max(train._MIN_HALF_ROWS, train._CHUNK_ELEMENTS // 21504) == 128
+        if device == "cpu":  # identity blocks: the output and ∂y are the input and the gradient, bit for bit
+            assert torch.equal(out, y) and torch.equal(y.grad, torch.ones_like(y))
