@@ -125,13 +125,19 @@ def _add_block_product(src: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor |
 _GROUP_WIDTH = 32
 
 
+def _group_count(n: int, b: int) -> int:
+    """Blocks per group for n blocks of b (`_group_blocks`): the largest divisor of n with g·b ≤ `_GROUP_WIDTH`."""
+    g = max(1, _GROUP_WIDTH // b)
+    while n % g:
+        g -= 1
+    return g
+
+
 def _group_blocks(dt: torch.Tensor) -> torch.Tensor:
     """(n, b, b) blocks as (n/g, g·b, g·b) block-diagonal matrices, g the largest divisor of n with g·b ≤
     `_GROUP_WIDTH` (the same blocks when g = 1): the product over g·b features equals the n products over b."""
     n, b = dt.shape[0], dt.shape[-1]
-    g = max(1, _GROUP_WIDTH // b)
-    while n % g:
-        g -= 1
+    g = _group_count(n, b)
     if g == 1:
         return dt
     grouped = torch.zeros(n // g, g * b, g * b, dtype=dt.dtype, device=dt.device)
@@ -139,6 +145,38 @@ def _group_blocks(dt: torch.Tensor) -> torch.Tensor:
     for j in range(g):
         grouped[:, j * b: (j + 1) * b, j * b: (j + 1) * b] = parts[:, j]
     return grouped
+
+
+# Row pieces of the activation-side products. A batched product over strided views of an output with many rows
+# reads each row at a stride of the whole feature width (one page per row and group): past a few hundred rows that
+# thrashes a CPU's TLB, and cutting the rows into pieces of ~`_PIECE_ELEMENTS` (at least `_MIN_PIECE_ROWS` rows)
+# is 1.5–2.3× faster. Measured, one thread, blocks grouped to 32 wide: 4096 tokens × 9216 features, bf16,
+# 189 → 82 ms; 4096 × 3072, 47 → 26 ms; training's 1024 × 3072, 8.7 → 5.5 ms. Up to `_ONE_PIECE_ROWS` rows, or
+# with blocks wider than `_PIECED_WIDTH` (large GEMMs of their own: 256 × 21504 in blocks of 672, 15 → 32 ms in
+# pieces of 32 rows), one piece is as fast or faster. On an accelerator the pieces only bound the temporaries.
+_ONE_PIECE_ROWS = 256
+_PIECED_WIDTH = 128
+_PIECE_ELEMENTS = 1 << 18
+_MIN_PIECE_ROWS = 32
+_ACCELERATOR_PIECE_ELEMENTS = 1 << 24
+
+
+def _piece_rows(t: torch.Tensor, block_width: int) -> int:
+    """Rows per piece for a (rows, features) activation `t` multiplied in blocks (or groups) `block_width` wide."""
+    rows, width = t.shape[0], max(1, t.shape[-1])
+    if t.device.type != "cpu":
+        return max(1, _ACCELERATOR_PIECE_ELEMENTS // width)
+    if rows <= _ONE_PIECE_ROWS or block_width > _PIECED_WIDTH:
+        return max(1, rows)
+    return max(_MIN_PIECE_ROWS, _PIECE_ELEMENTS // width)
+
+
+def _add_block_product_rows(src: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor | None,
+                            out: torch.Tensor) -> None:
+    """`_add_block_product` over row pieces of `_piece_rows` (the same values, up to the kernels' summation order)."""
+    step = _piece_rows(src, dt.shape[-1])
+    for i in range(0, src.shape[0], step):
+        _add_block_product(src[i:i + step], dt, bias, out[i:i + step])
 
 
 def _disjoint(spans: list[tuple[int, int]]) -> bool:
@@ -340,11 +378,11 @@ class ModuleBypass:
             deltas = self.product_blocks(target, y.device, work)
             covered += length
             if length == features and len(deltas) == 1:  # the common case: no slicing
-                _add_block_product(src, deltas[0], bias, out)
+                _add_block_product_rows(src, deltas[0], bias, out)
                 continue
             for dt, n, b in zip(deltas, target.layer.num_blocks, target.layer.block_sizes):
                 cols = slice(start, start + n * b)
-                _add_block_product(src[:, cols], dt, None if bias is None else bias[cols], out[:, cols])
+                _add_block_product_rows(src[:, cols], dt, None if bias is None else bias[cols], out[:, cols])
                 start += n * b
         if covered < features:
             done = 0

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bypass import _group_blocks
+from .bypass import _ACCELERATOR_PIECE_ELEMENTS, _group_blocks, _group_count, _piece_rows
 from .errors import OFTError, _mismatch
 from .formats._triangle import unpack_upper
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
@@ -508,18 +508,12 @@ def export_names(root: nn.Module, naming: str) -> dict[str, str] | None:
 
 # ------------------------------------------------------------------------------------------------ rotated outputs
 _CHUNK_ELEMENTS = 1 << 18  # rows per piece of the rotation on a CPU: about this many elements (1 MiB in fp32)
-# On an accelerator the pieces only bound the temporaries (no cache to fit): larger pieces, far fewer kernel launches
-# (1 MiB pieces of one FLUX.1 linear1 output at 4096 tokens would be ~340 pieces of ~8 launches each, per pass).
-_ACCELERATOR_CHUNK_ELEMENTS = 1 << 24
-
-
-# The 16-bit pieces have at least this many rows: fewer make the batched products too small (measured: FLUX.1
-# linear1, 21504 features, backward 121 ms at 12 rows, 103 ms at 48).
-_MIN_HALF_ROWS = 32
 
 
 def _chunk_elements(device: torch.device) -> int:
-    return _CHUNK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+    """On an accelerator the pieces only bound the temporaries: no cache to fit, far fewer kernel launches (1 MiB
+    pieces of a FLUX.1 linear1 output at 4096 tokens would be ~340 pieces of ~8 launches each, per pass)."""
+    return _CHUNK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_PIECE_ELEMENTS
 
 
 def _row_chunks(lead: tuple[int, ...], rows: int):
@@ -618,8 +612,8 @@ class _RotateOutputHalf(torch.autograd.Function):
     inference: the product of the small change runs at the layer's own 16-bit matmul rate, its error ~2⁻⁸ (bf16) /
     2⁻¹¹ (fp16) of that change, far below the output's own rounding.
 
-    In row pieces of about `_CHUNK_ELEMENTS` (`_chunk_elements`): forward out ← y + D·y, one batched product
-    through strided views (`bypass._group_blocks`' grouping, no transposed copy), then out −= D·bias (a
+    In the bypass hook's row pieces (`bypass._piece_rows`: cache-sized on a CPU): forward out ← y + D·y, one
+    batched product through strided views (`bypass._group_blocks`' grouping, no transposed copy), then out −= D·bias (a
     per-feature vector, fp32, n·b² work, once); backward ∂y = g + g·D the same way, and ∂B = Σ g zᵀ per block
     (z = y − bias), each piece's sum a 16-bit product of its rows copied to the (n, rows, b) layout, the pieces
     summed in fp32. Keeps y and the blocks, like `_RotateOutput`."""
@@ -629,7 +623,7 @@ class _RotateOutputHalf(torch.autograd.Function):
         width = y.shape[-1]
         y2 = y.reshape(-1, width)
         out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
-        step = max(_MIN_HALF_ROWS, _chunk_elements(y.device) // width)
+        step = _piece_rows(y2, _group_width(sizes))
         start = 0
         for r, (n, bs) in zip(blocks, sizes):
             cols = slice(start, start + n * bs)
@@ -656,7 +650,7 @@ class _RotateOutputHalf(torch.autograd.Function):
         want_y = ctx.needs_input_grad[0]
         grads_r = [torch.zeros_like(r) if ctx.needs_input_grad[3 + i] else None for i, r in enumerate(blocks)]
         grad_y = torch.empty(g2.shape, dtype=y.dtype, device=y.device) if want_y else None
-        step = max(_MIN_HALF_ROWS, _chunk_elements(y.device) // width)
+        step = _piece_rows(y2, _group_width(sizes))
         b = None if bias is None else bias.to(y.dtype)
         start = 0
         for r, gr, (n, bs) in zip(blocks, grads_r, sizes):
@@ -675,6 +669,11 @@ class _RotateOutputHalf(torch.autograd.Function):
                     zt = zc.view(rows, n, bs).transpose(0, 1).contiguous()
                     gr.add_(torch.bmm(gt.transpose(1, 2), zt))  # a piece's sum in y's dtype, the total in fp32
         return (None if grad_y is None else grad_y.view(grad.shape), None, None, *grads_r)
+
+
+def _group_width(sizes) -> int:
+    """The widest grouped block of the splits `sizes` ((n, b) pairs), as `bypass._group_blocks` groups them."""
+    return max(b * _group_count(n, b) for n, b in sizes)
 
 
 def _add_grouped(src: torch.Tensor, dt: torch.Tensor, out: torch.Tensor) -> None:

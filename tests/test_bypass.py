@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from oracle import FIXTURES, case_ids, get_case, rel_err
 from safetensors.torch import load_file
 
+import oft_core.bypass as bypass_mod
 from oft_core import OFTError, load_adapter, make_layer, resolve_for_weight, rotate_weight
 from oft_core.bypass import ModuleBypass, _BypassTarget, attach
 
@@ -280,10 +281,15 @@ _BLOCK_CASES = {"g8x4": [(8, 4)], "g6x8": [(6, 8)], "3x16": [(3, 16)], "4x12": [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("side", ["out", "in"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_block_product_paths_equal_the_fp32_reference(case, dtype, side, bias):
+@pytest.mark.parametrize("pieces", [False, True])
+def test_the_block_product_paths_equal_the_fp32_reference(case, dtype, side, bias, pieces, monkeypatch):
     """Every shape of the step's block product (grouped small blocks, plain ones, several splits), both sides, with and
-    without bias, on a (batch, tokens, features) input: == the fp32 forward of the merged weight; fp32 to fp32
-    rounding, 16-bit to the output's own rounding (the layer's rounding of y and one more, each ≤ u·max|y|)."""
+    without bias, on a (batch, tokens, features) input, in one piece and in row pieces (`_piece_rows`: here 32 + 8
+    rows): == the fp32 forward of the merged weight; fp32 to fp32 rounding, 16-bit to the output's own rounding (the
+    layer's rounding of y and one more, each ≤ u·max|y|)."""
+    if pieces:
+        monkeypatch.setattr(bypass_mod, "_ONE_PIECE_ROWS", 8)
+        monkeypatch.setattr(bypass_mod, "_PIECE_ELEMENTS", 1)
     sizes = _BLOCK_CASES[case]
     feat = sum(n * b for n, b in sizes)
     out_f, in_f = (feat, 24) if side == "out" else (20, feat)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import oft_core.bypass as bypass
 import oft_core.train as train
 from oft_core.rotation import rotate_features
 from oft_core.train import OFTTrainer, rotate_output
@@ -153,9 +154,10 @@ def test_only_the_output_and_the_blocks_are_kept_for_backward(kind, bias, splits
 
 
 def test_the_16_bit_rotation_works_in_pieces_sized_for_the_device():
-    """On a CPU the rows are cut into cache-sized pieces (at least `_MIN_HALF_ROWS` rows); on an accelerator into
-    pieces of `_ACCELERATOR_CHUNK_ELEMENTS`, so a FLUX.1 linear1 output at 4096 tokens takes a handful of batched
-    products per pass, not hundreds of kernel launches. Counted on the meta device (shapes only, no data)."""
+    """On a CPU the rows of a large output are cut into cache-sized pieces (`bypass._piece_rows`: at least
+    `_MIN_PIECE_ROWS` rows); on an accelerator into pieces of `_ACCELERATOR_PIECE_ELEMENTS`, so a FLUX.1 linear1
+    output at 4096 tokens takes a handful of batched products per pass, not hundreds of kernel launches. Counted on
+    the meta device (shapes only, no data)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -179,10 +181,9 @@ def test_the_16_bit_rotation_works_in_pieces_sized_for_the_device():
         forward = count.n
         with Count() as count:
             out.backward(torch.ones_like(out))
-        pieces = -(-4096 * 21504 // train._chunk_elements(torch.device(device)))
-        if device == "meta":  # an accelerator's pieces: 4096 · 21504 / 2²⁴ → 6 pieces, one product each per pass
-            assert forward == count.n == pieces == 6
-        else:
-            assert forward == count.n == 4096 // max(train._MIN_HALF_ROWS, train._CHUNK_ELEMENTS // 21504) == 128
+        if device == "meta":  # an accelerator's pieces: 2²⁴ elements, 780 rows → 6 pieces, one product each per pass
+            assert forward == count.n == -(-4096 // (bypass._ACCELERATOR_PIECE_ELEMENTS // 21504)) == 6
+        else:  # 2¹⁸ elements are 12 rows of 21504: pieces of the 32-row minimum
+            assert forward == count.n == 4096 // bypass._MIN_PIECE_ROWS == 128
         if device == "cpu":  # identity blocks: the output and ∂y are the input and the gradient, bit for bit
             assert torch.equal(out, y) and torch.equal(y.grad, torch.ones_like(y))
