@@ -4,6 +4,8 @@ merge path and the trainers' own merged weights and forwards, on every reference
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -281,13 +283,14 @@ _BLOCK_CASES = {"g8x4": [(8, 4)], "g6x8": [(6, 8)], "3x16": [(3, 16)], "4x12": [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("side", ["out", "in"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("pieces", [False, True])
+@pytest.mark.parametrize("pieces", ["one", "pieces", "pieces in place"])
 def test_the_block_product_paths_equal_the_fp32_reference(case, dtype, side, bias, pieces, monkeypatch):
     """Every shape of the step's block product (grouped small blocks, plain ones, several splits), both sides, with and
     without bias, on a (batch, tokens, features) input, in one piece and in row pieces (`_piece_rows`: here 32 + 8
-    rows): == the fp32 forward of the merged weight; fp32 to fp32 rounding, 16-bit to the output's own rounding (the
-    layer's rounding of y and one more, each ≤ u·max|y|)."""
-    if pieces:
+    rows; without autograd an output side's pieces are written over y itself): == the fp32 forward of the merged
+    weight; fp32 to fp32 rounding, 16-bit to the output's own rounding (the layer's rounding of y and one more, each
+    ≤ u·max|y|)."""
+    if pieces != "one":
         monkeypatch.setattr(bypass_mod, "_ONE_PIECE_ROWS", 8)
         monkeypatch.setattr(bypass_mod, "_PIECE_ELEMENTS", 1)
     sizes = _BLOCK_CASES[case]
@@ -300,12 +303,17 @@ def test_the_block_product_paths_equal_the_fp32_reference(case, dtype, side, bia
         with torch.no_grad():
             m.bias.mul_(10)
     x = torch.randn(2, 20, in_f, generator=torch.Generator().manual_seed(4)).to(dtype)
+    raw = []
+    m.register_forward_hook(lambda _m, _a, out: raw.append(out))  # before the bypass: sees the layer's own y
     mb = ModuleBypass([_BypassTarget(layer, 0.8)], conv=False)
     hs = mb.attach(m)
-    y = m(x)
+    with torch.no_grad() if pieces == "pieces in place" else contextlib.nullcontext():
+        y = m(x)
     for h in hs:
         h.remove()
     assert y.dtype == dtype and y.shape == (2, 20, out_f)
+    if side == "out":  # (the input side rotates x: y is the layer's own output either way)
+        assert (y.data_ptr() == raw[0].data_ptr()) == (pieces == "pieces in place")
     ref = F.linear(x.float(), rotate_weight(layer, m.weight.float(), 0.8), None if m.bias is None else m.bias.float())
     u = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     assert rel_err(y, ref) <= (FWD_TOL if dtype == torch.float32 else 2.5 * u)
@@ -313,16 +321,22 @@ def test_the_block_product_paths_equal_the_fp32_reference(case, dtype, side, bia
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_slices_with_a_gap_and_several_splits_16_bit(dtype):
+@pytest.mark.parametrize("pieces", [False, True])
+def test_fused_slices_with_a_gap_and_several_splits_16_bit(dtype, pieces, monkeypatch):
     """q and v slices of a fused weight (v with two splits), k untouched: each slice == the fp32 reference to the
-    output's rounding, k bit for bit the layer's own output, in fp32 and bf16."""
+    output's rounding, k bit for bit the layer's own output, in fp32 and bf16; also in row pieces written over y
+    (no autograd)."""
+    if pieces:
+        monkeypatch.setattr(bypass_mod, "_ONE_PIECE_ROWS", 8)
+        monkeypatch.setattr(bypass_mod, "_PIECE_ELEMENTS", 1)
     w = torch.randn(96, 16, generator=torch.Generator().manual_seed(0)) * 0.3
     m = _layer_module(w, bias=True, seed=1).to(dtype)
-    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x = torch.randn(3, 15, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
     lq, lv = _split_layer("out", [(4, 8)], 3), _split_layer("out", [(1, 16), (2, 8)], 4)
     hs = ModuleBypass([_BypassTarget(lq, 1.0, span=(0, 32)), _BypassTarget(lv, 1.0, span=(64, 32))],
                       conv=False).attach(m)
-    y = m(x)
+    with torch.no_grad() if pieces else contextlib.nullcontext():
+        y = m(x)
     for h in hs:
         h.remove()
     wf = m.weight.float()
