@@ -43,7 +43,6 @@ The toy model and the end-to-end demo are in `oft_core.demo`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import re
@@ -370,7 +369,6 @@ class OFTTrainer:
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
         self.layers: list[_TrainedLayer] = _trained_layers(self, targets, device)
         self._attached = False
-        self._kept_blocks: dict[int, tuple[tuple[int, ...], list[torch.Tensor]]] = {}
         # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
         self.root = root if root is not None else getattr(targets, "root", None)
         self.family = detect_family(self.root) if self.root is not None else None
@@ -387,28 +385,7 @@ class OFTTrainer:
 
     # -------------------------------------------------------------------------------------------- forward patch
     def blocks(self, tl: _TrainedLayer) -> list[torch.Tensor]:
-        """M's blocks for layer `tl` from the live parameters (fp32, with gradients), through the one definition.
-
-        With gradients, one pass's blocks serve its gradient-checkpoint recomputation too: they are kept (with the
-        Cayley graph's own small saved tensors, out of reach of an enclosing checkpoint's hooks) until their
-        gradient arrives in backward, and only while the parameters are unchanged (their version counters): on a
-        FLUX.1-shaped model that is 36 of 72 Cayley solves a step saved, and no recomputation depends on it."""
-        if not torch.is_grad_enabled():
-            return self._make_blocks(tl)
-        versions = tuple(p._version for p in tl.params)
-        kept = self._kept_blocks.get(id(tl))
-        if kept is not None and kept[0] == versions:
-            return kept[1]
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            made = self._make_blocks(tl)
-        if made and all(m.requires_grad for m in made):
-            self._kept_blocks[id(tl)] = (versions, made)
-            drop = functools.partial(self._kept_blocks.pop, id(tl), None)
-            for m in made:
-                m.register_hook(lambda _grad: drop() and None)
-        return made
-
-    def _make_blocks(self, tl: _TrainedLayer) -> list[torch.Tensor]:
+        """M's blocks for layer `tl` from the live parameters (fp32, with gradients), through the one definition."""
         dev = tl.params[0].device.type
         with torch.autocast(dev, enabled=False):  # the Cayley solve / series stays fp32 under mixed precision
             return rotation_blocks(tl.layer, blocks=tl.generators(), sync_free=True)
@@ -472,7 +449,6 @@ class OFTTrainer:
                 yield self
         finally:
             self._attached = False
-            self._kept_blocks.clear()
 
     # -------------------------------------------------------------------------------------------- export
     def stored_generators(self, tl: _TrainedLayer) -> list[torch.Tensor]:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import oft_core.train as train
 from oft_core import OFTError, load_adapter, rotate_weight
 from oft_core.demo import _ToyModel
 from oft_core.formats import write_adapter
@@ -460,71 +459,3 @@ def test_block_size_mode_and_conv_layers():
     assert by_path["conv_in"].num_blocks == (2,) and by_path["conv_in"].block_sizes == (4,)
     assert by_path["proj"].num_blocks == (4,)
     assert losses[-1] < losses[0]
-
-
-def test_a_pass_makes_each_layers_blocks_once_and_its_checkpoint_recomputation_reuses_them(monkeypatch):
-    """With gradient checkpointing a block's forward runs twice (the pass and its recomputation in backward); the
-    rotation blocks (the Cayley solve) are made once per pass and layer, and are made anew for the next pass (after
-    their gradient arrived) and after an optimizer step changed the parameters. The gradients are the same, bit for
-    bit, as with blocks made at every forward; two micro-batches accumulate as two separate passes."""
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
-
-        def forward(self, x):
-            return x + self.b(torch.tanh(self.a(x)))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = nn.ModuleList([Block(), Block()])
-
-        def forward(self, x):
-            for blk in self.blocks:
-                x = blk(x)
-            return x
-
-    torch.manual_seed(0)
-    net = Net().requires_grad_(False)
-    xs = [torch.randn(5, 8), torch.randn(5, 8)]
-    made = []
-    real = train.rotation_blocks
-    monkeypatch.setattr(train, "rotation_blocks", lambda *a, **k: made.append(1) or real(*a, **k))
-
-    def step(trainer):
-        with trainer.attach(), gradient_checkpointing(checkpoint_blocks(net)):
-            for p in trainer.parameters():
-                p.grad = None
-            for x in xs:  # two micro-batches: each its own pass and backward
-                net(x).square().sum().backward()
-        return [p.grad.clone() for p in trainer.parameters()]
-
-    trainer = OFTTrainer(select_targets(net, "all-linear", "generic"), num_blocks=2, alpha=0)
-    with torch.no_grad():
-        for p in trainer.parameters():
-            p.add_(0.05)
-    made.clear()
-    kept = step(trainer)
-    assert len(made) == 2 * len(trainer.layers)  # once per layer and pass, not again in the recomputation
-    assert not trainer._kept_blocks
-    monkeypatch.setattr(OFTTrainer, "blocks", OFTTrainer._make_blocks)  # blocks made at every forward
-    made.clear()
-    fresh = step(trainer)
-    assert len(made) == 4 * len(trainer.layers)
-    assert all(torch.equal(a, b) for a, b in zip(kept, fresh)) and all(bool(g.abs().sum() > 0) for g in kept)
-    monkeypatch.undo()
-    with torch.no_grad():  # an optimizer step: the parameters' versions change, the blocks are made anew
-        for p in trainer.parameters():
-            p.sub_(0.01 * p.grad)
-    with trainer.attach(), torch.enable_grad():
-        trainer._kept_blocks.clear()
-        net(xs[0]).sum()  # a pass whose backward never runs keeps its blocks
-        assert len(trainer._kept_blocks) == len(trainer.layers)
-        versions = {k: v[0] for k, v in trainer._kept_blocks.items()}
-        with torch.no_grad():
-            trainer.parameters()[0].add_(0.01)
-        net(xs[0]).sum()
-        changed = [k for k, v in trainer._kept_blocks.items() if v[0] != versions[k]]
-        assert len(changed) == 1
-    assert not trainer._kept_blocks  # released when detached
