@@ -300,7 +300,8 @@ def worker(args) -> dict:
         if tracer is not None:
             import oft_core.train as ot
 
-            for fn, tag in ((ot.rotate_output, "oft: rotation"), (ot.frozen_base, "oft: base (frozen)")):
+            for fn, tag in ((ot.rotate_output, "oft: rotation"), (ot.frozen_base, "oft: base (frozen)"),
+                            (ot.rotate_from_input, "oft: rotation from input")):
                 def tagged(*a, __f=fn, __tag=tag, **k):
                     with tracer.tagged(__tag):
                         return __f(*a, **k)
