@@ -45,6 +45,8 @@ import contextlib
 import logging
 import math
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -422,9 +424,10 @@ class OFTTrainer:
         conv = isinstance(module, nn.Conv2d)
 
         recompute = self.recompute_weight(module)
-        from_input = self.keep_input(module)
+        keep = self.keep_input(module)
 
         def forward(x, *args, **kwargs):
+            from_input = keep
             if args or kwargs:
                 raise TypeError(f"{tl.path}: OFT training forward takes one input, got extra arguments")
             blocks = self.blocks(tl)  # built once per forward of this layer
@@ -434,6 +437,8 @@ class OFTTrainer:
                 padding = 0
             elif conv:
                 padding = module.padding
+            if not conv:  # (a second trained reader of the same input keeps it: `_keeps_read_input`)
+                from_input = _keeps_read_input(x, keep, x.numel() // module.in_features * module.out_features)
             if from_input:  # the same products as below, x kept for backward instead of y (y made again there)
                 return rotate_from_input(tl.layer, module, x, weight_fn, blocks, padding=padding)
             if recompute:  # the same products as below, the base weight made again in backward instead of kept
@@ -793,6 +798,63 @@ def frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding
     return y, (None if bias.numel() == 0 else bias)
 
 
+class _ReadInputs(threading.local):
+    """Per thread, a stack of records of the inputs trained layers read, one per run of a function checkpointed by
+    `gradient_checkpointing`: id(x) → (weak reference to x, whether a trained layer keeps x for backward)."""
+
+    def __init__(self):
+        self.scopes: list[dict[int, tuple[weakref.ref, bool]]] = []
+
+
+_READ = _ReadInputs()
+
+
+@contextlib.contextmanager
+def _input_scope():
+    """A fresh record of read inputs for the duration: a checkpointed function starts one in forward and again in
+    its recomputation, so both make the same choices (the checkpoint requires the same tensors saved, else
+    CheckpointError). Outside these runs (no checkpointing, or a host's own checkpoint) no record is kept and every
+    layer follows its own `keep_input` policy: the same choices every time."""
+    _READ.scopes.append({})
+    try:
+        yield
+    finally:
+        _READ.scopes.pop()
+
+
+def _in_input_scope(fn):
+    def run(*args, **kwargs):
+        with _input_scope():
+            return fn(*args, **kwargs)
+    return run
+
+
+def _keeps_read_input(x: torch.Tensor, keep: bool, out_numel: int) -> bool:
+    """Whether a trained Linear keeps its input x for backward (`rotate_from_input`) instead of its output of
+    `out_numel` elements, recording that it read x: its own policy `keep`; or x is already kept by an earlier trained
+    layer of this run (keeping it again costs nothing: one tensor saved by several nodes is stored once); or an
+    earlier trained layer read x and x is no larger than this layer's output (then this layer and every later
+    reader share one copy: self-attention's to_k and to_v read the tensor to_q read). Only inside a run checkpointed
+    by `gradient_checkpointing` (`_input_scope`); elsewhere `keep`."""
+    if not _READ.scopes:
+        return keep
+    seen = _READ.scopes[-1]
+    key = id(x)
+    entry = seen.get(key)
+    if entry is not None and entry[0]() is x:
+        keep = keep or entry[1] or x.numel() <= out_numel
+        if keep and not entry[1]:
+            seen[key] = (entry[0], True)
+        return keep
+
+    def forget(ref, __seen=seen, __key=key):
+        if __seen.get(__key, (None,))[0] is ref:
+            del __seen[__key]
+
+    seen[key] = (weakref.ref(x, forget), keep)
+    return keep
+
+
 class _RotateFromInput(torch.autograd.Function):
     """A trained layer's rotated output from its input: y = base(x) (`_BaseProduct`), then out = y + (M·z − z) as
     `_RotateOutput`, keeping x (and the blocks) for backward instead of y, and making y again there with the same
@@ -948,7 +1010,7 @@ def gradient_checkpointing(modules: Iterable[nn.Module]):
             layers = _called_layers(block) if isinstance(block, nn.Sequential) else [block]
             for m in layers:
                 fn = _unguarded(m.forward)
-                run = _cloning(fn) if m is block else _checked(fn, type(m).__name__)
+                run = _in_input_scope(_cloning(fn) if m is block else _checked(fn, type(m).__name__))
 
                 def fwd(*args, __run=run, **kwargs):
                     return torch.utils.checkpoint.checkpoint(__run, *args, use_reentrant=False, **kwargs)
