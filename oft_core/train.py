@@ -377,7 +377,9 @@ class OFTTrainer:
     made is not kept for backward but made again there: QOFT, quantized / cast bases).
     `keep_input(module)` True: that layer keeps its input for backward instead of its base output and makes the base
     product again there (`rotate_from_input`; the weight too, as `recompute_weight`); default `keeps_input`, the
-    layers whose output is at least `KEEP_INPUT_RATIO` times their input. The gradients are the same either way.
+    layers whose output is at least `KEEP_INPUT_RATIO` times their input. Unless `keep_input` is False, a Linear that
+    reads the same input as an earlier trained Linear of a checkpointed run keeps it too (`_keeps_read_input`).
+    The values and gradients are the same bit for bit whichever layer keeps what; only memory and time differ.
     """
 
     def __init__(self, targets: Sequence[tuple[str, nn.Module]], *, num_blocks: int | None = None,
@@ -396,6 +398,7 @@ class OFTTrainer:
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
         self.keep_input = keeps_input if keep_input is None else (
             keep_input if callable(keep_input) else (lambda m: bool(keep_input)))
+        self.share_inputs = keep_input is not False  # (`_keeps_read_input`; False: every layer keeps its output)
         self.layers: list[_TrainedLayer] = _trained_layers(self, targets, device)
         self._attached = False
         # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
@@ -427,7 +430,6 @@ class OFTTrainer:
         keep = self.keep_input(module)
 
         def forward(x, *args, **kwargs):
-            from_input = keep
             if args or kwargs:
                 raise TypeError(f"{tl.path}: OFT training forward takes one input, got extra arguments")
             blocks = self.blocks(tl)  # built once per forward of this layer
@@ -437,7 +439,11 @@ class OFTTrainer:
                 padding = 0
             elif conv:
                 padding = module.padding
-            if not conv:  # (a second trained reader of the same input keeps it: `_keeps_read_input`)
+            # Keeping x is for outputs that `rotate_output` rotates in fp32 pieces (`_RotateOutput`): 32-bit ones and
+            # Conv2d channels. 16-bit Linear outputs (FLUX / bf16 training) keep y: no extra product on that path.
+            from_input = keep and (conv or _output_dtype(x).itemsize >= 4)
+            if not conv and self.share_inputs and _output_dtype(x).itemsize >= 4:
+                # a second trained reader of one input keeps it (`_keeps_read_input`)
                 from_input = _keeps_read_input(x, keep, x.numel() // module.in_features * module.out_features)
             if from_input:  # the same products as below, x kept for backward instead of y (y made again there)
                 return rotate_from_input(tl.layer, module, x, weight_fn, blocks, padding=padding)
@@ -820,6 +826,12 @@ def _input_scope():
         yield
     finally:
         _READ.scopes.pop()
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a base product of x: the autocast dtype when autocast is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def _in_input_scope(fn):
