@@ -33,6 +33,10 @@ Public API:
 - `frozen_for_training(root)`: weights a host made under `torch.inference_mode()` usable by autograd, zero-copy.
 - `frozen_bases(modules, weight_fn)`, `frozen_base(...)`: quantized / cast base weights made per forward and again in
   backward, never kept (QOFT on fp8 / GGUF bases).
+- `rotate_output(layer, y, bias, blocks)` keeps a trained layer's base output y for backward; `rotate_from_input(layer,
+  module, x, weight_fn, blocks)` keeps its input x and makes y again in backward (bit for bit), for the layers
+  `keeps_input` picks from shapes (output ≥ `KEEP_INPUT_RATIO` × input: SD's GEGLU projections) and, inside a
+  checkpointed run, for a Linear reading an input an earlier trained Linear read (self-attention's to_k / to_v).
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
   learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); one read from the device per step
   (the loss). `residual_loss` (MSE / L1 / Huber / SmoothL1 of prediction − target).
