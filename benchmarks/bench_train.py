@@ -276,8 +276,8 @@ def worker(args) -> dict:
     kw = dict(steps=args.steps, lr=args.lr, dtype=args.dtype, checkpointing=not args.no_checkpointing)
     if args.worker in ("ours", "ours-executor", "ours-floor"):
         tn = _import_pack()
-        # the node's own copy of oft_core (the pack is imported as a package): the trainer built here and the node's
-        # checkpointing / patches must be one module, as in ComfyUI (module state such as the read-input scopes)
+        # the node's own copy of oft_core (the pack is imported as a package): the trainer built here, the node's
+        # checkpointing and patches, and the functions the tracer tags are then one module, as in ComfyUI
         ot = sys.modules["comfyui_oft.oft_core.train"]
         by_size: dict[int, list] = {}
         skipped = 0

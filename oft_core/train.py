@@ -35,8 +35,7 @@ Public API:
   backward, never kept (QOFT on fp8 / GGUF bases).
 - `rotate_output(layer, y, bias, blocks)` keeps a trained layer's base output y for backward; `rotate_from_input(layer,
   module, x, weight_fn, blocks)` keeps its input x and makes y again in backward (bit for bit), for the layers
-  `keeps_input` picks from shapes (output ≥ `KEEP_INPUT_RATIO` × input: SD's GEGLU projections) and, inside a
-  checkpointed run, for a Linear reading an input an earlier trained Linear read (self-attention's to_k / to_v).
+  `keeps_input` picks from shapes (pointwise layers with out ≥ in, any layer with out ≥ 8 × in) in fp32.
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
   learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); one read from the device per step
   (the loss). `residual_loss` (MSE / L1 / Huber / SmoothL1 of prediction − target).
@@ -49,8 +48,6 @@ import contextlib
 import logging
 import math
 import re
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -345,25 +342,29 @@ def _block_counts(path: str, splits: Sequence[int], num_blocks: int | None, bloc
     return counts
 
 
-# A trained layer keeps its input instead of its base output for backward (and makes the base product again there)
-# when its output is at least this many times larger than its input: the feed-forward projections of SD / SDXL
-# UNets (GEGLU: in → 8·in, the largest activation a transformer block keeps for our backward; measured on the SD1.x
-# race, BENCHMARKS.md "What the training peaks consist of"). Narrower expansions (FLUX's mlp.0 4×, linear1 7×, qkv
-# 3×) keep y: there the extra product would cost more step time than the memory is worth to those runs.
+# Which trained layers keep their input x for backward instead of their base output y (and make y again there:
+# one more product per layer in backward). Measured on the SD1.x race (BENCHMARKS.md "What the training peaks consist
+# of"): a pointwise layer (Linear, 1×1 Conv2d) whose output is no smaller than its input keeps x, because x is no
+# larger than y and is often kept anyway — a conv's own backward keeps its input, SDPA keeps the attention output
+# that reaches to_out as a view, to_q / to_k / to_v read one norm output (one tensor saved by several nodes is stored
+# once) — and the GEGLU projection's y is 8× its x. Any layer whose output is at least KEEP_INPUT_RATIO × its input
+# per element keeps x too (a UNet's 3×3 input conv, 4 → 320 channels). Other 3×3 convs keep y: making them again
+# would cost 9× a pointwise product per output for no memory (a conv keeps x anyway, ours then keeps only y).
 KEEP_INPUT_RATIO = 8
 
 
 def keeps_input(module: nn.Module) -> bool:
-    """The default `OFTTrainer(keep_input=…)` policy, from the layer's shape alone: a Linear with out_features ≥
-    `KEEP_INPUT_RATIO` × in_features, a Conv2d whose output per input element is that large (out_channels ≥ ratio ×
-    in_channels × stride²)."""
+    """The default `OFTTrainer(keep_input=…)` policy, from the layer's shape alone: a Linear or 1×1 Conv2d with
+    out ≥ in (features / channels × stride²), or any Linear / Conv2d with out ≥ `KEEP_INPUT_RATIO` × in."""
     w = getattr(module, "weight", None)
     if w is None or w.ndim < 2:
         return False
     out, inp = int(w.shape[0]), int(w.shape[1])
-    if isinstance(module, nn.Conv2d):
+    conv = isinstance(module, nn.Conv2d)
+    if conv:
         inp *= math.prod(module.stride)
-    return out >= KEEP_INPUT_RATIO * inp
+    pointwise = not conv or tuple(module.kernel_size) == (1, 1)
+    return out >= KEEP_INPUT_RATIO * inp or (pointwise and out >= inp)
 
 
 class OFTTrainer:
@@ -380,10 +381,9 @@ class OFTTrainer:
     `recompute_weight(module)` True: that layer's base product runs through `frozen_base` (the weight `weight_fn`
     made is not kept for backward but made again there: QOFT, quantized / cast bases).
     `keep_input(module)` True: that layer keeps its input for backward instead of its base output and makes the base
-    product again there (`rotate_from_input`; the weight too, as `recompute_weight`); default `keeps_input`, the
-    layers whose output is at least `KEEP_INPUT_RATIO` times their input. Unless `keep_input` is False, a Linear that
-    reads the same input as an earlier trained Linear of a checkpointed run keeps it too (`_keeps_read_input`).
-    The values and gradients are the same bit for bit whichever layer keeps what; only memory and time differ.
+    product again there (`rotate_from_input`; the weight too, as `recompute_weight`); default `keeps_input`, from
+    the layer's shape. Only for outputs rotated in fp32 pieces (32-bit Linear outputs, Conv2d): 16-bit Linear outputs
+    keep y. The values and gradients are the same bit for bit whichever layer keeps what; only memory and time differ.
     """
 
     def __init__(self, targets: Sequence[tuple[str, nn.Module]], *, num_blocks: int | None = None,
@@ -402,7 +402,6 @@ class OFTTrainer:
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
         self.keep_input = keeps_input if keep_input is None else (
             keep_input if callable(keep_input) else (lambda m: bool(keep_input)))
-        self.share_inputs = keep_input is not False  # (`_keeps_read_input`; False: every layer keeps its output)
         self.layers: list[_TrainedLayer] = _trained_layers(self, targets, device)
         self._attached = False
         # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
@@ -443,13 +442,10 @@ class OFTTrainer:
                 padding = 0
             elif conv:
                 padding = module.padding
-            # Keeping x is for outputs that `rotate_output` rotates in fp32 pieces (`_RotateOutput`): 32-bit ones and
-            # Conv2d channels. 16-bit Linear outputs (FLUX / bf16 training) keep y: no extra product on that path.
-            from_input = keep and (conv or _output_dtype(x).itemsize >= 4)
-            if not conv and self.share_inputs and _output_dtype(x).itemsize >= 4:
-                # a second trained reader of one input keeps it (`_keeps_read_input`)
-                from_input = _keeps_read_input(x, keep, x.numel() // module.in_features * module.out_features)
-            if from_input:  # the same products as below, x kept for backward instead of y (y made again there)
+            # The same products as below with x kept for backward instead of y (y made again there), for outputs
+            # that `rotate_output` rotates in fp32 pieces (`_RotateOutput`): 32-bit ones and Conv2d channels. 16-bit
+            # Linear outputs (FLUX / bf16 training) keep y: no extra product on that path.
+            if keep and (conv or _output_dtype(x).itemsize >= 4):
                 return rotate_from_input(tl.layer, module, x, weight_fn, blocks, padding=padding)
             if recompute:  # the same products as below, the base weight made again in backward instead of kept
                 y, bias = frozen_base(module, x, weight_fn, padding)
@@ -808,67 +804,10 @@ def frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding
     return y, (None if bias.numel() == 0 else bias)
 
 
-class _ReadInputs(threading.local):
-    """Per thread, a stack of records of the inputs trained layers read, one per run of a function checkpointed by
-    `gradient_checkpointing`: id(x) → (weak reference to x, whether a trained layer keeps x for backward)."""
-
-    def __init__(self):
-        self.scopes: list[dict[int, tuple[weakref.ref, bool]]] = []
-
-
-_READ = _ReadInputs()
-
-
-@contextlib.contextmanager
-def _input_scope():
-    """A fresh record of read inputs for the duration: a checkpointed function starts one in forward and again in
-    its recomputation, so both make the same choices (the checkpoint requires the same tensors saved, else
-    CheckpointError). Outside these runs (no checkpointing, or a host's own checkpoint) no record is kept and every
-    layer follows its own `keep_input` policy: the same choices every time."""
-    _READ.scopes.append({})
-    try:
-        yield
-    finally:
-        _READ.scopes.pop()
-
-
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype of a base product of x: the autocast dtype when autocast is on, else x's."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
-def _in_input_scope(fn):
-    def run(*args, **kwargs):
-        with _input_scope():
-            return fn(*args, **kwargs)
-    return run
-
-
-def _keeps_read_input(x: torch.Tensor, keep: bool, out_numel: int) -> bool:
-    """Whether a trained Linear keeps its input x for backward (`rotate_from_input`) instead of its output of
-    `out_numel` elements, recording that it read x: its own policy `keep`; or x is already kept by an earlier trained
-    layer of this run (keeping it again costs nothing: one tensor saved by several nodes is stored once); or an
-    earlier trained layer read x and x is no larger than this layer's output (then this layer and every later
-    reader share one copy: self-attention's to_k and to_v read the tensor to_q read). Only inside a run checkpointed
-    by `gradient_checkpointing` (`_input_scope`); elsewhere `keep`."""
-    if not _READ.scopes:
-        return keep
-    seen = _READ.scopes[-1]
-    key = id(x)
-    entry = seen.get(key)
-    if entry is not None and entry[0]() is x:
-        keep = keep or entry[1] or x.numel() <= out_numel
-        if keep and not entry[1]:
-            seen[key] = (entry[0], True)
-        return keep
-
-    def forget(ref, __seen=seen, __key=key):
-        if __seen.get(__key, (None,))[0] is ref:
-            del __seen[__key]
-
-    seen[key] = (weakref.ref(x, forget), keep)
-    return keep
 
 
 class _RotateFromInput(torch.autograd.Function):
@@ -1026,7 +965,7 @@ def gradient_checkpointing(modules: Iterable[nn.Module]):
             layers = _called_layers(block) if isinstance(block, nn.Sequential) else [block]
             for m in layers:
                 fn = _unguarded(m.forward)
-                run = _in_input_scope(_cloning(fn) if m is block else _checked(fn, type(m).__name__))
+                run = _cloning(fn) if m is block else _checked(fn, type(m).__name__)
 
                 def fwd(*args, __run=run, **kwargs):
                     return torch.utils.checkpoint.checkpoint(__run, *args, use_reentrant=False, **kwargs)

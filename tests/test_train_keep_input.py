@@ -5,10 +5,10 @@ Pinned: the made-again y is the forward's bit for bit, so outputs, input gradien
 exactly those of the plain path (fp32, CPU), for Linear (with / without bias, fused splits, wide expansions) and
 Conv2d (bias, stride, non-zero padding modes), with host weights made per forward (`weight_fn`, QOFT) and with the
 rotation cut into many pieces; what is kept for backward is x, not y; the default policy comes from shapes
-(`keeps_input`, never a FLUX-width layer); inside a checkpointed run, Linears that read one input share it (kept
-once) with the same gradients and no CheckpointError, also for a tensor read in several checkpointed blocks; a whole
-training run gives the same adapter bit for bit whichever policy; the trainer's zero layer descriptions take no
-memory.
+(`keeps_input`), 16-bit Linear outputs (FLUX, bf16 training) keep y whatever the policy; Linears that read one
+input keep it once; under gradient checkpointing the same layers keep x in forward and in the recomputation; a whole
+training run (checkpointed or not, a context read in several checkpointed blocks) gives the same adapter bit for bit
+whichever policy; the trainer's zero layer descriptions take no memory.
 """
 
 from __future__ import annotations
@@ -128,14 +128,15 @@ def test_the_input_is_kept_for_backward_not_the_output(kind):
     assert sum(saved_plain.values()) - sum(saved_kept.values()) >= y_bytes - x_bytes
 
 
-def test_default_policy_comes_from_shapes_and_spares_flux_widths():
+def test_default_policy_comes_from_shapes():
     assert keeps_input(nn.Linear(320, 2560))  # SD1.x GEGLU projection (8×)
-    assert keeps_input(nn.Linear(1280, 10240))  # SDXL
-    assert not keeps_input(nn.Linear(320, 320)) and not keeps_input(nn.Linear(1280, 320))
-    with torch.device("meta"):  # FLUX.1 widths: mlp.0 4×, single-block linear1 7×, qkv 3×
-        assert not any(keeps_input(nn.Linear(3072, n)) for n in (12288, 21504, 9216, 3072))
-    assert keeps_input(nn.Conv2d(4, 320, 3, padding=1))  # a UNet's input conv (4 latent channels)
-    assert not keeps_input(nn.Conv2d(4, 64, 3, stride=2))  # 64 < 8 · 4 · 2²: the output is smaller per input
+    assert keeps_input(nn.Linear(320, 320)) and keeps_input(nn.Linear(768, 1280))  # pointwise, out ≥ in
+    assert not keeps_input(nn.Linear(1280, 320))  # the feed-forward's second layer: y is the smaller
+    assert keeps_input(nn.Conv2d(320, 320, 1)) and not keeps_input(nn.Conv2d(640, 320, 1))
+    assert not keeps_input(nn.Conv2d(320, 320, 1, stride=2))  # a quarter of the positions out
+    assert keeps_input(nn.Conv2d(4, 320, 3, padding=1))  # a UNet's input conv (4 latent channels): 80×
+    assert not keeps_input(nn.Conv2d(320, 320, 3)) and not keeps_input(nn.Conv2d(320, 640, 3))  # 3×3: keep y
+    assert not keeps_input(nn.Conv2d(4, 64, 3, stride=2))  # 64 < 8 · 4 · 2²
     assert not keeps_input(nn.LayerNorm(8))
 
 
@@ -204,9 +205,9 @@ def net_problem():
     return Net().requires_grad_(False), torch.randn(2, 10, 8, generator=g), torch.randn(2, 4, 6, generator=g)
 
 
-def test_readers_of_one_input_share_it_inside_a_checkpointed_run():
-    """to_k and to_v read the tensor to_q read: inside a checkpointed run they keep that one tensor (stored once)
-    instead of two outputs of their own; gradients equal the plain path's bit for bit."""
+def test_readers_of_one_input_keep_it_once():
+    """to_q, to_k and to_v read one tensor: they keep that tensor (stored once) instead of three outputs of their own;
+    gradients equal the plain path's bit for bit."""
     net, x, context = net_problem()
     attn = net.blocks[0][0].attn1
     results = {}
@@ -221,22 +222,22 @@ def test_readers_of_one_input_share_it_inside_a_checkpointed_run():
             return v
 
         h = x.clone().requires_grad_(True)
-        with t.attach(), train._input_scope(), torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+        with t.attach(), torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
             out = attn(h)
         out.square().sum().backward()
         results[keep] = (out.detach(), h.grad, [p.grad for p in t.parameters()], saved)
-    plain, shared = results[False], results[None]
-    assert torch.equal(shared[0], plain[0]) and torch.equal(shared[1], plain[1])
-    assert all(torch.equal(a, b) for a, b in zip(shared[2], plain[2]))
-    act = x.untyped_storage().nbytes()  # one (2, 10, 8) activation
+    plain, kept = results[False], results[None]
+    assert torch.equal(kept[0], plain[0]) and torch.equal(kept[1], plain[1])
+    assert all(torch.equal(a, b) for a, b in zip(kept[2], plain[2]))
+    act = x.untyped_storage().nbytes()  # one (2, 10, 8) activation; SDPA keeps q, k, v, out on both paths
     n_act = {k: sum(1 for n in r[3].values() if n == act) for k, r in results.items()}
-    assert n_act[None] == n_act[False] - 1  # q's y, and x once for k and v — instead of q, k and v's outputs
+    assert n_act[False] == n_act[None] + 2  # the base outputs of to_q, to_k, to_v → their one input
 
 
 @pytest.mark.parametrize("wrap", ["none", "checkpointing"])
 def test_whole_training_gives_the_same_adapter_whichever_layer_keeps_what(wrap):
-    """A GEGLU-like projection keeps its input, self-attention shares its input, a context is read in every
-    checkpointed block: no CheckpointError, and the trained parameters equal keep_input=False's bit for bit."""
+    """A GEGLU-like projection keeps its input, self-attention's layers keep their one input, a context is read in
+    every checkpointed block: the losses and trained parameters equal keep_input=False's bit for bit."""
     trained = {}
     for keep in (False, None, True):
         net, x, context = net_problem()
@@ -255,12 +256,12 @@ def test_whole_training_gives_the_same_adapter_whichever_layer_keeps_what(wrap):
 
 
 def test_checkpointed_runs_keep_inputs_where_the_policy_says():
-    """Under gradient_checkpointing the wide projection keeps x and k / v share their input: fewer bytes saved in
-    the recomputation than with keep_input=False."""
-    kept = {}
+    """Under gradient_checkpointing the layers `keeps_input` picks keep x, in forward and again in the
+    recomputation (the checkpoint requires the same tensors saved both times); keep_input=False: none."""
     for keep in (False, None):
         net, x, context = net_problem()
-        t = OFTTrainer(select_targets(net, "all-linear", "generic"), num_blocks=2, alpha=0, keep_input=keep)
+        targets = select_targets(net, "all-linear", "generic")
+        t = OFTTrainer(targets, num_blocks=2, alpha=0, keep_input=keep)
         randomize(t)
         calls = []
         real = train._RotateFromInput.apply
@@ -268,11 +269,15 @@ def test_checkpointed_runs_keep_inputs_where_the_policy_says():
             mp.setattr(train._RotateFromInput, "apply", lambda *a: calls.append(a[1].module) or real(*a))
             with t.attach(), gradient_checkpointing(checkpoint_blocks(net)):
                 net(x, context).square().sum().backward()
-        kept[keep] = calls
-    assert kept[False] == []
-    # per block, in forward and again in the recomputation: proj (8× wider), attn1 to_k / to_v (to_q's input),
-    # attn2 to_v (to_k's input: the context)
-    assert len(kept[None]) == 2 * 2 * 4
+        if keep is False:
+            assert calls == []
+            continue
+        names = {id(m): n for n, m in targets}
+        expected = {n for n, m in targets if keeps_input(m)}
+        assert {names[id(m)] for m in calls} == expected
+        assert "blocks.0.0.proj" in expected and "blocks.0.0.out" not in expected  # 8× wider; 4× narrower
+        for n in expected:  # in a checkpointed block: forward and recomputation; the head: forward only
+            assert sum(1 for m in calls if names[id(m)] == n) == (1 if n == "head" else 2)
 
 
 def test_zero_layer_descriptions_take_no_memory():
