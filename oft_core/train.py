@@ -444,8 +444,9 @@ class OFTTrainer:
                 padding = module.padding
             # The same products as below with x kept for backward instead of y (y made again there), for outputs
             # that `rotate_output` rotates in fp32 pieces (`_RotateOutput`): 32-bit ones and Conv2d channels. 16-bit
-            # Linear outputs (FLUX / bf16 training) keep y: no extra product on that path.
-            if keep and (conv or _output_dtype(x).itemsize >= 4):
+            # Linear outputs (FLUX / bf16 training) keep y: no extra product on that path. An inference tensor (a
+            # host's conditioning made under inference mode) cannot be saved for backward: that layer keeps y.
+            if keep and (conv or _output_dtype(x).itemsize >= 4) and not x.is_inference():
                 return rotate_from_input(tl.layer, module, x, weight_fn, blocks, padding=padding)
             if recompute:  # the same products as below, the base weight made again in backward instead of kept
                 y, bias = frozen_base(module, x, weight_fn, padding)
@@ -815,8 +816,9 @@ class _RotateFromInput(torch.autograd.Function):
     `_RotateOutput`, keeping x (and the blocks) for backward instead of y, and making y again there with the same
     kernel on the same inputs (bit for bit the forward's y; the weight is asked of `weight_fn` again, never kept).
 
-    For layers whose output is much wider than their input (a GEGLU feed-forward projection: y is 8 × x) this keeps
-    1/8 of the memory at the cost of one more base product in backward (`keeps_input`). The gradients are those of
+    For a layer whose output is much wider than its input (a GEGLU feed-forward projection: y is 8 × x) this keeps
+    1/8 of the memory, for one whose input is kept anyway (shared by several layers, or kept by another node) all of
+    y, at the cost of one more base product in backward (`keeps_input` chooses). The gradients are those of
     the plain path (base product, then `_RotateOutput`): the same ∂y and ∂B_i from the same y, and ∂x from ∂y with
     the same kernel as autograd's (`_BaseProduct.input_grad`)."""
 

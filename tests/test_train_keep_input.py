@@ -150,6 +150,24 @@ def test_16bit_linear_outputs_keep_the_output():
     assert max(saved.values()) == y_bytes
 
 
+def test_an_inference_tensor_input_keeps_the_output():
+    """A host's tensor made under inference mode (ComfyUI's conditioning) cannot be saved for backward: the layer
+    keeps y for it, with the same values and rotation gradients."""
+    m, path, x = layer_case("linear-expand")
+    with torch.inference_mode():
+        xi = x.clone()
+    results = []
+    for keep in (False, True):
+        t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=keep)
+        randomize(t)
+        with t.attach():
+            out = m(xi)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad for p in t.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, context_dim: int | None = None):
         super().__init__()
