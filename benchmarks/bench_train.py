@@ -283,6 +283,9 @@ def worker(args) -> dict:
     kw = dict(steps=args.steps, lr=args.lr, dtype=args.dtype, checkpointing=not args.no_checkpointing)
     if args.worker in ("ours", "ours-executor", "ours-floor"):
         tn = _import_pack()
+        # the node's own copy of oft_core (the pack is imported as a package): the trainer built here, the node's
+        # checkpointing and patches, and the functions the tracer tags are then one module, as in ComfyUI
+        import comfyui_oft.oft_core.train as ot
         by_size: dict[int, list] = {}
         skipped = 0
         for name, m, bs, _bn in layout:
@@ -299,25 +302,25 @@ def worker(args) -> dict:
         groups = []
 
         def new_group(*_a, **_k):  # a fresh (untrained) trainer for every train() call
-            groups.append(_Group([OFTTrainer(t, block_size=bs, alpha=1e-3, weight_fn=tn._weight_fn, device="cpu",
+            groups.append(_Group([ot.OFTTrainer(t, block_size=bs, alpha=1e-3, weight_fn=tn._weight_fn, device="cpu",
                                              recompute_weight=tn._casts_weight) for bs, t in sorted(by_size.items())]))
             return groups[-1]
         tn.build_trainer = new_group
         mm.throw_exception_if_processing_interrupted = lambda: stamps.append(_now())
         if tracer is not None:
-            import oft_core.train as ot
 
-            for fn, tag in ((ot.rotate_output, "oft: rotation"), (ot.frozen_base, "oft: base (frozen)")):
+            for fn, tag in ((ot.rotate_output, "oft: rotation"), (ot.frozen_base, "oft: base (frozen)"),
+                            (ot.rotate_from_input, "oft: rotation from input")):
                 def tagged(*a, __f=fn, __tag=tag, **k):
                     with tracer.tagged(__tag):
                         return __f(*a, **k)
                 setattr(ot, fn.__name__, tagged)
-            blocks = OFTTrainer.blocks
+            blocks = ot.OFTTrainer.blocks
 
             def tagged_blocks(self, tl):
                 with tracer.tagged("oft: rotation blocks"):
                     return blocks(self, tl)
-            OFTTrainer.blocks = tagged_blocks
+            ot.OFTTrainer.blocks = tagged_blocks
         def run(steps):
             with torch.inference_mode():  # as ComfyUI runs nodes
                 return tn.train(patcher, latents, positive, steps=steps, learning_rate=kw["lr"], batch_size=batch,

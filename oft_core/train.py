@@ -34,6 +34,9 @@ Public API:
 - `frozen_for_training(root)`: weights a host made under `torch.inference_mode()` usable by autograd, zero-copy.
 - `frozen_bases(modules, weight_fn)`, `frozen_base(...)`: quantized / cast base weights made per forward and again in
   backward, never kept (QOFT on fp8 / GGUF bases).
+- `rotate_output(layer, y, bias, blocks)` keeps a trained layer's base output y for backward; `rotate_from_input(layer,
+  module, x, weight_fn, blocks)` keeps its input x and makes y again in backward (bit for bit), for the layers
+  `keeps_input` picks from shapes (pointwise layers with out ≥ in, any layer with out ≥ 8 × in) in fp32.
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
   learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); one read from the device per step
   (the loss). `residual_loss` (MSE / L1 / Huber / SmoothL1 of prediction − target).
@@ -276,8 +279,10 @@ def _trained_layer(trainer: OFTTrainer, path: str, module: nn.Module, device) ->
     param = "neumann" if terms else "cayley"
     coeffs = _neumann_coefficients(terms, last_term_halved=True) if terms else ()
     constraint = Constraint("norm_clamp", trainer.alpha) if trainer.alpha > 0 else Constraint()
-    layer = make_layer(path="", name=path, side="out", blocks=[torch.zeros(n, b, b) for n, b in
-                                                                   zip(counts, sizes)],
+    # The description's zero generators are one expanded zero (no memory): the live ones are `params`, and a
+    # materialised (n, b, b) zero per layer would stay alive through training (1.6 MiB on the SD1.x race).
+    zero = torch.zeros(())
+    layer = make_layer(path="", name=path, side="out", blocks=[zero.expand(n, b, b) for n, b in zip(counts, sizes)],
                        transpose=True, parameterization=param, neumann_coeffs=coeffs, constraint=constraint,
                        source="kohya_flux" if len(splits) > 1 else "kohya",
                        key=KOHYA_PREFIX + path.replace(".", "_"))
@@ -339,6 +344,31 @@ def _block_counts(path: str, splits: Sequence[int], num_blocks: int | None, bloc
     return counts
 
 
+# Which trained layers keep their input x for backward instead of their base output y (and make y again there:
+# one more product per layer in backward). Measured on the SD1.x race (BENCHMARKS.md "What the training peaks consist
+# of"): a pointwise layer (Linear, 1×1 Conv2d) whose output is no smaller than its input keeps x, because x is no
+# larger than y and is often kept anyway — a conv's own backward keeps its input, SDPA keeps the attention output
+# that reaches to_out as a view, to_q / to_k / to_v read one norm output (one tensor saved by several nodes is stored
+# once) — and the GEGLU projection's y is 8× its x. Any layer whose output is at least _KEEP_INPUT_RATIO × its input
+# per element keeps x too (a UNet's 3×3 input conv, 4 → 320 channels). Other 3×3 convs keep y: making them again
+# would cost 9× a pointwise product per output for no memory (a conv keeps x anyway, ours then keeps only y).
+_KEEP_INPUT_RATIO = 8
+
+
+def keeps_input(module: nn.Module) -> bool:
+    """The default `OFTTrainer(keep_input=…)` policy, from the layer's shape alone: a Linear or 1×1 Conv2d with
+    out ≥ in (features / channels × stride²), or any Linear / Conv2d with out ≥ `_KEEP_INPUT_RATIO` × in."""
+    w = getattr(module, "weight", None)
+    if w is None or w.ndim < 2:
+        return False
+    out, inp = int(w.shape[0]), int(w.shape[1])
+    conv = isinstance(module, nn.Conv2d)
+    if conv:
+        inp *= math.prod(module.stride)
+    pointwise = not conv or tuple(module.kernel_size) == (1, 1)
+    return out >= _KEEP_INPUT_RATIO * inp or (pointwise and out >= inp)
+
+
 class OFTTrainer:
     """Trainable kohya-convention OFT generators for `targets` [(path, Linear | Conv2d)], applied on activations.
 
@@ -352,13 +382,18 @@ class OFTTrainer:
     layers `_split_sizes` does not know (a host's key map gives them, e.g. SD3's fused qkv).
     `recompute_weight(module)` True: that layer's base product runs through `frozen_base` (the weight `weight_fn`
     made is not kept for backward but made again there: QOFT, quantized / cast bases).
+    `keep_input(module)` True: that layer keeps its input for backward instead of its base output and makes the base
+    product again there (`rotate_from_input`; the weight too, as `recompute_weight`); default `keeps_input`, from
+    the layer's shape. Only for outputs rotated in fp32 pieces (32-bit Linear outputs, Conv2d): 16-bit Linear outputs
+    keep y. The values and gradients are the same bit for bit whichever layer keeps what; only memory and time differ.
     """
 
     def __init__(self, targets: Sequence[tuple[str, nn.Module]], *, num_blocks: int | None = None,
                  block_size: int | None = None, alpha: float = 1e-3, neumann_terms: int = 0,
                  weight_fn: Callable | None = None, device: torch.device | str | None = None,
                  root: nn.Module | None = None, splits: Mapping[str, Sequence[int]] | None = None,
-                 recompute_weight: Callable[[nn.Module], bool] | bool = False):
+                 recompute_weight: Callable[[nn.Module], bool] | bool = False,
+                 keep_input: Callable[[nn.Module], bool] | bool | None = None):
         _check_settings(targets, num_blocks, block_size, alpha, neumann_terms)
         # kohya files store alpha in fp32: train with exactly the value that will be saved
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -367,6 +402,8 @@ class OFTTrainer:
         self.weight_fn = weight_fn or _default_weight_fn
         self.splits = {k: tuple(int(x) for x in v) for k, v in (splits or {}).items()}
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
+        self.keep_input = keeps_input if keep_input is None else (
+            keep_input if callable(keep_input) else (lambda m: bool(keep_input)))
         self.layers: list[_TrainedLayer] = _trained_layers(self, targets, device)
         self._attached = False
         # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
@@ -395,6 +432,7 @@ class OFTTrainer:
         conv = isinstance(module, nn.Conv2d)
 
         recompute = self.recompute_weight(module)
+        keep = self.keep_input(module)
 
         def forward(x, *args, **kwargs):
             if args or kwargs:
@@ -406,14 +444,17 @@ class OFTTrainer:
                 padding = 0
             elif conv:
                 padding = module.padding
+            # The same products as below with x kept for backward instead of y (y made again there), for outputs
+            # that `rotate_output` rotates in fp32 pieces (`_RotateOutput`): 32-bit ones and Conv2d channels. 16-bit
+            # Linear outputs (FLUX / bf16 training) keep y: no extra product on that path. An inference tensor (a
+            # host's conditioning made under inference mode) cannot be saved for backward: that layer keeps y.
+            if keep and (conv or _output_dtype(x).itemsize >= 4) and not x.is_inference():
+                return rotate_from_input(tl.layer, module, x, weight_fn, blocks, padding=padding)
             if recompute:  # the same products as below, the base weight made again in backward instead of kept
                 y, bias = frozen_base(module, x, weight_fn, padding)
             else:
                 weight, bias = weight_fn(module, x)
-                if conv:
-                    y = F.conv2d(x, weight, bias, module.stride, padding, module.dilation, module.groups)
-                else:
-                    y = F.linear(x, weight, bias)
+                y = _base_product(module, x, weight, bias, padding)
             # With a bias, the base layer adds it inside the GEMM / conv kernel (addmm, conv bias), so the bypass
             # M·(Wx) + b differs from the base output in the last bit even at M = I (measured: Linear 256→64,
             # every biased Conv2d). The delta form y + (M − I)(y − b) = M·Wx + b, with y the base layer's own
@@ -543,6 +584,53 @@ def _rotate_rows(rows: torch.Tensor, blocks, sizes, *, transpose: bool = False) 
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
+def _rotated(y: torch.Tensor, b: torch.Tensor | None, dim: int, sizes, blocks) -> torch.Tensor:
+    """`_RotateOutput`'s forward: y + (M·z − z), z = y − b (b None: M·y), in pieces; `b` already in y's dtype."""
+    moved = y.movedim(dim, -1)
+    width = moved.shape[-1]
+    out = torch.empty_like(y)
+    out_m = out.movedim(dim, -1)
+    for idx in _row_chunks(tuple(moved.shape[:-1]), max(1, _chunk_elements(y.device) // width)):
+        yc = moved[idx]
+        zc = yc if b is None else yc - b
+        rot = _rotate_rows(zc.reshape(-1, width).to(torch.float32), blocks, sizes).to(y.dtype)
+        rot = rot.reshape(zc.shape)
+        if b is None:
+            out_m[idx].copy_(rot)
+        else:
+            torch.sub(rot, zc, out=out_m[idx])  # (M z − z) + y == y + (M z − z), bit for bit
+            out_m[idx].add_(yc)
+    return out
+
+
+def _rotated_backward(y: torch.Tensor, b: torch.Tensor | None, dim: int, sizes, blocks, grad: torch.Tensor,
+                      want_y: bool, want_r: Sequence[bool], *, into_y: bool = False):
+    """`_RotateOutput`'s backward: (∂y = Mᵀg or None, [∂B_i = Σ g_i z_iᵀ or None per split]), in pieces.
+    `into_y`: ∂y is written over y, each piece after it was read (y must be the caller's own tensor)."""
+    moved = y.movedim(dim, -1)
+    width = moved.shape[-1]
+    g_m = grad.movedim(dim, -1)
+    grad_y = (y if into_y else torch.empty_like(y)) if want_y else None
+    grads_r = [torch.zeros_like(r) if w else None for r, w in zip(blocks, want_r)]
+    for idx in _row_chunks(tuple(moved.shape[:-1]), max(1, _chunk_elements(y.device) // width)):
+        gc = g_m[idx].reshape(-1, width).to(torch.float32)
+        if any(want_r):
+            yc = moved[idx]
+            zc = (yc if b is None else yc - b).reshape(-1, width).to(torch.float32)
+            start = 0
+            for gr, (n, bs) in zip(grads_r, sizes):
+                if gr is not None:
+                    gcols = gc[:, start:start + n * bs].reshape(-1, n, bs).transpose(0, 1)
+                    zcols = zc[:, start:start + n * bs].reshape(-1, n, bs).transpose(0, 1)
+                    gr.baddbmm_(gcols.transpose(1, 2), zcols)  # Σ g zᵀ per block
+                start += n * bs
+            del zc
+        if want_y:
+            gy = _rotate_rows(gc, blocks, sizes, transpose=True).to(y.dtype)
+            grad_y.movedim(dim, -1)[idx].copy_(gy.reshape(g_m[idx].shape))
+    return grad_y, grads_r
+
+
 class _RotateOutput(torch.autograd.Function):
     """out = y + (M·z − z) with z = y − bias (without a bias: out = M·y), M = blockdiag(blocks) on axis `dim`, the
     rotation in fp32 and `out` in y's dtype: the values of `y + (rotate_features(z) − z)`.
@@ -557,21 +645,8 @@ class _RotateOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, bias, dim, sizes, *blocks):
-        moved = y.movedim(dim, -1)
-        width = moved.shape[-1]
         b = None if bias is None else bias.to(y.dtype)
-        out = torch.empty_like(y)
-        out_m = out.movedim(dim, -1)
-        for idx in _row_chunks(tuple(moved.shape[:-1]), max(1, _chunk_elements(y.device) // width)):
-            yc = moved[idx]
-            zc = yc if b is None else yc - b
-            rot = _rotate_rows(zc.reshape(-1, width).to(torch.float32), blocks, sizes).to(y.dtype)
-            rot = rot.reshape(zc.shape)
-            if b is None:
-                out_m[idx].copy_(rot)
-            else:
-                torch.sub(rot, zc, out=out_m[idx])  # (M z − z) + y == y + (M z − z), bit for bit
-                out_m[idx].add_(yc)
+        out = _rotated(y, b, dim, sizes, blocks)
         ctx.save_for_backward(y, *blocks)
         ctx.dim, ctx.sizes, ctx.bias = dim, sizes, b  # (a frozen vector, maybe an inference tensor: not "saved")
         return out
@@ -579,30 +654,9 @@ class _RotateOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, *blocks = ctx.saved_tensors
-        dim, sizes, b = ctx.dim, ctx.sizes, ctx.bias
-        moved = y.movedim(dim, -1)
-        width = moved.shape[-1]
-        g_m = grad.movedim(dim, -1)
-        want_y = ctx.needs_input_grad[0]
         want_r = [ctx.needs_input_grad[4 + i] for i in range(len(blocks))]
-        grad_y = torch.empty_like(y) if want_y else None
-        grads_r = [torch.zeros_like(r) if w else None for r, w in zip(blocks, want_r)]
-        for idx in _row_chunks(tuple(moved.shape[:-1]), max(1, _chunk_elements(y.device) // width)):
-            gc = g_m[idx].reshape(-1, width).to(torch.float32)
-            if any(want_r):
-                yc = moved[idx]
-                zc = (yc if b is None else yc - b).reshape(-1, width).to(torch.float32)
-                start = 0
-                for gr, (n, bs) in zip(grads_r, sizes):
-                    if gr is not None:
-                        gcols = gc[:, start:start + n * bs].reshape(-1, n, bs).transpose(0, 1)
-                        zcols = zc[:, start:start + n * bs].reshape(-1, n, bs).transpose(0, 1)
-                        gr.baddbmm_(gcols.transpose(1, 2), zcols)  # Σ g zᵀ per block
-                    start += n * bs
-                del zc
-            if want_y:
-                gy = _rotate_rows(gc, blocks, sizes, transpose=True).to(y.dtype)
-                grad_y.movedim(dim, -1)[idx].copy_(gy.reshape(g_m[idx].shape))
+        grad_y, grads_r = _rotated_backward(y, ctx.bias, ctx.dim, ctx.sizes, blocks, grad, ctx.needs_input_grad[0],
+                                            want_r)
         return (grad_y, None, None, None, *grads_r)
 
 
@@ -763,6 +817,58 @@ def _freeze_store(store: dict, swapped: list, unfrozen: list) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ frozen bases (QOFT)
+def _base_product(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  padding) -> torch.Tensor:
+    """y = Linear / Conv2d(x) with the given weight and bias (`padding`: the Conv2d padding to use)."""
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, weight, bias, module.stride, padding, module.dilation, module.groups)
+    return F.linear(x, weight, bias)
+
+
+@dataclass(eq=False)
+class _BaseProduct:
+    """How a frozen Linear / Conv2d made its output y = base(x) in forward, to make it again in backward: the
+    module, the host's `weight_fn`, the Conv2d padding, and the autocast state of the forward. The one definition of
+    the base product of a trained or frozen layer (`OFTTrainer._forward_of`, `_FrozenBase`, `_RotateFromInput`):
+    made again with the same kernel on the same inputs, it gives the same values bit for bit."""
+    module: nn.Module
+    weight_fn: Callable
+    padding: object
+    autocast: tuple[bool, torch.dtype]
+
+    @classmethod
+    def of(cls, module: nn.Module, weight_fn: Callable, padding, x: torch.Tensor) -> _BaseProduct:
+        dev = x.device.type
+        return cls(module, weight_fn, padding, (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _base_product(self.module, x, weight, bias, self.padding)
+
+    def again(self, x: torch.Tensor):
+        """(weight, bias, y) as the forward made them, under the forward's autocast (in backward)."""
+        enabled, dtype = self.autocast
+        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            weight, bias = self.weight_fn(self.module, x)
+            return weight, bias, self(x, weight, bias)
+
+    def weight_again(self, x_dtype: torch.dtype, x_device: torch.device) -> torch.Tensor:
+        """The forward's weight made again (in backward) for an input of that dtype and device."""
+        probe = torch.empty(0, dtype=x_dtype, device=x_device)
+        enabled, dtype = self.autocast
+        with torch.autocast(x_device.type, dtype=dtype, enabled=enabled):
+            return self.weight_fn(self.module, probe)[0]
+
+    def input_grad(self, x_shape, x_dtype: torch.dtype, grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """∂x from ∂y (the base is frozen: its weight gets no gradient)."""
+        m = self.module
+        weight = weight.detach().to(grad_y.dtype)
+        if isinstance(m, nn.Conv2d):
+            gx = torch.nn.grad.conv2d_input(x_shape, weight, grad_y, m.stride, self.padding, m.dilation, m.groups)
+        else:
+            gx = grad_y.matmul(weight)
+        return gx.to(x_dtype)
+
+
 class _FrozenBase(torch.autograd.Function):
     """y = Linear / Conv2d(x) with a frozen base weight that `weight_fn(module, x)` makes (a dequantised or cast
     copy of a quantized / fp8 / offloaded weight). Autograd would keep that copy until the backward of every layer
@@ -772,16 +878,10 @@ class _FrozenBase(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, module, weight_fn, padding):
+        base = _BaseProduct.of(module, weight_fn, padding, x)
         weight, bias = weight_fn(module, x)
-        conv = isinstance(module, nn.Conv2d)
-        if conv:
-            y = F.conv2d(x, weight, bias, module.stride, padding, module.dilation, module.groups)
-        else:
-            y = F.linear(x, weight, bias)
-        ctx.module, ctx.weight_fn, ctx.conv, ctx.padding = module, weight_fn, conv, padding
-        ctx.x_shape, ctx.x_dtype, ctx.x_device = x.shape, x.dtype, x.device
-        dev = x.device.type
-        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        y = base(x, weight, bias)
+        ctx.base, ctx.x_shape, ctx.x_dtype, ctx.x_device = base, x.shape, x.dtype, x.device
         out_bias = y.new_empty(0) if bias is None else bias.detach()
         ctx.mark_non_differentiable(out_bias)
         return y, out_bias
@@ -790,18 +890,8 @@ class _FrozenBase(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_bias):
         if grad_y is None or not ctx.needs_input_grad[0]:
             return None, None, None, None
-        module = ctx.module
-        probe = torch.empty(0, dtype=ctx.x_dtype, device=ctx.x_device)
-        enabled, dtype = ctx.autocast
-        with torch.autocast(ctx.x_device.type, dtype=dtype, enabled=enabled):  # the forward's weight again
-            weight, _ = ctx.weight_fn(module, probe)
-        weight = weight.detach().to(grad_y.dtype)
-        if ctx.conv:
-            gx = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, module.stride, ctx.padding,
-                                            module.dilation, module.groups)
-        else:
-            gx = grad_y.matmul(weight)
-        return gx.to(ctx.x_dtype), None, None, None
+        weight = ctx.base.weight_again(ctx.x_dtype, ctx.x_device)
+        return ctx.base.input_grad(ctx.x_shape, ctx.x_dtype, grad_y, weight), None, None, None
 
 
 def frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding=None):
@@ -811,6 +901,60 @@ def frozen_base(module: nn.Module, x: torch.Tensor, weight_fn: Callable, padding
         padding = module.padding
     y, bias = _FrozenBase.apply(x, module, weight_fn, padding)
     return y, (None if bias.numel() == 0 else bias)
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a base product of x: the autocast dtype when autocast is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+class _RotateFromInput(torch.autograd.Function):
+    """A trained layer's rotated output from its input: y = base(x) (`_BaseProduct`), then out = y + (M·z − z) as
+    `_RotateOutput`, keeping x (and the blocks) for backward instead of y, and making y again there with the same
+    kernel on the same inputs (bit for bit the forward's y; the weight is asked of `weight_fn` again, never kept).
+
+    For a layer whose output is much wider than its input (a GEGLU feed-forward projection: y is 8 × x) this keeps
+    1/8 of the memory, for one whose input is kept anyway (shared by several layers, or kept by another node) all of
+    y, at the cost of one more base product in backward (`keeps_input` chooses). The gradients are those of
+    the plain path (base product, then `_RotateOutput`): the same ∂y and ∂B_i from the same y, and ∂x from ∂y with
+    the same kernel as autograd's (`_BaseProduct.input_grad`)."""
+
+    @staticmethod
+    def forward(ctx, x, base, dim, sizes, *blocks):
+        weight, bias = base.weight_fn(base.module, x)
+        y = base(x, weight, bias)
+        b = None if bias is None else bias.detach().to(y.dtype)
+        out = _rotated(y, b, dim, sizes, blocks)
+        ctx.save_for_backward(x, *blocks)
+        ctx.base, ctx.dim, ctx.sizes = base, dim, sizes
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *blocks = ctx.saved_tensors
+        base = ctx.base
+        want_x = ctx.needs_input_grad[0]
+        want_r = [ctx.needs_input_grad[4 + i] for i in range(len(blocks))]
+        weight, bias, y = base.again(x)
+        b = None if bias is None else bias.detach().to(y.dtype)
+        # ∂y over the made-again y (read piece by piece before it is overwritten): one output-sized tensor, not two
+        grad_y, grads_r = _rotated_backward(y, b, ctx.dim, ctx.sizes, blocks, grad, want_x, want_r, into_y=True)
+        del y, bias, b
+        gx = base.input_grad(x.shape, x.dtype, grad_y, weight) if want_x else None
+        return (gx, None, None, None, *grads_r)
+
+
+def rotate_from_input(layer: OFTLayer, module: nn.Module, x: torch.Tensor, weight_fn: Callable, blocks, *,
+                      padding=None) -> torch.Tensor:
+    """The trained layer's output from its input x, the base product made again in backward (`_RotateFromInput`):
+    the values of `rotate_output(layer, *frozen_base(module, x, weight_fn, padding), blocks)`."""
+    conv = isinstance(module, nn.Conv2d)
+    if padding is None and conv:
+        padding = module.padding
+    sizes = tuple(zip(layer.num_blocks, layer.block_sizes))
+    base = _BaseProduct.of(module, weight_fn, padding, x)
+    return _RotateFromInput.apply(x, base, 1 if conv else x.ndim - 1, sizes, *blocks)
 
 
 @contextlib.contextmanager

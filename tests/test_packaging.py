@@ -59,9 +59,14 @@ def _is_core_module(dotted: str) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
+def _unpacked(module: str) -> str:
+    return module[len("comfyui_oft."):] if module.startswith("comfyui_oft.oft_core") else module
+
+
 def _core_uses(path: Path) -> set[tuple[str, str]]:
     """(core module, name) of every core name `path` uses: `from oft_core.m import n` (absolute or relative) and
-    attribute uses `m.n` / `oft_core.m.n` through a binding of a core module."""
+    attribute uses `m.n` / `oft_core.m.n` through a binding of a core module; `comfyui_oft.oft_core…` (the pack's
+    own copy, as a benchmark imports it) counts as `oft_core…`."""
     import ast
 
     tree = ast.parse(path.read_text())
@@ -71,7 +76,7 @@ def _core_uses(path: Path) -> set[tuple[str, str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             base = package[:len(package) - node.level + 1] if node.level else []
-            mod = ".".join([*base, *([node.module] if node.module else [])])
+            mod = _unpacked(".".join([*base, *([node.module] if node.module else [])]))
             if mod.split(".")[0] != "oft_core":
                 continue
             for alias in node.names:
@@ -81,8 +86,9 @@ def _core_uses(path: Path) -> set[tuple[str, str]]:
                     uses.add((mod, alias.name))
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.split(".")[0] == "oft_core":
-                    modules[alias.asname or "oft_core"] = alias.name if alias.asname else "oft_core"
+                name = _unpacked(alias.name)
+                if name.split(".")[0] == "oft_core" and (alias.asname or name == alias.name):
+                    modules[alias.asname or "oft_core"] = name if alias.asname else "oft_core"
 
     def module_of(expr):
         if isinstance(expr, ast.Name):

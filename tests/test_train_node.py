@@ -478,9 +478,9 @@ def test_bench_train_quick_runs(tmp_path):
                          cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
-    m = re.search(r"ratios ours/core: step time (\d+\.\d+) \(goal ≤ 0\.5\), peak memory (\d+\.\d+) \(goal ≤ 0\.5\); "
-                  r"machine load \[", out)
-    assert m and float(m[1]) > 0 and float(m[2]) > 0, out
+    m = re.search(r"ratios ours/core: step time (\d+\.\d+) wall clock, (\d+\.\d+) thread CPU time \([\d.]+ vs [\d.]+ "
+                  r"ms; goal ≤ 0\.5\), peak memory (\d+\.\d+) \(goal ≤ 0\.5\); machine load \[", out)
+    assert m and float(m[1]) > 0 and float(m[2]) > 0 and float(m[3]) > 0, out
     assert "attention kernel: ours attention_pytorch, core attention_pytorch" in out  # the same kernel
     # same layers and the same block structure on both sides: core stores full b×b blocks, we the b(b−1)/2 upper
     # triangle, so its OFT parameter count is larger by a factor between 2 (large b) and 4 (b = 2)
