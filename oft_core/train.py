@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bypass import _ACCELERATOR_PIECE_ELEMENTS, _group_blocks, _group_count, _piece_rows
+from .bypass import _ACCELERATOR_PIECE_ELEMENTS, _add_block_product, _group_blocks, _piece_rows
 from .errors import OFTError, _mismatch
 from .formats._triangle import unpack_upper
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
@@ -608,18 +608,18 @@ def _no_autocast(fn):
 @_no_autocast
 def _rotated_channels(y: torch.Tensor, b: torch.Tensor | None, sizes, blocks) -> torch.Tensor:
     """`_rotated` for `_channels_first` outputs: out = y + D·y − D·b per block and batch element (D = M − I: the
-    product in the work dtype of `_RotateOutputHalf`, y's own for 16 bits, fp32 otherwise); measured on SD1.x-sized conv outputs
-    (2 × 128 × 32², blocks of 8, fp32, one thread) 5× faster than the row pieces of `_rotated`."""
+    product in the work dtype of `_RotateOutputHalf`, y's own for 16 bits, fp32 otherwise); measured on SD1.x-sized
+    conv outputs (2 × 128 × 32², blocks of 8, fp32, one thread) 5× faster than the row pieces of `_rotated`."""
     out = torch.empty_like(y)
     start = 0
     for r, (n, bs) in zip(blocks, sizes):
-        d = (r - torch.eye(bs, dtype=r.dtype, device=r.device)).to(y.dtype)
+        d32 = r - torch.eye(bs, dtype=r.dtype, device=r.device)
+        d = d32.to(y.dtype)
         yv, ov = _channel_blocks(y, start, n, bs), _channel_blocks(out, start, n, bs)
         for i in range(y.shape[0]):  # y + D·y, the sum rounded once
             torch.baddbmm(yv[i], d, yv[i], out=ov[i])
         if b is not None:  # D·b per block, in fp32
-            c = (r - torch.eye(bs, dtype=r.dtype, device=r.device)) @ b[start:start + n * bs].to(r.dtype).view(n, bs, 1)
-            ov.sub_(c.to(y.dtype))
+            ov.sub_((d32 @ b[start:start + n * bs].to(d32.dtype).view(n, bs, 1)).to(y.dtype))
         start += n * bs
     return out
 
@@ -740,8 +740,9 @@ class _RotateOutputHalf(torch.autograd.Function):
     inference: the product of the small change runs at the layer's own 16-bit matmul rate, its error ~2⁻⁸ (bf16) /
     2⁻¹¹ (fp16) of that change, far below the output's own rounding.
 
-    In the bypass hook's row pieces (`bypass._piece_rows`: cache-sized on a CPU): forward out ← y + D·y, one
-    batched product through strided views (`bypass._group_blocks`' grouping, no transposed copy), then out −= D·bias (a
+    In the bypass hook's row pieces (`bypass._piece_rows`: cache-sized on a CPU): forward out ← y + D·y, the
+    hook's own batched product through strided views (`bypass._add_block_product`, `_group_blocks`' grouping, no
+    transposed copy), then out −= D·bias (a
     per-feature vector, fp32, n·b² work, once); backward ∂y = g + g·D the same way, and ∂B = Σ g zᵀ per block
     (z = y − bias), each piece's sum a 16-bit product of its rows copied to the (n, rows, b) layout, the pieces
     summed in fp32. Keeps y and the blocks, like `_RotateOutput`."""
@@ -751,7 +752,6 @@ class _RotateOutputHalf(torch.autograd.Function):
         width = y.shape[-1]
         y2 = y.reshape(-1, width)
         out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
-        step = _piece_rows(y2, _group_width(sizes))
         start = 0
         for r, (n, bs) in zip(blocks, sizes):
             cols = slice(start, start + n * bs)
@@ -761,8 +761,9 @@ class _RotateOutputHalf(torch.autograd.Function):
             c = None
             if bias is not None:  # D·bias per block, in fp32 (elementwise: autocast leaves it alone)
                 c = (d * bias[cols].to(d.dtype).view(n, 1, bs)).sum(-1).view(n * bs).to(y.dtype)
-            for i in range(0, y2.shape[0], step):
-                _add_grouped(y2[i:i + step, cols], dt, out[i:i + step, cols])
+            step = _piece_rows(y2, dt.shape[-1])
+            for i in range(0, y2.shape[0], step):  # y + D·y (16 bits: the sum rounded once), then − D·bias
+                _add_block_product(y2[i:i + step, cols], dt, None, out[i:i + step, cols])
                 if c is not None:
                     out[i:i + step, cols].sub_(c)
         ctx.save_for_backward(y, *blocks)
@@ -778,7 +779,6 @@ class _RotateOutputHalf(torch.autograd.Function):
         want_y = ctx.needs_input_grad[0]
         grads_r = [torch.zeros_like(r) if ctx.needs_input_grad[3 + i] else None for i, r in enumerate(blocks)]
         grad_y = torch.empty(g2.shape, dtype=y.dtype, device=y.device) if want_y else None
-        step = _piece_rows(y2, _group_width(sizes))
         b = None if bias is None else bias.to(y.dtype)
         start = 0
         for r, gr, (n, bs) in zip(blocks, grads_r, sizes):
@@ -786,6 +786,7 @@ class _RotateOutputHalf(torch.autograd.Function):
             start += n * bs
             # g + g·D with D = M − I as it is: the row form of Mᵀg
             d = _group_blocks((r.detach() - torch.eye(bs, dtype=r.dtype, device=r.device)).to(y.dtype))
+            step = _piece_rows(y2, d.shape[-1])
             if gr is not None:  # the pieces' work tensors, made once (new ones per piece: ~20 % slower on a CPU)
                 rows_max = min(step, y2.shape[0])
                 zs = torch.empty((rows_max, n * bs), dtype=y.dtype, device=y.device) if b is not None else None
@@ -794,7 +795,7 @@ class _RotateOutputHalf(torch.autograd.Function):
             for i in range(0, y2.shape[0], step):
                 gc = g2[i:i + step, cols]
                 if want_y:
-                    _add_grouped(gc, d, grad_y[i:i + step, cols])
+                    _add_block_product(gc, d, None, grad_y[i:i + step, cols])
                 if gr is not None:  # Σ g zᵀ of the piece (z = y − bias on the piece's rows as they lie)
                     rows = gc.shape[0]
                     zc = y2[i:i + step, cols]
@@ -804,19 +805,6 @@ class _RotateOutputHalf(torch.autograd.Function):
                     zt = zts[:, :rows].copy_(zc.view(rows, n, bs).transpose(0, 1))
                     gr.add_(torch.bmm(gt.transpose(1, 2), zt, out=prod))  # a piece's sum in y's dtype; total fp32
         return (None if grad_y is None else grad_y.view(grad.shape), None, None, *grads_r)
-
-
-def _group_width(sizes) -> int:
-    """The widest grouped block of the splits `sizes` ((n, b) pairs), as `bypass._group_blocks` groups them."""
-    return max(b * _group_count(n, b) for n, b in sizes)
-
-
-def _add_grouped(src: torch.Tensor, dt: torch.Tensor, out: torch.Tensor) -> None:
-    """out ← src + src·dt per group of features: `src`, `out` (rows, G·w) with unit stride on the last axis, `dt`
-    (G, w, w); one batched product over strided views (no transposed copy), the sum rounded once."""
-    rows, (groups, w) = src.shape[0], dt.shape[:2]
-    sv = src.view(rows, groups, w).transpose(0, 1)
-    torch.baddbmm(sv, sv, dt, out=out.view(rows, groups, w).transpose(0, 1))
 
 
 def rotate_output(layer: OFTLayer, y: torch.Tensor, bias: torch.Tensor | None, blocks: list[torch.Tensor], *,
