@@ -314,7 +314,7 @@ class ModuleBypass:
                 start = 0
                 deltas = self.product_blocks(target, x.device, work)
                 for dt, n, b in zip(deltas, target.layer.num_blocks, target.layer.block_sizes):
-                    _add_block_product(src[:, start: start + n * b], dt, None, out[:, start: start + n * b])
+                    _add_block_product_rows(src[:, start: start + n * b], dt, None, out[:, start: start + n * b])
                     start += n * b
                 if start < features:
                     out[:, start:].copy_(src[:, start:])
