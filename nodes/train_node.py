@@ -360,8 +360,9 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
 
     `latents` / `positive`: see `validate` (several LATENT batches = several resolutions, one size per micro-batch).
     `resume`: an OFTAdapter to continue (same layers, blocks, constraint; its ss_steps are carried on).
-    `save_every` > 0: a kohya checkpoint every that many steps under the output folder (`checkpoint_prefix`,
-    numbered, never overwriting); their paths are appended to `saved`.
+    `save_every` > 0: a kohya checkpoint (LyCORIS for families sd-scripts has no OFT network for) every that many
+    steps under the output folder (`checkpoint_prefix`, numbered, never overwriting); their paths are appended to
+    `saved`.
     """
     images = validate(model, latents, positive, steps, batch_size, grad_accumulation, learning_rate, alpha)
     check_options(training_dtype, optimizer, loss_function, lr_schedule, steps, warmup_steps, save_every)
@@ -511,10 +512,12 @@ def run_metadata(model, buckets, n: int, prior: int, done: int, steps: int, *, r
 
 def save_checkpoint(model, trainer: CoreTrainer, meta: dict, prefix: str, total_steps: int) -> str:
     """A kohya file of the adapter as trained so far under the output folder: `<prefix>_<counter>_step<N>.safetensors`
-    (ComfyUI's counter, moved past any existing name: never overwrites). Returns its path."""
+    (ComfyUI's counter, moved past any existing name: never overwrites); LyCORIS for the families sd-scripts has no
+    OFT network for (the adapter refuses kohya). Returns its path."""
     adapter = export_adapter(model, trainer, meta)
+    fmt = "lycoris" if "kohya" in adapter.refused_formats else "kohya"
     path = next_free_path(prefix, f"step{total_steps:06}.safetensors")
-    written = write_adapter(adapter, path, "kohya", overwrite=False,
+    written = write_adapter(adapter, path, fmt, overwrite=False,
                             metadata={"comfyui_oft.saved_by": "OFTTrainer checkpoint"})
     log.info("OFTTrainer: checkpoint at step %d: %s", total_steps, written)
     return written
@@ -654,8 +657,9 @@ def _later_inputs() -> list:
                              "have the same layers (targets), num_blocks and constraint, else the run stops "
                              "naming the first difference. Its ss_steps are carried on in the new file."),
         io.Int.Input("save_every", default=0, min=0, max=100000, optional=True,
-                     tooltip="Save a kohya checkpoint (with ss_* metadata) every this many steps into the "
-                     "output folder (0 = off); numbered, never overwriting; listed in the report."),
+                     tooltip="Save a kohya checkpoint (with ss_* metadata; LyCORIS for model families sd-scripts "
+                     "has no OFT network for, e.g. SD3, Wan) every this many steps into the output folder "
+                     "(0 = off); numbered, never overwriting; listed in the report."),
         io.String.Input("checkpoint_prefix", default="loras/oft_checkpoint", optional=True,
                         tooltip="Path under the output folder for the checkpoints; a counter and the step "
                         "are appended (…_00001_step000100.safetensors)."),

@@ -182,7 +182,8 @@ def blend(a: OFTAdapter, b: OFTAdapter, t: float) -> OFTAdapter:
             scale = torch.lerp(sa, sb, t)
         layers[(la.component, la.name)] = _rebuild(la, blocks=gens, row_scale=scale, source="blend")
     made_from = {"blend": {"ratio": t, "a": provenance(a), "b": provenance(b)}}
-    return OFTAdapter(layers, a.format, "", dict(a.metadata), made_from=made_from)
+    return OFTAdapter(layers, a.format, "", dict(a.metadata), made_from=made_from,
+                      refused_formats=_refused([a, b]))
 
 
 def _normalised(weights: Sequence[float]) -> list[float]:
@@ -202,7 +203,18 @@ def merge(adapters_with_weights: Sequence[tuple[OFTAdapter, float]], mode: str =
         raise OFTError(f"merge mode: expected one of {', '.join(MERGE_MODES)}, found {mode!r}")
     made_from = {"merge": {"mode": mode, "adapters": [{"weight": w, "adapter": provenance(a)} for a, w in items]}}
     layers = _averaged_layers(items) if mode == "average" else _composed_layers(items)
-    return OFTAdapter(layers, items[0][0].format, "", dict(items[0][0].metadata), made_from=made_from)
+    return OFTAdapter(layers, items[0][0].format, "", dict(items[0][0].metadata), made_from=made_from,
+                      refused_formats=_refused([a for a, _ in items]))
+
+
+def _refused(adapters: Sequence[OFTAdapter]) -> dict[str, str]:
+    """The formats a combination must refuse: every format any input refuses (its layers are in the result), with
+    the first input's reason."""
+    refused: dict[str, str] = {}
+    for a in adapters:
+        for fmt, why in a.refused_formats.items():
+            refused.setdefault(fmt, why)
+    return refused
 
 
 def _averaged_layers(items: list[tuple[OFTAdapter, float]]) -> dict[tuple[str, str], OFTLayer]:

@@ -314,3 +314,28 @@ def test_inspect_on_sd3_counts_the_layers_the_loader_applies(mods, tmp_path):
     adapter = load_adapter(str(tmp_path / "s.safetensors"))
     text = oft_nodes.inspect_text(adapter, comfy_models.dit_tiny("sd3"))
     assert "on this SD3 model: 3 of 3 diffusion-model layers match; 3 land on slices of fused weights" in text
+
+
+def test_a_family_without_a_kohya_network_checkpoints_as_lycoris_and_its_blends_still_refuse_kohya(mods, tmp_path,
+                                                                                                  monkeypatch):
+    """SD3 (no sd-scripts OFT network): the node's checkpoints are LyCORIS files (kohya would stop the run at the
+    first one) that load with the adapter's layers; an OFT Blend / Merge of such adapters still refuses kohya."""
+    import folder_paths
+    from comfyui_oft.oft_core import OFTError, load_adapter
+    from comfyui_oft.oft_core.combine import blend, merge
+    from comfyui_oft.oft_core.formats import write_adapter
+
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    model = comfy_models.dit_tiny("sd3")
+    _, adapter, _, report = train_node(mods, model, "sd3", steps=2, num_blocks=32, save_every=1,
+                                       checkpoint_prefix="ck")
+    files = sorted(tmp_path.glob("ck_*.safetensors"))
+    assert [f.name for f in files] == ["ck_00001_step000001.safetensors", "ck_00002_step000002.safetensors"]
+    for f in files:
+        assert str(f) in str(report)
+        saved = load_adapter(f)
+        assert saved.format == "lycoris_diag_oft" and {la.key for la in saved} == {la.key for la in adapter}
+    for combined in (blend(adapter, adapter, 0.5), merge([(adapter, 1.0), (adapter, 2.0)], "average"),
+                     merge([(adapter, 1.0), (adapter, 1.0)], "compose")):
+        with pytest.raises(OFTError, match="sd-scripts has no OFT network for"):
+            write_adapter(combined, str(tmp_path / "k.safetensors"), "kohya")
