@@ -193,6 +193,8 @@ def _entries_at_once(header: dict, data_size: int) -> dict[str, _TensorInfo] | N
         return None
     if set(map(type, shapes)) != {list} or set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}:
         return None
+    if not set(map(type, chain.from_iterable(shapes))) <= {int}:  # True == 1 == 1.0: `_tiled`'s layouts merge them
+        return None
     flat = list(chain.from_iterable(offsets))
     if set(map(type, flat)) != {int}:
         return None
@@ -209,7 +211,7 @@ def _tiled(keys: list[str], dtypes: list[str], shapes: list[tuple], begins: list
         return None
     nbytes_of = {}
     for dtype, shape in layouts:
-        if any(type(v) is not int or v < 0 for v in shape):  # bool is an int subclass: refused, as one by one
+        if any(v < 0 for v in shape):  # every dim an int (not a bool or a float): checked by the caller
             return None
         bits = math.prod(shape) * _DTYPE_BITS[dtype]
         if bits % 8 or bits // 8 >= 1 << 62:  # so large that no int64 offsets can hold it: the slow path says so

@@ -224,6 +224,21 @@ def test_entries_at_once_declines_what_one_by_one_refuses():
             _entries_one_by_one(header, 4, "x")
 
 
+def test_a_bool_or_float_dim_behind_an_equal_int_shape_is_declined_and_refused(tmp_path):
+    """True == 1 == 1.0 and they hash alike: a second entry whose shape is [true] or [1.0] must not pass on the
+    strength of a first entry's [1] (safetensors itself refuses such a file: "expected usize")."""
+    for dim in (True, 1.0):
+        header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                  "b": {"dtype": "F32", "shape": [dim], "data_offsets": [4, 8]}}
+        assert _entries_at_once(header, 8) is None, dim
+        with pytest.raises(OFTError, match="'b': expected a shape of integers"):
+            _entries_one_by_one(header, 8, "x")
+        path = tmp_path / f"dim_{type(dim).__name__}.safetensors"
+        _raw_file(path, _json.dumps(header), bytes(8))
+        with pytest.raises(OFTError, match="'b': expected a shape of integers"):
+            read_header(path)
+
+
 # ------------------------------------------------------------------------------------------ FileTensors.stack
 
 

@@ -35,7 +35,7 @@ import torch
 from ..choices import FORMATS
 from ..errors import OFTError, _bulk
 from ..publish import _check_output
-from ..safetensors_io import _DTYPES, _Header, _load_tensors, _TensorFile, read_header
+from ..safetensors_io import _DTYPES, _Header, _load_tensors, _TensorFile, _unknown_dtype, read_header
 from ..spec import OFTAdapter
 from . import _write, kohya, lycoris, peft
 
@@ -165,7 +165,7 @@ def _open_streamed(path: str | os.PathLike) -> _StreamedAdapter:
     for k, ti in header.tensors.items():
         if k not in tensors:
             if ti.dtype not in _DTYPES:
-                raise OFTError(f"tensor {k!r} has dtype {ti.dtype}, which this reader does not know", path=header.path)
+                raise _unknown_dtype(header.path, k, ti.dtype)
             tensors[k] = torch.empty(ti.shape, dtype=_DTYPES[ti.dtype], device="meta")
     try:
         skeleton = _read(reader, header, tensors, config)

@@ -280,10 +280,11 @@ def read(header: _Header, tensors: Mapping[str, torch.Tensor], config) -> OFTAda
     else:
         layers, ignored = _group(keys, path)
     if rows is None:
-        alpha_keys = [e[2] for e in layers.values() if e[2] is not None]
-        block_keys = [e[0] for e in layers.values() if e[0] is not None]
-        block_keys += [k for e in layers.values() if e[1] is not None for k in e[1].values()]
-        values, qs, finite, _ = _batched_values(alpha_keys, block_keys, tensors, header)
+        if simple is None:  # (the usual file's values, already batched above, line up with these same keys)
+            alpha_keys = [e[2] for e in layers.values() if e[2] is not None]
+            block_keys = [e[0] for e in layers.values() if e[0] is not None]
+            block_keys += [k for e in layers.values() if e[1] is not None for k in e[1].values()]
+            values, qs, finite, _ = _batched_values(alpha_keys, block_keys, tensors, header)
         alpha_of = {k: v for k, v in zip(alpha_keys, values) if v is not None}
         q_of = {k: q for k, q in zip(block_keys, qs) if q is not None}
         finite_of = dict(zip(block_keys, finite))
