@@ -34,7 +34,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..oft_core import OFTError
-from ..oft_core.formats import write_adapter
+from ..oft_core.formats import lycoris, write_adapter
 from ..oft_core.train import (
     KOHYA_LOSS,
     LOSSES,
@@ -321,10 +321,19 @@ def build_trainer(model, targets: str, num_blocks: int, alpha: float, neumann_te
             if not selected:
                 raise OFTError(f"none of the {len(lay.left_out)} selected layers has a name in the family's "
                                "LyCORIS convention")
-        return CoreTrainer(selected, num_blocks=num_blocks, alpha=alpha,
-                           neumann_terms=neumann_terms, weight_fn=_weight_fn,
-                           device=comfy.model_management.get_torch_device(), root=dm, splits=splits,
-                           recompute_weight=_casts_weight)
+        trainer = CoreTrainer(selected, num_blocks=num_blocks, alpha=alpha,
+                              neumann_terms=neumann_terms, weight_fn=_weight_fn,
+                              device=comfy.model_management.get_torch_device(), root=dm, splits=splits,
+                              recompute_weight=_casts_weight)
+        if family == "generic":  # saved as LyCORIS only: a layout it cannot hold is refused before any step
+            try:
+                lycoris.check(families.export(model, trainer, {}))
+            except OFTError as e:
+                raise OFTError(f"num_blocks {num_blocks}: sd-scripts has no OFT network for these models, so the "
+                               "trained adapter can only be saved as LyCORIS, which needs every layer to have at "
+                               "least as many blocks as their size: raise num_blocks (kohya and PEFT are not "
+                               f"options here). LyCORIS's refusal: {e}") from None
+        return trainer
     except OFTError as e:
         raise OFTError(f"{model_kind(model)} model, targets {targets!r}: {e}") from None
 
@@ -611,7 +620,8 @@ def _adapter_inputs() -> list:
         io.Int.Input("num_blocks", default=4, min=1, max=4096,
                      tooltip="Rotation blocks per layer (kohya's 'dim'): each output split is cut into this "
                      "many b×b blocks; it must divide every adapted layer's width. More blocks = smaller, "
-                     "cheaper, more local rotations."),
+                     "cheaper, more local rotations. Families saved as LyCORIS (SD3, Wan, Qwen-Image, "
+                     "HiDream) need at least as many blocks as their size (checked before training)."),
         io.Float.Input("constraint", default=1e-3, min=0.0, max=100.0, step=1e-4,
                        tooltip="kohya alpha: ‖Q‖_F is clamped at alpha × output width (0 = no constraint). "
                        "Saved as the file's alpha."),

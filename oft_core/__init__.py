@@ -8,8 +8,8 @@ CLI (oft_core/cli.py) and the benchmarks use; every other top-level name of a co
 - description: `spec` — `OFTAdapter`, `Constraint`, `make_layer`, `TE_COMPONENTS`; `choices` — `STRENGTH_MODES`,
   `MERGE_MODES`, `FORMATS`; `errors` — `OFTError`, `check_strength`
 - files: `formats` — `load_adapter`, `write_adapter`, `READERS`, `format_family`, `not_oft_message`;
-  `formats.peft` — `find_config`; `safetensors_io` — `read_header`; `publish` — `publish_safetensors`,
-  `check_output_name`
+  `formats.peft` — `find_config`; `formats.lycoris` — `check`; `safetensors_io` — `read_header`; `publish` —
+  `publish_safetensors`, `check_output_name`
 - math: `rotation` — `rotation_blocks`, `rotate_weight`, `rotate_weight_`, `apply_rows`; `bypass` — `ModuleBypass`,
   `module_bypasses`
 - names: `names` — `Target`; `match` — `Match`, `MatchReport`

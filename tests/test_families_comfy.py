@@ -339,3 +339,15 @@ def test_a_family_without_a_kohya_network_checkpoints_as_lycoris_and_its_blends_
                      merge([(adapter, 1.0), (adapter, 1.0)], "compose")):
         with pytest.raises(OFTError, match="sd-scripts has no OFT network for"):
             write_adapter(combined, str(tmp_path / "k.safetensors"), "kohya")
+
+
+def test_a_block_layout_lycoris_cannot_hold_is_refused_before_training(mods, monkeypatch):
+    """For a family saved as LyCORIS only, num_blocks giving blocks larger than their count (LyCORIS derives the
+    layout from the block size alone) stops the node before any step, saying to raise num_blocks."""
+    from comfyui_oft.oft_core import OFTError
+
+    runs = []
+    monkeypatch.setattr(mods.tn, "run_training", lambda *a, **k: runs.append(1))
+    with pytest.raises(OFTError, match=r"num_blocks 4: .*can only be saved as LyCORIS.*train with ≥ \d+ blocks"):
+        train_node(mods, comfy_models.dit_tiny("sd3"), "sd3", num_blocks=4)
+    assert runs == []

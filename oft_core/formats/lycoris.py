@@ -147,6 +147,12 @@ def _why_not(layer: OFTLayer) -> str | None:
     return None
 
 
+def check(adapter: OFTAdapter) -> None:
+    """Refuse (one OFTError naming the first layers) an adapter with a layer LyCORIS cannot hold exactly: what
+    `write` checks before anything is written."""
+    w.check_all(adapter, "LyCORIS", _why_not)
+
+
 def _unet_prefix(adapter: OFTAdapter, unet_prefix: str | None) -> str:
     """The given prefix, checked; default "lycoris_" when the source used it and has no text-encoder layers."""
     if unet_prefix is None:
@@ -194,7 +200,7 @@ def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mappin
     and ComfyUI maps); default: keep "lycoris_" when the source used it and has no text-encoder layers.
     """
     unet_prefix = _unet_prefix(adapter, unet_prefix)
-    w.check_all(adapter, "LyCORIS", _why_not)
+    check(adapter)
     algo = _algorithm(adapter)
     named = w.underscored_unique(
         adapter, lambda layer: unet_prefix if layer.component == "unet" else _WRITE_PREFIXES[layer.component])
