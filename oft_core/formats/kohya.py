@@ -21,14 +21,14 @@ import math
 import re
 from collections import Counter
 from itertools import repeat
-from operator import is_, itemgetter, methodcaller
+from operator import is_, methodcaller
 from typing import Iterable, Mapping, NamedTuple
 
 import torch
 
 from ..errors import OFTError
 from ..rotation import _constrain, _skew
-from ..safetensors_io import _FileTensors, _Header, _stack_values
+from ..safetensors_io import _DTYPE_SHAPE, _FileTensors, _Header, _stack_values
 from ..spec import Constraint, OFTAdapter, OFTLayer, _finite_each, _make_layers, _tensor_facts
 from . import _write as w
 
@@ -131,9 +131,6 @@ def _by_layout(layouts: list) -> list:
     for i, lay in enumerate(layouts):
         groups.setdefault(lay, []).append(i)
     return list(groups.values())
-
-
-_DTYPE_SHAPE = itemgetter(0, 1)  # of a TensorInfo
 
 
 def _batched_values(alpha_keys: list[str], block_keys: list[str], tensors: Mapping[str, torch.Tensor],
