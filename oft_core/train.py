@@ -62,7 +62,7 @@ from .errors import OFTError, _mismatch
 from .formats._triangle import unpack_upper
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
 from .names import _ldm_to_diffusers_names
-from .rotation import _skew, rotation_blocks
+from .rotation import _skew, apply_rows, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, make_layer
 from .train_io import _resume_trainer, _trained_adapter
 
@@ -387,6 +387,9 @@ class OFTTrainer:
     product again there (`rotate_from_input`; the weight too, as `recompute_weight`); default `keeps_input`, from
     the layer's shape. Only for outputs rotated in fp32 pieces (32-bit Linear outputs, Conv2d): 16-bit Linear outputs
     keep y. The values and gradients are the same bit for bit whichever layer keeps what; only memory and time differ.
+    `through_weight(module, rows)` True: such a layer (one that keeps its input) rotates its weight instead of its
+    output, M·W made per forward and again in backward, never kept (`rotate_through_weight`; the same values to one
+    GEMM's rounding); default `rotates_weight`: when the product has at least as many rows as the weight has inputs.
     """
 
     def __init__(self, targets: Sequence[tuple[str, nn.Module]], *, num_blocks: int | None = None,
@@ -394,7 +397,8 @@ class OFTTrainer:
                  weight_fn: Callable | None = None, device: torch.device | str | None = None,
                  root: nn.Module | None = None, splits: Mapping[str, Sequence[int]] | None = None,
                  recompute_weight: Callable[[nn.Module], bool] | bool = False,
-                 keep_input: Callable[[nn.Module], bool] | bool | None = None):
+                 keep_input: Callable[[nn.Module], bool] | bool | None = None,
+                 through_weight: Callable[[nn.Module, int], bool] | bool | None = None):
         _check_settings(targets, num_blocks, block_size, alpha, neumann_terms)
         # kohya files store alpha in fp32: train with exactly the value that will be saved
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -405,6 +409,8 @@ class OFTTrainer:
         self.recompute_weight = recompute_weight if callable(recompute_weight) else (lambda m: bool(recompute_weight))
         self.keep_input = keeps_input if keep_input is None else (
             keep_input if callable(keep_input) else (lambda m: bool(keep_input)))
+        self.through_weight = rotates_weight if through_weight is None else (
+            through_weight if callable(through_weight) else (lambda m, rows: bool(through_weight)))
         self.layers: list[_TrainedLayer] = _trained_layers(self, targets, device)
         self._attached = False
         # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
@@ -450,6 +456,8 @@ class OFTTrainer:
             # Linear outputs (FLUX / bf16 training) keep y: no extra product on that path. An inference tensor (a
             # host's conditioning made under inference mode) cannot be saved for backward: that layer keeps y.
             if keep and (conv or _output_dtype(x).itemsize >= 4) and not x.is_inference():
+                if self.through_weight(module, _product_rows(module, x, padding)):
+                    return rotate_through_weight(tl.layer, module, x, weight_fn, blocks, padding=padding)
                 return rotate_from_input(tl.layer, module, x, weight_fn, blocks, padding=padding)
             if recompute:  # the same products as below, the base weight made again in backward instead of kept
                 y, bias = frozen_base(module, x, weight_fn, padding)
@@ -930,6 +938,17 @@ class _BaseProduct:
             gx = grad_y.matmul(weight)
         return gx.to(x_dtype)
 
+    def weight_grad(self, x: torch.Tensor, grad_y: torch.Tensor, weight_shape) -> torch.Tensor:
+        """∂W = gᵀx as the product's weight would get it, flattened to (out, in · kernel), in ∂y's dtype (the base
+        weight itself stays frozen: this feeds the rotation's gradient of `_RotateThroughWeight`)."""
+        m = self.module
+        x = x.detach().to(grad_y.dtype)
+        if isinstance(m, nn.Conv2d):
+            gw = torch.nn.grad.conv2d_weight(x, weight_shape, grad_y, m.stride, self.padding, m.dilation, m.groups)
+        else:
+            gw = grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+        return gw.reshape(weight_shape[0], -1)
+
 
 class _FrozenBase(torch.autograd.Function):
     """y = Linear / Conv2d(x) with a frozen base weight that `weight_fn(module, x)` makes (a dequantised or cast
@@ -1017,6 +1036,91 @@ def rotate_from_input(layer: OFTLayer, module: nn.Module, x: torch.Tensor, weigh
     sizes = tuple(zip(layer.num_blocks, layer.block_sizes))
     base = _BaseProduct.of(module, weight_fn, padding, x)
     return _RotateFromInput.apply(x, base, 1 if conv else x.ndim - 1, sizes, *blocks)
+
+
+def _rotated_weight(layer: OFTLayer, blocks, weight: torch.Tensor) -> torch.Tensor:
+    """M·W: the weight's output rows rotated per block (`rotation.apply_rows`, fp32), in the weight's dtype and shape.
+    Identity blocks give W bit for bit (each row is 1·w plus exact zeros)."""
+    w = weight.detach().reshape(weight.shape[0], -1).to(torch.float32)
+    return apply_rows(layer, [r.detach() for r in blocks], w).reshape(weight.shape).to(weight.dtype)
+
+
+class _RotateThroughWeight(torch.autograd.Function):
+    """A trained layer's rotated output through its rotated weight: out = base(x; M·W, bias) = M·(W x) + bias, the
+    values of `_RotateFromInput` (to the rounding of one GEMM instead of a GEMM and a rotation pass), keeping x and
+    the blocks for backward like it; M·W is a temporary made again in backward, never kept.
+
+    Where the product has more rows than the weight has inputs (SD1.x's 320-wide layers at 32×32 latents: 2048 rows,
+    320 inputs) rotating the weight (out · in · b multiply-adds) is cheaper than rotating the output (rows · out · b,
+    and an activation-sized pass over memory), and backward makes no activation-sized temporary: ∂x = (M·W)ᵀ g with
+    the base product's own kernel (`_BaseProduct.input_grad`), ∂B_k = Σ g_k z_kᵀ = (gᵀx)_k · W_kᵀ per block (z = W x,
+    (gᵀx) = ∂W from `_BaseProduct.weight_grad`: one GEMM, as `_RotateFromInput` pays to make y again)."""
+
+    @staticmethod
+    def forward(ctx, x, base, layer, *blocks):
+        weight, bias = base.weight_fn(base.module, x)
+        out = base(x, _rotated_weight(layer, blocks, weight), bias)
+        ctx.save_for_backward(x, *blocks)
+        ctx.base, ctx.layer = base, layer
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *blocks = ctx.saved_tensors
+        base, layer = ctx.base, ctx.layer
+        weight = base.weight_again(x.dtype, x.device)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = base.input_grad(x.shape, x.dtype, grad, _rotated_weight(layer, blocks, weight))
+        want = ctx.needs_input_grad[3:]
+        grads = [None] * len(blocks)
+        if any(want):
+            gw = base.weight_grad(x, grad, weight.shape).to(torch.float32)
+            w = weight.detach().reshape(weight.shape[0], -1).to(torch.float32)
+            start = 0
+            for i, (n, b) in enumerate(zip(layer.num_blocks, layer.block_sizes)):
+                rows = slice(start, start + n * b)
+                start += n * b
+                if want[i]:  # (gᵀx)_k · W_kᵀ per block
+                    grads[i] = torch.bmm(gw[rows].view(n, b, -1), w[rows].view(n, b, -1).transpose(1, 2))
+        return (gx, None, None, *grads)
+
+
+def rotate_through_weight(layer: OFTLayer, module: nn.Module, x: torch.Tensor, weight_fn: Callable, blocks, *,
+                          padding=None) -> torch.Tensor:
+    """The trained layer's output from its input x through the rotated weight M·W (`_RotateThroughWeight`): the
+    values of `rotate_from_input` to one GEMM's rounding; keeps x and the blocks, makes M·W again in backward."""
+    if padding is None and isinstance(module, nn.Conv2d):
+        padding = module.padding
+    return _RotateThroughWeight.apply(x, _BaseProduct.of(module, weight_fn, padding, x), layer, *blocks)
+
+
+def _product_rows(module: nn.Module, x: torch.Tensor, padding) -> int:
+    """How many output rows (Linear: tokens; Conv2d: batch · output positions) the layer's product has for x, with
+    the Conv2d `padding` the product uses."""
+    if not isinstance(module, nn.Conv2d):
+        return x.numel() // max(1, x.shape[-1])
+    h, w = x.shape[-2:]
+    batch = x.numel() // max(1, x.shape[-3] * h * w)
+    if isinstance(padding, str):  # "same" keeps the positions (stride 1); "valid" pads nothing
+        if padding == "same":
+            return batch * h * w
+        padding = 0
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return batch * max(0, out_h) * max(0, out_w)
+
+
+def rotates_weight(module: nn.Module, rows: int) -> bool:
+    """The default `OFTTrainer(through_weight=…)` policy, for a layer that keeps its input and whose product has
+    `rows` output rows: rotate the weight when rows ≥ the weight's inputs (in / groups · kernel area), i.e. when
+    M·W (out · in · b multiply-adds) costs no more than rotating the output (rows · out · b, over activation memory)."""
+    w = getattr(module, "weight", None)
+    if w is None or w.ndim < 2:
+        return False
+    return rows >= math.prod(w.shape[1:])
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ rotation cut into many pieces; what is kept for backward is x, not y; the defaul
 input keep it once; under gradient checkpointing the same layers keep x in forward and in the recomputation; a whole
 training run (checkpointed or not, a context read in several checkpointed blocks) gives the same adapter bit for bit
 whichever policy; the trainer's zero layer descriptions take no memory.
+These tests pin the path that makes y again (`through_weight=False`); layers that rotate their weight instead are
+pinned in tests/test_train_through_weight.py.
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ def layer_case(kind: str, seed: int = 0):
 def run_layer(m, path, x, *, keep_input, weight_fn=None, recompute_weight=False, saved=None):
     """(output, ∂x, [∂ packed parameters]) of one forward + backward with a fixed output gradient."""
     splits = {"qkv": (16, 16, 16)} if path == "qkv" else None
-    t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=keep_input, weight_fn=weight_fn,
-                   recompute_weight=recompute_weight, splits=splits)
+    t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=keep_input, through_weight=False,
+                   weight_fn=weight_fn, recompute_weight=recompute_weight, splits=splits)
     randomize(t)
     xx = x.detach().clone().requires_grad_(True)
     hooks = contextlib.nullcontext()
@@ -158,7 +160,7 @@ def test_an_inference_tensor_input_keeps_the_output():
         xi = x.clone()
     results = []
     for keep in (False, True):
-        t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=keep)
+        t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=keep, through_weight=False)
         randomize(t)
         with t.attach():
             out = m(xi)
@@ -231,7 +233,7 @@ def test_readers_of_one_input_keep_it_once():
     results = {}
     for keep in (False, None):
         t = OFTTrainer([(n, m) for n, m in attn.named_children() if n != "to_out"], num_blocks=2, alpha=0,
-                       keep_input=keep)
+                       keep_input=keep, through_weight=False)
         randomize(t)
         saved = {}
 
@@ -260,7 +262,7 @@ def test_whole_training_gives_the_same_adapter_whichever_layer_keeps_what(wrap):
     for keep in (False, None, True):
         net, x, context = net_problem()
         targets = select_targets(net, "all-linear", "generic")
-        t = OFTTrainer(targets, num_blocks=2, alpha=0, keep_input=keep)
+        t = OFTTrainer(targets, num_blocks=2, alpha=0, keep_input=keep, through_weight=False)
         target = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
         ckpt = gradient_checkpointing(checkpoint_blocks(net)) if wrap == "checkpointing" else contextlib.nullcontext()
         with t.attach(), ckpt:
@@ -279,7 +281,7 @@ def test_checkpointed_runs_keep_inputs_where_the_policy_says():
     for keep in (False, None):
         net, x, context = net_problem()
         targets = select_targets(net, "all-linear", "generic")
-        t = OFTTrainer(targets, num_blocks=2, alpha=0, keep_input=keep)
+        t = OFTTrainer(targets, num_blocks=2, alpha=0, keep_input=keep, through_weight=False)
         randomize(t)
         calls = []
         real = train._RotateFromInput.apply
