@@ -28,7 +28,10 @@ Public beyond those uses:
   README's Python API for a plain torch model)
 - the format protocol: `formats` — `WRITERS` (per format, as `READERS`); `formats.kohya`, `formats.lycoris`,
   `formats.peft` — `claims`, `read`, `write`
-- training policy: `train` — `keeps_input` (`OFTTrainer`'s default `keep_input`, to build on)
+- training policy: `train` — `keeps_input`, `rotates_weight` (`OFTTrainer`'s default `keep_input` and
+  `through_weight`, to build on)
+- training products: `train` — `rotate_through_weight` (what the layers `rotates_weight` picks run, beside
+  `rotate_output` and `rotate_from_input`)
 """
 
 from .bake import bake

@@ -36,7 +36,10 @@ Public API:
   backward, never kept (QOFT on fp8 / GGUF bases).
 - `rotate_output(layer, y, bias, blocks)` keeps a trained layer's base output y for backward; `rotate_from_input(layer,
   module, x, weight_fn, blocks)` keeps its input x and makes y again in backward (bit for bit), for the layers
-  `keeps_input` picks from shapes (pointwise layers with out ≥ in, any layer with out ≥ 8 × in) in fp32.
+  `keeps_input` picks from shapes (pointwise layers with out ≥ in, any layer with out ≥ 8 × in) in fp32;
+  `rotate_through_weight(layer, module, x, weight_fn, blocks)` keeps x too but rotates the weight (M·W, made per
+  forward and again in backward, never kept) where the product has at least as many rows as the weight has inputs
+  (`rotates_weight`: SD1.x's 320-wide layers at 2048 tokens), which costs less than rotating the output there.
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
   learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); one read from the device per step
   (the loss). `residual_loss` (MSE / L1 / Huber / SmoothL1 of prediction − target).
