@@ -310,7 +310,8 @@ def worker(args) -> dict:
         if tracer is not None:
 
             for fn, tag in ((ot.rotate_output, "oft: rotation"), (ot.frozen_base, "oft: base (frozen)"),
-                            (ot.rotate_from_input, "oft: rotation from input")):
+                            (ot.rotate_from_input, "oft: rotation from input"),
+                            (ot.rotate_through_weight, "oft: rotation through the weight")):
                 def tagged(*a, __f=fn, __tag=tag, **k):
                     with tracer.tagged(__tag):
                         return __f(*a, **k)
