@@ -20,7 +20,7 @@ CLI (oft_core/cli.py) and the benchmarks use; every other top-level name of a co
 - training: `train` — `OFTTrainer`, `select_targets`, `detect_family`, `PRESETS`, `OPTIMIZERS`, `LOSSES`,
   `KOHYA_LOSS`, `SCHEDULES`, `lr_factor`, `residual_loss`, `run_training`, `training_metadata`, `export_names`,
   `frozen_for_training`, `frozen_bases`, `gradient_checkpointing`, `inplace_safe`, `checkpoint_blocks`,
-  `rotate_output`, `rotate_from_input`, `frozen_base`; `demo` — `run_demo`
+  `rotate_output`, `rotate_from_input`, `rotate_through_weight`, `frozen_base`; `demo` — `run_demo`
 
 Public beyond those uses:
 
@@ -30,8 +30,6 @@ Public beyond those uses:
   `formats.peft` — `claims`, `read`, `write`
 - training policy: `train` — `keeps_input`, `rotates_weight` (`OFTTrainer`'s default `keep_input` and
   `through_weight`, to build on)
-- training products: `train` — `rotate_through_weight` (what the layers `rotates_weight` picks run, beside
-  `rotate_output` and `rotate_from_input`)
 """
 
 from .bake import bake
