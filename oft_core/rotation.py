@@ -146,6 +146,41 @@ def _solve_positive_real_(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _cayley(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False) -> torch.Tensor:
     """R = (I + Q)(I − Q)⁻¹ for skew-symmetric Q.
 
+    The trainer's path (`sync_free=True` with gradients wanted) computes the same R through `_CayleyMap`, whose
+    backward is the closed form of the Cayley map's derivative instead of autograd through the solve / series /
+    elimination (values identical: the forward is this function's own method, run without gradients).
+    """
+    if sync_free and q.requires_grad and torch.is_grad_enabled():
+        return _CayleyMap.apply(q, norm_bound)
+    return _cayley_value(q, norm_bound=norm_bound, sync_free=sync_free)
+
+
+class _CayleyMap(torch.autograd.Function):
+    """R = Cayley(Q) with the closed-form backward; keeps only R for backward (no LU, pivots or series terms).
+
+    With A = I − Q: R = 2A⁻¹ − I, so dR = 2A⁻¹·dQ·A⁻¹ and, for the loss gradient G = ∂L/∂R,
+    ∂L/∂Q = 2A⁻ᵀ G A⁻ᵀ = ½(I + R)ᵀ G (I + R)ᵀ, as A⁻¹ = (I + R)/2. Two batched matmuls whatever method made R (all
+    give Cayley(Q) to fp32 rounding). Like autograd through the solve, this is the gradient for a general Q (the
+    skew projection is the caller's `_skew`). R is saved as this Function's output, so a double backward still
+    differentiates through it correctly.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, norm_bound: float | None) -> torch.Tensor:
+        r = _cayley_value(q, norm_bound=norm_bound, sync_free=True)
+        ctx.save_for_backward(r)
+        return r
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (r,) = ctx.saved_tensors
+        p = (r + _eye_like(r)).transpose(-1, -2)  # (I + R)ᵀ = 2A⁻ᵀ
+        return 0.5 * (p @ g @ p), None
+
+
+def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False) -> torch.Tensor:
+    """`_cayley`'s value: R = (I + Q)(I − Q)⁻¹ for skew-symmetric Q.
+
     R = 2(I − Q)⁻¹ − I (the same matrix: (I + Q) = 2I − (I − Q)), with the inverse from matmuls: for large blocks by
     block elimination (`_inverse_positive_real`), for small ones by the series Σ Q^j while it converges within a few
     doublings (`_neumann_doublings`); otherwise (I − Q)⁻¹(I + Q) by one batched linear solve. All agree to fp32
