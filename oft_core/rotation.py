@@ -7,7 +7,8 @@ One definition of each thing, used by every format, the ComfyUI patch, the baker
   ‖Q_i‖_F ≤ eps/√(stored blocks) (PEFT `_project_batch`); or none.
 - rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ (`_cayley`: a linear solve, or matmul-only block elimination
   for large blocks), or the Cayley–Neumann series
-  Σ c_k Q^k; always in fp32, whatever the stored dtype.
+  Σ c_k Q^k; always in fp32, whatever the stored dtype. The trainer's path differentiates the Cayley map in closed
+  form (`_CayleyMap`: ∂L/∂Q = ½(I + R)ᵀ G (I + R)ᵀ, only R kept for backward).
 - strength (`rotation_blocks`): mode "kohya" R_s = I + s(R − I), linear in the weight and what sd-scripts and
   LyCORIS do with their multiplier (the default: results match the trainer); mode "orthogonal" R_s = R(s·Q), a
   rotation for every s with R_0 = I, R_1 = R, R_−1 = Rᵀ. Strength 0 returns the input untouched in both modes.
