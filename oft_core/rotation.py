@@ -7,7 +7,8 @@ One definition of each thing, used by every format, the ComfyUI patch, the baker
   ‖Q_i‖_F ≤ eps/√(stored blocks) (PEFT `_project_batch`); or none.
 - rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ (`_cayley`: a linear solve, or matmul-only block elimination
   for large blocks), or the Cayley–Neumann series
-  Σ c_k Q^k; always in fp32, whatever the stored dtype.
+  Σ c_k Q^k; always in fp32, whatever the stored dtype. The trainer's path differentiates the Cayley map in closed
+  form (`_CayleyMap`: ∂L/∂Q = ½(I + R)ᵀ G (I + R)ᵀ, only R kept for backward).
 - strength (`rotation_blocks`): mode "kohya" R_s = I + s(R − I), linear in the weight and what sd-scripts and
   LyCORIS do with their multiplier (the default: results match the trainer); mode "orthogonal" R_s = R(s·Q), a
   rotation for every s with R_0 = I, R_1 = R, R_−1 = Rᵀ. Strength 0 returns the input untouched in both modes.
@@ -145,6 +146,41 @@ def _solve_positive_real_(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _cayley(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False) -> torch.Tensor:
     """R = (I + Q)(I − Q)⁻¹ for skew-symmetric Q.
+
+    The trainer's path (`sync_free=True` with gradients wanted) computes the same R through `_CayleyMap`, whose
+    backward is the closed form of the Cayley map's derivative instead of autograd through the solve / series /
+    elimination (values identical: the forward is this function's own method, run without gradients).
+    """
+    if sync_free and q.requires_grad and torch.is_grad_enabled():
+        return _CayleyMap.apply(q, norm_bound)
+    return _cayley_value(q, norm_bound=norm_bound, sync_free=sync_free)
+
+
+class _CayleyMap(torch.autograd.Function):
+    """R = Cayley(Q) with the closed-form backward; keeps only R for backward (no LU, pivots or series terms).
+
+    With A = I − Q: R = 2A⁻¹ − I, so dR = 2A⁻¹·dQ·A⁻¹ and, for the loss gradient G = ∂L/∂R,
+    ∂L/∂Q = 2A⁻ᵀ G A⁻ᵀ = ½(I + R)ᵀ G (I + R)ᵀ, as A⁻¹ = (I + R)/2. Two batched matmuls whatever method made R (all
+    give Cayley(Q) to fp32 rounding). Like autograd through the solve, this is the gradient for a general Q (the
+    skew projection is the caller's `_skew`). R is saved as this Function's output, so a double backward still
+    differentiates through it correctly.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, norm_bound: float | None) -> torch.Tensor:
+        r = _cayley_value(q, norm_bound=norm_bound, sync_free=True)
+        ctx.save_for_backward(r)
+        return r
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (r,) = ctx.saved_tensors
+        p = (r + _eye_like(r)).transpose(-1, -2)  # (I + R)ᵀ = 2A⁻ᵀ
+        return 0.5 * (p @ g @ p), None
+
+
+def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False) -> torch.Tensor:
+    """`_cayley`'s value: R = (I + Q)(I − Q)⁻¹ for skew-symmetric Q.
 
     R = 2(I − Q)⁻¹ − I (the same matrix: (I + Q) = 2I − (I − Q)), with the inverse from matmuls: for large blocks by
     block elimination (`_inverse_positive_real`), for small ones by the series Σ Q^j while it converges within a few

@@ -62,10 +62,10 @@ from torch import nn
 
 from .bypass import _ACCELERATOR_PIECE_ELEMENTS, _add_block_product, _group_blocks, _piece_rows
 from .errors import OFTError, _mismatch
-from .formats._triangle import unpack_upper
+from .formats._triangle import skew_from_upper
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
 from .names import _ldm_to_diffusers_names
-from .rotation import _skew, apply_rows, rotation_blocks
+from .rotation import apply_rows, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, make_layer
 from .train_io import _resume_trainer, _trained_adapter
 
@@ -247,7 +247,7 @@ class _TrainedLayer:
 
     def generators(self) -> list[torch.Tensor]:
         """The live skew generators Q = U − Uᵀ per split (with gradients)."""
-        return [_skew(unpack_upper(p, b)) for p, b in zip(self.params, self.layer.block_sizes)]
+        return [skew_from_upper(p, b) for p, b in zip(self.params, self.layer.block_sizes)]
 
 
 def _default_weight_fn(module: nn.Module, x: torch.Tensor):
