@@ -175,8 +175,13 @@ class _CayleyMap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (r,) = ctx.saved_tensors
-        p = (r + _eye_like(r)).transpose(-1, -2)  # (I + R)ᵀ = 2A⁻ᵀ
-        return 0.5 * (p @ g @ p), None
+        return _cayley_grad(r, g), None
+
+
+def _cayley_grad(r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """∂L/∂Q from G = ∂L/∂R for R = Cayley(Q): ½(I + R)ᵀ G (I + R)ᵀ (see `_CayleyMap`)."""
+    p = (r + _eye_like(r)).transpose(-1, -2)  # (I + R)ᵀ = 2A⁻ᵀ
+    return 0.5 * (p @ g @ p)
 
 
 def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False) -> torch.Tensor:
@@ -305,6 +310,38 @@ def rotation_blocks(
         if layer.kind == "diag" and r.shape[0] != layer.num_blocks[i]:  # PEFT block_share
             r = r.expand(layer.num_blocks[i], -1, -1)
         out.append(r)
+    return out
+
+
+def _cayley_method(b: int, bound: float | None):
+    """What `_cayley_value(q, norm_bound=bound, sync_free=True)` does with blocks of size b: splits with the same
+    answer can be solved together (every method works matrix by matrix, so the values are the same bit for bit)."""
+    if b > _CAYLEY_LEAF or b <= _NEUMANN_MIN_BLOCK or bound is None:
+        return (b, None)
+    return (b, _doublings_for(bound))
+
+
+def _trained_blocks(items: Sequence[tuple[OFTLayer, Sequence[torch.Tensor]]]) -> list[list[torch.Tensor]]:
+    """`rotation_blocks(layer, blocks=generators, sync_free=True)` of several Cayley-parameterised layers at once
+    (strength 1, the trainer's): per (layer, generators) its blocks per split, the same values bit for bit. Each
+    split is constrained on its own (`_constrain`); the Cayley maps of all splits whose blocks have one size and
+    take one method (`_cayley_method`) are one batched call: on a CPU one LAPACK solve for an SD1.x block's dozen
+    layers instead of a dozen calls, each of which costs more in fixed overhead than in arithmetic."""
+    constrained, groups = [], {}
+    for li, (layer, gens) in enumerate(items):
+        for i, q in enumerate(gens):
+            q = _constrain(layer, q.to(torch.float32), i)
+            constrained.append(q)
+            key = _cayley_method(q.shape[-1], _norm_bound(layer, q, i))
+            groups.setdefault(key, []).append((li, i, len(constrained) - 1))
+    out = [[None] * len(gens) for _, gens in items]
+    for (_b, _how), members in groups.items():
+        qs = [constrained[k] for _, _, k in members]
+        bound = max((_norm_bound(items[li][0], constrained[k], i) or 0.0 for li, i, k in members), default=None)
+        rs = _cayley_value(torch.cat(qs) if len(qs) > 1 else qs[0], norm_bound=bound if _how is not None else None,
+                           sync_free=True)
+        for (li, i, _k), r in zip(members, rs.split([q.shape[0] for q in qs])):
+            out[li][i] = r.transpose(-1, -2) if items[li][0].transpose else r
     return out
 
 

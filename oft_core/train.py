@@ -65,7 +65,7 @@ from .errors import OFTError, _mismatch
 from .formats._triangle import skew_from_upper
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
 from .names import _ldm_to_diffusers_names
-from .rotation import apply_rows, rotation_blocks
+from .rotation import _cayley_grad, _constrain, _trained_blocks, apply_rows, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, make_layer
 from .train_io import _resume_trainer, _trained_adapter
 
@@ -250,6 +250,73 @@ class _TrainedLayer:
         return [skew_from_upper(p, b) for p, b in zip(self.params, self.layer.block_sizes)]
 
 
+class _TrainedBlocks(torch.autograd.Function):
+    """The blocks of one or several trained layers from their packed parameters, as ONE autograd node that keeps the
+    parameters and the blocks: the values of `rotation_blocks(layer, blocks=generators, sync_free=True)` per layer
+    (`rotation._trained_blocks`, made without gradients; the Cayley maps of equal-size blocks in one batched call),
+    the gradient through the Cayley map in closed form (`rotation._cayley_grad` with R = the blocks as made) and
+    through the constraint and the packing by autograd on the generators made again from the parameters (small:
+    n·b² values per split).
+
+    Inside a gradient checkpoint every tensor an autograd node keeps passes through the checkpoint's Python hooks, in
+    forward and again in the recomputation; per layer the generator, constraint and Cayley nodes (about ten small
+    ops) cost ~0.3 ms a pass there. One node for all the trained layers of a checkpointed block (`_unit_blocks`)
+    pays those fixed costs once per block. Cayley parameterization only (the Cayley–Neumann series is
+    differentiated by autograd as before)."""
+
+    @staticmethod
+    def forward(ctx, layers, *params):
+        items, k = [], 0
+        for layer in layers:
+            ps = params[k:k + len(layer.block_sizes)]
+            k += len(ps)
+            items.append((layer, [skew_from_upper(p, b) for p, b in zip(ps, layer.block_sizes)]))
+        blocks = [r for rs in _trained_blocks(items) for r in rs]
+        ctx.layers = layers
+        ctx.save_for_backward(*params, *blocks)
+        return tuple(blocks)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        params, blocks = saved[:len(saved) // 2], saved[len(saved) // 2:]
+        splits = [(layer, i) for layer in ctx.layers for i in range(len(layer.block_sizes))]
+        leaves = [p.detach().requires_grad_(True) for p in params]
+        outs, gq = [], []
+        with torch.enable_grad(), torch.autocast(params[0].device.type, enabled=False):
+            for (layer, i), leaf, blk, g in zip(splits, leaves, blocks, grads):
+                if g is None:
+                    continue
+                r, g = (blk.transpose(-1, -2), g.transpose(-1, -2)) if layer.transpose else (blk, g)
+                outs.append(_constrain(layer, skew_from_upper(leaf, layer.block_sizes[i]).to(torch.float32), i))
+                gq.append(_cayley_grad(r, g))
+        got = torch.autograd.grad(outs, leaves, gq, allow_unused=True) if outs else [None] * len(leaves)
+        return (None, *got)
+
+
+# The trainers attached now (`OFTTrainer.attach`), and the blocks made at the start of the checkpointed block that is
+# running (`_unit_blocks`), a stack of {id(trained layer): blocks}. One thread trains at a time (ComfyUI's executor).
+_ATTACHED: list[OFTTrainer] = []
+_UNIT: list[dict[int, list[torch.Tensor]]] = []
+
+
+@contextlib.contextmanager
+def _unit_blocks(module: nn.Module):
+    """While a checkpointed block runs (in forward and again in its recomputation): the rotation blocks of every
+    attached trainer's layers inside it, made at its start as one `_TrainedBlocks` node per trainer; each layer takes
+    its own (`OFTTrainer.blocks`). Both runs make the same node at the same point, so the checkpoint finds the same
+    tensors saved; a layer run twice in the block makes its second blocks alone."""
+    made: dict[int, list[torch.Tensor]] = {}
+    if torch.is_grad_enabled():
+        for trainer in _ATTACHED:
+            made.update(trainer._blocks_under(module))
+    _UNIT.append(made)
+    try:
+        yield
+    finally:
+        _UNIT.pop()
+
+
 def _default_weight_fn(module: nn.Module, x: torch.Tensor):
     w, b = module.weight, module.bias
     if torch.is_autocast_enabled(x.device.type) or w.dtype == x.dtype:
@@ -416,6 +483,7 @@ class OFTTrainer:
             through_weight if callable(through_weight) else (lambda m, rows: bool(through_weight)))
         self.layers: list[_TrainedLayer] = _trained_layers(self, targets, device)
         self._attached = False
+        self._under: dict[int, tuple[nn.Module, list[_TrainedLayer]]] = {}  # `_blocks_under`'s layers per block
         # the model the targets live in (from `select_targets`, or given): attach() guards its in-place blocks
         self.root = root if root is not None else getattr(targets, "root", None)
         self.family = detect_family(self.root) if self.root is not None else None
@@ -432,10 +500,42 @@ class OFTTrainer:
 
     # -------------------------------------------------------------------------------------------- forward patch
     def blocks(self, tl: _TrainedLayer) -> list[torch.Tensor]:
-        """M's blocks for layer `tl` from the live parameters (fp32, with gradients), through the one definition."""
+        """M's blocks for layer `tl` from the live parameters (fp32, with gradients), through the one definition
+        (`rotation_blocks`); with gradients and the Cayley map, as one autograd node (`_TrainedBlocks`), made for
+        all of a checkpointed block's layers at its start when `gradient_checkpointing` runs it (`_unit_blocks`)."""
+        made = _UNIT[-1].pop(id(tl), None) if _UNIT else None
+        if made is not None:
+            return made
         dev = tl.params[0].device.type
         with torch.autocast(dev, enabled=False):  # the Cayley solve / series stays fp32 under mixed precision
+            if self._node_blocks(tl):
+                return list(_TrainedBlocks.apply((tl.layer,), *tl.params))
             return rotation_blocks(tl.layer, blocks=tl.generators(), sync_free=True)
+
+    @staticmethod
+    def _node_blocks(tl: _TrainedLayer) -> bool:
+        """Whether `tl`'s blocks are made by a `_TrainedBlocks` node (Cayley, with gradients)."""
+        return (tl.layer.parameterization == "cayley" and torch.is_grad_enabled()
+                and any(p.requires_grad for p in tl.params))
+
+    def _blocks_under(self, module: nn.Module) -> dict[int, list[torch.Tensor]]:
+        """{id(trained layer): blocks} for this trainer's layers inside `module`, as one `_TrainedBlocks` node
+        (none for fewer than two layers: a single layer's own node is the same work)."""
+        key = id(module)
+        under = self._under.get(key)
+        if under is None or under[0] is not module:
+            inside = {id(m) for m in module.modules()}
+            under = self._under[key] = (module, [tl for tl in self.layers if id(tl.module) in inside])
+        layers = [tl for tl in under[1] if self._node_blocks(tl)]
+        if len(layers) < 2:
+            return {}
+        with torch.autocast(layers[0].params[0].device.type, enabled=False):
+            flat = _TrainedBlocks.apply(tuple(tl.layer for tl in layers), *[p for tl in layers for p in tl.params])
+        made, k = {}, 0
+        for tl in layers:
+            made[id(tl)] = list(flat[k:k + len(tl.params)])
+            k += len(tl.params)
+        return made
 
     def _forward_of(self, tl: _TrainedLayer):
         module, weight_fn = tl.module, self.weight_fn
@@ -499,9 +599,12 @@ class OFTTrainer:
                 for tl in self.layers:
                     replace(tl.module, self._forward_of(tl))
                 self._attached = True
+                _ATTACHED.append(self)
                 yield self
         finally:
             self._attached = False
+            if self in _ATTACHED:
+                _ATTACHED.remove(self)
 
     # -------------------------------------------------------------------------------------------- export
     def stored_generators(self, tl: _TrainedLayer) -> list[torch.Tensor]:
@@ -1217,6 +1320,17 @@ def _forward_patches():
                 del m.forward
 
 
+def _with_unit_blocks(module: nn.Module, fn):
+    """`fn` with the rotation blocks of the attached trainers' layers inside `module` made at its start
+    (`_unit_blocks`)."""
+
+    def run(*args, **kwargs):
+        with _unit_blocks(module):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(modules: Iterable[nn.Module]):
     """Run each module's forward under `torch.utils.checkpoint` (non-reentrant, kwargs allowed); restored on exit.
@@ -1234,7 +1348,7 @@ def gradient_checkpointing(modules: Iterable[nn.Module]):
             layers = _called_layers(block) if isinstance(block, nn.Sequential) else [block]
             for m in layers:
                 fn = _unguarded(m.forward)
-                run = _cloning(fn) if m is block else _checked(fn, type(m).__name__)
+                run = _with_unit_blocks(m, _cloning(fn) if m is block else _checked(fn, type(m).__name__))
 
                 def fwd(*args, __run=run, **kwargs):
                     return torch.utils.checkpoint.checkpoint(__run, *args, use_reentrant=False, **kwargs)

@@ -411,7 +411,7 @@ def test_checkpointing_reaches_layers_of_sequential_blocks_the_host_iterates():
         count = [0]
 
         def pack(t, count=count):
-            count[0] += 1
+            count[0] += t.shape == x.shape  # activations (the blocks and parameters are kept either way)
             return t
 
         with trainer.attach(), wrap(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -422,7 +422,9 @@ def test_checkpointing_reaches_layers_of_sequential_blocks_the_host_iterates():
         kept.append(count[0])
         assert all("forward" not in m.__dict__ for m in net.modules())
     assert all(torch.equal(a, b) for a, b in zip(*grads))
-    assert kept[1] < kept[0] / 2  # the layers' internals are recomputed, not kept
+    # the layers' internal activations are recomputed, not kept: with checkpointing only each of the four layers'
+    # input is kept (and the loss's); without, their internals too
+    assert kept[1] == 4 + 1 < kept[0]
     bad = Net(inplace=True).requires_grad_(False)
     with gradient_checkpointing(checkpoint_blocks(bad)), pytest.raises(OFTError, match="in place"):
         bad(x.requires_grad_())
