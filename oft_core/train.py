@@ -3,11 +3,14 @@
 Following OFTv2 (Qiu et al. 2025, "Orthogonal Finetuning Made Scalable"): the rotation is applied to the layer's
 activations, never to a materialised copy of its weight, so a training step costs one extra block-diagonal product
 per adapted layer instead of a rotated weight (O(d²·b) → O(tokens·d·b)) and no weight-sized tensor is kept for backward.
+Where a layer's product has more rows than its weight has inputs (SD1.x's 320-wide layers at 2048 tokens) the
+weight is the cheaper side: those layers rotate M·W per forward as a temporary, never kept (`rotate_through_weight`).
 
 The math is not re-defined here. Each adapted layer is an `OFTLayer` built by `spec.make_layer` in kohya
 `networks.oft` convention (side "out", R = Cayley(Q) or a Cayley–Neumann series, Rᵀ applied per block, constraint
-‖Q‖_F ≤ alpha·split), and every forward calls `rotation.rotation_blocks(layer, blocks=<live Q>)` once and
-applies the blocks to the base layer's output with `rotate_output` (the values of `rotation.rotate_features` on
+‖Q‖_F ≤ alpha·split), and every forward takes the values of `rotation.rotation_blocks(layer, blocks=<live Q>)`
+(one autograd node per layer, or per checkpointed block for all its layers: `_TrainedBlocks`) and applies the
+blocks to the base layer's output with `rotate_output` (the values of `rotation.rotate_features` on
 y − bias, as one autograd Function that keeps only y for backward; 16-bit Linear outputs compute the small change
 (M − I)·z in their own dtype, as the bypass hook does at inference). The trained adapter is therefore exactly what
 `rotate_weight` merges.
