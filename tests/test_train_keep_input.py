@@ -74,10 +74,12 @@ def layer_case(kind: str, seed: int = 0):
     return m.requires_grad_(False), path, x
 
 
-def run_layer(m, path, x, *, keep_input, weight_fn=None, recompute_weight=False, saved=None):
-    """(output, ∂x, [∂ packed parameters]) of one forward + backward with a fixed output gradient."""
+def run_layer(m, path, x, *, keep_input, through_weight=False, weight_fn=None, recompute_weight=False, saved=None,
+              ctx=None):
+    """(output, ∂x, [∂ packed parameters], the trainer) of one forward + backward with a fixed output gradient
+    (`through_weight=False`: a layer that keeps x makes y again; tests/test_train_through_weight.py sets it)."""
     splits = {"qkv": (16, 16, 16)} if path == "qkv" else None
-    t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=keep_input, through_weight=False,
+    t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=keep_input, through_weight=through_weight,
                    weight_fn=weight_fn, recompute_weight=recompute_weight, splits=splits)
     randomize(t)
     xx = x.detach().clone().requires_grad_(True)
@@ -87,11 +89,11 @@ def run_layer(m, path, x, *, keep_input, weight_fn=None, recompute_weight=False,
             saved[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
             return v
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v)
-    with t.attach(), hooks:
+    with t.attach(), hooks, ctx or contextlib.nullcontext():
         out = m(xx)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
     out.backward(g)
-    return out.detach(), xx.grad, [p.grad.clone() for p in t.parameters()]
+    return out.detach(), xx.grad, [p.grad.clone() for p in t.parameters()], t
 
 
 KINDS = ["linear-expand", "linear-nobias", "linear-2d", "linear-splits", "conv", "conv-stride-nobias",

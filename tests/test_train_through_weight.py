@@ -17,7 +17,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_keep_input import KINDS, cast_weight_fn, layer_case, net_problem, randomize
+from test_train_keep_input import KINDS, cast_weight_fn, layer_case, net_problem, randomize, run_layer
 from torch import nn
 
 import oft_core.train as train
@@ -33,28 +33,9 @@ from oft_core.train import (
 )
 
 
-def trainer_for(m, path, **kw):
-    splits = {"qkv": (16, 16, 16)} if path == "qkv" else None
-    t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=True, splits=splits, **kw)
-    randomize(t)
-    return t
-
-
-def run(m, path, x, *, through_weight, saved=None, ctx=None, **kw):
-    """(output, ∂x, [∂ packed parameters], the trainer) of one forward + backward with a fixed output gradient."""
-    t = trainer_for(m, path, through_weight=through_weight, **kw)
-    xx = x.detach().clone().requires_grad_(True)
-    hooks = contextlib.nullcontext()
-    if saved is not None:
-        def pack(v):
-            saved[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-            return v
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v)
-    with t.attach(), hooks, ctx or contextlib.nullcontext():
-        out = m(xx)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
-    out.backward(g)
-    return out.detach(), xx.grad, [p.grad.clone() for p in t.parameters()], t
+def run(m, path, x, *, through_weight, **kw):
+    """`run_layer` with keep_input=True: (output, ∂x, [∂ packed parameters], the trainer)."""
+    return run_layer(m, path, x, keep_input=True, through_weight=through_weight, **kw)
 
 
 def exact(m, t, x):
@@ -107,7 +88,8 @@ def test_the_output_and_gradients_are_the_rotated_weights_product(kind, host):
 @pytest.mark.parametrize("kind", KINDS)
 def test_identity_blocks_give_the_base_output_bit_for_bit(kind):
     m, path, x = layer_case(kind)
-    t = trainer_for(m, path, through_weight=True)
+    t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=True, through_weight=True,
+                   splits={"qkv": (16, 16, 16)} if path == "qkv" else None)
     with torch.no_grad():
         for p in t.parameters():
             p.zero_()
