@@ -227,6 +227,18 @@ def net_problem():
     return Net().requires_grad_(False), torch.randn(2, 10, 8, generator=g), torch.randn(2, 4, 6, generator=g)
 
 
+def train_net(wrap: str, alpha: float = 0.0, **kw):
+    """([trained parameters], losses) of 3 steps on the two-block net, all its Linears trained with OFTTrainer(**kw),
+    `wrap` "checkpointing" (its blocks under `gradient_checkpointing`) or "none"."""
+    net, x, context = net_problem()
+    t = OFTTrainer(select_targets(net, "all-linear", "generic"), num_blocks=2, alpha=alpha, **kw)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    ckpt = gradient_checkpointing(checkpoint_blocks(net)) if wrap == "checkpointing" else contextlib.nullcontext()
+    with t.attach(), ckpt:
+        losses = run_training(t.parameters(), lambda s, m: F.mse_loss(net(x, context), target), steps=3, lr=1e-2)
+    return [p.detach().clone() for p in t.parameters()], losses
+
+
 def test_readers_of_one_input_keep_it_once():
     """to_q, to_k and to_v read one tensor: they keep that tensor (stored once) instead of three outputs of their own;
     gradients equal the plain path's bit for bit."""
@@ -260,17 +272,7 @@ def test_readers_of_one_input_keep_it_once():
 def test_whole_training_gives_the_same_adapter_whichever_layer_keeps_what(wrap):
     """A GEGLU-like projection keeps its input, self-attention's layers keep their one input, a context is read in
     every checkpointed block: the losses and trained parameters equal keep_input=False's bit for bit."""
-    trained = {}
-    for keep in (False, None, True):
-        net, x, context = net_problem()
-        targets = select_targets(net, "all-linear", "generic")
-        t = OFTTrainer(targets, num_blocks=2, alpha=0, keep_input=keep, through_weight=False)
-        target = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
-        ckpt = gradient_checkpointing(checkpoint_blocks(net)) if wrap == "checkpointing" else contextlib.nullcontext()
-        with t.attach(), ckpt:
-            losses = run_training(t.parameters(), lambda s, m: F.mse_loss(net(x, context), target), steps=3,
-                                  lr=1e-2)
-        trained[keep] = ([p.detach().clone() for p in t.parameters()], losses)
+    trained = {keep: train_net(wrap, keep_input=keep, through_weight=False) for keep in (False, None, True)}
     assert trained[None][1] == trained[False][1] == trained[True][1]
     assert trained[False][1][-1] < trained[False][1][0]
     for keep in (None, True):

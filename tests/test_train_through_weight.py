@@ -12,12 +12,10 @@ recomputation; a whole training run follows the path that makes y again to fp32 
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_keep_input import KINDS, cast_weight_fn, layer_case, net_problem, randomize, run_layer
+from test_train_keep_input import KINDS, cast_weight_fn, layer_case, net_problem, randomize, run_layer, train_net
 from torch import nn
 
 import oft_core.train as train
@@ -28,7 +26,6 @@ from oft_core.train import (
     gradient_checkpointing,
     keeps_input,
     rotates_weight,
-    run_training,
     select_targets,
 )
 
@@ -195,16 +192,7 @@ def test_the_trainer_routes_by_the_policy_the_same_in_forward_and_recomputation(
 
 @pytest.mark.parametrize("wrap", ["none", "checkpointing"])
 def test_whole_training_follows_the_path_that_makes_y_again(wrap):
-    trained = {}
-    for through in (False, None):
-        net, x, context = net_problem()
-        t = OFTTrainer(select_targets(net, "all-linear", "generic"), num_blocks=2, alpha=0, through_weight=through)
-        target = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
-        ckpt = gradient_checkpointing(checkpoint_blocks(net)) if wrap == "checkpointing" else contextlib.nullcontext()
-        with t.attach(), ckpt:
-            losses = run_training(t.parameters(), lambda s, m: F.mse_loss(net(x, context), target), steps=3,
-                                  lr=1e-2)
-        trained[through] = ([p.detach().clone() for p in t.parameters()], losses)
+    trained = {through: train_net(wrap, through_weight=through) for through in (False, None)}
     assert trained[None][1][-1] < trained[None][1][0]
     torch.testing.assert_close(torch.tensor(trained[None][1]), torch.tensor(trained[False][1]), rtol=1e-5, atol=0)
     for a, b in zip(trained[None][0], trained[False][0]):

@@ -10,17 +10,14 @@ without checkpointing (where every layer makes its own).
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-import torch.nn.functional as F
-from test_train_keep_input import net_problem, randomize
+from test_train_keep_input import net_problem, randomize, train_net
 from torch import nn
 
 import oft_core.train as train
 from oft_core.rotation import _trained_blocks, rotation_blocks
-from oft_core.train import OFTTrainer, checkpoint_blocks, gradient_checkpointing, run_training, select_targets
+from oft_core.train import OFTTrainer, checkpoint_blocks, gradient_checkpointing, select_targets
 
 
 def mixed_trainer():
@@ -86,16 +83,7 @@ def test_a_checkpointed_block_makes_one_node_for_its_layers_in_forward_and_recom
 
 @pytest.mark.parametrize("keep_input", [None, False])
 def test_training_with_block_nodes_gives_the_adapter_of_per_layer_nodes_bit_for_bit(keep_input):
-    trained = {}
-    for wrap in ("none", "checkpointing"):
-        net, x, context = net_problem()
-        t = OFTTrainer(select_targets(net, "all-linear", "generic"), num_blocks=2, alpha=1e-3, keep_input=keep_input)
-        target = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
-        ckpt = gradient_checkpointing(checkpoint_blocks(net)) if wrap == "checkpointing" else contextlib.nullcontext()
-        with t.attach(), ckpt:
-            losses = run_training(t.parameters(), lambda s, m: F.mse_loss(net(x, context), target), steps=3,
-                                  lr=1e-2)
-        trained[wrap] = ([p.detach().clone() for p in t.parameters()], losses)
+    trained = {wrap: train_net(wrap, alpha=1e-3, keep_input=keep_input) for wrap in ("none", "checkpointing")}
     assert trained["none"][1] == trained["checkpointing"][1] and trained["none"][1][-1] < trained["none"][1][0]
     assert all(torch.equal(a, b) for a, b in zip(trained["none"][0], trained["checkpointing"][0]))
 
