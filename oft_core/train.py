@@ -1147,11 +1147,14 @@ def rotate_from_input(layer: OFTLayer, module: nn.Module, x: torch.Tensor, weigh
     return _RotateFromInput.apply(x, base, 1 if conv else x.ndim - 1, sizes, *blocks)
 
 
-def _rotated_weight(layer: OFTLayer, blocks, weight: torch.Tensor) -> torch.Tensor:
-    """M·W: the weight's output rows rotated per block (`rotation.apply_rows`, fp32), in the weight's dtype and shape.
-    Identity blocks give W bit for bit (each row is 1·w plus exact zeros)."""
+def _rotated_weight(layer: OFTLayer, blocks, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """M·W: the weight's output rows rotated per block (`rotation.apply_rows`, fp32), in the weight's shape and dtype,
+    or in `dtype` (the product's) for a weight stored in fewer than 16 bits (an fp8 weight used as it is under
+    autocast: M·W rounded back to fp8 would lose most of the rotation). Identity blocks give W bit for bit (each row
+    is 1·w plus exact zeros)."""
     w = weight.detach().reshape(weight.shape[0], -1).to(torch.float32)
-    return apply_rows(layer, [r.detach() for r in blocks], w).reshape(weight.shape).to(weight.dtype)
+    out = weight.dtype if weight.dtype.itemsize >= 2 else dtype
+    return apply_rows(layer, [r.detach() for r in blocks], w).reshape(weight.shape).to(out)
 
 
 class _RotateThroughWeight(torch.autograd.Function):
@@ -1168,7 +1171,7 @@ class _RotateThroughWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base, layer, *blocks):
         weight, bias = base.weight_fn(base.module, x)
-        out = base(x, _rotated_weight(layer, blocks, weight), bias)
+        out = base(x, _rotated_weight(layer, blocks, weight, _output_dtype(x)), bias)
         ctx.save_for_backward(x, *blocks)
         ctx.base, ctx.layer = base, layer
         return out
@@ -1180,7 +1183,7 @@ class _RotateThroughWeight(torch.autograd.Function):
         weight = base.weight_again(x.dtype, x.device)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = base.input_grad(x.shape, x.dtype, grad, _rotated_weight(layer, blocks, weight))
+            gx = base.input_grad(x.shape, x.dtype, grad, _rotated_weight(layer, blocks, weight, grad.dtype))
         want = ctx.needs_input_grad[3:]
         grads = [None] * len(blocks)
         if any(want):

@@ -123,6 +123,24 @@ def test_under_bf16_autocast_a_conv_rotates_its_weight_in_the_autocast_dtype():
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * float(b.abs().max()))
 
 
+def test_an_fp8_weight_under_autocast_rotates_in_the_products_dtype():
+    """A weight stored in fp8 and used as it is under autocast (the default weight_fn): M·W is made in the product's
+    dtype, not rounded back to fp8 (3 mantissa bits would lose most of a small rotation); the output is as close to
+    the exact M·(W x) + bias as the path that makes y again."""
+    m, path, x = layer_case("conv-1x1")
+    m8 = nn.Conv2d(2, 32, 1)
+    with torch.no_grad():
+        m8.weight.copy_(m.weight)
+        m8.bias.copy_(m.bias)
+    m8 = m8.to(torch.float8_e4m3fn).requires_grad_(False)
+    errs = {}
+    for through in (False, True):
+        out, _, grads, t = run(m8, path, x, through_weight=through, ctx=torch.autocast("cpu", dtype=torch.bfloat16))
+        assert out.dtype == torch.bfloat16 and all(bool(g.abs().sum() > 0) for g in grads)
+        errs[through] = float((out.double() - exact(m8, t, x)[0]).abs().max())
+    assert errs[True] <= 1.5 * errs[False]
+
+
 @pytest.mark.parametrize("make,shape", [
     (lambda: nn.Linear(8, 4), (3, 5, 8)),
     (lambda: nn.Linear(8, 4), (7, 8)),
