@@ -298,7 +298,9 @@ class _TrainedBlocks(torch.autograd.Function):
 
 
 # The trainers attached now (`OFTTrainer.attach`), and the blocks made at the start of the checkpointed block that is
-# running (`_unit_blocks`), a stack of {id(trained layer): blocks}. One thread trains at a time (ComfyUI's executor).
+# running (`_unit_blocks`), a stack of {id(trained layer): blocks}. One training runs at a time (ComfyUI's executor).
+# Module-level, not thread-local: on CUDA the checkpoint's recomputation runs in the autograd engine's device thread,
+# which must see the trainers attached by the thread that called backward (it waits meanwhile).
 _ATTACHED: list[OFTTrainer] = []
 _UNIT: list[dict[int, list[torch.Tensor]]] = []
 
