@@ -7,8 +7,10 @@ One definition of each thing, used by every format, the ComfyUI patch, the baker
   ‖Q_i‖_F ≤ eps/√(stored blocks) (PEFT `_project_batch`); or none.
 - rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ (`_cayley`: a linear solve, or matmul-only block elimination
   for large blocks), or the Cayley–Neumann series
-  Σ c_k Q^k; always in fp32, whatever the stored dtype. The trainer's path differentiates the Cayley map in closed
-  form (`_CayleyMap`: ∂L/∂Q = ½(I + R)ᵀ G (I + R)ᵀ, only R kept for backward).
+  Σ c_k Q^k; always in fp32, whatever the stored dtype. With `sync_free` and gradients the Cayley map is
+  differentiated in closed form (`_cayley_grad`: ∂L/∂Q = ½(I + R)ᵀ G (I + R)ᵀ, only R kept for backward), by
+  `_CayleyMap` here and by the trainer's own node (`train._TrainedBlocks`, several layers at once:
+  `_trained_blocks`).
 - strength (`rotation_blocks`): mode "kohya" R_s = I + s(R − I), linear in the weight and what sd-scripts and
   LyCORIS do with their multiplier (the default: results match the trainer); mode "orthogonal" R_s = R(s·Q), a
   rotation for every s with R_0 = I, R_1 = R, R_−1 = Rᵀ. Strength 0 returns the input untouched in both modes.
@@ -147,9 +149,10 @@ def _solve_positive_real_(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _cayley(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool = False) -> torch.Tensor:
     """R = (I + Q)(I − Q)⁻¹ for skew-symmetric Q.
 
-    The trainer's path (`sync_free=True` with gradients wanted) computes the same R through `_CayleyMap`, whose
-    backward is the closed form of the Cayley map's derivative instead of autograd through the solve / series /
-    elimination (values identical: the forward is this function's own method, run without gradients).
+    With `sync_free=True` and gradients wanted the same R comes through `_CayleyMap`, whose backward is the closed
+    form of the Cayley map's derivative instead of autograd through the solve / series / elimination (values
+    identical: the forward is this function's own method, run without gradients). The trainer itself goes through
+    `train._TrainedBlocks`, which uses the same closed form (`_cayley_grad`) for all of a block's layers at once.
     """
     if sync_free and q.requires_grad and torch.is_grad_enabled():
         return _CayleyMap.apply(q, norm_bound)
