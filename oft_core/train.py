@@ -68,7 +68,7 @@ from .errors import OFTError, _mismatch
 from .formats._triangle import skew_from_upper
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
 from .names import _ldm_to_diffusers_names
-from .rotation import _cayley_grad, _constrain, _trained_blocks, apply_rows, rotation_blocks
+from .rotation import _cayley_grad, _constrain, _conv_out_hw, _trained_blocks, apply_rows, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, make_layer
 from .train_io import _resume_trainer, _trained_adapter
 
@@ -1220,10 +1220,7 @@ def _product_rows(module: nn.Module, x: torch.Tensor, padding) -> int:
         if padding == "same":
             return batch * h * w
         padding = 0
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out_h, out_w = _conv_out_hw((h, w), module.kernel_size, module.stride, padding, module.dilation)
     return batch * max(0, out_h) * max(0, out_w)
 
 
