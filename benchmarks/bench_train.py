@@ -277,7 +277,6 @@ def worker(args) -> dict:
     patcher, latents, positive, batch = _build(args.config, args.base_dtype, executor=args.worker == "ours-executor")
     dm = patcher.model.diffusion_model
     inference_tensors = sum(1 for t in dm.state_dict(keep_vars=True).values() if t.is_inference())
-    inference_tensors = sum(1 for t in dm.state_dict(keep_vars=True).values() if t.is_inference())
     layout = _core_layout(dm, args.rank)
     stamps: list[tuple[float, float]] = []
     kw = dict(steps=args.steps, lr=args.lr, dtype=args.dtype, checkpointing=not args.no_checkpointing)
@@ -377,23 +376,19 @@ def worker(args) -> dict:
         extra = {"oft_params": sum(v.numel() for k, v in lora_sd.items() if k.endswith("oft_blocks")),
                  "bias_norm_delta_params": sum(v.numel() for k, v in lora_sd.items() if not k.endswith("oft_blocks"))}
     hwm = _status_kib("VmHWM")
-    weights = list(dm.state_dict(keep_vars=True).values())
-    extra.update(model_MiB_stored=sum(t.numel() * t.element_size() for t in weights) / 2**20,
+    stored = sum(t.numel() * t.element_size() for t in dm.state_dict(keep_vars=True).values()) / 2**20
+    # (model_MiB is the stored size, as the QOFT lines print it; the RSS the model took is not reported)
+    extra.update(model_MiB_stored=stored, model_MiB=stored,
                  largest_layer_MiB=max(sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
                                        for m in dm.modules()) / 2**20,
                  inference_tensors=inference_tensors)
     peak_kib = hwm - base_rss
     steps = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     cpu_steps = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
-    weights = [t for t in dm.state_dict(keep_vars=True).values()]
-    extra.update(model_MiB=sum(t.numel() * t.element_size() for t in weights) / 2**20,
-                 largest_layer_MiB=max(sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
-                                       for m in dm.modules()) / 2**20,
-                 inference_tensors=inference_tensors)
     return {"trainer": args.worker, "step_s": statistics.median(steps[1:] or steps),
             "step_cpu_s": statistics.median(cpu_steps[1:] or cpu_steps), "steps_timed": len(steps[1:] or steps),
             "peak_rss_growth_MiB": peak_kib / 1024, "peak_incl_model_MiB": (hwm - rss_before_model) / 1024,
-            "model_MiB": (base_rss - rss_before_model) / 1024, "layers": layers, "trainable_params": params,
+            "layers": layers, "trainable_params": params,
             "loss_first": float(losses[0]), "loss_last": float(losses[-1]),
             "attention": comfy.ldm.modules.attention.optimized_attention.__name__,
             "model_params": sum(p.numel() for p in dm.parameters()), **extra,
