@@ -60,6 +60,31 @@ def _constrain(layer: OFTLayer, q: torch.Tensor, split: int) -> torch.Tensor:
     return torch.where(norms <= bound, q, q * (bound / norms))
 
 
+def _constrain_grad(layer: OFTLayer, q: torch.Tensor, g: torch.Tensor, split: int) -> torch.Tensor:
+    """∂L/∂q of `_constrain(layer, q, split)` given G = ∂L/∂(its result), in closed form (the trainer's block node:
+    no autograd graph to build and walk per split), without reading any value on the host.
+
+    norm_clamp, s = (min(‖q‖, c) + ε)/(‖q‖ + ε): G·s, plus when ‖q‖ > c (the clamp's own mask: at ‖q‖ ≤ c its
+    derivative is 1 and s' = 0) the radial term ⟨G, q⟩·s'/‖q‖·q with s' = −(c + ε)/(‖q‖ + ε)². COFT, per block
+    outside the ball (‖q_i‖ > c): (c/‖q_i‖)(G_i − ⟨G_i, q_i⟩ q_i/‖q_i‖²); inside, G_i."""
+    c = layer.constraint
+    if c.kind == "none":
+        return g
+    if c.kind == "norm_clamp":
+        bound = c.value * layer.split_sizes[split]
+        norm = torch.norm(q.flatten())
+        out = norm > bound
+        scale = (torch.clamp(norm, max=bound) + _NORM_EPS) / (norm + _NORM_EPS)
+        radial = -(bound + _NORM_EPS) / ((norm + _NORM_EPS) ** 2 * torch.where(out, norm, 1.0)) * (g * q).sum()
+        return g * scale + torch.where(out, radial, 0.0) * q
+    bound = c.value / math.sqrt(q.shape[-3])
+    norms = torch.linalg.matrix_norm(q, keepdim=True)
+    inside = norms <= bound
+    n = torch.where(inside, 1.0, norms)
+    dots = (g * q).sum((-2, -1), keepdim=True)
+    return torch.where(inside, g, (bound / n) * (g - dots / n**2 * q))
+
+
 # Batched LU on CPU is not safe for large blocks: with torch 2.14.1 (MKL 2024.2) and more than one thread,
 # torch.linalg.solve / inv on a batch of ≥ ~160×160 matrices fails ("Pivots given to lu_solve must all be ≥ 1")
 # or, worse, returns wrong numbers (errors of 0.1 seen here); one matrix at a time is right. Large blocks cost

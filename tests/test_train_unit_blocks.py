@@ -10,6 +10,8 @@ without checkpointing (where every layer makes its own).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_train_keep_input import net_problem, randomize, train_net
@@ -17,16 +19,18 @@ from torch import nn
 
 import oft_core.train as train
 from oft_core.rotation import _trained_blocks, rotation_blocks
+from oft_core.spec import Constraint
 from oft_core.train import OFTTrainer, checkpoint_blocks, gradient_checkpointing, select_targets
 
 
-def mixed_trainer():
+def mixed_trainer(alpha: float | None = None):
     """Layers of blocks 8 (solve), 24 (series or solve by the bound), 100 (elimination), a fused 3-split layer and
-    an unconstrained one, with non-trivial generators."""
+    an unconstrained one, with non-trivial generators; `alpha` given: every layer constrained by it (0: none)."""
     layers = [("a", nn.Linear(4, 64)), ("b", nn.Linear(4, 96)), ("c", nn.Linear(4, 960)),
               ("double_blocks.0.img_attn.qkv", nn.Linear(4, 3 * 48)), ("e", nn.Linear(4, 200))]
     sizes = {"a": 8, "b": 24, "c": 24, "double_blocks.0.img_attn.qkv": 8, "e": 100}
-    trainers = [OFTTrainer([(n, m)], block_size=sizes[n], alpha=0.0 if n == "c" else 1e-3, root=nn.Module())
+    alphas = {n: (0.0 if n == "c" else 1e-3) if alpha is None else alpha for n, _ in layers}
+    trainers = [OFTTrainer([(n, m)], block_size=sizes[n], alpha=alphas[n], root=nn.Module())
                 for n, m in layers]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -97,3 +101,82 @@ def test_without_gradients_no_block_node_is_made():
             a = net(x, context)
         b = net(x, context)
     assert torch.equal(a, b.detach())
+
+
+# ---------------------------------------------------------------------------------------------------- closed forms
+def _described(kind: str, value: float, split_size: int):
+    """The two fields `_constrain` / `_constrain_grad` read of a layer."""
+    return SimpleNamespace(constraint=Constraint(kind, value), split_sizes=(split_size,))
+
+
+@pytest.mark.parametrize("kind, value, outside", [
+    ("none", 0.0, None),
+    ("norm_clamp", 1.0, False),  # ‖q‖ under the bound: the clamp passes q through
+    ("norm_clamp", 1e-3, True),  # over it: q scaled down, the radial term
+    ("block_projection", 0.3, "some"),  # some blocks inside the ball, some projected
+    ("block_projection", 1e-3, "all"),
+])
+def test_the_constraint_gradient_is_autograds_in_fp64(kind, value, outside):
+    from oft_core.rotation import _constrain, _constrain_grad
+    n, b = 6, 5
+    layer = _described(kind, value, n * b)
+    gen = torch.Generator().manual_seed(7)
+    spread = torch.linspace(0.01, 1, n, dtype=torch.float64).view(n, 1, 1)  # block norms from small to large
+    u = torch.randn(n, b, b, generator=gen, dtype=torch.float64) * spread
+    q = (u - u.mT).requires_grad_(True)
+    g = torch.randn(n, b, b, generator=gen, dtype=torch.float64)
+    out = _constrain(layer, q, 0)
+    if kind == "norm_clamp":
+        assert bool(q.detach().norm() > value * n * b) is outside
+    if kind == "block_projection":
+        moved = (out.detach() != q.detach()).flatten(1).any(1)
+        assert bool(moved.all()) if outside == "all" else (bool(moved.any()) and not bool(moved.all()))
+    expected, = torch.autograd.grad(out, q, g)
+    got = _constrain_grad(layer, q.detach(), g, 0)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-14 * float(expected.abs().max()))
+
+
+def test_the_constraint_gradient_at_zero_generators_is_the_upstream_gradient():
+    """Step 0 of every training starts at Q = 0: no 0/0 in the radial terms."""
+    from oft_core.rotation import _constrain_grad
+    g = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(8))
+    for kind, value in (("norm_clamp", 1e-3), ("block_projection", 1e-3), ("norm_clamp", 0.0)):
+        assert torch.equal(_constrain_grad(_described(kind, value, 12), torch.zeros(4, 3, 3), g, 0), g)
+
+
+@pytest.mark.parametrize("b", [2, 8, 12, 13, 24])  # the matmul way up to 12, the gather way above
+def test_the_packing_gradient_is_autograds_bit_for_bit(b):
+    from oft_core.formats._triangle import skew_from_upper, upper_grad
+    gen = torch.Generator().manual_seed(b)
+    vec = torch.randn(5, b * (b - 1) // 2, generator=gen).requires_grad_(True)
+    g = torch.randn(5, b, b, generator=gen)
+    expected, = torch.autograd.grad(skew_from_upper(vec, b), vec, g)
+    assert torch.equal(upper_grad(g, b), expected)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 1e-3])  # none; the clamp inactive at these generators; active
+def test_the_block_node_gradient_is_autograds_through_the_whole_map(alpha):
+    """The node's backward (closed forms through the Cayley map, the constraint and the packing) against autograd
+    of the plain expression (generators by `unpack_upper`, `rotation_blocks` with autograd through the solve), for
+    every block size / Cayley method / split mix of `mixed_trainer`, at fp32 rounding."""
+    from oft_core.formats._triangle import unpack_upper
+    tls = mixed_trainer(alpha)
+    kinds = {tl.layer.constraint.kind for tl in tls}
+    assert kinds == ({"norm_clamp"} if alpha else {"none"})
+    with torch.no_grad():
+        clamped = [bool(q.norm() > alpha * s) for tl in tls for q, s in zip(tl.generators(), tl.layer.split_sizes)]
+    if alpha:
+        assert all(clamped) if alpha == 1e-3 else not any(clamped)
+    gen = torch.Generator().manual_seed(2)
+    for tl in tls:
+        ups = [torch.randn(p.shape[0], b, b, generator=gen) for p, b in zip(tl.params, tl.layer.block_sizes)]
+        torch.autograd.backward(train._TrainedBlocks.apply((tl.layer,), *tl.params), ups)
+        got = [p.grad.clone() for p in tl.params]
+        for p in tl.params:
+            p.grad = None
+        gens = [unpack_upper(p, b) - unpack_upper(p, b).mT for p, b in zip(tl.params, tl.layer.block_sizes)]
+        torch.autograd.backward(rotation_blocks(tl.layer, blocks=gens, sync_free=True), ups)
+        for a, p in zip(got, tl.params):
+            scale = float(p.grad.abs().max())
+            assert scale > 0 and float((a - p.grad).abs().max()) <= 2e-6 * scale
+            p.grad = None

@@ -84,3 +84,13 @@ def skew_from_upper(vec: torch.Tensor, b: int) -> torch.Tensor:
         return (vec @ _skew_constant("matmul", b, vec.device, vec.dtype)).unflatten(-1, (b, b))
     table = torch.cat([vec.new_zeros(*vec.shape[:-1], 1), vec, -vec], -1)
     return table.index_select(-1, _skew_constant("gather", b, vec.device)).unflatten(-1, (b, b))
+
+
+def upper_grad(g: torch.Tensor, b: int) -> torch.Tensor:
+    """∂L/∂vec of `skew_from_upper(vec, b)` given G = ∂L/∂Q (blocks, b, b): G_ij − G_ji at each packed (i, j), the
+    gradient autograd gives through either of its ways (the matmul's Gᵀ-side product G·Eᵀ up to b =
+    `_SKEW_MATMUL_MAX`, else the gather's scatter-add, taken here as one gather from G − Gᵀ)."""
+    if b <= _SKEW_MATMUL_MAX:
+        return g.flatten(-2) @ _skew_constant("matmul", b, g.device, g.dtype).t()
+    rows, cols = torch.triu_indices(b, b, 1, device=g.device)
+    return (g - g.transpose(-1, -2)).flatten(-2).index_select(-1, rows * b + cols)
