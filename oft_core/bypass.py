@@ -176,6 +176,9 @@ def _add_block_product_rows(src: torch.Tensor, dt: torch.Tensor, bias: torch.Ten
     """`_add_block_product` over row pieces of `_piece_rows` (the same values, up to the kernels' summation order);
     `out` None: the result goes over `src` itself, each piece made in a scratch piece and copied back."""
     step = _piece_rows(src, dt.shape[-1])
+    if out is not None and step >= src.shape[0]:  # one piece: no slicing (a few µs a call, many calls a step)
+        _add_block_product(src, dt, bias, out)
+        return
     scratch = None
     for i in range(0, src.shape[0], step):
         piece = src[i:i + step]

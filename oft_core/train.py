@@ -814,6 +814,9 @@ def _rotated_rows(y: torch.Tensor, b: torch.Tensor | None, sizes, blocks) -> tor
     out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
     start = 0
     for r, (n, bs) in zip(blocks, sizes):
+        if n * bs == width:  # one split (no slicing: small layers run this many times a step)
+            _add_block_product_rows(y2, _product_deltas(r, True), b, out)
+            break
         cols = slice(start, start + n * bs)
         start += n * bs
         _add_block_product_rows(y2[:, cols], _product_deltas(r, True), None if b is None else b[cols], out[:, cols])
@@ -854,23 +857,28 @@ def _rotated_rows_backward(y, b, sizes, blocks, grad, want_y: bool, want_r: Sequ
     grads_r = [torch.zeros_like(r) if w else None for r, w in zip(blocks, want_r)]
     start = 0
     for r, gr, (n, bs) in zip(blocks, grads_r, sizes):
+        whole = n * bs == width  # one split: no column slicing
         cols = slice(start, start + n * bs)
         start += n * bs
+        ys, gs = (y2, g2) if whole else (y2[:, cols], g2[:, cols])
+        dst = grad_y if whole or grad_y is None else grad_y[:, cols]
+        bias = b if whole or b is None else b[cols]
         d = _product_deltas(r, False) if want_y else None
-        step = _piece_rows(y2[:, cols], bs if d is None else d.shape[-1])
+        step = _piece_rows(ys, bs if d is None else d.shape[-1])
         zs = None
         for i in range(0, y2.shape[0], step):
-            gc = g2[i:i + step, cols]
+            one = step >= y2.shape[0]
+            gc = gs if one else gs[i:i + step]
             rows = gc.shape[0]
             if gr is not None:
-                zc = y2[i:i + step, cols]
-                if b is not None:
+                zc = ys if one else ys[i:i + step]
+                if bias is not None:
                     if zs is None:
                         zs = torch.empty((min(step, y2.shape[0]), n * bs), dtype=y.dtype, device=y.device)
-                    zc = torch.sub(zc, b[cols], out=zs[:rows])
+                    zc = torch.sub(zc, bias, out=zs if one else zs[:rows])
                 gr.baddbmm_(gc.view(rows, n, bs).permute(1, 2, 0), zc.view(rows, n, bs).transpose(0, 1))
             if d is not None:
-                _add_block_product(gc, d, None, grad_y[i:i + step, cols])
+                _add_block_product(gc, d, None, dst if one else dst[i:i + step])
     return (None if grad_y is None else grad_y.view(y.shape)), grads_r
 
 
