@@ -1,13 +1,13 @@
 """oft_core.train.rotate_output: the trained layer's rotated output as one autograd Function (memory of a step).
 
-Pinned: the forward gives the values of the plain autograd expression it replaces,
+Pinned: the forward gives the values of the plain autograd expression it replaces (bit for bit in one piece),
 `y + (rotate_features(z) − z)` with z = y − bias (`rotate_features(y)` without a bias), for Linear and Conv2d
 outputs, one split and FLUX-style fused splits, fp32 and bf16 (plain and under autocast), in one piece and cut into
-many; fp32 Linear outputs (the delta form y + D·(y − bias) in the bypass hook's product, `train._rotated_rows`) and
-their gradients are checked against fp64 at fp32 rounding bounds derived from the block size and row count, the same
-bits in one piece and in many, the base output and gradient bit for bit at identity blocks, and a short training run
-follows the previous rows path to fp32 rounding; the other gradients (for the activation and for every rotation
-block) match autograd on that expression; and it keeps for backward only the layer's output y and the blocks —
+many; its gradients (for the activation and for every rotation block) match autograd on that expression; larger
+fp32 Linear outputs (the delta form y + D·(y − bias) in the bypass hook's product, `train._rotated_rows`) and their
+gradients are held to fp64 at fp32 rounding bounds derived from the block size and row count, with the same bits in
+one piece and in many, the base output and gradient bit for bit at identity blocks, and a short training run
+following the rows path to fp32 rounding; and it keeps for backward only the layer's output y and the blocks —
 never an extra activation-sized copy.
 """
 
@@ -148,19 +148,6 @@ def test_rotate_output_is_the_autograd_expression(kind, bias, splits, chunk, dty
         results.append((out.detach(), yy.grad, [x.grad for x in bl]))
     (o_ref, gy_ref, gb_ref), (o, gy, gb) = results
     assert o.dtype == o_ref.dtype and o.shape == o_ref.shape
-    if kind == "linear" and dtype in ("fp32", "autocast-bf16"):
-        # fp32 rows (also under autocast: the rotation of an fp32 output stays fp32): the delta form y + D·(y − b)
-        # rounds otherwise than (M z − z) + y, so the values and gradients are held to fp64 at fp32 rounding bounds
-        exact, gy64, gb64, out_bound, gy_bound, gb_bounds = exact_rows(layer, y, b, blocks, g)
-        assert bool(((o.double() - exact).abs() <= out_bound).all())
-        assert gy.dtype == torch.float32 and bool(((gy.double() - gy64).abs() <= gy_bound).all())
-        for a, r, bound in zip(gb, gb64, gb_bounds):
-            assert a.shape == r.shape and bool(a.abs().sum() > 0)
-            assert bool(((a.double() - r).abs() <= bound).all())
-        if dtype == "fp32":  # and as close as the previous form (fp32 on both sides), within a few roundings
-            err, ref_err = (o.double() - exact).abs().max(), (o_ref.double() - exact).abs().max()
-            assert float(err) <= 4 * float(ref_err)
-        return
     if kind == "conv" and dtype in ("fp32", "autocast-bf16"):  # channels first: y + D·y − D·b, fp32 products
         exact, change = exact_output(layer, y, b, blocks, dim)
         err = (o.double() - exact).abs()
@@ -190,6 +177,34 @@ def test_rotate_output_is_the_autograd_expression(kind, bias, splits, chunk, dty
         torch.testing.assert_close(a / scale, r / scale, **tol)
 
 
+@pytest.mark.parametrize("bias,splits", [(True, 1), (False, 1), (True, 3), (False, 3)])
+@pytest.mark.parametrize("chunk", [None, 40])
+@pytest.mark.parametrize("dtype", ["fp32", "autocast-bf16"])
+def test_fp32_rows_in_the_delta_form_are_exact_to_fp32_rounding(bias, splits, chunk, dtype, monkeypatch):
+    """fp32 Linear outputs of `train._DELTA_MIN_ELEMENTS` or more (here every size) take the delta form
+    y + D·(y − b) in the bypass hook's product (`train._rotated_rows`; also under autocast: the rotation of an fp32
+    output stays fp32). It rounds otherwise than (M z − z) + y, so its values and gradients are held to fp64 at the
+    fp32 rounding bounds of `exact_rows`, and its output error to the previous form's (measured 0.9–1.7×)."""
+    monkeypatch.setattr(train, "_DELTA_MIN_ELEMENTS", 0)
+    if chunk is not None:
+        many_pieces(monkeypatch, chunk)
+    layer, y, b, blocks, dim = case("linear", bias, splits)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "autocast-bf16" else contextlib.nullcontext()
+    with ctx:
+        o, gy, gb = run_rows(layer, y, b, blocks, g)
+    assert o.dtype == gy.dtype == torch.float32
+    exact, gy64, gb64, out_bound, gy_bound, gb_bounds = exact_rows(layer, y, b, blocks, g)
+    assert bool(((o.double() - exact).abs() <= out_bound).all())
+    assert bool(((gy.double() - gy64).abs() <= gy_bound).all())
+    for a, r, bound in zip(gb, gb64, gb_bounds):
+        assert a.shape == r.shape and bool(a.abs().sum() > 0)
+        assert bool(((a.double() - r).abs() <= bound).all())
+    ref = reference(layer, y, b, blocks, dim)  # the previous form, fp32 throughout (no autocast here)
+    err, ref_err = (o.double() - exact).abs().max(), (ref.double() - exact).abs().max()
+    assert float(err) <= 4 * float(ref_err)
+
+
 def test_identity_rotation_gives_the_base_output_bit_for_bit():
     layer, y, b, blocks, dim = case("linear", True)
     eye = [torch.eye(x.shape[-1]).expand_as(x).clone() for x in blocks]
@@ -215,6 +230,7 @@ def test_fp32_rows_give_the_same_bits_in_one_piece_and_in_many(bias, splits, mon
     the one-piece bits (with a bias, a last piece narrower than that takes the product's other branch, y − b
     first: a rounding apart, held to fp64 in the test above with pieces of a few rows); ∂B sums the pieces in
     another order (also held to fp64 there)."""
+    monkeypatch.setattr(train, "_DELTA_MIN_ELEMENTS", 0)
     layer, y, b, blocks, _ = case("linear", bias, splits)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
     one = run_rows(layer, y, b, blocks, g)
@@ -233,7 +249,9 @@ def test_fp32_rows_give_the_same_bits_in_one_piece_and_in_many(bias, splits, mon
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("chunk", [None, 40])
 def test_fp32_rows_at_identity_give_the_base_output_and_gradient_bit_for_bit(bias, splits, chunk, monkeypatch):
-    """D = M − I = 0 exactly: out = y − 0·b + 0·y = y and ∂y = g + 0 = g, in one piece and in many."""
+    """The delta form at identity blocks: D = M − I = 0 exactly, out = y − 0·b + 0·y = y and ∂y = g + 0 = g, in
+    one piece and in many."""
+    monkeypatch.setattr(train, "_DELTA_MIN_ELEMENTS", 0)
     if chunk is not None:
         many_pieces(monkeypatch, chunk)
     layer, y, b, blocks, _ = case("linear", bias, splits)
@@ -246,9 +264,13 @@ def test_fp32_rows_at_identity_give_the_base_output_and_gradient_bit_for_bit(bia
 
 @pytest.mark.parametrize("kind,bias,splits", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_only_the_output_and_the_blocks_are_kept_for_backward(kind, bias, splits, dtype):
+@pytest.mark.parametrize("delta", [False, True])
+def test_only_the_output_and_the_blocks_are_kept_for_backward(kind, bias, splits, dtype, delta, monkeypatch):
     """The layer keeps y (z = y − bias is made again in backward) and the blocks; the plain expression keeps z, an
-    activation-sized tensor of its own, and more in bf16 (its fp32 copy)."""
+    activation-sized tensor of its own, and more in bf16 (its fp32 copy). `delta`: fp32 Linear outputs of any size
+    in the delta form (`train._rotated_rows`)."""
+    if delta:
+        monkeypatch.setattr(train, "_DELTA_MIN_ELEMENTS", 0)
     layer, y, b, blocks, dim = case(kind, bias, splits)
     y, b = y.to(dtype).requires_grad_(True), None if b is None else b.to(dtype)
 
@@ -314,12 +336,14 @@ def test_the_16_bit_rotation_works_in_pieces_sized_for_the_device():
 @pytest.mark.parametrize("keep_input", [False, None])
 def test_whole_training_follows_the_previous_rows_path(wrap, keep_input, monkeypatch):
     """Three steps on the two-block net of tests/test_train_keep_input.py, all its fp32 Linears trained (keeping y,
-    or the default policy with y made again): the delta form follows the previous rows path (z = y − b, M·z through
-    transposed copies, − z, + y; what `_rotated` still does for other outputs) to fp32 rounding."""
+    or the default policy with y made again), every output in the delta form: the losses and trained parameters
+    follow the rows path (z = y − b, M·z through transposed copies, − z, + y; what `_rotated` does below
+    `_DELTA_MIN_ELEMENTS`) to fp32 rounding."""
     from test_train_keep_input import train_net
 
+    monkeypatch.setattr(train, "_DELTA_MIN_ELEMENTS", 0)
     new = train_net(wrap, keep_input=keep_input, through_weight=False)
-    monkeypatch.setattr(train, "_rows_delta", lambda y, dim: False)
+    monkeypatch.setattr(train, "_DELTA_MIN_ELEMENTS", 1 << 62)
     old = train_net(wrap, keep_input=keep_input, through_weight=False)
     assert new[1][-1] < new[1][0]
     torch.testing.assert_close(torch.tensor(new[1]), torch.tensor(old[1]), rtol=1e-5, atol=0)
