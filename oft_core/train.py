@@ -782,10 +782,10 @@ def _rotated_channels_backward(y, b, sizes, blocks, grad, want_y: bool, want_r: 
 
 # fp32 Linear outputs of at least this many elements are rotated in the delta form (`_rotated_rows`), smaller ones
 # by M·z through transposed row copies: the delta form saves passes over the output but builds D = M − I (3 kernels)
-# and takes more Python per call. Measured old / new per call, blocks of 8, one thread: 32 × 320 with a bias
+# and takes more Python per call. Measured new / old per call, blocks of 8, one thread: 32 × 320 with a bias
 # 1.52 / 1.22 (forward / backward), 128 × 320 1.00 / 1.07, 128 × 1280 0.77 / 0.96, 256 × 1280 0.58 / 0.83,
-# 2048 × 320 0.38 / 0.52; in the SD race step (128 / 256 wide, 2 rows for the time embedding, 16 context rows)
-# its 80 small calls a step took 11 ms more with the delta form, the 33 large ones 9 ms less.
+# 2048 × 320 0.38 / 0.52; in the SD race step (bench_train.py's default UNet, 128 / 256 wide: 16 context rows, 2
+# time-embedding rows) its 108 small calls a step took 7 ms more in the delta form, its 33 large ones 9 ms less.
 _DELTA_MIN_ELEMENTS = 1 << 17
 
 
@@ -819,7 +819,8 @@ def _rotated_rows(y: torch.Tensor, b: torch.Tensor | None, sizes, blocks) -> tor
     row pieces (`bypass._add_block_product_rows`: out ← y − D·b (without a bias: y), then out += D·y in place, one
     batched product over strided views, blocks grouped to `_GROUP_WIDTH`), instead of z = y − b, M·z through
     transposed copies, − z, + y (4–5 passes over the piece). Measured old → new, blocks of 8, one thread, SD1.x
-    feed-forward outputs with a bias: 2048 × 320 7.2 → 2.7 ms, 512 × 640 2.3 → 0.8 ms, 2048 × 128 2.5 → 1.3 ms.
+    feed-forward outputs with a bias: 2048 × 320 5.8 → 1.7 ms, 512 × 640 1.3 → 0.8 ms, 2048 × 128 1.0 → 0.6 ms
+    (the cache flushed before each call, as in a step: 3.3 → 1.9, 2.0 → 1.4, 1.5 → 1.1 ms).
     Identity blocks: D = 0 exactly, out = y − 0·b + 0·y = y bit for bit. Rounding: |out − exact| ≤ (2k + 4)·u·(|y|
     + |D||y| + |D||b|) for blocks of k (tests/test_train_rotate_output.py holds it to fp64)."""
     width = y.shape[-1]
@@ -864,11 +865,13 @@ def _rotated(y: torch.Tensor, b: torch.Tensor | None, dim: int, sizes, blocks) -
 def _rotated_rows_backward(y, b, sizes, blocks, grad, want_y: bool, want_r: Sequence[bool], *, into_y: bool = False):
     """`_rotated_backward` for `_rows_delta` outputs, per split in row pieces of `bypass._piece_rows`: ∂y = g + Dᵀg
     (`_add_block_product`, D = M − I: g copied, the product added in place) instead of Mᵀg through transposed copies
-    and a copy back (512 × 640 with a bias, ∂y and ∂B: 1.2–3.5 → 1.1–1.6 ms, one thread); ∂B = Σ g zᵀ per block
-    (z = y − b, one pass into a piece-sized scratch); each piece's ∂B before its ∂y (`into_y` writes ∂y over y).
-    Not taken: Σ g yᵀ − (Σ g)·bᵀ, which skips the z pass (0.60 → 0.49 ms of 2048 × 128) but loses precision with
-    the bias's size (|b| ≈ 10·|z|: 9·10⁻⁶ relative instead of 5·10⁻⁷ against fp64); grouping the ∂B product like
-    ∂y's (4× the FLOPs): within noise."""
+    and a copy back (∂y and ∂B with a bias, one thread: 2048 × 320 5.4 → 3.0 ms, 2048 × 128 1.25 → 1.05 ms,
+    512 × 640 1.75 → 1.57 ms; the cache flushed before each call: 4.8 → 4.0, 1.8 → 1.7, 3.1 → 2.5 ms); ∂B = Σ g zᵀ
+    per block (z = y − b, one pass into a piece-sized scratch); each piece's ∂B before its ∂y (`into_y` writes ∂y
+    over y). Not taken: Σ g yᵀ − (Σ g)·bᵀ, which skips the z pass (∂B of 2048 × 128: 0.60 → 0.49 ms) but loses
+    precision with the bias's size (|b| ≈ 10·|z|: 9·10⁻⁶ relative against fp64 instead of 5·10⁻⁷); the ∂B product
+    grouped like ∂y's (4× the FLOPs): no steady gain (cache flushed: 2048 × 128 0.88 → 0.83 ms, 512 × 256
+    0.40 → 0.66 ms)."""
     width = y.shape[-1]
     y2, g2 = y.view(-1, width), grad.contiguous().view(-1, width)
     grad_y = (y2 if into_y else torch.empty(y2.shape, dtype=y.dtype, device=y.device)) if want_y else None
