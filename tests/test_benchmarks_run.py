@@ -91,16 +91,3 @@ def test_bench_extract_quick(tmp_path):
         assert r["extract_rank_over_merge"] == pytest.approx(r["extract_rank_s"] / r["merge_s"])
         assert 0 < r["rank_rel_error"] < 1 and r["rank_method"] == "svd"  # 320/640-wide: exact SVD
         assert r["err_rel_error"] <= 0.1 and 1 <= r["err_rank"] <= r["in"]
-
-
-def test_bench_rotate_rows_quick(tmp_path):
-    out, data = _run("bench_rotate_rows", tmp_path)
-    assert "ratios: delta / rows" in out and "machine: load" in out
-    assert data["quick"] is True and data["delta_min_elements"] > 0
-    rows = data["results"]
-    assert {(r["rows"], r["features"], r["bias"], r["flushed"]) for r in rows} == {
-        (64, 64, True, False), (16, 64, False, False), (64, 64, True, True), (16, 64, False, True)}
-    for r in rows:
-        for what in ("forward", "backward"):
-            assert r[f"{what}_rows_ms"] > 0 and r[f"{what}_delta_ms"] > 0
-            assert r[f"{what}_delta_over_rows"] == pytest.approx(r[f"{what}_delta_ms"] / r[f"{what}_rows_ms"])
