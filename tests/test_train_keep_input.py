@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import oft_core.bypass as bypass
 import oft_core.train as train
 from oft_core.train import (
     OFTTrainer,
@@ -103,9 +104,15 @@ KINDS = ["linear-expand", "linear-nobias", "linear-2d", "linear-splits", "conv",
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("host", ["module weight", "weight made per forward", "weight made again (QOFT)"])
 @pytest.mark.parametrize("chunk", [None, 40])
-def test_keeping_the_input_gives_the_plain_values_and_gradients_bit_for_bit(kind, host, chunk, monkeypatch):
-    if chunk is not None:  # the rotation and ∂y (written over the made-again y) in many pieces
-        monkeypatch.setattr(train, "_CHUNK_ELEMENTS", chunk)
+@pytest.mark.parametrize("delta", [False, True])
+def test_keeping_the_input_gives_the_plain_values_and_gradients_bit_for_bit(kind, host, chunk, delta, monkeypatch):
+    if delta:  # fp32 Linear outputs of any size in the delta form (`train._rotated_rows`)
+        monkeypatch.setattr(train, "_DELTA_MIN_ELEMENTS", 0)
+    if chunk is not None:  # the rotation and ∂y (written over the made-again y) in many pieces: `_rotated`'s own
+        monkeypatch.setattr(train, "_CHUNK_ELEMENTS", chunk)  # and, for fp32 Linear outputs, the bypass hook's
+        monkeypatch.setattr(bypass, "_ONE_PIECE_ROWS", 0)
+        monkeypatch.setattr(bypass, "_MIN_PIECE_ROWS", 1)
+        monkeypatch.setattr(bypass, "_PIECE_ELEMENTS", 5 * chunk)
     m, path, x = layer_case(kind)
     kw = {"module weight": {}, "weight made per forward": {"weight_fn": cast_weight_fn},
           "weight made again (QOFT)": {"weight_fn": cast_weight_fn, "recompute_weight": True}}[host]
