@@ -6,9 +6,10 @@ Pinned: the output is M·(W x) + bias to 16-bit rounding and no less precise tha
 and without a bias, a bias much larger than W x, bf16 / fp16 / fp32 weights under bf16 autocast, the weight kept or
 made again; the gradients for the input and every rotation block are those of the plain expression (fp64 autograd);
 identity blocks give the base layer's output and input gradient bit for bit; only ŷ and the blocks are kept for
-backward (plus the weight where the old path's Linear kept it); the work runs in the device's row pieces with no
-host read (meta device); the trainer routes 16-bit Cayley Linears here and Cayley–Neumann ones (whose blocks are not
-orthogonal: M⁻¹ ≠ Mᵀ) the old way; a short bf16 training run follows the old path to bf16 rounding.
+backward (plus the weight where the old path's Linear kept it); the work runs in `bypass._piece_rows`' row pieces
+with no read of a value back to the host; the trainer routes 16-bit Cayley Linears here and Cayley–Neumann ones
+(whose blocks are not orthogonal: M⁻¹ ≠ Mᵀ) the old way; a short bf16 training run follows the old path to bf16
+rounding.
 """
 
 from __future__ import annotations
