@@ -13,7 +13,7 @@ The math is not re-defined here. Each adapted layer is an `OFTLayer` built by `s
 blocks to the base layer's output with `rotate_output` (the values of `rotation.rotate_features` on
 y − bias, as one autograd Function that keeps only y for backward; 16-bit Linear outputs compute the small change
 (M − I)·z in their own dtype, as the bypass hook does at inference, and with Cayley blocks make the base product in
-the same Function, `base_rotate_output`). The trained adapter is therefore exactly what `rotate_weight` merges.
+the same Function, `_base_rotate_output`). The trained adapter is therefore exactly what `rotate_weight` merges.
 
 Parameters: one fp32 tensor per split holding the strict upper triangle of each block (packed, as PEFT stores it);
 Q = U − Uᵀ. Zero at step 0, so the adapted model starts as the base model bit for bit (`rotate_output` with
@@ -43,8 +43,6 @@ Public API:
   `rotate_through_weight(layer, module, x, weight_fn, blocks)` keeps x too but rotates the weight (M·W, made per
   forward and again in backward, never kept) where the product has at least as many rows as the weight has inputs
   (`rotates_weight`: SD1.x's 320-wide layers at 2048 tokens), which costs less than rotating the output there.
-  `base_rotate_output(layer, module, x, weight_fn, blocks)`: a 16-bit Linear (FLUX, bf16 training) with Cayley
-  blocks, its base product with the bias folded in as M⁻¹·bias and the rotation in one Function (keeps ŷ).
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
   learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); one read from the device per step
   (the loss). `residual_loss` (MSE / L1 / Huber / SmoothL1 of prediction − target).
@@ -463,7 +461,7 @@ class OFTTrainer:
     `keep_input(module)` True: that layer keeps its input for backward instead of its base output and makes the base
     product again there (`rotate_from_input`; the weight too, as `recompute_weight`); default `keeps_input`, from
     the layer's shape. Only for outputs rotated in fp32 pieces (32-bit Linear outputs, Conv2d): 16-bit Linear outputs
-    keep y (with Cayley blocks through `base_rotate_output`, which makes the base product too). The values and
+    keep y (with Cayley blocks through `_base_rotate_output`, which makes the base product too). The values and
     gradients are the same bit for bit whichever layer keeps what; only memory and time differ.
     `through_weight(module, rows)` True: such a layer (one that keeps its input) rotates its weight instead of its
     output, M·W made per forward and again in backward, never kept (`rotate_through_weight`; the same values to one
@@ -574,7 +572,7 @@ class OFTTrainer:
             # 16-bit Linear outputs (FLUX): the base product and the rotation as one Function, the bias folded into
             # the GEMM as M⁻¹·bias (no bias pass over the output); M⁻¹ = Mᵀ needs orthogonal blocks (Cayley).
             if not conv and cayley and _output_dtype(x) in (torch.float16, torch.bfloat16):
-                return base_rotate_output(tl.layer, module, x, weight_fn, blocks, keep_weight=not recompute)
+                return _base_rotate_output(tl.layer, module, x, weight_fn, blocks, keep_weight=not recompute)
             if recompute:  # the same products as below, the base weight made again in backward instead of kept
                 y, bias = frozen_base(module, x, weight_fn, padding)
             else:
@@ -1206,7 +1204,7 @@ class _BaseRotateHalf(torch.autograd.Function):
         return (gx, None, None, None, *grads_r)
 
 
-def base_rotate_output(layer: OFTLayer, module: nn.Linear, x: torch.Tensor, weight_fn: Callable, blocks, *,
+def _base_rotate_output(layer: OFTLayer, module: nn.Linear, x: torch.Tensor, weight_fn: Callable, blocks, *,
                        keep_weight: bool = False) -> torch.Tensor:
     """A trained 16-bit Linear's output from its input, base product and rotation in one (`_BaseRotateHalf`): the
     values of `rotate_output(layer, *frozen_base(module, x, weight_fn), blocks)` to 16-bit rounding, keeping the same

@@ -1,4 +1,4 @@
-"""oft_core.train.base_rotate_output: a trained 16-bit Linear's base product and output rotation as one Function
+"""oft_core.train._base_rotate_output: a trained 16-bit Linear's base product and output rotation as one Function
 (`_BaseRotateHalf`), the bias folded into the GEMM as M⁻¹·bias so that no pass over the output subtracts D·bias.
 
 Pinned: the output is M·(W x) + bias to 16-bit rounding and no less precise than the two-Function path it replaces
@@ -26,7 +26,7 @@ import oft_core.bypass as bypass
 import oft_core.train as train
 from oft_core.train import (
     OFTTrainer,
-    base_rotate_output,
+    _base_rotate_output,
     checkpoint_blocks,
     frozen_base,
     gradient_checkpointing,
@@ -60,7 +60,7 @@ def case(kind: str, bias: bool, dtype: torch.dtype, seed: int = 0, bias_scale: f
 
 
 def run(fn, m, t, x, x_dtype, *, autocast=False, weight_fn=train._default_weight_fn, keep_weight=False):
-    """(out, ∂x, [∂B per split]) of one forward + backward of `fn` ("new": base_rotate_output, "old": frozen_base
+    """(out, ∂x, [∂B per split]) of one forward + backward of `fn` ("new": _base_rotate_output, "old": frozen_base
     then rotate_output) on detached leaf copies of the trainer's blocks."""
     tl = t.layers[0]
     blocks = [b.detach().clone().requires_grad_(True) for b in t.blocks(tl)]
@@ -68,7 +68,7 @@ def run(fn, m, t, x, x_dtype, *, autocast=False, weight_fn=train._default_weight
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
         if fn == "new":
-            out = base_rotate_output(tl.layer, m, xx, weight_fn, blocks, keep_weight=keep_weight)
+            out = _base_rotate_output(tl.layer, m, xx, weight_fn, blocks, keep_weight=keep_weight)
         else:
             out = rotate_output(tl.layer, *frozen_base(m, xx, weight_fn), blocks)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
@@ -178,7 +178,7 @@ def test_identity_blocks_give_the_base_output_bit_for_bit(kind, autocast):
         xx = x.clone().requires_grad_(True)
         with ctx:
             if fn == "new":
-                out = base_rotate_output(t.layers[0].layer, m, xx, train._default_weight_fn, t.blocks(t.layers[0]))
+                out = _base_rotate_output(t.layers[0].layer, m, xx, train._default_weight_fn, t.blocks(t.layers[0]))
             else:
                 out = m(xx)
         out.backward(torch.ones_like(out))
@@ -210,7 +210,7 @@ def test_only_the_output_and_the_blocks_are_kept(kind, bias, keep_weight):
         out.sum().backward()
         return seen
 
-    ours = kept(lambda: base_rotate_output(tl.layer, m, xx, train._default_weight_fn, blocks,
+    ours = kept(lambda: _base_rotate_output(tl.layer, m, xx, train._default_weight_fn, blocks,
                                            keep_weight=keep_weight))
     theirs = kept(lambda: rotate_output(tl.layer, *frozen_base(m, xx, train._default_weight_fn), blocks))
     y_bytes = x.shape[0] * x.shape[1] * m.weight.shape[0] * 2
@@ -245,7 +245,7 @@ def test_the_work_runs_in_row_pieces_with_no_host_read():
     tl = t.layers[0]
     x = torch.randn(1, tokens, 16, dtype=torch.bfloat16, requires_grad=True)
     with Count() as fwd:
-        out = base_rotate_output(tl.layer, m, x, train._default_weight_fn, t.blocks(tl))
+        out = _base_rotate_output(tl.layer, m, x, train._default_weight_fn, t.blocks(tl))
     with Count() as bwd:
         out.backward(torch.ones_like(out))
     assert bypass._piece_rows(out.view(tokens, -1), 32) == bypass._MIN_PIECE_ROWS
@@ -282,7 +282,7 @@ def test_the_trainer_routes_16_bit_cayley_linears_here_and_neumann_ones_the_old_
 
 def follow(wrap: str, path: str, steps: int = 4):
     """([trained parameters], losses) of `steps` steps on the two-block net in bf16, all its Linears trained;
-    `path` "old" sends the 16-bit Linears through frozen_base + rotate_output instead of base_rotate_output."""
+    `path` "old" sends the 16-bit Linears through frozen_base + rotate_output instead of _base_rotate_output."""
     net, x, context = net_problem()
     net = net.to(torch.bfloat16)
     x, context = x.to(torch.bfloat16), context.to(torch.bfloat16)
@@ -298,7 +298,7 @@ def follow(wrap: str, path: str, steps: int = 4):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train._BaseRotateHalf, "apply", lambda *a: calls.append(1) or real(*a))
         if path == "old":
-            mp.setattr(train, "base_rotate_output", old)
+            mp.setattr(train, "_base_rotate_output", old)
         with t.attach(), ckpt:
             losses = run_training(t.parameters(), lambda s, m: F.mse_loss(net(x, context).float(), target),
                                   steps=steps, lr=1e-2, optimizer="SGD")
