@@ -1205,7 +1205,7 @@ class _BaseRotateHalf(torch.autograd.Function):
 
 
 def _base_rotate_output(layer: OFTLayer, module: nn.Linear, x: torch.Tensor, weight_fn: Callable, blocks, *,
-                       keep_weight: bool = False) -> torch.Tensor:
+                        keep_weight: bool = False) -> torch.Tensor:
     """A trained 16-bit Linear's output from its input, base product and rotation in one (`_BaseRotateHalf`): the
     values of `rotate_output(layer, *frozen_base(module, x, weight_fn), blocks)` to 16-bit rounding, keeping the same
     (ŷ and the blocks; `keep_weight`: the weight too, as a plain Linear's autograd node keeps it). Orthogonal
