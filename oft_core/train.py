@@ -974,38 +974,81 @@ class _RotateOutput(torch.autograd.Function):
         return (grad_y, None, None, None, *grads_r)
 
 
+def _half_rotated(y2: torch.Tensor, sizes, blocks, minus: torch.Tensor | None = None) -> torch.Tensor:
+    """out = y + D·y (D = M − I) for a 16-bit (rows, features) `y2`, per split in the bypass hook's row pieces: its
+    batched product through strided views (`bypass._add_block_product`, `_group_blocks`' grouping, no transposed
+    copy), the sum rounded once in y's dtype; `minus` (features,) in y's dtype: subtracted from each piece after."""
+    out = torch.empty(y2.shape, dtype=y2.dtype, device=y2.device)
+    start = 0
+    for r, (n, bs) in zip(blocks, sizes):
+        cols = slice(start, start + n * bs)
+        start += n * bs
+        d = r.detach() - torch.eye(bs, dtype=r.dtype, device=r.device)
+        dt = _group_blocks(d.transpose(-1, -2).to(y2.dtype).contiguous())
+        step = _piece_rows(y2, dt.shape[-1])
+        for i in range(0, y2.shape[0], step):
+            _add_block_product(y2[i:i + step, cols], dt, None, out[i:i + step, cols])
+            if minus is not None:
+                out[i:i + step, cols].sub_(minus[cols])
+    return out
+
+
+def _half_rotated_backward(y2: torch.Tensor, g2: torch.Tensor, sizes, blocks, want_y: bool, want_r: Sequence[bool],
+                           shift: torch.Tensor | None = None):
+    """The backward of `_half_rotated` as the rotation of z = y − `shift` (a (features,) vector in y's dtype, or
+    None: z = y): (∂y = g + g·D in the same pieces, or None; [∂B = Σ g zᵀ per block, fp32, or None per split]).
+    ∂B per piece: g's and y's rows copied to the (n, rows, b) layout, z made on that copy (in cache), a 16-bit
+    product of the piece, the pieces summed in fp32."""
+    grads_r = [torch.zeros_like(r) if w else None for r, w in zip(blocks, want_r)]
+    grad_y = torch.empty(g2.shape, dtype=y2.dtype, device=y2.device) if want_y else None
+    start = 0
+    for r, gr, (n, bs) in zip(blocks, grads_r, sizes):
+        cols = slice(start, start + n * bs)
+        start += n * bs
+        # g + g·D with D = M − I as it is: the row form of Mᵀg
+        d = _group_blocks((r.detach() - torch.eye(bs, dtype=r.dtype, device=r.device)).to(y2.dtype))
+        step = _piece_rows(y2, d.shape[-1])
+        if gr is not None:  # the pieces' work tensors, made once (new ones per piece: ~20 % slower on a CPU)
+            rows_max = min(step, y2.shape[0])
+            gts, zts = (torch.empty((n, rows_max, bs), dtype=y2.dtype, device=y2.device) for _ in range(2))
+            prod = torch.empty((n, bs, bs), dtype=y2.dtype, device=y2.device)
+            tile = None if shift is None else shift[cols].view(n, 1, bs).expand(n, rows_max, bs).contiguous()
+        for i in range(0, y2.shape[0], step):
+            gc = g2[i:i + step, cols]
+            if want_y:
+                _add_block_product(gc, d, None, grad_y[i:i + step, cols])
+            if gr is not None:  # Σ g zᵀ of the piece
+                rows = gc.shape[0]
+                gt = gts[:, :rows].copy_(gc.view(rows, n, bs).transpose(0, 1))
+                zt = zts[:, :rows].copy_(y2[i:i + step, cols].view(rows, n, bs).transpose(0, 1))
+                if tile is not None:
+                    zt.sub_(tile[:, :rows])
+                gr.add_(torch.bmm(gt.transpose(1, 2), zt, out=prod))  # a piece's sum in y's dtype; total fp32
+    return grad_y, grads_r
+
+
 class _RotateOutputHalf(torch.autograd.Function):
     """`_RotateOutput` for 16-bit activations rotated on their last axis (Linear outputs): the same expression
     y + (M − I)(y − bias), with the change D·y (D = M − I) computed in y's dtype, as the bypass hook does at
     inference: the product of the small change runs at the layer's own 16-bit matmul rate, its error ~2⁻⁸ (bf16) /
     2⁻¹¹ (fp16) of that change, far below the output's own rounding.
 
-    In the bypass hook's row pieces (`bypass._piece_rows`: cache-sized on a CPU): forward out ← y + D·y, the
-    hook's own batched product through strided views (`bypass._add_block_product`, `_group_blocks`' grouping, no
-    transposed copy), then out −= D·bias (a
-    per-feature vector, fp32, n·b² work, once); backward ∂y = g + g·D the same way, and ∂B = Σ g zᵀ per block
-    (z = y − bias), each piece's sum a 16-bit product of its rows copied to the (n, rows, b) layout, the pieces
-    summed in fp32. Keeps y and the blocks, like `_RotateOutput`."""
+    Forward out ← y + D·y in row pieces (`_half_rotated`), then out −= D·bias (a per-feature vector, fp32, n·b²
+    work, once); backward ∂y = g + g·D the same way, and ∂B = Σ g zᵀ per block with z = y − bias
+    (`_half_rotated_backward`). Keeps y and the blocks, like `_RotateOutput`. Trained Cayley Linears take
+    `_BaseRotateHalf` instead, which folds the bias into the base product."""
 
     @staticmethod
     def forward(ctx, y, bias, sizes, *blocks):
-        width = y.shape[-1]
-        y2 = y.reshape(-1, width)
-        out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
-        start = 0
-        for r, (n, bs) in zip(blocks, sizes):
-            cols = slice(start, start + n * bs)
-            start += n * bs
-            d = r.detach() - torch.eye(bs, dtype=r.dtype, device=r.device)
-            dt = _group_blocks(d.transpose(-1, -2).to(y.dtype).contiguous())
-            c = None
-            if bias is not None:  # D·bias per block, in fp32 (elementwise: autocast leaves it alone)
-                c = (d * bias[cols].to(d.dtype).view(n, 1, bs)).sum(-1).view(n * bs).to(y.dtype)
-            step = _piece_rows(y2, dt.shape[-1])
-            for i in range(0, y2.shape[0], step):  # y + D·y (16 bits: the sum rounded once), then − D·bias
-                _add_block_product(y2[i:i + step, cols], dt, None, out[i:i + step, cols])
-                if c is not None:
-                    out[i:i + step, cols].sub_(c)
+        c = None
+        if bias is not None:  # D·bias per block, in fp32 (elementwise: autocast leaves it alone), then y's dtype
+            parts, start = [], 0
+            for r, (n, bs) in zip(blocks, sizes):
+                d = r.detach() - torch.eye(bs, dtype=r.dtype, device=r.device)
+                parts.append((d * bias[start:start + n * bs].to(d.dtype).view(n, 1, bs)).sum(-1).view(n * bs))
+                start += n * bs
+            c = torch.cat(parts).to(y.dtype)
+        out = _half_rotated(y.reshape(-1, y.shape[-1]), sizes, blocks, c)
         ctx.save_for_backward(y, *blocks)
         ctx.sizes, ctx.bias = sizes, bias
         return out.view(y.shape)
@@ -1013,37 +1056,10 @@ class _RotateOutputHalf(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, *blocks = ctx.saved_tensors
-        sizes, bias = ctx.sizes, ctx.bias
-        width = y.shape[-1]
-        y2, g2 = y.reshape(-1, width), grad.reshape(-1, width)
-        want_y = ctx.needs_input_grad[0]
-        grads_r = [torch.zeros_like(r) if ctx.needs_input_grad[3 + i] else None for i, r in enumerate(blocks)]
-        grad_y = torch.empty(g2.shape, dtype=y.dtype, device=y.device) if want_y else None
-        b = None if bias is None else bias.to(y.dtype)
-        start = 0
-        for r, gr, (n, bs) in zip(blocks, grads_r, sizes):
-            cols = slice(start, start + n * bs)
-            start += n * bs
-            # g + g·D with D = M − I as it is: the row form of Mᵀg
-            d = _group_blocks((r.detach() - torch.eye(bs, dtype=r.dtype, device=r.device)).to(y.dtype))
-            step = _piece_rows(y2, d.shape[-1])
-            if gr is not None:  # the pieces' work tensors, made once (new ones per piece: ~20 % slower on a CPU)
-                rows_max = min(step, y2.shape[0])
-                zs = torch.empty((rows_max, n * bs), dtype=y.dtype, device=y.device) if b is not None else None
-                gts, zts = (torch.empty((n, rows_max, bs), dtype=y.dtype, device=y.device) for _ in range(2))
-                prod = torch.empty((n, bs, bs), dtype=y.dtype, device=y.device)
-            for i in range(0, y2.shape[0], step):
-                gc = g2[i:i + step, cols]
-                if want_y:
-                    _add_block_product(gc, d, None, grad_y[i:i + step, cols])
-                if gr is not None:  # Σ g zᵀ of the piece (z = y − bias on the piece's rows as they lie)
-                    rows = gc.shape[0]
-                    zc = y2[i:i + step, cols]
-                    if b is not None:
-                        zc = torch.sub(zc, b[cols], out=zs[:rows])
-                    gt = gts[:, :rows].copy_(gc.view(rows, n, bs).transpose(0, 1))
-                    zt = zts[:, :rows].copy_(zc.view(rows, n, bs).transpose(0, 1))
-                    gr.add_(torch.bmm(gt.transpose(1, 2), zt, out=prod))  # a piece's sum in y's dtype; total fp32
+        want_r = [ctx.needs_input_grad[3 + i] for i in range(len(blocks))]
+        shift = None if ctx.bias is None else ctx.bias.to(y.dtype)
+        grad_y, grads_r = _half_rotated_backward(y.reshape(-1, y.shape[-1]), grad.reshape(-1, y.shape[-1]),
+                                                 ctx.sizes, blocks, ctx.needs_input_grad[0], want_r, shift)
         return (None if grad_y is None else grad_y.view(grad.shape), None, None, *grads_r)
 
 
@@ -1235,7 +1251,7 @@ def _unrotated_bias(bias: torch.Tensor, sizes, blocks) -> torch.Tensor:
 
 class _BaseRotateHalf(torch.autograd.Function):
     """A trained 16-bit Linear's base product and output rotation as one Function: ŷ = W·x + M⁻¹·bias, the bias
-    added inside the GEMM (free), then out = ŷ + D·ŷ (D = M − I) in `_RotateOutputHalf`'s row pieces, so that
+    added inside the GEMM (free), then out = ŷ + D·ŷ (D = M − I) in `_half_rotated`'s row pieces, so that
     out = M·(W·x) + bias with no pass over the output for the bias (`frozen_base` then `_RotateOutputHalf` subtract
     D·bias from every piece). Measured (one thread, 1024 tokens, blocks of 8, the rotation alone: a 64-wide input)
     forward old → new: 3072 features 11.7 → 7.4 ms, 9216: 34.1 → 26.7, 12288: 41.5 → 31.9, FLUX.1 linear1's 21504:
@@ -1248,8 +1264,7 @@ class _BaseRotateHalf(torch.autograd.Function):
     plain Linear's autograd node would keep it); else it is asked of `weight_fn` again in backward, as `_FrozenBase`
     does. Backward: ∂ŷ = g + g·D in pieces, ∂x from ∂ŷ with the base product's own kernel (`_BaseProduct.input_grad`;
     the same values as the old path's, bit for bit), and ∂B = Σ g zᵀ per block with z = W·x = ŷ − M⁻¹·bias, made on
-    each piece's (n, rows, b) copy of ŷ (in cache, one pass fewer than the old path's z = y − bias in y's layout
-    before that copy). z must be made: Σ g ŷᵀ − (Σ g) ⊗ M⁻¹·bias (no z at all) loses the 16-bit piece products at the
+    each piece's (n, rows, b) copy of ŷ (`_half_rotated_backward`, in cache). z must be made: Σ g ŷᵀ − (Σ g) ⊗ M⁻¹·bias (no z at all) loses the 16-bit piece products at the
     bias's scale — measured against fp64, 20–40× the old path's error at |bias| = 10 |z| — and was no faster. The
     gradient is that of out = M·z + bias with the bias fixed: M⁻¹·bias is internal to the Function."""
 
@@ -1258,18 +1273,7 @@ class _BaseRotateHalf(torch.autograd.Function):
         weight, bias = base.weight_fn(base.module, x)
         shifted = None if bias is None else _unrotated_bias(bias, sizes, blocks)
         y = base(x, weight, shifted)
-        width = y.shape[-1]
-        y2 = y.reshape(-1, width)
-        out = torch.empty(y2.shape, dtype=y.dtype, device=y.device)
-        start = 0
-        for r, (n, bs) in zip(blocks, sizes):
-            cols = slice(start, start + n * bs)
-            start += n * bs
-            d = r.detach() - torch.eye(bs, dtype=r.dtype, device=r.device)
-            dt = _group_blocks(d.transpose(-1, -2).to(y.dtype).contiguous())
-            step = _piece_rows(y2, dt.shape[-1])
-            for i in range(0, y2.shape[0], step):  # ŷ + D·ŷ (16 bits: the sum rounded once)
-                _add_block_product(y2[i:i + step, cols], dt, None, out[i:i + step, cols])
+        out = _half_rotated(y.reshape(-1, y.shape[-1]), sizes, blocks)  # ŷ + D·ŷ (16 bits: the sum rounded once)
         kept = (weight,) if keep_weight else ()
         ctx.save_for_backward(y, *blocks, *kept)
         ctx.base, ctx.sizes, ctx.keep_weight, ctx.n_blocks = base, sizes, keep_weight, len(blocks)
@@ -1283,34 +1287,11 @@ class _BaseRotateHalf(torch.autograd.Function):
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         y, blocks = saved[0], saved[1:1 + ctx.n_blocks]
-        sizes, shifted = ctx.sizes, ctx.shifted
-        width = y.shape[-1]
-        y2, g2 = y.reshape(-1, width), grad.reshape(-1, width)
         want_x = ctx.needs_input_grad[0]
-        grads_r = [torch.zeros_like(r) if ctx.needs_input_grad[4 + i] else None for i, r in enumerate(blocks)]
-        grad_y = torch.empty(g2.shape, dtype=y.dtype, device=y.device) if want_x else None
-        start = 0
-        for r, gr, (n, bs) in zip(blocks, grads_r, sizes):
-            cols = slice(start, start + n * bs)
-            start += n * bs
-            d = _group_blocks((r.detach() - torch.eye(bs, dtype=r.dtype, device=r.device)).to(y.dtype))
-            step = _piece_rows(y2, d.shape[-1])
-            if gr is not None:  # the pieces' work tensors, made once
-                rows_max = min(step, y2.shape[0])
-                gts, zts = (torch.empty((n, rows_max, bs), dtype=y.dtype, device=y.device) for _ in range(2))
-                prod = torch.empty((n, bs, bs), dtype=y.dtype, device=y.device)
-                tile = None if shifted is None else shifted[cols].view(n, 1, bs).expand(n, rows_max, bs).contiguous()
-            for i in range(0, y2.shape[0], step):
-                gc = g2[i:i + step, cols]
-                if want_x:
-                    _add_block_product(gc, d, None, grad_y[i:i + step, cols])
-                if gr is not None:  # Σ g zᵀ of the piece, z = ŷ − M⁻¹·bias made in the piece's (n, rows, b) copy
-                    rows = gc.shape[0]
-                    gt = gts[:, :rows].copy_(gc.view(rows, n, bs).transpose(0, 1))
-                    zt = zts[:, :rows].copy_(y2[i:i + step, cols].view(rows, n, bs).transpose(0, 1))
-                    if tile is not None:
-                        zt.sub_(tile[:, :rows])
-                    gr.add_(torch.bmm(gt.transpose(1, 2), zt, out=prod))  # a piece's sum in y's dtype; total fp32
+        want_r = [ctx.needs_input_grad[4 + i] for i in range(len(blocks))]
+        # z = W·x = ŷ − M⁻¹·bias, made on each piece's (n, rows, b) copy of ŷ
+        grad_y, grads_r = _half_rotated_backward(y.reshape(-1, y.shape[-1]), grad.reshape(-1, y.shape[-1]),
+                                                 ctx.sizes, blocks, want_x, want_r, ctx.shifted)
         gx = None
         if want_x:
             base = ctx.base
