@@ -1264,9 +1264,10 @@ class _BaseRotateHalf(torch.autograd.Function):
     plain Linear's autograd node would keep it); else it is asked of `weight_fn` again in backward, as `_FrozenBase`
     does. Backward: ∂ŷ = g + g·D in pieces, ∂x from ∂ŷ with the base product's own kernel (`_BaseProduct.input_grad`;
     the same values as the old path's, bit for bit), and ∂B = Σ g zᵀ per block with z = W·x = ŷ − M⁻¹·bias, made on
-    each piece's (n, rows, b) copy of ŷ (`_half_rotated_backward`, in cache). z must be made: Σ g ŷᵀ − (Σ g) ⊗ M⁻¹·bias (no z at all) loses the 16-bit piece products at the
-    bias's scale — measured against fp64, 20–40× the old path's error at |bias| = 10 |z| — and was no faster. The
-    gradient is that of out = M·z + bias with the bias fixed: M⁻¹·bias is internal to the Function."""
+    each piece's (n, rows, b) copy of ŷ (`_half_rotated_backward`, in cache). z must be made: Σ g ŷᵀ − (Σ g) ⊗
+    M⁻¹·bias (no z at all) loses the 16-bit piece products at the bias's scale — measured against fp64, 20–40× the
+    old path's error at |bias| = 10 |z| — and was no faster. The gradient is that of out = M·z + bias with the bias
+    fixed: M⁻¹·bias is internal to the Function."""
 
     @staticmethod
     def forward(ctx, x, base, keep_weight, sizes, *blocks):

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_train_keep_input import cast_weight_fn, net_problem
+from test_train_rotate_output import kept_storages
 from torch import nn
 
 import oft_core.bypass as bypass
@@ -198,21 +199,9 @@ def test_only_the_output_and_the_blocks_are_kept(kind, bias, keep_weight):
     blocks = [b.detach().clone().requires_grad_(True) for b in t.blocks(tl)]
     xx = x.to(torch.bfloat16).requires_grad_(True)
 
-    def kept(fn):
-        seen = {}
-
-        def pack(v):
-            seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-            return v
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
-            out = fn()
-        out.sum().backward()
-        return seen
-
-    ours = kept(lambda: _base_rotate_output(tl.layer, m, xx, train._default_weight_fn, blocks,
+    ours = kept_storages(lambda: _base_rotate_output(tl.layer, m, xx, train._default_weight_fn, blocks,
                                            keep_weight=keep_weight))
-    theirs = kept(lambda: rotate_output(tl.layer, *frozen_base(m, xx, train._default_weight_fn), blocks))
+    theirs = kept_storages(lambda: rotate_output(tl.layer, *frozen_base(m, xx, train._default_weight_fn), blocks))
     y_bytes = x.shape[0] * x.shape[1] * m.weight.shape[0] * 2
     expected = {x.untyped_storage().data_ptr() for x in blocks}
     if keep_weight:

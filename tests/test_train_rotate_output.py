@@ -126,6 +126,20 @@ CASES = [("linear", True, 1), ("linear", False, 1), ("linear", True, 3), ("linea
          ("conv", False, 1)]
 
 
+def kept_storages(fn) -> dict[int, int]:
+    """{storage address: bytes} of every tensor autograd saves while `fn()` runs (then backward of its sum)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.sum().backward()
+    return seen
+
+
 @pytest.mark.parametrize("kind,bias,splits", CASES)
 @pytest.mark.parametrize("chunk", [None, 40])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "autocast-bf16"])
@@ -200,7 +214,8 @@ def test_fp32_rows_in_the_delta_form_are_exact_to_fp32_rounding(bias, splits, ch
     for a, r, bound in zip(gb, gb64, gb_bounds):
         assert a.shape == r.shape and bool(a.abs().sum() > 0)
         assert bool(((a.double() - r).abs() <= bound).all())
-    ref = reference(layer, y, b, blocks, dim)  # the previous form, fp32 throughout (no autocast here)
+    with torch.no_grad():  # the previous form, fp32 throughout (no autocast here)
+        ref = reference(layer, y, b, blocks, dim)
     err, ref_err = (o.double() - exact).abs().max(), (ref.double() - exact).abs().max()
     assert float(err) <= 4 * float(ref_err)
 
@@ -274,22 +289,10 @@ def test_only_the_output_and_the_blocks_are_kept_for_backward(kind, bias, splits
     layer, y, b, blocks, dim = case(kind, bias, splits)
     y, b = y.to(dtype).requires_grad_(True), None if b is None else b.to(dtype)
 
-    def kept(fn):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn()
-        out.sum().backward()
-        return seen
-
-    ours = kept(lambda: rotate_output(layer, y, b, blocks, dim=dim))
+    ours = kept_storages(lambda: rotate_output(layer, y, b, blocks, dim=dim))
     expected = {y.untyped_storage().data_ptr()} | {x.untyped_storage().data_ptr() for x in blocks}
     assert set(ours) == expected
-    theirs = kept(lambda: reference(layer, y, b, blocks, dim))
+    theirs = kept_storages(lambda: reference(layer, y, b, blocks, dim))
     block_bytes = sum(x.untyped_storage().nbytes() for x in blocks)
     assert sum(ours.values()) - block_bytes <= y.untyped_storage().nbytes()
     if bias:
