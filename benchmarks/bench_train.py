@@ -55,6 +55,10 @@ so each side also runs (in its own fresh subprocess each time):
   is mostly glibc keeping freed blocks (its mmap threshold grows up to 32 MiB as tensors are freed, so later
   activations come from the heap and stay resident): it is about the same for both sides and pulls the RSS ratio
   towards 1.
+Step time against the floor: both races also run the floor untraced (`ours-floor`) and print its step as a fraction
+of core's, and what ours adds above it. `--rounds N` repeats each race's step-time runs (ours, core, floor: fresh
+processes back to back, the order reversed each round) and prints every round's ratios and their median: on a shared
+VM the same code's step drifts by ±15 % within minutes, so one pair of runs is one sample.
 The FLUX part also prints each side's multiply-adds per step from the shapes (`flux_step_macs`): the floor of the
 step-time ratio at equal throughput.
 
@@ -448,6 +452,43 @@ def race_lines(title: str, r: dict, load_before, load_after) -> list[str]:
     ]
 
 
+RACE_SIDES = ("ours", "core", "ours-floor")
+
+
+def race_rounds(args, comfy_root: Path, config: str, steps: int, dtype: str, base_dtype: str,
+                first: dict) -> list[dict]:
+    """The race's step-time runs in `args.rounds` rounds: the first is `first` (the runs already made), each later one
+    ours, core and the floor in fresh processes back to back, in the reverse order of the round before."""
+    rounds = [{k: first[k] for k in RACE_SIDES}]
+    order = RACE_SIDES
+    for _ in range(1, max(1, args.rounds)):
+        order = order[::-1]
+        rounds.append(run_workers(args, comfy_root, config, steps, dtype, base_dtype, who=order))
+    return rounds
+
+
+def floor_lines(rounds: list[dict]) -> list[str]:
+    """The floor's step against core's (what any adapter pays) and, over several rounds, every round's ratios."""
+    first = rounds[0]
+    o, c, f = (first[k]["step_s"] for k in RACE_SIDES)
+    lines = [f"    floor (ours with only the model's input layer trained: the checkpointed model's own forward + "
+             f"recomputation + backward, which any adapter pays): step {f * 1e3:8.1f} ms = {f / c:.2f} of core's; "
+             f"ours adds {(o - f) * 1e3:.0f} ms above it, core {(c - f) * 1e3:.0f} ms"]
+    if len(rounds) > 1:
+        t = [r["ours"]["step_s"] / r["core"]["step_s"] for r in rounds]
+        fl = [r["ours-floor"]["step_s"] / r["core"]["step_s"] for r in rounds]
+
+        def listed(values, fmt=".2f"):
+            return ", ".join(format(v, fmt) for v in values)
+
+        lines.append(f"    step-time ratios in {len(rounds)} rounds (fresh processes back to back, the order reversed "
+                     f"each round): ours/core {listed(t)} (median {statistics.median(t):.2f}; goal ≤ 0.5), floor/core "
+                     f"{listed(fl)} (median {statistics.median(fl):.2f}); ours "
+                     f"{listed(r['ours']['step_s'] for r in rounds)} s, core "
+                     f"{listed(r['core']['step_s'] for r in rounds)} s")
+    return lines
+
+
 def breakdown_lines(r: dict, sides=("ours", "core"), floor: str | None = "ours-floor", label=None) -> list[str]:
     """What the peaks consist of: live tensor bytes (traced runs, `_memtrace`), the floor, RSS after a warm-up."""
     label = label or {}
@@ -644,6 +685,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", choices=sorted(CONFIGS) + ["flux"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=None, help="SD training steps per trainer (default 6; quick 3)")
     ap.add_argument("--flux-steps", type=int, default=3, help="FLUX-shaped race steps per trainer (default 3)")
+    ap.add_argument("--rounds", type=int, default=1, help="step-time rounds of each race (ours, core, floor: fresh "
+                    "processes back to back, the order reversed each round; default 1)")
     ap.add_argument("--qoft-steps", type=int, default=2, help="QOFT memory run steps (default 2)")
     ap.add_argument("--rank", type=int, default=8, help="core's rank (= its block size, see above); default 8")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -681,7 +724,7 @@ def main(argv=None) -> int:
         r = run_workers(args, root, args.config, args.steps, args.dtype, "fp32",
                         # (--quick leaves out the executor-weights run and the warm-ups: one process each, ~3 s of
                         # ComfyUI import apiece; tests/test_train_node.py covers executor-made weights on its own)
-                        who=("ours", "core", "ours#trace", "core#trace", "ours-floor#trace")
+                        who=("ours", "core", "ours-floor", "ours#trace", "core#trace", "ours-floor#trace")
                         + (() if args.quick else ("ours-executor", "ours#warmup", "core#warmup", "ours-floor#warmup")))
         executor_line = [] if args.quick else [executor_lines(r["ours"], r["ours-executor"])]
         lines += race_lines(
@@ -689,17 +732,20 @@ def main(argv=None) -> int:
             f"{LATENT[args.config]}×{LATENT[args.config]}, batch 2, {args.steps} steps, AdamW lr {args.lr:g}, "
             f"{args.dtype}, gradient checkpointing {'off' if args.no_checkpointing else 'on'}, core rank {args.rank} = "
             f"per-layer block sizes of factorization(out_dim, {args.rank}) for both", r, load0,
-            machine()["loadavg_1_5_15"]) + executor_line + breakdown_lines(r)
+            machine()["loadavg_1_5_15"]) + floor_lines(
+                race_rounds(args, root, args.config, args.steps, args.dtype, "fp32", r)) + executor_line + \
+            breakdown_lines(r)
     if found and "flux" in parts:
         load0 = machine()["loadavg_1_5_15"]
-        r = run_workers(args, root, "flux", args.flux_steps, "bf16", "bf16")
+        r = run_workers(args, root, "flux", args.flux_steps, "bf16", "bf16", who=RACE_SIDES)
         lines += race_lines(
             f"FLUX-shaped (hidden 3072, 24 heads, 2 double + 2 single blocks, {r['ours']['model_params'] / 1e9:.2f} G "
             f"params, random weights, comfy.supported_models.Flux), 1 latent 64×64×16 = 1024 image tokens + "
             f"{FLUX_TEXT_TOKENS} text tokens, batch 1, {args.flux_steps} steps, AdamW lr {args.lr:g}, bf16 weights and "
             f"training, gradient checkpointing {'off' if args.no_checkpointing else 'on'}, core rank {args.rank} = "
             f"per-layer block sizes of factorization(out_dim, {args.rank}) for both", r, load0,
-            machine()["loadavg_1_5_15"])
+            machine()["loadavg_1_5_15"]) + floor_lines(
+                race_rounds(args, root, "flux", args.flux_steps, "bf16", "bf16", r))
     if found and "qoft" in parts:
         load0 = machine()["loadavg_1_5_15"]
         r = run_workers(args, root, "flux", args.qoft_steps, "bf16", "bf16",

@@ -474,14 +474,23 @@ def test_bench_train_quick_runs(tmp_path):
 
     results = tmp_path / "bench_train.results.txt"
     run = subprocess.run([sys.executable, str(comfy_models.REPO_ROOT / "benchmarks" / "bench_train.py"), "--quick",
-                          "--threads", "1", "--results", str(results)], capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
+                          "--threads", "1", "--rounds", "2", "--results", str(results)], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     out = run.stdout
     m = re.search(r"ratios ours/core: step time (\d+\.\d+) wall clock, (\d+\.\d+) thread CPU time \([\d.]+ vs [\d.]+ "
                   r"ms; goal ≤ 0\.5\), peak memory (\d+\.\d+) \(goal ≤ 0\.5\); machine load \[", out)
     assert m and float(m[1]) > 0 and float(m[2]) > 0 and float(m[3]) > 0, out
     assert "attention kernel: ours attention_pytorch, core attention_pytorch" in out  # the same kernel
+    # the floor's step against core's, and the step-time ratios of both rounds (ours, core, floor back to back)
+    floor = re.search(r"floor \(ours with only the model's input layer trained.*\): step +(\d+\.\d) ms = (\d+\.\d+) of "
+                      r"core's; ours adds -?\d+ ms above it, core -?\d+ ms", out)
+    assert floor and float(floor[1]) > 0 and float(floor[2]) > 0, out
+    rounds = re.search(r"step-time ratios in 2 rounds .*: ours/core (\d+\.\d+), (\d+\.\d+) \(median (\d+\.\d+); "
+                       r"goal ≤ 0\.5\), floor/core (\d+\.\d+), (\d+\.\d+) \(median", out)
+    assert rounds, out
+    a, b, median = float(rounds[1]), float(rounds[2]), float(rounds[3])
+    assert a > 0 and b > 0 and abs(median - (a + b) / 2) <= 0.01, out  # of two rounds: their mean (printed rounded)
     # same layers and the same block structure on both sides: core stores full b×b blocks, we the b(b−1)/2 upper
     # triangle, so its OFT parameter count is larger by a factor between 2 (large b) and 4 (b = 2)
     ours = re.search(r"ours \(OFTTrainer\): (\d+) layers \(0 with block size 1 left out\), (\d+) trained params", out)
