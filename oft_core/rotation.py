@@ -51,13 +51,23 @@ def _constrain(layer: OFTLayer, q: torch.Tensor, split: int) -> torch.Tensor:
     if c.kind == "none":
         return q
     if c.kind == "norm_clamp":
-        bound = c.value * layer.split_sizes[split]
-        norm = torch.norm(q.flatten())
-        return q * ((torch.clamp(norm, max=bound) + _NORM_EPS) / (norm + _NORM_EPS))
+        _, _, scale = _clamp_scale(layer, q, split)
+        return q * scale
     # PEFT COFT: per-block projection onto the Frobenius ball of radius eps/√(stored blocks).
-    bound = c.value / math.sqrt(q.shape[-3])
-    norms = torch.linalg.matrix_norm(q, keepdim=True)
+    bound, norms = _projection_norms(layer, q)
     return torch.where(norms <= bound, q, q * (bound / norms))
+
+
+def _clamp_scale(layer: OFTLayer, q: torch.Tensor, split: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The norm clamp of split `split`: (bound c = alpha·split size, ‖q‖_F, s = (min(‖q‖, c) + ε)/(‖q‖ + ε))."""
+    bound = layer.constraint.value * layer.split_sizes[split]
+    norm = torch.norm(q.flatten())
+    return bound, norm, (torch.clamp(norm, max=bound) + _NORM_EPS) / (norm + _NORM_EPS)
+
+
+def _projection_norms(layer: OFTLayer, q: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """PEFT COFT's projection: (radius eps/√(stored blocks), each block's ‖q_i‖_F, kept as (…, 1, 1))."""
+    return layer.constraint.value / math.sqrt(q.shape[-3]), torch.linalg.matrix_norm(q, keepdim=True)
 
 
 def _constrain_grad(layer: OFTLayer, q: torch.Tensor, g: torch.Tensor, split: int) -> torch.Tensor:
@@ -71,14 +81,11 @@ def _constrain_grad(layer: OFTLayer, q: torch.Tensor, g: torch.Tensor, split: in
     if c.kind == "none":
         return g
     if c.kind == "norm_clamp":
-        bound = c.value * layer.split_sizes[split]
-        norm = torch.norm(q.flatten())
+        bound, norm, scale = _clamp_scale(layer, q, split)
         out = norm > bound
-        scale = (torch.clamp(norm, max=bound) + _NORM_EPS) / (norm + _NORM_EPS)
         radial = -(bound + _NORM_EPS) / ((norm + _NORM_EPS) ** 2 * torch.where(out, norm, 1.0)) * (g * q).sum()
         return g * scale + torch.where(out, radial, 0.0) * q
-    bound = c.value / math.sqrt(q.shape[-3])
-    norms = torch.linalg.matrix_norm(q, keepdim=True)
+    bound, norms = _projection_norms(layer, q)
     inside = norms <= bound
     n = torch.where(inside, 1.0, norms)
     dots = (g * q).sum((-2, -1), keepdim=True)

@@ -68,7 +68,6 @@ from .bypass import (
     _GROUP_WIDTH,
     _add_block_product,
     _add_block_product_rows,
-    _group_blocks,
     _piece_rows,
 )
 from .errors import OFTError, _mismatch
@@ -803,11 +802,12 @@ def _rows_delta(y: torch.Tensor, dim: int) -> bool:
     return y.dtype == torch.float32 and dim == y.ndim - 1 and y.is_contiguous() and y.numel() >= _DELTA_MIN_ELEMENTS
 
 
-def _product_deltas(r: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """`_group_blocks` of D = B − I (Dᵀ for `transpose`) for one split's (n, b, b) blocks, contiguous: the right
-    factor of `_add_block_product`. Made straight in the grouped layout (the blocks copied onto the diagonal of
-    zeros, then 1 taken off its diagonal: the values of `_group_blocks(B − I)` bit for bit) in 3 kernels instead of
-    2 + g; this runs in every forward and backward of every layer: n = 40 blocks of 8, 55 → 23 µs, one thread."""
+def _product_deltas(r: torch.Tensor, transpose: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`_group_blocks` of D = B − I (Dᵀ for `transpose`) for one split's (n, b, b) blocks, contiguous, in `dtype`
+    (default the blocks'): the right factor of `_add_block_product`. Made straight in the grouped layout (the blocks
+    copied onto the diagonal of zeros, then 1 taken off its diagonal, in the blocks' fp32: the values of
+    `_group_blocks((B − I).to(dtype))` bit for bit) in 3 kernels instead of 2 + g; this runs in every forward and
+    backward of every layer: n = 40 blocks of 8, 55 → 23 µs, one thread."""
     r = r.detach()
     n, b = r.shape[0], r.shape[-1]
     g = max(1, _GROUP_WIDTH // b)
@@ -818,7 +818,7 @@ def _product_deltas(r: torch.Tensor, transpose: bool) -> torch.Tensor:
     out.diagonal(0, 1, 3).copy_((src.transpose(-1, -2) if transpose else src).permute(0, 2, 3, 1))
     out = out.view(n // g, g * b, g * b)
     out.diagonal(0, -2, -1).sub_(1)
-    return out
+    return out if dtype is None else out.to(dtype)
 
 
 @_no_autocast
@@ -976,15 +976,15 @@ class _RotateOutput(torch.autograd.Function):
 
 def _half_rotated(y2: torch.Tensor, sizes, blocks, minus: torch.Tensor | None = None) -> torch.Tensor:
     """out = y + D·y (D = M − I) for a 16-bit (rows, features) `y2`, per split in the bypass hook's row pieces: its
-    batched product through strided views (`bypass._add_block_product`, `_group_blocks`' grouping, no transposed
-    copy), the sum rounded once in y's dtype; `minus` (features,) in y's dtype: subtracted from each piece after."""
+    batched product through strided views (`bypass._add_block_product`, blocks grouped by `_product_deltas`, no
+    transposed copy), the sum rounded once in y's dtype; `minus` (features,) in y's dtype: subtracted from each piece
+    after."""
     out = torch.empty(y2.shape, dtype=y2.dtype, device=y2.device)
     start = 0
     for r, (n, bs) in zip(blocks, sizes):
         cols = slice(start, start + n * bs)
         start += n * bs
-        d = r.detach() - torch.eye(bs, dtype=r.dtype, device=r.device)
-        dt = _group_blocks(d.transpose(-1, -2).to(y2.dtype).contiguous())
+        dt = _product_deltas(r, True, y2.dtype)
         step = _piece_rows(y2, dt.shape[-1])
         for i in range(0, y2.shape[0], step):
             _add_block_product(y2[i:i + step, cols], dt, None, out[i:i + step, cols])
@@ -1005,8 +1005,7 @@ def _half_rotated_backward(y2: torch.Tensor, g2: torch.Tensor, sizes, blocks, wa
     for r, gr, (n, bs) in zip(blocks, grads_r, sizes):
         cols = slice(start, start + n * bs)
         start += n * bs
-        # g + g·D with D = M − I as it is: the row form of Mᵀg
-        d = _group_blocks((r.detach() - torch.eye(bs, dtype=r.dtype, device=r.device)).to(y2.dtype))
+        d = _product_deltas(r, False, y2.dtype)  # g + g·D with D = M − I as it is: the row form of Mᵀg
         step = _piece_rows(y2, d.shape[-1])
         if gr is not None:  # the pieces' work tensors, made once (new ones per piece: ~20 % slower on a CPU)
             rows_max = min(step, y2.shape[0])
