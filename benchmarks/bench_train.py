@@ -183,15 +183,15 @@ def _import_pack():
     return train_node
 
 
-def _build(config: str, base_dtype: str = "fp32", executor: bool = False):
+def _build(config: str, base_dtype: str = "fp32", executor: bool = False, flux_blocks: tuple[int, int] = (2, 2)):
     """(patcher, latents, positive, batch size) for a config, the model made the way ComfyUI's loaders make it;
     `executor`: made under torch.inference_mode() as ComfyUI's loader and VAE Encode make them inside the executor
-    (every weight and buffer an inference tensor)."""
+    (every weight and buffer an inference tensor); `flux_blocks`: the FLUX-shaped model's (double, single) blocks."""
     with torch.inference_mode() if executor else contextlib.nullcontext():
-        return _build_now(config, base_dtype)
+        return _build_now(config, base_dtype, flux_blocks)
 
 
-def _build_now(config: str, base_dtype: str):
+def _build_now(config: str, base_dtype: str, flux_blocks: tuple[int, int] = (2, 2)):
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -199,7 +199,7 @@ def _build_now(config: str, base_dtype: str):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[base_dtype]
     device = mm.get_torch_device()
     if config == "flux":
-        cfg = comfy.supported_models.Flux(dict(FLUX))
+        cfg = comfy.supported_models.Flux(dict(FLUX, depth=flux_blocks[0], depth_single_blocks=flux_blocks[1]))
     else:
         cfg = comfy.supported_models.SD15(dict(CONFIGS[config]))
     # as comfy.sd.load_diffusion_model_state_dict: the weight dtype and ComfyUI's manual-cast compute dtype
@@ -278,7 +278,8 @@ def worker(args) -> dict:
         register_optimizer_step_pre_hook(opt_phase(True))
         register_optimizer_step_post_hook(opt_phase(False))
     rss_before_model = _status_kib("VmRSS")
-    patcher, latents, positive, batch = _build(args.config, args.base_dtype, executor=args.worker == "ours-executor")
+    patcher, latents, positive, batch = _build(args.config, args.base_dtype, executor=args.worker == "ours-executor",
+                                               flux_blocks=tuple(args.flux_blocks))
     dm = patcher.model.diffusion_model
     inference_tensors = sum(1 for t in dm.state_dict(keep_vars=True).values() if t.is_inference())
     layout = _core_layout(dm, args.rank)
@@ -400,8 +401,9 @@ def worker(args) -> dict:
 
 
 def run_workers(args, comfy_root: Path, config: str, steps: int, dtype: str, base_dtype: str,
-                who=("ours", "core")) -> dict:
-    """One fresh subprocess per name: "kind[@base dtype][#flag…]" (flags: trace, warmup)."""
+                who=("ours", "core"), flux_blocks: tuple[int, int] = (2, 2)) -> dict:
+    """One fresh subprocess per name: "kind[@base dtype][#flag…]" (flags: trace, warmup); `flux_blocks`: the
+    FLUX-shaped model's (double, single) blocks."""
     out = {}
     for name in who:
         spec, *flags = name.split("#")
@@ -409,7 +411,8 @@ def run_workers(args, comfy_root: Path, config: str, steps: int, dtype: str, bas
         n = min(steps, 3) if "trace" in flags else steps  # (the tracer slows every op: its peak is that of 3 steps)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker_kind, "--config", config,
                "--steps", str(n), "--rank", str(args.rank), "--lr", str(args.lr), "--dtype", dtype,
-               "--base-dtype", base, "--threads", str(args.threads), "--comfyui", str(comfy_root)]
+               "--base-dtype", base, "--threads", str(args.threads), "--comfyui", str(comfy_root),
+               "--flux-blocks", *map(str, flux_blocks)]
         cmd += [f"--{f}" for f in flags]
         if "trace" in flags:
             cmd += ["--trace-detail-MiB", "8"]
@@ -531,6 +534,19 @@ def breakdown_lines(r: dict, sides=("ours", "core"), floor: str | None = "ours-f
     return lines
 
 
+def qoft_depth_line(b16: dict, f8: dict, blocks: tuple[int, int], dev: tuple[int, int] = (19, 38)) -> str:
+    """The QOFT ratio carried to FLUX.1-dev's depth: the stored weights scaled by the Linear parameter count, the
+    training growth kept as measured (gradient checkpointing: the working set is one block's, whatever the depth).
+    An extrapolation, printed as one."""
+    def count(b):
+        return sum(i * o + o for _n, _t, i, o in flux_linears(b))
+    k = count(dev) / count(blocks)
+    f = (f8["model_MiB"] * k + f8["peak_rss_growth_MiB"]) / (b16["model_MiB"] * k + b16["peak_rss_growth_MiB"])
+    return (f"    at FLUX.1-dev's depth ({dev[0]} double + {dev[1]} single blocks; extrapolated, not measured: the "
+            f"weights × {k:.2f}, this run's training growth kept, as checkpointing holds one block's working set): "
+            f"ratio ≈ {f:.2f}")
+
+
 def qoft_breakdown_lines(r: dict) -> list[str]:
     """QOFT: the same ratio on live tensor bytes (the stored weights + the training's live peak), what the fp8 side
     holds beyond the bf16 one (its per-layer bf16 weight copy), the floor, and RSS above the tensors."""
@@ -553,21 +569,23 @@ def qoft_breakdown_lines(r: dict) -> list[str]:
     ]
 
 
-def flux_linears() -> list[tuple[str, int, int, int]]:
+def flux_linears(blocks: tuple[int, int] | None = None) -> list[tuple[str, int, int, int]]:
     """(name, tokens, in, out) of every Linear of the FLUX-shaped model (ComfyUI's flux layers, `FLUX` widths; batch
-    1, `FLUX_LATENT`² / 4 image tokens, `FLUX_TEXT_TOKENS` text tokens, the modulation layers on one vector)."""
+    1, `FLUX_LATENT`² / 4 image tokens, `FLUX_TEXT_TOKENS` text tokens, the modulation layers on one vector);
+    `blocks`: (double, single) blocks instead of `FLUX`'s."""
     h, mlp = FLUX["hidden_size"], int(FLUX["hidden_size"] * FLUX["mlp_ratio"])
     img, txt = (FLUX_LATENT // FLUX["patch_size"]) ** 2, FLUX_TEXT_TOKENS
     out = [("img_in", img, FLUX["in_channels"] * 4, h), ("txt_in", txt, FLUX["context_in_dim"], h),
            ("time_in", 1, 256, h), ("time_in.out", 1, h, h), ("vector_in", 1, FLUX["vec_in_dim"], h),
            ("vector_in.out", 1, h, h), ("guidance_in", 1, 256, h), ("guidance_in.out", 1, h, h),
            ("final_layer.adaLN", 1, h, 2 * h), ("final_layer.linear", img, h, FLUX["out_channels"] * 4)]
-    for i in range(FLUX["depth"]):
+    double, single = blocks or (FLUX["depth"], FLUX["depth_single_blocks"])
+    for i in range(double):
         for s, n in (("img", img), ("txt", txt)):
             p = f"double_blocks.{i}.{s}"
             out += [(f"{p}_mod", 1, h, 6 * h), (f"{p}_attn.qkv", n, h, 3 * h), (f"{p}_attn.proj", n, h, h),
                     (f"{p}_mlp.0", n, h, mlp), (f"{p}_mlp.2", n, mlp, h)]
-    for i in range(FLUX["depth_single_blocks"]):
+    for i in range(single):
         p, n = f"single_blocks.{i}", img + txt
         out += [(f"{p}.modulation", 1, h, 3 * h), (f"{p}.linear1", n, h, 3 * h + mlp), (f"{p}.linear2", n, h + mlp, h)]
     return out
@@ -688,6 +706,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="step-time rounds of each race (ours, core, floor: fresh "
                     "processes back to back, the order reversed each round; default 1)")
     ap.add_argument("--qoft-steps", type=int, default=2, help="QOFT memory run steps (default 2)")
+    ap.add_argument("--qoft-blocks", type=int, nargs=2, default=(6, 12), metavar=("DOUBLE", "SINGLE"),
+                    help="the QOFT part's FLUX-shaped model: double and single blocks (default 6 12: 3.8 G params, "
+                    "9 GB of RAM for the bf16 run; the race model is 2 + 2). Checkpointing holds one block's working "
+                    "set whatever the depth, so the fp8/bf16 ratio falls with depth towards the weights' 0.5")
     ap.add_argument("--rank", type=int, default=8, help="core's rank (= its block size, see above); default 8")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="SD training dtype of both (autocast)")
@@ -699,6 +721,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", choices=["ours", "ours-executor", "ours-floor", "core"], default=None,
                     help=argparse.SUPPRESS)
     ap.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--flux-blocks", type=int, nargs=2, default=(2, 2), help=argparse.SUPPRESS)
     ap.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trace-detail-MiB", type=float, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -748,11 +771,14 @@ def main(argv=None) -> int:
                 race_rounds(args, root, "flux", args.flux_steps, "bf16", "bf16", r))
     if found and "qoft" in parts:
         load0 = machine()["loadavg_1_5_15"]
+        blocks = tuple(args.qoft_blocks)
         r = run_workers(args, root, "flux", args.qoft_steps, "bf16", "bf16",
-                        who=("ours@bf16", "ours@fp8", "ours@bf16#trace", "ours@fp8#trace", "ours-floor@bf16#trace"))
+                        who=("ours@bf16", "ours@fp8", "ours@bf16#trace", "ours@fp8#trace", "ours-floor@bf16#trace"),
+                        flux_blocks=blocks)
         b16, f8 = r["ours@bf16"], r["ours@fp8"]
         lines += [
-            f"  QOFT: our trainer on the FLUX-shaped model, base weights bf16 vs fp8_e4m3fn (ComfyUI manual cast), "
+            f"  QOFT: our trainer on the FLUX-shaped model with {blocks[0]} double + {blocks[1]} single blocks "
+            f"({b16['model_params'] / 1e9:.2f} G params), base weights bf16 vs fp8_e4m3fn (ComfyUI manual cast), "
             f"bf16 training, {args.qoft_steps} steps, checkpointing {'off' if args.no_checkpointing else 'on'}",
             f"    bf16 base: model {b16['model_MiB']:8.1f} MiB, peak incl. model {b16['peak_incl_model_MiB']:8.1f} MiB "
             f"(training growth {b16['peak_rss_growth_MiB']:8.1f}); step {b16['step_s'] * 1e3:8.1f} ms",
@@ -760,6 +786,7 @@ def main(argv=None) -> int:
             f"(training growth {f8['peak_rss_growth_MiB']:8.1f}); step {f8['step_s'] * 1e3:8.1f} ms",
             f"    ratio fp8/bf16 peak memory {f8['peak_incl_model_MiB'] / b16['peak_incl_model_MiB']:.2f} "
             f"(goal ≤ 0.6); machine load {load0} before, {machine()['loadavg_1_5_15']} after",
+            qoft_depth_line(b16, f8, blocks),
         ] + qoft_breakdown_lines(r)
     if "flops" in parts or "flux" in parts:
         lines += flops_lines()

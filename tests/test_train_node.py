@@ -503,3 +503,27 @@ def test_bench_train_quick_runs(tmp_path):
     assert live and 0 < float(live[2]) < float(live[1]), out
     assert re.search(r"floor \(only the model's input layer trained.*\): peak +\d+\.\d MiB \(kept", out), out
     assert results.read_text().strip().splitlines()[-1].startswith("  machine: load")
+
+
+def test_bench_train_qoft_depth_extrapolation(monkeypatch):
+    """The QOFT part's FLUX.1-dev line: the Linear parameter count from the shapes gives FLUX.1's published 11.9 G
+    at 19 double + 38 single blocks, and the ratio carries the stored weights by that count and keeps the growth."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(comfy_models.REPO_ROOT / "benchmarks"))  # its `_common`
+    spec = importlib.util.spec_from_file_location("bench_train_qoft", comfy_models.REPO_ROOT / "benchmarks" /
+                                                  "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def count(blocks):
+        return sum(i * o + o for _n, _t, i, o in bench.flux_linears(blocks))
+
+    assert 11.85e9 < count((19, 38)) < 11.95e9  # FLUX.1-dev: 11.9 G parameters, nearly all in these Linears
+    assert count((2, 2)) == count(None)  # the race model's own depth by default
+    k = count((19, 38)) / count((6, 12))
+    line = bench.qoft_depth_line({"model_MiB": 1000.0, "peak_rss_growth_MiB": 100.0},
+                                 {"model_MiB": 500.0, "peak_rss_growth_MiB": 150.0}, (6, 12))
+    want = (500.0 * k + 150.0) / (1000.0 * k + 100.0)
+    assert f"the weights × {k:.2f}" in line and line.endswith(f"ratio ≈ {want:.2f}"), line
+    assert 0.5 < want < 0.55
