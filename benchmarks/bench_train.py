@@ -62,10 +62,12 @@ VM the same code's step drifts by ±15 % within minutes, so one pair of runs is 
 The FLUX part also prints each side's multiply-adds per step from the shapes (`flux_step_macs`): the floor of the
 step-time ratio at equal throughput.
 
-Part QOFT (`--only qoft`): our trainer on the FLUX-shaped model loaded as ComfyUI's UNETLoader does with
-weight_dtype fp8_e4m3fn vs default bf16 (`set_inference_dtype(dtype, unet_manual_cast(...))`), bf16 training,
-checkpointing on; peak memory here INCLUDES the model's weights (peak RSS − RSS before the model was built), since
-halving the weights is the point. Goal: fp8 ≤ 0.6 × bf16.
+Part QOFT (`--only qoft`): our trainer on a FLUX-shaped model (`--qoft-blocks`, default 6 double + 12 single blocks:
+the race's 2 + 2 hold so few weights that one block's training working set is 40 % of them) loaded as ComfyUI's
+UNETLoader does with weight_dtype fp8_e4m3fn vs default bf16 (`set_inference_dtype(dtype, unet_manual_cast(...))`),
+bf16 training, checkpointing on; peak memory here INCLUDES the model's weights (peak RSS − RSS before the model was
+built), since halving the weights is the point, and is also carried to FLUX.1-dev's depth (an extrapolation, printed
+as one). Goal: fp8 ≤ 0.6 × bf16.
 
 Part 2, no ComfyUI needed: the activation-side step vs a weight-centric step (rotated W' = M·W materialised, what
 core does) on a stack of Linear layers; time, and bytes autograd saves for backward (saved-tensor hook).
