@@ -183,7 +183,8 @@ def _cayley(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool
 
     With `sync_free=True` and gradients wanted the same R comes through `_CayleyMap`, whose backward is the closed
     form of the Cayley map's derivative instead of autograd through the solve / series / elimination (values
-    identical: the forward is this function's own method, run without gradients). The trainer itself goes through
+    identical: the forward is this function's own method, run without gradients); so do blocks of 8–15 always (in
+    `_cayley_value`: their elimination works in place, autograd cannot go through it). The trainer itself goes through
     `train._TrainedBlocks`, which uses the same closed form (`_cayley_grad`) for all of a block's layers at once.
     """
     if sync_free and q.requires_grad and torch.is_grad_enabled():
@@ -223,9 +224,12 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
     """`_cayley`'s value: R = (I + Q)(I − Q)⁻¹ for skew-symmetric Q.
 
     R = 2(I − Q)⁻¹ − I (the same matrix: (I + Q) = 2I − (I − Q)), with the inverse from matmuls: for large blocks by
-    block elimination (`_inverse_positive_real`), for small ones by the series Σ Q^j while it converges within a few
-    doublings (`_neumann_doublings`); otherwise (I − Q)⁻¹(I + Q) by one batched linear solve. All agree to fp32
-    rounding (tests/test_rotation.py).
+    block elimination (`_inverse_positive_real`), for blocks of 17–96 by the series Σ Q^j while it converges within a
+    few doublings (`_neumann_doublings`); blocks of 8–15 by Gauss–Jordan elimination vectorised over the batch
+    (`_cayley_eliminated`, whatever Q); otherwise (I − Q)⁻¹(I + Q) by one batched linear solve. All agree to fp32
+    rounding (tests/test_rotation.py, tests/test_cayley_small.py). The method depends on the block size (and for
+    17–96 the norm), never on the number of blocks, so a batch of several layers' blocks gives each layer's values
+    bit for bit (`_trained_blocks`).
 
     `sync_free=True` (the trainer's step) chooses the method without reading any value of `q` on the host, so that
     on a GPU the step never waits for the device: the series only when `norm_bound` (a bound on every block's ‖Q‖_F
@@ -234,6 +238,10 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
     eye = _eye_like(q)
     if q.shape[-1] > _CAYLEY_LEAF:
         return 2 * _inverse_positive_real(eye - q, sync_free=sync_free) - eye
+    if _eliminates(q.shape[-1]):
+        if q.requires_grad and torch.is_grad_enabled():  # in place: differentiated in closed form, not by autograd
+            return _CayleyMap.apply(q, norm_bound)
+        return _cayley_eliminated(q)
     if q.shape[-1] <= _NEUMANN_MIN_BLOCK:
         doublings = None
     elif sync_free:
@@ -245,6 +253,52 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
             return torch.linalg.solve_ex(eye - q, eye + q)[0]  # small blocks: inside the safe batched range
         return _solve(eye - q, eye + q)
     return 2 * _series_inverse(eye, q, doublings) - eye
+
+
+# Blocks of these sizes take `_cayley_eliminated`. LAPACK's batched solve of 8×8 fp32 matrices (MKL 2024.2) is an
+# outlier: ~2.3 µs a matrix against ~0.45 µs at 7×7 and ~1.4 µs at 9×9 (its getrs, not getrf); the elimination costs
+# O(b³) elementwise work and beats it from ~100 blocks for b = 8 (2688 blocks: 6.3 → 1.6 ms, one thread) and from a
+# few hundred for 9–15; at b ≤ 7 LAPACK costs ≤ 1.2 ms for 2688 blocks and is within 1.4× of the elimination, at
+# b = 16 it is faster (BENCHMARKS.md, "The Cayley map of small blocks").
+_ELIMINATION_MIN_BLOCK, _ELIMINATION_MAX_BLOCK = 8, 15
+
+
+def _eliminates(b: int) -> bool:
+    """Whether `_cayley_value` makes blocks of size b by `_cayley_eliminated` (from the shape alone)."""
+    return _ELIMINATION_MIN_BLOCK <= b <= _ELIMINATION_MAX_BLOCK
+
+
+def _cayley_eliminated(q: torch.Tensor) -> torch.Tensor:
+    """R = (I − Q)⁻¹(I + Q) for skew-symmetric Q (…, b, b) by Gauss–Jordan elimination on [I − Q | I + Q] WITHOUT
+    pivoting, vectorised over the batch: b steps of four tensor ops, no LAPACK, no host read, any device and float
+    dtype; in place, so not for autograd (`_cayley` routes gradients through `_CayleyMap`).
+
+    No pivoting is safe because the symmetric part of I − Q is I: so is that of every Schur complement, no pivot is
+    below 1 (see `_inverse_positive_real`). Its growth does grow with ‖Q‖ (pivoted LU's error ∝ κ(A) = √(1 + ‖Q‖₂²)
+    ε, this one's ∝ ‖Q‖² ε): against fp64 the max error equals the fp32 LAPACK solve's (0.6–1.3×) for ‖Q‖_F up to
+    5, far past any constraint's bound, and is 1–2× at 20, 3–8× at 100 (still ≤ 3·10⁻⁵ for b ≥ 8;
+    tests/test_cayley_small.py). Q = 0 gives I exactly.
+
+    The batch is the innermost (contiguous) axis of the working copy (b, 2b, n), so every op runs over n contiguous
+    numbers whatever b. Each update is one fused multiply-add (`addcmul_`), rounded once in its vectorised and
+    scalar loops alike (checked for this build: tests/test_cayley_small.py), so a matrix's values do not depend on
+    where it sits in the batch: a batch of several layers' blocks gives each layer's values bit for bit.
+    """
+    b = q.shape[-1]
+    lead = q.shape[:-2]
+    qt = q.reshape(-1, b, b).permute(1, 2, 0)  # (b, b, n): a view
+    m = torch.empty(b, 2 * b, qt.shape[-1], dtype=q.dtype, device=q.device)
+    torch.neg(qt, out=m[:, :b])
+    m[:, b:] = qt
+    m[:, :b].diagonal(0, 0, 1).add_(1)
+    m[:, b:].diagonal(0, 0, 1).add_(1)
+    for k in range(b):
+        # Row k divided by its pivot, then subtracted from every other row; column k of the left half (now e_k) is
+        # never read again, so it is not written.
+        pivot_row = m[k, k + 1 :] / m[k, k]
+        m[:, k + 1 :].addcmul_(m[:, k, None].clone(), pivot_row, value=-1)
+        m[k, k + 1 :] = pivot_row
+    return m[:, b:].permute(2, 0, 1).reshape(*lead, b, b)
 
 
 def _series_inverse(eye: torch.Tensor, e: torch.Tensor, doublings: int) -> torch.Tensor:
@@ -261,7 +315,7 @@ def _series_inverse(eye: torch.Tensor, e: torch.Tensor, doublings: int) -> torch
 # under 2⁻²⁵ (a quarter ulp of 1 in fp32), so both give R to fp32 rounding. Past 3 doublings (16 terms: ‖Q‖₂ ≲ 0.33)
 # the solve is cheaper again. Measured: 8×40 blocks 237 → 138 µs, 32×96 6.7 → 2.7 ms, and closer to fp64.
 _NEUMANN_MAX_DOUBLINGS = 3
-_NEUMANN_MIN_BLOCK = 16  # up to 16×16 the solve is as fast (fixed costs dominate both)
+_NEUMANN_MIN_BLOCK = 16  # up to 16×16 the solve (b ≤ 7, 16) or the elimination (8–15) is as fast, never the series
 _NEUMANN_TAIL = 2.0**-25
 
 
@@ -350,7 +404,8 @@ def rotation_blocks(
 
 def _cayley_method(b: int, bound: float | None):
     """What `_cayley_value(q, norm_bound=bound, sync_free=True)` does with blocks of size b: splits with the same
-    answer can be solved together (every method works matrix by matrix, so the values are the same bit for bit)."""
+    answer can be solved together (every method works matrix by matrix, so the values are the same bit for bit; the
+    elimination of blocks of 8–15 too, see `_cayley_eliminated`)."""
     if b > _CAYLEY_LEAF or b <= _NEUMANN_MIN_BLOCK or bound is None:
         return (b, None)
     return (b, _doublings_for(bound))
