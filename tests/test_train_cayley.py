@@ -5,8 +5,9 @@ method it chose before (solve, series, block elimination) bit for bit, through `
 fp64 gradcheck / gradgradcheck for every method and matches autograd through the old expression to fp32 rounding
 (both against an fp64 reference); every other path (merge, bypass, formats: `sync_free=False`, or no gradients) is
 the old code, unchanged, except blocks of 8–15, whose in-place Gauss–Jordan elimination is always differentiated in
-closed form (its gradient is checked against autograd through the solve it replaced). `skew_from_upper` gives `unpack_upper`'s U − Uᵀ and its gradient bit for bit (matmul and
-gather ways, under autocast too). And the blocks keep for backward no LU / pivots: only Q and R.
+closed form (its gradient is checked against autograd through the solve it replaced). `skew_from_upper` gives
+`unpack_upper`'s U − Uᵀ and its gradient bit for bit (matmul and gather ways, under autocast too). And the blocks
+keep for backward no LU / pivots: only Q and R.
 """
 
 from __future__ import annotations
