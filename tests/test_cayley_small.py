@@ -167,3 +167,18 @@ def test_nothing_is_read_on_the_host():
         assert sum(reads.values()) == 0, dict(reads)
     r = _cayley_eliminated(torch.empty(7, 3, 8, 8, device="meta"))  # shapes only: no data-dependent step
     assert r.device.type == "meta" and r.shape == (7, 3, 8, 8)
+
+
+@pytest.mark.parametrize("b", [8, 13])
+def test_pieces_give_the_values_of_one_pass(b, monkeypatch):
+    """On a CPU the batch is eliminated in cache-sized pieces (`_ELIMINATION_PIECE_ELEMENTS`): same bits as one
+    pass over everything, for pieces that divide the batch and pieces that do not."""
+    import oft_core.rotation as rotation
+
+    q = random_skew(1000, b, 0.9, seed=7).reshape(10, 100, b, b)
+    monkeypatch.setattr(rotation, "_ELIMINATION_PIECE_ELEMENTS", 1 << 40)
+    whole = _cayley_eliminated(q)
+    for per_piece in (1, 3, 100, 999):
+        monkeypatch.setattr(rotation, "_ELIMINATION_PIECE_ELEMENTS", per_piece * 2 * b * b)
+        r = _cayley_eliminated(q)
+        assert r.shape == q.shape and r.is_contiguous() and torch.equal(r, whole), per_piece
