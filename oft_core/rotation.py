@@ -5,12 +5,12 @@ One definition of each thing, used by every format, the ComfyUI patch, the baker
 - constraint (`_constrain`): kohya/LyCORIS clamp ‖Q‖_F of a split at alpha·split_size,
   Q ← Q·(min(‖Q‖, c) + 1e-8)/(‖Q‖ + 1e-8) (sd-scripts `networks/oft.py`); PEFT COFT projects every block to
   ‖Q_i‖_F ≤ eps/√(stored blocks) (PEFT `_project_batch`); or none.
-- rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ (`_cayley`: a linear solve, or matmul-only block elimination
-  for large blocks), or the Cayley–Neumann series
-  Σ c_k Q^k; always in fp32, whatever the stored dtype. With `sync_free` and gradients the Cayley map is
-  differentiated in closed form (`_cayley_grad`: ∂L/∂Q = ½(I + R)ᵀ G (I + R)ᵀ, only R kept for backward), by
-  `_CayleyMap` here and by the trainer's own node (`train._TrainedBlocks`, several layers at once:
-  `_trained_blocks`).
+- rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ (`_cayley`: Gauss–Jordan elimination vectorised over the batch
+  for blocks of 8–15, a linear solve, the series Σ Q^j, or matmul-only block elimination for large blocks), or the
+  Cayley–Neumann series Σ c_k Q^k; always in fp32, whatever the stored dtype. With `sync_free` and gradients (and
+  for blocks of 8–15 always) the Cayley map is differentiated in closed form (`_cayley_grad`:
+  ∂L/∂Q = ½(I + R)ᵀ G (I + R)ᵀ, only R kept for backward), by `_CayleyMap` here and by the trainer's own node
+  (`train._TrainedBlocks`, several layers at once: `_trained_blocks`).
 - strength (`rotation_blocks`): mode "kohya" R_s = I + s(R − I), linear in the weight and what sd-scripts and
   LyCORIS do with their multiplier (the default: results match the trainer); mode "orthogonal" R_s = R(s·Q), a
   rotation for every s with R_0 = I, R_1 = R, R_−1 = Rᵀ. Strength 0 returns the input untouched in both modes.
@@ -275,9 +275,9 @@ def _cayley_eliminated(q: torch.Tensor) -> torch.Tensor:
 
     No pivoting is safe because the symmetric part of I − Q is I: so is that of every Schur complement, no pivot is
     below 1 (see `_inverse_positive_real`). Its growth does grow with ‖Q‖ (pivoted LU's error ∝ κ(A) = √(1 + ‖Q‖₂²)
-    ε, this one's ∝ ‖Q‖² ε): against fp64 the max error equals the fp32 LAPACK solve's (0.6–1.3×) for ‖Q‖_F up to
-    5, far past any constraint's bound, and is 1–2× at 20, 3–8× at 100 (still ≤ 3·10⁻⁵ for b ≥ 8;
-    tests/test_cayley_small.py). Q = 0 gives I exactly.
+    ε, this one's ∝ ‖Q‖² ε): against fp64 its max error is the fp32 LAPACK solve's (0.6–1.2× of it, ≤ 5.2·10⁻⁷) for
+    ‖Q‖_F up to 5, far past any constraint's bound, 0.8–1.7× at 20 and 3–7.5× at 100 (3.2·10⁻⁵; 3000 random blocks
+    of each size 8–15 per norm; tests/test_cayley_small.py). Q = 0 gives I exactly.
 
     The batch is the innermost (contiguous) axis of the working copy (b, 2b, n), so every op runs over n contiguous
     numbers whatever b (on a CPU in pieces that stay in cache: `_ELIMINATION_PIECE_ELEMENTS`). Each update is one
