@@ -334,8 +334,8 @@ def _series_inverse(eye: torch.Tensor, e: torch.Tensor, doublings: int) -> torch
 # the solve is cheaper again. Measured: 8×40 blocks 237 → 138 µs, 32×96 6.7 → 2.7 ms, and closer to fp64.
 _NEUMANN_MAX_DOUBLINGS = 3
 # Blocks up to 16 never take the series: the solve (b ≤ 7, 16) or the elimination (8–15), whatever the bound. (Where
-# a bound allows ≤ 3 doublings the series would be cheaper, 0.05 against 0.2 ms for 40 blocks of 8, and about even
-# from ~3000 blocks; the races' bounds allow it only for SD's 320-wide layers: not taken, BENCHMARKS.md.)
+# a bound allows ≤ 3 doublings the series would be cheaper for small batches, 0.05 against 0.2 ms for 40 blocks of 8,
+# even or slower from ~3000; the races' bounds allow it only for SD's 320-wide layers: not taken, BENCHMARKS.md.)
 _NEUMANN_MIN_BLOCK = 16
 _NEUMANN_TAIL = 2.0**-25
 
