@@ -257,9 +257,9 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
 
 # Blocks of these sizes take `_cayley_eliminated`. LAPACK's batched solve of 8×8 fp32 matrices (MKL 2024.2) is an
 # outlier: ~2.3 µs a matrix against ~0.45 µs at 7×7 and ~1.4 µs at 9×9 (its getrs, not getrf); the elimination costs
-# O(b³) elementwise work and beats it from ~100 blocks for b = 8 (2688 blocks: 6.3 → 1.6 ms, one thread) and from a
-# few hundred for 9–15; at b ≤ 7 LAPACK costs ≤ 1.2 ms for 2688 blocks and is within 1.4× of the elimination, at
-# b = 16 it is faster (BENCHMARKS.md, "The Cayley map of small blocks").
+# O(b³) elementwise work and beats it from ~100 blocks for b = 8 (2688 blocks: 6.0 → 1.9 ms, one thread) and from a
+# few hundred for 9–15; at b ≤ 7 LAPACK costs ≤ 1.2 ms for 2688 blocks (the elimination would save a few tenths of a
+# ms there and lose on small batches), at b = 16 it is as fast (BENCHMARKS.md, "The Cayley map of small blocks").
 _ELIMINATION_MIN_BLOCK, _ELIMINATION_MAX_BLOCK = 8, 15
 
 
@@ -296,7 +296,7 @@ def _cayley_eliminated(q: torch.Tensor) -> torch.Tensor:
 
 
 # On a CPU `_cayley_eliminated` works through the batch in pieces whose working copy (b, 2b, pieces) is 2¹⁸ numbers
-# (1 MiB in fp32) so that it stays in cache: 11520 blocks of 8 (a FLUX double block's layers) 15.5 → 6.6 ms, one
+# (1 MiB in fp32) so that it stays in cache: 11520 blocks of 8 (a FLUX double block's layers) 15.5 → 6.6–8 ms, one
 # thread; below ~4000 blocks of 8 one piece is as fast. Elsewhere the whole batch is one piece (fewer launches).
 _ELIMINATION_PIECE_ELEMENTS = 1 << 18
 
