@@ -5,12 +5,12 @@ One definition of each thing, used by every format, the ComfyUI patch, the baker
 - constraint (`_constrain`): kohya/LyCORIS clamp ‖Q‖_F of a split at alpha·split_size,
   Q ← Q·(min(‖Q‖, c) + 1e-8)/(‖Q‖ + 1e-8) (sd-scripts `networks/oft.py`); PEFT COFT projects every block to
   ‖Q_i‖_F ≤ eps/√(stored blocks) (PEFT `_project_batch`); or none.
-- rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ (`_cayley`: a linear solve, or matmul-only block elimination
-  for large blocks), or the Cayley–Neumann series
-  Σ c_k Q^k; always in fp32, whatever the stored dtype. With `sync_free` and gradients the Cayley map is
-  differentiated in closed form (`_cayley_grad`: ∂L/∂Q = ½(I + R)ᵀ G (I + R)ᵀ, only R kept for backward), by
-  `_CayleyMap` here and by the trainer's own node (`train._TrainedBlocks`, several layers at once:
-  `_trained_blocks`).
+- rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ (`_cayley`: Gauss–Jordan elimination vectorised over the batch
+  for blocks of 8–15, a linear solve, the series Σ Q^j, or matmul-only block elimination for large blocks), or the
+  Cayley–Neumann series Σ c_k Q^k; always in fp32, whatever the stored dtype. With `sync_free` and gradients (and
+  for blocks of 8–15 always) the Cayley map is differentiated in closed form (`_cayley_grad`:
+  ∂L/∂Q = ½(I + R)ᵀ G (I + R)ᵀ, only R kept for backward), by `_CayleyMap` here and by the trainer's own node
+  (`train._TrainedBlocks`, several layers at once: `_trained_blocks`).
 - strength (`rotation_blocks`): mode "kohya" R_s = I + s(R − I), linear in the weight and what sd-scripts and
   LyCORIS do with their multiplier (the default: results match the trainer); mode "orthogonal" R_s = R(s·Q), a
   rotation for every s with R_0 = I, R_1 = R, R_−1 = Rᵀ. Strength 0 returns the input untouched in both modes.
@@ -183,7 +183,8 @@ def _cayley(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool
 
     With `sync_free=True` and gradients wanted the same R comes through `_CayleyMap`, whose backward is the closed
     form of the Cayley map's derivative instead of autograd through the solve / series / elimination (values
-    identical: the forward is this function's own method, run without gradients). The trainer itself goes through
+    identical: the forward is this function's own method, run without gradients); so do blocks of 8–15 always (in
+    `_cayley_value`: their elimination works in place, autograd cannot go through it). The trainer itself goes through
     `train._TrainedBlocks`, which uses the same closed form (`_cayley_grad`) for all of a block's layers at once.
     """
     if sync_free and q.requires_grad and torch.is_grad_enabled():
@@ -223,9 +224,12 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
     """`_cayley`'s value: R = (I + Q)(I − Q)⁻¹ for skew-symmetric Q.
 
     R = 2(I − Q)⁻¹ − I (the same matrix: (I + Q) = 2I − (I − Q)), with the inverse from matmuls: for large blocks by
-    block elimination (`_inverse_positive_real`), for small ones by the series Σ Q^j while it converges within a few
-    doublings (`_neumann_doublings`); otherwise (I − Q)⁻¹(I + Q) by one batched linear solve. All agree to fp32
-    rounding (tests/test_rotation.py).
+    block elimination (`_inverse_positive_real`), for blocks of 17–96 by the series Σ Q^j while it converges within a
+    few doublings (`_neumann_doublings`); blocks of 8–15 by Gauss–Jordan elimination vectorised over the batch
+    (`_cayley_eliminated`, whatever Q); otherwise (I − Q)⁻¹(I + Q) by one batched linear solve. All agree to fp32
+    rounding (tests/test_rotation.py, tests/test_cayley_small.py). The method depends on the block size (and for
+    17–96 the norm), never on the number of blocks, so a batch of several layers' blocks gives each layer's values
+    bit for bit (`_trained_blocks`).
 
     `sync_free=True` (the trainer's step) chooses the method without reading any value of `q` on the host, so that
     on a GPU the step never waits for the device: the series only when `norm_bound` (a bound on every block's ‖Q‖_F
@@ -234,6 +238,10 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
     eye = _eye_like(q)
     if q.shape[-1] > _CAYLEY_LEAF:
         return 2 * _inverse_positive_real(eye - q, sync_free=sync_free) - eye
+    if _eliminates(q.shape[-1]):
+        if q.requires_grad and torch.is_grad_enabled():  # in place: differentiated in closed form, not by autograd
+            return _CayleyMap.apply(q, norm_bound)
+        return _cayley_eliminated(q)
     if q.shape[-1] <= _NEUMANN_MIN_BLOCK:
         doublings = None
     elif sync_free:
@@ -245,6 +253,70 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
             return torch.linalg.solve_ex(eye - q, eye + q)[0]  # small blocks: inside the safe batched range
         return _solve(eye - q, eye + q)
     return 2 * _series_inverse(eye, q, doublings) - eye
+
+
+# Blocks of these sizes take `_cayley_eliminated`. LAPACK's batched solve of 8×8 fp32 matrices (MKL 2024.2) is an
+# outlier: ~2.3 µs a matrix against ~0.45 µs at 7×7 and ~1.4 µs at 9×9 (its getrs, not getrf); the elimination costs
+# O(b³) elementwise work and beats it from ~100 blocks for b = 8 (2688 blocks: 6.0 → 1.9 ms, one thread) and from a
+# few hundred for 9–15; at b ≤ 7 LAPACK costs ≤ 1.2 ms for 2688 blocks (the elimination would save a few tenths of a
+# ms there and lose on small batches), at b = 16 it is as fast (BENCHMARKS.md, "The Cayley map of small blocks").
+_ELIMINATION_MIN_BLOCK, _ELIMINATION_MAX_BLOCK = 8, 15
+
+
+def _eliminates(b: int) -> bool:
+    """Whether `_cayley_value` makes blocks of size b by `_cayley_eliminated` (from the shape alone)."""
+    return _ELIMINATION_MIN_BLOCK <= b <= _ELIMINATION_MAX_BLOCK
+
+
+def _cayley_eliminated(q: torch.Tensor) -> torch.Tensor:
+    """R = (I − Q)⁻¹(I + Q) for skew-symmetric Q (…, b, b) by Gauss–Jordan elimination on [I − Q | I + Q] WITHOUT
+    pivoting, vectorised over the batch: b steps of four tensor ops, no LAPACK, no host read, any device and float
+    dtype; in place, so not for autograd (`_cayley` routes gradients through `_CayleyMap`).
+
+    No pivoting is safe because the symmetric part of I − Q is I: so is that of every Schur complement, no pivot is
+    below 1 (see `_inverse_positive_real`). Its growth does grow with ‖Q‖ (pivoted LU's error ∝ κ(A) = √(1 + ‖Q‖₂²)
+    ε, this one's ∝ ‖Q‖² ε): against fp64 its max error is the fp32 LAPACK solve's (0.6–1.2× of it, ≤ 5.2·10⁻⁷) for
+    ‖Q‖_F up to 5, far past any constraint's bound, 0.8–1.7× at 20 and 3–7.5× at 100 (3.2·10⁻⁵; 3000 random blocks
+    of each size 8–15 per norm; tests/test_cayley_small.py). Q = 0 gives I exactly.
+
+    The batch is the innermost (contiguous) axis of the working copy (b, 2b, n), so every op runs over n contiguous
+    numbers whatever b (on a CPU in pieces that stay in cache: `_ELIMINATION_PIECE_ELEMENTS`). Each update is one
+    fused multiply-add (`addcmul_`), rounded once in its vectorised and scalar loops alike, so a matrix's values do
+    not depend on where it sits in the batch or in a piece (pinned for this build by tests/test_cayley_small.py): a
+    batch of several layers' blocks gives each layer's values bit for bit.
+    """
+    b = q.shape[-1]
+    flat = q.reshape(-1, b, b)
+    n = flat.shape[0]
+    piece = max(1, n if q.device.type != "cpu" else _ELIMINATION_PIECE_ELEMENTS // (2 * b * b))
+    out = torch.empty(flat.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever the input's layout
+    for start in range(0, n, piece):
+        out[start : start + piece] = _eliminated_piece(flat[start : start + piece])
+    return out.view(q.shape)
+
+
+# On a CPU `_cayley_eliminated` works through the batch in pieces whose working copy (b, 2b, pieces) is 2¹⁸ numbers
+# (1 MiB in fp32) so that it stays in cache: 11520 blocks of 8 (a FLUX double block's layers) 15.5 → 6.6–8 ms, one
+# thread; below ~4000 blocks of 8 one piece is as fast. Elsewhere the whole batch is one piece (fewer launches).
+_ELIMINATION_PIECE_ELEMENTS = 1 << 18
+
+
+def _eliminated_piece(flat: torch.Tensor) -> torch.Tensor:
+    """`_cayley_eliminated` of (n, b, b) blocks in one working copy; returns a (n, b, b) view of it."""
+    b = flat.shape[-1]
+    qt = flat.permute(1, 2, 0)  # (b, b, n): a view
+    m = torch.empty(b, 2 * b, qt.shape[-1], dtype=flat.dtype, device=flat.device)
+    torch.neg(qt, out=m[:, :b])
+    m[:, b:] = qt
+    m[:, :b].diagonal(0, 0, 1).add_(1)
+    m[:, b:].diagonal(0, 0, 1).add_(1)
+    for k in range(b):
+        # Row k divided by its pivot, then subtracted from every other row; column k of the left half (now e_k) is
+        # never read again, so it is not written.
+        pivot_row = m[k, k + 1 :] / m[k, k]
+        m[:, k + 1 :].addcmul_(m[:, k, None].clone(), pivot_row, value=-1)
+        m[k, k + 1 :] = pivot_row
+    return m[:, b:].permute(2, 0, 1)
 
 
 def _series_inverse(eye: torch.Tensor, e: torch.Tensor, doublings: int) -> torch.Tensor:
@@ -261,7 +333,10 @@ def _series_inverse(eye: torch.Tensor, e: torch.Tensor, doublings: int) -> torch
 # under 2⁻²⁵ (a quarter ulp of 1 in fp32), so both give R to fp32 rounding. Past 3 doublings (16 terms: ‖Q‖₂ ≲ 0.33)
 # the solve is cheaper again. Measured: 8×40 blocks 237 → 138 µs, 32×96 6.7 → 2.7 ms, and closer to fp64.
 _NEUMANN_MAX_DOUBLINGS = 3
-_NEUMANN_MIN_BLOCK = 16  # up to 16×16 the solve is as fast (fixed costs dominate both)
+# Blocks up to 16 never take the series: the solve (b ≤ 7, 16) or the elimination (8–15), whatever the bound. (Where
+# a bound allows ≤ 3 doublings the series would be cheaper for small batches, 0.05 against 0.2 ms for 40 blocks of 8,
+# even or slower from ~3000; the races' bounds allow it only for SD's 320-wide layers: not taken, BENCHMARKS.md.)
+_NEUMANN_MIN_BLOCK = 16
 _NEUMANN_TAIL = 2.0**-25
 
 
@@ -350,7 +425,8 @@ def rotation_blocks(
 
 def _cayley_method(b: int, bound: float | None):
     """What `_cayley_value(q, norm_bound=bound, sync_free=True)` does with blocks of size b: splits with the same
-    answer can be solved together (every method works matrix by matrix, so the values are the same bit for bit)."""
+    answer can be solved together (every method works matrix by matrix, so the values are the same bit for bit; the
+    elimination of blocks of 8–15 too, see `_cayley_eliminated`)."""
     if b > _CAYLEY_LEAF or b <= _NEUMANN_MIN_BLOCK or bound is None:
         return (b, None)
     return (b, _doublings_for(bound))

@@ -4,8 +4,10 @@ Pinned: in the trainer's path (`sync_free=True`, gradients wanted) `rotation._ca
 method it chose before (solve, series, block elimination) bit for bit, through `_CayleyMap`; its gradient passes
 fp64 gradcheck / gradgradcheck for every method and matches autograd through the old expression to fp32 rounding
 (both against an fp64 reference); every other path (merge, bypass, formats: `sync_free=False`, or no gradients) is
-the old code, unchanged. `skew_from_upper` gives `unpack_upper`'s U − Uᵀ and its gradient bit for bit (matmul and
-gather ways, under autocast too). And the blocks keep for backward no LU / pivots: only Q and R.
+the old code, unchanged, except blocks of 8–15, whose in-place Gauss–Jordan elimination is always differentiated in
+closed form (its gradient is checked against autograd through the solve it replaced). `skew_from_upper` gives
+`unpack_upper`'s U − Uᵀ and its gradient bit for bit (matmul and gather ways, under autocast too). And the blocks
+keep for backward no LU / pivots: only Q and R.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from oft_core.train import OFTTrainer
 
 # (block size, blocks, ‖Q_i‖_F, norm_bound): which method `_cayley` picks with sync_free=True
 METHODS = {
-    "solve_small": (8, 6, 0.5, 0.6),  # b ≤ 16: batched solve_ex
+    "solve_small": (4, 6, 0.5, 0.6),  # b ≤ 7 or 16: batched solve_ex
+    "eliminated_small": (8, 6, 0.5, 0.6),  # 8 ≤ b ≤ 15: Gauss–Jordan, in place, so always the closed-form backward
     "series": (24, 4, 0.2, 0.25),  # 16 < b ≤ 96, bound allows ≤ 3 doublings
     "solve_no_bound": (24, 4, 1.5, None),  # 16 < b ≤ 96, no bound: solve_ex
     "solve_large_bound": (24, 4, 1.5, 2.0),
@@ -80,7 +83,11 @@ def test_gradient_matches_autograd_of_the_old_expression(method):
     q_new = q0.clone().requires_grad_()
     _cayley(q_new, norm_bound=bound, sync_free=True).backward(g)
     q_old = q0.clone().requires_grad_()
-    r_old = _cayley_value(q_old, norm_bound=bound, sync_free=True)
+    if method == "eliminated_small":  # no autograd path through the in-place elimination: the solve it replaced
+        eye = torch.eye(b).expand_as(q_old)
+        r_old = torch.linalg.solve(eye - q_old, eye + q_old)
+    else:
+        r_old = _cayley_value(q_old, norm_bound=bound, sync_free=True)
     assert type(r_old.grad_fn).__name__ != "_CayleyMapBackward"
     r_old.backward(g)
     q64 = q0.double().requires_grad_()
