@@ -997,32 +997,53 @@ def _half_rotated_backward(y2: torch.Tensor, g2: torch.Tensor, sizes, blocks, wa
                            shift: torch.Tensor | None = None):
     """The backward of `_half_rotated` as the rotation of z = y − `shift` (a (features,) vector in y's dtype, or
     None: z = y): (∂y = g + g·D in the same pieces, or None; [∂B = Σ g zᵀ per block, fp32, or None per split]).
-    ∂B per piece: g's and y's rows copied to the (n, rows, b) layout, z made on that copy (in cache), a 16-bit
-    product of the piece, the pieces summed in fp32."""
+
+    Per piece, g's rows are copied once to the grouped (groups, rows, g·b) layout of `_product_deltas` and both
+    products read that copy: ∂y's as a contiguous 16-bit baddbmm (g + g·D, the sum rounded once) copied back to ∂y's
+    rows, and ∂B's as one (groups, g·b, rows)·(groups, rows, g·b) product against the same layout of z (y's rows
+    copied, the shift subtracted on the copy, in cache), whose diagonal b × b blocks are the blocks' Σ g zᵀ of the
+    piece (in y's dtype; the pieces summed in fp32). The values of the per-block form bit for bit (each entry is the
+    same sum over the piece's rows). Measured against it (one thread, 1024 rows, blocks of 8): 9216 features
+    47.8 → 37.8 ms, 21504: 112.8 → 95.6 ms: g copied once instead of twice (the strided baddbmm copies its operands
+    to contiguous internally), and 288 products of 32 × 32 instead of 1152 of 8 × 8 per piece."""
     grads_r = [torch.zeros_like(r) if w else None for r, w in zip(blocks, want_r)]
     grad_y = torch.empty(g2.shape, dtype=y2.dtype, device=y2.device) if want_y else None
     start = 0
     for r, gr, (n, bs) in zip(blocks, grads_r, sizes):
         cols = slice(start, start + n * bs)
         start += n * bs
+        if gr is None and not want_y:
+            continue
         d = _product_deltas(r, False, y2.dtype)  # g + g·D with D = M − I as it is: the row form of Mᵀg
-        step = _piece_rows(y2, d.shape[-1])
-        if gr is not None:  # the pieces' work tensors, made once (new ones per piece: ~20 % slower on a CPU)
-            rows_max = min(step, y2.shape[0])
-            gts, zts = (torch.empty((n, rows_max, bs), dtype=y2.dtype, device=y2.device) for _ in range(2))
-            prod = torch.empty((n, bs, bs), dtype=y2.dtype, device=y2.device)
-            tile = None if shift is None else shift[cols].view(n, 1, bs).expand(n, rows_max, bs).contiguous()
+        groups, width = d.shape[0], d.shape[-1]
+        per = width // bs  # blocks per group
+        step = _piece_rows(y2, width)
+        rows_max = min(step, y2.shape[0])
+        # the pieces' work tensors, made once (new ones per piece: ~20 % slower on a CPU)
+        gts = torch.empty((groups, rows_max, width), dtype=y2.dtype, device=y2.device)
+        dys = torch.empty_like(gts) if want_y else None
+        if gr is not None:
+            zts = torch.empty_like(gts)
+            prod = torch.empty((groups, width, width), dtype=y2.dtype, device=y2.device)
+            diag = prod if per == 1 else torch.empty((n, bs, bs), dtype=y2.dtype, device=y2.device)
+            tile = None if shift is None else shift[cols].view(groups, 1, width).expand(groups, rows_max,
+                                                                                          width).contiguous()
         for i in range(0, y2.shape[0], step):
             gc = g2[i:i + step, cols]
+            rows = gc.shape[0]
+            gt = gts[:, :rows].copy_(gc.view(rows, groups, width).transpose(0, 1))
             if want_y:
-                _add_block_product(gc, d, None, grad_y[i:i + step, cols])
-            if gr is not None:  # Σ g zᵀ of the piece
-                rows = gc.shape[0]
-                gt = gts[:, :rows].copy_(gc.view(rows, n, bs).transpose(0, 1))
-                zt = zts[:, :rows].copy_(y2[i:i + step, cols].view(rows, n, bs).transpose(0, 1))
+                dy = torch.baddbmm(gt, gt, d, out=dys[:, :rows])
+                grad_y[i:i + step, cols].view(rows, groups, width).transpose(0, 1).copy_(dy)
+            if gr is not None:  # Σ g zᵀ of the piece: the diagonal blocks of the grouped product
+                zt = zts[:, :rows].copy_(y2[i:i + step, cols].view(rows, groups, width).transpose(0, 1))
                 if tile is not None:
                     zt.sub_(tile[:, :rows])
-                gr.add_(torch.bmm(gt.transpose(1, 2), zt, out=prod))  # a piece's sum in y's dtype; total fp32
+                torch.bmm(gt.transpose(1, 2), zt, out=prod)
+                if per > 1:
+                    diag.view(groups, per, bs, bs).copy_(
+                        prod.view(groups, per, bs, per, bs).diagonal(0, 1, 3).permute(0, 3, 1, 2))
+                gr.add_(diag.view(n, bs, bs))  # a piece's sum in y's dtype; total fp32
     return grad_y, grads_r
 
 
