@@ -304,3 +304,58 @@ def test_a_short_bf16_training_follows_the_old_path(wrap):
     torch.testing.assert_close(torch.tensor(new[1]), torch.tensor(old[1]), rtol=2 ** -8, atol=0)
     for a, b in zip(new[0], old[0]):
         assert float((a - b).abs().max()) <= 2 ** -6 * float(b.abs().max())
+
+
+def per_block_backward(y2, g2, sizes, blocks, shift):
+    """The 16-bit rotation's backward in its per-block form (the form before the grouped one): ∂y by the bypass
+    hook's strided product per piece, ∂B per piece from (n, rows, b) copies of g and z = y − shift, one b × b
+    product per block, the pieces' 16-bit sums added in fp32."""
+    grad_y, grads, start = torch.empty_like(g2), [], 0
+    for r, (n, bs) in zip(blocks, sizes):
+        cols = slice(start, start + n * bs)
+        start += n * bs
+        d = train._product_deltas(r, False, y2.dtype)
+        step = bypass._piece_rows(y2, d.shape[-1])
+        gr = torch.zeros_like(r)
+        for i in range(0, y2.shape[0], step):
+            gc = g2[i:i + step, cols]
+            rows = gc.shape[0]
+            bypass._add_block_product(gc, d, None, grad_y[i:i + step, cols])
+            gt = gc.reshape(rows, n, bs).transpose(0, 1).contiguous()
+            zt = y2[i:i + step, cols].reshape(rows, n, bs).transpose(0, 1).contiguous()
+            if shift is not None:
+                zt = zt - shift[cols].view(n, 1, bs)
+            gr += torch.bmm(gt.transpose(1, 2), zt)
+        grads.append(gr)
+    return grad_y, grads
+
+
+@pytest.mark.parametrize("rows", [1, 16, 37, 300])
+@pytest.mark.parametrize("sizes", [((4, 8), (4, 8), (8, 8)), ((6, 8),), ((3, 16),), ((2, 48),)],
+                         ids=["linear1-like", "groups of 3", "groups of 2", "wide blocks"])
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_grouped_backward_gives_the_per_block_values_bit_for_bit(rows, sizes, shift, dtype, monkeypatch):
+    """`_half_rotated_backward` copies each piece of g once to the grouped layout and reads it for ∂y and ∂B (the
+    diagonal blocks of one grouped product per piece): the values of the per-block form bit for bit, for one row
+    (a modulation vector: views, no copies), one piece, several pieces with a short last one, blocks grouped 4, 3
+    or 2 at a time and blocks wider than a group; `want_y` / `want_r` off leave the other result as it is."""
+    gen = torch.Generator().manual_seed(rows)
+    width = sum(n * b for n, b in sizes)
+    y2 = (torch.randn(rows, width, generator=gen) * 3).to(dtype)
+    g2 = torch.randn(rows, width, generator=gen).to(dtype)
+    blocks = [torch.linalg.matrix_exp(0.2 * (a - a.mT)) for a in (torch.randn(n, b, b, generator=gen)
+                                                                   for n, b in sizes)]
+    s = (torch.randn(width, generator=gen) * 3).to(dtype) if shift else None
+    monkeypatch.setattr(bypass, "_PIECE_ELEMENTS", 1)  # pieces of the 32-row minimum past `_ONE_PIECE_ROWS`
+    if rows == 300:
+        assert bypass._piece_rows(y2, 32) == 32
+    got = train._half_rotated_backward(y2, g2, sizes, blocks, True, [True] * len(sizes), s)
+    ref = per_block_backward(y2, g2, sizes, blocks, s)
+    assert torch.equal(got[0], ref[0])
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(got[1], ref[1]))
+    only_y = train._half_rotated_backward(y2, g2, sizes, blocks, True, [False] * len(sizes), s)
+    only_r = train._half_rotated_backward(y2, g2, sizes, blocks, False, [True, False, True][:len(sizes)], s)
+    assert torch.equal(only_y[0], ref[0]) and only_y[1] == [None] * len(sizes)
+    assert only_r[0] is None and torch.equal(only_r[1][0], ref[1][0])
+    assert [a is None for a in only_r[1]] == [False, True, False][:len(sizes)]
