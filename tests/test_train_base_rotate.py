@@ -330,9 +330,39 @@ def per_block_backward(y2, g2, sizes, blocks, shift):
     return grad_y, grads
 
 
+SPLITS = [((4, 8), (4, 8), (8, 8)), ((6, 8),), ((3, 16),), ((2, 48),), ((4, 8), (2, 16)), ((4, 8), (6, 8))]
+SPLIT_IDS = ["linear1-like", "groups of 3", "groups of 2", "wide blocks", "block sizes differ", "groups differ"]
+
+
+@pytest.mark.parametrize("rows", [1, 16, 300])
+@pytest.mark.parametrize("sizes", SPLITS, ids=SPLIT_IDS)
+def test_the_rotation_of_merged_splits_gives_the_per_split_values_bit_for_bit(rows, sizes, monkeypatch):
+    """`_half_rotated` runs a fused layer's splits as one when their blocks and groups agree (`_merged_splits`: one
+    product per piece over the whole width): the values of one product per split bit for bit, and the splits that
+    cannot merge (other block sizes, other groups) stay apart."""
+    monkeypatch.setattr(bypass, "_PIECE_ELEMENTS", 1)
+    gen = torch.Generator().manual_seed(rows)
+    width = sum(n * b for n, b in sizes)
+    y2 = (torch.randn(rows, width, generator=gen) * 3).to(torch.bfloat16)
+    blocks = [torch.linalg.matrix_exp(0.2 * (a - a.mT)) for a in (torch.randn(n, b, b, generator=gen)
+                                                                   for n, b in sizes)]
+    minus = (torch.randn(width, generator=gen) * 3).to(torch.bfloat16)
+    ref, start = torch.empty_like(y2), 0
+    for r, (n, b) in zip(blocks, sizes):
+        cols = slice(start, start + n * b)
+        start += n * b
+        dt = train._product_deltas(r, True, y2.dtype)
+        step = bypass._piece_rows(y2, dt.shape[-1])
+        for i in range(0, rows, step):
+            bypass._add_block_product(y2[i:i + step, cols], dt, None, ref[i:i + step, cols])
+            ref[i:i + step, cols].sub_(minus[cols])
+    assert torch.equal(train._half_rotated(y2, sizes, blocks, minus), ref)
+    merged = train._merged_splits(sizes, blocks)
+    assert len(merged[0]) == (1 if len(sizes) == 1 or sizes[0] == sizes[1] else len(sizes))
+
+
 @pytest.mark.parametrize("rows", [1, 16, 37, 300])
-@pytest.mark.parametrize("sizes", [((4, 8), (4, 8), (8, 8)), ((6, 8),), ((3, 16),), ((2, 48),)],
-                         ids=["linear1-like", "groups of 3", "groups of 2", "wide blocks"])
+@pytest.mark.parametrize("sizes", SPLITS, ids=SPLIT_IDS)
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_grouped_backward_gives_the_per_block_values_bit_for_bit(rows, sizes, shift, dtype, monkeypatch):
@@ -359,3 +389,4 @@ def test_the_grouped_backward_gives_the_per_block_values_bit_for_bit(rows, sizes
     assert torch.equal(only_y[0], ref[0]) and only_y[1] == [None] * len(sizes)
     assert only_r[0] is None and torch.equal(only_r[1][0], ref[1][0])
     assert [a is None for a in only_r[1]] == [False, True, False][:len(sizes)]
+    assert [a.shape for a in got[1]] == [r.shape for r in blocks]
