@@ -1331,10 +1331,17 @@ class _BaseRotateHalf(torch.autograd.Function):
     plain Linear's autograd node would keep it); else it is asked of `weight_fn` again in backward, as `_FrozenBase`
     does. Backward: ∂ŷ = g + g·D in pieces, ∂x from ∂ŷ with the base product's own kernel (`_BaseProduct.input_grad`;
     the same values as the old path's, bit for bit), and ∂B = Σ g zᵀ per block with z = W·x = ŷ − M⁻¹·bias, made on
-    each piece's (n, rows, b) copy of ŷ (`_half_rotated_backward`, in cache). z must be made: Σ g ŷᵀ − (Σ g) ⊗
+    each piece's grouped copy of ŷ (`_half_rotated_backward`, in cache). z must be made: Σ g ŷᵀ − (Σ g) ⊗
     M⁻¹·bias (no z at all) loses the 16-bit piece products at the bias's scale — measured against fp64, 20–40× the
     old path's error at |bias| = 10 |z| — and was no faster. The gradient is that of out = M·z + bias with the bias
-    fixed: M⁻¹·bias is internal to the Function."""
+    fixed: M⁻¹·bias is internal to the Function.
+
+    Not done: rotating ŷ in place and keeping `out` instead (z = Mᵀ(out − bias), one activation-sized tensor fewer
+    in forward and held for backward; 5–15 ms less per forward at 9216–21504 features, one thread). A host that
+    writes into a Linear's output in place would then change what backward reads, and ComfyUI does: FLUX's
+    `layers.apply_mod` with `modulation_dims` (HunyuanVideo's blocks, built from FLUX's, pass them) scales the
+    attention projection's and the MLP's outputs with `*=` / `+=`. Autograd would stop that training with a version
+    error, and no fallback can make z again without x, which is not kept."""
 
     @staticmethod
     def forward(ctx, x, base, keep_weight, sizes, *blocks):
@@ -1357,7 +1364,7 @@ class _BaseRotateHalf(torch.autograd.Function):
         y, blocks = saved[0], saved[1:1 + ctx.n_blocks]
         want_x = ctx.needs_input_grad[0]
         want_r = [ctx.needs_input_grad[4 + i] for i in range(len(blocks))]
-        # z = W·x = ŷ − M⁻¹·bias, made on each piece's (n, rows, b) copy of ŷ
+        # z = W·x = ŷ − M⁻¹·bias, made on each piece's grouped copy of ŷ
         grad_y, grads_r = _half_rotated_backward(y.reshape(-1, y.shape[-1]), grad.reshape(-1, y.shape[-1]),
                                                  ctx.sizes, blocks, want_x, want_r, ctx.shifted)
         gx = None
