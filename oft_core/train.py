@@ -1337,8 +1337,8 @@ class _BaseRotateHalf(torch.autograd.Function):
     fixed: M⁻¹·bias is internal to the Function.
 
     Not done: rotating ŷ in place and keeping `out` instead (z = Mᵀ(out − bias), one activation-sized tensor fewer
-    in forward and held for backward; 5–15 ms less per forward at 9216–21504 features, one thread). A host that
-    writes into a Linear's output in place would then change what backward reads, and ComfyUI does: FLUX's
+    in forward and held for backward; 5–13 ms less per forward at 9216 features, up to 20 at 21504, one thread).
+    A host that writes into a Linear's output in place would then change what backward reads, and ComfyUI does: FLUX's
     `layers.apply_mod` with `modulation_dims` (HunyuanVideo's blocks, built from FLUX's, pass them) scales the
     attention projection's and the MLP's outputs with `*=` / `+=`. Autograd would stop that training with a version
     error, and no fallback can make z again without x, which is not kept."""
