@@ -315,7 +315,7 @@ def per_block_backward(y2, g2, sizes, blocks, shift):
         cols = slice(start, start + n * bs)
         start += n * bs
         d = train._product_deltas(r, False, y2.dtype)
-        step = bypass._piece_rows(y2, d.shape[-1])
+        step = bypass._piece_rows(y2[:, cols], d.shape[-1])
         gr = torch.zeros_like(r)
         for i in range(0, y2.shape[0], step):
             gc = g2[i:i + step, cols]
@@ -390,3 +390,32 @@ def test_the_grouped_backward_gives_the_per_block_values_bit_for_bit(rows, sizes
     assert only_r[0] is None and torch.equal(only_r[1][0], ref[1][0])
     assert [a is None for a in only_r[1]] == [False, True, False][:len(sizes)]
     assert [a.shape for a in got[1]] == [r.shape for r in blocks]
+
+
+def test_the_backward_of_splits_that_cannot_merge_runs_pieces_sized_on_each_split():
+    """A fused output whose splits cannot merge (blocks of 8 and 32: kohya's linear1 keeps one block count for
+    splits of 3072 and 12288 features) runs each split's backward in `bypass._piece_rows` of that split's width:
+    320 rows, 3072 features in pieces of 85 rows (4 products), 12288 in pieces of 32 (10), not 10 + 10."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.products = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.products += func is torch.ops.aten.baddbmm.out
+            return func(*args, **(kwargs or {}))
+
+    sizes = ((384, 8), (384, 32))
+    gen = torch.Generator().manual_seed(3)
+    y2 = torch.randn(320, 3072 + 12288, generator=gen).to(torch.bfloat16)
+    g2 = torch.randn(y2.shape, generator=gen).to(torch.bfloat16)
+    blocks = [torch.linalg.matrix_exp(0.1 * (a - a.mT)) for a in (torch.randn(n, b, b, generator=gen)
+                                                                   for n, b in sizes)]
+    assert len(train._merged_splits(sizes, blocks)[0]) == 2
+    with Count() as count:
+        got = train._half_rotated_backward(y2, g2, sizes, blocks, True, [True, True], None)
+    assert count.products == 4 + 10
+    ref = per_block_backward(y2, g2, sizes, blocks, None)
+    assert torch.equal(got[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
