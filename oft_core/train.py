@@ -802,6 +802,32 @@ def _rows_delta(y: torch.Tensor, dim: int) -> bool:
     return y.dtype == torch.float32 and dim == y.ndim - 1 and y.is_contiguous() and y.numel() >= _DELTA_MIN_ELEMENTS
 
 
+def _group_factor(n: int, b: int) -> int:
+    """How many of a split's n blocks of b `_product_deltas` groups into one matrix (`bypass._group_blocks`' rule):
+    the largest divisor of n with g·b ≤ `_GROUP_WIDTH` (1 for wide blocks)."""
+    g = max(1, _GROUP_WIDTH // b)
+    while n % g:
+        g -= 1
+    return g
+
+
+def _merged_splits(sizes, blocks):
+    """(sizes, blocks) of a fused layer's splits as one split when that changes no product: every split has blocks
+    of the same size and the same `_group_factor` as all of them together, so the grouped matrices of the merged
+    split are those of the splits, in order, and each piece runs one batched product over the whole width instead of
+    one per split. FLUX's q|k|v (3 × 3072) and linear1 (3 × 3072 + 12288) in blocks of 8: measured (one thread,
+    1024 rows) the backward 44–48 → ~30 ms and 144–147 → ~97 ms, as one split of 9216 / 21504 costs (per split, each
+    piece read 3072 features of rows 43 KB apart, and the Python per piece ran 3–4 times). Otherwise the same."""
+    if len(sizes) < 2:
+        return sizes, blocks
+    b = sizes[0][1]
+    total = sum(n for n, _ in sizes)
+    g = _group_factor(total, b)
+    if any(bs != b or _group_factor(n, bs) != g for n, bs in sizes):
+        return sizes, blocks
+    return ((total, b),), [torch.cat([r.detach() for r in blocks])]
+
+
 def _product_deltas(r: torch.Tensor, transpose: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`_group_blocks` of D = B − I (Dᵀ for `transpose`) for one split's (n, b, b) blocks, contiguous, in `dtype`
     (default the blocks'): the right factor of `_add_block_product`. Made straight in the grouped layout (the blocks
@@ -810,9 +836,7 @@ def _product_deltas(r: torch.Tensor, transpose: bool, dtype: torch.dtype | None 
     backward of every layer: n = 40 blocks of 8, 55 → 23 µs, one thread."""
     r = r.detach()
     n, b = r.shape[0], r.shape[-1]
-    g = max(1, _GROUP_WIDTH // b)
-    while n % g:
-        g -= 1
+    g = _group_factor(n, b)
     out = torch.zeros(n // g, g, b, g, b, dtype=r.dtype, device=r.device)
     src = r.view(n // g, g, b, b)
     out.diagonal(0, 1, 3).copy_((src.transpose(-1, -2) if transpose else src).permute(0, 2, 3, 1))
@@ -980,6 +1004,7 @@ def _half_rotated(y2: torch.Tensor, sizes, blocks, minus: torch.Tensor | None = 
     transposed copy), the sum rounded once in y's dtype; `minus` (features,) in y's dtype: subtracted from each piece
     after."""
     out = torch.empty(y2.shape, dtype=y2.dtype, device=y2.device)
+    sizes, blocks = _merged_splits(sizes, blocks)
     start = 0
     for r, (n, bs) in zip(blocks, sizes):
         cols = slice(start, start + n * bs)
@@ -997,32 +1022,77 @@ def _half_rotated_backward(y2: torch.Tensor, g2: torch.Tensor, sizes, blocks, wa
                            shift: torch.Tensor | None = None):
     """The backward of `_half_rotated` as the rotation of z = y − `shift` (a (features,) vector in y's dtype, or
     None: z = y): (∂y = g + g·D in the same pieces, or None; [∂B = Σ g zᵀ per block, fp32, or None per split]).
-    ∂B per piece: g's and y's rows copied to the (n, rows, b) layout, z made on that copy (in cache), a 16-bit
-    product of the piece, the pieces summed in fp32."""
+
+    Per piece, g's rows are copied once to the grouped (groups, rows, g·b) layout of `_product_deltas` and both
+    products read that copy: ∂y's as a contiguous 16-bit baddbmm (g + g·D, the sum rounded once) copied back to ∂y's
+    rows, and ∂B's as one (groups, g·b, rows)·(groups, rows, g·b) product against the same layout of z (y's rows
+    copied, the shift subtracted on the copy, in cache), whose diagonal b × b blocks are the blocks' Σ g zᵀ of the
+    piece (in y's dtype; the pieces summed in fp32). The values of the per-block form bit for bit (each entry is the
+    same sum over the piece's rows). Measured against it (one thread, 1024 rows, blocks of 8): 9216 features
+    47.8 → 37.8 ms, 21504: 112.8 → 95.6 ms: g copied once instead of twice (the strided baddbmm copies its operands
+    to contiguous internally), and 288 products of 32 × 32 instead of 1152 of 8 × 8 per piece."""
+    split_sizes = sizes
+    if all(want_r) or not any(want_r):
+        sizes, blocks = _merged_splits(sizes, blocks)
     grads_r = [torch.zeros_like(r) if w else None for r, w in zip(blocks, want_r)]
     grad_y = torch.empty(g2.shape, dtype=y2.dtype, device=y2.device) if want_y else None
     start = 0
     for r, gr, (n, bs) in zip(blocks, grads_r, sizes):
         cols = slice(start, start + n * bs)
         start += n * bs
+        if gr is None and not want_y:
+            continue
         d = _product_deltas(r, False, y2.dtype)  # g + g·D with D = M − I as it is: the row form of Mᵀg
-        step = _piece_rows(y2, d.shape[-1])
-        if gr is not None:  # the pieces' work tensors, made once (new ones per piece: ~20 % slower on a CPU)
-            rows_max = min(step, y2.shape[0])
-            gts, zts = (torch.empty((n, rows_max, bs), dtype=y2.dtype, device=y2.device) for _ in range(2))
-            prod = torch.empty((n, bs, bs), dtype=y2.dtype, device=y2.device)
-            tile = None if shift is None else shift[cols].view(n, 1, bs).expand(n, rows_max, bs).contiguous()
+        groups, width = d.shape[0], d.shape[-1]
+        per = width // bs  # blocks per group
+        # pieces sized on the split's own width (a split of a fused output that cannot merge: kohya's linear1 in
+        # blocks of 3072/n and 12288/n, 1024 rows: 144–147 → 122–126 ms; ∂y the same bits, ∂B other piece sums)
+        step = _piece_rows(y2[:, cols], width)
+        rows_max = min(step, y2.shape[0])
+        # one row (a modulation layer's vector): the grouped layout is the row itself (views, no copies), and ∂B is
+        # made per block (n products of b × 1 · 1 × b, not groups of g·b × g·b: no diagonal to take)
+        one_row = rows_max == 1
+        # the pieces' work tensors, made once (new ones per piece: ~20 % slower on a CPU)
+        gts = None if one_row else torch.empty((groups, rows_max, width), dtype=y2.dtype, device=y2.device)
+        dys = torch.empty_like(gts) if want_y and not one_row else None
+        if gr is not None:
+            zts = torch.empty((groups, rows_max, width), dtype=y2.dtype, device=y2.device)
+            blockwise = per == 1 or one_row
+            prod = torch.empty((n, bs, bs) if blockwise else (groups, width, width), dtype=y2.dtype, device=y2.device)
+            diag = prod if blockwise else torch.empty((n, bs, bs), dtype=y2.dtype, device=y2.device)
+            tile = None if shift is None else shift[cols].view(groups, 1, width)
+            if tile is not None and not one_row:
+                tile = tile.expand(groups, rows_max, width).contiguous()
         for i in range(0, y2.shape[0], step):
             gc = g2[i:i + step, cols]
+            rows = gc.shape[0]
+            if one_row:
+                gt = gc.view(groups, 1, width)
+            else:
+                gt = gts[:, :rows].copy_(gc.view(rows, groups, width).transpose(0, 1))
             if want_y:
-                _add_block_product(gc, d, None, grad_y[i:i + step, cols])
-            if gr is not None:  # Σ g zᵀ of the piece
-                rows = gc.shape[0]
-                gt = gts[:, :rows].copy_(gc.view(rows, n, bs).transpose(0, 1))
-                zt = zts[:, :rows].copy_(y2[i:i + step, cols].view(rows, n, bs).transpose(0, 1))
-                if tile is not None:
-                    zt.sub_(tile[:, :rows])
-                gr.add_(torch.bmm(gt.transpose(1, 2), zt, out=prod))  # a piece's sum in y's dtype; total fp32
+                dst = grad_y[i:i + step, cols]
+                if one_row:
+                    torch.baddbmm(gt, gt, d, out=dst.view(groups, 1, width))
+                else:
+                    dst.view(rows, groups, width).transpose(0, 1).copy_(torch.baddbmm(gt, gt, d, out=dys[:, :rows]))
+            if gr is not None:  # Σ g zᵀ of the piece: the diagonal blocks of the grouped product
+                yc = y2[i:i + step, cols]
+                if one_row:
+                    zt = yc.view(groups, 1, width) if tile is None else torch.sub(yc.view(groups, 1, width), tile,
+                                                                                 out=zts)
+                    torch.bmm(gt.view(n, bs, 1), zt.view(n, 1, bs), out=prod)
+                else:
+                    zt = zts[:, :rows].copy_(yc.view(rows, groups, width).transpose(0, 1))
+                    if tile is not None:
+                        zt.sub_(tile[:, :rows])
+                    torch.bmm(gt.transpose(1, 2), zt, out=prod)
+                    if not blockwise:
+                        diag.view(groups, per, bs, bs).copy_(
+                            prod.view(groups, per, bs, per, bs).diagonal(0, 1, 3).permute(0, 3, 1, 2))
+                gr.add_(diag.view(n, bs, bs))  # a piece's sum in y's dtype; total fp32
+    if len(split_sizes) != len(sizes):  # merged: each split's blocks are its rows of the merged gradient
+        grads_r = list(torch.split(grads_r[0], [n for n, _ in split_sizes])) if want_r[0] else [None] * len(want_r)
     return grad_y, grads_r
 
 
@@ -1263,10 +1333,17 @@ class _BaseRotateHalf(torch.autograd.Function):
     plain Linear's autograd node would keep it); else it is asked of `weight_fn` again in backward, as `_FrozenBase`
     does. Backward: ∂ŷ = g + g·D in pieces, ∂x from ∂ŷ with the base product's own kernel (`_BaseProduct.input_grad`;
     the same values as the old path's, bit for bit), and ∂B = Σ g zᵀ per block with z = W·x = ŷ − M⁻¹·bias, made on
-    each piece's (n, rows, b) copy of ŷ (`_half_rotated_backward`, in cache). z must be made: Σ g ŷᵀ − (Σ g) ⊗
+    each piece's grouped copy of ŷ (`_half_rotated_backward`, in cache). z must be made: Σ g ŷᵀ − (Σ g) ⊗
     M⁻¹·bias (no z at all) loses the 16-bit piece products at the bias's scale — measured against fp64, 20–40× the
     old path's error at |bias| = 10 |z| — and was no faster. The gradient is that of out = M·z + bias with the bias
-    fixed: M⁻¹·bias is internal to the Function."""
+    fixed: M⁻¹·bias is internal to the Function.
+
+    Not done: rotating ŷ in place and keeping `out` instead (z = Mᵀ(out − bias), one activation-sized tensor fewer
+    in forward and held for backward; 5–13 ms less per forward at 9216 features, up to 20 at 21504, one thread).
+    A host that writes into a Linear's output in place would then change what backward reads, and ComfyUI does: FLUX's
+    `layers.apply_mod` with `modulation_dims` (HunyuanVideo's blocks, built from FLUX's, pass them) scales the
+    attention projection's and the MLP's outputs with `*=` / `+=`. Autograd would stop that training with a version
+    error, and no fallback can make z again without x, which is not kept."""
 
     @staticmethod
     def forward(ctx, x, base, keep_weight, sizes, *blocks):
@@ -1289,7 +1366,7 @@ class _BaseRotateHalf(torch.autograd.Function):
         y, blocks = saved[0], saved[1:1 + ctx.n_blocks]
         want_x = ctx.needs_input_grad[0]
         want_r = [ctx.needs_input_grad[4 + i] for i in range(len(blocks))]
-        # z = W·x = ŷ − M⁻¹·bias, made on each piece's (n, rows, b) copy of ŷ
+        # z = W·x = ŷ − M⁻¹·bias, made on each piece's grouped copy of ŷ
         grad_y, grads_r = _half_rotated_backward(y.reshape(-1, y.shape[-1]), grad.reshape(-1, y.shape[-1]),
                                                  ctx.sizes, blocks, want_x, want_r, ctx.shifted)
         gx = None

@@ -304,3 +304,118 @@ def test_a_short_bf16_training_follows_the_old_path(wrap):
     torch.testing.assert_close(torch.tensor(new[1]), torch.tensor(old[1]), rtol=2 ** -8, atol=0)
     for a, b in zip(new[0], old[0]):
         assert float((a - b).abs().max()) <= 2 ** -6 * float(b.abs().max())
+
+
+def per_block_backward(y2, g2, sizes, blocks, shift):
+    """The 16-bit rotation's backward in its per-block form (the form before the grouped one): ∂y by the bypass
+    hook's strided product per piece, ∂B per piece from (n, rows, b) copies of g and z = y − shift, one b × b
+    product per block, the pieces' 16-bit sums added in fp32."""
+    grad_y, grads, start = torch.empty_like(g2), [], 0
+    for r, (n, bs) in zip(blocks, sizes):
+        cols = slice(start, start + n * bs)
+        start += n * bs
+        d = train._product_deltas(r, False, y2.dtype)
+        step = bypass._piece_rows(y2[:, cols], d.shape[-1])
+        gr = torch.zeros_like(r)
+        for i in range(0, y2.shape[0], step):
+            gc = g2[i:i + step, cols]
+            rows = gc.shape[0]
+            bypass._add_block_product(gc, d, None, grad_y[i:i + step, cols])
+            gt = gc.reshape(rows, n, bs).transpose(0, 1).contiguous()
+            zt = y2[i:i + step, cols].reshape(rows, n, bs).transpose(0, 1).contiguous()
+            if shift is not None:
+                zt = zt - shift[cols].view(n, 1, bs)
+            gr += torch.bmm(gt.transpose(1, 2), zt)
+        grads.append(gr)
+    return grad_y, grads
+
+
+SPLITS = [((4, 8), (4, 8), (8, 8)), ((6, 8),), ((3, 16),), ((2, 48),), ((4, 8), (2, 16)), ((4, 8), (6, 8))]
+SPLIT_IDS = ["linear1-like", "groups of 3", "groups of 2", "wide blocks", "block sizes differ", "groups differ"]
+
+
+@pytest.mark.parametrize("rows", [1, 16, 300])
+@pytest.mark.parametrize("sizes", SPLITS, ids=SPLIT_IDS)
+def test_the_rotation_of_merged_splits_gives_the_per_split_values_bit_for_bit(rows, sizes, monkeypatch):
+    """`_half_rotated` runs a fused layer's splits as one when their blocks and groups agree (`_merged_splits`: one
+    product per piece over the whole width): the values of one product per split bit for bit, and the splits that
+    cannot merge (other block sizes, other groups) stay apart."""
+    monkeypatch.setattr(bypass, "_PIECE_ELEMENTS", 1)
+    gen = torch.Generator().manual_seed(rows)
+    width = sum(n * b for n, b in sizes)
+    y2 = (torch.randn(rows, width, generator=gen) * 3).to(torch.bfloat16)
+    blocks = [torch.linalg.matrix_exp(0.2 * (a - a.mT)) for a in (torch.randn(n, b, b, generator=gen)
+                                                                   for n, b in sizes)]
+    minus = (torch.randn(width, generator=gen) * 3).to(torch.bfloat16)
+    ref, start = torch.empty_like(y2), 0
+    for r, (n, b) in zip(blocks, sizes):
+        cols = slice(start, start + n * b)
+        start += n * b
+        dt = train._product_deltas(r, True, y2.dtype)
+        step = bypass._piece_rows(y2, dt.shape[-1])
+        for i in range(0, rows, step):
+            bypass._add_block_product(y2[i:i + step, cols], dt, None, ref[i:i + step, cols])
+            ref[i:i + step, cols].sub_(minus[cols])
+    assert torch.equal(train._half_rotated(y2, sizes, blocks, minus), ref)
+    merged = train._merged_splits(sizes, blocks)
+    assert len(merged[0]) == (1 if len(sizes) == 1 or sizes[0] == sizes[1] else len(sizes))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 37, 300])
+@pytest.mark.parametrize("sizes", SPLITS, ids=SPLIT_IDS)
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_grouped_backward_gives_the_per_block_values_bit_for_bit(rows, sizes, shift, dtype, monkeypatch):
+    """`_half_rotated_backward` copies each piece of g once to the grouped layout and reads it for ∂y and ∂B (the
+    diagonal blocks of one grouped product per piece): the values of the per-block form bit for bit, for one row
+    (a modulation vector: views, no copies), one piece, several pieces with a short last one, blocks grouped 4, 3
+    or 2 at a time and blocks wider than a group; `want_y` / `want_r` off leave the other result as it is."""
+    gen = torch.Generator().manual_seed(rows)
+    width = sum(n * b for n, b in sizes)
+    y2 = (torch.randn(rows, width, generator=gen) * 3).to(dtype)
+    g2 = torch.randn(rows, width, generator=gen).to(dtype)
+    blocks = [torch.linalg.matrix_exp(0.2 * (a - a.mT)) for a in (torch.randn(n, b, b, generator=gen)
+                                                                   for n, b in sizes)]
+    s = (torch.randn(width, generator=gen) * 3).to(dtype) if shift else None
+    monkeypatch.setattr(bypass, "_PIECE_ELEMENTS", 1)  # pieces of the 32-row minimum past `_ONE_PIECE_ROWS`
+    if rows == 300:
+        assert bypass._piece_rows(y2, 32) == 32
+    got = train._half_rotated_backward(y2, g2, sizes, blocks, True, [True] * len(sizes), s)
+    ref = per_block_backward(y2, g2, sizes, blocks, s)
+    assert torch.equal(got[0], ref[0])
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(got[1], ref[1]))
+    only_y = train._half_rotated_backward(y2, g2, sizes, blocks, True, [False] * len(sizes), s)
+    only_r = train._half_rotated_backward(y2, g2, sizes, blocks, False, [True, False, True][:len(sizes)], s)
+    assert torch.equal(only_y[0], ref[0]) and only_y[1] == [None] * len(sizes)
+    assert only_r[0] is None and torch.equal(only_r[1][0], ref[1][0])
+    assert [a is None for a in only_r[1]] == [False, True, False][:len(sizes)]
+    assert [a.shape for a in got[1]] == [r.shape for r in blocks]
+
+
+def test_the_backward_of_splits_that_cannot_merge_runs_pieces_sized_on_each_split():
+    """A fused output whose splits cannot merge (blocks of 8 and 32: kohya's linear1 keeps one block count for
+    splits of 3072 and 12288 features) runs each split's backward in `bypass._piece_rows` of that split's width:
+    320 rows, 3072 features in pieces of 85 rows (4 products), 12288 in pieces of 32 (10), not 10 + 10."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.products = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.products += func is torch.ops.aten.baddbmm.out
+            return func(*args, **(kwargs or {}))
+
+    sizes = ((384, 8), (384, 32))
+    gen = torch.Generator().manual_seed(3)
+    y2 = torch.randn(320, 3072 + 12288, generator=gen).to(torch.bfloat16)
+    g2 = torch.randn(y2.shape, generator=gen).to(torch.bfloat16)
+    blocks = [torch.linalg.matrix_exp(0.1 * (a - a.mT)) for a in (torch.randn(n, b, b, generator=gen)
+                                                                   for n, b in sizes)]
+    assert len(train._merged_splits(sizes, blocks)[0]) == 2
+    with Count() as count:
+        got = train._half_rotated_backward(y2, g2, sizes, blocks, True, [True, True], None)
+    assert count.products == 4 + 10
+    ref = per_block_backward(y2, g2, sizes, blocks, None)
+    assert torch.equal(got[0], ref[0]) and all(torch.equal(a, b) for a, b in zip(got[1], ref[1]))
