@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_train_keep_input import cast_weight_fn, net_problem
-from test_train_rotate_output import kept_storages
+from test_train_rotate_output import ProductCount, kept_storages
 from torch import nn
 
 import oft_core.bypass as bypass
@@ -216,26 +216,14 @@ def test_the_work_runs_in_row_pieces_with_no_host_read():
     """A FLUX.1 linear1 output (21504 features in blocks of 8) runs forward and backward in `bypass._piece_rows`'
     pieces (on a CPU the 32-row minimum), one batched product per piece and pass as `_RotateOutputHalf`, and no aten
     op reads a value back to the host (on a GPU that would wait for the device)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.products = self.reads = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.products += func is torch.ops.aten.baddbmm.out
-            self.reads += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
-
     tokens = 320  # more than `bypass._ONE_PIECE_ROWS`
     m = nn.Linear(16, 21504).to(torch.bfloat16).requires_grad_(False)
     t = OFTTrainer([("linear1", m)], block_size=8, alpha=0)
     tl = t.layers[0]
     x = torch.randn(1, tokens, 16, dtype=torch.bfloat16, requires_grad=True)
-    with Count() as fwd:
+    with ProductCount() as fwd:
         out = _base_rotate_output(tl.layer, m, x, train._default_weight_fn, t.blocks(tl))
-    with Count() as bwd:
+    with ProductCount() as bwd:
         out.backward(torch.ones_like(out))
     assert bypass._piece_rows(out.view(tokens, -1), 32) == bypass._MIN_PIECE_ROWS
     assert fwd.products == bwd.products == tokens // bypass._MIN_PIECE_ROWS == 10
@@ -396,17 +384,6 @@ def test_the_backward_of_splits_that_cannot_merge_runs_pieces_sized_on_each_spli
     """A fused output whose splits cannot merge (blocks of 8 and 32: kohya's linear1 keeps one block count for
     splits of 3072 and 12288 features) runs each split's backward in `bypass._piece_rows` of that split's width:
     320 rows, 3072 features in pieces of 85 rows (4 products), 12288 in pieces of 32 (10), not 10 + 10."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.products = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.products += func is torch.ops.aten.baddbmm.out
-            return func(*args, **(kwargs or {}))
-
     sizes = ((384, 8), (384, 32))
     gen = torch.Generator().manual_seed(3)
     y2 = torch.randn(320, 3072 + 12288, generator=gen).to(torch.bfloat16)
@@ -414,7 +391,7 @@ def test_the_backward_of_splits_that_cannot_merge_runs_pieces_sized_on_each_spli
     blocks = [torch.linalg.matrix_exp(0.1 * (a - a.mT)) for a in (torch.randn(n, b, b, generator=gen)
                                                                    for n, b in sizes)]
     assert len(train._merged_splits(sizes, blocks)[0]) == 2
-    with Count() as count:
+    with ProductCount() as count:
         got = train._half_rotated_backward(y2, g2, sizes, blocks, True, [True, True], None)
     assert count.products == 4 + 10
     ref = per_block_backward(y2, g2, sizes, blocks, None)

@@ -18,6 +18,7 @@ import contextlib
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import oft_core.bypass as bypass
 import oft_core.train as train
@@ -124,6 +125,20 @@ def case(kind: str, bias: bool, splits: int = 1, seed: int = 0):
 
 CASES = [("linear", True, 1), ("linear", False, 1), ("linear", True, 3), ("linear", False, 3), ("conv", True, 1),
          ("conv", False, 1)]
+
+
+class ProductCount(TorchDispatchMode):
+    """Counts the batched block products (`baddbmm.out`) and the host reads (`_local_scalar_dense`) of the aten ops
+    run inside it (shared with tests/test_train_base_rotate.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.products = self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.products += func is torch.ops.aten.baddbmm.out
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
 
 
 def kept_storages(fn) -> dict[int, int]:
@@ -304,17 +319,6 @@ def test_the_16_bit_rotation_works_in_pieces_sized_for_the_device():
     `_MIN_PIECE_ROWS` rows); on an accelerator into pieces of `_ACCELERATOR_PIECE_ELEMENTS`, so a FLUX.1 linear1
     output at 4096 tokens takes a handful of batched products per pass, not hundreds of kernel launches. Counted on
     the meta device (shapes only, no data)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func is torch.ops.aten.baddbmm.out
-            return func(*args, **(kwargs or {}))
-
     m = nn.Linear(8, 21504)
     t = OFTTrainer([("linear1", m)], block_size=8, alpha=0)
     tl = t.layers[0]
@@ -322,15 +326,15 @@ def test_the_16_bit_rotation_works_in_pieces_sized_for_the_device():
         y = torch.zeros(4096, 21504, dtype=torch.bfloat16, device=device, requires_grad=True)
         blocks = [torch.eye(8, device=device).expand(21504 // 8, 8, 8).clone().requires_grad_(True)]
         bias = torch.zeros(21504, dtype=torch.bfloat16, device=device)
-        with Count() as count:
+        with ProductCount() as count:
             out = rotate_output(tl.layer, y, bias, blocks)
-        forward = count.n
-        with Count() as count:
+        forward = count.products
+        with ProductCount() as count:
             out.backward(torch.ones_like(out))
         if device == "meta":  # an accelerator's pieces: 2²⁴ elements, 780 rows → 6 pieces, one product each per pass
-            assert forward == count.n == -(-4096 // (bypass._ACCELERATOR_PIECE_ELEMENTS // 21504)) == 6
+            assert forward == count.products == -(-4096 // (bypass._ACCELERATOR_PIECE_ELEMENTS // 21504)) == 6
         else:  # 2¹⁸ elements are 12 rows of 21504: pieces of the 32-row minimum
-            assert forward == count.n == 4096 // bypass._MIN_PIECE_ROWS == 128
+            assert forward == count.products == 4096 // bypass._MIN_PIECE_ROWS == 128
         if device == "cpu":  # identity blocks: the output and ∂y are the input and the gradient, bit for bit
             assert torch.equal(out, y) and torch.equal(y.grad, torch.ones_like(y))
 
