@@ -131,13 +131,20 @@ def _add_block_product(src: torch.Tensor, dt: torch.Tensor, bias: torch.Tensor |
 _GROUP_WIDTH = 32
 
 
-def _group_blocks(dt: torch.Tensor) -> torch.Tensor:
-    """(n, b, b) blocks as (n/g, g·b, g·b) block-diagonal matrices, g the largest divisor of n with g·b ≤
-    `_GROUP_WIDTH` (the same blocks when g = 1): the product over g·b features equals the n products over b."""
-    n, b = dt.shape[0], dt.shape[-1]
+def _group_factor(n: int, b: int) -> int:
+    """How many of n blocks of b are grouped into one matrix: the largest divisor of n with g·b ≤ `_GROUP_WIDTH`
+    (1 for wide blocks)."""
     g = max(1, _GROUP_WIDTH // b)
     while n % g:
         g -= 1
+    return g
+
+
+def _group_blocks(dt: torch.Tensor) -> torch.Tensor:
+    """(n, b, b) blocks as (n/g, g·b, g·b) block-diagonal matrices, g = `_group_factor(n, b)` (the same blocks when
+    g = 1): the product over g·b features equals the n products over b."""
+    n, b = dt.shape[0], dt.shape[-1]
+    g = _group_factor(n, b)
     if g == 1:
         return dt
     grouped = torch.zeros(n // g, g * b, g * b, dtype=dt.dtype, device=dt.device)

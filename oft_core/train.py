@@ -65,16 +65,24 @@ from torch import nn
 
 from .bypass import (
     _ACCELERATOR_PIECE_ELEMENTS,
-    _GROUP_WIDTH,
     _add_block_product,
     _add_block_product_rows,
+    _group_factor,
     _piece_rows,
 )
 from .errors import OFTError, _mismatch
 from .formats._triangle import skew_from_upper, upper_grad
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
 from .names import _ldm_to_diffusers_names
-from .rotation import _cayley_grad, _constrain_grad, _conv_out_hw, _trained_blocks, apply_rows, rotation_blocks
+from .rotation import (
+    _apply_last,
+    _cayley_grad,
+    _constrain_grad,
+    _conv_out_hw,
+    _trained_blocks,
+    apply_rows,
+    rotation_blocks,
+)
 from .spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, make_layer
 from .train_io import _resume_trainer, _trained_adapter
 
@@ -802,15 +810,6 @@ def _rows_delta(y: torch.Tensor, dim: int) -> bool:
     return y.dtype == torch.float32 and dim == y.ndim - 1 and y.is_contiguous() and y.numel() >= _DELTA_MIN_ELEMENTS
 
 
-def _group_factor(n: int, b: int) -> int:
-    """How many of a split's n blocks of b `_product_deltas` groups into one matrix (`bypass._group_blocks`' rule):
-    the largest divisor of n with g·b ≤ `_GROUP_WIDTH` (1 for wide blocks)."""
-    g = max(1, _GROUP_WIDTH // b)
-    while n % g:
-        g -= 1
-    return g
-
-
 def _merged_splits(sizes, blocks):
     """(sizes, blocks) of a fused layer's splits as one split when that changes no product: every split has blocks
     of the same size and the same `_group_factor` as all of them together, so the grouped matrices of the merged
@@ -1307,15 +1306,12 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def _unrotated_bias(bias: torch.Tensor, sizes, blocks) -> torch.Tensor:
-    """M⁻¹·bias per block as Mᵀ·bias (the blocks orthogonal: Cayley), in fp32, returned in the bias's dtype.
-    Identity blocks give the bias bit for bit (each entry is 1·b plus exact zeros)."""
+def _unrotated_bias(layer: OFTLayer, bias: torch.Tensor, blocks) -> torch.Tensor:
+    """M⁻¹·bias as Mᵀ·bias = bias·M (the blocks orthogonal: Cayley; `rotation._apply_last`), in fp32, returned in the
+    bias's dtype. Identity blocks give the bias bit for bit (each entry is 1·b plus exact zeros)."""
     with torch.autocast(bias.device.type, enabled=False):
-        b32, parts, start = bias.detach().to(torch.float32), [], 0
-        for r, (n, bs) in zip(blocks, sizes):
-            parts.append(torch.bmm(b32[start:start + n * bs].view(n, 1, bs), r.detach()).view(n * bs))
-            start += n * bs
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(bias.dtype)
+        b32 = bias.detach().to(torch.float32).view(1, -1)
+        return _apply_last(layer, [r.detach() for r in blocks], b32, right=True).view(-1).to(bias.dtype)
 
 
 class _BaseRotateHalf(torch.autograd.Function):
@@ -1346,9 +1342,10 @@ class _BaseRotateHalf(torch.autograd.Function):
     error, and no fallback can make z again without x, which is not kept."""
 
     @staticmethod
-    def forward(ctx, x, base, keep_weight, sizes, *blocks):
+    def forward(ctx, x, base, keep_weight, layer, *blocks):
+        sizes = tuple(zip(layer.num_blocks, layer.block_sizes))
         weight, bias = base.weight_fn(base.module, x)
-        shifted = None if bias is None else _unrotated_bias(bias, sizes, blocks)
+        shifted = None if bias is None else _unrotated_bias(layer, bias, blocks)
         y = base(x, weight, shifted)
         out = _half_rotated(y.reshape(-1, y.shape[-1]), sizes, blocks)  # ŷ + D·ŷ (16 bits: the sum rounded once)
         kept = (weight,) if keep_weight else ()
@@ -1383,8 +1380,7 @@ def _base_rotate_output(layer: OFTLayer, module: nn.Linear, x: torch.Tensor, wei
     values of `rotate_output(layer, *frozen_base(module, x, weight_fn), blocks)` to 16-bit rounding, keeping the same
     (ŷ and the blocks; `keep_weight`: the weight too, as a plain Linear's autograd node keeps it). Orthogonal
     (Cayley) blocks only."""
-    sizes = tuple(zip(layer.num_blocks, layer.block_sizes))
-    return _BaseRotateHalf.apply(x, _BaseProduct.of(module, weight_fn, None, x), keep_weight, sizes, *blocks)
+    return _BaseRotateHalf.apply(x, _BaseProduct.of(module, weight_fn, None, x), keep_weight, layer, *blocks)
 
 
 class _RotateFromInput(torch.autograd.Function):
