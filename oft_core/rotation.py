@@ -6,7 +6,8 @@ One definition of each thing, used by every format, the ComfyUI patch, the baker
   Q ← Q·(min(‖Q‖, c) + 1e-8)/(‖Q‖ + 1e-8) (sd-scripts `networks/oft.py`); PEFT COFT projects every block to
   ‖Q_i‖_F ≤ eps/√(stored blocks) (PEFT `_project_batch`); or none.
 - rotation (`rotation_blocks`): R = (I + Q)(I − Q)⁻¹ (`_cayley`: Gauss–Jordan elimination vectorised over the batch
-  for blocks of 8–15, a linear solve, the series Σ Q^j, or matmul-only block elimination for large blocks), or the
+  for blocks of 8–15, a linear solve, the series Σ Q^j, or matmul-only block elimination for large blocks; the
+  eliminations only while the blocks' norm is known to be small enough for them, `_cayley_method`), or the
   Cayley–Neumann series Σ c_k Q^k; always in fp32, whatever the stored dtype. With `sync_free` and gradients (and
   for blocks of 8–15 always) the Cayley map is differentiated in closed form (`_cayley_grad`:
   ∂L/∂Q = ½(I + R)ᵀ G (I + R)ᵀ, only R kept for backward), by `_CayleyMap` here and by the trainer's own node
@@ -188,7 +189,7 @@ def _cayley(q: torch.Tensor, *, norm_bound: float | None = None, sync_free: bool
     `train._TrainedBlocks`, which uses the same closed form (`_cayley_grad`) for all of a block's layers at once.
     """
     if sync_free and q.requires_grad and torch.is_grad_enabled():
-        return _CayleyMap.apply(q, norm_bound)
+        return _CayleyMap.apply(q, norm_bound, sync_free)
     return _cayley_value(q, norm_bound=norm_bound, sync_free=sync_free)
 
 
@@ -203,15 +204,15 @@ class _CayleyMap(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, norm_bound: float | None) -> torch.Tensor:
-        r = _cayley_value(q, norm_bound=norm_bound, sync_free=True)
+    def forward(ctx, q: torch.Tensor, norm_bound: float | None, sync_free: bool) -> torch.Tensor:
+        r = _cayley_value(q, norm_bound=norm_bound, sync_free=sync_free)  # (no gradient mode in here)
         ctx.save_for_backward(r)
         return r
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         (r,) = ctx.saved_tensors
-        return _cayley_grad(r, g), None
+        return _cayley_grad(r, g), None, None
 
 
 def _cayley_grad(r: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -226,33 +227,52 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
     R = 2(I − Q)⁻¹ − I (the same matrix: (I + Q) = 2I − (I − Q)), with the inverse from matmuls: for large blocks by
     block elimination (`_inverse_positive_real`), for blocks of 17–96 by the series Σ Q^j while it converges within a
     few doublings (`_neumann_doublings`); blocks of 8–15 by Gauss–Jordan elimination vectorised over the batch
-    (`_cayley_eliminated`, whatever Q); otherwise (I − Q)⁻¹(I + Q) by one batched linear solve. All agree to fp32
-    rounding (tests/test_rotation.py, tests/test_cayley_small.py). The method depends on the block size (and for
-    17–96 the norm), never on the number of blocks, so a batch of several layers' blocks gives each layer's values
-    bit for bit (`_trained_blocks`).
+    (`_cayley_eliminated`); otherwise (I − Q)⁻¹(I + Q) by LAPACK's pivoted solve (`_cayley_solved`). The two
+    eliminations do not pivot, so their error grows with ‖Q‖ faster than the solve's: each is taken only while every
+    block's ‖Q_i‖_F is known to be at most its `_ELIMINATION_MAX_NORM` / `_BLOCK_ELIMINATION_MAX_NORM`, where it is
+    as accurate as the solve (a file's huge generators get the solve, not NaN). All agree to fp32 rounding
+    (tests/test_rotation.py, tests/test_cayley_small.py). The method (`_cayley_method`) depends on the block size and
+    that norm, never on the number of blocks, so a batch of several layers' blocks gives each layer's values bit for
+    bit (`_trained_blocks`).
 
-    `sync_free=True` (the trainer's step) chooses the method without reading any value of `q` on the host, so that
-    on a GPU the step never waits for the device: the series only when `norm_bound` (a bound on every block's ‖Q‖_F
-    known from the constraint) makes it converge, else the solve, with no error check (`solve_ex`, `inv_ex`).
+    The norm: without `sync_free`, max_i ‖Q_i‖_F read from `q` (one host read, where the size leaves a choice);
+    with `sync_free=True` (the trainer's step, so that on a GPU the step never waits for the device) `norm_bound`,
+    a bound on every block's ‖Q_i‖_F known from the constraint, or None (unknown: the solve, no error check).
     """
     eye = _eye_like(q)
-    if q.shape[-1] > _CAYLEY_LEAF:
+    b = q.shape[-1]
+    if _eliminates(b) and q.requires_grad and torch.is_grad_enabled():
+        return _CayleyMap.apply(q, norm_bound, sync_free)  # in place: differentiated in closed form, not by autograd
+    how = _cayley_method(b, norm_bound if sync_free else _max_block_norm(q, b))
+    if how == "blocks":
         return 2 * _inverse_positive_real(eye - q, sync_free=sync_free) - eye
-    if _eliminates(q.shape[-1]):
-        if q.requires_grad and torch.is_grad_enabled():  # in place: differentiated in closed form, not by autograd
-            return _CayleyMap.apply(q, norm_bound)
+    if how == "eliminate":
         return _cayley_eliminated(q)
-    if q.shape[-1] <= _NEUMANN_MIN_BLOCK:
-        doublings = None
-    elif sync_free:
-        doublings = _doublings_for(norm_bound) if norm_bound is not None else None
-    else:
-        doublings = _neumann_doublings(q)
-    if doublings is None:
-        if sync_free:
-            return torch.linalg.solve_ex(eye - q, eye + q)[0]  # small blocks: inside the safe batched range
-        return _solve(eye - q, eye + q)
-    return 2 * _series_inverse(eye, q, doublings) - eye
+    if how == "solve":
+        return _cayley_solved(q, eye, sync_free)
+    return 2 * _series_inverse(eye, q, how[1]) - eye
+
+
+def _cayley_solved(q: torch.Tensor, eye: torch.Tensor, sync_free: bool) -> torch.Tensor:
+    """(I − Q)⁻¹(I + Q) by LAPACK's pivoted LU, accurate whatever ‖Q‖: `_solve` (errors checked), or with
+    `sync_free` `solve_ex` (no error check, which on a GPU would wait for the device; I − Q is never singular), one
+    matrix at a time for large blocks on a CPU (`_CPU_BATCHED_SOLVE_MAX`)."""
+    a, rhs = eye - q, eye + q
+    if not sync_free:
+        return _solve(a, rhs)
+    n = a.shape[-1]
+    if a.device.type == "cpu" and n > _CPU_BATCHED_SOLVE_MAX and a.ndim > 2:
+        pairs = zip(a.reshape(-1, n, n), rhs.reshape(-1, n, n))
+        return torch.stack([torch.linalg.solve_ex(x, y)[0] for x, y in pairs]).reshape(a.shape)
+    return torch.linalg.solve_ex(a, rhs)[0]
+
+
+def _max_block_norm(q: torch.Tensor, b: int) -> float | None:
+    """max_i ‖Q_i‖_F read from `q` (a host read) where the block size leaves `_cayley_method` a choice, else None
+    (not read). Inf / NaN (an overflowing norm) are returned as they are: no method's bound admits them."""
+    if (b <= _NEUMANN_MIN_BLOCK and not _eliminates(b)) or q.numel() == 0:
+        return None
+    return float(torch.linalg.matrix_norm(q.detach()).max())
 
 
 # Blocks of these sizes take `_cayley_eliminated`. LAPACK's batched solve of 8×8 fp32 matrices (MKL 2024.2) is an
@@ -264,8 +284,24 @@ _ELIMINATION_MIN_BLOCK, _ELIMINATION_MAX_BLOCK = 8, 15
 
 
 def _eliminates(b: int) -> bool:
-    """Whether `_cayley_value` makes blocks of size b by `_cayley_eliminated` (from the shape alone)."""
+    """Whether blocks of size b are made by `_cayley_eliminated` while their norm allows (`_ELIMINATION_MAX_NORM`),
+    and always differentiated in closed form (`_CayleyMap`)."""
     return _ELIMINATION_MIN_BLOCK <= b <= _ELIMINATION_MAX_BLOCK
+
+
+# The two eliminations without pivoting are taken only for blocks whose ‖Q_i‖_F is known to be at most these (a
+# constraint's bound, or the norm read from a file's generators); above, LAPACK's pivoted solve. Their error grows
+# with ‖Q‖ where the solve's stays flat, and a file's finite but huge generators turned them into NaN (8×8 blocks at
+# ‖Q_i‖_F = 1e30) or into matrices that are not rotations (300×300 at 1e8: errors of 13). Max error against fp64,
+# fp32, over ‖Q_i‖_F (tests/test_cayley_small.py and tests/test_rotation.py hold the limits):
+# - blocks of 8–15 (3000 random blocks of each size per norm): elimination / solve 1.0–1.1× at 1, ≤ 1.04× at 10,
+#   ≤ 1.8× at 16 (1.5e-6), 2.4× at 20, 3.4× at 32, 5.3× at 50, 7.7× at 100 (3.2e-5), 7e-5 at 1e4: limit 16;
+# - blocks of 97–640 (`_inverse_positive_real`, its leaves inverted in fp64): at or below the fp32 solve's error up
+#   to 1000 (≤ 5.1e-6), 1.5–5.6× above it at 3000, 1e-3 at 1e4 (b = 300): limit 1000.
+# Training bounds (alpha·split width) stay below both for kohya's alpha = 1e-3 up to 16000-wide splits (FLUX.1
+# kohya splits: 3072 and 12288; its 18432-wide modulation outputs and the race's fused 21504 take the solve).
+_ELIMINATION_MAX_NORM = 16.0
+_BLOCK_ELIMINATION_MAX_NORM = 1000.0
 
 
 def _cayley_eliminated(q: torch.Tensor) -> torch.Tensor:
@@ -276,8 +312,9 @@ def _cayley_eliminated(q: torch.Tensor) -> torch.Tensor:
     No pivoting is safe because the symmetric part of I − Q is I: so is that of every Schur complement, no pivot is
     below 1 (see `_inverse_positive_real`). Its growth does grow with ‖Q‖ (pivoted LU's error ∝ κ(A) = √(1 + ‖Q‖₂²)
     ε, this one's ∝ ‖Q‖² ε): against fp64 its max error is the fp32 LAPACK solve's (0.6–1.2× of it, ≤ 5.2·10⁻⁷) for
-    ‖Q‖_F up to 5, far past any constraint's bound, 0.8–1.7× at 20 and 3–7.5× at 100 (3.2·10⁻⁵; 3000 random blocks
-    of each size 8–15 per norm; tests/test_cayley_small.py). Q = 0 gives I exactly.
+    ‖Q‖_F up to 5, ≤ 1.8× at 16, 3–7.5× at 100 (3.2·10⁻⁵; 3000 random blocks of each size 8–15 per norm), NaN at
+    1e30: `_cayley_value` takes it only up to `_ELIMINATION_MAX_NORM` (tests/test_cayley_small.py). Q = 0 gives I
+    exactly.
 
     The batch is the innermost (contiguous) axis of the working copy (b, 2b, n), so every op runs over n contiguous
     numbers whatever b (on a CPU in pieces that stay in cache: `_ELIMINATION_PIECE_ELEMENTS`). Each update is one
@@ -423,13 +460,17 @@ def rotation_blocks(
     return out
 
 
-def _cayley_method(b: int, bound: float | None):
-    """What `_cayley_value(q, norm_bound=bound, sync_free=True)` does with blocks of size b: splits with the same
-    answer can be solved together (every method works matrix by matrix, so the values are the same bit for bit; the
-    elimination of blocks of 8–15 too, see `_cayley_eliminated`)."""
-    if b > _CAYLEY_LEAF or b <= _NEUMANN_MIN_BLOCK or bound is None:
-        return (b, None)
-    return (b, _doublings_for(bound))
+def _cayley_method(b: int, rho: float | None):
+    """How `_cayley_value` makes blocks of size b whose ‖Q_i‖_F are all at most `rho` (None: not known): "blocks"
+    (`_inverse_positive_real`), "eliminate" (`_cayley_eliminated`), ("series", doublings) or "solve". The one rule,
+    used by `_cayley_value` and by `_trained_blocks` to batch splits that take the same method (every method works
+    matrix by matrix, so the values are the same bit for bit)."""
+    if b > _CAYLEY_LEAF:
+        return "blocks" if rho is not None and rho <= _BLOCK_ELIMINATION_MAX_NORM else "solve"
+    if _eliminates(b):
+        return "eliminate" if rho is not None and rho <= _ELIMINATION_MAX_NORM else "solve"
+    doublings = None if b <= _NEUMANN_MIN_BLOCK or rho is None else _doublings_for(rho)
+    return "solve" if doublings is None else ("series", doublings)
 
 
 def _trained_blocks(items: Sequence[tuple[OFTLayer, Sequence[torch.Tensor]]]) -> list[list[torch.Tensor]]:
@@ -443,15 +484,17 @@ def _trained_blocks(items: Sequence[tuple[OFTLayer, Sequence[torch.Tensor]]]) ->
         for i, q in enumerate(gens):
             q = _constrain(layer, q.to(torch.float32), i)
             constrained.append(q)
-            key = _cayley_method(q.shape[-1], _norm_bound(layer, q, i))
-            groups.setdefault(key, []).append((li, i, len(constrained) - 1))
+            bound = _norm_bound(layer, q, i)
+            key = (q.shape[-1], _cayley_method(q.shape[-1], bound))
+            groups.setdefault(key, []).append((li, i, len(constrained) - 1, bound))
     out = [[None] * len(gens) for _, gens in items]
-    for (_b, _how), members in groups.items():
-        qs = [constrained[k] for _, _, k in members]
-        bound = max((_norm_bound(items[li][0], constrained[k], i) or 0.0 for li, i, k in members), default=None)
-        rs = _cayley_value(torch.cat(qs) if len(qs) > 1 else qs[0], norm_bound=bound if _how is not None else None,
-                           sync_free=True)
-        for (li, i, _k), r in zip(members, rs.split([q.shape[0] for q in qs])):
+    for members in groups.values():
+        qs = [constrained[k] for _, _, k, _ in members]
+        # the members' largest bound takes the members' method (no bound: every member's is unknown or too large)
+        bounds = [bound for *_, bound in members]
+        bound = None if None in bounds else max(bounds)
+        rs = _cayley_value(torch.cat(qs) if len(qs) > 1 else qs[0], norm_bound=bound, sync_free=True)
+        for (li, i, _k, _bound), r in zip(members, rs.split([q.shape[0] for q in qs])):
             out[li][i] = r.transpose(-1, -2) if items[li][0].transpose else r
     return out
 

@@ -249,6 +249,70 @@ def test_cayley_paths_are_exact(size, scale):
     assert float((r.double().transpose(-1, -2) @ r.double() - eye).abs().max()) < 4e-6
 
 
+@pytest.mark.parametrize("size", [97, 130, 300])
+@pytest.mark.parametrize("norm", [1.0, 100.0, 1000.0, 1e4, 1e8, 1e19])
+def test_large_blocks_with_large_generators_take_the_solve(size, norm):
+    """Block elimination without pivoting (`_inverse_positive_real`) only while every ‖Q_i‖_F ≤ 1000, where it is as
+    accurate as the fp32 solve; above, the solve itself (before: 300×300 blocks at 1e8 came out off by 13, not
+    rotations). A file's blocks: the norm read from them; the trainer's: the constraint's bound, or the solve."""
+    from oft_core.rotation import _BLOCK_ELIMINATION_MAX_NORM, _cayley_value
+
+    assert _BLOCK_ELIMINATION_MAX_NORM == 1000.0
+    torch.manual_seed(size)
+    q = _skew(torch.randn(2, size, size, dtype=torch.float64))
+    q = (q * (norm / torch.linalg.matrix_norm(q, keepdim=True))).float()
+    eye = torch.eye(size, dtype=torch.float64)
+    ref = torch.stack([torch.linalg.solve(eye - x, eye + x) for x in q.double()])
+    e32 = torch.eye(size)
+    lapack = torch.stack([torch.linalg.solve(e32 - x, e32 + x) for x in q])  # the fp32 solve, one matrix at a time
+    r = _cayley_value(q)
+    err, err_lapack = float((r.double() - ref).abs().max()), float((lapack.double() - ref).abs().max())
+    if norm <= _BLOCK_ELIMINATION_MAX_NORM:
+        assert err <= 1.5 * err_lapack + 1e-7, (err, err_lapack)
+        assert err < 6e-6
+        # the trainer's route (the leaves of the recursion inverted in fp64 instead of by the series: other roundings)
+        trainer = _cayley_value(q, norm_bound=norm, sync_free=True)
+        assert float((trainer.double() - ref).abs().max()) <= 1.5 * err_lapack + 1e-7
+        assert not torch.equal(trainer, lapack)
+    else:
+        assert torch.equal(r, lapack)  # what the reference tools' fp32 solve gives
+        assert torch.equal(_cayley_value(q, norm_bound=norm * 1.001, sync_free=True), lapack)
+    assert torch.equal(_cayley_value(q, sync_free=True), lapack)  # no bound known: the solve
+    if norm <= 100:
+        assert float((r.double().transpose(-1, -2) @ r.double() - eye).abs().max()) < 4e-6
+
+
+@pytest.mark.parametrize("b", [8, 12, 300])
+def test_a_files_huge_generators_merge_as_the_fp32_solve_gives_them(b):
+    """An unconstrained layer (LyCORIS diag-oft, PEFT without COFT) whose stored generators are finite but huge: its
+    merged weight is M·W with the blocks of the fp32 solve, as the reference tools' solve makes them; before, blocks
+    of 8–15 came out NaN at ‖Q_i‖_F = 1e30 and blocks of 300 were not rotations at 1e8."""
+    torch.manual_seed(b)
+    w = torch.randn(2 * b, 16)
+    for norm in (1e4, 1e8, 1e30):
+        q = _skew(torch.randn(2, b, b, dtype=torch.float64))
+        q = (q * (norm / torch.linalg.matrix_norm(q, keepdim=True))).float()
+        layer = make_layer(path="huge.safetensors", name="x", side="out", blocks=[q], transpose=False)
+        e32 = torch.eye(b)
+        m = torch.block_diag(*[torch.linalg.solve(e32 - x, e32 + x) for x in q])
+        merged = rotate_weight(layer, w)
+        assert bool(torch.isfinite(merged).all()) == bool(torch.isfinite(m).all()), norm
+        assert float((merged.double() - m.double() @ w.double()).abs().max()) < 1e-4 * float(w.abs().max()), norm
+
+
+def test_the_cayley_method_rule():
+    """One rule for every route (`_cayley_method`): the size, and a bound on the blocks' norms when one is known."""
+    from oft_core.rotation import _cayley_method
+
+    assert [_cayley_method(b, 0.1) for b in (1, 7, 16)] == ["solve"] * 3
+    assert [_cayley_method(b, rho) for b in (8, 15) for rho in (0.0, 16.0, 16.5, None, math.inf, math.nan)] == \
+        ["eliminate", "eliminate", "solve", "solve", "solve", "solve"] * 2
+    assert _cayley_method(40, 0.01) == ("series", 1) and _cayley_method(40, 0.3) == ("series", 3)
+    assert [_cayley_method(40, rho) for rho in (0.5, None, math.nan)] == ["solve"] * 3
+    assert [_cayley_method(97, rho) for rho in (0.0, 1000.0, 1001.0, None, math.inf)] == \
+        ["blocks", "blocks", "solve", "solve", "solve"]
+
+
 def test_series_doublings_follow_the_norm():
     from oft_core.rotation import _neumann_doublings
 
