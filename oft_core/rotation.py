@@ -746,9 +746,12 @@ def _check_result(layer: OFTLayer, result: torch.Tensor, was_finite: bool | torc
     else:
         overflowed = was_finite and not _all_finite(result)
     if overflowed:
+        scale = layer.row_scale
+        big = None if scale is None else float(scale.abs().max())
+        why = f"; its row scale (rescale / oft_s) reaches {big:.3g}" if big is not None and big > 1 else ""
         raise OFTError(f"the adapted weight {tuple(result.shape)} ({str(result.dtype).replace('torch.', '')}) would "
                        f"hold NaN or Inf values at strength {strength:g}, while the weight had none: it overflows "
-                       "its dtype; use a smaller strength", layer=layer.key)
+                       f"its dtype; use a smaller strength{why}", layer=layer.key)
 
 
 def _rotate(layer, strength, mode, blocks, src: torch.Tensor, dst: torch.Tensor) -> None:
