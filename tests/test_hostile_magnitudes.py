@@ -413,3 +413,37 @@ def test_normal_files_are_unchanged_by_the_magnitude_checks():
         for layer in adapter:
             for r in rotation_blocks(layer):
                 assert torch.isfinite(r).all()
+
+
+# ------------------------------------------------------------------------------------------------ ComfyUI
+@pytest.mark.comfyui
+@pytest.mark.parametrize("apply_mode", ["merge", "bypass"])
+def test_a_rotation_a_strength_breaks_is_refused_by_the_apply_node_before_any_patch(comfyui_oft, tmp_path,
+                                                                                      apply_mode):
+    """A stored half turn (LyCORIS oft_diag R = −I) at orthogonal strength 0.5 has no rotation. Before, OFT Apply
+    added its patches and the error came from ComfyUI's model load while sampling (torch's singular-matrix error,
+    then NaN-free but half-patched); now the apply itself raises, naming the file and layer, and nothing is patched.
+    At kohya strength the same file applies (W' = −W on that layer)."""
+    import comfy_models
+    from comfyui_oft.nodes import patch
+    from test_nodes import assert_same_state, patched, snapshot
+
+    path = tmp_path / "flip.safetensors"
+    save_file({"lycoris_double_blocks_0_img_attn_proj.oft_diag": -torch.eye(8).expand(16, 8, 8).contiguous()},
+              str(path))
+    from comfyui_oft.oft_core import OFTError as PackError
+    from comfyui_oft.oft_core import load_adapter as pack_load
+
+    adapter = pack_load(path)
+    base = comfy_models.flux_tiny()
+    snap = snapshot(base)
+    with pytest.raises(PackError, match="half a turn") as e:
+        patch.apply_oft(base, None, adapter, 0.5, "orthogonal", apply_mode)
+    assert str(path) in str(e.value) and "lycoris_double_blocks_0_img_attn_proj" in str(e.value)
+    assert not base.patches
+    assert_same_state(base, snap)
+    model, _, text = patch.apply_oft(base, None, adapter, 1.0, "kohya", apply_mode)
+    assert "1 of 1 adapter layers applied" in text
+    if apply_mode == "merge":
+        key = "diffusion_model.double_blocks.0.img_attn.proj.weight"
+        assert torch.equal(patched(model, [key])[key], -snap[key])
