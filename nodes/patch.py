@@ -302,7 +302,8 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
     unet_report, te_report = match_model(adapter, model, clip)
     if not any(r is not None and r.matched for r in (unet_report, te_report)):
         raise _nothing_matched(adapter, model, clip)
-    _check_rotations(adapter, strength, mode, [r for r in (unet_report, te_report) if r is not None])
+    check_rotations(adapter, [m.layer for r in (unet_report, te_report) if r is not None for m in r.matched],
+                    lambda layer: strength, mode)
     text = report_text(adapter, unet_report, te_report, clip is not None, strength, mode)
     if apply_mode == "bypass":
         text = text.replace(f", mode {mode})", f", mode {mode}, bypass)", 1)
@@ -337,24 +338,21 @@ def _checked_request(adapter: OFTAdapter, strength: float, mode: str, apply_mode
     return strength
 
 
-def _check_rotations(adapter: OFTAdapter, strength: float, mode: str, reports: list[MatchReport]) -> None:
-    """The rotations that a strength can break, built once now so that the error comes from this node, before any
-    patch (ComfyUI builds the patched weights later, while sampling): Cayley–Neumann series (can overflow float32
-    at a strength) and stored matrices (no orthogonal power for a half turn or a non-rotation). The Cayley map has
-    a rotation at every strength: not built here. A few small layers in the files that have them."""
-    seen = set()
-    for report in reports:
-        for m in report.matched:
-            layer = m.layer
-            if layer.parameterization == "cayley" or id(layer) in seen:
-                continue
-            seen.add(id(layer))
-            s = float(strength) * layer_multiplier(adapter, layer)
-            if s != 0:
-                try:
-                    rotation_blocks(layer, s, mode)
-                except OFTError as e:
-                    raise OFTError(e.detail, path=adapter.path or None, layer=e.layer) from e
+def check_rotations(adapter: OFTAdapter, layers, strength_of, mode: str) -> None:
+    """The rotations a strength can break, built once now so that the error comes from the node, before any patch
+    or hook exists (ComfyUI builds the patched weights later, while sampling): Cayley–Neumann series (they can
+    overflow float32 at a strength) and stored matrices (no orthogonal power for a half turn or a non-rotation).
+    The Cayley map is a rotation at every strength: not built here. `strength_of(layer)`: the node's strength for
+    it (times the layer's block multiplier, applied here)."""
+    for layer in layers:
+        if layer.parameterization == "cayley":
+            continue
+        s = float(strength_of(layer)) * layer_multiplier(adapter, layer)
+        if s != 0:
+            try:
+                rotation_blocks(layer, s, mode)
+            except OFTError as e:
+                raise OFTError(e.detail, path=adapter.path or None, layer=e.layer) from e
 
 
 def _nothing_matched(adapter: OFTAdapter, model, clip) -> OFTError:

@@ -447,3 +447,23 @@ def test_a_rotation_a_strength_breaks_is_refused_by_the_apply_node_before_any_pa
     if apply_mode == "merge":
         key = "diffusion_model.double_blocks.0.img_attn.proj.weight"
         assert torch.equal(patched(model, [key])[key], -snap[key])
+
+
+@pytest.mark.comfyui
+def test_create_hook_oft_refuses_a_rotation_its_strength_breaks_before_any_hook(comfyui_oft, tmp_path):
+    """Create Hook OFT builds the same rotations as OFT Apply at its strengths: a stored half turn at orthogonal
+    strength_model 0.5 is refused naming the file, no hook made (before: the hook was made and failed while
+    sampling); strength_clip does not apply to UNet layers (0.5 there is fine), kohya mode makes the hook."""
+    from comfyui_oft.nodes import hook_nodes
+    from comfyui_oft.oft_core import OFTError as PackError
+    from comfyui_oft.oft_core import load_adapter as pack_load
+
+    path = tmp_path / "flip.safetensors"
+    save_file({"lycoris_double_blocks_0_img_attn_proj.oft_diag": -torch.eye(8).expand(16, 8, 8).contiguous()},
+              str(path))
+    adapter = pack_load(path)
+    with pytest.raises(PackError, match="half a turn") as e:
+        hook_nodes.create_oft_hook(adapter, 0.5, 1.0, "orthogonal")
+    assert str(path) in str(e.value)
+    assert len(hook_nodes.create_oft_hook(adapter, 1.0, 0.5, "orthogonal").hooks) == 1
+    assert len(hook_nodes.create_oft_hook(adapter, 0.5, 0.5, "kohya").hooks) == 1
