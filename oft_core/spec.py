@@ -478,10 +478,7 @@ def _check_magnitudes(gens: list[torch.Tensor], num_blocks: tuple[int, ...], con
             norms = torch.linalg.vector_norm(g) if constraint.kind == "norm_clamp" else torch.linalg.matrix_norm(g)
             if not bool(torch.isfinite(norms).all()):
                 which = "‖Q‖_F of the split" if constraint.kind == "norm_clamp" else "a block's ‖Q_i‖_F"
-                fail(f"split {i}: {which} overflows float32 (largest |value| {float(g.abs().max()):.3g}): the "
-                     f"constraint ({constraint.describe()}) divides Q by that norm, which sd-scripts, LyCORIS and "
-                     "PEFT compute as Inf, silently turning the layer into the identity; the file is damaged or "
-                     "the training diverged")
+                fail(f"split {i}: " + _norm_overflow_text(which, g, constraint))
         if parameterization != "neumann":
             continue
         rho = float(torch.linalg.matrix_norm(g).max())  # ≥ every block's spectral norm
@@ -495,6 +492,13 @@ def _check_magnitudes(gens: list[torch.Tensor], num_blocks: tuple[int, ...], con
                            f"{limit:.3g} (after the constraint), so that Σ c_k Q^k fits in float32 (PEFT itself gets "
                            "Inf / NaN weights beyond)",
                            f"‖Q_i‖_F up to {rho:.3g}" if math.isfinite(rho) else "‖Q_i‖_F beyond float32"))
+
+
+def _norm_overflow_text(which: str, g: torch.Tensor, constraint: Constraint) -> str:
+    """The refusal of a constrained layer whose norm overflows float32 (also PEFT ≤ 0.15's projection of A)."""
+    return (f"{which} overflows float32 (largest |value| {float(g.abs().max()):.3g}): the constraint "
+            f"({constraint.describe()}) divides by that norm, which sd-scripts, LyCORIS and PEFT compute as Inf, "
+            "silently turning the layer into the identity; the file is damaged or the training diverged")
 
 
 def _series_bound(coeffs: Sequence[float], rho: float) -> float:

@@ -137,6 +137,49 @@ def test_a_false_flag_for_a_huge_norm_never_lets_a_later_nan_row_through():
                    constraint=Constraint("norm_clamp", 1e-3))
 
 
+def _peft_coft_copy(tmp_path, name: str, key_end: str, scale: float):
+    """A PEFT fixture with COFT switched on in its config and its stored blocks scaled to a largest |value| of
+    `scale`."""
+    import json
+
+    d = tmp_path / f"{name}_{scale:g}"
+    shutil.copytree(get_case(name).adapter, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["coft"] = True
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    model = d / "adapter_model.safetensors"
+    sd = load_file(str(model))
+    save_file({k: v / v.abs().max() * scale if k.endswith(key_end) else v for k, v in sd.items()}, str(model))
+    return d, model, cfg["eps"]
+
+
+@pytest.mark.parametrize("name,key_end", [("peft_oft_cayley_bs8", "oft_R.weight"), ("peft0.13.2_oft_r4", "oft_r")])
+def test_peft_coft_blocks_whose_norm_overflows_are_refused(tmp_path, name, key_end):
+    """PEFT's COFT projects each block to ‖·‖_F ≤ eps/√blocks: with a norm beyond float32 PEFT computes Inf and the
+    block becomes 0 (the identity), here too before. Current files project Q at use (`make_layer` refuses), PEFT ≤
+    0.15 projects the stored A when read (its reader refuses). With values ~10⁸ the projection is exact."""
+    d, model, eps = _peft_coft_copy(tmp_path, name, key_end, 1e19)
+    with pytest.raises(OFTError, match="overflows float32") as e:
+        load_adapter(d)
+    assert str(model) in str(e.value) and f"COFT eps {eps:g}" in str(e.value) and "identity" in str(e.value)
+    d, model, eps = _peft_coft_copy(tmp_path, name, key_end, 1e8)
+    for layer in list(load_adapter(d))[:3]:
+        if key_end == "oft_r":  # A projected when read: Q = ½(A_p − A_pᵀ), ‖A_p,i‖ = eps/√blocks
+            raw = load_file(str(model))[layer.key + ".oft_r"].double()
+            bound = eps / math.sqrt(raw.shape[0])
+            a_p = raw * (bound / torch.linalg.matrix_norm(raw, keepdim=True))
+            expected = 0.5 * (a_p - a_p.transpose(-1, -2))
+            assert float((layer.blocks[0].double() - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
+        else:  # Q projected at use: every block's norm is the bound, and R its Cayley map
+            from oft_core.rotation import _constrain
+
+            q = _constrain(layer, layer.blocks[0], 0)
+            norms = torch.linalg.matrix_norm(q.double())
+            assert torch.allclose(norms, torch.full_like(norms, eps / math.sqrt(q.shape[0])), rtol=1e-6, atol=0)
+            expected = _cayley64(q).transpose(-1, -2) if layer.transpose else _cayley64(q)
+            assert float((rotation_blocks(layer)[0].double() - expected).abs().max()) < 1e-6
+
+
 # ------------------------------------------------------------------------------------------------ Neumann
 def _peft_neumann_copy(tmp_path, rho: float):
     """The PEFT Cayley–Neumann fixture with every layer's blocks scaled so that the largest block's ‖Q_i‖_F = rho."""
