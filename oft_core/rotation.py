@@ -419,8 +419,13 @@ def rotation_blocks(
             r = _matrix_power(layer, q, strength) if strength != 1 else q
         elif mode == "orthogonal":
             bound = _norm_bound(layer, q, i)
-            r = _param(layer, q * strength if strength != 1 else q, sync_free=sync_free,
-                       norm_bound=None if bound is None else bound * abs(strength))
+            scaled = q * strength if strength != 1 else q
+            if scaled is not q and bound is None and not sync_free and not bool(torch.isfinite(scaled).all()):
+                # an unconstrained Q near float32's limit (a constraint bounds it: no read then) times the strength
+                raise OFTError(f"the layer's generator Q times strength {strength:g} (orthogonal mode) overflows "
+                               f"float32 (largest |Q| {float(q.abs().max()):.3g}); use a strength closer to 1 or "
+                               "strength mode kohya", layer=layer.key)
+            r = _param(layer, scaled, sync_free=sync_free, norm_bound=None if bound is None else bound * abs(strength))
         else:
             r = _param(layer, q, norm_bound=_norm_bound(layer, q, i), sync_free=sync_free)
             if strength != 1:

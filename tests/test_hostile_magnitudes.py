@@ -510,3 +510,24 @@ def test_create_hook_oft_refuses_a_rotation_its_strength_breaks_before_any_hook(
     assert str(path) in str(e.value)
     assert len(hook_nodes.create_oft_hook(adapter, 1.0, 0.5, "orthogonal").hooks) == 1
     assert len(hook_nodes.create_oft_hook(adapter, 0.5, 0.5, "kohya").hooks) == 1
+
+
+def test_an_unconstrained_generator_times_an_orthogonal_strength_beyond_float32_is_refused():
+    """Orthogonal strength s is Cayley(s·Q): for an unconstrained Q of ~10³⁸ (finite, loaded) s = 10 makes s·Q Inf
+    and R NaN; the merge path blamed the weight's dtype, the bypass path (`rotate_features`) returned NaN. Now both
+    name the layer and the strength. Kohya strength never overflows there (R is orthogonal: |R − I| ≤ 2)."""
+    q = _skew(torch.randn(2, 4, 4, generator=_gen(11)))
+    q = q / q.abs().max() * 1e38
+    layer = make_layer(path="u.safetensors", name="l", key="lycoris_l", side="out", blocks=[q], transpose=True)
+    w = torch.randn(8, 6, generator=_gen(12))
+    x = torch.randn(3, 8, generator=_gen(13))
+    for run in (lambda: rotate_weight(layer, w, 10.0, "orthogonal"),
+                lambda: rotate_features(layer, x, 10.0, "orthogonal")):
+        with pytest.raises(OFTError, match=r"'lycoris_l'.*Q times strength 10 \(orthogonal mode\) overflows float32"):
+            run()
+    r1 = rotation_blocks(layer)[0].double()  # R at strength 1 (≈ −I: Q is huge), kohya's Rᵀ already
+    eye = torch.eye(4, dtype=torch.float64)
+    for strength in (10.0, 1000.0):
+        out = rotate_weight(layer, w, strength)
+        expected = torch.block_diag(*(eye + strength * (r1 - eye))) @ w.double()
+        assert float((out.double() - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
