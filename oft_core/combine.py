@@ -56,6 +56,11 @@ def _rebuild(layer: OFTLayer, **changes) -> OFTLayer:
                   constraint=Constraint(), row_scale=layer.row_scale, source=layer.source, key=layer.key,
                   block_share=layer.block_share)
     fields.update(changes)
+    for i, g in enumerate(fields["blocks"]):
+        if not bool(torch.isfinite(g).all()):  # the inputs were finite (checked when read): the arithmetic overflowed
+            raise OFTError(f"the {fields['source'] or 'combined'} generators of split {i} overflow float32: the inputs' "
+                           f"generators (largest |Q| {max(float(q.abs().max()) for q in layer.blocks):.3g} in the "
+                           "first) times the weights are too large for this operation", layer=layer.key)
     return make_layer(**fields)
 
 
@@ -172,16 +177,25 @@ def blend(a: OFTAdapter, b: OFTAdapter, t: float) -> OFTAdapter:
         _same_structure(la, lb, "blend")
         ga, gb = _constrained(la, la.transpose), _constrained(lb, la.transpose)
         # torch.lerp: exact at t = 0, 1 and for equal inputs, so blend(a, a, t) is a bit for bit
-        gens = [torch.lerp(qa, qb, t) for qa, qb in zip(ga, gb)]
+        gens = [_lerp(qa, qb, t) for qa, qb in zip(ga, gb)]
         scale = None
         if la.row_scale is not None or lb.row_scale is not None:
             sa = la.row_scale if la.row_scale is not None else torch.ones(la.dim)
             sb = lb.row_scale if lb.row_scale is not None else torch.ones(la.dim)
-            scale = torch.lerp(sa, sb, t)
+            scale = _lerp(sa, sb, t)
         layers[(la.component, la.name)] = _rebuild(la, blocks=gens, row_scale=scale, source="blend")
     made_from = {"blend": {"ratio": t, "a": provenance(a), "b": provenance(b)}}
     return OFTAdapter(layers, a.format, "", dict(a.metadata), made_from=made_from,
                       refused_formats=_refused([a, b]))
+
+
+def _lerp(qa: torch.Tensor, qb: torch.Tensor, t: float) -> torch.Tensor:
+    """torch.lerp(qa, qb, t); when its fp32 difference qb − qa overflows (inputs near float32's limit, e.g. Q and
+    −Q) the same in float64, rounded once: a blend inside [0, 1] is then finite, as its value is."""
+    out = torch.lerp(qa, qb, t)
+    if bool(torch.isfinite(out).all()) or not (bool(torch.isfinite(qa).all()) and bool(torch.isfinite(qb).all())):
+        return out
+    return torch.lerp(qa.double(), qb.double(), t).to(qa.dtype)
 
 
 def _normalised(weights: Sequence[float]) -> list[float]:

@@ -22,7 +22,7 @@ from oft_core import OFTError, load_adapter, rotate_features, rotate_weight, rot
 from oft_core.combine import blend, merge
 from oft_core.formats import write_adapter
 from oft_core.rotation import _NORM_EPS, _neumann, _skew
-from oft_core.spec import Constraint, _Blocks, _make_layers, _neumann_coefficients, make_layer
+from oft_core.spec import Constraint, OFTAdapter, _Blocks, _make_layers, _neumann_coefficients, make_layer
 
 KOHYA_LAYER = "oft_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 LYCORIS = get_case("lycoris_diag_oft_dim8")
@@ -352,6 +352,25 @@ def test_blend_and_merge_numbers_go_through_the_one_strength_check():
     far = blend(a, a, 1000.0)
     assert all(torch.equal(x.blocks[0], y.blocks[0]) for x, y in zip(far, a) if x.constraint.kind == "none"
                and y.constraint.kind == "none")
+
+
+def test_combined_generators_that_overflow_float32_name_the_operation():
+    """Finite inputs near float32's limit times in-range weights: the sum overflows. Before, the result was refused
+    with "the file is damaged or the training diverged" (about a file that was fine); now the operation is named.
+    A blend inside [0, 1] has a finite value and gets it (before: refused, as torch.lerp's Q_b − Q_a overflowed)."""
+    q = _skew(torch.randn(2, 4, 4, generator=_gen(14)))
+    q = q / q.abs().max() * 3e38
+    a = OFTAdapter({("unet", "l"): make_layer(path="a", name="l", side="out", blocks=[q], transpose=True)}, "lycoris")
+    b = OFTAdapter({("unet", "l"): make_layer(path="b", name="l", side="out", blocks=[-q], transpose=True)}, "lycoris")
+    for run, what in ((lambda: blend(a, b, 2.0), "blend"), (lambda: merge([(a, 3.0), (b, -1.0)], "average"), "average"),
+                      (lambda: merge([(a, 2.0)], "compose"), "combined")):
+        with pytest.raises(OFTError, match=rf"'l': the {what} generators of split 0 overflow float32.*largest \|Q\| "
+                                           r"3e\+38"):
+            run()
+    # in [0, 1] the blend is finite, though Q_b − Q_a = −2Q overflows in fp32 (torch.lerp alone gave ±Inf): ½Q
+    assert not torch.isfinite(torch.lerp(q, -q, 0.25)).all()
+    (half,) = blend(a, b, 0.25)
+    assert torch.equal(half.blocks[0], 0.5 * q)
 
 
 # ------------------------------------------------------------------------------------------------ writers / stores
