@@ -58,9 +58,10 @@ def _rebuild(layer: OFTLayer, **changes) -> OFTLayer:
     fields.update(changes)
     for i, g in enumerate(fields["blocks"]):
         if not bool(torch.isfinite(g).all()):  # the inputs were finite (checked when read): the arithmetic overflowed
-            raise OFTError(f"the {fields['source'] or 'combined'} generators of split {i} overflow float32: the inputs' "
-                           f"generators (largest |Q| {max(float(q.abs().max()) for q in layer.blocks):.3g} in the "
-                           "first) times the weights are too large for this operation", layer=layer.key)
+            what = fields["source"] or "combined"
+            raise OFTError(f"the {what} generators of split {i} overflow float32: the inputs' generators (largest "
+                           f"|Q| {max(float(q.abs().max()) for q in layer.blocks):.3g} in the first) times the "
+                           "weights are too large for this operation", layer=layer.key)
     return make_layer(**fields)
 
 
