@@ -349,8 +349,11 @@ def _finite_each(stacked: torch.Tensor) -> list[bool]:
     n = int(stacked.shape[0])
     if stacked.device.type == "meta" or stacked.numel() == 0:
         return [True] * n
-    if bool(torch.isfinite(torch.linalg.vector_norm(stacked))):  # a NaN or Inf anywhere makes the norm one, and
-        return [True] * n  # no row's norm exceeds the whole batch's (a non-finite one costs the per-row norms below)
+    flat = stacked.reshape(-1)
+    # Σ x² over the batch: a NaN or Inf anywhere makes it one, and no row's exceeds it (the norm clamp's ‖Q‖ = √Σ x²
+    # in float32); one BLAS dot, as fast as a sum (a vector_norm took twice as long). Non-finite: per-row norms below
+    if bool(torch.isfinite(torch.dot(flat, flat))):
+        return [True] * n
     return torch.isfinite(torch.linalg.vector_norm(stacked.reshape(n, -1), dim=1)).tolist()
 
 

@@ -84,6 +84,19 @@ def test_one_layer_with_an_overflowing_norm_among_many_is_refused_by_name(tmp_pa
     assert "oft_unet_layer13" in str(e.value) and str(path) in str(e.value)
 
 
+def test_finite_flags_are_false_for_a_norm_beyond_float32_only():
+    """`_finite_each`'s flag per row: no NaN / Inf and Σ x² (‖Q‖²) within float32. 10¹⁸ × 32 values: ‖Q‖ ~ 6·10¹⁸,
+    fine; 10¹⁹ × 32: ‖Q‖² ~ 3·10³⁹, beyond."""
+    from oft_core.spec import _finite_each
+
+    stacked = torch.ones(4, 2, 4, 4) * 1e-3
+    stacked[1] = 1e18
+    stacked[2] = 1e19
+    stacked[3, 0, 0, 0] = float("inf")
+    assert _finite_each(stacked) == [True, True, False, False]
+    assert _finite_each(stacked[:2]) == [True, True]
+
+
 def test_a_large_but_representable_norm_is_clamped_exactly_as_the_formula_says(tmp_path):
     """‖Q‖ ~10¹⁰ fits in float32: the clamp scales Q down to the bound, and R is the Cayley map of that (checked
     against float64), the rotation sd-scripts computes."""
