@@ -563,3 +563,31 @@ def test_an_unconstrained_generator_times_an_orthogonal_strength_beyond_float32_
         out = rotate_weight(layer, w, strength)
         expected = torch.block_diag(*(eye + strength * (r1 - eye))) @ w.double()
         assert float((out.double() - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_the_cli_refuses_hostile_magnitudes_in_one_line_and_writes_nothing(tmp_path, capsys):
+    """The refusals above through `python -m oft_core`: exit status 2, one `error:` line naming the file, no
+    traceback, nothing written, the inputs unchanged (tests/test_fail_closed.py's contract)."""
+    from test_fail_closed import Scene
+
+    scene = Scene(tmp_path)
+    huge = scene.track(_kohya_file(scene.dir / "huge.safetensors", 1e18 * torch.randn(8, 40, 40, generator=_gen())))
+    scene.refused(["inspect", huge], capsys, str(huge), "overflows float32", "identity")
+    d, _ = _peft_neumann_copy(scene.dir, 1e19)
+    scene.track(d)
+    scene.refused(["inspect", d], capsys, "Cayley–Neumann series of 5 terms", "4.29e+09")
+    src = scene.track(_kohya_file(scene.dir / "ok.safetensors", 1e-3 * torch.randn(8, 40, 40, generator=_gen())))
+    sd = load_file(str(LYCORIS.adapter))
+    for k in list(sd):
+        if k.endswith(".alpha"):
+            sd[k] = torch.tensor(0.0)
+        elif k.endswith(".oft_blocks"):
+            sd[k] = sd[k] / sd[k].abs().max() * 1e19
+    noclamp = scene.dir / "noclamp.safetensors"
+    save_file(sd, str(noclamp))
+    scene.track(noclamp)
+    out = scene.dir / "out.safetensors"
+    scene.refused(["convert", noclamp, "--to", "kohya", "--out", out], capsys, str(noclamp),
+                  "cannot be written as kohya", out=out)
+    assert src.exists()

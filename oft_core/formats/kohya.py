@@ -475,7 +475,10 @@ def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mappin
     flux = _looks_flux(adapter) if flux is None else flux
     w.check_all(adapter, "kohya", lambda layer: _why_not(layer, flux))
     named = w.underscored_unique(adapter, lambda layer: _PREFIX)
-    alpha, gens = _generators(named)
+    try:
+        alpha, gens = _generators(named)
+    except OFTError as e:  # name the adapter's file
+        raise OFTError(e.detail, path=e.path or adapter.path or None, layer=e.layer) from None
     alpha32 = torch.tensor(alpha, dtype=torch.float32)
     tensors = {}
     for key, g in gens.items():
