@@ -190,8 +190,9 @@ def make_layer(
     already skew-symmetric (parameterization cayley / neumann), or the rotations R themselves (matrix).
 
     One check per concern, in this order (the first failing one is raised, naming file and layer): the enumerations,
-    the block tensors, the block counts, the butterfly layout, the parameterization, the constraint, the row
-    scale. tests/test_bad_input.py and tests/test_fail_closed.py pin the messages."""
+    the block tensors, the block counts, the butterfly layout, the parameterization, the constraint, the finite
+    magnitudes the math cannot take (`_check_magnitudes`), the row scale. tests/test_bad_input.py,
+    tests/test_fail_closed.py and tests/test_hostile_magnitudes.py pin the messages."""
 
     def fail(msg: str):
         raise OFTError(msg, path=path, layer=key or name)
@@ -243,10 +244,12 @@ def _make_layers(
 
     The same checks, run once per distinct input: every check of `make_layer` depends only on the `common` fields,
     each generator's type, shape, dtype and requires_grad, the finiteness flags and the constraint (never on a
-    layer's name, key or source, nor on the values beyond the flags). So the first row of each distinct such
-    signature goes through `make_layer` itself, and every later row of that signature passes the same checks and is
-    built like it. Rows are checked in order: the error raised is the first failing row's, as when each layer is
-    built in turn (tests/test_batched_read.py feeds the same bad values through both).
+    layer's name, key or source, nor on the values beyond the flags, when they are all true). So the first row of
+    each distinct such signature goes through `make_layer` itself, and every later row of that signature passes the
+    same checks and is built like it; a row with a false flag (NaN / Inf, or a norm beyond float32: which one, only
+    its values say) always goes through `make_layer` itself. Rows are checked in order: the error raised is the first
+    failing row's, as when each layer is built in turn (tests/test_batched_read.py feeds the same bad values through
+    both).
 
     `facts` (optional): per row, `_tensor_facts` of its one generator as the caller already knows it (the views of
     one unbound batch share one such tuple), so that 100,000 rows need no four attribute reads each."""
