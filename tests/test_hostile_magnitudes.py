@@ -111,6 +111,19 @@ def test_a_large_but_representable_norm_is_clamped_exactly_as_the_formula_says(t
     assert float((got.double() - torch.eye(40, dtype=torch.float64)).abs().max()) > 1e-3  # not the identity
 
 
+def test_an_alpha_near_the_float32_limit_is_a_clamp_that_never_bites(tmp_path):
+    """alpha × 320 rows just under float32's largest value is accepted (above it is refused: test_fail_closed.py);
+    the clamp then never bites, so the rotation is the unconstrained one bit for bit, at every strength."""
+    a = 1e3 * torch.randn(8, 40, 40, generator=_gen(15))
+    alpha = float(torch.tensor(1e36))  # × 320 = 3.2e38 < 3.40e38
+    layer = next(iter(load_adapter(_kohya_file(tmp_path / "wide.safetensors", a, alpha=alpha))))
+    assert layer.constraint.kind == "norm_clamp" and layer.constraint.value == alpha
+    free = layer.with_(constraint=Constraint())
+    w = torch.randn(320, 16, generator=_gen(16))
+    for strength, mode in ((1.0, "kohya"), (0.5, "kohya"), (-3.0, "orthogonal")):
+        assert torch.equal(rotate_weight(layer, w, strength, mode), rotate_weight(free, w, strength, mode))
+
+
 def test_an_overflowing_norm_is_kept_when_no_constraint_divides_by_it(tmp_path):
     """LyCORIS alpha 0 (no constraint): the norm is never taken, so a huge Q is read as it is (its Cayley map is
     defined for every Q)."""
