@@ -509,8 +509,9 @@ def test_normal_files_are_unchanged_by_the_magnitude_checks():
 def test_a_rotation_a_strength_breaks_is_refused_by_the_apply_node_before_any_patch(comfyui_oft, tmp_path,
                                                                                       apply_mode):
     """A stored half turn (LyCORIS oft_diag R = −I) at orthogonal strength 0.5 has no rotation. Before, OFT Apply
-    added its patches and the error came from ComfyUI's model load while sampling (torch's singular-matrix error,
-    then NaN-free but half-patched); now the apply itself raises, naming the file and layer, and nothing is patched.
+    added its patches and the error (torch's singular-matrix error) came from ComfyUI's model load while sampling,
+    whose `ModelPatcher.load` has no handler: the weights patched before it stayed patched until the next unpatch.
+    Now the apply itself raises, naming the file and layer, and nothing is patched.
     At kohya strength the same file applies (W' = −W on that layer)."""
     import comfy_models
     from comfyui_oft.nodes import patch
