@@ -26,6 +26,7 @@ from .patch import (
     TE_COMPONENTS,
     UNET_PREFIX,
     OFTWeightAdapter,
+    check_rotations,
     comfy_key_map,
     model_kind,
     model_shapes,
@@ -97,6 +98,8 @@ def create_oft_hook(adapter: OFTAdapter, strength_model: float, strength_clip: f
     group = prev_hooks.clone() if prev_hooks is not None else comfy.hooks.HookGroup()
     if strength_model == 0 and strength_clip == 0:
         return group
+    check_rotations(adapter, list(adapter), lambda layer: strength_clip if layer.component in TE_COMPONENTS
+                    else strength_model, mode)
     group.add(OFTWeightHook(adapter, mode, strength_model, strength_clip))
     return group
 

@@ -302,6 +302,8 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
     unet_report, te_report = match_model(adapter, model, clip)
     if not any(r is not None and r.matched for r in (unet_report, te_report)):
         raise _nothing_matched(adapter, model, clip)
+    check_rotations(adapter, [m.layer for r in (unet_report, te_report) if r is not None for m in r.matched],
+                    lambda layer: strength, mode)
     text = report_text(adapter, unet_report, te_report, clip is not None, strength, mode)
     if apply_mode == "bypass":
         text = text.replace(f", mode {mode})", f", mode {mode}, bypass)", 1)
@@ -334,6 +336,23 @@ def _checked_request(adapter: OFTAdapter, strength: float, mode: str, apply_mode
     if apply_mode not in APPLY_MODES:
         raise OFTError(f"apply mode: expected {' or '.join(APPLY_MODES)}, found {apply_mode!r}", path=adapter.path)
     return strength
+
+
+def check_rotations(adapter: OFTAdapter, layers, strength_of, mode: str) -> None:
+    """The rotations a strength can break, built once now so that the error comes from the node, before any patch
+    or hook exists (ComfyUI builds the patched weights later, while sampling): Cayley–Neumann series (they can
+    overflow float32 at a strength) and stored matrices (no orthogonal power for a half turn or a non-rotation).
+    The Cayley map is a rotation at every strength: not built here. `strength_of(layer)`: the node's strength for
+    it (times the layer's block multiplier, applied here)."""
+    for layer in layers:
+        if layer.parameterization == "cayley":
+            continue
+        s = float(strength_of(layer)) * layer_multiplier(adapter, layer)
+        if s != 0:
+            try:
+                rotation_blocks(layer, s, mode)
+            except OFTError as e:
+                raise OFTError(e.detail, path=adapter.path or None, layer=e.layer) from e
 
 
 def _nothing_matched(adapter: OFTAdapter, model, clip) -> OFTError:

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 
 from .choices import MERGE_MODES
-from .errors import OFTError
+from .errors import OFTError, check_strength
 from .rotation import _constrain, _generator_of, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer
 
@@ -56,6 +56,12 @@ def _rebuild(layer: OFTLayer, **changes) -> OFTLayer:
                   constraint=Constraint(), row_scale=layer.row_scale, source=layer.source, key=layer.key,
                   block_share=layer.block_share)
     fields.update(changes)
+    for i, g in enumerate(fields["blocks"]):
+        if not bool(torch.isfinite(g).all()):  # the inputs were finite (checked when read): the arithmetic overflowed
+            what = fields["source"] or "combined"
+            raise OFTError(f"the {what} generators of split {i} overflow float32: the inputs' generators (largest "
+                           f"|Q| {max(float(q.abs().max()) for q in layer.blocks):.3g} in the first) times the "
+                           "weights are too large for this operation", layer=layer.key)
     return make_layer(**fields)
 
 
@@ -164,9 +170,7 @@ def blend(a: OFTAdapter, b: OFTAdapter, t: float) -> OFTAdapter:
 
     t = 0 gives a's rotations, t = 1 b's; any t gives a rotation. The result has constraint none.
     """
-    t = float(t)
-    if not math.isfinite(t):
-        raise OFTError(f"blend factor: expected a finite number, found {t}")
+    t = check_strength(t, "blend factor")  # the one check of user numbers (NaN, Inf, huge: Q = t·(Q_b − Q_a))
     ka, kb = _same_layers([a, b], "blend")
     layers = {}
     for k, la in ka.items():
@@ -174,23 +178,35 @@ def blend(a: OFTAdapter, b: OFTAdapter, t: float) -> OFTAdapter:
         _same_structure(la, lb, "blend")
         ga, gb = _constrained(la, la.transpose), _constrained(lb, la.transpose)
         # torch.lerp: exact at t = 0, 1 and for equal inputs, so blend(a, a, t) is a bit for bit
-        gens = [torch.lerp(qa, qb, t) for qa, qb in zip(ga, gb)]
+        gens = [_lerp(qa, qb, t) for qa, qb in zip(ga, gb)]
         scale = None
         if la.row_scale is not None or lb.row_scale is not None:
             sa = la.row_scale if la.row_scale is not None else torch.ones(la.dim)
             sb = lb.row_scale if lb.row_scale is not None else torch.ones(la.dim)
-            scale = torch.lerp(sa, sb, t)
+            scale = _lerp(sa, sb, t)
         layers[(la.component, la.name)] = _rebuild(la, blocks=gens, row_scale=scale, source="blend")
     made_from = {"blend": {"ratio": t, "a": provenance(a), "b": provenance(b)}}
     return OFTAdapter(layers, a.format, "", dict(a.metadata), made_from=made_from,
                       refused_formats=_refused([a, b]))
 
 
+def _lerp(qa: torch.Tensor, qb: torch.Tensor, t: float) -> torch.Tensor:
+    """torch.lerp(qa, qb, t); when its fp32 difference qb − qa overflows (inputs near float32's limit, e.g. Q and
+    −Q) the same in float64, rounded once: a blend inside [0, 1] is then finite, as its value is."""
+    out = torch.lerp(qa, qb, t)
+    if bool(torch.isfinite(out).all()) or not (bool(torch.isfinite(qa).all()) and bool(torch.isfinite(qb).all())):
+        return out
+    return torch.lerp(qa.double(), qb.double(), t).to(qa.dtype)
+
+
 def _normalised(weights: Sequence[float]) -> list[float]:
+    """The weights divided by their sum, each (before and after) held to the one range of user numbers
+    (`check_strength`): weights that nearly cancel (1 and −0.999999) would otherwise scale the generators by 10⁶."""
+    weights = [check_strength(w, "average weight") for w in weights]
     total = math.fsum(weights)
-    if not all(math.isfinite(w) for w in weights) or total == 0:
+    if total == 0:
         raise OFTError(f"average weights: expected finite numbers with a non-zero sum, found {list(weights)}")
-    return [w / total for w in weights]
+    return [check_strength(w / total, f"average weight {w:g} / the weights' sum {total:g}") for w in weights]
 
 
 def merge(adapters_with_weights: Sequence[tuple[OFTAdapter, float]], mode: str = "compose") -> OFTAdapter:
@@ -232,8 +248,7 @@ def _averaged_layers(items: list[tuple[OFTAdapter, float]]) -> dict[tuple[str, s
 def _composed_layers(items: list[tuple[OFTAdapter, float]]) -> dict[tuple[str, str], OFTLayer]:
     """Every layer of any adapter, its rotations composed in the adapters' order (one adapter's only: as it is)."""
     for a, w in items:
-        if not math.isfinite(w):
-            raise OFTError(f"compose weight: expected a finite number, found {w}", path=a.path or None)
+        check_strength(w, "compose weight", path=a.path or None)
     order: list[tuple[str, str]] = []
     groups: dict[tuple[str, str], list[tuple[OFTLayer, float, str]]] = {}
     for a, w in items:
@@ -257,22 +272,38 @@ def _is_identity(layer: OFTLayer, w: float) -> bool:
     return all(not bool(torch.any(_constrain(layer, q, i) != 0)) for i, q in enumerate(layer.blocks))
 
 
-def _scaled(layer: OFTLayer, w: float) -> OFTLayer:
+def _scaled(layer: OFTLayer, w: float, src: str | None = None) -> OFTLayer:
     """The layer at weight w, orthogonal sense: R(w·Q) with the constraint applied first (w = 1: unchanged)."""
     if w == 1:
         return layer
     if layer.parameterization == "matrix":
-        gens = [w * _generator_of(r) for r in layer.blocks]  # as rotation_blocks' orthogonal mode
-        return _rebuild(layer, blocks=[0.5 * (q - q.transpose(-1, -2)) for q in gens], parameterization="cayley")
+        return _rebuild(layer, blocks=[w * _rotation_generator(layer, r, src) for r in layer.blocks],
+                        parameterization="cayley")
     return _rebuild(layer, blocks=[w * q for q in _constrained(layer, layer.transpose)])
+
+
+def _rotation_generator(layer: OFTLayer, r: torch.Tensor, src: str | None) -> torch.Tensor:
+    """The skew Q with Cayley(Q) = R for a stored matrix R that is a rotation; refused when it is not one (LyCORIS
+    2.0 trained R as a free matrix: the skew part of its inverse Cayley would silently give another rotation, e.g.
+    the identity for R = 3I) or has no generator (a half turn)."""
+    try:
+        q = _generator_of(r, layer=layer.key)
+    except OFTError as e:
+        raise OFTError(e.detail, path=src, layer=layer.key) from None
+    q = 0.5 * (q - q.transpose(-1, -2))
+    back = rotation_blocks(make_layer(path="", name=layer.name, side=layer.side, blocks=[q], transpose=False))[0]
+    err = float((back - r).abs().max())
+    if not err <= _HALF_TURN_TOL:
+        raise OFTError(f"the stored matrix (LyCORIS oft_diag) is not a rotation (max |Cayley(Q) − R| {err:.2g} for "
+                       "the nearest generator Q): R to a power other than 1 has no exact Cayley generator",
+                       path=src, layer=layer.key)
+    return q
 
 
 def _scale_layer(layer: OFTLayer, w: float) -> OFTLayer:
     """The layer at weight w in the orthogonal sense, as `merge(..., "compose")` of it alone gives: R(w·Q), the
     constraint applied first; an identity layer (or w = 0) becomes all-zero Cayley generators."""
-    if not math.isfinite(w):
-        raise OFTError(f"layer weight: expected a finite number, found {w}", layer=layer.key)
-    return _compose_layer([(layer, float(w), "")])
+    return _compose_layer([(layer, check_strength(w, "layer weight"), "")])
 
 
 def _lcm_blocks(r: torch.Tensor, size: int) -> torch.Tensor:
@@ -293,8 +324,8 @@ def _compose_layer(entries: list[tuple[OFTLayer, float, str]]) -> OFTLayer | Non
         return _rebuild(first, blocks=[torch.zeros_like(q) for q in first.blocks], row_scale=None,
                         parameterization="cayley", neumann_coeffs=(), source="compose")
     if len(active) == 1:
-        layer, w, _ = active[0]
-        return _scaled(layer, w)
+        layer, w, src = active[0]
+        return _scaled(layer, w, src or None)
     keep_shared = all(layer.block_share for layer, _, _ in active)
     active = _unshared(active)
     ref = active[0][0]
@@ -371,7 +402,7 @@ def _composed_generator(active: list[tuple[OFTLayer, float, str]], ref: OFTLayer
     target = total.transpose(-1, -2) if ref.transpose else total
     try:
         q = _generator_of(target)  # Q = (B − I)(B + I)⁻¹
-    except RuntimeError:  # torch.linalg.solve on a singular B + I
+    except OFTError:  # B + I singular
         raise OFTError("the composed rotation turns some block by half a turn (eigenvalue −1): it has no Cayley "
                        "generator", layer=ref.key) from None
     q = 0.5 * (q - q.transpose(-1, -2))  # exactly skew (it is skew up to rounding)

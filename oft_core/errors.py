@@ -23,7 +23,7 @@ class OFTError(ValueError):
         self.path = None if path is None else os.fspath(path)
         self.layer = layer
         where = []
-        if self.path is not None:
+        if self.path:  # "" (an adapter made in memory) names no file
             where.append(f"{self.path}")
         if layer is not None:
             where.append(f"layer {layer!r}")

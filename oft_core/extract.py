@@ -196,6 +196,9 @@ def extract(adapter: OFTAdapter, weights: Mapping[str, torch.Tensor] | Callable[
     for i, (key, group) in enumerate(groups.items()):
         w = get(key)
         dw = _delta_weight(group, w, strength_of, mode)
+        if not bool(torch.isfinite(dw).all()) and bool(torch.isfinite(w).all()):
+            raise OFTError(f"ΔW = W' − W of {key} overflows float32 (the adapted weight and the base are both near "
+                           "float32's largest value): no LoRA can hold it", path=adapter.path or None)
         name = _name_for(key, group)
         if name in {x.name for x in layers}:
             raise OFTError(f"two base weights would get the same LoRA name {name!r}", path=adapter.path)
@@ -217,6 +220,20 @@ def extract(adapter: OFTAdapter, weights: Mapping[str, torch.Tensor] | Callable[
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: str, path: str | None) -> dict[str, torch.Tensor]:
+    """The LoRA factors in `dtype` (alphas stay fp32), or `OFTError` naming the first factor that the cast would
+    turn into Inf (|value| beyond fp16's 65504: a strong adapter on a large weight), before anything is written."""
+    out = {}
+    for k, v in tensors.items():
+        out[k] = v if k.endswith(".alpha") else v.to(_DTYPES[dtype])
+        if not bool(torch.isfinite(out[k]).all()):
+            limit = torch.finfo(_DTYPES[dtype]).max
+            raise OFTError(f"the LoRA factor {k} holds values up to {float(v.abs().max()):.3g}, beyond {dtype}'s "
+                           f"largest ({limit:.5g}): it would be written as Inf; extract with dtype fp32 or bf16",
+                           path=path)
+    return out
 
 
 def lora_metadata(adapter: OFTAdapter, layers: list[_LayerExtract], *, rank, rel_error, strength, mode,
@@ -269,7 +286,7 @@ def extract_lora(adapter: OFTAdapter | str, base: str, out: str, *, rank: int | 
     if not tensors:
         raise OFTError("the adapter changes no weight at this strength (ΔW = 0 everywhere): nothing to extract",
                        path=adapter.path)
-    tensors = {k: (v if k.endswith(".alpha") else v.to(_DTYPES[dtype])) for k, v in tensors.items()}
+    tensors = _cast(tensors, dtype, adapter.path or None)
     meta = lora_metadata(adapter, layers, rank=rank, rel_error=rel_error, strength=strength, mode=mode, dtype=dtype)
     publish_safetensors(out, tensors, meta, inputs=(base, adapter.path or None), overwrite=overwrite,
                         what="LoRA file")

@@ -414,10 +414,21 @@ def _param(layer: OFTLayer, q: torch.Tensor, *, norm_bound: float | None = None,
     return q  # "matrix": the file stores R itself
 
 
-def _generator_of(r: torch.Tensor) -> torch.Tensor:
-    """Q with Cayley(Q) = R for a stored rotation R (inverse Cayley: Q = (R − I)(R + I)⁻¹)."""
+def _generator_of(r: torch.Tensor, *, layer: str | None = None) -> torch.Tensor:
+    """Q with Cayley(Q) = R for a stored rotation R (inverse Cayley: Q = (R − I)(R + I)⁻¹).
+
+    A block with an eigenvalue −1 (a half turn, e.g. R = −I, a valid rotation) has no generator: R + I is singular
+    (LAPACK stops, or returns Inf / NaN when rounding hides it). `OFTError` naming `layer`, never torch's error."""
     eye = _eye_like(r)
-    return _solve(r + eye, r - eye)  # (R + I)⁻¹(R − I): the factors commute
+    try:
+        q = _solve(r + eye, r - eye)  # (R + I)⁻¹(R − I): the factors commute
+    except RuntimeError:  # torch.linalg.LinAlgError: R + I singular
+        q = None
+    if q is None or not bool(torch.isfinite(q).all()):
+        raise OFTError("the stored rotation turns some block by half a turn (eigenvalue −1, R + I singular): it has "
+                       "no Cayley generator, so R to a power (orthogonal strength, a merge weight other than 1) is "
+                       "not defined for it; use strength mode kohya", layer=layer)
+    return q
 
 
 def rotation_blocks(
@@ -442,22 +453,56 @@ def rotation_blocks(
     for i, q in enumerate(gens):
         q = _constrain(layer, q.to(torch.float32), i)
         if mode == "orthogonal" and layer.parameterization == "matrix":
-            r = _cayley(_generator_of(q) * strength) if strength != 1 else q
+            r = _matrix_power(layer, q, strength) if strength != 1 else q
         elif mode == "orthogonal":
             bound = _norm_bound(layer, q, i)
-            r = _param(layer, q * strength if strength != 1 else q, sync_free=sync_free,
-                       norm_bound=None if bound is None else bound * abs(strength))
+            scaled = q * strength if strength != 1 else q
+            if scaled is not q and bound is None and not sync_free and not bool(torch.isfinite(scaled).all()):
+                # an unconstrained Q near float32's limit (a constraint bounds it: no read then) times the strength
+                raise OFTError(f"the layer's generator Q times strength {strength:g} (orthogonal mode) overflows "
+                               f"float32 (largest |Q| {float(q.abs().max()):.3g}); use a strength closer to 1 or "
+                               "strength mode kohya", layer=layer.key)
+            r = _param(layer, scaled, sync_free=sync_free, norm_bound=None if bound is None else bound * abs(strength))
         else:
             r = _param(layer, q, norm_bound=_norm_bound(layer, q, i), sync_free=sync_free)
             if strength != 1:
                 eye = _eye_like(r)
                 r = eye + strength * (r - eye)
+        if layer.parameterization != "cayley" and not sync_free:
+            _check_finite_rotation(layer, r, strength, mode)
         if layer.transpose:
             r = r.transpose(-1, -2)
         if layer.kind == "diag" and r.shape[0] != layer.num_blocks[i]:  # PEFT block_share
             r = r.expand(layer.num_blocks[i], -1, -1)
         out.append(r)
     return out
+
+
+def _matrix_power(layer: OFTLayer, r: torch.Tensor, strength: float) -> torch.Tensor:
+    """A stored R ("matrix") at orthogonal strength s: Cayley(s·Q), Q its inverse Cayley. LyCORIS 2.0 trained R as a
+    free matrix, so Q need not be skew, and I − s·Q can be singular (an eigenvalue λ of R with (λ − 1)/(λ + 1) =
+    1/s, e.g. R = 3I at s = 2): refused naming the layer instead of torch's solver error or NaN."""
+    q = _generator_of(r, layer=layer.key) * strength
+    try:
+        out = _cayley(q)
+    except RuntimeError:  # torch.linalg.LinAlgError: I − s·Q singular
+        out = None
+    if out is None or not bool(torch.isfinite(out).all()):
+        raise OFTError(f"the stored matrix (LyCORIS oft_diag) has no orthogonal power at strength {strength:g}: it is "
+                       "not a rotation, and I − s·Q (Q its inverse Cayley) is singular there; use strength mode "
+                       "kohya or another strength", layer=layer.key)
+    return out
+
+
+def _check_finite_rotation(layer: OFTLayer, r: torch.Tensor, strength: float, mode: str) -> None:
+    """A Cayley–Neumann series or a stored R at a strength ≠ 1 can overflow float32 although the file's values are
+    finite (their size is checked at strength 1 when the file is read, `spec._check_magnitudes`): refused here,
+    naming the layer, before any weight is written and in the bypass path too (which has no result to check). One
+    host read per split; never on the trainer's `sync_free` path, and the Cayley map (always finite) has none."""
+    if not bool(torch.isfinite(r).all()):
+        what = "Cayley–Neumann series" if layer.parameterization == "neumann" else "stored rotation matrix"
+        raise OFTError(f"the layer's {what} overflows float32 at strength {strength:g} ({mode} mode): its rotation "
+                       "holds Inf / NaN; use a strength closer to 1", layer=layer.key)
 
 
 def _cayley_method(b: int, rho: float | None):
@@ -749,9 +794,12 @@ def _check_result(layer: OFTLayer, result: torch.Tensor, was_finite: bool | torc
     else:
         overflowed = was_finite and not _all_finite(result)
     if overflowed:
+        scale = layer.row_scale
+        big = None if scale is None else float(scale.abs().max())
+        why = f"; its row scale (rescale / oft_s) reaches {big:.3g}" if big is not None and big > 1 else ""
         raise OFTError(f"the adapted weight {tuple(result.shape)} ({str(result.dtype).replace('torch.', '')}) would "
                        f"hold NaN or Inf values at strength {strength:g}, while the weight had none: it overflows "
-                       "its dtype; use a smaller strength", layer=layer.key)
+                       f"its dtype; use a smaller strength{why}", layer=layer.key)
 
 
 def _rotate(layer, strength, mode, blocks, src: torch.Tensor, dst: torch.Tensor) -> None:

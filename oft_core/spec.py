@@ -190,8 +190,9 @@ def make_layer(
     already skew-symmetric (parameterization cayley / neumann), or the rotations R themselves (matrix).
 
     One check per concern, in this order (the first failing one is raised, naming file and layer): the enumerations,
-    the block tensors, the block counts, the butterfly layout, the parameterization, the constraint, the row
-    scale. tests/test_bad_input.py and tests/test_fail_closed.py pin the messages."""
+    the block tensors, the block counts, the butterfly layout, the parameterization, the constraint, the finite
+    magnitudes the math cannot take (`_check_magnitudes`), the row scale. tests/test_bad_input.py,
+    tests/test_fail_closed.py and tests/test_hostile_magnitudes.py pin the messages."""
 
     def fail(msg: str):
         raise OFTError(msg, path=path, layer=key or name)
@@ -203,6 +204,8 @@ def make_layer(
         _check_butterfly(gens, num_blocks, side, fail)
     coeffs = _checked_parameterization(parameterization, neumann_coeffs, constraint, fail)
     constraint = _checked_constraint(constraint or Constraint(), gens, num_blocks, fail)
+    _check_magnitudes(gens, num_blocks, constraint, parameterization, coeffs,
+                      blocks.finite if isinstance(blocks, _Blocks) else None, fail)
     dim = sum(n * int(g.shape[-1]) for g, n in zip(gens, num_blocks))
     row_scale = _checked_row_scale(row_scale, side, dim, fail)
     return OFTLayer(
@@ -241,10 +244,12 @@ def _make_layers(
 
     The same checks, run once per distinct input: every check of `make_layer` depends only on the `common` fields,
     each generator's type, shape, dtype and requires_grad, the finiteness flags and the constraint (never on a
-    layer's name, key or source, nor on the values beyond the flags). So the first row of each distinct such
-    signature goes through `make_layer` itself, and every later row of that signature passes the same checks and is
-    built like it. Rows are checked in order: the error raised is the first failing row's, as when each layer is
-    built in turn (tests/test_batched_read.py feeds the same bad values through both).
+    layer's name, key or source, nor on the values beyond the flags, when they are all true). So the first row of
+    each distinct such signature goes through `make_layer` itself, and every later row of that signature passes the
+    same checks and is built like it; a row with a false flag (NaN / Inf, or a norm beyond float32: which one, only
+    its values say) always goes through `make_layer` itself. Rows are checked in order: the error raised is the first
+    failing row's, as when each layer is built in turn (tests/test_batched_read.py feeds the same bad values through
+    both).
 
     `facts` (optional): per row, `_tensor_facts` of its one generator as the caller already knows it (the views of
     one unbound batch share one such tuple), so that 100,000 rows need no four attribute reads each."""
@@ -264,8 +269,9 @@ def _make_layers(
         layer = make_layer(path=path, name=names[i], key=keys[i], blocks=_Blocks(blocks[i], finite[i]),
                            constraint=constraints[i], source=sources[i], **common)
         # later rows are built like it only when make_layer kept the caller's tensors as they are (fp32, no grad)
-        # and made no row scale of its own
-        if layer.row_scale is None and all(a is b for a, b in zip(layer.blocks, blocks[i])):
+        # and made no row scale of its own, and its flags were all true (a false flag is looked at value by value:
+        # NaN / Inf, or a norm beyond float32, see `_check_magnitudes`)
+        if layer.row_scale is None and all(a is b for a, b in zip(layer.blocks, blocks[i])) and all(finite[i]):
             first[i] = layer
     new, set_fields = object.__new__, object.__setattr__
     out = []
@@ -339,14 +345,19 @@ class _Blocks(tuple):
 
 
 def _finite_each(stacked: torch.Tensor) -> list[bool]:
-    """Per index of the first axis of `stacked` (many layers' stored blocks of one shape, fp32): no NaN / Inf. A meta
-    batch (a structure-only skeleton) counts as finite, as `make_layer` counts a meta tensor."""
+    """Per index of the first axis of `stacked` (many layers' stored blocks of one shape, fp32): no NaN / Inf, and a
+    Frobenius norm that fits in float32 (the norm clamp divides by it; `_check_magnitudes` says which of the two a
+    false flag means). A meta batch (a structure-only skeleton) counts as finite, as `make_layer` counts a meta
+    tensor."""
     n = int(stacked.shape[0])
     if stacked.device.type == "meta" or stacked.numel() == 0:
         return [True] * n
-    if bool(torch.isfinite(stacked.sum())):  # a NaN or Inf anywhere makes the sum one (a finite sum proves all
-        return [True] * n  # finite; an overflowing sum of finite values only costs the per-layer check below)
-    return torch.isfinite(stacked).reshape(n, -1).all(1).tolist()
+    flat = stacked.reshape(-1)
+    # Σ x² over the batch: a NaN or Inf anywhere makes it one, and no row's exceeds it (the norm clamp's ‖Q‖ = √Σ x²
+    # in float32); one BLAS dot, as fast as a sum (a vector_norm took twice as long). Non-finite: per-row norms below
+    if bool(torch.isfinite(torch.dot(flat, flat))):
+        return [True] * n
+    return torch.isfinite(torch.linalg.vector_norm(stacked.reshape(n, -1), dim=1)).tolist()
 
 
 def _check_choices(component: str, side: str, kind: str, fail) -> None:
@@ -376,7 +387,7 @@ def _checked_blocks(blocks: Sequence[torch.Tensor], kind: str, fail) -> list[tor
         g = g.detach() if g.requires_grad else g
         g = g if g.dtype == torch.float32 else g.to(torch.float32)
         finite = known[i] if known is not None else g.device.type == "meta" or bool(torch.isfinite(g).all())
-        if not finite:
+        if not finite and not (known is not None and _norm_overflows(g)):  # a false flag may mean a huge norm only
             fail(f"split {i} blocks contain NaN or Inf values: the file is damaged or the training diverged")
         gens.append(g)
     if kind == "butterfly" and len(gens) != 1:
@@ -442,6 +453,79 @@ def _checked_constraint(constraint: Constraint, gens: list[torch.Tensor], num_bl
     if constraint.kind == "block_projection" and constraint.value > _FP32_MAX:
         fail(_mismatch(what, f"at most {_FP32_MAX:.3g} (it must fit in float32)", f"{constraint.value:g}"))
     return constraint
+
+
+def _norm_overflows(g: torch.Tensor) -> bool:
+    """All of `g`'s values are finite but its Frobenius norm is not, in float32 (‖g‖² beyond 3.4·10³⁸)."""
+    return bool(torch.isfinite(g).all()) and not bool(torch.isfinite(torch.linalg.vector_norm(g)))
+
+
+def _check_magnitudes(gens: list[torch.Tensor], num_blocks: tuple[int, ...], constraint: Constraint,
+                      parameterization: str, coeffs: tuple[float, ...], finite: tuple[bool, ...] | None,
+                      fail) -> None:
+    """Finite values whose size still breaks the math in float32, refused by name instead of giving a silently
+    wrong rotation (a finite value is otherwise never refused: the Cayley map is defined for every skew Q, a stored
+    R is applied as it is):
+
+    - a constraint divides Q by its norm (‖Q‖_F of the split, or of each block for COFT); when that norm overflows
+      float32 (values ≳ 10¹⁹) sd-scripts, LyCORIS and PEFT compute it as Inf and scale Q by c/Inf = 0: the layer
+      silently becomes the identity. Its right value (Q scaled down to the bound) is not what any of them computes,
+      so the file is refused;
+    - the Cayley–Neumann series Σ c_k Q^k (PEFT) of the constrained Q overflows float32 (then PEFT's own R holds Inf
+      and NaN): refused when Σ |c_k|·ρ^k, ρ the largest block's ‖Q_i‖_F after the constraint, exceeds float32's
+      largest value (that bounds every entry and every partial sum of the series' products, so below it the series
+      is finite; above it, for ρ ≥ 10⁹ with 5 terms, its entries are ~10³⁶ and any weight it multiplies overflows).
+
+    `finite`: the batched flags (`_Blocks`); a true flag proves the split's norm finite, so nothing is computed."""
+    for i, (g, n) in enumerate(zip(gens, num_blocks)):
+        if g.device.type == "meta":
+            continue
+        if constraint.kind != "none" and (finite is None or not finite[i]):
+            norms = torch.linalg.vector_norm(g) if constraint.kind == "norm_clamp" else torch.linalg.matrix_norm(g)
+            if not bool(torch.isfinite(norms).all()):
+                which = "‖Q‖_F of the split" if constraint.kind == "norm_clamp" else "a block's ‖Q_i‖_F"
+                fail(f"split {i}: " + _norm_overflow_text(which, g, constraint))
+        if parameterization != "neumann":
+            continue
+        rho = float(torch.linalg.matrix_norm(g).max())  # ≥ every block's spectral norm
+        if constraint.kind == "norm_clamp":
+            rho = min(float(torch.linalg.vector_norm(g)), constraint.value * n * int(g.shape[-1]))
+        elif constraint.kind == "block_projection":
+            rho = min(rho, constraint.value / math.sqrt(g.shape[-3]))
+        if _series_bound(coeffs, rho) > _FP32_MAX:
+            limit = _largest_series_norm(coeffs)
+            fail(_mismatch(f"split {i}: Cayley–Neumann series of {len(coeffs)} terms", f"blocks with ‖Q_i‖_F ≤ "
+                           f"{limit:.3g} (after the constraint), so that Σ c_k Q^k fits in float32 (PEFT itself gets "
+                           "Inf / NaN weights beyond)",
+                           f"‖Q_i‖_F up to {rho:.3g}" if math.isfinite(rho) else "‖Q_i‖_F beyond float32"))
+
+
+def _norm_overflow_text(which: str, g: torch.Tensor, constraint: Constraint) -> str:
+    """The refusal of a constrained layer whose norm overflows float32 (also PEFT ≤ 0.15's projection of A)."""
+    return (f"{which} overflows float32 (largest |value| {float(g.abs().max()):.3g}): the constraint "
+            f"({constraint.describe()}) divides by that norm, which sd-scripts, LyCORIS and PEFT compute as Inf, "
+            "silently turning the layer into the identity; the file is damaged or the training diverged")
+
+
+def _series_bound(coeffs: Sequence[float], rho: float) -> float:
+    """Σ |c_k|·ρ^k in float64, Inf once it passes float32's largest value (no Python OverflowError)."""
+    total, power = 0.0, 1.0
+    for k, c in enumerate(coeffs):
+        if k:
+            power *= rho
+        total += abs(c) * power
+        if not total <= _FP32_MAX:
+            return math.inf
+    return total
+
+
+def _largest_series_norm(coeffs: Sequence[float]) -> float:
+    """The largest ρ with `_series_bound(coeffs, ρ)` ≤ float32's largest value (bisection on a log scale)."""
+    lo, hi = 0.0, _FP32_MAX
+    for _ in range(200):
+        mid = math.sqrt(max(lo, 1e-300) * hi)
+        lo, hi = (mid, hi) if _series_bound(coeffs, mid) <= _FP32_MAX else (lo, mid)
+    return lo
 
 
 def _checked_row_scale(row_scale: torch.Tensor | None, side: str, dim: int, fail) -> torch.Tensor | None:

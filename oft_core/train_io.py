@@ -74,7 +74,7 @@ def _as_cayley(layer: OFTLayer, gens: list[torch.Tensor]) -> tuple[OFTLayer, lis
         trained = [b.cpu() for b in rotation_blocks(layer, blocks=gens)]  # (Rᵀ per block)
         new = []
         for r in trained:
-            q = _skew(_generator_of(r.transpose(-1, -2))) / 2  # R = Cayley(Q'), Q' skew part
+            q = _skew(_generator_of(r.transpose(-1, -2), layer=layer.key)) / 2  # R = Cayley(Q'), Q' skew part
             new.append(q)
             worst = max(worst, float((_cayley(q).transpose(-1, -2) - r).abs().max()))
     return layer.with_(parameterization="cayley", neumann_coeffs=(), constraint=Constraint()), new, worst

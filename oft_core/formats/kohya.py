@@ -29,7 +29,7 @@ import torch
 from ..errors import OFTError
 from ..rotation import _constrain, _skew
 from ..safetensors_io import _DTYPE_SHAPE, _FileTensors, _Header, _stack_values
-from ..spec import Constraint, OFTAdapter, OFTLayer, _finite_each, _make_layers, _tensor_facts
+from ..spec import _FP32_MAX, Constraint, OFTAdapter, OFTLayer, _finite_each, _make_layers, _tensor_facts
 from . import _write as w
 
 log = logging.getLogger(__name__)
@@ -386,6 +386,11 @@ def _fits(layer: OFTLayer, gens: list[torch.Tensor], alpha: float) -> bool:
     return True
 
 
+def _norm_text(gens: list[torch.Tensor]) -> str:
+    n = max(float(torch.norm(q.flatten())) for q in gens)
+    return f"{n:.3g}" if math.isfinite(n) else "beyond float32"
+
+
 def _kohya_alpha(layers: dict[str, OFTLayer], gens: dict[str, list[torch.Tensor]]) -> tuple[float, dict]:
     """One alpha for the whole file (sd-scripts builds every module with the first `.alpha` it reads).
 
@@ -408,6 +413,14 @@ def _kohya_alpha(layers: dict[str, OFTLayer], gens: dict[str, list[torch.Tensor]
         baked[k] = g
         for i, q in enumerate(g):
             ratio = max(ratio, float(torch.norm(q.flatten())) / layer.split_sizes[i])
+    widest = max(size for layer in layers.values() for size in layer.split_sizes)
+    if not ratio * 4 * widest <= _FP32_MAX:  # ‖Q‖ beyond float32, or an alpha × width that float32 cannot hold
+        worst = max(layers, key=lambda k: max(float(torch.norm(q.flatten())) / s
+                                              for q, s in zip(baked[k], layers[k].split_sizes)))
+        raise OFTError(f"cannot be written as kohya without changing the rotation: {layers[worst].key}: its ‖Q‖_F "
+                       f"({_norm_text(baked[worst])}) needs an alpha whose "
+                       "bound alpha × width float32 cannot hold (sd-scripts always clamps ‖Q‖ at alpha × width); "
+                       "write it as LyCORIS (alpha 0: no constraint) or PEFT")
     alpha = 1e-3 if ratio == 0 else 2.0 ** math.ceil(math.log2(2 * ratio))
     for k, layer in layers.items():
         if not _fits(layer, baked[k], alpha):  # cannot happen with the factor 2; checked, never assumed
@@ -462,7 +475,10 @@ def write(adapter: OFTAdapter, out, *, overwrite: bool = False, metadata: Mappin
     flux = _looks_flux(adapter) if flux is None else flux
     w.check_all(adapter, "kohya", lambda layer: _why_not(layer, flux))
     named = w.underscored_unique(adapter, lambda layer: _PREFIX)
-    alpha, gens = _generators(named)
+    try:
+        alpha, gens = _generators(named)
+    except OFTError as e:  # name the adapter's file
+        raise OFTError(e.detail, path=e.path or adapter.path or None, layer=e.layer) from None
     alpha32 = torch.tensor(alpha, dtype=torch.float32)
     tensors = {}
     for key, g in gens.items():

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import OFTError
 from ..safetensors_io import _Header, _parse_json
-from ..spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, make_layer
+from ..spec import Constraint, OFTAdapter, OFTLayer, _neumann_coefficients, _norm_overflow_text, make_layer
 from . import _write as w
 from ._keys import group_by_layer
 from ._triangle import block_size_of, pack_upper, unpack_upper
@@ -247,6 +247,9 @@ def _legacy_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
         _check_layout(st.cfg, int(a.shape[0]), int(a.shape[-1]), shared, st.cfg_path, key)
     a = a.to(torch.float32)
     if st.coft:
+        if bool(torch.isfinite(a).all()) and not bool(torch.isfinite(torch.linalg.matrix_norm(a)).all()):
+            raise OFTError(_norm_overflow_text("a block's ‖A_i‖_F", a, Constraint("block_projection", st.eps)),
+                           path=st.path, layer=key)
         a = _project_legacy(a, st.eps)
     s = parts.get("oft_s")
     if st.fmt == "peft_legacy_0.15" and s is None:
