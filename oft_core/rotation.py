@@ -672,17 +672,25 @@ _SOLVE_MIN_BLOCK = 512
 
 
 def _rotate_by_solving(layer: OFTLayer, strength: float, mode: _StrengthMode, src: torch.Tensor,
-                       dst: torch.Tensor) -> None:
+                       dst: torch.Tensor) -> bool:
     """dst ← M·src with M = blockdiag(B), B = R or Rᵀ, without forming R: with A = I − Q (R) or I + Q (Rᵀ = Cayley(−Q)),
-    R·W = 2A⁻¹W − W, so W' = W + 2s(A⁻¹W − W) (kohya strength s) or 2A⁻¹W − W with Q scaled by s (orthogonal)."""
+    R·W = 2A⁻¹W − W, so W' = W + 2s(A⁻¹W − W) (kohya strength s) or 2A⁻¹W − W with Q scaled by s (orthogonal).
+
+    The solve eliminates without pivoting, like `_inverse_positive_real`: False, with nothing written, when a block's
+    ‖Q_i‖_F (constrained, scaled) is beyond `_BLOCK_ELIMINATION_MAX_NORM` (one host read per split; a file's huge
+    generators: 512-wide blocks at ‖Q‖_F = 1e4 came out 25× less accurate than the pivoted solve); the caller then
+    builds R by `_cayley_method`'s route."""
+    gens = []
+    for i, q in enumerate(layer.blocks):
+        q = _constrain(layer, q.to(device=src.device, dtype=torch.float32), i)
+        gens.append(q * strength if mode == "orthogonal" else q)
+        if gens[-1].numel() and not float(torch.linalg.matrix_norm(gens[-1]).max()) <= _BLOCK_ELIMINATION_MAX_NORM:
+            return False
     scale = _row_scale(layer)
     scale = None if scale is None else scale.to(device=src.device, dtype=torch.float32)
     cols = src.shape[1]
     start = 0
-    for i, (q, n, b) in enumerate(zip(layer.blocks, layer.num_blocks, layer.block_sizes)):
-        q = _constrain(layer, q.to(device=src.device, dtype=torch.float32), i)
-        if mode == "orthogonal":
-            q = q * strength
+    for q, n, b in zip(gens, layer.num_blocks, layer.block_sizes):
         sign = -1.0 if layer.transpose else 1.0
         eye = _eye_like(q)
         step = _chunk_blocks(n, b * cols)
@@ -698,6 +706,7 @@ def _rotate_by_solving(layer: OFTLayer, strength: float, mode: _StrengthMode, sr
                 y.mul_(scale[span].view(m, b, 1))
             dst[span].copy_(y.view(m * b, cols))
         start += n * b
+    return True
 
 
 def rotate_weight(
@@ -803,8 +812,8 @@ def _check_result(layer: OFTLayer, result: torch.Tensor, was_finite: bool | torc
 
 
 def _rotate(layer, strength, mode, blocks, src: torch.Tensor, dst: torch.Tensor) -> None:
-    if blocks is None and _solves_directly(layer, *src.shape):
-        _rotate_by_solving(layer, float(strength), mode, src, dst)
+    if blocks is None and _solves_directly(layer, *src.shape) and _rotate_by_solving(layer, float(strength), mode,
+                                                                                     src, dst):
         return
     if blocks is None:
         blocks = rotation_blocks(layer, strength, mode)

@@ -467,3 +467,31 @@ def test_a_patch_on_an_accelerator_reads_its_finite_checks_from_the_device_once(
     with count_reads() as reads:  # the CPU path reads a chunk at a time (a small mask): more than one read
         rotation.rotate_weight_(layer, w.clone(), 1.0, blocks=rotation.rotation_blocks(layer, 1.0, "kohya"))
     assert sum(reads.values()) >= 2
+
+
+@pytest.mark.parametrize("norm", [10.0, 1e4, 1e8])
+def test_solving_against_w_only_where_its_elimination_is_accurate(norm, monkeypatch):
+    """`_rotate_by_solving` eliminates without pivoting: taken only while every block's ‖Q_i‖_F (constrained, scaled)
+    is ≤ `_BLOCK_ELIMINATION_MAX_NORM`; beyond, the merge builds R by the pivoted solve, as `rotation_blocks` does
+    (before: 512-wide blocks at 1e4 came out ~25× less accurate than the fp32 solve)."""
+    import oft_core.rotation as rot
+
+    calls = []
+    solving = rot._rotate_by_solving
+    monkeypatch.setattr(rot, "_rotate_by_solving", lambda *a: calls.append(solving(*a)) or calls[-1])
+    torch.manual_seed(11)
+    b = 512
+    q = _skew(torch.randn(2, b, b, dtype=torch.float64))
+    q = (q * (norm / torch.linalg.matrix_norm(q, keepdim=True))).float()
+    layer = make_layer(path="huge.safetensors", name="x", side="out", blocks=[q], transpose=False)
+    w = torch.randn(2 * b, 256)
+    assert rot._solves_directly(layer, *w.shape)
+    merged = rotate_weight(layer, w)
+    assert calls == [norm <= rot._BLOCK_ELIMINATION_MAX_NORM]
+    eye = torch.eye(b, dtype=torch.float64)
+    m = torch.block_diag(*[torch.linalg.solve(eye - x, eye + x) for x in q.double()])
+    ref = m @ w.double()
+    e32 = torch.eye(b)
+    m32 = torch.block_diag(*[torch.linalg.solve(e32 - x, e32 + x) for x in q])
+    err, err_solve = _rel(merged, ref), _rel(m32 @ w, ref)
+    assert err <= 2 * err_solve + 1e-6, (err, err_solve)
