@@ -13,7 +13,8 @@ import torch
 
 from .errors import OFTError, _mismatch
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
-from .rotation import _cayley, _generator_of, _skew, rotation_blocks
+from .formats.kohya import UNCONSTRAINED_METADATA
+from .rotation import _cayley, _constrain, _generator_of, _skew, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer
 
 if TYPE_CHECKING:  # (train imports this module)
@@ -87,8 +88,9 @@ def _resume_trainer(trainer: OFTTrainer, adapter: OFTAdapter, names: Mapping[str
     path = adapter.path or None
     pairs = _resume_pairs(trainer, adapter, names, path)
     new = []
+    encoded_none = adapter.metadata.get(UNCONSTRAINED_METADATA) == "true"
     for tl, layer in pairs:
-        _check_resumable(tl, layer, trainer.alpha, path)
+        _check_resumable(tl, layer, trainer.alpha, path, encoded_none)
         new.append([_packed(q) for q in layer.blocks])
     with torch.no_grad():
         for tl, vals in zip(trainer.layers, new):
@@ -122,9 +124,12 @@ def _resume_pairs(trainer: OFTTrainer, adapter: OFTAdapter, names: Mapping[str, 
     return [(tl, theirs[("unet", _key(want[tl.path]))]) for tl in trainer.layers]
 
 
-def _check_resumable(tl: _TrainedLayer, layer: OFTLayer, alpha: float, path: str | None) -> None:
+def _check_resumable(tl: _TrainedLayer, layer: OFTLayer, alpha: float, path: str | None,
+                     encoded_none: bool = False) -> None:
     """The adapter's `layer` is what `tl` trains: kohya convention, Cayley, no rescale, the same splits, blocks
-    and constraint (alpha compared in fp32, as kohya stores it)."""
+    and constraint (alpha compared in fp32, as kohya stores it). `encoded_none`: the file says its clamps encode "no
+    constraint" (`kohya.UNCONSTRAINED_METADATA`, our kohya writer): for an unconstrained trainer (alpha 0) a layer
+    whose clamp leaves its generators as they are is unconstrained (an alpha-0 run resumes its own kohya file)."""
 
     def fail(msg):
         raise OFTError("resume: " + msg, path=path, layer=layer.name)
@@ -143,6 +148,10 @@ def _check_resumable(tl: _TrainedLayer, layer: OFTLayer, alpha: float, path: str
     if found != mine:
         fail(_mismatch("blocks per split × block size", " ".join(f"{n}×{b}" for n, b in zip(*mine)),
                       " ".join(f"{n}×{b}" for n, b in zip(*found))))
+    if alpha == 0 and encoded_none and layer.constraint.kind == "norm_clamp" and all(
+            torch.equal(_constrain(layer, q.to(torch.float32), i), q.to(torch.float32))
+            for i, q in enumerate(layer.blocks)):
+        return
     theirs_alpha = layer.constraint.value if layer.constraint.kind == "norm_clamp" else 0.0
     if layer.constraint.kind not in ("none", "norm_clamp") or \
             float(torch.tensor(theirs_alpha, dtype=torch.float32)) != alpha:

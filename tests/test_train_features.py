@@ -223,6 +223,36 @@ def test_resume_continues_the_adapter_and_carries_its_steps(comfy, tn, tmp_path)
     assert_weights_equal(mp, before)
 
 
+def test_an_unconstrained_run_resumes_its_own_kohya_file(comfy, tn, tmp_path):
+    """kohya has no "no constraint": an alpha-0 adapter is written with an alpha whose clamp never bites, and says so
+    in its metadata; resuming it with alpha 0 continues it (it was refused: "expected 0, found ‖Q‖ ≤ 0.0625·dim").
+    A file with a real constraint is still refused by an alpha-0 run, and so is the marked file by a constrained
+    run."""
+    from comfyui_oft.oft_core import load_adapter
+    from comfyui_oft.oft_core.formats import write_adapter
+
+    mp = comfy_models.sd15_tiny()
+    latents, positive = sd_data()
+    _, first, _ = run_node(tn, mp, latents, positive, steps=3, constraint=0.0)
+    assert all(layer.constraint.kind == "none" for layer in first.layers.values())
+    path = write_adapter(first, tmp_path / "free.safetensors", "kohya")
+    loaded = load_adapter(path)
+    assert loaded.metadata["comfyui_oft.unconstrained"] == "true"
+    assert {layer.constraint.kind for layer in loaded.layers.values()} == {"norm_clamp"}
+    _, again, _ = run_node(tn, mp, latents, positive, steps=1, constraint=0.0, learning_rate=1e-7,
+                           optimizer="SGD", resume_from=loaded)
+    assert max_diff(gens(again), gens(first)) < 1e-6
+    assert max(float(g.abs().max()) for gl in gens(first).values() for g in gl) > 1e-3
+    assert again.metadata["ss_steps"] == "4"
+    with pytest.raises(ValueError, match=r"constraint \(alpha\): expected 0.01, found ‖Q‖ ≤ 0.0625·dim"):
+        run_node(tn, mp, latents, positive, steps=1, constraint=1e-2, resume_from=loaded)
+    _, held, _ = run_node(tn, mp, latents, positive, steps=1, constraint=1e-2)
+    real = load_adapter(write_adapter(held, tmp_path / "held.safetensors", "kohya"))
+    assert "comfyui_oft.unconstrained" not in real.metadata
+    with pytest.raises(ValueError, match=r"constraint \(alpha\): expected 0, found ‖Q‖ ≤ 0.01·dim"):
+        run_node(tn, mp, latents, positive, steps=1, constraint=0.0, resume_from=real)
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(num_blocks=2), r"blocks per split × block size: expected 2×\d+, found 4×\d+"),
     (dict(constraint=0.0), r"constraint \(alpha\): expected 0, found ‖Q‖ ≤ 0.01·dim"),
