@@ -124,17 +124,24 @@ def test_an_alpha_near_the_float32_limit_is_a_clamp_that_never_bites(tmp_path):
         assert torch.equal(rotate_weight(layer, w, strength, mode), rotate_weight(free, w, strength, mode))
 
 
-def test_an_overflowing_norm_is_kept_when_no_constraint_divides_by_it(tmp_path):
-    """LyCORIS alpha 0 (no constraint): the norm is never taken, so a huge Q is read as it is (its Cayley map is
-    defined for every Q)."""
+def _unconstrained_lycoris_at(folder, peak: float):
+    """The LyCORIS fixture with alpha 0 (no constraint) and every `.oft_blocks` scaled to entries up to `peak`,
+    written as `folder`/noclamp.safetensors: (its path, its tensors)."""
     sd = load_file(str(LYCORIS.adapter))
     for k in list(sd):
         if k.endswith(".alpha"):
             sd[k] = torch.tensor(0.0)
         elif k.endswith(".oft_blocks"):
-            sd[k] = sd[k] / sd[k].abs().max() * 1e19
-    path = tmp_path / "noclamp.safetensors"
+            sd[k] = sd[k] / sd[k].abs().max() * peak
+    path = folder / "noclamp.safetensors"
     save_file(sd, str(path))
+    return path, sd
+
+
+def test_an_overflowing_norm_is_kept_when_no_constraint_divides_by_it(tmp_path):
+    """LyCORIS alpha 0 (no constraint): the norm is never taken, so a huge Q is read as it is (its Cayley map is
+    defined for every Q)."""
+    path, sd = _unconstrained_lycoris_at(tmp_path, 1e19)
     adapter = load_adapter(path)
     for layer in adapter:
         assert layer.constraint.kind == "none"
@@ -428,14 +435,7 @@ def test_kohya_cannot_hold_an_unconstrained_layer_whose_norm_overflows(tmp_path)
     """kohya always clamps ‖Q‖ at alpha × width, so an unconstrained layer is written with an alpha large enough
     never to clamp; for ‖Q‖ beyond float32 there is none: before, `OverflowError: cannot convert float infinity to
     integer` (a traceback); now a refusal naming the layer, nothing written. LyCORIS (alpha 0) holds it exactly."""
-    sd = load_file(str(LYCORIS.adapter))
-    for k in list(sd):
-        if k.endswith(".alpha"):
-            sd[k] = torch.tensor(0.0)
-        elif k.endswith(".oft_blocks"):
-            sd[k] = sd[k] / sd[k].abs().max() * 1e19
-    src = tmp_path / "noclamp.safetensors"
-    save_file(sd, str(src))
+    src, _ = _unconstrained_lycoris_at(tmp_path, 1e19)
     adapter = load_adapter(src)
     out = tmp_path / "k.safetensors"
     with pytest.raises(OFTError, match=r"cannot be written as kohya without changing the rotation: lycoris_.*: its "
@@ -592,14 +592,7 @@ def test_the_cli_refuses_hostile_magnitudes_in_one_line_and_writes_nothing(tmp_p
     scene.track(d)
     scene.refused(["inspect", d], capsys, "Cayley–Neumann series of 5 terms", "4.29e+09")
     src = scene.track(_kohya_file(scene.dir / "ok.safetensors", 1e-3 * torch.randn(8, 40, 40, generator=_gen())))
-    sd = load_file(str(LYCORIS.adapter))
-    for k in list(sd):
-        if k.endswith(".alpha"):
-            sd[k] = torch.tensor(0.0)
-        elif k.endswith(".oft_blocks"):
-            sd[k] = sd[k] / sd[k].abs().max() * 1e19
-    noclamp = scene.dir / "noclamp.safetensors"
-    save_file(sd, str(noclamp))
+    noclamp, _ = _unconstrained_lycoris_at(scene.dir, 1e19)
     scene.track(noclamp)
     out = scene.dir / "out.safetensors"
     scene.refused(["convert", noclamp, "--to", "kohya", "--out", out], capsys, str(noclamp),
