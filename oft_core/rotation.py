@@ -294,13 +294,16 @@ def _eliminates(b: int) -> bool:
 # with ‖Q‖ where the solve's stays flat, and a file's finite but huge generators turned them into NaN (8×8 blocks at
 # ‖Q_i‖_F = 1e30) or into matrices that are not rotations (300×300 at 1e8: errors of 13). Max error against fp64,
 # fp32, over ‖Q_i‖_F (tests/test_cayley_small.py and tests/test_rotation.py hold the limits):
-# - blocks of 8–15 (3000 random blocks of each size per norm): elimination / solve 1.0–1.1× at 1, ≤ 1.04× at 10,
-#   ≤ 1.8× at 16 (1.5e-6), 2.4× at 20, 3.4× at 32, 5.3× at 50, 7.7× at 100 (3.2e-5), 7e-5 at 1e4: limit 16;
+# - blocks of 8–15 (3000 random blocks of each size per norm, two draws): elimination / solve 1.0–1.1× at 1,
+#   ≤ 1.04× at 10, ≤ 1.8× at 16, 2.3–2.4× at 20, ≤ 2.7× at 22–24 (≤ 2.9e-6), 3.8× at 28, 3.4–5.3× at 32, 7.7× at 100
+#   (3.2e-5), 7e-5 at 1e4: limit 24, where the elimination's worst case stays within 3× the solve's, at a few fp32
+#   ulps of the rotation's entries (the trainers' own fp32 products round more);
 # - blocks of 97–640 (`_inverse_positive_real`, its leaves inverted in fp64): at or below the fp32 solve's error up
 #   to 1000 (≤ 5.1e-6), 1.5–5.6× above it at 3000, 1e-3 at 1e4 (b = 300): limit 1000.
-# Training bounds (alpha·split width) stay below both for kohya's alpha = 1e-3 up to 16000-wide splits (FLUX.1
-# kohya splits: 3072 and 12288; its 18432-wide modulation outputs and the race's fused 21504 take the solve).
-_ELIMINATION_MAX_NORM = 16.0
+# Training bounds (alpha·split width) stay below both for kohya's alpha = 1e-3 up to 24000-wide splits (FLUX.1's
+# widest output, linear1 fused: 21504). At a limit of 16 the FLUX race's 18432-wide modulations and fused linear1 took
+# the solve: its block nodes' forward took 120–136 ms a step, 74 at 24.
+_ELIMINATION_MAX_NORM = 24.0
 _BLOCK_ELIMINATION_MAX_NORM = 1000.0
 
 
@@ -312,7 +315,7 @@ def _cayley_eliminated(q: torch.Tensor) -> torch.Tensor:
     No pivoting is safe because the symmetric part of I − Q is I: so is that of every Schur complement, no pivot is
     below 1 (see `_inverse_positive_real`). Its growth does grow with ‖Q‖ (pivoted LU's error ∝ κ(A) = √(1 + ‖Q‖₂²)
     ε, this one's ∝ ‖Q‖² ε): against fp64 its max error is the fp32 LAPACK solve's (0.6–1.2× of it, ≤ 5.2·10⁻⁷) for
-    ‖Q‖_F up to 5, ≤ 1.8× at 16, 3–7.5× at 100 (3.2·10⁻⁵; 3000 random blocks of each size 8–15 per norm), NaN at
+    ‖Q‖_F up to 5, ≤ 2.7× at 24, 3–7.5× at 100 (3.2·10⁻⁵; 3000 random blocks of each size 8–15 per norm), NaN at
     1e30: `_cayley_value` takes it only up to `_ELIMINATION_MAX_NORM` (tests/test_cayley_small.py). Q = 0 gives I
     exactly.
 

@@ -4,7 +4,7 @@ batched solve for the others and above that norm.
 
 Pinned: values against fp64 for every small size and norms from those training and files meet to huge finite ones
 (1e30), no worse than the fp32 LAPACK solve beyond a small factor where the elimination is taken (equal up to
-‖Q‖_F = 5, ≤ 2.5× at the limit) and equal to it bit for bit above; Q = 0 gives I bit for bit; R is orthogonal to
+‖Q‖_F = 5, ≤ 3× near the limit) and equal to it bit for bit above; Q = 0 gives I bit for bit; R is orthogonal to
 fp32 rounding; batch shapes (empty, leading axes, one matrix, non-contiguous input); a matrix's values do not depend
 on its place in the batch or the thread count (what lets the trainer's block node batch several layers:
 tests/test_train_unit_blocks.py); fp64 input; gradients in closed form (`_CayleyMap`), checked against fp64 autograd
@@ -60,15 +60,16 @@ def test_the_elimination_takes_blocks_of_8_to_15():
 
 
 # ‖Q‖_F per block → how far the error against fp64 may exceed the fp32 LAPACK solve's where the elimination is taken
-# (measured: ≤ 1.3× up to 5, ≤ 1.8× at 16, where no pivoting lets the growth follow ‖Q‖²; see `_cayley_eliminated`);
+# (measured: ≤ 1.3× up to 5, ≤ 1.8× at 16, ≤ 2.7× at 24, where no pivoting lets the growth follow ‖Q‖²; see
+# `_cayley_eliminated`);
 # above `_ELIMINATION_MAX_NORM` the solve itself (factor 1: the same values). Before the limit, 8×8 blocks at 1e30
 # came out NaN and at 1e4 off by 7e-5.
-NORM_FACTORS = {1e-4: 1.5, 0.01: 1.5, 0.1: 1.5, 1.0: 1.5, 5.0: 1.5, 16.0: 2.5, 20.0: 1.0, 100.0: 1.0, 1e4: 1.0,
-                1e8: 1.0, 1e19: 1.0, 1e30: 1.0}
+NORM_FACTORS = {1e-4: 1.5, 0.01: 1.5, 0.1: 1.5, 1.0: 1.5, 5.0: 1.5, 16.0: 2.5, 23.0: 3.0, 26.0: 1.0, 100.0: 1.0,
+                1e4: 1.0, 1e8: 1.0, 1e19: 1.0, 1e30: 1.0}
 
 
 def test_the_elimination_limit():
-    assert _ELIMINATION_MAX_NORM == 16.0
+    assert _ELIMINATION_MAX_NORM == 24.0
 
 
 @pytest.mark.parametrize("b", SIZES)

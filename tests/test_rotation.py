@@ -305,7 +305,7 @@ def test_the_cayley_method_rule():
     from oft_core.rotation import _cayley_method
 
     assert [_cayley_method(b, 0.1) for b in (1, 7, 16)] == ["solve"] * 3
-    assert [_cayley_method(b, rho) for b in (8, 15) for rho in (0.0, 16.0, 16.5, None, math.inf, math.nan)] == \
+    assert [_cayley_method(b, rho) for b in (8, 15) for rho in (0.0, 24.0, 24.5, None, math.inf, math.nan)] == \
         ["eliminate", "eliminate", "solve", "solve", "solve", "solve"] * 2
     assert _cayley_method(40, 0.01) == ("series", 1) and _cayley_method(40, 0.3) == ("series", 3)
     assert [_cayley_method(40, rho) for rho in (0.5, None, math.nan)] == ["solve"] * 3
