@@ -592,7 +592,10 @@ class _SplitBatch:
         pieces, kept = [], []
         for kind, start, stop, counts, consts in self.kinds:
             qk = self._run(q, start, stop)
-            if kind == "norm_clamp":
+            if kind == "norm_clamp" and len(counts) == 1:  # one split: its (1,) numbers broadcast as they are
+                norms = _split_norm(qk)
+                pieces.append(qk * _clamp_factor(norms, consts[0]))
+            elif kind == "norm_clamp":
                 bounds, _, index = consts
                 norms = torch.stack([_split_norm(v) for v in qk.split(counts)])
                 pieces.append(qk * _clamp_factor(norms, bounds).index_select(0, index).view(-1, 1, 1))
@@ -612,9 +615,12 @@ class _SplitBatch:
             qk, gk = self._run(q, start, stop), self._run(g, start, stop)
             if kind == "norm_clamp":
                 bounds, neg_bound_eps, index = consts
-                dots = torch.stack([v.sum() for v in (gk * qk).split(counts)])
-                terms = torch.stack(_clamp_grad_terms(norms, bounds, neg_bound_eps, dots))
-                scale, radial = terms.index_select(1, index).view(2, -1, 1, 1)
+                if len(counts) == 1:
+                    scale, radial = _clamp_grad_terms(norms, bounds, neg_bound_eps, (gk * qk).sum())
+                else:
+                    dots = torch.stack([v.sum() for v in (gk * qk).split(counts)])
+                    terms = torch.stack(_clamp_grad_terms(norms, bounds, neg_bound_eps, dots))
+                    scale, radial = terms.index_select(1, index).view(2, -1, 1, 1)
                 pieces.append(gk * scale + radial * qk)
             elif kind == "block_projection":
                 pieces.append(_projected_grad(qk, gk, norms, consts))
