@@ -539,49 +539,48 @@ def _split_key(layer: OFTLayer, split: int, stored_blocks: int, dtype: torch.dty
 
 @functools.lru_cache(maxsize=256)
 def _split_batches(keys: tuple[tuple, ...]) -> tuple[_SplitBatch, ...]:
-    """The splits described by `keys` (`_split_key`, one per split) in batches of one block size (and dtype and
-    device), each ordered by constraint kind, then by Cayley method (`_cayley_method` of the split's bound), so that
-    each kind and each method is one contiguous run of blocks. Cached: a trainer's nodes repeat a few layouts, and
-    the batches hold their per-split constants on the device (made once, never read back)."""
+    """The splits described by `keys` (`_split_key`, one per split) in batches of one block size and one Cayley
+    method (`_cayley_method` of the split's bound; and one dtype and device), each ordered by constraint kind, so
+    that each kind is one contiguous run of blocks. One batch per method, not per block size: a batch's blocks are
+    then one Cayley call's result as it comes (FLUX's fused 21504-wide layers take the solve beside the elimination
+    of the others; one batch for both would copy all its blocks once more, to put them back in one tensor).
+    Cached: a trainer's nodes repeat a few layouts, and the batches hold their per-split constants on the device
+    (made once, never read back)."""
     groups: dict = {}
     for k, (b, n, kind, value, width, _transpose, dtype, device) in enumerate(keys):
         bound = _constraint_bound(kind, value, width, n)
-        by_kind = groups.setdefault((b, dtype, device), {})
-        by_kind.setdefault(kind, {}).setdefault(_cayley_method(b, bound), []).append((k, bound))
-    return tuple(_SplitBatch(b, device, by_kind, keys) for (b, _, device), by_kind in groups.items())
+        by_kind = groups.setdefault((b, _cayley_method(b, bound), dtype, device), {})
+        by_kind.setdefault(kind, []).append((k, bound))
+    return tuple(_SplitBatch(b, device, by_kind, keys) for (b, _, _, device), by_kind in groups.items())
 
 
 class _SplitBatch:
-    """Splits of one block size made together: their generators concatenated (`positions`: the splits in batch
-    order, `counts`: their blocks), constrained in one pass per constraint kind with the per-split numbers side by
-    side (`constrain`, `constrain_grad`), mapped by one Cayley call per method (`rotations`). Elementwise ops give
-    every block the bits it gets alone; the reductions stay per split (the clamp's ‖q‖_F and ⟨G, q⟩: `_split_norm`
-    and a sum over the split, on the same numbers as `_constrain`) or per block (COFT), as `_constrain` does them."""
+    """Splits of one block size and Cayley method made together: their generators concatenated (`positions`: the
+    splits in batch order, `counts`: their blocks), constrained in one pass per constraint kind with the per-split
+    numbers side by side (`constrain`, `constrain_grad`), mapped by one Cayley call (`rotations`). Elementwise ops
+    give every block the bits it gets alone; the reductions stay per split (the clamp's ‖q‖_F and ⟨G, q⟩:
+    `_split_norm` and a sum over the split, on the same numbers as `_constrain`) or per block (COFT), as `_constrain`
+    does them; the method depends on b and the bound alone, never on the batch (`_cayley_value`)."""
 
     def __init__(self, b: int, device: torch.device, by_kind: dict, keys: tuple[tuple, ...]):
         self.b = b
-        positions, counts, transposed, kinds, methods = [], [], [], [], {}
+        positions, counts, transposed, kinds, bounds = [], [], [], [], []
         start = 0
-        for kind, by_method in by_kind.items():
+        for kind, members in by_kind.items():
             kind_start, first = start, len(counts)
-            for method, members in by_method.items():
-                method_start = start
-                for k, _bound in members:
-                    positions.append(k)
-                    counts.append(keys[k][1])
-                    transposed.append(keys[k][5])
-                    start += keys[k][1]
-                bounds, ranges = methods.setdefault(method, ([], []))
-                bounds.extend(bound for _, bound in members)
-                ranges.append((method_start, start))
+            for k, bound in members:
+                positions.append(k)
+                counts.append(keys[k][1])
+                transposed.append(keys[k][5])
+                bounds.append(bound)
+                start += keys[k][1]
             run = [keys[k] for k in positions[first:]]
             kinds.append((kind, kind_start, start, tuple(counts[first:]), _kind_constants(kind, run, device)))
         self.positions, self.counts, self.transposed = tuple(positions), tuple(counts), tuple(transposed)
         self.total = start
         self.kinds = tuple(kinds)
-        # per method: the members' largest bound takes their method (None: every member's is unknown or too large)
-        self.methods = tuple((None if None in bounds else max(bounds), tuple(ranges))
-                             for bounds, ranges in methods.values())
+        # the members' largest bound takes their method (None: every member's is unknown or too large)
+        self.bound = None if None in bounds else max(bounds)
 
     def _run(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         return t if start == 0 and stop == self.total else t[start:stop]
@@ -629,15 +628,8 @@ class _SplitBatch:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def rotations(self, q: torch.Tensor) -> torch.Tensor:
-        """Cayley(q) of constrained generators (batch order, untransposed): one `_cayley_value` per method."""
-        if len(self.methods) == 1:
-            return _cayley_value(q, norm_bound=self.methods[0][0], sync_free=True)
-        placed = []
-        for bound, ranges in self.methods:
-            parts = [q[a:z] for a, z in ranges]
-            r = _cayley_value(parts[0] if len(parts) == 1 else torch.cat(parts), norm_bound=bound, sync_free=True)
-            placed.extend(zip((a for a, _ in ranges), r.split([z - a for a, z in ranges])))
-        return torch.cat([r for _, r in sorted(placed, key=lambda item: item[0])])
+        """Cayley(q) of constrained generators (batch order, untransposed), in one `_cayley_value` call."""
+        return _cayley_value(q, norm_bound=self.bound, sync_free=True)
 
     def blocks(self, r: torch.Tensor) -> list[torch.Tensor]:
         """Each split's blocks (batch order) from `rotations`' result: views, transposed for transposed layers."""

@@ -319,8 +319,9 @@ class _TrainedBlocks(torch.autograd.Function):
             if not any(wanted):
                 continue
             with torch.autocast(p.device.type, enabled=False):
-                gs = [(torch.zeros_like(blk) if grads[k] is None else grads[k]) for k, blk in
-                      zip(batch.positions, r.split(batch.counts))]
+                gs = [grads[k] for k in batch.positions]
+                if any(g is None for g in gs):  # an output without a gradient: zeros in its place
+                    gs = [torch.zeros_like(x) if g is None else g for g, x in zip(gs, r.split(batch.counts))]
                 gs = [g.transpose(-1, -2) if t else g for g, t in zip(gs, batch.transposed)]
                 g = _cayley_grad(r, torch.cat(gs) if len(gs) > 1 else gs[0])
                 q = skew_from_upper(p, batch.b).to(torch.float32)  # the forward's generators before the constraint

@@ -196,8 +196,9 @@ def _described_layer(name: str, counts, b: int, constraint: Constraint, transpos
 def batched_mix():
     """(layers, params) of one node that takes every branch of the batches (`rotation._split_batches`): block sizes
     5, 8, 24, 100; at 8 a kohya clamp (clamped), a fused 3-split layer, PEFT COFT (some blocks projected, not
-    transposed) and fp64 parameters (a batch of their own); at 24 two clamp widths (series / solve: two methods in
-    one kind) and an unconstrained split (solve: one method over two kinds); a layer whose parameters are frozen."""
+    transposed) in one batch (one method, two kinds), fp64 parameters (a batch of their own); at 24 two clamp widths
+    (series / solve: two batches) and an unconstrained split (the solve: a batch of two kinds); a layer whose
+    parameters are frozen."""
     clamp = Constraint("norm_clamp", 1e-3)
     spec = [  # name, blocks per split, b, constraint, transpose, dtype, trained
         ("a", (8,), 8, clamp, True, torch.float32, True),
@@ -223,17 +224,20 @@ def batched_mix():
 
 
 def test_the_mix_takes_every_branch_of_the_batches():
-    from oft_core.rotation import _split_batches, _split_key
+    from oft_core.rotation import _cayley_method, _split_batches, _split_key
     layers, params = batched_mix()
     splits = [(layer, i) for layer in layers for i in range(len(layer.block_sizes))]
     batches = _split_batches(tuple(_split_key(layer, i, p.shape[0], p.dtype, p.device)
                                    for (layer, i), p in zip(splits, params)))
-    shapes = {(bt.b, tuple(kind for kind, *_ in bt.kinds), len(bt.methods)) for bt in batches}
-    assert shapes == {(8, ("norm_clamp", "block_projection"), 1), (8, ("norm_clamp",), 1),
-                      (24, ("norm_clamp", "none"), 2), (100, ("norm_clamp",), 1), (5, ("none",), 1)}
-    # the series / solve split of b = 24: the solve's runs come from both kinds
-    (b24,) = [bt for bt in batches if bt.b == 24]
-    assert sorted(len(ranges) for _, ranges in b24.methods) == [1, 2]
+    shapes = sorted((bt.b, bt.counts, tuple(kind for kind, *_ in bt.kinds)) for bt in batches)
+    assert shapes == [(5, (7,), ("none",)), (8, (3,), ("norm_clamp",)),
+                      (8, (8, 6, 6, 6, 5, 6), ("norm_clamp", "block_projection")),
+                      (24, (4,), ("norm_clamp",)), (24, (40, 3), ("norm_clamp", "none")),
+                      (100, (2,), ("norm_clamp",))]
+    methods = {(bt.b, bt.counts): _cayley_method(bt.b, bt.bound) for bt in batches}
+    assert methods[(24, (4,))][0] == "series" and methods[(24, (40, 3))] == "solve"
+    assert methods[(8, (8, 6, 6, 6, 5, 6))] == methods[(8, (3,))] == "eliminate"
+    assert methods[(100, (2,))] == "blocks" and methods[(5, (7,))] == "solve"
     with torch.no_grad():  # the clamp bites at 8 and the COFT projection moves some blocks, not all
         q = skew_from_upper(params[0], 8)
         assert bool(q.norm() > 1e-3 * 64)
