@@ -273,15 +273,15 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
     with `sync_free=True` (the trainer's step, so that on a GPU the step never waits for the device) `norm_bound`,
     a bound on every block's ‖Q_i‖_F known from the constraint, or None (unknown: the solve, no error check).
     """
-    eye = _eye_like(q)
     b = q.shape[-1]
     if _eliminates(b) and q.requires_grad and torch.is_grad_enabled():
         return _CayleyMap.apply(q, norm_bound, sync_free)  # in place: differentiated in closed form, not by autograd
     how = _cayley_method(b, norm_bound if sync_free else _max_block_norm(q, b))
-    if how == "blocks":
-        return 2 * _inverse_positive_real(eye - q, sync_free=sync_free) - eye
     if how == "eliminate":
         return _cayley_eliminated(q)
+    eye = _eye_like(q)
+    if how == "blocks":
+        return 2 * _inverse_positive_real(eye - q, sync_free=sync_free) - eye
     if how == "solve":
         return _cayley_solved(q, eye, sync_free)
     return 2 * _series_inverse(eye, q, how[1]) - eye
