@@ -287,10 +287,10 @@ class _TrainedBlocks(torch.autograd.Function):
     61 interleaved rounds, medians; blocks of 8, kohya clamp): a node of 12 SD1.x-sized layers (width 320, 760
     blocks) forward 1.42 → 0.96 ms, forward + backward 4.49 → 2.45 ms; the SD1.x race's 12-layer node (width 128,
     304 blocks) 1.05 → 0.63 ms and 3.63 → 1.71 ms; one layer alone 0.38 → 0.34 and 0.80 → 0.74 ms. In the SD1.x
-    race step (58 forwards, 29 backwards; 3 interleaved runs each, medians) forward 65.8 → 51.1 ms, backward 56.6 →
-    33.6 ms a step (~1.6 % of the step); in the FLUX-shaped race (18 forwards of up to 11520 blocks: arithmetic, not
-    op count) forward unchanged within the noise, backward 42–51 → 37–43 ms a step. What is left in forward is
-    mostly the Cayley map itself (the elimination of blocks of 8: ~60 % of the node's forward).
+    race step (58 forwards, 29 backwards; wall time in 3 interleaved 4-step runs each, medians) forward 65.8 → 51.1
+    ms, backward 56.6 → 33.6 ms a step (~1.6 % of the step); in the FLUX-shaped race (18 forwards of up to 11520
+    blocks: arithmetic, not op count) forward unchanged within the noise, backward 42–51 → 37–43 ms a step. What is
+    left in forward is mostly the Cayley map itself (the elimination of blocks of 8: ~60 % of the node's forward).
 
     Inside a gradient checkpoint every tensor an autograd node keeps passes through the checkpoint's Python hooks, in
     forward and again in the recomputation: this node keeps two per batch (the parameters concatenated, the Cayley
