@@ -510,7 +510,8 @@ def _cayley_method(b: int, rho: float | None):
 def _trained_blocks(items: Sequence[tuple[OFTLayer, Sequence[torch.Tensor]]]) -> list[list[torch.Tensor]]:
     """`rotation_blocks(layer, blocks=generators, sync_free=True)` of several Cayley-parameterised layers at once
     (strength 1, the trainer's; made without gradients): per (layer, generators) its blocks per split, the same
-    values bit for bit. The splits of one block size are constrained and mapped together (`_SplitBatch`): on a CPU
+    values bit for bit. The splits of one block size and Cayley method are constrained and mapped together
+    (`_SplitBatch`, one constraint pass per kind with the per-split numbers side by side, one Cayley call): on a CPU
     one LAPACK solve for an SD1.x block's dozen layers instead of a dozen calls, each of which costs more in fixed
     overhead than in arithmetic. The trainer's block node (`train._TrainedBlocks`) runs the same batches from its
     packed parameters."""
