@@ -21,6 +21,7 @@ One definition of each thing, used by every format, the ComfyUI patch, the baker
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Sequence
 
@@ -47,28 +48,65 @@ def _eye_like(q: torch.Tensor) -> torch.Tensor:
 
 
 def _constrain(layer: OFTLayer, q: torch.Tensor, split: int) -> torch.Tensor:
-    """Apply the layer's constraint to the generator `q` of split `split` (any leading batch axes)."""
+    """Apply the layer's constraint to the generator `q` of split `split` (any leading batch axes).
+
+    The arithmetic is in the helpers below (`_split_norm`, `_clamp_factor`, `_block_norms`, `_projected`), which the
+    trainer's batched pass over many splits (`_SplitBatch.constrain`) calls too, with the per-split numbers side by
+    side: one definition, the same values bit for bit."""
     c = layer.constraint
     if c.kind == "none":
         return q
     if c.kind == "norm_clamp":
-        _, _, scale = _clamp_scale(layer, q, split)
-        return q * scale
+        return q * _clamp_factor(_split_norm(q), _clamp_bound(c.value, layer.split_sizes[split]))
     # PEFT COFT: per-block projection onto the Frobenius ball of radius eps/√(stored blocks).
-    bound, norms = _projection_norms(layer, q)
-    return torch.where(norms <= bound, q, q * (bound / norms))
+    return _projected(q, _block_norms(q), _projection_bound(c.value, q.shape[-3]))
 
 
-def _clamp_scale(layer: OFTLayer, q: torch.Tensor, split: int) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """The norm clamp of split `split`: (bound c = alpha·split size, ‖q‖_F, s = (min(‖q‖, c) + ε)/(‖q‖ + ε))."""
-    bound = layer.constraint.value * layer.split_sizes[split]
-    norm = torch.norm(q.flatten())
-    return bound, norm, (torch.clamp(norm, max=bound) + _NORM_EPS) / (norm + _NORM_EPS)
+def _clamp_bound(alpha: float, width: int) -> float:
+    """The norm clamp's bound c = alpha·split width (host numbers)."""
+    return alpha * width
 
 
-def _projection_norms(layer: OFTLayer, q: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """PEFT COFT's projection: (radius eps/√(stored blocks), each block's ‖q_i‖_F, kept as (…, 1, 1))."""
-    return layer.constraint.value / math.sqrt(q.shape[-3]), torch.linalg.matrix_norm(q, keepdim=True)
+def _split_norm(q: torch.Tensor) -> torch.Tensor:
+    """The norm clamp's ‖q‖_F of one split's generator: one reduction per split, whoever calls it."""
+    return torch.linalg.vector_norm(q.flatten())
+
+
+def _clamp_factor(norm: torch.Tensor, bound) -> torch.Tensor:
+    """s = (min(‖q‖, c) + ε)/(‖q‖ + ε): of one split (0-d `norm`, float c) or of several side by side ((K,) each)."""
+    return (torch.clamp(norm, max=bound) + _NORM_EPS) / (norm + _NORM_EPS)
+
+
+def _clamp_grad_terms(norm: torch.Tensor, bound, neg_bound_eps, dot: torch.Tensor):
+    """(s, r) with ∂L/∂q = G·s + r·q for the norm clamp (`_constrain_grad`), of one split or of several side by
+    side: r = ⟨G, q⟩·s'/‖q‖ where ‖q‖ > c, else 0, s' = −(c + ε)/(‖q‖ + ε)²; `neg_bound_eps` is −(c + ε) rounded
+    once from the host number (as Python's float / tensor does: the reciprocal of the tensor times the float)."""
+    out = norm > bound
+    radial = ((norm + _NORM_EPS) ** 2 * torch.where(out, norm, 1.0)).reciprocal() * neg_bound_eps * dot
+    return _clamp_factor(norm, bound), torch.where(out, radial, 0.0)
+
+
+def _projection_bound(eps: float, stored_blocks: int) -> float:
+    """PEFT COFT's radius eps/√(stored blocks) of a split (host numbers)."""
+    return eps / math.sqrt(stored_blocks)
+
+
+def _block_norms(q: torch.Tensor) -> torch.Tensor:
+    """Each block's ‖q_i‖_F, kept as (…, 1, 1) (PEFT COFT): one reduction per block, however many are batched."""
+    return torch.linalg.matrix_norm(q, keepdim=True)
+
+
+def _projected(q: torch.Tensor, norms: torch.Tensor, bound) -> torch.Tensor:
+    """COFT: each block inside the ball as it is, outside scaled onto it (`bound`: a float or one per block)."""
+    return torch.where(norms <= bound, q, q * (norms.reciprocal() * bound))
+
+
+def _projected_grad(q: torch.Tensor, g: torch.Tensor, norms: torch.Tensor, bound) -> torch.Tensor:
+    """∂L/∂q of `_projected` given G (see `_constrain_grad`)."""
+    inside = norms <= bound
+    n = torch.where(inside, 1.0, norms)
+    dots = (g * q).sum((-2, -1), keepdim=True)
+    return torch.where(inside, g, (n.reciprocal() * bound) * (g - dots / n**2 * q))
 
 
 def _constrain_grad(layer: OFTLayer, q: torch.Tensor, g: torch.Tensor, split: int) -> torch.Tensor:
@@ -77,20 +115,16 @@ def _constrain_grad(layer: OFTLayer, q: torch.Tensor, g: torch.Tensor, split: in
 
     norm_clamp, s = (min(‖q‖, c) + ε)/(‖q‖ + ε): G·s, plus when ‖q‖ > c (the clamp's own mask: at ‖q‖ ≤ c its
     derivative is 1 and s' = 0) the radial term ⟨G, q⟩·s'/‖q‖·q with s' = −(c + ε)/(‖q‖ + ε)². COFT, per block
-    outside the ball (‖q_i‖ > c): (c/‖q_i‖)(G_i − ⟨G_i, q_i⟩ q_i/‖q_i‖²); inside, G_i."""
+    outside the ball (‖q_i‖ > c): (c/‖q_i‖)(G_i − ⟨G_i, q_i⟩ q_i/‖q_i‖²); inside, G_i. The trainer's block node
+    takes the same helpers over many splits at once (`_SplitBatch.constrain_grad`)."""
     c = layer.constraint
     if c.kind == "none":
         return g
     if c.kind == "norm_clamp":
-        bound, norm, scale = _clamp_scale(layer, q, split)
-        out = norm > bound
-        radial = -(bound + _NORM_EPS) / ((norm + _NORM_EPS) ** 2 * torch.where(out, norm, 1.0)) * (g * q).sum()
-        return g * scale + torch.where(out, radial, 0.0) * q
-    bound, norms = _projection_norms(layer, q)
-    inside = norms <= bound
-    n = torch.where(inside, 1.0, norms)
-    dots = (g * q).sum((-2, -1), keepdim=True)
-    return torch.where(inside, g, (bound / n) * (g - dots / n**2 * q))
+        bound = _clamp_bound(c.value, layer.split_sizes[split])
+        scale, radial = _clamp_grad_terms(_split_norm(q), bound, -(bound + _NORM_EPS), (g * q).sum())
+        return g * scale + radial * q
+    return _projected_grad(q, g, _block_norms(q), _projection_bound(c.value, q.shape[-3]))
 
 
 # Batched LU on CPU is not safe for large blocks: with torch 2.14.1 (MKL 2024.2) and more than one thread,
@@ -239,15 +273,15 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
     with `sync_free=True` (the trainer's step, so that on a GPU the step never waits for the device) `norm_bound`,
     a bound on every block's ‖Q_i‖_F known from the constraint, or None (unknown: the solve, no error check).
     """
-    eye = _eye_like(q)
     b = q.shape[-1]
     if _eliminates(b) and q.requires_grad and torch.is_grad_enabled():
         return _CayleyMap.apply(q, norm_bound, sync_free)  # in place: differentiated in closed form, not by autograd
     how = _cayley_method(b, norm_bound if sync_free else _max_block_norm(q, b))
-    if how == "blocks":
-        return 2 * _inverse_positive_real(eye - q, sync_free=sync_free) - eye
     if how == "eliminate":
         return _cayley_eliminated(q)
+    eye = _eye_like(q)
+    if how == "blocks":
+        return 2 * _inverse_positive_real(eye - q, sync_free=sync_free) - eye
     if how == "solve":
         return _cayley_solved(q, eye, sync_free)
     return 2 * _series_inverse(eye, q, how[1]) - eye
@@ -523,38 +557,165 @@ def _cayley_method(b: int, rho: float | None):
 
 def _trained_blocks(items: Sequence[tuple[OFTLayer, Sequence[torch.Tensor]]]) -> list[list[torch.Tensor]]:
     """`rotation_blocks(layer, blocks=generators, sync_free=True)` of several Cayley-parameterised layers at once
-    (strength 1, the trainer's): per (layer, generators) its blocks per split, the same values bit for bit. Each
-    split is constrained on its own (`_constrain`); the Cayley maps of all splits whose blocks have one size and
-    take one method (`_cayley_method`) are one batched call: on a CPU one LAPACK solve for an SD1.x block's dozen
-    layers instead of a dozen calls, each of which costs more in fixed overhead than in arithmetic."""
-    constrained, groups = [], {}
-    for li, (layer, gens) in enumerate(items):
-        for i, q in enumerate(gens):
-            q = _constrain(layer, q.to(torch.float32), i)
-            constrained.append(q)
-            bound = _norm_bound(layer, q, i)
-            key = (q.shape[-1], _cayley_method(q.shape[-1], bound))
-            groups.setdefault(key, []).append((li, i, len(constrained) - 1, bound))
-    out = [[None] * len(gens) for _, gens in items]
-    for members in groups.values():
-        qs = [constrained[k] for _, _, k, _ in members]
-        # the members' largest bound takes the members' method (no bound: every member's is unknown or too large)
-        bounds = [bound for *_, bound in members]
-        bound = None if None in bounds else max(bounds)
-        rs = _cayley_value(torch.cat(qs) if len(qs) > 1 else qs[0], norm_bound=bound, sync_free=True)
-        for (li, i, _k, _bound), r in zip(members, rs.split([q.shape[0] for q in qs])):
-            out[li][i] = r.transpose(-1, -2) if items[li][0].transpose else r
+    (strength 1, the trainer's; made without gradients): per (layer, generators) its blocks per split, the same
+    values bit for bit. The splits of one block size and Cayley method are constrained and mapped together
+    (`_SplitBatch`, one constraint pass per kind with the per-split numbers side by side, one Cayley call): on a CPU
+    one LAPACK solve for an SD1.x block's dozen layers instead of a dozen calls, each of which costs more in fixed
+    overhead than in arithmetic. The trainer's block node (`train._TrainedBlocks`) runs the same batches from its
+    packed parameters."""
+    flat = [(layer, i, q) for layer, gens in items for i, q in enumerate(gens)]
+    keys = tuple(_split_key(layer, i, q.shape[-3], torch.float32, q.device) for layer, i, q in flat)
+    made: list[torch.Tensor | None] = [None] * len(flat)
+    for batch in _split_batches(keys):
+        qs = [flat[k][2].to(torch.float32) for k in batch.positions]
+        q = torch.cat(qs) if len(qs) > 1 else qs[0]
+        for k, r in zip(batch.positions, batch.blocks(batch.rotations(batch.constrain(q)[0]))):
+            made[k] = r
+    out, k = [], 0
+    for _, gens in items:
+        out.append(made[k:k + len(gens)])
+        k += len(gens)
     return out
+
+
+def _split_key(layer: OFTLayer, split: int, stored_blocks: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """What `_split_batches` needs of one split (host numbers only): (b, stored blocks, constraint kind and value,
+    split width, transpose, dtype and device of the tensor it comes from)."""
+    c = layer.constraint
+    return (layer.block_sizes[split], stored_blocks, c.kind, c.value, layer.split_sizes[split], layer.transpose,
+            dtype, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _split_batches(keys: tuple[tuple, ...]) -> tuple[_SplitBatch, ...]:
+    """The splits described by `keys` (`_split_key`, one per split) in batches of one block size and one Cayley
+    method (`_cayley_method` of the split's bound; and one dtype and device), each ordered by constraint kind, so
+    that each kind is one contiguous run of blocks. One batch per method, not per block size: a batch's blocks are
+    then one Cayley call's result as it comes (FLUX's fused 21504-wide layers take the solve beside the elimination
+    of the others; one batch for both would copy all its blocks once more, to put them back in one tensor).
+    Cached: a trainer's nodes repeat a few layouts, and the batches hold their per-split constants on the device
+    (made once, never read back)."""
+    groups: dict = {}
+    for k, (b, n, kind, value, width, _transpose, dtype, device) in enumerate(keys):
+        bound = _constraint_bound(kind, value, width, n)
+        by_kind = groups.setdefault((b, _cayley_method(b, bound), dtype, device), {})
+        by_kind.setdefault(kind, []).append((k, bound))
+    return tuple(_SplitBatch(b, device, by_kind, keys) for (b, _, _, device), by_kind in groups.items())
+
+
+class _SplitBatch:
+    """Splits of one block size and Cayley method made together: their generators concatenated (`positions`: the
+    splits in batch order, `counts`: their blocks), constrained in one pass per constraint kind with the per-split
+    numbers side by side (`constrain`, `constrain_grad`), mapped by one Cayley call (`rotations`). Elementwise ops
+    give every block the bits it gets alone; the reductions stay per split (the clamp's ‖q‖_F and ⟨G, q⟩:
+    `_split_norm` and a sum over the split, on the same numbers as `_constrain`) or per block (COFT), as `_constrain`
+    does them; the method depends on b and the bound alone, never on the batch (`_cayley_value`)."""
+
+    def __init__(self, b: int, device: torch.device, by_kind: dict, keys: tuple[tuple, ...]):
+        self.b = b
+        positions, counts, transposed, kinds, bounds = [], [], [], [], []
+        start = 0
+        for kind, members in by_kind.items():
+            kind_start, first = start, len(counts)
+            for k, bound in members:
+                positions.append(k)
+                counts.append(keys[k][1])
+                transposed.append(keys[k][5])
+                bounds.append(bound)
+                start += keys[k][1]
+            run = [keys[k] for k in positions[first:]]
+            kinds.append((kind, kind_start, start, tuple(counts[first:]), _kind_constants(kind, run, device)))
+        self.positions, self.counts, self.transposed = tuple(positions), tuple(counts), tuple(transposed)
+        self.total = start
+        self.kinds = tuple(kinds)
+        # the members' largest bound takes their method (None: every member's is unknown or too large)
+        self.bound = None if None in bounds else max(bounds)
+
+    def _run(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return t if start == 0 and stop == self.total else t[start:stop]
+
+    def constrain(self, q: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """`_constrain` of every split of fp32 generators `q` (batch order), and per kind what `constrain_grad`
+        takes of this pass (the clamp's per-split norms, COFT's per-block norms)."""
+        pieces, kept = [], []
+        for kind, start, stop, counts, consts in self.kinds:
+            qk = self._run(q, start, stop)
+            if kind == "norm_clamp" and len(counts) == 1:  # one split: its (1,) numbers broadcast as they are
+                norms = _split_norm(qk)
+                pieces.append(qk * _clamp_factor(norms, consts[0]))
+            elif kind == "norm_clamp":
+                bounds, _, index = consts
+                norms = torch.stack([_split_norm(v) for v in qk.split(counts)])
+                pieces.append(qk * _clamp_factor(norms, bounds).index_select(0, index).view(-1, 1, 1))
+            elif kind == "block_projection":
+                norms = _block_norms(qk)
+                pieces.append(_projected(qk, norms, consts))
+            else:
+                norms = None
+                pieces.append(qk)
+            kept.append(norms)
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)), kept
+
+    def constrain_grad(self, q: torch.Tensor, g: torch.Tensor, kept: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """`_constrain_grad` of every split: ∂L/∂q given G = ∂L/∂(`constrain`'s result), q the generators before it."""
+        pieces = []
+        for (kind, start, stop, counts, consts), norms in zip(self.kinds, kept):
+            qk, gk = self._run(q, start, stop), self._run(g, start, stop)
+            if kind == "norm_clamp":
+                bounds, neg_bound_eps, index = consts
+                if len(counts) == 1:
+                    scale, radial = _clamp_grad_terms(norms, bounds, neg_bound_eps, (gk * qk).sum())
+                else:
+                    dots = torch.stack([v.sum() for v in (gk * qk).split(counts)])
+                    terms = torch.stack(_clamp_grad_terms(norms, bounds, neg_bound_eps, dots))
+                    scale, radial = terms.index_select(1, index).view(2, -1, 1, 1)
+                pieces.append(gk * scale + radial * qk)
+            elif kind == "block_projection":
+                pieces.append(_projected_grad(qk, gk, norms, consts))
+            else:
+                pieces.append(gk)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def rotations(self, q: torch.Tensor) -> torch.Tensor:
+        """Cayley(q) of constrained generators (batch order, untransposed), in one `_cayley_value` call."""
+        return _cayley_value(q, norm_bound=self.bound, sync_free=True)
+
+    def blocks(self, r: torch.Tensor) -> list[torch.Tensor]:
+        """Each split's blocks (batch order) from `rotations`' result: views, transposed for transposed layers."""
+        return [x.transpose(-1, -2) if t else x for x, t in zip(r.split(self.counts), self.transposed)]
+
+
+def _kind_constants(kind: str, run: Sequence[tuple], device: torch.device):
+    """A kind's per-split numbers on the device, made once per batch layout (no host read): the clamp's bounds c,
+    −(c + ε) (rounded from the host number, as `_constrain_grad` does) and each block's split; COFT's radius per
+    block, (N, 1, 1)."""
+    if kind == "none":
+        return None
+    with torch.inference_mode(False), torch.no_grad():
+        if kind == "norm_clamp":
+            bounds = [_clamp_bound(value, width) for _, _, _, value, width, *_ in run]
+            index = torch.repeat_interleave(torch.arange(len(run)), torch.tensor([key[1] for key in run]))
+            return (torch.tensor(bounds, dtype=torch.float32).to(device),
+                    torch.tensor([-(c + _NORM_EPS) for c in bounds], dtype=torch.float32).to(device),
+                    index.to(device))
+        radii = [_projection_bound(value, n) for _, n, _, value, *_ in run]
+        per_block = torch.repeat_interleave(torch.tensor(radii, dtype=torch.float32), torch.tensor([k[1] for k in run]))
+        return per_block.view(-1, 1, 1).to(device)
 
 
 def _norm_bound(layer: OFTLayer, q: torch.Tensor, split: int) -> float | None:
     """A bound on every block's ‖Q_i‖_F after `_constrain` (host numbers only), or None without a constraint."""
     c = layer.constraint
-    if c.kind == "none":
+    return _constraint_bound(c.kind, c.value, layer.split_sizes[split], q.shape[-3])
+
+
+def _constraint_bound(kind: str, value: float, width: int, stored_blocks: int) -> float | None:
+    """`_norm_bound` from the split's numbers."""
+    if kind == "none":
         return None
-    if c.kind == "norm_clamp":  # the whole split's ‖Q‖_F ≤ bound, so every block's too (plus the 1e-8 of the clamp)
-        return c.value * layer.split_sizes[split] * (1 + 1e-6) + _NORM_EPS
-    return c.value / math.sqrt(q.shape[-3]) * (1 + 1e-6)
+    if kind == "norm_clamp":  # the whole split's ‖Q‖_F ≤ bound, so every block's too (plus the 1e-8 of the clamp)
+        return value * width * (1 + 1e-6) + _NORM_EPS
+    return value / math.sqrt(stored_blocks) * (1 + 1e-6)
 
 
 def _butterfly_index(dim: int, stage: int, block: int, device) -> torch.Tensor:

@@ -77,9 +77,9 @@ from .names import _ldm_to_diffusers_names
 from .rotation import (
     _apply_last,
     _cayley_grad,
-    _constrain_grad,
     _conv_out_hw,
-    _trained_blocks,
+    _split_batches,
+    _split_key,
     apply_rows,
     rotation_blocks,
 )
@@ -269,48 +269,82 @@ class _TrainedLayer:
 
 class _TrainedBlocks(torch.autograd.Function):
     """The blocks of one or several trained layers from their packed parameters, as ONE autograd node that keeps the
-    parameters and the blocks: the values of `rotation_blocks(layer, blocks=generators, sync_free=True)` per layer
-    (`rotation._trained_blocks`, made without gradients; the Cayley maps of equal-size blocks in one batched call),
+    parameters and the blocks: the values of `rotation_blocks(layer, blocks=generators, sync_free=True)` per layer,
     the gradient in closed form through the Cayley map (`rotation._cayley_grad` with R = the blocks as made), the
-    constraint (`rotation._constrain_grad`, on the generator made again from the parameters) and the packing
-    (`_triangle.upper_grad`): a few batched ops per split, no autograd graph built and walked in backward (measured,
-    one thread, a node of ten SD1.x-sized layers with blocks of 8: backward 4.3–4.5 ms with autograd through the
-    constraint and the packing, 2.7–3.3 ms in closed form).
+    constraint (`rotation._constrain_grad`'s arithmetic, on the generators made again from the parameters) and the
+    packing (`_triangle.upper_grad`), no autograd graph built and walked in backward (measured, one thread, a node of
+    ten SD1.x-sized layers with blocks of 8: backward 4.3–4.5 ms with autograd through the constraint and the
+    packing, 2.7–3.3 ms in closed form).
+
+    The splits of one block size and Cayley method are one batch (`rotation._split_batches`, the batches
+    `rotation._trained_blocks` runs; one for a node whose layers share both, as an SD1.x block's do): forward, one
+    concatenation of their parameters, one `skew_from_upper`, one constraint pass per kind with the per-split numbers
+    side by side, one Cayley call; backward, one concatenation of the incoming gradients, one `_cayley_grad`, one
+    constraint gradient, one `upper_grad`, split back per parameter. Only the reductions stay per split (the clamp's
+    ‖q‖_F in forward, ⟨G, q⟩ in backward: the same op on the same numbers as `_constrain`), so the
+    blocks are each layer's `rotation_blocks` bit for bit and the gradients those of the per-split closed forms bit
+    for bit (tests/test_train_unit_blocks.py). Measured, per split before → batched (one thread, thread CPU time,
+    61 interleaved rounds, medians; blocks of 8, kohya clamp): a node of 12 SD1.x-sized layers (width 320, 760
+    blocks) forward 1.42 → 0.96 ms, forward + backward 4.49 → 2.45 ms; the SD1.x race's 12-layer node (width 128,
+    304 blocks) 1.05 → 0.63 ms and 3.63 → 1.71 ms; one layer alone 0.38 → 0.34 and 0.80 → 0.74 ms. In the SD1.x
+    race step (58 forwards, 29 backwards; wall time in 3 interleaved 4-step runs each, medians) forward 65.8 → 51.1
+    ms, backward 56.6 → 33.6 ms a step (~1.6 % of the step); in the FLUX-shaped race (18 forwards of up to 11520
+    blocks: arithmetic, not op count) forward unchanged within the noise, backward 42–51 → 37–43 ms a step. What is
+    left in forward is mostly the Cayley map itself (the elimination of blocks of 8: ~60 % of the node's forward).
 
     Inside a gradient checkpoint every tensor an autograd node keeps passes through the checkpoint's Python hooks, in
-    forward and again in the recomputation; per layer the generator, constraint and Cayley nodes (about ten small
-    ops) cost ~0.3 ms a pass there. One node for all the trained layers of a checkpointed block (`_unit_blocks`)
-    pays those fixed costs once per block. Cayley parameterization only (the Cayley–Neumann series is
-    differentiated by autograd as before)."""
+    forward and again in the recomputation: this node keeps two per batch (the parameters concatenated, the Cayley
+    maps) and one per constraint kind (the clamp's per-split norms, COFT's per-block norms), not two per split. One
+    node for all the trained layers of a checkpointed block (`_unit_blocks`) pays its fixed costs once per block.
+    Cayley parameterization only (the Cayley–Neumann series is differentiated by autograd as before)."""
 
     @staticmethod
     def forward(ctx, layers, *params):
-        items, k = [], 0
-        for layer in layers:
-            ps = params[k:k + len(layer.block_sizes)]
-            k += len(ps)
-            items.append((layer, [skew_from_upper(p, b) for p, b in zip(ps, layer.block_sizes)]))
-        blocks = [r for rs in _trained_blocks(items) for r in rs]
-        ctx.layers = layers
-        ctx.save_for_backward(*params, *blocks)
+        batches = _node_batches(layers, tuple((p.shape[0], p.dtype, p.device) for p in params))
+        blocks, kept = [None] * len(params), []
+        for batch in batches:
+            ps = [params[k] for k in batch.positions]
+            p = torch.cat(ps) if len(ps) > 1 else ps[0]
+            q, norms = batch.constrain(skew_from_upper(p, batch.b).to(torch.float32))
+            r = batch.rotations(q)
+            for k, blk in zip(batch.positions, batch.blocks(r)):
+                blocks[k] = blk
+            kept += [p, r, *norms]
+        ctx.batches = batches
+        ctx.save_for_backward(*kept)
         return tuple(blocks)
 
     @staticmethod
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        params, blocks = saved[:len(saved) // 2], saved[len(saved) // 2:]
-        splits = [(layer, i) for layer in ctx.layers for i in range(len(layer.block_sizes))]
-        got = []
-        with torch.autocast(params[0].device.type, enabled=False):
-            for k, ((layer, i), p, blk, g) in enumerate(zip(splits, params, blocks, grads)):
-                if g is None or not ctx.needs_input_grad[1 + k]:
-                    got.append(None)
-                    continue
-                r, g = (blk.transpose(-1, -2), g.transpose(-1, -2)) if layer.transpose else (blk, g)
-                b = layer.block_sizes[i]
-                q = skew_from_upper(p, b).to(torch.float32)  # the forward's generator before its constraint
-                got.append(upper_grad(_constrain_grad(layer, q, _cayley_grad(r, g), i), b).to(p.dtype))
+        kept = iter(ctx.saved_tensors)
+        got = [None] * len(grads)
+        for batch in ctx.batches:
+            p, r = next(kept), next(kept)
+            norms = [next(kept) for _ in batch.kinds]
+            wanted = [ctx.needs_input_grad[1 + k] and grads[k] is not None for k in batch.positions]
+            if not any(wanted):
+                continue
+            with torch.autocast(p.device.type, enabled=False):
+                gs = [grads[k] for k in batch.positions]
+                if any(g is None for g in gs):  # an output without a gradient: zeros in its place
+                    gs = [torch.zeros_like(x) if g is None else g for g, x in zip(gs, r.split(batch.counts))]
+                gs = [g.transpose(-1, -2) if t else g for g, t in zip(gs, batch.transposed)]
+                g = _cayley_grad(r, torch.cat(gs) if len(gs) > 1 else gs[0])
+                q = skew_from_upper(p, batch.b).to(torch.float32)  # the forward's generators before the constraint
+                gp = upper_grad(batch.constrain_grad(q, g, norms), batch.b).to(p.dtype)
+            for k, w, gk in zip(batch.positions, wanted, gp.split(batch.counts)):
+                if w:
+                    got[k] = gk
         return (None, *got)
+
+
+@functools.lru_cache(maxsize=64)
+def _node_batches(layers: tuple[OFTLayer, ...], params: tuple[tuple[int, torch.dtype, torch.device], ...]):
+    """`_TrainedBlocks`' batches (`rotation._split_batches`) for its layers and (blocks, dtype, device) of each
+    split's parameter, cached: a node is made 58 times per SD1.x step from a few layouts, and building the keys costs
+    ~50 µs in Python (layers compare by identity: OFTLayer is eq=False)."""
+    splits = [(layer, i) for layer in layers for i in range(len(layer.block_sizes))]
+    return _split_batches(tuple(_split_key(layer, i, *p) for (layer, i), p in zip(splits, params, strict=True)))
 
 
 # The trainers attached now (`OFTTrainer.attach`), and the blocks made at the start of the checkpointed block that is

@@ -18,6 +18,7 @@ from test_train_keep_input import net_problem, randomize, train_net
 from torch import nn
 
 import oft_core.train as train
+from oft_core.formats._triangle import skew_from_upper, upper_grad
 from oft_core.rotation import _trained_blocks, rotation_blocks
 from oft_core.spec import Constraint
 from oft_core.train import OFTTrainer, checkpoint_blocks, gradient_checkpointing, select_targets
@@ -180,3 +181,167 @@ def test_the_block_node_gradient_is_autograds_through_the_whole_map(alpha):
             scale = float(p.grad.abs().max())
             assert scale > 0 and float((a - p.grad).abs().max()) <= 2e-6 * scale
             p.grad = None
+
+
+# ------------------------------------------------------------------------------------ the node batched over splits
+def _described_layer(name: str, counts, b: int, constraint: Constraint, transpose: bool):
+    """A Cayley layer of `len(counts)` splits of `counts[i]` blocks of b (zero generators: the live ones are the
+    packed parameters passed to the node)."""
+    from oft_core.spec import make_layer
+    return make_layer(path="", name=name, side="out", blocks=[torch.zeros(n, b, b) for n in counts],
+                      transpose=transpose, constraint=constraint, source="peft" if not transpose else "kohya",
+                      key=name)
+
+
+def batched_mix():
+    """(layers, params) of one node that takes every branch of the batches (`rotation._split_batches`): block sizes
+    5, 8, 24, 100; at 8 a kohya clamp (clamped), a fused 3-split layer, PEFT COFT (some blocks projected, not
+    transposed) in one batch (one method, two kinds), fp64 parameters (a batch of their own); at 24 two clamp widths
+    (series / solve: two batches) and an unconstrained split (the solve: a batch of two kinds); a layer whose
+    parameters are frozen."""
+    clamp = Constraint("norm_clamp", 1e-3)
+    spec = [  # name, blocks per split, b, constraint, transpose, dtype, trained
+        ("a", (8,), 8, clamp, True, torch.float32, True),
+        ("coft", (6,), 8, Constraint("block_projection", 0.5), False, torch.float32, True),
+        ("qkv", (6, 6, 6), 8, clamp, True, torch.float32, True),
+        ("narrow", (4,), 24, clamp, True, torch.float32, True),  # bound 0.096: the series
+        ("wide", (40,), 24, clamp, True, torch.float32, True),  # bound 0.96: the solve
+        ("free", (3,), 24, Constraint(), True, torch.float32, True),  # no bound: the solve
+        ("frozen", (5,), 8, clamp, True, torch.float32, False),
+        ("big", (2,), 100, clamp, True, torch.float32, True),  # bound 0.2: block elimination
+        ("small", (7,), 5, Constraint(), False, torch.float32, True),
+        ("double", (3,), 8, clamp, True, torch.float64, True),
+    ]
+    g = torch.Generator().manual_seed(3)
+    layers, params = [], []
+    for name, counts, b, constraint, transpose, dtype, trained in spec:
+        layers.append(_described_layer(name, counts, b, constraint, transpose))
+        for n in counts:
+            scale = torch.linspace(0.005, 0.3, n).view(n, 1) if constraint.kind == "block_projection" else 0.02
+            p = (torch.randn(n, b * (b - 1) // 2, generator=g) * scale).to(dtype)
+            params.append(p.requires_grad_(trained))
+    return tuple(layers), params
+
+
+def test_the_mix_takes_every_branch_of_the_batches():
+    from oft_core.rotation import _cayley_method, _split_batches, _split_key
+    layers, params = batched_mix()
+    splits = [(layer, i) for layer in layers for i in range(len(layer.block_sizes))]
+    batches = _split_batches(tuple(_split_key(layer, i, p.shape[0], p.dtype, p.device)
+                                   for (layer, i), p in zip(splits, params)))
+    shapes = sorted((bt.b, bt.counts, tuple(kind for kind, *_ in bt.kinds)) for bt in batches)
+    assert shapes == [(5, (7,), ("none",)), (8, (3,), ("norm_clamp",)),
+                      (8, (8, 6, 6, 6, 5, 6), ("norm_clamp", "block_projection")),
+                      (24, (4,), ("norm_clamp",)), (24, (40, 3), ("norm_clamp", "none")),
+                      (100, (2,), ("norm_clamp",))]
+    methods = {(bt.b, bt.counts): _cayley_method(bt.b, bt.bound) for bt in batches}
+    assert methods[(24, (4,))][0] == "series" and methods[(24, (40, 3))] == "solve"
+    assert methods[(8, (8, 6, 6, 6, 5, 6))] == methods[(8, (3,))] == "eliminate"
+    assert methods[(100, (2,))] == "blocks" and methods[(5, (7,))] == "solve"
+    with torch.no_grad():  # the clamp bites at 8 and the COFT projection moves some blocks, not all
+        q = skew_from_upper(params[0], 8)
+        assert bool(q.norm() > 1e-3 * 64)
+        coft = skew_from_upper(params[1], 8)
+        moved = torch.linalg.matrix_norm(coft) > 0.5 / 6**0.5
+        assert bool(moved.any()) and not bool(moved.all())
+
+
+def test_the_batched_node_gives_every_layers_rotation_blocks_bit_for_bit():
+    layers, params = batched_mix()
+    with torch.no_grad():
+        flat = train._TrainedBlocks.apply(layers, *params)
+    k = 0
+    for layer in layers:
+        ps = params[k:k + len(layer.block_sizes)]
+        alone = rotation_blocks(layer, blocks=[skew_from_upper(p, b) for p, b in zip(ps, layer.block_sizes)],
+                                sync_free=True)
+        for got, want in zip(flat[k:k + len(ps)], alone):
+            assert got.shape == want.shape and got.dtype == torch.float32 and torch.equal(got, want), layer.name
+        k += len(ps)
+    assert k == len(flat) == len(params)
+
+
+def _per_split_grads(layers, params, upstream):
+    """The node's backward as it was before the batches, split by split: ∂L/∂p = upper_grad(_constrain_grad(q,
+    _cayley_grad(R, G))) with q made again from p, R the split's blocks as `rotation_blocks` makes them (untransposed),
+    G the upstream gradient (transposed for a transposed layer); None for frozen parameters."""
+    from oft_core.rotation import _cayley_grad, _constrain_grad
+    out, k = [], 0
+    for layer in layers:
+        ps = params[k:k + len(layer.block_sizes)]
+        with torch.no_grad():
+            blocks = rotation_blocks(layer, blocks=[skew_from_upper(p, b) for p, b in zip(ps, layer.block_sizes)],
+                                     sync_free=True)
+        for i, (p, blk, g) in enumerate(zip(ps, blocks, upstream[k:k + len(ps)])):
+            if not p.requires_grad:
+                out.append(None)
+                continue
+            b = layer.block_sizes[i]
+            r, g = (blk.mT, g.mT) if layer.transpose else (blk, g)
+            q = skew_from_upper(p.detach(), b).to(torch.float32)
+            out.append(upper_grad(_constrain_grad(layer, q, _cayley_grad(r, g), i), b).to(p.dtype))
+        k += len(ps)
+    return out
+
+
+def test_the_batched_node_gives_the_per_split_gradients_bit_for_bit():
+    layers, params = batched_mix()
+    gen = torch.Generator().manual_seed(4)
+    upstream = [torch.randn(p.shape[0], b, b, generator=gen) for layer, p in
+                zip([la for la in layers for _ in la.block_sizes], params)
+                for b in [int(round((1 + (1 + 8 * p.shape[1]) ** 0.5) / 2))]]
+    torch.autograd.backward(train._TrainedBlocks.apply(layers, *params), upstream)
+    want = _per_split_grads(layers, params, upstream)
+    for p, w in zip(params, want):
+        if w is None:
+            assert p.grad is None
+            continue
+        assert p.grad.dtype == p.dtype and bool(p.grad.abs().sum() > 0) and torch.equal(p.grad, w)
+
+
+def test_the_batched_node_gradient_is_autograds_through_the_whole_map():
+    """The mix's gradients against autograd of the plain expression in fp64 (generators by `unpack_upper`, the
+    constraint by `_constrain`, R by LAPACK's solve (I − Q)⁻¹(I + Q)): COFT, non-transposed and frozen layers
+    included; fp32 rounding of the node (the tolerance of `test_the_block_node_gradient_is_autograds_through_the_
+    whole_map`)."""
+    from oft_core.formats._triangle import unpack_upper
+    from oft_core.rotation import _constrain
+    layers, params = batched_mix()
+    gen = torch.Generator().manual_seed(5)
+    ups = []
+    for layer in layers:
+        for n, b in zip(layer.num_blocks, layer.block_sizes):
+            ups.append(torch.randn(n, b, b, generator=gen))
+    torch.autograd.backward(train._TrainedBlocks.apply(layers, *params), ups)
+    got = [None if p.grad is None else p.grad.clone() for p in params]
+    wide = [p.detach().double().requires_grad_(p.requires_grad) for p in params]
+    k, outs, grads = 0, [], []
+    for layer in layers:
+        ps = wide[k:k + len(layer.block_sizes)]
+        for i, (p, b) in enumerate(zip(ps, layer.block_sizes)):
+            if p.requires_grad:
+                q = _constrain(layer, unpack_upper(p, b) - unpack_upper(p, b).mT, i)
+                eye = torch.eye(b, dtype=q.dtype).expand_as(q)
+                r = torch.linalg.solve(eye - q, eye + q)
+                outs.append(r.mT if layer.transpose else r)
+                grads.append(ups[k + i].double())
+        k += len(ps)
+    torch.autograd.backward(outs, grads)
+    for a, p in zip(got, wide):
+        if a is None:
+            assert not p.requires_grad
+            continue
+        scale = float(p.grad.abs().max())
+        assert scale > 0 and float((a.double() - p.grad).abs().max()) <= 2e-6 * scale
+
+
+def test_the_batched_node_reads_nothing_from_the_device():
+    from test_sync_free import count_reads
+    layers, params = batched_mix()
+    with count_reads() as reads:
+        flat = train._TrainedBlocks.apply(layers, *params)
+        torch.autograd.backward(flat, [torch.ones_like(x) for x in flat])
+    assert sum(reads.values()) == 0, dict(reads)
+    with count_reads() as reads:  # the counter sees reads (the count above is not vacuous)
+        float(flat[0].detach().sum())
+    assert sum(reads.values()) == 1
