@@ -13,7 +13,7 @@ import torch
 
 from .errors import OFTError, _mismatch
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
-from .formats.kohya import UNCONSTRAINED_METADATA
+from .formats.kohya import _UNCONSTRAINED_METADATA
 from .rotation import _cayley, _constrain, _generator_of, _skew, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer
 
@@ -88,7 +88,7 @@ def _resume_trainer(trainer: OFTTrainer, adapter: OFTAdapter, names: Mapping[str
     path = adapter.path or None
     pairs = _resume_pairs(trainer, adapter, names, path)
     new = []
-    encoded_none = adapter.metadata.get(UNCONSTRAINED_METADATA) == "true"
+    encoded_none = adapter.metadata.get(_UNCONSTRAINED_METADATA) == "true"
     for tl, layer in pairs:
         _check_resumable(tl, layer, trainer.alpha, path, encoded_none)
         new.append([_packed(q) for q in layer.blocks])
@@ -128,7 +128,7 @@ def _check_resumable(tl: _TrainedLayer, layer: OFTLayer, alpha: float, path: str
                      encoded_none: bool = False) -> None:
     """The adapter's `layer` is what `tl` trains: kohya convention, Cayley, no rescale, the same splits, blocks
     and constraint (alpha compared in fp32, as kohya stores it). `encoded_none`: the file says its clamps encode "no
-    constraint" (`kohya.UNCONSTRAINED_METADATA`, our kohya writer): for an unconstrained trainer (alpha 0) a layer
+    constraint" (`kohya._UNCONSTRAINED_METADATA`, our kohya writer): for an unconstrained trainer (alpha 0) a layer
     whose clamp leaves its generators as they are is unconstrained (an alpha-0 run resumes its own kohya file)."""
 
     def fail(msg):

@@ -452,7 +452,7 @@ def _generators(named: dict[str, OFTLayer]) -> tuple[float, dict[str, list[torch
 
 # Set on a file whose layers include unconstrained ones, written with an alpha whose clamp never bites on them (kohya
 # has no "no constraint"): what lets a trainer without a constraint resume its own kohya file (`train_io`).
-UNCONSTRAINED_METADATA = "comfyui_oft.unconstrained"
+_UNCONSTRAINED_METADATA = "comfyui_oft.unconstrained"
 
 
 def _metadata(adapter: OFTAdapter, named: dict[str, OFTLayer], alpha: float, flux: bool) -> dict[str, str]:
@@ -465,9 +465,9 @@ def _metadata(adapter: OFTAdapter, named: dict[str, OFTLayer], alpha: float, flu
     meta["ss_network_module"] = "networks.oft_flux" if flux else "networks.oft"
     meta["ss_network_dim"] = str(dims.most_common(1)[0][0])  # sd-scripts' dim = number of blocks
     meta["ss_network_alpha"] = repr(alpha)
-    meta.pop(UNCONSTRAINED_METADATA, None)  # (a source's marker says nothing of this file's layers)
+    meta.pop(_UNCONSTRAINED_METADATA, None)  # (a source's marker says nothing of this file's layers)
     if any(layer.constraint.kind != "norm_clamp" for layer in named.values()):
-        meta[UNCONSTRAINED_METADATA] = "true"
+        meta[_UNCONSTRAINED_METADATA] = "true"
     if flux:
         meta.setdefault("ss_base_model_version", "flux1")
         meta.setdefault("modelspec.architecture", "flux-1-dev/lora")
