@@ -11,7 +11,7 @@ One definition of each thing, used by every format, the ComfyUI patch, the baker
   Cayley–Neumann series Σ c_k Q^k; always in fp32, whatever the stored dtype. With `sync_free` and gradients (and
   for blocks of 8–15 always) the Cayley map is differentiated in closed form (`_cayley_grad`:
   ∂L/∂Q = ½(I + R)ᵀ G (I + R)ᵀ, only R kept for backward), by `_CayleyMap` here and by the trainer's own node
-  (`train._TrainedBlocks`, several layers at once: `_trained_blocks`).
+  (`train._TrainedBlocks`, several layers at once: `_split_batches`).
 - strength (`rotation_blocks`): mode "kohya" R_s = I + s(R − I), linear in the weight and what sd-scripts and
   LyCORIS do with their multiplier (the default: results match the trainer); mode "orthogonal" R_s = R(s·Q), a
   rotation for every s with R_0 = I, R_1 = R, R_−1 = Rᵀ. Strength 0 returns the input untouched in both modes.
@@ -267,7 +267,7 @@ def _cayley_value(q: torch.Tensor, *, norm_bound: float | None = None, sync_free
     as accurate as the solve (a file's huge generators get the solve, not NaN). All agree to fp32 rounding
     (tests/test_rotation.py, tests/test_cayley_small.py). The method (`_cayley_method`) depends on the block size and
     that norm, never on the number of blocks, so a batch of several layers' blocks gives each layer's values bit for
-    bit (`_trained_blocks`).
+    bit (the trainer's block node, `_split_batches`).
 
     The norm: without `sync_free`, max_i ‖Q_i‖_F read from `q` (one host read, where the size leaves a choice);
     with `sync_free=True` (the trainer's step, so that on a GPU the step never waits for the device) `norm_bound`,
@@ -545,7 +545,7 @@ def _check_finite_rotation(layer: OFTLayer, r: torch.Tensor, strength: float, mo
 def _cayley_method(b: int, rho: float | None):
     """How `_cayley_value` makes blocks of size b whose ‖Q_i‖_F are all at most `rho` (None: not known): "blocks"
     (`_inverse_positive_real`), "eliminate" (`_cayley_eliminated`), ("series", doublings) or "solve". The one rule,
-    used by `_cayley_value` and by `_trained_blocks` to batch splits that take the same method (every method works
+    used by `_cayley_value` and by `_split_batches` to batch splits that take the same method (every method works
     matrix by matrix, so the values are the same bit for bit)."""
     if b > _CAYLEY_LEAF:
         return "blocks" if rho is not None and rho <= _BLOCK_ELIMINATION_MAX_NORM else "solve"
@@ -553,29 +553,6 @@ def _cayley_method(b: int, rho: float | None):
         return "eliminate" if rho is not None and rho <= _ELIMINATION_MAX_NORM else "solve"
     doublings = None if b <= _NEUMANN_MIN_BLOCK or rho is None else _doublings_for(rho)
     return "solve" if doublings is None else ("series", doublings)
-
-
-def _trained_blocks(items: Sequence[tuple[OFTLayer, Sequence[torch.Tensor]]]) -> list[list[torch.Tensor]]:
-    """`rotation_blocks(layer, blocks=generators, sync_free=True)` of several Cayley-parameterised layers at once
-    (strength 1, the trainer's; made without gradients): per (layer, generators) its blocks per split, the same
-    values bit for bit. The splits of one block size and Cayley method are constrained and mapped together
-    (`_SplitBatch`, one constraint pass per kind with the per-split numbers side by side, one Cayley call): on a CPU
-    one LAPACK solve for an SD1.x block's dozen layers instead of a dozen calls, each of which costs more in fixed
-    overhead than in arithmetic. The trainer's block node (`train._TrainedBlocks`) runs the same batches from its
-    packed parameters."""
-    flat = [(layer, i, q) for layer, gens in items for i, q in enumerate(gens)]
-    keys = tuple(_split_key(layer, i, q.shape[-3], torch.float32, q.device) for layer, i, q in flat)
-    made: list[torch.Tensor | None] = [None] * len(flat)
-    for batch in _split_batches(keys):
-        qs = [flat[k][2].to(torch.float32) for k in batch.positions]
-        q = torch.cat(qs) if len(qs) > 1 else qs[0]
-        for k, r in zip(batch.positions, batch.blocks(batch.rotations(batch.constrain(q)[0]))):
-            made[k] = r
-    out, k = [], 0
-    for _, gens in items:
-        out.append(made[k:k + len(gens)])
-        k += len(gens)
-    return out
 
 
 def _split_key(layer: OFTLayer, split: int, stored_blocks: int, dtype: torch.dtype, device: torch.device) -> tuple:

@@ -276,8 +276,8 @@ class _TrainedBlocks(torch.autograd.Function):
     ten SD1.x-sized layers with blocks of 8: backward 4.3–4.5 ms with autograd through the constraint and the
     packing, 2.7–3.3 ms in closed form).
 
-    The splits of one block size and Cayley method are one batch (`rotation._split_batches`, the batches
-    `rotation._trained_blocks` runs; one for a node whose layers share both, as an SD1.x block's do): forward, one
+    The splits of one block size and Cayley method are one batch (`rotation._split_batches`; one for a node whose
+    layers share both, as an SD1.x block's do): forward, one
     concatenation of their parameters, one `skew_from_upper`, one constraint pass per kind with the per-split numbers
     side by side, one Cayley call; backward, one concatenation of the incoming gradients, one `_cayley_grad`, one
     constraint gradient, one `upper_grad`, split back per parameter. Only the reductions stay per split (the clamp's

@@ -134,7 +134,7 @@ def test_batch_shapes(b):
 @pytest.mark.parametrize("b", [8, 9, 15])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_block_has_the_same_values_wherever_it_sits_in_the_batch(b, threads):
-    """What the trainer's block node relies on (`_trained_blocks`: several layers' blocks in one call give each
+    """What the trainer's block node relies on (`_TrainedBlocks`: several layers' blocks in one call give each
     layer's own values bit for bit): sizes with and without vector tails, under one and two threads."""
     before = torch.get_num_threads()
     try:

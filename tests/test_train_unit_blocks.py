@@ -1,7 +1,7 @@
 """oft_core.train: the rotation blocks of all the trained layers of a checkpointed block made at its start as one
-autograd node (`_unit_blocks`, `_TrainedBlocks`, `rotation._trained_blocks`).
+autograd node (`_unit_blocks`, `_TrainedBlocks`, `rotation._split_batches`).
 
-Pinned: `_trained_blocks` gives every layer's `rotation_blocks(…, sync_free=True)` bit for bit, whatever mix of
+Pinned: the block node gives every layer's `rotation_blocks(…, sync_free=True)` bit for bit, whatever mix of
 block sizes, Cayley methods, constraints and splits it batches; the node's gradients are those of one node per
 layer bit for bit; under `gradient_checkpointing` each checkpointed block makes one node (in forward and again in its
 recomputation) that its layers take their blocks from, and a training run gives the same adapter bit for bit as
@@ -19,7 +19,7 @@ from torch import nn
 
 import oft_core.train as train
 from oft_core.formats._triangle import skew_from_upper, upper_grad
-from oft_core.rotation import _trained_blocks, rotation_blocks
+from oft_core.rotation import rotation_blocks
 from oft_core.spec import Constraint
 from oft_core.train import OFTTrainer, checkpoint_blocks, gradient_checkpointing, select_targets
 
@@ -41,10 +41,14 @@ def mixed_trainer(alpha: float | None = None):
     return [t.layers[0] for t in trainers]
 
 
-def test_trained_blocks_are_each_layers_rotation_blocks_bit_for_bit():
+def test_the_block_node_gives_each_layers_rotation_blocks_bit_for_bit():
     tls = mixed_trainer()
     with torch.no_grad():
-        together = _trained_blocks([(tl.layer, tl.generators()) for tl in tls])
+        flat = train._TrainedBlocks.apply(tuple(tl.layer for tl in tls), *[p for tl in tls for p in tl.params])
+        together, k = [], 0
+        for tl in tls:
+            together.append(flat[k:k + len(tl.params)])
+            k += len(tl.params)
         for tl, got in zip(tls, together):
             alone = rotation_blocks(tl.layer, blocks=tl.generators(), sync_free=True)
             assert len(got) == len(alone) == len(tl.params)
