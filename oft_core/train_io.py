@@ -13,8 +13,8 @@ import torch
 
 from .errors import OFTError, _mismatch
 from .formats.kohya import _PREFIX as KOHYA_PREFIX
-from .formats.kohya import _UNCONSTRAINED_METADATA
-from .rotation import _cayley, _constrain, _generator_of, _skew, rotation_blocks
+from .formats.kohya import _UNCONSTRAINED_METADATA, _fits
+from .rotation import _cayley, _generator_of, _skew, rotation_blocks
 from .spec import Constraint, OFTAdapter, OFTLayer, make_layer
 
 if TYPE_CHECKING:  # (train imports this module)
@@ -148,14 +148,19 @@ def _check_resumable(tl: _TrainedLayer, layer: OFTLayer, alpha: float, path: str
     if found != mine:
         fail(_mismatch("blocks per split × block size", " ".join(f"{n}×{b}" for n, b in zip(*mine)),
                       " ".join(f"{n}×{b}" for n, b in zip(*found))))
-    if alpha == 0 and encoded_none and layer.constraint.kind == "norm_clamp" and all(
-            torch.equal(_constrain(layer, q.to(torch.float32), i), q.to(torch.float32))
-            for i, q in enumerate(layer.blocks)):
+    # kohya's encoding of "no constraint": a clamp that never bites on these generators (`kohya._fits`)
+    unconstrained = encoded_none and layer.constraint.kind == "norm_clamp" and _fits(
+        layer, list(layer.blocks), layer.constraint.value)
+    if alpha == 0 and unconstrained:
         return
     theirs_alpha = layer.constraint.value if layer.constraint.kind == "norm_clamp" else 0.0
-    if layer.constraint.kind not in ("none", "norm_clamp") or \
-            float(torch.tensor(theirs_alpha, dtype=torch.float32)) != alpha:
+    if layer.constraint.kind not in ("none", "norm_clamp"):
         fail(_mismatch("constraint (alpha)", f"{alpha:g}", layer.constraint.describe()))
+    if float(torch.tensor(theirs_alpha, dtype=torch.float32)) != alpha:
+        theirs = "0 (it was trained without one, which kohya stores as an alpha that never clamps)" if \
+            unconstrained else f"{theirs_alpha:g}"
+        fail(_mismatch("constraint (alpha)", f"{alpha:g}", layer.constraint.describe())
+             + f"; to continue it, train with constraint (alpha) {theirs}")
 
 
 def _packed(q: torch.Tensor) -> torch.Tensor:
