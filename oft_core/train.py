@@ -321,14 +321,12 @@ class _TrainedBlocks(torch.autograd.Function):
         for batch in ctx.batches:
             p, r = next(kept), next(kept)
             norms = [next(kept) for _ in batch.kinds]
-            wanted = [ctx.needs_input_grad[1 + k] and grads[k] is not None for k in batch.positions]
+            wanted = [ctx.needs_input_grad[1 + k] for k in batch.positions]
             if not any(wanted):
                 continue
             with torch.autocast(p.device.type, enabled=False):
-                gs = [grads[k] for k in batch.positions]
-                if any(g is None for g in gs):  # an output without a gradient: zeros in its place
-                    gs = [torch.zeros_like(x) if g is None else g for g, x in zip(gs, r.split(batch.counts))]
-                gs = [g.transpose(-1, -2) if t else g for g, t in zip(gs, batch.transposed)]
+                # every output has a gradient here: autograd passes zeros for one that got none (materialize_grads)
+                gs = [grads[k].transpose(-1, -2) if t else grads[k] for k, t in zip(batch.positions, batch.transposed)]
                 g = _cayley_grad(r, torch.cat(gs) if len(gs) > 1 else gs[0])
                 q = skew_from_upper(p, batch.b).to(torch.float32)  # the forward's generators before the constraint
                 gp = upper_grad(batch.constrain_grad(q, g, norms), batch.b).to(p.dtype)

@@ -72,6 +72,24 @@ def test_one_node_for_several_layers_gives_the_per_layer_gradients_bit_for_bit()
         assert all(bool(a.abs().sum() > 0) and torch.equal(a, p.grad) for a, p in zip(grads, tl.params))
 
 
+def test_outputs_of_the_node_that_get_no_gradient_count_as_zero():
+    # a checkpointed block whose forward leaves a trained layer unused: autograd hands the node zeros for that
+    # layer's blocks (materialised gradients), so it gets a zero gradient and the others their own, bit for bit
+    tls = mixed_trainer()
+    g = torch.Generator().manual_seed(2)
+    first = tls[0]
+    upstream = [torch.randn(p.shape[0], b, b, generator=g) for p, b in zip(first.params, first.layer.block_sizes)]
+    flat = train._TrainedBlocks.apply(tuple(tl.layer for tl in tls), *[p for tl in tls for p in tl.params])
+    torch.autograd.backward(flat[:len(first.params)], upstream)
+    together = [[p.grad.clone() for p in tl.params] for tl in tls]
+    for tl in tls:
+        for p in tl.params:
+            p.grad = None
+    torch.autograd.backward(train._TrainedBlocks.apply((first.layer,), *first.params), upstream)
+    assert all(bool(a.abs().sum() > 0) and torch.equal(a, p.grad) for a, p in zip(together[0], first.params))
+    assert all(not bool(a.any()) for grads in together[1:] for a in grads)
+
+
 def test_a_checkpointed_block_makes_one_node_for_its_layers_in_forward_and_recomputation():
     net, x, context = net_problem()
     targets = select_targets(net, "all-linear", "generic")
