@@ -67,6 +67,12 @@ def layer_case(kind: str, seed: int = 0):
         m, x = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), torch.randn(2, 3, 6, 6, generator=g)
     elif kind == "conv-1x1":
         m, x = nn.Conv2d(2, 32, 1), torch.randn(2, 2, 5, 6, generator=g)
+    elif kind == "conv-same":  # a string padding: convolution_backward takes only integers
+        m, x = nn.Conv2d(3, 16, 3, padding="same"), torch.randn(2, 3, 6, 5, generator=g)
+    elif kind == "conv-same-even":  # "same" with an even kernel pads unevenly (one more row / column after)
+        m, x = nn.Conv2d(3, 16, (2, 3), padding="same", dilation=(1, 2)), torch.randn(2, 3, 6, 7, generator=g)
+    elif kind == "conv-valid":
+        m, x = nn.Conv2d(3, 16, 3, padding="valid"), torch.randn(2, 3, 6, 5, generator=g)
     else:
         raise AssertionError(kind)
     with torch.no_grad():
@@ -98,7 +104,7 @@ def run_layer(m, path, x, *, keep_input, through_weight=False, weight_fn=None, r
 
 
 KINDS = ["linear-expand", "linear-nobias", "linear-2d", "linear-splits", "conv", "conv-stride-nobias",
-         "conv-reflect", "conv-1x1"]
+         "conv-reflect", "conv-1x1", "conv-same", "conv-same-even", "conv-valid"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -122,6 +128,23 @@ def test_keeping_the_input_gives_the_plain_values_and_gradients_bit_for_bit(kind
     assert torch.equal(kept[1], plain[1])
     assert len(kept[2]) == len(plain[2]) and all(torch.equal(a, b) for a, b in zip(kept[2], plain[2]))
     assert all(bool(g.abs().sum() > 0) for g in kept[2]) and bool(kept[1].abs().sum() > 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_frozen_bases_give_the_layers_own_output_and_input_gradient(kind):
+    """An untrained layer run through `frozen_base` (QOFT: its weight made again in backward) gives what the layer's
+    own forward and autograd give, bit for bit, whatever its padding ("same" with an even kernel pads unevenly)."""
+    m, _, x = layer_case(kind)
+    g = torch.randn(m(x).shape, generator=torch.Generator().manual_seed(7))
+    got = []
+    for frozen in (False, True):
+        xx = x.detach().clone().requires_grad_(True)
+        with train.frozen_bases([m], cast_weight_fn) if frozen else contextlib.nullcontext():
+            out = m(xx)
+        out.backward(g)
+        got.append((out.detach(), xx.grad))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    assert bool(got[1][1].abs().sum() > 0)
 
 
 @pytest.mark.parametrize("kind", ["linear-expand", "linear-splits", "conv-1x1", "conv-reflect"])

@@ -83,6 +83,23 @@ def test_the_output_and_gradients_are_the_rotated_weights_product(kind, host):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_both_gradients_of_a_product_at_once_are_each_ones_bit_for_bit(kind):
+    """`_BaseProduct.grads` (a Conv2d's from one convolution_backward call) gives `input_grad` and `weight_grad`."""
+    m, _, x = layer_case(kind)
+    if isinstance(m, nn.Conv2d):
+        x, padding = train._conv_input(m, x)
+    else:
+        padding = None
+    base = train._BaseProduct.of(m, train._default_weight_fn, padding, x)
+    w = m.weight * 1.5  # the product's (rotated) weight, not the module's
+    g = torch.randn(base(x, w, m.bias).shape, generator=torch.Generator().manual_seed(3))
+    gx, gw = base.grads(x, g, w)
+    assert torch.equal(gx, base.input_grad(x.shape, x.dtype, g, w))
+    assert torch.equal(gw, base.weight_grad(x, g, w.shape))
+    assert bool(gx.abs().sum() > 0) and bool(gw.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_identity_blocks_give_the_base_output_bit_for_bit(kind):
     m, path, x = layer_case(kind)
     t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=True, through_weight=True,
