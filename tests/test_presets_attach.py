@@ -82,13 +82,14 @@ def test_attach_alone_trains_comfyui_flux(comfy):
     dm = mp.model.diffusion_model
     alone = _flux_grads(dm, mp)
     assert all(torch.isfinite(g).all() for g in alone) and sum(float(g.abs().sum()) for g in alone) > 0
-    # what the node does on top: inplace_safe is not applied twice (bit-identical gradients), and checkpointing
-    # runs the unguarded block under its own copies (the recomputation changes the gradients' rounding only)
+    # what the node does on top: inplace_safe is not applied twice, and checkpointing runs the unguarded block on its
+    # own copies with the same saved-tensor copies: both bit-identical (the checkpointed gradients were 1e-4 off on
+    # ComfyUI 0.8, whose double blocks update `img` in place twice: the recomputation read a saved input modified)
     again = _flux_grads(dm, mp, inplace_safe)
     assert all(torch.equal(a, b) for a, b in zip(alone, again))
     ckpt = _flux_grads(dm, mp, gradient_checkpointing)
     a, b = torch.cat([g.flatten() for g in alone]), torch.cat([g.flatten() for g in ckpt])
-    assert float((a - b).norm()) <= 1e-4 * float(b.norm()), float((a - b).norm() / b.norm())
+    assert torch.equal(a, b), float((a - b).norm() / b.norm())
 
 
 def test_attach_refuses_flux_targets_without_their_model(comfy):

@@ -330,22 +330,34 @@ def test_cayley_neumann_trains_and_exports_as_the_nearest_cayley_rotation(tmp_pa
         assert rel_err(merged_copy(model, loaded)(x), trained) < 50 * err + REL
 
 
-def test_gradient_checkpointing_and_inplace_safe_give_the_same_gradients():
-    class InplaceBlock(nn.Module):  # normalises its input then adds to it in place, as ComfyUI's FLUX blocks do
-        def __init__(self):
+@pytest.mark.parametrize("updates", [1, 2])
+def test_gradient_checkpointing_and_inplace_safe_give_the_same_gradients(updates):
+    """Blocks that normalise their input and add to it in place, as ComfyUI's FLUX blocks do: once (0.3.64's
+    single blocks, `x += …`) or twice, normalising again in between (ComfyUI 0.8's double blocks: `img += attn`,
+    then `img += mlp(norm2(img))`). Both wrappers give the gradients of the same math written out of place. Twice
+    used to give wrong gradients under checkpointing, silently: the recomputation kept the first norm's input by
+    reference and the second update overwrote it before backward read it."""
+
+    class InplaceBlock(nn.Module):
+        def __init__(self, inplace=True):
             super().__init__()
-            self.norm = nn.LayerNorm(8, elementwise_affine=False)
-            self.lin = nn.Linear(8, 8)
+            self.inplace = inplace
+            self.norms = nn.ModuleList([nn.LayerNorm(8, elementwise_affine=False) for _ in range(updates)])
+            self.lins = nn.ModuleList([nn.Linear(8, 8) for _ in range(updates)])
 
         def forward(self, x):
-            x += self.lin(self.norm(x))
+            for norm, lin in zip(self.norms, self.lins):
+                if self.inplace:
+                    x += lin(norm(x))
+                else:
+                    x = x + lin(norm(x))
             return x
 
     class Net(nn.Module):
-        def __init__(self):
+        def __init__(self, inplace=True):
             super().__init__()
             self.lin_in = nn.Linear(8, 8)
-            self.blocks = nn.ModuleList([InplaceBlock(), InplaceBlock()])
+            self.blocks = nn.ModuleList([InplaceBlock(inplace), InplaceBlock(inplace)])
 
         def forward(self, x):
             x = self.lin_in(x)
@@ -355,22 +367,31 @@ def test_gradient_checkpointing_and_inplace_safe_give_the_same_gradients():
 
     torch.manual_seed(0)
     net = Net().requires_grad_(False)
+    plain = Net(inplace=False).requires_grad_(False)
+    plain.load_state_dict(net.state_dict())
     x = torch.randn(3, 8)
-    trainer = OFTTrainer(select_targets(net, "all-linear", "generic"), num_blocks=2, alpha=0)
-    with torch.no_grad():
-        trainer.parameters()[0].add_(0.1)  # away from identity so every gradient is non-trivial
-    grads = []
+
+    def trainer_of(model):
+        trainer = OFTTrainer(select_targets(model, "all-linear", "generic"), num_blocks=2, alpha=0)
+        with torch.no_grad():
+            for i, p in enumerate(trainer.parameters()):
+                p.copy_(torch.linspace(-0.3, 0.3, p.numel()).reshape(p.shape) * (i + 1))  # every gradient non-trivial
+        return trainer
+
+    reference = trainer_of(plain)
+    with reference.attach():
+        plain(x).square().sum().backward()
+    trainer = trainer_of(net)
     for wrap in (gradient_checkpointing, inplace_safe):
         with trainer.attach(), wrap(checkpoint_blocks(net)):
             for p in trainer.parameters():
                 p.grad = None
             net(x).square().sum().backward()
-        grads.append([p.grad.clone() for p in trainer.parameters()])
         assert all("forward" not in m.__dict__ for m in net.modules())
+        for a, b in zip(trainer.parameters(), reference.parameters()):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), (wrap.__name__, a.grad, b.grad)
     with trainer.attach(), pytest.raises(RuntimeError, match="inplace"):
         net(x).square().sum().backward()  # the failure both wrappers avoid
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_checkpointing_reaches_layers_of_sequential_blocks_the_host_iterates():
