@@ -16,7 +16,8 @@ rate, optimizer, training dtype, gradient checkpointing, and the same attention 
 --use-pytorch-cross-attention in both, i.e. torch's scaled_dot_product_attention, which is also what our trainer
 picks; the kernel name is printed):
 
-- core: `comfy_extras.nodes_train.TrainLoraNode().train(..., algorithm="OFT", rank=R)`. Core's OFT adapts every
+- core: `comfy_extras.nodes_train.TrainLoraNode().train(..., algorithm="OFT", rank=R)` (newer ComfyUI: the V3
+  `TrainLoraNode.execute` with each input in a list). Core's OFT adapts every
   Linear / Conv2d of the diffusion model (every layer with a `weight_function`, weight ndim ≥ 2) with
   `block_size, block_num = factorization(out_dim, R)`: so core's "rank" is a BLOCK SIZE (R when R | out and
   R² ≤ out, else the divisor pair of out closest to it), and it also trains a bias delta for every bias and a weight
@@ -263,7 +264,6 @@ class _Group:
 
 def worker(args) -> dict:
     import comfy.ldm.modules.attention
-    import comfy.model_management as mm
 
     torch.set_num_threads(args.threads)
     tracer = None
@@ -312,7 +312,12 @@ def worker(args) -> dict:
                                              recompute_weight=tn._casts_weight) for bs, t in sorted(by_size.items())]))
             return groups[-1]
         tn.build_trainer = new_group
-        mm.throw_exception_if_processing_interrupted = lambda: stamps.append(_now())
+        node_before_step = tn._before_step
+
+        def stamped(step):  # the node's own once-per-step hook (newer ComfyUI's interrupt check runs in every op)
+            stamps.append(_now())
+            node_before_step(step)
+        tn._before_step = stamped
         if tracer is not None:
 
             for fn, tag in ((ot.rotate_output, "oft: rotation"), (ot.frozen_base, "oft: base (frozen)"),
@@ -367,12 +372,16 @@ def worker(args) -> dict:
                     return orig_call(self, w)
             OFTDiff.__call__ = tagged_call
         def run(steps):
+            inputs = dict(model=patcher, latents=latents, positive=positive, batch_size=batch, steps=steps,
+                          grad_accumulation_steps=1, learning_rate=kw["lr"], rank=args.rank, optimizer="AdamW",
+                          loss_function="MSE", seed=0, training_dtype=kw["dtype"], lora_dtype="fp32",
+                          algorithm="OFT", gradient_checkpointing=kw["checkpointing"], existing_lora="[None]")
             with torch.inference_mode():
-                return node.train(
-                    patcher, latents, positive, batch_size=batch, steps=steps, grad_accumulation_steps=1,
-                    learning_rate=kw["lr"], rank=args.rank, optimizer="AdamW", loss_function="MSE", seed=0,
-                    training_dtype=kw["dtype"], lora_dtype="fp32", algorithm="OFT",
-                    gradient_checkpointing=kw["checkpointing"], existing_lora="[None]")
+                if hasattr(node, "train"):  # ComfyUI 0.3.x: a V1 node
+                    return node.train(**inputs)
+                # newer ComfyUI: a V3 node taking every input as a list (is_input_list), returning a NodeOutput
+                inputs["bucket_mode"] = False
+                return TrainLoraNode.execute(**{k: [v] for k, v in inputs.items()}).result
 
         base_rss = _warm_up_and_reset(run, stamps) if args.warmup else _reset_peak()
         with tracer or contextlib.nullcontext():

@@ -60,6 +60,7 @@ from ..oft_core.train import (
 from . import families
 from .op_nodes import next_free_path
 from .patch import apply_oft, model_kind
+from .rope_grad import ensure_rope_backward
 from .types import TRAINING_TARGETS, OFTAdapterType
 
 log = logging.getLogger(__name__)
@@ -475,6 +476,7 @@ def _training_patches(model, trainer: CoreTrainer, checkpointing: bool):
     the executor's inference mode) become zero-copy normal aliases until the end of training. QOFT: untrained layers
     whose weights are made per forward (fp8 / GGUF / manual cast) make them again in backward instead of keeping
     them (`frozen_bases`); the trained ones do the same (`recompute_weight`)."""
+    ensure_rope_backward()  # ComfyUI >= 0.8 with comfy-kitchen: RoPE ops without a backward (nodes/rope_grad.py)
     base = model.model
     blocks = checkpoint_blocks(base.diffusion_model)
     ckpt = gradient_checkpointing(blocks) if checkpointing else inplace_safe(blocks)
@@ -567,6 +569,18 @@ def _progress_text(node_id, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ node
+def _types_looked_up() -> bool:
+    """Whether this ComfyUI's V3 schema finalisation looks input types up in a dict (see `queue_checked`)."""
+    try:
+        from comfy_api.latest import _io
+    except ImportError:
+        return False
+    return hasattr(_io, "DYNAMIC_INPUT_LOOKUP")
+
+
+_TYPES_LOOKED_UP = _types_looked_up()
+
+
 class _ListTypedCombo(io.Combo.Input):
     """A Combo whose V1 type is its list of options (see `queue_checked`)."""
 
@@ -584,8 +598,13 @@ def queue_checked(combo: io.Combo.Input) -> io.Combo.Input:
     its list of options (`get_io_type()`; the frontend shows a V1 list type as the same dropdown) and ComfyUI's own
     check applies. Not through `widget_type`: that is also sent as the input's "widgetType", and frontend 1.27.10
     then builds no widget at all for the input (every later widget value of a saved workflow shifts).
+
+    Newer ComfyUI (0.8) checks V3 Combos at queue time itself, and its schema finalisation looks each input's type
+    up in a dict (`comfy_api.latest._io.DYNAMIC_INPUT_LOOKUP`): a list type there is unhashable and the node could
+    not run at all. Where that lookup exists the combo is left a plain V3 Combo (feature detection, not a version).
     """
-    combo.__class__ = _ListTypedCombo
+    if not _TYPES_LOOKED_UP:
+        combo.__class__ = _ListTypedCombo
     return combo
 
 

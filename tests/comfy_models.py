@@ -176,10 +176,39 @@ def import_comfy():
     import comfy.supported_models
     import comfy.utils
 
+    _fit_flux_tiny_config()
+    _rope_backward()
     global COMFYUI_ROOT
     COMFYUI_ROOT = root
     _COMFY = comfy
     return comfy
+
+
+def _fit_flux_tiny_config():
+    """Give FLUX_TINY_CONFIG the fields this ComfyUI's FluxParams requires and detection sets for a FLUX.1 checkpoint.
+
+    ComfyUI 0.8.0 added the required `txt_ids_dims` (`comfy/ldm/flux/model.py` FluxParams; `comfy/model_detection.py`
+    sets `[]` for FLUX.1); 0.3.64's FluxParams rejects it. Feature detection, not a version check.
+    """
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if "txt_ids_dims" in fields:
+        FLUX_TINY_CONFIG.setdefault("txt_ids_dims", [])
+
+
+def _rope_backward():
+    """Tests that train a ComfyUI model with oft_core directly (not through the node, which does this itself) need
+    the RoPE backward the pack registers when comfy-kitchen has none (ComfyUI >= 0.8; nodes/rope_grad.py). The module
+    imports only torch, so it is loaded by path without importing the pack."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_oft_rope_grad", REPO_ROOT / "nodes" / "rope_grad.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.ensure_rope_backward()
 
 
 # ------------------------------------------------------------------------------------------------ loaders

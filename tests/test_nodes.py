@@ -149,6 +149,34 @@ def test_entrypoint_lists_the_nodes_with_tooltips(pack):
     assert "clip" in loader["optional"]
 
 
+def test_every_node_passes_the_executors_schema_step(pack):
+    """What ComfyUI's executor does with each node's inputs before validating or running it.
+
+    0.3.64 reads INPUT_TYPES(); newer ComfyUI (0.8) also finalises them through `_io.get_finalized_class_inputs`,
+    which looks each input's type up in a dict: a list-typed input (how the Train node had ComfyUI 0.3.64 check its
+    combos, `train_node.queue_checked`) made that a TypeError, so the node could not run at all. Each node's combos
+    must still be checked at queue time on both (the server tier checks the message)."""
+    from comfy_api.latest import _io
+    from comfyui_oft.nodes import comfy_entrypoint
+
+    classes = asyncio.run(comfy_entrypoint().get_node_list())
+    finalize = getattr(_io, "get_finalized_class_inputs", None)
+    for c in classes:
+        info = c.INPUT_TYPES()
+        names = {kind: set(info.get(kind, {})) for kind in ("required", "optional")}
+        if c.GET_SCHEMA().node_id == "OFTTrainer":
+            combos = {n: v[0] for kind in names for n, v in info[kind].items() if isinstance(v[0], list)
+                      or v[0] == "COMBO"}
+            assert set(combos) == {"optimizer", "targets", "training_dtype", "loss_function", "lr_schedule"}
+            # 0.3.64 checks list types against their options at queue time, and never a "COMBO"; newer ComfyUI
+            # checks "COMBO" itself and cannot take a list type
+            kinds = {"list" if isinstance(t, list) else t for t in combos.values()}
+            assert kinds == ({"COMBO"} if finalize is not None else {"list"}), combos
+        if finalize is not None:
+            out = finalize(info, {})[0]
+            assert {kind: set(out[kind]) for kind in names} == names, c.__name__
+
+
 def test_comfyui_loader_registers_the_v3_nodes(pack, tmp_path):
     """ComfyUI's own custom-node loader (nodes.load_custom_node) picks up comfy_entrypoint."""
     import nodes

@@ -211,7 +211,7 @@ def test_flux_inspect_and_bake_runs_in_comfyui_executor(comfy_nodes, model_folde
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("bake", prompt, None))
     assert ok, (error, node_errors)
     server = _Server()
-    executor = execution.PromptExecutor(server, cache_type=False)
+    executor = _executor(server)
     try:
         executor.execute(prompt, "bake", {}, outputs)
         errors = [m for m in server.messages if m[0] == "execution_error"]
@@ -239,6 +239,18 @@ def test_flux_inspect_and_bake_runs_in_comfyui_executor(comfy_nodes, model_folde
     assert all(torch.equal(now[k], v) for k, v in snap.items())  # the shared model is back to its base weights
 
 
+def _executor(server):
+    """A PromptExecutor without a cache, built as main.py builds it (newer ComfyUI takes `cache_args` and reads its
+    "ram" entry after each node; 0.3.64 has no such parameter)."""
+    import inspect
+
+    import execution
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0})
+    return execution.PromptExecutor(server, cache_type=False)
+
+
 def _execute(nodes, prompt, prompt_id):
     """Validate with ComfyUI's validate_prompt, then run in a fresh PromptExecutor (no cache carried over)."""
     import execution
@@ -246,7 +258,7 @@ def _execute(nodes, prompt, prompt_id):
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     assert ok, (error, node_errors)
     server = _Server()
-    executor = execution.PromptExecutor(server, cache_type=False)
+    executor = _executor(server)
     executor.execute(prompt, prompt_id, {}, outputs)
     return executor, server
 

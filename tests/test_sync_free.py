@@ -173,12 +173,16 @@ def test_the_nodes_training_loop_reads_the_device_once_per_step(comfy, comfyui_o
     reads_cm = count_reads()
     state = {"reads": None, "step": 0}
 
-    def before_step():
+    node_before_step = tn._before_step
+
+    def before_step(step):
         state["step"] += 1
         if state["step"] == 2:  # steps 2…N: the first step may set things up (optimizer state)
             state["reads"] = reads_cm.__enter__()
+        node_before_step(step)
 
-    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", before_step)
+    # the node's own hook (ComfyUI's interrupt check is not one call per step: newer ComfyUI makes it in every op)
+    monkeypatch.setattr(tn, "_before_step", before_step)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

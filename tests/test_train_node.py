@@ -332,6 +332,9 @@ def test_queue_time_checks_are_comfyuis_own(tn):
     (tests/server/test_server_train.py sends the bad values through a real server)."""
     assert "validate_inputs" not in vars(tn.OFTTrainerNode)
     req = tn.OFTTrainerNode.INPUT_TYPES()["required"]
+    if tn._TYPES_LOOKED_UP:  # newer ComfyUI checks V3 Combos itself (and cannot take a list type)
+        assert req["targets"][0] == req["training_dtype"][0] == req["optimizer"][0] == "COMBO"
+        req = {k: ([*v[1]["options"]], v[1]) if v[0] == "COMBO" else v for k, v in req.items()}
     assert req["targets"][0] == tn.TARGETS
     assert req["training_dtype"][0] == list(tn.DTYPES) and req["optimizer"][0] == ["AdamW", "Adam", "SGD"]
     assert req["targets"][1]["default"] == "attention" and req["targets"][1]["tooltip"]
