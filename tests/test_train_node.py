@@ -440,6 +440,12 @@ def test_train_workflow_runs_in_comfyui_executor(comfy_nodes, model_folders, mon
         Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"img{i}.png")
 
     wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT train an adapter.json").read_text())
+    if "LoadImageSetFromFolderNode" not in nodes.NODE_CLASS_MAPPINGS:
+        # ComfyUI 0.8 renamed core's folder loader and made it output a list of images (one VAE Encode each):
+        # what the README tells users of 0.8 to put in its place
+        assert "LoadImageDataSetFromFolder" in nodes.NODE_CLASS_MAPPINGS
+        (loader,) = [n for n in wf["nodes"] if n["type"] == "LoadImageSetFromFolderNode"]
+        loader["type"], loader["widgets_values"] = "LoadImageDataSetFromFolder", loader["widgets_values"][:1]
     prompt = workflows.to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     trainer_id = workflows._node_id(wf, "OFTTrainer")
     assert prompt[trainer_id]["inputs"]["steps"] == 200

@@ -65,7 +65,9 @@ def template_dialog(comfy_page):
 def test_template_browser_shows_the_cards_with_title_and_picture(comfy_page, template_dialog):
     page = template_dialog
     with comfy_page.failure_shot("template_browser"):
-        page.get_by_role("option", name=harness.PACK_DIR_NAME, exact=True).click()
+        # the pack's category: a listbox option in frontend 1.27, a plain navigation entry in 1.35 (ComfyUI 0.8)
+        category = page.get_by_role("option", name=harness.PACK_DIR_NAME, exact=True)
+        category.or_(page.get_by_text(harness.PACK_DIR_NAME, exact=True)).first.click()
         for stem in STEMS:
             card = page.locator(f'[data-testid="template-workflow-{stem}"]')
             card.wait_for(timeout=30_000)
