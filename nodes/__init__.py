@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import extract_node, files, hook_nodes, oft_nodes, op_nodes, train_node
+from . import extract_node, files, hook_nodes, images_node, oft_nodes, op_nodes, train_node
 
-NODES = [*oft_nodes.NODES, *op_nodes.NODES, *train_node.NODES, *hook_nodes.NODES, *extract_node.NODES]
+NODES = [*oft_nodes.NODES, *op_nodes.NODES, *train_node.NODES, *hook_nodes.NODES, *extract_node.NODES,
+         *images_node.NODES]
 
 
 class OFTExtension(ComfyExtension):

@@ -29,7 +29,8 @@ LYCORIS_DIRS = ["lycoris_diag_oft_dim8", "lycoris_diag_oft_constrained", "lycori
 PEFT_DIRS = ["peft_oft_cayley_bs8", "peft_oft_neumann_r4", "peft_oft_blockshare_bs8", "peft0.13.2_oft_r4",
              "peft0.15.2_oft_bs8"]
 NODE_IDS = ["OFTLoader", "OFTLoadAdapter", "OFTApply", "OFTInspect", "OFTBlockStrength", "OFTBlend", "OFTMerge",
-            "OFTSave", "OFTTrainer", "OFTLatentList", "OFTHook", "OFTExtractLoRA"]
+            "OFTSave", "OFTTrainer", "OFTLatentList", "OFTHook", "OFTExtractLoRA",
+            "OFTLoadImages"]
 
 
 # ------------------------------------------------------------------------------------------------ helpers

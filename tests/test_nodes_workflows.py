@@ -20,7 +20,8 @@ pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = sorted((comfy_models.REPO_ROOT / "workflows").glob("*.json"))
 OUR_NODES = {"OFTLoader", "OFTLoadAdapter", "OFTApply", "OFTInspect", "OFTBlockStrength", "OFTBlend", "OFTMerge",
-             "OFTSave", "OFTTrainer", "OFTHook", "OFTExtractLoRA", "OFTLatentList"}
+             "OFTSave", "OFTTrainer", "OFTHook", "OFTExtractLoRA", "OFTLatentList",
+             "OFTLoadImages"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # file dropdowns: their options depend on the user's folders, so the test gives them files of these names
 FILE_INPUTS = {"ckpt_name": "checkpoints", "unet_name": "diffusion_models", "clip_name1": "text_encoders",
@@ -66,7 +67,7 @@ def model_folders(tmp_path_factory, comfyui_oft):
         (root / folder).mkdir(exist_ok=True)
         folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
     folder_paths.filename_list_cache.clear()
-    # LoadImageSetFromFolderNode's dropdown lists the input folder's subfolders: give it the ones the workflows use
+    # OFTLoadImages' dropdown lists the input folder's subfolders: give it the ones the workflows use
     for sub in ("oft_train_images", "oft_train_square", "oft_train_wide"):
         (root / "input" / sub).mkdir(parents=True)
     saved_input = folder_paths.get_input_directory()

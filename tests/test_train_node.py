@@ -407,7 +407,8 @@ class _TinyVae:
 
 def test_train_workflow_runs_in_comfyui_executor(comfy_nodes, model_folders, monkeypatch, tmp_path):
     """Workflow "OFT train an adapter" as the UI sends it (3 steps instead of 200) through ComfyUI's PromptExecutor:
-    core LoadImageSetFromFolderNode -> VAEEncode, CLIPTextEncode -> OFTTrainer -> OFTSave + core LossGraphNode.
+    OFTLoadImages -> VAEEncode, CLIPTextEncode -> OFTTrainer -> OFTSave + core LossGraphNode; the folder holds images
+    of two sizes (one batch each, trained as buckets).
     The checkpoint loader is monkeypatched to give the tiny SD1.5 UNet (ComfyUI cannot detect it) with stand-ins
     for its CLIP and VAE. The saved file has sd-scripts' diffusers names and reloads onto the model, every layer
     matched; the loss graph PNG is written."""
@@ -436,16 +437,10 @@ def test_train_workflow_runs_in_comfyui_executor(comfy_nodes, model_folders, mon
     images = tmp_path / "input" / "oft_train_images"
     images.mkdir()
     g = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+    for i, (h, w) in enumerate([(64, 64), (64, 96), (64, 64)]):
+        Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"img{i}.png")
 
     wf = json.loads((comfy_models.REPO_ROOT / "workflows" / "OFT train an adapter.json").read_text())
-    if "LoadImageSetFromFolderNode" not in nodes.NODE_CLASS_MAPPINGS:
-        # ComfyUI 0.8 renamed core's folder loader and made it output a list of images (one VAE Encode each):
-        # what the README tells users of 0.8 to put in its place
-        assert "LoadImageDataSetFromFolder" in nodes.NODE_CLASS_MAPPINGS
-        (loader,) = [n for n in wf["nodes"] if n["type"] == "LoadImageSetFromFolderNode"]
-        loader["type"], loader["widgets_values"] = "LoadImageDataSetFromFolder", loader["widgets_values"][:1]
     prompt = workflows.to_api_prompt(wf, nodes.NODE_CLASS_MAPPINGS)
     trainer_id = workflows._node_id(wf, "OFTTrainer")
     assert prompt[trainer_id]["inputs"]["steps"] == 200
@@ -463,7 +458,9 @@ def test_train_workflow_runs_in_comfyui_executor(comfy_nodes, model_folders, mon
     assert_weights_equal(base, before)
     (saved,) = (tmp_path / "output" / "oft").glob("oft_trained_*.safetensors")
     adapter = load_adapter(saved)
-    assert adapter.metadata["ss_steps"] == "3" and adapter.metadata["ss_num_train_images"] == "2"
+    assert adapter.metadata["ss_steps"] == "3" and adapter.metadata["ss_num_train_images"] == "3"
+    assert adapter.metadata["ss_enable_bucket"] == "True"
+    assert json.loads(adapter.metadata["comfyui_oft.latent_sizes"]) == {"8x8": 2, "8x12": 1}
     assert adapter.metadata["ss_mixed_precision"] == "bf16"
     names = [layer.name for layer in adapter]  # as stored: kohya names with "_"
     assert "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in names

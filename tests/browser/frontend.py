@@ -69,7 +69,7 @@ def install_workflow_files(base: Path, fixtures: Path) -> None:
                 dest = models / "oft" / values[0]
                 if not dest.exists():
                     shutil.copy(src, dest)
-            elif t == "LoadImageSetFromFolderNode":
+            elif t == "OFTLoadImages":
                 folder = base / "input" / values[0]
                 if not folder.is_dir():
                     harness.write_images(folder, 2)

@@ -53,8 +53,7 @@ def server_adapter(comfy_server):
     harness.write_images(base / "input" / "oft_server_adapter", n=2, size=64)
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": harness.CHECKPOINT_NAME}},
-        "2": {"class_type": "LoadImageSetFromFolderNode",
-              "inputs": {"folder": "oft_server_adapter", "resize_method": "None"}},
+        "2": {"class_type": "OFTLoadImages", "inputs": {"folder": "oft_server_adapter", "longer_side": 0}},
         "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo"}},
         "5": {"class_type": "OFTTrainer", "inputs": {

@@ -35,7 +35,7 @@ def train_prompt(ckpt: str, *, steps: int = 3, prefix: str = "loras/oft_server",
                  lr: float = 5e-2, dtype: str = "fp32", seed: int = 0) -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "LoadImageSetFromFolderNode", "inputs": {"folder": IMAGES, "resize_method": "None"}},
+        "2": {"class_type": "OFTLoadImages", "inputs": {"folder": IMAGES, "longer_side": 0}},
         "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 2]}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of sks pattern"}},
         "5": {"class_type": "OFTTrainer", "inputs": {

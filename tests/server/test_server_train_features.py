@@ -61,7 +61,7 @@ def advanced(comfy_server):
     if not unet.exists():
         unet.symlink_to(harness.tiny_sd15_checkpoint())
     wf = json.loads(WORKFLOW.read_text())
-    folders = {n["widgets_values"][0]: n for n in wf["nodes"] if n["type"] == "LoadImageSetFromFolderNode"}
+    folders = {n["widgets_values"][0]: n for n in wf["nodes"] if n["type"] == "OFTLoadImages"}
     assert set(folders) == {"oft_train_square", "oft_train_wide"}
     _images(srv.base / "input" / "oft_train_square", (64, 64), 2, 0)
     _images(srv.base / "input" / "oft_train_wide", (96, 64), 2, 1)

@@ -86,7 +86,7 @@ def prepared(comfy_server, server_adapter):
                 target = base / "models" / "oft" / value
                 if not (target.exists() or target.is_symlink()):
                     target.symlink_to(FLUX_ADAPTER if flux else server_adapter)
-            if node["type"] == "LoadImageSetFromFolderNode":
+            if node["type"] == "OFTLoadImages":
                 folder = harness_widget(comfy_server, node, "folder")
                 if not (base / "input" / folder).is_dir():
                     harness.write_images(base / "input" / folder, n=2, size=64)
@@ -142,6 +142,7 @@ def test_shipped_workflow_runs_on_tiny_models(prepared, path):
     prompt = api_prompt(prepared, wf, shrink=True)
     entry = prepared.run(prompt, timeout=900)
     outputs = entry["outputs"]
+    cached = {n for m in entry["status"]["messages"] if m[0] == "execution_cached" for n in m[1]["nodes"]}
     by_type = {n["class_type"]: nid for nid, n in prompt.items()}
     for ntype, nid in by_type.items():
         out = outputs.get(nid, {})
@@ -153,6 +154,10 @@ def test_shipped_workflow_runs_on_tiny_models(prepared, path):
             assert "saved kohya adapter" in text, text
             assert Path(text.split("\n", 1)[0].rsplit(": ", 1)[1]).is_file()  # line 1; notes may follow
         elif ntype in ("OFTLoader", "OFTInspect"):
+            if not out and nid in cached:
+                # ComfyUI 0.8 leaves a cached node's report out of /history (0.3.64 keeps it); the same node with
+                # the same inputs reported in an earlier workflow of this server
+                continue
             assert out.get("text"), f"{ntype} reported nothing: {out}"
         elif ntype == "OFTExtractLoRA":
             text = out["text"][0]
@@ -162,7 +167,7 @@ def test_shipped_workflow_runs_on_tiny_models(prepared, path):
         elif ntype == "CheckpointSave":
             saved = list((prepared.base / "output" / "checkpoints").glob("sd15_oft_baked*.safetensors"))
             assert saved, "CheckpointSave wrote nothing"
-    if "OFTLoader" in by_type:
+    if "OFTLoader" in by_type and by_type["OFTLoader"] in outputs:
         text = " ".join(outputs[by_type["OFTLoader"]]["text"])
         assert "32 of 32" in text, text
 
