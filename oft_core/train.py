@@ -1620,6 +1620,15 @@ def _identity(t):
     return t
 
 
+def _outer_saved_tensors_hooks():
+    """The (pack, unpack) saved-tensor hooks in force here, or None (what torch.utils.checkpoint itself reads)."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        return top(False)
+    except TypeError:  # a torch from before its `ignore_is_tracing` argument
+        return top()
+
+
 def _on_own_copies(fn, args, kwargs):
     """`fn(*args, **kwargs)` on copies of the floating-point tensor arguments, with every tensor autograd saves from
     those copies' storage copied when it is saved.
@@ -1642,7 +1651,7 @@ def _on_own_copies(fn, args, kwargs):
     kwargs = {k: copy(v) for k, v in kwargs.items()}
     owned = {v.untyped_storage().data_ptr() for v in list(args) + list(kwargs.values())
              if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # the checkpoint's, when inside one
+    outer = _outer_saved_tensors_hooks()  # the checkpoint's, when inside one
     outer_pack, outer_unpack = outer if outer is not None else (_identity, _identity)
 
     def pack(t):

@@ -482,3 +482,21 @@ def test_block_size_mode_and_conv_layers():
     assert by_path["conv_in"].num_blocks == (2,) and by_path["conv_in"].block_sizes == (4,)
     assert by_path["proj"].num_blocks == (4,)
     assert losses[-1] < losses[0]
+
+
+def test_saved_tensor_hooks_are_found_on_a_torch_without_the_tracing_argument(monkeypatch):
+    """`_outer_saved_tensors_hooks` (what `_on_own_copies` chains to) on a torch whose accessor takes no argument."""
+    import oft_core.train as ot
+
+    real = torch._C._autograd._top_saved_tensors_default_hooks
+
+    def older(*args):
+        if args:
+            raise TypeError("_top_saved_tensors_default_hooks() takes no arguments (1 given)")
+        return real(False)
+
+    assert ot._outer_saved_tensors_hooks() is None
+    with torch.autograd.graph.saved_tensors_hooks(ot._identity, ot._identity):
+        assert ot._outer_saved_tensors_hooks() == (ot._identity, ot._identity)
+        monkeypatch.setattr(torch._C._autograd, "_top_saved_tensors_default_hooks", older)
+        assert ot._outer_saved_tensors_hooks() == (ot._identity, ot._identity)
