@@ -43,7 +43,8 @@ def folder_path(folder: str) -> str:
     if path == base or os.path.commonpath([base, path]) != base:
         raise OFTError(f"the image folder must be a folder inside the input directory, found {folder!r}", path=base)
     if not os.path.isdir(path):
-        raise OFTError("no such folder in the input directory", path=path)
+        raise OFTError("no such folder in the input directory (put the training images in a folder there and pick "
+                       "it in the node's folder list)", path=path)
     return path
 
 

@@ -1510,10 +1510,12 @@ class _RotateThroughWeight(torch.autograd.Function):
         weight = base.weight_again(x.dtype, x.device)
         gx = gw = None
         want = ctx.needs_input_grad[3:]
-        if ctx.needs_input_grad[0] and any(want):
-            gx, gw = base.grads(x, grad, _rotated_weight(layer, blocks, weight, grad.dtype))
-        elif ctx.needs_input_grad[0]:
-            gx = base.input_grad(x.shape, x.dtype, grad, _rotated_weight(layer, blocks, weight, grad.dtype))
+        if ctx.needs_input_grad[0]:
+            rotated = _rotated_weight(layer, blocks, weight, grad.dtype)
+            if any(want):  # both from one product's backward
+                gx, gw = base.grads(x, grad, rotated)
+            else:
+                gx = base.input_grad(x.shape, x.dtype, grad, rotated)
         grads = [None] * len(blocks)
         if any(want):
             gw = (base.weight_grad(x, grad, weight.shape) if gw is None else gw).to(torch.float32)

@@ -5,6 +5,7 @@ browser tiers); here its contract: sizes, order, values, orientation, modes, sca
 with the file or folder named.
 """
 
+import asyncio
 import math
 
 import numpy as np
@@ -152,3 +153,47 @@ def test_fingerprint_follows_the_folders_images(node, tmp_path):
     assert node.OFTLoadImages.fingerprint_inputs("set", 0) != second
     bad = node.OFTLoadImages.fingerprint_inputs("missing", 0)
     assert bad != bad  # NaN: never cached, so execute() reports the missing folder
+
+
+def test_under_comfyuis_executor_a_changed_folder_reloads_and_an_unchanged_one_is_cached(comfyui_oft, monkeypatch,
+                                                                                          tmp_path):
+    """OFT Load Training Images → Preview Image through ComfyUI's validate_prompt and one PromptExecutor, three times:
+    the first run reads the folder; after an image is added the loader runs again (its fingerprint changed) and
+    gives both; queued again unchanged, ComfyUI takes the loader from its cache."""
+    import folder_paths
+    import test_nodes_workflows as workflows
+    from comfyui_oft.nodes import comfy_entrypoint
+
+    import nodes
+
+    for name in ("input", "temp"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "input"))
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    for cls in asyncio.run(comfy_entrypoint().get_node_list()):
+        nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
+    d = _folder(tmp_path)
+    Image.fromarray(_rgb(8, 8, 0)).save(d / "a.png")
+    prompt = {"1": {"class_type": "OFTLoadImages", "inputs": {"folder": "set", "longer_side": 0}},
+              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    executor = workflows._executor(workflows._Server())
+
+    def run(prompt_id):
+        import copy
+
+        import execution
+
+        queued = copy.deepcopy(prompt)  # each /prompt is a new dict (the executor writes "is_changed" into it)
+        ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, queued, None))
+        assert ok, (error, node_errors)
+        executor.execute(queued, prompt_id, {}, outputs)
+        assert executor.success, executor.status_messages
+        cached = [m[1]["nodes"] for m in executor.status_messages if m[0] == "execution_cached"]
+        shown = executor.history_result["outputs"].get("2")  # (ComfyUI 0.8 leaves a cached node's out)
+        return (len(shown["images"]) if shown else None), "1" in cached[0]
+
+    assert run("first") == (1, False)
+    Image.fromarray(_rgb(8, 8, 1)).save(d / "b.png")
+    assert run("added") == (2, False)
+    assert run("again")[1] is True
