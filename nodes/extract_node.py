@@ -8,8 +8,10 @@ import logging
 import os
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
 from ..oft_core import OFTError
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def _weights_of(patcher):
+    """key -> the weight the layer computes with, as ComfyUI's ModelPatcher reads it before patching
+    (`get_key_weight`): through the layer's `convert_weight` where it has one (a "scaled fp8" checkpoint's stored
+    fp8 weight times its scale_weight), in fp32."""
     sd = patcher.model.state_dict()
 
     def get(key):
@@ -31,7 +36,8 @@ def _weights_of(patcher):
         if getattr(w, "tensor_type", None) is not None:  # a GGUF-quantised weight (city96's GGMLTensor)
             raise OFTError(f"{key} is a GGUF-quantised weight: extract from the unquantised base file with "
                            "`python -m oft_core extract-lora FILE --base BASE`")
-        return w
+        _, _, convert = comfy.model_patcher.get_key_weight(patcher.model, key)
+        return w if convert is None else convert(w.to(dtype=torch.float32, copy=True), inplace=True)
     return get
 
 

@@ -292,7 +292,9 @@ def _weight_fn(module, x):
     """The base weight as the layer's own forward would use it, never written: a layer that dequantises its own
     weights (city96's ComfyUI-GGUF `GGMLLayer.cast_bias_weight`: quantized GGML tensors, and the LoRA patches it keeps
     on them) through its own method; ComfyUI's cast ops (fp8 weights from UNETLoader weight_dtype fp8_*, offloaded
-    or patched layers) through `comfy.ops.cast_bias_weight`. Either way a fresh tensor per forward (QOFT: the
+    or patched layers) through `comfy.ops.cast_bias_weight`, then the layer's `convert_weight` where it has one
+    (a "scaled fp8" checkpoint's layers compute with the stored fp8 weight times their `scale_weight`: ComfyUI's
+    ModelPatcher converts the same way before it patches). Either way a fresh tensor per forward (QOFT: the
     quantized base is read, the adapter trains in fp32), made directly in the autocast dtype when autocast is on
     (no fp32 copy of a bf16 / fp8 weight on the way)."""
     dev = x.device.type
@@ -301,15 +303,39 @@ def _weight_fn(module, x):
         return module.cast_bias_weight(x, dtype=dtype)
     if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) or \
             getattr(module, "bias_function", None):
-        return comfy.ops.cast_bias_weight(module, x, dtype=dtype)
+        w, b = comfy.ops.cast_bias_weight(module, x, dtype=dtype)
+        convert = getattr(module, "convert_weight", None)
+        return (w if convert is None else convert(w)), b
     w, b = module.weight, module.bias
     if torch.is_autocast_enabled(x.device.type) or (w.dtype == x.dtype and w.device == x.device):
         return w, b
     return w.to(x), None if b is None else b.to(x)
 
 
+def _quantized_op(dm) -> tuple[str, torch.nn.Module] | None:
+    """(name, module) of the first Linear-shaped layer that is a ComfyUI cast op but no torch Linear: newer ComfyUI's
+    per-layer quantized ops (0.8+ makes them for fp8 "scaled" and comfy_quant checkpoints; their weight is a
+    QuantizedTensor), which the trainer cannot select. None on models without them."""
+    cast_op = getattr(comfy.ops, "CastWeightBiasOp", None)
+    if cast_op is None:
+        return None
+    for name, m in dm.named_modules():
+        if isinstance(m, cast_op) and not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and \
+                hasattr(m, "in_features") and hasattr(m, "out_features"):
+            return name, m
+    return None
+
+
 def build_trainer(model, targets: str, num_blocks: int, alpha: float, neumann_terms: int) -> CoreTrainer:
     dm = model.model.diffusion_model
+    quantized = _quantized_op(dm)
+    if quantized is not None:
+        name, m = quantized
+        raise OFTError(f"{model_kind(model)} model: its Linear layers are ComfyUI's per-layer quantized ops (first: "
+                       f"{name}, {getattr(m, 'quant_format', None) or 'unquantized'} in {type(m).__qualname__}), "
+                       "which newer ComfyUI makes for fp8 'scaled' and comfy_quant checkpoints; the trainer needs "
+                       "torch Linear layers. Load the bf16 / fp16 file of this model instead (Load Diffusion Model "
+                       "with weight_dtype fp8_e4m3fn gives an fp8 base the trainer reads)")
     family = detect_family(dm)
     if targets not in PRESETS[family]:
         raise OFTError(f"target preset {targets!r} is not available for this {model_kind(model)} model "

@@ -304,6 +304,81 @@ def flux_tiny(dtype=None):
     return _CACHE[key]
 
 
+def scaled_fp8(sd: dict) -> tuple[dict, dict]:
+    """(a "scaled fp8" checkpoint as ComfyUI's own save writes one, an fp32 state dict of the values its layers
+    compute with): every Linear weight stored as fp8(W / s) with its `scale_weight` s (the largest |W| at fp8's
+    largest value) and `scale_input` (1: read only by fp8 matrix multiplication, which a CPU has not), the
+    `scaled_fp8` marker, everything else as it was. ComfyUI makes a scaled layer's parameters in fp8 and loads the
+    stored bias into it, so that bias computes as fp8 (unscaled)."""
+    import torch
+
+    fp8 = torch.float8_e4m3fn
+    stored, values = {"scaled_fp8": torch.tensor([], dtype=fp8)}, {}
+    scaled = {k[: -len("weight")] for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2}
+    for k, v in sd.items():
+        layer = k[: -len("weight")] if k.endswith(".weight") else None
+        if layer in scaled:
+            s = (v.float().abs().max() / torch.finfo(fp8).max).reshape(())
+            q = (v.float() / s).to(fp8)
+            stored[k], stored[layer + "scale_weight"] = q, s
+            stored[layer + "scale_input"] = torch.ones((), dtype=torch.float32)
+            values[k] = q.float() * s
+        elif k.endswith(".bias") and k[: -len("bias")] in scaled:
+            stored[k], values[k] = v, v.to(fp8).float()
+        else:
+            stored[k] = values[k] = v
+    return stored, values
+
+
+def scaled_fp8_flux_tiny(tmp_path: Path, monkeypatch):
+    """(the tiny FLUX saved as a scaled fp8 checkpoint and loaded by ComfyUI's own UNETLoader with weight_dtype
+    "default", an fp32 state dict of the values its layers compute with). Detection knows only FLUX's real widths,
+    so its answer is replaced by the tiny config, reading the quantization as `model_config_from_unet` does: the
+    `scaled_fp8` marker (ComfyUI 0.3.x: scaled fp8 ops), or newer ComfyUI's per-layer quantization, into which its
+    loader converts scaled fp8 files (QuantizedTensor weights). The stand-in stays for the test's rest (so a
+    reference loaded from `values` gets the same tiny config)."""
+    import safetensors.torch
+    import torch
+
+    import_comfy()
+    import comfy.model_detection
+    import comfy.supported_models
+    import comfy.utils
+    import folder_paths
+
+    import nodes
+
+    def detect(sd, prefix, metadata=None):
+        config = comfy.supported_models.Flux(dict(FLUX_TINY_CONFIG))
+        if hasattr(comfy.utils, "detect_layer_quantization"):  # newer ComfyUI: converted to per-layer quantization
+            config.quant_config = comfy.utils.detect_layer_quantization(sd, prefix)
+        elif f"{prefix}scaled_fp8" in sd:
+            marker = sd.pop(f"{prefix}scaled_fp8")
+            config.scaled_fp8 = marker.dtype
+            config.optimizations["fp8"] = marker.nelement() != 2
+        return config
+
+    monkeypatch.setattr(comfy.model_detection, "model_config_from_unet", detect)
+    stored, values = scaled_fp8(safetensors.torch.load_file(str(FIXTURES / FLUX_TINY_BASE)))
+    folder = tmp_path / "diffusion_models"
+    folder.mkdir()
+    safetensors.torch.save_file(stored, str(folder / "flux_tiny_scaled.safetensors"))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models",
+                        ([str(folder)], folder_paths.supported_pt_extensions))
+    folder_paths.filename_list_cache.clear()
+    try:
+        with torch.inference_mode():  # as the executor runs the loader
+            (model,) = nodes.UNETLoader().load_unet("flux_tiny_scaled.safetensors", "default")
+    finally:
+        folder_paths.filename_list_cache.clear()
+    qkv = model.model.diffusion_model.double_blocks[0].img_attn.qkv
+    if getattr(qkv, "layout_type", None) is None:  # ComfyUI 0.3.x: scaled fp8 ops (fp8 weight, scale_weight)
+        assert qkv.weight.dtype == torch.float8_e4m3fn and float(qkv.scale_weight) != 1.0, type(qkv)
+    else:  # newer: converted to a per-layer quantized (comfy_quant) layer holding a QuantizedTensor
+        assert "fp8" in str(qkv.layout_type).lower(), qkv.layout_type
+    return model, values
+
+
 def sd15(dtype=None, seed: int = 0, expected_originals: bool = True):
     """The real SD1.5 UNet architecture (859.5 M parameters) with deterministic pseudo-random weights, as a
     ComfyUI ModelPatcher (CPU; float32 unless `dtype`). Builds in ~2 s; a forward takes ~20 s: do not sample with it.

@@ -204,6 +204,39 @@ def test_oft_extract_lora_node(comfyui_oft, tmp_path, monkeypatch):
     assert "rank 4" in res2.result[0]
 
 
+@pytest.mark.comfyui
+def test_oft_extract_lora_node_reads_a_scaled_fp8_models_weights(comfyui_oft, tmp_path, monkeypatch):
+    """On a "scaled fp8" checkpoint (fp8 weights times a per-layer scale_weight) the LoRA is ΔW of the weights the
+    layers compute with, as on an fp32 model holding those values (it was ΔW of the stored fp8 values, off by
+    1/scale)."""
+    import comfy.sd
+    import folder_paths
+    from comfyui_oft.nodes import files
+    from comfyui_oft.nodes.extract_node import OFTExtractLoRA
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(out))
+    adapter = files.load(FLUX_A)
+    scaled, values = comfy_models.scaled_fp8_flux_tiny(tmp_path, monkeypatch)
+    with torch.inference_mode():
+        reference = comfy.sd.load_diffusion_model_state_dict(dict(values), model_options={"dtype": torch.float32})
+    loras = []
+    for model, prefix in ((scaled, "loras/scaled"), (reference, "loras/reference")):
+        OFTExtractLoRA.execute(model=model, oft_adapter=adapter, rank=128, rel_error=0.0, strength=1.0,
+                               strength_mode="kohya", filename_prefix=prefix)
+        (written,) = Path(out, "loras").glob(f"{prefix.split('/')[1]}*.safetensors")
+        loras.append(load_file(written))
+    got, want = loras
+    assert got.keys() == want.keys() and len(got) == 3 * 7
+    name = "lora_unet_double_blocks_0_img_attn_proj"
+    delta = lambda lora: lora[f"{name}.lora_up.weight"] @ lora[f"{name}.lora_down.weight"]  # noqa: E731
+    assert rel_err(delta(got), delta(want)) <= 1e-5
+    # and the reference's ΔW is what the rotation makes of those weights
+    w = values["double_blocks.0.img_attn.proj.weight"]
+    layer = next(x for x in adapter if x.name.replace(".", "_") == "double_blocks_0_img_attn_proj")
+    assert rel_err(w + delta(want), rotate_weight(layer, w)) <= 1e-5
+
+
 SDSCRIPTS_VENV = Path(os.environ.get("OFT_SDSCRIPTS_VENV", Path.home() / ".cache" / "comfyui-oft" / "venv-sdscripts"))
 
 _SDSCRIPTS_CHECK = r"""

@@ -129,6 +129,24 @@ def test_fp8_base_from_unetloader_trains_fp32_adapter_weights_untouched(comfy, t
     check_qoft(tn, fp8, load_state_dict_model(dequantised), {torch.float8_e4m3fn})
 
 
+# ------------------------------------------------------------------------------------------------ scaled fp8
+def test_scaled_fp8_checkpoint_trains_on_the_scaled_weights(comfy, tn, tmp_path, monkeypatch):
+    """A "scaled fp8" checkpoint (fp8 weights and a per-layer scale_weight, as ComfyUI's fp8 *_scaled files ship
+    FLUX, Wan, HiDream, T5): its Linear layers compute with fp8(W / s)·s. The trainer must read that weight, not
+    the stored fp8 values without their scale (it did: the loss was NaN at the first step)."""
+    model, values = comfy_models.scaled_fp8_flux_tiny(tmp_path, monkeypatch)
+    qkv = model.model.diffusion_model.double_blocks[0].img_attn.qkv
+    if getattr(qkv, "layout_type", None) is None:  # ComfyUI 0.3.x: fp8 weights and scale_weight on torch Linears
+        check_qoft(tn, model, load_state_dict_model(values), {torch.float8_e4m3fn})
+        return
+    # newer ComfyUI converts the file to per-layer quantized ops, no torch Linear: a refusal that says so and what
+    # to load instead, before any work
+    with pytest.raises(tn.OFTError) as e:
+        train(tn, model)
+    msg = str(e.value)
+    assert "per-layer quantized ops" in msg and "img_in" in msg and "float8_e4m3fn" in msg and "bf16" in msg, msg
+
+
 # ------------------------------------------------------------------------------------------------ GGUF
 def gguf_pack():
     """city96's ComfyUI-GGUF imported as a package, or pytest.skip with the reason."""
