@@ -48,6 +48,7 @@ from ..oft_core.train import (
     frozen_for_training,
     gradient_checkpointing,
     inplace_safe,
+    is_linear,
     lr_factor,
     residual_loss,
     run_training,
@@ -283,9 +284,15 @@ def micro_batch_plan(sizes: list[int], batch_size: int, count: int, gen: torch.G
 def _casts_weight(module) -> bool:
     """Whether the layer makes its weight per forward (ComfyUI cast ops: fp8 / manual-cast / offloaded / patched
     layers; a GGUF layer's own dequantisation): then that weight is a fresh copy, worth making again in backward."""
-    return callable(getattr(type(module), "cast_bias_weight", None)) or bool(
-        getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) or
-        getattr(module, "bias_function", None))
+    return callable(getattr(type(module), "cast_bias_weight", None)) or _comfy_cast(module)
+
+
+def _comfy_cast(module) -> bool:
+    """Whether ComfyUI's `cast_bias_weight` (then the layer's `convert_weight`) makes the layer's weight: cast ops
+    (fp8 / manual-cast / offloaded / patched layers) and layers that convert their stored weight (scaled fp8 ops;
+    newer ComfyUI's per-layer quantized Linear, whose QuantizedTensor is dequantised there)."""
+    return bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) or
+                getattr(module, "bias_function", None) or callable(getattr(module, "convert_weight", None)))
 
 
 def _weight_fn(module, x):
@@ -301,8 +308,7 @@ def _weight_fn(module, x):
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     if callable(getattr(type(module), "cast_bias_weight", None)):
         return module.cast_bias_weight(x, dtype=dtype)
-    if getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None) or \
-            getattr(module, "bias_function", None):
+    if _comfy_cast(module):
         w, b = comfy.ops.cast_bias_weight(module, x, dtype=dtype)
         convert = getattr(module, "convert_weight", None)
         return (w if convert is None else convert(w)), b
@@ -312,30 +318,8 @@ def _weight_fn(module, x):
     return w.to(x), None if b is None else b.to(x)
 
 
-def _quantized_op(dm) -> tuple[str, torch.nn.Module] | None:
-    """(name, module) of the first Linear-shaped layer that is a ComfyUI cast op but no torch Linear: newer ComfyUI's
-    per-layer quantized ops (0.8+ makes them for fp8 "scaled" and comfy_quant checkpoints; their weight is a
-    QuantizedTensor), which the trainer cannot select. None on models without them."""
-    cast_op = getattr(comfy.ops, "CastWeightBiasOp", None)
-    if cast_op is None:
-        return None
-    for name, m in dm.named_modules():
-        if isinstance(m, cast_op) and not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and \
-                hasattr(m, "in_features") and hasattr(m, "out_features"):
-            return name, m
-    return None
-
-
 def build_trainer(model, targets: str, num_blocks: int, alpha: float, neumann_terms: int) -> CoreTrainer:
     dm = model.model.diffusion_model
-    quantized = _quantized_op(dm)
-    if quantized is not None:
-        name, m = quantized
-        raise OFTError(f"{model_kind(model)} model: its Linear layers are ComfyUI's per-layer quantized ops (first: "
-                       f"{name}, {getattr(m, 'quant_format', None) or 'unquantized'} in {type(m).__qualname__}), "
-                       "which newer ComfyUI makes for fp8 'scaled' and comfy_quant checkpoints; the trainer needs "
-                       "torch Linear layers. Load the bf16 / fp16 file of this model instead (Load Diffusion Model "
-                       "with weight_dtype fp8_e4m3fn gives an fp8 base the trainer reads)")
     family = detect_family(dm)
     if targets not in PRESETS[family]:
         raise OFTError(f"target preset {targets!r} is not available for this {model_kind(model)} model "
@@ -823,9 +807,14 @@ def _weight_kinds(root) -> str:
     kinds = {}
     for m in root.modules():
         w = getattr(m, "weight", None)
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and isinstance(w, torch.Tensor):
+        if (is_linear(m) or isinstance(m, torch.nn.Conv2d)) and isinstance(w, torch.Tensor):
             qtype = getattr(w, "tensor_type", None)  # city96's GGMLTensor
-            kind = f"GGUF {getattr(qtype, 'name', qtype)}" if qtype is not None else str(w.dtype).replace("torch.", "")
+            if qtype is not None:
+                kind = f"GGUF {getattr(qtype, 'name', qtype)}"
+            elif isinstance(getattr(w, "_qdata", None), torch.Tensor):  # newer ComfyUI's QuantizedTensor
+                kind = f"{str(w._qdata.dtype).replace('torch.', '')} quantized ({getattr(m, 'quant_format', '?')})"
+            else:
+                kind = str(w.dtype).replace("torch.", "") + (" scaled" if hasattr(m, "scale_weight") else "")
             kinds[kind] = kinds.get(kind, 0) + 1
     return ", ".join(f"{k} ({n} layers)" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])) or "none"
 

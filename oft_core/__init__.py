@@ -20,7 +20,7 @@ CLI (oft_core/cli.py) and the benchmarks use; every other top-level name of a co
 - training: `train` — `OFTTrainer`, `select_targets`, `detect_family`, `PRESETS`, `OPTIMIZERS`, `LOSSES`,
   `KOHYA_LOSS`, `SCHEDULES`, `lr_factor`, `residual_loss`, `run_training`, `training_metadata`, `export_names`,
   `frozen_for_training`, `frozen_bases`, `gradient_checkpointing`, `inplace_safe`, `checkpoint_blocks`,
-  `rotate_output`, `rotate_from_input`, `rotate_through_weight`, `frozen_base`; `demo` — `run_demo`
+  `rotate_output`, `rotate_from_input`, `rotate_through_weight`, `frozen_base`, `is_linear`; `demo` — `run_demo`
 
 Public beyond those uses:
 

@@ -139,8 +139,19 @@ def detect_family(root: nn.Module) -> str:
     return "generic"
 
 
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear)
+def is_linear(m: nn.Module) -> bool:
+    """A torch Linear, or a host's own Linear op that is no nn.Linear subclass (ComfyUI 0.8's per-layer quantized
+    Linear, whose weight is a quantized tensor subclass): int `in_features` / `out_features`, a 2-D `weight` of
+    shape (out, in) and a `bias` that is None or (out,). The trainer runs either as x·Wᵀ + b with the weight its
+    `weight_fn` gives (a host dequantises there)."""
+    if isinstance(m, nn.Linear):
+        return True
+    if isinstance(m, (nn.Conv2d, nn.Embedding)) or not isinstance(getattr(m, "in_features", None), int) or \
+            not isinstance(getattr(m, "out_features", None), int):
+        return False
+    w, b = getattr(m, "weight", None), getattr(m, "bias", False)
+    return isinstance(w, torch.Tensor) and tuple(w.shape) == (m.out_features, m.in_features) and (
+        b is None or (isinstance(b, torch.Tensor) and tuple(b.shape) == (m.out_features,)))
 
 
 def _is_conv(m: nn.Module, kernel_1x1: bool | None = None) -> bool:
@@ -189,7 +200,7 @@ def select_targets(root: nn.Module, preset: str, family: str | None = None) -> _
         for child_name, child in module.named_children():
             child_path = f"{path}.{child_name}" if path else child_name
             if family == "generic" and preset == "all-linear" and lists:
-                if _is_linear(child) and child_path.startswith(lists):
+                if is_linear(child) and child_path.startswith(lists):
                     out.append((child_path, child))
             elif _selected(family, preset, child_path, child, ancestors):
                 out.append((child_path, child))
@@ -216,12 +227,12 @@ def _selected(family: str, preset: str, path: str, m: nn.Module, ancestors: tupl
     if family == "sd":
         return _selected_sd(preset, m, ancestors)
     if preset == "attention":  # generic
-        return _is_linear(m) and any("Attention" in a for a in ancestors)
-    return _is_linear(m) or (preset == "all-linear+conv" and _is_conv(m))
+        return is_linear(m) and any("Attention" in a for a in ancestors)
+    return is_linear(m) or (preset == "all-linear+conv" and _is_conv(m))
 
 
 def _selected_flux(preset: str, path: str, m: nn.Module) -> bool:
-    if not _is_linear(m) or not _FLUX_BLOCK.match(path):
+    if not is_linear(m) or not _FLUX_BLOCK.match(path):
         return False
     if preset == "attention":
         return bool(_FLUX_ATTENTION.match(path))
@@ -232,11 +243,11 @@ def _selected_flux(preset: str, path: str, m: nn.Module) -> bool:
 
 def _selected_sd(preset: str, m: nn.Module, ancestors: tuple[str, ...]) -> bool:
     in_conv_block = any(a in _CONV_BLOCK_CLASSES for a in ancestors)
-    if preset.endswith("+conv") and in_conv_block and (_is_linear(m) or _is_conv(m)):
+    if preset.endswith("+conv") and in_conv_block and (is_linear(m) or _is_conv(m)):
         return True
     if preset.startswith("attention"):
-        return any(a in _ATTENTION_CLASSES for a in ancestors) and _is_linear(m)
-    return any(a in _TRANSFORMER_CLASSES for a in ancestors) and (_is_linear(m) or _is_conv(m, kernel_1x1=True))
+        return any(a in _ATTENTION_CLASSES for a in ancestors) and is_linear(m)
+    return any(a in _TRANSFORMER_CLASSES for a in ancestors) and (is_linear(m) or _is_conv(m, kernel_1x1=True))
 
 
 def _split_sizes(path: str, module: nn.Module) -> tuple[int, ...]:
@@ -435,7 +446,7 @@ def _check_settings(targets, num_blocks, block_size, alpha, neumann_terms) -> No
 
 def _checked_splits(path: str, module: nn.Module, given: Sequence[int] | None) -> tuple[int, ...]:
     """The output split widths of a target (`given` by the host, else `_split_sizes`), checked against the layer."""
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+    if not (is_linear(module) or isinstance(module, nn.Conv2d)):
         raise OFTError(f"{type(module).__name__} is not a Linear or Conv2d", layer=path)
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         raise OFTError(_mismatch("Conv2d groups", 1, module.groups), layer=path)
@@ -1586,7 +1597,7 @@ def frozen_bases(modules: Iterable[nn.Module], weight_fn: Callable):
     exit."""
     with _forward_patches() as replace:
         for m in modules:
-            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            if not (is_linear(m) or isinstance(m, nn.Conv2d)):
                 continue
 
             def fwd(*args, __m=m, __orig=m.forward, **kwargs):

@@ -308,8 +308,9 @@ def scaled_fp8(sd: dict) -> tuple[dict, dict]:
     """(a "scaled fp8" checkpoint as ComfyUI's own save writes one, an fp32 state dict of the values its layers
     compute with): every Linear weight stored as fp8(W / s) with its `scale_weight` s (the largest |W| at fp8's
     largest value) and `scale_input` (1: read only by fp8 matrix multiplication, which a CPU has not), the
-    `scaled_fp8` marker, everything else as it was. ComfyUI makes a scaled layer's parameters in fp8 and loads the
-    stored bias into it, so that bias computes as fp8 (unscaled)."""
+    `scaled_fp8` marker, everything else as it was. ComfyUI 0.3.x makes a scaled layer's parameters in fp8 and
+    loads the stored bias into it, so that bias computes as fp8 (unscaled); `scaled_fp8_flux_tiny` gives the values
+    of the ComfyUI it loads with."""
     import torch
 
     fp8 = torch.float8_e4m3fn
@@ -375,7 +376,9 @@ def scaled_fp8_flux_tiny(tmp_path: Path, monkeypatch):
     if getattr(qkv, "layout_type", None) is None:  # ComfyUI 0.3.x: scaled fp8 ops (fp8 weight, scale_weight)
         assert qkv.weight.dtype == torch.float8_e4m3fn and float(qkv.scale_weight) != 1.0, type(qkv)
     else:  # newer: converted to a per-layer quantized (comfy_quant) layer holding a QuantizedTensor
-        assert "fp8" in str(qkv.layout_type).lower(), qkv.layout_type
+        assert "fp8" in str(qkv.layout_type).lower() and qkv.weight._qdata.dtype == torch.float8_e4m3fn, qkv.weight
+        # whose bias is made in the compute dtype: loaded as stored
+        values = {k: stored[k] if k.endswith(".bias") else v for k, v in values.items()}
     return model, values
 
 

@@ -313,6 +313,61 @@ def test_flux_fused_layers_export_as_splits(tmp_path):
         assert rel_err(merged_copy(flux, loaded)(x), trained) <= REL
 
 
+class HostLinear(nn.Module):
+    """A host's own Linear op that is no nn.Linear, as ComfyUI 0.8's per-layer quantized Linear: an int8 weight of
+    shape (out, in) and a scale; it computes x·(q·s)ᵀ + b."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        scale = lin.weight.detach().abs().max() / 127
+        self.weight = nn.Parameter((lin.weight.detach() / scale).round().to(torch.int8), requires_grad=False)
+        self.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("scale", scale)
+
+    def value(self) -> torch.Tensor:
+        return self.weight.float() * self.scale
+
+    def forward(self, x):
+        return F.linear(x, self.value(), self.bias)
+
+
+def test_a_hosts_linear_op_that_is_no_nn_linear_trains_as_one():
+    """A Linear-shaped layer of the host's own class (`in_features`, `out_features`, an (out, in) weight) is selected
+    and trained through the weight its `weight_fn` gives: the same losses and adapter as nn.Linear layers holding
+    those weights, its stored weight untouched; a layer whose weight is not (out, in) is no Linear."""
+    host, plain = FluxLike(seed=3).requires_grad_(False), FluxLike(seed=3).requires_grad_(False)
+    for (name, m), (_, p) in zip(list(host.named_modules()), list(plain.named_modules())):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, nn.Linear):
+                op = HostLinear(child)
+                setattr(m, child_name, op)
+                getattr(p, child_name).weight.copy_(op.value())
+    stored = snapshot(host)
+
+    def weight_fn(module, x):
+        return (module.value(), module.bias) if isinstance(module, HostLinear) else (module.weight, module.bias)
+
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(6, 5, 8, generator=g), torch.randn(6, 5, 8, generator=g)
+    got, got_losses = train_toy(host, x, target, steps=8, preset="all-linear", family="flux", num_blocks=2,
+                                alpha=0, weight_fn=weight_fn, recompute_weight=lambda m: isinstance(m, HostLinear))
+    want, want_losses = train_toy(plain, x, target, steps=8, preset="all-linear", family="flux", num_blocks=2,
+                                  alpha=0)
+    assert [tl.path for tl in got.layers] == [tl.path for tl in want.layers] and len(got.layers) == 5
+    assert all(type(tl.module) is HostLinear for tl in got.layers)
+    assert want_losses[-1] < want_losses[0]
+    assert torch.allclose(torch.tensor(got_losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
+    for a, b in zip(got.parameters(), want.parameters()):
+        assert rel_err(a.detach(), b.detach()) <= 1e-4
+    assert_same_weights(host, stored)
+    # an (in, out) weight, an Embedding: not Linears
+    odd = HostLinear(nn.Linear(8, 4))
+    odd.weight = nn.Parameter(odd.weight.detach().t().contiguous(), requires_grad=False)
+    host.double_blocks[0].img_attn.proj = odd
+    assert "double_blocks.0.img_attn.proj" not in [p for p, _ in select_targets(host, "all-linear", "flux")]
+
+
 def test_cayley_neumann_trains_and_exports_as_the_nearest_cayley_rotation(tmp_path):
     model, x, target = toy_problem()
     start = fixed_loss(model, x, target)

@@ -43,7 +43,11 @@ def raw(patcher) -> dict[str, torch.Tensor]:
             for k, v in store.items():
                 if v is None:
                     continue
-                t = v.data if type(v.data) is torch.Tensor else torch.Tensor(v.data)
+                t = v.data
+                if hasattr(t, "_qdata"):  # newer ComfyUI's QuantizedTensor: its stored data and scale
+                    out[f"{mname}.{k}.scale"] = (t._params.scale.dtype, t._params.scale.detach().clone())
+                    t = t._qdata
+                t = t if type(t) is torch.Tensor else torch.Tensor(t)
                 t = t.detach()
                 out[f"{mname}.{k}"] = (t.dtype, t.clone().view(torch.uint8) if t.dtype.itemsize == 1 else t.clone())
     return out
@@ -133,18 +137,12 @@ def test_fp8_base_from_unetloader_trains_fp32_adapter_weights_untouched(comfy, t
 def test_scaled_fp8_checkpoint_trains_on_the_scaled_weights(comfy, tn, tmp_path, monkeypatch):
     """A "scaled fp8" checkpoint (fp8 weights and a per-layer scale_weight, as ComfyUI's fp8 *_scaled files ship
     FLUX, Wan, HiDream, T5): its Linear layers compute with fp8(W / s)·s. The trainer must read that weight, not
-    the stored fp8 values without their scale (it did: the loss was NaN at the first step)."""
+    the stored fp8 values without their scale (it did: the loss was NaN at the first step). Newer ComfyUI (0.8)
+    loads the file as per-layer quantized Linear ops (no nn.Linear; QuantizedTensor weights): trained the same."""
     model, values = comfy_models.scaled_fp8_flux_tiny(tmp_path, monkeypatch)
-    qkv = model.model.diffusion_model.double_blocks[0].img_attn.qkv
-    if getattr(qkv, "layout_type", None) is None:  # ComfyUI 0.3.x: fp8 weights and scale_weight on torch Linears
-        check_qoft(tn, model, load_state_dict_model(values), {torch.float8_e4m3fn})
-        return
-    # newer ComfyUI converts the file to per-layer quantized ops, no torch Linear: a refusal that says so and what
-    # to load instead, before any work
-    with pytest.raises(tn.OFTError) as e:
-        train(tn, model)
-    msg = str(e.value)
-    assert "per-layer quantized ops" in msg and "img_in" in msg and "float8_e4m3fn" in msg and "bf16" in msg, msg
+    kinds = tn._weight_kinds(model.model.diffusion_model)  # what the node's report says of the base
+    assert kinds in ("float8_e4m3fn scaled (36 layers)", "float8_e4m3fn quantized (float8_e4m3fn) (36 layers)"), kinds
+    check_qoft(tn, model, load_state_dict_model(values), {torch.float8_e4m3fn})
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
