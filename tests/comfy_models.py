@@ -111,6 +111,13 @@ HIDREAM_TINY_CONFIG = {
     "max_resolution": (16, 16), "llama_layers": [0, 0],
 }
 
+CHROMA_TINY_CONFIG = {  # Chroma: FLUX's blocks, modulations from one approximator (in_dim 64 = 16 + 16 + 32 fixed)
+    "image_model": "chroma", "in_channels": 16, "out_channels": 16, "context_in_dim": 64, "hidden_size": 128,
+    "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 24, 24],
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 128, "hidden_dim": 64,
+    "n_layers": 2,
+}
+
 FLUX_TINY_BASE = "kohya/flux_tiny_base.safetensors"
 SD15_EXPECTED = "kohya/sd15_oft_attn_dim8_bf16_expected.safetensors"
 
@@ -185,7 +192,8 @@ def import_comfy():
 
 
 def _fit_flux_tiny_config():
-    """Give FLUX_TINY_CONFIG the fields this ComfyUI's FluxParams requires and detection sets for a FLUX.1 checkpoint.
+    """Give FLUX_TINY_CONFIG (and CHROMA_TINY_CONFIG) the fields this ComfyUI's FluxParams (ChromaParams) requires
+    and detection sets for a FLUX.1 (Chroma) checkpoint.
 
     ComfyUI 0.8.0 added the required `txt_ids_dims` (`comfy/ldm/flux/model.py` FluxParams; `comfy/model_detection.py`
     sets `[]` for FLUX.1); 0.3.64's FluxParams rejects it. Feature detection, not a version check.
@@ -197,6 +205,13 @@ def _fit_flux_tiny_config():
     fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
     if "txt_ids_dims" in fields:
         FLUX_TINY_CONFIG.setdefault("txt_ids_dims", [])
+    import comfy.ldm.chroma.model  # (0.8.0 also made Chroma's txt_ids_dims and vec_in_dim required: [] and None)
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.chroma.model.ChromaParams)}
+    if "txt_ids_dims" in fields:
+        CHROMA_TINY_CONFIG.setdefault("txt_ids_dims", [])
+    if "vec_in_dim" in fields:
+        CHROMA_TINY_CONFIG.setdefault("vec_in_dim", None)
 
 
 def _rope_backward():
@@ -440,8 +455,8 @@ def sd15_tiny(dtype=None, seed: int = 0):
 
 
 def dit_tiny(family: str, state_dict: dict | None = None, dtype=None, seed: int = 0):
-    """A tiny SD3 / Wan 2.1 / Qwen-Image / HiDream as a ComfyUI ModelPatcher (CPU; float32 unless `dtype`),
-    through `comfy.supported_models.SD3 / WAN21_T2V / QwenImage / HiDream` with the configs above. `state_dict`
+    """A tiny SD3 / Wan 2.1 / Qwen-Image / HiDream / Chroma as a ComfyUI ModelPatcher (CPU; float32 unless `dtype`),
+    through `comfy.supported_models.SD3 / WAN21_T2V / QwenImage / HiDream / Chroma` with the configs above. `state_dict`
     (ComfyUI names) is loaded strictly; without one the weights are deterministic pseudo-random (cached per family,
     dtype, seed)."""
     import torch
@@ -451,7 +466,8 @@ def dit_tiny(family: str, state_dict: dict | None = None, dtype=None, seed: int 
     cls, config = {"sd3": (comfy.supported_models.SD3, SD3_TINY_CONFIG),
                    "wan": (comfy.supported_models.WAN21_T2V, WAN_TINY_CONFIG),
                    "qwen": (comfy.supported_models.QwenImage, QWEN_TINY_CONFIG),
-                   "hidream": (comfy.supported_models.HiDream, HIDREAM_TINY_CONFIG)}[family]
+                   "hidream": (comfy.supported_models.HiDream, HIDREAM_TINY_CONFIG),
+                   "chroma": (comfy.supported_models.Chroma, CHROMA_TINY_CONFIG)}[family]
     if state_dict is not None:
         return _patcher(_build(cls, config, dtype, state_dict))
     key = ("dit_tiny", family, dtype, seed)

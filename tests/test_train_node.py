@@ -259,6 +259,40 @@ def test_flux_training_lowers_the_loss_with_and_without_checkpointing(comfy, tn,
     assert torch.allclose(torch.tensor(loss["loss"]), torch.tensor(ref), rtol=1e-4)
 
 
+def test_chroma_trains_as_flux_and_its_kohya_file_applies_back(comfy, tn, tmp_path):
+    """Chroma (FLUX's double / single blocks, no per-block modulation Linear) is trained as the flux family: the
+    loss drops, the base is untouched, the file is kohya oft_flux with BFL names, and loaded back from disk and
+    applied through the loader's path its merged forward is the trained model's."""
+    import comfy.model_management
+    from comfyui_oft.nodes import files
+    from comfyui_oft.nodes.patch import apply_oft
+    from comfyui_oft.oft_core.formats import write_adapter
+
+    mp = comfy_models.dit_tiny("chroma")
+    assert type(mp.model.diffusion_model).__module__ == "comfy.ldm.chroma.model"
+    latents, positive = flux_data()
+    before = weights(mp)
+    inputs = {k: v for k, v in comfy_models.flux_inputs(batch=1).items() if k != "y"}
+    base_out = forward(mp, inputs)
+    start = eval_loss(tn, mp, latents, positive)
+    model, adapter, loss = run_node(tn, mp, latents, positive, steps=20, targets="all-linear", learning_rate=5e-2,
+                                    gradient_checkpointing=True)
+    assert_weights_equal(mp, before)
+    end = eval_loss(tn, model, latents, positive, patched=True)
+    assert end < start * 0.95, (start, end, loss)
+    names = sorted(name for _, name in adapter.layers)
+    assert names == sorted(f"double_blocks.0.{s}_{m}" for s in ("img", "txt") for m in ("attn.qkv", "attn.proj",
+                                                                                          "mlp.0", "mlp.2")) + [
+        "single_blocks.0.linear1", "single_blocks.0.linear2"], names  # no modulation Linear: Chroma has none
+    path = write_adapter(adapter, tmp_path / "chroma_oft.safetensors", "kohya")
+    loaded = files.load(path)
+    assert loaded.metadata["ss_network_module"] == "networks.oft_flux" and len(loaded.layers) == 10
+    comfy.model_management.unload_all_models()
+    merged, _, _ = apply_oft(mp, None, loaded, 1.0)
+    assert rel_err(forward(merged, inputs, patched=True), forward(model, inputs, patched=True)) <= REL
+    assert rel_err(forward(merged, inputs, patched=True), base_out) > 1e-5
+
+
 _CACHE: dict = {}
 
 
