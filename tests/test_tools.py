@@ -294,6 +294,56 @@ def test_trained_flux_adapter_in_sd_scripts(flux, work, sdscripts, preset):
         assert not any("will ignore" in note for note in notes)
 
 
+# sd-scripts' Chroma (library.chroma_models) of the tiny Chroma's widths: its FLUX-derived blocks are what
+# networks.oft_flux targets by class name, as on FLUX
+CHROMA_SDSCRIPTS = {"in_channels": 16, "context_in_dim": 64, "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2,
+                    "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 24, 24], "theta": 10000, "qkv_bias": True,
+                    "guidance_embed": True, "approximator_in_dim": 64, "approximator_depth": 2,
+                    "approximator_hidden_size": 64}
+
+
+@pytest.fixture(scope="module")
+def chroma(comfy, work):
+    """ComfyUI's Chroma (tiny), its base (BFL names, as sd-scripts' Chroma names it), an adapter per FLUX preset, and
+    sd-scripts' forward of each (one tool process)."""
+    mp = comfy_models.dit_tiny("chroma")
+    base = {k: v.detach().clone().contiguous() for k, v in mp.model.diffusion_model.state_dict().items()}
+    base_path = work / "chroma_base.safetensors"
+    save_file(base, str(base_path))
+    inputs = {k: v for k, v in comfy_models.flux_inputs(batch=1).items() if k != "y"}
+    files, jobs = {}, {}
+    for preset in PRESETS["flux"]:
+        path = work / f"chroma_{preset}.safetensors"
+        write_adapter(_train(mp, preset, 4, inputs).to_adapter({}), path, "kohya")
+        files[preset] = path
+        jobs[f"chroma_{preset}"] = dict(kind="chroma", model=CHROMA_SDSCRIPTS, base=str(base_path),
+                                        adapter=str(path), multipliers=list(STRENGTHS))
+    why = _spawn("sdscripts", [_job("sdscripts", req, work, tag) for tag, req in jobs.items()], work,
+                 "sdscripts_chroma")
+    missing = [tag for tag in jobs if not (work / f"{tag}.json").is_file()]
+    assert not missing, f"sd-scripts runner stopped before {missing[:3]} ({why})"
+    return {"base": base_path, "base_sd": base, "files": files, "jobs": jobs}
+
+
+@pytest.mark.parametrize("preset", PRESETS["flux"])
+def test_trained_chroma_adapter_in_sd_scripts(chroma, work, preset):
+    """An adapter trained on ComfyUI's Chroma (the flux family: kohya oft_flux, BFL names) loads onto sd-scripts'
+    own Chroma with every base key matched, and its forward there is our bake of the file, as on FLUX."""
+    path = chroma["files"][preset]
+    res, got = run_tool("sdscripts", chroma["jobs"][f"chroma_{preset}"], work, f"chroma_{preset}")
+    ok(res)
+    assert res["unexpected_base_keys"] == []
+    ours = {s: baked(chroma["base"], path, s, work) for s in STRENGTHS}
+    n = compare(got, ours)
+    assert changed(chroma["base_sd"], got) > 1e-3
+    adapter = load_adapter(path)
+    if preset == "attention+single":  # as on FLUX: sd-scripts' attention mode ignores the single-block layers
+        single = sorted(layer.key for layer in adapter if layer.key.startswith("oft_unet_single_blocks"))
+        assert single and res["ignored"] == single and n == 2 * (len(adapter) - len(single))
+    else:
+        assert res["ignored"] == [] and n == 2 * len(adapter)
+
+
 # ------------------------------------------------------------------------------------------------ convert / merge
 LYCORIS_LAYOUT = "LyCORIS diag-oft derives a layer's layout from the stored block size"
 PEFT_DIR = comfy_models.FIXTURES / "peft"

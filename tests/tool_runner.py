@@ -4,9 +4,10 @@ venv. Protocol: `python tool_runner.py REQUEST.json`; the request (or each of it
 .safetensors (the weights the tool computed) and an output .json (what it loaded, ignored, raised). Only the tools' own
 public code paths are used:
 
-- sdscripts: sd-scripts' own UNet (`library.original_unet`, its size constants set to the tiny test model) or FLUX
-  (`library.flux_models.Flux`), `networks.oft.create_network_from_weights(..., for_inference=True)` + `merge_to`
-  (SD), or `networks.oft_flux` applied as a forward patch (its `merge_to` crashes) with the effective weight read
+- sdscripts: sd-scripts' own UNet (`library.original_unet`, its size constants set to the tiny test model), FLUX
+  (`library.flux_models.Flux`) or Chroma (`library.chroma_models.Chroma`),
+  `networks.oft.create_network_from_weights(..., for_inference=True)` + `merge_to` (SD), or `networks.oft_flux`
+  (FLUX, Chroma) applied as a forward patch (its `merge_to` crashes) with the effective weight read
   from the patched forward on an identity input (bias zeroed in our copy, so the product is exact); and
   `create_network(..., **network_args)` for the layer set a training option adapts.
   sd-scripts hard-codes FLUX.1's split widths (3×3072, 3×3072 + 12288) in oft_flux.py: for the tiny FLUX the source
@@ -87,6 +88,16 @@ def flux_model(spec: dict, base: dict[str, torch.Tensor]):
     return model.float().eval(), missing, unexpected
 
 
+def chroma_model(spec: dict, base: dict[str, torch.Tensor]):
+    from library import chroma_models
+
+    params = chroma_models.ChromaParams(**{k: v for k, v in spec.items() if not k.startswith("_")},
+                                        _use_compiled=False)
+    model = chroma_models.Chroma(params)
+    missing, unexpected = model.load_state_dict(base, strict=False)
+    return model.float().eval(), missing, unexpected
+
+
 def oft_flux_module(hidden: int, mlp: int):
     """networks.oft_flux with its two hard-coded FLUX.1 split lists scaled to this model (see module docstring)."""
     import networks
@@ -106,7 +117,7 @@ def oft_flux_module(hidden: int, mlp: int):
 
 
 def _oft_module(req):
-    if req["kind"] == "flux":
+    if req["kind"] in ("flux", "chroma"):
         spec = req["model"]
         return oft_flux_module(spec["hidden_size"], int(spec["hidden_size"] * spec["mlp_ratio"]))
     import networks.oft as oft
@@ -115,7 +126,7 @@ def _oft_module(req):
 
 
 def _build(req, base):
-    return flux_model(req["model"], base) if req["kind"] == "flux" else sd_unet(req["model"], base)
+    return {"flux": flux_model, "chroma": chroma_model, "sd": sd_unet}[req["kind"]](req["model"], base)
 
 
 def _lists(oft):
@@ -168,7 +179,7 @@ def run_sdscripts(req, result):
         result["loaded"], result["ignored"], result["dim"] = loaded, [n for n in file_layers if n not in names], net.dim
         paths = {o.oft_name: _path_of(net_model, o.org_module[0]) for o in net.unet_ofts if o.oft_name in loaded}
         result["paths"] = paths
-        if req["kind"] == "flux":
+        if req["kind"] in ("flux", "chroma"):
             try:
                 net.merge_to(None, net_model, sd, torch.float32, "cpu")
                 result["flux_merge"] = "merged"
@@ -194,7 +205,7 @@ def run_sdscripts(req, result):
         mods = dict(net_model.named_modules())
         for path in paths.values():
             tensors[f"m{m}/{path}.weight"] = mods[path].weight.detach().float().contiguous().clone()
-    if req.get("merge_to_argument") is not None and req["kind"] != "flux":
+    if req.get("merge_to_argument") is not None and req["kind"] == "sd":
         # OFTInfModule.merge_to(multiplier) ignores its argument (known): merge one module at network multiplier 1
         net_model = copy.deepcopy(model)
         net = _network(oft, req, net_model, 1.0, sd, saved)
