@@ -403,8 +403,12 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
             saved.append(path)
 
     on_step = _step_reporter(steps, node_id, save_every, checkpoint)
+    # Loaded in the caller's mode (the executor's inference mode), as a sampler would load it: the weights stay what
+    # the rest of the graph expects (`frozen_for_training` lends autograd aliases of inference tensors). Loaded in
+    # normal mode, ComfyUI 0.8 re-wraps quantized weights as normal tensors around inference data, and every later
+    # load of that model inside the executor failed ("Cannot set version_counter for inference tensor").
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
     with torch.inference_mode(False), torch.enable_grad():
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
         compute_loss = _loss_of(model, buckets, steps * grad_accumulation, grad_accumulation, batch_size, seed,
                                 DTYPES[training_dtype], loss_function)
         with _training_patches(model, trainer, gradient_checkpointing_on):

@@ -182,6 +182,39 @@ def test_fp8_base_bypass_is_exact_and_merge_is_not(nodes_mod, fixtures_dir):
     assert err_merge > 100 * err_bypass and err_merge > 0.05 * effect  # fp8 re-rounding noise vs the OFT effect
 
 
+def test_scaled_fp8_base_bypass_is_exact_and_merge_rotates_the_scaled_weight(nodes_mod, fixtures_dir, tmp_path,
+                                                                            monkeypatch):
+    """On a "scaled fp8" checkpoint (fp8 weights times scale_weight; per-layer quantized ops on ComfyUI 0.8): bypass
+    equals the fp32 model holding those values with the adapter merged; merge mode hands our weight adapter the
+    scaled weight (ModelPatcher converts it first), so what it rotates is that weight, exactly."""
+    import comfy.sd
+
+    scaled, values = comfy_models.scaled_fp8_flux_tiny(tmp_path, monkeypatch)
+    adapter = nodes_mod.files.load(fixtures_dir / FLUX_ADAPTER)
+    with torch.inference_mode():
+        fp32 = comfy.sd.load_diffusion_model_state_dict(dict(values), model_options={"dtype": torch.float32})
+    ref, _, _ = nodes_mod.patch.apply_oft(fp32, None, adapter, 1.0, "kohya", "merge")
+    inputs = comfy_models.flux_inputs()
+    b, _, _ = nodes_mod.patch.apply_oft(scaled, None, adapter, 1.0, "kohya", "bypass")
+    with torch.inference_mode():  # as the executor loads (patches) and runs models
+        y_ref, y_plain, y_bypass = forward(ref, inputs), forward(fp32, inputs), forward(b, inputs)
+    err, effect = rel_err(y_bypass, y_ref), rel_err(y_ref, y_plain)
+    assert err <= MODEL_TOL and err < effect / 100, (err, effect)
+    seen = {}
+    calc = nodes_mod.patch.OFTWeightAdapter.calculate_weight
+
+    def spy(self, weight, key, *a, **k):
+        seen.setdefault(key, weight.detach().float().clone())
+        return calc(self, weight, key, *a, **k)
+
+    monkeypatch.setattr(nodes_mod.patch.OFTWeightAdapter, "calculate_weight", spy)
+    m, _, _ = nodes_mod.patch.apply_oft(scaled, None, adapter, 1.0, "kohya", "merge")
+    with torch.inference_mode():
+        forward(m, inputs)
+    key = "diffusion_model.double_blocks.0.img_attn.proj.weight"
+    assert len(seen) == 8 and torch.equal(seen[key], values[key[len("diffusion_model."):]])
+
+
 @pytest.mark.parametrize("order", ["lora_then_oft", "oft_then_lora"])
 def test_bypass_with_lora_realises_oft_after_lora(nodes_mod, fixtures_dir, order):
     """A LoRA's weight patch is inside the layer's forward: bypass OFT gives M·(W + ΔW) in both node orders (merge

@@ -24,6 +24,7 @@ import comfy_models
 import pytest
 import test_train_node as ttn
 import torch
+from oracle import rel_err
 
 pytestmark = pytest.mark.comfyui
 
@@ -143,6 +144,38 @@ def test_scaled_fp8_checkpoint_trains_on_the_scaled_weights(comfy, tn, tmp_path,
     kinds = tn._weight_kinds(model.model.diffusion_model)  # what the node's report says of the base
     assert kinds in ("float8_e4m3fn scaled (36 layers)", "float8_e4m3fn quantized (float8_e4m3fn) (36 layers)"), kinds
     check_qoft(tn, model, load_state_dict_model(values), {torch.float8_e4m3fn})
+
+
+def test_a_scaled_fp8_model_samples_after_training_in_the_same_session(comfy, tn, tmp_path, monkeypatch):
+    """Train, then sample the same quantized model, everything in the executor's inference mode (as one workflow
+    does): its weights stay inference tensors, and the base, the merged and the bypass model all run. On ComfyUI 0.8
+    the trainer's load in normal mode left its QuantizedTensor weights re-wrapped as normal tensors around inference
+    data, and every later load of that model failed ("Cannot set version_counter for inference tensor")."""
+    import comfy.model_management
+
+    model, _ = comfy_models.scaled_fp8_flux_tiny(tmp_path, monkeypatch)
+    dm = model.model.diffusion_model
+    latents, positive = ttn.flux_data()
+    inputs = comfy_models.flux_inputs()
+    outs = []
+    try:
+        with torch.inference_mode():
+            trainer, _, meta = tn.train(model, latents, positive, seed=0, **dict(KW, steps=2))
+            assert all(p.is_inference() for p in dm.parameters())
+            comfy.model_management.unload_all_models()
+            adapter = tn.export_adapter(model, trainer, meta)
+            for patcher in (model.clone(), tn.apply_oft(model, None, adapter, 1.0)[0],
+                            tn.apply_oft(model, None, adapter, 1.0, apply_mode="bypass")[0]):
+                patcher.patch_model()
+                try:
+                    outs.append(comfy_models.apply_model(patcher, inputs))
+                finally:
+                    patcher.unpatch_model()
+    finally:
+        comfy.model_management.unload_all_models()
+    base, merged, bypass = outs
+    assert all(torch.isfinite(y).all() for y in outs)
+    assert rel_err(bypass, base) > 1e-5 and rel_err(merged, base) > 1e-5  # the trained adapter acts in both modes
 
 
 # ------------------------------------------------------------------------------------------------ GGUF

@@ -129,3 +129,57 @@ def test_resume_with_other_blocks_is_refused_naming_the_mismatch(advanced):
     assert err is not None, harness.history_messages(entry)
     assert "blocks per split × block size: expected 2×" in err["exception_message"], err
     assert "oft_adv_ck_00001_step000002.safetensors" in err["exception_message"], err
+
+
+def _scaled_fp8_checkpoint(src: Path, dst: Path) -> None:
+    """`src` with its UNet's Linear weights as a "scaled fp8" checkpoint stores them (fp8(W / s), `scale_weight` s,
+    `scale_input` 1, the `scaled_fp8` marker), as many *_fp8_scaled files ship; written once (temp name, rename)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if dst.is_file():
+        return
+    fp8, prefix = torch.float8_e4m3fn, "model.diffusion_model."
+    sd = load_file(str(src))
+    out = {f"{prefix}scaled_fp8": torch.tensor([], dtype=fp8)}
+    for k, v in sd.items():
+        if k.startswith(prefix) and k.endswith(".weight") and v.ndim == 2:
+            s = (v.float().abs().max() / torch.finfo(fp8).max).reshape(())
+            layer = k[: -len("weight")]
+            out[k], out[layer + "scale_weight"] = (v.float() / s).to(fp8), s
+            out[layer + "scale_input"] = torch.ones((), dtype=torch.float32)
+        else:
+            out[k] = v
+    tmp = dst.with_suffix(".tmp")
+    save_file(out, str(tmp))
+    tmp.rename(dst)
+
+
+def test_a_scaled_fp8_checkpoint_trains_and_samples_in_one_workflow(advanced):
+    """A "scaled fp8" UNet (as many *_fp8_scaled files ship) through the stock UNETLoader at weight_dtype default:
+    Train OFT reads its weights times their scale (the report names them), and the trained model samples in the
+    same workflow (KSampler → VAE Decode → Preview). Before: training ran on the unscaled fp8 values; on ComfyUI 0.8
+    (per-layer quantized ops) the trainer found no layer, and after training the model could not be loaded again."""
+    srv, _wf, prompt, ids, _entry = advanced
+    name = "oft_tiny_sd15_scaled_fp8.safetensors"
+    _scaled_fp8_checkpoint(harness.tiny_sd15_checkpoint(), srv.base / "models" / "diffusion_models" / name)
+    p = json.loads(json.dumps(prompt))
+    p[ids["UNETLoader"]]["inputs"].update(unet_name=name, weight_dtype="default")
+    p[ids["OFTTrainer"]]["inputs"].update(steps=2, save_every=0)
+    p[ids["OFTSave"]]["inputs"]["filename_prefix"] = "loras/oft_scaled"
+    (text,) = [nid for nid, n in p.items() if n["class_type"] == "CLIPTextEncode"]
+    (ckpt,) = [nid for nid, n in p.items() if n["class_type"] == "CheckpointLoaderSimple"]
+    p["91"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    p["92"] = {"class_type": "KSampler", "inputs": {
+        "model": [ids["OFTTrainer"], 0], "seed": 0, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
+        "scheduler": "normal", "positive": [text, 0], "negative": [text, 0], "latent_image": ["91", 0],
+        "denoise": 1.0}}
+    p["93"] = {"class_type": "VAEDecode", "inputs": {"samples": ["92", 0], "vae": [ckpt, 2]}}
+    p["94"] = {"class_type": "PreviewImage", "inputs": {"images": ["93", 0]}}
+    entry = srv.run(p)
+    report = " ".join(srv.outputs(entry, ids["OFTTrainer"]).get("text", []))
+    assert ("base weights: float8_e4m3fn scaled" in report
+            or "base weights: float8_e4m3fn quantized" in report), report
+    assert "(ss_steps 2)" in report, report
+    assert len(srv.outputs(entry, "94").get("images", [])) == 1, entry.get("outputs")
+    assert _meta(_saved(srv, entry, ids["OFTSave"]))["ss_steps"] == "2"
