@@ -287,6 +287,7 @@ def test_chroma_trains_as_flux_and_its_kohya_file_applies_back(comfy, tn, tmp_pa
     path = write_adapter(adapter, tmp_path / "chroma_oft.safetensors", "kohya")
     loaded = files.load(path)
     assert loaded.metadata["ss_network_module"] == "networks.oft_flux" and len(loaded.layers) == 10
+    assert loaded.metadata["ss_base_model_version"] == "chroma"  # not FLUX: the file says what it was trained on
     comfy.model_management.unload_all_models()
     merged, _, _ = apply_oft(mp, None, loaded, 1.0)
     assert rel_err(forward(merged, inputs, patched=True), forward(model, inputs, patched=True)) <= REL
