@@ -567,7 +567,9 @@ def export_adapter(model, trainer: CoreTrainer, meta: dict):
 
 def _base_version(model) -> str:
     kind = model_kind(model).lower()
-    return {"sd15": "sd_v1", "sd20": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}.get(kind, kind)
+    # sd-scripts' names; musubi-tuner's for HunyuanVideo
+    return {"sd15": "sd_v1", "sd20": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1",
+            "hunyuanvideo": "hunyuan_video"}.get(kind, kind)
 
 
 def _progress_text(node_id, text: str) -> None:

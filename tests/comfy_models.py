@@ -118,6 +118,13 @@ CHROMA_TINY_CONFIG = {  # Chroma: FLUX's blocks, modulations from one approximat
     "n_layers": 2,
 }
 
+HUNYUAN_VIDEO_TINY_CONFIG = {  # HunyuanVideo: FLUX's double / single blocks on video latents, a token refiner
+    "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
+    "hidden_size": 128, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+    "axes_dim": [16, 24, 24], "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True, "guidance_embed": True,
+    "byt5": False, "meanflow": False,
+}
+
 FLUX_TINY_BASE = "kohya/flux_tiny_base.safetensors"
 SD15_EXPECTED = "kohya/sd15_oft_attn_dim8_bf16_expected.safetensors"
 
@@ -212,6 +219,12 @@ def _fit_flux_tiny_config():
         CHROMA_TINY_CONFIG.setdefault("txt_ids_dims", [])
     if "vec_in_dim" in fields:
         CHROMA_TINY_CONFIG.setdefault("vec_in_dim", None)
+    import comfy.ldm.hunyuan_video.model  # (0.8.0: three more required fields, set as detection does for 1.0)
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.hunyuan_video.model.HunyuanVideoParams)}
+    for name, value in (("use_cond_type_embedding", False), ("vision_in_dim", None), ("meanflow_sum", False)):
+        if name in fields:
+            HUNYUAN_VIDEO_TINY_CONFIG.setdefault(name, value)
 
 
 def _rope_backward():
@@ -455,8 +468,8 @@ def sd15_tiny(dtype=None, seed: int = 0):
 
 
 def dit_tiny(family: str, state_dict: dict | None = None, dtype=None, seed: int = 0):
-    """A tiny SD3 / Wan 2.1 / Qwen-Image / HiDream / Chroma as a ComfyUI ModelPatcher (CPU; float32 unless `dtype`),
-    through `comfy.supported_models.SD3 / WAN21_T2V / QwenImage / HiDream / Chroma` with the configs above. `state_dict`
+    """A tiny SD3 / Wan 2.1 / Qwen-Image / HiDream / Chroma / HunyuanVideo as a ComfyUI ModelPatcher (CPU; float32
+    unless `dtype`), through `comfy.supported_models.<Family>` with the configs above. `state_dict`
     (ComfyUI names) is loaded strictly; without one the weights are deterministic pseudo-random (cached per family,
     dtype, seed)."""
     import torch
@@ -467,7 +480,8 @@ def dit_tiny(family: str, state_dict: dict | None = None, dtype=None, seed: int 
                    "wan": (comfy.supported_models.WAN21_T2V, WAN_TINY_CONFIG),
                    "qwen": (comfy.supported_models.QwenImage, QWEN_TINY_CONFIG),
                    "hidream": (comfy.supported_models.HiDream, HIDREAM_TINY_CONFIG),
-                   "chroma": (comfy.supported_models.Chroma, CHROMA_TINY_CONFIG)}[family]
+                   "chroma": (comfy.supported_models.Chroma, CHROMA_TINY_CONFIG),
+                   "hunyuan_video": (comfy.supported_models.HunyuanVideo, HUNYUAN_VIDEO_TINY_CONFIG)}[family]
     if state_dict is not None:
         return _patcher(_build(cls, config, dtype, state_dict))
     key = ("dit_tiny", family, dtype, seed)
