@@ -125,6 +125,18 @@ HUNYUAN_VIDEO_TINY_CONFIG = {  # HunyuanVideo: FLUX's double / single blocks on 
     "byt5": False, "meanflow": False,
 }
 
+FLUX2_TINY_CONFIG = {  # FLUX.2 (newer ComfyUI only): global modulation, SiLU-gated MLP, 4 RoPE axes, no biases
+    "image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 64,
+    "hidden_size": 128, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+    "axes_dim": [16, 16, 16, 16], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
+    "txt_ids_dims": [3], "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
+    "default_ref_method": "index", "ref_index_scale": 10.0,
+}
+
+# weight scale of the pseudo-random tiny DiTs: FLUX.2's gates (from its global modulation) at the default 0.02 leave
+# the blocks' contribution to the output ~1e-4, too small for a training test to see the loss move
+DIT_TINY_STD = {"flux2": 0.1}
+
 FLUX_TINY_BASE = "kohya/flux_tiny_base.safetensors"
 SD15_EXPECTED = "kohya/sd15_oft_attn_dim8_bf16_expected.safetensors"
 
@@ -481,13 +493,16 @@ def dit_tiny(family: str, state_dict: dict | None = None, dtype=None, seed: int 
                    "qwen": (comfy.supported_models.QwenImage, QWEN_TINY_CONFIG),
                    "hidream": (comfy.supported_models.HiDream, HIDREAM_TINY_CONFIG),
                    "chroma": (comfy.supported_models.Chroma, CHROMA_TINY_CONFIG),
-                   "hunyuan_video": (comfy.supported_models.HunyuanVideo, HUNYUAN_VIDEO_TINY_CONFIG)}[family]
+                   "hunyuan_video": (comfy.supported_models.HunyuanVideo, HUNYUAN_VIDEO_TINY_CONFIG),
+                   "flux2": (getattr(comfy.supported_models, "Flux2", None), FLUX2_TINY_CONFIG)}[family]
+    if cls is None:
+        raise RuntimeError(f"this ComfyUI ({COMFYUI_ROOT}) has no {family} model class")
     if state_dict is not None:
         return _patcher(_build(cls, config, dtype, state_dict))
     key = ("dit_tiny", family, dtype, seed)
     if key not in _CACHE:
         model = _build(cls, config, dtype)
-        fill_deterministic(model.diffusion_model, seed)
+        fill_deterministic(model.diffusion_model, seed, std=DIT_TINY_STD.get(family, 0.02))
         # persistent buffers are weights too (SD3's pos_embed) and ComfyUI leaves them uninitialised (torch.empty)
         g = torch.Generator().manual_seed(seed + 1)
         state = model.diffusion_model.state_dict()

@@ -268,6 +268,12 @@ def _flux_like(family: str):
         latents, positive = flux_data()
         inputs = {k: v for k, v in comfy_models.flux_inputs(batch=1).items() if k != "y"}
         return latents, positive, inputs, sorted(blocks)
+    if family == "flux2":  # modulation from the root (global), 128 latent channels, no pooled vector
+        latents = {"samples": torch.randn(2, 128, 8, 8, generator=g)}
+        positive = [[torch.randn(1, 5, 64, generator=g), {"pooled_output": None, "guidance": 3.5}]]  # as its TE gives
+        inputs = {"x": torch.randn(1, 128, 8, 8, generator=g), "t": torch.full((1,), 0.5),
+                  "c_crossattn": torch.randn(1, 5, 64, generator=g), "guidance": torch.full((1,), 3.5)}
+        return latents, positive, inputs, sorted(blocks)
     # HunyuanVideo: video latents (batch, 16, frames, h, w), LLaVA-like tokens and a pooled CLIP vector
     latents = {"samples": torch.randn(2, 16, 1, 8, 8, generator=g)}
     positive = [[torch.randn(1, 5, 64, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
@@ -278,19 +284,24 @@ def _flux_like(family: str):
     return latents, positive, inputs, sorted(blocks)
 
 
-@pytest.mark.parametrize("family", ["chroma", "hunyuan_video"])
+@pytest.mark.parametrize("family", ["chroma", "hunyuan_video", "flux2"])
 def test_flux_like_dits_train_as_flux_and_their_kohya_file_applies_back(comfy, tn, tmp_path, family):
-    """Chroma and HunyuanVideo (FLUX's double / single blocks; Chroma without per-block modulation Linears,
-    HunyuanVideo on video latents) train as the flux family: the loss drops, the base is untouched, the file is kohya
-    oft_flux with BFL names and the family in ss_base_model_version, and loaded back from disk and applied through
-    the loader's path its merged forward is the trained model's."""
+    """Chroma, HunyuanVideo and FLUX.2 (FLUX's double / single blocks; Chroma and FLUX.2 without per-block
+    modulation Linears, HunyuanVideo on video latents; FLUX.2 only in newer ComfyUI) train as the flux family: the
+    loss drops, the base is untouched, the file is kohya oft_flux with BFL names and the family in
+    ss_base_model_version, and loaded back from disk and applied through the loader's path its merged forward is the
+    trained model's."""
     import comfy.model_management
+    import comfy.supported_models
     from comfyui_oft.nodes import files
     from comfyui_oft.nodes.patch import apply_oft
     from comfyui_oft.oft_core.formats import write_adapter
 
+    if family == "flux2" and not hasattr(comfy.supported_models, "Flux2"):
+        pytest.skip("this ComfyUI has no FLUX.2 (0.8 has)")
     mp = comfy_models.dit_tiny(family)
-    assert type(mp.model.diffusion_model).__module__ == f"comfy.ldm.{family}.model"
+    module = {"flux2": "flux"}.get(family, family)
+    assert type(mp.model.diffusion_model).__module__ == f"comfy.ldm.{module}.model"
     latents, positive, inputs, expected = _flux_like(family)
     before = weights(mp)
     base_out = forward(mp, inputs)
@@ -300,7 +311,7 @@ def test_flux_like_dits_train_as_flux_and_their_kohya_file_applies_back(comfy, t
     assert_weights_equal(mp, before)
     end = eval_loss(tn, model, latents, positive, patched=True)
     # (the tiny HunyuanVideo's output moves ~5x less for the same rotations: 0.992 of the loss after 20 steps)
-    assert end < start * {"chroma": 0.95, "hunyuan_video": 0.995}[family], (start, end, loss)
+    assert end < start * {"chroma": 0.95, "hunyuan_video": 0.995, "flux2": 0.95}[family], (start, end, loss)
     names = sorted(name for _, name in adapter.layers)
     assert names == expected, names
     path = write_adapter(adapter, tmp_path / f"{family}_oft.safetensors", "kohya")
