@@ -732,7 +732,9 @@ class OFTTrainerNode(io.ComfyNode):
                 OFTAdapterType.Output(display_name="oft_adapter", tooltip="The trained adapter (kohya convention)."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step, for Plot Loss Graph."),
                 io.String.Output(display_name="report", tooltip="What was trained: layers, parameters, loss, "
-                                 "resumed steps and the checkpoint files written (also shown on the node)."),
+                                 "the base's storage, selected layers the family's file names cannot hold (not "
+                                 "trained), resumed steps and the checkpoint files written (also shown on the "
+                                 "node)."),
             ],
             hidden=[io.Hidden.unique_id],
             # Every input arrives as a list: `latents` may be several LATENT batches (several resolutions, e.g. from
@@ -767,7 +769,7 @@ class OFTTrainerNode(io.ComfyNode):
         new_model, _, text = apply_oft(model, None, adapter, 1.0)
         report = _report(model, adapter, trainer.num_params(), losses, meta, resume, saved, text, steps=steps,
                          loss_function=loss_function, learning_rate=learning_rate, lr_schedule=lr_schedule,
-                         warmup_steps=warmup_steps)
+                         warmup_steps=warmup_steps, left_out=_left_out(model, targets))
         log.info("OFTTrainer: %s", report)
         return io.NodeOutput(new_model, adapter, {"loss": losses}, report, ui=ui.PreviewText(report))
 
@@ -789,12 +791,17 @@ def _resume_input(resume_from):
 
 def _report(model, adapter, num_params: int, losses: list[float], meta: dict, resume, saved: list[str],
             applied: str, *, steps: int, loss_function: str, learning_rate: float, lr_schedule: str,
-            warmup_steps: int) -> str:
-    """The node's text report: what was trained, from what, the checkpoints written and the patch report."""
+            warmup_steps: int, left_out: list[str] = ()) -> str:
+    """The node's text report: what was trained, from what, the layers the preset selected but the family's file
+    convention cannot name (not trained), the checkpoints written and the patch report."""
     lines = [f"trained {len(adapter)} layers, {num_params} parameters, {steps} steps "
              f"(ss_steps {meta['ss_steps']}), loss {losses[0]:.5f} -> {losses[-1]:.5f}; {loss_function} loss, "
              f"lr {learning_rate:g} {lr_schedule}"
              + (f" after {warmup_steps} warm-up steps" if warmup_steps else "")]
+    if left_out:
+        lines.append(f"{len(left_out)} selected layers not trained (no name for them in this family's LyCORIS "
+                     f"convention, ComfyUI's key map): " + ", ".join(left_out[:8])
+                     + (f" and {len(left_out) - 8} more" if len(left_out) > 8 else ""))
     lines.append(f"base weights: {_weight_kinds(model.model.diffusion_model)} (read, never written)")
     sizes = json.loads(meta["comfyui_oft.latent_sizes"])
     lines.append("latent sizes: " + ", ".join(f"{k} ({v} images)" for k, v in sizes.items()))
@@ -806,6 +813,16 @@ def _report(model, adapter, num_params: int, losses: list[float], meta: dict, re
         lines += [f"  {p}" for p in saved]
     lines.append(applied)
     return "\n".join(lines)
+
+
+def _left_out(model, targets: str) -> list[str]:
+    """The layers `targets` selects on a generic-family model that its LyCORIS names cannot hold (`build_trainer`
+    leaves them out); none for the kohya families."""
+    dm = model.model.diffusion_model
+    family = detect_family(dm)
+    if family != "generic":
+        return []
+    return families.layout(model, select_targets(dm, targets, family)).left_out
 
 
 def _weight_kinds(root) -> str:

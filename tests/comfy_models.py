@@ -133,6 +133,20 @@ FLUX2_TINY_CONFIG = {  # FLUX.2 (newer ComfyUI only): global modulation, SiLU-ga
     "default_ref_method": "index", "ref_index_scale": 10.0,
 }
 
+LUMINA2_TINY_CONFIG = {  # Lumina Image 2.0 (NextDiT; Z-Image is the same class): fused qkv with fewer kv heads
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 4, "dim": 128, "cap_feat_dim": 32, "n_layers": 2,
+    "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16, "qk_norm": True,
+    "axes_dims": [16, 24, 24], "axes_lens": [300, 512, 512],
+}
+
+ZIMAGE_TINY_CONFIG = {  # Z-Image (newer ComfyUI: Lumina 2's NextDiT with Z-Image modulation, as many kv heads)
+    # (dim ≥ 256: its modulation width is min(dim, 256) against a 256-wide time embedding)
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 4, "dim": 256, "cap_feat_dim": 32, "n_layers": 2,
+    "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "multiple_of": 256, "qk_norm": True,
+    "axes_dims": [16, 24, 24], "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+    "z_image_modulation": True, "time_scale": 1000.0,
+}
+
 # weight scale of the pseudo-random tiny DiTs: FLUX.2's gates (from its global modulation) at the default 0.02 leave
 # the blocks' contribution to the output ~1e-4, too small for a training test to see the loss move
 DIT_TINY_STD = {"flux2": 0.1}
@@ -494,7 +508,9 @@ def dit_tiny(family: str, state_dict: dict | None = None, dtype=None, seed: int 
                    "hidream": (comfy.supported_models.HiDream, HIDREAM_TINY_CONFIG),
                    "chroma": (comfy.supported_models.Chroma, CHROMA_TINY_CONFIG),
                    "hunyuan_video": (comfy.supported_models.HunyuanVideo, HUNYUAN_VIDEO_TINY_CONFIG),
-                   "flux2": (getattr(comfy.supported_models, "Flux2", None), FLUX2_TINY_CONFIG)}[family]
+                   "flux2": (getattr(comfy.supported_models, "Flux2", None), FLUX2_TINY_CONFIG),
+                   "lumina2": (comfy.supported_models.Lumina2, LUMINA2_TINY_CONFIG),
+                   "zimage": (getattr(comfy.supported_models, "ZImage", None), ZIMAGE_TINY_CONFIG)}[family]
     if cls is None:
         raise RuntimeError(f"this ComfyUI ({COMFYUI_ROOT}) has no {family} model class")
     if state_dict is not None:

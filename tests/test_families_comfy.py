@@ -37,6 +37,9 @@ def training_data(family: str, n: int = 2, seed: int = 0):
         extra = {"pooled_output": torch.randn(1, 24, generator=g),
                  "conditioning_llama3": torch.randn(1, 1, 5, 48, generator=g)}
         positive = [[torch.randn(1, 5, 32, generator=g), extra]]
+    elif family in ("lumina2", "zimage"):  # Gemma / Qwen3 features and their attention mask (→ num_tokens)
+        latents = torch.randn(n, 4, 8, 8, generator=g)
+        positive = [[torch.randn(1, 5, 32, generator=g), {"attention_mask": torch.ones(1, 5, dtype=torch.long)}]]
     else:
         latents = torch.randn(n, 16, 1, 8, 8, generator=g)
         positive = [[torch.randn(1, 5, 48, generator=g), {}]]
@@ -162,6 +165,11 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     new_model, adapter, loss, report = train_node(mods, model, family, num_blocks=32)  # LyCORIS: block size ≤ count
     assert len(loss["loss"]) == 3 and all(torch.isfinite(torch.tensor(loss["loss"])))
+    if family == "sd3":  # the one layer its diffusers names cannot hold is named on the node, not trained
+        assert "1 selected layers not trained" in report and "joint_blocks.1.context_block.adaLN_modulation.1" in \
+            report, report
+    else:
+        assert "not trained" not in report, report
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
     assert adapter.format == "lycoris_diag_oft"
     names = {layer.name for layer in adapter}
@@ -204,6 +212,59 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
             patcher.unpatch_model()
     changed = [k for k in want if not torch.equal(want[k], before[k])]
     assert len(changed) >= 16
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6 * float(want[k].abs().max())), k
+
+
+@pytest.mark.parametrize("family", ["lumina2", "zimage"])
+def test_lumina2_and_z_image_train_through_the_node(mods, family, tmp_path):
+    """Lumina Image 2.0 and Z-Image (NextDiT; Z-Image only in newer ComfyUI): all-linear through the node under
+    inference mode, the base untouched, LyCORIS written with the names ComfyUI's key map has, and that file loaded
+    back through OFTLoader patches exactly what the node's output model patches. Names: Z-Image's diffusers names
+    (`lycoris_`, fused qkv as to_q / to_k / to_v) where ComfyUI maps them (0.8), else ComfyUI's own paths under
+    `lora_unet_` (0.3.64). On 0.8 Lumina 2.0 gets Z-Image's map, which cannot name its fused qkv (fewer kv heads)
+    or its adaLN_modulation.1: the node says those are not trained."""
+    import comfy.supported_models
+    import folder_paths
+    from comfyui_oft.nodes import files, oft_nodes
+    from comfyui_oft.oft_core.formats import write_adapter
+    from comfyui_oft.oft_core.train import select_targets
+
+    if family == "zimage" and not hasattr(comfy.supported_models, "ZImage"):
+        pytest.skip("this ComfyUI has no Z-Image (0.8 has)")
+    model = comfy_models.dit_tiny(family)
+    dm = model.model.diffusion_model
+    lay = mods.families.layout(model, select_targets(dm, "all-linear", "generic"))
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    new_model, adapter, loss, report = train_node(mods, model, family, num_blocks=32)
+    assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+    assert all(torch.isfinite(torch.tensor(loss["loss"])))
+    names = {layer.name for layer in adapter}
+    if lay.prefix == "lora_unet_":  # no diffusers map: ComfyUI's paths, every selected layer
+        assert not lay.left_out and "not trained" not in report
+        assert {"layers.0.attention.qkv", "noise_refiner.0.feed_forward.w2", "context_refiner.0.attention.out"} <= \
+            names and all(layer.key.startswith("lora_unet_") for layer in adapter)
+    elif family == "zimage":
+        assert not lay.left_out and "not trained" not in report
+        assert {f"layers.1.attention.to_{x}" for x in "qkv"} | {"layers.1.attention.to_out.0"} <= names
+        assert all(layer.key.startswith("lycoris_") for layer in adapter)
+    else:  # Lumina 2.0 under Z-Image's map
+        assert lay.left_out and all(p.endswith(("attention.qkv", "adaLN_modulation.1")) for p in lay.left_out)
+        assert f"{len(lay.left_out)} selected layers not trained" in report and lay.left_out[0] in report, report
+    write_adapter(adapter, str(tmp_path / f"{family}.safetensors"), "lycoris")
+    files.register_folder()
+    folder_paths.add_model_folder_path("oft", str(tmp_path))
+    out = oft_nodes.OFTLoader.execute(model=model, adapter_name=f"{family}.safetensors", strength=1.0,
+                                      strength_mode="kohya")
+    assert f"{len(adapter)} of {len(adapter)} adapter layers applied" in out.ui.value
+    got, want = {}, {}
+    for patcher, dest in ((out.result[0], got), (new_model, want)):
+        patcher.patch_model()
+        try:
+            dest.update({k: v.detach().clone() for k, v in patcher.model.state_dict().items()})
+        finally:
+            patcher.unpatch_model()
+    assert len([k for k in want if not torch.equal(want[k], before[k])]) >= 10
     for k in want:
         assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6 * float(want[k].abs().max())), k
 
