@@ -16,7 +16,8 @@
   when a tier it requires did not run.
 - A test marked `third_party` needs a node pack or package that is not the pack's (city96's ComfyUI-GGUF and `gguf`):
   it runs where that is installed, is counted on a line of its own ("Third-party tests: …"), and never counts against
-  a required tier, so a fresh machine without it still passes.
+  a required tier, so a fresh machine without it still passes. A test (or parameter) marked `newer_comfyui` needs a
+  model class only newer ComfyUI has (FLUX.2, Z-Image: 0.8): the same, on its line "Newer-ComfyUI tests: …".
 - A test marked `comfyui` is skipped without ComfyUI even when it does not request the `comfy` fixture.
 """
 
@@ -63,6 +64,8 @@ def pytest_configure(config):
             config.addinivalue_line("markers", f"{name}: {what}")
     config.addinivalue_line("markers", f"{THIRD_PARTY}: needs a third-party node pack or package (optional; counted "
                             "apart from the tiers)")
+    config.addinivalue_line("markers", f"{NEWER_COMFYUI}: needs a model class only newer ComfyUI has (optional; "
+                            "counted apart from the tiers)")
     for v in _STATS.values():
         v.clear()
     _TIER_STATS.clear()
@@ -156,13 +159,18 @@ _TIER_STATS: dict = {}
 
 
 THIRD_PARTY = "third_party"
+NEWER_COMFYUI = "newer_comfyui"
+# optional markers -> their summary line's label; a test with one counts there only, never against a tier
+OPTIONAL = {THIRD_PARTY: "Third-party tests", NEWER_COMFYUI: "Newer-ComfyUI tests"}
+
+
+def _optional(report) -> str | None:
+    return next((m for m in OPTIONAL if m in report.keywords), None)
 
 
 def _tier_logreport(report) -> None:
-    if THIRD_PARTY in report.keywords:
-        tiers = (THIRD_PARTY,)
-    else:
-        tiers = TIERS
+    optional = _optional(report)
+    tiers = (optional,) if optional else TIERS
     for tier in tiers:
         if tier not in report.keywords:
             continue
@@ -196,7 +204,7 @@ def tier_lines() -> list[str]:
 
 def pytest_runtest_logreport(report):
     _tier_logreport(report)
-    if "comfyui" not in report.keywords or THIRD_PARTY in report.keywords:
+    if "comfyui" not in report.keywords or _optional(report):
         return
     if report.when == "call" and not (report.skipped and not hasattr(report, "wasxfail")):
         _STATS["ran"].add(report.nodeid)  # passed, failed or xfailed: it ran
@@ -225,10 +233,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(f"{line} ({comfyui_status()})")
     for tier_line in tier_lines():
         terminalreporter.write_line(tier_line)
-    third = _TIER_STATS.get(THIRD_PARTY)
-    if third is not None:
-        skipped = {k: v for k, v in third["skipped"].items() if k not in third["ran"]}
-        line = f"Third-party tests: {len(third['ran'])} ran, {len(skipped)} skipped"
+    for marker, label in OPTIONAL.items():
+        st = _TIER_STATS.get(marker)
+        if st is None:
+            continue
+        skipped = {k: v for k, v in st["skipped"].items() if k not in st["ran"]}
+        line = f"{label}: {len(st['ran'])} ran, {len(skipped)} skipped"
         if skipped:
             line += f" ({next(iter(skipped.values()))})"
         terminalreporter.write_line(line)

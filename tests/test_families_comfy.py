@@ -216,7 +216,7 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
         assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6 * float(want[k].abs().max())), k
 
 
-@pytest.mark.parametrize("family", ["lumina2", "zimage"])
+@pytest.mark.parametrize("family", ["lumina2", pytest.param("zimage", marks=pytest.mark.newer_comfyui)])
 def test_lumina2_and_z_image_train_through_the_node(mods, family, tmp_path):
     """Lumina Image 2.0 and Z-Image (NextDiT; Z-Image only in newer ComfyUI): all-linear through the node under
     inference mode, the base untouched, LyCORIS written with the names ComfyUI's key map has, and that file loaded

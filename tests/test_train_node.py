@@ -284,7 +284,7 @@ def _flux_like(family: str):
     return latents, positive, inputs, sorted(blocks)
 
 
-@pytest.mark.parametrize("family", ["chroma", "hunyuan_video", "flux2"])
+@pytest.mark.parametrize("family", ["chroma", "hunyuan_video", pytest.param("flux2", marks=pytest.mark.newer_comfyui)])
 def test_flux_like_dits_train_as_flux_and_their_kohya_file_applies_back(comfy, tn, tmp_path, family):
     """Chroma, HunyuanVideo and FLUX.2 (FLUX's double / single blocks; Chroma and FLUX.2 without per-block
     modulation Linears, HunyuanVideo on video latents; FLUX.2 only in newer ComfyUI) train as the flux family: the
