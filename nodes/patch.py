@@ -165,6 +165,29 @@ def model_kind(model) -> str:
     return type(config).__name__ if config is not None else type(inner).__name__
 
 
+def base_version(model) -> str:
+    """`ss_base_model_version` of the loaded model's family: sd-scripts' names (musubi-tuner's for HunyuanVideo),
+    else the family's own name lowercased."""
+    kind = model_kind(model).lower()
+    return {"sd15": "sd_v1", "sd20": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1",
+            "hunyuanvideo": "hunyuan_video"}.get(kind, kind)
+
+
+# Families whose files carry the same layer names and (at full size) shapes: a file of one matches the others' layers
+FLUX_NAMED = ("flux1", "chroma", "hunyuan_video", "flux2")
+
+
+def family_warning(model, adapter: OFTAdapter, report: MatchReport | None) -> str:
+    """A warning when a FLUX-named adapter says it was trained on another of those families than the loaded model's
+    ("" otherwise): their layers match by name and shape, so it applies, but it was not made for this model."""
+    said = str(adapter.metadata.get("ss_base_model_version", "")).lower()
+    here = base_version(model)
+    if report is None or not report.matched or said not in FLUX_NAMED or here not in FLUX_NAMED or said == here:
+        return ""
+    return (f"WARNING: this adapter was trained on {said} (its ss_base_model_version) and this is a "
+            f"{model_kind(model)} model: applied where the layers match, but it was not made for this model")
+
+
 def guess_target(adapter: OFTAdapter) -> str:
     """What model an adapter looks made for, from its layer names (for the "nothing matched" message)."""
     names = [layer.name.replace("_", ".") for layer in adapter]
@@ -308,7 +331,8 @@ def apply_oft(model, clip, adapter: OFTAdapter, strength: float, mode: str = "ko
     if apply_mode == "bypass":
         text = text.replace(f", mode {mode})", f", mode {mode}, bypass)", 1)
     for warning in (core_oft_warning(model, unet_report),
-                    core_oft_warning(clip.patcher if clip is not None else None, te_report)):
+                    core_oft_warning(clip.patcher if clip is not None else None, te_report),
+                    family_warning(model, adapter, unet_report)):
         if warning:
             log.warning("OFT %s: %s", os.path.basename(adapter.path) or adapter.format, warning)
             text += "\n" + warning

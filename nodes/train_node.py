@@ -60,7 +60,7 @@ from ..oft_core.train import (
 )
 from . import families
 from .op_nodes import next_free_path
-from .patch import apply_oft, model_kind
+from .patch import apply_oft, base_version, model_kind
 from .rope_grad import ensure_rope_backward
 from .types import TRAINING_TARGETS, OFTAdapterType
 
@@ -520,7 +520,7 @@ def run_metadata(model, buckets, n: int, prior: int, done: int, steps: int, *, r
                  lr_schedule: str, warmup_steps: int) -> dict:
     """kohya `ss_*` metadata (and the pack's own) of a run after `done` of its `steps`, `prior` steps before it."""
     sizes = {"x".join(str(d) for d in x.shape[2:]): int(x.shape[0]) for x, _ in buckets}
-    extra = {"ss_base_model_version": _base_version(model), "ss_steps": str(prior + done),
+    extra = {"ss_base_model_version": base_version(model), "ss_steps": str(prior + done),
              "ss_max_train_steps": str(prior + steps), "ss_lr_scheduler": lr_schedule,
              "ss_lr_warmup_steps": str(warmup_steps), "ss_loss_type": KOHYA_LOSS[loss_function],
              "ss_enable_bucket": str(len(buckets) > 1),
@@ -563,13 +563,6 @@ def export_adapter(model, trainer: CoreTrainer, meta: dict):
     if detect_family(model.model.diffusion_model) == "generic":
         return families.export(model, trainer, meta)
     return trainer.to_adapter(meta, names=export_names(model.model.diffusion_model, kohya_naming(model)))
-
-
-def _base_version(model) -> str:
-    kind = model_kind(model).lower()
-    # sd-scripts' names; musubi-tuner's for HunyuanVideo
-    return {"sd15": "sd_v1", "sd20": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1",
-            "hunyuanvideo": "hunyuan_video"}.get(kind, kind)
 
 
 def _progress_text(node_id, text: str) -> None:

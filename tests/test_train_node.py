@@ -318,10 +318,15 @@ def test_flux_like_dits_train_as_flux_and_their_kohya_file_applies_back(comfy, t
     loaded = files.load(path)
     assert loaded.metadata["ss_network_module"] == "networks.oft_flux" and len(loaded.layers) == len(expected)
     assert loaded.metadata["ss_base_model_version"] == family  # not FLUX: the file says what it was trained on
+    assert "modelspec.architecture" not in loaded.metadata  # (the FLUX.1 default is not written for these)
     comfy.model_management.unload_all_models()
-    merged, _, _ = apply_oft(mp, None, loaded, 1.0)
+    merged, _, text = apply_oft(mp, None, loaded, 1.0)
+    assert "WARNING" not in text, text
     assert rel_err(forward(merged, inputs, patched=True), forward(model, inputs, patched=True)) <= REL
     assert rel_err(forward(merged, inputs, patched=True), base_out) > 1e-5
+    if family == "chroma":  # the tiny FLUX has the same widths and names: it applies there, and says what it is
+        _, _, text = apply_oft(comfy_models.flux_tiny(), None, loaded, 1.0)
+        assert "trained on chroma (its ss_base_model_version) and this is a Flux model" in text, text
 
 
 _CACHE: dict = {}

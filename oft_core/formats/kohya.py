@@ -470,7 +470,8 @@ def _metadata(adapter: OFTAdapter, named: dict[str, OFTLayer], alpha: float, flu
         meta[_UNCONSTRAINED_METADATA] = "true"
     if flux:
         meta.setdefault("ss_base_model_version", "flux1")
-        meta.setdefault("modelspec.architecture", "flux-1-dev/lora")
+        if meta["ss_base_model_version"] == "flux1":  # (not for Chroma / HunyuanVideo / FLUX.2 files)
+            meta.setdefault("modelspec.architecture", "flux-1-dev/lora")
     return meta
 
 
