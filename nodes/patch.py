@@ -169,8 +169,8 @@ def base_version(model) -> str:
     """`ss_base_model_version` of the loaded model's family: sd-scripts' names (musubi-tuner's for HunyuanVideo),
     else the family's own name lowercased."""
     kind = model_kind(model).lower()
-    return {"sd15": "sd_v1", "sd20": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1",
-            "hunyuanvideo": "hunyuan_video"}.get(kind, kind)
+    return {"sd15": "sd_v1", "sd20": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1", "fluxschnell": "flux1",
+            "fluxinpaint": "flux1", "hunyuanvideo": "hunyuan_video"}.get(kind, kind)
 
 
 # Families whose files carry the same layer names and (at full size) shapes: a file of one matches the others' layers
