@@ -329,6 +329,21 @@ def test_flux_like_dits_train_as_flux_and_their_kohya_file_applies_back(comfy, t
         assert "trained on chroma (its ss_base_model_version) and this is a Flux model" in text, text
 
 
+def test_base_version_is_the_name_trainers_write(comfyui_oft):
+    """ss_base_model_version per loaded family: sd-scripts' names (every FLUX.1 variant is flux1), musubi-tuner's for
+    HunyuanVideo, else the family's own name (what the family warning compares)."""
+    from types import SimpleNamespace
+
+    from comfyui_oft.nodes.patch import base_version
+
+    def loaded(config_name):
+        return SimpleNamespace(model=SimpleNamespace(model_config=type(config_name, (), {})()))
+
+    names = ("SD15", "SD20", "SDXL", "Flux", "FluxSchnell", "FluxInpaint", "Chroma", "HunyuanVideo", "Flux2")
+    assert [base_version(loaded(n)) for n in names] == ["sd_v1", "sd_v2", "sdxl_base_v1-0", "flux1", "flux1",
+                                                        "flux1", "chroma", "hunyuan_video", "flux2"]
+
+
 _CACHE: dict = {}
 
 
