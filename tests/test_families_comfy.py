@@ -157,7 +157,6 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
     """all-linear on SD3 / Wan / Qwen-Image / HiDream through the OFTTrainer node under inference mode: the loss
     moves, the base weights stay, the adapter carries the family's LyCORIS names, kohya is refused, LyCORIS is
     written, and that file loaded back through OFTLoader patches exactly what the node's output model patches."""
-    from comfyui_oft.nodes import files, oft_nodes
     from comfyui_oft.oft_core import OFTError, load_adapter
     from comfyui_oft.oft_core.formats import write_adapter
 
@@ -196,12 +195,19 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
     reread = load_adapter(path)
     assert {layer.key for layer in reread} == {layer.key for layer in adapter}
 
+    assert_loaded_back_patches_as_trained(model, new_model, adapter, tmp_path / f"{family}.safetensors", before,
+                                          min_changed=16)
+
+
+def assert_loaded_back_patches_as_trained(model, new_model, adapter, path, before: dict, min_changed: int):
+    """The LyCORIS file at `path`, loaded through OFTLoader onto `model`, patches exactly what the trainer node's
+    output model `new_model` patches (every layer applied; at least `min_changed` weights changed from `before`)."""
     import folder_paths
+    from comfyui_oft.nodes import files, oft_nodes
 
     files.register_folder()
-    folder_paths.add_model_folder_path("oft", str(tmp_path))
-    out = oft_nodes.OFTLoader.execute(model=model, adapter_name=f"{family}.safetensors", strength=1.0,
-                                      strength_mode="kohya")
+    folder_paths.add_model_folder_path("oft", str(path.parent))
+    out = oft_nodes.OFTLoader.execute(model=model, adapter_name=path.name, strength=1.0, strength_mode="kohya")
     assert f"{len(adapter)} of {len(adapter)} adapter layers applied" in out.ui.value
     got, want = {}, {}
     for patcher, dest in ((out.result[0], got), (new_model, want)):
@@ -210,8 +216,7 @@ def test_training_any_family_through_the_node(mods, family, tmp_path):
             dest.update({k: v.detach().clone() for k, v in patcher.model.state_dict().items()})
         finally:
             patcher.unpatch_model()
-    changed = [k for k in want if not torch.equal(want[k], before[k])]
-    assert len(changed) >= 16
+    assert len([k for k in want if not torch.equal(want[k], before[k])]) >= min_changed
     for k in want:
         assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6 * float(want[k].abs().max())), k
 
@@ -225,8 +230,6 @@ def test_lumina2_and_z_image_train_through_the_node(mods, family, tmp_path):
     `lora_unet_` (0.3.64). On 0.8 Lumina 2.0 gets Z-Image's map, which cannot name its fused qkv (fewer kv heads)
     or its adaLN_modulation.1: the node says those are not trained."""
     import comfy.supported_models
-    import folder_paths
-    from comfyui_oft.nodes import files, oft_nodes
     from comfyui_oft.oft_core.formats import write_adapter
     from comfyui_oft.oft_core.train import select_targets
 
@@ -252,21 +255,8 @@ def test_lumina2_and_z_image_train_through_the_node(mods, family, tmp_path):
         assert lay.left_out and all(p.endswith(("attention.qkv", "adaLN_modulation.1")) for p in lay.left_out)
         assert f"{len(lay.left_out)} selected layers not trained" in report and lay.left_out[0] in report, report
     write_adapter(adapter, str(tmp_path / f"{family}.safetensors"), "lycoris")
-    files.register_folder()
-    folder_paths.add_model_folder_path("oft", str(tmp_path))
-    out = oft_nodes.OFTLoader.execute(model=model, adapter_name=f"{family}.safetensors", strength=1.0,
-                                      strength_mode="kohya")
-    assert f"{len(adapter)} of {len(adapter)} adapter layers applied" in out.ui.value
-    got, want = {}, {}
-    for patcher, dest in ((out.result[0], got), (new_model, want)):
-        patcher.patch_model()
-        try:
-            dest.update({k: v.detach().clone() for k, v in patcher.model.state_dict().items()})
-        finally:
-            patcher.unpatch_model()
-    assert len([k for k in want if not torch.equal(want[k], before[k])]) >= 10
-    for k in want:
-        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6 * float(want[k].abs().max())), k
+    assert_loaded_back_patches_as_trained(model, new_model, adapter, tmp_path / f"{family}.safetensors", before,
+                                          min_changed=10)
 
 
 def _permuted_and_sliced_sd3_file(tmp_path, g: torch.Generator):
