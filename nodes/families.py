@@ -17,12 +17,9 @@ families the adapter is LyCORIS diag-oft and a kohya save is refused with that r
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 
 from .patch import UNET_PREFIX, comfy_key_map, model_kind
-
-log = logging.getLogger(__name__)
 
 LYCORIS_FORMAT = "lycoris_diag_oft"
 
@@ -75,9 +72,6 @@ def layout(model, targets) -> FamilyLayout:
             out.splits[path] = tuple(length for _, length, _ in parts)
         else:
             out.left_out.append(path)
-    if out.left_out:
-        log.info("OFTTrainer: %d selected layers of the %s model have no diffusers (LyCORIS) name and are not "
-                 "trained: %s", len(out.left_out), model_kind(model), ", ".join(out.left_out[:5]))
     return out
 
 

@@ -38,7 +38,9 @@ def folder_path(folder: str) -> str:
     """The absolute path of `folder`, a folder of ComfyUI's input directory (never outside it, links resolved)."""
     base = os.path.realpath(folder_paths.get_input_directory())
     if not isinstance(folder, str) or not folder.strip():
-        raise OFTError(f"expected the name of a folder in ComfyUI's input directory, found {folder!r}", path=base)
+        raise OFTError(f"expected the name of a folder in ComfyUI's input directory, found {folder!r} (put the "
+                       "training images in a folder there, refresh the page and pick it in the node's folder "
+                       "list)", path=base)
     path = os.path.realpath(os.path.join(base, folder))
     if path == base or os.path.commonpath([base, path]) != base:
         raise OFTError(f"the image folder must be a folder inside the input directory, found {folder!r}", path=base)
@@ -132,8 +134,8 @@ class OFTLoadImages(io.ComfyNode):
         """What the folder holds (names, sizes, modification times): a changed image reloads, nothing else does."""
         try:
             path = folder_path(folder)
-            return [(n, os.stat(os.path.join(path, n)).st_mtime_ns, os.stat(os.path.join(path, n)).st_size)
-                    for n in image_files(path)], longer_side
+            stats = [(n, os.stat(os.path.join(path, n))) for n in image_files(path)]
+            return [(n, st.st_mtime_ns, st.st_size) for n, st in stats], longer_side
         except (OFTError, OSError):
             return float("nan")  # never equal: execute() then reports the problem
 

@@ -329,6 +329,9 @@ def build_trainer(model, targets: str, num_blocks: int, alpha: float, neumann_te
         if family == "generic":  # SD3, Wan, Qwen-Image, ...: names and fused splits from ComfyUI's key map
             lay = families.layout(model, selected)
             selected, splits = lay.keep(selected), lay.splits
+            if lay.left_out:  # (the node's report lists them too: `_left_out`)
+                log.info("OFTTrainer: %d selected layers of the %s model have no diffusers (LyCORIS) name and are "
+                         "not trained: %s", len(lay.left_out), model_kind(model), ", ".join(lay.left_out[:5]))
             if not selected:
                 raise OFTError(f"none of the {len(lay.left_out)} selected layers has a name in the family's "
                                "LyCORIS convention")
