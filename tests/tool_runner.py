@@ -4,12 +4,14 @@ venv. Protocol: `python tool_runner.py REQUEST.json`; the request (or each of it
 .safetensors (the weights the tool computed) and an output .json (what it loaded, ignored, raised). Only the tools' own
 public code paths are used:
 
-- sdscripts: sd-scripts' own UNet (`library.original_unet`, its size constants set to the tiny test model), FLUX
+- sdscripts: sd-scripts' own UNet (`library.original_unet`, its size constants set to the tiny test model), SDXL UNet
+  (`library.sdxl_original_unet`, the same way), FLUX
   (`library.flux_models.Flux`) or Chroma (`library.chroma_models.Chroma`),
   `networks.oft.create_network_from_weights(..., for_inference=True)` + `merge_to` (SD), or `networks.oft_flux`
   (FLUX, Chroma) applied as a forward patch (its `merge_to` crashes) with the effective weight read
   from the patched forward on an identity input (bias zeroed in our copy, so the product is exact); and
-  `create_network(..., **network_args)` for the layer set a training option adapts.
+  `create_network(..., **network_args)` for the layer set a training option adapts; with "make", that network with
+  seeded blocks written by its own `save_weights` (a file as sd-scripts makes it), then loaded back as above.
   sd-scripts hard-codes FLUX.1's split widths (3×3072, 3×3072 + 12288) in oft_flux.py: for the tiny FLUX the source
   is loaded with only those two lists scaled (as the fixtures were made), at run time, never written anywhere.
 - lycoris: `lycoris.wrapper.create_lycoris_from_weights` on a module tree of Linear / Conv2d built from the base
@@ -19,6 +21,7 @@ public code paths are used:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -79,6 +82,18 @@ def sd_unet(spec: dict, base: dict[str, torch.Tensor]):
     return unet.float().eval(), missing, unexpected
 
 
+def sdxl_unet(spec: dict, base: dict[str, torch.Tensor]):
+    """sd-scripts' own SDXL UNet (`library.sdxl_original_unet`: SDXL's block layout, LDM module names, heads of 64,
+    cross-attention 2048 wide) with its two size constants set to the tiny model's channel count."""
+    from library import sdxl_original_unet as su
+
+    su.MODEL_CHANNELS = spec["model_channels"]
+    su.TIME_EMBED_DIM = spec["model_channels"] * 4
+    unet = su.SdxlUNet2DConditionModel()
+    missing, unexpected = unet.load_state_dict(base, strict=False)
+    return unet.float().eval(), missing, unexpected
+
+
 def flux_model(spec: dict, base: dict[str, torch.Tensor]):
     from library import flux_models
 
@@ -126,7 +141,8 @@ def _oft_module(req):
 
 
 def _build(req, base):
-    return {"flux": flux_model, "chroma": chroma_model, "sd": sd_unet}[req["kind"]](req["model"], base)
+    build = {"flux": flux_model, "chroma": chroma_model, "sd": sd_unet, "sdxl": sdxl_unet}[req["kind"]]
+    return build(req["model"], base)
 
 
 def _lists(oft):
@@ -139,6 +155,49 @@ def _lists(oft):
 def _restore(oft, saved):
     for k, v in saved.items():
         getattr(oft.OFTNetwork, k)[:] = v
+
+
+@contextlib.contextmanager
+def _train_util_hashes():
+    """`OFTNetwork.save_weights` imports `library.train_util` for two metadata hashes; that module imports accelerate,
+    diffusers' pipelines, cv2 and the rest of sd-scripts' training stack, which this venv leaves out. For the duration
+    of the save, `library.train_util` is a module holding only sd-scripts' own three hash functions, their source
+    taken from train_util.py as it is (never written anywhere): the file is then byte for byte what save_weights
+    writes in a full install."""
+    import ast
+    import hashlib
+    import io
+    import types
+
+    import library
+    import safetensors.torch
+
+    path = library.__path__[0] + "/train_util.py"
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    wanted = {"precalculate_safetensors_hashes", "addnet_hash_legacy", "addnet_hash_safetensors"}
+    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+    if {f.name for f in funcs} != wanted:
+        raise RuntimeError(f"train_util.py no longer defines {sorted(wanted - {f.name for f in funcs})}")
+    mod = types.ModuleType("library.train_util")
+    mod.__file__ = path
+    mod.__dict__.update(hashlib=hashlib, BytesIO=io.BytesIO, safetensors=safetensors)
+    exec(compile(ast.Module(body=funcs, type_ignores=[]), path, "exec"), mod.__dict__)
+    before = sys.modules.get("library.train_util")
+    sys.modules["library.train_util"] = mod
+    had = hasattr(library, "train_util")
+    old = getattr(library, "train_util", None)
+    library.train_util = mod
+    try:
+        yield
+    finally:
+        if before is None:
+            sys.modules.pop("library.train_util", None)
+        else:
+            sys.modules["library.train_util"] = before
+        if had:
+            library.train_util = old
+        else:
+            del library.train_util
 
 
 def _network(oft, req, model, m, sd, saved):
@@ -166,6 +225,21 @@ def run_sdscripts(req, result):
             _restore(oft, saved)
             out[name] = {o.oft_name: _path_of(model, o.org_module[0]) for o in net.unet_ofts}
         result["targets"] = out
+    if "make" in req:  # sd-scripts writes the file: a training option's network, seeded blocks, its save_weights
+        mk = req["make"]
+        own = copy.deepcopy(model)  # apply_to (which registers the modules train_network saves) patches forwards
+        net = oft.create_network(1.0, mk["dim"], mk["alpha"], None, None, own, **mk.get("network_args", {}))
+        _restore(oft, saved)
+        net.apply_to(None, own, apply_text_encoder=False, apply_unet=True)
+        g = torch.Generator().manual_seed(mk["seed"])
+        with torch.no_grad():
+            for o in net.unet_ofts:
+                o.oft_blocks.copy_(torch.randn(o.oft_blocks.shape, generator=g) * mk["std"])
+        with _train_util_hashes():
+            net.save_weights(mk["save"], getattr(torch, mk["dtype"]) if mk.get("dtype") else None,
+                             dict(mk.get("metadata", {})))
+        result["made"] = len(net.unet_ofts)
+        req = dict(req, adapter=mk["save"])
     if "adapter" not in req:
         return {}
     sd = load_file(req["adapter"])
