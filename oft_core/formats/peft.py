@@ -188,14 +188,33 @@ def _config_settings(config: dict | None, path: str) -> tuple[dict, str, bool, b
     return cfg, cfg_path, block_share, coft, eps
 
 
+def _onetrainer(header: _Header, modules: dict) -> str | None:
+    """A layer name of a packed file written by OneTrainer ("OFT v2") rather than PEFT, else None: OneTrainer stamps
+    `ot_branch` / `ot_revision` into every file it saves, and names layers kohya-style (`lora_unet_…`) or
+    ComfyUI-style (`diffusion_model.…`), never under PEFT's `base_model.model.`."""
+    if not modules:
+        return None
+    first = sorted(modules)[0]
+    if any(k in header.metadata for k in ("ot_branch", "ot_revision")):
+        return first
+    return first if all(k.startswith(("lora_unet_", "lora_te", "diffusion_model.")) for k in modules) else None
+
+
 def _series(cfg: dict, config: dict | None, packed: bool, modules: dict, path: str,
-            cfg_path: str) -> tuple[bool, tuple[float, ...], str]:
+            cfg_path: str, onetrainer: str | None = None) -> tuple[bool, tuple[float, ...], str]:
     """(use_cayley_neumann, series coefficients, format id). A packed file needs its config: exact Cayley and
     Cayley–Neumann give inverse rotations for the same numbers; the series changed in PEFT 0.18."""
     if not packed:
         fmt = "peft_legacy_0.15" if any("oft_s" in p for p in modules.values()) else "peft_legacy_0.13"
         return False, (), fmt
     if config is None:
+        if onetrainer:
+            raise OFTError(
+                f"looks made by OneTrainer (OFT v2): .oft_R.weight layers named like {onetrainer!r} and no "
+                f"{_CONFIG_NAME}. This pack reads PEFT's OFT layout (base_model.model.… names, with its config) "
+                "and not yet OneTrainer's, which rotates convolution weights the opposite way to PEFT",
+                path=path,
+            )
         raise OFTError(
             f"a PEFT OFT file needs its {_CONFIG_NAME} beside it: exact Cayley and Cayley–Neumann give inverse "
             "rotations for the same numbers, and only the config says which was trained",
@@ -269,7 +288,7 @@ def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapte
     if packed and any("oft_r" in parts for parts in modules.values()):
         raise OFTError("mixes current (.oft_R.weight) and legacy (.oft_r) PEFT OFT keys", path=path)
     cfg, cfg_path, block_share, coft, eps = _config_settings(config, path)
-    neumann, coeffs, fmt = _series(cfg, config, packed, modules, path, cfg_path)
+    neumann, coeffs, fmt = _series(cfg, config, packed, modules, path, cfg_path, _onetrainer(header, modules))
     st = _Settings(path, cfg, cfg_path, config is not None, block_share, coft, eps, neumann, coeffs, fmt)
     one = _packed_layer if packed else _legacy_layer
     layers = {}
