@@ -54,7 +54,7 @@ def _rebuild(layer: OFTLayer, **changes) -> OFTLayer:
                   transpose=layer.transpose, kind=layer.kind, num_blocks=layer.num_blocks,
                   parameterization=layer.parameterization, neumann_coeffs=layer.neumann_coeffs,
                   constraint=Constraint(), row_scale=layer.row_scale, source=layer.source, key=layer.key,
-                  block_share=layer.block_share)
+                  block_share=layer.block_share, conv_transposed=layer.conv_transposed)
     fields.update(changes)
     for i, g in enumerate(fields["blocks"]):
         if not bool(torch.isfinite(g).all()):  # the inputs were finite (checked when read): the arithmetic overflowed
@@ -116,6 +116,18 @@ _APPLY_IN_ORDER = ("apply the adapters one after another instead, which gives th
                    "loader nodes in ComfyUI, or `bake --adapter A --adapter B` on the command line")
 
 
+def _settled(adapters: Sequence[OFTAdapter], what: str) -> None:
+    """Refuse to combine layers whose convention only a model settles (OneTrainer's: a Linear's rotation, or its
+    transpose for a convolution): composed, blended or averaged before that is known, a convolution would get the
+    other order or sign."""
+    for a in adapters:
+        for layer in a:
+            if layer.conv_transposed:
+                raise OFTError(f"cannot {what} a OneTrainer adapter: each of its layers rotates as a Linear, or "
+                               f"transposed as a convolution, which only the model says; {_APPLY_IN_ORDER}",
+                               path=a.path or None, layer=layer.key)
+
+
 def _unshare(layer: OFTLayer, width: int, src: str | None = None) -> OFTLayer:
     """A PEFT block_share layer (one stored block repeated along the axis) written out over `width` as an ordinary
     layer of width/b equal blocks, its constraint applied first (COFT bounds the one stored block, as it is used)."""
@@ -171,6 +183,7 @@ def blend(a: OFTAdapter, b: OFTAdapter, t: float) -> OFTAdapter:
     t = 0 gives a's rotations, t = 1 b's; any t gives a rotation. The result has constraint none.
     """
     t = check_strength(t, "blend factor")  # the one check of user numbers (NaN, Inf, huge: Q = t·(Q_b − Q_a))
+    _settled([a, b], "blend")
     ka, kb = _same_layers([a, b], "blend")
     layers = {}
     for k, la in ka.items():
@@ -217,6 +230,7 @@ def merge(adapters_with_weights: Sequence[tuple[OFTAdapter, float]], mode: str =
         raise OFTError("merge: no adapters given")
     if mode not in MERGE_MODES:
         raise OFTError(f"merge mode: expected one of {', '.join(MERGE_MODES)}, found {mode!r}")
+    _settled([a for a, _ in items], "merge")
     made_from = {"merge": {"mode": mode, "adapters": [{"weight": w, "adapter": provenance(a)} for a, w in items]}}
     layers = _averaged_layers(items) if mode == "average" else _composed_layers(items)
     return OFTAdapter(layers, items[0][0].format, "", dict(items[0][0].metadata), made_from=made_from,

@@ -94,6 +94,10 @@ class OFTLayer:
     source: str = ""  # format id, e.g. "kohya", "kohya_flux", "lycoris_diag_oft", "lycoris_boft", "peft"
     key: str = ""  # the file key prefix of this layer (for messages and writers)
     block_share: bool = False  # PEFT block_share: one stored block repeated along the axis (count set per weight)
+    # OneTrainer: a convolution's weight is rotated by the transpose of what a Linear's is (its Conv2d path computes
+    # W·R where its Linear path rotates the input, W·Rᵀ); known only against the weight, so `resolve_for_weight`
+    # turns it into `transpose` (flipped for a weight of more than 2 dimensions) and clears it
+    conv_transposed: bool = False
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
@@ -185,6 +189,7 @@ def make_layer(
     source: str = "",
     key: str = "",
     block_share: bool = False,
+    conv_transposed: bool = False,
 ) -> OFTLayer:
     """Validate once and build an `OFTLayer`. `blocks`, per split, are the stored blocks: the skew generators Q,
     already skew-symmetric (parameterization cayley / neumann), or the rotations R themselves (matrix).
@@ -223,6 +228,7 @@ def make_layer(
         source=source,
         key=key or name,
         block_share=bool(block_share),
+        conv_transposed=bool(conv_transposed),
     )
 
 
@@ -551,7 +557,8 @@ def _flatten_weight_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "",
                        weight_name: str = "weight") -> OFTLayer:
-    """Check that `layer` fits a base weight of `shape` and resolve shared block counts (PEFT block_share).
+    """Check that `layer` fits a base weight of `shape` and resolve what depends on it: shared block counts (PEFT
+    block_share) and OneTrainer's convolution convention (`conv_transposed`).
 
     Raises `OFTError` naming the layer with the expected and found sizes.
     """
@@ -578,5 +585,7 @@ def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "",
         )
     if layer.row_scale is not None and layer.row_scale.numel() != out:
         raise OFTError(_mismatch("row scale length", out, layer.row_scale.numel()), path=path, layer=layer.key)
+    if layer.conv_transposed:
+        layer = layer.with_(conv_transposed=False, transpose=layer.transpose != (len(shape) > 2))
     return layer
 

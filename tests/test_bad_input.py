@@ -99,25 +99,6 @@ def test_peft_packed_without_config_is_refused(tmp_path):
     assert "OneTrainer" not in str(e.value)
 
 
-@pytest.mark.parametrize("name, metadata", [
-    # OneTrainer's KOHYA output (SDXL body) and its COMFY output, as its LoRA savers name layers
-    ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", None),
-    ("diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q", None),
-    # any naming, with the ot_branch / ot_revision header OneTrainer writes into every file
-    ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", {"ot_branch": "master",
-                                                                         "ot_revision": "23df3832"}),
-])
-def test_onetrainer_oft_v2_file_is_named_as_such(tmp_path, name, metadata):
-    """OneTrainer's "OFT v2" files store PEFT's packed .oft_R.weight without an adapter_config.json: the refusal
-    says what the file is, not that a PEFT config is missing."""
-    path = tmp_path / "onetrainer_oft.safetensors"
-    save_file({f"{name}.oft_R.weight": torch.zeros(40, 28), f"{name}.oft_R.scaled_oft": torch.tensor(True)},
-              str(path), metadata)
-    with pytest.raises(OFTError, match=r"looks made by OneTrainer \(OFT v2\)") as e:
-        load_adapter(path)
-    assert name in str(e.value) and str(path) in str(e.value)
-
-
 def test_adapter_for_another_architecture(tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     rc = cli(["bake", "--base", str(FLUX_BASE), "--adapter", str(SD15), "--out", str(out)])

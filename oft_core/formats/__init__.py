@@ -19,6 +19,8 @@ All key conventions in one table (details and quirks in each reader's docstring)
 |         | `.alpha`, `.rescale`                                          | `lora_te_`/`lora_te1_`/`lora_te2_`   |
 | peft    | `base_model.model.<path>.oft_R.weight`; legacy `.oft_r`,      | `base_model.model.` -> unet          |
 |         | `.oft_s`; plus `adapter_config.json` beside the file          | (`text_encoder.` -> te, ...)         |
+|         | OneTrainer: `<prefix><path>.oft_R.weight`, `.oft_R.scaled_oft`,| `lora_unet_`, `lora_transformer_`,   |
+|         | no config (`ot_branch` / `ot_revision` in the header)         | `diffusion_model.` -> unet; `lora_te*`|
 
 `<path_>` is the module path with "." replaced by "_" (not reversible by string rules: `names.py` maps it through the
 base model's own keys); `<path>` keeps its dots. Only safetensors is read; pickles are refused, never unpickled.

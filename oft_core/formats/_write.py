@@ -55,8 +55,13 @@ def check_all(adapter: OFTAdapter, target: str, why_not) -> None:
     """Refuse the whole write (one error, first few layers named) when `why_not(layer)` gives a reason for any."""
     refusals = Refusals(adapter, target)
     for layer in adapter:
-        refusals.add(layer, why_not(layer))
+        refusals.add(layer, CONV_OPEN if layer.conv_transposed else why_not(layer))
     refusals.raise_if_any()
+
+
+# Why a layer read from a OneTrainer file has no form in another file: its convention is known only against a model
+CONV_OPEN = ("is a OneTrainer layer, whose rotation is that of a Linear or its transpose for a convolution, which "
+             "only the model says: apply the file to a model (or bake it) instead")
 
 
 def identity_scale(layer: OFTLayer) -> bool:

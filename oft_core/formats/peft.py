@@ -11,6 +11,13 @@ Legacy ≤ 0.13 (`.oft_r` (r, b, b) only): output features rotated, W' = Rᵀ·W
 S = ½(A − Aᵀ). Legacy 0.14–0.15 (`.oft_r` + `.oft_s` (out, 1)): input features rotated, W' = (W·Rᵀ) ⊙ s. Current PEFT
 refuses the first and silently loads the second as identity; both are read here as those versions computed them.
 
+OneTrainer's "OFT v2" (since 2025-11) saves PEFT's packed layer without a config (format id "peft_onetrainer"); its
+code fixes what the config would say: the Cayley–Neumann series of 5 terms with the last halved, a shared block as one
+row, Scaled OFT marked per layer by `oft_R.scaled_oft` (generators divided by 2·√(b − 1)). It rotates a Linear's input
+as PEFT does (W·Rᵀ) but a Conv2d's weight as W·R (`OFTLayer.conv_transposed`, settled against the weight). Its files
+are told from a PEFT file without its config by OneTrainer's header (`ot_branch` / `ot_revision`) or, without it, by
+names no PEFT file has (`lora_unet_`, `lora_transformer_`, `lora_te*`, `diffusion_model.`).
+
 Writing (a PEFT ≥ 0.16 adapter directory, `_PEFT_VERSION`'s layout): input-side diagonal-block UNet layers, one block
 size per layer (equal-size splits concatenated); parameterization, block_share and COFT eps are global in the config
 (a COFT that differs between layers, or that concatenated splits would change, is applied to Q and written off).
@@ -41,7 +48,7 @@ _CONFIG_NAME = "adapter_config.json"
 _MODEL_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # what the writer puts before each module path
 _PEFT_VERSION = "0.21.2"  # the PEFT whose file layout we write (packed oft_R, Neumann series with halved last term)
-_KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_r|oft_s)$")
+_KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_R\.scaled_oft|oft_r|oft_s)$")
 # Outer prefixes PEFT / diffusers put before the module path, and the model part they name.
 _PREFIXES = (
     ("base_model.model.text_encoder_2.", "te2"),
@@ -89,6 +96,15 @@ def find_config(path: str) -> tuple[str, dict | None]:
         raise OFTError(f"{_CONFIG_NAME} must hold a JSON object, found JSON {type(config).__name__}", path=cfg_path)
     return model, config
 
+
+# OneTrainer "OFT v2" (its modules/module/oft_utils.py, since 2025-11): always the Cayley–Neumann series of 5 terms
+# with the last halved (R = I + 2Q + 2Q² + 2Q³ + Q⁴), one row of generators when it shares a block; its output
+# formats name layers kohya-style (KOHYA, LEGACY), ComfyUI-style (COMFY), diffusers-style or natively (ORIGINAL).
+_ONETRAINER_SERIES = (1.0, 2.0, 2.0, 2.0, 1.0)
+_ONETRAINER_PREFIXES = (
+    ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"),
+    ("lora_te_", "te"), ("diffusion_model.", "unet"),
+) + _PREFIXES
 
 _MAX_CONFIG_BYTES = 16 * 2**20
 _MAX_NEUMANN_TERMS = 64  # PEFT's default is 5; each term is a matmul per block, and 1e5 terms ran for minutes
@@ -138,8 +154,8 @@ def _check_layout(cfg: dict, stored: int, b: int, block_share: bool, cfg_path: s
                        f"{b}: the config and the tensors disagree", path=cfg_path)
 
 
-def _split_name(key: str) -> tuple[str, str]:
-    for prefix, component in _PREFIXES:
+def _split_name(key: str, prefixes=_PREFIXES) -> tuple[str, str]:
+    for prefix, component in prefixes:
         if key.startswith(prefix):
             return component, key[len(prefix):]
     return "unet", key
@@ -169,7 +185,7 @@ class _Settings(NamedTuple):
     eps: float
     neumann: bool
     coeffs: tuple[float, ...]
-    fmt: str  # "peft", "peft_legacy_0.15" or "peft_legacy_0.13"
+    fmt: str  # "peft", "peft_onetrainer", "peft_legacy_0.15" or "peft_legacy_0.13"
 
 
 def _config_settings(config: dict | None, path: str) -> tuple[dict, str, bool, bool, float]:
@@ -197,24 +213,18 @@ def _onetrainer(header: _Header, modules: dict) -> str | None:
     first = sorted(modules)[0]
     if any(k in header.metadata for k in ("ot_branch", "ot_revision")):
         return first
-    return first if all(k.startswith(("lora_unet_", "lora_te", "diffusion_model.")) for k in modules) else None
+    return first if all(k.startswith(("lora_unet_", "lora_transformer_", "lora_te", "diffusion_model."))
+                        for k in modules) else None
 
 
 def _series(cfg: dict, config: dict | None, packed: bool, modules: dict, path: str,
-            cfg_path: str, onetrainer: str | None = None) -> tuple[bool, tuple[float, ...], str]:
+            cfg_path: str) -> tuple[bool, tuple[float, ...], str]:
     """(use_cayley_neumann, series coefficients, format id). A packed file needs its config: exact Cayley and
     Cayley–Neumann give inverse rotations for the same numbers; the series changed in PEFT 0.18."""
     if not packed:
         fmt = "peft_legacy_0.15" if any("oft_s" in p for p in modules.values()) else "peft_legacy_0.13"
         return False, (), fmt
     if config is None:
-        if onetrainer:
-            raise OFTError(
-                f"looks made by OneTrainer (OFT v2): .oft_R.weight layers named like {onetrainer!r} and no "
-                f"{_CONFIG_NAME}. This pack reads PEFT's OFT layout (base_model.model.… names, with its config) "
-                "and not yet OneTrainer's, which rotates convolution weights the opposite way to PEFT",
-                path=path,
-            )
         raise OFTError(
             f"a PEFT OFT file needs its {_CONFIG_NAME} beside it: exact Cayley and Cayley–Neumann give inverse "
             "rotations for the same numbers, and only the config says which was trained",
@@ -229,8 +239,10 @@ def _series(cfg: dict, config: dict | None, packed: bool, modules: dict, path: s
 
 
 def _packed_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
-    """One `.oft_R.weight` layer: (blocks, b(b−1)/2) unpacked to Q = U − Uᵀ, checked against the config's layout."""
-    component, name = _split_name(key)
+    """One `.oft_R.weight` layer: (blocks, b(b−1)/2) unpacked to Q = U − Uᵀ, checked against the config's layout.
+    OneTrainer's (`st.fmt` "peft_onetrainer"): its names, its Scaled-OFT marker, its convolution convention."""
+    onetrainer = st.fmt == "peft_onetrainer"
+    component, name = _split_name(key, _ONETRAINER_PREFIXES if onetrainer else _PREFIXES)
     vec = parts.get("oft_R.weight")
     if vec is None:
         raise OFTError(f"has {sorted(parts)} but no .oft_R.weight", path=st.path, layer=key)
@@ -244,13 +256,30 @@ def _packed_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
     shared = st.block_share and vec.shape[0] == 1
     _check_layout(st.cfg, int(vec.shape[0]), b, shared, st.cfg_path, key)
     u = unpack_upper(vec.to(torch.float32), b)
+    q = u - u.transpose(1, 2)
+    scaled = onetrainer and _scaled_oft(parts.get("oft_R.scaled_oft"), st.path, key)
+    if scaled:  # OneTrainer's Scaled OFT: the generator divided by 2·√(b − 1) before the series
+        q = q / (2.0 * math.sqrt(b - 1))
     return make_layer(
-        path=st.path, name=name, component=component, side="in", blocks=[u - u.transpose(1, 2)],
+        path=st.path, name=name, component=component, side="in", blocks=[q],
         transpose=st.neumann,  # the series approximates Cayley(Q), the transpose of PEFT's exact branch
         parameterization="neumann" if st.neumann else "cayley", neumann_coeffs=st.coeffs,
         constraint=Constraint("block_projection", st.eps) if st.coft else Constraint(),
-        source=st.fmt, key=key, block_share=shared,
+        source=st.fmt + ("_scaled" if scaled else ""), key=key, block_share=shared,
+        # OneTrainer rotates a Linear's input (W·Rᵀ, as PEFT) but a convolution's weight as W·R
+        conv_transposed=onetrainer,
     )
+
+
+def _scaled_oft(marker: torch.Tensor | None, path: str, key: str) -> bool:
+    """Whether OneTrainer's `oft_R.scaled_oft` marker (a one-element True) says the layer is Scaled OFT."""
+    if marker is None:
+        return False
+    if marker.numel() != 1 or not bool(torch.isfinite(marker.double()).all()) or float(marker) not in (0.0, 1.0):
+        shown = tuple(marker.shape) if marker.numel() != 1 else float(marker)
+        raise OFTError(f".oft_R.scaled_oft: expected OneTrainer's one-element marker (True), found {shown}",
+                       path=path, layer=key)
+    return bool(float(marker))
 
 
 def _legacy_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
@@ -288,19 +317,27 @@ def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapte
     if packed and any("oft_r" in parts for parts in modules.values()):
         raise OFTError("mixes current (.oft_R.weight) and legacy (.oft_r) PEFT OFT keys", path=path)
     cfg, cfg_path, block_share, coft, eps = _config_settings(config, path)
-    neumann, coeffs, fmt = _series(cfg, config, packed, modules, path, cfg_path, _onetrainer(header, modules))
-    st = _Settings(path, cfg, cfg_path, config is not None, block_share, coft, eps, neumann, coeffs, fmt)
+    onetrainer = packed and config is None and _onetrainer(header, modules) is not None
+    if onetrainer:  # OneTrainer "OFT v2": PEFT's layer, its settings fixed by OneTrainer's code (no config)
+        st = _Settings(path, cfg, cfg_path, False, True, False, eps, True, _ONETRAINER_SERIES, "peft_onetrainer")
+    else:
+        neumann, coeffs, fmt = _series(cfg, config, packed, modules, path, cfg_path)
+        st = _Settings(path, cfg, cfg_path, config is not None, block_share, coft, eps, neumann, coeffs, fmt)
     one = _packed_layer if packed else _legacy_layer
     layers = {}
     for key, parts in sorted(modules.items()):
         layer = one(key, parts, st)
         layers[(layer.component, layer.name)] = layer
-    info = {"peft_config": {k: cfg.get(k) for k in ("r", "oft_block_size", "use_cayley_neumann",
-                                                     "num_cayley_neumann_terms", "coft", "eps", "block_share",
-                                                     "peft_version") if k in cfg}}
+    if onetrainer:
+        info = {"onetrainer": {"ot_revision": header.metadata.get("ot_revision"),
+                               "scaled_layers": sum(1 for layer in layers.values() if layer.source.endswith("scaled"))}}
+    else:
+        info = {"peft_config": {k: cfg.get(k) for k in ("r", "oft_block_size", "use_cayley_neumann",
+                                                         "num_cayley_neumann_terms", "coft", "eps", "block_share",
+                                                         "peft_version") if k in cfg}}
     if ignored:
         info["ignored_keys"] = ignored
-    return OFTAdapter(layers, fmt, path, dict(header.metadata), info)
+    return OFTAdapter(layers, st.fmt, path, dict(header.metadata), info)
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -1,0 +1,250 @@
+"""OneTrainer's "OFT v2" files: read, and applied as OneTrainer computes them.
+
+OneTrainer (since 2025-11) stores PEFT's packed generators (`<layer>.oft_R.weight`, (blocks, b(b−1)/2)) without an
+adapter_config.json: its code fixes the rest (the Cayley–Neumann series of 5 terms, last halved; one row when a block
+is shared; `<layer>.oft_R.scaled_oft` marks Scaled OFT, generators divided by 2·√(b − 1)). A Linear's input is
+rotated (W·Rᵀ, as PEFT), a Conv2d's weight as W·R. Layer names follow its output format: `lora_unet_…` (KOHYA,
+LEGACY), `diffusion_model.…` (COMFY), diffusers or native paths; every file carries `ot_branch` / `ot_revision`.
+
+Here (always run): the math on Linear and Conv2d weights against the series computed in fp64 from the file's
+numbers; what a OneTrainer adapter cannot be (another format, a combination) is refused. With a OneTrainer checkout
+(`ONETRAINER_PATH`, tier `third_party`): OneTrainer's own OFTModule on ComfyUI's tiny SD1.x UNet layers gives the
+outputs of the same file applied through the OFTLoader node.
+"""
+
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+
+import onetrainer_reference
+import pytest
+import torch
+from oracle import REL_TOL, rel_err
+from safetensors.torch import save_file
+
+from oft_core import OFTError, load_adapter, match_adapter
+from oft_core.combine import blend, merge
+from oft_core.formats import write_adapter
+from oft_core.rotation import rotate_weight
+
+OT_META = {"ot_branch": "master", "ot_revision": "23df3832e8f213d64c337e39f9365ba46e99fed0"}
+
+
+def _packed(q_upper: torch.Tensor) -> torch.Tensor:
+    """(blocks, b, b) strictly-upper values -> OneTrainer's rows, in torch.triu_indices(b, b, 1) order."""
+    b = q_upper.shape[-1]
+    rows, cols = torch.triu_indices(b, b, 1)
+    return q_upper[:, rows, cols].contiguous()
+
+
+def _series(q: torch.Tensor) -> torch.Tensor:
+    """OneTrainer's R for skew blocks q, in fp64: I + 2Q + 2Q² + 2Q³ + Q⁴."""
+    q = q.double()
+    eye = torch.eye(q.shape[-1], dtype=torch.float64).expand_as(q)
+    q2 = q @ q
+    q3 = q2 @ q
+    return eye + 2 * q + 2 * q2 + 2 * q3 + q3 @ q
+
+
+def _blockdiag(r: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+    return torch.block_diag(*([*r] * repeat))
+
+
+def _file(tmp_path, layers: dict[str, torch.Tensor], scaled=(), metadata=OT_META, name="ot.safetensors"):
+    tensors = {f"{k}.oft_R.weight": v for k, v in layers.items()}
+    tensors.update({f"{k}.oft_R.scaled_oft": torch.tensor(True) for k in scaled})
+    path = tmp_path / name
+    save_file(tensors, str(path), metadata)
+    return path
+
+
+def _skew(n: int, b: int, seed: int, std: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed rows, the skew blocks they mean)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.triu(torch.randn(n, b, b, generator=g) * std, diagonal=1)
+    return _packed(u), u - u.transpose(1, 2)
+
+
+BASE = {
+    "lin.weight": torch.randn(12, 16, generator=torch.Generator().manual_seed(1)),
+    "conv.weight": torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(2)),
+}
+
+
+def _applied(path, strength=1.0) -> dict[str, torch.Tensor]:
+    adapter = load_adapter(path)
+    report = match_adapter(adapter, {k: tuple(v.shape) for k, v in BASE.items()})
+    assert not report.unmatched, report.unmatched
+    return {m.target.key: rotate_weight(m.layer, BASE[m.target.key], strength) for m in report.matched}
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_linear_rotates_its_input_and_conv_its_weight_as_onetrainer(tmp_path, scaled):
+    """Linear: W·blockdiag(R)ᵀ (OneTrainer rotates x by R, then the layer: as PEFT); Conv2d: W·blockdiag(R) over
+    the flattened in_channels × kh × kw (its einsum 'ork,rkc->orc'). Scaled OFT divides the generators by
+    2·√(b − 1) first."""
+    b = 4
+    lin_rows, lin_q = _skew(16 // b, b, seed=3)
+    conv_rows, conv_q = _skew(36 // b, b, seed=4)
+    names = {"lora_unet_lin": lin_rows, "lora_unet_conv": conv_rows}
+    path = _file(tmp_path, names, scaled=names if scaled else ())
+    got = _applied(path)
+    k = 1 / (2 * math.sqrt(b - 1)) if scaled else 1.0
+    want_lin = BASE["lin.weight"].double() @ _blockdiag(_series(k * lin_q)).T
+    want_conv = (BASE["conv.weight"].double().reshape(6, 36) @ _blockdiag(_series(k * conv_q))).reshape(6, 4, 3, 3)
+    assert rel_err(got["lin.weight"], want_lin) <= REL_TOL
+    assert rel_err(got["conv.weight"], want_conv) <= REL_TOL
+    # the two conventions really differ here: the conv rotated the Linear way is far off
+    wrong = (BASE["conv.weight"].double().reshape(6, 36) @ _blockdiag(_series(k * conv_q)).T).reshape(6, 4, 3, 3)
+    assert rel_err(got["conv.weight"], wrong) > 100 * REL_TOL
+    adapter = load_adapter(path)
+    assert adapter.format == "peft_onetrainer"
+    assert adapter.info["onetrainer"] == {"ot_revision": OT_META["ot_revision"], "scaled_layers": 2 if scaled else 0}
+
+
+def test_strength_is_the_one_kohya_strength(tmp_path):
+    """OneTrainer has no strength of its own: the pack's one definition, R_s = I + s(R − I)."""
+    rows, q = _skew(4, 4, seed=5)
+    path = _file(tmp_path, {"lora_unet_lin": rows})
+    r = _series(q)
+    eye = torch.eye(4, dtype=torch.float64).expand_as(r)
+    want = BASE["lin.weight"].double() @ _blockdiag(eye + 0.5 * (r - eye)).T
+    assert rel_err(_applied(path, 0.5)["lin.weight"], want) <= REL_TOL
+
+
+def test_a_shared_block_is_repeated_over_the_layer(tmp_path):
+    """block_share: one row of generators, the same block along the whole input (its count from the weight)."""
+    rows, q = _skew(1, 4, seed=6)
+    got = _applied(_file(tmp_path, {"lora_unet_lin": rows, "lora_unet_conv": rows.clone()}))
+    assert rel_err(got["lin.weight"], BASE["lin.weight"].double() @ _blockdiag(_series(q), 4).T) <= REL_TOL
+    want_conv = (BASE["conv.weight"].double().reshape(6, 36) @ _blockdiag(_series(q), 9)).reshape(6, 4, 3, 3)
+    assert rel_err(got["conv.weight"], want_conv) <= REL_TOL
+
+
+@pytest.mark.parametrize("key, component, name", [
+    ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "unet",
+     "input_blocks_4_1_transformer_blocks_0_attn1_to_q"),  # KOHYA / LEGACY
+    ("lora_transformer_single_transformer_blocks_0_attn_to_q", "unet",
+     "single_transformer_blocks_0_attn_to_q"),  # LEGACY FLUX
+    ("diffusion_model.double_blocks.0.img_attn.qkv", "unet", "double_blocks.0.img_attn.qkv"),  # COMFY
+    ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "te1", "text_model_encoder_layers_0_self_attn_q_proj"),
+    ("transformer.transformer_blocks.0.attn.to_q", "unet", "transformer_blocks.0.attn.to_q"),  # DIFFUSERS
+])
+def test_onetrainer_names_land_in_the_components_of_the_model(tmp_path, key, component, name):
+    rows, _ = _skew(2, 4, seed=7)
+    adapter = load_adapter(_file(tmp_path, {key: rows}))
+    (layer,) = adapter
+    assert (layer.component, layer.name, layer.key) == (component, name, key)
+
+
+def test_recognised_by_names_when_the_metadata_is_gone(tmp_path):
+    rows, _ = _skew(2, 4, seed=8)
+    assert load_adapter(_file(tmp_path, {"lora_unet_lin": rows}, metadata=None)).format == "peft_onetrainer"
+    # a packed file with PEFT's names and no config is still PEFT's, and still needs its config
+    with pytest.raises(OFTError, match="a PEFT OFT file needs its adapter_config.json"):
+        load_adapter(_file(tmp_path, {"base_model.model.lin": rows}, metadata=None, name="peft.safetensors"))
+
+
+@pytest.mark.parametrize("marker, found", [
+    (torch.tensor([True, True]), r"\(2,\)"), (torch.tensor(2.0), "2.0"), (torch.tensor(float("nan")), "nan"),
+])
+def test_a_bad_scaled_marker_is_refused(tmp_path, marker, found):
+    rows, _ = _skew(4, 4, seed=9)
+    path = tmp_path / "bad.safetensors"
+    save_file({"lora_unet_lin.oft_R.weight": rows, "lora_unet_lin.oft_R.scaled_oft": marker}, str(path), OT_META)
+    with pytest.raises(OFTError, match=f"scaled_oft: expected OneTrainer's one-element marker.*found {found}") as e:
+        load_adapter(path)
+    assert "lora_unet_lin" in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "lycoris", "peft"])
+def test_written_as_another_format_is_refused_with_the_reason(tmp_path, fmt):
+    """Whether a OneTrainer layer rotates as a Linear or, transposed, as a convolution only the model says: no other
+    format can hold it before that, so writing one is refused, naming why, and nothing is written."""
+    rows, _ = _skew(4, 4, seed=10)
+    adapter = load_adapter(_file(tmp_path, {"lora_unet_lin": rows}))
+    out = tmp_path / f"out_{fmt}"
+    with pytest.raises(OFTError, match="OneTrainer layer.*apply the file to a model"):
+        write_adapter(adapter, out if fmt == "peft" else out.with_suffix(".safetensors"), fmt)
+    assert not any(p.name.startswith("out_") for p in tmp_path.iterdir())
+
+
+def test_combining_is_refused_with_what_to_do_instead(tmp_path):
+    rows, _ = _skew(4, 4, seed=11)
+    a = load_adapter(_file(tmp_path, {"lora_unet_lin": rows}))
+    with pytest.raises(OFTError, match="cannot blend a OneTrainer adapter.*apply the adapters one after another"):
+        blend(a, a, 0.5)
+    for mode in ("compose", "average"):
+        with pytest.raises(OFTError, match="cannot merge a OneTrainer adapter"):
+            merge([(a, 1.0), (a, 1.0)], mode)
+
+
+# ------------------------------------------------------------------------------------------------ OneTrainer itself
+@pytest.mark.third_party
+@pytest.mark.parametrize("apply_mode", ["merge", "bypass"])
+@pytest.mark.parametrize("scaled, share", [(False, False), (True, False), (True, True)])
+def test_onetrainer_modules_on_comfyui_layers_equal_the_oftloader_patch(comfy, comfyui_oft, tmp_path, scaled, share,
+                                                                        apply_mode):
+    """OneTrainer's own OFTModule (its source, ONETRAINER_PATH) hooked onto ComfyUI's tiny SD1.x UNet layers —
+    attention Linears, the 1×1 proj_in / proj_out and the ResBlocks' 3×3 convs — with seeded generators, saved with
+    the names its KOHYA output gives them (kohya-flattened diffusers paths under lora_unet_) and its header; the
+    same file through the OFTLoader node, merged or as bypass hooks (without the 3×3 convs, which bypass refuses on the
+    input side): every layer's output equals OneTrainer's (≤ 1e-6 relative, fp32)."""
+    import comfy_models
+    import folder_paths
+    from comfyui_oft.nodes import files, oft_nodes
+
+    from oft_core.names import _ldm_to_diffusers_names
+
+    root = onetrainer_reference.checkout()
+    if root is None:
+        pytest.skip(f"OneTrainer test: set {onetrainer_reference.ENV} to a OneTrainer checkout")
+    ot = onetrainer_reference.load(root)
+    mp = comfy_models.sd15_tiny()
+    dm = mp.model.diffusion_model
+    modules = dict(dm.named_modules())
+    to_diff = _ldm_to_diffusers_names({k: tuple(v.shape) for k, v in dm.state_dict().items()})
+    chosen = [p for p, m in modules.items() if p in to_diff and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+              and (".attn1." in p or ".attn2." in p or p.endswith(("proj_in", "proj_out", "in_layers.2",
+                                                                  "out_layers.3")))]
+    if apply_mode == "bypass":  # (bypass refuses the input side of a k×k convolution, k > 1: merge rotates those)
+        chosen = [p for p in chosen if not p.endswith(("in_layers.2", "out_layers.3"))]
+    else:
+        assert any(isinstance(modules[p], torch.nn.Conv2d) and modules[p].kernel_size == (3, 3) for p in chosen)
+    assert any(isinstance(modules[p], torch.nn.Conv2d) and modules[p].kernel_size == (1, 1) for p in chosen)
+    g = torch.Generator().manual_seed(12)
+    tensors, wrapped = {}, {}
+    for p in chosen:
+        copy = deepcopy(modules[p])  # ComfyUI's layer, its own weights and hooks
+        prefix = "lora_unet_" + to_diff[p].replace(".", "_")
+        mod = ot["OFTModule"](prefix, copy, 4, share, scaled)
+        with torch.no_grad():
+            mod.oft_R.weight.copy_(torch.randn(mod.oft_R.weight.shape, generator=g) * 0.05)
+        mod.hook_to_module()
+        wrapped[p] = (copy, mod)
+        for k, v in mod.state_dict().items():
+            tensors[f"{prefix}.{k}"] = v.detach().clone().contiguous()
+    assert all(k.endswith((".oft_R.weight", ".oft_R.scaled_oft")) for k in tensors)
+    assert any(k.endswith(".oft_R.scaled_oft") for k in tensors) == scaled
+    folder = tmp_path / "oft"
+    folder.mkdir()
+    files.register_folder()
+    folder_paths.add_model_folder_path("oft", str(folder))
+    save_file(tensors, str(folder / f"onetrainer_{scaled}_{share}_{apply_mode}.safetensors"), OT_META)
+    out = oft_nodes.OFTLoader.execute(model=mp, adapter_name=f"onetrainer_{scaled}_{share}_{apply_mode}.safetensors",
+                                      strength=1.0, strength_mode="kohya", apply_mode=apply_mode)
+    assert f"{len(chosen)} of {len(chosen)} adapter layers applied" in out.ui.value, out.ui.value
+    patched = out.result[0]
+    patched.patch_model()
+    try:
+        for p, (copy, mod) in wrapped.items():
+            m = modules[p]
+            x = (torch.randn(2, 5, m.in_features, generator=g) if isinstance(m, torch.nn.Linear)
+                 else torch.randn(1, m.in_channels, 6, 6, generator=g))
+            with torch.no_grad():
+                want, got, base = copy(x), m(x), mod.orig_forward(x)
+            assert rel_err(got, want) <= REL_TOL, (p, rel_err(got, want))
+            assert rel_err(want, base) > 1e-3, p  # the adapter moved this layer
+    finally:
+        patched.unpatch_model()
