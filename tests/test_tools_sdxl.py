@@ -24,6 +24,7 @@ from pathlib import Path
 
 import comfy_models
 import pytest
+import test_tools_families
 import torch
 from oracle import REL_TOL, rel_err
 from safetensors import safe_open
@@ -31,6 +32,7 @@ from safetensors.torch import save_file
 from test_tools import SD_OPTIONS, _job, _spawn, ok, run_tool
 
 pytestmark = [pytest.mark.tools, pytest.mark.comfyui]
+oft_folder = test_tools_families.oft_folder  # the fixture: an oft model folder registered with ComfyUI
 
 # ComfyUI's unet config of a real SDXL base with 32 model channels instead of 320 (56.8 M parameters)
 SDXL_TINY = dict(comfy_models.SD15_UNET_CONFIG, model_channels=32, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
@@ -127,17 +129,6 @@ def sdscripts(sdxl, trained, work):
     missing = [tag for tag in jobs if not (work / f"{tag}.json").is_file()]
     assert not missing, f"sd-scripts runner stopped before {missing[:3]} ({why})"
     return jobs
-
-
-@pytest.fixture(scope="module")
-def oft_folder(comfyui_oft, tmp_path_factory):
-    import folder_paths
-    from comfyui_oft.nodes import files
-
-    root = tmp_path_factory.mktemp("oft_sdxl")
-    files.register_folder()
-    folder_paths.add_model_folder_path("oft", str(root))
-    return root
 
 
 def _through_oftloader(sdxl, oft_folder, path, strength: float) -> tuple[dict, str]:
