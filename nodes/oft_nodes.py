@@ -61,8 +61,8 @@ def _file_input():
     return io.Combo.Input(
         "adapter_name",
         options=files.adapter_files(),
-        tooltip="An OFT adapter (.safetensors: kohya sd-scripts, LyCORIS diag-oft / BOFT, or PEFT "
-        "adapter_model.safetensors next to its adapter_config.json) from the 'oft' or 'loras' model folders. Only "
+        tooltip="An OFT adapter (.safetensors: kohya sd-scripts, LyCORIS diag-oft / BOFT, OneTrainer OFT v2, or "
+        "PEFT adapter_model.safetensors next to its adapter_config.json) from the 'oft' or 'loras' model folders. Only "
         "OFT files are listed (LoRAs in the same folders are left out).",
     )
 
