@@ -183,12 +183,14 @@ def test_combining_is_refused_with_what_to_do_instead(tmp_path):
 # ------------------------------------------------------------------------------------------------ OneTrainer itself
 @pytest.mark.third_party
 @pytest.mark.parametrize("apply_mode", ["merge", "bypass"])
-@pytest.mark.parametrize("scaled, share", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("scaled, share, naming", [(False, False, "kohya"), (True, False, "kohya"),
+                                                   (True, True, "kohya"), (True, False, "comfy")])
 def test_onetrainer_modules_on_comfyui_layers_equal_the_oftloader_patch(comfy, comfyui_oft, tmp_path, scaled, share,
-                                                                        apply_mode):
+                                                                        naming, apply_mode):
     """OneTrainer's own OFTModule (its source, ONETRAINER_PATH) hooked onto ComfyUI's tiny SD1.x UNet layers —
     attention Linears, the 1×1 proj_in / proj_out and the ResBlocks' 3×3 convs — with seeded generators, saved with
-    the names its KOHYA output gives them (kohya-flattened diffusers paths under lora_unet_) and its header; the
+    the names its KOHYA output gives them (kohya-flattened diffusers paths under lora_unet_) or its COMFY output
+    (diffusion_model. + ComfyUI's paths), and its header; the
     same file through the OFTLoader node, merged or as bypass hooks (without the 3×3 convs, which bypass refuses on the
     input side): every layer's output equals OneTrainer's (≤ 1e-6 relative, fp32)."""
     import comfy_models
@@ -217,7 +219,8 @@ def test_onetrainer_modules_on_comfyui_layers_equal_the_oftloader_patch(comfy, c
     tensors, wrapped = {}, {}
     for p in chosen:
         copy = deepcopy(modules[p])  # ComfyUI's layer, its own weights and hooks
-        prefix = "lora_unet_" + to_diff[p].replace(".", "_")
+        # its KOHYA output: diffusers paths flattened under lora_unet_; COMFY: ComfyUI's own paths
+        prefix = "lora_unet_" + to_diff[p].replace(".", "_") if naming == "kohya" else "diffusion_model." + p
         mod = ot["OFTModule"](prefix, copy, 4, share, scaled)
         with torch.no_grad():
             mod.oft_R.weight.copy_(torch.randn(mod.oft_R.weight.shape, generator=g) * 0.05)
@@ -231,9 +234,10 @@ def test_onetrainer_modules_on_comfyui_layers_equal_the_oftloader_patch(comfy, c
     folder.mkdir()
     files.register_folder()
     folder_paths.add_model_folder_path("oft", str(folder))
-    save_file(tensors, str(folder / f"onetrainer_{scaled}_{share}_{apply_mode}.safetensors"), OT_META)
-    out = oft_nodes.OFTLoader.execute(model=mp, adapter_name=f"onetrainer_{scaled}_{share}_{apply_mode}.safetensors",
-                                      strength=1.0, strength_mode="kohya", apply_mode=apply_mode)
+    name = f"onetrainer_{scaled}_{share}_{naming}_{apply_mode}.safetensors"
+    save_file(tensors, str(folder / name), OT_META)
+    out = oft_nodes.OFTLoader.execute(model=mp, adapter_name=name, strength=1.0, strength_mode="kohya",
+                                      apply_mode=apply_mode)
     assert f"{len(chosen)} of {len(chosen)} adapter layers applied" in out.ui.value, out.ui.value
     patched = out.result[0]
     patched.patch_model()
