@@ -13,7 +13,10 @@ strictly). Both directions of the format are checked with sd-scripts' `networks.
 - files our trainer node writes after training on ComfyUI's SDXL load in sd-scripts with every layer, and its merge
   equals the OFTLoader patch of the same file;
 - each preset adapts exactly the layers of the sd-scripts option it is named after (on SDXL, unlike SD1.x, the
-  `+conv` presets' 3×3 convolutions load in sd-scripts too: its conv detection looks for an LDM name).
+  `+conv` presets' 3×3 convolutions load in sd-scripts too: its conv detection looks for an LDM name);
+- files LyCORIS writes for SDXL as sd-scripts runs it (`--network_module lycoris.kohya`: LyCORIS' kohya network on
+  sd-scripts' SDXL UNet; diag-oft plain, rescaled + constrained in fp16, BOFT) go through the OFTLoader node and equal
+  LyCORIS' own merge (lycoris venv; sd-scripts' UNet source from the sd-scripts venv).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from oracle import REL_TOL, rel_err
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_tools import SD_OPTIONS, _job, _spawn, ok, run_tool
+from test_tools import SD_OPTIONS, TOOLS_DIR, _job, _spawn, ok, run_tool, tool_python
 
 pytestmark = [pytest.mark.tools, pytest.mark.comfyui]
 oft_folder = test_tools_families.oft_folder  # the fixture: an oft model folder registered with ComfyUI
@@ -131,6 +134,35 @@ def sdscripts(sdxl, trained, work):
     return jobs
 
 
+# Files as LyCORIS writes them for SDXL through sd-scripts (`--network_module lycoris.kohya`, its network on
+# sd-scripts' SDXL UNet, LDM names under lora_unet_, every Linear and conv of the transformer and ResNet blocks):
+# (LyCORIS network_args, network_dim, network_alpha, save dtype)
+LYCORIS_MADE = {
+    "diag-oft": ({"algo": "diag-oft"}, 8, 1.0, "float32"),
+    "diag-oft_rescaled_constrained_fp16": ({"algo": "diag-oft", "rescaled": True, "constraint": 1e-3}, 8, 1.0,
+                                           "float16"),
+    "boft": ({"algo": "boft"}, 8, 1.0, "float32"),
+}
+
+
+@pytest.fixture(scope="module")
+def lycoris_made(sdxl, work):
+    """Every LyCORIS job of this module in one tool process; tag -> request. sd-scripts' SDXL UNet comes from the
+    sd-scripts venv's source folder."""
+    tool_python("sdscripts")  # (skips, with the reason, when that venv is not built)
+    source = TOOLS_DIR / "venv-sdscripts" / "sd-scripts"
+    jobs = {}
+    for tag, (args, dim, alpha, dtype) in LYCORIS_MADE.items():
+        jobs[f"sdxl_lycoris_{tag}"] = _req(base=str(sdxl["base"]), make_sdxl=dict(
+            source=str(source), dim=dim, alpha=alpha, network_args=args, seed=len(tag), std=0.05, dtype=dtype,
+            metadata={"ss_network_module": "lycoris.kohya", "ss_base_model_version": "sdxl_base_v1-0"},
+            save=str(work / f"lycoris_{tag}.safetensors")))
+    why = _spawn("lycoris", [_job("lycoris", req, work, tag) for tag, req in jobs.items()], work, "lycoris_sdxl")
+    missing = [tag for tag in jobs if not (work / f"{tag}.json").is_file()]
+    assert not missing, f"LyCORIS runner stopped before {missing[:3]} ({why})"
+    return jobs
+
+
 def _through_oftloader(sdxl, oft_folder, path, strength: float) -> tuple[dict, str]:
     """(the patched diffusion-model weights, the node's report) of `path` applied by OFTLoader onto the tiny SDXL."""
     from comfyui_oft.nodes import oft_nodes
@@ -229,3 +261,22 @@ def test_trained_sdxl_adapter_loads_in_sd_scripts_and_merges_the_same(sdxl, trai
     assert not any("will ignore" in note for note in notes), notes
     n = _assert_equals_the_tools_merge(sdxl, oft_folder, files[preset], res, tensors)
     assert n == 2 * len(file_layers)
+
+
+@pytest.mark.parametrize("tag", list(LYCORIS_MADE))
+def test_lycoris_sdxl_file_through_oftloader_equals_its_merge(sdxl, oft_folder, work, lycoris_made, tag):
+    """The SDXL OFT files users mostly have: LyCORIS diag-oft / BOFT trained with sd-scripts on SDXL. LyCORIS' own
+    kohya network on sd-scripts' SDXL UNet writes the file (ResNet convs included; rescale, constraint, fp16 as
+    saved) and merges it back; our loader applies every layer onto ComfyUI's SDXL as LyCORIS merges it."""
+    res, tensors = run_tool("lycoris", lycoris_made[f"sdxl_lycoris_{tag}"], work, f"sdxl_lycoris_{tag}")
+    ok(res)
+    assert res["unexpected_base_keys"] == [] and res["made"] == len(res["loaded"]) > 100
+    assert any(name.endswith("in_layers_2") for name in res["loaded"])  # the 3×3 convs are in the file
+    n = _assert_equals_the_tools_merge(sdxl, oft_folder, work / f"lycoris_{tag}.safetensors", res, tensors)
+    assert n == 2 * res["made"]
+    # what sd-scripts calls to merge such a network (LycorisNetworkKohya.merge_to) merges at 1 whatever its
+    # multiplier: at 1 it is the merge above, at 0.5 the same weights again (a known limit of that path)
+    kohya = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("kohya1.0/")}
+    assert kohya.keys() == {k.split("/", 1)[1] for k in tensors if k.startswith("m1.0/")}
+    assert all(torch.equal(v, tensors["m1.0/" + k]) and torch.equal(v, tensors["kohya0.5/" + k])
+               for k, v in kohya.items())

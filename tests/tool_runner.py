@@ -15,7 +15,9 @@ public code paths are used:
   sd-scripts hard-codes FLUX.1's split widths (3×3072, 3×3072 + 12288) in oft_flux.py: for the tiny FLUX the source
   is loaded with only those two lists scaled (as the fixtures were made), at run time, never written anywhere.
 - lycoris: `lycoris.wrapper.create_lycoris_from_weights` on a module tree of Linear / Conv2d built from the base
-  file's weight names (what LyCORIS matches on), then `LycorisNetwork.merge_to(multiplier)`.
+  file's weight names (what LyCORIS matches on), then `LycorisNetwork.merge_to(multiplier)`; with "make_sdxl",
+  LyCORIS' kohya network on sd-scripts' own SDXL UNet (its source folder from the sd-scripts venv) writes the file
+  and merges it back, as sd-scripts with `--network_module lycoris.kohya` does.
 - peft: `PeftModel.from_pretrained` on the same kind of module tree, then `merge_and_unload()` (PEFT has no strength).
 """
 
@@ -299,10 +301,69 @@ def _path_of(root, module):
 
 
 # ------------------------------------------------------------------------------------------------ LyCORIS
+def _sd_scripts_sdxl_in_this_venv(source: str, spec: dict, base: dict[str, torch.Tensor]):
+    """sd-scripts' own SDXL UNet (`sdxl_unet`) built from its source folder in another tool's venv, as a user of
+    sd-scripts with `--network_module lycoris.kohya` has it. `library.sdxl_original_unet` imports only torch, einops
+    and `library.utils`, whose import of cv2 (absent here) is for image helpers: where it cannot be imported,
+    `library.utils` is a module holding a no-op `setup_logging`, the one name the UNet module takes from it."""
+    import types
+
+    if source not in sys.path:
+        sys.path.insert(0, source)
+    try:
+        import library.utils  # noqa: F401
+    except ModuleNotFoundError:
+        stub = types.ModuleType("library.utils")
+        stub.setup_logging = lambda *a, **k: None
+        sys.modules["library.utils"] = stub
+    return sdxl_unet(spec, base)
+
+
+def _lycoris_on_sdxl(req, result, base):
+    """LyCORIS' kohya network (what sd-scripts runs for `--network_module lycoris.kohya`) on sd-scripts' SDXL UNet:
+    `create_network` with the request's algo arguments, seeded parameters, LyCORIS' own `save_weights`, then the file
+    loaded back (`create_network_from_weights`) and merged (`merge_to`) at each multiplier."""
+    from lycoris import kohya, wrapper
+
+    mk = req["make_sdxl"]
+    model, _, unexpected = _sd_scripts_sdxl_in_this_venv(mk["source"], req["model"], base)
+    result["unexpected_base_keys"] = list(unexpected)
+    own = copy.deepcopy(model)
+    net = kohya.create_network(1.0, mk["dim"], mk["alpha"], None, [], own, **mk["network_args"])
+    net.apply_to([], own, apply_text_encoder=False, apply_unet=True)
+    g = torch.Generator().manual_seed(mk["seed"])
+    with torch.no_grad():
+        for name, p in net.named_parameters():  # the rescale around 1, every rotation parameter around 0
+            p.copy_((1.0 if name.endswith("rescale") else 0.0) + torch.randn(p.shape, generator=g) * mk["std"])
+    net.save_weights(mk["save"], getattr(torch, mk.get("dtype", "float32")), dict(mk.get("metadata", {})))
+    sd = load_file(mk["save"])
+    result["made"] = len({k.split(".")[0] for k in sd})
+    tensors = {}
+    for m in req["multipliers"]:
+        # what sd-scripts calls to merge a lycoris.kohya network (its merge_to merges at 1 whatever the multiplier:
+        # a known limit, kept under "kohya<m>/"), and LyCORIS' network merge at the multiplier itself ("m<m>/")
+        for tag in ("kohya", "m"):
+            merged = copy.deepcopy(model)
+            net2, _ = kohya.create_network_from_weights(m, mk["save"], None, [], merged, weights_sd=sd,
+                                                        for_inference=True)
+            result["loaded"] = sorted(lora.lora_name for lora in net2.unet_loras)
+            if tag == "kohya":
+                net2.merge_to([], merged, sd, torch.float32, "cpu")
+            else:
+                net2.loras = net2.text_encoder_loras + net2.unet_loras
+                wrapper.LycorisNetwork.merge_to(net2, m)
+            for k, v in merged.state_dict().items():
+                if not torch.equal(v, base[k]):
+                    tensors[f"{tag}{m}/{k}"] = v.float().contiguous()
+    return tensors
+
+
 def run_lycoris(req, result):
     from lycoris import wrapper
 
     base = load_file(req["base"])
+    if "make_sdxl" in req:
+        return _lycoris_on_sdxl(req, result, base)
     sd = load_file(req["adapter"])
     wrapper.LycorisNetwork.LORA_PREFIX = req["prefix"]
     tensors = {}
