@@ -130,6 +130,10 @@ def test_a_shared_block_is_repeated_over_the_layer(tmp_path):
     ("diffusion_model.double_blocks.0.img_attn.qkv", "unet", "double_blocks.0.img_attn.qkv"),  # COMFY
     ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "te1", "text_model_encoder_layers_0_self_attn_q_proj"),
     ("transformer.transformer_blocks.0.attn.to_q", "unet", "transformer_blocks.0.attn.to_q"),  # DIFFUSERS
+    ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj", "te1",
+     "text_model.encoder.layers.0.self_attn.q_proj"),  # COMFY's CLIP-L
+    ("text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj", "te2",
+     "text_model.encoder.layers.0.self_attn.q_proj"),  # COMFY's CLIP-G
 ])
 def test_onetrainer_names_land_in_the_components_of_the_model(tmp_path, key, component, name):
     rows, _ = _skew(2, 4, seed=7)
@@ -252,3 +256,44 @@ def test_onetrainer_modules_on_comfyui_layers_equal_the_oftloader_patch(comfy, c
             assert rel_err(want, base) > 1e-3, p  # the adapter moved this layer
     finally:
         patched.unpatch_model()
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("key", ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                                 "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"])
+def test_text_encoder_layers_apply_to_comfyuis_clip(comfy, comfyui_oft, tmp_path, key):
+    """Its KOHYA and COMFY names of a CLIP-L layer reach ComfyUI's SD1 CLIP through the OFTLoader node, rotating that
+    Linear's input as the fp64 series says (the UNet layer beside it is applied too)."""
+    import comfy_models
+    import folder_paths
+    from comfyui_oft.nodes import files, oft_nodes
+
+    clip = comfy_models.sd1_clip(seed=4)
+    rows, q = _skew(768 // 8, 8, seed=13)
+    unet_rows, _ = _skew(32 // 4, 4, seed=14)
+    folder = tmp_path / "oft"
+    folder.mkdir()
+    files.register_folder()
+    folder_paths.add_model_folder_path("oft", str(folder))
+    name = f"onetrainer_te_{key[:12]}.safetensors"
+    _file(folder, {key: rows, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": unet_rows},
+          name=name)
+    out = oft_nodes.OFTLoader.execute(model=comfy_models.sd15_tiny(), clip=clip, adapter_name=name, strength=1.0,
+                                      strength_mode="kohya")
+    assert "2 of 2 adapter layers applied" in out.ui.value, out.ui.value
+    import comfy.model_management
+    import comfy.utils
+
+    patcher = out.result[1].patcher
+    wkey = next(k for k in patcher.model.state_dict() if k.endswith("encoder.layers.0.self_attn.q_proj.weight"))
+    base = patcher.model.state_dict()[wkey].clone()
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)  # as CLIPTextEncode loads it
+    try:
+        got = comfy.utils.get_attr(patcher.model, wkey).detach().clone()
+    finally:
+        comfy.model_management.unload_all_models()
+    # fp32: the oracle's tolerance; fp16 (what ComfyUI's CLIP loader gives): the rotated weight rounded once more
+    tol = REL_TOL if base.dtype == torch.float32 else 2.0**-10
+    assert got.dtype == base.dtype
+    assert rel_err(got, base.double() @ _blockdiag(_series(q)).T) <= tol
+    assert rel_err(got, base) > 10 * tol  # a change far beyond the rounding

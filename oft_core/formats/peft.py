@@ -104,6 +104,9 @@ _ONETRAINER_SERIES = (1.0, 2.0, 2.0, 2.0, 1.0)
 _ONETRAINER_PREFIXES = (
     ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"),
     ("lora_te_", "te"), ("diffusion_model.", "unet"),
+    # its COMFY output's CLIP names (`text_encoders.<ComfyUI's CLIP name>.transformer.` + the HF path); its T5 /
+    # Llama / Qwen text-encoder layers keep their whole name and are reported as not matched
+    ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_g.transformer.", "te2"),
 ) + _PREFIXES
 
 _MAX_CONFIG_BYTES = 16 * 2**20
@@ -213,8 +216,8 @@ def _onetrainer(header: _Header, modules: dict) -> str | None:
     first = sorted(modules)[0]
     if any(k in header.metadata for k in ("ot_branch", "ot_revision")):
         return first
-    return first if all(k.startswith(("lora_unet_", "lora_transformer_", "lora_te", "diffusion_model."))
-                        for k in modules) else None
+    return first if all(k.startswith(("lora_unet_", "lora_transformer_", "lora_te", "diffusion_model.",
+                                      "text_encoders.")) for k in modules) else None
 
 
 def _series(cfg: dict, config: dict | None, packed: bool, modules: dict, path: str,
