@@ -297,3 +297,37 @@ def test_text_encoder_layers_apply_to_comfyuis_clip(comfy, comfyui_oft, tmp_path
     assert got.dtype == base.dtype
     assert rel_err(got, base.double() @ _blockdiag(_series(q)).T) <= tol
     assert rel_err(got, base) > 10 * tol  # a change far beyond the rounding
+
+
+@pytest.mark.comfyui
+def test_flux_names_of_its_kohya_and_legacy_outputs_rotate_the_fused_weights(comfy, comfyui_oft, tmp_path):
+    """FLUX as OneTrainer saves it: KOHYA names the fused qkv (`lora_unet_double_blocks_0_img_attn_qkv`, one input
+    rotation for the whole weight); LEGACY keeps diffusers' split q / k / v (`lora_transformer_…_attn_to_q`), each
+    its own input rotation of its rows of ComfyUI's fused weight. Through the loader's path, merged: each row block
+    equals W_rows·blockdiag(R)ᵀ of the fp64 series, the rows no layer names are untouched."""
+    import comfy_models
+    from comfyui_oft.nodes.patch import apply_oft
+
+    mp = comfy_models.flux_tiny()
+    sd = mp.model.diffusion_model.state_dict()
+    hidden = sd["double_blocks.0.img_attn.qkv.weight"].shape[1]
+    fused_rows, fused_q = _skew(hidden // 4, 4, seed=15)
+    q_rows, q_q = _skew(hidden // 4, 4, seed=16)
+    v_rows, v_q = _skew(hidden // 4, 4, seed=17)
+    adapter = load_adapter(_file(tmp_path, {"lora_unet_double_blocks_0_img_attn_qkv": fused_rows,
+                                            "lora_transformer_transformer_blocks_1_attn_to_q": q_rows,
+                                            "lora_transformer_transformer_blocks_1_attn_to_v": v_rows}))
+    merged, _, text = apply_oft(mp, None, adapter, 1.0)
+    assert "3 of 3 adapter layers applied" in text, text
+    merged.patch_model()
+    try:
+        got = {k: v.detach().clone() for k, v in merged.model.diffusion_model.state_dict().items()}
+    finally:
+        merged.unpatch_model()
+    w0, w1 = sd["double_blocks.0.img_attn.qkv.weight"].double(), sd["double_blocks.1.img_attn.qkv.weight"].double()
+    assert rel_err(got["double_blocks.0.img_attn.qkv.weight"], w0 @ _blockdiag(_series(fused_q)).T) <= REL_TOL
+    g1 = got["double_blocks.1.img_attn.qkv.weight"]
+    q, k, v = (slice(i * hidden, (i + 1) * hidden) for i in range(3))
+    assert rel_err(g1[q], w1[q] @ _blockdiag(_series(q_q)).T) <= REL_TOL
+    assert torch.equal(g1[k], sd["double_blocks.1.img_attn.qkv.weight"][k])
+    assert rel_err(g1[v], w1[v] @ _blockdiag(_series(v_q)).T) <= REL_TOL
