@@ -74,3 +74,65 @@ def test_prompt_with_a_good_adapter_runs(adapter_files):
     entry = server.run(prompt, timeout=300)
     assert "server_oft_in_loras.safetensors: 8 layers (kohya_flux)" in server.outputs(entry, "1")["text"][0]
     assert "format:     kohya" in server.outputs(entry, "2")["text"][0]
+
+
+def _onetrainer_file(server) -> str:
+    """A OneTrainer "OFT v2" file (its COMFY output's names, its header, one layer Scaled) for two layers of the
+    server's tiny checkpoint: an attention Linear and a ResBlock's 3×3 conv (OneTrainer rotates those the other
+    way round). Written into the server's oft folder; returns its name."""
+    from safetensors import safe_open
+
+    ckpt = server.base / "models" / "checkpoints" / harness.CHECKPOINT_NAME
+    layers = ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.0.in_layers.2")
+    g = torch.Generator().manual_seed(3)
+    tensors = {}
+    with safe_open(str(ckpt), "pt") as f:
+        for i, path in enumerate(layers):
+            shape = f.get_slice(f"model.diffusion_model.{path}.weight").get_shape()
+            inner = 1
+            for d in shape[1:]:
+                inner *= d
+            b = 4
+            tensors[f"diffusion_model.{path}.oft_R.weight"] = torch.randn(inner // b, b * (b - 1) // 2,
+                                                                          generator=g) * 0.1
+            if i == 1:
+                tensors[f"diffusion_model.{path}.oft_R.scaled_oft"] = torch.tensor(True)
+    name = "server_onetrainer_oft.safetensors"
+    save_file(tensors, str(server.base / "models" / "oft" / name), {"ot_branch": "master", "ot_revision": "23df383"})
+    return name
+
+
+def test_a_onetrainer_file_loads_and_changes_what_ksampler_samples(adapter_files):
+    """OneTrainer's OFT files in the running server: listed, read (OFT Inspect names the format), applied by OFT
+    Loader to the stock loader's model ("2 of 2 adapter layers applied"), and the sampled latent moves."""
+    server = adapter_files
+    name = _onetrainer_file(server)
+    assert name in _options(server, "OFTLoader", "adapter_name")
+    entry = server.run({"1": {"class_type": "OFTLoadAdapter", "inputs": {"adapter_name": name}},
+                        "2": {"class_type": "OFTInspect", "inputs": {"oft_adapter": ["1", 0]}}}, timeout=300)
+    assert "format:     peft_onetrainer" in server.outputs(entry, "2")["text"][0]
+
+    def sample(with_adapter: bool) -> torch.Tensor:
+        p = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": harness.CHECKPOINT_NAME}},
+             "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+             "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+             "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0],
+                                                        "negative": ["3", 0], "latent_image": ["5", 0], "seed": 5,
+                                                        "steps": 2, "cfg": 1.0, "sampler_name": "euler",
+                                                        "scheduler": "simple", "denoise": 1.0}},
+             "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0],
+                                                          "filename_prefix": f"latents/onetrainer_{with_adapter}"}}}
+        if with_adapter:
+            p["2"] = {"class_type": "OFTLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "adapter_name": name,
+                                                            "strength": 1.0, "strength_mode": "kohya"}}
+            p["6"]["inputs"]["model"] = ["2", 0]
+        entry = server.run(p, timeout=600)
+        if with_adapter:
+            assert "2 of 2 adapter layers applied" in server.outputs(entry, "2")["text"][0]
+        (path,) = sorted((server.base / "output" / "latents").glob(f"onetrainer_{with_adapter}_*.latent"))
+        from safetensors.torch import load_file
+
+        return load_file(str(path))["latent_tensor"].float()
+
+    base, adapted = sample(False), sample(True)
+    assert float((adapted - base).abs().max()) > 1e-3 * float(base.abs().max())
