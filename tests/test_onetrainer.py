@@ -331,3 +331,32 @@ def test_flux_names_of_its_kohya_and_legacy_outputs_rotate_the_fused_weights(com
     assert rel_err(g1[q], w1[q] @ _blockdiag(_series(q_q)).T) <= REL_TOL
     assert torch.equal(g1[k], sd["double_blocks.1.img_attn.qkv.weight"][k])
     assert rel_err(g1[v], w1[v] @ _blockdiag(_series(v_q)).T) <= REL_TOL
+
+
+def test_baked_and_extracted_as_a_lora(tmp_path, capsys):
+    """A OneTrainer file is baked into a base file (the CLI), each layer as OneTrainer computes it, and extracted as a
+    LoRA whose ΔW is the bake's: the route from its files to every tool that reads LoRAs."""
+    from safetensors.torch import load_file
+
+    from oft_core.cli import main as cli
+
+    b = 4
+    lin_rows, lin_q = _skew(16 // b, b, seed=18)
+    conv_rows, conv_q = _skew(36 // b, b, seed=19)
+    path = _file(tmp_path, {"lora_unet_lin": lin_rows, "lora_unet_conv": conv_rows})
+    base = tmp_path / "base.safetensors"
+    save_file(BASE, str(base))
+    baked, lora = tmp_path / "baked.safetensors", tmp_path / "lora.safetensors"
+    assert cli(["bake", "--base", str(base), "--adapter", str(path), "--out", str(baked)]) == 0
+    assert cli(["extract-lora", str(path), "--base", str(base), "--rank", "36", "--out", str(lora)]) == 0
+    got = load_file(str(baked))
+    want = {"lin.weight": BASE["lin.weight"].double() @ _blockdiag(_series(lin_q)).T,
+            "conv.weight": (BASE["conv.weight"].double().reshape(6, 36) @ _blockdiag(_series(conv_q)))
+            .reshape(6, 4, 3, 3)}
+    lo = load_file(str(lora))
+    for name, w in want.items():
+        assert rel_err(got[name], w) <= REL_TOL, name
+        pre = "lora_unet_" + name.removesuffix(".weight")
+        up, down = lo[f"{pre}.lora_up.weight"].double(), lo[f"{pre}.lora_down.weight"].double()
+        delta = (up.flatten(1) @ down.flatten(1)) * float(lo[f"{pre}.alpha"]) / up.shape[1]
+        assert rel_err(delta, (got[name].double() - BASE[name].double()).flatten(1)) <= REL_TOL, name
