@@ -95,7 +95,7 @@ def trained(comfy, comfyui_oft, sdxl, work):
     g = torch.Generator().manual_seed(0)
     latents = {"samples": torch.randn(2, 4, 16, 16, generator=g)}
     positive = [[torch.randn(1, 5, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
-    files, reports = {}, {}
+    files = {}
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -109,18 +109,17 @@ def trained(comfy, comfyui_oft, sdxl, work):
                         gradient_checkpointing=True)
             finally:
                 comfy.model_management.unload_all_models()
-            _, adapter, _, report = out.result
+            adapter = out.result[1]
             files[preset] = Path(write_adapter(adapter, work / f"trained_{preset}.safetensors", "kohya"))
-            reports[preset] = report
     finally:
         torch.set_num_threads(n)
-    return files, reports
+    return files
 
 
 @pytest.fixture(scope="module")
 def sdscripts(sdxl, trained, work):
     """Every sd-scripts job of this module in one tool process (importing sd-scripts takes seconds); tag -> request."""
-    files, _ = trained
+    files = trained
     jobs = {"sdxl_targets": _req(base=str(sdxl["base"]), targets_for=SD_OPTIONS, dim=4)}
     for preset, path in files.items():
         jobs[f"sdxl_trained_{preset}"] = _req(base=str(sdxl["base"]), adapter=str(path))
@@ -243,7 +242,7 @@ def test_trained_sdxl_adapter_loads_in_sd_scripts_and_merges_the_same(sdxl, trai
                                                                       preset):
     """The trainer node's kohya file of an SDXL: LDM names sd-scripts' SDXL UNet has, every layer loaded there (3×3
     convs included), and sd-scripts' merge equals what our loader patches into ComfyUI's SDXL."""
-    files, reports = trained
+    files = trained
     res, tensors = run_tool("sdscripts", sdscripts[f"sdxl_trained_{preset}"], work, f"sdxl_trained_{preset}")
     ok(res)
     with safe_open(str(files[preset]), "pt") as f:

@@ -61,7 +61,8 @@ def check_all(adapter: OFTAdapter, target: str, why_not) -> None:
 
 # Why a layer read from a OneTrainer file has no form in another file: its convention is known only against a model
 CONV_OPEN = ("is a OneTrainer layer, whose rotation is that of a Linear or its transpose for a convolution, which "
-             "only the model says: apply the file to a model (or bake it) instead")
+             "only the model says: apply the file to a model (or bake it) instead, or extract a LoRA from it for "
+             "other tools")
 
 
 def identity_scale(layer: OFTLayer) -> bool:

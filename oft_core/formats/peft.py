@@ -101,13 +101,16 @@ def find_config(path: str) -> tuple[str, dict | None]:
 # with the last halved (R = I + 2Q + 2Q² + 2Q³ + Q⁴), one row of generators when it shares a block; its output
 # formats name layers kohya-style (KOHYA, LEGACY), ComfyUI-style (COMFY), diffusers-style or natively (ORIGINAL).
 _ONETRAINER_SERIES = (1.0, 2.0, 2.0, 2.0, 1.0)
-_ONETRAINER_PREFIXES = (
+_ONETRAINER_OWN = (
     ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"),
     ("lora_te_", "te"), ("diffusion_model.", "unet"),
     # its COMFY output's CLIP names (`text_encoders.<ComfyUI's CLIP name>.transformer.` + the HF path); its T5 /
     # Llama / Qwen text-encoder layers keep their whole name and are reported as not matched
     ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_g.transformer.", "te2"),
-) + _PREFIXES
+)
+_ONETRAINER_PREFIXES = _ONETRAINER_OWN + _PREFIXES
+# the name prefixes of OneTrainer's outputs that no PEFT file has (every text encoder, not only those read above)
+_ONETRAINER_NAMES = ("lora_unet_", "lora_transformer_", "lora_te", "diffusion_model.", "text_encoders.")
 
 _MAX_CONFIG_BYTES = 16 * 2**20
 _MAX_NEUMANN_TERMS = 64  # PEFT's default is 5; each term is a matmul per block, and 1e5 terms ran for minutes
@@ -207,17 +210,13 @@ def _config_settings(config: dict | None, path: str) -> tuple[dict, str, bool, b
     return cfg, cfg_path, block_share, coft, eps
 
 
-def _onetrainer(header: _Header, modules: dict) -> str | None:
-    """A layer name of a packed file written by OneTrainer ("OFT v2") rather than PEFT, else None: OneTrainer stamps
-    `ot_branch` / `ot_revision` into every file it saves, and names layers kohya-style (`lora_unet_…`) or
+def _onetrainer(header: _Header, modules: dict) -> bool:
+    """Whether a packed file without a config was written by OneTrainer ("OFT v2") rather than PEFT: OneTrainer
+    stamps `ot_branch` / `ot_revision` into every file it saves, and names layers kohya-style (`lora_unet_…`) or
     ComfyUI-style (`diffusion_model.…`), never under PEFT's `base_model.model.`."""
-    if not modules:
-        return None
-    first = sorted(modules)[0]
     if any(k in header.metadata for k in ("ot_branch", "ot_revision")):
-        return first
-    return first if all(k.startswith(("lora_unet_", "lora_transformer_", "lora_te", "diffusion_model.",
-                                      "text_encoders.")) for k in modules) else None
+        return bool(modules)
+    return bool(modules) and all(k.startswith(_ONETRAINER_NAMES) for k in modules)
 
 
 def _series(cfg: dict, config: dict | None, packed: bool, modules: dict, path: str,
@@ -320,7 +319,7 @@ def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapte
     if packed and any("oft_r" in parts for parts in modules.values()):
         raise OFTError("mixes current (.oft_R.weight) and legacy (.oft_r) PEFT OFT keys", path=path)
     cfg, cfg_path, block_share, coft, eps = _config_settings(config, path)
-    onetrainer = packed and config is None and _onetrainer(header, modules) is not None
+    onetrainer = packed and config is None and _onetrainer(header, modules)
     if onetrainer:  # OneTrainer "OFT v2": PEFT's layer, its settings fixed by OneTrainer's code (no config)
         st = _Settings(path, cfg, cfg_path, False, True, False, eps, True, _ONETRAINER_SERIES, "peft_onetrainer")
     else:
