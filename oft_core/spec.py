@@ -95,8 +95,9 @@ class OFTLayer:
     key: str = ""  # the file key prefix of this layer (for messages and writers)
     block_share: bool = False  # PEFT block_share: one stored block repeated along the axis (count set per weight)
     # OneTrainer: a convolution's weight is rotated by the transpose of what a Linear's is (its Conv2d path computes
-    # W·R where its Linear path rotates the input, W·Rᵀ); known only against the weight, so `resolve_for_weight`
-    # turns it into `transpose` (flipped for a weight of more than 2 dimensions) and clears it
+    # W·R where its Linear path rotates the input, W·Rᵀ), and from the generators as stored (its COFT projection
+    # was in the Linear path only); known only against the weight, so `resolve_for_weight` turns it into `transpose`
+    # (flipped for a weight of more than 2 dimensions, whose constraint it drops) and clears it
     conv_transposed: bool = False
 
     @property
@@ -586,6 +587,8 @@ def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "",
     if layer.row_scale is not None and layer.row_scale.numel() != out:
         raise OFTError(_mismatch("row scale length", out, layer.row_scale.numel()), path=path, layer=layer.key)
     if layer.conv_transposed:
-        layer = layer.with_(conv_transposed=False, transpose=layer.transpose != (len(shape) > 2))
+        conv = len(shape) > 2  # OneTrainer's convolution path: W·R, of the generators as stored (no COFT)
+        layer = layer.with_(conv_transposed=False, transpose=layer.transpose != conv,
+                            constraint=Constraint() if conv else layer.constraint)
     return layer
 

@@ -271,7 +271,9 @@ def _template(layer) -> dict:
         "block_size": list(layer.block_sizes),
         "stages": int(layer.blocks[0].shape[0]) if layer.kind == "butterfly" else None,
         "parameterization": layer.parameterization,
-        "constraint": layer.constraint.describe(),
+        # OneTrainer projected a Linear's generators only (its Conv2d path builds R from them as stored)
+        "constraint": layer.constraint.describe() + (
+            " (Linear layers only)" if layer.conv_transposed and layer.constraint.kind != "none" else ""),
         "norm_of": _norm_of(layer),  # "norm" is ‖Q‖_F, or ‖R − I‖_F for a stored rotation
         "norm": None,
         "bound": None,

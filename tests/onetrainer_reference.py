@@ -23,11 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ENV = "ONETRAINER_PATH"
+# checkouts of earlier OneTrainer revisions, for what they computed differently: Constrained OFT (until e928dda,
+# 2026-05-10; e.g. 3374137) and the first revisions' series (1336b9b to 86ae381, 2025-11-14 to 16)
+ENV_COFT = "ONETRAINER_COFT_PATH"
+ENV_FIRST = "ONETRAINER_FIRST_PATH"
 
 
-def checkout() -> Path | None:
-    """The OneTrainer checkout named by ONETRAINER_PATH (None: unset or not a OneTrainer tree)."""
-    root = os.environ.get(ENV)
+def checkout(env: str = ENV) -> Path | None:
+    """The OneTrainer checkout named by the variable `env` (None: unset or not a OneTrainer tree)."""
+    root = os.environ.get(env)
     if not root:
         return None
     root = Path(root)

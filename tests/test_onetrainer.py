@@ -184,6 +184,124 @@ def test_combining_is_refused_with_what_to_do_instead(tmp_path):
             merge([(a, 1.0), (a, 1.0)], mode)
 
 
+def _coft_projected(q: torch.Tensor, eps: float) -> torch.Tensor:
+    """OneTrainer's COFT (its `_project_batch`, until 2026-05) in fp64: each skew block projected onto the ball of
+    radius eps/√(stored blocks) about 0 (Frobenius norm), blocks inside it untouched."""
+    q = q.double()
+    radius = eps / math.sqrt(q.shape[0])
+    norms = torch.linalg.matrix_norm(q, keepdim=True)
+    return torch.where(norms <= radius, q, radius * q / norms)
+
+
+def _ot_config(**fields) -> dict:
+    """OneTrainer's header with its training settings (`ot_config`: json.dumps of the whole config; a few of its
+    other fields stand beside the two read here)."""
+    import json
+
+    cfg = {"__version": 9, "training_method": "LORA", "peft_type": "OFT_2", "oft_block_size": 4,
+           "oft_block_share": False, "learning_rate": 0.0003, **fields}
+    return {**OT_META, "ot_config": json.dumps(cfg)}
+
+
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_constrained_oft_projects_the_stored_numbers_as_onetrainer_did(tmp_path, share, scaled):
+    """OneTrainer until 2026-05 could train Constrained OFT: its rotation module's forward first projects each
+    block's skew matrix to ‖Q_i‖_F ≤ coft_eps/√(stored blocks). The file's numbers are the last optimizer step's, past
+    the radius; what OneTrainer computes from them is their projection, said only by `ot_config`. Blocks inside the
+    radius stay. Its Conv2d path builds R from the stored numbers without that forward: a convolution is never
+    projected. (Scaled OFT came after COFT was removed; were both there, the projection of the stored numbers is the
+    projection of the scaled generators at the scaled radius.)"""
+    b, eps = 4, 0.05
+    n = 1 if share else 16 // b
+    rows, q = _skew(n, b, seed=20, std=0.05)
+    if not share:  # one block well inside the radius (eps/√4 = 0.025): kept as it is
+        rows[0] *= 0.01
+        q[0] *= 0.01
+    radius = eps / math.sqrt(n)
+    norms = torch.linalg.matrix_norm(q)
+    assert (norms > 1.5 * radius).sum() >= (1 if share else 3)
+    conv_rows, conv_q = _skew(1 if share else 36 // b, b, seed=25, std=0.05)
+    names = {"lora_unet_lin": rows, "lora_unet_conv": conv_rows}
+    path = _file(tmp_path, names, scaled=names if scaled else (), metadata=_ot_config(oft_coft=True, coft_eps=eps))
+    adapter = load_adapter(path)
+    assert adapter.info["onetrainer"]["coft_eps"] == eps
+    k = 1 / (2 * math.sqrt(b - 1)) if scaled else 1.0
+    want_q = k * _coft_projected(q, eps)
+    applied = _applied(path)
+    got = applied["lin.weight"]
+    want = BASE["lin.weight"].double() @ _blockdiag(_series(want_q), 4 if share else 1).T
+    assert rel_err(got, want) <= REL_TOL
+    want_conv = BASE["conv.weight"].double().reshape(6, 36) @ _blockdiag(_series(k * conv_q), 9 if share else 1)
+    assert rel_err(applied["conv.weight"], want_conv.reshape(6, 4, 3, 3)) <= REL_TOL
+    assert (torch.linalg.matrix_norm(conv_q) > 1.5 * eps / math.sqrt(conv_q.shape[0])).all()  # projecting would move it
+    # the stored numbers unprojected are far from what OneTrainer computed
+    raw = BASE["lin.weight"].double() @ _blockdiag(_series(k * q), 4 if share else 1).T
+    assert rel_err(got, raw) > 100 * REL_TOL
+    # without the settings the file does not say it was constrained: the numbers as stored
+    plain = _file(tmp_path, {"lora_unet_lin": rows}, scaled=["lora_unet_lin"] if scaled else (),
+                  name="plain.safetensors")
+    assert rel_err(_applied(plain)["lin.weight"], raw) <= REL_TOL
+    # settings without COFT, or with it off, change nothing
+    off = _file(tmp_path, {"lora_unet_lin": rows}, scaled=["lora_unet_lin"] if scaled else (),
+                metadata=_ot_config(oft_coft=False, coft_eps=eps), name="off.safetensors")
+    assert torch.equal(_applied(off)["lin.weight"], _applied(plain)["lin.weight"])
+
+
+def test_constrained_oft_default_radius(tmp_path):
+    """`coft_eps` absent: OneTrainer's default 1e-4."""
+    rows, q = _skew(4, 4, seed=21)
+    path = _file(tmp_path, {"lora_unet_lin": rows}, metadata=_ot_config(oft_coft=True))
+    assert load_adapter(path).info["onetrainer"]["coft_eps"] == 1e-4
+    want = BASE["lin.weight"].double() @ _blockdiag(_series(_coft_projected(q, 1e-4))).T
+    assert rel_err(_applied(path)["lin.weight"], want) <= REL_TOL
+
+
+@pytest.mark.parametrize("revision, halved", [
+    ("1336b9b", False), ("607470f", False), ("75ee091", False), ("86ae3811", False),  # 2025-11-14 to 16
+    ("b46986d", True), ("23df383", True), ("1336b9c", True), ("1336", True), ("git not installed", True),
+])
+def test_the_first_revisions_did_not_halve_the_last_term(tmp_path, revision, halved):
+    """OneTrainer's first four revisions with OFT summed I + 2Q + 2Q² + 2Q³ + 2Q⁴; b46986d (2025-11-16) halved the
+    last term. The file names the revision that saved it (`ot_revision`, git's short hash); anything else, including
+    a hash too short to be one of those, is read with the halved series."""
+    rows, q = _skew(4, 4, seed=22, std=0.2)
+    path = _file(tmp_path, {"lora_unet_lin": rows}, metadata={"ot_branch": "master", "ot_revision": revision})
+    q = q.double()
+    first = _series(q) + (q @ q @ q @ q)  # the last term counted twice
+    want = _series(q) if halved else first
+    got = _applied(path)["lin.weight"]
+    assert rel_err(got, BASE["lin.weight"].double() @ _blockdiag(want).T) <= REL_TOL
+    other = first if halved else _series(q)
+    assert rel_err(got, BASE["lin.weight"].double() @ _blockdiag(other).T) > 100 * REL_TOL
+    assert ("series" in load_adapter(path).info["onetrainer"]) == (not halved)
+
+
+@pytest.mark.parametrize("raw, found", [
+    ("{oft_coft: true", "is not valid JSON"),
+    ("[true]", "expected a JSON object, found list"),
+    ('{"oft_coft": "yes"}', 'oft_coft: expected true or false.*found "yes"'),
+    ('{"oft_coft": 1}', "oft_coft: expected true or false.*found 1"),
+    ('{"oft_coft": true, "coft_eps": NaN}', "coft_eps: expected a finite number ≥ 0.*found NaN"),
+    ('{"oft_coft": true, "coft_eps": -1}', "coft_eps: expected a finite number ≥ 0.*found -1"),
+    ('{"oft_coft": true, "coft_eps": "1e-4"}', "coft_eps: expected a finite number"),
+    ('{"oft_coft": true, "coft_eps": 1' + "0" * 400 + "}", "coft_eps: expected a finite number"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply|not valid JSON"),
+])
+def test_bad_training_settings_are_refused_naming_the_field(tmp_path, raw, found):
+    """`ot_config` decides the rotation when it says COFT: unreadable, or COFT / its radius not what OneTrainer
+    writes, the file is refused naming the file and the field. A NaN in a field never read is no reason to refuse
+    (OneTrainer writes its settings with Python's json.dumps, which writes NaN)."""
+    rows, _ = _skew(4, 4, seed=23)
+    path = _file(tmp_path, {"lora_unet_lin": rows}, metadata={**OT_META, "ot_config": raw})
+    with pytest.raises(OFTError, match=found) as e:
+        load_adapter(path)
+    assert str(path) in str(e.value) and "ot_config" in str(e.value)
+    ok = _file(tmp_path, {"lora_unet_lin": rows}, metadata={**OT_META, "ot_config": '{"max_grad_norm": NaN}'},
+               name="ok.safetensors")
+    assert load_adapter(ok).info["onetrainer"].get("coft_eps") is None
+
+
 # ------------------------------------------------------------------------------------------------ OneTrainer itself
 @pytest.mark.third_party
 @pytest.mark.parametrize("apply_mode", ["merge", "bypass"])
@@ -360,3 +478,57 @@ def test_baked_and_extracted_as_a_lora(tmp_path, capsys):
         up, down = lo[f"{pre}.lora_up.weight"].double(), lo[f"{pre}.lora_down.weight"].double()
         delta = (up.flatten(1) @ down.flatten(1)) * float(lo[f"{pre}.alpha"]) / up.shape[1]
         assert rel_err(delta, (got[name].double() - BASE[name].double()).flatten(1)) <= REL_TOL, name
+
+
+@pytest.mark.third_party
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("era, revision", [("coft", "3374137"), ("first", "1336b9b")])
+def test_onetrainers_earlier_modules_equal_the_loaded_file(tmp_path, era, revision, share):
+    """OneTrainer's own OFTModule of an earlier revision (its source: a checkout at ONETRAINER_COFT_PATH from before
+    COFT's removal, or at ONETRAINER_FIRST_PATH from 2025-11-14 to 16) hooked onto a Linear and a 3×3 Conv2d,
+    generators seeded past COFT's radius and saved as its saver writes them (before any forward: COFT projects in
+    place as the forward starts), with its header (`ot_revision`, and `ot_config` saying COFT and its radius): the
+    file as the pack applies it gives OneTrainer's outputs (≤ 1e-6 relative, fp32)."""
+    import json
+
+    env = onetrainer_reference.ENV_COFT if era == "coft" else onetrainer_reference.ENV_FIRST
+    root = onetrainer_reference.checkout(env)
+    if root is None:
+        pytest.skip(f"OneTrainer test: set {env} to a OneTrainer checkout of that era")
+    ot = onetrainer_reference.load(root)
+    g = torch.Generator().manual_seed(24)
+    coft, eps = era == "coft", 0.05
+    layers = {"lin": torch.nn.Linear(16, 12), "conv": torch.nn.Conv2d(4, 6, 3, padding=1)}
+    for m in layers.values():
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    tensors, hooked = {}, {}
+    for name, m in layers.items():
+        copy = deepcopy(m)
+        mod = ot["OFTModule"](f"lora_unet_{name}", copy, 4, coft, eps, share)
+        with torch.no_grad():
+            mod.oft_R.weight.copy_(torch.randn(mod.oft_R.weight.shape, generator=g) * (0.05 if coft else 0.2))
+        mod.hook_to_module()
+        hooked[name] = copy
+        tensors.update({f"lora_unet_{name}.{k}": v.detach().clone() for k, v in mod.state_dict().items()})
+    cfg = json.dumps({"__version": 9, "oft_block_size": 4, "oft_coft": coft, "coft_eps": eps,
+                      "oft_block_share": share, "max_norm": float("nan")})  # NaN as json.dumps writes it
+    path = tmp_path / f"{era}_{share}.safetensors"
+    save_file(tensors, str(path), {"ot_branch": "master", "ot_revision": revision, "ot_config": cfg})
+    adapter = load_adapter(path)
+    report = match_adapter(adapter, {f"{n}.weight": tuple(m.weight.shape) for n, m in layers.items()})
+    assert len(report.matched) == 2 and not report.unmatched
+    for mt in report.matched:
+        name = mt.target.key.removesuffix(".weight")
+        m = layers[name]
+        w = rotate_weight(mt.layer, m.weight.detach(), 1.0)
+        x = (torch.randn(2, 5, 16, generator=g) if name == "lin" else torch.randn(1, 4, 6, 6, generator=g))
+        with torch.no_grad():
+            want = hooked[name](x)
+            got = (torch.nn.functional.linear(x, w, m.bias) if name == "lin"
+                   else torch.nn.functional.conv2d(x, w, m.bias, padding=1))
+            base = m(x)
+        assert rel_err(got, want) <= REL_TOL, (name, rel_err(got, want))
+        assert rel_err(want, base) > 1e-3, name  # the adapter moved this layer
+

@@ -13,7 +13,10 @@ refuses the first and silently loads the second as identity; both are read here 
 
 OneTrainer's "OFT v2" (since 2025-11) saves PEFT's packed layer without a config (format id "peft_onetrainer"); its
 code fixes what the config would say: the Cayley–Neumann series of 5 terms with the last halved, a shared block as one
-row, Scaled OFT marked per layer by `oft_R.scaled_oft` (generators divided by 2·√(b − 1)). It rotates a Linear's input
+row, Scaled OFT marked per layer by `oft_R.scaled_oft` (generators divided by 2·√(b − 1)); its first revisions
+(2025-11-14 to 16, told by `ot_revision`) did not halve the last term, and a Constrained OFT (COFT, until 2026-05)
+projects a Linear's stored numbers as PEFT's COFT does (its convolution path never projected), told only by the
+training settings (`ot_config`). It rotates a Linear's input
 as PEFT does (W·Rᵀ) but a Conv2d's weight as W·R (`OFTLayer.conv_transposed`, settled against the weight). Its files
 are told from a PEFT file without its config by OneTrainer's header (`ot_branch` / `ot_revision`) or, without it, by
 names no PEFT file has (`lora_unet_`, `lora_transformer_`, `lora_te*`, `diffusion_model.`).
@@ -101,6 +104,19 @@ def find_config(path: str) -> tuple[str, dict | None]:
 # with the last halved (R = I + 2Q + 2Q² + 2Q³ + Q⁴), one row of generators when it shares a block; its output
 # formats name layers kohya-style (KOHYA, LEGACY), ComfyUI-style (COMFY), diffusers-style or natively (ORIGINAL).
 _ONETRAINER_SERIES = (1.0, 2.0, 2.0, 2.0, 1.0)
+# its first four revisions (1336b9b to 86ae381, 2025-11-14 to 16; b46986d halved the last term) summed
+# I + 2Q + 2Q² + 2Q³ + 2Q⁴; a file names the revision that saved it (`ot_revision`, git's short hash)
+_ONETRAINER_FIRST_SERIES = (1.0, 2.0, 2.0, 2.0, 2.0)
+_ONETRAINER_FIRST_REVISIONS = (
+    "1336b9b894dac621647c49118e58a4009fe3ecef", "607470f7e1eb4ab72720d1f9cd4225e9834937d7",
+    "75ee0917cdcb88ead6402982c166a999eecf8721", "86ae381184dbffa5a261fc2427b1a439480aa9b8",
+)
+# Until e928dda (2026-05-10) OneTrainer could train Constrained OFT: its rotation module's forward first projects each
+# stored block's skew matrix to ‖Q_i‖_F ≤ coft_eps/√blocks (PEFT's COFT), so what it computes from a saved file is the
+# projection of the stored numbers, for a Linear (its Conv2d path builds R without that forward: no projection). Only
+# the training settings say so (`ot_config`, JSON, written when the user chose to include them: `oft_coft`,
+# `coft_eps`, default 1e-4); without them the stored numbers are used as they are.
+_ONETRAINER_COFT_EPS = 1e-4
 _ONETRAINER_OWN = (
     ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"),
     ("lora_te_", "te"), ("diffusion_model.", "unet"),
@@ -116,9 +132,11 @@ _MAX_CONFIG_BYTES = 16 * 2**20
 _MAX_NEUMANN_TERMS = 64  # PEFT's default is 5; each term is a matmul per block, and 1e5 terms ran for minutes
 
 
-def _config_value(cfg: dict, name: str, default, kind: str, cfg_path: str):
+def _config_value(cfg: dict, name: str, default, kind: str, cfg_path: str, declared: str | None = None,
+                  label: str = _CONFIG_NAME):
     """`cfg[name]` checked against what PEFT's OFTConfig declares for it (`kind`), or `default` when absent.
-    Refused with the field, the value and what PEFT accepts."""
+    Refused with the field, the value and what PEFT accepts (`declared`: what another tool's config declares,
+    `label` naming that config)."""
     if name not in cfg:
         return default
     v = cfg[name]
@@ -126,7 +144,8 @@ def _config_value(cfg: dict, name: str, default, kind: str, cfg_path: str):
         "bool": lambda: type(v) is bool,
         "count": lambda: type(v) is int and v >= 0,
         "terms": lambda: type(v) is int and 1 <= v <= _MAX_NEUMANN_TERMS,
-        "eps": lambda: type(v) in (int, float) and math.isfinite(v) and v >= 0,
+        # (an int beyond float's range would make isfinite raise: ot_config is parsed with Python's own ints)
+        "eps": lambda: (type(v) is float and math.isfinite(v) or type(v) is int and v < 2**1000) and v >= 0,
         "text": lambda: isinstance(v, str),
     }[kind]()
     if not ok:
@@ -137,8 +156,10 @@ def _config_value(cfg: dict, name: str, default, kind: str, cfg_path: str):
             "eps": "a finite number ≥ 0 (PEFT: float, default 6e-05)",
             "text": "text",
         }[kind]
+        if declared is not None:
+            want = f"{want.partition(' (')[0]} ({declared})"
         shown = json.dumps(v)
-        raise OFTError(f"{_CONFIG_NAME}: {name}: expected {want}, found "
+        raise OFTError(f"{label}: {name}: expected {want}, found "
                        f"{shown if len(shown) <= 40 else shown[:30] + '…'}", path=cfg_path)
     return v
 
@@ -219,6 +240,33 @@ def _onetrainer(header: _Header, modules: dict) -> bool:
     return bool(modules) and all(k.startswith(_ONETRAINER_NAMES) for k in modules)
 
 
+def _onetrainer_settings(header: _Header) -> tuple[tuple[float, ...], float | None]:
+    """(series coefficients, COFT eps or None) of a OneTrainer file, from the revision that saved it and the
+    training settings it carries (`ot_config`); the settings checked where they change the rotation."""
+    rev = header.metadata.get("ot_revision")
+    first = (isinstance(rev, str) and len(rev) >= 7 and re.fullmatch(r"[0-9a-fA-F]+", rev) is not None
+             and any(full.startswith(rev.lower()) for full in _ONETRAINER_FIRST_REVISIONS))
+    series = _ONETRAINER_FIRST_SERIES if first else _ONETRAINER_SERIES
+    raw = header.metadata.get("ot_config")
+    if raw is None:
+        return series, None
+    what = "its ot_config (OneTrainer's training settings, which say whether Constrained OFT was trained)"
+    try:  # OneTrainer writes it with Python's json.dumps: NaN / Infinity may stand in fields this never reads
+        cfg = json.loads(raw, parse_constant=float) if isinstance(raw, str) else None
+    except RecursionError:
+        raise OFTError(f"{what} is nested too deeply to be read", path=header.path) from None
+    except ValueError as e:
+        raise OFTError(f"{what} is not valid JSON ({e})", path=header.path) from None
+    if not isinstance(cfg, dict):
+        raise OFTError(f"{what}: expected a JSON object, found {type(cfg).__name__}", path=header.path)
+    coft = _config_value(cfg, "oft_coft", False, "bool", header.path, "OneTrainer: bool, default false", "ot_config")
+    if not coft:
+        return series, None
+    eps = _config_value(cfg, "coft_eps", _ONETRAINER_COFT_EPS, "eps", header.path,
+                        "OneTrainer: float, default 0.0001", "ot_config")
+    return series, float(eps)
+
+
 def _series(cfg: dict, config: dict | None, packed: bool, modules: dict, path: str,
             cfg_path: str) -> tuple[bool, tuple[float, ...], str]:
     """(use_cayley_neumann, series coefficients, format id). A packed file needs its config: exact Cayley and
@@ -260,13 +308,15 @@ def _packed_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
     u = unpack_upper(vec.to(torch.float32), b)
     q = u - u.transpose(1, 2)
     scaled = onetrainer and _scaled_oft(parts.get("oft_R.scaled_oft"), st.path, key)
+    eps = st.eps
     if scaled:  # OneTrainer's Scaled OFT: the generator divided by 2·√(b − 1) before the series
         q = q / (2.0 * math.sqrt(b - 1))
+        eps = eps / (2.0 * math.sqrt(b - 1))  # a projection of the stored numbers, so of q at this radius
     return make_layer(
         path=st.path, name=name, component=component, side="in", blocks=[q],
         transpose=st.neumann,  # the series approximates Cayley(Q), the transpose of PEFT's exact branch
         parameterization="neumann" if st.neumann else "cayley", neumann_coeffs=st.coeffs,
-        constraint=Constraint("block_projection", st.eps) if st.coft else Constraint(),
+        constraint=Constraint("block_projection", eps) if st.coft else Constraint(),
         source=st.fmt + ("_scaled" if scaled else ""), key=key, block_share=shared,
         # OneTrainer rotates a Linear's input (W·Rᵀ, as PEFT) but a convolution's weight as W·R
         conv_transposed=onetrainer,
@@ -321,7 +371,9 @@ def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapte
     cfg, cfg_path, block_share, coft, eps = _config_settings(config, path)
     onetrainer = packed and config is None and _onetrainer(header, modules)
     if onetrainer:  # OneTrainer "OFT v2": PEFT's layer, its settings fixed by OneTrainer's code (no config)
-        st = _Settings(path, cfg, cfg_path, False, True, False, eps, True, _ONETRAINER_SERIES, "peft_onetrainer")
+        series, coft_eps = _onetrainer_settings(header)
+        st = _Settings(path, cfg, cfg_path, False, True, coft_eps is not None, coft_eps or 0.0, True, series,
+                       "peft_onetrainer")
     else:
         neumann, coeffs, fmt = _series(cfg, config, packed, modules, path, cfg_path)
         st = _Settings(path, cfg, cfg_path, config is not None, block_share, coft, eps, neumann, coeffs, fmt)
@@ -333,6 +385,11 @@ def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapte
     if onetrainer:
         info = {"onetrainer": {"ot_revision": header.metadata.get("ot_revision"),
                                "scaled_layers": sum(1 for layer in layers.values() if layer.source.endswith("scaled"))}}
+        if st.coeffs != _ONETRAINER_SERIES:
+            info["onetrainer"]["series"] = "first (2025-11-14 to 16: last term not halved)"
+        if st.coft:
+            info["onetrainer"]["coft_eps"] = st.eps
+            info["onetrainer"]["coft_applies_to"] = "Linear layers (its Conv2d path never projected)"
     else:
         info = {"peft_config": {k: cfg.get(k) for k in ("r", "oft_block_size", "use_cayley_neumann",
                                                          "num_cayley_neumann_terms", "coft", "eps", "block_share",

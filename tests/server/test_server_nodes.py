@@ -5,6 +5,7 @@ adapter_name, as core's Load LoRA refuses a missing LoRA.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import comfy_server as harness
@@ -76,10 +77,11 @@ def test_prompt_with_a_good_adapter_runs(adapter_files):
     assert "format:     kohya" in server.outputs(entry, "2")["text"][0]
 
 
-def _onetrainer_file(server) -> str:
-    """A OneTrainer "OFT v2" file (its COMFY output's names, its header, one layer Scaled) for two layers of the
-    server's tiny checkpoint: an attention Linear and a ResBlock's 3×3 conv (OneTrainer rotates those the other
-    way round). Written into the server's oft folder; returns its name."""
+def _onetrainer_file(server, coft: bool = False) -> str:
+    """A OneTrainer "OFT v2" file for two layers of the server's tiny checkpoint: an attention Linear and a
+    ResBlock's 3×3 conv (OneTrainer rotates those the other way round); its COMFY output's names and its header.
+    `coft`: as its Constrained-OFT era wrote it (training settings saying COFT; no Scaled OFT then), else as it
+    writes now (one layer Scaled). Written into the server's oft folder; returns its name."""
     from safetensors import safe_open
 
     ckpt = server.base / "models" / "checkpoints" / harness.CHECKPOINT_NAME
@@ -95,22 +97,31 @@ def _onetrainer_file(server) -> str:
             b = 4
             tensors[f"diffusion_model.{path}.oft_R.weight"] = torch.randn(inner // b, b * (b - 1) // 2,
                                                                           generator=g) * 0.1
-            if i == 1:
+            if i == 1 and not coft:
                 tensors[f"diffusion_model.{path}.oft_R.scaled_oft"] = torch.tensor(True)
-    name = "server_onetrainer_oft.safetensors"
-    save_file(tensors, str(server.base / "models" / "oft" / name), {"ot_branch": "master", "ot_revision": "23df383"})
+    name = f"server_onetrainer_oft{'_coft' if coft else ''}.safetensors"
+    header = {"ot_branch": "master", "ot_revision": "23df383"}
+    if coft:  # its training settings: Constrained OFT on, a radius the generators exceed
+        header = {"ot_branch": "master", "ot_revision": "3374137", "ot_config": json.dumps(
+            {"__version": 9, "oft_block_size": 4, "oft_coft": True, "coft_eps": 0.5})}
+    save_file(tensors, str(server.base / "models" / "oft" / name), header)
     return name
 
 
-def test_a_onetrainer_file_loads_and_changes_what_ksampler_samples(adapter_files):
-    """OneTrainer's OFT files in the running server: listed, read (OFT Inspect names the format), applied by OFT
-    Loader to the stock loader's model ("2 of 2 adapter layers applied"), and the sampled latent moves."""
+@pytest.mark.parametrize("coft", [False, True])
+def test_a_onetrainer_file_loads_and_changes_what_ksampler_samples(adapter_files, coft):
+    """OneTrainer's OFT files in the running server: listed, read (OFT Inspect names the format and the Constrained
+    OFT its training settings say), applied by OFT Loader to the stock loader's model ("2 of 2 adapter layers
+    applied"), and the sampled latent moves."""
     server = adapter_files
-    name = _onetrainer_file(server)
+    name = _onetrainer_file(server, coft)
     assert name in _options(server, "OFTLoader", "adapter_name")
     entry = server.run({"1": {"class_type": "OFTLoadAdapter", "inputs": {"adapter_name": name}},
                         "2": {"class_type": "OFTInspect", "inputs": {"oft_adapter": ["1", 0]}}}, timeout=300)
-    assert "format:     peft_onetrainer" in server.outputs(entry, "2")["text"][0]
+    text = server.outputs(entry, "2")["text"][0]
+    assert "format:     peft_onetrainer" in text
+    want = "constraint: COFT eps 0.5 (Linear layers only) (2 layers)" if coft else "constraint: none (2 layers)"
+    assert want in text, text
 
     def sample(with_adapter: bool) -> torch.Tensor:
         p = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": harness.CHECKPOINT_NAME}},
@@ -120,8 +131,8 @@ def test_a_onetrainer_file_loads_and_changes_what_ksampler_samples(adapter_files
                                                         "negative": ["3", 0], "latent_image": ["5", 0], "seed": 5,
                                                         "steps": 2, "cfg": 1.0, "sampler_name": "euler",
                                                         "scheduler": "simple", "denoise": 1.0}},
-             "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0],
-                                                          "filename_prefix": f"latents/onetrainer_{with_adapter}"}}}
+             "7": {"class_type": "SaveLatent",
+                   "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/onetrainer_{coft}_{with_adapter}"}}}
         if with_adapter:
             p["2"] = {"class_type": "OFTLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "adapter_name": name,
                                                             "strength": 1.0, "strength_mode": "kohya"}}
@@ -129,7 +140,7 @@ def test_a_onetrainer_file_loads_and_changes_what_ksampler_samples(adapter_files
         entry = server.run(p, timeout=600)
         if with_adapter:
             assert "2 of 2 adapter layers applied" in server.outputs(entry, "2")["text"][0]
-        (path,) = sorted((server.base / "output" / "latents").glob(f"onetrainer_{with_adapter}_*.latent"))
+        (path,) = sorted((server.base / "output" / "latents").glob(f"onetrainer_{coft}_{with_adapter}_*.latent"))
         from safetensors.torch import load_file
 
         return load_file(str(path))["latent_tensor"].float()
