@@ -82,6 +82,8 @@ _TE_PREFIXES = (
     ("clip_h.transformer.", ("te", "te1")),
     ("clip_g.transformer.", ("te2",)),
 )
+# A ComfyUI CLIP state dict holds each encoder under `<its name>.transformer.`
+_HOST_ENCODER = re.compile(r"[A-Za-z0-9_]+\.transformer\.")
 
 # Adapter-key prefixes of a host key map (ComfyUI's model_lora_keys_unet / model_lora_keys_clip) -> the component
 # they name; None: not an adapter name (ComfyUI's generic `text_encoders.<CLIP key>`). Keys with no listed prefix are
@@ -340,6 +342,10 @@ def _split_weights(weights: Mapping[str, tuple], prefixed: bool,
             for component in te[1]:
                 _add(names, component, te[0], Target(key))
             continue
+        if not prefixed and _HOST_ENCODER.match(module):
+            # a ComfyUI CLIP's other encoders (`t5xxl.transformer.`, `llama.transformer.`, `qwen25_7b.transformer.`):
+            # "te" names them by their whole path, as OneTrainer's COMFY output does (`text_encoders.` + the path)
+            _add(names, "te", module, Target(key))
         rel = next((module[len(p):] for p in _UNET_PREFIXES if module.startswith(p)), None)
         if rel is None and not prefixed:  # a bare UNet / DiT file: everything else is the model
             rel = module

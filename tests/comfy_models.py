@@ -314,6 +314,51 @@ def sd1_clip(seed: int = 3):
     return clip
 
 
+def flux_clip_tiny(seed: int = 5):
+    """ComfyUI's FLUX CLIP layout (comfy.sd.CLIP around ComfyUI's `FluxClipModel`: `clip_l` and `t5xxl`, each a
+    comfy.sd1_clip.SDClipModel holding ComfyUI's own CLIPTextModel / T5 classes, and FLUX's tokenizer) at tiny widths
+    (CLIP 64 wide, T5 32 wide, 2 layers each; the real vocabularies, so text encodes), seeded weights."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.t5
+
+    clip_config = {"hidden_act": "quick_gelu", "hidden_size": 64, "intermediate_size": 128, "layer_norm_eps": 1e-05,
+                   "max_position_embeddings": 77, "num_attention_heads": 4, "num_hidden_layers": 2,
+                   "projection_dim": 64, "vocab_size": 49408, "bos_token_id": 0, "eos_token_id": 49407,
+                   "pad_token_id": 1, "model_type": "clip_text_model"}
+    t5_config = {"d_ff": 96, "d_kv": 8, "d_model": 32, "num_heads": 4, "num_layers": 2, "vocab_size": 32128,
+                 "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "layer_norm_epsilon": 1e-06,
+                 "model_type": "t5", "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128}
+
+    class TinyFluxClip(comfy.text_encoders.flux.FluxClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(
+                device=device, dtype=dtype, textmodel_json_config=dict(clip_config), return_projected_pooled=False,
+                model_options={**model_options, "model_name": "clip_l"})
+            self.t5xxl = comfy.sd1_clip.SDClipModel(
+                device=device, dtype=dtype, textmodel_json_config=dict(t5_config),
+                model_class=comfy.text_encoders.t5.T5, special_tokens={"end": 1, "pad": 0},
+                model_options={**model_options, "model_name": "t5xxl"})
+            self.dtypes = {dtype}
+
+    class Target:
+        params = {}
+        clip = TinyFluxClip
+        tokenizer = comfy.text_encoders.flux.FluxTokenizer
+
+    import torch
+
+    clip = comfy.sd.CLIP(Target())
+    fill_deterministic(clip.patcher.model, seed=seed)
+    with torch.no_grad():  # norms' scales at 1, as trained encoders have them: activations of order 1
+        for name, p in clip.patcher.model.named_parameters():
+            if "norm" in name and name.endswith(".weight"):
+                p.fill_(1.0)
+    return clip
+
+
 def fill_deterministic(module, seed: int, std: float = 0.02):
     """Fill every parameter with fixed pseudo-random values, fast.
 

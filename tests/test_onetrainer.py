@@ -4,12 +4,16 @@ OneTrainer (since 2025-11) stores PEFT's packed generators (`<layer>.oft_R.weigh
 adapter_config.json: its code fixes the rest (the Cayley–Neumann series of 5 terms, last halved; one row when a block
 is shared; `<layer>.oft_R.scaled_oft` marks Scaled OFT, generators divided by 2·√(b − 1)). A Linear's input is
 rotated (W·Rᵀ, as PEFT), a Conv2d's weight as W·R. Layer names follow its output format: `lora_unet_…` (KOHYA,
-LEGACY), `diffusion_model.…` (COMFY), diffusers or native paths; every file carries `ot_branch` / `ot_revision`.
+LEGACY), `diffusion_model.…` / `text_encoders.<encoder>.transformer.…` (COMFY), diffusers or native paths; every
+file carries `ot_branch` / `ot_revision`, and `ot_config` (its training settings) when the user chose to include it:
+before 2026-05 that says whether Constrained OFT was trained.
 
 Here (always run): the math on Linear and Conv2d weights against the series computed in fp64 from the file's
-numbers; what a OneTrainer adapter cannot be (another format, a combination) is refused. With a OneTrainer checkout
-(`ONETRAINER_PATH`, tier `third_party`): OneTrainer's own OFTModule on ComfyUI's tiny SD1.x UNet layers gives the
-outputs of the same file applied through the OFTLoader node.
+numbers (COFT's projection and the first revisions' series too); text-encoder names on ComfyUI's CLIPs (SD1, FLUX's
+CLIP-L + T5); what a OneTrainer adapter cannot be (another format, a combination) is refused. With a OneTrainer
+checkout (`ONETRAINER_PATH`, tier `third_party`): OneTrainer's own OFTModule on ComfyUI's tiny SD1.x UNet layers gives
+the outputs of the same file applied through the OFTLoader node; with checkouts of its earlier eras
+(`ONETRAINER_COFT_PATH`, `ONETRAINER_FIRST_PATH`) its modules of then give what the pack reads from their files.
 """
 
 from __future__ import annotations
@@ -415,6 +419,84 @@ def test_text_encoder_layers_apply_to_comfyuis_clip(comfy, comfyui_oft, tmp_path
     assert got.dtype == base.dtype
     assert rel_err(got, base.double() @ _blockdiag(_series(q)).T) <= tol
     assert rel_err(got, base) > 10 * tol  # a change far beyond the rounding
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("naming", ["comfy", "kohya"])
+def test_t5_layers_apply_to_comfyuis_flux_clip(comfy, comfyui_oft, tmp_path, naming):
+    """FLUX as OneTrainer trains its text encoders: CLIP-L and T5 layers, named by its COMFY output
+    (`text_encoders.clip_l.transformer.` / `text_encoders.t5xxl.transformer.` + the HF path, i.e. the path in
+    ComfyUI's CLIP state dict) or its KOHYA output (`lora_te1_` / `lora_te2_`, T5 as the second), reach ComfyUI's
+    FLUX CLIP through the OFTLoader node (the UNet layer beside them too), each Linear's input rotated as the fp64
+    series says; CLIPTextEncode's conditioning moves."""
+    import comfy.model_management
+    import comfy.utils
+    import comfy_models
+    import folder_paths
+    from comfyui_oft.nodes import files, oft_nodes
+
+    clip = comfy_models.flux_clip_tiny(seed=6)
+    t5_rows, t5_q = _skew(96 // 8, 8, seed=26, std=0.2)  # the feed-forward output layers: in 96 and 128
+    l_rows, l_q = _skew(128 // 8, 8, seed=27, std=0.2)
+    unet_rows, _ = _skew(128 // 4, 4, seed=28)
+    if naming == "comfy":
+        keys = {"text_encoders.t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wo": t5_rows,
+                "text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc2": l_rows,
+                "diffusion_model.double_blocks.0.img_attn.proj": unet_rows}
+    else:
+        keys = {"lora_te2_encoder_block_1_layer_1_DenseReluDense_wo": t5_rows,
+                "lora_te1_text_model_encoder_layers_1_mlp_fc2": l_rows,
+                "lora_transformer_double_blocks_0_img_attn_proj": unet_rows}
+    folder = tmp_path / "oft"
+    folder.mkdir()
+    files.register_folder()
+    folder_paths.add_model_folder_path("oft", str(folder))
+    name = f"onetrainer_flux_te_{naming}.safetensors"
+    _file(folder, keys, name=name)
+    model = comfy_models.flux_tiny()
+    base_cond, base_pooled = clip.encode_from_tokens(clip.tokenize("a cat"), return_pooled=True)
+    out = oft_nodes.OFTLoader.execute(model=model, clip=clip, adapter_name=name, strength=1.0, strength_mode="kohya")
+    assert "3 of 3 adapter layers applied" in out.ui.value, out.ui.value
+    patcher = out.result[1].patcher
+    sd = patcher.model.state_dict()
+    t5_key = "t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wo.weight"
+    l_key = "clip_l.transformer.text_model.encoder.layers.1.mlp.fc2.weight"
+    bases = {t5_key: sd[t5_key].clone(), l_key: sd[l_key].clone()}
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)  # as CLIPTextEncode loads it
+    try:
+        got = {k: comfy.utils.get_attr(patcher.model, k).detach().clone() for k in bases}
+    finally:
+        comfy.model_management.unload_all_models()
+    for k, q in ((t5_key, t5_q), (l_key, l_q)):
+        base = bases[k]
+        tol = REL_TOL if base.dtype == torch.float32 else 2.0**-10
+        assert rel_err(got[k], base.double() @ _blockdiag(_series(q)).T) <= tol, k
+        assert rel_err(got[k], base) > 10 * tol, k
+    cond, pooled = out.result[1].encode_from_tokens(out.result[1].tokenize("a cat"), return_pooled=True)
+    assert float((cond - base_cond).abs().max()) > 1e-3 * float(base_cond.abs().max())  # T5's output
+    assert float((pooled - base_pooled).abs().max()) > 1e-3 * float(base_pooled.abs().max())  # CLIP-L's pooled
+
+
+@pytest.mark.parametrize("encoder, path", [
+    ("qwen25_7b", "model.layers.0.self_attn.q_proj"), ("llama", "model.layers.0.self_attn.q_proj"),
+    ("t5xxl", "encoder.block.0.layer.0.SelfAttention.q"),
+])
+def test_its_comfy_names_of_other_text_encoders_name_the_clip_state_dict(tmp_path, encoder, path):
+    """Its COMFY output names every text encoder `text_encoders.<ComfyUI's encoder name>.transformer.` + the path in
+    ComfyUI's CLIP state dict (Qwen-Image's Qwen2.5-VL, HiDream's / HunyuanVideo's Llama, T5): matched to that weight
+    of a CLIP state dict, nothing else."""
+    from oft_core.names import build_key_map
+
+    rows, _ = _skew(32 // 4, 4, seed=29)
+    adapter = load_adapter(_file(tmp_path, {f"text_encoders.{encoder}.transformer.{path}": rows}))
+    shapes = {f"{encoder}.transformer.{path}.weight": (32, 32), f"{encoder}.transformer.{path[:-1]}k.weight": (32, 32),
+              "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (64, 64)}
+    report = match_adapter(adapter, shapes, build_key_map(shapes), components=("te", "te1", "te2"))
+    assert [m.target.key for m in report.matched] == [f"{encoder}.transformer.{path}.weight"]
+    assert not report.unmatched
+    # a model without that encoder: reported, not applied
+    other = {"clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (64, 64)}
+    assert match_adapter(adapter, other, build_key_map(other), components=("te", "te1", "te2")).unmatched
 
 
 @pytest.mark.comfyui

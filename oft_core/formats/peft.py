@@ -120,9 +120,10 @@ _ONETRAINER_COFT_EPS = 1e-4
 _ONETRAINER_OWN = (
     ("lora_unet_", "unet"), ("lora_transformer_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"),
     ("lora_te_", "te"), ("diffusion_model.", "unet"),
-    # its COMFY output's CLIP names (`text_encoders.<ComfyUI's CLIP name>.transformer.` + the HF path); its T5 /
-    # Llama / Qwen text-encoder layers keep their whole name and are reported as not matched
+    # its COMFY output's text-encoder names (`text_encoders.<ComfyUI's encoder name>.transformer.` + the HF path):
+    # CLIP-L / CLIP-G by their HF path, the others (T5, Llama, Qwen, ...) by the path in ComfyUI's CLIP state dict
     ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_g.transformer.", "te2"),
+    ("text_encoders.", "te"),
 )
 _ONETRAINER_PREFIXES = _ONETRAINER_OWN + _PREFIXES
 # the name prefixes of OneTrainer's outputs that no PEFT file has (every text encoder, not only those read above)
