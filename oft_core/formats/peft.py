@@ -16,10 +16,10 @@ code fixes what the config would say: the Cayley–Neumann series of 5 terms wit
 row, Scaled OFT marked per layer by `oft_R.scaled_oft` (generators divided by 2·√(b − 1)); its first revisions
 (2025-11-14 to 16, told by `ot_revision`) did not halve the last term, and a Constrained OFT (COFT, until 2026-05)
 projects a Linear's stored numbers as PEFT's COFT does (its convolution path never projected), told only by the
-training settings (`ot_config`). It rotates a Linear's input
-as PEFT does (W·Rᵀ) but a Conv2d's weight as W·R (`OFTLayer.conv_transposed`, settled against the weight). Its files
-are told from a PEFT file without its config by OneTrainer's header (`ot_branch` / `ot_revision`) or, without it, by
-names no PEFT file has (`lora_unet_`, `lora_transformer_`, `lora_te*`, `diffusion_model.`).
+training settings (`ot_config`). It rotates a Linear's input as PEFT does (W·Rᵀ) but a Conv2d's weight as W·R
+(`OFTLayer.conv_transposed`, settled against the weight). Its files are told from a PEFT file without its config by
+OneTrainer's header (`ot_branch` / `ot_revision`) or, without it, by names no PEFT file has (`lora_unet_`,
+`lora_transformer_`, `lora_te*`, `diffusion_model.`, `text_encoders.`).
 
 Writing (a PEFT ≥ 0.16 adapter directory, `_PEFT_VERSION`'s layout): input-side diagonal-block UNet layers, one block
 size per layer (equal-size splits concatenated); parameterization, block_share and COFT eps are global in the config
