@@ -417,7 +417,8 @@ def train(model, latents, positive, *, steps: int, learning_rate: float, batch_s
         with _training_patches(model, trainer, gradient_checkpointing_on):
             losses = run_training(trainer.parameters(), compute_loss, steps=steps, lr=learning_rate,
                                   grad_accum=grad_accumulation, optimizer=optimizer, before_step=_before_step,
-                                  on_step=on_step, schedule=lr_schedule, warmup_steps=warmup_steps)
+                                  on_step=on_step, schedule=lr_schedule, warmup_steps=warmup_steps,
+                                  loss_scaling=training_dtype == "fp16")
     return trainer, losses, metadata(steps)
 
 
@@ -673,7 +674,8 @@ def _adapter_inputs() -> list:
                        "transformer blocks; saved as LyCORIS with the family's names.")),
         queue_checked(io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                        tooltip="Compute precision of the forward/backward (autocast); the generators are "
-                       "always fp32.")),
+                       "always fp32. fp16 (for GPUs without bf16) scales the loss dynamically so that small "
+                       "gradients do not vanish, as fp16 trainers do.")),
         io.Boolean.Input("gradient_checkpointing", default=True,
                          tooltip="Recompute each block in the backward pass: much less memory, ~30% slower."),
     ]

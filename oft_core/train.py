@@ -44,8 +44,9 @@ Public API:
   forward and again in backward, never kept) where the product has at least as many rows as the weight has inputs
   (`rotates_weight`: SD1.x's 320-wide layers at 2048 tokens), which costs less than rotating the output there.
 - `run_training(params, compute_loss, steps=…, lr=…)`: AdamW (or Adam / SGD), gradient accumulation, per-step callback,
-  learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up); one read from the device per step
-  (the loss). `residual_loss` (MSE / L1 / Huber / SmoothL1 of prediction − target).
+  learning-rate schedule (`lr_factor`: constant / cosine / linear with warm-up), dynamic loss scaling for fp16
+  (`loss_scaling`); one read from the device per step (the loss). `residual_loss` (MSE / L1 / Huber / SmoothL1 of
+  prediction − target).
 The toy model and the end-to-end demo are in `oft_core.demo`.
 """
 
@@ -1854,13 +1855,19 @@ def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, in
                  lr: float, grad_accum: int = 1, optimizer: str = "AdamW",
                  on_step: Callable[[int, float], None] | None = None,
                  before_step: Callable[[int], None] | None = None, schedule: str = "constant",
-                 warmup_steps: int = 0) -> list[float]:
+                 warmup_steps: int = 0, loss_scaling: bool = False) -> list[float]:
     """`steps` optimizer steps; each accumulates `grad_accum` micro-batches `compute_loss(step, micro)` (a scalar).
 
     Returns the mean loss of every step. `before_step(step)` runs first in each step (cancel checks: raise there),
     `on_step(step, loss)` after the update (progress, checkpoints). The learning rate of step s is
     lr × `lr_factor(schedule, s, steps, warmup_steps)` (a host number: setting it reads nothing from the device).
     Deterministic given deterministic `compute_loss`.
+
+    `loss_scaling` (for fp16 autocast, whose gradients underflow below 6·10⁻⁸ where bf16's do not): dynamic loss
+    scaling as mixed-precision trainers do it (`torch.amp.GradScaler`, as sd-scripts' fp16 runs through accelerate):
+    the loss multiplied by the scale before backward, the gradients divided by it inside the fused optimizer step,
+    a step whose gradients overflowed skipped and the scale halved, doubled after 2000 clean steps. With the fused
+    optimizers the scale and the overflow flag stay on the device: no read beyond the loss.
     """
     if steps < 1:
         raise OFTError(_mismatch("steps", "≥ 1", steps))
@@ -1869,6 +1876,14 @@ def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, in
     lr_factor(schedule, 0, steps, warmup_steps)  # bad schedule / warm-up: refused before any work
     params = list(params)
     opt = _make_optimizer(optimizer, params, lr)
+    scaler = None
+    if loss_scaling and params:
+        device = params[0].device.type
+        if device in _FUSED_DEVICES:  # (where torch's unscale-and-check kernel and the fused optimizers exist)
+            scaler = torch.amp.GradScaler(device)
+        else:
+            log.warning("OFT training: no loss scaling on %s (torch has none there): fp16 gradients too small for "
+                        "fp16 may vanish; bf16 or fp32 avoid that", device)
     losses = []
     for step in range(steps):
         if before_step is not None:
@@ -1879,7 +1894,7 @@ def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, in
         total = None
         for micro in range(grad_accum):
             loss = compute_loss(step, micro)
-            (loss / grad_accum).backward()
+            (loss / grad_accum if scaler is None else scaler.scale(loss / grad_accum)).backward()
             total = loss.detach() if total is None else total + loss.detach()
         # The step's one read from the device: the loss, checked before the update so a NaN never reaches the
         # generators (a non-finite micro-batch loss makes the sum non-finite too).
@@ -1887,7 +1902,11 @@ def run_training(params: Sequence[nn.Parameter], compute_loss: Callable[[int, in
         if not math.isfinite(mean):
             raise OFTError(f"the loss became {mean} at step {step + 1}: lower the learning rate or use "
                            "fp32 / bf16 training")
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:  # (an overflowed step is skipped inside the fused step, on the device)
+            scaler.step(opt)
+            scaler.update()
         losses.append(mean)
         if on_step is not None:
             on_step(step, losses[-1])

@@ -138,6 +138,41 @@ def test_a_training_step_reads_the_device_once(case):
     assert losses[-1] < losses[0]  # and it trained
 
 
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+def test_an_fp16_step_with_loss_scaling_reads_the_device_once(optimizer):
+    """fp16 autocast with dynamic loss scaling (the node's fp16): the scale, the overflow check and the skipped or
+    taken update stay on the device (the fused optimizers take the scaler's tensors); the loss is the one read."""
+    model = _ToyModel(seed=0).requires_grad_(False)
+    teacher = _ToyModel(seed=1)
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = teacher(x)
+    trainer = OFTTrainer(select_targets(model, "all-linear+conv", "generic"), num_blocks=2, alpha=0.0)
+    steps = 5
+    reads_cm = count_reads()
+    reads = None
+
+    def before_step(step):
+        nonlocal reads
+        if step == 1:
+            reads = reads_cm.__enter__()
+
+    def loss(s, m):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return F.mse_loss(model(x).float(), target)
+
+    try:
+        with trainer.attach():
+            losses = run_training(trainer.parameters(), loss, steps=steps, lr=1e-2, optimizer=optimizer,
+                                  loss_scaling=True, before_step=before_step)
+    finally:
+        if reads is not None:
+            reads_cm.__exit__(None, None, None)
+    total = sum(reads.values())
+    assert 1 <= total <= steps - 1, f"{dict(reads)} reads in {steps - 1} steps (at most one per step)"
+    assert losses[-1] < losses[0]
+
+
 # ------------------------------------------------------------------------------------------------ the node's loop
 NODE_CASES = {
     # name: (model, trainer keywords)
@@ -147,6 +182,7 @@ NODE_CASES = {
                                                  lr_schedule="cosine", warmup_steps=2, loss_function="L1")),
     "flux-fp32-huber": ("flux", dict(training_dtype="fp32", gradient_checkpointing_on=True, loss_function="Huber",
                                      alpha=1e-3)),
+    "sd-fp16-loss-scaling": ("sd", dict(training_dtype="fp16", gradient_checkpointing_on=True)),
 }
 
 

@@ -7,6 +7,8 @@ OFTTrainer.load_adapter).
 
 from __future__ import annotations
 
+import math
+
 import comfy_models
 import pytest
 import test_train_node as ttn
@@ -85,6 +87,77 @@ def test_run_training_sets_the_scheduled_lr_every_step():
     finally:
         torch.optim.SGD.step = orig
     assert seen == [pytest.approx(0.1 * lr_factor("cosine", s, 6, 2)) for s in range(6)]
+
+
+def _fp16_toy_run(dtype, loss_scaling: bool, optimizer: str = "AdamW", tiny: float = 2.0**-24, steps: int = 4):
+    """Generators after `steps` steps of the toy model under autocast `dtype` (CPU), its loss multiplied by `tiny`:
+    the gradients a real fp16 run meets below fp16's smallest number (6·10⁻⁸) at every layer."""
+    from oft_core.demo import _ToyModel
+    from oft_core.train import OFTTrainer, run_training, select_targets
+
+    model = _ToyModel().requires_grad_(False)
+    teacher = _ToyModel(seed=1)
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = teacher(x)
+    trainer = OFTTrainer(select_targets(model, "all-linear", "generic"), num_blocks=2, alpha=0.0)
+
+    def loss(s, m):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            return F.mse_loss(model(x).float(), target) * tiny
+
+    with trainer.attach():
+        losses = run_training(trainer.parameters(), loss, steps=steps, lr=1e-2, optimizer=optimizer,
+                              loss_scaling=loss_scaling)
+    return torch.cat([p.detach().flatten() for p in trainer.parameters()]), losses
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "Adam"])
+def test_fp16_loss_scaling_keeps_the_gradients_fp16_would_lose(optimizer):
+    """fp16 autocast: gradients below 6·10⁻⁸ vanish in its activations, and a run whose gradients are that small
+    (here the loss × 2⁻²⁴; Adam's step does not depend on the gradient's scale) trains nothing; with the node's
+    fp16 loss scaling it trains as fp32 does (to fp16's rounding of the activations)."""
+    ref, ref_losses = _fp16_toy_run(torch.float32, False, optimizer)
+    assert float(ref.abs().max()) > 1e-3  # fp32: the tiny gradients move the generators (Adam normalises them)
+    lost, _ = _fp16_toy_run(torch.float16, False, optimizer)
+    assert float(lost.abs().max()) == 0.0  # fp16 without scaling: every gradient underflowed
+    scaled, scaled_losses = _fp16_toy_run(torch.float16, True, optimizer)
+    assert float((scaled - ref).norm() / ref.norm()) < 0.05
+    assert scaled_losses[-1] < scaled_losses[0]
+
+
+def test_fp16_loss_scaling_skips_an_overflowing_step_and_lowers_the_scale():
+    """A loss whose scaled gradients overflow fp16 (here × 2¹⁶ on top of the scale 2¹⁶): the step is skipped (the
+    generators stay), the scale halves until the gradients fit, then the run trains."""
+    first, _ = _fp16_toy_run(torch.float16, True, tiny=2.0**16, steps=1)
+    assert float(first.abs().max()) == 0.0  # the one step overflowed: skipped, nothing half-applied
+    later, losses = _fp16_toy_run(torch.float16, True, tiny=2.0**16, steps=24)
+    assert torch.isfinite(later).all() and float(later.abs().max()) > 1e-3
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_the_nodes_fp16_training_scales_its_loss_and_trains_as_fp32(comfy, tn, monkeypatch):
+    """The node's fp16 (GPUs without bf16) trains with dynamic loss scaling (its one GradScaler, on the model's
+    device) and lands where fp32 training does, to fp16's rounding of the activations; bf16 and fp32 do not scale."""
+    scalers = []
+    orig = torch.amp.GradScaler.__init__
+
+    def spy(self, *a, **k):
+        scalers.append(a[0] if a else k.get("device"))
+        orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", spy)
+    latents, positive = sd_data()
+    runs = {}
+    for dtype in ("fp32", "fp16", "bf16"):
+        _, adapter, loss = run_node(tn, comfy_models.sd15_tiny(), latents, positive, steps=6, training_dtype=dtype)
+        runs[dtype] = (torch.cat([layer.blocks[0].flatten() for layer in adapter]), loss["loss"])
+        assert scalers == (["cpu"] if dtype != "fp32" else []), dtype
+    ref, ref_losses = runs["fp32"]
+    got, losses = runs["fp16"]
+    assert float(ref.abs().max()) > 1e-3 and torch.isfinite(got).all()
+    assert float((got - ref).norm() / ref.norm()) < 0.1
+    assert losses == pytest.approx(ref_losses, rel=1e-2)
 
 
 def test_load_adapter_starts_exactly_from_a_written_file_and_names_the_first_mismatch(tmp_path):
