@@ -342,10 +342,16 @@ def _split_weights(weights: Mapping[str, tuple], prefixed: bool,
             for component in te[1]:
                 _add(names, component, te[0], Target(key))
             continue
-        if not prefixed and _HOST_ENCODER.match(module):
+        host = _HOST_ENCODER.match(module) if not prefixed else None
+        if host is not None:
             # a ComfyUI CLIP's other encoders (`t5xxl.transformer.`, `llama.transformer.`, `qwen25_7b.transformer.`):
-            # "te" names them by their whole path, as OneTrainer's COMFY output does (`text_encoders.` + the path)
+            # "te" names them by their whole path, as OneTrainer's COMFY output does (`text_encoders.` + the path),
+            # and every text-encoder component by their HF path, as its positional names do (FLUX's T5 is its
+            # `lora_te2_` / `text_encoder_2.`, Chroma's its `lora_te1_`, SD3's `lora_te3_`, Qwen's `lora_te_`): no
+            # CLIP path (`text_model.…`) is one of theirs; two encoders with one path make it ambiguous, never applied
             _add(names, "te", module, Target(key))
+            for component in ("te", "te1", "te2"):
+                _add(names, component, module[host.end():], Target(key))
         rel = next((module[len(p):] for p in _UNET_PREFIXES if module.startswith(p)), None)
         if rel is None and not prefixed:  # a bare UNet / DiT file: everything else is the model
             rel = module

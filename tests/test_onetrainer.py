@@ -422,11 +422,12 @@ def test_text_encoder_layers_apply_to_comfyuis_clip(comfy, comfyui_oft, tmp_path
 
 
 @pytest.mark.comfyui
-@pytest.mark.parametrize("naming", ["comfy", "kohya"])
+@pytest.mark.parametrize("naming", ["comfy", "kohya", "diffusers"])
 def test_t5_layers_apply_to_comfyuis_flux_clip(comfy, comfyui_oft, tmp_path, naming):
     """FLUX as OneTrainer trains its text encoders: CLIP-L and T5 layers, named by its COMFY output
     (`text_encoders.clip_l.transformer.` / `text_encoders.t5xxl.transformer.` + the HF path, i.e. the path in
-    ComfyUI's CLIP state dict) or its KOHYA output (`lora_te1_` / `lora_te2_`, T5 as the second), reach ComfyUI's
+    ComfyUI's CLIP state dict), its KOHYA output (`lora_te1_` / `lora_te2_`, T5 as the second) or its DIFFUSERS
+    output (`text_encoder.` / `text_encoder_2.` + the HF path, `transformer.` + diffusers' path), reach ComfyUI's
     FLUX CLIP through the OFTLoader node (the UNet layer beside them too), each Linear's input rotated as the fp64
     series says; CLIPTextEncode's conditioning moves."""
     import comfy.model_management
@@ -443,10 +444,14 @@ def test_t5_layers_apply_to_comfyuis_flux_clip(comfy, comfyui_oft, tmp_path, nam
         keys = {"text_encoders.t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wo": t5_rows,
                 "text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc2": l_rows,
                 "diffusion_model.double_blocks.0.img_attn.proj": unet_rows}
-    else:
+    elif naming == "kohya":
         keys = {"lora_te2_encoder_block_1_layer_1_DenseReluDense_wo": t5_rows,
                 "lora_te1_text_model_encoder_layers_1_mlp_fc2": l_rows,
                 "lora_transformer_double_blocks_0_img_attn_proj": unet_rows}
+    else:
+        keys = {"text_encoder_2.encoder.block.1.layer.1.DenseReluDense.wo": t5_rows,
+                "text_encoder.text_model.encoder.layers.1.mlp.fc2": l_rows,
+                "transformer.transformer_blocks.0.attn.to_out.0": unet_rows}
     folder = tmp_path / "oft"
     folder.mkdir()
     files.register_folder()
@@ -497,6 +502,48 @@ def test_its_comfy_names_of_other_text_encoders_name_the_clip_state_dict(tmp_pat
     # a model without that encoder: reported, not applied
     other = {"clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": (64, 64)}
     assert match_adapter(adapter, other, build_key_map(other), components=("te", "te1", "te2")).unmatched
+
+
+_CLIP_Q = "text_model.encoder.layers.0.self_attn.q_proj"
+_T5_Q = "encoder.block.0.layer.0.SelfAttention.q"
+_LLAMA_Q = "model.layers.0.self_attn.q_proj"
+# family: (its CLIP state dict's encoders and their layer, [(OneTrainer's name of a layer, the encoder it is)])
+_POSITIONAL = {
+    "flux": ({"clip_l": _CLIP_Q, "t5xxl": _T5_Q},
+             [("lora_te1_" + _CLIP_Q.replace(".", "_"), "clip_l"), ("lora_te2_" + _T5_Q.replace(".", "_"), "t5xxl"),
+              ("text_encoder." + _CLIP_Q, "clip_l"), ("text_encoder_2." + _T5_Q, "t5xxl")]),
+    "chroma": ({"t5xxl": _T5_Q},
+               [("lora_te1_" + _T5_Q.replace(".", "_"), "t5xxl"), ("text_encoder." + _T5_Q, "t5xxl")]),
+    "sd3": ({"clip_l": _CLIP_Q, "clip_g": _CLIP_Q, "t5xxl": _T5_Q},
+            [("lora_te3_" + _T5_Q.replace(".", "_"), "t5xxl"), ("text_encoder_3." + _T5_Q, "t5xxl"),
+             ("lora_te2_" + _CLIP_Q.replace(".", "_"), "clip_g"), ("text_encoder_2." + _CLIP_Q, "clip_g")]),
+    "hidream": ({"clip_l": _CLIP_Q, "clip_g": _CLIP_Q, "t5xxl": _T5_Q, "llama": _LLAMA_Q},
+                [("lora_te3_" + _T5_Q.replace(".", "_"), "t5xxl"), ("lora_te4_" + _LLAMA_Q.replace(".", "_"), "llama"),
+                 ("text_encoder_3." + _T5_Q, "t5xxl"), ("text_encoder_4." + _LLAMA_Q, "llama")]),
+    "hunyuan_video": ({"llama": _LLAMA_Q, "clip_l": _CLIP_Q},
+                      [("lora_te1_" + _LLAMA_Q.replace(".", "_"), "llama"), ("text_encoder." + _LLAMA_Q, "llama")]),
+    "qwen": ({"qwen25_7b": _LLAMA_Q},
+             [("lora_te_" + _LLAMA_Q.replace(".", "_"), "qwen25_7b"), ("text_encoder." + _LLAMA_Q, "qwen25_7b")]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_POSITIONAL))
+def test_its_positional_text_encoder_names_find_their_encoder(tmp_path, family):
+    """Its KOHYA (`lora_te1_`…`lora_te4_`, Qwen's `lora_te_`) and DIFFUSERS (`text_encoder.`…`text_encoder_4.`)
+    names number a model's text encoders in its own order (FLUX: CLIP-L, T5; Chroma: T5; SD3: CLIP-L, CLIP-G, T5;
+    HiDream: + Llama; HunyuanVideo: Llama, CLIP-L; Qwen-Image: Qwen2.5-VL). Each lands on its encoder's weight in
+    ComfyUI's CLIP state dict of that family: T5 / Llama / Qwen by their HF path (no CLIP has one of those), the
+    CLIPs as ever."""
+    from oft_core.names import build_key_map
+
+    encoders, names = _POSITIONAL[family]
+    shapes = {f"{enc}.transformer.{path}.weight": (32, 32) for enc, path in encoders.items()}
+    rows, _ = _skew(32 // 4, 4, seed=30)
+    for key, encoder in names:
+        adapter = load_adapter(_file(tmp_path, {key: rows}, name=f"{family}_{encoder}.safetensors"))
+        report = match_adapter(adapter, shapes, build_key_map(shapes), components=("te", "te1", "te2"))
+        assert [m.target.key for m in report.matched] == [f"{encoder}.transformer.{encoders[encoder]}.weight"], key
+        assert not report.unmatched, key
 
 
 @pytest.mark.comfyui

@@ -124,6 +124,9 @@ _ONETRAINER_OWN = (
     # CLIP-L / CLIP-G by their HF path, the others (T5, Llama, Qwen, ...) by the path in ComfyUI's CLIP state dict
     ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_g.transformer.", "te2"),
     ("text_encoders.", "te"),
+    # its KOHYA / DIFFUSERS names of a third and fourth encoder (SD3's and HiDream's T5, HiDream's Llama): never a
+    # CLIP, found by their HF path among the CLIP state dict's other encoders
+    ("lora_te3_", "te"), ("lora_te4_", "te"), ("text_encoder_3.", "te"), ("text_encoder_4.", "te"),
 )
 _ONETRAINER_PREFIXES = _ONETRAINER_OWN + _PREFIXES
 # the name prefixes of OneTrainer's outputs that no PEFT file has (every text encoder, not only those read above)
