@@ -334,6 +334,7 @@ def _split_weights(weights: Mapping[str, tuple], prefixed: bool,
     """Text-encoder weights added to `names` under their own paths; returns the UNet / DiT ones as (module path
     below the UNet/DiT prefix, key, shape). `prefixed`: the file has UNet prefixes (else a bare UNet / DiT file)."""
     unet: list[tuple[str, str, tuple]] = []
+    hosts = False
     for module, (key, shape) in weights.items():
         te = next(((module[len(p):], cs) for p, cs in _TE_PREFIXES if module.startswith(p)), None)
         if te is None and module.startswith("text_model."):  # a bare HF CLIPTextModel file (SD1 te / SDXL te1)
@@ -352,11 +353,18 @@ def _split_weights(weights: Mapping[str, tuple], prefixed: bool,
             _add(names, "te", module, Target(key))
             for component in ("te", "te1", "te2"):
                 _add(names, component, module[host.end():], Target(key))
+            hosts = True
         rel = next((module[len(p):] for p in _UNET_PREFIXES if module.startswith(p)), None)
         if rel is None and not prefixed:  # a bare UNet / DiT file: everything else is the model
             rel = module
         if rel is not None:
             unet.append((rel, key, shape))
+    if hosts and not any(m.startswith("clip_g.transformer.") for m in weights):
+        # CLIP-L beside another encoder and no CLIP-G (HunyuanVideo: Llama, CLIP-L): OneTrainer numbers it second
+        # (`lora_te2_` / `text_encoder_2.`), where the pack's own second CLIP is CLIP-G, absent here
+        for module, (key, _shape) in weights.items():
+            if module.startswith("clip_l.transformer."):
+                _add(names, "te2", module[len("clip_l.transformer."):], Target(key))
     return unet
 
 

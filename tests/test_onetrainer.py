@@ -521,7 +521,8 @@ _POSITIONAL = {
                 [("lora_te3_" + _T5_Q.replace(".", "_"), "t5xxl"), ("lora_te4_" + _LLAMA_Q.replace(".", "_"), "llama"),
                  ("text_encoder_3." + _T5_Q, "t5xxl"), ("text_encoder_4." + _LLAMA_Q, "llama")]),
     "hunyuan_video": ({"llama": _LLAMA_Q, "clip_l": _CLIP_Q},
-                      [("lora_te1_" + _LLAMA_Q.replace(".", "_"), "llama"), ("text_encoder." + _LLAMA_Q, "llama")]),
+                      [("lora_te1_" + _LLAMA_Q.replace(".", "_"), "llama"), ("text_encoder." + _LLAMA_Q, "llama"),
+                       ("lora_te2_" + _CLIP_Q.replace(".", "_"), "clip_l"), ("text_encoder_2." + _CLIP_Q, "clip_l")]),
     "qwen": ({"qwen25_7b": _LLAMA_Q},
              [("lora_te_" + _LLAMA_Q.replace(".", "_"), "qwen25_7b"), ("text_encoder." + _LLAMA_Q, "qwen25_7b")]),
 }
@@ -533,7 +534,8 @@ def test_its_positional_text_encoder_names_find_their_encoder(tmp_path, family):
     names number a model's text encoders in its own order (FLUX: CLIP-L, T5; Chroma: T5; SD3: CLIP-L, CLIP-G, T5;
     HiDream: + Llama; HunyuanVideo: Llama, CLIP-L; Qwen-Image: Qwen2.5-VL). Each lands on its encoder's weight in
     ComfyUI's CLIP state dict of that family: T5 / Llama / Qwen by their HF path (no CLIP has one of those), the
-    CLIPs as ever."""
+    CLIPs as ever, and HunyuanVideo's CLIP-L as its second too (no CLIP-G there). An SD1 CLIP (CLIP-L alone)
+    still has no second encoder."""
     from oft_core.names import build_key_map
 
     encoders, names = _POSITIONAL[family]
@@ -544,6 +546,9 @@ def test_its_positional_text_encoder_names_find_their_encoder(tmp_path, family):
         report = match_adapter(adapter, shapes, build_key_map(shapes), components=("te", "te1", "te2"))
         assert [m.target.key for m in report.matched] == [f"{encoder}.transformer.{encoders[encoder]}.weight"], key
         assert not report.unmatched, key
+    sd1 = {f"clip_l.transformer.{_CLIP_Q}.weight": (32, 32)}
+    second = load_adapter(_file(tmp_path, {"lora_te2_" + _CLIP_Q.replace(".", "_"): rows}, name="sd1.safetensors"))
+    assert match_adapter(second, sd1, build_key_map(sd1), components=("te", "te1", "te2")).unmatched
 
 
 @pytest.mark.comfyui
