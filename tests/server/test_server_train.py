@@ -164,6 +164,18 @@ def test_train_again_after_ksampler_loaded_and_patched_the_model(srv, trained, r
     assert torch.equal(_latent(srv, after), reference_latent), "base weights changed by the second training"
 
 
+def test_fp16_training_in_the_server_trains_and_samples(srv, reference_latent):
+    """training_dtype fp16 (GPUs without bf16; dynamic loss scaling) under the executor: the run saves a kohya file
+    whose blocks moved and are finite, and KSampler with it samples a finite latent that differs from the base's."""
+    entry = srv.run(train_prompt(harness.CHECKPOINT_NAME, steps=3, prefix="loras/oft_fp16", dtype="fp16"))
+    path = _saved_path(srv, entry)
+    blocks = [v for k, v in load_file(str(path)).items() if k.endswith(".oft_blocks")]
+    assert blocks and all(torch.isfinite(b).all() for b in blocks)
+    assert max(float(b.abs().max()) for b in blocks) > 1e-4
+    lat = _latent(srv, srv.run(sample_prompt(harness.CHECKPOINT_NAME, adapter=path.name, prefix="fp16_adapter")))
+    assert torch.isfinite(lat).all() and not torch.equal(lat, reference_latent)
+
+
 def test_interrupt_stops_training_within_one_step(srv, reference_latent):
     name = _link(srv, INTERRUPT_CKPT)
     steps = 400
