@@ -585,6 +585,62 @@ def test_flux_names_of_its_kohya_and_legacy_outputs_rotate_the_fused_weights(com
     assert rel_err(g1[v], w1[v] @ _blockdiag(_series(v_q)).T) <= REL_TOL
 
 
+@pytest.mark.comfyui
+@pytest.mark.parametrize("naming", ["diffusers", "legacy"])
+@pytest.mark.parametrize("family", ["sd3", "qwen", "hidream", "chroma"])
+def test_its_dit_names_rotate_comfyuis_weights_in_every_family(comfy, comfyui_oft, tmp_path, family, naming):
+    """The DiT families OneTrainer trains, named as its DIFFUSERS (`transformer.` + diffusers' path) or LEGACY
+    (`lora_transformer_` + that path underscored) output names them: each layer lands where ComfyUI's own key map puts
+    that diffusers name — a whole weight, or its rows of a fused one (SD3's, Chroma's qkv) — and, merged through the
+    loader's path, those rows equal W_rows·blockdiag(R)ᵀ of the fp64 series; rows no layer names are untouched.
+    (HunyuanVideo: ComfyUI maps no diffusers names for it, nor does the pack; its COMFY and KOHYA names are
+    ComfyUI's own paths.)"""
+    import comfy.lora
+    import comfy_models
+    from comfyui_oft.nodes.patch import apply_oft
+
+    mp = comfy_models.dit_tiny(family)
+    sd = mp.model.diffusion_model.state_dict()
+    key_map = comfy.lora.model_lora_keys_unet(mp.model, {})
+    plain, fused = [], []
+    for name, target in sorted(key_map.items()):
+        if not name.startswith("transformer.") or ".attn" not in name:
+            continue
+        key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
+        rel = key[len("diffusion_model."):]
+        if not key.startswith("diffusion_model.") or rel not in sd or sd[rel].ndim != 2:
+            continue  # (the map also names layers a tiny config leaves out, e.g. SD3.5's second attention)
+        if offset is None and len(plain) < 2:
+            plain.append((name, key, None))
+        elif offset is not None and offset[0] == 0 and len(fused) < 2:
+            fused.append((name, key, offset))
+    chosen = plain + fused
+    assert plain and (fused or family not in ("sd3", "chroma")), (plain, fused)  # (their qkv is fused in ComfyUI)
+    layers, want = {}, {}
+    for i, (name, key, offset) in enumerate(chosen):
+        weight = sd[key[len("diffusion_model."):]]
+        rows, q = _skew(weight.shape[1] // 4, 4, seed=40 + i)
+        path = name[len("transformer."):]
+        layers["transformer." + path if naming == "diffusers" else "lora_transformer_" + path.replace(".", "_")] = rows
+        want.setdefault(key[len("diffusion_model."):], []).append((offset, q))
+    adapter = load_adapter(_file(tmp_path, layers, name=f"{family}_{naming}.safetensors"))
+    merged, _, text = apply_oft(mp, None, adapter, 1.0)
+    assert f"{len(chosen)} of {len(chosen)} adapter layers applied" in text, text
+    merged.patch_model()
+    try:
+        got = {k: merged.model.diffusion_model.state_dict()[k].detach().clone() for k in want}
+    finally:
+        merged.unpatch_model()
+    for key, parts in want.items():
+        base = sd[key].double()
+        expect = base.clone()
+        for offset, q in parts:
+            r = slice(None) if offset is None else slice(offset[1], offset[1] + offset[2])
+            expect[r] = base[r] @ _blockdiag(_series(q)).T
+        assert rel_err(got[key], expect) <= REL_TOL, (family, key)
+        assert rel_err(got[key], base) > 1e-3, (family, key)
+
+
 def test_baked_and_extracted_as_a_lora(tmp_path, capsys):
     """A OneTrainer file is baked into a base file (the CLI), each layer as OneTrainer computes it, and extracted as a
     LoRA whose ΔW is the bake's: the route from its files to every tool that reads LoRAs."""
