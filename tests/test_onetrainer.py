@@ -593,8 +593,7 @@ def test_its_dit_names_rotate_comfyuis_weights_in_every_family(comfy, comfyui_of
     (`lora_transformer_` + that path underscored) output names them: each layer lands where ComfyUI's own key map puts
     that diffusers name — a whole weight, or its rows of a fused one (SD3's, Chroma's qkv) — and, merged through the
     loader's path, those rows equal W_rows·blockdiag(R)ᵀ of the fp64 series; rows no layer names are untouched.
-    (HunyuanVideo: ComfyUI maps no diffusers names for it, nor does the pack; its COMFY and KOHYA names are
-    ComfyUI's own paths.)"""
+    (HunyuanVideo, whose diffusers names ComfyUI does not map: the next test.)"""
     import comfy.lora
     import comfy_models
     from comfyui_oft.nodes.patch import apply_oft
@@ -639,6 +638,46 @@ def test_its_dit_names_rotate_comfyuis_weights_in_every_family(comfy, comfyui_of
             expect[r] = base[r] @ _blockdiag(_series(q)).T
         assert rel_err(got[key], expect) <= REL_TOL, (family, key)
         assert rel_err(got[key], base) > 1e-3, (family, key)
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("naming", ["diffusers", "legacy"])
+def test_its_hunyuan_video_diffusers_names_rotate_comfyuis_fused_weights(comfy, comfyui_oft, tmp_path, naming):
+    """HunyuanVideo in its DIFFUSERS / LEGACY names (diffusers' HunyuanVideoTransformer3DModel: FLUX's diffusers
+    block names), which ComfyUI's own key map does not cover: `to_q` is the first third of ComfyUI's fused
+    `double_blocks.0.img_attn.qkv`, the single block's `to_k` the second hidden-wide rows of `linear1`, `ff.net.0.proj`
+    is `img_mlp.0`, `proj_out` is `linear2`; merged through the loader's path each equals the fp64 series."""
+    import comfy_models
+    from comfyui_oft.nodes.patch import apply_oft
+
+    mp = comfy_models.dit_tiny("hunyuan_video")
+    sd = mp.model.diffusion_model.state_dict()
+    hidden = sd["double_blocks.0.img_attn.qkv.weight"].shape[1]
+    cases = [  # (diffusers path, ComfyUI weight, its rows)
+        ("transformer_blocks.0.attn.to_q", "double_blocks.0.img_attn.qkv.weight", slice(0, hidden)),
+        ("transformer_blocks.0.ff.net.0.proj", "double_blocks.0.img_mlp.0.weight", slice(None)),
+        ("single_transformer_blocks.0.attn.to_k", "single_blocks.0.linear1.weight", slice(hidden, 2 * hidden)),
+        ("single_transformer_blocks.0.proj_out", "single_blocks.0.linear2.weight", slice(None)),
+    ]
+    layers, want = {}, []
+    for i, (path, key, rows) in enumerate(cases):
+        packed, q = _skew(sd[key].shape[1] // 4, 4, seed=50 + i)
+        name = "transformer." + path if naming == "diffusers" else "lora_transformer_" + path.replace(".", "_")
+        layers[name] = packed
+        want.append((key, rows, q))
+    merged, _, text = apply_oft(mp, None, load_adapter(_file(tmp_path, layers)), 1.0)
+    assert "4 of 4 adapter layers applied" in text, text
+    merged.patch_model()
+    try:
+        got = {key: merged.model.diffusion_model.state_dict()[key].detach().clone() for key, _, _ in want}
+    finally:
+        merged.unpatch_model()
+    for key, rows, q in want:
+        base = sd[key].double()
+        expect = base.clone()
+        expect[rows] = base[rows] @ _blockdiag(_series(q)).T
+        assert rel_err(got[key], expect) <= REL_TOL, key
+        assert rel_err(got[key], base) > 1e-3, key
 
 
 def test_baked_and_extracted_as_a_lora(tmp_path, capsys):
