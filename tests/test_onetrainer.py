@@ -641,12 +641,14 @@ def test_its_dit_names_rotate_comfyuis_weights_in_every_family(comfy, comfyui_of
 
 
 @pytest.mark.comfyui
-@pytest.mark.parametrize("naming", ["diffusers", "legacy"])
+@pytest.mark.parametrize("naming", ["diffusers", "legacy", "kohya"])
 def test_its_hunyuan_video_diffusers_names_rotate_comfyuis_fused_weights(comfy, comfyui_oft, tmp_path, naming):
     """HunyuanVideo in its DIFFUSERS / LEGACY names (diffusers' HunyuanVideoTransformer3DModel: FLUX's diffusers
     block names), which ComfyUI's own key map does not cover: `to_q` is the first third of ComfyUI's fused
     `double_blocks.0.img_attn.qkv`, the single block's `to_k` the second hidden-wide rows of `linear1`, `ff.net.0.proj`
-    is `img_mlp.0`, `proj_out` is `linear2`; merged through the loader's path each equals the fp64 series."""
+    is `img_mlp.0`, `proj_out` is `linear2`; and in its KOHYA names (HunyuanVideo's original spelling under
+    `lora_unet_`, fused as the original: `img_attn_qkv`, `img_mlp_fc1`, `linear1`, `linear2`, read through ComfyUI's
+    diffusion-pipe map). Merged through the loader's path each equals the fp64 series."""
     import comfy_models
     from comfyui_oft.nodes.patch import apply_oft
 
@@ -659,10 +661,16 @@ def test_its_hunyuan_video_diffusers_names_rotate_comfyuis_fused_weights(comfy, 
         ("single_transformer_blocks.0.attn.to_k", "single_blocks.0.linear1.weight", slice(hidden, 2 * hidden)),
         ("single_transformer_blocks.0.proj_out", "single_blocks.0.linear2.weight", slice(None)),
     ]
+    if naming == "kohya":  # (original path, ComfyUI weight, its rows)
+        cases = [("double_blocks.0.img_attn_qkv", "double_blocks.0.img_attn.qkv.weight", slice(None)),
+                 ("double_blocks.0.img_mlp.fc1", "double_blocks.0.img_mlp.0.weight", slice(None)),
+                 ("single_blocks.0.linear1", "single_blocks.0.linear1.weight", slice(None)),
+                 ("single_blocks.0.linear2", "single_blocks.0.linear2.weight", slice(None))]
     layers, want = {}, []
     for i, (path, key, rows) in enumerate(cases):
         packed, q = _skew(sd[key].shape[1] // 4, 4, seed=50 + i)
-        name = "transformer." + path if naming == "diffusers" else "lora_transformer_" + path.replace(".", "_")
+        name = {"diffusers": "transformer." + path, "legacy": "lora_transformer_" + path.replace(".", "_"),
+                "kohya": "lora_unet_" + path.replace(".", "_")}[naming]
         layers[name] = packed
         want.append((key, rows, q))
     merged, _, text = apply_oft(mp, None, load_adapter(_file(tmp_path, layers)), 1.0)
