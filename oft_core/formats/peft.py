@@ -137,10 +137,10 @@ _MAX_NEUMANN_TERMS = 64  # PEFT's default is 5; each term is a matmul per block,
 
 
 def _config_value(cfg: dict, name: str, default, kind: str, cfg_path: str, declared: str | None = None,
-                  label: str = _CONFIG_NAME):
+                  label: str = _CONFIG_NAME, remedy: str = ""):
     """`cfg[name]` checked against what PEFT's OFTConfig declares for it (`kind`), or `default` when absent.
     Refused with the field, the value and what PEFT accepts (`declared`: what another tool's config declares,
-    `label` naming that config)."""
+    `label` naming that config, `remedy` what to do, appended)."""
     if name not in cfg:
         return default
     v = cfg[name]
@@ -164,7 +164,7 @@ def _config_value(cfg: dict, name: str, default, kind: str, cfg_path: str, decla
             want = f"{want.partition(' (')[0]} ({declared})"
         shown = json.dumps(v)
         raise OFTError(f"{label}: {name}: expected {want}, found "
-                       f"{shown if len(shown) <= 40 else shown[:30] + '…'}", path=cfg_path)
+                       f"{shown if len(shown) <= 40 else shown[:30] + '…'}{remedy}", path=cfg_path)
     return v
 
 
@@ -255,19 +255,22 @@ def _onetrainer_settings(header: _Header) -> tuple[tuple[float, ...], float | No
     if raw is None:
         return series, None
     what = "its ot_config (OneTrainer's training settings, which say whether Constrained OFT was trained)"
+    remedy = ("; save the adapter again from OneTrainer, or, if that run did not use Constrained OFT, remove the "
+              "file's ot_config entry")
     try:  # OneTrainer writes it with Python's json.dumps: NaN / Infinity may stand in fields this never reads
         cfg = json.loads(raw, parse_constant=float) if isinstance(raw, str) else None
     except RecursionError:
-        raise OFTError(f"{what} is nested too deeply to be read", path=header.path) from None
+        raise OFTError(f"{what} is nested too deeply to be read{remedy}", path=header.path) from None
     except ValueError as e:
-        raise OFTError(f"{what} is not valid JSON ({e})", path=header.path) from None
+        raise OFTError(f"{what} is not valid JSON ({e}){remedy}", path=header.path) from None
     if not isinstance(cfg, dict):
-        raise OFTError(f"{what}: expected a JSON object, found {type(cfg).__name__}", path=header.path)
-    coft = _config_value(cfg, "oft_coft", False, "bool", header.path, "OneTrainer: bool, default false", "ot_config")
+        raise OFTError(f"{what}: expected a JSON object, found {type(cfg).__name__}{remedy}", path=header.path)
+    coft = _config_value(cfg, "oft_coft", False, "bool", header.path, "OneTrainer: bool, default false", "ot_config",
+                         remedy)
     if not coft:
         return series, None
     eps = _config_value(cfg, "coft_eps", _ONETRAINER_COFT_EPS, "eps", header.path,
-                        "OneTrainer: float, default 0.0001", "ot_config")
+                        "OneTrainer: float, default 0.0001", "ot_config", remedy)
     return series, float(eps)
 
 
