@@ -15,6 +15,10 @@ access.
 | FLUX.1, BFL (`flux`), same prefixes      | BFL (kohya), identity                  | `double_blocks.0.img_attn.qkv`   |
 |                                          | diffusers (LyCORIS/PEFT): a row slice  | `transformer_blocks.0.attn.to_k` |
 |                                          | `(0, start, length)` of a fused weight | -> `img_attn.qkv`, (0, h, h)     |
+| HunyuanVideo (`flux`: FLUX's blocks)     | as FLUX.1, and the text token refiner  | `context_embedder.token_refiner` |
+|                                          | (`txt_in`) in diffusers' names         | `.refiner_blocks.0.attn.to_k` -> |
+|                                          |                                        | `txt_in.individual_token_refiner`|
+|                                          |                                        | `.blocks.0.self_attn.qkv` slice  |
 | FLUX.1, diffusers (`flux_diffusers`)     | diffusers, identity                    |                                  |
 | Wan 2.x, original names (`wan`)          | original (musubi-tuner), identity;     | `blocks.0.self_attn.q`           |
 |                                          | diffusers (SimpleTuner LyCORIS, PEFT)  | `blocks.0.attn1.to_q` (1:1)      |
@@ -123,7 +127,23 @@ _FLUX_TOP = {
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
     # Not `final_layer.adaLN_modulation.1` <- `norm_out.linear`: diffusers stores its two halves swapped (a row
     # permutation, not a slice), so an output-side rotation trained on one cannot be applied to the other.
+    # HunyuanVideo's text token refiner (ComfyUI's `txt_in`, a module there, not FLUX's Linear), as diffusers'
+    # HunyuanVideoTokenRefiner (`context_embedder`) names it: its blocks below in `_HUNYUAN_REFINER_BLOCK`
+    "txt_in.input_embedder": "context_embedder.proj_in",
+    "txt_in.t_embedder.in_layer": "context_embedder.time_text_embed.timestep_embedder.linear_1",
+    "txt_in.t_embedder.out_layer": "context_embedder.time_text_embed.timestep_embedder.linear_2",
+    "txt_in.c_embedder.in_layer": "context_embedder.time_text_embed.text_embedder.linear_1",
+    "txt_in.c_embedder.out_layer": "context_embedder.time_text_embed.text_embedder.linear_2",
 }
+# HunyuanVideo refiner block child (ComfyUI's `txt_in.individual_token_refiner.blocks.N`) -> diffusers'
+# `context_embedder.token_refiner.refiner_blocks.N` child, whole tensors; the fused `self_attn.qkv` is sliced into
+# `attn.to_q` / `to_k` / `to_v` like FLUX's. `norm_out.linear` keeps the halves' order (gate_msa, gate_mlp on both
+# sides), unlike the final layer's.
+_HUNYUAN_REFINER_BLOCK = {
+    "self_attn.proj": "attn.to_out.0", "mlp.0": "ff.net.0.proj", "mlp.2": "ff.net.2",
+    "adaLN_modulation.1": "norm_out.linear",
+}
+_HUNYUAN_REFINER = re.compile(r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.(.+)")
 
 # Wan 2.x: ComfyUI (and musubi-tuner / diffusion-pipe) use the original Wan names, diffusers' WanTransformer3DModel
 # (SimpleTuner's LyCORIS, PEFT) renames them one to one (diffusers scripts/convert_wan_to_diffusers.py; no fused or
@@ -480,12 +500,19 @@ def _flux_to_diffusers(rel: str, shape: tuple) -> list[tuple[str, tuple[int, int
     """Diffusers names (with their row slice) of the BFL FLUX weight `rel`, sizes taken from its shape."""
     if rel in _FLUX_TOP:
         return [(_FLUX_TOP[rel], None)]
+    # Fused projections are Linear(h, ...): the input width is the hidden size h.
+    h = shape[1] if len(shape) == 2 else 0
+    if m := _HUNYUAN_REFINER.fullmatch(rel):
+        block, child = f"context_embedder.token_refiner.refiner_blocks.{m[1]}", m[2]
+        if child == "self_attn.qkv":
+            if not h or shape[0] != 3 * h:
+                return []
+            return [(f"{block}.attn.{p}", (0, i * h, h)) for i, p in enumerate(("to_q", "to_k", "to_v"))]
+        return [(f"{block}.{_HUNYUAN_REFINER_BLOCK[child]}", None)] if child in _HUNYUAN_REFINER_BLOCK else []
     m = _FLUX_BLOCK.fullmatch(rel)
     if not m:
         return []
     kind, n, child = m[1], m[2], m[3]
-    # Fused projections are Linear(h, ...): the input width is the hidden size h.
-    h = shape[1] if len(shape) == 2 else 0
     if kind == "double":
         block = f"transformer_blocks.{n}"
         if child in ("img_attn.qkv", "txt_attn.qkv"):

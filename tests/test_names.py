@@ -307,6 +307,60 @@ def test_flux_slices_tile_the_fused_weights_exactly():
     assert km.lookup("norm_out.linear") is None
 
 
+HUNYUAN_REFINER_BASE = {  # a HunyuanVideo state dict's FLUX-like blocks and its text token refiner (hidden 128)
+    **{k: v for k, v in FLUX_BASE.items() if k.startswith(("double_blocks.", "single_blocks."))},
+    "txt_in.input_embedder.weight": (128, 64),
+    "txt_in.t_embedder.in_layer.weight": (128, 256), "txt_in.t_embedder.out_layer.weight": (128, 128),
+    "txt_in.c_embedder.in_layer.weight": (128, 64), "txt_in.c_embedder.out_layer.weight": (128, 128),
+    **{f"txt_in.individual_token_refiner.blocks.{n}.{child}.weight": shape for n in (0, 1) for child, shape in (
+        ("self_attn.qkv", (384, 128)), ("self_attn.proj", (128, 128)), ("mlp.0", (512, 128)), ("mlp.2", (128, 512)),
+        ("adaLN_modulation.1", (256, 128)), ("norm1", (128,)))},
+}
+HUNYUAN_REFINER_DIFFUSERS = {  # diffusers' HunyuanVideoTokenRefiner name -> (ComfyUI module, row slice)
+    "context_embedder.proj_in": ("txt_in.input_embedder", None),
+    "context_embedder.time_text_embed.timestep_embedder.linear_1": ("txt_in.t_embedder.in_layer", None),
+    "context_embedder.time_text_embed.timestep_embedder.linear_2": ("txt_in.t_embedder.out_layer", None),
+    "context_embedder.time_text_embed.text_embedder.linear_1": ("txt_in.c_embedder.in_layer", None),
+    "context_embedder.time_text_embed.text_embedder.linear_2": ("txt_in.c_embedder.out_layer", None),
+    "context_embedder.token_refiner.refiner_blocks.0.attn.to_q":
+        ("txt_in.individual_token_refiner.blocks.0.self_attn.qkv", (0, 0, 128)),
+    "context_embedder.token_refiner.refiner_blocks.1.attn.to_k":
+        ("txt_in.individual_token_refiner.blocks.1.self_attn.qkv", (0, 128, 128)),
+    "context_embedder.token_refiner.refiner_blocks.0.attn.to_v":
+        ("txt_in.individual_token_refiner.blocks.0.self_attn.qkv", (0, 256, 128)),
+    "context_embedder.token_refiner.refiner_blocks.1.attn.to_out.0":
+        ("txt_in.individual_token_refiner.blocks.1.self_attn.proj", None),
+    "context_embedder.token_refiner.refiner_blocks.0.ff.net.0.proj":
+        ("txt_in.individual_token_refiner.blocks.0.mlp.0", None),
+    "context_embedder.token_refiner.refiner_blocks.1.ff.net.2":
+        ("txt_in.individual_token_refiner.blocks.1.mlp.2", None),
+    "context_embedder.token_refiner.refiner_blocks.0.norm_out.linear":
+        ("txt_in.individual_token_refiner.blocks.0.adaLN_modulation.1", None),
+}
+
+
+@pytest.mark.parametrize("prefix", ["", LDM])
+@pytest.mark.parametrize("name", sorted(HUNYUAN_REFINER_DIFFUSERS))
+def test_diffusers_hunyuan_video_refiner_names_map_to_comfyuis_txt_in(prefix, name):
+    """HunyuanVideo's text token refiner (ComfyUI's `txt_in`, diffusers' `context_embedder`), which ComfyUI's key
+    map names only in the original spelling: every diffusers name, dotted and underscored, lands on its weight, the
+    refiner's q / k / v on their thirds of the fused `self_attn.qkv`."""
+    km = build_key_map({prefix + k: s for k, s in HUNYUAN_REFINER_BASE.items()})
+    key, offset = HUNYUAN_REFINER_DIFFUSERS[name]
+    assert km.lookup(name) == Target(f"{prefix}{key}.weight", offset)
+    assert km.lookup(name.replace(".", "_")) == Target(f"{prefix}{key}.weight", offset)
+
+
+def test_a_refiner_qkv_that_is_not_three_hidden_widths_gets_no_diffusers_names():
+    """A fused refiner `self_attn.qkv` whose rows are not 3 × its input width cannot be cut into q / k / v by shape:
+    its diffusers names stay unmapped (reported not found), never a guessed slice."""
+    base = dict(HUNYUAN_REFINER_BASE)
+    base["txt_in.individual_token_refiner.blocks.0.self_attn.qkv.weight"] = (320, 128)
+    km = build_key_map(base)
+    assert km.lookup("context_embedder.token_refiner.refiner_blocks.0.attn.to_q") is None
+    assert km.lookup("context_embedder.token_refiner.refiner_blocks.1.attn.to_q") == Target(
+        "txt_in.individual_token_refiner.blocks.1.self_attn.qkv.weight", (0, 0, 128))
+
 # --- 4. diffusers UNet base, and its LDM-converted key set -----------------------------------------------------------
 PEFT_DIR = FIXTURES / "peft"
 TINY_BASE = header_shapes(PEFT_DIR / "base_unet.safetensors")

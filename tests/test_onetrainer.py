@@ -646,9 +646,12 @@ def test_its_hunyuan_video_diffusers_names_rotate_comfyuis_fused_weights(comfy, 
     """HunyuanVideo in its DIFFUSERS / LEGACY names (diffusers' HunyuanVideoTransformer3DModel: FLUX's diffusers
     block names), which ComfyUI's own key map does not cover: `to_q` is the first third of ComfyUI's fused
     `double_blocks.0.img_attn.qkv`, the single block's `to_k` the second hidden-wide rows of `linear1`, `ff.net.0.proj`
-    is `img_mlp.0`, `proj_out` is `linear2`; and in its KOHYA names (HunyuanVideo's original spelling under
-    `lora_unet_`, fused as the original: `img_attn_qkv`, `img_mlp_fc1`, `linear1`, `linear2`, read through ComfyUI's
-    diffusion-pipe map). Merged through the loader's path each equals the fp64 series."""
+    is `img_mlp.0`, `proj_out` is `linear2`, and the text token refiner (diffusers' `context_embedder`, ComfyUI's
+    `txt_in`, which the pack's table names too): a refiner block's `attn.to_v` the last third of `self_attn.qkv`,
+    its `norm_out.linear` `adaLN_modulation.1`, `proj_in` `input_embedder`, the pooled text embedder's `linear_1`
+    `c_embedder.in_layer`; and in its KOHYA names (HunyuanVideo's original spelling under `lora_unet_`, fused as the
+    original: `img_attn_qkv`, `img_mlp_fc1`, `linear1`, `linear2`, the refiner's `self_attn_qkv` and `mlp_fc2`, read
+    through ComfyUI's diffusion-pipe map). Merged through the loader's path each equals the fp64 series."""
     import comfy_models
     from comfyui_oft.nodes.patch import apply_oft
 
@@ -660,12 +663,23 @@ def test_its_hunyuan_video_diffusers_names_rotate_comfyuis_fused_weights(comfy, 
         ("transformer_blocks.0.ff.net.0.proj", "double_blocks.0.img_mlp.0.weight", slice(None)),
         ("single_transformer_blocks.0.attn.to_k", "single_blocks.0.linear1.weight", slice(hidden, 2 * hidden)),
         ("single_transformer_blocks.0.proj_out", "single_blocks.0.linear2.weight", slice(None)),
+        ("context_embedder.token_refiner.refiner_blocks.0.attn.to_v",
+         "txt_in.individual_token_refiner.blocks.0.self_attn.qkv.weight", slice(2 * hidden, 3 * hidden)),
+        ("context_embedder.token_refiner.refiner_blocks.1.norm_out.linear",
+         "txt_in.individual_token_refiner.blocks.1.adaLN_modulation.1.weight", slice(None)),
+        ("context_embedder.proj_in", "txt_in.input_embedder.weight", slice(None)),
+        ("context_embedder.time_text_embed.text_embedder.linear_1", "txt_in.c_embedder.in_layer.weight",
+         slice(None)),
     ]
     if naming == "kohya":  # (original path, ComfyUI weight, its rows)
         cases = [("double_blocks.0.img_attn_qkv", "double_blocks.0.img_attn.qkv.weight", slice(None)),
                  ("double_blocks.0.img_mlp.fc1", "double_blocks.0.img_mlp.0.weight", slice(None)),
                  ("single_blocks.0.linear1", "single_blocks.0.linear1.weight", slice(None)),
-                 ("single_blocks.0.linear2", "single_blocks.0.linear2.weight", slice(None))]
+                 ("single_blocks.0.linear2", "single_blocks.0.linear2.weight", slice(None)),
+                 ("txt_in.individual_token_refiner.blocks.0.self_attn_qkv",
+                  "txt_in.individual_token_refiner.blocks.0.self_attn.qkv.weight", slice(None)),
+                 ("txt_in.individual_token_refiner.blocks.1.mlp.fc2",
+                  "txt_in.individual_token_refiner.blocks.1.mlp.2.weight", slice(None))]
     layers, want = {}, []
     for i, (path, key, rows) in enumerate(cases):
         packed, q = _skew(sd[key].shape[1] // 4, 4, seed=50 + i)
@@ -674,7 +688,7 @@ def test_its_hunyuan_video_diffusers_names_rotate_comfyuis_fused_weights(comfy, 
         layers[name] = packed
         want.append((key, rows, q))
     merged, _, text = apply_oft(mp, None, load_adapter(_file(tmp_path, layers)), 1.0)
-    assert "4 of 4 adapter layers applied" in text, text
+    assert f"{len(cases)} of {len(cases)} adapter layers applied" in text, text
     merged.patch_model()
     try:
         got = {key: merged.model.diffusion_model.state_dict()[key].detach().clone() for key, _, _ in want}
