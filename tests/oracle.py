@@ -26,6 +26,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+def peft_boft_weight(w: torch.Tensor, a: torch.Tensor, s: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """PEFT BOFT's merge of a layer of one butterfly factor, in fp64: (M · W₂ᵀ)ᵀ ⊙ s with W₂ = W viewed
+    (out, in · kh · kw), M = blockdiag(B_i), B_i = (I − S_i)(I + S_i)⁻¹, S_i = ½(A_i − A_iᵀ) (PEFT's cayley_batch),
+    `a` the file's (1, blocks, b, b) `.boft_R`, `s` its `.boft_s`. At another `strength` (PEFT has none) the pack's
+    one definition: each block I + strength·(B_i − I), the row scale whole."""
+    a = a[0].double()
+    skew = 0.5 * (a - a.transpose(1, 2))
+    eye = torch.eye(a.shape[-1], dtype=torch.float64).expand_as(skew)
+    blocks = torch.linalg.solve(eye + skew, eye - skew, left=False)
+    m = torch.block_diag(*(eye + strength * (blocks - eye)))
+    w2 = w.double().reshape(w.shape[0], -1)
+    return ((m @ w2.T).T * s.double().reshape(-1, 1)).reshape(w.shape)
+
+
 @dataclass(frozen=True)
 class Case:
     id: str

@@ -14,7 +14,7 @@ import shutil
 import comfy_models
 import pytest
 import torch
-from oracle import REL_TOL, rel_err
+from oracle import REL_TOL, peft_boft_weight, rel_err
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -353,6 +353,47 @@ def test_peft_on_sd15_tiny_matches_peft_merge(nodes_mod, oft_folder, fixtures_di
     got = patched(out.result[0], keys)
     for key, dk in keys.items():
         assert rel_err(got[key], want[dk]) <= REL_TOL, key
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_peft_boft_on_sd15_tiny_through_the_loader(nodes_mod, fixtures_dir, tmp_path, strength):
+    """A PEFT BOFT directory (one butterfly factor, PEFT's layout: diffusers names under base_model.model., the
+    rotated input axis of Linear, 1×1 and 3×3 Conv2d layers, `.boft_s` (out, 1) / (1, out)) in the models/oft folder:
+    OFTLoader lists it and applies every layer to ComfyUI's LDM keys, each weight PEFT's merge in fp64 (at 0.5 the
+    pack's strength: blocks I + 0.5·(B − I), the row scale whole)."""
+    import json
+
+    import comfy.utils
+    import folder_paths
+
+    base_sd = load_file(fixtures_dir / "peft" / "base_unet.safetensors")
+    base, model = _tiny_with_base(base_sd)
+    d2l = comfy.utils.unet_to_diffusers(base.model.model_config.unet_config)
+    g = torch.Generator().manual_seed(7)
+    tensors, want = {}, {}
+    for k, w in sorted(base_sd.items()):
+        if k in d2l and k.endswith(".weight") and any(t in k for t in ("attn1.to_q", "attn2.to_v", "proj_in",
+                                                                         "conv1")):
+            inner = w[0].numel()
+            a = 0.1 * torch.randn(1, 4, inner // 4, inner // 4, generator=g)
+            s = 1 + 0.1 * torch.randn((w.shape[0], 1) if w.ndim == 2 else (1, w.shape[0]), generator=g)
+            module = f"base_model.model.{k[:-len('.weight')]}"
+            tensors[f"{module}.boft_R"], tensors[f"{module}.boft_s"] = a, s
+            want["diffusion_model." + d2l[k]] = peft_boft_weight(w, a, s, strength)
+    assert len(want) == 29 and any(w.ndim == 4 and w.shape[-1] == 3 for w in want.values())
+    folder = tmp_path / "oft"
+    (folder / "boft_sd").mkdir(parents=True)
+    save_file(tensors, str(folder / "boft_sd" / "adapter_model.safetensors"))
+    (folder / "boft_sd" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "BOFT", "boft_block_num": 4, "boft_block_size": 0, "boft_n_butterfly_factor": 1}))
+    folder_paths.add_model_folder_path("oft", str(folder))
+    assert "boft_sd/adapter_model.safetensors" in nodes_mod.files.adapter_files()
+    out = nodes_mod.oft_nodes.OFTLoader.execute(model=model, adapter_name="boft_sd/adapter_model.safetensors",
+                                                strength=strength, strength_mode="kohya")
+    assert f"{len(want)} of {len(want)} adapter layers applied" in out.ui.value
+    got = patched(out.result[0], list(want))
+    for key, w in want.items():
+        assert rel_err(got[key], w) <= REL_TOL, key
 
 
 # ------------------------------------------------------------------------------------------------ strength / unpatch

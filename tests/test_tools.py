@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from oracle import REL_TOL, rel_err
 from safetensors.torch import load_file, save_file
 
-from oft_core import load_adapter
+from oft_core import OFTError, load_adapter
 from oft_core.bake import bake
 from oft_core.cli import main as cli
 from oft_core.formats import _write_lycoris, write_adapter
@@ -451,6 +451,47 @@ def test_convert_to_peft_loads_in_peft(work, case, capsys):
     assert res["missing"] == [] and res["unexpected"] == []
     assert len(res["loaded"]) == len(load_adapter(out))
     compare(got, {1.0: baked(base, out, 1.0, work)}, strengths=(1.0,))  # PEFT has no strength
+
+
+BOFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "ff.net.2"]
+
+
+def test_a_peft_boft_adapter_made_by_peft_equals_its_merge(work):
+    """A PEFT BOFT adapter written by PEFT itself (BOFTConfig with its examples' 8 blocks per layer, one butterfly
+    factor, random generators and row scales; Linear, 1×1 and 3×3 Conv2d layers of the fixtures' diffusers UNet):
+    our bake of its directory changes exactly the weights PEFT's merge_and_unload changes, each equal to PEFT's.
+    (With 2 blocks the 3×3 convs' blocks are up to 576 wide: ours and PEFT's fp32 then each land ~8.5e-7 from the fp64
+    value, 1.1e-6 from each other; tests/test_peft_boft.py holds ours to the fp64 statement.)"""
+    base = PEFT_DIR / "base_unet.safetensors"
+    out = work / "peft_boft_made"
+    res, got = run_tool("peft", dict(adapter=str(out), base=str(base),
+                                     make_boft=dict(block_num=8, target_modules=BOFT_TARGETS, seed=5)),
+                        work, "peft_boft_made")
+    ok(res)
+    assert res["made_type"].endswith("BOFT") and res["missing"] == [] and res["unexpected"] == []
+    adapter = load_adapter(out)
+    assert adapter.format == "peft_boft" and len(res["loaded"]) == len(adapter) >= 40
+    assert {layer.name.rsplit(".", 1)[-1] for layer in adapter} >= {"to_q", "conv1", "proj_in", "2"}
+    ours = baked(base, out, 1.0, work)
+    base_sd = load_file(str(base))
+    assert {k for k, v in ours.items() if not torch.equal(v, base_sd[k])} == {k[len("m1.0/"):] for k in got}
+    assert compare(got, {1.0: ours}, strengths=(1.0,)) == len(adapter)
+    assert changed(base_sd, got) > 0.05
+
+
+def test_a_peft_boft_adapter_with_trained_biases_is_refused(work):
+    """PEFT's bias 'boft_only' (the setting of its BOFT dreambooth and controlnet examples) saves the adapted
+    modules' biases beside the adapter; the pack applies rotations only, so it refuses the file rather than give a
+    model other than the trained one."""
+    base = PEFT_DIR / "base_unet.safetensors"
+    out = work / "peft_boft_bias"
+    res, _ = run_tool("peft", dict(adapter=str(out), base=str(base),
+                                   make_boft=dict(block_num=2, target_modules=["to_q", "conv1"], bias="boft_only")),
+                      work, "peft_boft_bias")
+    ok(res)
+    with pytest.raises(OFTError, match="trained base-model tensors") as e:
+        load_adapter(out)
+    assert "base_layer.bias" in str(e.value) and "'boft_only'" in str(e.value)
 
 
 def test_convert_kohya_to_peft_is_refused(sd, work, capsys):

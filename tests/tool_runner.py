@@ -18,7 +18,9 @@ public code paths are used:
   file's weight names (what LyCORIS matches on), then `LycorisNetwork.merge_to(multiplier)`; with "make_sdxl",
   LyCORIS' kohya network on sd-scripts' own SDXL UNet (its source folder from the sd-scripts venv) writes the file
   and merges it back, as sd-scripts with `--network_module lycoris.kohya` does.
-- peft: `PeftModel.from_pretrained` on the same kind of module tree, then `merge_and_unload()` (PEFT has no strength).
+- peft: `PeftModel.from_pretrained` on the same kind of module tree, then `merge_and_unload()` (PEFT has no strength);
+  with "make_boft", PEFT's own BOFT (`BOFTConfig`, `get_peft_model` with init_weights False: random generators and
+  row scales) on that tree first writes the adapter directory (`save_pretrained`), which is then loaded back as above.
 """
 
 from __future__ import annotations
@@ -417,6 +419,15 @@ def run_peft(req, result):
     import peft
 
     base = load_file(req["base"])
+    if "make_boft" in req:  # PEFT writes a BOFT adapter for this tree itself
+        spec = req["make_boft"]
+        torch.manual_seed(spec.get("seed", 0))
+        cfg = peft.BOFTConfig(boft_block_size=0, boft_block_num=spec["block_num"], boft_n_butterfly_factor=1,
+                              target_modules=spec["target_modules"], bias=spec.get("bias", "none"),
+                              init_weights=False)
+        made = peft.get_peft_model(skeleton(base), cfg)
+        made.save_pretrained(req["adapter"])
+        result["made_type"] = str(made.peft_config["default"].peft_type)
     model = skeleton(base)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pm = peft.PeftModel.from_pretrained(model, req["adapter"])

@@ -19,6 +19,7 @@ All key conventions in one table (details and quirks in each reader's docstring)
 |         | `.alpha`, `.rescale`                                          | `lora_te_`/`lora_te1_`/`lora_te2_`   |
 | peft    | `base_model.model.<path>.oft_R.weight`; legacy `.oft_r`,      | `base_model.model.` -> unet          |
 |         | `.oft_s`; plus `adapter_config.json` beside the file          | (`text_encoder.` -> te, ...)         |
+|         | BOFT (one butterfly factor): `.boft_R`, `.boft_s`             | as PEFT OFT                          |
 |         | OneTrainer: `<prefix><path>.oft_R.weight`, `.oft_R.scaled_oft`,| `lora_unet_`, `lora_transformer_`,   |
 |         | no config (`ot_branch` / `ot_revision` in the header)         | `diffusion_model.` -> unet; `lora_te*`|
 
@@ -99,7 +100,7 @@ def _open(path: str | os.PathLike) -> tuple[_Reader, _Header, dict | None]:
 
 # The tensors that hold a layer's rotation (generator or stored R) in every format. Trainers write them in a floating
 # point dtype; integer values would be read as a rotation nobody trained.
-_GENERATOR = re.compile(r"\.(oft_blocks(\.\d+)?|oft_diag|oft_R\.weight|oft_r)$")
+_GENERATOR = re.compile(r"\.(oft_blocks(\.\d+)?|oft_diag|oft_R\.weight|oft_r|boft_R)$")
 
 
 _FLOAT_DTYPES = frozenset(("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
@@ -190,5 +191,5 @@ def not_oft_message(header: _Header) -> str:
         return (f"this is a LoRA file, not OFT (keys like {sample}): load it with ComfyUI's LoraLoader")
     return (
         "not an OFT adapter: expected keys of kohya (oft_unet_*.oft_blocks), LyCORIS (*.oft_blocks) or PEFT "
-        f"(*.oft_R.weight, *.oft_r); found {len(keys)} keys like {sample}"
+        f"(*.oft_R.weight, *.oft_r, BOFT *.boft_R); found {len(keys)} keys like {sample}"
     )

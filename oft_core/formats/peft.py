@@ -11,6 +11,14 @@ Legacy ≤ 0.13 (`.oft_r` (r, b, b) only): output features rotated, W' = Rᵀ·W
 S = ½(A − Aᵀ). Legacy 0.14–0.15 (`.oft_r` + `.oft_s` (out, 1)): input features rotated, W' = (W·Rᵀ) ⊙ s. Current PEFT
 refuses the first and silently loads the second as identity; both are read here as those versions computed them.
 
+PEFT BOFT (`<prefix><module path>.boft_R` (factors, blocks, b, b) + `.boft_s`, `peft_type` BOFT): with one butterfly
+factor (PEFT's default, and what PEFT trains wherever its CUDA extension does not build: it then sets the factor to 1
+itself) it is the 0.14–0.15 layer exactly — S = ½(A − Aᵀ), R = (I − S)(I + S)⁻¹, W' = (W·Rᵀ) ⊙ s, a Conv2d's
+(in · kh · kw) axis rotated and s of shape (1, out) — and is read as that. More factors (butterfly stages with PEFT's
+own block permutation) are refused by name, as are files holding trained base tensors beside the adapter's (PEFT's
+`bias` "boft_only" / "oft_only" / "all" saves `<module>.base_layer.bias`, `modules_to_save` whole modules): the pack
+applies rotations and row scales, and a rotation without the trained bias would not be the trained model.
+
 OneTrainer's "OFT v2" (since 2025-11) saves PEFT's packed layer without a config (format id "peft_onetrainer"); its
 code fixes what the config would say: the Cayley–Neumann series of 5 terms with the last halved, a shared block as one
 row, Scaled OFT marked per layer by `oft_R.scaled_oft` (generators divided by 2·√(b − 1)); its first revisions
@@ -51,7 +59,7 @@ _CONFIG_NAME = "adapter_config.json"
 _MODEL_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # what the writer puts before each module path
 _PEFT_VERSION = "0.21.2"  # the PEFT whose file layout we write (packed oft_R, Neumann series with halved last term)
-_KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_R\.scaled_oft|oft_r|oft_s)$")
+_KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_R\.scaled_oft|oft_r|oft_s|boft_R|boft_s)$")
 # Outer prefixes PEFT / diffusers put before the module path, and the model part they name.
 _PREFIXES = (
     ("base_model.model.text_encoder_2.", "te2"),
@@ -67,7 +75,7 @@ _PREFIXES = (
 
 
 def claims(header: _Header, config) -> bool:
-    return any(k.endswith((".oft_R.weight", ".oft_r")) for k in header.tensors)
+    return any(k.endswith((".oft_R.weight", ".oft_r", ".boft_R")) for k in header.tensors)
 
 
 def find_config(path: str) -> tuple[str, dict | None]:
@@ -225,7 +233,8 @@ def _config_settings(config: dict | None, path: str) -> tuple[dict, str, bool, b
     cfg = config or {}
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), _CONFIG_NAME)
     if config is not None and str(cfg.get("peft_type", "OFT")).upper() not in ("OFT",):
-        raise OFTError(f"{_CONFIG_NAME} says peft_type {cfg.get('peft_type')!r}, expected 'OFT'", path=path)
+        raise OFTError(f"{_CONFIG_NAME} says peft_type {cfg.get('peft_type')!r}, expected 'OFT' (the file holds "
+                       "OFT keys: .oft_R.weight / .oft_r)", path=path)
     block_share = _config_value(cfg, "block_share", False, "bool", cfg_path)
     coft = _config_value(cfg, "coft", False, "bool", cfg_path)
     eps = float(_config_value(cfg, "eps", 6e-5, "eps", cfg_path))
@@ -368,13 +377,88 @@ def _legacy_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
     )
 
 
+def _boft_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
+    """One PEFT BOFT layer of one butterfly factor: `.boft_R` (1, blocks, b, b) and `.boft_s`, read as the
+    0.14–0.15 layer it equals (S = ½(A − Aᵀ), input side, the row scale)."""
+    component, name = _split_name(key)
+    a, s = parts.get("boft_R"), parts.get("boft_s")
+    if a is None:
+        raise OFTError(f"has {sorted(parts)} but no .boft_R", path=st.path, layer=key)
+    if a.ndim != 4 or a.shape[-1] != a.shape[-2]:
+        raise OFTError(f".boft_R: expected (butterfly factors, blocks, b, b), found {tuple(a.shape)}", path=st.path,
+                       layer=key)
+    if a.shape[0] != 1:
+        raise OFTError(f".boft_R holds {a.shape[0]} butterfly factors (boft_n_butterfly_factor {a.shape[0]}, shape "
+                       f"{tuple(a.shape)}): PEFT's butterfly stages with more than one factor are not read by this "
+                       "pack; files of one factor (PEFT's default) are", path=st.path, layer=key)
+    size, num = st.cfg.get("boft_block_size") or 0, st.cfg.get("boft_block_num") or 0
+    for field, want, found in (("boft_block_size", size, a.shape[-1]), ("boft_block_num", num, a.shape[1])):
+        if want and want != found:
+            raise OFTError(f"{_CONFIG_NAME} says {field} {want}, but layer {key!r} holds {a.shape[1]} blocks of "
+                           f"{a.shape[-1]}: the config and the tensors disagree", path=st.cfg_path)
+    if s is None:
+        raise OFTError("has .boft_R but no .boft_s (PEFT saves both)", path=st.path, layer=key)
+    if s.ndim != 2 or 1 not in s.shape:
+        raise OFTError(f".boft_s: expected (out, 1) (a Linear) or (1, out) (a Conv2d), found {tuple(s.shape)}",
+                       path=st.path, layer=key)
+    a = a[0].to(torch.float32)
+    return make_layer(path=st.path, name=name, component=component, side="in", blocks=[0.5 * (a - a.transpose(1, 2))],
+                      transpose=False, row_scale=s.reshape(-1), source=st.fmt, key=key)
+
+
+def _boft_settings(config: dict | None, path: str) -> _Settings:
+    """A BOFT file's settings: the tensors say everything the math needs (PEFT's BOFT has one parameterization
+    and no constraint); the config, when beside it, is checked where it speaks about them."""
+    cfg = config or {}
+    cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), _CONFIG_NAME)
+    if config is not None and str(cfg.get("peft_type", "BOFT")).upper() != "BOFT":
+        raise OFTError(f"{_CONFIG_NAME} says peft_type {cfg.get('peft_type')!r}, expected 'BOFT' (the file holds "
+                       "BOFT keys: .boft_R)", path=path)
+    for name in ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor"):
+        _config_value(cfg, name, 0, "count", cfg_path)
+    if _config_value(cfg, "fan_in_fan_out", False, "bool", cfg_path):
+        raise OFTError(f"{_CONFIG_NAME} says fan_in_fan_out true (weights stored as (in, out), GPT-2's Conv1D): "
+                       "expected false, the layout of the Linear / Conv2d layers this pack patches", path=cfg_path)
+    _config_value(cfg, "peft_version", None, "text", cfg_path)
+    return _Settings(path, cfg, cfg_path, config is not None, False, False, 0.0, False, (), "peft_boft")
+
+
+def _refuse_trained_base(ignored: list[str], cfg: dict, path: str) -> None:
+    """A PEFT file that also holds trained base-model tensors (`bias` other than "none" saves the adapted modules'
+    biases as `<module>.base_layer.bias`, `modules_to_save` whole modules): refused, since the pack applies the
+    adapter's rotations only and the result would not be the trained model."""
+    trained = [k for k in ignored if k.endswith((".bias", ".weight"))]
+    if not trained:
+        return
+    why = f" (its config: bias {cfg.get('bias')!r})" if cfg.get("bias") not in (None, "none") else ""
+    raise OFTError(f"holds {len(trained)} trained base-model tensor{'s' if len(trained) > 1 else ''} beside the "
+                   f"adapter's ({trained[0]!r}{', …' if len(trained) > 1 else ''}){why}: PEFT saves trained biases "
+                   "(bias 'oft_only' / 'boft_only' / 'all') and modules_to_save this way, and this pack applies the "
+                   "rotations only, which without them would not give the trained model", path=path)
+
+
 def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
-    """The adapter of a PEFT OFT file; `config` is the parsed adapter_config.json beside it (None: absent)."""
+    """The adapter of a PEFT OFT or BOFT file; `config` is the parsed adapter_config.json beside it (None: absent)."""
     path = header.path
     modules, ignored = group_by_layer(tensors, _KEY)
     packed = any("oft_R.weight" in parts for parts in modules.values())
     if packed and any("oft_r" in parts for parts in modules.values()):
         raise OFTError("mixes current (.oft_R.weight) and legacy (.oft_r) PEFT OFT keys", path=path)
+    if any("boft_R" in parts or "boft_s" in parts for parts in modules.values()):
+        if any(p in parts for parts in modules.values() for p in ("oft_R.weight", "oft_r", "oft_s")):
+            raise OFTError("mixes PEFT BOFT (.boft_R) and OFT (.oft_R.weight / .oft_r) keys", path=path)
+        st = _boft_settings(config, path)
+        _refuse_trained_base(ignored, st.cfg, path)
+        layers = {}
+        for key, parts in sorted(modules.items()):
+            layer = _boft_layer(key, parts, st)
+            layers[(layer.component, layer.name)] = layer
+        info = {"peft_config": {k: st.cfg.get(k) for k in ("boft_block_size", "boft_block_num",
+                                                            "boft_n_butterfly_factor", "peft_version")
+                                if k in st.cfg}}
+        if ignored:
+            info["ignored_keys"] = ignored
+        return OFTAdapter(layers, st.fmt, path, dict(header.metadata), info)
     cfg, cfg_path, block_share, coft, eps = _config_settings(config, path)
     onetrainer = packed and config is None and _onetrainer(header, modules)
     if onetrainer:  # OneTrainer "OFT v2": PEFT's layer, its settings fixed by OneTrainer's code (no config)
@@ -384,6 +468,8 @@ def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapte
     else:
         neumann, coeffs, fmt = _series(cfg, config, packed, modules, path, cfg_path)
         st = _Settings(path, cfg, cfg_path, config is not None, block_share, coft, eps, neumann, coeffs, fmt)
+    if not onetrainer:
+        _refuse_trained_base(ignored, cfg, path)
     one = _packed_layer if packed else _legacy_layer
     layers = {}
     for key, parts in sorted(modules.items()):
