@@ -266,7 +266,19 @@ def report_text(adapter: OFTAdapter, unet_report, te_report, clip_given: bool, s
         line += f"; not found in the model: {len(unmatched)} ({shown})"
     if te_count and not clip_given:
         line += f"; {te_count} text-encoder layers skipped: no CLIP connected"
-    return line + block_strength_text(adapter)
+    return line + ignored_text(adapter) + block_strength_text(adapter)
+
+
+def ignored_text(adapter: OFTAdapter) -> str:
+    """"; N tensors in the file are not OFT and were not applied (KEY, …)" for what the reader left out of the
+    adapter (another LyCORIS algorithm's modules in a mixed file, keys of no OFT layer): said, never dropped in
+    silence."""
+    ignored = adapter.info.get("ignored_keys") or []
+    if not ignored:
+        return ""
+    n = len(ignored)
+    return (f"; {n} tensor{'s' if n > 1 else ''} in the file {'are' if n > 1 else 'is'} not OFT and "
+            f"{'were' if n > 1 else 'was'} not applied ({ignored[0]}{', …' if n > 1 else ''})")
 
 
 def block_strength_text(adapter: OFTAdapter) -> str:

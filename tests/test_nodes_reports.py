@@ -201,6 +201,38 @@ def test_core_oft_patch_on_the_same_weights_is_warned(pack, fixtures_dir, tmp_pa
     assert all(len(v) == 2 for v in out.result[0].patches.values())
 
 
+def test_tensors_the_reader_leaves_out_are_named_in_the_report(pack, fixtures_dir, tmp_path, monkeypatch):
+    """A LyCORIS file that mixes algorithms (a LoRA module beside its diag-oft ones, as a per-module preset writes
+    it): the OFT layers are applied and the report says which tensors were not, instead of dropping them silently;
+    a file without such tensors says nothing of the kind."""
+    import folder_paths
+
+    d = fixtures_dir / "lycoris" / LYCORIS
+    oft = tmp_path / "oft"
+    oft.mkdir()
+    g = torch.Generator().manual_seed(1)
+    lora = {"lycoris_down_blocks_0_attentions_0_proj_out.lora_up.weight": torch.randn(32, 4, generator=g),
+            "lycoris_down_blocks_0_attentions_0_proj_out.lora_down.weight": torch.randn(4, 32, generator=g)}
+    save_file({**load_file(d / f"{LYCORIS}.safetensors"), **lora}, str(oft / "mixed.safetensors"))
+    shutil.copy(d / f"{LYCORIS}.safetensors", oft / "plain.safetensors")
+    pack.files.register_folder()
+    table = dict(folder_paths.folder_names_and_paths)
+    table["oft"] = ([str(oft)], {".safetensors"})
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+
+    base = comfy_models.sd15_tiny()
+    out = pack.oft_nodes.OFTLoader.execute(model=base, adapter_name="mixed.safetensors", strength=1.0,
+                                           strength_mode="kohya")
+    text = out.ui.value
+    assert "56 of 56 adapter layers applied" in text
+    assert ("; 2 tensors in the file are not OFT and were not applied "
+            "(lycoris_down_blocks_0_attentions_0_proj_out.lora_down.weight, …)") in text, text
+    plain = pack.oft_nodes.OFTLoader.execute(model=base, adapter_name="plain.safetensors", strength=1.0,
+                                             strength_mode="kohya")
+    assert "56 of 56 adapter layers applied" in plain.ui.value and "not OFT" not in plain.ui.value
+
+
 def test_inspect_text_names_no_command_line_flag(pack, fixtures_dir):
     adapter = pack.files.load(fixtures_dir / "kohya/sd15_oft_attn_dim8_bf16.safetensors")
     text = pack.oft_nodes.inspect_text(adapter)
