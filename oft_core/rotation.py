@@ -695,27 +695,47 @@ def _constraint_bound(kind: str, value: float, width: int, stored_blocks: int) -
     return value / math.sqrt(stored_blocks) * (1 + 1e-6)
 
 
-def _butterfly_index(dim: int, stage: int, block: int, device) -> torch.Tensor:
-    """Gather index of LyCORIS BOFT stage `stage`: (c g k) -> (c k g) with g = 2, k = 2^stage · block/2."""
+def _butterfly_index(dim: int, stage: int, block: int, device, style: str = "lycoris",
+                     stages: int = 1) -> torch.Tensor:
+    """Gather index G of a BOFT stage (the stage is Gᵀ·blockdiag(B)·G: rows gathered by G, multiplied, put back).
+    LyCORIS stage `stage`: (c g k) -> (c k g) with g = 2, k = 2^stage · block/2. PEFT (`style` "peft", `stages`
+    factors, stored reversed): factor f = stages − 1 − stage, whose block butterfly permutation P (PEFT's
+    `block_butterfly_perm`, P[j, perm[j]] = 1) takes, within each group of block · 2^f rows, its chunks of block/2
+    rows in the order even chunks, then odd ones; the stage is P·B·Pᵀ, so G = Pᵀ, the inverse permutation (factor 0,
+    and a single factor, leave the rows in place)."""
+    if style == "peft":
+        factor = stages - 1 - stage
+        if stages == 1 or factor == 0:
+            return torch.arange(dim, device=device)
+        chunk = block // 2
+        order = torch.cat([torch.arange(0, 2 ** (factor + 1), 2), torch.arange(1, 2 ** (factor + 1), 2)])
+        within = (order[:, None] * chunk + torch.arange(chunk)).reshape(-1)  # perm inside one group
+        group = within.numel()
+        perm = (torch.arange(0, dim, group)[:, None] + within).reshape(-1)
+        return torch.argsort(perm).to(device)
     k = (2**stage) * (block // 2)
     return torch.arange(dim, device=device).view(-1, 2, k).transpose(1, 2).reshape(-1)
 
 
-def apply_rows(layer: OFTLayer, blocks: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """M·w for a 2-D fp32 `w` whose rows are the rotated axis."""
+def apply_rows(layer: OFTLayer, blocks: list[torch.Tensor], w: torch.Tensor, *, transpose: bool = False
+               ) -> torch.Tensor:
+    """M·w for a 2-D fp32 `w` whose rows are the rotated axis (`transpose`: Mᵀ·w; for BOFT the stages taken in
+    reverse order, each transposed)."""
     if layer.kind == "butterfly":
         r = blocks[0]
         n, b = layer.num_blocks[0], layer.block_sizes[0]
-        for stage in range(r.shape[0]):
-            idx = _butterfly_index(w.shape[0], stage, b, w.device)
-            rotated = torch.bmm(r[stage], w[idx].view(n, b, -1)).reshape(w.shape)
+        stages = range(r.shape[0])
+        for stage in reversed(stages) if transpose else stages:
+            idx = _butterfly_index(w.shape[0], stage, b, w.device, layer.butterfly, r.shape[0])
+            block = r[stage].transpose(-1, -2) if transpose else r[stage]
+            rotated = torch.bmm(block, w[idx].view(n, b, -1)).reshape(w.shape)
             w = torch.empty_like(rotated).index_copy_(0, idx, rotated)
         return w
     parts = []
     start = 0
     for r, n, b in zip(blocks, layer.num_blocks, layer.block_sizes):
         rows = w[start : start + n * b]
-        parts.append(torch.bmm(r, rows.reshape(n, b, -1)).reshape(n * b, -1))
+        parts.append(torch.bmm(r.transpose(-1, -2) if transpose else r, rows.reshape(n, b, -1)).reshape(n * b, -1))
         start += n * b
     return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
@@ -724,8 +744,8 @@ def _apply_last(layer: OFTLayer, blocks: list[torch.Tensor], t: torch.Tensor, *,
     """M applied to the last axis of `t`: each row vector v -> M v, or v -> v·M with `right` (the weight W·M)."""
     lead = t.shape[:-1]
     flat = t.reshape(-1, t.shape[-1])
-    if layer.kind == "butterfly":
-        return apply_rows(layer, blocks, flat.t()).t().reshape(*lead, -1)
+    if layer.kind == "butterfly":  # v·M = (Mᵀ·vᵀ)ᵀ (`right`); M·v otherwise
+        return apply_rows(layer, blocks, flat.t(), transpose=right).t().reshape(*lead, -1)
     parts = []
     start = 0
     for r, n, b in zip(blocks, layer.num_blocks, layer.block_sizes):

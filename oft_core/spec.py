@@ -99,6 +99,11 @@ class OFTLayer:
     # was in the Linear path only); known only against the weight, so `resolve_for_weight` turns it into `transpose`
     # (flipped for a weight of more than 2 dimensions, whose constraint it drops) and clears it
     conv_transposed: bool = False
+    # BOFT (kind "butterfly"): whose butterfly stages. "lycoris": LyCORIS BOFT, output side, stage k gathers
+    # (c g k) -> (c k g), g = 2, k = 2^k · b/2 (`rotation._butterfly_index`). "peft": PEFT BOFT of several factors,
+    # input side, W' = W·M with M the stages applied in order (each P Bᵀ Pᵀ, P PEFT's block butterfly permutation of
+    # factor N − 1 − k, the file's factors reversed: `formats.peft`)
+    butterfly: str = "lycoris"
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
@@ -191,6 +196,7 @@ def make_layer(
     key: str = "",
     block_share: bool = False,
     conv_transposed: bool = False,
+    butterfly: str = "lycoris",
 ) -> OFTLayer:
     """Validate once and build an `OFTLayer`. `blocks`, per split, are the stored blocks: the skew generators Q,
     already skew-symmetric (parameterization cayley / neumann), or the rotations R themselves (matrix).
@@ -207,7 +213,7 @@ def make_layer(
     gens = _checked_blocks(blocks, kind, fail)
     num_blocks = _checked_block_counts(gens, num_blocks, block_share, fail)
     if kind == "butterfly":
-        _check_butterfly(gens, num_blocks, side, fail)
+        _check_butterfly(gens, num_blocks, side, butterfly, fail)
     coeffs = _checked_parameterization(parameterization, neumann_coeffs, constraint, fail)
     constraint = _checked_constraint(constraint or Constraint(), gens, num_blocks, fail)
     _check_magnitudes(gens, num_blocks, constraint, parameterization, coeffs,
@@ -230,6 +236,7 @@ def make_layer(
         key=key or name,
         block_share=bool(block_share),
         conv_transposed=bool(conv_transposed),
+        butterfly=butterfly,
     )
 
 
@@ -419,8 +426,21 @@ def _checked_block_counts(gens: list[torch.Tensor], num_blocks: Sequence[int] | 
     return num_blocks
 
 
-def _check_butterfly(gens: list[torch.Tensor], num_blocks: tuple[int, ...], side: str, fail) -> None:
-    """BOFT: output side, even block size, a power-of-two block count, at most log2(n) + 1 stages."""
+def _check_butterfly(gens: list[torch.Tensor], num_blocks: tuple[int, ...], side: str, butterfly: str,
+                     fail) -> None:
+    """LyCORIS BOFT: output side, even block size, a power-of-two block count, at most log2(n) + 1 stages. PEFT BOFT
+    (as PEFT's BOFTLayer checks its config): input side, even block size and count, the count a multiple of
+    2^(stages − 1), at most log2(n) + 1 stages."""
+    if butterfly not in ("lycoris", "peft"):
+        fail(_mismatch("butterfly stages", "'lycoris' or 'peft'", repr(butterfly)))
+    if butterfly == "peft":
+        b, n, stages = int(gens[0].shape[-1]), num_blocks[0], int(gens[0].shape[0])
+        if side != "in":
+            fail(_mismatch("PEFT BOFT rotated side", "'in'", repr(side)))
+        if stages > 1 and (b % 2 or n % 2 or n % 2 ** (stages - 1) or 2 ** (stages - 1) > n):
+            fail(_mismatch("PEFT BOFT layout", f"an even block size, and a block count that 2^{stages - 1} "
+                           f"divides ({stages} butterfly factors)", f"b={b}, n={n}"))
+        return
     if side != "out":
         fail(_mismatch("butterfly (BOFT) rotated side", "'out'", repr(side)))
     b = int(gens[0].shape[-1])

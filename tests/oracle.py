@@ -26,16 +26,38 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+def _peft_butterfly_perm(n: int, blocks: int, half: int, factors: int) -> list[int]:
+    """PEFT's `block_butterfly_perm(n, blocks, half, factors − 1)` as its docstring and loop define it: identity for
+    one factor; else within each group of n / blocks rows, its chunks of `half` rows in the order 0, 2, 4, …,
+    1, 3, 5, …"""
+    if factors == 1:
+        return list(range(n))
+    size = n // blocks
+    chunks = size // half
+    order = list(range(0, chunks, 2)) + list(range(1, chunks, 2))
+    inside = [c * half + t for c in order for t in range(half)]
+    return [g + i for g in range(0, n, size) for i in inside]
+
+
 def peft_boft_weight(w: torch.Tensor, a: torch.Tensor, s: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """PEFT BOFT's merge of a layer of one butterfly factor, in fp64: (M · W₂ᵀ)ᵀ ⊙ s with W₂ = W viewed
-    (out, in · kh · kw), M = blockdiag(B_i), B_i = (I − S_i)(I + S_i)⁻¹, S_i = ½(A_i − A_iᵀ) (PEFT's cayley_batch),
-    `a` the file's (1, blocks, b, b) `.boft_R`, `s` its `.boft_s`. At another `strength` (PEFT has none) the pack's
-    one definition: each block I + strength·(B_i − I), the row scale whole."""
-    a = a[0].double()
-    skew = 0.5 * (a - a.transpose(1, 2))
-    eye = torch.eye(a.shape[-1], dtype=torch.float64).expand_as(skew)
-    blocks = torch.linalg.solve(eye + skew, eye - skew, left=False)
-    m = torch.block_diag(*(eye + strength * (blocks - eye)))
+    """PEFT BOFT's merge in fp64: (M · W₂ᵀ)ᵀ ⊙ s with W₂ = W viewed (out, in · kh · kw), `a` the file's
+    (factors, blocks, b, b) `.boft_R`, `s` its `.boft_s`: per factor f, B_f = blockdiag((I − S)(I + S)⁻¹) of
+    S = ½(A − Aᵀ) (PEFT's cayley_batch), P_f the permutation matrix of its block butterfly permutation for
+    blocks / 2^f blocks of size b / 2 (P[j, perm[j]] = 1), M = P_{F−1} B_{F−1} P_{F−1}ᵀ ⋯ P_0 B_0 P_0ᵀ. At another
+    `strength` (PEFT has none) the pack's one definition: each block I + strength·(B − I), the row scale whole."""
+    a = a.double()
+    factors, nb, b = a.shape[0], a.shape[1], a.shape[-1]
+    n = nb * b
+    m = torch.eye(n, dtype=torch.float64)
+    for f in range(factors):
+        skew = 0.5 * (a[f] - a[f].transpose(1, 2))
+        eye = torch.eye(b, dtype=torch.float64).expand_as(skew)
+        blocks = torch.linalg.solve(eye + skew, eye - skew, left=False)
+        bd = torch.block_diag(*(eye + strength * (blocks - eye)))
+        p = torch.zeros(n, n, dtype=torch.float64)
+        for j, k in enumerate(_peft_butterfly_perm(n, nb // 2**f, b // 2, factors)):
+            p[j, k] = 1
+        m = p @ bd @ p.T @ m
     w2 = w.double().reshape(w.shape[0], -1)
     return ((m @ w2.T).T * s.double().reshape(-1, 1)).reshape(w.shape)
 

@@ -355,12 +355,14 @@ def test_peft_on_sd15_tiny_matches_peft_merge(nodes_mod, oft_folder, fixtures_di
         assert rel_err(got[key], want[dk]) <= REL_TOL, key
 
 
+@pytest.mark.parametrize("factors", [1, 2])
 @pytest.mark.parametrize("strength", [1.0, 0.5])
-def test_peft_boft_on_sd15_tiny_through_the_loader(nodes_mod, fixtures_dir, tmp_path, strength):
-    """A PEFT BOFT directory (one butterfly factor, PEFT's layout: diffusers names under base_model.model., the
-    rotated input axis of Linear, 1×1 and 3×3 Conv2d layers, `.boft_s` (out, 1) / (1, out)) in the models/oft folder:
-    OFTLoader lists it and applies every layer to ComfyUI's LDM keys, each weight PEFT's merge in fp64 (at 0.5 the
-    pack's strength: blocks I + 0.5·(B − I), the row scale whole)."""
+def test_peft_boft_on_sd15_tiny_through_the_loader(nodes_mod, fixtures_dir, tmp_path, monkeypatch, strength,
+                                                   factors):
+    """A PEFT BOFT directory (one or two butterfly factors, PEFT's layout: diffusers names under base_model.model.,
+    the rotated input axis of Linear, 1×1 and 3×3 Conv2d layers, `.boft_s` (out, 1) / (1, out)) in the models/oft
+    folder: OFTLoader lists it and applies every layer to ComfyUI's LDM keys, each weight PEFT's merge in fp64 (at 0.5
+    the pack's strength: blocks I + 0.5·(B − I), the row scale whole)."""
     import json
 
     import comfy.utils
@@ -375,7 +377,7 @@ def test_peft_boft_on_sd15_tiny_through_the_loader(nodes_mod, fixtures_dir, tmp_
         if k in d2l and k.endswith(".weight") and any(t in k for t in ("attn1.to_q", "attn2.to_v", "proj_in",
                                                                          "conv1")):
             inner = w[0].numel()
-            a = 0.1 * torch.randn(1, 4, inner // 4, inner // 4, generator=g)
+            a = 0.1 * torch.randn(factors, 8, inner // 8, inner // 8, generator=g)  # PEFT's examples: 8 blocks
             s = 1 + 0.1 * torch.randn((w.shape[0], 1) if w.ndim == 2 else (1, w.shape[0]), generator=g)
             module = f"base_model.model.{k[:-len('.weight')]}"
             tensors[f"{module}.boft_R"], tensors[f"{module}.boft_s"] = a, s
@@ -385,9 +387,12 @@ def test_peft_boft_on_sd15_tiny_through_the_loader(nodes_mod, fixtures_dir, tmp_
     (folder / "boft_sd").mkdir(parents=True)
     save_file(tensors, str(folder / "boft_sd" / "adapter_model.safetensors"))
     (folder / "boft_sd" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "BOFT", "boft_block_num": 4, "boft_block_size": 0, "boft_n_butterfly_factor": 1}))
-    folder_paths.add_model_folder_path("oft", str(folder))
-    assert "boft_sd/adapter_model.safetensors" in nodes_mod.files.adapter_files()
+        {"peft_type": "BOFT", "boft_block_num": 8, "boft_block_size": 0, "boft_n_butterfly_factor": factors}))
+    table = dict(folder_paths.folder_names_and_paths)
+    table["oft"] = ([str(folder)], {".safetensors"})
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    assert nodes_mod.files.adapter_files() == ["boft_sd/adapter_model.safetensors"]
     out = nodes_mod.oft_nodes.OFTLoader.execute(model=model, adapter_name="boft_sd/adapter_model.safetensors",
                                                 strength=strength, strength_mode="kohya")
     assert f"{len(want)} of {len(want)} adapter layers applied" in out.ui.value

@@ -1,7 +1,8 @@
-"""PEFT BOFT files (`peft_type` BOFT: `.boft_R` (factors, blocks, b, b) and `.boft_s`) of one butterfly factor, PEFT's
-default: read as PEFT computes them, W' = (W·Mᵀ) ⊙ s with M = blockdiag((I − S_i)(I + S_i)⁻¹), S_i = ½(A_i − A_iᵀ),
-a Conv2d's (in · kh · kw) axis rotated (fp64 statements here; PEFT's own merge in tests/test_tools.py). What the pack
-does not apply is refused by name: more butterfly factors, trained biases and modules saved beside the adapter."""
+"""PEFT BOFT files (`peft_type` BOFT: `.boft_R` (factors, blocks, b, b) and `.boft_s`): read as PEFT computes them,
+W' = (W·Mᵀ) ⊙ s with M the product of its butterfly factors P·blockdiag((I − S_i)(I + S_i)⁻¹)·Pᵀ, S_i = ½(A_i − A_iᵀ)
+(one factor, PEFT's default: no permutation), a Conv2d's (in · kh · kw) axis rotated (fp64 statements in
+tests/oracle.py; PEFT's own merge in tests/test_tools.py). What the pack does not apply is refused by name: trained
+biases and modules saved beside the adapter, layouts PEFT itself refuses."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import REL_TOL, peft_boft_weight, rel_err
 from safetensors.torch import save_file
 
 from oft_core import OFTError, load_adapter, resolve_for_weight, rotate_weight
+from oft_core.rotation import bypass_forward
 
 PREFIX = "base_model.model."
 
@@ -68,17 +71,49 @@ def test_without_its_config_the_tensors_say_everything(tmp_path):
     assert rel_err(rotate_weight(resolve_for_weight(layer, w.shape), w), want) <= REL_TOL
 
 
-def _refused(tmp_path, tensors, config=None, match=""):
+def _refused(tmp_path, tensors, config=None, match="", name="boft"):
     with pytest.raises(OFTError, match=match) as e:
-        load_adapter(_boft_dir(tmp_path, tensors, config))
+        load_adapter(_boft_dir(tmp_path, tensors, config, name))
     return str(e.value)
 
 
-def test_more_butterfly_factors_are_refused_by_name(tmp_path):
+@pytest.mark.parametrize("factors", [2, 3])
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0])
+def test_several_butterfly_factors_are_peft_boft_merge(tmp_path, factors, strength):
+    """PEFT's butterfly stages (boft_n_butterfly_factor > 1, trained where PEFT's CUDA extension builds): a Linear
+    with 4 blocks of 8 and 2 or 3 factors, a 3×3 Conv2d with 2 blocks of 18 and 2: each factor P·B·Pᵀ with PEFT's
+    block butterfly permutation, as the fp64 statement (tests/oracle.py) says, at strengths 1, 0.5 and −1; the
+    bypass path (the input rotated) gives the merged layer's output."""
+    g = torch.Generator().manual_seed(factors)
+    tensors = {f"{PREFIX}attn.to_q.boft_R": 0.1 * torch.randn(factors, 4, 8, 8, generator=g),
+               f"{PREFIX}attn.to_q.boft_s": 1 + 0.1 * torch.randn(12, 1, generator=g),
+               f"{PREFIX}resnet.conv1.boft_R": 0.1 * torch.randn(2, 2, 18, 18, generator=g),
+               f"{PREFIX}resnet.conv1.boft_s": 1 + 0.1 * torch.randn(1, 6, generator=g)}
+    adapter = load_adapter(_boft_dir(tmp_path, tensors, {"boft_block_num": 0, "boft_n_butterfly_factor": factors}))
+    for module, shape in (("attn.to_q", (12, 32)), ("resnet.conv1", (6, 4, 3, 3))):
+        layer = adapter.layers[("unet", module)]
+        assert layer.kind == "butterfly" and layer.butterfly == "peft"
+        w = torch.randn(*shape, generator=g)
+        layer = resolve_for_weight(layer, w.shape)
+        got = rotate_weight(layer, w, strength)
+        want = peft_boft_weight(w, tensors[f"{PREFIX}{module}.boft_R"], tensors[f"{PREFIX}{module}.boft_s"],
+                                strength)
+        assert rel_err(got, want) <= REL_TOL, module
+        assert rel_err(got, w.double()) > 0.05
+        x = torch.randn(5, *shape[1:2], *((7, 7) if len(shape) == 4 else ()), generator=g)
+        merged = F.linear(x, got) if len(shape) == 2 else F.conv2d(x, got, padding=1)
+        assert rel_err(bypass_forward(layer, x, w, strength=strength, padding=1 if len(shape) == 4 else 0),
+                       merged) <= 10 * REL_TOL, module
+
+
+def test_a_factor_that_does_not_fit_the_blocks_is_refused(tmp_path):
+    """PEFT's own rule: the block count a multiple of 2^(factors − 1), the block size even."""
     tensors = _layers()
-    tensors[f"{PREFIX}attn.to_q.boft_R"] = torch.zeros(2, 2, 8, 8)
-    text = _refused(tmp_path, tensors, {"boft_n_butterfly_factor": 2}, match="2 butterfly factors")
-    assert "attn.to_q" in text and "boft" in text and "(2, 2, 8, 8)" in text
+    tensors[f"{PREFIX}attn.to_q.boft_R"] = torch.zeros(3, 2, 8, 8)  # 2 blocks cannot take 3 factors
+    _refused(tmp_path, tensors, {"boft_n_butterfly_factor": 3}, match="PEFT BOFT layout")
+    tensors = _layers()
+    tensors[f"{PREFIX}resnet.conv1.boft_R"] = torch.zeros(2, 4, 9, 9)  # odd blocks cannot be halved
+    _refused(tmp_path, tensors, {"boft_block_num": 0}, match="PEFT BOFT layout", name="odd")
 
 
 @pytest.mark.parametrize("extra, what", [

@@ -21,6 +21,10 @@ public code paths are used:
 - peft: `PeftModel.from_pretrained` on the same kind of module tree, then `merge_and_unload()` (PEFT has no strength);
   with "make_boft", PEFT's own BOFT (`BOFTConfig`, `get_peft_model` with init_weights False: random generators and
   row scales) on that tree first writes the adapter directory (`save_pretrained`), which is then loaded back as above.
+  PEFT builds more than one butterfly factor only with its CUDA extension (else it sets the factor to 1); for
+  "factors" > 1 the extension's one op, a block-diagonal matrix per factor ((N, D, H, H) -> (N, D·H, D·H), its
+  docstring's definition), stands in for it, and everything else — permutations, Cayley map, factor order, row
+  scale, merge — is PEFT's own code.
 """
 
 from __future__ import annotations
@@ -415,14 +419,28 @@ def run_lycoris(req, result):
 
 
 # ------------------------------------------------------------------------------------------------ PEFT
+class _BlockDiagPerFactor:
+    """The one op of PEFT's BOFT CUDA extension (fbd_cuda.forward), by its definition: (N, D, H, H) blocks ->
+    [(N, D·H, D·H)], one block-diagonal matrix per butterfly factor. Inference only (no backward)."""
+
+    @staticmethod
+    def forward(blocks):
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+
 def run_peft(req, result):
     import peft
 
     base = load_file(req["base"])
+    if req.get("make_boft", {}).get("factors", 1) > 1:
+        import peft.tuners.boft.layer as boft_layer
+
+        boft_layer._FBD_CUDA = _BlockDiagPerFactor  # get_fbd_cuda() returns it: PEFT keeps several factors
     if "make_boft" in req:  # PEFT writes a BOFT adapter for this tree itself
         spec = req["make_boft"]
         torch.manual_seed(spec.get("seed", 0))
-        cfg = peft.BOFTConfig(boft_block_size=0, boft_block_num=spec["block_num"], boft_n_butterfly_factor=1,
+        cfg = peft.BOFTConfig(boft_block_size=0, boft_block_num=spec["block_num"],
+                              boft_n_butterfly_factor=spec.get("factors", 1),
                               target_modules=spec["target_modules"], bias=spec.get("bias", "none"),
                               init_weights=False)
         made = peft.get_peft_model(skeleton(base), cfg)

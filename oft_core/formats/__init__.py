@@ -19,7 +19,7 @@ All key conventions in one table (details and quirks in each reader's docstring)
 |         | `.alpha`, `.rescale`                                          | `lora_te_`/`lora_te1_`/`lora_te2_`   |
 | peft    | `base_model.model.<path>.oft_R.weight`; legacy `.oft_r`,      | `base_model.model.` -> unet          |
 |         | `.oft_s`; plus `adapter_config.json` beside the file          | (`text_encoder.` -> te, ...)         |
-|         | BOFT (one butterfly factor): `.boft_R`, `.boft_s`             | as PEFT OFT                          |
+|         | BOFT: `.boft_R` (factors, blocks, b, b), `.boft_s`            | as PEFT OFT                          |
 |         | OneTrainer: `<prefix><path>.oft_R.weight`, `.oft_R.scaled_oft`,| `lora_unet_`, `lora_transformer_`,   |
 |         | no config (`ot_branch` / `ot_revision` in the header)         | `diffusion_model.` -> unet; `lora_te*`|
 

@@ -14,10 +14,11 @@ refuses the first and silently loads the second as identity; both are read here 
 PEFT BOFT (`<prefix><module path>.boft_R` (factors, blocks, b, b) + `.boft_s`, `peft_type` BOFT): with one butterfly
 factor (PEFT's default, and what PEFT trains wherever its CUDA extension does not build: it then sets the factor to 1
 itself) it is the 0.14–0.15 layer exactly — S = ½(A − Aᵀ), R = (I − S)(I + S)⁻¹, W' = (W·Rᵀ) ⊙ s, a Conv2d's
-(in · kh · kw) axis rotated and s of shape (1, out) — and is read as that. More factors (butterfly stages with PEFT's
-own block permutation) are refused by name, as are files holding trained base tensors beside the adapter's (PEFT's
-`bias` "boft_only" / "oft_only" / "all" saves `<module>.base_layer.bias`, `modules_to_save` whole modules): the pack
-applies rotations and row scales, and a rotation without the trained bias would not be the trained model.
+(in · kh · kw) axis rotated and s of shape (1, out) — and is read as that; with more, W' = (W·Mᵀ) ⊙ s with
+M = Π_f P_f·blockdiag(R_f)·P_fᵀ (factor 0 applied first, P_f PEFT's block butterfly permutation), read as butterfly
+stages (`OFTLayer.butterfly` "peft"). Refused by name: files holding trained base tensors beside the adapter's
+(PEFT's `bias` "boft_only" / "oft_only" / "all" saves `<module>.base_layer.bias`, `modules_to_save` whole modules):
+the pack applies rotations and row scales, and a rotation without the trained bias would not be the trained model.
 
 OneTrainer's "OFT v2" (since 2025-11) saves PEFT's packed layer without a config (format id "peft_onetrainer"); its
 code fixes what the config would say: the Cayley–Neumann series of 5 terms with the last halved, a shared block as one
@@ -378,8 +379,8 @@ def _legacy_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
 
 
 def _boft_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
-    """One PEFT BOFT layer of one butterfly factor: `.boft_R` (1, blocks, b, b) and `.boft_s`, read as the
-    0.14–0.15 layer it equals (S = ½(A − Aᵀ), input side, the row scale)."""
+    """One PEFT BOFT layer: `.boft_R` (factors, blocks, b, b) and `.boft_s`; of one factor read as the 0.14–0.15
+    layer it equals (S = ½(A − Aᵀ), input side, the row scale), of several as PEFT's butterfly stages."""
     component, name = _split_name(key)
     a, s = parts.get("boft_R"), parts.get("boft_s")
     if a is None:
@@ -387,10 +388,6 @@ def _boft_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
     if a.ndim != 4 or a.shape[-1] != a.shape[-2]:
         raise OFTError(f".boft_R: expected (butterfly factors, blocks, b, b), found {tuple(a.shape)}", path=st.path,
                        layer=key)
-    if a.shape[0] != 1:
-        raise OFTError(f".boft_R holds {a.shape[0]} butterfly factors (boft_n_butterfly_factor {a.shape[0]}, shape "
-                       f"{tuple(a.shape)}): PEFT's butterfly stages with more than one factor are not read by this "
-                       "pack; files of one factor (PEFT's default) are", path=st.path, layer=key)
     size, num = st.cfg.get("boft_block_size") or 0, st.cfg.get("boft_block_num") or 0
     for field, want, found in (("boft_block_size", size, a.shape[-1]), ("boft_block_num", num, a.shape[1])):
         if want and want != found:
@@ -401,9 +398,16 @@ def _boft_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
     if s.ndim != 2 or 1 not in s.shape:
         raise OFTError(f".boft_s: expected (out, 1) (a Linear) or (1, out) (a Conv2d), found {tuple(s.shape)}",
                        path=st.path, layer=key)
-    a = a[0].to(torch.float32)
-    return make_layer(path=st.path, name=name, component=component, side="in", blocks=[0.5 * (a - a.transpose(1, 2))],
-                      transpose=False, row_scale=s.reshape(-1), source=st.fmt, key=key)
+    a = a.to(torch.float32)
+    skew = 0.5 * (a - a.transpose(-1, -2))
+    if a.shape[0] == 1:
+        return make_layer(path=st.path, name=name, component=component, side="in", blocks=[skew[0]],
+                          transpose=False, row_scale=s.reshape(-1), source=st.fmt, key=key)
+    # several factors: W' = W·Mᵀ_peft ⊙ s, M_peft = Π_f P_f B_f P_fᵀ (factor 0 applied first); as W·M with M the
+    # factors' transposes in reverse order, each Bᵀ = the pack's Cayley of S (`spec.OFTLayer.butterfly`)
+    return make_layer(path=st.path, name=name, component=component, side="in", kind="butterfly",
+                      blocks=[skew.flip(0)], transpose=False, row_scale=s.reshape(-1), source=st.fmt, key=key,
+                      butterfly="peft")
 
 
 def _boft_settings(config: dict | None, path: str) -> _Settings:
