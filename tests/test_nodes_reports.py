@@ -169,20 +169,27 @@ def test_sd_groups_are_listed_with_their_block_numbers(pack, fixtures_dir):
     assert pack.op_nodes.unmatched_items(adapter, "input:0=0, output:3-5=0, double=1") == ["input:0=0", "double=1"]
 
 
-def test_core_oft_patch_on_the_same_weights_is_warned(pack, fixtures_dir, tmp_path, monkeypatch):
-    """Core Load LoRA of a LyCORIS OFT file + Load OFT of the same file: both rotate; the report says so."""
-    import comfy.sd
+def _private_oft_folder(pack, tmp_path, monkeypatch):
+    """An empty `oft` models folder of this test's own (ComfyUI's folder table patched for the test only)."""
     import folder_paths
 
-    d = fixtures_dir / "lycoris" / LYCORIS
     oft = tmp_path / "oft"
     oft.mkdir()
-    shutil.copy(d / f"{LYCORIS}.safetensors", oft / "same.safetensors")
     pack.files.register_folder()
     table = dict(folder_paths.folder_names_and_paths)
     table["oft"] = ([str(oft)], {".safetensors"})
     monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return oft
+
+
+def test_core_oft_patch_on_the_same_weights_is_warned(pack, fixtures_dir, tmp_path, monkeypatch):
+    """Core Load LoRA of a LyCORIS OFT file + Load OFT of the same file: both rotate; the report says so."""
+    import comfy.sd
+
+    d = fixtures_dir / "lycoris" / LYCORIS
+    oft = _private_oft_folder(pack, tmp_path, monkeypatch)
+    shutil.copy(d / f"{LYCORIS}.safetensors", oft / "same.safetensors")
 
     base = comfy_models.sd15_tiny()
     plain = pack.oft_nodes.OFTLoader.execute(model=base, adapter_name="same.safetensors", strength=1.0,
@@ -205,21 +212,13 @@ def test_tensors_the_reader_leaves_out_are_named_in_the_report(pack, fixtures_di
     """A LyCORIS file that mixes algorithms (a LoRA module beside its diag-oft ones, as a per-module preset writes
     it): the OFT layers are applied and the report says which tensors were not, instead of dropping them silently;
     a file without such tensors says nothing of the kind."""
-    import folder_paths
-
     d = fixtures_dir / "lycoris" / LYCORIS
-    oft = tmp_path / "oft"
-    oft.mkdir()
+    oft = _private_oft_folder(pack, tmp_path, monkeypatch)
     g = torch.Generator().manual_seed(1)
     lora = {"lycoris_down_blocks_0_attentions_0_proj_out.lora_up.weight": torch.randn(32, 4, generator=g),
             "lycoris_down_blocks_0_attentions_0_proj_out.lora_down.weight": torch.randn(4, 32, generator=g)}
     save_file({**load_file(d / f"{LYCORIS}.safetensors"), **lora}, str(oft / "mixed.safetensors"))
     shutil.copy(d / f"{LYCORIS}.safetensors", oft / "plain.safetensors")
-    pack.files.register_folder()
-    table = dict(folder_paths.folder_names_and_paths)
-    table["oft"] = ([str(oft)], {".safetensors"})
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
 
     base = comfy_models.sd15_tiny()
     out = pack.oft_nodes.OFTLoader.execute(model=base, adapter_name="mixed.safetensors", strength=1.0,

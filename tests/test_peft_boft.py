@@ -125,6 +125,7 @@ def test_trained_biases_and_saved_modules_are_refused(tmp_path, extra, what):
     modules_to_save whole modules: applying only the rotations would not give the trained model."""
     text = _refused(tmp_path, {**_layers(), **extra}, {"bias": "boft_only"}, match="trained base-model tensor")
     assert what in text and "'boft_only'" in text and "adapter_model.safetensors" in text
+    assert "merge_and_unload" in text and "bias 'none'" in text  # what to do instead
 
 
 def test_a_peft_oft_file_with_trained_biases_is_refused_too(tmp_path):

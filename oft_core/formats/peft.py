@@ -438,7 +438,8 @@ def _refuse_trained_base(ignored: list[str], cfg: dict, path: str) -> None:
     raise OFTError(f"holds {len(trained)} trained base-model tensor{'s' if len(trained) > 1 else ''} beside the "
                    f"adapter's ({trained[0]!r}{', …' if len(trained) > 1 else ''}){why}: PEFT saves trained biases "
                    "(bias 'oft_only' / 'boft_only' / 'all') and modules_to_save this way, and this pack applies the "
-                   "rotations only, which without them would not give the trained model", path=path)
+                   "rotations only, which without them would not give the trained model. Merge it with PEFT "
+                   "(merge_and_unload) and load the merged model, or train with bias 'none'", path=path)
 
 
 def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
