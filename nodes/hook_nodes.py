@@ -26,6 +26,7 @@ from .patch import (
     TE_COMPONENTS,
     UNET_PREFIX,
     OFTWeightAdapter,
+    bias_patches,
     check_rotations,
     comfy_key_map,
     model_kind,
@@ -52,7 +53,8 @@ class OFTWeightHook(comfy.hooks.WeightHook):
         return c
 
     def oft_patches(self, patcher, clip: bool) -> dict[float, dict]:
-        """{strength multiplier: {key or (key, offset): OFTWeightAdapter}} for `patcher` (a model or a CLIP's)."""
+        """{strength multiplier: {key or (key, offset): OFTWeightAdapter / OFTBiasAdapter}} for `patcher` (a model
+        or a CLIP's)."""
         adapter = self.adapter
         if clip:
             comps, prefix, what = TE_COMPONENTS, "", "the CLIP"
@@ -74,6 +76,9 @@ class OFTWeightHook(comfy.hooks.WeightHook):
             key = m.target.key if m.target.offset is None else (m.target.key, tuple(m.target.offset))
             groups.setdefault(layer_multiplier(adapter, m.layer), {})[key] = OFTWeightAdapter(
                 m.layer, self.mode, adapter.format, m.target.perm)
+        # trained biases (PEFT bias "oft_only" / "boft_only") at the same strengths as their layers' weights
+        for multiplier, patches in bias_patches(report, lambda layer: layer_multiplier(adapter, layer)).items():
+            groups.setdefault(multiplier, {}).update(patches)
         return groups
 
     def add_hook_patches(self, model, model_options, target_dict, registered):

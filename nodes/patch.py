@@ -39,6 +39,7 @@ from ..oft_core.blocks import layer_multiplier
 from ..oft_core.choices import STRENGTH_MODES
 from ..oft_core.errors import check_strength
 from ..oft_core.match import MatchReport
+from ..oft_core.rotation import adapted_bias, bias_key
 from ..oft_core.spec import TE_COMPONENTS  # (the other node modules import it from here)
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,41 @@ class OFTWeightAdapter(comfy.weight_adapter.WeightAdapterBase):
         rotated = rotate_weight(self.layer, w32, float(strength), self.mode, out_dtype=torch.float32, blocks=blocks)
         weight.copy_(w32 + function(rotated - w32))
         return weight
+
+
+class OFTBiasAdapter(comfy.weight_adapter.WeightAdapterBase):
+    """A layer's trained bias (PEFT `bias` "oft_only" / "boft_only") as a ComfyUI patch of the base bias: at
+    strength s, b + s·(trained − b) (`oft_core.rotation.adapted_bias`), applied once; ComfyUI narrows `weight` to a
+    fused bias's slice (`offset`) and keeps the view's changes."""
+
+    name = "oft_bias"
+
+    def __init__(self, layer, perm=None):
+        self.layer = layer
+        self.perm = perm
+        self.loaded_keys = {layer.key}
+        self.weights = [layer.bias]
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        new = adapted_bias(self.layer, weight, float(strength), self.perm)
+        if _is_identity(function, weight):
+            weight.copy_(new)
+        else:  # ComfyUI's convention: `function` maps the change a patch makes
+            weight.copy_(weight + function(new - weight))
+        return weight
+
+
+def bias_patches(report: MatchReport, strength_of) -> dict[float, dict]:
+    """{effective strength: {bias key (with a fused slice's offset): OFTBiasAdapter}} of the matched layers that
+    train a bias; `strength_of(layer)` is the strength its weight patch gets."""
+    groups: dict[float, dict] = {}
+    for m in report.matched:
+        if m.layer.bias is not None:
+            key = bias_key(m.target.key)
+            key = key if m.target.offset is None else (key, tuple(m.target.offset))
+            groups.setdefault(float(strength_of(m.layer)), {})[key] = OFTBiasAdapter(m.layer, m.target.perm)
+    return groups
 
 
 def _is_identity(function, weight) -> bool:
@@ -252,6 +288,16 @@ def _add_patches(patcher, report: MatchReport, adapter: OFTAdapter, strength: fl
     for effective, patches in groups.items():
         accepted += patcher.add_patches(patches, effective)
     return accepted
+
+
+def _add_bias_patches(patcher, report: MatchReport, adapter: OFTAdapter, strength: float) -> None:
+    """The trained biases of the matched layers, in both apply modes (a bias is a vector: bypass rewrites no weight,
+    and a bias patch is as exact as the forward's own addition), each at its layer's effective strength."""
+    groups = bias_patches(report, lambda layer: float(strength) * layer_multiplier(adapter, layer))
+    want = sum(len(patches) for patches in groups.values())
+    accepted = [k for effective, patches in groups.items() for k in patcher.add_patches(patches, effective)]
+    if len(accepted) != want:  # match_adapter checked every bias key against the model: a bug here if not
+        raise OFTError(f"ComfyUI accepted {len(accepted)} of {want} trained biases", path=adapter.path)
 
 
 def report_text(adapter: OFTAdapter, unet_report, te_report, clip_given: bool, strength: float, mode: str) -> str:
@@ -414,9 +460,10 @@ def _patch(patcher, report: MatchReport, adapter: OFTAdapter, strength: float, m
             add_bypass(target, report.matched, lambda layer: float(strength) * layer_multiplier(adapter, layer), mode)
         except OFTError as e:
             raise OFTError(e.detail, path=adapter.path, layer=e.layer) from e
-        return
-    accepted = _add_patches(patcher, report, adapter, strength, mode)
-    _check_accepted(accepted, report, adapter)
+    else:
+        accepted = _add_patches(patcher, report, adapter, strength, mode)
+        _check_accepted(accepted, report, adapter)
+    _add_bias_patches(patcher, report, adapter, strength)
 
 
 def _check_accepted(accepted, report: MatchReport, adapter: OFTAdapter) -> None:

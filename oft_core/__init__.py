@@ -10,8 +10,8 @@ CLI (oft_core/cli.py) and the benchmarks use; every other top-level name of a co
 - files: `formats` — `load_adapter`, `write_adapter`, `READERS`, `format_family`, `not_oft_message`;
   `formats.peft` — `find_config`; `formats.lycoris` — `check`; `safetensors_io` — `read_header`; `publish` —
   `publish_safetensors`, `check_output_name`
-- math: `rotation` — `rotation_blocks`, `rotate_weight`, `rotate_weight_`, `apply_rows`; `bypass` — `ModuleBypass`,
-  `module_bypasses`
+- math: `rotation` — `rotation_blocks`, `rotate_weight`, `rotate_weight_`, `apply_rows`, `adapted_bias`, `bias_key`;
+  `bypass` — `ModuleBypass`, `module_bypasses`
 - names: `names` — `Target`; `match` — `Match`, `MatchReport`
 - operations: `blocks` — `parse_block_spec`, `with_block_strength`, `scale_layers`, `refuse_layer_strengths`,
   `layer_multiplier`, `layer_block`; `combine` — `blend`, `merge`, `provenance`; `bake` — `bake`; `extract` —

@@ -38,7 +38,7 @@ from .formats import _open_streamed, _StreamedAdapter
 from .match import Match, MatchReport, _target_shape, match_adapter
 from .names import build_key_map
 from .publish import _check_output, _publish_file
-from .rotation import STRENGTH_MODES, _all_finite, _StrengthMode, rotate_weight_
+from .rotation import STRENGTH_MODES, _all_finite, _StrengthMode, adapted_bias, bias_key, rotate_weight_
 from .safetensors_io import _DTYPES, _TensorInfo, read_header
 from .spec import OFTAdapter, OFTLayer, resolve_for_weight
 
@@ -137,7 +137,11 @@ def _patched_bytes(src, header, ti: _TensorInfo, key: str, readbuf, patches, sha
         layer = m.layer if streamed is None else _real_layer(streamed, m, shapes)
         source = streamed.header.path if streamed is not None else None
         try:
-            rotate_weight_(layer, _narrow(work, m.target.offset), strength, mode)
+            part = _narrow(work, m.target.offset)
+            if key != m.target.key:  # the layer's trained bias, at its key beside the weight's
+                part.copy_(adapted_bias(layer, part, strength, m.target.perm))
+            else:
+                rotate_weight_(layer, part, strength, mode)
         except OFTError as e:
             raise OFTError(f"{e.detail} (base weight {key}); nothing was written", path=source,
                            layer=layer.key) from None
@@ -303,6 +307,8 @@ def _add_patches(plan: _Plan, report: MatchReport, per_layer: dict, streamed) ->
             plan.skipped += 1
             continue
         plan.patches.setdefault(m.target.key, []).append((m, s, streamed))
+        if m.layer.bias is not None:  # its trained bias (match_adapter checked the base has one there)
+            plan.patches.setdefault(bias_key(m.target.key), []).append((m, s, streamed))
 
 
 def _check_float_weights(header, patches: dict) -> None:

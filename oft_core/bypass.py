@@ -209,6 +209,9 @@ class ModuleBypass:
 
     `conv`: the module is a convolution (features on axis 1) rather than a Linear (features on the last axis).
     `bias_of(module, dtype, device)`: the bias the module's forward adds, cast as the forward cast it, in fp32.
+    A layer's trained bias (`OFTLayer.bias`) is not applied by the hooks: it replaces the module's own bias, which
+    the caller patches (the nodes add a ComfyUI patch of that bias, `nodes.patch.OFTBiasAdapter`); `bias_of` then
+    reads the patched one.
     """
 
     def __init__(self, targets: Sequence[_BypassTarget], *, conv: bool, kernel_numel: int = 1,

@@ -119,13 +119,16 @@ _APPLY_IN_ORDER = ("apply the adapters one after another instead, which gives th
 def _settled(adapters: Sequence[OFTAdapter], what: str) -> None:
     """Refuse to combine layers whose convention only a model settles (OneTrainer's: a Linear's rotation, or its
     transpose for a convolution): composed, blended or averaged before that is known, a convolution would get the
-    other order or sign."""
+    other order or sign; and layers that train their bias (applied in order, each replaces the base bias in turn)."""
     for a in adapters:
         for layer in a:
             if layer.conv_transposed:
                 raise OFTError(f"cannot {what} a OneTrainer adapter: each of its layers rotates as a Linear, or "
                                f"transposed as a convolution, which only the model says; {_APPLY_IN_ORDER}",
                                path=a.path or None, layer=layer.key)
+            if layer.bias is not None:  # a trained bias replaces the base's: no blend of it is either trainer's
+                raise OFTError(f"cannot {what} a layer that trains its bias (PEFT bias 'oft_only' / 'boft_only'); "
+                               f"{_APPLY_IN_ORDER}", path=a.path or None, layer=layer.key)
 
 
 def _unshare(layer: OFTLayer, width: int, src: str | None = None) -> OFTLayer:

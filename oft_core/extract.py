@@ -188,6 +188,11 @@ def extract(adapter: OFTAdapter, weights: Mapping[str, torch.Tensor] | Callable[
     if not report.matched:
         raise OFTError(f"none of its {report.total} layers matches {base_name}: {report.summary()}",
                        path=adapter.path)
+    biased = [m.layer.key for m in report.matched if m.layer.bias is not None]
+    if biased:  # a LoRA file (kohya) holds a weight change only: without the bias it would not be the trained model
+        raise OFTError(f"{len(biased)} of its layers train their bias (PEFT bias 'oft_only' / 'boft_only'), which a "
+                       "LoRA holds no change of: apply the adapter (or bake it) instead", path=adapter.path,
+                       layer=biased[0])
     strength_of = strength_of or (lambda layer: strength)
     get = weights if callable(weights) else weights.__getitem__
     tensors: dict[str, torch.Tensor] = {}

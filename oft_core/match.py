@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 from .errors import OFTError
 from .names import KeyMap, Target, build_key_map
+from .rotation import bias_key
 from .spec import OFTAdapter, OFTLayer, resolve_for_weight
 
 
@@ -47,6 +48,21 @@ def _target_shape(target: Target, shapes: Mapping[str, Sequence[int]]) -> tuple[
     return tuple(shape)
 
 
+def _check_bias(layer, target: Target, shapes: Mapping[str, Sequence[int]], path: str, base_name: str) -> None:
+    """A layer with a trained bias needs a base bias of that many rows beside its weight (the slice's rows of a
+    fused one): without it the trained model cannot be made, so the layer is refused, never applied without it."""
+    shape = shapes.get(bias_key(target.key))
+    rows = None if shape is None or len(shape) != 1 else int(shape[0])
+    if rows is not None and target.offset is not None:
+        dim, start, length = target.offset
+        rows = length if dim == 0 and start + length <= rows else None
+    if rows != layer.bias.numel():
+        found = "no bias" if shape is None else f"a bias of shape {tuple(shape)}"
+        raise OFTError(f"the adapter trains a bias of {layer.bias.numel()} values for {target.key}, and "
+                       f"{base_name} has {found} there{'' if target.offset is None else f' (slice {target.offset})'}",
+                       path=path, layer=layer.key)
+
+
 def match_adapter(
     adapter: OFTAdapter,
     shapes: Mapping[str, Sequence[int]],
@@ -78,5 +94,7 @@ def match_adapter(
         seen[where] = layer.key
         shape = _target_shape(target, shapes)
         resolved = resolve_for_weight(layer, shape, path=adapter.path, weight_name=f"{base_name}'s {target.key}")
+        if resolved.bias is not None:
+            _check_bias(resolved, target, shapes, adapter.path, base_name)
         report.matched.append(Match(resolved, target))
     return report

@@ -897,6 +897,30 @@ def rotate_weight(
     return out
 
 
+def bias_key(weight_key: str) -> str:
+    """The base key of a layer's bias, from its weight's (`<module>.weight` -> `<module>.bias`)."""
+    return weight_key[: -len("weight")] + "bias" if weight_key.endswith("weight") else weight_key + ".bias"
+
+
+def adapted_bias(layer: OFTLayer, bias: torch.Tensor, strength: float = 1.0, perm=None) -> torch.Tensor:
+    """The base bias with the layer's trained bias at `strength` (the one definition): b + s·(trained − b) in fp32,
+    returned in `bias`'s dtype; the trained bias itself at 1 (PEFT's merge keeps it as trained), `bias` unchanged at 0
+    or when the layer trains none. `perm`: base row i is the adapter's row perm[i] (`names.Target.perm`)."""
+    strength = check_strength(strength)
+    if layer.bias is None or strength == 0:
+        return bias
+    trained = layer.bias.to(device=bias.device)
+    if perm is not None:
+        trained = trained[torch.as_tensor(perm, device=bias.device)]
+    if trained.shape != bias.shape:
+        raise OFTError(_mismatch("base bias", f"{tuple(trained.shape)} (the trained bias)", tuple(bias.shape)),
+                       layer=layer.key)
+    if strength == 1:  # PEFT's merge keeps the trained values as they are
+        return trained.to(bias.dtype)
+    b32 = bias.to(torch.float32)
+    return (b32 + strength * (trained - b32)).to(bias.dtype)
+
+
 def rotate_weight_(
     layer: OFTLayer,
     weight: torch.Tensor,
@@ -1020,8 +1044,13 @@ def bypass_forward(
 ) -> torch.Tensor:
     """A Linear (2-D weight) or Conv2d (4-D weight) forward with the adapter applied to activations.
 
-    Equals the plain layer forward with `rotate_weight(layer, weight, ...)` as its weight.
+    Equals the plain layer forward with `rotate_weight(layer, weight, ...)` as its weight and, for a layer that
+    trains its bias, `adapted_bias(layer, bias, strength)` as its bias (the base `bias` is then required).
     """
+    if layer.bias is not None:
+        if bias is None:
+            raise OFTError("the layer trains its bias, and no base bias was given to replace", layer=layer.key)
+        bias = adapted_bias(layer, bias, strength)
     if blocks is None:
         blocks = rotation_blocks(layer, strength, mode) if strength != 0 else None
     if blocks is None:  # strength 0

@@ -104,6 +104,9 @@ class OFTLayer:
     # input side, W' = W·M with M the stages applied in order (each P Bᵀ Pᵀ, P PEFT's block butterfly permutation of
     # factor N − 1 − k, the file's factors reversed: `formats.peft`)
     butterfly: str = "lycoris"
+    # A trained bias replacing the base layer's (PEFT `bias` "oft_only" / "boft_only": the adapted module's
+    # `base_layer.bias`), fp32 (out,): at strength s the base bias b becomes b + s·(bias − b) (`rotation.adapted_bias`)
+    bias: torch.Tensor | None = None
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
@@ -197,6 +200,7 @@ def make_layer(
     block_share: bool = False,
     conv_transposed: bool = False,
     butterfly: str = "lycoris",
+    bias: torch.Tensor | None = None,
 ) -> OFTLayer:
     """Validate once and build an `OFTLayer`. `blocks`, per split, are the stored blocks: the skew generators Q,
     already skew-symmetric (parameterization cayley / neumann), or the rotations R themselves (matrix).
@@ -220,6 +224,7 @@ def make_layer(
                       blocks.finite if isinstance(blocks, _Blocks) else None, fail)
     dim = sum(n * int(g.shape[-1]) for g, n in zip(gens, num_blocks))
     row_scale = _checked_row_scale(row_scale, side, dim, fail)
+    bias = _checked_bias(bias, side, dim, fail)
     return OFTLayer(
         name=name,
         component=component,
@@ -237,6 +242,7 @@ def make_layer(
         block_share=bool(block_share),
         conv_transposed=bool(conv_transposed),
         butterfly=butterfly,
+        bias=bias,
     )
 
 
@@ -567,6 +573,22 @@ def _checked_row_scale(row_scale: torch.Tensor | None, side: str, dim: int, fail
     return row_scale
 
 
+def _checked_bias(bias: torch.Tensor | None, side: str, dim: int, fail) -> torch.Tensor | None:
+    """A trained bias: fp32, one axis, finite; one value per output row (an input-side layer's rows are checked per
+    weight)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor) or bias.ndim != 1 or not bias.is_floating_point():
+        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        fail(_mismatch("trained bias", "a floating-point vector (out,)", shape))
+    bias = bias.detach().to(torch.float32)
+    if bias.device.type != "meta" and not torch.isfinite(bias).all():
+        fail("trained bias contains NaN or Inf values")
+    if side == "out" and bias.numel() != dim:
+        fail(_mismatch("trained bias length", f"{dim} (the rotated output width)", bias.numel()))
+    return bias
+
+
 def _flatten_weight_shape(shape: Sequence[int]) -> tuple[int, int]:
     """(out, in·kh·kw) of a Linear or Conv weight shape."""
     out = int(shape[0])
@@ -606,6 +628,9 @@ def resolve_for_weight(layer: OFTLayer, shape: Sequence[int], *, path: str = "",
         )
     if layer.row_scale is not None and layer.row_scale.numel() != out:
         raise OFTError(_mismatch("row scale length", out, layer.row_scale.numel()), path=path, layer=layer.key)
+    if layer.bias is not None and layer.bias.numel() != out:
+        raise OFTError(_mismatch("trained bias length", f"{out} (the output rows of {weight_name} {tuple(shape)})",
+                                 layer.bias.numel()), path=path, layer=layer.key)
     if layer.conv_transposed:
         conv = len(shape) > 2  # OneTrainer's convolution path: W·R, of the generators as stored (no COFT)
         layer = layer.with_(conv_transposed=False, transpose=layer.transpose != conv,

@@ -307,6 +307,7 @@ def _describe(adapter: OFTAdapter, base, he_max_rows: int) -> dict:
         "block_layouts": [{"num_blocks": list(n) if n != "shared" else n, "block_size": list(b), "layers": c}
                           for (n, b), c in shapes.most_common()],
         "clamped_layers": [x["name"] for x in layers if x["clamped"]],
+        "trained_biases": sum(1 for layer in adapter if layer.bias is not None),
         "info": {k: v for k, v in adapter.info.items() if k != "ignored_keys"},
         "ignored_keys": len(adapter.info.get("ignored_keys", [])),
         "made_from": adapter.made_from,  # None: read from its file as it is
@@ -426,6 +427,9 @@ def format_text(d: dict, *, max_layers: int = 12, more_hint: str = " (--json lis
                          f"{x['orthogonality_error']:.1e}")
         if len(measured) > max_layers:
             lines.append(f"  … and {len(measured) - max_layers} more{more_hint}")
+    if d.get("trained_biases"):
+        lines.append(f"biases:     {d['trained_biases']} layers train their bias (it replaces the base's, PEFT's merge "
+                     "as well)")
     if d["ignored_keys"]:
         lines.append(f"ignored:    {d['ignored_keys']} non-OFT keys in the file")
     for note in d.get("tool_notes", ()):

@@ -103,6 +103,45 @@ def test_lycoris_and_peft_hooks_give_the_trainers_merge(nodes_mod, oft_folder, f
             assert rel_err(got[key], want[dk]) <= REL_TOL, (key, s)
 
 
+def test_a_peft_boft_hook_with_trained_biases_gives_peft_merge_at_each_keyframe(nodes_mod, fixtures_dir, tmp_path,
+                                                                              monkeypatch):
+    """A PEFT BOFT adapter with trained biases (bias 'boft_only', two butterfly factors) as an OFT hook: at keyframe
+    1 each weight is PEFT's merge and each bias the trained one; at 0.5 the pack's strength for both; at 0 the base,
+    bit for bit."""
+    import comfy.utils
+    import folder_paths
+    from comfyui_oft.nodes import hook_nodes
+
+    base_sd = load_file(fixtures_dir / "peft" / "base_unet.safetensors")
+    base, model = _tiny_with_base(base_sd)
+    d2l = comfy.utils.unet_to_diffusers(base.model.model_config.unet_config)
+    folder = tmp_path / "oft"
+    table = dict(folder_paths.folder_names_and_paths)
+    table["oft"] = ([str(folder)], {".safetensors"})
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    hooks = None
+    for s in (1.0, 0.5):
+        sub = folder / str(s)  # one folder per strength: the statement of each is made with its strength
+        sub.mkdir(parents=True)
+        want = test_nodes.boft_sd_folder(sub, base_sd, d2l, 2, s, ("attn1.to_q", "proj_in", "conv1"))
+        assert sum(k.endswith(".bias") for k in want) >= 5
+        table["oft"] = ([str(sub)], {".safetensors"})
+        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+        hooks = hook_nodes.OFTHook.execute(adapter_name="boft_sd/adapter_model.safetensors", strength_model=1.0,
+                                           strength_clip=0.0, strength_mode="kohya").result[0]
+        got = hook_weights(model, with_strength(hooks, s), list(want))
+        for key, w in want.items():
+            assert rel_err(got[key], w) <= REL_TOL, (key, s)
+    got = hook_weights(model, with_strength(hooks, 0.0), list(want))
+    model.patch_model()  # (the tiny UNet's base weights are "set" patches: the base is the patched model)
+    try:
+        before = {k: comfy.utils.get_attr(model.model, k).detach().clone() for k in want}
+    finally:
+        model.unpatch_model()
+    assert all(torch.equal(got[k], before[k]) for k in want)
+
+
 def test_combine_hooks_and_strengths_multiply_once(nodes_mod, oft_folder, fixtures_dir):
     """Hook strength × keyframe strength is one strength, applied once (core's OFT would give s² here); Combine
     Hooks with a second OFT hook applies both, in order."""

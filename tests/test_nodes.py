@@ -355,50 +355,95 @@ def test_peft_on_sd15_tiny_matches_peft_merge(nodes_mod, oft_folder, fixtures_di
         assert rel_err(got[key], want[dk]) <= REL_TOL, key
 
 
-@pytest.mark.parametrize("factors", [1, 2])
-@pytest.mark.parametrize("strength", [1.0, 0.5])
-def test_peft_boft_on_sd15_tiny_through_the_loader(nodes_mod, fixtures_dir, tmp_path, monkeypatch, strength,
-                                                   factors):
-    """A PEFT BOFT directory (one or two butterfly factors, PEFT's layout: diffusers names under base_model.model.,
-    the rotated input axis of Linear, 1×1 and 3×3 Conv2d layers, `.boft_s` (out, 1) / (1, out)) in the models/oft
-    folder: OFTLoader lists it and applies every layer to ComfyUI's LDM keys, each weight PEFT's merge in fp64 (at 0.5
-    the pack's strength: blocks I + 0.5·(B − I), the row scale whole)."""
+def boft_sd_folder(folder, base_sd, d2l, factors: int, strength: float, targets, seed: int = 7):
+    """A PEFT BOFT adapter directory `folder`/boft_sd for the tiny SD UNet (PEFT's layout: diffusers names under
+    base_model.model., 8 blocks per layer as PEFT's examples, `.boft_s` (out, 1) / (1, out), and a trained bias
+    `.base_layer.bias` (bias 'boft_only') for every adapted layer that has one) on the base weights whose names hold
+    one of `targets`; returns {ComfyUI key: PEFT's merge at `strength` in fp64}, biases included
+    (b + strength·(trained − b))."""
     import json
 
+    g = torch.Generator().manual_seed(seed)
+    tensors, want = {}, {}
+    for k, w in sorted(base_sd.items()):
+        if k in d2l and k.endswith(".weight") and any(t in k for t in targets):
+            inner = w[0].numel()
+            a = 0.1 * torch.randn(factors, 8, inner // 8, inner // 8, generator=g)
+            s = 1 + 0.1 * torch.randn((w.shape[0], 1) if w.ndim == 2 else (1, w.shape[0]), generator=g)
+            module = f"base_model.model.{k[:-len('.weight')]}"
+            tensors[f"{module}.boft_R"], tensors[f"{module}.boft_s"] = a, s
+            want["diffusion_model." + d2l[k]] = peft_boft_weight(w, a, s, strength)
+            b = base_sd.get(k[:-len("weight")] + "bias")
+            if b is not None:
+                trained = b + 0.1 * torch.randn(b.shape, generator=g)
+                tensors[f"{module}.base_layer.bias"] = trained
+                want["diffusion_model." + d2l[k][:-len("weight")] + "bias"] = b.double() + strength * (
+                    trained.double() - b.double())
+    (folder / "boft_sd").mkdir(parents=True)
+    save_file(tensors, str(folder / "boft_sd" / "adapter_model.safetensors"))
+    (folder / "boft_sd" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "BOFT", "boft_block_num": 8, "boft_block_size": 0, "boft_n_butterfly_factor": factors,
+         "bias": "boft_only"}))
+    return want
+
+
+@pytest.mark.parametrize("factors", [1, 2])
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+@pytest.mark.parametrize("apply_mode", ["merge", "bypass"])
+def test_peft_boft_on_sd15_tiny_through_the_loader(nodes_mod, fixtures_dir, tmp_path, monkeypatch, strength,
+                                                   factors, apply_mode):
+    """A PEFT BOFT directory (one or two butterfly factors, trained biases as its examples train them; the rotated
+    input axis of Linear, 1×1 and, merged, 3×3 Conv2d layers) in the models/oft folder: OFTLoader lists it and applies
+    every layer to ComfyUI's LDM keys, each weight PEFT's merge in fp64 and each trained bias in place of the base's
+    (at 0.5 the pack's strength: blocks I + 0.5·(B − I), the row scale whole, the bias halfway). In bypass mode the
+    weights stay as they are, the output is the merged layer's, and the biases are patched alike."""
     import comfy.utils
     import folder_paths
 
     base_sd = load_file(fixtures_dir / "peft" / "base_unet.safetensors")
     base, model = _tiny_with_base(base_sd)
     d2l = comfy.utils.unet_to_diffusers(base.model.model_config.unet_config)
-    g = torch.Generator().manual_seed(7)
-    tensors, want = {}, {}
-    for k, w in sorted(base_sd.items()):
-        if k in d2l and k.endswith(".weight") and any(t in k for t in ("attn1.to_q", "attn2.to_v", "proj_in",
-                                                                         "conv1")):
-            inner = w[0].numel()
-            a = 0.1 * torch.randn(factors, 8, inner // 8, inner // 8, generator=g)  # PEFT's examples: 8 blocks
-            s = 1 + 0.1 * torch.randn((w.shape[0], 1) if w.ndim == 2 else (1, w.shape[0]), generator=g)
-            module = f"base_model.model.{k[:-len('.weight')]}"
-            tensors[f"{module}.boft_R"], tensors[f"{module}.boft_s"] = a, s
-            want["diffusion_model." + d2l[k]] = peft_boft_weight(w, a, s, strength)
-    assert len(want) == 29 and any(w.ndim == 4 and w.shape[-1] == 3 for w in want.values())
     folder = tmp_path / "oft"
-    (folder / "boft_sd").mkdir(parents=True)
-    save_file(tensors, str(folder / "boft_sd" / "adapter_model.safetensors"))
-    (folder / "boft_sd" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "BOFT", "boft_block_num": 8, "boft_block_size": 0, "boft_n_butterfly_factor": factors}))
+    targets = ("attn1.to_q", "attn2.to_v", "proj_in") + (("conv1",) if apply_mode == "merge" else ())
+    want = boft_sd_folder(folder, base_sd, d2l, factors, strength, targets)
+    biases = [k for k in want if k.endswith(".bias")]
+    assert len(biases) >= 5 and (apply_mode == "bypass" or any(w.ndim == 4 and w.shape[-1] == 3
+                                                               for w in want.values()))
     table = dict(folder_paths.folder_names_and_paths)
     table["oft"] = ([str(folder)], {".safetensors"})
     monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     assert nodes_mod.files.adapter_files() == ["boft_sd/adapter_model.safetensors"]
     out = nodes_mod.oft_nodes.OFTLoader.execute(model=model, adapter_name="boft_sd/adapter_model.safetensors",
-                                                strength=strength, strength_mode="kohya")
-    assert f"{len(want)} of {len(want)} adapter layers applied" in out.ui.value
+                                                strength=strength, strength_mode="kohya", apply_mode=apply_mode)
+    layers = len(want) - len(biases)
+    assert f"{layers} of {layers} adapter layers applied" in out.ui.value
     got = patched(out.result[0], list(want))
-    for key, w in want.items():
-        assert rel_err(got[key], w) <= REL_TOL, key
+    for key in biases:
+        assert rel_err(got[key], want[key]) <= REL_TOL, key
+    if apply_mode == "merge":
+        for key, w in want.items():
+            assert rel_err(got[key], w) <= REL_TOL, key
+        return
+    before = patched(model, list(want))
+    for key in want:
+        if key.endswith(".weight"):
+            assert torch.equal(got[key], before[key]), key  # bypass: no weight rewritten
+    # the bypassed forward of an adapted Linear and of a 1×1 Conv2d with its trained bias equals the merged layer's
+    key = next(k for k in want if k.endswith("attn1.to_q.weight"))
+    conv_key = next(k for k in want if k.endswith("proj_in.weight"))
+    linear = comfy.utils.get_attr(out.result[0].model, key[:-len(".weight")])
+    conv = comfy.utils.get_attr(out.result[0].model, conv_key[:-len(".weight")])
+    g = torch.Generator().manual_seed(1)
+    x, xc = torch.randn(3, linear.in_features, generator=g), torch.randn(1, conv.in_channels, 4, 4, generator=g)
+    out.result[0].patch_model()
+    try:
+        y, yc = linear(x), conv(xc)
+    finally:
+        out.result[0].unpatch_model()
+    assert rel_err(y, torch.nn.functional.linear(x.double(), want[key])) <= 10 * REL_TOL
+    conv_bias = want[conv_key[:-len("weight")] + "bias"]
+    assert rel_err(yc, torch.nn.functional.conv2d(xc.double(), want[conv_key], conv_bias)) <= 10 * REL_TOL
 
 
 # ------------------------------------------------------------------------------------------------ strength / unpatch

@@ -12,10 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import REL_TOL, peft_boft_weight, rel_err
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from oft_core import OFTError, load_adapter, resolve_for_weight, rotate_weight
-from oft_core.rotation import bypass_forward
+from oft_core import OFTError, load_adapter, match_adapter, resolve_for_weight, rotate_weight
+from oft_core.bake import bake
+from oft_core.combine import blend, merge
+from oft_core.extract import extract
+from oft_core.formats import write_adapter
+from oft_core.rotation import adapted_bias, bypass_forward
+from oft_core.summary import describe, format_text
 
 PREFIX = "base_model.model."
 
@@ -117,29 +122,128 @@ def test_a_factor_that_does_not_fit_the_blocks_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("extra, what", [
-    ({f"{PREFIX}attn.to_q.base_layer.bias": torch.zeros(12)}, "base_layer.bias"),
+    ({f"{PREFIX}attn.to_k.base_layer.bias": torch.zeros(12)}, "attn.to_k.base_layer.bias"),
+    ({f"{PREFIX}norm.bias": torch.zeros(12)}, "norm.bias"),
     ({f"{PREFIX}conv_out.weight": torch.zeros(4, 6, 3, 3)}, "conv_out.weight"),
 ])
-def test_trained_biases_and_saved_modules_are_refused(tmp_path, extra, what):
-    """PEFT's bias 'boft_only' (its dreambooth example's setting) saves the adapted modules' trained biases, and
-    modules_to_save whole modules: applying only the rotations would not give the trained model."""
-    text = _refused(tmp_path, {**_layers(), **extra}, {"bias": "boft_only"}, match="trained base-model tensor")
-    assert what in text and "'boft_only'" in text and "adapter_model.safetensors" in text
+def test_trained_tensors_of_modules_without_an_adapter_are_refused(tmp_path, extra, what):
+    """PEFT's bias 'all' saves every bias of the model, modules_to_save whole modules: the pack applies adapters
+    only, so such a file is refused by name, with what to do instead."""
+    text = _refused(tmp_path, {**_layers(), **extra}, {"bias": "all"}, match="trained base-model tensor")
+    assert what in text and "'all'" in text and "adapter_model.safetensors" in text
     assert "merge_and_unload" in text and "bias 'none'" in text  # what to do instead
 
 
-def test_a_peft_oft_file_with_trained_biases_is_refused_too(tmp_path):
-    """The same rule for PEFT OFT (bias 'oft_only'): its trained biases were silently left out before."""
+def _biased(seed: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return {**_layers(seed), f"{PREFIX}attn.to_q.base_layer.bias": torch.randn(12, generator=g),
+            f"{PREFIX}resnet.conv1.base_layer.bias": torch.randn(6, generator=g)}
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, -1.0, 0.0])
+def test_a_trained_bias_replaces_the_base_bias(tmp_path, strength):
+    """PEFT's bias 'boft_only' / 'oft_only' (its BOFT examples' setting) saves each adapted module's trained bias
+    (`base_layer.bias`); PEFT's merge keeps it in place of the base bias, the pack too: at strength s,
+    b + s·(trained − b), the base itself at 0."""
+    tensors = _biased()
+    adapter = load_adapter(_boft_dir(tmp_path, tensors, {"bias": "boft_only"}))
+    base = torch.randn(12, generator=torch.Generator().manual_seed(9))
+    for module in ("attn.to_q", "resnet.conv1"):
+        assert torch.equal(adapter.layers[("unet", module)].bias, tensors[f"{PREFIX}{module}.base_layer.bias"])
+    layer = adapter.layers[("unet", "attn.to_q")]
+    trained = tensors[f"{PREFIX}attn.to_q.base_layer.bias"]
+    got = adapted_bias(layer, base, strength)
+    assert rel_err(got, base.double() + strength * (trained.double() - base.double())) <= REL_TOL
+    if strength == 1.0:
+        assert torch.equal(got, trained)
+    if strength == 0.0:
+        assert got is base
+    assert "biases:     2 layers train their bias" in format_text(describe(adapter))
+    # the activation-side forward: the merged weight's output with the adapted bias
+    layer = resolve_for_weight(layer, (12, 16))
+    x, w = torch.randn(3, 16), torch.randn(12, 16)
+    want = F.linear(x.double(), rotate_weight(layer, w, strength).double(), got.double())
+    assert rel_err(bypass_forward(layer, x, w, base, strength), want) <= 10 * REL_TOL
+    with pytest.raises(OFTError, match="trains its bias, and no base bias"):
+        bypass_forward(layer, x, w, None, strength)
+
+
+def test_a_peft_oft_file_with_trained_biases_reads_them_too(tmp_path):
+    """The same for PEFT OFT (bias 'oft_only'): its trained biases were silently left out before."""
     d = tmp_path / "oft"
     d.mkdir()
     b = 4
+    bias = torch.randn(12, generator=torch.Generator().manual_seed(2))
     save_file({f"{PREFIX}attn.to_q.oft_R.weight": torch.zeros(4, b * (b - 1) // 2),
-               f"{PREFIX}attn.to_q.base_layer.bias": torch.zeros(12)}, str(d / "adapter_model.safetensors"))
+               f"{PREFIX}attn.to_q.base_layer.bias": bias}, str(d / "adapter_model.safetensors"))
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT", "oft_block_size": b, "r": 0,
                                                        "bias": "oft_only", "use_cayley_neumann": False}))
-    with pytest.raises(OFTError, match="trained base-model tensor") as e:
-        load_adapter(d)
-    assert "'oft_only'" in str(e.value)
+    layer = load_adapter(d).layers[("unet", "attn.to_q")]
+    assert torch.equal(layer.bias, bias)
+    with pytest.raises(OFTError, match="trained bias length: expected 10"):
+        resolve_for_weight(layer, (10, 16))
+
+
+@pytest.mark.parametrize("bias, match", [
+    (torch.full((12,), float("nan")), "trained bias contains NaN"),
+    (torch.zeros(3, 4), r"trained bias: expected a floating-point vector"),
+])
+def test_a_hostile_bias_is_refused(tmp_path, bias, match):
+    tensors = {**_layers(), f"{PREFIX}attn.to_q.base_layer.bias": bias}
+    _refused(tmp_path, tensors, match=match)
+
+
+def test_a_bias_the_base_cannot_take_is_refused_by_name(tmp_path):
+    """Matched against a base without a bias there, or of another length: refused naming the layer, never applied
+    without its bias."""
+    adapter = load_adapter(_boft_dir(tmp_path, _biased()))
+    shapes = {"attn.to_q.weight": (12, 16), "resnet.conv1.weight": (6, 4, 3, 3), "resnet.conv1.bias": (6,)}
+    with pytest.raises(OFTError, match="trains a bias of 12 values for attn.to_q.weight.*has no bias") as e:
+        match_adapter(adapter, shapes)
+    assert "attn.to_q" in str(e.value)
+    with pytest.raises(OFTError, match=r"has a bias of shape \(10,\) there"):
+        match_adapter(adapter, {**shapes, "attn.to_q.bias": (10,)})
+    assert len(match_adapter(adapter, {**shapes, "attn.to_q.bias": (12,)}).matched) == 2
+
+
+def test_what_cannot_hold_a_trained_bias_refuses_it(tmp_path):
+    """Writers (no OFT file the pack writes holds a bias), blend / merge of adapters and LoRA extraction: each
+    refuses a layer that trains its bias, naming it, instead of dropping the bias."""
+    adapter = load_adapter(_boft_dir(tmp_path, _biased()))
+    for fmt in ("kohya", "lycoris", "peft"):
+        with pytest.raises(OFTError, match="trains its layer's bias"):
+            write_adapter(adapter, tmp_path / f"out_{fmt}", fmt)
+    with pytest.raises(OFTError, match="trains its bias"):
+        blend(adapter, adapter, 0.5)
+    with pytest.raises(OFTError, match="trains its bias"):
+        merge([(adapter, 1.0), (adapter, 1.0)])
+    shapes = {"attn.to_q.weight": (12, 16), "attn.to_q.bias": (12,), "resnet.conv1.weight": (6, 4, 3, 3),
+              "resnet.conv1.bias": (6,)}
+    with pytest.raises(OFTError, match="train their bias.*LoRA"):
+        extract(adapter, {k: torch.randn(*v) for k, v in shapes.items()}, shapes, rank=2)
+
+
+def test_bake_writes_the_trained_bias_beside_the_rotated_weight(tmp_path):
+    """The command line's bake (streamed, layer by layer): each weight as PEFT merges it, each trained bias in place
+    of the base's at strength 1, halfway at 0.5; every other tensor as it was."""
+    tensors = _biased()
+    d = _boft_dir(tmp_path, tensors, {"bias": "boft_only"})
+    g = torch.Generator().manual_seed(11)
+    base = {"attn.to_q.weight": torch.randn(12, 16, generator=g), "attn.to_q.bias": torch.randn(12, generator=g),
+            "resnet.conv1.weight": torch.randn(6, 4, 3, 3, generator=g),
+            "resnet.conv1.bias": torch.randn(6, generator=g), "other.bias": torch.randn(5, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for strength in (1.0, 0.5):
+        out = tmp_path / f"baked_{strength}.safetensors"
+        bake(str(tmp_path / "base.safetensors"), [(str(d), strength)], str(out), show_progress=False)
+        got = load_file(str(out))
+        for module in ("attn.to_q", "resnet.conv1"):
+            want_w = peft_boft_weight(base[f"{module}.weight"], tensors[f"{PREFIX}{module}.boft_R"],
+                                      tensors[f"{PREFIX}{module}.boft_s"], strength)
+            assert rel_err(got[f"{module}.weight"], want_w) <= REL_TOL, module
+            b, t = base[f"{module}.bias"].double(), tensors[f"{PREFIX}{module}.base_layer.bias"].double()
+            assert rel_err(got[f"{module}.bias"], b + strength * (t - b)) <= REL_TOL, module
+        assert torch.equal(got["other.bias"], base["other.bias"])
 
 
 @pytest.mark.parametrize("change, match", [

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from oracle import REL_TOL, peft_boft_weight, rel_err
 from safetensors.torch import load_file, save_file
 
-from oft_core import OFTError, load_adapter
+from oft_core import load_adapter
 from oft_core.bake import bake
 from oft_core.cli import main as cli
 from oft_core.formats import _write_lycoris, write_adapter
@@ -456,24 +456,26 @@ def test_convert_to_peft_loads_in_peft(work, case, capsys):
 BOFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "ff.net.2"]
 
 
-@pytest.mark.parametrize("factors", [1, 2, 3])
-def test_a_peft_boft_adapter_made_by_peft_equals_its_merge(work, factors):
+@pytest.mark.parametrize("factors, bias", [(1, "none"), (2, "none"), (3, "none"), (1, "boft_only"),
+                                           (2, "boft_only")])
+def test_a_peft_boft_adapter_made_by_peft_equals_its_merge(work, factors, bias):
     """A PEFT BOFT adapter written by PEFT itself (BOFTConfig with its examples' 8 blocks per layer, 1, 2 or 3
     butterfly factors, random generators and row scales; Linear, 1×1 and 3×3 Conv2d layers of the fixtures'
-    diffusers UNet): our bake of its directory changes exactly the weights PEFT's merge_and_unload changes, each
-    equal to PEFT's, and every one to the fp64 statement (tests/oracle.py). (Several factors: PEFT's code with its
-    CUDA extension's block-diagonal op standing in, see tests/tool_runner.py. With 3 factors PEFT multiplies three
-    dense fp32 matrices as wide as the input: on the 3×3 convs of 1152 inputs its own result lands 1.04e-6 from
-    the fp64 value, ours 6.2e-7, so those convs are compared at 1 and 2 factors only.)
-    (With 2 blocks the 3×3 convs' blocks are up to 576 wide: ours and PEFT's fp32 then each land ~8.5e-7 from the fp64
-    value, 1.1e-6 from each other; tests/test_peft_boft.py holds ours to the fp64 statement.)"""
+    diffusers UNet; with bias 'boft_only', the setting of PEFT's BOFT examples, the adapted modules' biases trained
+    too): our bake of its directory changes exactly the weights and biases PEFT's merge_and_unload changes, each
+    equal to PEFT's; every weight equals the fp64 statement (tests/oracle.py), every bias the trained one.
+    Several factors: PEFT's code with its CUDA extension's block-diagonal op standing in (tests/tool_runner.py).
+    With 3 factors PEFT multiplies three dense fp32 matrices as wide as the input: on the 3×3 convs of 1152 inputs
+    its own result lands 1.04e-6 from the fp64 value, ours 6.2e-7, so those convs are compared at 1 and 2 factors
+    only. (With 2 blocks instead of 8 the 3×3 convs' blocks are up to 576 wide: ours and PEFT's fp32 each land
+    ~8.5e-7 from the fp64 value, 1.1e-6 from each other.)"""
     base = PEFT_DIR / "base_unet.safetensors"
-    out = work / f"peft_boft_made_{factors}"
+    out = work / f"peft_boft_made_{factors}_{bias}"
     targets = [t for t in BOFT_TARGETS if factors < 3 or t != "conv1"]
     res, got = run_tool("peft", dict(adapter=str(out), base=str(base),
                                      make_boft=dict(block_num=8, target_modules=targets, seed=5,
-                                                    factors=factors)),
-                        work, f"peft_boft_made_{factors}")
+                                                    factors=factors, bias=bias)),
+                        work, f"peft_boft_made_{factors}_{bias}")
     ok(res)
     assert res["made_type"].endswith("BOFT") and res["missing"] == [] and res["unexpected"] == []
     adapter = load_adapter(out)
@@ -489,24 +491,14 @@ def test_a_peft_boft_adapter_made_by_peft_equals_its_merge(work, factors):
         key = layer.name + ".weight"
         exact = peft_boft_weight(base_sd[key], tensors[layer.key + ".boft_R"], tensors[layer.key + ".boft_s"])
         assert rel_err(ours[key], exact) <= REL_TOL, key
+        if layer.bias is not None:
+            assert torch.equal(ours[layer.name + ".bias"], tensors[layer.key + ".base_layer.bias"]), key
     assert {k for k, v in ours.items() if not torch.equal(v, base_sd[k])} == {k[len("m1.0/"):] for k in got}
-    assert compare(got, {1.0: ours}, strengths=(1.0,)) == len(adapter)
+    trained = sum(1 for layer in adapter if layer.bias is not None)
+    assert trained == (0 if bias == "none" else sum(1 for k in got if k.endswith(".bias"))) and (
+        bias == "none" or trained >= 20)
+    assert compare(got, {1.0: ours}, strengths=(1.0,)) == len(adapter) + trained
     assert changed(base_sd, got) > 0.05
-
-
-def test_a_peft_boft_adapter_with_trained_biases_is_refused(work):
-    """PEFT's bias 'boft_only' (the setting of its BOFT dreambooth and controlnet examples) saves the adapted
-    modules' biases beside the adapter; the pack applies rotations only, so it refuses the file rather than give a
-    model other than the trained one."""
-    base = PEFT_DIR / "base_unet.safetensors"
-    out = work / "peft_boft_bias"
-    res, _ = run_tool("peft", dict(adapter=str(out), base=str(base),
-                                   make_boft=dict(block_num=2, target_modules=["to_q", "conv1"], bias="boft_only")),
-                      work, "peft_boft_bias")
-    ok(res)
-    with pytest.raises(OFTError, match="trained base-model tensors") as e:
-        load_adapter(out)
-    assert "base_layer.bias" in str(e.value) and "'boft_only'" in str(e.value)
 
 
 def test_convert_kohya_to_peft_is_refused(sd, work, capsys):

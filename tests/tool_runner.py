@@ -20,7 +20,9 @@ public code paths are used:
   and merges it back, as sd-scripts with `--network_module lycoris.kohya` does.
 - peft: `PeftModel.from_pretrained` on the same kind of module tree, then `merge_and_unload()` (PEFT has no strength);
   with "make_boft", PEFT's own BOFT (`BOFTConfig`, `get_peft_model` with init_weights False: random generators and
-  row scales) on that tree first writes the adapter directory (`save_pretrained`), which is then loaded back as above.
+  row scales; with bias "boft_only" the adapted modules' biases moved as training moves them) on that tree first
+  writes the adapter directory (`save_pretrained`), which is then loaded back as above (its changed weights and
+  biases are the result).
   PEFT builds more than one butterfly factor only with its CUDA extension (else it sets the factor to 1); for
   "factors" > 1 the extension's one op, a block-diagonal matrix per factor ((N, D, H, H) -> (N, D·H, D·H), its
   docstring's definition), stands in for it, and everything else — permutations, Cayley map, factor order, row
@@ -444,21 +446,26 @@ def run_peft(req, result):
                               target_modules=spec["target_modules"], bias=spec.get("bias", "none"),
                               init_weights=False)
         made = peft.get_peft_model(skeleton(base), cfg)
+        with torch.no_grad():  # a trained bias (bias "boft_only" trains the adapted modules' biases)
+            for name, p in made.named_parameters():
+                if name.endswith(".bias") and p.requires_grad:
+                    p.add_(0.1 * torch.randn(p.shape))
         made.save_pretrained(req["adapter"])
         result["made_type"] = str(made.peft_config["default"].peft_type)
     model = skeleton(base)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pm = peft.PeftModel.from_pretrained(model, req["adapter"])
     file_keys = set(load_file(req["adapter"] + "/adapter_model.safetensors"))
-    model_keys = {k.replace(".default", "") for k in pm.state_dict() if "oft_" in k}
+    every_key = {k.replace(".default", "") for k in pm.state_dict()}
+    model_keys = {k for k in every_key if "oft_" in k}
     result["missing"] = sorted(model_keys - file_keys)
-    result["unexpected"] = sorted(file_keys - model_keys)
+    result["unexpected"] = sorted(file_keys - every_key)  # (a trained bias is a key of the model too)
     result["peft_version"] = peft.__version__
     merged = pm.merge_and_unload()
     sd = merged.state_dict()
     tensors = {f"m1.0/{k}": v.float().contiguous() for k, v in sd.items()
-               if k.endswith(".weight") and not torch.equal(v, before[k])}
-    result["loaded"] = sorted(k[len("m1.0/"):-len(".weight")] for k in tensors)
+               if k.endswith((".weight", ".bias")) and not torch.equal(v, before[k])}
+    result["loaded"] = sorted(k[len("m1.0/"):-len(".weight")] for k in tensors if k.endswith(".weight"))
     return tensors
 
 

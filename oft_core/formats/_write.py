@@ -55,9 +55,14 @@ def check_all(adapter: OFTAdapter, target: str, why_not) -> None:
     """Refuse the whole write (one error, first few layers named) when `why_not(layer)` gives a reason for any."""
     refusals = Refusals(adapter, target)
     for layer in adapter:
-        refusals.add(layer, CONV_OPEN if layer.conv_transposed else why_not(layer))
+        refusals.add(layer, CONV_OPEN if layer.conv_transposed else BIAS if layer.bias is not None else why_not(layer))
     refusals.raise_if_any()
 
+
+# Why a layer with a trained bias (PEFT bias "oft_only" / "boft_only") is not written: kohya and LyCORIS OFT files
+# hold no bias, and the pack writes none into PEFT's either
+BIAS = ("trains its layer's bias (PEFT bias 'oft_only' / 'boft_only'), which this pack does not write into an OFT "
+        "file: apply the file to a model (or bake it) instead")
 
 # Why a layer read from a OneTrainer file has no form in another file: its convention is known only against a model
 CONV_OPEN = ("is a OneTrainer layer, whose rotation is that of a Linear or its transpose for a convolution, which "

@@ -16,9 +16,12 @@ factor (PEFT's default, and what PEFT trains wherever its CUDA extension does no
 itself) it is the 0.14–0.15 layer exactly — S = ½(A − Aᵀ), R = (I − S)(I + S)⁻¹, W' = (W·Rᵀ) ⊙ s, a Conv2d's
 (in · kh · kw) axis rotated and s of shape (1, out) — and is read as that; with more, W' = (W·Mᵀ) ⊙ s with
 M = Π_f P_f·blockdiag(R_f)·P_fᵀ (factor 0 applied first, P_f PEFT's block butterfly permutation), read as butterfly
-stages (`OFTLayer.butterfly` "peft"). Refused by name: files holding trained base tensors beside the adapter's
-(PEFT's `bias` "boft_only" / "oft_only" / "all" saves `<module>.base_layer.bias`, `modules_to_save` whole modules):
-the pack applies rotations and row scales, and a rotation without the trained bias would not be the trained model.
+stages (`OFTLayer.butterfly` "peft").
+
+Trained biases: PEFT's `bias` "oft_only" / "boft_only" saves each adapted module's trained bias as
+`<module>.base_layer.bias`; PEFT's merge keeps it in place of the base bias, and so does the pack
+(`OFTLayer.bias`, `rotation.adapted_bias`: at strength s, b + s·(trained − b)). Refused by name: the biases of
+modules without an adapter (`bias` "all") and whole modules (`modules_to_save`), which the pack does not apply.
 
 OneTrainer's "OFT v2" (since 2025-11) saves PEFT's packed layer without a config (format id "peft_onetrainer"); its
 code fixes what the config would say: the Cayley–Neumann series of 5 terms with the last halved, a shared block as one
@@ -60,7 +63,7 @@ _CONFIG_NAME = "adapter_config.json"
 _MODEL_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # what the writer puts before each module path
 _PEFT_VERSION = "0.21.2"  # the PEFT whose file layout we write (packed oft_R, Neumann series with halved last term)
-_KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_R\.scaled_oft|oft_r|oft_s|boft_R|boft_s)$")
+_KEY = re.compile(r"^(.+?)\.(oft_R\.weight|oft_R\.scaled_oft|oft_r|oft_s|boft_R|boft_s|base_layer\.bias)$")
 # Outer prefixes PEFT / diffusers put before the module path, and the model part they name.
 _PREFIXES = (
     ("base_model.model.text_encoder_2.", "te2"),
@@ -336,7 +339,7 @@ def _packed_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
         constraint=Constraint("block_projection", eps) if st.coft else Constraint(),
         source=st.fmt + ("_scaled" if scaled else ""), key=key, block_share=shared,
         # OneTrainer rotates a Linear's input (W·Rᵀ, as PEFT) but a convolution's weight as W·R
-        conv_transposed=onetrainer,
+        conv_transposed=onetrainer, bias=parts.get("base_layer.bias"),
     )
 
 
@@ -374,7 +377,7 @@ def _legacy_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
     return make_layer(
         path=st.path, name=name, component=component, side="in" if st.fmt == "peft_legacy_0.15" else "out",
         blocks=[0.5 * (a - a.transpose(1, 2))], transpose=False, row_scale=s, source=st.fmt, key=key,
-        block_share=shared,
+        block_share=shared, bias=parts.get("base_layer.bias"),
     )
 
 
@@ -402,12 +405,13 @@ def _boft_layer(key: str, parts: dict, st: _Settings) -> OFTLayer:
     skew = 0.5 * (a - a.transpose(-1, -2))
     if a.shape[0] == 1:
         return make_layer(path=st.path, name=name, component=component, side="in", blocks=[skew[0]],
-                          transpose=False, row_scale=s.reshape(-1), source=st.fmt, key=key)
+                          transpose=False, row_scale=s.reshape(-1), source=st.fmt, key=key,
+                          bias=parts.get("base_layer.bias"))
     # several factors: W' = W·Mᵀ_peft ⊙ s, M_peft = Π_f P_f B_f P_fᵀ (factor 0 applied first); as W·M with M the
     # factors' transposes in reverse order, each Bᵀ = the pack's Cayley of S (`spec.OFTLayer.butterfly`)
     return make_layer(path=st.path, name=name, component=component, side="in", kind="butterfly",
                       blocks=[skew.flip(0)], transpose=False, row_scale=s.reshape(-1), source=st.fmt, key=key,
-                      butterfly="peft")
+                      butterfly="peft", bias=parts.get("base_layer.bias"))
 
 
 def _boft_settings(config: dict | None, path: str) -> _Settings:
@@ -427,19 +431,23 @@ def _boft_settings(config: dict | None, path: str) -> _Settings:
     return _Settings(path, cfg, cfg_path, config is not None, False, False, 0.0, False, (), "peft_boft")
 
 
-def _refuse_trained_base(ignored: list[str], cfg: dict, path: str) -> None:
-    """A PEFT file that also holds trained base-model tensors (`bias` other than "none" saves the adapted modules'
-    biases as `<module>.base_layer.bias`, `modules_to_save` whole modules): refused, since the pack applies the
-    adapter's rotations only and the result would not be the trained model."""
+def _refuse_trained_base(ignored: list[str], modules: dict, cfg: dict, path: str) -> None:
+    """A PEFT file holding trained base-model tensors the pack does not apply: biases of modules without an adapter
+    (`bias` "all" saves every bias of the model) and whole modules (`modules_to_save`). Refused, since the result
+    would not be the trained model. The adapted modules' own trained biases (`<module>.base_layer.bias`, `bias`
+    "oft_only" / "boft_only") are read with their layers (`OFTLayer.bias`)."""
     trained = [k for k in ignored if k.endswith((".bias", ".weight"))]
+    trained += [f"{key}.base_layer.bias" for key, parts in modules.items() if set(parts) == {"base_layer.bias"}]
     if not trained:
         return
+    trained.sort()
     why = f" (its config: bias {cfg.get('bias')!r})" if cfg.get("bias") not in (None, "none") else ""
-    raise OFTError(f"holds {len(trained)} trained base-model tensor{'s' if len(trained) > 1 else ''} beside the "
-                   f"adapter's ({trained[0]!r}{', …' if len(trained) > 1 else ''}){why}: PEFT saves trained biases "
-                   "(bias 'oft_only' / 'boft_only' / 'all') and modules_to_save this way, and this pack applies the "
-                   "rotations only, which without them would not give the trained model. Merge it with PEFT "
-                   "(merge_and_unload) and load the merged model, or train with bias 'none'", path=path)
+    raise OFTError(f"holds {len(trained)} trained base-model tensor{'s' if len(trained) > 1 else ''} of modules "
+                   f"without an adapter ({trained[0]!r}{', …' if len(trained) > 1 else ''}){why}: PEFT saves the "
+                   "biases of bias 'all' and modules_to_save this way, and this pack applies adapters (their "
+                   "rotations and their own trained biases) only, which without them would not give the trained "
+                   "model. Merge it with PEFT (merge_and_unload) and load the merged model, or train with bias "
+                   "'none' / 'oft_only' / 'boft_only'", path=path)
 
 
 def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapter:
@@ -453,7 +461,7 @@ def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapte
         if any(p in parts for parts in modules.values() for p in ("oft_R.weight", "oft_r", "oft_s")):
             raise OFTError("mixes PEFT BOFT (.boft_R) and OFT (.oft_R.weight / .oft_r) keys", path=path)
         st = _boft_settings(config, path)
-        _refuse_trained_base(ignored, st.cfg, path)
+        _refuse_trained_base(ignored, modules, st.cfg, path)
         layers = {}
         for key, parts in sorted(modules.items()):
             layer = _boft_layer(key, parts, st)
@@ -474,7 +482,7 @@ def read(header: _Header, tensors: dict[str, torch.Tensor], config) -> OFTAdapte
         neumann, coeffs, fmt = _series(cfg, config, packed, modules, path, cfg_path)
         st = _Settings(path, cfg, cfg_path, config is not None, block_share, coft, eps, neumann, coeffs, fmt)
     if not onetrainer:
-        _refuse_trained_base(ignored, cfg, path)
+        _refuse_trained_base(ignored, modules, cfg, path)
     one = _packed_layer if packed else _legacy_layer
     layers = {}
     for key, parts in sorted(modules.items()):
