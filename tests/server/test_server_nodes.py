@@ -123,27 +123,72 @@ def test_a_onetrainer_file_loads_and_changes_what_ksampler_samples(adapter_files
     want = "constraint: COFT eps 0.5 (Linear layers only) (2 layers)" if coft else "constraint: none (2 layers)"
     assert want in text, text
 
-    def sample(with_adapter: bool) -> torch.Tensor:
-        p = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": harness.CHECKPOINT_NAME}},
-             "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
-             "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-             "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0],
-                                                        "negative": ["3", 0], "latent_image": ["5", 0], "seed": 5,
-                                                        "steps": 2, "cfg": 1.0, "sampler_name": "euler",
-                                                        "scheduler": "simple", "denoise": 1.0}},
-             "7": {"class_type": "SaveLatent",
-                   "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/onetrainer_{coft}_{with_adapter}"}}}
-        if with_adapter:
-            p["2"] = {"class_type": "OFTLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "adapter_name": name,
-                                                            "strength": 1.0, "strength_mode": "kohya"}}
-            p["6"]["inputs"]["model"] = ["2", 0]
-        entry = server.run(p, timeout=600)
-        if with_adapter:
-            assert "2 of 2 adapter layers applied" in server.outputs(entry, "2")["text"][0]
-        (path,) = sorted((server.base / "output" / "latents").glob(f"onetrainer_{coft}_{with_adapter}_*.latent"))
-        from safetensors.torch import load_file
+    base, adapted = _sampled(server, None, f"onetrainer_{coft}"), _sampled(server, name, f"onetrainer_{coft}")
+    assert float((adapted - base).abs().max()) > 1e-3 * float(base.abs().max())
 
-        return load_file(str(path))["latent_tensor"].float()
 
-    base, adapted = sample(False), sample(True)
+def _sampled(server, adapter: str | None, tag: str, layers: int = 2) -> torch.Tensor:
+    """The latent KSampler makes (2 euler steps, seed 5) from the stock checkpoint loader's model, through OFT
+    Loader with `adapter` (None: without), asserting the loader's report."""
+    from safetensors.torch import load_file
+
+    p = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": harness.CHECKPOINT_NAME}},
+         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+         "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["3", 0],
+                                                    "latent_image": ["5", 0], "seed": 5, "steps": 2, "cfg": 1.0,
+                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+         "7": {"class_type": "SaveLatent",
+               "inputs": {"samples": ["6", 0], "filename_prefix": f"latents/{tag}_{adapter is not None}"}}}
+    if adapter is not None:
+        p["2"] = {"class_type": "OFTLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "adapter_name": adapter,
+                                                        "strength": 1.0, "strength_mode": "kohya"}}
+        p["6"]["inputs"]["model"] = ["2", 0]
+    entry = server.run(p, timeout=600)
+    if adapter is not None:
+        assert f"{layers} of {layers} adapter layers applied" in server.outputs(entry, "2")["text"][0]
+    (path,) = sorted((server.base / "output" / "latents").glob(f"{tag}_{adapter is not None}_*.latent"))
+    return load_file(str(path))["latent_tensor"].float()
+
+
+def test_a_peft_boft_adapter_with_trained_biases_changes_what_ksampler_samples(adapter_files):
+    """A PEFT BOFT adapter directory (two butterfly factors, a trained bias as PEFT's BOFT examples train it, diffusers
+    names) in the running server: listed, read (OFT Inspect: format peft_boft, one layer training its bias), applied
+    by OFT Loader to the stock loader's model, and the sampled latent moves."""
+    from safetensors import safe_open
+
+    from oft_core.names import _ldm_to_diffusers_names
+
+    server = adapter_files
+    ckpt = server.base / "models" / "checkpoints" / harness.CHECKPOINT_NAME
+    with safe_open(str(ckpt), "pt") as f:
+        shapes = {k[len("model.diffusion_model."):]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
+                  if k.startswith("model.diffusion_model.")}
+    to_diffusers = _ldm_to_diffusers_names(shapes)
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for path in ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.0.in_layers.2"):
+        shape = shapes[f"{path}.weight"]
+        inner = 1
+        for d in shape[1:]:
+            inner *= d
+        module = f"base_model.model.{to_diffusers[path]}"
+        tensors[f"{module}.boft_R"] = 0.1 * torch.randn(2, 4, inner // 4, inner // 4, generator=g)
+        tensors[f"{module}.boft_s"] = 1 + 0.1 * torch.randn((shape[0], 1) if len(shape) == 2 else (1, shape[0]),
+                                                            generator=g)
+        if f"{path}.bias" in shapes:
+            tensors[f"{module}.base_layer.bias"] = torch.randn(shape[0], generator=g)
+    d = server.base / "models" / "oft" / "server_boft"
+    d.mkdir()
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "BOFT", "boft_block_num": 4,
+                                                       "boft_block_size": 0, "boft_n_butterfly_factor": 2,
+                                                       "bias": "boft_only"}))
+    name = "server_boft/adapter_model.safetensors"
+    assert name in _options(server, "OFTLoader", "adapter_name")
+    entry = server.run({"1": {"class_type": "OFTLoadAdapter", "inputs": {"adapter_name": name}},
+                        "2": {"class_type": "OFTInspect", "inputs": {"oft_adapter": ["1", 0]}}}, timeout=300)
+    text = server.outputs(entry, "2")["text"][0]
+    assert "format:     peft_boft" in text and "biases:     1 layers train their bias" in text, text
+    base, adapted = _sampled(server, None, "boft"), _sampled(server, name, "boft")
     assert float((adapted - base).abs().max()) > 1e-3 * float(base.abs().max())
