@@ -501,6 +501,31 @@ def test_a_peft_boft_adapter_made_by_peft_equals_its_merge(work, factors, bias):
     assert changed(base_sd, got) > 0.05
 
 
+@pytest.mark.parametrize("neumann", [False, True])
+def test_a_peft_oft_adapter_with_trained_biases_made_by_peft_equals_its_merge(work, neumann):
+    """PEFT OFT with bias 'oft_only', written by PEFT itself (OFTConfig, blocks of 8, random generators, the adapted
+    modules' biases trained; exact Cayley and Cayley–Neumann): our bake changes exactly the weights and biases PEFT's
+    merge_and_unload changes, each equal to PEFT's (the biases the trained ones, bit for bit)."""
+    base = PEFT_DIR / "base_unet.safetensors"
+    out = work / f"peft_oft_bias_{neumann}"
+    res, got = run_tool("peft", dict(adapter=str(out), base=str(base),
+                                     make_oft=dict(block_size=8, target_modules=["to_q", "to_out.0", "proj_in",
+                                                                                 "ff.net.2"],
+                                                   bias="oft_only", neumann=neumann, seed=6)),
+                        work, f"peft_oft_bias_{neumann}")
+    ok(res)
+    assert res["missing"] == [] and res["unexpected"] == []
+    adapter = load_adapter(out)
+    trained = [layer for layer in adapter if layer.bias is not None]
+    assert adapter.format == "peft" and len(trained) >= 20
+    ours = baked(base, out, 1.0, work)
+    base_sd = load_file(str(base))
+    assert {k for k, v in ours.items() if not torch.equal(v, base_sd[k])} == {k[len("m1.0/"):] for k in got}
+    assert compare(got, {1.0: ours}, strengths=(1.0,)) == len(adapter) + len(trained)
+    for layer in trained:
+        assert torch.equal(ours[layer.name + ".bias"], got[f"m1.0/{layer.name}.bias"]), layer.key
+
+
 def test_convert_kohya_to_peft_is_refused(sd, work, capsys):
     rc, text = _cli(["convert", sd["files"][("attention", 16)], "--to", "peft", "--out", work / "nope"], capsys)
     assert rc == 2 and "rotates output features" in text and not (work / "nope").exists()

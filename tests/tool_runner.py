@@ -19,10 +19,10 @@ public code paths are used:
   LyCORIS' kohya network on sd-scripts' own SDXL UNet (its source folder from the sd-scripts venv) writes the file
   and merges it back, as sd-scripts with `--network_module lycoris.kohya` does.
 - peft: `PeftModel.from_pretrained` on the same kind of module tree, then `merge_and_unload()` (PEFT has no strength);
-  with "make_boft", PEFT's own BOFT (`BOFTConfig`, `get_peft_model` with init_weights False: random generators and
-  row scales; with bias "boft_only" the adapted modules' biases moved as training moves them) on that tree first
-  writes the adapter directory (`save_pretrained`), which is then loaded back as above (its changed weights and
-  biases are the result).
+  with "make_boft" / "make_oft", PEFT's own BOFT / OFT (`BOFTConfig` / `OFTConfig`, `get_peft_model` with
+  init_weights False: random generators and row scales; with bias "boft_only" / "oft_only" the adapted modules'
+  biases moved as training moves them) on that tree first writes the adapter directory (`save_pretrained`), which
+  is then loaded back as above (its changed weights and biases are the result).
   PEFT builds more than one butterfly factor only with its CUDA extension (else it sets the factor to 1); for
   "factors" > 1 the extension's one op, a block-diagonal matrix per factor ((N, D, H, H) -> (N, D·H, D·H), its
   docstring's definition), stands in for it, and everything else — permutations, Cayley map, factor order, row
@@ -438,13 +438,18 @@ def run_peft(req, result):
         import peft.tuners.boft.layer as boft_layer
 
         boft_layer._FBD_CUDA = _BlockDiagPerFactor  # get_fbd_cuda() returns it: PEFT keeps several factors
-    if "make_boft" in req:  # PEFT writes a BOFT adapter for this tree itself
-        spec = req["make_boft"]
+    if "make_boft" in req or "make_oft" in req:  # PEFT writes a BOFT / OFT adapter for this tree itself
+        spec = req.get("make_boft") or req["make_oft"]
         torch.manual_seed(spec.get("seed", 0))
-        cfg = peft.BOFTConfig(boft_block_size=0, boft_block_num=spec["block_num"],
-                              boft_n_butterfly_factor=spec.get("factors", 1),
-                              target_modules=spec["target_modules"], bias=spec.get("bias", "none"),
-                              init_weights=False)
+        if "make_boft" in req:
+            cfg = peft.BOFTConfig(boft_block_size=0, boft_block_num=spec["block_num"],
+                                  boft_n_butterfly_factor=spec.get("factors", 1),
+                                  target_modules=spec["target_modules"], bias=spec.get("bias", "none"),
+                                  init_weights=False)
+        else:
+            cfg = peft.OFTConfig(r=0, oft_block_size=spec["block_size"], target_modules=spec["target_modules"],
+                                 bias=spec.get("bias", "none"), use_cayley_neumann=spec.get("neumann", False),
+                                 init_weights=False)
         made = peft.get_peft_model(skeleton(base), cfg)
         with torch.no_grad():  # a trained bias (bias "boft_only" trains the adapted modules' biases)
             for name, p in made.named_parameters():
