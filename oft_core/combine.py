@@ -54,7 +54,8 @@ def _rebuild(layer: OFTLayer, **changes) -> OFTLayer:
                   transpose=layer.transpose, kind=layer.kind, num_blocks=layer.num_blocks,
                   parameterization=layer.parameterization, neumann_coeffs=layer.neumann_coeffs,
                   constraint=Constraint(), row_scale=layer.row_scale, source=layer.source, key=layer.key,
-                  block_share=layer.block_share, conv_transposed=layer.conv_transposed)
+                  block_share=layer.block_share, conv_transposed=layer.conv_transposed,
+                  butterfly=layer.butterfly, bias=layer.bias)
     fields.update(changes)
     for i, g in enumerate(fields["blocks"]):
         if not bool(torch.isfinite(g).all()):  # the inputs were finite (checked when read): the arithmetic overflowed

@@ -223,6 +223,20 @@ def test_what_cannot_hold_a_trained_bias_refuses_it(tmp_path):
         extract(adapter, {k: torch.randn(*v) for k, v in shapes.items()}, shapes, rank=2)
 
 
+def test_a_blend_keeps_pefts_butterfly_stages(tmp_path):
+    """Blending a PEFT BOFT adapter of two factors with itself gives its own rotation: the blended layer keeps
+    PEFT's stage permutation (a rebuilt layer once fell back to LyCORIS's)."""
+    g = torch.Generator().manual_seed(8)
+    tensors = {f"{PREFIX}attn.to_q.boft_R": 0.1 * torch.randn(2, 4, 8, 8, generator=g),
+               f"{PREFIX}attn.to_q.boft_s": torch.ones(12, 1)}
+    adapter = load_adapter(_boft_dir(tmp_path, tensors, {"boft_block_num": 0}))
+    blended = blend(adapter, adapter, 0.5)
+    layer, mixed = (resolve_for_weight(a.layers[("unet", "attn.to_q")], (12, 32)) for a in (adapter, blended))
+    assert mixed.butterfly == "peft"
+    w = torch.randn(12, 32, generator=g)
+    assert rel_err(rotate_weight(mixed, w), rotate_weight(layer, w).double()) <= REL_TOL
+
+
 def test_bake_writes_the_trained_bias_beside_the_rotated_weight(tmp_path):
     """The command line's bake (streamed, layer by layer): each weight as PEFT merges it, each trained bias in place
     of the base's at strength 1, halfway at 0.5; every other tensor as it was."""
