@@ -39,7 +39,8 @@ from ..oft_core.blocks import layer_multiplier
 from ..oft_core.choices import STRENGTH_MODES
 from ..oft_core.errors import check_strength
 from ..oft_core.match import MatchReport
-from ..oft_core.rotation import adapted_bias, bias_key
+from ..oft_core.names import bias_key
+from ..oft_core.rotation import adapted_bias
 from ..oft_core.spec import TE_COMPONENTS  # (the other node modules import it from here)
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ CLI (oft_core/cli.py) and the benchmarks use; every other top-level name of a co
 - files: `formats` — `load_adapter`, `write_adapter`, `READERS`, `format_family`, `not_oft_message`;
   `formats.peft` — `find_config`; `formats.lycoris` — `check`; `safetensors_io` — `read_header`; `publish` —
   `publish_safetensors`, `check_output_name`
-- math: `rotation` — `rotation_blocks`, `rotate_weight`, `rotate_weight_`, `apply_rows`, `adapted_bias`, `bias_key`;
+- math: `rotation` — `rotation_blocks`, `rotate_weight`, `rotate_weight_`, `apply_rows`, `adapted_bias`;
   `bypass` — `ModuleBypass`, `module_bypasses`
-- names: `names` — `Target`; `match` — `Match`, `MatchReport`
+- names: `names` — `Target`, `bias_key`; `match` — `Match`, `MatchReport`
 - operations: `blocks` — `parse_block_spec`, `with_block_strength`, `scale_layers`, `refuse_layer_strengths`,
   `layer_multiplier`, `layer_block`; `combine` — `blend`, `merge`, `provenance`; `bake` — `bake`; `extract` —
   `extract`, `ExtractResult`, `extract_lora`, `lora_metadata`, `low_rank`; `summary` — `describe`, `format_text`,

@@ -36,9 +36,9 @@ from .blocks import _BlockSpec, _effective_strengths, parse_block_spec
 from .errors import OFTError, _bulk, check_strength
 from .formats import _open_streamed, _StreamedAdapter
 from .match import Match, MatchReport, _target_shape, match_adapter
-from .names import build_key_map
+from .names import bias_key, build_key_map
 from .publish import _check_output, _publish_file
-from .rotation import STRENGTH_MODES, _all_finite, _StrengthMode, adapted_bias, bias_key, rotate_weight_
+from .rotation import STRENGTH_MODES, _all_finite, _StrengthMode, adapted_bias, rotate_weight_
 from .safetensors_io import _DTYPES, _TensorInfo, read_header
 from .spec import OFTAdapter, OFTLayer, resolve_for_weight
 

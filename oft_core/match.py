@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from .errors import OFTError
-from .names import KeyMap, Target, build_key_map
-from .rotation import bias_key
+from .names import KeyMap, Target, bias_key, build_key_map
 from .spec import OFTAdapter, OFTLayer, resolve_for_weight
 
 

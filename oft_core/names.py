@@ -183,6 +183,11 @@ class Target:
     perm: tuple[int, ...] | None = None
 
 
+def bias_key(weight_key: str) -> str:
+    """The base key of a layer's bias, from its weight's (`<module>.weight` -> `<module>.bias`)."""
+    return weight_key[: -len("weight")] + "bias" if weight_key.endswith("weight") else weight_key + ".bias"
+
+
 _SHARED = object()  # marks a name claimed by two different targets
 
 

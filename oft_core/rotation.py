@@ -897,11 +897,6 @@ def rotate_weight(
     return out
 
 
-def bias_key(weight_key: str) -> str:
-    """The base key of a layer's bias, from its weight's (`<module>.weight` -> `<module>.bias`)."""
-    return weight_key[: -len("weight")] + "bias" if weight_key.endswith("weight") else weight_key + ".bias"
-
-
 def adapted_bias(layer: OFTLayer, bias: torch.Tensor, strength: float = 1.0, perm=None) -> torch.Tensor:
     """The base bias with the layer's trained bias at `strength` (the one definition): b + s·(trained − b) in fp32,
     returned in `bias`'s dtype; the trained bias itself at 1 (PEFT's merge keeps it as trained), `bias` unchanged at 0
