@@ -140,3 +140,49 @@ def test_bypass_on_sd1_clip_equals_the_lycoris_forward(te_folder, clip_l):
     finally:
         comfy.model_management.unload_all_models()
     assert not any(m._forward_hooks for m in clip_l.patcher.model.modules())
+
+
+def test_a_peft_text_encoder_adapter_saved_alone_applies_to_the_clip(clip_l, tmp_path, monkeypatch):
+    """A PEFT adapter of a CLIPTextModel saved on its own (`base_model.model.text_model.…`: what diffusers'
+    DreamBooth scripts write for the text encoder beside the UNet's; here PEFT BOFT with a trained bias) is the
+    text encoder's, not the UNet's: OFTLoader applies it to the CLIP, each weight PEFT's merge in fp64, each bias the
+    trained one, the diffusion model untouched."""
+    import json
+
+    import folder_paths
+    from comfyui_oft.nodes import oft_nodes
+    from oracle import peft_boft_weight
+    from safetensors.torch import save_file
+
+    base = load_file(TE_DIR / "base.safetensors")
+    g = torch.Generator().manual_seed(12)
+    tensors, want = {}, {}
+    for k, w in base.items():
+        if k.endswith(".weight"):
+            module = "base_model.model." + k[len(CKPT_PREFIX):-len(".weight")]
+            a = 0.02 * torch.randn(1, 8, 96, 96, generator=g)
+            s = 1 + 0.1 * torch.randn(768, 1, generator=g)
+            trained = 0.1 * torch.randn(768, generator=g)
+            tensors.update({f"{module}.boft_R": a, f"{module}.boft_s": s, f"{module}.base_layer.bias": trained})
+            want[runtime_key(k)] = peft_boft_weight(w, a, s)
+            want[runtime_key(k[:-len("weight")] + "bias")] = trained.double()
+    d = tmp_path / "oft" / "text_encoder"
+    d.mkdir(parents=True)
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "BOFT", "boft_block_num": 8,
+                                                       "boft_block_size": 0, "bias": "boft_only"}))
+    table = dict(folder_paths.folder_names_and_paths)
+    table["oft"] = ([str(tmp_path / "oft")], {".safetensors"})
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    model = comfy_models.sd15_tiny()
+    out = oft_nodes.OFTLoader.execute(model=model, clip=clip_l, adapter_name="text_encoder/adapter_model.safetensors",
+                                      strength=1.0, strength_mode="kohya")
+    new_model, new_clip = out.result
+    assert "4 of 4 adapter layers applied" in out.ui.value, out.ui.value
+    assert not new_model.patches and len(new_clip.patcher.patches) == 8  # 4 weights, 4 biases
+    got = loaded_weights(new_clip, list(want))
+    dtype = clip_l.patcher.model.state_dict()[next(iter(want))].dtype
+    tol = REL_TOL if dtype == torch.float32 else 2.0**-10  # fp16: as the test above
+    for key, w in want.items():
+        assert rel_err(got[key], w) <= tol, key

@@ -200,8 +200,15 @@ def _check_layout(cfg: dict, stored: int, b: int, block_share: bool, cfg_path: s
 def _split_name(key: str, prefixes=_PREFIXES) -> tuple[str, str]:
     for prefix, component in prefixes:
         if key.startswith(prefix):
-            return component, key[len(prefix):]
-    return "unet", key
+            component, name = component, key[len(prefix):]
+            break
+    else:
+        component, name = "unet", key
+    # a PEFT adapter of a CLIPTextModel on its own (diffusers' DreamBooth scripts save the text encoder's adapter
+    # apart from the UNet's: `base_model.model.text_model.…`): no UNet or DiT has a `text_model`
+    if component == "unet" and name.startswith("text_model."):
+        return "te", name
+    return component, name
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
