@@ -293,7 +293,15 @@ def _cayley_solved(q: torch.Tensor, eye: torch.Tensor, sync_free: bool) -> torch
     matrix at a time for large blocks on a CPU (`_CPU_BATCHED_SOLVE_MAX`)."""
     a, rhs = eye - q, eye + q
     if not sync_free:
-        return _solve(a, rhs)
+        try:
+            return _solve(a, rhs)
+        except RuntimeError as e:  # torch.linalg.LinAlgError: I − Q singular in float32 (where LAPACK notices)
+            rho = float(torch.linalg.matrix_norm(q.detach()).max())
+            raise OFTError(_mismatch("the Cayley map of the generators", "I − Q invertible in float32 (it is for "
+                                     "trained rotations, ‖Q_i‖_F of order 1)",
+                                     f"I − Q singular in float32 with ‖Q_i‖_F up to {rho:.3g} (from ~10⁷ on, I − Q "
+                                     "rounds to −Q, singular for an odd block size): the file is damaged or its "
+                                     "training diverged")) from e
     n = a.shape[-1]
     if a.device.type == "cpu" and n > _CPU_BATCHED_SOLVE_MAX and a.ndim > 2:
         pairs = zip(a.reshape(-1, n, n), rhs.reshape(-1, n, n))
@@ -488,31 +496,42 @@ def rotation_blocks(
     gens = layer.blocks if blocks is None else blocks
     out = []
     for i, q in enumerate(gens):
-        q = _constrain(layer, q.to(torch.float32), i)
-        if mode == "orthogonal" and layer.parameterization == "matrix":
-            r = _matrix_power(layer, q, strength) if strength != 1 else q
-        elif mode == "orthogonal":
-            bound = _norm_bound(layer, q, i)
-            scaled = q * strength if strength != 1 else q
-            if scaled is not q and bound is None and not sync_free and not bool(torch.isfinite(scaled).all()):
-                # an unconstrained Q near float32's limit (a constraint bounds it: no read then) times the strength
-                raise OFTError(f"the layer's generator Q times strength {strength:g} (orthogonal mode) overflows "
-                               f"float32 (largest |Q| {float(q.abs().max()):.3g}); use a strength closer to 1 or "
-                               "strength mode kohya", layer=layer.key)
-            r = _param(layer, scaled, sync_free=sync_free, norm_bound=None if bound is None else bound * abs(strength))
-        else:
-            r = _param(layer, q, norm_bound=_norm_bound(layer, q, i), sync_free=sync_free)
-            if strength != 1:
-                eye = _eye_like(r)
-                r = eye + strength * (r - eye)
-        if layer.parameterization != "cayley" and not sync_free:
-            _check_finite_rotation(layer, r, strength, mode)
-        if layer.transpose:
-            r = r.transpose(-1, -2)
-        if layer.kind == "diag" and r.shape[0] != layer.num_blocks[i]:  # PEFT block_share
-            r = r.expand(layer.num_blocks[i], -1, -1)
-        out.append(r)
+        try:
+            out.append(_split_rotation(layer, q, i, strength, mode, sync_free))
+        except OFTError as e:
+            if e.layer is not None or e.path is not None:
+                raise
+            raise OFTError(e.detail, layer=layer.key) from e
     return out
+
+
+def _split_rotation(layer: OFTLayer, q: torch.Tensor, i: int, strength: float, mode: str, sync_free: bool
+                    ) -> torch.Tensor:
+    """`rotation_blocks` of split i (generators `q`)."""
+    q = _constrain(layer, q.to(torch.float32), i)
+    if mode == "orthogonal" and layer.parameterization == "matrix":
+        r = _matrix_power(layer, q, strength) if strength != 1 else q
+    elif mode == "orthogonal":
+        bound = _norm_bound(layer, q, i)
+        scaled = q * strength if strength != 1 else q
+        if scaled is not q and bound is None and not sync_free and not bool(torch.isfinite(scaled).all()):
+            # an unconstrained Q near float32's limit (a constraint bounds it: no read then) times the strength
+            raise OFTError(f"the layer's generator Q times strength {strength:g} (orthogonal mode) overflows "
+                           f"float32 (largest |Q| {float(q.abs().max()):.3g}); use a strength closer to 1 or "
+                           "strength mode kohya", layer=layer.key)
+        r = _param(layer, scaled, sync_free=sync_free, norm_bound=None if bound is None else bound * abs(strength))
+    else:
+        r = _param(layer, q, norm_bound=_norm_bound(layer, q, i), sync_free=sync_free)
+        if strength != 1:
+            eye = _eye_like(r)
+            r = eye + strength * (r - eye)
+    if layer.parameterization != "cayley" and not sync_free:
+        _check_finite_rotation(layer, r, strength, mode)
+    if layer.transpose:
+        r = r.transpose(-1, -2)
+    if layer.kind == "diag" and r.shape[0] != layer.num_blocks[i]:  # PEFT block_share
+        r = r.expand(layer.num_blocks[i], -1, -1)
+    return r
 
 
 def _matrix_power(layer: OFTLayer, r: torch.Tensor, strength: float) -> torch.Tensor:
@@ -522,7 +541,7 @@ def _matrix_power(layer: OFTLayer, r: torch.Tensor, strength: float) -> torch.Te
     q = _generator_of(r, layer=layer.key) * strength
     try:
         out = _cayley(q)
-    except RuntimeError:  # torch.linalg.LinAlgError: I − s·Q singular
+    except (RuntimeError, OFTError):  # torch.linalg.LinAlgError (or `_cayley_solved`'s OFTError): I − s·Q singular
         out = None
     if out is None or not bool(torch.isfinite(out).all()):
         raise OFTError(f"the stored matrix (LyCORIS oft_diag) has no orthogonal power at strength {strength:g}: it is "

@@ -17,6 +17,9 @@ import pytest
 import torch
 from test_sync_free import count_reads
 
+import oft_core.rotation as rotation
+from oft_core import make_layer
+from oft_core.errors import OFTError
 from oft_core.rotation import (
     _ELIMINATION_MAX_BLOCK,
     _ELIMINATION_MAX_NORM,
@@ -76,6 +79,16 @@ def test_the_elimination_limit():
 @pytest.mark.parametrize("norm", list(NORM_FACTORS))
 def test_values_against_fp64_no_worse_than_the_fp32_solve(b, norm):
     q = torch.cat([random_skew(400, b, norm, seed=s) for s in range(3)])
+    eye = torch.eye(b).expand_as(q)
+    if bool((torch.linalg.solve_ex(eye - q, eye + q)[1] != 0).any()):
+        # I − Q rounds to −Q (odd b, ‖Q‖ ≳ 1e8) and this CPU's LAPACK finds it singular (elsewhere the same matrices
+        # give finite, meaningless values): refused instead of torch's solver error; the trainer's route (no
+        # error check, never such norms) gives LAPACK's values
+        assert norm >= 1e8 and b % 2 == 1
+        with pytest.raises(OFTError, match="I − Q singular in float32"):
+            _cayley_value(q)
+        torch.testing.assert_close(_cayley_value(q, sync_free=True), lapack32(q), rtol=0, atol=0, equal_nan=True)
+        return
     ref = cayley64(q)
     r = _cayley_value(q)
     assert r.dtype == torch.float32 and r.shape == q.shape
@@ -208,3 +221,16 @@ def test_pieces_give_the_values_of_one_pass(b, monkeypatch):
         monkeypatch.setattr(rotation, "_ELIMINATION_PIECE_ELEMENTS", per_piece * 2 * b * b)
         r = _cayley_eliminated(q)
         assert r.shape == q.shape and r.is_contiguous() and torch.equal(r, whole), per_piece
+
+
+def test_a_singular_solve_is_refused_naming_the_layer(monkeypatch):
+    """Where LAPACK reports I − Q singular (huge generators of an odd block size), `rotation_blocks` raises
+    OFTError naming the layer and the norm found, never torch's solver error."""
+    def singular(a, b):
+        raise torch.linalg.LinAlgError("torch.linalg.solve: The solver failed because the input matrix is singular.")
+    monkeypatch.setattr(rotation, "_solve", singular)
+    q = random_skew(4, 17, 3e8)  # 17: the solve (beyond the elimination's sizes)
+    layer = make_layer(path="down.0", name="down.0", side="out", blocks=[q], transpose=True)
+    with pytest.raises(OFTError, match="I − Q singular in float32") as e:
+        rotation.rotation_blocks(layer)
+    assert e.value.layer == layer.key and "3e+08" in str(e.value)
