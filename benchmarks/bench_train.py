@@ -306,10 +306,14 @@ def worker(args) -> dict:
             first = FLOOR_LAYER[args.config]
             by_size = {bs: [(n, m)] for n, m, bs, _bn in layout if n == first}
         groups = []
+        # the model the node's trainer is built on (`root`: its family picks what each layer keeps for backward);
+        # the FLUX-shaped race keeps the whole-width layers core rotates, under names that are no FLUX block's
+        root = dm if args.config != "flux" else None
 
         def new_group(*_a, **_k):  # a fresh (untrained) trainer for every train() call
             groups.append(_Group([ot.OFTTrainer(t, block_size=bs, alpha=1e-3, weight_fn=tn._weight_fn, device="cpu",
-                                             recompute_weight=tn._casts_weight) for bs, t in sorted(by_size.items())]))
+                                             recompute_weight=tn._casts_weight, root=root)
+                                  for bs, t in sorted(by_size.items())]))
             return groups[-1]
         tn.build_trainer = new_group
         node_before_step = tn._before_step

@@ -28,8 +28,8 @@ Public beyond those uses:
   README's Python API for a plain torch model)
 - the format protocol: `formats` — `WRITERS` (per format, as `READERS`); `formats.kohya`, `formats.lycoris`,
   `formats.peft` — `claims`, `read`, `write`
-- training policy: `train` — `keeps_input`, `rotates_weight` (`OFTTrainer`'s default `keep_input` and
-  `through_weight`, to build on)
+- training policy: `train` — `keeps_input`, `rotates_weight`, `keeps_output` (`OFTTrainer`'s default `keep_input`,
+  `through_weight` and `keep_output`, to build on)
 """
 
 from .bake import bake

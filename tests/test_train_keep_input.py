@@ -82,12 +82,12 @@ def layer_case(kind: str, seed: int = 0):
 
 
 def run_layer(m, path, x, *, keep_input, through_weight=False, weight_fn=None, recompute_weight=False, saved=None,
-              ctx=None):
+              ctx=None, keep_output=None):
     """(output, ∂x, [∂ packed parameters], the trainer) of one forward + backward with a fixed output gradient
     (`through_weight=False`: a layer that keeps x makes y again; tests/test_train_through_weight.py sets it)."""
     splits = {"qkv": (16, 16, 16)} if path == "qkv" else None
     t = OFTTrainer([(path, m)], num_blocks=2, alpha=0, keep_input=keep_input, through_weight=through_weight,
-                   weight_fn=weight_fn, recompute_weight=recompute_weight, splits=splits)
+                   weight_fn=weight_fn, recompute_weight=recompute_weight, splits=splits, keep_output=keep_output)
     randomize(t)
     xx = x.detach().clone().requires_grad_(True)
     hooks = contextlib.nullcontext()

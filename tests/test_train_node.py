@@ -9,6 +9,7 @@ identity at step 0; same seed -> same adapter; bad inputs rejected before any wo
 from __future__ import annotations
 
 import json
+import re
 
 import comfy_models
 import pytest
@@ -233,6 +234,62 @@ def test_trained_bypass_equals_the_merged_output_model_and_step0_is_identity(com
     trained = forward(mp, inputs, trainer=trainer)
     assert rel_err(forward(merged, inputs, patched=True), trained) <= REL
     assert rel_err(trained, base_out) > 1e-5
+
+
+def test_sd_unet_layers_keep_their_outputs_under_checkpointing_and_train_the_same_adapter(comfy, tn, monkeypatch):
+    """ComfyUI's SD UNet (openaimodel.UNetModel), trained by the node with checkpointing: every trained layer rotates
+    its weight and keeps its output (`_RotateKeepOutput`, forward and recomputation); the adapter is the one the
+    input- / base-output-keeping paths train, to fp32 rounding. Without checkpointing no layer keeps its output."""
+    import comfyui_oft.oft_core.train as ot
+
+    mp = comfy_models.sd15_tiny()
+    latents, positive = sd_data()
+    # SGD: each step moves the parameters by lr × the gradient, so the two paths' gradients (fp32 rounding apart)
+    # stay comparable after the steps; Adam would scale gradients at the rounding's size up to whole steps
+    kw = dict(steps=3, learning_rate=1.0, optimizer="SGD", batch_size=2, alpha=1e-3, targets="all-linear+conv",
+              training_dtype="fp32")
+    real = ot._RotateKeepOutput.apply
+    calls = []
+
+    def counted(*a):
+        calls.append(a[1].module)
+        return real(*a)
+    results = {}
+    for keep in (True, False):
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(ot._RotateKeepOutput, "apply", counted)
+            if not keep:
+                m.setattr(ot, "keeps_output", lambda root: (lambda module, rows: False))
+            with torch.inference_mode():  # as ComfyUI runs nodes
+                trainer, losses, _ = tn.train(mp, latents, positive, gradient_checkpointing_on=True, **kw)
+            comfy.model_management.unload_all_models()
+        results[keep] = (trainer, losses, len(calls), {id(c) for c in calls})
+    trainer, losses, n, modules = results[True]
+    kept = {tl.path for tl in trainer.layers if id(tl.module) in modules}
+    paths = {tl.path for tl in trainer.layers}
+    # where it is the cheaper side: the layers that keep their input (self-attention, the GEGLU projection, the
+    # 1×1 projections: one row per latent position); not the time embeddings (one row per sample) nor
+    # cross-attention's keys / values (5 text tokens)
+    assert {p for p in paths if re.search(r"attn1\.|ff\.net\.0|proj_(in|out)$", p)} <= kept
+    assert not {p for p in kept if re.search(r"emb|attn2\.to_[kv]$", p)}
+    assert n >= 2 * 3 * len(kept)  # forward and recomputation of every step
+    assert results[False][2] == 0
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(results[False][1]), rtol=1e-5, atol=0)
+    ours = torch.cat([p.detach().flatten() for p in trainer.parameters()])
+    other = torch.cat([p.detach().flatten() for p in results[False][0].parameters()])
+    # compared on the whole set, against its scale: this random UNet's activations are so small that some layers'
+    # bias is ~500 × their output's change (ff.net.2), and a path that takes z = out − bias rounds at the bias's
+    # scale (as the base-output-keeping path always did); layers whose gradient is near zero hold rounding alone
+    assert float(other.abs().max()) > 0
+    torch.testing.assert_close(ours, other, rtol=1e-4, atol=1e-5 * float(other.abs().max()))
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(ot._RotateKeepOutput, "apply", counted)
+        with torch.inference_mode():
+            tn.train(mp, latents, positive, gradient_checkpointing_on=False, **dict(kw, steps=1))
+        comfy.model_management.unload_all_models()
+    assert calls == []
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
