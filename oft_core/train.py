@@ -1588,7 +1588,8 @@ class _RotateKeepOutput(torch.autograd.Function):
         if out._version != ctx.version:  # (without checkpointing autograd itself refuses first)
             raise OFTError(f"OFT training: the output of layer {layer.key} was written in place after it was made "
                            "(by the model's code or a patch), and this layer keeps its output to train: its "
-                           "gradient would be wrong. Train it with OFTTrainer(keep_output=False)")
+                           "gradient would be wrong. Train with gradient checkpointing off (then no layer keeps its "
+                           "output), or build the trainer with OFTTrainer(keep_output=False)")
         want = ctx.needs_input_grad[4:]
         grads = [None] * len(blocks)
         if any(want):
@@ -1662,10 +1663,12 @@ def keeps_output(root: nn.Module | None) -> Callable[[nn.Module, int], bool]:
     keeps its output where that costs less than what it keeps otherwise: where M·W is no larger than the output
     (`rotates_weight`: rows ≥ the weight's inputs), or for a layer that keeps its input, from
     `_KEEP_OUTPUT_MIN_ROWS` rows. Elsewhere (FLUX scales some outputs in place; SVD's video blocks add to a
-    feed-forward's output; an unknown model may) never. A write the policy did not foresee stops backward with
-    OFTError (`_RotateKeepOutput` checks the output's version), never a wrong gradient."""
+    feed-forward's output: a UNetModel with video blocks, SpatialVideoTransformer / VideoResBlock; an unknown model
+    may) never. A write the policy did not foresee stops backward with OFTError (`_RotateKeepOutput` checks the
+    output's version), never a wrong gradient."""
     cls = type(root)
-    ok = root is not None and cls.__name__ == "UNetModel" and cls.__module__.endswith(".openaimodel")
+    ok = (root is not None and cls.__name__ == "UNetModel" and cls.__module__.endswith(".openaimodel")
+          and not any("Video" in type(m).__name__ for m in root.modules()))
 
     def policy(module: nn.Module, rows: int) -> bool:
         return ok and bool(_UNIT) and (rotates_weight(module, rows) or (
