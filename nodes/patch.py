@@ -243,6 +243,10 @@ def guess_target(adapter: OFTAdapter) -> str:
         (share("attn.add.q.proj", "ff.context") and not share("single.transformer.blocks", "img.mlp"),
          "SD3 (diffusers layer names: transformer_blocks.N.attn.add_q_proj / ff_context)"),
         (share("img.mlp", "txt.mlp") and share("transformer.blocks"), "Qwen-Image (transformer_blocks.N.img_mlp)"),
+        # before Wan: CLIP's layers are called self_attn.q_proj too
+        (share("text.model.", "encoder.layers.", "encoder.block."),
+         "a text encoder (CLIP text_model.encoder.layers / T5 encoder.block), named as if it were the diffusion "
+         "model's: connect the model's CLIP to OFTLoader or rename its layers"),
         (share("self.attn.q", "attn1.to.q", "ffn.net"), "Wan 2.x (blocks.N.self_attn / attn1)"),
         (share("double.stream.blocks", "single.stream.blocks"), "HiDream (double_stream_blocks)"),
         (share("img.attn.qkv", "img.attn.proj") and share("txt.attn.qkv"), "HunyuanVideo (img_attn_qkv)"),

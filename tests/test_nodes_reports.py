@@ -237,3 +237,19 @@ def test_inspect_text_names_no_command_line_flag(pack, fixtures_dir):
     text = pack.oft_nodes.inspect_text(adapter)
     assert "more" in text  # the clamped-layer list is cut, as before
     assert "--" not in text and "json" not in text.lower()
+
+
+@pytest.mark.parametrize("names,says", [
+    (["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.0.mlp.fc1"], "a text encoder"),
+    (["encoder.block.0.layer.0.SelfAttention.q"], "a text encoder"),
+    (["blocks.0.self_attn.q", "blocks.0.ffn.net.0"], "Wan 2.x"),
+    (["double_blocks.0.img_attn.qkv"], "FLUX"),
+])
+def test_what_an_unmatched_adapter_looks_made_for(pack, names, says):
+    """A CLIP's layers (self_attn.q_proj) under the diffusion model's component were guessed to be Wan 2.x."""
+    from comfyui_oft.nodes.patch import guess_target
+    from comfyui_oft.oft_core import OFTAdapter, make_layer
+
+    layers = {("unet", n): make_layer(path="x", name=n, side="out", transpose=True, blocks=[torch.zeros(2, 4, 4)])
+              for n in names}
+    assert guess_target(OFTAdapter(layers=layers, format="kohya")).startswith(says)
