@@ -357,3 +357,22 @@ def test_whole_training_follows_the_previous_rows_path(wrap, keep_input, monkeyp
     for a, b in zip(new[0], old[0]):
         assert bool(a.abs().sum() > 0)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,bs", [(16, 8), (15, 8), (8, 4), (6, 16), (40, 8)])
+def test_block_gradients_in_pairs_are_the_per_block_sums(n, bs):
+    """`_add_block_grads` (blocks under 16 wide taken in pairs: one (2·bs)² product per pair, its diagonal blocks
+    kept) adds Σ g_k z_kᵀ per block to what is there, on row-strided column slices of wider tensors (a split of a
+    fused layer, a row piece), as close to fp64 as the per-block product; odd counts and wide blocks per block."""
+    g = torch.Generator().manual_seed(n * bs)
+    rows, width = 300, n * bs + 24
+    big_g, big_z = torch.randn(rows + 7, width, generator=g), torch.randn(rows + 7, width, generator=g)
+    gs, zs = big_g[3:3 + rows, 16:16 + n * bs], big_z[3:3 + rows, 16:16 + n * bs]  # strided views
+    start = torch.randn(n, bs, bs, generator=g)
+    acc = start.clone()
+    train._add_block_grads(acc, gs, zs, n, bs)
+    exact = start.double() + torch.einsum("rkb,rkc->kbc", gs.double().view(rows, n, bs), zs.double().view(rows, n, bs))
+    per_block = start + torch.bmm(gs.reshape(rows, n, bs).permute(1, 2, 0), zs.reshape(rows, n, bs).transpose(0, 1))
+    err, err_per_block = (float((t.double() - exact).abs().max()) for t in (acc, per_block))
+    assert err <= max(2 * err_per_block, 1e-5 * float(exact.abs().max()))
+    assert bool((acc != start).any())
