@@ -40,7 +40,7 @@ from ..oft_core.choices import STRENGTH_MODES
 from ..oft_core.errors import check_strength
 from ..oft_core.match import MatchReport
 from ..oft_core.names import bias_key
-from ..oft_core.rotation import adapted_bias
+from ..oft_core.rotation import adapted_bias, cayley_may_fail
 from ..oft_core.spec import TE_COMPONENTS  # (the other node modules import it from here)
 
 log = logging.getLogger(__name__)
@@ -429,10 +429,12 @@ def check_rotations(adapter: OFTAdapter, layers, strength_of, mode: str) -> None
     """The rotations a strength can break, built once now so that the error comes from the node, before any patch
     or hook exists (ComfyUI builds the patched weights later, while sampling): Cayley–Neumann series (they can
     overflow float32 at a strength) and stored matrices (no orthogonal power for a half turn or a non-rotation).
-    The Cayley map is a rotation at every strength: not built here. `strength_of(layer)`: the node's strength for
-    it (times the layer's block multiplier, applied here)."""
+    The Cayley map is a rotation at every strength: not built here, except where float32 cannot build it (a damaged
+    file's huge unconstrained generators, `cayley_may_fail`). `strength_of(layer)`: the node's strength for it
+    (times the layer's block multiplier, applied here)."""
     for layer in layers:
-        if layer.parameterization == "cayley":
+        if layer.parameterization == "cayley" and not cayley_may_fail(
+                layer, float(strength_of(layer)) * layer_multiplier(adapter, layer), mode):
             continue
         s = float(strength_of(layer)) * layer_multiplier(adapter, layer)
         if s != 0:

@@ -10,7 +10,8 @@ CLI (oft_core/cli.py) and the benchmarks use; every other top-level name of a co
 - files: `formats` — `load_adapter`, `write_adapter`, `READERS`, `format_family`, `not_oft_message`;
   `formats.peft` — `find_config`; `formats.lycoris` — `check`; `safetensors_io` — `read_header`; `publish` —
   `publish_safetensors`, `check_output_name`
-- math: `rotation` — `rotation_blocks`, `rotate_weight`, `rotate_weight_`, `apply_rows`, `adapted_bias`;
+- math: `rotation` — `rotation_blocks`, `rotate_weight`, `rotate_weight_`, `apply_rows`, `adapted_bias`,
+  `cayley_may_fail`;
   `bypass` — `ModuleBypass`, `module_bypasses`
 - names: `names` — `Target`, `bias_key`; `match` — `Match`, `MatchReport`
 - operations: `blocks` — `parse_block_spec`, `with_block_strength`, `scale_layers`, `refuse_layer_strengths`,

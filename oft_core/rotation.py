@@ -705,6 +705,30 @@ def _norm_bound(layer: OFTLayer, q: torch.Tensor, split: int) -> float | None:
     return _constraint_bound(c.kind, c.value, layer.split_sizes[split], q.shape[-3])
 
 
+# From about this ‖Q_i‖_F on, the float32 I − Q of `_cayley_solved` loses its identity to rounding (it rounds to −Q
+# from ~10⁷, singular for an odd block size) and LAPACK may report it singular (measured: 1e8, blocks of 3 and 9);
+# below it the solve never fails (‖Q_i‖_F ≤ 10⁷ never did in 3000 random blocks of each size 2–16).
+_SOLVE_SAFE_NORM = 1e6
+
+
+def cayley_may_fail(layer: OFTLayer, strength: float = 1.0, mode: str = "kohya") -> bool:
+    """Whether building `layer`'s Cayley blocks at `strength` in strength `mode` can stop with `_cayley_solved`'s
+    OFTError (some block's ‖Q_i‖_F, after the constraint and times the strength in orthogonal mode, beyond
+    `_SOLVE_SAFE_NORM`): a host that builds the rotations later, while sampling (ComfyUI), builds such a layer's
+    before any weight is patched, so that a damaged file is refused by the node. Reads each split's norms only
+    when its constraint does not bound them (an unconstrained file); False for layers of other parameterizations."""
+    if layer.parameterization != "cayley":
+        return False
+    scale = abs(strength) if mode == "orthogonal" else 1.0
+    for i, g in enumerate(layer.blocks):
+        bound = _norm_bound(layer, g, i)
+        if bound is not None and bound * scale <= _SOLVE_SAFE_NORM:
+            continue
+        if g.numel() and float(torch.linalg.matrix_norm(g.detach().float()).max()) * scale > _SOLVE_SAFE_NORM:
+            return True
+    return False
+
+
 def _constraint_bound(kind: str, value: float, width: int, stored_blocks: int) -> float | None:
     """`_norm_bound` from the split's numbers."""
     if kind == "none":

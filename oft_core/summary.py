@@ -22,7 +22,7 @@ from operator import attrgetter, is_not, itemgetter
 
 import torch
 
-from .errors import _bulk
+from .errors import OFTError, _bulk
 from .rotation import _NORM_EPS, _cayley, _norm_of, _orthogonality_error, _stored_norms, _StrengthMode, rotate_weight
 from .spec import OFTAdapter
 
@@ -256,7 +256,12 @@ def describe(adapter: OFTAdapter, base: str | os.PathLike | None = None, *, he_m
     With `base` (a .safetensors model), every matched layer also gets its hyperspherical-energy change on that base.
     """
     with _bulk():
-        return _describe(adapter, base, he_max_rows)
+        try:
+            return _describe(adapter, base, he_max_rows)
+        except OFTError as e:  # (a damaged file's rotation that float32 cannot build: the file named)
+            if e.path is not None or not adapter.path:
+                raise
+            raise OFTError(e.detail, path=adapter.path, layer=e.layer) from e
 
 
 def _template(layer) -> dict:

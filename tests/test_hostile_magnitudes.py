@@ -598,3 +598,79 @@ def test_the_cli_refuses_hostile_magnitudes_in_one_line_and_writes_nothing(tmp_p
     scene.refused(["convert", noclamp, "--to", "kohya", "--out", out], capsys, str(noclamp),
                   "cannot be written as kohya", out=out)
     assert src.exists()
+
+
+# ------------------------------------------------------------------------------------------------ a singular solve
+def _huge_unconstrained(path, peak_norm: float, b: int = 8, n: int = 16):
+    """A LyCORIS diag-oft file (alpha 0: no constraint) for FLUX's double_blocks.0.img_attn.proj whose blocks have
+    ‖Q_i‖_F = `peak_norm`."""
+    q = _skew(torch.randn(n, b, b, generator=_gen(3)))
+    q = q * (peak_norm / torch.linalg.matrix_norm(q, keepdim=True))
+    save_file({"lycoris_double_blocks_0_img_attn_proj.oft_blocks": q.contiguous(),
+               "lycoris_double_blocks_0_img_attn_proj.alpha": torch.tensor(0.0)}, str(path))
+    return path
+
+
+def _singular_solve(monkeypatch, rotation_module):
+    """LAPACK reporting I − Q singular, as it does on some CPUs for huge generators of an odd block size (the tiny
+    models' widths have no odd divisor: the report is what matters here)."""
+    def singular(a, b):
+        raise torch.linalg.LinAlgError("torch.linalg.solve: The solver failed because the input matrix is singular.")
+    monkeypatch.setattr(rotation_module, "_solve", singular)
+
+
+def test_cayley_may_fail_reads_norms_only_where_no_constraint_bounds_them():
+    from oft_core.rotation import cayley_may_fail
+
+    def layer(norm, constraint=None, parameterization="cayley"):
+        q = _skew(torch.randn(4, 8, 8, generator=_gen(1)))
+        q = q * (norm / torch.linalg.matrix_norm(q, keepdim=True))
+        return make_layer(path="f", name="x", side="out", blocks=[q], transpose=True, constraint=constraint,
+                          parameterization=parameterization)
+    assert not cayley_may_fail(layer(1.0)) and cayley_may_fail(layer(3e8))
+    assert not cayley_may_fail(layer(3e8, Constraint("norm_clamp", 1e-3)))  # the clamp bounds it below 1e6
+    assert not cayley_may_fail(layer(3e5), 2.0, "kohya") and cayley_may_fail(layer(3e5), 10.0, "orthogonal")
+    assert not cayley_may_fail(layer(3e8, parameterization="matrix"))
+
+
+def test_inspect_names_the_file_whose_rotation_float32_cannot_build(tmp_path, monkeypatch, capsys):
+    import oft_core.rotation as rotation
+    from oft_core.cli import main
+    from oft_core.summary import describe
+
+    path = _huge_unconstrained(tmp_path / "huge.safetensors", 3e8, b=4, n=32)
+    _singular_solve(monkeypatch, rotation)
+    with pytest.raises(OFTError, match="I − Q singular in float32") as e:
+        describe(load_adapter(path))
+    assert e.value.path == str(path)
+    assert main(["inspect", str(path)]) == 2
+    assert str(path) in capsys.readouterr().err
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("apply_mode", ["merge", "bypass"])
+def test_a_cayley_rotation_float32_cannot_build_is_refused_by_the_apply_node_before_any_patch(
+        comfyui_oft, tmp_path, monkeypatch, apply_mode):
+    """ComfyUI builds the patched weights while sampling, in a model load with no handler: a Cayley layer whose
+    solve LAPACK reports singular (a damaged file's huge unconstrained generators) is built by the node first and
+    refused there, naming the file and the layer, nothing patched. Ordinary Cayley layers are not built then."""
+    import comfy_models
+    import comfyui_oft.oft_core.rotation as rotation
+    from comfyui_oft.nodes import patch
+    from comfyui_oft.oft_core import OFTError as PackError
+    from comfyui_oft.oft_core import load_adapter as pack_load
+    from test_nodes import assert_same_state, snapshot
+
+    base = comfy_models.flux_tiny()
+    snap = snapshot(base)
+    _singular_solve(monkeypatch, rotation)
+    huge = pack_load(_huge_unconstrained(tmp_path / "huge.safetensors", 3e8))
+    with pytest.raises(PackError, match="I − Q singular in float32") as e:
+        patch.apply_oft(base, None, huge, 1.0, "kohya", apply_mode)
+    assert str(tmp_path / "huge.safetensors") in str(e.value)
+    assert "lycoris_double_blocks_0_img_attn_proj" in str(e.value)
+    assert not base.patches
+    assert_same_state(base, snap)
+    small = pack_load(_huge_unconstrained(tmp_path / "small.safetensors", 0.3))
+    _, _, text = patch.apply_oft(base, None, small, 1.0, "kohya", apply_mode)  # (no solve: never built)
+    assert "1 of 1 adapter layers applied" in text
