@@ -54,8 +54,10 @@ so each side also runs (in its own fresh subprocess each time):
   costs that land in whichever measurement comes first in a process), freed memory handed back (`malloc_trim`),
   then the peak reset: the RSS a second training in the same ComfyUI process would add. RSS above the live tensors
   is mostly glibc keeping freed blocks (its mmap threshold grows up to 32 MiB as tensors are freed, so later
-  activations come from the heap and stay resident): it is about the same for both sides and pulls the RSS ratio
-  towards 1.
+  activations come from the heap and stay resident), and it pulls the RSS ratio towards 1. Each side also runs
+  warm with glibc's per-thread cache of small freed chunks off (`GLIBC_TUNABLES=glibc.malloc.tcache_count=0`, which
+  only a process's start can set): a cached chunk counts as in use, so the freed activations on either side of it
+  cannot merge and a later large allocation extends the heap; without the cache, what stays is mostly the tensors.
 Step time against the floor: both races also run the floor untraced (`ours-floor`) and print its step as a fraction
 of core's, and what ours adds above it. `--rounds N` repeats each race's step-time runs (ours, core, floor: fresh
 processes back to back, the order reversed each round) and prints every round's ratios and their median: on a shared
@@ -417,8 +419,9 @@ def worker(args) -> dict:
 
 def run_workers(args, comfy_root: Path, config: str, steps: int, dtype: str, base_dtype: str,
                 who=("ours", "core"), flux_blocks: tuple[int, int] = (2, 2)) -> dict:
-    """One fresh subprocess per name: "kind[@base dtype][#flag…]" (flags: trace, warmup); `flux_blocks`: the
-    FLUX-shaped model's (double, single) blocks."""
+    """One fresh subprocess per name: "kind[@base dtype][#flag…]" (flags: trace, warmup, tcache0 — the worker's
+    glibc started with its per-thread cache off, `TCACHE_OFF`); `flux_blocks`: the FLUX-shaped model's (double,
+    single) blocks."""
     out = {}
     for name in who:
         spec, *flags = name.split("#")
@@ -428,12 +431,13 @@ def run_workers(args, comfy_root: Path, config: str, steps: int, dtype: str, bas
                "--steps", str(n), "--rank", str(args.rank), "--lr", str(args.lr), "--dtype", dtype,
                "--base-dtype", base, "--threads", str(args.threads), "--comfyui", str(comfy_root),
                "--flux-blocks", *map(str, flux_blocks)]
-        cmd += [f"--{f}" for f in flags]
+        cmd += [f"--{f}" for f in flags if f != "tcache0"]
         if "trace" in flags:
             cmd += ["--trace-detail-MiB", "8"]
         if args.no_checkpointing:
             cmd.append("--no-checkpointing")
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+        env = dict(os.environ, GLIBC_TUNABLES=TCACHE_OFF) if "tcache0" in flags else None
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, env=env)
         if run.returncode != 0:
             raise RuntimeError(f"{name} worker failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
         out[name] = json.loads(run.stdout.strip().splitlines()[-1])
@@ -471,6 +475,10 @@ def race_lines(title: str, r: dict, load_before, load_after) -> list[str]:
 
 
 RACE_SIDES = ("ours", "core", "ours-floor")
+# glibc's per-thread cache of freed small chunks (≤ 1 KiB: tensor and autograd metadata) switched off, read by the
+# loader at process start: the cached chunks count as in use, so the freed activations on either side of one cannot
+# merge, and a later large allocation extends the heap instead (the SD1.x breakdown prints the RSS both ways).
+TCACHE_OFF = "glibc.malloc.tcache_count=0"
 
 
 def race_rounds(args, comfy_root: Path, config: str, steps: int, dtype: str, base_dtype: str,
@@ -546,6 +554,16 @@ def breakdown_lines(r: dict, sides=("ours", "core"), floor: str | None = "ours-f
         lines.append("      RSS above the live tensors (glibc keeping freed blocks: its mmap threshold grows up to "
                      "32 MiB as tensors are freed, so later activations come from the heap and stay in RSS): "
                      + ", ".join(f"{s} {v:.1f} MiB" for s, v in above.items()))
+    cold = [s for s in warm if f"{s}#warmup#tcache0" in r]
+    if cold:
+        rss0 = {s: r[f"{s}#warmup#tcache0"]["peak_rss_growth_MiB"] for s in cold}
+        ratio = f"; ratio {cold[0]}/{cold[1]} {rss0[cold[0]] / rss0[cold[1]]:.2f}" if len(cold) >= 2 else ""
+        lines.append("      the same with glibc's per-thread cache of small freed chunks off (GLIBC_TUNABLES="
+                     f"{TCACHE_OFF}, for the whole process; cached chunks count as in use, so freed activations "
+                     "beside one cannot merge): " + ", ".join(f"{s} {v:.1f} MiB" for s, v in rss0.items()) + ratio
+                     + "; step " + ", ".join(f"{s} {r[f'{s}#warmup#tcache0']['step_s']:.2f} s" for s in cold)
+                     + " (with the cache: " + ", ".join(f"{s} {r[f'{s}#warmup']['step_s']:.2f} s" for s in cold)
+                     + ")")
     return lines
 
 
@@ -763,7 +781,9 @@ def main(argv=None) -> int:
                         # (--quick leaves out the executor-weights run and the warm-ups: one process each, ~3 s of
                         # ComfyUI import apiece; tests/test_train_node.py covers executor-made weights on its own)
                         who=("ours", "core", "ours-floor", "ours#trace", "core#trace", "ours-floor#trace")
-                        + (() if args.quick else ("ours-executor", "ours#warmup", "core#warmup", "ours-floor#warmup")))
+                        + (() if args.quick else ("ours-executor", "ours#warmup", "core#warmup", "ours-floor#warmup",
+                                                  "ours#warmup#tcache0", "core#warmup#tcache0",
+                                                  "ours-floor#warmup#tcache0")))
         executor_line = [] if args.quick else [executor_lines(r["ours"], r["ours-executor"])]
         lines += race_lines(
             f"SD1.x-family UNet '{args.config}' ({r['ours']['model_params'] / 1e6:.2f} M params), 2 latents "
