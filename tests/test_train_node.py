@@ -675,3 +675,58 @@ def test_bench_train_qoft_depth_extrapolation(monkeypatch):
     want = (500.0 * k + 150.0) / (1000.0 * k + 100.0)
     assert f"the weights × {k:.2f}" in line and line.endswith(f"ratio ≈ {want:.2f}"), line
     assert 0.5 < want < 0.55
+
+
+def test_bench_train_executor_and_allocator_lines(monkeypatch):
+    """The SD part's two lines that only a full run prints (`--quick` leaves their workers out): the executor-made
+    weights' goal is measured in live tensors (a copy of the weights shows there; RSS is printed as noise), and the
+    warm RSS is printed with glibc's per-thread cache off too, whose workers get the tunable in their environment."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(comfy_models.REPO_ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_train_lines", comfy_models.REPO_ROOT / "benchmarks" /
+                                                  "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def trace(mib):
+        return {"live": {"peak_MiB": mib, "by_phase": {"forward": 1.0}, "by_tag": {}}}
+
+    r = {"ours": {"peak_rss_growth_MiB": 180.0, "step_s": 2.0},
+         "ours-executor": {"inference_tensors": 434, "step_s": 2.1, "largest_layer_MiB": 4.5, "model_MiB_stored": 95.4,
+                           "peak_rss_growth_MiB": 191.5},
+         "ours#trace": trace(63.5), "ours-executor#trace": trace(159.0)}
+    line = bench.executor_lines(r)
+    assert "live tensors at the peak 159.0 MiB, minus normal weights' 63.5 MiB = +95.5 MiB" in line, line
+    assert "peak RSS growth 191.5 MiB against 180.0 (+11.5: cold runs, noise" in line, line
+
+    r = {f"{s}#trace": trace(60.0) for s in ("ours", "core", "ours-floor")}
+    for side, warm, off in (("ours", 160.0, 108.0), ("core", 320.0, 250.0), ("ours-floor", 128.0, 111.0)):
+        r[f"{side}#warmup"] = {"peak_rss_growth_MiB": warm, "step_s": 1.0}
+        r[f"{side}#warmup#tcache0"] = {"peak_rss_growth_MiB": off, "step_s": 1.5}
+    lines = bench.breakdown_lines(r)
+    assert "ours 160.0 MiB, core 320.0 MiB, ours-floor 128.0 MiB; ratio ours/core 0.50" in lines[-3], lines[-3]
+    assert "ours 100.0 MiB, core 260.0 MiB, ours-floor 68.0 MiB" in lines[-2], lines[-2]
+    assert ("cache of small freed chunks off (GLIBC_TUNABLES=glibc.malloc.tcache_count=0" in lines[-1]
+            and "ours 108.0 MiB, core 250.0 MiB, ours-floor 111.0 MiB; ratio ours/core 0.43" in lines[-1]
+            and "step ours 1.50 s" in lines[-1] and "(with the cache: ours 1.00 s" in lines[-1]), lines[-1]
+    del r["core#warmup#tcache0"], r["ours#warmup#tcache0"], r["ours-floor#warmup#tcache0"]
+    assert "tcache" not in "\n".join(bench.breakdown_lines(r))
+
+    # the flag is the environment, not a worker argument
+    seen = []
+
+    class Done:
+        returncode, stdout, stderr = 0, '{"ok": 1}\n', ""
+
+    def fake_run(cmd, **kw):
+        seen.append((cmd, kw.get("env")))
+        return Done()
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    args = type("A", (), {"rank": 8, "lr": 1e-3, "threads": 1, "no_checkpointing": False})()
+    out = bench.run_workers(args, comfy_models.REPO_ROOT / "nowhere", "default", 6, "fp32", "fp32",
+                            who=("ours#warmup#tcache0", "core"))
+    assert set(out) == {"ours#warmup#tcache0", "core"}
+    (cmd0, env0), (cmd1, env1) = seen
+    assert "--warmup" in cmd0 and "--tcache0" not in cmd0 and env0["GLIBC_TUNABLES"] == bench.TCACHE_OFF
+    assert env0["PATH"] == bench.os.environ["PATH"] and env1 is None and "--warmup" not in cmd1
