@@ -21,6 +21,7 @@ What it does differently from core's `TrainLoraNode(algorithm="OFT")` (comfy_ext
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -500,8 +501,27 @@ def _training_patches(model, trainer: CoreTrainer, checkpointing: bool):
     ckpt = gradient_checkpointing(blocks) if checkpointing else inplace_safe(blocks)
     trained = {id(tl.module) for tl in trainer.layers}
     cast_layers = [m for m in base.diffusion_model.modules() if id(m) not in trained and _casts_weight(m)]
-    with frozen_for_training(base), trainer.attach(), frozen_bases(cast_layers, _weight_fn), ckpt:
+    with frozen_for_training(base), trainer.attach(), frozen_bases(cast_layers, _weight_fn), ckpt, _objects_frozen():
         yield
+
+
+@contextlib.contextmanager
+def _objects_frozen():
+    """Python's cyclic collector told to leave the objects that exist before training alone for its duration
+    (`gc.freeze`; `gc.unfreeze` on exit, errors and Cancel included): every step makes thousands of objects
+    (autograd contexts, the block recomputations' graphs), so full collections run during training, and each one
+    walks every object of the ComfyUI process (its modules, models, caches). Frozen, they walk only what the training
+    made. Nothing is freed later or earlier than it would be: garbage made during training is still collected, and
+    the frozen objects become collectable again at the end. Left as it is when something else has frozen objects
+    (`gc.get_freeze_count()`), whose freeze an unfreeze would undo."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def check_options(training_dtype: str, optimizer: str, loss_function: str, lr_schedule: str, steps: int,

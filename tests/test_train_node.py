@@ -438,6 +438,46 @@ def test_cancel_at_step_2_leaves_the_base_model_untouched(comfy, tn, monkeypatch
     assert torch.equal(forward(mp, inputs), base_out)
 
 
+def test_objects_made_before_training_are_frozen_for_the_collector_during_the_steps_only(comfy, tn, monkeypatch):
+    """Full collections while training walk only what the training made (`gc.freeze` for its duration), undone at
+    the end, after a Cancel too, and a freeze made by someone else is left as it was."""
+    import gc
+
+    mp = comfy_models.sd15_tiny()
+    latents, positive = sd_data()
+    mm = comfy.model_management
+    seen = []
+    marker = [object()]  # a container made before training: frozen while the steps run
+    plain_interrupt = mm.throw_exception_if_processing_interrupted
+
+    def interrupt(stop_at=None):
+        seen.append((gc.get_freeze_count(), gc.is_tracked(marker), any(o is marker for o in gc.get_objects())))
+        if stop_at is not None and len(seen) == stop_at:
+            raise mm.InterruptProcessingException()
+        plain_interrupt()
+
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", interrupt)
+    run_node(tn, mp, latents, positive, steps=2)
+    assert len(seen) == 2 and all(n > 0 and tracked and not visible for n, tracked, visible in seen), seen
+    assert gc.get_freeze_count() == 0 and any(o is marker for o in gc.get_objects())
+
+    seen.clear()
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", lambda: interrupt(stop_at=2))
+    with pytest.raises(mm.InterruptProcessingException):
+        run_node(tn, mp, latents, positive, steps=5)
+    assert len(seen) == 2 and seen[0][0] > 0 and gc.get_freeze_count() == 0
+
+    gc.freeze()  # someone else's freeze (e.g. before a fork): not undone by a training
+    try:
+        seen.clear()
+        monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", interrupt)
+        run_node(tn, mp, latents, positive, steps=1)
+        assert seen and gc.get_freeze_count() > 0 and not any(o is marker for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
+
+
 @pytest.mark.parametrize("case, match", [
     ("empty", r"training latents: expected a LATENT batch of at least one image"),
     ("conds", r"conditioning count: expected 1 \(for all images\) or 2 \(one per image\), found 3"),
