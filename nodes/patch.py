@@ -433,15 +433,13 @@ def check_rotations(adapter: OFTAdapter, layers, strength_of, mode: str) -> None
     file's huge unconstrained generators, `cayley_may_fail`). `strength_of(layer)`: the node's strength for it
     (times the layer's block multiplier, applied here)."""
     for layer in layers:
-        if layer.parameterization == "cayley" and not cayley_may_fail(
-                layer, float(strength_of(layer)) * layer_multiplier(adapter, layer), mode):
-            continue
         s = float(strength_of(layer)) * layer_multiplier(adapter, layer)
-        if s != 0:
-            try:
-                rotation_blocks(layer, s, mode)
-            except OFTError as e:
-                raise OFTError(e.detail, path=adapter.path or None, layer=e.layer) from e
+        if s == 0 or (layer.parameterization == "cayley" and not cayley_may_fail(layer, s, mode)):
+            continue
+        try:
+            rotation_blocks(layer, s, mode)
+        except OFTError as e:
+            raise OFTError(e.detail, path=adapter.path or None, layer=e.layer) from e
 
 
 def _nothing_matched(adapter: OFTAdapter, model, clip) -> OFTError:
