@@ -562,15 +562,15 @@ def breakdown_lines(r: dict, sides=("ours", "core"), floor: str | None = "ours-f
         lines.append("      RSS above the live tensors (glibc keeping freed blocks: its mmap threshold grows up to "
                      "32 MiB as tensors are freed, so later activations come from the heap and stay in RSS): "
                      + ", ".join(f"{s} {v:.1f} MiB" for s, v in above.items()))
-    cold = [s for s in warm if f"{s}#warmup#tcache0" in r]
-    if cold:
-        rss0 = {s: r[f"{s}#warmup#tcache0"]["peak_rss_growth_MiB"] for s in cold}
-        ratio = f"; ratio {cold[0]}/{cold[1]} {rss0[cold[0]] / rss0[cold[1]]:.2f}" if len(cold) >= 2 else ""
+    off = [s for s in warm if f"{s}#warmup#tcache0" in r]  # (warm runs with the cache off)
+    if off:
+        rss0 = {s: r[f"{s}#warmup#tcache0"]["peak_rss_growth_MiB"] for s in off}
+        ratio = f"; ratio {off[0]}/{off[1]} {rss0[off[0]] / rss0[off[1]]:.2f}" if len(off) >= 2 else ""
         lines.append("      the same with glibc's per-thread cache of small freed chunks off (GLIBC_TUNABLES="
                      f"{TCACHE_OFF}, for the whole process; cached chunks count as in use, so freed activations "
                      "beside one cannot merge): " + ", ".join(f"{s} {v:.1f} MiB" for s, v in rss0.items()) + ratio
-                     + "; step " + ", ".join(f"{s} {r[f'{s}#warmup#tcache0']['step_s']:.2f} s" for s in cold)
-                     + " (with the cache: " + ", ".join(f"{s} {r[f'{s}#warmup']['step_s']:.2f} s" for s in cold)
+                     + "; step " + ", ".join(f"{s} {r[f'{s}#warmup#tcache0']['step_s']:.2f} s" for s in off)
+                     + " (with the cache: " + ", ".join(f"{s} {r[f'{s}#warmup']['step_s']:.2f} s" for s in off)
                      + ")")
     return lines
 

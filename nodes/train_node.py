@@ -511,8 +511,9 @@ def _objects_frozen():
     (`gc.freeze`; `gc.unfreeze` on exit, errors and Cancel included): every step makes thousands of objects
     (autograd contexts, the block recomputations' graphs), so full collections run during training, and each one
     walks every object of the ComfyUI process (its modules, models, caches). Frozen, they walk only what the training
-    made. Nothing is freed later or earlier than it would be: garbage made during training is still collected, and
-    the frozen objects become collectable again at the end. Left as it is when something else has frozen objects
+    made. Garbage made during training is still collected as before; only a cycle among objects older than the
+    training that becomes garbage during it waits for the end, when the frozen objects become collectable again.
+    Left as it is when something else has frozen objects
     (`gc.get_freeze_count()`), whose freeze an unfreeze would undo."""
     if gc.get_freeze_count():
         yield
